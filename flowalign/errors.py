@@ -51,6 +51,10 @@ class CheckpointError(FlowalignError, RuntimeError):
     """A checkpoint is missing, incomplete, or does not match the run resuming from it."""
 
 
+class NonFiniteLossError(FlowalignError, RuntimeError):
+    """Training produced NaN/inf losses or gradients too many times in a row."""
+
+
 class LoraMismatchError(FlowalignError, ValueError):
     """LoRA weights do not fit the model (missing or unexpected keys, wrong rank or shapes)."""
 

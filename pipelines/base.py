@@ -82,8 +82,15 @@ class Adapter(Protocol):
     def lora_target_modules(self) -> list[str]:
         """Default LoRA target module names for this family."""
 
-    def save_lora(self, directory: Union[str, Path], state_dict: dict[str, Tensor]) -> Path:
-        """Write ``pytorch_lora_weights.safetensors`` with the pipeline class's ``save_lora_weights``."""
+    def save_lora(self, directory: Union[str, Path], state_dict: dict[str, Tensor],
+                  metadata: Optional[dict[str, Any]] = None) -> Path:
+        """Write ``pytorch_lora_weights.safetensors`` with the pipeline class's ``save_lora_weights``.
+
+        ``metadata`` is the peft config of the LoRA (``flowalign.lora.lora_metadata``: ``r``,
+        ``lora_alpha``, target modules) written into the safetensors header; without it diffusers'
+        ``load_lora_weights`` assumes ``lora_alpha == r`` and the loaded model differs from the
+        trained one whenever ``alpha != r``.
+        """
 
 
 # name -> factory(pipeline, **kwargs) -> Adapter; filled by each family module at import time.

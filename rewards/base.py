@@ -53,6 +53,7 @@ LAZY_REWARDS: dict[str, str] = {
     "brightness": "flowalign.rewards.builtin:Brightness",
     "color_fraction": "flowalign.rewards.builtin:ColorFraction",
     "shapes": "flowalign.rewards.shapes:ShapesReward",
+    "image_stats_quality": "flowalign.corrected:ImageStatsQuality",
 }
 
 

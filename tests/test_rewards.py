@@ -118,6 +118,14 @@ def test_builtins_are_listed_sorted():
         assert load_reward(name).name == name
 
 
+def test_quality_signal_is_a_lazy_builtin():
+    """`flowalign eval --corrected-by image_stats_quality` and reward configs can name it."""
+    from flowalign.corrected import ImageStatsQuality
+
+    assert "image_stats_quality" in available_rewards()
+    assert reward_base._import_object(reward_base.LAZY_REWARDS["image_stats_quality"]) is ImageStatsQuality
+
+
 def test_dotted_paths_both_forms(temp_module):
     module = temp_module(CONST_SOURCE)
     for spec in (f"{module}:ConstReward", f"{module}.ConstReward"):

@@ -224,7 +224,7 @@ class OfflineTrainer:
         policy, reference = self.velocity_fns(prompts)
         loss, metrics = self.objective.loss(batch, policy, reference)
         if not torch.isfinite(loss):
-            from flowalign.train.trainer import NonFiniteLossError
+            from flowalign.errors import NonFiniteLossError
 
             raise NonFiniteLossError(f"non-finite {self.config.objective} loss at step {self.step}: {loss.item()}; lower lr ({self.config.lr}) or beta")
         self.optimizer.zero_grad(set_to_none=True)

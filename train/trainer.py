@@ -43,7 +43,7 @@ from torch import Tensor
 from flowalign import checkpoint as ckpt
 from flowalign import lora as lora_lib
 from flowalign.config import FlowalignConfig, config_diff, config_hash, load_config, save_config
-from flowalign.errors import CheckpointError, ConfigError, FlowalignError
+from flowalign.errors import CheckpointError, ConfigError, FlowalignError, NonFiniteLossError
 from flowalign.train import runtime
 from flowalign.train.run_log import RunLogger
 
@@ -57,10 +57,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # prompts used when train.prompts is null (the tiny random pipeline ignores their meaning)
 DEMO_PROMPTS = ["a red square", "a blue circle", "a green triangle", "a yellow star", "two red circles",
                 "a white square on the left", "a black circle", "a purple triangle"]
-
-
-class NonFiniteLossError(FlowalignError, RuntimeError):
-    """Training produced NaN/inf losses or gradients too many times in a row."""
 
 
 @dataclass
