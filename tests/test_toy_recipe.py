@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from flowalign.config import ModelConfig, load_config
-from flowalign.train.trainer import TOY_META_FILE, build_adapter, resolve_path
+from flowalign.train.model import TOY_META_FILE, build_adapter, resolve_path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "train" / "configs" / "toy_grpo.yaml"

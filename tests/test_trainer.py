@@ -17,7 +17,10 @@ from flowalign.pipelines.testing import tiny_sd3_pipeline
 from flowalign.plots import image_grid, reward_curve
 from flowalign.rewards import load_reward, register_reward
 from flowalign.rewards.base import Reward, RewardOutput
-from flowalign.train.trainer import TINY_T5_TOKENS, NonFiniteLossError, Trainer, fill_dropped, make_step_batch, prepare_run_dir
+from flowalign.errors import NonFiniteLossError
+from flowalign.train.model import TINY_T5_TOKENS
+from flowalign.train.run_dir import prepare_run_dir
+from flowalign.train.trainer import Trainer, fill_dropped, make_step_batch
 
 # the toy recipe's learning settings, made smaller where the test allows
 FAST = [

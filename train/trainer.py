@@ -42,18 +42,18 @@ from torch import Tensor
 
 from flowalign import checkpoint as ckpt
 from flowalign import lora as lora_lib
-from flowalign.config import FlowalignConfig, config_diff, config_hash, load_config, save_config
-from flowalign.errors import CheckpointError, ConfigError, FlowalignError, NonFiniteLossError
+from flowalign.config import FlowalignConfig, config_hash, save_config
+from flowalign.errors import CheckpointError, ConfigError, NonFiniteLossError
 from flowalign.train import runtime
+from flowalign.train.dense_setup import calibrated_schedule, save_run_noise_table  # noqa: F401 (re-exported)
+from flowalign.train.model import build_adapter, resolve_path  # noqa: F401 (re-exported)
+from flowalign.train.run_dir import find_resume_checkpoint, prepare_run_dir  # noqa: F401 (re-exported)
 from flowalign.train.run_log import RunLogger
 
 logger = logging.getLogger(__name__)
 
 DENSE_OBJECTIVES = ("dense_grpo", "tp_grpo")  # per-step advantages from flowalign.step_rewards
-TOY_META_FILE = "flowalign_toy.json"  # recommended settings next to a toy folder (flowalign.pipelines.toy.META_FILE)
-TINY_T5_TOKENS = 32  # T5 tokens (characters) of the builtin tiny pipeline: short attention (77 CLIP + 32)
 PROCESS_SEED_STRIDE = 1_000_003  # process p draws from seed + p * stride
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # prompts used when train.prompts is null (the tiny random pipeline ignores their meaning)
 DEMO_PROMPTS = ["a red square", "a blue circle", "a green triangle", "a yellow star", "two red circles",
                 "a white square on the left", "a black circle", "a purple triangle"]
@@ -80,129 +80,6 @@ def fill_dropped(rewards: Tensor, group_ids: Tensor) -> Tensor:
         kept = rewards[in_group & ~nan]
         rewards[in_group & nan] = kept.mean() if kept.numel() else 0.0
     return rewards
-
-
-def resolve_path(path: Union[str, Path]) -> Path:
-    """A path as given, or, when it does not exist and starts with ``assets/``, the packaged asset."""
-    path = Path(path)
-    if not path.exists() and path.parts and path.parts[0] == "assets":
-        from flowalign.assets import ASSETS_DIR
-
-        packaged = ASSETS_DIR.joinpath(*path.parts[1:])
-        if packaged.exists():
-            return packaged
-    return path
-
-
-def build_adapter(model_cfg, device: torch.device):
-    """The pipeline named by ``model.pretrained`` wrapped in its adapter, frozen, on ``device``."""
-    from flowalign.pipelines import load_adapter
-
-    dtype = DTYPES[model_cfg.dtype]
-    if model_cfg.pretrained == "tiny-sd3":
-        from flowalign.pipelines.testing import tiny_sd3_pipeline
-
-        pipeline = tiny_sd3_pipeline(seed=0)
-        if dtype != torch.float32:
-            pipeline.to(dtype=dtype)
-    else:
-        source = "assets/toy" if model_cfg.pretrained == "toy" else model_cfg.pretrained
-        path = resolve_path(source)
-        if not path.is_dir():
-            raise ConfigError(f"model.pretrained={model_cfg.pretrained!r} is not a local diffusers folder nor a builtin ('tiny-sd3', 'toy')")
-        from diffusers import DiffusionPipeline
-
-        pipeline = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype, revision=model_cfg.revision)
-    pipeline.to(device)
-    if hasattr(pipeline, "set_progress_bar_config"):
-        pipeline.set_progress_bar_config(disable=True)
-    kwargs = {}
-    if model_cfg.pretrained == "tiny-sd3":
-        kwargs["max_sequence_length"] = TINY_T5_TOKENS
-    else:
-        kwargs.update(apply_toy_meta(pipeline, path))
-    if model_cfg.resolution:
-        kwargs.update(height=model_cfg.resolution, width=model_cfg.resolution)
-    adapter = load_adapter(pipeline, **kwargs)
-    for module in pipeline.components.values():
-        if isinstance(module, torch.nn.Module):
-            module.requires_grad_(False)
-    return adapter
-
-
-def apply_toy_meta(pipeline, folder: Path) -> dict:
-    """Adapter kwargs from a toy folder's ``flowalign_toy.json`` (``{}`` for other folders).
-
-    The toy model is trained with ``max_sequence_length`` zero "T5" tokens (SD3's default 256
-    would be slower and off-distribution); its recommended ``shift`` replaces the scheduler's
-    when they differ, and SD3's per-call "input was truncated" warning is filtered (expected:
-    the placeholder T5 reads that many tokens only).
-    """
-    meta_file = folder / TOY_META_FILE
-    if not meta_file.is_file():
-        return {}
-    import json
-
-    meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    shift = meta.get("shift")
-    if shift is not None and float(pipeline.scheduler.config.get("shift", 1.0)) != float(shift):
-        pipeline.scheduler = type(pipeline.scheduler).from_config({**pipeline.scheduler.config, "shift": float(shift)})
-    sd3_logger = logging.getLogger("diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3")
-    if not any(isinstance(f, _T5TruncationFilter) for f in sd3_logger.filters):
-        sd3_logger.addFilter(_T5TruncationFilter())
-    return {"max_sequence_length": int(meta["max_sequence_length"])} if "max_sequence_length" in meta else {}
-
-
-class _T5TruncationFilter(logging.Filter):
-    """Drops SD3's "part of your input was truncated because `max_sequence_length`" records."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "max_sequence_length" not in record.getMessage()
-
-
-def prepare_run_dir(run_dir: Path, config: FlowalignConfig, resume: bool, overwrite: bool) -> bool:
-    """Check that a run may start in ``run_dir``; return True when an old run must be cleared first.
-
-    Writes nothing: the caller clears (``--overwrite``) only once every component is built.
-
-    Raises:
-        ConfigError: ``run_dir`` holds a run (or foreign files) and neither resume nor overwrite.
-    """
-    holds_run = (run_dir / "config.yaml").is_file()
-    if resume:
-        if holds_run:
-            changed = config_diff(load_config(run_dir / "config.yaml"), config)
-            if changed:
-                logger.warning("resuming %s with changed settings: %s", run_dir, ", ".join(changed))
-        return False
-    if not run_dir.exists() or not any(run_dir.iterdir()):
-        return False
-    if not holds_run:
-        raise ConfigError(f"train.output_dir {run_dir} is not empty and holds no flowalign run; choose another output_dir")
-    if not overwrite:
-        same = config_hash(load_config(run_dir / "config.yaml")) == config_hash(config)
-        what = "a run of the same config" if same else "a different run"
-        raise ConfigError(f"train.output_dir {run_dir} already holds {what}; pass --resume to continue it or --overwrite to replace it")
-    return True
-
-
-def find_resume_checkpoint(resume: Union[bool, str, Path], run_dir: Path) -> Path:
-    """The checkpoint to resume from: ``resume`` itself when it is a checkpoint folder, else the
-    newest valid one under ``<resume or run_dir>/checkpoints``.
-
-    Raises:
-        CheckpointError: no valid checkpoint there.
-    """
-    if isinstance(resume, (str, Path)):
-        if not Path(resume).is_dir():
-            raise CheckpointError(f"--resume {resume}: no such run folder or checkpoint folder")
-        if (Path(resume) / ckpt.MANIFEST).is_file():
-            return Path(resume)
-        run_dir = Path(resume)
-    found = ckpt.find_latest(run_dir / "checkpoints")
-    if found is None:
-        raise CheckpointError(f"--resume: no valid checkpoint under {run_dir / 'checkpoints'}")
-    return found
 
 
 def make_step_batch(batch: Batch, index: Tensor, k: int, log_prob_reduce: str, device: torch.device):
@@ -238,46 +115,6 @@ def velocity_fns(adapter, cond, guidance_scale: float, with_reference: bool):
             return adapter.velocity(x, sigma, cond, guidance_scale=guidance_scale)
 
     return policy, (reference if with_reference else None)
-
-
-def calibrated_schedule(trainer: "Trainer", resumed: bool):
-    """DenseGRPO's calibrated noise table (``dense.calibration_rounds > 0``) as ``(schedule, new_levels)``.
-
-    Computed once before training from the training prompts; a resumed run reuses
-    ``<run>/noise_table.json``, and an existing ``dense.noise_table_file`` wins (``new_levels``
-    is then None: nothing to save).
-    """
-    from flowalign import sde
-    from flowalign.step_rewards import calibrate_noise_table_for, load_noise_table
-
-    cfg = trainer.config
-    d, s = cfg.dense, cfg.sampling
-    if d.noise_table_file and Path(d.noise_table_file).is_file():
-        return trainer.schedule, None
-    if resumed and (trainer.run_dir / "noise_table.json").is_file():
-        return sde.table(load_noise_table(trainer.run_dir / "noise_table.json")[0]), None
-    records = trainer.sampler.records[: max(1, min(len(trainer.sampler.records), d.calibration_samples))]
-    levels = calibrate_noise_table_for(
-        trainer.adapter, [r.prompt for r in records], trainer.mixed_reward(),
-        rounds=d.calibration_rounds, samples=d.calibration_samples,
-        initial_levels=trainer.schedule.levels(s.num_steps, 0, torch.Generator().manual_seed(cfg.train.seed)),
-        eps1=d.eps1, eps2=d.eps2, max_level=d.max_level, kernel=s.kernel, guidance_scale=s.guidance_scale,
-        estimator=d.estimator, stride=d.stride, max_batch=d.max_batch, micro_batch_size=s.micro_batch_size,
-        generator=torch.Generator().manual_seed(cfg.train.seed + 2), metadata=[dict(r.metadata) for r in records],
-    )
-    return sde.table(levels), levels
-
-
-def save_run_noise_table(run_dir: Path, levels: Tensor, cfg: FlowalignConfig) -> None:
-    """Write a calibrated table to ``<run>/noise_table.json`` (and ``dense.noise_table_file`` when set)."""
-    from flowalign.step_rewards import save_noise_table
-
-    d = cfg.dense
-    meta = {"rounds": d.calibration_rounds, "samples": d.calibration_samples, "eps1": d.eps1, "eps2": d.eps2,
-            "kernel": cfg.sampling.kernel, "model": cfg.model.pretrained}
-    save_noise_table(run_dir / "noise_table.json", levels, meta)
-    if d.noise_table_file:
-        save_noise_table(d.noise_table_file, levels, meta)
 
 
 class Trainer:

@@ -1,0 +1,93 @@
+"""Build the model a run trains: a local diffusers folder, the shipped toy, or the tiny test pipeline,
+wrapped in its adapter (``flowalign.pipelines``) and frozen."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Union
+
+import torch
+
+from flowalign.errors import ConfigError
+
+TOY_META_FILE = "flowalign_toy.json"  # recommended settings next to a toy folder (flowalign.pipelines.toy.META_FILE)
+TINY_T5_TOKENS = 32  # T5 tokens (characters) of the builtin tiny pipeline: short attention (77 CLIP + 32)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_path(path: Union[str, Path]) -> Path:
+    """A path as given, or, when it does not exist and starts with ``assets/``, the packaged asset."""
+    path = Path(path)
+    if not path.exists() and path.parts and path.parts[0] == "assets":
+        from flowalign.assets import ASSETS_DIR
+
+        packaged = ASSETS_DIR.joinpath(*path.parts[1:])
+        if packaged.exists():
+            return packaged
+    return path
+
+
+def build_adapter(model_cfg, device: torch.device):
+    """The pipeline named by ``model.pretrained`` wrapped in its adapter, frozen, on ``device``."""
+    from flowalign.pipelines import load_adapter
+
+    dtype = DTYPES[model_cfg.dtype]
+    if model_cfg.pretrained == "tiny-sd3":
+        from flowalign.pipelines.testing import tiny_sd3_pipeline
+
+        pipeline = tiny_sd3_pipeline(seed=0)
+        if dtype != torch.float32:
+            pipeline.to(dtype=dtype)
+    else:
+        source = "assets/toy" if model_cfg.pretrained == "toy" else model_cfg.pretrained
+        path = resolve_path(source)
+        if not path.is_dir():
+            raise ConfigError(f"model.pretrained={model_cfg.pretrained!r} is not a local diffusers folder nor a builtin ('tiny-sd3', 'toy')")
+        from diffusers import DiffusionPipeline
+
+        pipeline = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype, revision=model_cfg.revision)
+    pipeline.to(device)
+    if hasattr(pipeline, "set_progress_bar_config"):
+        pipeline.set_progress_bar_config(disable=True)
+    kwargs = {}
+    if model_cfg.pretrained == "tiny-sd3":
+        kwargs["max_sequence_length"] = TINY_T5_TOKENS
+    else:
+        kwargs.update(apply_toy_meta(pipeline, path))
+    if model_cfg.resolution:
+        kwargs.update(height=model_cfg.resolution, width=model_cfg.resolution)
+    adapter = load_adapter(pipeline, **kwargs)
+    for module in pipeline.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+    return adapter
+
+
+def apply_toy_meta(pipeline, folder: Path) -> dict:
+    """Adapter kwargs from a toy folder's ``flowalign_toy.json`` (``{}`` for other folders).
+
+    The toy model is trained with ``max_sequence_length`` zero "T5" tokens (SD3's default 256
+    would be slower and off-distribution); its recommended ``shift`` replaces the scheduler's
+    when they differ, and SD3's per-call "input was truncated" warning is filtered (expected:
+    the placeholder T5 reads that many tokens only).
+    """
+    meta_file = folder / TOY_META_FILE
+    if not meta_file.is_file():
+        return {}
+    import json
+
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    shift = meta.get("shift")
+    if shift is not None and float(pipeline.scheduler.config.get("shift", 1.0)) != float(shift):
+        pipeline.scheduler = type(pipeline.scheduler).from_config({**pipeline.scheduler.config, "shift": float(shift)})
+    sd3_logger = logging.getLogger("diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3")
+    if not any(isinstance(f, _T5TruncationFilter) for f in sd3_logger.filters):
+        sd3_logger.addFilter(_T5TruncationFilter())
+    return {"max_sequence_length": int(meta["max_sequence_length"])} if "max_sequence_length" in meta else {}
+
+
+class _T5TruncationFilter(logging.Filter):
+    """Drops SD3's "part of your input was truncated because `max_sequence_length`" records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "max_sequence_length" not in record.getMessage()
