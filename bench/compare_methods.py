@@ -16,9 +16,8 @@ held-out accuracy (:func:`flowalign.evaluation.evaluate`, as ``flowalign eval`` 
   for DenseGRPO with each estimator: full ODE completion, ODE stride 2, Tweedie;
 * DenseGRPO's noise calibration, timed separately (a one-off cost before training).
 
-The recipes run the tiny random SD3 pipeline with the ``brightness`` reward until the toy shapes
-model lands; ``--toy`` switches them to ``assets/toy`` with the ``shapes`` verifier and the shapes
-prompt sets (as toy_grpo.yaml's header describes). Timings on a shared CPU are noisy: compare
+The recipes train the toy shapes model (``assets/toy``) with the ``shapes`` verifier; ``--toy``
+also pins those settings explicitly, in case a recipe is pointed elsewhere. Timings on a shared CPU are noisy: compare
 ratios, not seconds.
 
     python bench/compare_methods.py [--iterations 10] [--eval-every 2] [--toy] [--set key=value ...]
