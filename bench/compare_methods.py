@@ -72,21 +72,23 @@ def build_trainer(method: str, overrides: list[str], run_dir: Path) -> tuple[Tra
     return trainer, calibration_s
 
 
-EVAL_SAMPLES = 320  # set by --eval-samples
-
-
-def eval_score(trainer: Trainer) -> float:
-    """Held-out accuracy (fraction of samples scoring >= 0.5 under the first reward) of
-    ``EVAL_SAMPLES`` noise-free samples of ``train.eval_prompts`` (prompts cycled, sample ``i`` from
-    seed ``i``: every method and every budget step sees the same noise), via
-    :func:`flowalign.evaluation.evaluate`, as ``flowalign eval`` and the run report measure it."""
-    from flowalign.evaluation import evaluate
+def heldout_records(trainer: Trainer) -> list:
+    """The prompt records of ``train.eval_prompts`` (the training prompts when unset)."""
     from flowalign.prompts import load_prompts
     from flowalign.train.trainer import resolve_path
 
+    return load_prompts(resolve_path(trainer.config.train.eval_prompts or trainer.config.train.prompts))
+
+
+def eval_score(trainer: Trainer, records: list, num_samples: int) -> float:
+    """Held-out accuracy (fraction of samples scoring >= 0.5 under the first reward) of
+    ``num_samples`` noise-free samples of ``records`` (prompts cycled, sample ``i`` from seed ``i``:
+    every method and every budget step sees the same noise), via
+    :func:`flowalign.evaluation.evaluate`, as ``flowalign eval`` and the run report measure it."""
+    from flowalign.evaluation import evaluate
+
     cfg = trainer.config
-    records = load_prompts(resolve_path(cfg.train.eval_prompts or cfg.train.prompts))
-    result = evaluate(trainer.adapter, records, trainer.rewards[cfg.rewards[0].name], num_samples=EVAL_SAMPLES,
+    result = evaluate(trainer.adapter, records, trainer.rewards[cfg.rewards[0].name], num_samples=num_samples,
                       num_steps=cfg.sampling.eval_num_steps, guidance_scale=cfg.sampling.guidance_scale, seed=0,
                       batch_size=160, keep_images=0, progress=False)
     return float(result.accuracy)
@@ -100,12 +102,13 @@ def timed_iteration(trainer: Trainer) -> tuple[float, float, dict]:
     return time.perf_counter() - wall, time.process_time() - cpu, metrics
 
 
-def train_and_eval(method: str, overrides: list[str], iterations: int, eval_every: int, workdir: Path) -> dict:
+def train_and_eval(method: str, overrides: list[str], iterations: int, eval_every: int, eval_samples: int, workdir: Path) -> dict:
     """Train ``iterations`` iterations, evaluating at 0 and every ``eval_every``; collect costs."""
     trainer, calibration_s = build_trainer(method, overrides, workdir / method)
     try:
         per_iter = trainer.config.train.prompts_per_iter * trainer.config.sampling.group_size
-        evals = [{"iteration": 0, "rollouts": 0, "accuracy": eval_score(trainer)}]
+        records = heldout_records(trainer)
+        evals = [{"iteration": 0, "rollouts": 0, "accuracy": eval_score(trainer, records, eval_samples)}]
         print(f"{method:>12s}  it   0  rollouts    0  accuracy {evals[0]['accuracy']:.4f}", flush=True)
         times, nfe = [], []
         for _ in range(iterations):
@@ -113,7 +116,7 @@ def train_and_eval(method: str, overrides: list[str], iterations: int, eval_ever
             times.append(wall)
             nfe.append(metrics.get("nfe", 0.0) + metrics.get("dense/nfe", 0.0))
             if trainer.iteration % eval_every == 0 or trainer.iteration == iterations:
-                acc = eval_score(trainer)
+                acc = eval_score(trainer, records, eval_samples)
                 evals.append({"iteration": trainer.iteration, "rollouts": trainer.iteration * per_iter, "accuracy": acc})
                 print(f"{method:>12s}  it {trainer.iteration:3d}  rollouts {trainer.iteration * per_iter:4d}  accuracy {acc:.4f}", flush=True)
         levels = trainer.schedule.levels(trainer.config.sampling.num_steps) if hasattr(trainer.schedule, "levels") else None
@@ -175,8 +178,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--eval-samples", type=int, default=320, help="held-out samples per evaluation (one pass = 320 prompts)")
     parser.add_argument("--output", type=Path, default=RESULT)
     args = parser.parse_args(argv)
-    global EVAL_SAMPLES
-    EVAL_SAMPLES = args.eval_samples
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -191,7 +192,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="compare_methods_") as tmp:
         workdir = Path(tmp)
         for method in methods:
-            results["methods"][method] = train_and_eval(method, overrides, args.iterations, args.eval_every, workdir)
+            results["methods"][method] = train_and_eval(method, overrides, args.iterations, args.eval_every, args.eval_samples, workdir)
         target = results["methods"]["flow_grpo"]["final_accuracy"]
         for res in results["methods"].values():
             res["rollouts_to_flow_grpo_final"] = rollouts_to_reach(res["evals"], target)

@@ -45,9 +45,9 @@ from flowalign import lora as lora_lib
 from flowalign.config import FlowalignConfig, config_hash, save_config
 from flowalign.errors import CheckpointError, ConfigError, NonFiniteLossError
 from flowalign.train import runtime
-from flowalign.train.dense_setup import calibrated_schedule, save_run_noise_table  # noqa: F401 (re-exported)
-from flowalign.train.model import build_adapter, resolve_path  # noqa: F401 (re-exported)
-from flowalign.train.run_dir import find_resume_checkpoint, prepare_run_dir  # noqa: F401 (re-exported)
+from flowalign.train.dense_setup import calibrated_schedule, save_run_noise_table
+from flowalign.train.model import build_adapter, resolve_path
+from flowalign.train.run_dir import find_resume_checkpoint, prepare_run_dir
 from flowalign.train.run_log import RunLogger
 
 logger = logging.getLogger(__name__)
