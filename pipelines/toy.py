@@ -76,6 +76,7 @@ class ToyBuildConfig:
     clip_hidden: tuple[int, int] = (16, 16)
     ema_decay: float = 0.995
     caption_dropout: float = 0.1
+    caption_noise: float = 0.0  # fraction of training captions with one attribute wrong (noisy_captions)
     shift: float = 1.5
     guidance_scale: float = 4.5
     eval_every: int = 500
@@ -324,7 +325,7 @@ def build(out_dir: str | Path, cfg: Optional[ToyBuildConfig] = None) -> dict[str
 
     Returns a summary (times, parameter counts, losses, evaluation log).
     """
-    from flowalign.rewards.shapes_scenes import all_specs, prompt_set, training_scenes, TAGS
+    from flowalign.rewards.shapes_scenes import TAGS, all_specs, noisy_captions, prompt_set, training_scenes
 
     cfg = cfg or ToyBuildConfig()
     t_start = time.time()
@@ -335,7 +336,7 @@ def build(out_dir: str | Path, cfg: Optional[ToyBuildConfig] = None) -> dict[str
 
     images_u8, specs = training_scenes(cfg.seed, cfg.n_scenes)
     images = _to_unit(images_u8)
-    captions = [s["prompt"] for s in specs]
+    captions, n_noisy = noisy_captions(specs, cfg.caption_noise, cfg.seed + 11)
     max_length = caption_length(sorted({s["prompt"] for t in TAGS for s in all_specs(t)}))
     logger.info("%d scenes rendered (%.1fs); CLIP context length %d", len(images), time.time() - t_start, max_length)
 
@@ -343,7 +344,7 @@ def build(out_dir: str | Path, cfg: Optional[ToyBuildConfig] = None) -> dict[str
     t0 = time.time()
     threads = torch.get_num_threads()
     torch.set_num_threads(min(threads, cfg.threads))
-    summary: dict[str, Any] = {"config": asdict(cfg), "clip_max_length": max_length, "t5_tokens": T5_TOKENS}
+    summary: dict[str, Any] = {"config": asdict(cfg), "clip_max_length": max_length, "t5_tokens": T5_TOKENS, "noisy_captions": n_noisy}
     summary.update(train_vae(vae, images, cfg, gen))
     means, stds = encode_latents(vae, images)
     z = means + stds * torch.randn(means.shape, generator=gen)
@@ -477,9 +478,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     d = ToyBuildConfig()
     b.add_argument("--out", default="assets/toy")
     b.add_argument("--summary", default=None, help="write the build summary JSON here")
-    for name in ("seed", "n_scenes", "vae_steps", "dit_steps", "dit_batch", "dit_layers", "eval_every", "eval_samples"):
+    for name in ("seed", "n_scenes", "vae_steps", "dit_steps", "dit_batch", "dit_layers", "dit_heads", "threads", "eval_every", "eval_samples"):
         b.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    for name in ("shift", "guidance_scale", "dit_lr"):
+    for name in ("shift", "guidance_scale", "dit_lr", "caption_noise"):
         b.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     b.add_argument("--sample-dir", default=None, help="write sample grids and EMA checkpoints here")
     e = sub.add_parser("evaluate", help="measure a toy folder (accuracy, sweep, timing, group variance)")

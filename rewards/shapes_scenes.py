@@ -316,6 +316,71 @@ def prompt_set(heldout: bool, per_tag: int = 64, seed: int = 0) -> list[Spec]:
     return out
 
 
+# ----------------------------------------------------------------------------- caption noise
+
+
+def _caption_words(prompt: str) -> list[str]:
+    """Caption words with each relation as one word (``left of`` -> ``left_of``)."""
+    for rel in RELATIONS:
+        prompt = prompt.replace(rel, rel.replace(" ", "_"))
+    return prompt.split()
+
+
+def _constraints(spec: Spec) -> str:
+    """What a spec asks of a scene, independent of caption word order."""
+    return json.dumps([sorted(json.dumps(o, sort_keys=True) for o in spec[k]) for k in ("include", "exclude")])
+
+
+def caption_neighbors(spec: Spec) -> list[Spec]:
+    """The training specs of ``spec``'s category whose caption gets *one attribute* wrong.
+
+    A neighbour's caption has the same words but one (a shape, a colour, a number or a
+    relation), or the same words with two of them swapped, counted once per distinct constraint set (``a red circle and a blue square`` ->
+    ``a blue circle and a red square``: the attribute-binding error; ``a circle left of a
+    square`` -> ``a square left of a circle``: the flipped relation). Neighbours that ask the
+    same of a scene (``a circle and a square`` / ``a square and a circle``) and held-out specs
+    are excluded, so a noisy training caption never names a held-out combination.
+    """
+    words = _caption_words(spec["prompt"])
+    seen = {_constraints(spec)}
+    out = []
+    for cand in split_specs(spec["tag"], heldout=False):
+        cw = _caption_words(cand["prompt"])
+        if len(cw) != len(words) or _constraints(cand) in seen:
+            continue
+        diff = [i for i, (a, b) in enumerate(zip(words, cw)) if a != b]
+        if len(diff) == 1 or (len(diff) == 2 and sorted(words) == sorted(cw)):
+            seen.add(_constraints(cand))
+            out.append(cand)
+    return out
+
+
+def noisy_captions(specs: Sequence[Spec], noise: float, seed: int) -> tuple[list[str], int]:
+    """Training captions with web-alt-text-like noise: each caption is, with probability
+    ``noise``, replaced by a uniformly drawn :func:`caption_neighbors` caption (one attribute
+    wrong). Deterministic in ``seed``; returns the captions and how many were replaced.
+
+    A model pretrained on such pairs draws, for a caption, the right scene or a near miss, the
+    imperfection reward alignment is meant to remove (DESIGN.md §10).
+    """
+    if not 0.0 <= noise <= 1.0:
+        raise ValueError(f"caption noise must be in [0, 1], got {noise}")
+    captions = [s["prompt"] for s in specs]
+    if noise == 0.0:
+        return captions, 0
+    rng = np.random.default_rng(seed)
+    cache: dict[str, list[Spec]] = {}
+    replaced = 0
+    for i, spec in enumerate(specs):
+        if rng.random() >= noise:
+            continue
+        pool = cache.setdefault(spec["prompt"], caption_neighbors(spec))
+        if pool:
+            captions[i] = pool[rng.integers(len(pool))]["prompt"]
+            replaced += 1
+    return captions, replaced
+
+
 def write_jsonl(specs: Sequence[Spec], path: Union[str, Path]) -> Path:
     """Write specs one JSON object a line."""
     path = Path(path)
