@@ -7,6 +7,11 @@ Stages (one deterministic seed drives them all):
 
 1. **Data**: ``n_scenes`` training scenes and captions from
    :func:`flowalign.rewards.shapes_scenes.training_scenes` (held-out combinations never drawn).
+   With ``caption_noise > 0`` that fraction of captions gets one attribute wrong, like web
+   alt-text (:func:`flowalign.rewards.shapes_scenes.noisy_captions`: a shape, colour, number or
+   relation changed, or two attributes swapped; never a held-out caption): the model then
+   draws, for a caption, the right scene or a near miss, the imperfection that reward
+   alignment is meant to remove.
 2. **VAE**: a small ``AutoencoderKL`` (32x32x3 -> 16x16x4, SD3 layout: no quant convs) trained
    with L1 + MSE reconstruction and a small KL term; its ``shift_factor``/``scaling_factor``
    are set from the latents' mean and std so the transformer sees unit-variance latents.
@@ -77,6 +82,7 @@ class ToyBuildConfig:
     ema_decay: float = 0.995
     caption_dropout: float = 0.1
     caption_noise: float = 0.0  # fraction of training captions with one attribute wrong (noisy_captions)
+    pretrain_heldout: bool = False  # pretraining scenes include the held-out combinations (training_scenes)
     shift: float = 1.5
     guidance_scale: float = 4.5
     eval_every: int = 500
@@ -334,7 +340,7 @@ def build(out_dir: str | Path, cfg: Optional[ToyBuildConfig] = None) -> dict[str
     if cfg.sample_dir:
         Path(cfg.sample_dir).mkdir(parents=True, exist_ok=True)
 
-    images_u8, specs = training_scenes(cfg.seed, cfg.n_scenes)
+    images_u8, specs = training_scenes(cfg.seed, cfg.n_scenes, include_heldout=cfg.pretrain_heldout)
     images = _to_unit(images_u8)
     captions, n_noisy = noisy_captions(specs, cfg.caption_noise, cfg.seed + 11)
     max_length = caption_length(sorted({s["prompt"] for t in TAGS for s in all_specs(t)}))
@@ -482,6 +488,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         b.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("shift", "guidance_scale", "dit_lr", "caption_noise"):
         b.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    b.add_argument("--pretrain-heldout", action="store_true", help="pretrain on every caption, held-out combinations included")
     b.add_argument("--sample-dir", default=None, help="write sample grids and EMA checkpoints here")
     e = sub.add_parser("evaluate", help="measure a toy folder (accuracy, sweep, timing, group variance)")
     e.add_argument("--model", default="assets/toy")

@@ -296,10 +296,23 @@ def sample_specs(rng: np.random.Generator, n: int, heldout: bool = False, tags: 
     return out
 
 
-def training_scenes(seed: int, n: int) -> tuple[np.ndarray, list[Spec]]:
-    """``n`` training scenes ``uint8 [n, 32, 32, 3]`` and their specs, deterministic in ``seed``."""
+def training_scenes(seed: int, n: int, include_heldout: bool = False) -> tuple[np.ndarray, list[Spec]]:
+    """``n`` training scenes ``uint8 [n, 32, 32, 3]`` and their specs, deterministic in ``seed``.
+
+    With ``include_heldout`` the specs are drawn from every caption of the grammar (categories
+    uniform, captions uniform within a category), held-out ones included: pretraining data for
+    a base model that, like a real one, has seen every combination, so that the held-out prompt
+    set measures how reward alignment on the training prompts transfers to unseen prompts.
+    """
     rng = np.random.default_rng(seed)
-    specs = sample_specs(rng, n, heldout=False)
+    if include_heldout:
+        pools = [all_specs(t) for t in TAGS]
+        specs = []
+        for _ in range(n):
+            pool = pools[rng.integers(len(pools))]
+            specs.append(pool[rng.integers(len(pool))])
+    else:
+        specs = sample_specs(rng, n, heldout=False)
     images = np.stack([render_spec(s, rng) for s in specs])
     return images, specs
 

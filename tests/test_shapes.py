@@ -66,6 +66,18 @@ def test_training_scenes_deterministic_and_never_heldout():
     assert {s["tag"] for s in specs_a} == set(S.TAGS)
 
 
+def test_training_scenes_with_heldout_cover_every_caption_at_the_expected_rate():
+    n = 3000
+    _, specs = S.training_scenes(5, n, include_heldout=True)
+    # independent expectation: categories uniform, captions uniform within a category
+    expected = sum(len(S.split_specs(t, heldout=True)) / len(S.all_specs(t)) for t in S.TAGS) / len(S.TAGS)
+    frac = sum(S.is_heldout(s) for s in specs) / n
+    assert abs(frac - expected) < 4 * (expected * (1 - expected) / n) ** 0.5, (frac, expected)
+    assert {s["tag"] for s in specs if S.is_heldout(s)} == set(S.HELDOUT_TAGS)
+    images, again = S.training_scenes(5, 50, include_heldout=True)
+    assert again == specs[:50] and images.shape == (50, 32, 32, 3)
+
+
 def test_layout_respects_constraints():
     rng = np.random.default_rng(0)
     for spec in S.all_specs("position") + S.all_specs("counting"):
