@@ -279,13 +279,14 @@ def render_spec(spec: Spec, rng: np.random.Generator) -> np.ndarray:
 # ----------------------------------------------------------------------------- prompt sets
 
 
-def sample_specs(rng: np.random.Generator, n: int, heldout: bool = False, tags: Optional[Sequence[str]] = None) -> list[Spec]:
+def sample_specs(rng: np.random.Generator, n: int, heldout: Optional[bool] = False, tags: Optional[Sequence[str]] = None) -> list[Spec]:
     """``n`` specs, categories uniform over ``tags``, each spec uniform within its category.
 
-    With ``heldout=False`` only training specs are drawn (the base model's training data).
+    With ``heldout=False`` only training specs are drawn (the base model's training data), with
+    ``True`` only held-out ones, with ``None`` every spec of the grammar.
     """
-    tags = tuple(tags) if tags is not None else (TAGS if not heldout else HELDOUT_TAGS)
-    pools = {t: split_specs(t, heldout) for t in tags}
+    tags = tuple(tags) if tags is not None else (HELDOUT_TAGS if heldout else TAGS)
+    pools = {t: all_specs(t) if heldout is None else split_specs(t, heldout) for t in tags}
     for t, pool in pools.items():
         if not pool:
             raise ValueError(f"category {t!r} has no {'held-out' if heldout else 'training'} specs")
@@ -305,14 +306,7 @@ def training_scenes(seed: int, n: int, include_heldout: bool = False) -> tuple[n
     set measures how reward alignment on the training prompts transfers to unseen prompts.
     """
     rng = np.random.default_rng(seed)
-    if include_heldout:
-        pools = [all_specs(t) for t in TAGS]
-        specs = []
-        for _ in range(n):
-            pool = pools[rng.integers(len(pools))]
-            specs.append(pool[rng.integers(len(pool))])
-    else:
-        specs = sample_specs(rng, n, heldout=False)
+    specs = sample_specs(rng, n, heldout=None if include_heldout else False, tags=TAGS)
     images = np.stack([render_spec(s, rng) for s in specs])
     return images, specs
 
@@ -348,11 +342,12 @@ def caption_neighbors(spec: Spec) -> list[Spec]:
     """The training specs of ``spec``'s category whose caption gets *one attribute* wrong.
 
     A neighbour's caption has the same words but one (a shape, a colour, a number or a
-    relation), or the same words with two of them swapped, counted once per distinct constraint set (``a red circle and a blue square`` ->
-    ``a blue circle and a red square``: the attribute-binding error; ``a circle left of a
-    square`` -> ``a square left of a circle``: the flipped relation). Neighbours that ask the
-    same of a scene (``a circle and a square`` / ``a square and a circle``) and held-out specs
-    are excluded, so a noisy training caption never names a held-out combination.
+    relation), or the same words with two of them swapped (``a red circle and a blue square``
+    -> ``a blue circle and a red square``: the attribute-binding error; ``a circle left of a
+    square`` -> ``a square left of a circle``: the flipped relation). Each distinct constraint
+    set is listed once; neighbours that ask the same of a scene as ``spec`` (``a circle and a
+    square`` / ``a square and a circle``) and held-out specs are excluded, so a noisy training
+    caption never names a held-out combination.
     """
     words = _caption_words(spec["prompt"])
     seen = {_constraints(spec)}
@@ -387,7 +382,9 @@ def noisy_captions(specs: Sequence[Spec], noise: float, seed: int) -> tuple[list
     for i, spec in enumerate(specs):
         if rng.random() >= noise:
             continue
-        pool = cache.setdefault(spec["prompt"], caption_neighbors(spec))
+        if spec["prompt"] not in cache:
+            cache[spec["prompt"]] = caption_neighbors(spec)
+        pool = cache[spec["prompt"]]
         if pool:
             captions[i] = pool[rng.integers(len(pool))]["prompt"]
             replaced += 1
