@@ -75,7 +75,7 @@ def build_trainer(method: str, overrides: list[str], run_dir: Path) -> tuple[Tra
 def heldout_records(trainer: Trainer) -> list:
     """The prompt records of ``train.eval_prompts`` (the training prompts when unset)."""
     from flowalign.prompts import load_prompts
-    from flowalign.train.trainer import resolve_path
+    from flowalign.train.model import resolve_path
 
     return load_prompts(resolve_path(trainer.config.train.eval_prompts or trainer.config.train.prompts))
 

@@ -85,7 +85,7 @@ def run_offline(args, records_train, records_eval, reward, workdir: Path) -> lis
     from flowalign.offline import fill_store
     from flowalign.train.generate import adapter_sample_fn, reward_score_fn
     from flowalign.train.offline_trainer import OfflineTrainer, load_offline_config
-    from flowalign.train.trainer import build_adapter
+    from flowalign.train.model import build_adapter
 
     online = args.online_config
     adapter = build_adapter(online.model, torch.device("cpu"))
@@ -126,7 +126,8 @@ def run_offline(args, records_train, records_eval, reward, workdir: Path) -> lis
 
 
 def run_online(args, reward, records_eval, workdir: Path) -> list[dict]:
-    from flowalign.train.trainer import Trainer, build_adapter
+    from flowalign.train.model import build_adapter
+    from flowalign.train.trainer import Trainer
 
     config = args.online_config
     adapter = build_adapter(config.model, torch.device("cpu"))

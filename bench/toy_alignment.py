@@ -57,7 +57,7 @@ class BenchError(Exception):
 
 
 def _toy_model_dir() -> Path:
-    from flowalign.train.trainer import resolve_path
+    from flowalign.train.model import resolve_path
 
     return resolve_path("assets/toy")
 
@@ -127,7 +127,7 @@ def bench_eval(config, lora: Optional[Path], eval_samples: Optional[int]):
     from flowalign.prompts import load_prompts
     from flowalign.rewards import load_reward
     from flowalign.train.eval_cli import DEFAULT_MIN_SAMPLES
-    from flowalign.train.trainer import build_adapter, resolve_path
+    from flowalign.train.model import build_adapter, resolve_path
 
     settings = _eval_settings(config, eval_samples)
     records = load_prompts(resolve_path(settings["prompts"]))

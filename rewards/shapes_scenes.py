@@ -353,12 +353,12 @@ def caption_neighbors(spec: Spec) -> list[Spec]:
     seen = {_constraints(spec)}
     out = []
     for cand in split_specs(spec["tag"], heldout=False):
-        cw = _caption_words(cand["prompt"])
-        if len(cw) != len(words) or _constraints(cand) in seen:
+        cw, asks = _caption_words(cand["prompt"]), _constraints(cand)
+        if len(cw) != len(words) or asks in seen:
             continue
         diff = [i for i, (a, b) in enumerate(zip(words, cw)) if a != b]
         if len(diff) == 1 or (len(diff) == 2 and sorted(words) == sorted(cw)):
-            seen.add(_constraints(cand))
+            seen.add(asks)
             out.append(cand)
     return out
 

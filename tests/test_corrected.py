@@ -161,7 +161,7 @@ def test_eval_corrected_by_reports_the_combination_per_category(tiny_eval):
     from flowalign.evaluation import evaluate
     from flowalign.prompts import load_prompts
     from flowalign.rewards import load_reward
-    from flowalign.train.trainer import build_adapter
+    from flowalign.train.model import build_adapter
 
     root, _ = tiny_eval
     data = json.loads((root / "out" / "eval.json").read_text())
@@ -193,7 +193,7 @@ def test_eval_quality_fitted_on_the_models_own_samples_is_high(tiny_eval, tmp_pa
     from flowalign.evaluation import evaluate
     from flowalign.rewards import load_reward
     from flowalign.train import cli
-    from flowalign.train.trainer import build_adapter
+    from flowalign.train.model import build_adapter
 
     root, args = tiny_eval
     adapter = build_adapter(ModelConfig(pretrained="tiny-sd3"), torch.device("cpu"))

@@ -186,7 +186,7 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
 
     sample_indices(len(records), num_samples, spp)  # check the counts before loading the model
 
-    from flowalign.train.trainer import build_adapter
+    from flowalign.train.model import build_adapter
 
     adapter = build_adapter(ModelConfig(pretrained=options.model, dtype=options.dtype, resolution=options.resolution), torch.device(options.device))
     if hasattr(reward, "to"):

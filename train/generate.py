@@ -100,7 +100,7 @@ def load_generate_config(path: Optional[Union[str, Path]] = None, overrides: Opt
 
 def load_model_adapter(model: ModelConfig, lora: Optional[str] = None, device: str = "cpu"):
     """Adapter for ``model.pretrained`` (``'tiny-sd3'``, ``'toy'`` or a local folder), LoRA loaded."""
-    from flowalign.train.trainer import build_adapter
+    from flowalign.train.model import build_adapter
 
     adapter = build_adapter(model, torch.device(device))
     if lora is not None:

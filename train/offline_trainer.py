@@ -169,7 +169,7 @@ class OfflineTrainer:
         torch.manual_seed(cfg.seed)  # LoRA init (peft draws from the global RNG)
         self.device = torch.device(cfg.device)
         if self.adapter is None:
-            from flowalign.train.trainer import build_adapter
+            from flowalign.train.model import build_adapter
 
             self.adapter = build_adapter(cfg.model, self.device)
         latent = tuple(self.adapter.initial_noise(1).shape[1:])
