@@ -180,6 +180,11 @@ class TrainConfig:
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": f"Trackers besides metrics.csv, from {LOG_BACKENDS}."})
     max_nonfinite_steps: int = field(default=5, metadata={"help": "Abort after this many consecutive micro-batches with a NaN/inf loss (each is skipped)."})
     eval_every: int = field(default=0, metadata={"help": "Write an eval image grid every N iterations (0 = only at the end, -1 = never)."})
+    ref_kl_every: int = field(
+        default=1,
+        metadata={"help": "With objective.kl_beta = 0, log the diagnostic kl/ref (one policy + one reference forward on a "
+                          "micro-batch) every N iterations, starting with the first (0 = never). It changes no weights."},
+    )
     eval_prompts: Optional[str] = field(default=None, metadata={"help": "Held-out prompt file for evaluation; null = the first training prompts."})
     eval_num_prompts: int = field(default=8, metadata={"help": "Prompts in an eval grid."})
     final_eval_samples: int = field(
@@ -208,6 +213,7 @@ class TrainConfig:
         _check(0.0 < self.ema_decay < 1.0, f"train.ema_decay must be in (0, 1), got {self.ema_decay}")
         _check(self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         _check(self.eval_every >= -1, f"train.eval_every must be >= -1, got {self.eval_every}")
+        _check(self.ref_kl_every >= 0, f"train.ref_kl_every must be >= 0 (0 = never), got {self.ref_kl_every}")
         _check(self.final_eval_samples >= 0, f"train.final_eval_samples must be >= 0 (0 = no held-out report), got {self.final_eval_samples}")
         for backend in self.log_with:
             _choice("train.log_with[]", backend, LOG_BACKENDS)
@@ -423,6 +429,7 @@ def save_config(config: FlowalignConfig, path: Union[str, Path]) -> Path:
 # fields that do not change what a run computes (so resuming with them changed is the same run)
 _HASH_EXCLUDE = {("train", "iterations"), ("train", "output_dir"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
                  ("train", "log_with"), ("train", "progress"), ("train", "eval_every"), ("train", "final_eval_samples"),
+                 ("train", "ref_kl_every"),
                  ("train", "gradient_checkpointing"), ("train", "offload_rewards")}
 # fields left out of the hash while at these values (their defaults), so runs from before they existed resume
 _HASH_OMIT_AT = {("sampling", "noise_seeding"): "process", ("train", "mixed_precision"): "no"}

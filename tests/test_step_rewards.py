@@ -358,7 +358,9 @@ def test_dense_recipes_validate(name):
         for section in ("model", "rewards", "lora"):
             assert getattr(cfg, section) == getattr(base, section), section
         assert cfg.sampling.num_steps == base.sampling.num_steps and cfg.sampling.group_size == base.sampling.group_size
-        assert cfg.train.prompts_per_iter == base.train.prompts_per_iter and cfg.train.lr == base.train.lr
+        # (not lr / iterations / noise: the main job moved to a 3-step noise window at lr 5e-4, which dense rewards,
+        # needing noise on every step, do not share; these recipes keep the settings compare_methods measured)
+        assert cfg.train.prompts_per_iter == base.train.prompts_per_iter
     # overrides reach the dense section, and bad values fail with the key's name
     assert load_config(ROOT / "train" / "configs" / name, ["dense.estimator=tweedie"]).dense.estimator == "tweedie"
     with pytest.raises(ConfigError, match="dense.stride"):

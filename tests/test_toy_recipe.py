@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from flowalign.config import ModelConfig, load_config
+from flowalign.sde import make_schedule
 from flowalign.train.model import TOY_META_FILE, build_adapter, resolve_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +69,10 @@ def test_default_recipe_is_the_toy_main_job():
     assert cfg.objective.cfg_in_training and cfg.sampling.guidance_scale > 1.0 and cfg.objective.kl_beta == 0.0
     # one optimizer step per iteration: one micro-batch of every sample at each trained step
     assert cfg.train.micro_batch_size == cfg.train.prompts_per_iter * cfg.sampling.group_size
-    trained_steps = max(1, int(cfg.sampling.num_steps * cfg.objective.timestep_fraction))
+    levels = make_schedule(cfg.sampling.noise_schedule, **cfg.sampling.noise_kwargs).levels(cfg.sampling.num_steps)
+    stochastic = int((levels[:-1] > 0).sum())  # the last step lands on sigma = 0: never stochastic
+    assert stochastic >= 1
+    trained_steps = max(1, int(stochastic * cfg.objective.timestep_fraction))
     assert cfg.train.grad_accum == trained_steps and cfg.train.inner_epochs == 1
     toy = resolve_path("assets/toy")
     if (toy / TOY_META_FILE).is_file():  # sampling follows the toy's recommended settings

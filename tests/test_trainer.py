@@ -316,3 +316,23 @@ def test_final_heldout_report_is_written_with_phase_times(tmp_path):
     # 2 columns per tag, each a base and an aligned cell of the 32 px tiny images upscaled 4x
     h, w = trainer.adapter.height, trainer.adapter.width
     assert Image.open(run / "before_after.png").size == grid_size(4, h, w)
+
+
+def test_ref_kl_every_only_thins_the_diagnostic(tmp_path):
+    """train.ref_kl_every = 2 logs kl/ref on iterations 0 and 2 only, and trains the same weights as every iteration."""
+    runs = {}
+    for every in (1, 2):
+        trainer = _trainer(tmp_path / f"every_{every}", f"train.ref_kl_every={every}", "train.prompts_per_iter=2",
+                           "train.micro_batch_size=8")
+        logged = []
+        for _ in range(3):
+            logged.append("kl/ref" in trainer.run_iteration())
+            trainer.iteration += 1
+        runs[every] = (logged, {k: v.detach().clone() for k, v in lora_lib.get_lora_state_dict(trainer.adapter.trainable_module).items()})
+        trainer.cleanup()
+    assert runs[1][0] == [True, True, True] and runs[2][0] == [True, False, True]
+    assert runs[1][1].keys() == runs[2][1].keys() and runs[1][1]
+    for key, value in runs[1][1].items():
+        assert torch.equal(value, runs[2][1][key]), key
+    with pytest.raises(ConfigError, match="train.ref_kl_every"):
+        _config(tmp_path, "train.ref_kl_every=-1")

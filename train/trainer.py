@@ -406,7 +406,8 @@ class Trainer:
         accum, optim = self.config.train.grad_accum, {"steps": 0, "skipped": 0, "grad_norm": []}
         for epoch in range(self.config.train.inner_epochs):
             plan = self._plan(batch)
-            if epoch == 0 and plan and not getattr(self.objective, "needs_reference", False):
+            every = self.config.train.ref_kl_every
+            if epoch == 0 and plan and not getattr(self.objective, "needs_reference", False) and every > 0 and self.iteration % every == 0:
                 sums["kl/ref"], counts["kl/ref"] = self._reference_kl(batch, *plan[0]), 1
             # rows of every process's micro-batches: the same number of optimizer steps everywhere (runtime.py)
             sizes = runtime.slot_sizes([index.numel() for index, _ in plan], self.accelerator)  # [world, S]

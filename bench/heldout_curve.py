@@ -1,0 +1,168 @@
+"""Held-out (and training-prompt) accuracy *during* training: is the final report a peak or a plateau?
+
+Trains one recipe (``--config``, default the main job's ``train/configs/toy_grpo.yaml``, with
+``--set`` overrides) through the real trainer (:class:`flowalign.train.trainer.Trainer`) and, every
+``--eval-every`` iterations (and before the first), evaluates the current LoRA exactly as the run
+report does (:func:`flowalign.evaluation.evaluate`: noise-free ODE samples, the recipe's eval
+steps and guidance, sample ``i`` from seed ``i``, the first reward, score >= 0.5 counts as correct):
+
+* ``--eval-samples`` samples of the held-out prompts (``train.eval_prompts``), per category;
+* with ``--train-samples N > 0``, also N samples of the training prompts (``train.prompts``):
+  how much of what RL learns on its own prompts carries over to the held-out compositions.
+
+The curve of one variant is stored under ``--name`` in ``bench/results/heldout_curve.json``
+(other variants already there are kept), with the training reward averaged over each eval
+interval and the wall time per iteration; ``heldout_curve.png`` plots every stored variant.
+
+    python bench/heldout_curve.py --name default --iterations 100 --eval-every 20
+    python bench/heldout_curve.py --name window3 --iterations 60 --eval-every 15 \\
+        --set sampling.noise_schedule=window --set "sampling.noise_kwargs={a: 0.7, start: 0, size: 3}" \\
+        --set objective.timestep_fraction=1.0 --set train.grad_accum=3
+
+Timings on a shared CPU are noisy (``--threads``, default 1, so two variants can run side by side).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from flowalign.config import load_config  # noqa: E402
+from flowalign.evaluation import evaluate  # noqa: E402
+from flowalign.prompts import load_prompts  # noqa: E402
+from flowalign.train.model import resolve_path  # noqa: E402
+from flowalign.train.trainer import Trainer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT = ROOT / "bench" / "results" / "heldout_curve.json"
+DEFAULT_RECIPE = ROOT / "train" / "configs" / "toy_grpo.yaml"
+
+logger = logging.getLogger("heldout_curve")
+
+
+def accuracy_by_category(trainer: Trainer, records: list, num_samples: int) -> dict[str, float]:
+    """``{category: accuracy, ..., "all": accuracy}`` of the trainer's current weights on ``records``."""
+    cfg = trainer.config
+    result = evaluate(trainer.adapter, records, trainer.rewards[cfg.rewards[0].name], num_samples=num_samples,
+                      num_steps=cfg.sampling.eval_num_steps, guidance_scale=cfg.sampling.guidance_scale, seed=0,
+                      batch_size=160, keep_images=0, progress=False)
+    return {tag: round(float(stats.accuracy), 4) for tag, stats in result.categories.items()}
+
+
+def run_curve(config: Path, overrides: list[str], iterations: int, eval_every: int, eval_samples: int,
+              train_samples: int, workdir: Path) -> dict:
+    """Train ``iterations`` iterations, evaluating at 0 and every ``eval_every``; return the curve."""
+    cfg = load_config(config, list(overrides) + [
+        f"train.iterations={iterations}", f"train.output_dir={workdir}", "train.eval_every=-1",
+        "train.checkpoint_every=0", "train.progress=false", "train.log_with=[]",
+    ])
+    if not cfg.train.eval_prompts:
+        raise SystemExit("heldout_curve: the recipe has no train.eval_prompts (the held-out set to follow)")
+    heldout = load_prompts(resolve_path(cfg.train.eval_prompts))
+    train_prompts = load_prompts(resolve_path(cfg.train.prompts)) if train_samples > 0 else None
+    trainer = Trainer(cfg, overwrite=True).setup()
+    points, rewards, seconds = [], [], []
+
+    def evaluate_now() -> None:
+        point = {"iteration": trainer.iteration, "heldout": accuracy_by_category(trainer, heldout, eval_samples)}
+        if train_prompts is not None:
+            point["train"] = accuracy_by_category(trainer, train_prompts, train_samples)["all"]
+        if rewards:
+            window = rewards[-eval_every:]
+            point["train_reward_mean"] = round(sum(window) / len(window), 4)
+        points.append(point)
+        extra = f"  train prompts {point['train']:.3f}" if "train" in point else ""
+        cats = "  ".join(f"{k} {v:.3f}" for k, v in point["heldout"].items() if k != "all")
+        logger.info("it %3d  held-out %.3f%s  (%s)", trainer.iteration, point["heldout"]["all"], extra, cats)
+
+    try:
+        evaluate_now()
+        for _ in range(iterations):
+            start = time.perf_counter()
+            metrics = trainer.run_iteration()
+            trainer.iteration += 1
+            seconds.append(time.perf_counter() - start)
+            rewards.append(float(metrics.get("reward/mean", float("nan"))))
+            if trainer.iteration % eval_every == 0 or trainer.iteration == iterations:
+                evaluate_now()
+    finally:
+        trainer.cleanup()
+    return {"overrides": list(overrides), "iterations": iterations, "eval_every": eval_every, "eval_samples": eval_samples,
+            "train_samples": train_samples, "points": points, "train_reward": [round(r, 4) for r in rewards],
+            "iteration_s_mean": sum(seconds) / len(seconds) if seconds else None}
+
+
+def plot(results: dict, path: Path) -> Optional[Path]:
+    """Held-out accuracy against iteration, one line per stored variant (solid) and, where measured,
+    accuracy on the training prompts (dashed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # matplotlib is a core dependency; keep the bench usable without it anyway
+        return None
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for name, res in results.get("variants", {}).items():
+        its = [p["iteration"] for p in res["points"]]
+        line, = ax.plot(its, [100 * p["heldout"]["all"] for p in res["points"]], marker="o", label=f"{name} (held-out)")
+        if all("train" in p for p in res["points"]):
+            ax.plot(its, [100 * p["train"] for p in res["points"]], ls="--", color=line.get_color(), label=f"{name} (train prompts)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--name", required=True, help="key of this variant in the results file")
+    parser.add_argument("--config", type=Path, default=DEFAULT_RECIPE)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--iterations", type=int, default=60)
+    parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--eval-samples", type=int, default=512, help="held-out samples per evaluation")
+    parser.add_argument("--train-samples", type=int, default=0, help="training-prompt samples per evaluation (0 = skip)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output", type=Path, default=RESULT)
+    args = parser.parse_args(argv)
+    if args.iterations < 1 or args.eval_every < 1 or args.eval_samples < 1 or args.train_samples < 0:
+        parser.error("--iterations, --eval-every and --eval-samples must be >= 1, --train-samples >= 0")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("flowalign").setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="heldout_curve_") as tmp:
+        curve = run_curve(args.config, args.overrides, args.iterations, args.eval_every, args.eval_samples,
+                          args.train_samples, Path(tmp))
+    curve.update({"config": str(Path(args.config).resolve().relative_to(ROOT)) if Path(args.config).resolve().is_relative_to(ROOT)
+                  else str(args.config), "torch_threads": args.threads, "machine": platform.platform()})
+    results = json.loads(args.output.read_text()) if args.output.exists() else {}
+    results.setdefault("what", "held-out (and training-prompt) accuracy during training; bench/heldout_curve.py")
+    results.setdefault("variants", {})[args.name] = curve
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=1) + "\n")
+    figure = plot(results, args.output.with_suffix(".png"))
+    best = max(curve["points"], key=lambda p: p["heldout"]["all"])
+    first, last = curve["points"][0]["heldout"]["all"], curve["points"][-1]["heldout"]["all"]
+    print(f"{args.name}: held-out {100 * first:.1f}% -> {100 * last:.1f}% after {args.iterations} iterations "
+          f"(highest {100 * best['heldout']['all']:.1f}% at iteration {best['iteration']}); "
+          f"{curve['iteration_s_mean']:.1f} s/iteration; wrote {args.output}" + (f" and {figure}" if figure else ""))
+    return curve
+
+
+if __name__ == "__main__":
+    main()
