@@ -11,7 +11,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-import yaml
 
 from flowalign import dense, sde
 from flowalign.advantages import per_step_advantages
