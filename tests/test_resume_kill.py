@@ -27,7 +27,7 @@ from flowalign.config import load_config
 from flowalign.train.trainer import Trainer
 
 ITERATIONS = 6
-SETTINGS = ["sampling.num_steps=2", "sampling.guidance_scale=1.0", "sampling.group_size=2", "train.prompts_per_iter=2",
+SETTINGS = ["sampling.num_steps=2", "sampling.noise_schedule=constant", "sampling.noise_kwargs={a: 0.7}", "sampling.guidance_scale=1.0", "sampling.group_size=2", "train.prompts_per_iter=2",
             "train.micro_batch_size=2", "train.grad_accum=2", f"train.iterations={ITERATIONS}", "train.lr=3e-2", "lora.rank=2",
             "lora.alpha=4", "objective.kl_beta=0.04", "train.eval_every=-1", "train.log_with=[]", "train.progress=false",
             "train.checkpoint_every=1", "train.keep_checkpoints=2", "train.ema=true"]
