@@ -80,18 +80,22 @@ def heldout_records(trainer: Trainer) -> list:
     return load_prompts(resolve_path(trainer.config.train.eval_prompts or trainer.config.train.prompts))
 
 
-def eval_score(trainer: Trainer, records: list, num_samples: int) -> float:
-    """Held-out accuracy (fraction of samples scoring >= 0.5 under the first reward) of
-    ``num_samples`` noise-free samples of ``records`` (prompts cycled, sample ``i`` from seed ``i``:
-    every method and every budget step sees the same noise), via
-    :func:`flowalign.evaluation.evaluate`, as ``flowalign eval`` and the run report measure it."""
+def evaluate_heldout(trainer: Trainer, records: list, num_samples: int):
+    """``num_samples`` noise-free samples of ``records`` with the trainer's current weights (prompts
+    cycled, sample ``i`` from seed ``i``: every method and every budget step sees the same noise),
+    scored by the first reward via :func:`flowalign.evaluation.evaluate`, as ``flowalign eval`` and
+    the run report measure it; returns its ``EvalResult``."""
     from flowalign.evaluation import evaluate
 
     cfg = trainer.config
-    result = evaluate(trainer.adapter, records, trainer.rewards[cfg.rewards[0].name], num_samples=num_samples,
-                      num_steps=cfg.sampling.eval_num_steps, guidance_scale=cfg.sampling.guidance_scale, seed=0,
-                      batch_size=160, keep_images=0, progress=False)
-    return float(result.accuracy)
+    return evaluate(trainer.adapter, records, trainer.rewards[cfg.rewards[0].name], num_samples=num_samples,
+                    num_steps=cfg.sampling.eval_num_steps, guidance_scale=cfg.sampling.guidance_scale, seed=0,
+                    batch_size=160, keep_images=0, progress=False)
+
+
+def eval_score(trainer: Trainer, records: list, num_samples: int) -> float:
+    """Held-out accuracy (fraction of samples scoring >= 0.5 under the first reward) of :func:`evaluate_heldout`."""
+    return float(evaluate_heldout(trainer, records, num_samples).accuracy)
 
 
 def timed_iteration(trainer: Trainer) -> tuple[float, float, dict]:

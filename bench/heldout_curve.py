@@ -38,10 +38,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from flowalign.config import load_config  # noqa: E402
-from flowalign.evaluation import evaluate  # noqa: E402
 from flowalign.prompts import load_prompts  # noqa: E402
 from flowalign.train.model import resolve_path  # noqa: E402
 from flowalign.train.trainer import Trainer  # noqa: E402
+
+from compare_methods import evaluate_heldout  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "bench" / "results" / "heldout_curve.json"
@@ -51,12 +52,9 @@ logger = logging.getLogger("heldout_curve")
 
 
 def accuracy_by_category(trainer: Trainer, records: list, num_samples: int) -> dict[str, float]:
-    """``{category: accuracy, ..., "all": accuracy}`` of the trainer's current weights on ``records``."""
-    cfg = trainer.config
-    result = evaluate(trainer.adapter, records, trainer.rewards[cfg.rewards[0].name], num_samples=num_samples,
-                      num_steps=cfg.sampling.eval_num_steps, guidance_scale=cfg.sampling.guidance_scale, seed=0,
-                      batch_size=160, keep_images=0, progress=False)
-    return {tag: round(float(stats.accuracy), 4) for tag, stats in result.categories.items()}
+    """``{category: accuracy, ..., "all": accuracy}`` of the trainer's current weights on ``records``
+    (the evaluation of :func:`compare_methods.evaluate_heldout`)."""
+    return {tag: round(float(stats.accuracy), 4) for tag, stats in evaluate_heldout(trainer, records, num_samples).categories.items()}
 
 
 def run_curve(config: Path, overrides: list[str], iterations: int, eval_every: int, eval_samples: int,
