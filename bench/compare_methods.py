@@ -34,6 +34,7 @@ import platform
 import statistics
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -81,16 +82,18 @@ def heldout_records(trainer: Trainer) -> list:
 
 
 def evaluate_heldout(trainer: Trainer, records: list, num_samples: int):
-    """``num_samples`` noise-free samples of ``records`` with the trainer's current weights (prompts
+    """``num_samples`` noise-free samples of ``records`` with the trainer's current weights (its EMA when
+    ``train.ema`` is on, as the run saves and reports them; prompts
     cycled, sample ``i`` from seed ``i``: every method and every budget step sees the same noise),
     scored by the first reward via :func:`flowalign.evaluation.evaluate`, as ``flowalign eval`` and
     the run report measure it; returns its ``EvalResult``."""
     from flowalign.evaluation import evaluate
 
     cfg = trainer.config
-    return evaluate(trainer.adapter, records, trainer.rewards[cfg.rewards[0].name], num_samples=num_samples,
-                    num_steps=cfg.sampling.eval_num_steps, guidance_scale=cfg.sampling.guidance_scale, seed=0,
-                    batch_size=160, keep_images=0, progress=False)
+    with trainer.ema.applied() if trainer.ema is not None else nullcontext():  # the weights a run saves and reports
+        return evaluate(trainer.adapter, records, trainer.rewards[cfg.rewards[0].name], num_samples=num_samples,
+                        num_steps=cfg.sampling.eval_num_steps, guidance_scale=cfg.sampling.guidance_scale, seed=0,
+                        batch_size=160, keep_images=0, progress=False)
 
 
 def eval_score(trainer: Trainer, records: list, num_samples: int) -> float:

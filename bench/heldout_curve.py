@@ -31,7 +31,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -58,8 +58,11 @@ def accuracy_by_category(trainer: Trainer, records: list, num_samples: int) -> d
 
 
 def run_curve(config: Path, overrides: list[str], iterations: int, eval_every: int, eval_samples: int,
-              train_samples: int, workdir: Path) -> dict:
-    """Train ``iterations`` iterations, evaluating at 0 and every ``eval_every``; return the curve."""
+              train_samples: int, workdir: Path, on_point: Optional[Callable[[dict], None]] = None) -> dict:
+    """Train ``iterations`` iterations, evaluating at 0 and every ``eval_every``; return the curve.
+
+    ``on_point(curve_so_far)`` is called after every evaluation (``main`` saves it, so a run
+    stopped early keeps the points it measured)."""
     cfg = load_config(config, list(overrides) + [
         f"train.iterations={iterations}", f"train.output_dir={workdir}", "train.eval_every=-1",
         "train.checkpoint_every=0", "train.progress=false", "train.log_with=[]",
@@ -82,6 +85,13 @@ def run_curve(config: Path, overrides: list[str], iterations: int, eval_every: i
         extra = f"  train prompts {point['train']:.3f}" if "train" in point else ""
         cats = "  ".join(f"{k} {v:.3f}" for k, v in point["heldout"].items() if k != "all")
         logger.info("it %3d  held-out %.3f%s  (%s)", trainer.iteration, point["heldout"]["all"], extra, cats)
+        if on_point is not None:
+            on_point(curve(complete=False))
+
+    def curve(complete: bool) -> dict:
+        return {"overrides": list(overrides), "iterations": iterations, "eval_every": eval_every, "eval_samples": eval_samples,
+                "train_samples": train_samples, "points": list(points), "train_reward": [round(r, 4) for r in rewards],
+                "iteration_s_mean": sum(seconds) / len(seconds) if seconds else None, "complete": complete}
 
     try:
         evaluate_now()
@@ -95,9 +105,7 @@ def run_curve(config: Path, overrides: list[str], iterations: int, eval_every: i
                 evaluate_now()
     finally:
         trainer.cleanup()
-    return {"overrides": list(overrides), "iterations": iterations, "eval_every": eval_every, "eval_samples": eval_samples,
-            "train_samples": train_samples, "points": points, "train_reward": [round(r, 4) for r in rewards],
-            "iteration_s_mean": sum(seconds) / len(seconds) if seconds else None}
+    return curve(complete=True)
 
 
 def plot(results: dict, path: Path) -> Optional[Path]:
@@ -143,16 +151,26 @@ def main(argv: Optional[list[str]] = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("flowalign").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
+    config_name = (str(Path(args.config).resolve().relative_to(ROOT)) if Path(args.config).resolve().is_relative_to(ROOT)
+                   else str(args.config))
+
+    def save(curve: dict) -> dict:
+        """Store ``curve`` as variant ``--name`` (re-reading the file: other variants may have landed meanwhile)."""
+        curve.update({"config": config_name, "torch_threads": args.threads, "machine": platform.platform()})
+        results = json.loads(args.output.read_text()) if args.output.exists() else {}
+        results.setdefault("what", "held-out (and training-prompt) accuracy during training; bench/heldout_curve.py "
+                                   "(complete: false = the run stopped before its last iteration)")
+        results.setdefault("variants", {})[args.name] = curve
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.output.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=1) + "\n")
+        os.replace(tmp, args.output)  # atomic: a stop mid-write keeps the previous file
+        return results
+
     with tempfile.TemporaryDirectory(prefix="heldout_curve_") as tmp:
         curve = run_curve(args.config, args.overrides, args.iterations, args.eval_every, args.eval_samples,
-                          args.train_samples, Path(tmp))
-    curve.update({"config": str(Path(args.config).resolve().relative_to(ROOT)) if Path(args.config).resolve().is_relative_to(ROOT)
-                  else str(args.config), "torch_threads": args.threads, "machine": platform.platform()})
-    results = json.loads(args.output.read_text()) if args.output.exists() else {}
-    results.setdefault("what", "held-out (and training-prompt) accuracy during training; bench/heldout_curve.py")
-    results.setdefault("variants", {})[args.name] = curve
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=1) + "\n")
+                          args.train_samples, Path(tmp), on_point=save)
+    results = save(curve)
     figure = plot(results, args.output.with_suffix(".png"))
     best = max(curve["points"], key=lambda p: p["heldout"]["all"])
     first, last = curve["points"][0]["heldout"]["all"], curve["points"][-1]["heldout"]["all"]

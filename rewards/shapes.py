@@ -27,6 +27,8 @@ the detected objects. ``ShapesReward(score="partial")`` scores the fraction inst
 training signal (failed samples that get closer score higher) whose ``score >= 0.5`` is still
 exactly the binary verdict (a failed sample has ``partial < 1``, so its score is below ``w``),
 so an evaluation thresholding at 0.5 (``flowalign.evaluation``) measures binary accuracy.
+``ShapesReward(exclusive=True)`` adds "nothing unrequested is drawn" to the partial fraction
+(GenEval ignores extra objects; the verdict still does).
 """
 from __future__ import annotations
 
@@ -168,8 +170,18 @@ def _matching(objects: list[dict[str, Any]], req: dict[str, Any], use_color: boo
     return [o for o in objects if o["shape"] == req["shape"] and (not use_color or "color" not in req or o["color"] == req["color"])]
 
 
-def evaluate(objects: list[dict[str, Any]], spec: Spec) -> tuple[bool, float]:
-    """GenEval's rule on detected objects: (all constraints met, fraction met)."""
+def unrequested(objects: list[dict[str, Any]], spec: Spec) -> list[dict[str, Any]]:
+    """The detected objects that no ``include`` entry asks for (by shape, and colour when it names one);
+    ``"other"`` blobs are never requested."""
+    return [o for o in objects if not any(_matching([o], req) for req in spec["include"])]
+
+
+def evaluate(objects: list[dict[str, Any]], spec: Spec, exclusive: bool = False) -> tuple[bool, float]:
+    """GenEval's rule on detected objects: (all constraints met, fraction met).
+
+    With ``exclusive``, the fraction counts one more constraint, "nothing unrequested is drawn"
+    (:func:`unrequested` is empty); the verdict stays GenEval's, which ignores extra objects.
+    """
     met: list[bool] = []
     groups: list[Optional[list[dict[str, Any]]]] = []
     for req in spec["include"]:
@@ -187,7 +199,10 @@ def evaluate(objects: list[dict[str, Any]], spec: Spec) -> tuple[bool, float]:
         groups.append(found if ok else None)
     for req in spec.get("exclude", []):
         met.append(len(_matching(objects, req)) < int(req["count"]))
-    return all(met), float(np.mean(met))
+    verdict = all(met)
+    if exclusive:
+        met.append(not unrequested(objects, spec))
+    return verdict, float(np.mean(met))
 
 
 @register_reward("shapes")
@@ -205,11 +220,18 @@ class ShapesReward(Reward):
             ``"mix"`` (``(1 - partial_weight) binary + partial_weight partial``; thresholded at
             0.5 it is the binary verdict). ``details`` always holds both.
         partial_weight: ``w`` of ``"mix"``, in ``(0, 0.5]``.
+        exclusive: the partial fraction also counts "no unrequested object" (a shape, or a
+            colour where the prompt names one, that no ``include`` entry asks for; shapeless
+            blobs included). GenEval's verdict ignores extra objects, so a policy trained on it
+            may learn to add them (the toy learns to put a square into every two-object scene,
+            since every training pair has one); this prices them in the training signal while
+            ``details["binary"]`` (and ``score >= 0.5`` of ``"mix"``) stays GenEval's verdict.
     """
 
     differentiable = False
 
-    def __init__(self, device: Optional[torch.device | str] = None, min_area: int = 10, score: str = "binary", partial_weight: float = 0.5):
+    def __init__(self, device: Optional[torch.device | str] = None, min_area: int = 10, score: str = "binary", partial_weight: float = 0.5,
+                 exclusive: bool = False):
         super().__init__(device)
         if score not in SCORE_MODES:
             raise ValueError(f"shapes reward score={score!r} is not one of {list(SCORE_MODES)}")
@@ -218,6 +240,7 @@ class ShapesReward(Reward):
         self.min_area = min_area
         self.score_mode = score
         self.partial_weight = float(partial_weight)
+        self.exclusive = bool(exclusive)
 
     def score(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -233,7 +256,7 @@ class ShapesReward(Reward):
             meta = metadata[i] if i < len(metadata) and metadata[i] else {}
             spec = meta if "include" in meta else parse_prompt(prompt)
             objects = detect(arr[i], self.min_area)
-            ok, frac = evaluate(objects, spec)
+            ok, frac = evaluate(objects, spec, exclusive=self.exclusive)
             scores.append(float(ok))
             partial.append(frac)
             tags.append(spec.get("tag", parse_prompt(prompt)["tag"] if "tag" not in spec else None))
