@@ -119,11 +119,19 @@ def plot(results: dict, path: Path) -> Optional[Path]:
     except ImportError:  # matplotlib is a core dependency; keep the bench usable without it anyway
         return None
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    for name, res in results.get("variants", {}).items():
+    colors = plt.get_cmap("tab20").colors
+    markers = "osD^v"
+    for i, (name, res) in enumerate(results.get("variants", {}).items()):
         its = [p["iteration"] for p in res["points"]]
-        line, = ax.plot(its, [100 * p["heldout"]["all"] for p in res["points"]], marker="o", label=f"{name} (held-out)")
+        line, = ax.plot(its, [100 * p["heldout"]["all"] for p in res["points"]], marker=markers[i % len(markers)],
+                        color=colors[i % len(colors)], label=f"{name} (held-out)")
         if all("train" in p for p in res["points"]):
             ax.plot(its, [100 * p["train"] for p in res["points"]], ls="--", color=line.get_color(), label=f"{name} (train prompts)")
+    bases = [res["points"][0]["heldout"]["all"] for res in results.get("variants", {}).values()
+             if res["points"] and res["points"][0]["iteration"] == 0]
+    if bases:  # the toy world's target (issue 3): +15 points over the base model
+        base = min(bases, key=lambda b: abs(b - sorted(bases)[len(bases) // 2]))  # the common (median) base
+        ax.axhline(100 * base + 15.0, color="black", ls=":", lw=1, label="base + 15 points")
     ax.set_xlabel("iteration")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
