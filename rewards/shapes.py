@@ -223,8 +223,8 @@ class ShapesReward(Reward):
         exclusive: the partial fraction also counts "no unrequested object" (a shape, or a
             colour where the prompt names one, that no ``include`` entry asks for; shapeless
             blobs included). GenEval's verdict ignores extra objects, so a policy trained on it
-            may learn to add them (the toy learns to put a square into every two-object scene,
-            since every training pair has one); this prices them in the training signal while
+            may learn to add them (every two-shape training caption of the toy world has a square,
+            and alignment adds squares to held-out circle+triangle scenes); this prices them while
             ``details["binary"]`` (and ``score >= 0.5`` of ``"mix"``) stays GenEval's verdict.
     """
 
