@@ -77,12 +77,14 @@ def run_curve(config: Path, overrides: list[str], iterations: int, eval_every: i
     def evaluate_now() -> None:
         point = {"iteration": trainer.iteration, "heldout": accuracy_by_category(trainer, heldout, eval_samples)}
         if train_prompts is not None:
-            point["train"] = accuracy_by_category(trainer, train_prompts, train_samples)["all"]
+            point["train_categories"] = accuracy_by_category(trainer, train_prompts, train_samples)
+            point["train"] = point["train_categories"]["all"]
         if rewards:
             window = rewards[-eval_every:]
             point["train_reward_mean"] = round(sum(window) / len(window), 4)
         points.append(point)
-        extra = f"  train prompts {point['train']:.3f}" if "train" in point else ""
+        extra = (f"  train prompts {point['train']:.3f} (" + "  ".join(f"{k} {v:.3f}" for k, v in point["train_categories"].items()
+                                                                 if k != "all") + ")") if "train" in point else ""
         cats = "  ".join(f"{k} {v:.3f}" for k, v in point["heldout"].items() if k != "all")
         logger.info("it %3d  held-out %.3f%s  (%s)", trainer.iteration, point["heldout"]["all"], extra, cats)
         if on_point is not None:

@@ -243,8 +243,16 @@ class FlowalignConfig:
             f"train.micro_batch_size={self.train.micro_batch_size} exceeds the samples per iteration "
             f"(prompts_per_iter {self.train.prompts_per_iter} x group_size {self.sampling.group_size} = {per_iter})",
         )
-        if self.sampling.kernel == "ode":
-            raise ConfigError("sampling.kernel='ode' draws no noise, so no step can be trained; use flow_sde, dance_sde or cps")
+        if self.sampling.kernel == "ode" and not _trains_on_forward_process(self.objective.name):
+            raise ConfigError(f"sampling.kernel='ode' draws no noise, so no step of objective {self.objective.name!r} can be trained; "
+                              "use flow_sde, dance_sde or cps, or a forward-process objective (nft)")
+
+
+def _trains_on_forward_process(objective: str) -> bool:
+    """Whether the registered objective trains on re-noised clean samples (any sampler, the ODE included)."""
+    from flowalign.objectives import OBJECTIVES
+
+    return bool(getattr(OBJECTIVES.get(objective), "forward_process", False))
 
 
 # ---------------------------------------------------------------------------------------------

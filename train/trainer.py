@@ -44,6 +44,7 @@ from flowalign import checkpoint as ckpt
 from flowalign import lora as lora_lib
 from flowalign.config import FlowalignConfig, config_hash, save_config
 from flowalign.errors import CheckpointError, ConfigError, NonFiniteLossError
+from flowalign.train import forward_process as fp
 from flowalign.train import runtime
 from flowalign.train.dense_setup import calibrated_schedule, save_run_noise_table
 from flowalign.train.model import build_adapter, resolve_path
@@ -237,6 +238,9 @@ class Trainer:
         kwargs = dict(clip_range=ocfg.clip_range, kl_beta=ocfg.kl_beta, adv_clip=ocfg.adv_clip, **ocfg.kwargs)
         self.objective = get_objective(ocfg.name, **kwargs)
         self.dense = ocfg.name in DENSE_OBJECTIVES
+        # solver-agnostic objectives (nft) train on freshly noised clean samples, not on recorded transitions
+        self.forward_process = bool(getattr(self.objective, "forward_process", False))
+        self._draws: Optional[fp.ForwardDraws] = None
         table_file = self.config.dense.noise_table_file if self.dense else None
         if table_file and (Path(table_file).is_file() or self.config.dense.calibration_rounds == 0):
             from flowalign.step_rewards import noise_schedule_for
@@ -386,11 +390,12 @@ class Trainer:
         return stochastic[:n]
 
     def _plan(self, batch: Batch) -> list[tuple[Tensor, int]]:
-        """Micro-batches ``(sample indices, step)`` of one inner epoch: shuffled samples, chunk-major."""
+        """Micro-batches ``(sample indices, step)`` of one inner epoch: shuffled samples, chunk-major
+        (forward-process objectives: ``(sample indices, draw j)`` for j < objective.num_timesteps)."""
         kept = torch.nonzero(batch.keep).flatten()
         order = kept[torch.randperm(kept.numel(), generator=self.generator)]
         size = self.config.train.micro_batch_size
-        steps = self._trained_steps(batch.traj)
+        steps = list(range(self.objective.num_timesteps)) if self.forward_process else self._trained_steps(batch.traj)
         return [(order[i:i + size], k) for i in range(0, order.numel(), size) for k in steps]
 
     def velocity_fns(self, cond):
@@ -406,12 +411,14 @@ class Trainer:
         accum, optim = self.config.train.grad_accum, {"steps": 0, "skipped": 0, "grad_norm": []}
         for epoch in range(self.config.train.inner_epochs):
             plan = self._plan(batch)
-            every = self.config.train.ref_kl_every
-            if epoch == 0 and plan and not getattr(self.objective, "needs_reference", False) and every > 0 and self.iteration % every == 0:
-                sums["kl/ref"], counts["kl/ref"] = self._reference_kl(batch, *plan[0]), 1
             # rows of every process's micro-batches: the same number of optimizer steps everywhere (runtime.py)
             sizes = runtime.slot_sizes([index.numel() for index, _ in plan], self.accelerator)  # [world, S]
             num_slots = sizes.shape[1]
+            if self.forward_process and epoch == 0:
+                self._prepare_forward_draws(batch, plan, optimizer_steps=self.config.train.inner_epochs * math.ceil(num_slots / accum))
+            every = self.config.train.ref_kl_every
+            if epoch == 0 and plan and not getattr(self.objective, "needs_reference", False) and every > 0 and self.iteration % every == 0:
+                sums["kl/ref"], counts["kl/ref"] = self._reference_kl(batch, *plan[0]), 1
             for i in self._tqdm(range(num_slots), "update"):
                 group_start = (i // accum) * accum
                 group_end = min(group_start + accum, num_slots)
@@ -433,24 +440,40 @@ class Trainer:
                         "time/update": time.perf_counter() - t0})
         return metrics
 
+    def _prepare_forward_draws(self, batch: Batch, plan: list, optimizer_steps: int) -> None:
+        """This iteration's forward-process sigmas and noises (shared by its inner epochs); with more than
+        one optimizer step, the sampling policy's velocity at every row, before the first step."""
+        self._draws = fp.draw(batch.traj, self.objective, self.config.objective.timestep_fraction, self.generator)
+        if optimizer_steps > 1:
+            fp.old_velocities(batch.traj, self._draws, plan, lambda index: self.velocity_fns(batch.cond.select(index.to(self.device)))[0])
+
+    def _make_batch(self, batch: Batch, index: Tensor, k: int):
+        """The objective's rows for micro-batch ``(index, k)``: a StepBatch of step k, or a ForwardBatch of draw k."""
+        if self.forward_process:
+            return fp.make_forward_batch(batch.traj, batch.advantages, self._draws, index, k, self.device)
+        return make_step_batch(batch, index, k, self.config.sampling.log_prob_reduce, self.device)
+
     @torch.no_grad()
     def _reference_kl(self, batch: Batch, index: Tensor, k: int) -> float:
         """Diagnostic KL to the reference (LoRA off) on one micro-batch, for objectives that do not
-        compute it (kl_beta = 0): mean over rows of (mean_theta - mean_ref)^2 / (2 std^2)."""
+        compute it (kl_beta = 0): mean over rows of (mean_theta - mean_ref)^2 / (2 std^2)
+        (forward-process objectives: mean ||v_theta - v_ref||^2 at their noised rows)."""
         from flowalign.objectives.grpo import mean_kl, transition_mean
 
-        step_batch = make_step_batch(batch, index, k, self.config.sampling.log_prob_reduce, self.device)
         policy, _ = self.velocity_fns(batch.cond.select(index.to(self.device)))
         _, reference = velocity_fns(self.adapter, batch.cond.select(index.to(self.device)), self._train_guidance(), True)
+        if self.forward_process:
+            return fp.reference_gap(self._make_batch(batch, index, k), policy, reference)
+        step_batch = make_step_batch(batch, index, k, self.config.sampling.log_prob_reduce, self.device)
         mean, std = transition_mean(step_batch, policy)
         mean_ref, _ = transition_mean(step_batch, reference)
         return float(mean_kl(mean, mean_ref, std).mean())
 
     def _micro_step(self, batch: Batch, index: Tensor, k: int, scale: float) -> dict:
         """Forward + backward of one micro-batch; a non-finite loss is skipped (and counted)."""
-        step_batch = make_step_batch(batch, index, k, self.config.sampling.log_prob_reduce, self.device)
+        rows = self._make_batch(batch, index, k)
         policy, reference = self.velocity_fns(batch.cond.select(index.to(self.device)))
-        loss, metrics = self.objective.loss(step_batch, policy, reference)
+        loss, metrics = self.objective.loss(rows, policy, reference)
         if not torch.isfinite(loss):
             self._count_nonfinite(f"loss {float(loss.detach())} at step {k}")
             return {}

@@ -1,0 +1,93 @@
+"""Forward-process training rows for solver-agnostic objectives (DiffusionNFT, ``flowalign.objectives.nft``).
+
+Per-transition objectives (grpo, dense_grpo, tp_grpo) train on the recorded steps of a rollout;
+forward-process objectives (``objective.forward_process = True``) keep only each sample's clean
+final latent and noise it afresh. One inner epoch draws, for every kept sample, ``T =
+objective.num_timesteps`` sigmas and noises (:func:`draw`, from the trainer's generator, so a
+resumed run draws the same ones); the trainer's plan is then ``(sample indices, draw j)`` micro-batches,
+exactly as ``(sample indices, step k)`` for the step objectives.
+
+The old (sampling) policy's velocity ``v_old`` is needed at every row. While no optimizer step has
+been taken in the iteration the trained LoRA *is* the old policy, so ``v_old = v_θ.detach()`` costs
+nothing; when an iteration takes several optimizer steps :func:`old_velocities` evaluates it once
+for every row before the first step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class ForwardDraws:
+    """One inner epoch's forward-process draws: ``sigma [B, T]``, ``noise [B, T, *latent]`` (CPU),
+    and ``v_old [B, T, *latent]`` once :func:`old_velocities` has filled it (else None)."""
+
+    sigma: Tensor
+    noise: Tensor
+    v_old: Optional[Tensor] = None
+
+
+def sigma_grid(traj, timestep_fraction: float) -> Tensor:
+    """The rollout's own noise levels ``sigma_0..sigma_{K-1}`` (sigma_K = 0 excluded), the first
+    ``ceil(timestep_fraction·K)`` of them (the high-noise end, where the layout is decided)."""
+    grid = traj.sigmas[:-1].float().cpu()  # [K]
+    n = max(1, int(torch.ceil(torch.tensor(timestep_fraction * grid.numel())).item()))
+    return grid[:n]
+
+
+def draw(traj, objective, timestep_fraction: float, generator: torch.Generator) -> ForwardDraws:
+    """Sigmas (``objective.sigma_sampling`` over :func:`sigma_grid`) and standard-normal noises for every sample."""
+    from flowalign.objectives.nft import draw_forward_sigmas
+
+    batch, num = traj.batch_size, objective.num_timesteps
+    sigma = draw_forward_sigmas(sigma_grid(traj, timestep_fraction), batch, num, generator, objective.sigma_sampling)  # [B, T]
+    latent = traj.latents.shape[2:]
+    noise = torch.randn((batch, num, *latent), generator=generator, dtype=torch.float32)  # [B, T, *latent]
+    return ForwardDraws(sigma=sigma, noise=noise)
+
+
+def make_forward_batch(traj, advantages: Tensor, draws: ForwardDraws, index: Tensor, j: int, device: torch.device):
+    """Rows ``(index, draw j)`` as a :class:`~flowalign.objectives.nft.ForwardBatch` on ``device``."""
+    from flowalign.objectives.nft import ForwardBatch
+
+    dtype = traj.latents.dtype
+    return ForwardBatch(
+        x0=traj.latents[index, -1].to(device),
+        noise=draws.noise[index, j].to(device=device, dtype=dtype),
+        sigma=draws.sigma[index, j].to(device),
+        advantages=advantages[index].to(device),
+        v_old=None if draws.v_old is None else draws.v_old[index, j].to(device=device, dtype=dtype),
+    )
+
+
+@torch.no_grad()
+def old_velocities(traj, draws: ForwardDraws, plan: list, velocity_for: Callable[[Tensor], Callable]) -> None:
+    """Fill ``draws.v_old`` with the current (= sampling) policy's velocity at every planned row.
+
+    ``velocity_for(index) -> policy(x, sigma)`` binds the conditioning of samples ``index``; call
+    this before the iteration's first optimizer step.
+    """
+    from flowalign.objectives.diffusion_dpo import noised_and_target
+
+    v_old = torch.zeros_like(draws.noise)  # [B, T, *latent]
+    for index, j in plan:
+        policy = velocity_for(index)
+        x0 = traj.latents[index, -1]
+        device = x0.device
+        sigma = draws.sigma[index, j].to(device)
+        x_s, _ = noised_and_target(x0, draws.noise[index, j].to(device=device, dtype=x0.dtype), sigma)
+        v_old[index, j] = policy(x_s, sigma).float().cpu()
+    draws.v_old = v_old
+
+
+@torch.no_grad()
+def reference_gap(fb, policy: Callable, reference: Callable) -> float:
+    """Diagnostic ``mean ‖v_θ - v_ref‖²`` (mean over latent dims and rows) at the rows of ``fb``."""
+    from flowalign.objectives.diffusion_dpo import noised_and_target
+
+    x_s, _ = noised_and_target(fb.x0, fb.noise, fb.sigma)
+    return float((policy(x_s, fb.sigma).float() - reference(x_s, fb.sigma).float()).pow(2).flatten(1).mean(dim=1).mean())
