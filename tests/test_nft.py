@@ -203,3 +203,14 @@ def test_nft_training_raises_brightness(tmp_path):
     gain = on - off  # [16]
     assert float(gain.mean()) > 0.0005
     assert float(gain.mean()) > 4 * float(gain.std()) / math.sqrt(gain.numel())
+
+
+def test_sigma_grid_keeps_the_high_noise_end():
+    class Traj:  # the one field sigma_grid reads
+        sigmas = torch.tensor([1.0, 0.92, 0.84, 0.75, 0.65, 0.55, 0.43, 0.30, 0.16, 0.002, 0.0])
+
+    assert fp.sigma_grid(Traj, 1.0).tolist() == pytest.approx(Traj.sigmas[:-1].tolist())  # sigma_K = 0 is never drawn
+    assert fp.sigma_grid(Traj, 0.3).tolist() == pytest.approx([1.0, 0.92, 0.84])  # ceil(0.3 * 10) = 3
+    assert fp.sigma_grid(Traj, 0.25).tolist() == pytest.approx([1.0, 0.92, 0.84])  # ceil(2.5) = 3
+    assert fp.sigma_grid(Traj, 0.01).tolist() == pytest.approx([1.0])  # at least one
+    assert len(fp.sigma_grid(Traj, 0.7)) == 7  # not 8 from 0.7 * 10 = 7.000000000000001

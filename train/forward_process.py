@@ -14,6 +14,7 @@ for every row before the first step.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -35,7 +36,7 @@ def sigma_grid(traj, timestep_fraction: float) -> Tensor:
     """The rollout's own noise levels ``sigma_0..sigma_{K-1}`` (sigma_K = 0 excluded), the first
     ``ceil(timestep_fraction·K)`` of them (the high-noise end, where the layout is decided)."""
     grid = traj.sigmas[:-1].float().cpu()  # [K]
-    n = max(1, int(torch.ceil(torch.tensor(timestep_fraction * grid.numel())).item()))
+    n = max(1, math.ceil(round(timestep_fraction * grid.numel(), 9)))  # round: 0.7 * 10 is 7.000000000000001
     return grid[:n]
 
 
