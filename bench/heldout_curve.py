@@ -120,16 +120,19 @@ def plot(results: dict, path: Path) -> Optional[Path]:
         import matplotlib.pyplot as plt
     except ImportError:  # matplotlib is a core dependency; keep the bench usable without it anyway
         return None
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    variants = results.get("variants", {})
+    entries = len(variants) + sum(all("train" in p for p in res["points"]) for res in variants.values())
+    columns = 1 + entries // 24  # the legend stays readable however many variants are stored
+    fig, ax = plt.subplots(figsize=(8 + 3.2 * columns, max(4.5, 0.2 * entries / columns)))
     colors = plt.get_cmap("tab20").colors
     markers = "osD^v"
-    for i, (name, res) in enumerate(results.get("variants", {}).items()):
+    for i, (name, res) in enumerate(variants.items()):
         its = [p["iteration"] for p in res["points"]]
         line, = ax.plot(its, [100 * p["heldout"]["all"] for p in res["points"]], marker=markers[i % len(markers)],
                         color=colors[i % len(colors)], label=f"{name} (held-out)")
         if all("train" in p for p in res["points"]):
             ax.plot(its, [100 * p["train"] for p in res["points"]], ls="--", color=line.get_color(), label=f"{name} (train prompts)")
-    bases = [res["points"][0]["heldout"]["all"] for res in results.get("variants", {}).values()
+    bases = [res["points"][0]["heldout"]["all"] for res in variants.values()
              if res["points"] and res["points"][0]["iteration"] == 0]
     if bases:  # the toy world's target (issue 3): +15 points over the base model
         base = sorted(bases)[len(bases) // 2]  # the common base (a bf16 variant measures its own)
@@ -137,7 +140,7 @@ def plot(results: dict, path: Path) -> Optional[Path]:
     ax.set_xlabel("iteration")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=columns)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
