@@ -463,11 +463,11 @@ class Trainer:
 
         policy, _ = self.velocity_fns(batch.cond.select(index.to(self.device)))
         _, reference = velocity_fns(self.adapter, batch.cond.select(index.to(self.device)), self._train_guidance(), True)
+        rows = self._make_batch(batch, index, k)
         if self.forward_process:
-            return fp.reference_gap(self._make_batch(batch, index, k), policy, reference)
-        step_batch = make_step_batch(batch, index, k, self.config.sampling.log_prob_reduce, self.device)
-        mean, std = transition_mean(step_batch, policy)
-        mean_ref, _ = transition_mean(step_batch, reference)
+            return fp.reference_gap(rows, policy, reference)
+        mean, std = transition_mean(rows, policy)
+        mean_ref, _ = transition_mean(rows, reference)
         return float(mean_kl(mean, mean_ref, std).mean())
 
     def _micro_step(self, batch: Batch, index: Tensor, k: int, scale: float) -> dict:
