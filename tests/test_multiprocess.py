@@ -65,7 +65,10 @@ def test_two_processes_match_one_process(tmp_path):
     rows = {name: list(csv.DictReader(open(tmp_path / name / "metrics.csv", newline=""))) for name in ("one", "two")}
     assert [r["iteration"] for r in rows["two"]] == ["1", "2"]
     for a, b in zip(rows["one"], rows["two"]):  # same samples, and gradients of the same scale (summed, not averaged)
-        assert a["reward/mean"] == b["reward/mean"]
+        if a["iteration"] == "1":  # the same (zero-initialised) LoRA samples the same trajectories: bit-equal rewards
+            assert a["reward/mean"] == b["reward/mean"]
+        else:  # sampled by LoRAs that differ by float rounding (see the docstring): a float32 ulp or so (seen: 3e-8)
+            assert float(a["reward/mean"]) == pytest.approx(float(b["reward/mean"]), rel=1e-6, abs=0)
         assert abs(float(a["grad_norm"]) / float(b["grad_norm"]) - 1) < 1e-4, (a["grad_norm"], b["grad_norm"])
     state = ckpt.load_checkpoint(ckpt.find_latest(tmp_path / "two" / "checkpoints")).state
     assert state["generators"].shape[0] == 2  # every process's shuffle stream, saved by the main process
