@@ -65,30 +65,31 @@ def make_forward_batch(traj, advantages: Tensor, draws: ForwardDraws, index: Ten
     )
 
 
+def _noised(fb) -> Tensor:
+    """``x_s = (1 - s)·x0 + s·ε`` of a ForwardBatch's rows (the objective recomputes the same)."""
+    from flowalign.objectives.diffusion_dpo import noised_and_target
+
+    return noised_and_target(fb.x0, fb.noise, fb.sigma)[0]
+
+
 @torch.no_grad()
-def old_velocities(traj, draws: ForwardDraws, plan: list, velocity_for: Callable[[Tensor], Callable]) -> None:
+def old_velocities(traj, advantages: Tensor, draws: ForwardDraws, plan: list, velocity_for: Callable[[Tensor], Callable],
+                   device: torch.device) -> None:
     """Fill ``draws.v_old`` with the current (= sampling) policy's velocity at every planned row.
 
     ``velocity_for(index) -> policy(x, sigma)`` binds the conditioning of samples ``index``; call
     this before the iteration's first optimizer step.
     """
-    from flowalign.objectives.diffusion_dpo import noised_and_target
-
+    draws.v_old = None
     v_old = torch.zeros_like(draws.noise)  # [B, T, *latent]
     for index, j in plan:
-        policy = velocity_for(index)
-        x0 = traj.latents[index, -1]
-        device = x0.device
-        sigma = draws.sigma[index, j].to(device)
-        x_s, _ = noised_and_target(x0, draws.noise[index, j].to(device=device, dtype=x0.dtype), sigma)
-        v_old[index, j] = policy(x_s, sigma).float().cpu()
+        fb = make_forward_batch(traj, advantages, draws, index, j, device)
+        v_old[index, j] = velocity_for(index)(_noised(fb), fb.sigma).float().cpu()
     draws.v_old = v_old
 
 
 @torch.no_grad()
 def reference_gap(fb, policy: Callable, reference: Callable) -> float:
     """Diagnostic ``mean ‖v_θ - v_ref‖²`` (mean over latent dims and rows) at the rows of ``fb``."""
-    from flowalign.objectives.diffusion_dpo import noised_and_target
-
-    x_s, _ = noised_and_target(fb.x0, fb.noise, fb.sigma)
+    x_s = _noised(fb)
     return float((policy(x_s, fb.sigma).float() - reference(x_s, fb.sigma).float()).pow(2).flatten(1).mean(dim=1).mean())

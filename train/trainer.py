@@ -446,7 +446,8 @@ class Trainer:
         one optimizer step, the sampling policy's velocity at every row, before the first step."""
         self._draws = fp.draw(batch.traj, self.objective, self.config.objective.timestep_fraction, self.generator)
         if optimizer_steps > 1:
-            fp.old_velocities(batch.traj, self._draws, plan, lambda index: self.velocity_fns(batch.cond.select(index.to(self.device)))[0])
+            fp.old_velocities(batch.traj, batch.advantages, self._draws, plan,
+                              lambda index: self.velocity_fns(batch.cond.select(index.to(self.device)))[0], self.device)
 
     def _make_batch(self, batch: Batch, index: Tensor, k: int):
         """The objective's rows for micro-batch ``(index, k)``: a StepBatch of step k, or a ForwardBatch of draw k."""
