@@ -336,3 +336,13 @@ def test_ref_kl_every_only_thins_the_diagnostic(tmp_path):
         assert torch.equal(value, runs[2][1][key]), key
     with pytest.raises(ConfigError, match="train.ref_kl_every"):
         _config(tmp_path, "train.ref_kl_every=-1")
+
+
+def test_too_few_final_eval_samples_fail_before_training(tmp_path):
+    """The held-out report evaluates every prompt: a smaller train.final_eval_samples is a ConfigError at setup,
+    not after the whole run."""
+    prompts = tmp_path / "heldout.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "a red square {i}"}}\n' for i in range(5)))
+    with pytest.raises(ConfigError, match="num_samples=3 is below .* 5 x 1 = 5"):
+        _trainer(tmp_path / "run", f"train.eval_prompts={prompts}", "train.final_eval_samples=3")
+    assert not (tmp_path / "run" / "metrics.csv").exists()

@@ -225,7 +225,12 @@ class Trainer:
         self.sampler = PromptSampler(records, cfg.train.prompts_per_iter // world, seed=cfg.train.seed,
                                      num_shards=world, shard_index=self.accelerator.process_index)
         eval_file = cfg.train.eval_prompts
-        self.eval_records = (load_prompts(resolve_path(eval_file)) if eval_file else records)[: cfg.train.eval_num_prompts]
+        eval_records = load_prompts(resolve_path(eval_file)) if eval_file else records
+        if eval_file and cfg.train.final_eval_samples > 0:
+            from flowalign.evaluation import sample_indices
+
+            sample_indices(len(eval_records), cfg.train.final_eval_samples)  # the held-out report's check, before any training
+        self.eval_records = eval_records[: cfg.train.eval_num_prompts]
         self.rewards = {r.name: load_reward(r.name, **r.kwargs) for r in cfg.rewards}
         for reward in self.rewards.values():
             if hasattr(reward, "to"):
