@@ -2,7 +2,7 @@
 
 Per-transition objectives (grpo, dense_grpo, tp_grpo) train on the recorded steps of a rollout;
 forward-process objectives (``objective.forward_process = True``) keep only each sample's clean
-final latent and noise it afresh. One inner epoch draws, for every kept sample, ``T =
+final latent and noise it afresh. Each iteration draws (once, shared by its inner epochs), for every sample, ``T =
 objective.num_timesteps`` sigmas and noises (:func:`draw`, from the trainer's generator, so a
 resumed run draws the same ones); the trainer's plan is then ``(sample indices, draw j)`` micro-batches,
 exactly as ``(sample indices, step k)`` for the step objectives.
@@ -24,7 +24,7 @@ from torch import Tensor
 
 @dataclass
 class ForwardDraws:
-    """One inner epoch's forward-process draws: ``sigma [B, T]``, ``noise [B, T, *latent]`` (CPU),
+    """One iteration's forward-process draws (shared by its inner epochs): ``sigma [B, T]``, ``noise [B, T, *latent]`` (CPU),
     and ``v_old [B, T, *latent]`` once :func:`old_velocities` has filled it (else None)."""
 
     sigma: Tensor

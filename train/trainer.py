@@ -226,6 +226,7 @@ class Trainer:
                                      num_shards=world, shard_index=self.accelerator.process_index)
         eval_file = cfg.train.eval_prompts
         eval_records = load_prompts(resolve_path(eval_file)) if eval_file else records
+        self.heldout_records = eval_records if eval_file else None  # the held-out report's prompts, read once
         if eval_file and cfg.train.final_eval_samples > 0:
             from flowalign.evaluation import sample_indices
 
@@ -673,7 +674,6 @@ class Trainer:
         """Base (LoRA off) vs aligned (EMA weights when enabled) on ``train.eval_prompts`` with the
         first configured reward: ``report.md``/``report.json``, ``before_after.png``, ``eval_*.json``."""
         from flowalign.config import to_dict
-        from flowalign.prompts import load_prompts
         from flowalign.report import heldout_report
 
         cfg = self.config
@@ -683,7 +683,7 @@ class Trainer:
             reward.to(self.device)
         start = time.perf_counter()
         path = heldout_report(
-            self.run_dir, self.adapter, load_prompts(resolve_path(cfg.train.eval_prompts)), reward,
+            self.run_dir, self.adapter, self.heldout_records, reward,
             config_dict=to_dict(cfg), timings=dict(self.timings), num_samples=cfg.train.final_eval_samples,
             num_steps=cfg.sampling.eval_num_steps, guidance_scale=cfg.sampling.guidance_scale,
             batch_size=cfg.sampling.micro_batch_size or 32, aligned_context=(self.ema.applied if self.ema is not None else None),
