@@ -205,6 +205,37 @@ def evaluate(objects: list[dict[str, Any]], spec: Spec, exclusive: bool = False)
     return verdict, float(np.mean(met))
 
 
+FAILURE_MODES = ("correct", "malformed", "shape_count", "color", "position")
+
+
+def _without(spec: Spec, keys: tuple[str, ...]) -> Spec:
+    """A copy of ``spec`` whose include entries drop ``keys`` (``color``, ``position``); the
+    exclude entries ("fewer than n of the requested kind") stay as they are."""
+    return {**spec, "include": [{k: v for k, v in e.items() if k not in keys} for e in spec["include"]]}
+
+
+def failure_mode(objects: list[dict[str, Any]], spec: Spec) -> str:
+    """Why a scene fails its spec: the first level of GenEval's rule it breaks.
+
+    * ``"correct"``: every constraint holds (:func:`evaluate`'s verdict).
+    * ``"malformed"``: the shapes and counts are wrong (colours and positions ignored) and a
+      shapeless blob (``shape == "other"``) is present: an object was drawn but not cleanly.
+    * ``"shape_count"``: the shapes and counts are wrong with clean shapes only (a wrong or
+      missing shape, or too many of a counted one).
+    * ``"color"``: shapes and counts hold but a requested colour does not.
+    * ``"position"``: shapes, counts and colours hold; the relation does not.
+
+    ``objects`` are :func:`detect`'s output (only ``shape``, ``color``, ``box``, ``center`` are read).
+    """
+    if evaluate(objects, spec)[0]:
+        return "correct"
+    if not evaluate(objects, _without(spec, ("color", "position")))[0]:
+        return "malformed" if any(o["shape"] == "other" for o in objects) else "shape_count"
+    if not evaluate(objects, _without(spec, ("position",)))[0]:
+        return "color"
+    return "position"
+
+
 @register_reward("shapes")
 class ShapesReward(Reward):
     """Rule-based GenEval-style verifier for the toy world's captions (binary score by default).

@@ -7,7 +7,7 @@ import torch
 
 from flowalign.rewards import load_reward
 from flowalign.rewards import shapes_scenes as S
-from flowalign.rewards.shapes import ShapesReward, classify_shape, detect, evaluate, relative_position, soft_fill
+from flowalign.rewards.shapes import FAILURE_MODES, ShapesReward, classify_shape, detect, evaluate, failure_mode, relative_position, soft_fill
 
 
 def _all() -> list[dict]:
@@ -159,6 +159,48 @@ def test_evaluate_partial_credit_hand_worked():
     pos = S.parse_prompt("a circle right of a square")  # square anchor, circle right of it
     assert evaluate([red_circle, blue_square], pos) == (False, 2 / 3)
     assert evaluate([{**red_circle, "box": (20, 20, 28, 28), "center": (24, 24)}, {**blue_square, "box": (2, 20, 10, 28), "center": (6, 24)}], pos) == (True, 1.0)
+
+
+def _o(shape: str, color: str, x: float, y: float) -> dict:
+    return {"shape": shape, "color": color, "box": (x - 4, y - 4, x + 4, y + 4), "center": (x, y)}
+
+
+def test_failure_mode_names_the_first_broken_level():
+    pair = S.parse_prompt("a red circle and a blue square")
+    assert failure_mode([_o("circle", "red", 6, 6), _o("square", "blue", 24, 6)], pair) == "correct"
+    # the square is missing: with a shapeless blob in the scene it is "malformed", without it "shape_count"
+    assert failure_mode([_o("circle", "red", 6, 6), _o("other", "blue", 24, 6)], pair) == "malformed"
+    assert failure_mode([_o("circle", "red", 6, 6), _o("circle", "blue", 24, 6)], pair) == "shape_count"
+    assert failure_mode([_o("circle", "red", 6, 6)], pair) == "shape_count"
+    # both shapes, one in the wrong colour
+    assert failure_mode([_o("circle", "red", 6, 6), _o("square", "green", 24, 6)], pair) == "color"
+    # a blob beside correct shapes does not fail the scene (GenEval ignores extra objects)
+    assert failure_mode([_o("circle", "red", 6, 6), _o("square", "blue", 24, 6), _o("other", "red", 6, 24)], pair) == "correct"
+    count = S.parse_prompt("two blue circles")  # >= 2 blue circles, < 3
+    assert failure_mode([_o("circle", "blue", 6, 6), _o("circle", "blue", 24, 6), _o("circle", "blue", 6, 24)], count) == "shape_count"
+    assert failure_mode([_o("circle", "blue", 6, 6), _o("circle", "purple", 24, 6)], count) == "color"
+    # the exclusion counts the requested kind: two blue circles and a purple one pass, one blue and two
+    # purple ones fail on colour (not on "too many circles")
+    assert failure_mode([_o("circle", "blue", 6, 6), _o("circle", "blue", 24, 6), _o("circle", "purple", 6, 24)], count) == "correct"
+    assert failure_mode([_o("circle", "blue", 6, 6), _o("circle", "purple", 24, 6), _o("circle", "purple", 6, 24)], count) == "color"
+    pos = S.parse_prompt("a circle right of a square")
+    assert failure_mode([_o("circle", "red", 6, 6), _o("square", "blue", 24, 6)], pos) == "position"
+    assert failure_mode([_o("circle", "red", 24, 6), _o("square", "blue", 6, 6)], pos) == "correct"
+    assert set(FAILURE_MODES) == {"correct", "malformed", "shape_count", "color", "position"}
+
+
+def test_failure_mode_agrees_with_the_verdict_on_rendered_and_noise_scenes():
+    rng = np.random.default_rng(11)
+    pool = _all()
+    for k in range(60):
+        spec = pool[rng.integers(len(pool))]
+        img = S.render_spec(spec, rng).astype(np.float32)
+        if k % 3 == 1:  # a scene of another spec
+            img = S.render_spec(pool[rng.integers(len(pool))], rng).astype(np.float32)
+        elif k % 3 == 2:  # smeared: a blurred copy
+            img = (img + np.roll(img, 2, axis=0) + np.roll(img, 2, axis=1)) / 3
+        objects = detect(img)
+        assert (failure_mode(objects, spec) == "correct") == evaluate(objects, spec)[0]
 
 
 @pytest.fixture(scope="module")
