@@ -15,6 +15,10 @@ by :func:`compare` through per-sample noise fingerprints).
 The binary outcome of a sample is ``score >= threshold`` (for a {0, 1} verifier such as
 ``shapes`` this is the score itself); accuracy is its mean, with a Wilson score interval.
 ``details["partial"]`` (a graded score in [0, 1]) is averaged when the reward provides it.
+``details["failure"]`` (one label per sample naming why it fails, ``"correct"`` when it does not,
+e.g. the ``shapes`` verifier's ``malformed`` / ``shape_count`` / ``color`` / ``position``) is kept
+per sample; :func:`failure_counts` and :func:`failure_transitions` tabulate it and the run report
+shows which failures alignment fixes and which correct samples it breaks.
 """
 from __future__ import annotations
 
@@ -42,6 +46,8 @@ __all__ = [
     "aggregate",
     "compare",
     "evaluate",
+    "failure_counts",
+    "failure_transitions",
     "mean_interval",
     "newcombe_interval",
     "pick_samples",
@@ -194,6 +200,8 @@ class EvalResult:
         settings: how the samples were drawn (steps, guidance, seed, model, LoRA, ...).
         images: ``{sample index: [3, H, W] float image in [0, 1]}`` for the kept subset.
         wall_time: seconds spent sampling and scoring.
+        failures: ``N`` labels from the reward's ``details["failure"]`` (why each sample fails,
+            ``"correct"`` when it does not), or None when the reward gives none.
     """
 
     prompts: list[str]
@@ -207,6 +215,7 @@ class EvalResult:
     settings: dict[str, Any] = field(default_factory=dict)
     images: dict[int, Tensor] = field(default_factory=dict)
     wall_time: float = 0.0
+    failures: Optional[list[str]] = None
 
     @property
     def num_samples(self) -> int:
@@ -253,6 +262,7 @@ class EvalResult:
                 "score": [_json_number(v) for v in self.scores.tolist()],
                 "partial": None if self.partial is None else [_json_number(v) for v in self.partial.tolist()],
                 "noise_fingerprint": self.noise_fingerprints.tolist(),
+                "failure": self.failures,
             }
         return out
 
@@ -281,6 +291,7 @@ class EvalResult:
             partial=None if s["partial"] is None else torch.tensor([nan(v) for v in s["partial"]], dtype=torch.float32),
             noise_fingerprints=torch.tensor(s["noise_fingerprint"], dtype=torch.float64),
             categories=categories, settings=dict(data.get("settings", {})), wall_time=float(data.get("wall_time", 0.0)),
+            failures=None if s.get("failure") is None else [str(x) for x in s["failure"]],
         )
 
 
@@ -349,6 +360,46 @@ def compare(base: EvalResult, aligned: EvalResult, z: float = Z95, check_noise: 
         rows[name] = {"base": b, "aligned": a, "delta": a.accuracy - b.accuracy, "delta_low": low, "delta_high": high,
                       "delta_partial": a.mean_partial - b.mean_partial}
     return Comparison(rows=rows)
+
+
+def _label_order(labels: Sequence[str]) -> list[str]:
+    """Distinct labels, ``"correct"`` first, the others most frequent first (ties: first seen first)."""
+    first = {x: i for i, x in reversed(list(enumerate(labels)))}
+    counts = {x: 0 for x in first}
+    for x in labels:
+        counts[x] += 1
+    return sorted(first, key=lambda x: (x != "correct", -counts[x], first[x]))
+
+
+def failure_counts(tags: Sequence[str], failures: Sequence[str]) -> dict[str, dict[str, int]]:
+    """``{category: {label: count}}`` (every label of ``failures`` in every row) plus ``"all"``.
+
+    >>> failure_counts(["a", "a", "b"], ["correct", "malformed", "malformed"])
+    {'a': {'correct': 1, 'malformed': 1}, 'b': {'correct': 0, 'malformed': 1}, 'all': {'correct': 1, 'malformed': 2}}
+    """
+    if len(tags) != len(failures):
+        raise ValueError(f"{len(tags)} tags but {len(failures)} failure labels")
+    labels = _label_order(list(failures))
+    table = {tag: dict.fromkeys(labels, 0) for tag in [*sorted(set(tags)), ALL]}
+    for tag, label in zip(tags, failures):
+        table[tag][label] += 1
+        table[ALL][label] += 1
+    return table
+
+
+def failure_transitions(base: Sequence[str], aligned: Sequence[str]) -> dict[str, dict[str, int]]:
+    """``{base label: {aligned label: count}}`` over paired samples (same prompts and seeds).
+
+    >>> failure_transitions(["correct", "color", "color"], ["color", "correct", "color"])
+    {'correct': {'correct': 0, 'color': 1}, 'color': {'correct': 1, 'color': 1}}
+    """
+    if len(base) != len(aligned):
+        raise ValueError(f"{len(base)} base labels but {len(aligned)} aligned labels")
+    labels = _label_order([*base, *aligned])
+    table = {a: dict.fromkeys(labels, 0) for a in labels}
+    for a, b in zip(base, aligned):
+        table[a][b] += 1
+    return table
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,8 +537,8 @@ def evaluate(
     start = time.perf_counter()
     lora_name = _load_lora(adapter, lora) if lora is not None else None
     try:
-        scores, partial, tags, fingerprints, images = [], [], [], [], {}
-        has_partial = True
+        scores, partial, tags, fingerprints, failures, images = [], [], [], [], [], {}
+        has_partial = has_failure = True
         bar = tqdm(total=n, desc="eval", unit="sample", disable=not progress, leave=False)
         for lo in range(0, n, batch_size):
             rows = list(range(lo, min(lo + batch_size, n)))
@@ -502,6 +553,12 @@ def evaluate(
             has_partial = has_partial and p is not None
             if p is not None:
                 partial.append(p)
+            labels = out.details.get("failure")
+            if labels is not None and len(labels) != len(rows):
+                raise ValueError(f"reward details['failure'] has {len(labels)} labels for {len(rows)} samples")
+            has_failure = has_failure and labels is not None
+            if labels is not None:
+                failures += [str(label) for label in labels]
             detail_tags = out.details.get("tag")
             for j, m in enumerate(metadata):
                 tag = m.get("tag", detail_tags[j] if detail_tags is not None else UNTAGGED)
@@ -526,7 +583,7 @@ def evaluate(
     result = EvalResult(
         prompts=[prompts_all[r] for r in index], tags=tags, seeds=seeds, record_index=index, scores=scores_t, partial=partial_t,
         noise_fingerprints=torch.cat(fingerprints), categories=aggregate(tags, scores_t, partial_t, threshold),
-        settings=settings, images=images, wall_time=wall,
+        settings=settings, images=images, wall_time=wall, failures=failures if has_failure and failures else None,
     )
     logger.info("evaluated %d samples in %.1fs: accuracy %.1f%%", n, wall, 100 * result.accuracy)
     return result

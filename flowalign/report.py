@@ -5,7 +5,9 @@ directory:
 
 - ``report.md``: the command, model, method and sampler, wall time per phase, the held-out
   table per category (base vs aligned, deltas, 95% CIs; :func:`flowalign.evaluation.compare`),
-  links to ``reward_curve.png`` / ``before_after.png`` and a summary of ``metrics.csv``;
+  links to ``reward_curve.png`` / ``before_after.png``, a summary of ``metrics.csv`` and, for a
+  reward that labels its failures (``details["failure"]``, e.g. ``shapes``), the failure modes
+  base → aligned and which samples alignment fixed or broke (:func:`failure_section`);
 - ``report.json``: the same numbers for scripts (``bench/toy_alignment.py`` reads it);
 - ``eval_base.json`` / ``eval_aligned.json``: both evaluations with their per-sample results.
 
@@ -30,7 +32,7 @@ from typing import Any, Callable, ContextManager, Mapping, Optional, Sequence, U
 import torch
 from torch import Tensor
 
-from flowalign.evaluation import ALL, EvalResult, compare, evaluate, pick_samples
+from flowalign.evaluation import ALL, EvalResult, compare, evaluate, failure_counts, failure_transitions, pick_samples
 
 logger = logging.getLogger(__name__)
 
@@ -251,6 +253,29 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.2f} h"
 
 
+def failure_section(base: EvalResult, aligned: EvalResult) -> list[str]:
+    """Report lines for the rewards that label failures (``details["failure"]``): per category,
+    the count of each label base → aligned, and what the aligned model made of each base outcome
+    (same prompts and seeds). Empty when either evaluation has no labels."""
+    if base.failures is None or aligned.failures is None:
+        return []
+    before, after = failure_counts(base.tags, base.failures), failure_counts(aligned.tags, aligned.failures)
+    moves = failure_transitions(base.failures, aligned.failures)
+    labels = list(moves)
+    lines = ["## Failure modes", "", "Why samples fail, as the reward labels them; each cell is base → aligned (same prompts and seeds).", "",
+             "| category | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    for tag in after:
+        name = f"**{tag}**" if tag == ALL else tag
+        lines.append(f"| {name} | " + " | ".join(f"{before.get(tag, {}).get(x, 0)} → {after[tag].get(x, 0)}" for x in labels) + " |")
+    lines += ["", "Base outcome (rows) → aligned outcome (columns) of the same samples:", "",
+              "| base outcome | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    lines += [f"| {a} | " + " | ".join(str(moves[a][b]) for b in labels) + " |" for a in labels]
+    fixed = sum(n for a, row in moves.items() if a != "correct" for b, n in row.items() if b == "correct")
+    broken = sum(n for b, n in moves.get("correct", {}).items() if b != "correct")
+    lines += ["", f"Alignment turns {fixed} failed samples correct and {broken} correct ones into failures (net {fixed - broken:+d}).", ""]
+    return lines
+
+
 def write_report(
     run_dir: PathLike,
     *,
@@ -312,6 +337,9 @@ def write_report(
         "Accuracy: fraction of samples the verifier accepts (95% Wilson interval); Δ: aligned − base in percentage points "
         "(95% Newcombe interval, conservative for these paired samples); partial: mean graded score.",
         "",
+    ]
+    lines += failure_section(base, aligned)
+    lines += [
         "## Wall time",
         "",
         "| phase | time |",
@@ -339,6 +367,9 @@ def write_report(
         "accuracy_base": base.accuracy, "accuracy_aligned": aligned.accuracy, "gain_points": gain, "target_met": met,
         "comparison": comparison.to_dict(), "training_curve": curve, "eval_settings": settings,
     }
+    if base.failures is not None and aligned.failures is not None:
+        summary["failures"] = {"base": failure_counts(base.tags, base.failures), "aligned": failure_counts(aligned.tags, aligned.failures),
+                               "transitions": failure_transitions(base.failures, aligned.failures)}
     (run_dir / "report.json").write_text(json.dumps(_clean(summary), indent=1, allow_nan=False) + "\n")
     logger.info("wrote %s: held-out accuracy %.1f%% -> %.1f%% (%+.1f points)", path, 100 * base.accuracy, 100 * aligned.accuracy, gain)
     return path

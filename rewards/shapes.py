@@ -22,7 +22,8 @@ Pipeline per image (32x32, or any size: it is resized to 32x32 first):
 ``scores`` are 1/0 (all constraints met) by default; ``details["partial"]`` is the fraction of
 constraints met (a coloured request counts twice: the shape, then the coloured shape),
 ``details["binary"]`` the 1/0 verdict, ``details["tag"]`` the category, ``details["objects"]``
-the detected objects. ``ShapesReward(score="partial")`` scores the fraction instead and
+the detected objects, ``details["failure"]`` why a sample fails (:func:`failure_mode`: ``correct``,
+``malformed``, ``shape_count``, ``color``, ``position``; the run report tabulates it). ``ShapesReward(score="partial")`` scores the fraction instead and
 ``score="mix"`` scores ``(1 - w) binary + w partial`` (``w = partial_weight <= 0.5``): a denser
 training signal (failed samples that get closer score higher) whose ``score >= 0.5`` is still
 exactly the binary verdict (a failed sample has ``partial < 1``, so its score is below ``w``),
@@ -282,7 +283,7 @@ class ShapesReward(Reward):
         if x.shape[-2:] != (SIZE, SIZE):
             x = torch.nn.functional.interpolate(x, size=(SIZE, SIZE), mode="area")
         arr = (x.permute(0, 2, 3, 1).numpy() * 255.0).astype(np.float32)  # [B, 32, 32, 3]
-        scores, partial, tags, found = [], [], [], []
+        scores, partial, tags, found, failures = [], [], [], [], []
         for i, prompt in enumerate(prompts):
             meta = metadata[i] if i < len(metadata) and metadata[i] else {}
             spec = meta if "include" in meta else parse_prompt(prompt)
@@ -292,6 +293,7 @@ class ShapesReward(Reward):
             partial.append(frac)
             tags.append(spec.get("tag", parse_prompt(prompt)["tag"] if "tag" not in spec else None))
             found.append([{k: o[k] for k in ("shape", "color", "center", "area")} for o in objects])
+            failures.append(failure_mode(objects, spec))
         binary = torch.tensor(scores, dtype=torch.float32, device=self.device)  # [B]
         frac = torch.tensor(partial, dtype=torch.float32, device=self.device)  # [B]
         if self.score_mode == "partial":
@@ -300,4 +302,4 @@ class ShapesReward(Reward):
             out = (1.0 - self.partial_weight) * binary + self.partial_weight * frac
         else:
             out = binary
-        return RewardOutput(scores=out, details={"partial": frac, "binary": binary, "tag": tags, "objects": found})
+        return RewardOutput(scores=out, details={"partial": frac, "binary": binary, "tag": tags, "objects": found, "failure": failures})

@@ -198,3 +198,48 @@ def test_heldout_report_with_a_trained_lora_end_to_end(tmp_path):
 
     again = evaluate(adapter, records, reward, num_samples=3, num_steps=1, guidance_scale=1.0, progress=False)
     assert torch.allclose(again.partial, aligned.partial, atol=1e-6)
+
+
+def test_failure_tables_hand_worked():
+    from flowalign.evaluation import failure_counts, failure_transitions
+
+    tags = ["colors", "colors", "counting", "counting", "counting"]
+    base = ["correct", "color", "malformed", "malformed", "correct"]
+    aligned = ["color", "correct", "correct", "malformed", "correct"]
+    counts = failure_counts(tags, base)
+    assert counts == {"colors": {"correct": 1, "color": 1, "malformed": 0}, "counting": {"correct": 1, "color": 0, "malformed": 2},
+                      "all": {"correct": 2, "color": 1, "malformed": 2}}
+    moves = failure_transitions(base, aligned)
+    assert list(moves) == ["correct", "malformed", "color"]  # correct first, then by frequency (malformed 3, color 2)
+    assert moves["correct"] == {"correct": 1, "color": 1, "malformed": 0}
+    assert moves["malformed"] == {"correct": 1, "color": 0, "malformed": 1}
+    assert moves["color"] == {"correct": 1, "color": 0, "malformed": 0}
+    assert sum(sum(row.values()) for row in moves.values()) == len(base)
+    with pytest.raises(ValueError, match="labels"):
+        failure_transitions(base, aligned[:-1])
+    with pytest.raises(ValueError, match="tags"):
+        failure_counts(tags[:-1], base)
+
+
+def test_report_failure_section_counts_fixed_and_broken(tmp_path):
+    base = _result([1, 0, 0, 0, 0, 0, 0, 0, 1, 0], [0.5] * 10)
+    aligned = _result([0, 1, 1, 0, 1, 0, 0, 0, 1, 1], [0.5] * 10)
+    base.failures = ["correct", "color", "color", "shape_count", "malformed", "malformed", "malformed", "shape_count", "correct", "position"]
+    aligned.failures = ["malformed", "correct", "correct", "shape_count", "correct", "malformed", "shape_count", "shape_count", "correct",
+                        "correct"]
+    text = write_report(tmp_path, base=base, aligned=aligned, config_dict=CONFIG, timings={"train": 1.0}).read_text()
+    assert "## Failure modes" in text
+    # colors rows 0-3: base correct 1, color 2, shape_count 1 -> aligned correct 2, malformed 1, shape_count 1
+    # columns: correct, then by frequency over both: shape_count 5 (seen before malformed 5), color 2, position 1
+    assert "| category | correct | shape_count | malformed | color | position |" in text
+    assert "| colors | 1 → 2 | 1 → 1 | 0 → 1 | 2 → 0 | 0 → 0 |" in text
+    assert "| **all** | 2 → 5 | 2 → 3 | 3 → 2 | 2 → 0 | 1 → 0 |" in text
+    assert "| correct | 1 | 0 | 1 | 0 | 0 |" in text  # one correct base sample became malformed
+    assert "turns 4 failed samples correct and 1 correct ones into failures (net +3)" in text
+    summary = json.loads((tmp_path / "report.json").read_text())
+    assert summary["failures"]["transitions"]["malformed"] == {"correct": 1, "color": 0, "shape_count": 1, "malformed": 1, "position": 0}
+    back = EvalResult.from_json(tmp_path / "eval_aligned.json")
+    assert back.failures == aligned.failures
+    # without labels there is no section
+    base.failures = aligned.failures = None
+    assert "## Failure modes" not in write_report(tmp_path, base=base, aligned=aligned, config_dict=CONFIG, timings={}).read_text()

@@ -248,3 +248,31 @@ def test_verifier_detects_counts_and_resizes():
     assert reward(big, ["three cyan squares"]).scores.tolist() == [0.0]
     with pytest.raises(ValueError, match="images"):
         reward(big[:, :1], ["four cyan squares"])
+
+
+def test_reward_labels_each_sample_and_evaluate_keeps_the_labels(ground_truth):
+    images, specs = ground_truth
+    reward = ShapesReward(score="mix")
+    prompts = [s["prompt"] for s in specs[:120]]
+    wrong = prompts[60:] + prompts[:60]  # half the scenes scored against another caption
+    out = reward(images[:120], wrong, [{}] * 120)
+    labels = out.details["failure"]
+    assert len(labels) == 120 and set(labels) <= set(FAILURE_MODES)
+    assert [lab == "correct" for lab in labels] == [bool(b) for b in out.details["binary"].tolist()]
+    assert "correct" in labels and len(set(labels)) >= 3
+
+    from flowalign.evaluation import evaluate
+
+    def labelled(imgs, ps, meta):
+        n = len(ps)
+        return type(out)(scores=torch.ones(n), details={"failure": ["correct" if i % 2 else "color" for i in range(n)]})
+
+    from flowalign.pipelines import load_adapter
+    from flowalign.pipelines.testing import tiny_sd3_pipeline
+
+    adapter = load_adapter(tiny_sd3_pipeline(seed=0, with_t5=False))
+    result = evaluate(adapter, ["a", "b", "c"], labelled, num_samples=5, num_steps=1, guidance_scale=1.0, batch_size=2, progress=False)
+    assert result.failures == ["color", "correct", "color", "correct", "color"]  # per batch of 2, 2, 1
+    unlabelled = evaluate(adapter, ["a"], lambda i, p, m: type(out)(scores=torch.ones(len(p))), num_samples=2, num_steps=1,
+                          guidance_scale=1.0, progress=False)
+    assert unlabelled.failures is None
