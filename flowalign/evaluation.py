@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
@@ -364,11 +365,8 @@ def compare(base: EvalResult, aligned: EvalResult, z: float = Z95, check_noise: 
 
 def _label_order(labels: Sequence[str]) -> list[str]:
     """Distinct labels, ``"correct"`` first, the others most frequent first (ties: first seen first)."""
-    first = {x: i for i, x in reversed(list(enumerate(labels)))}
-    counts = {x: 0 for x in first}
-    for x in labels:
-        counts[x] += 1
-    return sorted(first, key=lambda x: (x != "correct", -counts[x], first[x]))
+    counts = Counter(labels)  # keys in order of first appearance; sorted() is stable for ties
+    return sorted(counts, key=lambda x: (x != "correct", -counts[x]))
 
 
 def failure_counts(tags: Sequence[str], failures: Sequence[str]) -> dict[str, dict[str, int]]:

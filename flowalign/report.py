@@ -270,8 +270,8 @@ def failure_section(base: EvalResult, aligned: EvalResult) -> list[str]:
     lines += ["", "Base outcome (rows) → aligned outcome (columns) of the same samples:", "",
               "| base outcome | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
     lines += [f"| {a} | " + " | ".join(str(moves[a][b]) for b in labels) + " |" for a in labels]
-    fixed = sum(n for a, row in moves.items() if a != "correct" for b, n in row.items() if b == "correct")
-    broken = sum(n for b, n in moves.get("correct", {}).items() if b != "correct")
+    fixed = sum(row.get("correct", 0) for a, row in moves.items() if a != "correct")
+    broken = sum(moves["correct"].values()) - moves["correct"]["correct"] if "correct" in moves else 0
     lines += ["", f"Alignment turns {fixed} failed samples correct and {broken} correct ones into failures (net {fixed - broken:+d}).", ""]
     return lines
 
