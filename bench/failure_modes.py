@@ -29,22 +29,13 @@ import torch  # noqa: E402
 logger = logging.getLogger("failure_modes")
 
 
-def evaluate_model(model: str, prompts: str, lora: Optional[str], num_samples: int, steps: int, guidance: float, batch_size: int):
-    """The :class:`flowalign.evaluation.EvalResult` of one model, with the verifier's failure labels."""
+def main(argv: Optional[list[str]] = None) -> int:
     from flowalign.config import ModelConfig
     from flowalign.evaluation import evaluate
     from flowalign.prompts import load_prompts
+    from flowalign.report import failure_section, failure_tables
     from flowalign.rewards import load_reward
     from flowalign.train.model import build_adapter
-
-    adapter = build_adapter(ModelConfig(pretrained=model), torch.device("cpu"))
-    return evaluate(adapter, load_prompts(prompts), load_reward("shapes"), num_samples=num_samples, num_steps=steps, guidance_scale=guidance,
-                    seed=0, batch_size=batch_size, lora=lora, keep_images=0, progress=True)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    from flowalign.evaluation import failure_counts, failure_transitions
-    from flowalign.report import failure_section
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="toy")
@@ -59,15 +50,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
-    common = (args.prompts, args.samples, args.steps, args.guidance, args.batch_size)
-    base = evaluate_model(args.model, common[0], None, *common[1:])
-    aligned = evaluate_model(args.model, common[0], args.lora, *common[1:])
-    logger.info("held-out accuracy %.1f%% -> %.1f%%\n%s", 100 * base.accuracy, 100 * aligned.accuracy, "\n".join(failure_section(base, aligned)))
+    adapter = build_adapter(ModelConfig(pretrained=args.model), torch.device("cpu"))
+    records, reward = load_prompts(args.prompts), load_reward("shapes")
+    kw = dict(num_samples=args.samples, num_steps=args.steps, guidance_scale=args.guidance, seed=0, batch_size=args.batch_size,
+              keep_images=0, progress=True)
+    base = evaluate(adapter, records, reward, **kw)
+    aligned = evaluate(adapter, records, reward, lora=args.lora, **kw)  # loaded for this call only
+    tables = failure_tables(base, aligned)
+    logger.info("held-out accuracy %.1f%% -> %.1f%%\n%s", 100 * base.accuracy, 100 * aligned.accuracy, "\n".join(failure_section(tables)))
     if args.output:
         out = {"settings": {k: v for k, v in vars(args).items() if k not in ("output", "threads", "batch_size")},
-               "accuracy": {"base": base.accuracy, "aligned": aligned.accuracy},
-               "base": failure_counts(base.tags, base.failures), "aligned": failure_counts(aligned.tags, aligned.failures),
-               "transitions": failure_transitions(base.failures, aligned.failures)}
+               "accuracy": {"base": base.accuracy, "aligned": aligned.accuracy}, **tables}
         Path(args.output).write_text(json.dumps(out, indent=1) + "\n")
         logger.info("wrote %s", args.output)
     return 0

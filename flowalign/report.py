@@ -7,7 +7,7 @@ directory:
   table per category (base vs aligned, deltas, 95% CIs; :func:`flowalign.evaluation.compare`),
   links to ``reward_curve.png`` / ``before_after.png``, a summary of ``metrics.csv`` and, for a
   reward that labels its failures (``details["failure"]``, e.g. ``shapes``), the failure modes
-  base → aligned and which samples alignment fixed or broke (:func:`failure_section`);
+  base → aligned and which samples alignment fixed or broke (:func:`failure_tables`, :func:`failure_section`);
 - ``report.json``: the same numbers for scripts (``bench/toy_alignment.py`` reads it);
 - ``eval_base.json`` / ``eval_aligned.json``: both evaluations with their per-sample results.
 
@@ -253,14 +253,21 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.2f} h"
 
 
-def failure_section(base: EvalResult, aligned: EvalResult) -> list[str]:
-    """Report lines for the rewards that label failures (``details["failure"]``): per category,
-    the count of each label base → aligned, and what the aligned model made of each base outcome
-    (same prompts and seeds). Empty when either evaluation has no labels."""
+def failure_tables(base: EvalResult, aligned: EvalResult) -> Optional[dict[str, dict[str, dict[str, int]]]]:
+    """``{"base": counts, "aligned": counts, "transitions": matrix}`` of a reward that labels its failures
+    (``details["failure"]``; :func:`flowalign.evaluation.failure_counts` / ``failure_transitions``), else None."""
     if base.failures is None or aligned.failures is None:
+        return None
+    return {"base": failure_counts(base.tags, base.failures), "aligned": failure_counts(aligned.tags, aligned.failures),
+            "transitions": failure_transitions(base.failures, aligned.failures)}
+
+
+def failure_section(tables: Optional[Mapping[str, Mapping[str, Mapping[str, int]]]]) -> list[str]:
+    """Report lines for :func:`failure_tables`: per category, the count of each label base → aligned,
+    and what the aligned model made of each base outcome (same prompts and seeds). Empty for None."""
+    if tables is None:
         return []
-    before, after = failure_counts(base.tags, base.failures), failure_counts(aligned.tags, aligned.failures)
-    moves = failure_transitions(base.failures, aligned.failures)
+    before, after, moves = tables["base"], tables["aligned"], tables["transitions"]
     labels = list(moves)
     lines = ["## Failure modes", "", "Why samples fail, as the reward labels them; each cell is base → aligned (same prompts and seeds).", "",
              "| category | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
@@ -338,7 +345,8 @@ def write_report(
         "(95% Newcombe interval, conservative for these paired samples); partial: mean graded score.",
         "",
     ]
-    lines += failure_section(base, aligned)
+    failures = failure_tables(base, aligned)
+    lines += failure_section(failures)
     lines += [
         "## Wall time",
         "",
@@ -367,9 +375,8 @@ def write_report(
         "accuracy_base": base.accuracy, "accuracy_aligned": aligned.accuracy, "gain_points": gain, "target_met": met,
         "comparison": comparison.to_dict(), "training_curve": curve, "eval_settings": settings,
     }
-    if base.failures is not None and aligned.failures is not None:
-        summary["failures"] = {"base": failure_counts(base.tags, base.failures), "aligned": failure_counts(aligned.tags, aligned.failures),
-                               "transitions": failure_transitions(base.failures, aligned.failures)}
+    if failures is not None:
+        summary["failures"] = failures
     (run_dir / "report.json").write_text(json.dumps(_clean(summary), indent=1, allow_nan=False) + "\n")
     logger.info("wrote %s: held-out accuracy %.1f%% -> %.1f%% (%+.1f points)", path, 100 * base.accuracy, 100 * aligned.accuracy, gain)
     return path

@@ -23,7 +23,8 @@ Pipeline per image (32x32, or any size: it is resized to 32x32 first):
 constraints met (a coloured request counts twice: the shape, then the coloured shape),
 ``details["binary"]`` the 1/0 verdict, ``details["tag"]`` the category, ``details["objects"]``
 the detected objects, ``details["failure"]`` why a sample fails (:func:`failure_mode`: ``correct``,
-``malformed``, ``shape_count``, ``color``, ``position``; the run report tabulates it). ``ShapesReward(score="partial")`` scores the fraction instead and
+``malformed``, ``shape_count``, ``color``, ``position``; the run report tabulates it).
+``ShapesReward(score="partial")`` scores the fraction instead and
 ``score="mix"`` scores ``(1 - w) binary + w partial`` (``w = partial_weight <= 0.5``): a denser
 training signal (failed samples that get closer score higher) whose ``score >= 0.5`` is still
 exactly the binary verdict (a failed sample has ``partial < 1``, so its score is below ``w``),
@@ -215,7 +216,7 @@ def _without(spec: Spec, keys: tuple[str, ...]) -> Spec:
     return {**spec, "include": [{k: v for k, v in e.items() if k not in keys} for e in spec["include"]]}
 
 
-def failure_mode(objects: list[dict[str, Any]], spec: Spec) -> str:
+def failure_mode(objects: list[dict[str, Any]], spec: Spec, verdict: Optional[bool] = None) -> str:
     """Why a scene fails its spec: the first level of GenEval's rule it breaks.
 
     * ``"correct"``: every constraint holds (:func:`evaluate`'s verdict).
@@ -226,9 +227,10 @@ def failure_mode(objects: list[dict[str, Any]], spec: Spec) -> str:
     * ``"color"``: shapes and counts hold but a requested colour does not.
     * ``"position"``: shapes, counts and colours hold; the relation does not.
 
-    ``objects`` are :func:`detect`'s output (only ``shape``, ``color``, ``box``, ``center`` are read).
+    ``objects`` are :func:`detect`'s output (only ``shape``, ``color``, ``box``, ``center`` are read);
+    ``verdict`` is :func:`evaluate`'s verdict on them when the caller already has it.
     """
-    if evaluate(objects, spec)[0]:
+    if evaluate(objects, spec)[0] if verdict is None else verdict:
         return "correct"
     if not evaluate(objects, _without(spec, ("color", "position")))[0]:
         return "malformed" if any(o["shape"] == "other" for o in objects) else "shape_count"
@@ -293,7 +295,7 @@ class ShapesReward(Reward):
             partial.append(frac)
             tags.append(spec.get("tag", parse_prompt(prompt)["tag"] if "tag" not in spec else None))
             found.append([{k: o[k] for k in ("shape", "color", "center", "area")} for o in objects])
-            failures.append(failure_mode(objects, spec))
+            failures.append(failure_mode(objects, spec, verdict=ok))
         binary = torch.tensor(scores, dtype=torch.float32, device=self.device)  # [B]
         frac = torch.tensor(partial, dtype=torch.float32, device=self.device)  # [B]
         if self.score_mode == "partial":
