@@ -30,7 +30,8 @@ training signal (failed samples that get closer score higher) whose ``score >= 0
 exactly the binary verdict (a failed sample has ``partial < 1``, so its score is below ``w``),
 so an evaluation thresholding at 0.5 (``flowalign.evaluation``) measures binary accuracy.
 ``ShapesReward(exclusive=True)`` adds "nothing unrequested is drawn" to the partial fraction
-(GenEval ignores extra objects; the verdict still does).
+(GenEval ignores extra objects; the verdict still does). ``ShapesReward(graded=True)`` gives a
+count constraint partial credit ``found / count`` (two of "three green triangles" earn 2/3 of it).
 """
 from __future__ import annotations
 
@@ -178,32 +179,35 @@ def unrequested(objects: list[dict[str, Any]], spec: Spec) -> list[dict[str, Any
     return [o for o in objects if not any(_matching([o], req) for req in spec["include"])]
 
 
-def evaluate(objects: list[dict[str, Any]], spec: Spec, exclusive: bool = False) -> tuple[bool, float]:
+def evaluate(objects: list[dict[str, Any]], spec: Spec, exclusive: bool = False, graded: bool = False) -> tuple[bool, float]:
     """GenEval's rule on detected objects: (all constraints met, fraction met).
 
     With ``exclusive``, the fraction counts one more constraint, "nothing unrequested is drawn"
     (:func:`unrequested` is empty); the verdict stays GenEval's, which ignores extra objects.
+    With ``graded``, a count constraint that is not met earns ``found / count`` instead of 0
+    (two of "three green triangles" is 2/3 of that constraint); the verdict is unchanged.
     """
-    met: list[bool] = []
+    met: list[float] = []
     groups: list[Optional[list[dict[str, Any]]]] = []
     for req in spec["include"]:
         count = int(req.get("count", 1))
         if "color" in req:
-            met.append(len(_matching(objects, req, use_color=False)) >= count)
+            shaped = min(len(_matching(objects, req, use_color=False)), count)
+            met.append(shaped / count if graded else float(shaped >= count))
         found = _matching(objects, req)[:count]
         ok = len(found) >= count
-        met.append(ok)
+        met.append(len(found) / count if graded else float(ok))
         if "position" in req:
             rel, j = req["position"]
             pos_ok = ok and groups[j] is not None and all(rel in relative_position(o, t) for o in found for t in groups[j])
-            met.append(pos_ok)
+            met.append(float(pos_ok))
             ok = ok and pos_ok
         groups.append(found if ok else None)
     for req in spec.get("exclude", []):
-        met.append(len(_matching(objects, req)) < int(req["count"]))
-    verdict = all(met)
+        met.append(float(len(_matching(objects, req)) < int(req["count"])))
+    verdict = all(m >= 1.0 for m in met)
     if exclusive:
-        met.append(not unrequested(objects, spec))
+        met.append(float(not unrequested(objects, spec)))
     return verdict, float(np.mean(met))
 
 
@@ -260,12 +264,14 @@ class ShapesReward(Reward):
             may learn to add them (every two-shape training caption of the toy world has a square,
             and alignment adds squares to held-out circle+triangle scenes); this prices them while
             ``details["binary"]`` (and ``score >= 0.5`` of ``"mix"``) stays GenEval's verdict.
+        graded: a count constraint earns ``found / count`` of its share of the partial fraction
+            (two of "three green triangles" scores 2/3 of it) instead of all or nothing.
     """
 
     differentiable = False
 
     def __init__(self, device: Optional[torch.device | str] = None, min_area: int = 10, score: str = "binary", partial_weight: float = 0.5,
-                 exclusive: bool = False):
+                 exclusive: bool = False, graded: bool = False):
         super().__init__(device)
         if score not in SCORE_MODES:
             raise ValueError(f"shapes reward score={score!r} is not one of {list(SCORE_MODES)}")
@@ -275,6 +281,7 @@ class ShapesReward(Reward):
         self.score_mode = score
         self.partial_weight = float(partial_weight)
         self.exclusive = bool(exclusive)
+        self.graded = bool(graded)
 
     def score(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -290,7 +297,7 @@ class ShapesReward(Reward):
             meta = metadata[i] if i < len(metadata) and metadata[i] else {}
             spec = meta if "include" in meta else parse_prompt(prompt)
             objects = detect(arr[i], self.min_area)
-            ok, frac = evaluate(objects, spec, exclusive=self.exclusive)
+            ok, frac = evaluate(objects, spec, exclusive=self.exclusive, graded=self.graded)
             scores.append(float(ok))
             partial.append(frac)
             tags.append(spec.get("tag", parse_prompt(prompt)["tag"] if "tag" not in spec else None))

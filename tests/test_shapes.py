@@ -161,6 +161,24 @@ def test_evaluate_partial_credit_hand_worked():
     assert evaluate([{**red_circle, "box": (20, 20, 28, 28), "center": (24, 24)}, {**blue_square, "box": (2, 20, 10, 28), "center": (6, 24)}], pos) == (True, 1.0)
 
 
+def test_evaluate_graded_count_credit_hand_worked():
+    g = {"shape": "triangle", "color": "green"}
+    spec = S.parse_prompt("three green triangles")  # >= 3 triangles, >= 3 green triangles, not >= 4 green triangles
+    two = [{**g, "center": (6, 6)}, {**g, "center": (20, 6)}]
+    # all-or-nothing: [0, 0, 1] -> 1/3; graded: [2/3, 2/3, 1] -> 7/9
+    assert evaluate(two, spec) == (False, 1 / 3)
+    ok, frac = evaluate(two, spec, graded=True)
+    assert not ok and abs(frac - 7 / 9) < 1e-9
+    # one green and one red triangle: shape credit 2/3, colour credit 1/3, exclusion met -> 2/3
+    mixed = [{**g, "center": (6, 6)}, {**g, "color": "red", "center": (20, 6)}]
+    ok, frac = evaluate(mixed, spec, graded=True)
+    assert not ok and abs(frac - 2 / 3) < 1e-9
+    # a met spec stays (True, 1.0), and graded never lifts a failed verdict
+    three = two + [{**g, "center": (20, 20)}]
+    assert evaluate(three, spec, graded=True) == (True, 1.0)
+    assert evaluate(three + [{**g, "center": (6, 20)}], spec, graded=True)[0] is False
+
+
 def _o(shape: str, color: str, x: float, y: float) -> dict:
     return {"shape": shape, "color": color, "box": (x - 4, y - 4, x + 4, y + 4), "center": (x, y)}
 
