@@ -49,8 +49,10 @@ __all__ = [
     "evaluate",
     "failure_counts",
     "failure_transitions",
+    "headroom",
     "mean_interval",
     "newcombe_interval",
+    "pass_at_k",
     "pick_samples",
     "sample_indices",
     "wilson_interval",
@@ -398,6 +400,58 @@ def failure_transitions(base: Sequence[str], aligned: Sequence[str]) -> dict[str
     for a, b in zip(base, aligned):
         table[a][b] += 1
     return table
+
+
+# ----------------------------------------------------------------------------------------------
+# Headroom: how often a prompt succeeds at all (pure functions)
+# ----------------------------------------------------------------------------------------------
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased estimate of pass@k from ``n`` samples of which ``c`` are correct (Chen et al. 2021,
+    arXiv 2107.03374, Eq. 1): the chance that ``k`` samples drawn without replacement hold at
+    least one correct one,
+
+        pass@k = 1 - C(n - c, k) / C(n, k)
+
+    (1 when ``n - c < k``). With ``k = 1`` it is the accuracy ``c / n``.
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def headroom(tags: Sequence[str], correct: Sequence[Sequence[bool]], weights: Optional[Sequence[float]] = None,
+             ks: Sequence[int] = (1, 4, 16)) -> dict[str, dict[str, float]]:
+    """Per category (and ``"all"``): the weighted mean of pass@k over prompts.
+
+    ``correct[j]`` holds the outcomes of ``n`` samples of prompt ``j`` (every prompt the same
+    ``n``); ``weights[j]`` is how often prompt ``j`` appears in the evaluated set (default 1).
+    pass@1 is the accuracy a sampler of this model gets; pass@k for large k bounds what
+    re-weighting the model's own samples can reach without new capability (a prompt the model
+    never solves in ``n`` tries contributes nothing), i.e. how much room sharpening (RL on the
+    model's own samples) has. Returns ``{category: {"prompts": m, "pass@k": value, ...}}``.
+    """
+    if len(tags) != len(correct):
+        raise ValueError(f"{len(tags)} tags for {len(correct)} prompts")
+    n = {len(c) for c in correct}
+    if len(n) != 1:
+        raise ValueError(f"every prompt needs the same number of samples, got {sorted(n)}")
+    n = n.pop()
+    weights = [1.0] * len(tags) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(tags) or any(w < 0 for w in weights):
+        raise ValueError("weights must be one non-negative number per prompt")
+    values = [{k: pass_at_k(n, sum(map(bool, c)), k) for k in ks} for c in correct]
+    out: dict[str, dict[str, float]] = {}
+    for tag in sorted(set(map(str, tags))) + [ALL]:
+        rows = [j for j, t in enumerate(tags) if tag == ALL or str(t) == tag]
+        total = sum(weights[j] for j in rows)
+        out[tag] = {"prompts": float(len(rows))}
+        for k in ks:
+            out[tag][f"pass@{k}"] = sum(weights[j] * values[j][k] for j in rows) / total if total > 0 else math.nan
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
