@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -45,6 +45,7 @@ __all__ = [
     "EvalResult",
     "Z95",
     "aggregate",
+    "category_mean",
     "compare",
     "evaluate",
     "failure_counts",
@@ -189,6 +190,18 @@ def aggregate(tags: Sequence[str], scores: Tensor, partial: Optional[Tensor], th
     return out
 
 
+def category_mean(categories: Mapping[str, CategoryStats]) -> float:
+    """Mean accuracy over the categories, each weighted equally (``"all"`` left out).
+
+    GenEval's overall score is this mean over its tasks; the ``"all"`` row weights categories
+    by their sample counts instead, and the two differ when a prompt set is sampled unevenly
+    (e.g. 512 samples, one per line, of a file with 64 lines per category). Categories with no
+    scored sample are skipped; NaN when none is left.
+    """
+    values = [c.accuracy for name, c in categories.items() if name != ALL and c.count > 0]
+    return sum(values) / len(values) if values else math.nan
+
+
 @dataclass
 class EvalResult:
     """One evaluation: per-sample outcomes, per-category aggregates and the settings used.
@@ -239,13 +252,16 @@ class EvalResult:
         return torch.stack([self.images[i] for i in indices])
 
     def table(self, title: Optional[str] = None) -> str:
-        """Markdown table: category, samples, accuracy with its 95% CI, mean partial score."""
+        """Markdown table: category, samples, accuracy with its 95% CI, mean partial score; below it,
+        with two or more categories, their equally weighted mean (:func:`category_mean`)."""
         lines = [f"**{title}**", ""] if title else []
         lines += ["| category | n | accuracy | 95% CI | mean partial | mean score |", "|---|---:|---:|---|---:|---:|"]
         for stats in self.categories.values():
             name = f"**{stats.name}**" if stats.name == ALL else stats.name
             lines.append(f"| {name} | {stats.count} | {_pct(stats.accuracy)} | {_pct_ci(stats.ci_low, stats.ci_high)} | "
                          f"{_num(stats.mean_partial)} | {_num(stats.mean_score)} |")
+        if len(self.categories) > 2:  # more than one category besides "all"
+            lines += ["", f"Category mean (each category weighted equally): {_pct(category_mean(self.categories))}"]
         return "\n".join(lines)
 
     def to_dict(self, samples: bool = True) -> dict[str, Any]:

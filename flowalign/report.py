@@ -32,7 +32,7 @@ from typing import Any, Callable, ContextManager, Mapping, Optional, Sequence, U
 import torch
 from torch import Tensor
 
-from flowalign.evaluation import ALL, EvalResult, compare, evaluate, failure_counts, failure_transitions, pick_samples
+from flowalign.evaluation import ALL, EvalResult, category_mean, compare, evaluate, failure_counts, failure_transitions, pick_samples
 
 logger = logging.getLogger(__name__)
 
@@ -317,6 +317,7 @@ def write_report(
     overall = comparison.rows[ALL]
     gain = 100 * overall["delta"]
     met = gain >= target_gain_points
+    mean_base, mean_aligned = category_mean(base.categories), category_mean(aligned.categories)
     settings = aligned.settings
     lines = [f"# flowalign run report: {run_dir.name}", ""]
     lines += [
@@ -340,6 +341,10 @@ def write_report(
         f"target ≥ +{target_gain_points:g} points: **{'met' if met else 'NOT met'}**.",
         "",
         comparison.table(),
+        "",
+        f"Category mean (each category weighted equally, GenEval's overall score): {100 * mean_base:.1f}% → "
+        f"{100 * mean_aligned:.1f}% ({100 * (mean_aligned - mean_base):+.1f} points); the **all** row weights categories "
+        "by their sample counts.",
         "",
         "Accuracy: fraction of samples the verifier accepts (95% Wilson interval); Δ: aligned − base in percentage points "
         "(95% Newcombe interval, conservative for these paired samples); partial: mean graded score.",
@@ -373,6 +378,7 @@ def write_report(
     summary = {
         "command": command, "config": dict(config_dict), "timings": dict(timings), "target_gain_points": target_gain_points,
         "accuracy_base": base.accuracy, "accuracy_aligned": aligned.accuracy, "gain_points": gain, "target_met": met,
+        "category_mean_base": mean_base, "category_mean_aligned": mean_aligned,
         "comparison": comparison.to_dict(), "training_curve": curve, "eval_settings": settings,
     }
     if failures is not None:

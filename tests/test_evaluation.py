@@ -12,6 +12,7 @@ from flowalign.errors import ConfigError, LoraMismatchError
 from flowalign.evaluation import (
     EvalResult,
     aggregate,
+    category_mean,
     compare,
     evaluate,
     mean_interval,
@@ -140,6 +141,16 @@ def test_aggregate_counts_by_hand_and_skips_dropped():
     assert (stats["all"].ci_low, stats["all"].ci_high) == pytest.approx(wilson_interval(3, 5))
 
 
+def test_category_mean_weights_categories_equally_and_skips_empty_ones():
+    tags = ["a", "b", "a", "a", "b", "c", "d"]
+    scores = torch.tensor([1.0, 0.0, float("nan"), 1.0, 1.0, 0.0, float("nan")])
+    stats = aggregate(tags, scores, None)
+    # a: 2/2, b: 1/2, c: 0/1, d: nothing scored (skipped) -> (1 + 0.5 + 0) / 3; "all" is 3/5
+    assert category_mean(stats) == pytest.approx(0.5)
+    assert stats["all"].accuracy == pytest.approx(0.6)
+    assert math.isnan(category_mean({"all": stats["all"]}))
+
+
 def test_sample_indices_cycle_over_prompts():
     assert sample_indices(3, 7) == [0, 1, 2, 0, 1, 2, 0]
     assert sample_indices(3, None, samples_per_prompt=2) == [0, 0, 1, 1, 2, 2]
@@ -171,6 +182,8 @@ def test_per_category_aggregation_equals_hand_count_of_diffusers_samples(adapter
         assert stats.accuracy == pytest.approx(sum(outcomes) / len(outcomes))
     assert result.categories["all"].correct == sum(sum(v) for v in hand.values())
     assert "| colors | 4 |" in result.table() and "| **all** | 8 |" in result.table()
+    expected = sum(sum(v) / len(v) for v in hand.values()) / len(hand)  # from the hand count
+    assert f"Category mean (each category weighted equally): {100 * expected:.1f}%" in result.table()
 
 
 # ---------------------------------------------------------------------------------------------- seeds and noise

@@ -63,6 +63,8 @@ def test_report_holds_the_table_rows_headline_and_json(tmp_path):
     assert "| position | 2 | 50.0% " in text and "| 100.0% " in text
     assert "| **all** | 10 | 20.0% " in text
     assert "20.0% → 70.0%" in text and "+50.0 points" in text and "**met**" in text
+    # category mean: base (1/4 + 0/4 + 1/2) / 3 = 25%, aligned (3/4 + 2/4 + 2/2) / 3 = 75%
+    assert "Category mean (each category weighted equally, GenEval's overall score): 25.0% → 75.0% (+50.0 points)" in text
     assert "`flowalign train`" in text and "`grpo`" in text and "`toy`" in text and "`shapes` × 1.0" in text
     assert "| train | 25.0 min |" in text and "| base eval | 30.0 s |" in text and "| **total** | 26.0 min |" in text
     assert "![before / after (same prompts and seeds)](before_after.png)" in text
@@ -72,6 +74,7 @@ def test_report_holds_the_table_rows_headline_and_json(tmp_path):
     summary = json.loads((tmp_path / "report.json").read_text())
     assert summary["gain_points"] == pytest.approx(50.0) and summary["target_met"] is True
     assert summary["accuracy_base"] == pytest.approx(0.2) and summary["accuracy_aligned"] == pytest.approx(0.7)
+    assert summary["category_mean_base"] == pytest.approx(0.25) and summary["category_mean_aligned"] == pytest.approx(0.75)
     assert summary["comparison"]["counting"]["delta"] == pytest.approx(0.5)
     back = EvalResult.from_json(tmp_path / "eval_aligned.json")
     assert back.categories["all"].correct == 7 and back.seeds == aligned.seeds
