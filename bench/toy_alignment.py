@@ -185,6 +185,10 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     summary["per_category_gain_points"] = {
         c: mean_std([100 * (r["per_category"][c]["aligned"] - r["per_category"][c]["base"]) for r in runs if c in r["per_category"]])
         for c in categories}
+    # GenEval's overall score: categories weighted equally (the "all" row weights them by sample count)
+    per_run = [[r["per_category"][c] for c in r["per_category"] if c != "all"] for r in runs]
+    summary["category_mean_base"] = mean_std([statistics.fmean(v["base"] for v in cats) for cats in per_run])
+    summary["category_mean_aligned"] = mean_std([statistics.fmean(v["aligned"] for v in cats) for cats in per_run])
     return summary
 
 
@@ -234,6 +238,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"  held-out accuracy before  {_fmt(summary['accuracy_base'], 100, '%')}")
     print(f"  held-out accuracy after   {_fmt(summary['accuracy_aligned'], 100, '%')}")
     print(f"  gain                      {_fmt(summary['gain_points'], 1, ' points')}  (target +{TARGET_GAIN_POINTS:g})")
+    print(f"  category mean (GenEval)   {_fmt(summary['category_mean_base'], 100, '%')} -> {_fmt(summary['category_mean_aligned'], 100, '%')}")
     print(f"  training wall time        {_fmt(summary['train_wall_time_s'], 1 / 60, ' min')}")
     for c, stat in summary["per_category_gain_points"].items():
         print(f"    {c:<12} gain {_fmt(stat, 1, ' points')}")
