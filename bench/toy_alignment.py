@@ -149,12 +149,13 @@ def run_result(run_dir: Path, config, base_cache: dict, eval_samples: Optional[i
         data = json.loads(report.read_text())
         comparison = data["comparison"]
         return {"source": "report.json", "accuracy_base": data["accuracy_base"], "accuracy_aligned": data["accuracy_aligned"],
+                "category_mean_base": data["category_mean_base"], "category_mean_aligned": data["category_mean_aligned"],
                 "gain_points": data["gain_points"], "eval_wall_time_s": sum(v for k, v in data.get("timings", {}).items() if "eval" in k),
                 "per_category": {k: {"base": v["base"]["accuracy"], "aligned": v["aligned"]["accuracy"]} for k, v in comparison.items()}}
     lora = run_dir / "pytorch_lora_weights.safetensors"
     if not lora.is_file():
         raise BenchError(f"{run_dir} has neither report.json nor pytorch_lora_weights.safetensors: did the run finish?")
-    from flowalign.evaluation import compare
+    from flowalign.evaluation import category_mean, compare
 
     logger.info("%s has no report.json: evaluating base and aligned here", run_dir)
     start = time.perf_counter()
@@ -165,6 +166,7 @@ def run_result(run_dir: Path, config, base_cache: dict, eval_samples: Optional[i
     comparison = compare(base, aligned)
     aligned.to_json(run_dir / "bench_eval_aligned.json")
     return {"source": "bench eval", "accuracy_base": base.accuracy, "accuracy_aligned": aligned.accuracy,
+            "category_mean_base": category_mean(base.categories), "category_mean_aligned": category_mean(aligned.categories),
             "gain_points": 100 * comparison.delta, "eval_wall_time_s": time.perf_counter() - start,
             "per_category": {k: {"base": r["base"].accuracy, "aligned": r["aligned"].accuracy} for k, r in comparison.rows.items()},
             "eval_settings": aligned.settings}
@@ -179,16 +181,12 @@ def mean_std(values: list[float]) -> dict[str, float]:
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("accuracy_base", "accuracy_aligned", "gain_points", "train_wall_time_s")
+    keys = ("accuracy_base", "accuracy_aligned", "category_mean_base", "category_mean_aligned", "gain_points", "train_wall_time_s")
     summary = {k: mean_std([float(r[k]) for r in runs]) for k in keys}
     categories = sorted({c for r in runs for c in r["per_category"]})
     summary["per_category_gain_points"] = {
         c: mean_std([100 * (r["per_category"][c]["aligned"] - r["per_category"][c]["base"]) for r in runs if c in r["per_category"]])
         for c in categories}
-    # GenEval's overall score: categories weighted equally (the "all" row weights them by sample count)
-    per_run = [[r["per_category"][c] for c in r["per_category"] if c != "all"] for r in runs]
-    summary["category_mean_base"] = mean_std([statistics.fmean(v["base"] for v in cats) for cats in per_run])
-    summary["category_mean_aligned"] = mean_std([statistics.fmean(v["aligned"] for v in cats) for cats in per_run])
     return summary
 
 
