@@ -29,6 +29,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from flowalign.errors import ConfigError
+from flowalign.lr_schedule import LR_SCHEDULES
 
 try:  # the `dense:` section is owned by flowalign/step_rewards.py (DenseGRPO / TP-GRPO settings)
     from flowalign.step_rewards import DenseConfig
@@ -166,7 +167,10 @@ class TrainConfig:
     inner_epochs: int = field(default=1, metadata={"help": "Passes over each iteration's samples."})
     micro_batch_size: int = field(default=4, metadata={"help": "Samples per forward pass (each micro-batch is one trained step of these samples)."})
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches whose gradients are summed per optimizer step (a remainder at the end of an epoch is stepped too)."})
-    lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate."})
+    lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate (the peak, under a schedule)."})
+    lr_schedule: str = field(default="constant", metadata={"help": "Learning-rate schedule over iterations: constant, linear or cosine (flowalign.lr_schedule)."})
+    lr_warmup: int = field(default=0, metadata={"help": "Iterations of linear warmup before the schedule (0 = none)."})
+    lr_min_ratio: float = field(default=0.0, metadata={"help": "Floor of a linear or cosine decay, as a fraction of train.lr (reached on the last iteration)."})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"help": "AdamW betas."})
     adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
@@ -206,6 +210,9 @@ class TrainConfig:
             value = getattr(self, name)
             _check(value >= 1, f"train.{name} must be >= 1, got {value}")
         _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check(0 <= self.lr_warmup < self.iterations, f"train.lr_warmup must be in [0, train.iterations={self.iterations}), got {self.lr_warmup}")
+        _check(0.0 <= self.lr_min_ratio <= 1.0, f"train.lr_min_ratio must be in [0, 1], got {self.lr_min_ratio}")
         _check(0 <= self.seed < 2**63, f"train.seed must be in [0, 2**63), got {self.seed}")
         _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
         _check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
@@ -440,14 +447,18 @@ _HASH_EXCLUDE = {("train", "iterations"), ("train", "output_dir"), ("train", "ch
                  ("train", "ref_kl_every"),
                  ("train", "gradient_checkpointing"), ("train", "offload_rewards")}
 # fields left out of the hash while at these values (their defaults), so runs from before they existed resume
-_HASH_OMIT_AT = {("sampling", "noise_seeding"): "process", ("train", "mixed_precision"): "no"}
+_HASH_OMIT_AT = {("sampling", "noise_seeding"): "process", ("train", "mixed_precision"): "no",
+                 ("train", "lr_schedule"): "constant", ("train", "lr_warmup"): 0, ("train", "lr_min_ratio"): 0.0}
 
 
 def config_hash(config: FlowalignConfig) -> str:
-    """sha256 (16 hex digits) of the settings that define a run's trajectory (not its length/logging)."""
+    """sha256 (16 hex digits) of the settings that define a run's trajectory (not its length/logging;
+    its length too under a decaying ``train.lr_schedule``, whose horizon it is)."""
     data = to_dict(config)
+    decays = data["train"].get("lr_schedule", "constant") != "constant"  # a decay's horizon is the run length
     for section, key in _HASH_EXCLUDE:
-        data[section].pop(key, None)
+        if not (decays and (section, key) == ("train", "iterations")):
+            data[section].pop(key, None)
     for (section, key), value in _HASH_OMIT_AT.items():
         if data[section].get(key) == value:
             data[section].pop(key)

@@ -45,6 +45,7 @@ from flowalign import checkpoint as ckpt
 from flowalign import lora as lora_lib
 from flowalign.config import FlowalignConfig, config_hash, save_config
 from flowalign.errors import CheckpointError, ConfigError, NonFiniteLossError
+from flowalign.lr_schedule import lr_multiplier
 from flowalign.train import forward_process as fp
 from flowalign.train import runtime
 from flowalign.train.dense_setup import calibrated_schedule, save_run_noise_table
@@ -416,6 +417,7 @@ class Trainer:
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         accum, optim = self.config.train.grad_accum, {"steps": 0, "skipped": 0, "grad_norm": []}
+        self._set_lr()
         for epoch in range(self.config.train.inner_epochs):
             plan = self._plan(batch)
             # rows of every process's micro-batches: the same number of optimizer steps everywhere (runtime.py)
@@ -509,6 +511,13 @@ class Trainer:
                 f"{in_row} non-finite losses/gradients in a row at iteration {self.iteration} "
                 f"(train.max_nonfinite_steps={limit}); lower train.lr ({self.config.train.lr}) or check the rewards"
             )
+
+    def _set_lr(self) -> None:
+        """``train.lr`` times the schedule's factor at this iteration (flowalign.lr_schedule)."""
+        t = self.config.train
+        lr = t.lr * lr_multiplier(t.lr_schedule, min(self.iteration, t.iterations - 1), t.iterations, t.lr_warmup, t.lr_min_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def _optimizer_step(self, optim: dict) -> None:
         """Sum the (row-weighted) LoRA gradients across processes, clip, step (skipped when the norm is not finite)."""
