@@ -13,9 +13,11 @@ progress after warmup ``p = (i - W) / max(T - W - 1, 1)`` (0 at the first decaye
 * ``linear``: ``1 - (1 - m) · p``;
 * ``cosine``: ``m + (1 - m) · (1 + cos(pi · p)) / 2``.
 
-The decay reaches ``m`` on the last iteration ``T - 1`` exactly. RL fine-tuning of a small
-policy can peak and then lose held-out accuracy under a constant rate (bench/results/
-heldout_curve.json); a decaying rate keeps the early, large steps and stops the late drift.
+The decay reaches ``m`` on the last iteration ``T - 1`` exactly. Because a decay's horizon is
+``T``, ``train.iterations`` enters the run's config hash under ``linear`` and ``cosine``: a run
+resumes only with the length it was started with. On the toy a cosine decay did not keep
+Flow-GRPO's held-out accuracy from drifting late in long runs (bench/results/heldout_curve.json,
+``cosine_*``); the default recipe keeps a constant rate.
 """
 from __future__ import annotations
 
