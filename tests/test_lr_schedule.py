@@ -79,3 +79,12 @@ def test_trainer_sets_the_scheduled_rate_each_iteration(tmp_path):
     trainer.iteration = 1  # the rate is a function of the iteration alone: what --resume relies on
     trainer._set_lr()
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+def test_a_decayed_run_resumes_only_with_its_own_length(tmp_path):
+    from flowalign.errors import CheckpointError
+    from tests.test_trainer import _lora_after
+
+    _lora_after(tmp_path, 2, False, "train.lr_schedule=cosine")
+    with pytest.raises(CheckpointError, match="config hash"):
+        _lora_after(tmp_path, 4, True, "train.lr_schedule=cosine")  # the horizon changed: the first 2 rates would differ
