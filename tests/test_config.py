@@ -67,6 +67,8 @@ def test_config_hash_ignores_run_length_but_not_the_math():
         ({"rewards": {"name": "x"}}, "rewards must be a list"),
         ({"rewards": [{"name": "a"}, {"name": "a"}]}, "rewards lists a name twice"),
         ({"train": {"micro_batch_size": 64, "prompts_per_iter": 2}, "sampling": {"group_size": 4}}, "exceeds the samples per iteration (prompts_per_iter 2 x group_size 4 = 8)"),
+        ({"objective": {"cfg_in_training": False}, "sampling": {"guidance_scale": 4.5}},
+         "objective.cfg_in_training=false with sampling.guidance_scale=4.5 > 1: rollouts record the log-probs of the guided transitions"),
         ("train: [1, 2", "is not valid YAML at line"),
         ("- a\n- b\n", "must hold a mapping of sections, got list"),
     ],
