@@ -208,6 +208,9 @@ def check_lora_file(path: Union[str, Path], module: nn.Module, prefix: str = "tr
     A key ``transformer.<module path>.lora_A.weight`` fits when ``<module path>`` is a linear
     layer of ``module`` with ``lora_A: [r, in_features]`` and ``lora_B: [out_features, r]``.
 
+    Logs a warning when the safetensors header carries no ``lora_alpha`` (diffusers then loads
+    the file with ``alpha = r``).
+
     Raises:
         LoraMismatchError: listing keys for another model (wrong prefix or unknown module) and
             keys whose shapes do not fit.
@@ -219,6 +222,7 @@ def check_lora_file(path: Union[str, Path], module: nn.Module, prefix: str = "tr
         raise LoraMismatchError(f"LoRA file not found: {path}")
     with safe_open(str(path), framework="pt") as fh:
         shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        header = fh.metadata() or {}
     layers = dict(module.named_modules())
     unknown, bad_shape = [], []
     for key, shape in shapes.items():
@@ -234,6 +238,10 @@ def check_lora_file(path: Union[str, Path], module: nn.Module, prefix: str = "tr
             bad_shape.append(f"{key} {list(shape)} (layer out_features {base_layer.out_features})")
     if unknown or bad_shape or not shapes:
         raise LoraMismatchError(_mismatch_message(f"LoRA file {path}", [] if shapes else ["(file holds no tensors)"], sorted(unknown), sorted(bad_shape)))
+    if f'"{prefix}.lora_alpha"' not in header.get("lora_adapter_metadata", ""):
+        logger.warning("LoRA file %s has no %s.lora_alpha in its header (lora_adapter_metadata): diffusers loads it with "
+                       "alpha = r, so a LoRA trained with another alpha acts at another strength (flowalign writes the header)",
+                       path, prefix)
     return shapes
 
 

@@ -129,3 +129,18 @@ def test_ema_matches_hand_computed_average():
     restored = lora.LoraEMA([p], decay=0.5)
     restored.load_state_dict(ema.state_dict())
     assert torch.equal(restored.shadow[0], ema.shadow[0])
+
+
+def test_a_lora_file_without_alpha_in_its_header_warns(pipe, tmp_path, caplog):
+    params = lora.add_lora(pipe.transformer, rank=4, alpha=16, target_modules=TARGETS)
+    _perturb(params)
+    state = lora.get_lora_state_dict(pipe.transformer)
+    lora.save_lora_weights(pipe, tmp_path / "ours", state)
+    with caplog.at_level("WARNING", logger="flowalign.lora"):
+        lora.check_lora_file(tmp_path / "ours", pipe.transformer)
+    assert "no transformer.lora_alpha" not in caplog.text
+    (tmp_path / "bare").mkdir()
+    save_file({f"transformer.{k}": v.contiguous() for k, v in state.items()}, tmp_path / "bare" / lora.LORA_WEIGHT_NAME)  # no header
+    with caplog.at_level("WARNING", logger="flowalign.lora"):
+        lora.check_lora_file(tmp_path / "bare", pipe.transformer)
+    assert "has no transformer.lora_alpha in its header" in caplog.text
