@@ -83,6 +83,7 @@ class ToyBuildConfig:
     caption_dropout: float = 0.1
     caption_noise: float = 0.0  # fraction of training captions with one attribute wrong (noisy_captions)
     pretrain_heldout: bool = False  # pretraining scenes include the held-out combinations (training_scenes)
+    uncaptioned_heldout: bool = False  # with pretrain_heldout: held-out scenes are shown with the empty caption only
     shift: float = 1.5
     guidance_scale: float = 4.5
     eval_every: int = 500
@@ -331,7 +332,7 @@ def build(out_dir: str | Path, cfg: Optional[ToyBuildConfig] = None) -> dict[str
 
     Returns a summary (times, parameter counts, losses, evaluation log).
     """
-    from flowalign.rewards.shapes_scenes import TAGS, all_specs, noisy_captions, prompt_set, training_scenes
+    from flowalign.rewards.shapes_scenes import TAGS, all_specs, noisy_captions, prompt_set, training_scenes, uncaptioned_heldout
 
     cfg = cfg or ToyBuildConfig()
     t_start = time.time()
@@ -343,6 +344,10 @@ def build(out_dir: str | Path, cfg: Optional[ToyBuildConfig] = None) -> dict[str
     images_u8, specs = training_scenes(cfg.seed, cfg.n_scenes, include_heldout=cfg.pretrain_heldout)
     images = _to_unit(images_u8)
     captions, n_noisy = noisy_captions(specs, cfg.caption_noise, cfg.seed + 11)
+    if cfg.uncaptioned_heldout:
+        if not cfg.pretrain_heldout:
+            raise ValueError("uncaptioned_heldout needs pretrain_heldout (there are no held-out scenes to leave uncaptioned)")
+        captions = uncaptioned_heldout(specs, captions)
     max_length = caption_length(sorted({s["prompt"] for t in TAGS for s in all_specs(t)}))
     logger.info("%d scenes rendered (%.1fs); CLIP context length %d", len(images), time.time() - t_start, max_length)
 
@@ -489,6 +494,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name in ("shift", "guidance_scale", "dit_lr", "caption_noise"):
         b.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     b.add_argument("--pretrain-heldout", action="store_true", help="pretrain on every caption, held-out combinations included")
+    b.add_argument("--uncaptioned-heldout", action="store_true",
+                   help="with --pretrain-heldout: draw the held-out scenes but caption them with the empty (unconditional) caption")
     b.add_argument("--sample-dir", default=None, help="write sample grids and EMA checkpoints here")
     e = sub.add_parser("evaluate", help="measure a toy folder (accuracy, sweep, timing, group variance)")
     e.add_argument("--model", default="assets/toy")

@@ -391,6 +391,19 @@ def noisy_captions(specs: Sequence[Spec], noise: float, seed: int) -> tuple[list
     return captions, replaced
 
 
+def uncaptioned_heldout(specs: Sequence[Spec], captions: Sequence[str]) -> list[str]:
+    """``captions`` with every held-out spec's caption replaced by ``""`` (the unconditional caption).
+
+    Pretraining on such pairs shows the base model every scene of the world (a circle beside a
+    triangle, a red triangle) while no held-out caption is ever read, as a web-trained model has
+    seen most scenes but not every phrasing of them: the held-out prompts then test how the
+    caption words compose, not whether the scene was ever drawn.
+    """
+    if len(specs) != len(captions):
+        raise ValueError(f"got {len(specs)} specs but {len(captions)} captions")
+    return ["" if is_heldout(spec) else caption for spec, caption in zip(specs, captions)]
+
+
 def write_jsonl(specs: Sequence[Spec], path: Union[str, Path]) -> Path:
     """Write specs one JSON object a line."""
     path = Path(path)

@@ -78,6 +78,20 @@ def test_training_scenes_with_heldout_cover_every_caption_at_the_expected_rate()
     assert again == specs[:50] and images.shape == (50, 32, 32, 3)
 
 
+def test_uncaptioned_heldout_blanks_exactly_the_heldout_captions():
+    _, specs = S.training_scenes(6, 400, include_heldout=True)
+    captions = [s["prompt"] for s in specs]
+    out = S.uncaptioned_heldout(specs, captions)
+    assert len(out) == len(specs)
+    for spec, before, after in zip(specs, captions, out):
+        assert after == ("" if S.is_heldout(spec) else before)
+    held = {s["prompt"] for s in S.load_prompts("heldout")}
+    assert not held & set(out)  # no held-out caption is ever read
+    assert 0 < out.count("") < len(out)
+    with pytest.raises(ValueError, match="2 specs but 1 captions"):
+        S.uncaptioned_heldout(specs[:2], captions[:1])
+
+
 def test_layout_respects_constraints():
     rng = np.random.default_rng(0)
     for spec in S.all_specs("position") + S.all_specs("counting"):
