@@ -90,6 +90,10 @@ class ToyBuildConfig:
     eval_samples: int = 64
     sample_dir: Optional[str] = None
 
+    def __post_init__(self) -> None:
+        if self.uncaptioned_heldout and not self.pretrain_heldout:
+            raise ValueError("uncaptioned_heldout needs pretrain_heldout (there are no held-out scenes to leave uncaptioned)")
+
 
 def _to_unit(images: np.ndarray) -> torch.Tensor:
     """uint8 [N, 32, 32, 3] -> float [N, 3, 32, 32] in [-1, 1] (the VAE's range)."""
@@ -344,9 +348,7 @@ def build(out_dir: str | Path, cfg: Optional[ToyBuildConfig] = None) -> dict[str
     images_u8, specs = training_scenes(cfg.seed, cfg.n_scenes, include_heldout=cfg.pretrain_heldout)
     images = _to_unit(images_u8)
     captions, n_noisy = noisy_captions(specs, cfg.caption_noise, cfg.seed + 11)
-    if cfg.uncaptioned_heldout:
-        if not cfg.pretrain_heldout:
-            raise ValueError("uncaptioned_heldout needs pretrain_heldout (there are no held-out scenes to leave uncaptioned)")
+    if cfg.uncaptioned_heldout:  # ToyBuildConfig checked that pretrain_heldout is set
         captions = uncaptioned_heldout(specs, captions)
     max_length = caption_length(sorted({s["prompt"] for t in TAGS for s in all_specs(t)}))
     logger.info("%d scenes rendered (%.1fs); CLIP context length %d", len(images), time.time() - t_start, max_length)

@@ -107,5 +107,5 @@ def test_cli_smoke_build(tmp_path):
     assert summary["config"]["caption_noise"] == 0.5 and 4 <= summary["noisy_captions"] <= 28  # ~16 of 32 captions
     assert summary["config"]["pretrain_heldout"] is True
     with pytest.raises(ValueError, match="uncaptioned_heldout needs pretrain_heldout"):
-        toy.build(tmp_path / "u", toy.ToyBuildConfig(seed=1, uncaptioned_heldout=True, **SMOKE))
+        toy.ToyBuildConfig(seed=1, uncaptioned_heldout=True, **SMOKE)  # refused before any scene is rendered
     assert json.loads((tmp_path / "m" / "transformer" / "config.json").read_text())["num_attention_heads"] == 2
