@@ -110,9 +110,14 @@ def run_curve(config: Path, overrides: list[str], iterations: int, eval_every: i
     return curve(complete=True)
 
 
-def plot(results: dict, path: Path) -> Optional[Path]:
-    """Held-out accuracy against iteration, one line per stored variant (solid) and, where measured,
-    accuracy on the training prompts (dashed)."""
+MAIN_RECIPE = ("window3_lr5e-4", "window3_lr5e-4_seed1", "window3_lr5e-4_seed2")  # the main job's recipe, seeds 0-2
+
+
+def plot(results: dict, path: Path, highlight: tuple[str, ...] = MAIN_RECIPE) -> Optional[Path]:
+    """Two panels. Left: held-out accuracy against iteration, the ``highlight`` variants in colour
+    (with accuracy on the training prompts dashed, where measured) over every other stored variant
+    in grey. Right: each variant's highest and final held-out accuracy, sorted, against the base
+    and the toy world's target (base + 15 points, issue 3)."""
     try:
         import matplotlib
 
@@ -120,29 +125,47 @@ def plot(results: dict, path: Path) -> Optional[Path]:
         import matplotlib.pyplot as plt
     except ImportError:  # matplotlib is a core dependency; keep the bench usable without it anyway
         return None
-    variants = results.get("variants", {})
-    entries = len(variants) + sum(all("train" in p for p in res["points"]) for res in variants.values())
-    columns = 1 + entries // 24  # the legend stays readable however many variants are stored
-    fig, ax = plt.subplots(figsize=(8 + 3.2 * columns, max(4.5, 0.2 * entries / columns)))
-    colors = plt.get_cmap("tab20").colors
-    markers = "osD^v"
-    for i, (name, res) in enumerate(variants.items()):
+    variants = {name: res for name, res in results.get("variants", {}).items() if res.get("points")}
+    if not variants:
+        return None
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(15, max(5.0, 0.17 * len(variants) + 1.5)), gridspec_kw={"width_ratios": [3, 2]})
+    colors = plt.get_cmap("tab10").colors
+    shown = [name for name in highlight if name in variants]
+    for name, res in variants.items():
+        if name in shown:
+            continue
+        ax.plot([p["iteration"] for p in res["points"]], [100 * p["heldout"]["all"] for p in res["points"]], color="0.75", lw=0.8, zorder=1)
+    ax.plot([], [], color="0.75", lw=0.8, label=f"{len(variants) - len(shown)} other variants")
+    for i, name in enumerate(shown):
+        res = variants[name]
         its = [p["iteration"] for p in res["points"]]
-        line, = ax.plot(its, [100 * p["heldout"]["all"] for p in res["points"]], marker=markers[i % len(markers)],
-                        color=colors[i % len(colors)], label=f"{name} (held-out)")
+        line, = ax.plot(its, [100 * p["heldout"]["all"] for p in res["points"]], marker="o", lw=2, color=colors[i % len(colors)],
+                        label=f"{name} (held-out)", zorder=3)
         if all("train" in p for p in res["points"]):
-            ax.plot(its, [100 * p["train"] for p in res["points"]], ls="--", color=line.get_color(), label=f"{name} (train prompts)")
-    bases = [res["points"][0]["heldout"]["all"] for res in variants.values()
-             if res["points"] and res["points"][0]["iteration"] == 0]
-    if bases:  # the toy world's target (issue 3): +15 points over the base model
-        base = sorted(bases)[len(bases) // 2]  # the common base (a bf16 variant measures its own)
-        ax.axhline(100 * base + 15.0, color="black", ls=":", lw=1, label="base + 15 points")
+            ax.plot(its, [100 * p["train"] for p in res["points"]], ls="--", color=line.get_color(), label=f"{name} (train prompts)", zorder=3)
+    bases = [res["points"][0]["heldout"]["all"] for res in variants.values() if res["points"][0]["iteration"] == 0]
+    base = sorted(bases)[len(bases) // 2] if bases else None  # the common base (a bf16 or CFG-free variant measures its own)
+    for axis in (ax, bars):
+        if base is not None:
+            line_kw = dict(color="black", lw=1)
+            (axis.axhline if axis is ax else axis.axvline)(100 * base + 15.0, ls=":", label="base + 15 points", **line_kw)
+            (axis.axhline if axis is ax else axis.axvline)(100 * base, ls="-", alpha=0.4, label="base", **line_kw)
+        axis.grid(alpha=0.3)
     ax.set_xlabel("iteration")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=columns)
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.legend(fontsize=8, loc="lower right")
+    order = sorted(variants, key=lambda n: max(p["heldout"]["all"] for p in variants[n]["points"]))
+    y = range(len(order))
+    best = [100 * max(p["heldout"]["all"] for p in variants[n]["points"]) for n in order]
+    final = [100 * variants[n]["points"][-1]["heldout"]["all"] for n in order]
+    bars.barh(y, best, color=["tab:blue" if n in shown else "0.6" for n in order], label="highest")
+    bars.scatter(final, y, color="black", marker="|", s=60, zorder=3, label="final")
+    bars.set_yticks(list(y), [f"{n} ({variants[n]['points'][-1]['iteration']} it)" for n in order], fontsize=6.5)
+    bars.set_xlim(10, max(best + [100 * (base or 0) + 15.0]) + 3)
+    bars.set_xlabel("held-out accuracy (%)")
+    bars.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
