@@ -131,36 +131,34 @@ def plot(results: dict, path: Path, highlight: tuple[str, ...] = MAIN_RECIPE) ->
     fig, (ax, bars) = plt.subplots(1, 2, figsize=(15, max(5.0, 0.17 * len(variants) + 1.5)), gridspec_kw={"width_ratios": [3, 2]})
     colors = plt.get_cmap("tab10").colors
     shown = [name for name in highlight if name in variants]
-    for name, res in variants.items():
-        if name in shown:
-            continue
-        ax.plot([p["iteration"] for p in res["points"]], [100 * p["heldout"]["all"] for p in res["points"]], color="0.75", lw=0.8, zorder=1)
+    iterations = {name: [p["iteration"] for p in res["points"]] for name, res in variants.items()}
+    heldout = {name: [100 * p["heldout"]["all"] for p in res["points"]] for name, res in variants.items()}
+    for name in variants:
+        if name not in shown:
+            ax.plot(iterations[name], heldout[name], color="0.75", lw=0.8, zorder=1)
     ax.plot([], [], color="0.75", lw=0.8, label=f"{len(variants) - len(shown)} other variants")
     for i, name in enumerate(shown):
-        res = variants[name]
-        its = [p["iteration"] for p in res["points"]]
-        line, = ax.plot(its, [100 * p["heldout"]["all"] for p in res["points"]], marker="o", lw=2, color=colors[i % len(colors)],
-                        label=f"{name} (held-out)", zorder=3)
-        if all("train" in p for p in res["points"]):
-            ax.plot(its, [100 * p["train"] for p in res["points"]], ls="--", color=line.get_color(), label=f"{name} (train prompts)", zorder=3)
+        line, = ax.plot(iterations[name], heldout[name], marker="o", lw=2, color=colors[i % len(colors)], label=f"{name} (held-out)", zorder=3)
+        points = variants[name]["points"]
+        if all("train" in p for p in points):
+            ax.plot(iterations[name], [100 * p["train"] for p in points], ls="--", color=line.get_color(), label=f"{name} (train prompts)", zorder=3)
     bases = [res["points"][0]["heldout"]["all"] for res in variants.values() if res["points"][0]["iteration"] == 0]
     base = sorted(bases)[len(bases) // 2] if bases else None  # the common base (a bf16 or CFG-free variant measures its own)
-    for axis in (ax, bars):
+    for reference_line in (ax.axhline, bars.axvline):  # accuracy is the y axis on the left, the x axis on the right
         if base is not None:
-            line_kw = dict(color="black", lw=1)
-            (axis.axhline if axis is ax else axis.axvline)(100 * base + 15.0, ls=":", label="base + 15 points", **line_kw)
-            (axis.axhline if axis is ax else axis.axvline)(100 * base, ls="-", alpha=0.4, label="base", **line_kw)
-        axis.grid(alpha=0.3)
+            reference_line(100 * base + 15.0, color="black", lw=1, ls=":", label="base + 15 points")
+            reference_line(100 * base, color="black", lw=1, ls="-", alpha=0.4, label="base")
+    ax.grid(alpha=0.3)
+    bars.grid(alpha=0.3)
     ax.set_xlabel("iteration")
     ax.set_ylabel("held-out accuracy (%)")
     ax.legend(fontsize=8, loc="lower right")
-    order = sorted(variants, key=lambda n: max(p["heldout"]["all"] for p in variants[n]["points"]))
+    order = sorted(variants, key=lambda n: max(heldout[n]))
     y = range(len(order))
-    best = [100 * max(p["heldout"]["all"] for p in variants[n]["points"]) for n in order]
-    final = [100 * variants[n]["points"][-1]["heldout"]["all"] for n in order]
+    best = [max(heldout[n]) for n in order]
     bars.barh(y, best, color=["tab:blue" if n in shown else "0.6" for n in order], label="highest")
-    bars.scatter(final, y, color="black", marker="|", s=60, zorder=3, label="final")
-    bars.set_yticks(list(y), [f"{n} ({variants[n]['points'][-1]['iteration']} it)" for n in order], fontsize=6.5)
+    bars.scatter([heldout[n][-1] for n in order], y, color="black", marker="|", s=60, zorder=3, label="final")
+    bars.set_yticks(list(y), [f"{n} ({iterations[n][-1]} it)" for n in order], fontsize=6.5)
     bars.set_xlim(10, max(best + [100 * (base or 0) + 15.0]) + 3)
     bars.set_xlabel("held-out accuracy (%)")
     bars.legend(fontsize=8, loc="lower right")
