@@ -82,6 +82,8 @@ class ToyBuildConfig:
     ema_decay: float = 0.995
     caption_dropout: float = 0.1
     caption_noise: float = 0.0  # fraction of training captions with one attribute wrong (noisy_captions)
+    color_synonyms: str = ""  # "blue:cyan,red:purple": colour pairs the captions name interchangeably (synonym_captions)
+    synonym_rate: float = 0.5  # probability that a paired colour is named by its partner
     pretrain_heldout: bool = False  # pretraining scenes include the held-out combinations (training_scenes)
     uncaptioned_heldout: bool = False  # with pretrain_heldout: held-out scenes are shown with the empty caption only
     shift: float = 1.5
@@ -91,6 +93,11 @@ class ToyBuildConfig:
     sample_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
+        from flowalign.rewards.shapes_scenes import parse_color_pairs
+
+        parse_color_pairs(self.color_synonyms)  # raises on unknown or repeated colours
+        if not 0.0 <= self.synonym_rate <= 1.0:
+            raise ValueError(f"synonym_rate must be in [0, 1], got {self.synonym_rate}")
         if self.uncaptioned_heldout and not self.pretrain_heldout:
             raise ValueError("uncaptioned_heldout needs pretrain_heldout (there are no held-out scenes to leave uncaptioned)")
 
@@ -336,7 +343,7 @@ def build(out_dir: str | Path, cfg: Optional[ToyBuildConfig] = None) -> dict[str
 
     Returns a summary (times, parameter counts, losses, evaluation log).
     """
-    from flowalign.rewards.shapes_scenes import TAGS, all_specs, noisy_captions, prompt_set, training_scenes, uncaptioned_heldout
+    from flowalign.rewards.shapes_scenes import TAGS, all_specs, noisy_captions, parse_color_pairs, prompt_set, synonym_captions, training_scenes, uncaptioned_heldout
 
     cfg = cfg or ToyBuildConfig()
     t_start = time.time()
@@ -348,6 +355,7 @@ def build(out_dir: str | Path, cfg: Optional[ToyBuildConfig] = None) -> dict[str
     images_u8, specs = training_scenes(cfg.seed, cfg.n_scenes, include_heldout=cfg.pretrain_heldout)
     images = _to_unit(images_u8)
     captions, n_noisy = noisy_captions(specs, cfg.caption_noise, cfg.seed + 11)
+    captions, n_synonyms = synonym_captions(specs, captions, parse_color_pairs(cfg.color_synonyms), cfg.synonym_rate, cfg.seed + 13)
     if cfg.uncaptioned_heldout:  # ToyBuildConfig checked that pretrain_heldout is set
         captions = uncaptioned_heldout(specs, captions)
     max_length = caption_length(sorted({s["prompt"] for t in TAGS for s in all_specs(t)}))
@@ -357,7 +365,7 @@ def build(out_dir: str | Path, cfg: Optional[ToyBuildConfig] = None) -> dict[str
     t0 = time.time()
     threads = torch.get_num_threads()
     torch.set_num_threads(min(threads, cfg.threads))
-    summary: dict[str, Any] = {"config": asdict(cfg), "clip_max_length": max_length, "t5_tokens": T5_TOKENS, "noisy_captions": n_noisy}
+    summary: dict[str, Any] = {"config": asdict(cfg), "clip_max_length": max_length, "t5_tokens": T5_TOKENS, "noisy_captions": n_noisy, "synonym_captions": n_synonyms}
     summary.update(train_vae(vae, images, cfg, gen))
     means, stds = encode_latents(vae, images)
     z = means + stds * torch.randn(means.shape, generator=gen)
@@ -493,8 +501,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     b.add_argument("--summary", default=None, help="write the build summary JSON here")
     for name in ("seed", "n_scenes", "vae_steps", "dit_steps", "dit_batch", "dit_layers", "dit_heads", "threads", "eval_every", "eval_samples"):
         b.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    for name in ("shift", "guidance_scale", "dit_lr", "caption_noise"):
+    for name in ("shift", "guidance_scale", "dit_lr", "caption_noise", "synonym_rate"):
         b.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    b.add_argument("--color-synonyms", default=d.color_synonyms,
+                   help='colour pairs the captions name interchangeably, e.g. "blue:cyan,red:purple" (with --synonym-rate)')
     b.add_argument("--pretrain-heldout", action="store_true", help="pretrain on every caption, held-out combinations included")
     b.add_argument("--uncaptioned-heldout", action="store_true",
                    help="with --pretrain-heldout: draw the held-out scenes but caption them with the empty (unconditional) caption")

@@ -391,6 +391,63 @@ def noisy_captions(specs: Sequence[Spec], noise: float, seed: int) -> tuple[list
     return captions, replaced
 
 
+def parse_color_pairs(text: str) -> tuple[tuple[str, str], ...]:
+    """``"blue:cyan,red:purple"`` -> ``(("blue", "cyan"), ("red", "purple"))``, checked: known,
+    distinct colours, each in at most one pair. The empty string gives ``()``."""
+    pairs: list[tuple[str, str]] = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        parts = item.split(":")
+        if len(parts) != 2:
+            raise ValueError(f"colour pair {item!r} is not of the form colour:colour")
+        a, b = parts[0].strip(), parts[1].strip()
+        pairs.append((a, b))
+    used: list[str] = [c for pair in pairs for c in pair]
+    unknown = sorted(set(used) - set(COLORS))
+    if unknown:
+        raise ValueError(f"unknown colour(s) {unknown}; expected some of {COLORS}")
+    if len(used) != len(set(used)):
+        raise ValueError(f"each colour may be in one pair only, got {pairs}")
+    return tuple(pairs)
+
+
+def synonym_captions(specs: Sequence[Spec], captions: Sequence[str], pairs: Sequence[tuple[str, str]], rate: float, seed: int) -> tuple[list[str], int]:
+    """Captions in which each colour of a pair is named by its partner with probability ``rate``.
+
+    Web alt-text names neighbouring hues loosely ("blue" for a teal object, "red" for a
+    magenta one), and a model pretrained on it draws either hue for either word. At
+    ``rate = 0.5`` the two words of a pair mean the same thing in the data, so classifier-free
+    guidance, which sharpens ``p(image | caption)`` towards its majority reading, cannot tell
+    them apart either: only a reward that checks the colour can (DESIGN.md §10). Uniform
+    caption noise (:func:`noisy_captions`) leaves the majority reading right, and guidance
+    already removes it.
+
+    Each colour word of ``captions[i]`` that is in a pair is swapped independently; a swap that
+    would make the caption name a held-out combination is not made, so no held-out caption is
+    ever read. ``specs[i]`` is the scene actually drawn (only used to check the lengths match).
+    Deterministic in ``seed``; returns the captions and how many of them changed.
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"synonym rate must be in [0, 1], got {rate}")
+    if len(specs) != len(captions):
+        raise ValueError(f"got {len(specs)} specs but {len(captions)} captions")
+    partner = {a: b for a, b in pairs} | {b: a for a, b in pairs}
+    out = list(captions)
+    if not partner or rate == 0.0:
+        return out, 0
+    rng = np.random.default_rng(seed)
+    changed = 0
+    for i, caption in enumerate(captions):
+        words = caption.split(" ")
+        for k, w in enumerate(words):
+            if w in partner and rng.random() < rate:
+                trial = words[:k] + [partner[w]] + words[k + 1:]
+                if not is_heldout(parse_prompt(" ".join(trial))):
+                    words = trial
+        out[i] = " ".join(words)
+        changed += out[i] != caption
+    return out, changed
+
+
 def uncaptioned_heldout(specs: Sequence[Spec], captions: Sequence[str]) -> list[str]:
     """``captions`` with every held-out spec's caption replaced by ``""`` (the unconditional caption).
 

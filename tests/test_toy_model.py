@@ -100,12 +100,15 @@ def test_smoke_build_loads_and_is_deterministic(tmp_path):
 
 def test_cli_smoke_build(tmp_path):
     rc = toy.main(["build", "--out", str(tmp_path / "m"), "--summary", str(tmp_path / "s.json"), "--n-scenes", "32", "--vae-steps", "1",
-                   "--dit-steps", "1", "--dit-batch", "4", "--dit-layers", "1", "--dit-heads", "2", "--caption-noise", "0.5", "--pretrain-heldout", "--eval-samples", "0"])
+                   "--dit-steps", "1", "--dit-batch", "4", "--dit-layers", "1", "--dit-heads", "2", "--caption-noise", "0.5", "--pretrain-heldout", "--eval-samples", "0",
+                   "--color-synonyms", "blue:cyan,red:purple", "--synonym-rate", "1.0"])
     assert rc == 0
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["config"]["dit_steps"] == 1 and (tmp_path / "m" / "model_index.json").is_file()
     assert summary["config"]["caption_noise"] == 0.5 and 4 <= summary["noisy_captions"] <= 28  # ~16 of 32 captions
     assert summary["config"]["pretrain_heldout"] is True
+    assert summary["config"]["color_synonyms"] == "blue:cyan,red:purple" and summary["config"]["synonym_rate"] == 1.0
+    assert 0 < summary["synonym_captions"] < 32  # captions naming blue, cyan, red or purple (some swaps are blocked)
     with pytest.raises(ValueError, match="uncaptioned_heldout needs pretrain_heldout"):
         toy.ToyBuildConfig(seed=1, uncaptioned_heldout=True, **SMOKE)  # refused before any scene is rendered
     assert json.loads((tmp_path / "m" / "transformer" / "config.json").read_text())["num_attention_heads"] == 2
