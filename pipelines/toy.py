@@ -11,7 +11,12 @@ Stages (one deterministic seed drives them all):
    alt-text (:func:`flowalign.rewards.shapes_scenes.noisy_captions`: a shape, colour, number or
    relation changed, or two attributes swapped; never a held-out caption): the model then
    draws, for a caption, the right scene or a near miss, the imperfection that reward
-   alignment is meant to remove.
+   alignment is meant to remove. With ``color_synonyms`` (``"blue:cyan,red:purple"``) each
+   colour of a pair is named by its partner with probability ``synonym_rate``
+   (:func:`flowalign.rewards.shapes_scenes.synonym_captions`); at 0.5 the words of a pair mean
+   the same thing in the data. Measured (bench/results/toy_variants.json, S1/S2): the
+   co-trained text encoders then give the pair near-identical features and RL on a transformer
+   LoRA does not separate them.
 2. **VAE**: a small ``AutoencoderKL`` (32x32x3 -> 16x16x4, SD3 layout: no quant convs) trained
    with L1 + MSE reconstruction and a small KL term; its ``shift_factor``/``scaling_factor``
    are set from the latents' mean and std so the transformer sees unit-variance latents.
