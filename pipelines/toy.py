@@ -360,7 +360,7 @@ def build(out_dir: str | Path, cfg: Optional[ToyBuildConfig] = None) -> dict[str
     images_u8, specs = training_scenes(cfg.seed, cfg.n_scenes, include_heldout=cfg.pretrain_heldout)
     images = _to_unit(images_u8)
     captions, n_noisy = noisy_captions(specs, cfg.caption_noise, cfg.seed + 11)
-    captions, n_synonyms = synonym_captions(specs, captions, parse_color_pairs(cfg.color_synonyms), cfg.synonym_rate, cfg.seed + 13)
+    captions, n_synonyms = synonym_captions(captions, parse_color_pairs(cfg.color_synonyms), cfg.synonym_rate, cfg.seed + 13)
     if cfg.uncaptioned_heldout:  # ToyBuildConfig checked that pretrain_heldout is set
         captions = uncaptioned_heldout(specs, captions)
     max_length = caption_length(sorted({s["prompt"] for t in TAGS for s in all_specs(t)}))

@@ -410,7 +410,7 @@ def parse_color_pairs(text: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-def synonym_captions(specs: Sequence[Spec], captions: Sequence[str], pairs: Sequence[tuple[str, str]], rate: float, seed: int) -> tuple[list[str], int]:
+def synonym_captions(captions: Sequence[str], pairs: Sequence[tuple[str, str]], rate: float, seed: int) -> tuple[list[str], int]:
     """Captions in which each colour of a pair is named by its partner with probability ``rate``.
 
     Web alt-text names neighbouring hues loosely ("blue" for a teal object, "red" for a
@@ -421,15 +421,12 @@ def synonym_captions(specs: Sequence[Spec], captions: Sequence[str], pairs: Sequ
     caption noise (:func:`noisy_captions`) leaves the majority reading right, and guidance
     already removes it.
 
-    Each colour word of ``captions[i]`` that is in a pair is swapped independently; a swap that
-    would make the caption name a held-out combination is not made, so no held-out caption is
-    ever read. ``specs[i]`` is the scene actually drawn (only used to check the lengths match).
-    Deterministic in ``seed``; returns the captions and how many of them changed.
+    Each colour word of a caption that is in a pair is swapped independently; a swap that would
+    make the caption name a held-out combination is not made, so no held-out caption is ever
+    read. Deterministic in ``seed``; returns the captions and how many of them changed.
     """
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"synonym rate must be in [0, 1], got {rate}")
-    if len(specs) != len(captions):
-        raise ValueError(f"got {len(specs)} specs but {len(captions)} captions")
     partner = {a: b for a, b in pairs} | {b: a for a, b in pairs}
     out = list(captions)
     if not partner or rate == 0.0:

@@ -11,7 +11,7 @@ from flowalign.rewards import shapes_scenes as S
 def test_hand_worked_swaps_at_rate_one():
     pairs = (("blue", "cyan"),)
     captions = ["a blue square", "a cyan circle", "two blue squares", "a blue square and a cyan triangle", "a red square", "a circle left of a square"]
-    got, changed = S.synonym_captions([{}] * len(captions), captions, pairs, 1.0, seed=0)
+    got, changed = S.synonym_captions(captions, pairs, 1.0, seed=0)
     assert got == [
         "a cyan square",
         "a cyan circle",  # "a blue circle" is a held-out caption: that swap is not made
@@ -28,10 +28,10 @@ def test_rate_is_per_colour_word_and_deterministic():
     specs = S.sample_specs(rng, 6000)
     clean = [s["prompt"] for s in specs]
     pairs = S.parse_color_pairs("blue:cyan,red:purple")
-    assert S.synonym_captions(specs, clean, pairs, 0.0, seed=1) == (clean, 0)
-    assert S.synonym_captions(specs, clean, (), 0.5, seed=1) == (clean, 0)
-    got, changed = S.synonym_captions(specs, clean, pairs, 0.5, seed=1)
-    assert S.synonym_captions(specs, clean, pairs, 0.5, seed=1) == (got, changed)
+    assert S.synonym_captions(clean, pairs, 0.0, seed=1) == (clean, 0)
+    assert S.synonym_captions(clean, (), 0.5, seed=1) == (clean, 0)
+    got, changed = S.synonym_captions(clean, pairs, 0.5, seed=1)
+    assert S.synonym_captions(clean, pairs, 0.5, seed=1) == (got, changed)
     assert changed == sum(a != b for a, b in zip(got, clean))
     # independent count: among colour words a swap could legally change, about half changed
     partner = {"blue": "cyan", "cyan": "blue", "red": "purple", "purple": "red"}
@@ -62,7 +62,7 @@ def test_pair_parsing_and_validation():
     with pytest.raises(ValueError, match="colour:colour"):
         S.parse_color_pairs("blue")
     with pytest.raises(ValueError, match="synonym rate"):
-        S.synonym_captions([{}], ["a red square"], (("red", "purple"),), 1.5, seed=0)
+        S.synonym_captions(["a red square"], (("red", "purple"),), 1.5, seed=0)
     with pytest.raises(ValueError, match="unknown colour"):
         ToyBuildConfig(color_synonyms="red:orange")
     with pytest.raises(ValueError, match="synonym_rate"):
