@@ -417,9 +417,11 @@ def synonym_captions(captions: Sequence[str], pairs: Sequence[tuple[str, str]], 
     magenta one), and a model pretrained on it draws either hue for either word. At
     ``rate = 0.5`` the two words of a pair mean the same thing in the data, so classifier-free
     guidance, which sharpens ``p(image | caption)`` towards its majority reading, cannot tell
-    them apart either: only a reward that checks the colour can (DESIGN.md §10). Uniform
-    caption noise (:func:`noisy_captions`) leaves the majority reading right, and guidance
-    already removes it.
+    them apart either; a reward that checks the colour can in principle (DESIGN.md §10).
+    Uniform caption noise (:func:`noisy_captions`) leaves the majority reading right, and
+    guidance already removes it. Measured on the toy (bench/README.md), the co-trained text
+    encoders give the two words of a pair near-identical features, so RL on a transformer
+    LoRA did not separate them either.
 
     Each colour word of a caption that is in a pair is swapped independently; a swap that would
     make the caption name a held-out combination is not made, so no held-out caption is ever
