@@ -15,8 +15,8 @@ Stages (one deterministic seed drives them all):
    colour of a pair is named by its partner with probability ``synonym_rate``
    (:func:`flowalign.rewards.shapes_scenes.synonym_captions`); at 0.5 the words of a pair mean
    the same thing in the data. Measured (bench/results/toy_variants.json, S1/S2): the
-   co-trained text encoders then give the pair near-identical features and RL on a transformer
-   LoRA does not separate them.
+   co-trained text encoders then give the pair near-identical features, and RL (LoRA on the
+   transformer, or on the text encoders too) did not separate them within 50 iterations.
 2. **VAE**: a small ``AutoencoderKL`` (32x32x3 -> 16x16x4, SD3 layout: no quant convs) trained
    with L1 + MSE reconstruction and a small KL term; its ``shift_factor``/``scaling_factor``
    are set from the latents' mean and std so the transformer sees unit-variance latents.
