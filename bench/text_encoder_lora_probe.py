@@ -29,11 +29,11 @@ CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 class TextLoraTrainer(T.Trainer):
     def _setup_model(self) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
         super()._setup_model()
         pipe = self.adapter.pipeline
         extra = []
-        from peft import LoraConfig, inject_adapter_in_model
-
         for name in ("text_encoder", "text_encoder_2"):
             enc = getattr(pipe, name)
             enc.requires_grad_(False)
@@ -57,7 +57,8 @@ class TextLoraTrainer(T.Trainer):
             self._count_nonfinite(f"loss {float(loss.detach())} at step {k}")
             return {}
         self._nonfinite_in_row = 0
-        (loss * scale).backward()
+        loss = loss * scale
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return metrics
 
 
