@@ -21,7 +21,9 @@ Stages (one deterministic seed drives them all):
    with L1 + MSE reconstruction and a small KL term; its ``shift_factor``/``scaling_factor``
    are set from the latents' mean and std so the transformer sees unit-variance latents.
 3. **Transformer + text encoders**: an ``SD3Transformer2DModel`` (patch 2 on the 16x16
-   latent: 64 image tokens) and two tiny CLIP text encoders (co-trained; the tokenizers are
+   latent: 64 image tokens) and two tiny CLIP text encoders (co-trained, or with
+   ``frozen_text_encoders`` kept at their seeded random init so that no word's features can
+   fold into another's while the transformer learns to read them; the tokenizers are
    the real CLIP BPE from :mod:`flowalign.pipelines.components`, ``model_max_length`` the
    shortest that fits every caption, 11; no real T5: :func:`zero_t5` outputs zeros exactly
    like ``text_encoder_3=None``) trained with the SD3 rectified-flow loss
@@ -91,6 +93,7 @@ class ToyBuildConfig:
     synonym_rate: float = 0.5  # probability that a paired colour is named by its partner
     pretrain_heldout: bool = False  # pretraining scenes include the held-out combinations (training_scenes)
     uncaptioned_heldout: bool = False  # with pretrain_heldout: held-out scenes are shown with the empty caption only
+    frozen_text_encoders: bool = False  # keep both CLIP encoders at their random init (only the transformer learns)
     shift: float = 1.5
     guidance_scale: float = 4.5
     eval_every: int = 500
@@ -233,7 +236,9 @@ def _encode(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return pe, pooled
 
 
-def _trained_modules(pipe) -> list[torch.nn.Module]:
+def _trained_modules(pipe, frozen_text_encoders: bool = False) -> list[torch.nn.Module]:
+    if frozen_text_encoders:
+        return [pipe.transformer]
     return [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]
 
 
@@ -281,7 +286,9 @@ def train_flow(pipe, means: torch.Tensor, stds: torch.Tensor, captions: list[str
     """SD3 rectified-flow training of the transformer and the text encoders; EMA weights are
     loaded into ``pipe`` at the end. Returns the periodic evaluation log."""
     shift_f, scale_f = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
-    modules = _trained_modules(pipe)
+    modules = _trained_modules(pipe, cfg.frozen_text_encoders)
+    for m in (pipe.text_encoder, pipe.text_encoder_2):
+        m.requires_grad_(not cfg.frozen_text_encoders)
     params = [p for m in modules for p in m.parameters()]
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=cfg.dit_lr, weight_decay=0.0, betas=(0.9, 0.99))
@@ -513,6 +520,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     b.add_argument("--pretrain-heldout", action="store_true", help="pretrain on every caption, held-out combinations included")
     b.add_argument("--uncaptioned-heldout", action="store_true",
                    help="with --pretrain-heldout: draw the held-out scenes but caption them with the empty (unconditional) caption")
+    b.add_argument("--frozen-text-encoders", action="store_true",
+                   help="keep both CLIP text encoders at their seeded random init: only the transformer learns to read them")
     b.add_argument("--sample-dir", default=None, help="write sample grids and EMA checkpoints here")
     e = sub.add_parser("evaluate", help="measure a toy folder (accuracy, sweep, timing, group variance)")
     e.add_argument("--model", default="assets/toy")

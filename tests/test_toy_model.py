@@ -112,3 +112,18 @@ def test_cli_smoke_build(tmp_path):
     with pytest.raises(ValueError, match="uncaptioned_heldout needs pretrain_heldout"):
         toy.ToyBuildConfig(seed=1, uncaptioned_heldout=True, **SMOKE)  # refused before any scene is rendered
     assert json.loads((tmp_path / "m" / "transformer" / "config.json").read_text())["num_attention_heads"] == 2
+
+
+def test_frozen_text_encoders_keep_their_seeded_init(tmp_path):
+    """--frozen-text-encoders: both CLIP encoders are saved exactly as build_pipeline initialised
+    them (an independent fresh init with the same seed), while the transformer still trains."""
+    cfg = toy.ToyBuildConfig(seed=1, frozen_text_encoders=True, **SMOKE)
+    toy.build(tmp_path / "f", cfg)
+    fresh = toy.build_pipeline(cfg, toy.build_vae(cfg), max_length=11)
+    for name in ("text_encoder", "text_encoder_2"):
+        saved = load_file(tmp_path / "f" / name / "model.safetensors")
+        init = getattr(fresh, name).state_dict()
+        assert all(torch.equal(saved[k], init[k]) for k in saved), name
+    saved = load_file(tmp_path / "f" / "transformer" / "diffusion_pytorch_model.safetensors")
+    init = fresh.transformer.state_dict()
+    assert not all(torch.equal(saved[k], init[k]) for k in saved)  # the transformer did learn
