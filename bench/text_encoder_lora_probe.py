@@ -11,7 +11,8 @@ in the same optimizer, and each micro-batch's prompts are re-encoded *with* grad
 step, so the ratio starts at 1). ``_micro_step`` is the trainer's own, with that one change. What
 it does not do: save the text-encoder LoRA into the run's LoRA file, checkpoint or resume it, or
 disable it for the reference (the diagnostic kl/ref then sees the text LoRA on both sides).
-Results: bench/results/heldout_curve.json, variants ``text_encoder_lora_seed0`` / ``_seed1``."""
+Results: bench/results/heldout_curve.json, variants ``text_encoder_lora_seed0`` / ``_seed1`` / ``_seed2``
+(+12.3 / +10.1 / +9.7 points at 50 iterations, against +11.1 / +9.4 / +7.0 without it)."""
 import logging
 import sys
 from pathlib import Path
