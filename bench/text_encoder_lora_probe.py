@@ -8,7 +8,7 @@ which a LoRA on the transformer alone cannot split. Here the text encoders get r
 attention projections (peft injected directly: transformers' ``add_adapter`` wants a newer peft),
 in the same optimizer, and each micro-batch's prompts are re-encoded *with* gradients in the update
 (the rollouts keep their no-grad conditioning, which equals the re-encoded one before the first
-step, so the ratio starts at 1). ``_micro_step`` is the trainer's own, with that one change. What
+step, so the ratio starts at 1) by overriding the trainer's ``_update_cond``. What
 it does not do: save the text-encoder LoRA into the run's LoRA file, checkpoint or resume it, or
 disable it for the reference (the diagnostic kl/ref then sees the text LoRA on both sides).
 Results: bench/results/heldout_curve.json, variants ``text_encoder_lora_seed0`` / ``_seed1`` / ``_seed2``
@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch  # noqa: E402
 
 import heldout_curve  # noqa: E402
 from flowalign import lora as L  # noqa: E402
@@ -47,20 +46,10 @@ class TextLoraTrainer(T.Trainer):
         self.params = list(self.params) + extra
         logging.getLogger("te_probe").info("text-encoder LoRA: %d parameters", sum(p.numel() for p in extra))
 
-    def _micro_step(self, batch, index, k, scale):
-        rows = self._make_batch(batch, index, k)
+    def _update_cond(self, batch, index):
         prompts = [batch.traj.prompts[i] for i in index.tolist()]
-        encode = type(self.adapter).encode.__wrapped__
-        cond = encode(self.adapter, prompts, do_classifier_free_guidance=self.config.sampling.guidance_scale > 1.0)
-        policy, reference = self.velocity_fns(cond)
-        loss, metrics = self.objective.loss(rows, policy, reference)
-        if not torch.isfinite(loss):
-            self._count_nonfinite(f"loss {float(loss.detach())} at step {k}")
-            return {}
-        self._nonfinite_in_row = 0
-        loss = loss * scale
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        return metrics
+        encode = type(self.adapter).encode.__wrapped__  # the adapter's encode without its no_grad
+        return encode(self.adapter, prompts, do_classifier_free_guidance=self.config.sampling.guidance_scale > 1.0)
 
 
 heldout_curve.Trainer = TextLoraTrainer

@@ -479,10 +479,15 @@ class Trainer:
         mean_ref, _ = transition_mean(rows, reference)
         return float(mean_kl(mean, mean_ref, std).mean())
 
+    def _update_cond(self, batch: Batch, index: Tensor):
+        """The conditioning of samples ``index`` for the update: the rollouts' own (no gradient).
+        A subclass that trains the text side re-encodes ``batch.traj.prompts`` here instead."""
+        return batch.cond.select(index.to(self.device))
+
     def _micro_step(self, batch: Batch, index: Tensor, k: int, scale: float) -> dict:
         """Forward + backward of one micro-batch; a non-finite loss is skipped (and counted)."""
         rows = self._make_batch(batch, index, k)
-        policy, reference = self.velocity_fns(batch.cond.select(index.to(self.device)))
+        policy, reference = self.velocity_fns(self._update_cond(batch, index))
         loss, metrics = self.objective.loss(rows, policy, reference)
         if not torch.isfinite(loss):
             self._count_nonfinite(f"loss {float(loss.detach())} at step {k}")
