@@ -5,7 +5,7 @@ on the transformer, measured like bench/heldout_curve.py (same arguments and out
 
 Why: the toy's co-trained text encoders give some words near-identical features (bench/README.md),
 which a LoRA on the transformer alone cannot split. Here the text encoders get rank-8 LoRA on their
-attention projections (peft injected directly: transformers' ``add_adapter`` wants a newer peft),
+attention projections (``flowalign.lora.add_lora``, which injects peft directly into non-diffusers modules),
 in the same optimizer, and each micro-batch's prompts are re-encoded *with* gradients in the update
 (the rollouts keep their no-grad conditioning, which equals the re-encoded one before the first
 step, so the ratio starts at 1) by overriding the trainer's ``_update_cond``. What
@@ -29,19 +29,11 @@ CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 class TextLoraTrainer(T.Trainer):
     def _setup_model(self) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
-
         super()._setup_model()
         pipe = self.adapter.pipeline
         extra = []
         for name in ("text_encoder", "text_encoder_2"):
-            enc = getattr(pipe, name)
-            enc.requires_grad_(False)
-            inject_adapter_in_model(LoraConfig(r=TE_RANK, lora_alpha=2.0 * TE_RANK, init_lora_weights="gaussian", target_modules=CLIP_TARGETS), enc, adapter_name=L.ADAPTER_NAME)
-            params = [p for n, p in enc.named_parameters() if "lora_" in n]
-            for p in params:
-                p.requires_grad_(True)
-            extra += params
+            extra += L.add_lora(getattr(pipe, name), TE_RANK, 2.0 * TE_RANK, CLIP_TARGETS, init="gaussian")
         self.optimizer.add_param_group({"params": extra})
         self.params = list(self.params) + extra
         logging.getLogger("te_probe").info("text-encoder LoRA: %d parameters", sum(p.numel() for p in extra))

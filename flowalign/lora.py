@@ -9,15 +9,17 @@
   ``transformer.`` when writing ``pytorch_lora_weights.safetensors``.
 * :func:`lora_disabled` runs the reference model (LoRA off) inside a ``with`` block.
 * :class:`LoraEMA` keeps an exponential moving average of the LoRA weights.
-* :func:`load_lora_into_pipeline` checks a LoRA file against a pipeline's transformer first and
-  raises :class:`~flowalign.errors.LoraMismatchError` listing what does not fit.
+* :func:`load_lora_into_pipeline` checks a LoRA file against a pipeline's transformer (and its
+  CLIP text encoders, for files trained with them, like diffusers' DreamBooth
+  ``--train_text_encoder``) first and raises :class:`~flowalign.errors.LoraMismatchError`
+  listing what does not fit.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from safetensors import safe_open
@@ -29,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 ADAPTER_NAME = "default"
+# the key prefixes (pipeline components) that SD3's ``load_lora_weights`` reads from one file
+LORA_COMPONENTS = ("transformer", "text_encoder", "text_encoder_2")
 
 
 def _tuner_layers(module: nn.Module) -> list[nn.Module]:
@@ -60,9 +64,11 @@ def add_lora(
     )
     module.requires_grad_(False)
     try:
-        if hasattr(module, "add_adapter"):  # diffusers ModelMixin (PeftAdapterMixin)
+        from diffusers.loaders.peft import PeftAdapterMixin
+
+        if isinstance(module, PeftAdapterMixin):  # diffusers models
             module.add_adapter(peft_config, adapter_name=ADAPTER_NAME)
-        else:
+        else:  # e.g. transformers' CLIP encoders, whose add_adapter wants a newer peft than diffusers does
             from peft import inject_adapter_in_model
 
             inject_adapter_in_model(peft_config, module, adapter_name=ADAPTER_NAME)
@@ -202,19 +208,27 @@ def _mismatch_message(what: str, missing: list, unexpected: list, shapes: list, 
     return f"{what} does not fit the model; " + "; ".join(parts)
 
 
-def check_lora_file(path: Union[str, Path], module: nn.Module, prefix: str = "transformer") -> dict[str, tuple]:
+def lora_components(pipeline) -> dict[str, nn.Module]:
+    """``{prefix: module}`` of the pipeline's components a LoRA file may target (:data:`LORA_COMPONENTS`)."""
+    return {name: getattr(pipeline, name) for name in LORA_COMPONENTS if getattr(pipeline, name, None) is not None}
+
+
+def check_lora_file(path: Union[str, Path], module: Union[nn.Module, Mapping[str, nn.Module]], prefix: str = "transformer") -> dict[str, tuple]:
     """Check every key of a diffusers LoRA file against ``module``; return ``{key: shape}``.
 
-    A key ``transformer.<module path>.lora_A.weight`` fits when ``<module path>`` is a linear
-    layer of ``module`` with ``lora_A: [r, in_features]`` and ``lora_B: [out_features, r]``.
+    ``module`` is one module, whose keys carry ``prefix``, or a mapping ``{prefix: module}`` such
+    as :func:`lora_components` of a pipeline. A key ``<prefix>.<module path>.lora_A.weight`` fits
+    when ``<module path>`` is a linear layer of that prefix's module with
+    ``lora_A: [r, in_features]`` and ``lora_B: [out_features, r]``.
 
-    Logs a warning when the safetensors header carries no ``lora_alpha`` (diffusers then loads
-    the file with ``alpha = r``).
+    Logs a warning for each prefix in the file whose ``lora_alpha`` the safetensors header does
+    not carry (diffusers then loads those weights with ``alpha = r``).
 
     Raises:
         LoraMismatchError: listing keys for another model (wrong prefix or unknown module) and
             keys whose shapes do not fit.
     """
+    modules = dict(module) if isinstance(module, Mapping) else {prefix: module}
     path = Path(path)
     if path.is_dir():
         path = path / LORA_WEIGHT_NAME
@@ -223,35 +237,39 @@ def check_lora_file(path: Union[str, Path], module: nn.Module, prefix: str = "tr
     with safe_open(str(path), framework="pt") as fh:
         shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
         header = fh.metadata() or {}
-    layers = dict(module.named_modules())
-    unknown, bad_shape = [], []
+    layers = {name: dict(m.named_modules()) for name, m in modules.items()}
+    unknown, bad_shape, present = [], [], set()
     for key, shape in shapes.items():
-        body = key[len(prefix) + 1:] if key.startswith(prefix + ".") else None
-        base, _, kind = (body or "").rpartition(".lora_")
-        layer = layers.get(base.replace(f".{ADAPTER_NAME}", ""))
+        owner = next((name for name in modules if key.startswith(name + ".")), None)  # "text_encoder_2." never starts with "text_encoder."
+        base, _, kind = (key[len(owner) + 1:] if owner else "").rpartition(".lora_")
+        layer = layers[owner].get(base.replace(f".{ADAPTER_NAME}", "")) if owner else None
         base_layer = getattr(layer, "base_layer", layer)
-        if body is None or layer is None or not hasattr(base_layer, "in_features"):
+        if layer is None or not hasattr(base_layer, "in_features"):
             unknown.append(key)
-        elif kind.startswith("A") and (len(shape) != 2 or shape[1] != base_layer.in_features):
+            continue
+        present.add(owner)
+        if kind.startswith("A") and (len(shape) != 2 or shape[1] != base_layer.in_features):
             bad_shape.append(f"{key} {list(shape)} (layer in_features {base_layer.in_features})")
         elif kind.startswith("B") and (len(shape) != 2 or shape[0] != base_layer.out_features):
             bad_shape.append(f"{key} {list(shape)} (layer out_features {base_layer.out_features})")
     if unknown or bad_shape or not shapes:
         raise LoraMismatchError(_mismatch_message(f"LoRA file {path}", [] if shapes else ["(file holds no tensors)"], sorted(unknown), sorted(bad_shape)))
-    if f'"{prefix}.lora_alpha"' not in header.get("lora_adapter_metadata", ""):
-        logger.warning("LoRA file %s has no %s.lora_alpha in its header (lora_adapter_metadata): diffusers loads it with "
-                       "alpha = r, so a LoRA trained with another alpha acts at another strength (flowalign writes the header)",
-                       path, prefix)
+    for name in sorted(present):
+        if f'"{name}.lora_alpha"' not in header.get("lora_adapter_metadata", ""):
+            logger.warning("LoRA file %s has no %s.lora_alpha in its header (lora_adapter_metadata): diffusers loads it with "
+                           "alpha = r, so a LoRA trained with another alpha acts at another strength (flowalign writes the header)",
+                           path, name)
     return shapes
 
 
 def load_lora_into_pipeline(pipeline, path: Union[str, Path], adapter_name: Optional[str] = None) -> None:
-    """Check a LoRA file (or a folder holding ``pytorch_lora_weights.safetensors``) and load it.
+    """Check a LoRA file (or a folder holding ``pytorch_lora_weights.safetensors``) against the
+    pipeline's transformer and text encoders (:func:`lora_components`), then load it.
 
     Raises:
         LoraMismatchError: the file was trained for another architecture or size.
     """
-    check_lora_file(path, pipeline.transformer)
+    check_lora_file(path, lora_components(pipeline))
     path = Path(path)
     kwargs = {"adapter_name": adapter_name} if adapter_name else {}
     if path.is_dir():

@@ -144,3 +144,41 @@ def test_a_lora_file_without_alpha_in_its_header_warns(pipe, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="flowalign.lora"):
         lora.check_lora_file(tmp_path / "bare", pipe.transformer)
     assert "has no transformer.lora_alpha in its header" in caplog.text
+
+
+CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def test_a_file_with_text_encoder_lora_is_checked_and_loaded(pipe, tmp_path, caplog):
+    """Files that also train the CLIP encoders (diffusers DreamBooth --train_text_encoder) carry
+    ``text_encoder.`` / ``text_encoder_2.`` keys: they are checked against those encoders and the
+    loaded pipeline reproduces the trained one's samples."""
+    params = lora.add_lora(pipe.transformer, rank=4, alpha=8, target_modules=TARGETS)
+    text_params = lora.add_lora(pipe.text_encoder_2, rank=2, alpha=4, target_modules=CLIP_TARGETS)
+    _perturb(params)
+    _perturb(text_params, scale=0.5, seed=5)
+    expected = _latents(pipe)
+    with lora.lora_disabled(pipe.transformer):
+        assert (_latents(pipe) - expected).abs().max() > 1e-3  # the text LoRA alone moves the samples
+    text_state = lora.get_lora_state_dict(pipe.text_encoder_2)
+    type(pipe).save_lora_weights(
+        tmp_path, transformer_lora_layers=lora.get_lora_state_dict(pipe.transformer), text_encoder_2_lora_layers=text_state,
+        transformer_lora_adapter_metadata=lora.lora_metadata(pipe.transformer),
+        text_encoder_2_lora_adapter_metadata=lora.lora_metadata(pipe.text_encoder_2), safe_serialization=True,
+    )
+    fresh = tiny_sd3_pipeline(seed=0)
+    fresh.set_progress_bar_config(disable=True)
+    with caplog.at_level("WARNING", logger="flowalign.lora"):
+        shapes = lora.check_lora_file(tmp_path, lora.lora_components(fresh))
+    assert {k.split(".")[0] for k in shapes} == {"transformer", "text_encoder_2"}
+    assert "lora_alpha" not in caplog.text  # both components' alphas are in the header
+    with pytest.raises(LoraMismatchError, match="unexpected: text_encoder_2.text_model"):
+        lora.check_lora_file(tmp_path, fresh.transformer)  # the transformer alone does not own those keys
+    assert (_latents(fresh) - expected).abs().max() > 1e-2
+    lora.load_lora_into_pipeline(fresh, tmp_path)
+    assert (_latents(fresh) - expected).abs().max() <= 1e-4
+    # a text-encoder key of the wrong width is named with its prefix
+    key = next(k for k in text_state if k.endswith("q_proj.lora_A.weight"))
+    save_file({f"text_encoder_2.{key}": torch.zeros(2, 3)}, tmp_path / "bad.safetensors")
+    with pytest.raises(LoraMismatchError, match=f"1 with wrong shapes: text_encoder_2.{key} \\[2, 3\\]"):
+        lora.check_lora_file(tmp_path / "bad.safetensors", lora.lora_components(tiny_sd3_pipeline(seed=0)))
