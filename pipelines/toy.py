@@ -289,7 +289,7 @@ def train_flow(pipe, means: torch.Tensor, stds: torch.Tensor, captions: list[str
     shift_f, scale_f = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
     modules = _trained_modules(pipe, cfg.frozen_text_encoders)
     for m in (pipe.text_encoder, pipe.text_encoder_2):
-        m.requires_grad_(not cfg.frozen_text_encoders)
+        m.requires_grad_(m in modules)  # frozen encoders build no autograd graph
     params = [p for m in modules for p in m.parameters()]
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=cfg.dit_lr, weight_decay=0.0, betas=(0.9, 0.99))
