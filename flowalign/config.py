@@ -118,13 +118,18 @@ class RewardConfig:
 
 @dataclass
 class LoraConfig:
-    """peft LoRA on the adapter's trainable module (the transformer)."""
+    """peft LoRA on the adapter's trainable module (the transformer) and, with
+    ``train_text_encoder``, on its text encoders too (diffusers' DreamBooth ``--train_text_encoder``:
+    for SD3 the two CLIP encoders, not T5; same rank and alpha)."""
 
     rank: int = field(default=32, metadata={"help": "LoRA rank r."})
     alpha: float = field(default=64.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
     target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Module names to adapt; null = the adapter's defaults."})
     init: str = field(default="gaussian", metadata={"help": "peft init_lora_weights: 'gaussian' or 'default' (both start with a zero update)."})
     dropout: float = field(default=0.0, metadata={"help": "LoRA dropout probability."})
+    train_text_encoder: bool = field(default=False, metadata={"help": "Also train LoRA on the adapter's text encoders (SD3: the CLIP pair); the LoRA file then holds text_encoder. / text_encoder_2. keys as well."})
+    text_encoder_target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Text-encoder module names to adapt; null = the adapter's defaults (CLIP: q/k/v/out_proj)."})
+    text_encoder_lr: Optional[float] = field(default=None, metadata={"help": "Learning rate of the text-encoder LoRA (diffusers' --text_encoder_lr); null = train.lr. Follows train.lr_schedule."})
 
     def __post_init__(self):
         _check(self.rank >= 1, f"lora.rank must be >= 1, got {self.rank}")
@@ -132,6 +137,11 @@ class LoraConfig:
         _choice("lora.init", self.init, ("gaussian", "default"))
         _check(0.0 <= self.dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.dropout}")
         _check(self.target_modules is None or len(self.target_modules) > 0, "lora.target_modules must be null or a non-empty list, got []")
+        _check(self.text_encoder_target_modules is None or len(self.text_encoder_target_modules) > 0,
+               "lora.text_encoder_target_modules must be null or a non-empty list, got []")
+        for key in ("text_encoder_target_modules", "text_encoder_lr"):
+            _check(self.train_text_encoder or getattr(self, key) is None, f"lora.{key} is set but lora.train_text_encoder is false")
+        _check(self.text_encoder_lr is None or self.text_encoder_lr > 0, f"lora.text_encoder_lr must be null or > 0, got {self.text_encoder_lr}")
 
 
 @dataclass

@@ -117,9 +117,10 @@ def set_lora_state_dict(module: nn.Module, state: dict[str, Tensor]) -> None:
 
 
 @contextlib.contextmanager
-def lora_disabled(module: nn.Module) -> Iterator[nn.Module]:
-    """Run ``module`` without its LoRA update (the frozen reference model) inside the block."""
-    layers = _tuner_layers(module)
+def lora_disabled(module: nn.Module, *more: nn.Module) -> Iterator[nn.Module]:
+    """Run ``module`` (and ``more`` modules, e.g. text encoders with LoRA) without their LoRA
+    update (the frozen reference model) inside the block."""
+    layers = [layer for m in (module, *more) for layer in _tuner_layers(m)]
     for layer in layers:
         layer.enable_adapters(False)
     try:

@@ -55,8 +55,9 @@ class Adapter(Protocol):
 
     pipeline: Any
 
-    def encode(self, prompts: list[str], do_classifier_free_guidance: bool = True) -> Conditioning:
-        """Encode prompts (and the empty negative prompt when CFG is on)."""
+    def encode(self, prompts: list[str], do_classifier_free_guidance: bool = True, requires_grad: bool = False) -> Conditioning:
+        """Encode prompts (and the empty negative prompt when CFG is on); without autograd unless
+        ``requires_grad`` (the update re-encodes with it when the text encoders carry LoRA)."""
 
     def velocity(self, latents: Tensor, sigma: Union[float, Tensor], cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
         """Predicted velocity ``v = noise - x0`` for ``latents`` at ``sigma`` (float or ``[B]``).
@@ -82,14 +83,26 @@ class Adapter(Protocol):
     def lora_target_modules(self) -> list[str]:
         """Default LoRA target module names for this family."""
 
+    @property
+    def text_lora_modules(self) -> dict[str, nn.Module]:
+        """``{component name: text encoder}`` that ``lora.train_text_encoder`` adapts, named as the
+        pipeline's ``save_lora_weights`` / ``load_lora_weights`` name them (SD3: ``text_encoder``,
+        ``text_encoder_2``); ``{}`` for a family whose loader takes no text-encoder LoRA."""
+
+    @property
+    def text_lora_target_modules(self) -> list[str]:
+        """Default LoRA target module names in the text encoders."""
+
     def save_lora(self, directory: Union[str, Path], state_dict: dict[str, Tensor],
-                  metadata: Optional[dict[str, Any]] = None) -> Path:
+                  metadata: Optional[dict[str, Any]] = None,
+                  text_encoder_states: Optional[dict[str, tuple[dict[str, Tensor], Optional[dict[str, Any]]]]] = None) -> Path:
         """Write ``pytorch_lora_weights.safetensors`` with the pipeline class's ``save_lora_weights``.
 
         ``metadata`` is the peft config of the LoRA (``flowalign.lora.lora_metadata``: ``r``,
         ``lora_alpha``, target modules) written into the safetensors header; without it diffusers'
         ``load_lora_weights`` assumes ``lora_alpha == r`` and the loaded model differs from the
-        trained one whenever ``alpha != r``.
+        trained one whenever ``alpha != r``. ``text_encoder_states`` maps a name of
+        :attr:`text_lora_modules` to that encoder's ``(state_dict, metadata)``.
         """
 
 

@@ -35,6 +35,10 @@ SD3_LORA_TARGETS = (
     "attn.to_q",
     "attn.to_v",
 )
+# Text-encoder LoRA targets of the same script with --train_text_encoder (the CLIP attention projections)
+CLIP_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+# the text encoders SD3's save_lora_weights / load_lora_weights take LoRA for (T5 is never adapted)
+SD3_TEXT_LORA_COMPONENTS = ("text_encoder", "text_encoder_2")
 
 
 @register_adapter("sd3", ("StableDiffusion3Pipeline",))
@@ -99,26 +103,35 @@ class SD3Adapter:
     def lora_target_modules(self) -> list[str]:
         return list(SD3_LORA_TARGETS)
 
+    @property
+    def text_lora_modules(self) -> dict[str, nn.Module]:
+        return {name: getattr(self.pipeline, name) for name in SD3_TEXT_LORA_COMPONENTS if getattr(self.pipeline, name, None) is not None}
+
+    @property
+    def text_lora_target_modules(self) -> list[str]:
+        return list(CLIP_LORA_TARGETS)
+
     # ------------------------------------------------------------------ protocol
 
-    @torch.no_grad()
-    def encode(self, prompts: list[str], do_classifier_free_guidance: bool = True) -> Conditioning:
+    def encode(self, prompts: list[str], do_classifier_free_guidance: bool = True, requires_grad: bool = False) -> Conditioning:
         """Encode ``prompts`` with ``pipeline.encode_prompt`` (and ``negative_prompt`` for CFG).
 
         Returns ``Conditioning(cond={"encoder_hidden_states": [B, 77 + T5_len, D],
-        "pooled_projections": [B, P]}, uncond=same keys or None)``.
+        "pooled_projections": [B, P]}, uncond=same keys or None)``. Runs under ``torch.no_grad``
+        unless ``requires_grad`` (then gradients reach any LoRA in the text encoders).
         """
         if isinstance(prompts, str):
             prompts = [prompts]
-        embeds, neg_embeds, pooled, neg_pooled = self.pipeline.encode_prompt(
-            prompt=list(prompts),
-            prompt_2=None,
-            prompt_3=None,
-            device=self.device,
-            do_classifier_free_guidance=do_classifier_free_guidance,
-            negative_prompt=self.negative_prompt,
-            max_sequence_length=self.max_sequence_length,
-        )
+        with torch.enable_grad() if requires_grad else torch.no_grad():
+            embeds, neg_embeds, pooled, neg_pooled = self.pipeline.encode_prompt(
+                prompt=list(prompts),
+                prompt_2=None,
+                prompt_3=None,
+                device=self.device,
+                do_classifier_free_guidance=do_classifier_free_guidance,
+                negative_prompt=self.negative_prompt,
+                max_sequence_length=self.max_sequence_length,
+            )
         cond = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
         uncond = None
         if do_classifier_free_guidance:
@@ -226,15 +239,23 @@ class SD3Adapter:
         images = vae.decode(z, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
-    def save_lora(self, directory: Union[str, Path], state_dict: dict[str, Tensor], metadata: Optional[dict] = None) -> Path:
+    def save_lora(self, directory: Union[str, Path], state_dict: dict[str, Tensor], metadata: Optional[dict] = None,
+                  text_encoder_states: Optional[dict[str, tuple[dict[str, Tensor], Optional[dict]]]] = None) -> Path:
         """Write ``pytorch_lora_weights.safetensors`` with ``StableDiffusion3Pipeline.save_lora_weights``.
 
         ``metadata`` (the peft ``LoraConfig`` as a dict, e.g. :func:`flowalign.lora.lora_metadata`)
         goes into the file header as ``transformer_lora_adapter_metadata``, so
         ``load_lora_weights`` restores the trained ``lora_alpha / r`` scale (without it diffusers
-        assumes ``alpha = r``).
+        assumes ``alpha = r``). ``text_encoder_states`` (``{"text_encoder": (state, metadata),
+        "text_encoder_2": ...}``) adds the CLIP encoders' LoRA as ``text_encoder.`` /
+        ``text_encoder_2.`` keys, as diffusers' DreamBooth ``--train_text_encoder`` writes them.
         """
         directory = Path(directory)
+        extra = {}
+        for name, (state, meta) in (text_encoder_states or {}).items():
+            if name not in SD3_TEXT_LORA_COMPONENTS:
+                raise ValueError(f"SD3 LoRA files take text-encoder LoRA for {SD3_TEXT_LORA_COMPONENTS}, not {name!r}")
+            extra[f"{name}_lora_layers"], extra[f"{name}_lora_adapter_metadata"] = state, meta
         type(self.pipeline).save_lora_weights(str(directory), transformer_lora_layers=state_dict,
-                                              transformer_lora_adapter_metadata=metadata)
+                                              transformer_lora_adapter_metadata=metadata, **extra)
         return directory / "pytorch_lora_weights.safetensors"

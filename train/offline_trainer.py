@@ -80,6 +80,8 @@ class OfflineConfig:
         _check(self.lr > 0 and self.weight_decay >= 0 and self.max_grad_norm >= 0, f"need lr > 0, weight_decay >= 0, max_grad_norm >= 0; got {self.lr}, {self.weight_decay}, {self.max_grad_norm}")
         _check(self.guidance_scale >= 1.0, f"guidance_scale must be >= 1, got {self.guidance_scale}")
         _check(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        _check(not self.lora.train_text_encoder, "lora.train_text_encoder is supported by the online trainer (flowalign train) only, "
+               "not yet by the offline one")
 
 
 def load_offline_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> OfflineConfig:

@@ -44,7 +44,7 @@ from torch import Tensor
 from flowalign import checkpoint as ckpt
 from flowalign import lora as lora_lib
 from flowalign.config import FlowalignConfig, config_hash, save_config
-from flowalign.errors import CheckpointError, ConfigError, NonFiniteLossError
+from flowalign.errors import CheckpointError, ConfigError, LoraMismatchError, NonFiniteLossError
 from flowalign.lr_schedule import lr_multiplier
 from flowalign.train import forward_process as fp
 from flowalign.train import runtime
@@ -105,17 +105,34 @@ def make_step_batch(batch: Batch, index: Tensor, k: int, log_prob_reduce: str, d
     )
 
 
-def velocity_fns(adapter, cond, guidance_scale: float, with_reference: bool):
+def repeat_rows(cond, rows: Tensor):
+    """``cond.select(rows)`` for ``rows`` with repeats, as a one-hot matmul: the same values (``1 * x + 0``
+    is exact), but the backward sums each row's gradients in a fixed order, where the backward of
+    indexing (``index_put_`` with accumulation) may not, and a run would not resume bit-exactly."""
+    def expand(t: Tensor) -> Tensor:
+        if not t.is_floating_point():
+            return t[rows]
+        pick = torch.nn.functional.one_hot(rows, t.shape[0]).to(t.dtype)  # [n, u]
+        return (pick @ t.reshape(t.shape[0], -1)).reshape(rows.numel(), *t.shape[1:])
+
+    part = lambda d: None if d is None else {k: expand(v) for k, v in d.items()}  # noqa: E731
+    return type(cond)(cond=part(cond.cond), uncond=part(cond.uncond), extra=dict(cond.extra))
+
+
+def velocity_fns(adapter, cond, guidance_scale: float, with_reference: bool, reference_cond=None):
     """``(policy, reference)`` velocity functions over ``adapter`` with ``cond`` bound; the reference
-    runs the same module with its LoRA disabled (None unless ``with_reference``)."""
+    runs the same module with its LoRA disabled (None unless ``with_reference``) on
+    ``reference_cond``: the prompts encoded with the text encoders' LoRA off, when they carry one
+    (default: ``cond``)."""
     module = adapter.trainable_module
+    reference_cond = cond if reference_cond is None else reference_cond
 
     def policy(x: Tensor, sigma: Tensor) -> Tensor:
         return adapter.velocity(x, sigma, cond, guidance_scale=guidance_scale)
 
     def reference(x: Tensor, sigma: Tensor) -> Tensor:
         with torch.no_grad(), lora_lib.lora_disabled(module):
-            return adapter.velocity(x, sigma, cond, guidance_scale=guidance_scale)
+            return adapter.velocity(x, sigma, reference_cond, guidance_scale=guidance_scale)
 
     return policy, (reference if with_reference else None)
 
@@ -140,6 +157,7 @@ class Trainer:
         self.iteration = 0
         self._nonfinite_in_row = 0
         self.run_log: Optional[RunLogger] = None  # main process only
+        self.text_modules: dict = {}  # text encoders with LoRA (lora.train_text_encoder), filled by setup
         self.timings: dict[str, float] = {}  # wall seconds per phase of this session (setup, calibration, train, ...)
 
     # ================================================================= setup
@@ -202,17 +220,46 @@ class Trainer:
         module = self.adapter.trainable_module
         targets = cfg.lora.target_modules or self.adapter.lora_target_modules
         self.params = lora_lib.add_lora(module, cfg.lora.rank, cfg.lora.alpha, targets, cfg.lora.init, cfg.lora.dropout)
+        num_transformer_params = len(self.params)
+        self.text_modules = self._add_text_lora() if cfg.lora.train_text_encoder else {}
         if cfg.train.gradient_checkpointing:
             if not getattr(module, "_supports_gradient_checkpointing", False):
                 raise ConfigError(f"train.gradient_checkpointing=true but {type(module).__name__} does not support gradient checkpointing")
             module.enable_gradient_checkpointing()
         self.adapter = runtime.autocast_adapter(self.adapter, cfg.train.mixed_precision)
+        # one parameter group per learning rate; "lr_ratio" scales train.lr's schedule (_set_lr)
+        groups = [{"params": self.params[:num_transformer_params], "lr_ratio": 1.0}]
+        if self.text_modules:
+            groups.append({"params": self.params[num_transformer_params:], "lr_ratio": (cfg.lora.text_encoder_lr or cfg.train.lr) / cfg.train.lr})
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas), eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay
+            groups, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas), eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay
         )
         self.ema = lora_lib.LoraEMA(self.params, cfg.train.ema_decay) if cfg.train.ema else None
         # fp16 gradients of small losses underflow: dynamic loss scaling (bf16 has fp32's range and needs none)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.train.mixed_precision == "fp16" else None
+
+    def _add_text_lora(self) -> dict:
+        """LoRA (same rank, alpha, init) on the adapter's text encoders; their parameters join ``self.params``."""
+        cfg = self.config.lora
+        modules = dict(getattr(self.adapter, "text_lora_modules", None) or {})
+        if not modules:
+            raise ConfigError(f"lora.train_text_encoder=true but the {type(self.adapter).__name__} adapter has no text encoders "
+                              "that take LoRA (text_lora_modules is empty)")
+        targets = cfg.text_encoder_target_modules or self.adapter.text_lora_target_modules
+        for name, module in modules.items():
+            try:
+                params = lora_lib.add_lora(module, cfg.rank, cfg.alpha, targets, cfg.init, cfg.dropout)
+            except LoraMismatchError as exc:
+                raise ConfigError(f"lora.text_encoder_target_modules={list(targets)} match nothing in {name} "
+                                  f"({type(module).__name__}): {exc}") from None
+            logger.info("text-encoder LoRA on %s: %d parameters", name, sum(p.numel() for p in params))
+            self.params = list(self.params) + params
+        return modules
+
+    @property
+    def lora_modules(self) -> dict:
+        """``{component: module}`` of every module with trained LoRA (``transformer`` first)."""
+        return {"transformer": self.adapter.trainable_module, **self.text_modules}
 
     def _setup_data(self) -> None:
         from flowalign.prompts import PromptRecord, PromptSampler, load_prompts
@@ -406,10 +453,11 @@ class Trainer:
         steps = list(range(self.objective.num_timesteps)) if self.forward_process else self._trained_steps(batch.traj)
         return [(order[i:i + size], k) for i in range(0, order.numel(), size) for k in steps]
 
-    def velocity_fns(self, cond):
+    def velocity_fns(self, cond, reference_cond=None):
         """``policy(x, sigma)`` (LoRA on, with grad) and ``reference`` (LoRA off, no grad; None when
-        the objective needs no reference) with ``cond`` bound, CFG as configured for training."""
-        return velocity_fns(self.adapter, cond, self._train_guidance(), getattr(self.objective, "needs_reference", False))
+        the objective needs no reference) with ``cond`` (and ``reference_cond`` for the reference;
+        default ``cond``) bound, CFG as configured for training."""
+        return velocity_fns(self.adapter, cond, self._train_guidance(), getattr(self.objective, "needs_reference", False), reference_cond)
 
     def update(self, batch: Batch) -> dict:
         """``inner_epochs`` passes of micro-batches with gradient accumulation; return mean metrics."""
@@ -470,8 +518,8 @@ class Trainer:
         (forward-process objectives: mean ||v_theta - v_ref||^2 at their noised rows)."""
         from flowalign.objectives.grpo import mean_kl, transition_mean
 
-        policy, _ = self.velocity_fns(batch.cond.select(index.to(self.device)))
-        _, reference = velocity_fns(self.adapter, batch.cond.select(index.to(self.device)), self._train_guidance(), True)
+        policy, _ = self.velocity_fns(self._update_cond(batch, index, requires_grad=False))
+        _, reference = velocity_fns(self.adapter, None, self._train_guidance(), True, self._reference_cond(batch, index))
         rows = self._make_batch(batch, index, k)
         if self.forward_process:
             return fp.reference_gap(rows, policy, reference)
@@ -479,15 +527,36 @@ class Trainer:
         mean_ref, _ = transition_mean(rows, reference)
         return float(mean_kl(mean, mean_ref, std).mean())
 
-    def _update_cond(self, batch: Batch, index: Tensor):
-        """The conditioning of samples ``index`` for the update: the rollouts' own (no gradient).
-        A subclass that trains the text side re-encodes ``batch.traj.prompts`` here instead."""
-        return batch.cond.select(index.to(self.device))
+    def _update_cond(self, batch: Batch, index: Tensor, requires_grad: bool = True):
+        """The policy's conditioning of samples ``index`` for the update: the rollouts' own (no
+        gradient) or, when the text encoders carry LoRA (``lora.train_text_encoder``), the prompts
+        re-encoded by the current encoders (with gradient when ``requires_grad``). Before the first
+        optimizer step of an iteration the two are equal, so the ratio starts at 1."""
+        if not self.text_modules:
+            return batch.cond.select(index.to(self.device))
+        return self._encode_rows(batch, index, requires_grad)
+
+    def _reference_cond(self, batch: Batch, index: Tensor):
+        """The reference's conditioning of samples ``index``: the prompts encoded with every LoRA off."""
+        if not self.text_modules:
+            return batch.cond.select(index.to(self.device))
+        with lora_lib.lora_disabled(*self.text_modules.values()):
+            return self._encode_rows(batch, index, requires_grad=False)
+
+    def _encode_rows(self, batch: Batch, index: Tensor, requires_grad: bool):
+        """Encode the prompts of samples ``index`` (each distinct prompt once), CFG as in training."""
+        prompts = [batch.traj.prompts[i] for i in index.tolist()]
+        distinct = list(dict.fromkeys(prompts))
+        position = {p: j for j, p in enumerate(distinct)}
+        cond = self.adapter.encode(distinct, do_classifier_free_guidance=self._train_guidance() > 1.0, requires_grad=requires_grad)
+        return repeat_rows(cond, torch.tensor([position[p] for p in prompts], device=self.device))
 
     def _micro_step(self, batch: Batch, index: Tensor, k: int, scale: float) -> dict:
         """Forward + backward of one micro-batch; a non-finite loss is skipped (and counted)."""
         rows = self._make_batch(batch, index, k)
-        policy, reference = self.velocity_fns(self._update_cond(batch, index))
+        needs_reference = getattr(self.objective, "needs_reference", False)
+        policy, reference = self.velocity_fns(self._update_cond(batch, index),
+                                              self._reference_cond(batch, index) if needs_reference else None)
         loss, metrics = self.objective.loss(rows, policy, reference)
         if not torch.isfinite(loss):
             self._count_nonfinite(f"loss {float(loss.detach())} at step {k}")
@@ -518,11 +587,12 @@ class Trainer:
             )
 
     def _set_lr(self) -> None:
-        """``train.lr`` times the schedule's factor at this iteration (flowalign.lr_schedule)."""
+        """``train.lr`` times the schedule's factor at this iteration (flowalign.lr_schedule), times
+        each parameter group's ``lr_ratio`` (``lora.text_encoder_lr / train.lr`` for the text LoRA)."""
         t = self.config.train
         lr = t.lr * lr_multiplier(t.lr_schedule, min(self.iteration, t.iterations - 1), t.iterations, t.lr_warmup, t.lr_min_ratio)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_ratio", 1.0)
 
     def _optimizer_step(self, optim: dict) -> None:
         """Sum the (row-weighted) LoRA gradients across processes, clip, step (skipped when the norm is not finite)."""
@@ -607,6 +677,8 @@ class Trainer:
     def state_dict(self) -> tuple[dict, dict]:
         """(tensor groups, JSON state) of everything needed to continue bit-exactly."""
         tensors = {"lora": lora_lib.get_lora_state_dict(self.adapter.trainable_module)}
+        for name, module in self.text_modules.items():
+            tensors[f"lora_{name}"] = lora_lib.get_lora_state_dict(module)
         if self.ema is not None:
             tensors["ema"] = self.ema.state_dict()
         state = {
@@ -643,6 +715,10 @@ class Trainer:
     def _load_checkpoint(self, path: Path) -> None:
         loaded = ckpt.load_checkpoint(path, expected_config_hash=config_hash(self.config))
         lora_lib.set_lora_state_dict(self.adapter.trainable_module, loaded.tensors["lora"])
+        for name, module in self.text_modules.items():
+            if f"lora_{name}" not in loaded.tensors:
+                raise CheckpointError(f"checkpoint {path} has no LoRA for {name} but lora.train_text_encoder is on")
+            lora_lib.set_lora_state_dict(module, loaded.tensors[f"lora_{name}"])
         if self.ema is not None:
             if "ema" not in loaded.tensors:
                 raise CheckpointError(f"checkpoint {path} has no EMA weights but train.ema is on")
@@ -668,9 +744,9 @@ class Trainer:
         path = None
         start = time.perf_counter()
         with self.ema.applied() if self.ema is not None else nullcontext():
-            state = lora_lib.get_lora_state_dict(self.adapter.trainable_module)
+            states = {name: lora_lib.get_lora_state_dict(module) for name, module in self.lora_modules.items()}
         if self.accelerator.is_main_process:
-            path = self._save_lora(state)
+            path = self._save_lora(states)
             if self.config.train.eval_every >= 0:
                 self.run_log.log_scalars(self.evaluate(tag="final"), self.iteration)
             if (self.run_dir / "metrics.csv").is_file():
@@ -701,14 +777,18 @@ class Trainer:
             config_dict=to_dict(cfg), timings=dict(self.timings), num_samples=cfg.train.final_eval_samples,
             num_steps=cfg.sampling.eval_num_steps, guidance_scale=cfg.sampling.guidance_scale,
             batch_size=cfg.sampling.micro_batch_size or 32, aligned_context=(self.ema.applied if self.ema is not None else None),
+            base_context=lambda: lora_lib.lora_disabled(*self.lora_modules.values()),
             metrics_csv=self.run_dir / "metrics.csv", progress=cfg.train.progress,
         )
         self.timings["held-out eval"] = time.perf_counter() - start  # base + aligned (each in report.md)
         return path
 
-    def _save_lora(self, state: dict) -> Path:
+    def _save_lora(self, states: dict) -> Path:
+        """``states``: ``{component: LoRA state}`` (``transformer`` and any text encoders)."""
         # the peft config (lora_alpha, r) goes into the file header so loaders restore alpha / r
-        return self.adapter.save_lora(self.run_dir, state, metadata=lora_lib.lora_metadata(self.adapter.trainable_module))
+        text = {name: (states[name], lora_lib.lora_metadata(module)) for name, module in self.text_modules.items()}
+        return self.adapter.save_lora(self.run_dir, states["transformer"], metadata=lora_lib.lora_metadata(self.adapter.trainable_module),
+                                      **({"text_encoder_states": text} if text else {}))
 
     def cleanup(self) -> None:
         """Close trackers and release the process group."""
