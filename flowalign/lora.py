@@ -1,4 +1,5 @@
-"""LoRA on the adapter's trainable module via peft, in diffusers' file format (DESIGN.md §9).
+"""LoRA on the adapter's trainable module (and, with ``lora.train_text_encoder``, its text
+encoders) via peft, in diffusers' file format (DESIGN.md §9).
 
 * :func:`add_lora` freezes the module and injects peft LoRA layers
   (``module.add_adapter(peft.LoraConfig(...))`` for diffusers models); the update starts at 0
@@ -7,7 +8,7 @@
   diffusers layout (``peft.utils.get_peft_model_state_dict`` keys, e.g.
   ``transformer_blocks.0.attn.to_q.lora_A.weight``), which ``save_lora_weights`` prefixes with
   ``transformer.`` when writing ``pytorch_lora_weights.safetensors``.
-* :func:`lora_disabled` runs the reference model (LoRA off) inside a ``with`` block.
+* :func:`lora_disabled` runs the reference model (LoRA off, on one or several modules) inside a ``with`` block.
 * :class:`LoraEMA` keeps an exponential moving average of the LoRA weights.
 * :func:`load_lora_into_pipeline` checks a LoRA file against a pipeline's transformer (and its
   CLIP text encoders, for files trained with them, like diffusers' DreamBooth

@@ -326,7 +326,8 @@ def write_report(
         f"- **method**: `{_get(config_dict, 'objective.name', '?')}`, kernel `{_get(config_dict, 'sampling.kernel', '?')}` "
         f"(noise {_get(config_dict, 'sampling.noise_schedule', '?')} {_get(config_dict, 'sampling.noise_kwargs', '')}), "
         f"{_get(config_dict, 'sampling.num_steps', '?')} steps, group size {_get(config_dict, 'sampling.group_size', '?')}, "
-        f"LoRA rank {_get(config_dict, 'lora.rank', '?')}, {_get(config_dict, 'train.iterations', '?')} iterations, "
+        f"LoRA rank {_get(config_dict, 'lora.rank', '?')}" + (" (transformer and text encoders)" if _get(config_dict, "lora.train_text_encoder", False) is True else "")
+        + f", {_get(config_dict, 'train.iterations', '?')} iterations, "
         f"lr {_get(config_dict, 'train.lr', '?')}, seed {_get(config_dict, 'train.seed', '?')}",
         f"- **rewards**: " + ", ".join(f"`{r.get('name')}` × {r.get('weight', 1.0)}" for r in config_dict.get("rewards", []) if isinstance(r, Mapping)),
         f"- **evaluation**: {aligned.num_samples} samples ({settings.get('samples_per_prompt', '?')} per prompt, "

@@ -85,6 +85,10 @@ def test_report_says_when_the_target_is_missed(tmp_path):
     aligned = _result([1, 1, 0, 0, 0, 0, 0, 0, 1, 0], [0.5] * 10)  # +10 points
     text = write_report(tmp_path, base=base, aligned=aligned, config_dict=CONFIG, timings={"train": 1.0}).read_text()
     assert "+10.0 points" in text and "**NOT met**" in text and "(no metrics.csv)" in text
+    assert "LoRA rank 16, " in text  # transformer only
+    both = dict(CONFIG, lora={"rank": 8, "train_text_encoder": True})
+    text = write_report(tmp_path, base=base, aligned=aligned, config_dict=both, timings={}).read_text()
+    assert "LoRA rank 8 (transformer and text encoders), " in text
 
 
 def test_report_refuses_evaluations_with_different_seeds(tmp_path):
