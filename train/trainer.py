@@ -219,18 +219,18 @@ class Trainer:
             self.adapter = build_adapter(cfg.model, self.device)
         module = self.adapter.trainable_module
         targets = cfg.lora.target_modules or self.adapter.lora_target_modules
-        self.params = lora_lib.add_lora(module, cfg.lora.rank, cfg.lora.alpha, targets, cfg.lora.init, cfg.lora.dropout)
-        num_transformer_params = len(self.params)
-        self.text_modules = self._add_text_lora() if cfg.lora.train_text_encoder else {}
+        transformer_params = lora_lib.add_lora(module, cfg.lora.rank, cfg.lora.alpha, targets, cfg.lora.init, cfg.lora.dropout)
+        self.text_modules, text_params = self._add_text_lora() if cfg.lora.train_text_encoder else ({}, [])
+        self.params = transformer_params + text_params
         if cfg.train.gradient_checkpointing:
             if not getattr(module, "_supports_gradient_checkpointing", False):
                 raise ConfigError(f"train.gradient_checkpointing=true but {type(module).__name__} does not support gradient checkpointing")
             module.enable_gradient_checkpointing()
         self.adapter = runtime.autocast_adapter(self.adapter, cfg.train.mixed_precision)
         # one parameter group per learning rate; "lr_ratio" scales train.lr's schedule (_set_lr)
-        groups = [{"params": self.params[:num_transformer_params], "lr_ratio": 1.0}]
-        if self.text_modules:
-            groups.append({"params": self.params[num_transformer_params:], "lr_ratio": (cfg.lora.text_encoder_lr or cfg.train.lr) / cfg.train.lr})
+        groups = [{"params": transformer_params, "lr_ratio": 1.0}]
+        if text_params:
+            groups.append({"params": text_params, "lr_ratio": (cfg.lora.text_encoder_lr or cfg.train.lr) / cfg.train.lr})
         self.optimizer = torch.optim.AdamW(
             groups, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas), eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay
         )
@@ -238,14 +238,15 @@ class Trainer:
         # fp16 gradients of small losses underflow: dynamic loss scaling (bf16 has fp32's range and needs none)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.train.mixed_precision == "fp16" else None
 
-    def _add_text_lora(self) -> dict:
-        """LoRA (same rank, alpha, init) on the adapter's text encoders; their parameters join ``self.params``."""
+    def _add_text_lora(self) -> tuple[dict, list]:
+        """LoRA (same rank, alpha, init) on the adapter's text encoders: ``({name: encoder}, LoRA parameters)``."""
         cfg = self.config.lora
         modules = dict(getattr(self.adapter, "text_lora_modules", None) or {})
         if not modules:
             raise ConfigError(f"lora.train_text_encoder=true but the {type(self.adapter).__name__} adapter has no text encoders "
                               "that take LoRA (text_lora_modules is empty)")
         targets = cfg.text_encoder_target_modules or self.adapter.text_lora_target_modules
+        all_params = []
         for name, module in modules.items():
             try:
                 params = lora_lib.add_lora(module, cfg.rank, cfg.alpha, targets, cfg.init, cfg.dropout)
@@ -253,8 +254,8 @@ class Trainer:
                 raise ConfigError(f"lora.text_encoder_target_modules={list(targets)} match nothing in {name} "
                                   f"({type(module).__name__}): {exc}") from None
             logger.info("text-encoder LoRA on %s: %d parameters", name, sum(p.numel() for p in params))
-            self.params = list(self.params) + params
-        return modules
+            all_params += params
+        return modules, all_params
 
     @property
     def lora_modules(self) -> dict:
@@ -518,8 +519,8 @@ class Trainer:
         (forward-process objectives: mean ||v_theta - v_ref||^2 at their noised rows)."""
         from flowalign.objectives.grpo import mean_kl, transition_mean
 
-        policy, _ = self.velocity_fns(self._update_cond(batch, index, requires_grad=False))
-        _, reference = velocity_fns(self.adapter, None, self._train_guidance(), True, self._reference_cond(batch, index))
+        policy, reference = velocity_fns(self.adapter, self._update_cond(batch, index, requires_grad=False), self._train_guidance(), True,
+                                         self._reference_cond(batch, index))
         rows = self._make_batch(batch, index, k)
         if self.forward_process:
             return fp.reference_gap(rows, policy, reference)
@@ -537,9 +538,10 @@ class Trainer:
         return self._encode_rows(batch, index, requires_grad)
 
     def _reference_cond(self, batch: Batch, index: Tensor):
-        """The reference's conditioning of samples ``index``: the prompts encoded with every LoRA off."""
+        """The reference's conditioning of samples ``index``: the prompts encoded with every LoRA off,
+        or None when the text encoders carry no LoRA (the reference then shares the policy's)."""
         if not self.text_modules:
-            return batch.cond.select(index.to(self.device))
+            return None
         with lora_lib.lora_disabled(*self.text_modules.values()):
             return self._encode_rows(batch, index, requires_grad=False)
 
