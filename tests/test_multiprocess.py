@@ -32,9 +32,9 @@ SETTINGS = ["sampling.num_steps=2", "sampling.guidance_scale=1.0", "sampling.gro
 TOLERANCE = 1e-3  # max |difference| of LoRA weights after 2 AdamW steps of lr 3e-2 (measured 1.9e-4; see the docstring)
 
 
-def _args(run: Path) -> list[str]:
+def _args(run: Path, extra: list[str]) -> list[str]:
     args = ["train", "--config", str(TINY_RECIPE)]
-    for item in SETTINGS + [f"train.output_dir={run}"]:
+    for item in SETTINGS + extra + [f"train.output_dir={run}"]:
         args += ["--set", item]
     return args
 
@@ -44,16 +44,19 @@ def _tree(run: Path) -> list[str]:
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
-def test_two_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["lora.train_text_encoder=true"]], ids=["transformer", "with_text_encoders"])
+def test_two_processes_match_one_process(tmp_path, extra):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    two = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "flowalign.train.cli", *_args(tmp_path / "two")],
+    two = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "flowalign.train.cli", *_args(tmp_path / "two", extra)],
                          capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert cli.main(_args(tmp_path / "one")) == 0
+    assert cli.main(_args(tmp_path / "one", extra)) == 0
 
     one_lora = load_file(tmp_path / "one" / "pytorch_lora_weights.safetensors")
     two_lora = load_file(tmp_path / "two" / "pytorch_lora_weights.safetensors")
     assert one_lora.keys() == two_lora.keys()
+    prefixes = {k.split(".")[0] for k in one_lora}
+    assert prefixes == ({"transformer", "text_encoder", "text_encoder_2"} if extra else {"transformer"})
     diff = max(float((one_lora[k] - two_lora[k]).abs().max()) for k in one_lora)
     scale = max(float(v.abs().max()) for k, v in one_lora.items() if "lora_B" in k)
     print(f"max |LoRA(2 processes) - LoRA(1 process)| = {diff:.3g} (largest lora_B weight {scale:.3g})")
