@@ -189,7 +189,8 @@ def test_text_encoder_lr_sets_the_first_adam_step(tmp_path):
     g / (|g| + eps) (m / sqrt(v) with bias correction; weight decay of 0 is 0): lr itself wherever
     |g| >> eps = 1e-8 (the largest gradients), i.e. 3e-2 on the transformer and 3e-1 on the text side."""
     trainer = _trainer(tmp_path, "lora.text_encoder_lr=0.3")
-    assert trainer.update(trainer.collect())["optim/steps"] == 1.0
+    metrics = trainer.update(trainer.collect())
+    assert metrics["optim/steps"] == 1.0 and (metrics["optim/lr"], metrics["optim/lr_text_encoder"]) == (3e-2, 0.3)
     for name, module in trainer.lora_modules.items():
         b = torch.cat([p.detach().flatten() for n, p in module.named_parameters() if "lora_B" in n]).abs()
         lr = 0.3 if name.startswith("text_encoder") else 3e-2

@@ -496,6 +496,8 @@ class Trainer:
         metrics.update({"grad_norm": sum(norms) / len(norms) if norms else 0.0, "optim/steps": float(optim["steps"]),
                         "optim/skipped_nonfinite": float(optim["skipped"]), "optim/lr": self.optimizer.param_groups[0]["lr"],
                         "time/update": time.perf_counter() - t0})
+        if len(self.optimizer.param_groups) > 1:  # the text encoders' LoRA (lora.text_encoder_lr)
+            metrics["optim/lr_text_encoder"] = self.optimizer.param_groups[1]["lr"]
         return metrics
 
     def _prepare_forward_draws(self, batch: Batch, plan: list, optimizer_steps: int) -> None:
