@@ -211,6 +211,33 @@ def test_identical_noise_for_base_and_lora_whatever_the_batch_size(adapter, thre
     assert aligned.settings["lora"] == str(lora_dir)
 
 
+def test_a_lora_with_text_encoder_keys_is_used_then_removed_everywhere(adapter, threshold, tmp_path):
+    """A file written by ``SD3Adapter.save_lora`` with ``text_encoder_states`` (as
+    ``lora.train_text_encoder`` runs write it) changes the samples through the text side alone, and
+    after the evaluation the base samples come back: its text-encoder LoRA was removed too."""
+    pipe = _pipe()
+    writer = load_adapter(pipe)
+    lora_lib.add_lora(pipe.transformer, rank=4, alpha=8, target_modules=TARGETS)  # left at zero: only the text side moves
+    text = {}
+    gen = torch.Generator().manual_seed(2)
+    for name in ("text_encoder", "text_encoder_2"):
+        params = lora_lib.add_lora(getattr(pipe, name), rank=4, alpha=8, target_modules=writer.text_lora_target_modules)
+        with torch.no_grad():
+            for q in params:
+                q.add_(0.5 * torch.randn(q.shape, generator=gen))
+        text[name] = (lora_lib.get_lora_state_dict(getattr(pipe, name)), lora_lib.lora_metadata(getattr(pipe, name)))
+    writer.save_lora(tmp_path, lora_lib.get_lora_state_dict(pipe.transformer), lora_lib.lora_metadata(pipe.transformer),
+                     text_encoder_states=text)
+    with pytest.raises(ValueError, match="not 'text_encoder_3'"):
+        writer.save_lora(tmp_path / "t5", {}, text_encoder_states={"text_encoder_3": text["text_encoder"]})
+    kw = dict(num_samples=4, num_steps=1, guidance_scale=1.0, seed=5, keep_images=4, progress=False)
+    base = evaluate(adapter, RECORDS, TagBrightness(threshold), **kw)
+    aligned = evaluate(adapter, RECORDS, TagBrightness(threshold), lora=tmp_path, **kw)
+    assert (aligned.images_for(range(4)) - base.images_for(range(4))).abs().max() > 1e-3
+    after = evaluate(adapter, RECORDS, TagBrightness(threshold), **kw)
+    assert torch.allclose(after.images_for(range(4)), base.images_for(range(4)), atol=1e-5)
+
+
 def test_compare_refuses_different_seeds_and_reports_deltas(adapter, threshold):
     reward = TagBrightness(threshold)
     kw = dict(num_samples=4, num_steps=1, guidance_scale=1.0, progress=False)
