@@ -69,7 +69,7 @@ def test_setup_adds_lora_to_both_clip_encoders_only(tmp_path):
     optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert {id(p) for p in text_params} <= optimised
     # CLIP attention projections, as diffusers' DreamBooth --train_text_encoder
-    names = {n.split(".")[-1] for m in trainer.text_modules.values() for n, _ in m.named_modules() if hasattr(_, "lora_A")}
+    names = {n.split(".")[-1] for m in trainer.text_modules.values() for n, sub in m.named_modules() if hasattr(sub, "lora_A")}
     assert names == {"q_proj", "k_proj", "v_proj", "out_proj"}
 
 
