@@ -86,6 +86,31 @@ def add_lora(
     return params
 
 
+def add_text_lora(adapter, cfg) -> tuple[dict[str, nn.Module], list[nn.Parameter]]:
+    """LoRA (``cfg``'s rank, alpha, init, dropout) on ``adapter.text_lora_modules`` for
+    ``lora.train_text_encoder``: ``({component name: encoder}, their LoRA parameters)``.
+
+    Raises:
+        ConfigError: the adapter has no text encoders that take LoRA, or
+            ``cfg.text_encoder_target_modules`` match nothing in one of them.
+    """
+    from flowalign.errors import ConfigError
+
+    modules = dict(getattr(adapter, "text_lora_modules", None) or {})
+    if not modules:
+        raise ConfigError(f"lora.train_text_encoder=true but the {type(adapter).__name__} adapter has no text encoders "
+                          "that take LoRA (text_lora_modules is empty)")
+    targets = cfg.text_encoder_target_modules or adapter.text_lora_target_modules
+    params: list[nn.Parameter] = []
+    for name, module in modules.items():
+        try:
+            params += add_lora(module, cfg.rank, cfg.alpha, targets, cfg.init, cfg.dropout)
+        except LoraMismatchError as exc:
+            raise ConfigError(f"lora.text_encoder_target_modules={list(targets)} match nothing in {name} "
+                              f"({type(module).__name__}): {exc}") from None
+    return modules, params
+
+
 def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
     """The LoRA parameters of ``module`` in a fixed order (named_parameters order)."""
     return [p for name, p in module.named_parameters() if "lora_" in name]

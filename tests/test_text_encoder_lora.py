@@ -213,7 +213,3 @@ def test_bad_text_encoder_settings_are_refused(tmp_path):
         _trainer(tmp_path, adapter=adapter)
     with pytest.raises(ConfigError, match=r"text_encoder_target_modules=\['nonexistent_proj'\] match nothing in text_encoder"):
         _trainer(tmp_path / "b", "lora.text_encoder_target_modules=[nonexistent_proj]")
-    from flowalign.train.offline_trainer import load_offline_config
-
-    with pytest.raises(ConfigError, match="online trainer"):
-        load_offline_config(None, ["lora.train_text_encoder=true"])

@@ -80,8 +80,6 @@ class OfflineConfig:
         _check(self.lr > 0 and self.weight_decay >= 0 and self.max_grad_norm >= 0, f"need lr > 0, weight_decay >= 0, max_grad_norm >= 0; got {self.lr}, {self.weight_decay}, {self.max_grad_norm}")
         _check(self.guidance_scale >= 1.0, f"guidance_scale must be >= 1, got {self.guidance_scale}")
         _check(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        _check(not self.lora.train_text_encoder, "lora.train_text_encoder is supported by the online trainer (flowalign train) only, "
-               "not yet by the offline one")
 
 
 def load_offline_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> OfflineConfig:
@@ -127,6 +125,7 @@ class OfflineTrainer:
         self.run_dir = Path(config.output_dir)
         self.step, self.nfe, self.seconds = 0, 0, 0.0
         self._saved_step = -1
+        self.text_modules: dict = {}  # text encoders with LoRA (lora.train_text_encoder), filled by setup
 
     def _check_store(self) -> None:
         """Store-dependent settings (k, reward) checked before the model is built."""
@@ -179,8 +178,11 @@ class OfflineTrainer:
             raise ConfigError(f"store {cfg.store} holds latents {tuple(self.store.latent_shape)} but the model makes {latent}")
         module = self.adapter.trainable_module
         targets = cfg.lora.target_modules or self.adapter.lora_target_modules
-        self.params = lora_lib.add_lora(module, cfg.lora.rank, cfg.lora.alpha, targets, cfg.lora.init, cfg.lora.dropout)
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        transformer_params = lora_lib.add_lora(module, cfg.lora.rank, cfg.lora.alpha, targets, cfg.lora.init, cfg.lora.dropout)
+        self.text_modules, text_params = lora_lib.add_text_lora(self.adapter, cfg.lora) if cfg.lora.train_text_encoder else ({}, [])
+        self.params = transformer_params + text_params
+        groups = [{"params": transformer_params}] + ([{"params": text_params, "lr": cfg.lora.text_encoder_lr or cfg.lr}] if text_params else [])
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         if latest is not None:
             self._load(latest)
             self._saved_step = self.step
@@ -193,9 +195,21 @@ class OfflineTrainer:
     # ------------------------------------------------------------------ one step
 
     def velocity_fns(self, prompts: list[str]) -> tuple[Callable, Callable]:
-        """Policy (LoRA on) and reference (LoRA off) velocities for rows ``p*k + j``; counts NFE."""
+        """Policy (LoRA on) and reference (LoRA off) velocities for rows ``p*k + j``; counts NFE.
+
+        With ``lora.train_text_encoder`` the policy's prompts are encoded with gradient through the
+        text encoders' LoRA and the reference's with every LoRA off."""
+        from flowalign.train.trainer import repeat_rows
+
         w = self.config.guidance_scale
-        cond = self.adapter.encode(prompts, do_classifier_free_guidance=w > 1.0).repeat_interleave(self.k)
+        cfg_on = w > 1.0
+        if self.text_modules:
+            prompt_of_row = torch.arange(len(prompts), device=self.device).repeat_interleave(self.k)
+            cond = repeat_rows(self.adapter.encode(prompts, do_classifier_free_guidance=cfg_on, requires_grad=True), prompt_of_row)
+            with lora_lib.lora_disabled(*self.text_modules.values()):
+                reference_cond = self.adapter.encode(prompts, do_classifier_free_guidance=cfg_on).repeat_interleave(self.k)
+        else:
+            cond = reference_cond = self.adapter.encode(prompts, do_classifier_free_guidance=cfg_on).repeat_interleave(self.k)
         module, factor = self.adapter.trainable_module, 2 if w > 1.0 else 1
 
         def rows(x: Tensor) -> Any:
@@ -215,7 +229,7 @@ class OfflineTrainer:
                 raise ValueError(f"reference called on {x.shape[0]} rows, conditioning has {cond.batch_size}")
             self.nfe += factor * x.shape[0]
             with torch.no_grad(), lora_lib.lora_disabled(module):
-                return self.adapter.velocity(x, sigma, c, guidance_scale=w)
+                return self.adapter.velocity(x, sigma, reference_cond, guidance_scale=w)
 
         return policy, reference
 
@@ -280,6 +294,7 @@ class OfflineTrainer:
 
     def save_checkpoint(self) -> Path:
         tensors = {"lora": lora_lib.get_lora_state_dict(self.adapter.trainable_module)}
+        tensors.update({f"lora_{name}": lora_lib.get_lora_state_dict(m) for name, m in self.text_modules.items()})
         state = {"step": self.step, "nfe": self.nfe, "seconds": self.seconds, "optimizer": self.optimizer.state_dict(),
                  "rng": ckpt.capture_rng({"objective": self.generator})}
         path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, tensors, state, keep=self.config.keep_checkpoints)
@@ -289,15 +304,26 @@ class OfflineTrainer:
     def _load(self, path: Path) -> None:
         loaded = ckpt.load_checkpoint(path)
         lora_lib.set_lora_state_dict(self.adapter.trainable_module, loaded.tensors["lora"])
+        for name, module in self.text_modules.items():
+            if f"lora_{name}" not in loaded.tensors:
+                from flowalign.errors import CheckpointError
+
+                raise CheckpointError(f"checkpoint {path} has no LoRA for {name} but lora.train_text_encoder is on")
+            lora_lib.set_lora_state_dict(module, loaded.tensors[f"lora_{name}"])
         self.optimizer.load_state_dict(loaded.state["optimizer"])
         ckpt.restore_rng(loaded.state["rng"], {"objective": self.generator})
         self.step, self.nfe, self.seconds = int(loaded.state["step"]), int(loaded.state["nfe"]), float(loaded.state["seconds"])
         logger.info("resumed offline run from %s at step %d", path, self.step)
 
     def save_final(self) -> Path:
-        """Write ``pytorch_lora_weights.safetensors`` (diffusers format) to ``output_dir``."""
+        """Write ``pytorch_lora_weights.safetensors`` (diffusers format; with the text encoders'
+        LoRA under ``text_encoder.`` / ``text_encoder_2.`` keys when trained) to ``output_dir``."""
         state = lora_lib.get_lora_state_dict(self.adapter.trainable_module)
-        return lora_lib.save_lora_weights(self.adapter.pipeline, self.run_dir, state)
+        if not self.text_modules:
+            return lora_lib.save_lora_weights(self.adapter.pipeline, self.run_dir, state)
+        text = {name: (lora_lib.get_lora_state_dict(m), lora_lib.lora_metadata(m)) for name, m in self.text_modules.items()}
+        return self.adapter.save_lora(self.run_dir, state, metadata=lora_lib.lora_metadata(self.adapter.trainable_module),
+                                      text_encoder_states=text)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

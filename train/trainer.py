@@ -44,7 +44,7 @@ from torch import Tensor
 from flowalign import checkpoint as ckpt
 from flowalign import lora as lora_lib
 from flowalign.config import FlowalignConfig, config_hash, save_config
-from flowalign.errors import CheckpointError, ConfigError, LoraMismatchError, NonFiniteLossError
+from flowalign.errors import CheckpointError, ConfigError, NonFiniteLossError
 from flowalign.lr_schedule import lr_multiplier
 from flowalign.train import forward_process as fp
 from flowalign.train import runtime
@@ -220,7 +220,7 @@ class Trainer:
         module = self.adapter.trainable_module
         targets = cfg.lora.target_modules or self.adapter.lora_target_modules
         transformer_params = lora_lib.add_lora(module, cfg.lora.rank, cfg.lora.alpha, targets, cfg.lora.init, cfg.lora.dropout)
-        self.text_modules, text_params = self._add_text_lora() if cfg.lora.train_text_encoder else ({}, [])
+        self.text_modules, text_params = lora_lib.add_text_lora(self.adapter, cfg.lora) if cfg.lora.train_text_encoder else ({}, [])
         self.params = transformer_params + text_params
         if cfg.train.gradient_checkpointing:
             if not getattr(module, "_supports_gradient_checkpointing", False):
@@ -237,25 +237,6 @@ class Trainer:
         self.ema = lora_lib.LoraEMA(self.params, cfg.train.ema_decay) if cfg.train.ema else None
         # fp16 gradients of small losses underflow: dynamic loss scaling (bf16 has fp32's range and needs none)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.train.mixed_precision == "fp16" else None
-
-    def _add_text_lora(self) -> tuple[dict, list]:
-        """LoRA (same rank, alpha, init) on the adapter's text encoders: ``({name: encoder}, LoRA parameters)``."""
-        cfg = self.config.lora
-        modules = dict(getattr(self.adapter, "text_lora_modules", None) or {})
-        if not modules:
-            raise ConfigError(f"lora.train_text_encoder=true but the {type(self.adapter).__name__} adapter has no text encoders "
-                              "that take LoRA (text_lora_modules is empty)")
-        targets = cfg.text_encoder_target_modules or self.adapter.text_lora_target_modules
-        all_params = []
-        for name, module in modules.items():
-            try:
-                params = lora_lib.add_lora(module, cfg.rank, cfg.alpha, targets, cfg.init, cfg.dropout)
-            except LoraMismatchError as exc:
-                raise ConfigError(f"lora.text_encoder_target_modules={list(targets)} match nothing in {name} "
-                                  f"({type(module).__name__}): {exc}") from None
-            logger.info("text-encoder LoRA on %s: %d parameters", name, sum(p.numel() for p in params))
-            all_params += params
-        return modules, all_params
 
     @property
     def lora_modules(self) -> dict:
