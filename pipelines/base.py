@@ -39,6 +39,21 @@ class Conditioning:
         pick = lambda d: None if d is None else {k: v[index] for k, v in d.items()}  # noqa: E731
         return Conditioning(cond=pick(self.cond), uncond=pick(self.uncond), extra=dict(self.extra))
 
+    def gather(self, rows: Tensor) -> "Conditioning":
+        """Rows ``rows`` (repeats allowed) of every tensor, like :meth:`select`, computed as a one-hot
+        matmul for floating tensors: the same values (``1 * x + 0`` is exact), but the backward sums
+        each row's gradients in a fixed order, where indexing's backward (``index_put_`` with
+        accumulation) may not, and a training run would not resume bit-exactly. For conditioning
+        that carries gradient (text encoders with LoRA)."""
+        def take(t: Tensor) -> Tensor:
+            if not t.is_floating_point():
+                return t[rows]
+            pick = torch.nn.functional.one_hot(rows, t.shape[0]).to(t.dtype)  # [n, u]
+            return (pick @ t.reshape(t.shape[0], -1)).reshape(rows.numel(), *t.shape[1:])
+
+        part = lambda d: None if d is None else {k: take(v) for k, v in d.items()}  # noqa: E731
+        return Conditioning(cond=part(self.cond), uncond=part(self.uncond), extra=dict(self.extra))
+
     def repeat_interleave(self, repeats: int) -> "Conditioning":
         """Repeat each prompt ``repeats`` times in a row (prompt p -> rows p*G ... p*G+G-1)."""
         rep = lambda d: None if d is None else {k: v.repeat_interleave(repeats, dim=0) for k, v in d.items()}  # noqa: E731

@@ -178,3 +178,18 @@ def test_cfg_embedding_cache_never_serves_stale_embeddings(pipe):
         v_a_again = ad.velocity(x, 0.5, a, 3.0)
     assert torch.equal(v_b, v_b_fresh) and torch.equal(v_a, v_a_again)
     assert not torch.allclose(v_a, v_b)
+
+
+def test_conditioning_gather_equals_select_and_sums_gradients_by_hand():
+    """``gather`` = ``select`` in value (repeats allowed); the gradient of a repeated row is the sum of
+    its copies' gradients, worked by hand."""
+    hidden = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    pooled = torch.randn(2, 5, generator=torch.Generator().manual_seed(1))
+    cond = Conditioning(cond={"encoder_hidden_states": hidden, "pooled_projections": pooled, "ids": torch.tensor([7, 9])}, uncond=None)
+    rows = torch.tensor([1, 0, 1])
+    out = cond.gather(rows)
+    assert torch.equal(out.cond["encoder_hidden_states"], cond.select(rows).cond["encoder_hidden_states"])
+    assert torch.equal(out.cond["pooled_projections"], pooled[rows]) and out.cond["ids"].tolist() == [9, 7, 9]
+    weights = torch.tensor([1.0, 10.0, 100.0]).view(3, 1, 1)
+    (out.cond["encoder_hidden_states"] * weights).sum().backward()
+    torch.testing.assert_close(hidden.grad, torch.stack([torch.full((3, 4), 10.0), torch.full((3, 4), 101.0)]))

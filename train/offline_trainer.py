@@ -199,13 +199,11 @@ class OfflineTrainer:
 
         With ``lora.train_text_encoder`` the policy's prompts are encoded with gradient through the
         text encoders' LoRA and the reference's with every LoRA off."""
-        from flowalign.train.trainer import repeat_rows
-
         w = self.config.guidance_scale
         cfg_on = w > 1.0
         if self.text_modules:
             prompt_of_row = torch.arange(len(prompts), device=self.device).repeat_interleave(self.k)
-            cond = repeat_rows(self.adapter.encode(prompts, do_classifier_free_guidance=cfg_on, requires_grad=True), prompt_of_row)
+            cond = self.adapter.encode(prompts, do_classifier_free_guidance=cfg_on, requires_grad=True).gather(prompt_of_row)
             with lora_lib.lora_disabled(*self.text_modules.values()):
                 reference_cond = self.adapter.encode(prompts, do_classifier_free_guidance=cfg_on).repeat_interleave(self.k)
         else:

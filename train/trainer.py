@@ -105,20 +105,6 @@ def make_step_batch(batch: Batch, index: Tensor, k: int, log_prob_reduce: str, d
     )
 
 
-def repeat_rows(cond, rows: Tensor):
-    """``cond.select(rows)`` for ``rows`` with repeats, as a one-hot matmul: the same values (``1 * x + 0``
-    is exact), but the backward sums each row's gradients in a fixed order, where the backward of
-    indexing (``index_put_`` with accumulation) may not, and a run would not resume bit-exactly."""
-    def expand(t: Tensor) -> Tensor:
-        if not t.is_floating_point():
-            return t[rows]
-        pick = torch.nn.functional.one_hot(rows, t.shape[0]).to(t.dtype)  # [n, u]
-        return (pick @ t.reshape(t.shape[0], -1)).reshape(rows.numel(), *t.shape[1:])
-
-    part = lambda d: None if d is None else {k: expand(v) for k, v in d.items()}  # noqa: E731
-    return type(cond)(cond=part(cond.cond), uncond=part(cond.uncond), extra=dict(cond.extra))
-
-
 def velocity_fns(adapter, cond, guidance_scale: float, with_reference: bool, reference_cond=None):
     """``(policy, reference)`` velocity functions over ``adapter`` with ``cond`` bound; the reference
     runs the same module with its LoRA disabled (None unless ``with_reference``) on
@@ -534,7 +520,7 @@ class Trainer:
         distinct = list(dict.fromkeys(prompts))
         position = {p: j for j, p in enumerate(distinct)}
         cond = self.adapter.encode(distinct, do_classifier_free_guidance=self._train_guidance() > 1.0, requires_grad=requires_grad)
-        return repeat_rows(cond, torch.tensor([position[p] for p in prompts], device=self.device))
+        return cond.gather(torch.tensor([position[p] for p in prompts], device=self.device))
 
     def _micro_step(self, batch: Batch, index: Tensor, k: int, scale: float) -> dict:
         """Forward + backward of one micro-batch; a non-finite loss is skipped (and counted)."""
