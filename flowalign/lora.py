@@ -111,6 +111,25 @@ def add_text_lora(adapter, cfg) -> tuple[dict[str, nn.Module], list[nn.Parameter
     return modules, params
 
 
+def text_lora_tensors(text_modules: Mapping[str, nn.Module]) -> dict[str, dict[str, Tensor]]:
+    """Checkpoint tensor groups ``{"lora_<name>": LoRA state}`` of the text encoders with LoRA."""
+    return {f"lora_{name}": get_lora_state_dict(module) for name, module in text_modules.items()}
+
+
+def load_text_lora_tensors(text_modules: Mapping[str, nn.Module], tensors: Mapping[str, dict[str, Tensor]], path) -> None:
+    """Restore :func:`text_lora_tensors` groups of checkpoint ``path`` into ``text_modules``.
+
+    Raises:
+        CheckpointError: the checkpoint holds no LoRA for one of the encoders.
+    """
+    from flowalign.errors import CheckpointError
+
+    for name, module in text_modules.items():
+        if f"lora_{name}" not in tensors:
+            raise CheckpointError(f"checkpoint {path} has no LoRA for {name} but lora.train_text_encoder is on")
+        set_lora_state_dict(module, tensors[f"lora_{name}"])
+
+
 def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
     """The LoRA parameters of ``module`` in a fixed order (named_parameters order)."""
     return [p for name, p in module.named_parameters() if "lora_" in name]

@@ -292,7 +292,7 @@ class OfflineTrainer:
 
     def save_checkpoint(self) -> Path:
         tensors = {"lora": lora_lib.get_lora_state_dict(self.adapter.trainable_module)}
-        tensors.update({f"lora_{name}": lora_lib.get_lora_state_dict(m) for name, m in self.text_modules.items()})
+        tensors.update(lora_lib.text_lora_tensors(self.text_modules))
         state = {"step": self.step, "nfe": self.nfe, "seconds": self.seconds, "optimizer": self.optimizer.state_dict(),
                  "rng": ckpt.capture_rng({"objective": self.generator})}
         path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, tensors, state, keep=self.config.keep_checkpoints)
@@ -302,12 +302,7 @@ class OfflineTrainer:
     def _load(self, path: Path) -> None:
         loaded = ckpt.load_checkpoint(path)
         lora_lib.set_lora_state_dict(self.adapter.trainable_module, loaded.tensors["lora"])
-        for name, module in self.text_modules.items():
-            if f"lora_{name}" not in loaded.tensors:
-                from flowalign.errors import CheckpointError
-
-                raise CheckpointError(f"checkpoint {path} has no LoRA for {name} but lora.train_text_encoder is on")
-            lora_lib.set_lora_state_dict(module, loaded.tensors[f"lora_{name}"])
+        lora_lib.load_text_lora_tensors(self.text_modules, loaded.tensors, path)
         self.optimizer.load_state_dict(loaded.state["optimizer"])
         ckpt.restore_rng(loaded.state["rng"], {"objective": self.generator})
         self.step, self.nfe, self.seconds = int(loaded.state["step"]), int(loaded.state["nfe"]), float(loaded.state["seconds"])

@@ -648,8 +648,7 @@ class Trainer:
     def state_dict(self) -> tuple[dict, dict]:
         """(tensor groups, JSON state) of everything needed to continue bit-exactly."""
         tensors = {"lora": lora_lib.get_lora_state_dict(self.adapter.trainable_module)}
-        for name, module in self.text_modules.items():
-            tensors[f"lora_{name}"] = lora_lib.get_lora_state_dict(module)
+        tensors.update(lora_lib.text_lora_tensors(self.text_modules))
         if self.ema is not None:
             tensors["ema"] = self.ema.state_dict()
         state = {
@@ -686,10 +685,7 @@ class Trainer:
     def _load_checkpoint(self, path: Path) -> None:
         loaded = ckpt.load_checkpoint(path, expected_config_hash=config_hash(self.config))
         lora_lib.set_lora_state_dict(self.adapter.trainable_module, loaded.tensors["lora"])
-        for name, module in self.text_modules.items():
-            if f"lora_{name}" not in loaded.tensors:
-                raise CheckpointError(f"checkpoint {path} has no LoRA for {name} but lora.train_text_encoder is on")
-            lora_lib.set_lora_state_dict(module, loaded.tensors[f"lora_{name}"])
+        lora_lib.load_text_lora_tensors(self.text_modules, loaded.tensors, path)
         if self.ema is not None:
             if "ema" not in loaded.tensors:
                 raise CheckpointError(f"checkpoint {path} has no EMA weights but train.ema is on")
