@@ -199,7 +199,7 @@ def build_pipeline(cfg: ToyBuildConfig, vae, max_length: int):
         text_encoder_2=te2,
         tokenizer_2=clip_tokenizer(max_length, pad_token="!"),
         text_encoder_3=zero_t5(h1 + h2, seed=cfg.seed + 4),
-        tokenizer_3=t5_tokenizer(T5_TOKENS),
+        tokenizer_3=t5_tokenizer(),  # 256: longer than any caption (T5_TOKENS only sets what the pipeline keeps)
     )
 
 

@@ -52,6 +52,9 @@ def test_tokenizers_fit_every_caption(pipe):
     for tok in (pipe.tokenizer, pipe.tokenizer_2):
         lengths = [len(tok(c).input_ids) for c in captions]
         assert max(lengths) == tok.model_max_length  # the shortest context that fits all
+    # the placeholder T5's tokenizer must hold every caption too (the pipeline keeps T5_TOKENS of them),
+    # else transformers warns on every load that the ids "will result in indexing errors"
+    assert max(len(pipe.tokenizer_3(c).input_ids) for c in captions) <= pipe.tokenizer_3.model_max_length
 
 
 def test_samples_fast_and_verifiable(pipe):

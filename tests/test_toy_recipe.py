@@ -79,3 +79,14 @@ def test_default_recipe_is_the_toy_main_job():
         meta = json.loads((toy / TOY_META_FILE).read_text())
         assert cfg.sampling.guidance_scale == meta["guidance_scale"]
         assert cfg.sampling.num_steps == cfg.sampling.eval_num_steps == meta["num_inference_steps"]
+
+
+def test_build_adapter_loads_in_the_configured_dtype_without_deprecation_warnings(toy_like_folder):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        adapter = build_adapter(ModelConfig(pretrained=str(toy_like_folder), dtype="bfloat16"), torch.device("cpu"))
+    assert adapter.pipeline.transformer.dtype == torch.bfloat16 and adapter.pipeline.text_encoder.dtype == torch.bfloat16
+    deprecated = [str(w.message) for w in caught if issubclass(w.category, FutureWarning) and "dtype" in str(w.message)]
+    assert not deprecated, deprecated

@@ -27,6 +27,14 @@ def resolve_path(path: Union[str, Path]) -> Path:
     return path
 
 
+def dtype_kwarg(dtype: torch.dtype) -> dict:
+    """``from_pretrained``'s dtype argument for the installed diffusers: ``dtype`` where diffusers
+    has it (newer releases deprecate ``torch_dtype`` with a FutureWarning on every load), else ``torch_dtype``."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
 def build_adapter(model_cfg, device: torch.device):
     """The pipeline named by ``model.pretrained`` wrapped in its adapter, frozen, on ``device``."""
     from flowalign.pipelines import load_adapter
@@ -45,7 +53,7 @@ def build_adapter(model_cfg, device: torch.device):
             raise ConfigError(f"model.pretrained={model_cfg.pretrained!r} is not a local diffusers folder nor a builtin ('tiny-sd3', 'toy')")
         from diffusers import DiffusionPipeline
 
-        pipeline = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype, revision=model_cfg.revision)
+        pipeline = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, revision=model_cfg.revision, **dtype_kwarg(dtype))
     pipeline.to(device)
     if hasattr(pipeline, "set_progress_bar_config"):
         pipeline.set_progress_bar_config(disable=True)
