@@ -96,13 +96,36 @@ def test_update_and_reference_conditioning(tmp_path):
         assert all(g is not None for g in grads) and any(float(g.abs().max()) > 0 for g in grads)
 
 
+def test_reference_conditioning_is_encoded_once_per_batch(tmp_path, monkeypatch):
+    """The base encoders never change: one batch's micro-batches share one reference encoding of its
+    distinct prompts (each row equal to a fresh base pipeline's), and a batch of other prompts re-encodes."""
+    trainer = _trainer(tmp_path)
+    _perturb_text_lora(trainer)
+    calls = []
+    encode = trainer.adapter.encode
+    monkeypatch.setattr(trainer.adapter, "encode", lambda prompts, *a, **k: calls.append(list(prompts)) or encode(prompts, *a, **k))
+    batch = trainer.collect()
+    calls.clear()
+    fresh = _fresh_adapter()
+    for index in (torch.tensor([5, 0, 3]), torch.tensor([1, 6]), torch.tensor([7, 2, 4, 0])):
+        expected = fresh.encode([batch.traj.prompts[i] for i in index.tolist()], do_classifier_free_guidance=True)
+        _assert_cond_close(trainer._reference_cond(batch, index), expected)
+    assert calls == [list(dict.fromkeys(batch.traj.prompts))]
+    other = trainer.collect()
+    assert set(other.traj.prompts) != set(batch.traj.prompts)
+    calls.clear()
+    _assert_cond_close(trainer._reference_cond(other, torch.tensor([1])),
+                       fresh.encode([other.traj.prompts[1]], do_classifier_free_guidance=True))
+    assert calls == [list(dict.fromkeys(other.traj.prompts))]
+
+
 def test_reference_kl_sees_the_text_lora(tmp_path):
     """kl/ref compares with the base text features: 0 with the text LoRA at 0, > 0 once it moves
     (the transformer's LoRA is still 0 here, so only the text side can make a difference)."""
     trainer = _trainer(tmp_path)
     batch = trainer.collect()
     index, k = torch.arange(4), 0
-    assert trainer._reference_kl(batch, index, k) == 0.0
+    assert trainer._reference_kl(batch, index, k) <= 1e-12  # 0 up to rounding (the reference encodes the batch's prompts at once)
     _perturb_text_lora(trainer)
     batch = trainer.collect()
     assert trainer._reference_kl(batch, index, k) > 1e-6

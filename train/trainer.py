@@ -144,6 +144,7 @@ class Trainer:
         self._nonfinite_in_row = 0
         self.run_log: Optional[RunLogger] = None  # main process only
         self.text_modules: dict = {}  # text encoders with LoRA (lora.train_text_encoder), filled by setup
+        self._reference_encoding = None  # (distinct prompts, their encoding with every LoRA off, row of each prompt)
         self.timings: dict[str, float] = {}  # wall seconds per phase of this session (setup, calibration, train, ...)
 
     # ================================================================= setup
@@ -508,11 +509,21 @@ class Trainer:
 
     def _reference_cond(self, batch: Batch, index: Tensor):
         """The reference's conditioning of samples ``index``: the prompts encoded with every LoRA off,
-        or None when the text encoders carry no LoRA (the reference then shares the policy's)."""
+        or None when the text encoders carry no LoRA (the reference then shares the policy's).
+
+        The base encoders never change, so the batch's distinct prompts are encoded once and kept
+        until a batch with other prompts comes: the micro-batches of one iteration (every trained
+        step, every inner epoch) gather their rows from that one encoding."""
         if not self.text_modules:
             return None
-        with lora_lib.lora_disabled(*self.text_modules.values()):
-            return self._encode_rows(batch, index, requires_grad=False)
+        prompts = batch.traj.prompts
+        distinct = tuple(dict.fromkeys(prompts))
+        if self._reference_encoding is None or self._reference_encoding[0] != distinct:
+            with lora_lib.lora_disabled(*self.text_modules.values()):
+                cond = self.adapter.encode(list(distinct), do_classifier_free_guidance=self._train_guidance() > 1.0)
+            self._reference_encoding = (distinct, cond, {p: j for j, p in enumerate(distinct)})
+        _, cond, position = self._reference_encoding
+        return cond.gather(torch.tensor([position[prompts[i]] for i in index.tolist()], device=self.device))
 
     def _encode_rows(self, batch: Batch, index: Tensor, requires_grad: bool):
         """Encode the prompts of samples ``index`` (each distinct prompt once), CFG as in training."""
