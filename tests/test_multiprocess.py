@@ -6,8 +6,11 @@ micro-batch) makes the update the mean over the same rows. What differs is only 
 the two processes' gradients are summed by gloo instead of accumulated in one process, and the
 transformer sees batches of a different size (its matmuls sum in a batch-size-dependent order).
 The gradient norms agree to ~1e-7 relative; AdamW's first steps, ``g / (sqrt(v) + eps)``, turn
-rounding differences of near-zero gradient entries into weight differences of up to ~1.9e-4
-(measured; the largest lora_B weight is ~6e-2), hence the tolerance on the LoRA.
+rounding differences of near-zero gradient entries into single-weight differences of up to ~1.2e-3
+(measured with the text encoders' LoRA; the largest lora_B weight is ~6e-2), so the LoRAs are compared
+per component by relative Frobenius norm, which those few entries barely move (measured <= 1.1e-4),
+while training on half the prompts (what a process without the gradient all-reduce sees) moves it by
+0.09-0.13 (measured; the shared gaussian lora_A init is in the norm).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ SETTINGS = ["sampling.num_steps=2", "sampling.guidance_scale=1.0", "sampling.gro
             "train.prompts_per_iter=4", "train.micro_batch_size=2", "train.grad_accum=8", "train.iterations=2",
             "train.lr=3e-2", "lora.rank=2", "lora.alpha=4", "objective.kl_beta=0.04", "train.eval_every=-1",
             "train.log_with=[]", "train.progress=false", "train.checkpoint_every=1", "train.keep_checkpoints=3"]
-TOLERANCE = 1e-3  # max |difference| of LoRA weights after 2 AdamW steps of lr 3e-2 (measured 1.9e-4; see the docstring)
+TOLERANCE = 1e-3  # ||LoRA(2) - LoRA(1)||_F / ||LoRA(1)||_F per component after 2 AdamW steps of lr 3e-2 (measured <= 1.1e-4)
 
 
 def _args(run: Path, extra: list[str]) -> list[str]:
@@ -57,11 +60,14 @@ def test_two_processes_match_one_process(tmp_path, extra):
     assert one_lora.keys() == two_lora.keys()
     prefixes = {k.split(".")[0] for k in one_lora}
     assert prefixes == ({"transformer", "text_encoder", "text_encoder_2"} if extra else {"transformer"})
-    diff = max(float((one_lora[k] - two_lora[k]).abs().max()) for k in one_lora)
     scale = max(float(v.abs().max()) for k, v in one_lora.items() if "lora_B" in k)
-    print(f"max |LoRA(2 processes) - LoRA(1 process)| = {diff:.3g} (largest lora_B weight {scale:.3g})")
-    assert scale > 1e-3  # it trained
-    assert diff <= TOLERANCE
+    assert scale > 1e-3  # it trained (lora_B starts at 0)
+    for prefix in sorted(prefixes):
+        keys = [k for k in one_lora if k.split(".")[0] == prefix]
+        gap = sum(float((one_lora[k] - two_lora[k]).square().sum()) for k in keys) ** 0.5
+        norm = sum(float(one_lora[k].square().sum()) for k in keys) ** 0.5
+        print(f"{prefix}: ||LoRA(2 processes) - LoRA(1 process)|| / ||LoRA(1 process)|| = {gap / norm:.3g}")
+        assert gap <= TOLERANCE * norm, (prefix, gap / norm)
 
     # only the main process wrote: the same files as the one-process run, each iteration logged once
     assert _tree(tmp_path / "two") == _tree(tmp_path / "one")
