@@ -144,7 +144,7 @@ class Trainer:
         self._nonfinite_in_row = 0
         self.run_log: Optional[RunLogger] = None  # main process only
         self.text_modules: dict = {}  # text encoders with LoRA (lora.train_text_encoder), filled by setup
-        self._reference_encoding = None  # (distinct prompts, their encoding with every LoRA off, row of each prompt)
+        self._reference_encoding = None  # (the last batch's distinct prompts encoded with every LoRA off, {prompt: row})
         self.timings: dict[str, float] = {}  # wall seconds per phase of this session (setup, calibration, train, ...)
 
     # ================================================================= setup
@@ -516,21 +516,23 @@ class Trainer:
         step, every inner epoch) gather their rows from that one encoding."""
         if not self.text_modules:
             return None
-        prompts = batch.traj.prompts
-        distinct = tuple(dict.fromkeys(prompts))
-        if self._reference_encoding is None or self._reference_encoding[0] != distinct:
+        if self._reference_encoding is None or list(self._reference_encoding[1]) != list(dict.fromkeys(batch.traj.prompts)):
             with lora_lib.lora_disabled(*self.text_modules.values()):
-                cond = self.adapter.encode(list(distinct), do_classifier_free_guidance=self._train_guidance() > 1.0)
-            self._reference_encoding = (distinct, cond, {p: j for j, p in enumerate(distinct)})
-        _, cond, position = self._reference_encoding
-        return cond.gather(torch.tensor([position[prompts[i]] for i in index.tolist()], device=self.device))
+                self._reference_encoding = self._encode_distinct(batch.traj.prompts, requires_grad=False)
+        return self._gather_rows(*self._reference_encoding, [batch.traj.prompts[i] for i in index.tolist()])
 
     def _encode_rows(self, batch: Batch, index: Tensor, requires_grad: bool):
         """Encode the prompts of samples ``index`` (each distinct prompt once), CFG as in training."""
         prompts = [batch.traj.prompts[i] for i in index.tolist()]
-        distinct = list(dict.fromkeys(prompts))
-        position = {p: j for j, p in enumerate(distinct)}
-        cond = self.adapter.encode(distinct, do_classifier_free_guidance=self._train_guidance() > 1.0, requires_grad=requires_grad)
+        return self._gather_rows(*self._encode_distinct(prompts, requires_grad), prompts)
+
+    def _encode_distinct(self, prompts: list[str], requires_grad: bool):
+        """``(conditioning of each distinct prompt, {prompt: its row})``, CFG as in training."""
+        position = {p: j for j, p in enumerate(dict.fromkeys(prompts))}
+        return self.adapter.encode(list(position), do_classifier_free_guidance=self._train_guidance() > 1.0, requires_grad=requires_grad), position
+
+    def _gather_rows(self, cond, position: dict, prompts: list[str]):
+        """One row of ``cond`` per prompt of ``prompts`` (:meth:`Conditioning.gather`: deterministic backward)."""
         return cond.gather(torch.tensor([position[p] for p in prompts], device=self.device))
 
     def _micro_step(self, batch: Batch, index: Tensor, k: int, scale: float) -> dict:
