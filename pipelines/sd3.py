@@ -13,6 +13,7 @@ With ``kernel="ode"`` the flowalign rollout through this adapter reproduces
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Conditioning, register_adapter
+from .text_cache import FrozenEncoderCache
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,10 @@ class SD3Adapter:
         negative_prompt: the unconditional prompt for CFG (``""`` like the pipeline's default).
         height, width: image size in pixels; default ``transformer.config.sample_size *
             vae_scale_factor`` (the pipeline's default).
+        t5_cache_size: prompts whose T5 features are kept in memory (``pipelines/text_cache.py``;
+            0 = off). T5 is frozen, so ``encode`` runs it once per prompt and serves the rows from
+            then on: the update's re-encoding with gradient (``lora.train_text_encoder``) then
+            runs only the CLIP encoders. Call ``adapter.t5_cache.clear()`` after changing T5's weights.
     """
 
     def __init__(
@@ -60,8 +66,10 @@ class SD3Adapter:
         negative_prompt: str = "",
         height: Optional[int] = None,
         width: Optional[int] = None,
+        t5_cache_size: int = 256,
     ):
         self.pipeline = pipeline
+        self.t5_cache = FrozenEncoderCache("_get_t5_prompt_embeds", max_prompts=t5_cache_size)
         self.max_sequence_length = int(max_sequence_length)
         self.negative_prompt = negative_prompt
         default = pipeline.default_sample_size * pipeline.vae_scale_factor
@@ -118,11 +126,13 @@ class SD3Adapter:
 
         Returns ``Conditioning(cond={"encoder_hidden_states": [B, 77 + T5_len, D],
         "pooled_projections": [B, P]}, uncond=same keys or None)``. Runs under ``torch.no_grad``
-        unless ``requires_grad`` (then gradients reach any LoRA in the text encoders).
+        unless ``requires_grad`` (then gradients reach any LoRA in the text encoders). T5's rows
+        come from ``self.t5_cache`` (computed once per prompt, without gradient: T5 is never adapted).
         """
         if isinstance(prompts, str):
             prompts = [prompts]
-        with torch.enable_grad() if requires_grad else torch.no_grad():
+        t5_rows = self.t5_cache.serving(self.pipeline) if getattr(self.pipeline, "text_encoder_3", None) is not None else nullcontext()
+        with t5_rows, torch.enable_grad() if requires_grad else torch.no_grad():
             embeds, neg_embeds, pooled, neg_pooled = self.pipeline.encode_prompt(
                 prompt=list(prompts),
                 prompt_2=None,
