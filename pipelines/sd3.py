@@ -66,7 +66,7 @@ class SD3Adapter:
         negative_prompt: str = "",
         height: Optional[int] = None,
         width: Optional[int] = None,
-        t5_cache_size: int = 256,
+        t5_cache_size: int = 64,
     ):
         self.pipeline = pipeline
         self.t5_cache = FrozenEncoderCache("_get_t5_prompt_embeds", max_prompts=t5_cache_size)

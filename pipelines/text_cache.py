@@ -37,7 +37,7 @@ class FrozenEncoderCache:
         max_prompts: rows kept (0 turns the cache off). A T5-XXL row at 256 tokens is 2 MiB in bf16.
     """
 
-    def __init__(self, method: str = "_get_t5_prompt_embeds", max_prompts: int = 256):
+    def __init__(self, method: str = "_get_t5_prompt_embeds", max_prompts: int = 64):
         if max_prompts < 0:
             raise ValueError(f"max_prompts must be >= 0, got {max_prompts}")
         self.method = method

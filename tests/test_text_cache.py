@@ -118,3 +118,14 @@ def test_images_per_prompt_repeat_like_diffusers(pipe):
 def test_bad_size_is_refused():
     with pytest.raises(ValueError, match="max_prompts"):
         FrozenEncoderCache(max_prompts=-1)
+
+
+def test_model_config_sets_the_cache_and_refuses_negative_sizes():
+    from flowalign.config import ModelConfig
+    from flowalign.errors import ConfigError
+    from flowalign.train.model import build_adapter
+
+    assert build_adapter(ModelConfig(pretrained="tiny-sd3"), torch.device("cpu")).t5_cache.max_prompts == 64
+    assert build_adapter(ModelConfig(pretrained="tiny-sd3", t5_cache_size=0), torch.device("cpu")).t5_cache.max_prompts == 0
+    with pytest.raises(ConfigError, match="model.t5_cache_size"):
+        ModelConfig(pretrained="tiny-sd3", t5_cache_size=-1)

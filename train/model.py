@@ -64,6 +64,7 @@ def build_adapter(model_cfg, device: torch.device):
         kwargs.update(apply_toy_meta(pipeline, path))
     if model_cfg.resolution:
         kwargs.update(height=model_cfg.resolution, width=model_cfg.resolution)
+    kwargs["t5_cache_size"] = model_cfg.t5_cache_size
     adapter = load_adapter(pipeline, **kwargs)
     for module in pipeline.components.values():
         if isinstance(module, torch.nn.Module):
