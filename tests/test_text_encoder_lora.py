@@ -119,6 +119,30 @@ def test_reference_conditioning_is_encoded_once_per_batch(tmp_path, monkeypatch)
     assert calls == [list(dict.fromkeys(other.traj.prompts))]
 
 
+def test_training_runs_t5_once_per_prompt(tmp_path):
+    """T5 is frozen: over two iterations (rollouts, every update micro-step re-encoding with gradient)
+    it runs once per distinct prompt, where uncached it would run at every encode."""
+    from flowalign.train.trainer import DEMO_PROMPTS
+
+    trainer = _trainer(tmp_path, "train.iterations=2", "train.final_eval_samples=0")
+    rows = []
+    trainer.adapter.pipeline.text_encoder_3.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    trainer.train()
+    assert rows and set(rows) == {1}  # one prompt per call
+    assert len(rows) <= len(DEMO_PROMPTS) + 1  # each prompt (and the empty negative) at most once
+    assert trainer.adapter.t5_cache.hits > 2 * len(rows)
+
+
+def test_a_cache_smaller_than_an_iteration_warns(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="flowalign.train.trainer"):
+        _trainer(tmp_path / "a", "model.t5_cache_size=2")
+    assert "model.t5_cache_size=2 holds fewer than an iteration's 3 prompts" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="flowalign.train.trainer"):
+        _trainer(tmp_path / "b", "model.t5_cache_size=3")
+    assert "t5_cache_size" not in caplog.text
+
+
 def test_reference_kl_sees_the_text_lora(tmp_path):
     """kl/ref compares with the base text features: 0 with the text LoRA at 0, > 0 once it moves
     (the transformer's LoRA is still 0 here, so only the text side can make a difference)."""

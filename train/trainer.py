@@ -209,6 +209,11 @@ class Trainer:
         transformer_params = lora_lib.add_lora(module, cfg.lora.rank, cfg.lora.alpha, targets, cfg.lora.init, cfg.lora.dropout)
         self.text_modules, text_params = lora_lib.add_text_lora(self.adapter, cfg.lora) if cfg.lora.train_text_encoder else ({}, [])
         self.params = transformer_params + text_params
+        cache = getattr(self.adapter, "t5_cache", None)
+        needed = cfg.train.prompts_per_iter // self.accelerator.num_processes + 1  # + the negative prompt
+        if self.text_modules and cache is not None and 0 < cache.max_prompts < needed:
+            logger.warning("model.t5_cache_size=%d holds fewer than an iteration's %d prompts (with the negative): the update will "
+                           "recompute T5 rows it dropped; raise it to at least %d", cache.max_prompts, needed, needed)
         if cfg.train.gradient_checkpointing:
             if not getattr(module, "_supports_gradient_checkpointing", False):
                 raise ConfigError(f"train.gradient_checkpointing=true but {type(module).__name__} does not support gradient checkpointing")
