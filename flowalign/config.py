@@ -467,7 +467,7 @@ def save_config(config: FlowalignConfig, path: Union[str, Path]) -> Path:
 _HASH_EXCLUDE = {("train", "iterations"), ("train", "output_dir"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
                  ("train", "log_with"), ("train", "progress"), ("train", "eval_every"), ("train", "final_eval_samples"),
                  ("train", "ref_kl_every"),
-                 ("train", "gradient_checkpointing"), ("train", "offload_rewards")}
+                 ("train", "gradient_checkpointing"), ("train", "offload_rewards"), ("model", "t5_cache_size")}
 # fields left out of the hash while at these values (their defaults), so runs from before they existed resume
 _HASH_OMIT_AT = {("sampling", "noise_seeding"): "process", ("train", "mixed_precision"): "no",
                  ("train", "lr_schedule"): "constant", ("train", "lr_warmup"): 0, ("train", "lr_min_ratio"): 0.0}

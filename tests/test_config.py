@@ -48,6 +48,7 @@ def test_save_and_reload_is_identity(tmp_path):
 def test_config_hash_ignores_run_length_but_not_the_math():
     base = C.load_config(None)
     assert C.config_hash(C.load_config(None, ["train.iterations=999", "train.output_dir=elsewhere"])) == C.config_hash(base)
+    assert C.config_hash(C.load_config(None, ["model.t5_cache_size=0"])) == C.config_hash(base)  # a memory knob
     assert C.config_hash(C.load_config(None, ["train.lr=1.0e-5"])) != C.config_hash(base)
     assert C.config_diff(base, C.load_config(None, ["train.lr=1.0e-5"])) == ["train.lr"]
 
