@@ -473,6 +473,44 @@ _HASH_OMIT_AT = {("sampling", "noise_seeding"): "process", ("train", "mixed_prec
                  ("train", "lr_schedule"): "constant", ("train", "lr_warmup"): 0, ("train", "lr_min_ratio"): 0.0}
 
 
+def describe_config(config: Any) -> str:
+    """``config`` as a YAML recipe with each key's help as a comment above it (``flowalign config``).
+
+    The text loads back into an equal config (``config_from_dict(yaml.safe_load(text))``); values
+    are written in JSON syntax, which YAML reads (``null``, ``true``, ``0.0005``, ``{"a": 0.7}``).
+    """
+
+    def value(v: Any) -> str:
+        if isinstance(v, float) and v != v:
+            return ".nan"
+        if isinstance(v, float) and abs(v) == float("inf"):
+            return ".inf" if v > 0 else "-.inf"
+        return json.dumps(dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
+
+    def helped(f: dataclasses.Field, indent: str) -> list[str]:
+        text = f.metadata.get("help")
+        return [f"{indent}# {text}"] if text else []
+
+    lines = [f"# {type(config).__name__}: every key with its help; load it back with --config"]
+    for section in dataclasses.fields(config):
+        current = getattr(config, section.name)
+        lines += [""] + helped(section, "")
+        if dataclasses.is_dataclass(current):
+            lines.append(f"{section.name}:")
+            for f in dataclasses.fields(current):
+                lines += helped(f, "  ") + [f"  {f.name}: {value(getattr(current, f.name))}"]
+        elif isinstance(current, list) and current and all(dataclasses.is_dataclass(item) for item in current):
+            lines += _helped_fields(current[0]) + [f"{section.name}:"] + [f"  - {value(item)}" for item in current]
+        else:
+            lines.append(f"{section.name}: {value(current)}")
+    return "\n".join(lines) + "\n"
+
+
+def _helped_fields(item: Any) -> list[str]:
+    """Comment lines naming each field of a list item's dataclass with its help."""
+    return [f"#   {f.name}: {f.metadata['help']}" for f in dataclasses.fields(item) if f.metadata.get("help")]
+
+
 def config_hash(config: FlowalignConfig) -> str:
     """sha256 (16 hex digits) of the settings that define a run's trajectory (not its length/logging;
     its length too under a decaying ``train.lr_schedule``, whose horizon it is)."""

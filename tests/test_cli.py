@@ -114,3 +114,36 @@ def test_console_script_reports_config_errors(tmp_path):
 
 def test_default_recipe_is_the_toy_recipe():
     assert cli.DEFAULT_RECIPE.name == "toy_grpo.yaml" and cli.DEFAULT_RECIPE.is_file()
+
+
+ONLINE_RECIPES = ["tiny_grpo.yaml", "toy_grpo.yaml", "toy_dense_grpo.yaml", "toy_tp_grpo.yaml", "toy_nft.yaml",
+                  "sd35m_grpo_geneval.yaml", "sd35m_dense_grpo_geneval.yaml", "sd35m_tp_grpo_geneval.yaml"]
+
+
+@pytest.mark.parametrize("recipe", ONLINE_RECIPES)
+def test_config_prints_every_key_with_its_help_and_reads_back(recipe, tmp_path, capsys):
+    """`flowalign config` of every training recipe: each field's help appears, the overrides are applied,
+    and the printed YAML loads back (through --config) into an equal config."""
+    import dataclasses
+
+    from flowalign.config import load_config, to_dict
+
+    path = TINY_RECIPE.parent / recipe
+    assert cli.main(["config", "--config", str(path), "--set", "train.lr=0.00123", "--set", "model.t5_cache_size=7"]) == 0
+    text = capsys.readouterr().out
+    expected = load_config(path, ["train.lr=0.00123", "model.t5_cache_size=7"])
+    for section in dataclasses.fields(expected):
+        value = getattr(expected, section.name)
+        items = value if isinstance(value, list) else [value]
+        for f in dataclasses.fields(items[0]):
+            assert f.metadata["help"] in text, f"{section.name}.{f.name}"
+    assert "  lr: 0.00123\n" in text and "  t5_cache_size: 7\n" in text
+    (tmp_path / "printed.yaml").write_text(text)
+    assert to_dict(load_config(tmp_path / "printed.yaml")) == to_dict(expected)
+
+
+def test_config_refuses_bad_keys_in_one_line(capsys):
+    assert cli.main(["config", "--set", "train.lrr=1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip() == "flowalign config: error: unknown config key 'train.lrr'; did you mean 'train.lr'?"

@@ -4,6 +4,7 @@
     flowalign eval ...        (see ``flowalign eval --help``)
     flowalign generate --config F [--set key=value ...]
     flowalign offline --config F [--set key=value ...] [--resume] [--overwrite]
+    flowalign config [--config F] [--set key=value ...]   (the resolved recipe, every key with its help)
 
 ``flowalign train`` with no ``--config`` runs the default recipe ``train/configs/toy_grpo.yaml``.
 ``--resume`` continues the run in the config's ``train.output_dir`` from its newest valid
@@ -46,7 +47,7 @@ def _error(command: str, exc: BaseException, status: int = EXIT_USAGE) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowalign", description="RL alignment of diffusion / flow-matching generators.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,generate,offline}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,generate,offline,config}")
 
     train = sub.add_parser("train", help="train a LoRA with an online RL recipe (default: the toy recipe)",
                            description=f"Train with a recipe YAML (default: {DEFAULT_RECIPE.name}).")
@@ -73,7 +74,24 @@ def build_parser() -> argparse.ArgumentParser:
                          help="override a config value, e.g. --set objective_kwargs.beta=8 (repeatable)")
     offline.add_argument("--resume", action="store_true", help="continue the run in output_dir from its newest checkpoint")
     offline.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
+    config = sub.add_parser("config", help="print a training recipe resolved, every key with its help (YAML that --config reads)",
+                            description="Print the recipe (default: the toy recipe) with overrides applied and checked, as YAML "
+                                        "with each key's help as a comment; save it and pass it back with --config.")
+    config.add_argument("--config", help=f"recipe YAML (default: {DEFAULT_RECIPE.relative_to(CONFIG_DIR.parent.parent)})")
+    config.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value (repeatable)")
     return parser
+
+
+def run_config(args: argparse.Namespace) -> int:
+    from flowalign.config import describe_config, load_config
+
+    try:
+        config = load_config(args.config or DEFAULT_RECIPE, list(args.overrides))
+    except FlowalignError as exc:
+        return _error("config", exc)
+    sys.stdout.write(describe_config(config))
+    return 0
 
 
 def _train_config(args: argparse.Namespace):
@@ -165,6 +183,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return main_eval(args)
     if args.command == "offline":
         return run_offline(args)
+    if args.command == "config":
+        return run_config(args)
     return run_generate(args)
 
 
