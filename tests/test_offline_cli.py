@@ -178,3 +178,26 @@ def test_store_from_another_model_is_refused(tiny_store, tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"holds latents \(4, 16, 16\) but the model makes \(4, 8, 8\)"):
         OfflineTrainer(cfg, adapter=OtherShape()).setup()
     assert not (tmp_path / "run").exists()
+
+
+def test_generate_rerun_with_another_t5_cache_size_is_the_same_store(tiny_store, capsys):
+    """model.t5_cache_size changes no sample: a finished store reruns under another value instead of refusing."""
+    gen = tiny_store.parent / "gen.yaml"
+    assert cli.main(["generate", "--config", str(gen), "--set", "model.t5_cache_size=0"]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind, recipe", [("offline", "toy_gdro.yaml"), ("generate", "toy_generate.yaml")])
+def test_config_prints_offline_and_generate_recipes_that_read_back(kind, recipe, tmp_path, capsys):
+    import dataclasses
+
+    from flowalign.config import to_dict
+    from flowalign.train.generate import load_generate_config
+    from flowalign.train.offline_trainer import load_offline_config
+
+    load = load_offline_config if kind == "offline" else load_generate_config
+    assert cli.main(["config", "--for", kind, "--config", str(CONFIGS / recipe), "--set", "seed=5"]) == 0
+    text = capsys.readouterr().out
+    expected = load(CONFIGS / recipe, ["seed=5"])
+    assert all(f.metadata["help"] in text for f in dataclasses.fields(expected))
+    (tmp_path / "printed.yaml").write_text(text)
+    assert to_dict(load(tmp_path / "printed.yaml")) == to_dict(expected)

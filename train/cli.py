@@ -4,7 +4,8 @@
     flowalign eval ...        (see ``flowalign eval --help``)
     flowalign generate --config F [--set key=value ...]
     flowalign offline --config F [--set key=value ...] [--resume] [--overwrite]
-    flowalign config [--config F] [--set key=value ...]   (the resolved recipe, every key with its help)
+    flowalign config [--for train|offline|generate] [--config F] [--set key=value ...]
+                              (the resolved recipe, every key with its help)
 
 ``flowalign train`` with no ``--config`` runs the default recipe ``train/configs/toy_grpo.yaml``.
 ``--resume`` continues the run in the config's ``train.output_dir`` from its newest valid
@@ -77,18 +78,28 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="print a training recipe resolved, every key with its help (YAML that --config reads)",
                             description="Print the recipe (default: the toy recipe) with overrides applied and checked, as YAML "
                                         "with each key's help as a comment; save it and pass it back with --config.")
-    config.add_argument("--config", help=f"recipe YAML (default: {DEFAULT_RECIPE.relative_to(CONFIG_DIR.parent.parent)})")
+    config.add_argument("--config", help=f"recipe YAML (default: {DEFAULT_RECIPE.relative_to(CONFIG_DIR.parent.parent)} for train, "
+                                         "the built-in defaults for offline and generate)")
     config.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value (repeatable)")
+    config.add_argument("--for", dest="kind", choices=("train", "offline", "generate"), default="train",
+                        help="which command's keys: train (default), offline or generate")
     return parser
 
 
 def run_config(args: argparse.Namespace) -> int:
     from flowalign.config import describe_config, load_config
+    from flowalign.train.generate import load_generate_config
+    from flowalign.train.offline_trainer import load_offline_config
 
     try:
-        config = load_config(args.config or DEFAULT_RECIPE, list(args.overrides))
-    except FlowalignError as exc:
+        if args.kind == "offline":
+            config = load_offline_config(args.config, list(args.overrides))
+        elif args.kind == "generate":
+            config = load_generate_config(args.config, list(args.overrides))
+        else:
+            config = load_config(args.config or DEFAULT_RECIPE, list(args.overrides))
+    except (FlowalignError, FileNotFoundError) as exc:
         return _error("config", exc)
     sys.stdout.write(describe_config(config))
     return 0

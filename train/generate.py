@@ -87,6 +87,9 @@ def read_yaml_mapping(path: Union[str, Path], what: str) -> dict[str, Any]:
     return data
 
 
+MEMORY_KNOBS = ("t5_cache_size",)  # model keys that change no sample: left out of the store's settings
+
+
 def load_generate_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> GenerateConfig:
     """Read a generation YAML (keys of :class:`GenerateConfig`) with ``key=value`` overrides.
 
@@ -203,7 +206,7 @@ def run_generate(cfg: GenerateConfig, sample_fn: Optional[SampleFn] = None, scor
     if score_fn is None:
         score_fn = reward_score_fn(cfg.rewards, cfg.device)
     settings = {
-        "model": to_dict(cfg.model), "lora": cfg.lora, "model_hash": model_hash, "sampler": sampler,
+        "model": {k: v for k, v in to_dict(cfg.model).items() if k not in MEMORY_KNOBS}, "lora": cfg.lora, "model_hash": model_hash, "sampler": sampler,
         "rewards": [to_dict(r) for r in cfg.rewards], "prompts_file": str(cfg.prompts),
     }
     store = fill_store(
