@@ -463,11 +463,14 @@ def save_config(config: FlowalignConfig, path: Union[str, Path]) -> Path:
     return path
 
 
+# model keys that change no sample, only memory (left out of config hashes and rollout-store settings)
+MODEL_MEMORY_KNOBS = ("t5_cache_size",)
 # fields that do not change what a run computes (so resuming with them changed is the same run)
 _HASH_EXCLUDE = {("train", "iterations"), ("train", "output_dir"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
                  ("train", "log_with"), ("train", "progress"), ("train", "eval_every"), ("train", "final_eval_samples"),
                  ("train", "ref_kl_every"),
-                 ("train", "gradient_checkpointing"), ("train", "offload_rewards"), ("model", "t5_cache_size")}
+                 ("train", "gradient_checkpointing"), ("train", "offload_rewards"),
+                 *(("model", key) for key in MODEL_MEMORY_KNOBS)}
 # fields left out of the hash while at these values (their defaults), so runs from before they existed resume
 _HASH_OMIT_AT = {("sampling", "noise_seeding"): "process", ("train", "mixed_precision"): "no",
                  ("train", "lr_schedule"): "constant", ("train", "lr_warmup"): 0, ("train", "lr_min_ratio"): 0.0}

@@ -11,8 +11,9 @@ the assembly (CLIP features, padding, concatenation, the negative prompt) exactl
 writes it; only the T5 call is replaced by a lookup. Rows are computed without gradient (T5 has no
 trainable parameters), for the missing prompts only, one prompt per call (so a row's bits never
 depend on which prompts it was first encoded with, and a resumed run reproduces an uninterrupted
-one), with ``num_images_per_prompt=1``, and repeated per image as the original does. Each row is keyed by ``(prompt, max_sequence_length,
-device)``; the least recently used rows are dropped beyond ``max_prompts``.
+one), with ``num_images_per_prompt=1``, and repeated per image as the original does. Each row is
+keyed by ``(prompt, max_sequence_length, device)``; the least recently used rows are dropped
+beyond ``max_prompts``.
 
 The cache trusts that the encoder's weights do not change. Call :meth:`clear` after changing
 them (loading other weights into ``text_encoder_3``).
@@ -82,17 +83,14 @@ class FrozenEncoderCache:
         missing = [k for k in dict.fromkeys(keys) if k not in self._rows]
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
-        fresh = {}
         with torch.no_grad():
             for key in missing:  # one prompt per call: a row never depends on which prompts came with it
-                fresh[key] = original(prompt=[key[0]], num_images_per_prompt=1, max_sequence_length=max_sequence_length,
-                                      device=device, dtype=dtype)[0]
-        self._rows.update(fresh)
-        out = torch.stack([fresh[k] if k in fresh else self._rows[k] for k in keys])
+                self._rows[key] = original(prompt=[key[0]], num_images_per_prompt=1, max_sequence_length=max_sequence_length,
+                                           device=device, dtype=dtype)[0]
+        out = torch.stack([self._rows[k] for k in keys])
         for k in keys:
-            if k in self._rows:
-                self._rows.move_to_end(k)
-        while len(self._rows) > self.max_prompts:
+            self._rows.move_to_end(k)
+        while len(self._rows) > self.max_prompts:  # trimmed after the lookup: a call may need more rows than are kept
             self._rows.popitem(last=False)
         if num_images_per_prompt > 1:
             out = out.repeat_interleave(num_images_per_prompt, dim=0)

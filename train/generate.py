@@ -21,7 +21,7 @@ import yaml
 from torch import Tensor
 
 from flowalign import sde
-from flowalign.config import KERNELS, ModelConfig, RewardConfig, apply_overrides, build_dataclass, to_dict
+from flowalign.config import KERNELS, MODEL_MEMORY_KNOBS, ModelConfig, RewardConfig, apply_overrides, build_dataclass, to_dict
 from flowalign.errors import ConfigError
 from flowalign.offline import SampleFn, ScoreFn, fill_store
 
@@ -85,9 +85,6 @@ def read_yaml_mapping(path: Union[str, Path], what: str) -> dict[str, Any]:
         raise ConfigError(f"{what} config {path} cannot be read: {exc}") from None
     _check(isinstance(data, dict), f"{path}: top level must be a mapping of {what} settings, got {type(data).__name__}")
     return data
-
-
-MEMORY_KNOBS = ("t5_cache_size",)  # model keys that change no sample: left out of the store's settings
 
 
 def load_generate_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> GenerateConfig:
@@ -206,7 +203,7 @@ def run_generate(cfg: GenerateConfig, sample_fn: Optional[SampleFn] = None, scor
     if score_fn is None:
         score_fn = reward_score_fn(cfg.rewards, cfg.device)
     settings = {
-        "model": {k: v for k, v in to_dict(cfg.model).items() if k not in MEMORY_KNOBS}, "lora": cfg.lora, "model_hash": model_hash, "sampler": sampler,
+        "model": {k: v for k, v in to_dict(cfg.model).items() if k not in MODEL_MEMORY_KNOBS}, "lora": cfg.lora, "model_hash": model_hash, "sampler": sampler,
         "rewards": [to_dict(r) for r in cfg.rewards], "prompts_file": str(cfg.prompts),
     }
     store = fill_store(
