@@ -80,10 +80,10 @@ def test_update_and_reference_conditioning(tmp_path):
     _perturb_text_lora(trainer)
     batch = trainer.collect()
     index = torch.tensor([5, 0, 3, 6])  # rows of two prompts, out of order
-    update = trainer._update_cond(batch, index)
+    update = trainer.conditioning.policy(batch, index)
     _assert_cond_close(update, batch.cond.select(index))
     base = _fresh_adapter().encode([batch.traj.prompts[i] for i in index.tolist()], do_classifier_free_guidance=True)
-    reference = trainer._reference_cond(batch, index)
+    reference = trainer.conditioning.reference(batch, index)
     _assert_cond_close(reference, base)
     assert _cond_gap(update, base) > 1e-3  # the text LoRA does change the features
     assert not any(t.requires_grad for t in reference.cond.values())
@@ -109,12 +109,12 @@ def test_reference_conditioning_is_encoded_once_per_batch(tmp_path, monkeypatch)
     fresh = _fresh_adapter()
     for index in (torch.tensor([5, 0, 3]), torch.tensor([1, 6]), torch.tensor([7, 2, 4, 0])):
         expected = fresh.encode([batch.traj.prompts[i] for i in index.tolist()], do_classifier_free_guidance=True)
-        _assert_cond_close(trainer._reference_cond(batch, index), expected)
+        _assert_cond_close(trainer.conditioning.reference(batch, index), expected)
     assert calls == [list(dict.fromkeys(batch.traj.prompts))]
     other = trainer.collect()
     assert set(other.traj.prompts) != set(batch.traj.prompts)
     calls.clear()
-    _assert_cond_close(trainer._reference_cond(other, torch.tensor([1])),
+    _assert_cond_close(trainer.conditioning.reference(other, torch.tensor([1])),
                        fresh.encode([other.traj.prompts[1]], do_classifier_free_guidance=True))
     assert calls == [list(dict.fromkeys(other.traj.prompts))]
 

@@ -52,6 +52,7 @@ from flowalign.train.dense_setup import calibrated_schedule, save_run_noise_tabl
 from flowalign.train.model import build_adapter, resolve_path
 from flowalign.train.run_dir import find_resume_checkpoint, prepare_run_dir
 from flowalign.train.run_log import RunLogger
+from flowalign.train.update_conditioning import UpdateConditioning
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +145,6 @@ class Trainer:
         self._nonfinite_in_row = 0
         self.run_log: Optional[RunLogger] = None  # main process only
         self.text_modules: dict = {}  # text encoders with LoRA (lora.train_text_encoder), filled by setup
-        self._reference_encoding = None  # (the last batch's distinct prompts encoded with every LoRA off, {prompt: row})
         self.timings: dict[str, float] = {}  # wall seconds per phase of this session (setup, calibration, train, ...)
 
     # ================================================================= setup
@@ -219,6 +219,8 @@ class Trainer:
                 raise ConfigError(f"train.gradient_checkpointing=true but {type(module).__name__} does not support gradient checkpointing")
             module.enable_gradient_checkpointing()
         self.adapter = runtime.autocast_adapter(self.adapter, cfg.train.mixed_precision)
+        # the update's policy / reference conditioning (re-encoded through trained text encoders)
+        self.conditioning = UpdateConditioning(self.adapter, self.text_modules, self._train_guidance() > 1.0, self.device)
         # one parameter group per learning rate; "lr_ratio" scales train.lr's schedule (_set_lr)
         groups = [{"params": transformer_params, "lr_ratio": 1.0}]
         if text_params:
@@ -494,8 +496,8 @@ class Trainer:
         (forward-process objectives: mean ||v_theta - v_ref||^2 at their noised rows)."""
         from flowalign.objectives.grpo import mean_kl, transition_mean
 
-        policy, reference = velocity_fns(self.adapter, self._update_cond(batch, index, requires_grad=False), self._train_guidance(), True,
-                                         self._reference_cond(batch, index))
+        policy, reference = velocity_fns(self.adapter, self.conditioning.policy(batch, index, requires_grad=False), self._train_guidance(),
+                                         True, self.conditioning.reference(batch, index))
         rows = self._make_batch(batch, index, k)
         if self.forward_process:
             return fp.reference_gap(rows, policy, reference)
@@ -503,49 +505,12 @@ class Trainer:
         mean_ref, _ = transition_mean(rows, reference)
         return float(mean_kl(mean, mean_ref, std).mean())
 
-    def _update_cond(self, batch: Batch, index: Tensor, requires_grad: bool = True):
-        """The policy's conditioning of samples ``index`` for the update: the rollouts' own (no
-        gradient) or, when the text encoders carry LoRA (``lora.train_text_encoder``), the prompts
-        re-encoded by the current encoders (with gradient when ``requires_grad``). Before the first
-        optimizer step of an iteration the two are equal, so the ratio starts at 1."""
-        if not self.text_modules:
-            return batch.cond.select(index.to(self.device))
-        return self._encode_rows(batch, index, requires_grad)
-
-    def _reference_cond(self, batch: Batch, index: Tensor):
-        """The reference's conditioning of samples ``index``: the prompts encoded with every LoRA off,
-        or None when the text encoders carry no LoRA (the reference then shares the policy's).
-
-        The base encoders never change, so the batch's distinct prompts are encoded once and kept
-        until a batch with other prompts comes: the micro-batches of one iteration (every trained
-        step, every inner epoch) gather their rows from that one encoding."""
-        if not self.text_modules:
-            return None
-        if self._reference_encoding is None or list(self._reference_encoding[1]) != list(dict.fromkeys(batch.traj.prompts)):
-            with lora_lib.lora_disabled(*self.text_modules.values()):
-                self._reference_encoding = self._encode_distinct(batch.traj.prompts, requires_grad=False)
-        return self._gather_rows(*self._reference_encoding, [batch.traj.prompts[i] for i in index.tolist()])
-
-    def _encode_rows(self, batch: Batch, index: Tensor, requires_grad: bool):
-        """Encode the prompts of samples ``index`` (each distinct prompt once), CFG as in training."""
-        prompts = [batch.traj.prompts[i] for i in index.tolist()]
-        return self._gather_rows(*self._encode_distinct(prompts, requires_grad), prompts)
-
-    def _encode_distinct(self, prompts: list[str], requires_grad: bool):
-        """``(conditioning of each distinct prompt, {prompt: its row})``, CFG as in training."""
-        position = {p: j for j, p in enumerate(dict.fromkeys(prompts))}
-        return self.adapter.encode(list(position), do_classifier_free_guidance=self._train_guidance() > 1.0, requires_grad=requires_grad), position
-
-    def _gather_rows(self, cond, position: dict, prompts: list[str]):
-        """One row of ``cond`` per prompt of ``prompts`` (:meth:`Conditioning.gather`: deterministic backward)."""
-        return cond.gather(torch.tensor([position[p] for p in prompts], device=self.device))
-
     def _micro_step(self, batch: Batch, index: Tensor, k: int, scale: float) -> dict:
         """Forward + backward of one micro-batch; a non-finite loss is skipped (and counted)."""
         rows = self._make_batch(batch, index, k)
         needs_reference = getattr(self.objective, "needs_reference", False)
-        policy, reference = self.velocity_fns(self._update_cond(batch, index),
-                                              self._reference_cond(batch, index) if needs_reference else None)
+        policy, reference = self.velocity_fns(self.conditioning.policy(batch, index),
+                                              self.conditioning.reference(batch, index) if needs_reference else None)
         loss, metrics = self.objective.loss(rows, policy, reference)
         if not torch.isfinite(loss):
             self._count_nonfinite(f"loss {float(loss.detach())} at step {k}")
