@@ -30,14 +30,14 @@ class UpdateConditioning:
     Args:
         adapter: the (possibly autocast-wrapped) adapter whose ``encode`` the rollouts used.
         text_modules: ``{name: text encoder}`` carrying trained LoRA; empty when none.
-        cfg: whether training applies classifier-free guidance (encode the negative prompt too).
+        classifier_free: whether training applies classifier-free guidance (encode the negative prompt too).
         device: where the gathered rows go.
     """
 
-    def __init__(self, adapter, text_modules: dict, cfg: bool, device: torch.device):
+    def __init__(self, adapter, text_modules: dict, classifier_free: bool, device: torch.device):
         self.adapter = adapter
         self.text_modules = text_modules
-        self.cfg = cfg
+        self.classifier_free = classifier_free
         self.device = device
         self._reference = None  # (the last batch's distinct prompts encoded with every LoRA off, {prompt: row})
 
@@ -63,7 +63,7 @@ class UpdateConditioning:
     def _encode_distinct(self, prompts: list[str], requires_grad: bool):
         """``(conditioning of each distinct prompt, {prompt: its row})``."""
         position = {p: j for j, p in enumerate(dict.fromkeys(prompts))}
-        return self.adapter.encode(list(position), do_classifier_free_guidance=self.cfg, requires_grad=requires_grad), position
+        return self.adapter.encode(list(position), do_classifier_free_guidance=self.classifier_free, requires_grad=requires_grad), position
 
     def _gather(self, cond, position: dict, prompts: list[str]):
         """One row of ``cond`` per prompt of ``prompts``."""
