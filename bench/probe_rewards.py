@@ -18,8 +18,7 @@ import numpy as np
 import torch
 
 from flowalign.rewards.base import RewardOutput
-from flowalign.rewards.shapes import ShapesReward, detect
-from flowalign.rewards.shapes_scenes import parse_prompt
+from flowalign.rewards.shapes import ShapesReward, detect, scene_pixels, scene_spec
 
 # (soft fill, asymmetry) of each shape on rendered scenes (means over 300 training scenes)
 TARGET = {"circle": (0.79, 0.0), "square": (1.0, 0.0), "triangle": (0.58, 0.43)}
@@ -41,12 +40,11 @@ class ShapeFit(ShapesReward):
 
     def score(self, images, prompts, metadata):
         out = super().score(images, prompts, metadata)
-        arr = (images.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255.0).astype(np.float32)
+        arr = scene_pixels(images)
         fits = []
         for i, prompt in enumerate(prompts):
-            meta = metadata[i] if i < len(metadata) and metadata[i] else {}
-            spec = meta if "include" in meta else parse_prompt(prompt)
-            objects = detect(arr[i], self.min_area)
+            spec = scene_spec(prompt, metadata[i] if i < len(metadata) else None)
+            objects = detect(arr[i], self.min_area)  # again: the parent keeps only a few fields of each object
             per_request = []
             for req in spec["include"]:
                 count = int(req.get("count", 1))

@@ -243,6 +243,20 @@ def failure_mode(objects: list[dict[str, Any]], spec: Spec, verdict: Optional[bo
     return "position"
 
 
+def scene_pixels(images: Tensor) -> np.ndarray:
+    """Images ``[B, 3, H, W]`` in [0, 1] as the verifier reads them: float ``[B, 32, 32, 3]`` in
+    0..255 (area-resized when another size)."""
+    x = images.detach().float().cpu().clamp(0, 1)
+    if x.shape[-2:] != (SIZE, SIZE):
+        x = torch.nn.functional.interpolate(x, size=(SIZE, SIZE), mode="area")
+    return (x.permute(0, 2, 3, 1).numpy() * 255.0).astype(np.float32)
+
+
+def scene_spec(prompt: str, meta: Optional[dict[str, Any]]) -> Spec:
+    """The spec a sample is checked against: its metadata when it holds ``include``, else the parsed prompt."""
+    return meta if meta and "include" in meta else parse_prompt(prompt)
+
+
 @register_reward("shapes")
 class ShapesReward(Reward):
     """Rule-based GenEval-style verifier for the toy world's captions (binary score by default).
@@ -288,14 +302,10 @@ class ShapesReward(Reward):
             raise ValueError(f"shapes reward expects images [B, 3, H, W], got shape {tuple(images.shape)}")
         if len(prompts) != images.shape[0]:
             raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
-        x = images.detach().float().cpu().clamp(0, 1)
-        if x.shape[-2:] != (SIZE, SIZE):
-            x = torch.nn.functional.interpolate(x, size=(SIZE, SIZE), mode="area")
-        arr = (x.permute(0, 2, 3, 1).numpy() * 255.0).astype(np.float32)  # [B, 32, 32, 3]
+        arr = scene_pixels(images)
         scores, partial, tags, found, failures = [], [], [], [], []
         for i, prompt in enumerate(prompts):
-            meta = metadata[i] if i < len(metadata) and metadata[i] else {}
-            spec = meta if "include" in meta else parse_prompt(prompt)
+            spec = scene_spec(prompt, metadata[i] if i < len(metadata) else None)
             objects = detect(arr[i], self.min_area)
             ok, frac = evaluate(objects, spec, exclusive=self.exclusive, graded=self.graded)
             scores.append(float(ok))
