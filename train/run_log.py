@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 from flowalign.config import FlowalignConfig
@@ -33,10 +34,17 @@ class RunLogger:
                 rows = [r for r in csv.DictReader(fh) if int(float(r["iteration"])) < step]
         rows.append({**metrics, "iteration": step})
         fields = ["iteration"] + sorted({k for r in rows for k in r} - {"iteration"})
-        with open(self.path, "w", newline="") as fh:  # small file: rewriting keeps the columns aligned
-            writer = csv.DictWriter(fh, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
+        # small file: rewriting keeps the columns aligned; written beside it and renamed, so a crash
+        # (even SIGKILL) mid-write leaves the previous metrics.csv whole
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            with open(tmp, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(rows)
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
         self.log_scalars(metrics, step)
 
     def log_scalars(self, metrics: dict, step: int) -> None:
