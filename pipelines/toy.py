@@ -505,6 +505,14 @@ def load_toy_meta(folder: str | Path) -> dict[str, Any]:
     return json.loads((Path(folder) / META_FILE).read_text(encoding="utf-8"))
 
 
+def _int_pair(text: str) -> tuple[int, int]:
+    """``"24,24"`` -> ``(24, 24)`` (argparse type for ``--clip-hidden``)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected two positive integers like 24,24, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flowalign.pipelines.toy", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -516,6 +524,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         b.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("shift", "guidance_scale", "dit_lr", "caption_noise", "synonym_rate"):
         b.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    b.add_argument("--clip-hidden", default=",".join(map(str, d.clip_hidden)), type=_int_pair,
+                   help="hidden sizes of the two CLIP text encoders, e.g. 24,24 (the shipped toy: 16,16)")
     b.add_argument("--color-synonyms", default=d.color_synonyms,
                    help='colour pairs the captions name interchangeably, e.g. "blue:cyan,red:purple" (with --synonym-rate)')
     b.add_argument("--pretrain-heldout", action="store_true", help="pretrain on every caption, held-out combinations included")

@@ -77,7 +77,7 @@ def test_trainer_sets_the_scheduled_rate_each_iteration(tmp_path):
         lrs = [float(row["optim/lr"]) for row in csv.DictReader(fh)]
     assert lrs == pytest.approx([0.02, 0.01, 0.0])  # (1 + cos(pi i / 2)) / 2 at i = 0, 1, 2
     trainer.iteration = 1  # the rate is a function of the iteration alone: what --resume relies on
-    trainer._set_lr()
+    trainer.optim.set_lr(trainer.iteration)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
 
 

@@ -297,6 +297,28 @@ def test_offline_trainer_resume_continues_bit_exactly(tiny_store, tmp_path):
 
 
 @pytest.mark.slow
+def test_offline_resume_after_a_crash_keeps_one_metrics_row_per_step(tiny_store, tmp_path):
+    """A crash after step 2 was logged but before its checkpoint: the resumed run replays step 2
+    and metrics.csv still has each step once (it used to append a second row for it)."""
+    import csv
+    import shutil
+
+    from flowalign.train.offline_trainer import OfflineTrainer
+
+    part = _offline_trainer(tiny_store, tmp_path / "run", lr=1e-3, epochs=2, max_steps=2, checkpoint_every=1)
+    part.train()
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "iter_000002")  # as if killed before writing it
+    config = part.config
+    config.max_steps = None
+    resumed = OfflineTrainer(config, resume=True).setup()
+    assert resumed.step == 1
+    resumed.train()
+    with open(tmp_path / "run" / "metrics.csv", newline="") as fh:
+        steps = [int(row["step"]) for row in csv.DictReader(fh)]
+    assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
 def test_offline_trainer_with_text_encoder_lora(tiny_store, tmp_path):
     """GDRO with ``lora.train_text_encoder``: the text LoRA trains, the reference sees the base text
     features (a fresh pipeline's), the file loads in plain diffusers, and a resumed run is bit-exact."""

@@ -16,7 +16,6 @@ process; checkpoints hold LoRA + optimizer + RNG + step and ``resume`` replays t
 """
 from __future__ import annotations
 
-import csv
 import logging
 import shutil
 import sys
@@ -35,6 +34,7 @@ from flowalign.config import LoraConfig, ModelConfig, apply_overrides, build_dat
 from flowalign.errors import ConfigError
 from flowalign.objectives.base import OfflineBatch
 from flowalign.offline import RolloutStore
+from flowalign.train.run_log import write_metrics_row
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ class OfflineTrainer:
                     break
                 metrics = {"epoch": epoch, **self.train_step(batch, [g.prompt for g in groups])}
                 history.append(metrics)
-                self._append_csv(metrics)
+                write_metrics_row(self.run_dir / "metrics.csv", metrics, self.step, key="step")  # replaces replayed rows
                 if callback is not None:
                     callback(self, metrics)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
@@ -278,15 +278,6 @@ class OfflineTrainer:
         if self.step > self._saved_step:  # the end of a run is always resumable (e.g. with more epochs)
             self.save_checkpoint()
         return history
-
-    def _append_csv(self, metrics: dict) -> None:
-        path = self.run_dir / "metrics.csv"
-        new = not path.exists()
-        with open(path, "a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=sorted(metrics))
-            if new:
-                writer.writeheader()
-            writer.writerow(metrics)
 
     # ------------------------------------------------------------------ save / resume
 

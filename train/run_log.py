@@ -8,6 +8,32 @@ from pathlib import Path
 from flowalign.config import FlowalignConfig
 
 
+def write_metrics_row(path: Path, metrics: dict, step: int, key: str = "iteration") -> None:
+    """Add ``metrics`` as the row of ``step`` to the CSV at ``path``, dropping every row whose
+    ``key`` column is ``step`` or later: those were logged before a crash and are being replayed
+    by a resumed run, so each step keeps exactly one row.
+
+    The file is small and rewritten whole (the columns stay aligned when a later row brings new
+    metrics), beside itself and then renamed, so a crash (even SIGKILL) mid-write leaves the
+    previous file whole.
+    """
+    rows: list[dict] = []
+    if path.is_file():
+        with open(path, newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if int(float(r[key])) < step]
+    rows.append({**metrics, key: step})
+    fields = [key] + sorted({k for r in rows for k in r} - {key})
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class RunLogger:
     """Per-iteration metrics of the main process: ``metrics.csv`` plus TensorBoard / wandb."""
 
@@ -28,23 +54,7 @@ class RunLogger:
 
     def log(self, metrics: dict, step: int) -> None:
         """Append a ``metrics.csv`` row (replacing rows from ``step`` on, replayed after a resume) and log to trackers."""
-        rows: list[dict] = []
-        if self.path.is_file():
-            with open(self.path, newline="") as fh:
-                rows = [r for r in csv.DictReader(fh) if int(float(r["iteration"])) < step]
-        rows.append({**metrics, "iteration": step})
-        fields = ["iteration"] + sorted({k for r in rows for k in r} - {"iteration"})
-        # small file: rewriting keeps the columns aligned; written beside it and renamed, so a crash
-        # (even SIGKILL) mid-write leaves the previous metrics.csv whole
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        try:
-            with open(tmp, "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=fields)
-                writer.writeheader()
-                writer.writerows(rows)
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_metrics_row(self.path, metrics, step, key="iteration")
         self.log_scalars(metrics, step)
 
     def log_scalars(self, metrics: dict, step: int) -> None:

@@ -44,13 +44,13 @@ from torch import Tensor
 from flowalign import checkpoint as ckpt
 from flowalign import lora as lora_lib
 from flowalign.config import FlowalignConfig, config_hash, save_config
-from flowalign.errors import CheckpointError, ConfigError, NonFiniteLossError
-from flowalign.lr_schedule import lr_multiplier
+from flowalign.errors import CheckpointError, ConfigError
 from flowalign.train import forward_process as fp
 from flowalign.train import runtime
 from flowalign.train.dense_setup import calibrated_schedule, save_run_noise_table
 from flowalign.train.model import build_adapter, resolve_path
 from flowalign.train.run_dir import find_resume_checkpoint, prepare_run_dir
+from flowalign.train.lora_optimizer import LoraOptimizer
 from flowalign.train.run_log import RunLogger
 from flowalign.train.update_conditioning import UpdateConditioning
 
@@ -142,7 +142,6 @@ class Trainer:
         self.adapter = adapter
         self.run_dir = Path(config.train.output_dir)
         self.iteration = 0
-        self._nonfinite_in_row = 0
         self.run_log: Optional[RunLogger] = None  # main process only
         self.text_modules: dict = {}  # text encoders with LoRA (lora.train_text_encoder), filled by setup
         self.timings: dict[str, float] = {}  # wall seconds per phase of this session (setup, calibration, train, ...)
@@ -221,16 +220,21 @@ class Trainer:
         self.adapter = runtime.autocast_adapter(self.adapter, cfg.train.mixed_precision)
         # the update's policy / reference conditioning (re-encoded through trained text encoders)
         self.conditioning = UpdateConditioning(self.adapter, self.text_modules, self._train_guidance() > 1.0, self.device)
-        # one parameter group per learning rate; "lr_ratio" scales train.lr's schedule (_set_lr)
+        # one parameter group per learning rate; "lr_ratio" scales train.lr's schedule (LoraOptimizer.set_lr)
         groups = [{"params": transformer_params, "lr_ratio": 1.0}]
         if text_params:
             groups.append({"params": text_params, "lr_ratio": (cfg.lora.text_encoder_lr or cfg.train.lr) / cfg.train.lr})
-        self.optimizer = torch.optim.AdamW(
-            groups, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas), eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay
-        )
-        self.ema = lora_lib.LoraEMA(self.params, cfg.train.ema_decay) if cfg.train.ema else None
-        # fp16 gradients of small losses underflow: dynamic loss scaling (bf16 has fp32's range and needs none)
-        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.train.mixed_precision == "fp16" else None
+        self.optim = LoraOptimizer(groups, cfg.train, self.accelerator, self.device.type, self._gather)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The AdamW over every trained LoRA parameter (``self.optim.optimizer``)."""
+        return self.optim.optimizer
+
+    @property
+    def ema(self) -> Optional[lora_lib.LoraEMA]:
+        """The LoRA's EMA (``train.ema``), or None."""
+        return self.optim.ema
 
     @property
     def lora_modules(self) -> dict:
@@ -440,8 +444,8 @@ class Trainer:
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
-        accum, optim = self.config.train.grad_accum, {"steps": 0, "skipped": 0, "grad_norm": []}
-        self._set_lr()
+        accum, stats = self.config.train.grad_accum, self.optim.new_stats()
+        self.optim.set_lr(self.iteration)
         for epoch in range(self.config.train.inner_epochs):
             plan = self._plan(batch)
             # rows of every process's micro-batches: the same number of optimizer steps everywhere (runtime.py)
@@ -463,16 +467,12 @@ class Trainer:
                         sums[key] = sums.get(key, 0.0) + value
                         counts[key] = counts.get(key, 0) + 1
                 if i == group_end - 1:
-                    self._optimizer_step(optim)
+                    self.optim.step(stats)
         if self.accelerator.num_processes > 1:
-            self._check_nonfinite()
+            self.optim.check_nonfinite()
         metrics = {key: sums[key] / counts[key] for key in sums}
-        norms = optim["grad_norm"]
-        metrics.update({"grad_norm": sum(norms) / len(norms) if norms else 0.0, "optim/steps": float(optim["steps"]),
-                        "optim/skipped_nonfinite": float(optim["skipped"]), "optim/lr": self.optimizer.param_groups[0]["lr"],
-                        "time/update": time.perf_counter() - t0})
-        if len(self.optimizer.param_groups) > 1:  # the text encoders' LoRA (lora.text_encoder_lr)
-            metrics["optim/lr_text_encoder"] = self.optimizer.param_groups[1]["lr"]
+        metrics.update(self.optim.metrics(stats))
+        metrics["time/update"] = time.perf_counter() - t0
         return metrics
 
     def _prepare_forward_draws(self, batch: Batch, plan: list, optimizer_steps: int) -> None:
@@ -512,74 +512,7 @@ class Trainer:
         policy, reference = self.velocity_fns(self.conditioning.policy(batch, index),
                                               self.conditioning.reference(batch, index) if needs_reference else None)
         loss, metrics = self.objective.loss(rows, policy, reference)
-        if not torch.isfinite(loss):
-            self._count_nonfinite(f"loss {float(loss.detach())} at step {k}")
-            return {}
-        self._nonfinite_in_row = 0
-        loss = loss * scale
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        return metrics
-
-    def _count_nonfinite(self, what: str) -> None:
-        self._nonfinite_in_row += 1
-        limit = self.config.train.max_nonfinite_steps
-        logger.warning("iteration %d: non-finite %s, skipped (%d in a row, limit %d)", self.iteration, what, self._nonfinite_in_row, limit)
-        if self.accelerator.num_processes == 1:
-            self._check_nonfinite()
-
-    def _check_nonfinite(self) -> None:
-        """Abort after ``train.max_nonfinite_steps`` non-finite losses/gradients in a row (on any
-        process: with several, every process checks the maximum at each optimizer step, so all stop together)."""
-        in_row = self._nonfinite_in_row
-        if self.accelerator.num_processes > 1:
-            in_row = int(self._gather(torch.tensor([in_row])).max())
-        limit = self.config.train.max_nonfinite_steps
-        if in_row >= limit:
-            raise NonFiniteLossError(
-                f"{in_row} non-finite losses/gradients in a row at iteration {self.iteration} "
-                f"(train.max_nonfinite_steps={limit}); lower train.lr ({self.config.train.lr}) or check the rewards"
-            )
-
-    def _set_lr(self) -> None:
-        """``train.lr`` times the schedule's factor at this iteration (flowalign.lr_schedule), times
-        each parameter group's ``lr_ratio`` (``lora.text_encoder_lr / train.lr`` for the text LoRA)."""
-        t = self.config.train
-        lr = t.lr * lr_multiplier(t.lr_schedule, min(self.iteration, t.iterations - 1), t.iterations, t.lr_warmup, t.lr_min_ratio)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_ratio", 1.0)
-
-    def _optimizer_step(self, optim: dict) -> None:
-        """Sum the (row-weighted) LoRA gradients across processes, clip, step (skipped when the norm is not finite)."""
-        if self.accelerator.num_processes > 1:
-            self._check_nonfinite()
-            for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad = self.accelerator.reduce(p.grad, reduction="sum")
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads:  # every micro-batch of the group was skipped
-            return
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        max_norm = self.config.train.max_grad_norm or float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        if not math.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.update()  # lower the loss scale
-            optim["skipped"] += 1
-            self._count_nonfinite(f"gradient norm {norm}")
-            return
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update()
-        optim["steps"] += 1
-        optim["grad_norm"].append(norm)
+        return metrics if self.optim.backward(loss * scale, f"at step {k}") else {}
 
     # ================================================================= logging / eval
 
@@ -632,17 +565,15 @@ class Trainer:
         """(tensor groups, JSON state) of everything needed to continue bit-exactly."""
         tensors = {"lora": lora_lib.get_lora_state_dict(self.adapter.trainable_module)}
         tensors.update(lora_lib.text_lora_tensors(self.text_modules))
-        if self.ema is not None:
-            tensors["ema"] = self.ema.state_dict()
+        optim_tensors, optim_state = self.optim.state()  # "ema"; "optimizer", "nonfinite_in_row", "grad_scaler"
+        tensors.update(optim_tensors)
         state = {
             "iteration": self.iteration,
-            "optimizer": self.optimizer.state_dict(),
             "rng": ckpt.capture_rng(),
             # [num_processes, S] uint8: every process's own generator (each resumes its own stream)
             "generators": self._gather(self.generator.get_state()[None]),
             "sampler": self.sampler.state_dict(),
-            "nonfinite_in_row": self._nonfinite_in_row,
-            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            **optim_state,
         }
         return tensors, state
 
@@ -669,12 +600,8 @@ class Trainer:
         loaded = ckpt.load_checkpoint(path, expected_config_hash=config_hash(self.config))
         lora_lib.set_lora_state_dict(self.adapter.trainable_module, loaded.tensors["lora"])
         lora_lib.load_text_lora_tensors(self.text_modules, loaded.tensors, path)
-        if self.ema is not None:
-            if "ema" not in loaded.tensors:
-                raise CheckpointError(f"checkpoint {path} has no EMA weights but train.ema is on")
-            self.ema.load_state_dict(loaded.tensors["ema"])
         state = loaded.state
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optim.load(loaded.tensors, state, path)
         self.sampler.load_state_dict(state["sampler"])
         ckpt.restore_rng(state["rng"])
         generators, world = state["generators"], self.accelerator.num_processes
@@ -683,9 +610,6 @@ class Trainer:
                                   "resume with the same number of processes")
         self.generator.set_state(generators[self.accelerator.process_index].to(torch.uint8).clone())  # a row view is refused
         self.iteration = int(state["iteration"])
-        self._nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
-        if self.scaler is not None and state.get("grad_scaler"):
-            self.scaler.load_state_dict(state["grad_scaler"])
         logger.info("resumed from %s at iteration %d", path, self.iteration)
 
     def save_final(self) -> Optional[Path]:

@@ -1,0 +1,82 @@
+"""LoraOptimizer: the online trainer's optimizer step, checked on a hand-sized parameter set."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from flowalign.config import TrainConfig
+from flowalign.errors import CheckpointError, NonFiniteLossError
+from flowalign.train.lora_optimizer import LoraOptimizer
+
+
+def _optim(**train):
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    cfg = TrainConfig(**{"lr": 0.1, "weight_decay": 0.0, "max_grad_norm": 0.0, "max_nonfinite_steps": 2, **train})
+    accelerator = SimpleNamespace(num_processes=1)
+    groups = [{"params": [a], "lr_ratio": 1.0}, {"params": [b], "lr_ratio": 0.5}]
+    return LoraOptimizer(groups, cfg, accelerator, "cpu", gather=lambda t: t), a, b
+
+
+def test_one_step_is_adamw_with_each_groups_lr_ratio():
+    opt, a, b = _optim()
+    opt.set_lr(0)
+    stats = opt.new_stats()
+    assert opt.backward((2 * a).sum() + (3 * b).sum(), "here")
+    opt.step(stats)
+    # Adam's first step moves every coordinate by lr * g / (|g| + eps) = lr (bias corrections cancel)
+    assert torch.allclose(a.detach(), torch.full((3,), 1 - 0.1), atol=1e-6)
+    assert torch.allclose(b.detach(), torch.full((2,), 1 - 0.05), atol=1e-6)
+    assert stats["steps"] == 1 and stats["grad_norm"] == [pytest.approx((4 * 3 + 9 * 2) ** 0.5)]
+    m = opt.metrics(stats)
+    assert m["optim/lr"] == pytest.approx(0.1) and m["optim/lr_text_encoder"] == pytest.approx(0.05)
+    assert a.grad is None  # zeroed after the step
+
+
+def test_the_schedule_sets_the_rate_from_the_iteration_alone():
+    opt, _, _ = _optim(lr_schedule="cosine", iterations=3)
+    opt.set_lr(1)
+    assert [g["lr"] for g in opt.optimizer.param_groups] == pytest.approx([0.05, 0.025])  # (1 + cos(pi/2)) / 2
+
+
+def test_a_non_finite_loss_is_skipped_counted_and_reset_by_a_finite_one():
+    opt, a, _ = _optim(max_nonfinite_steps=3)
+    assert not opt.backward(a.sum() * float("nan"), "at step 0")
+    assert a.grad is None and opt.nonfinite_in_row == 1
+    assert opt.backward(a.sum(), "at step 0") and opt.nonfinite_in_row == 0
+
+
+def test_a_non_finite_gradient_skips_the_step_and_the_limit_stops_training():
+    opt, a, _ = _optim(max_nonfinite_steps=2)
+    stats = opt.new_stats()
+    a.grad = torch.tensor([1.0, float("inf"), 0.0])
+    opt.step(stats)
+    assert stats == {"steps": 0, "skipped": 1, "grad_norm": []} and torch.equal(a.detach(), torch.ones(3))
+    assert a.grad is None
+    a.grad = torch.tensor([float("nan"), 0.0, 0.0])
+    with pytest.raises(NonFiniteLossError, match="2 non-finite"):
+        opt.step(stats)
+
+
+def test_a_step_with_every_micro_batch_skipped_does_nothing():
+    opt, a, _ = _optim()
+    stats = opt.new_stats()
+    opt.step(stats)
+    assert stats["steps"] == 0 and torch.equal(a.detach(), torch.ones(3))
+
+
+def test_state_round_trip_restores_moments_counter_and_ema():
+    opt, a, b = _optim(ema=True, ema_decay=0.5)
+    opt.set_lr(0)
+    opt.backward((a * a).sum() + b.sum(), "")
+    opt.step(opt.new_stats())
+    opt.nonfinite_in_row = 1
+    tensors, state = opt.state()
+    assert set(tensors) == {"ema"} and state["nonfinite_in_row"] == 1
+    fresh, _, _ = _optim(ema=True, ema_decay=0.5)
+    fresh.load(tensors, state)
+    assert fresh.nonfinite_in_row == 1
+    assert torch.equal(fresh.optimizer.state_dict()["state"][0]["exp_avg"], opt.optimizer.state_dict()["state"][0]["exp_avg"])
+    assert all(torch.equal(x, y) for x, y in zip(fresh.ema.shadow, opt.ema.shadow))
+    with pytest.raises(CheckpointError, match="no EMA"):
+        fresh.load({}, state, "ckpt")

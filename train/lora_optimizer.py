@@ -1,0 +1,176 @@
+"""The online trainer's optimizer step over the LoRA parameters (DESIGN.md §9).
+
+One optimizer step, in order::
+
+    set_lr(iteration)        lr = train.lr x schedule(iteration) x group["lr_ratio"]
+    backward(loss)           per micro-batch (fp16: through the dynamic loss scaler)
+    step(stats)              sum gradients across processes -> unscale -> clip to max_grad_norm
+                             -> skip if the norm is not finite, else AdamW step -> EMA update
+
+The non-finite guard counts consecutive skipped micro-batches and optimizer steps; at
+``train.max_nonfinite_steps`` in a row (on any process) training stops with
+:class:`NonFiniteLossError`. The counter is part of the checkpoint, so a resumed run stops where
+an uninterrupted one would.
+
+The pipeline's modules are never wrapped (``train/runtime.py``): gradients of the (small) LoRA
+are summed across processes by hand here, each process having weighted its micro-batches by their
+share of the accumulation group's rows, so every process applies the same update.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from flowalign import lora as lora_lib
+from flowalign.errors import CheckpointError, NonFiniteLossError
+from flowalign.lr_schedule import lr_multiplier
+
+logger = logging.getLogger(__name__)
+
+
+class LoraOptimizer:
+    """AdamW over LoRA parameter groups with the lr schedule, cross-process gradient sum,
+    clipping, the non-finite guard, fp16 loss scaling and an optional EMA.
+
+    Args:
+        groups: ``[{"params": [...], "lr_ratio": r}, ...]``: one group per learning rate
+            (the transformer's LoRA at ratio 1, the text encoders' at ``text_encoder_lr / lr``).
+        train_cfg: the ``train`` section (lr, schedule, AdamW, clipping, EMA, mixed precision).
+        accelerator: the run's ``accelerate.Accelerator`` (process count, gradient reduction).
+        device_type: ``"cpu"`` / ``"cuda"``: where the fp16 loss scaler runs.
+        gather: ``tensor -> tensor`` gathered over processes (identity with one).
+    """
+
+    def __init__(self, groups: list[dict], train_cfg, accelerator, device_type: str, gather: Callable[[Tensor], Tensor]):
+        self.cfg = train_cfg
+        self.accelerator = accelerator
+        self.gather = gather
+        self.params: list[Tensor] = [p for group in groups for p in group["params"]]
+        self.optimizer = torch.optim.AdamW(groups, lr=train_cfg.lr, betas=tuple(train_cfg.adam_betas), eps=train_cfg.adam_eps,
+                                           weight_decay=train_cfg.weight_decay)
+        self.ema = lora_lib.LoraEMA(self.params, train_cfg.ema_decay) if train_cfg.ema else None
+        # fp16 gradients of small losses underflow: dynamic loss scaling (bf16 has fp32's range and needs none)
+        self.scaler = torch.amp.GradScaler(device_type) if train_cfg.mixed_precision == "fp16" else None
+        self.nonfinite_in_row = 0
+        self.iteration = 0  # for messages; set by set_lr at the start of each update
+
+    # ----------------------------------------------------------------------------- learning rate
+
+    def set_lr(self, iteration: int) -> None:
+        """``train.lr`` times the schedule's factor at ``iteration`` (flowalign.lr_schedule), times
+        each parameter group's ``lr_ratio``."""
+        t = self.cfg
+        self.iteration = iteration
+        lr = t.lr * lr_multiplier(t.lr_schedule, min(iteration, t.iterations - 1), t.iterations, t.lr_warmup, t.lr_min_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_ratio", 1.0)
+
+    # ----------------------------------------------------------------------------- micro-batches
+
+    def backward(self, loss: Tensor, what: str) -> bool:
+        """Backpropagate a micro-batch's (already weighted) loss; a non-finite one is skipped and
+        counted instead. Returns whether it was applied."""
+        if not torch.isfinite(loss):
+            self.count_nonfinite(f"loss {float(loss.detach())} {what}")
+            return False
+        self.nonfinite_in_row = 0
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        return True
+
+    # ----------------------------------------------------------------------------- the step
+
+    def step(self, stats: dict) -> None:
+        """Sum the (row-weighted) gradients across processes, clip, step; a non-finite gradient norm
+        skips the step (and is counted). ``stats`` collects ``steps``, ``skipped`` and ``grad_norm``."""
+        if self.accelerator.num_processes > 1:
+            self.check_nonfinite()
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad = self.accelerator.reduce(p.grad, reduction="sum")
+        if not any(p.grad is not None for p in self.params):  # every micro-batch of the group was skipped
+            return
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.max_grad_norm or float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.update()  # lower the loss scale
+            stats["skipped"] += 1
+            self.count_nonfinite(f"gradient norm {norm}")
+            return
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
+        stats["steps"] += 1
+        stats["grad_norm"].append(norm)
+
+    @staticmethod
+    def new_stats() -> dict:
+        """An empty ``stats`` for :meth:`step`."""
+        return {"steps": 0, "skipped": 0, "grad_norm": []}
+
+    def metrics(self, stats: dict) -> dict[str, float]:
+        """One update's optimizer metrics (slash names, as logged)."""
+        norms = stats["grad_norm"]
+        out = {"grad_norm": sum(norms) / len(norms) if norms else 0.0, "optim/steps": float(stats["steps"]),
+               "optim/skipped_nonfinite": float(stats["skipped"]), "optim/lr": self.optimizer.param_groups[0]["lr"]}
+        if len(self.optimizer.param_groups) > 1:  # the text encoders' LoRA (lora.text_encoder_lr)
+            out["optim/lr_text_encoder"] = self.optimizer.param_groups[1]["lr"]
+        return out
+
+    # ----------------------------------------------------------------------------- non-finite guard
+
+    def count_nonfinite(self, what: str) -> None:
+        """Count one skipped micro-batch or step; with one process, stop at the limit at once."""
+        self.nonfinite_in_row += 1
+        limit = self.cfg.max_nonfinite_steps
+        logger.warning("iteration %d: non-finite %s, skipped (%d in a row, limit %d)", self.iteration, what, self.nonfinite_in_row, limit)
+        if self.accelerator.num_processes == 1:
+            self.check_nonfinite()
+
+    def check_nonfinite(self) -> None:
+        """Raise after ``train.max_nonfinite_steps`` non-finite losses/gradients in a row on any
+        process (with several, every process checks the maximum at each optimizer step, so all
+        stop together)."""
+        in_row = self.nonfinite_in_row
+        if self.accelerator.num_processes > 1:
+            in_row = int(self.gather(torch.tensor([in_row])).max())
+        limit = self.cfg.max_nonfinite_steps
+        if in_row >= limit:
+            raise NonFiniteLossError(
+                f"{in_row} non-finite losses/gradients in a row at iteration {self.iteration} "
+                f"(train.max_nonfinite_steps={limit}); lower train.lr ({self.cfg.lr}) or check the rewards"
+            )
+
+    # ----------------------------------------------------------------------------- checkpoint
+
+    def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(tensor groups, JSON state)`` for the checkpoint: ``{"ema": ...}`` when on, and the
+        optimizer, loss scaler and non-finite counter."""
+        tensors = {"ema": self.ema.state_dict()} if self.ema is not None else {}
+        state = {"optimizer": self.optimizer.state_dict(), "nonfinite_in_row": self.nonfinite_in_row,
+                 "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        return tensors, state
+
+    def load(self, tensors: dict, state: dict, path: Optional[object] = None) -> None:
+        """Restore what :meth:`state` wrote (``path`` names the checkpoint in errors)."""
+        if self.ema is not None:
+            if "ema" not in tensors:
+                raise CheckpointError(f"checkpoint {path} has no EMA weights but train.ema is on")
+            self.ema.load_state_dict(tensors["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
