@@ -25,7 +25,6 @@ import contextlib
 import gzip
 import json
 import logging
-import os
 import string
 import shutil
 import tempfile

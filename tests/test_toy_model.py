@@ -104,7 +104,7 @@ def test_smoke_build_loads_and_is_deterministic(tmp_path):
 def test_cli_smoke_build(tmp_path):
     rc = toy.main(["build", "--out", str(tmp_path / "m"), "--summary", str(tmp_path / "s.json"), "--n-scenes", "32", "--vae-steps", "1",
                    "--dit-steps", "1", "--dit-batch", "4", "--dit-layers", "1", "--dit-heads", "2", "--caption-noise", "0.5", "--pretrain-heldout", "--eval-samples", "0",
-                   "--color-synonyms", "blue:cyan,red:purple", "--synonym-rate", "1.0"])
+                   "--color-synonyms", "blue:cyan,red:purple", "--synonym-rate", "1.0", "--clip-hidden", "8,12"])
     assert rc == 0
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["config"]["dit_steps"] == 1 and (tmp_path / "m" / "model_index.json").is_file()
@@ -115,6 +115,11 @@ def test_cli_smoke_build(tmp_path):
     with pytest.raises(ValueError, match="uncaptioned_heldout needs pretrain_heldout"):
         toy.ToyBuildConfig(seed=1, uncaptioned_heldout=True, **SMOKE)  # refused before any scene is rendered
     assert json.loads((tmp_path / "m" / "transformer" / "config.json").read_text())["num_attention_heads"] == 2
+    assert summary["config"]["clip_hidden"] == [8, 12]
+    assert json.loads((tmp_path / "m" / "text_encoder_2" / "config.json").read_text())["hidden_size"] == 12
+    assert json.loads((tmp_path / "m" / "transformer" / "config.json").read_text())["joint_attention_dim"] == 20
+    with pytest.raises(SystemExit):
+        toy.main(["build", "--clip-hidden", "16"])  # argparse: two sizes or a usage error
 
 
 def test_frozen_text_encoders_keep_their_seeded_init(tmp_path):

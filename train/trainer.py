@@ -41,10 +41,10 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from flowalign import checkpoint as ckpt
 from flowalign import lora as lora_lib
-from flowalign.config import FlowalignConfig, config_hash, save_config
-from flowalign.errors import CheckpointError, ConfigError
+from flowalign.config import FlowalignConfig, save_config
+from flowalign.errors import ConfigError
+from flowalign.train import final_outputs, trainer_checkpoint
 from flowalign.train import forward_process as fp
 from flowalign.train import runtime
 from flowalign.train.dense_setup import calibrated_schedule, save_run_noise_table
@@ -562,107 +562,24 @@ class Trainer:
     # ================================================================= save / resume
 
     def state_dict(self) -> tuple[dict, dict]:
-        """(tensor groups, JSON state) of everything needed to continue bit-exactly."""
-        tensors = {"lora": lora_lib.get_lora_state_dict(self.adapter.trainable_module)}
-        tensors.update(lora_lib.text_lora_tensors(self.text_modules))
-        optim_tensors, optim_state = self.optim.state()  # "ema"; "optimizer", "nonfinite_in_row", "grad_scaler"
-        tensors.update(optim_tensors)
-        state = {
-            "iteration": self.iteration,
-            "rng": ckpt.capture_rng(),
-            # [num_processes, S] uint8: every process's own generator (each resumes its own stream)
-            "generators": self._gather(self.generator.get_state()[None]),
-            "sampler": self.sampler.state_dict(),
-            **optim_state,
-        }
-        return tensors, state
+        """(tensor groups, JSON state) of everything needed to continue bit-exactly (train/trainer_checkpoint.py)."""
+        return trainer_checkpoint.trainer_state(self)
 
     def save_checkpoint(self) -> Optional[Path]:
         """Atomically write ``checkpoints/iter_XXXXXX`` (main process), keeping the last K."""
-        tensors, state = self.state_dict()
-        path = None
-        if self.accelerator.is_main_process:
-            root = self.run_dir / "checkpoints"
-            try:
-                path = ckpt.save_checkpoint(root, self.iteration, tensors, state, config_hash=config_hash(self.config),
-                                            keep=self.config.train.keep_checkpoints)
-            except OSError as exc:  # disk full, quota, permissions: the temporary folder is already removed
-                previous = ckpt.find_latest(root)
-                raise CheckpointError(
-                    f"could not write checkpoint {ckpt.checkpoint_name(self.iteration)} in {root}: {exc.strerror or exc} "
-                    f"(errno {exc.errno}); " + (f"the previous checkpoint {previous.name} is intact, continue with --resume"
-                                                if previous is not None else "no earlier checkpoint")
-                ) from exc
-        self.accelerator.wait_for_everyone()
-        return path
+        return trainer_checkpoint.save_trainer_checkpoint(self)
 
     def _load_checkpoint(self, path: Path) -> None:
-        loaded = ckpt.load_checkpoint(path, expected_config_hash=config_hash(self.config))
-        lora_lib.set_lora_state_dict(self.adapter.trainable_module, loaded.tensors["lora"])
-        lora_lib.load_text_lora_tensors(self.text_modules, loaded.tensors, path)
-        state = loaded.state
-        self.optim.load(loaded.tensors, state, path)
-        self.sampler.load_state_dict(state["sampler"])
-        ckpt.restore_rng(state["rng"])
-        generators, world = state["generators"], self.accelerator.num_processes
-        if generators.shape[0] != world:
-            raise CheckpointError(f"checkpoint {path} was written by {generators.shape[0]} processes, this run has {world}; "
-                                  "resume with the same number of processes")
-        self.generator.set_state(generators[self.accelerator.process_index].to(torch.uint8).clone())  # a row view is refused
-        self.iteration = int(state["iteration"])
-        logger.info("resumed from %s at iteration %d", path, self.iteration)
+        trainer_checkpoint.restore_trainer_checkpoint(self, path)
 
     def save_final(self) -> Optional[Path]:
         """``pytorch_lora_weights.safetensors`` (EMA weights when enabled), eval grid, reward curve
-        and, when ``train.eval_prompts`` is set, the held-out report (main process only)."""
-        path = None
-        start = time.perf_counter()
-        with self.ema.applied() if self.ema is not None else nullcontext():
-            states = {name: lora_lib.get_lora_state_dict(module) for name, module in self.lora_modules.items()}
-        if self.accelerator.is_main_process:
-            path = self._save_lora(states)
-            if self.config.train.eval_every >= 0:
-                self.run_log.log_scalars(self.evaluate(tag="final"), self.iteration)
-            if (self.run_dir / "metrics.csv").is_file():
-                from flowalign.plots import reward_curve
-
-                reward_curve(self.run_dir / "metrics.csv", self.run_dir / "reward_curve.png")
-            self.timings["save"] = time.perf_counter() - start
-            if self.config.train.eval_prompts and self.config.train.final_eval_samples > 0:
-                self.heldout_report()
-            logger.info("wall time per phase: %s", ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
-        self.accelerator.wait_for_everyone()
-        return path
+        and, when ``train.eval_prompts`` is set, the held-out report (train/final_outputs.py)."""
+        return final_outputs.write_final_outputs(self)
 
     def heldout_report(self) -> Path:
-        """Base (LoRA off) vs aligned (EMA weights when enabled) on ``train.eval_prompts`` with the
-        first configured reward: ``report.md``/``report.json``, ``before_after.png``, ``eval_*.json``."""
-        from flowalign.config import to_dict
-        from flowalign.report import heldout_report
-
-        cfg = self.config
-        name = cfg.rewards[0].name
-        reward = self.rewards[name]
-        if hasattr(reward, "to"):
-            reward.to(self.device)
-        start = time.perf_counter()
-        path = heldout_report(
-            self.run_dir, self.adapter, self.heldout_records, reward,
-            config_dict=to_dict(cfg), timings=dict(self.timings), num_samples=cfg.train.final_eval_samples,
-            num_steps=cfg.sampling.eval_num_steps, guidance_scale=cfg.sampling.guidance_scale,
-            batch_size=cfg.sampling.micro_batch_size or 32, aligned_context=(self.ema.applied if self.ema is not None else None),
-            base_context=lambda: lora_lib.lora_disabled(*self.lora_modules.values()),
-            metrics_csv=self.run_dir / "metrics.csv", progress=cfg.train.progress,
-        )
-        self.timings["held-out eval"] = time.perf_counter() - start  # base + aligned (each in report.md)
-        return path
-
-    def _save_lora(self, states: dict) -> Path:
-        """``states``: ``{component: LoRA state}`` (``transformer`` and any text encoders)."""
-        # the peft config (lora_alpha, r) goes into the file header so loaders restore alpha / r
-        text = {name: (states[name], lora_lib.lora_metadata(module)) for name, module in self.text_modules.items()}
-        return self.adapter.save_lora(self.run_dir, states["transformer"], metadata=lora_lib.lora_metadata(self.adapter.trainable_module),
-                                      **({"text_encoder_states": text} if text else {}))
+        """Base (LoRA off) vs aligned on ``train.eval_prompts``: ``report.md``, ``before_after.png`` (train/final_outputs.py)."""
+        return final_outputs.write_heldout_report(self)
 
     def cleanup(self) -> None:
         """Close trackers and release the process group."""

@@ -1,0 +1,72 @@
+"""What an online run writes when it ends (DESIGN.md §9): the LoRA file, the final eval grid,
+``reward_curve.png`` and the held-out report (``report.md``, ``before_after.png``), main process only.
+
+``pytorch_lora_weights.safetensors`` is diffusers' file (``pipe.load_lora_weights(run_dir)``),
+with the EMA weights when ``train.ema`` is on and the peft config (rank, alpha) in its header.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional
+
+from flowalign import lora as lora_lib
+
+logger = logging.getLogger("flowalign.train.trainer")
+
+
+def write_final_outputs(trainer) -> Optional[Path]:
+    """``pytorch_lora_weights.safetensors`` (EMA weights when enabled), eval grid, reward curve
+    and, when ``train.eval_prompts`` is set, the held-out report (main process only)."""
+    path = None
+    start = time.perf_counter()
+    with trainer.ema.applied() if trainer.ema is not None else nullcontext():
+        states = {name: lora_lib.get_lora_state_dict(module) for name, module in trainer.lora_modules.items()}
+    if trainer.accelerator.is_main_process:
+        path = save_lora_file(trainer, states)
+        if trainer.config.train.eval_every >= 0:
+            trainer.run_log.log_scalars(trainer.evaluate(tag="final"), trainer.iteration)
+        if (trainer.run_dir / "metrics.csv").is_file():
+            from flowalign.plots import reward_curve
+
+            reward_curve(trainer.run_dir / "metrics.csv", trainer.run_dir / "reward_curve.png")
+        trainer.timings["save"] = time.perf_counter() - start
+        if trainer.config.train.eval_prompts and trainer.config.train.final_eval_samples > 0:
+            trainer.heldout_report()  # write_heldout_report, through the trainer (a subclass may change it)
+        logger.info("wall time per phase: %s", ", ".join(f"{k} {v:.1f}s" for k, v in trainer.timings.items()))
+    trainer.accelerator.wait_for_everyone()
+    return path
+
+
+def write_heldout_report(trainer) -> Path:
+    """Base (LoRA off) vs aligned (EMA weights when enabled) on ``train.eval_prompts`` with the
+    first configured reward: ``report.md``/``report.json``, ``before_after.png``, ``eval_*.json``."""
+    from flowalign.config import to_dict
+    from flowalign.report import heldout_report
+
+    cfg = trainer.config
+    name = cfg.rewards[0].name
+    reward = trainer.rewards[name]
+    if hasattr(reward, "to"):
+        reward.to(trainer.device)
+    start = time.perf_counter()
+    path = heldout_report(
+        trainer.run_dir, trainer.adapter, trainer.heldout_records, reward,
+        config_dict=to_dict(cfg), timings=dict(trainer.timings), num_samples=cfg.train.final_eval_samples,
+        num_steps=cfg.sampling.eval_num_steps, guidance_scale=cfg.sampling.guidance_scale,
+        batch_size=cfg.sampling.micro_batch_size or 32, aligned_context=(trainer.ema.applied if trainer.ema is not None else None),
+        base_context=lambda: lora_lib.lora_disabled(*trainer.lora_modules.values()),
+        metrics_csv=trainer.run_dir / "metrics.csv", progress=cfg.train.progress,
+    )
+    trainer.timings["held-out eval"] = time.perf_counter() - start  # base + aligned (each in report.md)
+    return path
+
+
+def save_lora_file(trainer, states: dict) -> Path:
+    """``states``: ``{component: LoRA state}`` (``transformer`` and any text encoders)."""
+    # the peft config (lora_alpha, r) goes into the file header so loaders restore alpha / r
+    text = {name: (states[name], lora_lib.lora_metadata(module)) for name, module in trainer.text_modules.items()}
+    return trainer.adapter.save_lora(trainer.run_dir, states["transformer"], metadata=lora_lib.lora_metadata(trainer.adapter.trainable_module),
+                                     **({"text_encoder_states": text} if text else {}))

@@ -1,0 +1,78 @@
+"""Checkpoints of an online run (DESIGN.md §9): what the trainer saves and how a resume restores it.
+
+A checkpoint holds the LoRA (transformer and text encoders), the optimizer's moments, EMA and
+loss scaler (:class:`~flowalign.train.lora_optimizer.LoraOptimizer`), every process's generator,
+the global RNGs, the prompt sampler's position and the iteration, so a resumed run continues
+bit-exactly (``tests/test_trainer.py``, ``tests/test_resume_kill.py``). Files are written
+atomically by :func:`flowalign.checkpoint.save_checkpoint` and refused on a config mismatch.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from flowalign import checkpoint as ckpt
+from flowalign import lora as lora_lib
+from flowalign.config import config_hash
+from flowalign.errors import CheckpointError
+
+logger = logging.getLogger("flowalign.train.trainer")
+
+
+def trainer_state(trainer) -> tuple[dict, dict]:
+    """(tensor groups, JSON state) of everything needed to continue bit-exactly."""
+    tensors = {"lora": lora_lib.get_lora_state_dict(trainer.adapter.trainable_module)}
+    tensors.update(lora_lib.text_lora_tensors(trainer.text_modules))
+    optim_tensors, optim_state = trainer.optim.state()  # "ema"; "optimizer", "nonfinite_in_row", "grad_scaler"
+    tensors.update(optim_tensors)
+    state = {
+        "iteration": trainer.iteration,
+        "rng": ckpt.capture_rng(),
+        # [num_processes, S] uint8: every process's own generator (each resumes its own stream)
+        "generators": trainer._gather(trainer.generator.get_state()[None]),
+        "sampler": trainer.sampler.state_dict(),
+        **optim_state,
+    }
+    return tensors, state
+
+
+def save_trainer_checkpoint(trainer) -> Optional[Path]:
+    """Atomically write ``checkpoints/iter_XXXXXX`` (main process), keeping the last K."""
+    tensors, state = trainer_state(trainer)
+    path = None
+    if trainer.accelerator.is_main_process:
+        root = trainer.run_dir / "checkpoints"
+        try:
+            path = ckpt.save_checkpoint(root, trainer.iteration, tensors, state, config_hash=config_hash(trainer.config),
+                                        keep=trainer.config.train.keep_checkpoints)
+        except OSError as exc:  # disk full, quota, permissions: the temporary folder is already removed
+            previous = ckpt.find_latest(root)
+            raise CheckpointError(
+                f"could not write checkpoint {ckpt.checkpoint_name(trainer.iteration)} in {root}: {exc.strerror or exc} "
+                f"(errno {exc.errno}); " + (f"the previous checkpoint {previous.name} is intact, continue with --resume"
+                                            if previous is not None else "no earlier checkpoint")
+            ) from exc
+    trainer.accelerator.wait_for_everyone()
+    return path
+
+
+def restore_trainer_checkpoint(trainer, path: Path) -> None:
+    """Load checkpoint ``path`` into a set-up trainer (refused when its config hash differs, or when
+    it was written by another number of processes)."""
+    loaded = ckpt.load_checkpoint(path, expected_config_hash=config_hash(trainer.config))
+    lora_lib.set_lora_state_dict(trainer.adapter.trainable_module, loaded.tensors["lora"])
+    lora_lib.load_text_lora_tensors(trainer.text_modules, loaded.tensors, path)
+    state = loaded.state
+    trainer.optim.load(loaded.tensors, state, path)
+    trainer.sampler.load_state_dict(state["sampler"])
+    ckpt.restore_rng(state["rng"])
+    generators, world = state["generators"], trainer.accelerator.num_processes
+    if generators.shape[0] != world:
+        raise CheckpointError(f"checkpoint {path} was written by {generators.shape[0]} processes, this run has {world}; "
+                              "resume with the same number of processes")
+    trainer.generator.set_state(generators[trainer.accelerator.process_index].to(torch.uint8).clone())  # a row view is refused
+    trainer.iteration = int(state["iteration"])
+    logger.info("resumed from %s at iteration %d", path, trainer.iteration)
