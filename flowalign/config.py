@@ -158,7 +158,7 @@ class ObjectiveConfig:
     clip_range: float = field(default=1e-4, metadata={"help": "PPO ratio clip epsilon."})
     kl_beta: float = field(default=0.04, metadata={"help": "Weight of the KL to the reference (LoRA disabled); 0 skips the reference pass."})
     adv_clip: float = field(default=5.0, metadata={"help": "Clip advantages to [-adv_clip, adv_clip]."})
-    adv_std: str = field(default="group", metadata={"help": "Normalise rewards by the 'group' std or the 'global' std of the batch."})
+    adv_std: str = field(default="group", metadata={"help": "Divide group-centred rewards by the 'group' std (Flow-GRPO), the 'global' std of the batch, or not at all ('none': Dr. GRPO, arXiv:2503.20783, so a group's weight follows its reward spread)."})
     adv_eps: float = field(default=1e-4, metadata={"help": "Added to the std when normalising advantages."})
     timestep_fraction: float = field(default=1.0, metadata={"help": "Fraction of the stochastic steps trained on (the first ones)."})
     cfg_in_training: bool = field(default=True, metadata={"help": "Apply CFG in the policy/reference velocity during the update (as while sampling); false needs guidance_scale 1 or a forward-process objective (nft)."})
@@ -168,7 +168,7 @@ class ObjectiveConfig:
         _check(self.clip_range > 0, f"objective.clip_range must be > 0, got {self.clip_range}")
         _check(self.kl_beta >= 0, f"objective.kl_beta must be >= 0, got {self.kl_beta}")
         _check(self.adv_clip > 0, f"objective.adv_clip must be > 0, got {self.adv_clip}")
-        _choice("objective.adv_std", self.adv_std, ("group", "global"))
+        _choice("objective.adv_std", self.adv_std, ("group", "global", "none"))
         _check(self.adv_eps >= 0, f"objective.adv_eps must be >= 0, got {self.adv_eps}")
         _check(0.0 < self.timestep_fraction <= 1.0, f"objective.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
 

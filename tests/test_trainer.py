@@ -346,3 +346,16 @@ def test_too_few_final_eval_samples_fail_before_training(tmp_path):
     with pytest.raises(ConfigError, match="num_samples=3 is below .* 5 x 1 = 5"):
         _trainer(tmp_path / "run", f"train.eval_prompts={prompts}", "train.final_eval_samples=3")
     assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+@pytest.mark.parametrize("std", ["group", "none"])
+def test_trainer_advantages_follow_objective_adv_std(tmp_path, std):
+    """objective.adv_std=none (Dr. GRPO) keeps each group's reward spread: advantage = reward - group mean."""
+    trainer = _trainer(tmp_path, f"objective.adv_std={std}", "train.iterations=1")
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.5, 0.3, 0.3, 0.5])
+    group_ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    adv, keep, _ = trainer.advantages(rewards, group_ids, torch.ones(8, dtype=torch.bool))
+    centred = torch.tensor([0.75, -0.25, -0.25, -0.25, 0.1, -0.1, -0.1, 0.1])
+    expected = centred if std == "none" else centred / torch.tensor([0.75**0.5 * 0.5] * 4 + [0.1] * 4)
+    assert torch.allclose(adv, expected, atol=1e-3) and keep.all()
+    trainer.cleanup()
