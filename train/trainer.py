@@ -207,7 +207,6 @@ class Trainer:
         targets = cfg.lora.target_modules or self.adapter.lora_target_modules
         transformer_params = lora_lib.add_lora(module, cfg.lora.rank, cfg.lora.alpha, targets, cfg.lora.init, cfg.lora.dropout)
         self.text_modules, text_params = lora_lib.add_text_lora(self.adapter, cfg.lora) if cfg.lora.train_text_encoder else ({}, [])
-        self.params = transformer_params + text_params
         cache = getattr(self.adapter, "t5_cache", None)
         needed = cfg.train.prompts_per_iter // self.accelerator.num_processes + 1  # + the negative prompt
         if self.text_modules and cache is not None and 0 < cache.max_prompts < needed:
@@ -225,6 +224,11 @@ class Trainer:
         if text_params:
             groups.append({"params": text_params, "lr_ratio": (cfg.lora.text_encoder_lr or cfg.train.lr) / cfg.train.lr})
         self.optim = LoraOptimizer(groups, cfg.train, self.accelerator, self.device.type, self._gather)
+
+    @property
+    def params(self) -> list[Tensor]:
+        """Every trained LoRA parameter: the transformer's, then the text encoders' (``self.optim.params``)."""
+        return self.optim.params
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
