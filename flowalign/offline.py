@@ -331,6 +331,16 @@ class RolloutStore:
             raise RolloutStoreError(f"{path}: images missing or wrong count", name)
         return tensors
 
+    def num_groups(self, k: Optional[int] = None) -> int:
+        """How many groups :meth:`groups` yields for ``k``, counted from the manifest alone."""
+        total = 0
+        for entry in self.entries:
+            per_prompt: dict[int, int] = {}
+            for s in entry["samples"]:
+                per_prompt[s["prompt_index"]] = per_prompt.get(s["prompt_index"], 0) + 1
+            total += sum(n // (n if k is None else k) for n in per_prompt.values())
+        return total
+
     def groups(self, k: Optional[int] = None) -> Iterator[StoreGroup]:
         """Groups of ``k`` samples of one prompt, in store order.
 
@@ -408,6 +418,7 @@ def fill_store(
     prompts_per_shard: int = 8,
     image_format: str = "none",
     extra: Optional[dict[str, Any]] = None,
+    progress: bool = True,
 ) -> RolloutStore:
     """Generate ``samples_per_prompt`` samples for every prompt into the store at ``root``.
 
@@ -421,6 +432,7 @@ def fill_store(
         settings: what makes two runs the same store (model hash, sampler, seeds, prompts...);
             stored in ``store.json`` and checked on resume.
         extra: fields added to each manifest line (sampler settings, model/LoRA hash).
+        progress: show a tqdm bar over the samples still to generate (with each reward's mean so far).
 
     Resumable: shards already in the manifest are skipped, the others (re)generated.
     """
@@ -441,22 +453,40 @@ def fill_store(
     num_shards = (len(specs) + prompts_per_shard - 1) // prompts_per_shard
     todo = [i for i in range(num_shards) if i not in writer.completed]
     logger.info("rollout store %s: %d/%d shards done, %d to generate", root, num_shards - len(todo), num_shards, len(todo))
-    for index in todo:
-        first = index * prompts_per_shard
-        chunk = specs[first : first + prompts_per_shard]
-        prompt_ids = [first + i for i in range(len(chunk)) for _ in range(samples_per_prompt)]
-        members = [j for _ in chunk for j in range(samples_per_prompt)]
-        texts = [specs[p]["prompt"] for p in prompt_ids]
-        meta = [{k: v for k, v in specs[p].items() if k != "prompt"} for p in prompt_ids]
-        seeds = [sample_seed(base_seed, p, j, samples_per_prompt) for p, j in zip(prompt_ids, members)]
-        latents, images = sample_fn(texts, seeds)
-        scores = score_fn(images, texts, meta) if images is not None else score_fn(latents, texts, meta)
-        records = []
-        for row, (p, j, seed) in enumerate(zip(prompt_ids, members, seeds)):
-            records.append({
-                "prompt": texts[row], "prompt_index": p, "group": p, "member": j, "seed": seed,
-                "rewards": {name: float(values[row]) for name, values in scores.items()},
-                "metadata": meta[row],
-            })
-        writer.write_shard(index, latents, records, images, image_format, extra)
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        remaining = sum(len(specs[i * prompts_per_shard : (i + 1) * prompts_per_shard]) for i in todo) * samples_per_prompt
+        bar = tqdm(total=remaining, desc="generate", unit="sample")
+    sums: dict[str, float] = {}
+    done = 0
+    try:
+        for index in todo:
+            first = index * prompts_per_shard
+            chunk = specs[first : first + prompts_per_shard]
+            prompt_ids = [first + i for i in range(len(chunk)) for _ in range(samples_per_prompt)]
+            members = [j for _ in chunk for j in range(samples_per_prompt)]
+            texts = [specs[p]["prompt"] for p in prompt_ids]
+            meta = [{k: v for k, v in specs[p].items() if k != "prompt"} for p in prompt_ids]
+            seeds = [sample_seed(base_seed, p, j, samples_per_prompt) for p, j in zip(prompt_ids, members)]
+            latents, images = sample_fn(texts, seeds)
+            scores = score_fn(images, texts, meta) if images is not None else score_fn(latents, texts, meta)
+            records = []
+            for row, (p, j, seed) in enumerate(zip(prompt_ids, members, seeds)):
+                records.append({
+                    "prompt": texts[row], "prompt_index": p, "group": p, "member": j, "seed": seed,
+                    "rewards": {name: float(values[row]) for name, values in scores.items()},
+                    "metadata": meta[row],
+                })
+            writer.write_shard(index, latents, records, images, image_format, extra)
+            done += len(records)
+            if bar is not None:
+                for name, values in scores.items():
+                    sums[name] = sums.get(name, 0.0) + float(values.sum())
+                bar.update(len(records))
+                bar.set_postfix({name: f"{total / done:.3f}" for name, total in sorted(sums.items())[:3]})
+    finally:
+        if bar is not None:
+            bar.close()
     return RolloutStore(root)

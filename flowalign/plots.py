@@ -1,4 +1,4 @@
-"""Figures for the run directory: the reward curve from ``metrics.csv`` and sample image grids."""
+"""Figures for the run directory: the reward curve and other metric panels from ``metrics.csv``, and sample image grids."""
 from __future__ import annotations
 
 import csv
@@ -61,6 +61,49 @@ def reward_curve(metrics_csv: PathLike, out_png: PathLike, keys: Optional[Sequen
     ax.set_ylabel("reward")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
+
+
+def metric_panels(metrics_csv: PathLike, out_png: PathLike, panels: Sequence[tuple[str, Sequence[str]]], x: str = "step") -> Path:
+    """Plot columns of ``metrics.csv`` against column ``x``, one panel per ``(title, keys)``.
+
+    Keys missing from the file are skipped, as are panels left with no key; NaN cells (a metric
+    not logged at that step) are gaps. Used for offline runs (``loss``, ``gdro/implicit_acc``...).
+
+    Raises:
+        ValueError: no ``x`` column, or none of the keys is in the file.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = read_metrics(metrics_csv)
+    if x not in data:
+        raise ValueError(f"{metrics_csv} has no {x!r} column (columns: {sorted(data)})")
+    shown = [(title, [k for k in keys if k in data]) for title, keys in panels]
+    shown = [(title, keys) for title, keys in shown if keys]
+    if not shown:
+        wanted = sorted({k for _, keys in panels for k in keys})
+        raise ValueError(f"{metrics_csv} has none of the columns {wanted} (columns: {sorted(data)})")
+    xs = np.asarray(data[x])
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.5 * len(shown), 3.6), dpi=100, squeeze=False)
+    for ax, (title, keys) in zip(axes[0], shown):
+        for key in keys:
+            y = np.asarray(data[key])
+            ok = ~np.isnan(y)
+            ax.plot(xs[ok], y[ok], marker="o" if ok.sum() < 30 else None, label=key)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel(x)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)

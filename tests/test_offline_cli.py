@@ -111,8 +111,10 @@ def test_offline_trains_then_refuses_resumes_and_overwrites(tiny_store, tmp_path
     run = tmp_path / "run"
     config = _offline_yaml(tmp_path, tiny_store, run)
     assert cli.main(["offline", "--config", str(config)]) == 0  # 2 prompt groups / 1 per step = 2 steps
-    out = capsys.readouterr().out
-    assert "done: 2 steps, 12 NFE" in out  # per step: policy + reference on k = 3 rows
+    captured = capsys.readouterr()
+    assert "done: 2 steps, 12 NFE" in captured.out  # per step: policy + reference on k = 3 rows
+    assert "offline gdro" in captured.err and "2/2" in captured.err  # the progress bar counts optimizer steps
+    assert (run / "training_curve.png").is_file() and any((run / "logs").glob("events.out.tfevents.*"))
     lora_file = run / "pytorch_lora_weights.safetensors"
     weights = load_file(str(lora_file))
     assert weights and all("lora" in k for k in weights)
@@ -126,7 +128,9 @@ def test_offline_trains_then_refuses_resumes_and_overwrites(tiny_store, tmp_path
     assert lora_file.stat().st_mtime_ns == stamp
 
     assert cli.main(["offline", "--config", str(config), "--resume", "--set", "epochs=2"]) == 0
-    assert "done: 4 steps, 24 NFE" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "done: 4 steps, 24 NFE" in captured.out
+    assert "2/4" in captured.err and "4/4" in captured.err  # the bar starts at the resumed step
     assert len((run / "metrics.csv").read_text().splitlines()) == 5
 
     assert cli.main(["offline", "--config", str(config), "--overwrite", "--set", "max_steps=1"]) == 0

@@ -71,6 +71,8 @@ def test_round_trip_groups_and_batches(tmp_path):
     assert len(list((tmp_path / "s" / "images" / "shard-00002").glob("*.png"))) == 6
     # k smaller than G: one group of 2 per prompt (the third member is left out)
     assert len(list(store.groups(2))) == 12
+    # num_groups counts from the manifest what groups() yields by loading every shard
+    assert [store.num_groups(k) for k in (None, 1, 2, 3)] == [len(list(store.groups(k))) for k in (None, 1, 2, 3)] == [12, 36, 12, 12]
     with pytest.raises(ValueError, match="k=4"):
         list(store.groups(4))
     batches = list(store.batches(k=3, groups_per_batch=5, reward="red", generator=torch.Generator().manual_seed(0)))
@@ -273,6 +275,16 @@ def test_offline_trainer_lowers_the_loss_on_fixed_noise(tiny_store, tmp_path, ob
     path = trainer.save_final()
     assert path.name == "pytorch_lora_weights.safetensors" and path.exists()
     assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 5
+    prefix = "gdro" if objective == "gdro" else "dpo"
+    from PIL import Image
+
+    # loss | ranking accuracy | implicit reward (GDRO's mean, DPO's margin): three panels of 450 px
+    assert Image.open(tmp_path / "run" / "training_curve.png").size == (1350, 360)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "logs")).Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
+    assert [e.value for e in events.Scalars(f"{prefix}/implicit_acc")] == pytest.approx([h[f"{prefix}/implicit_acc"] for h in history])
 
 
 @pytest.mark.slow
@@ -394,3 +406,17 @@ def test_verifier_partial_scores_are_stored_and_not_picked_by_default(tmp_path):
         assert g.rewards["shapes/partial"][1] < g.rewards["shapes/partial"][0]  # the empty canvas meets fewer constraints
     batch, _ = next(store.batches(k=2, groups_per_batch=2, shuffle=False))
     assert torch.equal(batch.rewards, torch.stack([g.rewards["shapes"] for g in groups]))
+
+
+def test_generation_shows_a_progress_bar_over_the_samples_left(tmp_path, capsys):
+    _fill(tmp_path / "s", progress=False)
+    assert "generate" not in capsys.readouterr().err
+    manifest = tmp_path / "s" / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join(lines[:4]) + "\n")  # 2 of the 6 shards (2 prompts x 3 samples each) to redo
+    _fill(tmp_path / "s2", progress=True)
+    err = capsys.readouterr().err
+    assert "generate" in err and "36/36" in err and "bright=" in err
+    _fill(tmp_path / "s", progress=True)
+    err = capsys.readouterr().err
+    assert "12/12" in err and "36/36" not in err  # only the samples still to generate are counted

@@ -3,7 +3,6 @@ import csv
 
 import pytest
 
-from flowalign.config import load_config
 from flowalign.train.run_log import RunLogger
 
 
@@ -13,7 +12,7 @@ def _iterations(path):
 
 
 def test_a_crash_mid_write_keeps_the_previous_metrics(tmp_path, monkeypatch):
-    log = RunLogger(tmp_path, load_config(None, ["train.log_with=[]"]))
+    log = RunLogger(tmp_path, log_with=[])
     for step in (1, 2, 3):
         log.log({"reward/mean": 0.1 * step}, step)
     assert _iterations(tmp_path / "metrics.csv") == [1, 2, 3]

@@ -171,6 +171,8 @@ def run_offline(args: argparse.Namespace) -> int:
         path = trainer.save_final()
     except FlowalignError as exc:
         return _error("offline", exc, EXIT_FAILURE)
+    finally:
+        trainer.close()
     loss = f"; loss {history[-1]['loss']:.4g}" if history else ""
     print(f"done: {trainer.step} steps, {trainer.nfe} NFE, {trainer.seconds:.1f} s{loss}; LoRA in {path}")
     return 0

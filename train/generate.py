@@ -55,6 +55,7 @@ class GenerateConfig:
     image_format: str = field(default="none", metadata={"help": "Also keep images: 'none', 'png' (files per shard) or 'tensor' (uint8 in the shard)."})
     output_dir: str = field(default="runs/rollouts_toy", metadata={"help": "The store folder."})
     device: str = field(default="cpu", metadata={"help": "Device for the pipeline and rewards."})
+    progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar over the samples."})
 
     def __post_init__(self):
         _check(self.samples_per_prompt >= 2, f"samples_per_prompt must be >= 2 (groups need two samples), got {self.samples_per_prompt}")
@@ -209,7 +210,7 @@ def run_generate(cfg: GenerateConfig, sample_fn: Optional[SampleFn] = None, scor
     store = fill_store(
         cfg.output_dir, prompts, cfg.samples_per_prompt, sample_fn, score_fn, settings=settings, base_seed=cfg.seed,
         prompts_per_shard=cfg.prompts_per_shard, image_format=cfg.image_format,
-        extra={"sampler": sampler, "model_hash": model_hash},
+        extra={"sampler": sampler, "model_hash": model_hash}, progress=cfg.progress,
     )
     logger.info("rollout store %s: %d samples, rewards %s", cfg.output_dir, len(store), store.reward_names)
     return Path(cfg.output_dir)

@@ -8,7 +8,8 @@ One step::
     store.batches(k, groups_per_batch)   P groups of k clean latents + explicit rewards
       -> encode the P prompts, repeat k times (rows p*k + j)
       -> objective.loss(OfflineBatch, policy, reference)   reference = LoRA disabled
-      -> backward, clip, AdamW step, metrics.csv, checkpoint every N steps
+      -> backward, clip, AdamW step, metrics.csv (+ TensorBoard), checkpoint every N steps
+    end: pytorch_lora_weights.safetensors, training_curve.png
 
 No sampling happens while training: the cost is one policy forward + backward and one reference
 forward per stored sample and step (``train/nfe`` counts the forwards, CFG twice). Single
@@ -30,11 +31,11 @@ from torch import Tensor
 
 from flowalign import checkpoint as ckpt
 from flowalign import lora as lora_lib
-from flowalign.config import LoraConfig, ModelConfig, apply_overrides, build_dataclass, to_dict
+from flowalign.config import LOG_BACKENDS, LoraConfig, ModelConfig, apply_overrides, build_dataclass, to_dict
 from flowalign.errors import ConfigError
 from flowalign.objectives.base import OfflineBatch
 from flowalign.offline import RolloutStore
-from flowalign.train.run_log import write_metrics_row
+from flowalign.train.run_log import RunLogger
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ class OfflineConfig:
     checkpoint_every: int = field(default=0, metadata={"help": "Checkpoint every N steps (0 = only at the end)."})
     keep_checkpoints: int = field(default=2, metadata={"help": "Checkpoints kept."})
     device: str = field(default="cpu", metadata={"help": "Training device."})
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": "Trackers besides metrics.csv: tensorboard, wandb."})
+    progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar over the optimizer steps."})
 
     def __post_init__(self):
         _check(self.objective in OFFLINE_OBJECTIVES, f"objective={self.objective!r} is not one of {list(OFFLINE_OBJECTIVES)}")
@@ -80,6 +83,8 @@ class OfflineConfig:
         _check(self.lr > 0 and self.weight_decay >= 0 and self.max_grad_norm >= 0, f"need lr > 0, weight_decay >= 0, max_grad_norm >= 0; got {self.lr}, {self.weight_decay}, {self.max_grad_norm}")
         _check(self.guidance_scale >= 1.0, f"guidance_scale must be >= 1, got {self.guidance_scale}")
         _check(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        for backend in self.log_with:
+            _check(backend in LOG_BACKENDS, f"log_with entry {backend!r} is not one of {list(LOG_BACKENDS)}")
 
 
 def load_offline_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> OfflineConfig:
@@ -126,6 +131,7 @@ class OfflineTrainer:
         self.step, self.nfe, self.seconds = 0, 0, 0.0
         self._saved_step = -1
         self.text_modules: dict = {}  # text encoders with LoRA (lora.train_text_encoder), filled by setup
+        self.run_log: Optional[RunLogger] = None  # metrics.csv + trackers, opened by setup
 
     def _check_store(self) -> None:
         """Store-dependent settings (k, reward) checked before the model is built."""
@@ -190,7 +196,15 @@ class OfflineTrainer:
             shutil.rmtree(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "offline_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self.run_log = RunLogger(self.run_dir, cfg.log_with, to_dict(cfg), key="step")
         return self
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run: ``epochs * ceil(groups / groups_per_batch)``, capped by ``max_steps``."""
+        per_epoch = -(-self.store.num_groups(self.k) // self.config.groups_per_batch)
+        total = self.config.epochs * per_epoch
+        return total if self.config.max_steps is None else min(total, self.config.max_steps)
 
     # ------------------------------------------------------------------ one step
 
@@ -257,24 +271,41 @@ class OfflineTrainer:
         return self.store.batches(self.k, self.config.groups_per_batch, self.config.reward, shuffle=True, generator=order)
 
     def train(self, callback: Optional[Callable[["OfflineTrainer", dict], None]] = None) -> list[dict]:
-        """Run the epochs (skipping the steps a resumed checkpoint already did); returns metrics."""
+        """Run the epochs (skipping the steps a resumed checkpoint already did); returns metrics.
+
+        Each step's metrics go to ``metrics.csv`` (replacing rows a resume replays) and to the
+        trackers (``log_with``); a tqdm bar counts the steps when ``progress`` is on."""
         cfg, history, done = self.config, [], 0
-        for epoch in range(cfg.epochs):
-            for batch, groups in self._epoch_batches(epoch):
-                done += 1
-                if done <= self.step:  # replayed by a resume
-                    continue
+        if self.run_log is None:
+            raise RuntimeError("OfflineTrainer.train() before setup()")
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="offline " + cfg.objective, unit="step")
+        try:
+            for epoch in range(cfg.epochs):
+                for batch, groups in self._epoch_batches(epoch):
+                    done += 1
+                    if done <= self.step:  # replayed by a resume
+                        continue
+                    if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                        break
+                    metrics = {"epoch": epoch, **self.train_step(batch, [g.prompt for g in groups])}
+                    history.append(metrics)
+                    self.run_log.log({k: v for k, v in metrics.items() if k != "step"}, self.step)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{metrics['loss']:.4g}")
+                    if callback is not None:
+                        callback(self, metrics)
+                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                        self.save_checkpoint()
                 if cfg.max_steps is not None and self.step >= cfg.max_steps:
                     break
-                metrics = {"epoch": epoch, **self.train_step(batch, [g.prompt for g in groups])}
-                history.append(metrics)
-                write_metrics_row(self.run_dir / "metrics.csv", metrics, self.step, key="step")  # replaces replayed rows
-                if callback is not None:
-                    callback(self, metrics)
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
-            if cfg.max_steps is not None and self.step >= cfg.max_steps:
-                break
+        finally:
+            if bar is not None:
+                bar.close()
         if self.step > self._saved_step:  # the end of a run is always resumable (e.g. with more epochs)
             self.save_checkpoint()
         return history
@@ -301,13 +332,40 @@ class OfflineTrainer:
 
     def save_final(self) -> Path:
         """Write ``pytorch_lora_weights.safetensors`` (diffusers format; with the text encoders'
-        LoRA under ``text_encoder.`` / ``text_encoder_2.`` keys when trained) to ``output_dir``."""
+        LoRA under ``text_encoder.`` / ``text_encoder_2.`` keys when trained) and
+        ``training_curve.png`` (loss and the objective's ranking metrics per step) to ``output_dir``,
+        and close the trackers."""
         state = lora_lib.get_lora_state_dict(self.adapter.trainable_module)
         if not self.text_modules:
-            return lora_lib.save_lora_weights(self.adapter.pipeline, self.run_dir, state)
-        text = {name: (lora_lib.get_lora_state_dict(m), lora_lib.lora_metadata(m)) for name, m in self.text_modules.items()}
-        return self.adapter.save_lora(self.run_dir, state, metadata=lora_lib.lora_metadata(self.adapter.trainable_module),
-                                      text_encoder_states=text)
+            path = lora_lib.save_lora_weights(self.adapter.pipeline, self.run_dir, state)
+        else:
+            text = {name: (lora_lib.get_lora_state_dict(m), lora_lib.lora_metadata(m)) for name, m in self.text_modules.items()}
+            path = self.adapter.save_lora(self.run_dir, state, metadata=lora_lib.lora_metadata(self.adapter.trainable_module),
+                                          text_encoder_states=text)
+        self.write_training_curve()
+        self.close()
+        return path
+
+    def write_training_curve(self) -> Optional[Path]:
+        """``training_curve.png`` from ``metrics.csv``: the loss, and the implicit-reward accuracy
+        and margin of GDRO / Diffusion-DPO. None (with a warning) when there is nothing to plot."""
+        from flowalign.plots import metric_panels
+
+        csv_path = self.run_dir / "metrics.csv"
+        if not csv_path.is_file():
+            logger.warning("no metrics.csv in %s: no training_curve.png", self.run_dir)
+            return None
+        prefix = "gdro" if self.config.objective == "gdro" else "dpo"
+        panels = [("loss", ["loss"]),
+                  ("implicit reward: ranking accuracy", [f"{prefix}/implicit_acc"]),
+                  ("implicit reward", [f"{prefix}/implicit_reward_mean", f"{prefix}/margin"])]
+        return metric_panels(csv_path, self.run_dir / "training_curve.png", panels, x="step")
+
+    def close(self) -> None:
+        """Flush and close the trackers (``save_final`` does it; call it after a failed run)."""
+        if self.run_log is not None:
+            self.run_log.close()
+            self.run_log = None
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -1,11 +1,10 @@
-"""Per-iteration metrics of a training run (main process only): ``metrics.csv`` plus TensorBoard / wandb."""
+"""Per-step metrics of a training run (main process only): ``metrics.csv`` plus TensorBoard / wandb."""
 from __future__ import annotations
 
 import csv
 import os
 from pathlib import Path
-
-from flowalign.config import FlowalignConfig
+from typing import Optional, Sequence
 
 
 def write_metrics_row(path: Path, metrics: dict, step: int, key: str = "iteration") -> None:
@@ -35,26 +34,32 @@ def write_metrics_row(path: Path, metrics: dict, step: int, key: str = "iteratio
 
 
 class RunLogger:
-    """Per-iteration metrics of the main process: ``metrics.csv`` plus TensorBoard / wandb."""
+    """Per-step metrics of the main process: ``metrics.csv`` plus TensorBoard / wandb.
 
-    def __init__(self, run_dir: Path, config: FlowalignConfig):
+    Args:
+        run_dir: the run folder (``metrics.csv`` and ``logs/`` go there).
+        log_with: trackers besides ``metrics.csv``: ``"tensorboard"`` and / or ``"wandb"``.
+        run_config: the run's configuration as a plain dict (wandb records it).
+        key: the CSV's step column (``"iteration"`` online, ``"step"`` offline).
+    """
+
+    def __init__(self, run_dir: Path, log_with: Sequence[str], run_config: Optional[dict] = None, key: str = "iteration"):
         self.path = run_dir / "metrics.csv"
+        self.key = key
         self.trackers: list = []
         log_dir = run_dir / "logs"
-        if "tensorboard" in config.train.log_with:
+        if "tensorboard" in log_with:
             from torch.utils.tensorboard import SummaryWriter
 
             self.trackers.append(SummaryWriter(str(log_dir)))
-        if "wandb" in config.train.log_with:
+        if "wandb" in log_with:
             import wandb  # optional dependency: pip install 'flowalign-rl[wandb]'
 
-            from flowalign.config import to_dict
-
-            self.trackers.append(wandb.init(project="flowalign", dir=str(log_dir), config=to_dict(config)))
+            self.trackers.append(wandb.init(project="flowalign", dir=str(log_dir), config=run_config or {}))
 
     def log(self, metrics: dict, step: int) -> None:
         """Append a ``metrics.csv`` row (replacing rows from ``step`` on, replayed after a resume) and log to trackers."""
-        write_metrics_row(self.path, metrics, step, key="iteration")
+        write_metrics_row(self.path, metrics, step, key=self.key)
         self.log_scalars(metrics, step)
 
     def log_scalars(self, metrics: dict, step: int) -> None:

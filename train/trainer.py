@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from flowalign import lora as lora_lib
-from flowalign.config import FlowalignConfig, save_config
+from flowalign.config import FlowalignConfig, save_config, to_dict
 from flowalign.errors import ConfigError
 from flowalign.train import final_outputs, trainer_checkpoint
 from flowalign.train import forward_process as fp
@@ -183,7 +183,7 @@ class Trainer:
             save_config(cfg, self.run_dir)
             if noise_table is not None:
                 save_run_noise_table(self.run_dir, noise_table, cfg)
-            self.run_log = RunLogger(self.run_dir, cfg)
+            self.run_log = RunLogger(self.run_dir, cfg.train.log_with, to_dict(cfg))
         self.accelerator.wait_for_everyone()
         self.timings["setup"] = time.perf_counter() - start - self.timings.get("calibration", 0.0)
         return self
