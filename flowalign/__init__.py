@@ -1,0 +1,16 @@
+"""flowalign: reinforcement-learning alignment of diffusion and flow-matching generators.
+
+The core (this package) is pure math and bookkeeping, testable without a model:
+
+* ``flowalign.sde``: transition kernels (ODE, Flow-GRPO's SDE, DanceGRPO's, CPS) and exact log-probs;
+* ``flowalign.sampling`` / ``flowalign.trajectory``: rollouts that record every transition;
+* ``flowalign.dense`` / ``flowalign.step_rewards``: step-wise rewards, gains, turning points;
+* ``flowalign.advantages``: group-normalised advantages, per sample or per step;
+* ``flowalign.objectives``: one file per method (grpo, dense_grpo, tp_grpo, nft, gdro, ...);
+* ``flowalign.offline``: the rollout store offline objectives train from;
+* ``flowalign.evaluation`` / ``flowalign.report``: per-category held-out tables and figures.
+
+Beside it: ``flowalign.pipelines`` (adapters over diffusers pipelines, the toy model),
+``flowalign.rewards`` (the reward protocol, registry and plugins) and ``flowalign.train``
+(trainers, the ``flowalign`` command, recipes). See DESIGN.md for the architecture.
+"""

@@ -176,6 +176,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def checkpoint_name(iteration: int) -> str:
+    """Folder name of the checkpoint taken after ``iteration`` (sorts in step order)."""
     return f"iter_{iteration:06d}"
 
 

@@ -130,6 +130,7 @@ class ImageStatsQuality(Reward):
         return self
 
     def save(self, path: Union[str, Path]) -> Path:
+        """Write the fitted feature centres and scales as JSON (``path`` is returned)."""
         path = Path(path)
         path.write_text(json.dumps({"features": list(FEATURES), "center": self.center.tolist(), "scale": self.scale.tolist()}, indent=2))
         return path
@@ -210,6 +211,7 @@ class CategoryCorrected:
     corrected_high: float
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe fields (NaN and inf as null)."""
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in self.__dict__.items()}
 
 

@@ -157,6 +157,7 @@ class CategoryStats:
     dropped: int = 0
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe fields (NaN and inf as null)."""
         return {k: _json_number(v) for k, v in self.__dict__.items()}
 
 
@@ -235,6 +236,7 @@ class EvalResult:
 
     @property
     def num_samples(self) -> int:
+        """Samples evaluated."""
         return len(self.prompts)
 
     @property
@@ -345,6 +347,7 @@ class Comparison:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
+        """Per category: base and aligned stats and the gain, JSON-safe."""
         return {
             name: {"base": row["base"].to_dict(), "aligned": row["aligned"].to_dict(),
                    **{k: _json_number(row[k]) for k in ("delta", "delta_low", "delta_high", "delta_partial")}}

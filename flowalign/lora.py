@@ -191,11 +191,13 @@ class LoraEMA:
 
     @torch.no_grad()
     def update(self) -> None:
+        """shadow <- decay * shadow + (1 - decay) * param, in fp32 (after each optimizer step)."""
         for s, p in zip(self.shadow, self.params):
             s.mul_(self.decay).add_(p.detach().float(), alpha=1.0 - self.decay)
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
+        """Within the block the LoRA parameters hold the EMA weights; the trained ones come back after."""
         backup = [p.detach().clone() for p in self.params]
         with torch.no_grad():
             for s, p in zip(self.shadow, self.params):
@@ -208,9 +210,11 @@ class LoraEMA:
                     p.copy_(b)
 
     def state_dict(self) -> dict[str, Tensor]:
+        """The shadow weights keyed ``"0"``, ``"1"``... in parameter order (for safetensors checkpoints)."""
         return {str(i): s.clone() for i, s in enumerate(self.shadow)}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore :meth:`state_dict`'s output; LoraMismatchError when the parameter count differs."""
         if len(state) != len(self.shadow):
             raise LoraMismatchError(f"EMA state has {len(state)} tensors, the model has {len(self.shadow)} LoRA parameters")
         self.shadow = [state[str(i)].float().clone() for i in range(len(self.shadow))]

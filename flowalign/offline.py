@@ -62,6 +62,7 @@ ScoreFn = Callable[[Tensor, list[str], list[dict]], dict[str, Tensor]]
 
 
 def shard_name(index: int) -> str:
+    """File name of shard ``index`` in the store's ``shards/`` folder."""
     return f"shard-{index:05d}.safetensors"
 
 
@@ -300,6 +301,7 @@ class RolloutStore:
 
     @property
     def reward_names(self) -> list[str]:
+        """Sorted names of every stored reward (``"<name>/partial"`` and ``"total"`` included)."""
         names: set[str] = set()
         for e in self.entries:
             for s in e["samples"]:

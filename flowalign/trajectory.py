@@ -61,10 +61,12 @@ class Trajectory:
 
     @property
     def batch_size(self) -> int:
+        """Samples B."""
         return self.latents.shape[0]
 
     @property
     def num_steps(self) -> int:
+        """Denoising steps K (``sigmas`` holds K + 1 values)."""
         return self.sigmas.shape[0] - 1
 
     def select(self, index: Tensor | list[int]) -> "Trajectory":

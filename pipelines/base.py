@@ -32,6 +32,7 @@ class Conditioning:
 
     @property
     def batch_size(self) -> int:
+        """Rows (prompts, or prompt x sample) the conditioning holds."""
         return next(iter(self.cond.values())).shape[0]
 
     def select(self, index: Union[Tensor, list[int], slice]) -> "Conditioning":
@@ -60,6 +61,7 @@ class Conditioning:
         return Conditioning(cond=rep(self.cond), uncond=rep(self.uncond), extra=dict(self.extra))
 
     def to(self, device: Union[torch.device, str], dtype: Optional[torch.dtype] = None) -> "Conditioning":
+        """A copy on ``device``; ``dtype`` casts the floating-point tensors only."""
         move = lambda d: None if d is None else {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in d.items()}  # noqa: E731
         return Conditioning(cond=move(self.cond), uncond=move(self.uncond), extra=dict(self.extra))
 

@@ -83,10 +83,12 @@ class SD3Adapter:
 
     @property
     def device(self) -> torch.device:
+        """Device of the transformer's parameters."""
         return self._first_parameter().device
 
     @property
     def dtype(self) -> torch.dtype:
+        """Dtype of the transformer's parameters."""
         return self._first_parameter().dtype
 
     def _first_parameter(self) -> Tensor:
@@ -101,22 +103,27 @@ class SD3Adapter:
 
     @property
     def num_train_timesteps(self) -> int:
+        """The scheduler's training timesteps (1000 for SD3): the transformer's timestep is ``sigma * num_train_timesteps``."""
         return int(self.pipeline.scheduler.config.num_train_timesteps)
 
     @property
     def trainable_module(self) -> nn.Module:
+        """The module that carries the LoRA (the SD3 transformer)."""
         return self.pipeline.transformer
 
     @property
     def lora_target_modules(self) -> list[str]:
+        """Default LoRA targets in the transformer: the joint-attention projections (both streams)."""
         return list(SD3_LORA_TARGETS)
 
     @property
     def text_lora_modules(self) -> dict[str, nn.Module]:
+        """Text encoders that take LoRA with ``lora.train_text_encoder``: the two CLIP encoders present (never T5)."""
         return {name: getattr(self.pipeline, name) for name in SD3_TEXT_LORA_COMPONENTS if getattr(self.pipeline, name, None) is not None}
 
     @property
     def text_lora_target_modules(self) -> list[str]:
+        """Default LoRA targets in each CLIP encoder: ``q/k/v/out_proj``."""
         return list(CLIP_LORA_TARGETS)
 
     # ------------------------------------------------------------------ protocol

@@ -125,6 +125,7 @@ def caption_length(captions: list[str]) -> int:
 
 
 def build_vae(cfg: ToyBuildConfig):
+    """The toy's untrained ``AutoencoderKL`` (diffusers' class at tiny widths, seeded by ``cfg.seed``)."""
     from .components import tiny_vae
 
     return tiny_vae(block_out_channels=cfg.vae_channels, latent_channels=cfg.latent_channels, layers_per_block=1, norm_num_groups=16, sample_size=32, seed=cfg.seed)
@@ -514,6 +515,7 @@ def _int_pair(text: str) -> tuple[int, int]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m flowalign.pipelines.toy build | evaluate ...``; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m flowalign.pipelines.toy", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="train the toy model and save it as a diffusers folder")

@@ -97,6 +97,18 @@ class Reward:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
 
     def score(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
+        """Score a batch: the one method a reward implements.
+
+        Args:
+            images: ``[B, 3, H, W]`` float in [0, 1] (videos: ``[B, T, 3, H, W]``), on ``self.device``.
+            prompts: ``B`` captions.
+            metadata: ``B`` dicts from the prompt file (e.g. ShapesEval's ``include`` spec).
+
+        Returns:
+            :class:`RewardOutput` with ``scores`` ``[B]`` float32, higher is better. A raised
+            exception or a non-finite score is a failure that ``call_reward`` handles by the
+            config's ``on_error`` policy (raise, or drop the sample).
+        """
         raise NotImplementedError
 
     def __call__(self, images: Tensor, prompts: list[str], metadata: Optional[list[dict[str, Any]]] = None) -> RewardOutput:

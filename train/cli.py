@@ -46,6 +46,7 @@ def _error(command: str, exc: BaseException, status: int = EXIT_USAGE) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``flowalign`` argument parser: train, eval, generate, offline, config."""
     parser = argparse.ArgumentParser(prog="flowalign", description="RL alignment of diffusion / flow-matching generators.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="{train,eval,generate,offline,config}")
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_config(args: argparse.Namespace) -> int:
+    """``flowalign config``: print the resolved recipe (every key with its help) as YAML; returns the exit status."""
     from flowalign.config import describe_config, load_config
     from flowalign.train.generate import load_generate_config
     from flowalign.train.offline_trainer import load_offline_config
@@ -122,6 +124,7 @@ def _train_config(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
+    """``flowalign train``: set up, train and write the run's outputs; returns the exit status (2 bad input, 1 failure)."""
     from flowalign.train.trainer import Trainer
 
     trainer = None
@@ -148,6 +151,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    """``flowalign generate``: fill (or finish) a rollout store; returns the exit status."""
     from flowalign.train.generate import load_generate_config, run_generate as generate
 
     try:
@@ -159,6 +163,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_offline(args: argparse.Namespace) -> int:
+    """``flowalign offline``: train a LoRA from a rollout store; returns the exit status (2 bad input, 1 failure)."""
     from flowalign.train.offline_trainer import OfflineTrainer, load_offline_config
 
     try:

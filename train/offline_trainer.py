@@ -313,6 +313,7 @@ class OfflineTrainer:
     # ------------------------------------------------------------------ save / resume
 
     def save_checkpoint(self) -> Path:
+        """Atomic checkpoint of the LoRA (and text-encoder LoRA), optimizer, RNG and counters."""
         tensors = {"lora": lora_lib.get_lora_state_dict(self.adapter.trainable_module)}
         tensors.update(lora_lib.text_lora_tensors(self.text_modules))
         state = {"step": self.step, "nfe": self.nfe, "seconds": self.seconds, "optimizer": self.optimizer.state_dict(),

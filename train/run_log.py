@@ -63,6 +63,7 @@ class RunLogger:
         self.log_scalars(metrics, step)
 
     def log_scalars(self, metrics: dict, step: int) -> None:
+        """Send ``metrics`` to the trackers only (no CSV row)."""
         for tracker in self.trackers:
             if hasattr(tracker, "add_scalar"):
                 for key, value in metrics.items():
@@ -72,5 +73,6 @@ class RunLogger:
                 tracker.log(metrics, step=step)
 
     def close(self) -> None:
+        """Flush and close every tracker."""
         for tracker in self.trackers:
             (tracker.close if hasattr(tracker, "close") else tracker.finish)()

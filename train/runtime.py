@@ -105,9 +105,11 @@ class AutocastAdapter:
 
     @property
     def autocast_dtype(self) -> torch.dtype:
+        """The autocast dtype (bf16 or fp16) of the transformer calls."""
         return self.__dict__["_dtype"]
 
     def velocity(self, latents: Tensor, sigma, cond, guidance_scale: float = 1.0) -> Tensor:
+        """The wrapped adapter's velocity under autocast, returned in fp32."""
         adapter = self.__dict__["_adapter"]
         with torch.autocast(device_type=latents.device.type, dtype=self.__dict__["_dtype"]):
             v = adapter.velocity(latents, sigma, cond, guidance_scale)

@@ -68,10 +68,26 @@ class OfflineBatch:
 
 
 class Objective(Protocol):
+    """What the trainers call (see the module docstring).
+
+    Attributes:
+        name: the registry name, set by :func:`register_objective`.
+        needs_reference: True when ``loss`` uses ``reference`` (the trainer then evaluates the
+            model with the LoRA disabled; False lets it pass ``None`` and skip those forwards).
+    """
+
     name: str
     needs_reference: bool
 
     def loss(self, batch, policy: VelocityFn, reference: Optional[VelocityFn]) -> tuple[Tensor, dict[str, float]]:
+        """The scalar loss to minimise for ``batch`` and its metrics (slash names to floats).
+
+        Args:
+            batch: a :class:`StepBatch`, :class:`OfflineBatch` or ``ForwardBatch`` (the kind the
+                objective is written for).
+            policy: ``(x [B, *latent], sigma [B]) -> v [B, *latent]`` with gradient through the LoRA.
+            reference: the same with the LoRA disabled, or None when ``needs_reference`` is False.
+        """
         ...
 
 

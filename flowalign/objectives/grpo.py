@@ -108,6 +108,7 @@ class FlowGRPO:
 
     @property
     def needs_reference(self) -> bool:
+        """Only the KL term (``kl_beta > 0``) reads the reference."""
         return self.kl_beta > 0
 
     def loss(self, batch: StepBatch, policy: VelocityFn, reference: Optional[VelocityFn] = None) -> tuple[Tensor, dict[str, float]]:

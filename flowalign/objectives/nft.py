@@ -166,6 +166,7 @@ class DiffusionNFT:
 
     @property
     def needs_reference(self) -> bool:
+        """Only the KL term (``kl_beta > 0``) reads the reference."""
         return self.kl_beta > 0
 
     def loss(self, batch: ForwardBatch, policy: VelocityFn, reference: Optional[VelocityFn] = None) -> tuple[Tensor, dict[str, float]]:
