@@ -130,7 +130,8 @@ def test_nan_losses_abort_through_the_cli_with_exit_1(tmp_path, capsys, monkeypa
     run = tmp_path / "run"
     assert cli.main(["train", *_sets(run, "train.iterations=3", "train.max_nonfinite_steps=3")]) == 1
     err = _one_line(capsys)
-    assert "3 non-finite losses/gradients in a row at iteration 1" in err and "train.max_nonfinite_steps=3" in err
+    # grad_accum 2: iteration 1's two micro-batches, then the first of iteration 2 (1-based, as metrics.csv and the bar count)
+    assert "3 non-finite losses/gradients in a row at iteration 2" in err and "train.max_nonfinite_steps=3" in err
     assert not (run / "pytorch_lora_weights.safetensors").exists()
 
 

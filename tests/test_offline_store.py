@@ -420,3 +420,50 @@ def test_generation_shows_a_progress_bar_over_the_samples_left(tmp_path, capsys)
     _fill(tmp_path / "s", progress=True)
     err = capsys.readouterr().err
     assert "12/12" in err and "36/36" not in err  # only the samples still to generate are counted
+
+
+def test_offline_lr_schedule_follows_the_hand_worked_cosine(tiny_store, tmp_path):
+    # 4 prompt groups / 2 per step x 2 epochs = 4 steps; warmup 1, then cosine from 1 down to the floor 0.1:
+    # step 0: (0+1)/1 = 1; steps 1-3: p = 0, 1/2, 1 -> 0.1 + 0.9 (1 + cos(pi p)) / 2 = 1, 0.55, 0.1
+    trainer = _offline_trainer(tiny_store, tmp_path / "run", lr=1e-3, epochs=2, lr_schedule="cosine", lr_warmup=1, lr_min_ratio=0.1)
+    assert trainer.total_steps == 4
+    history = trainer.train()
+    assert [h["optim/lr"] for h in history] == pytest.approx([1e-3, 1e-3, 5.5e-4, 1e-4])
+    assert [h["optim/steps"] for h in history] == [1.0] * 4
+
+
+def test_offline_resume_refuses_a_decay_over_another_length(tiny_store, tmp_path):
+    from flowalign.errors import ConfigError
+    from flowalign.train.offline_trainer import OfflineTrainer
+
+    part = _offline_trainer(tiny_store, tmp_path / "run", lr=1e-3, epochs=2, lr_schedule="linear", max_steps=1)
+    part.train()
+    config = part.config
+    config.max_steps = None  # 4 steps now, the checkpoint's schedule spans 1
+    with pytest.raises(ConfigError, match="linear lr schedule over 1 steps, this config's run has 4"):
+        OfflineTrainer(config, resume=True).setup()
+    with pytest.raises(ConfigError, match="lr_warmup=4 must be below the run's 4 steps"):
+        _offline_trainer(tiny_store, tmp_path / "other", epochs=2, lr_warmup=4)
+
+
+def test_offline_nonfinite_loss_skips_the_step_and_the_limit_stops_the_run(tiny_store, tmp_path):
+    from flowalign.errors import NonFiniteLossError
+    from flowalign.lora import get_lora_state_dict
+
+    trainer = _offline_trainer(tiny_store, tmp_path / "run", lr=1e-3, epochs=3, max_nonfinite_steps=2)
+    real_loss, calls = trainer.objective.loss, []
+
+    def loss(batch, policy, reference):  # NaN at steps 2, 4 and 5 (1-based)
+        calls.append(1)
+        value, metrics = real_loss(batch, policy, reference)
+        return (value * float("nan"), metrics) if len(calls) in (2, 4, 5) else (value, metrics)
+
+    trainer.objective.loss = loss
+    snapshots = []
+    with pytest.raises(NonFiniteLossError, match=r"2 non-finite losses/gradients in a row at step 5 \(max_nonfinite_steps=2\); lower lr"):
+        trainer.train(callback=lambda t, m: snapshots.append((m, get_lora_state_dict(t.adapter.trainable_module))))
+    assert [m["step"] for m, _ in snapshots] == [1, 2, 3, 4]  # the 5th call raised
+    assert [m["optim/steps"] for m, _ in snapshots] == [1.0, 0.0, 1.0, 0.0]
+    (_, after1), (_, after2), (_, after3), _ = snapshots
+    assert all(torch.equal(after1[k], after2[k]) for k in after1)  # the NaN step left the LoRA alone
+    assert any(not torch.equal(after2[k], after3[k]) for k in after2)  # a finite step after it trains again

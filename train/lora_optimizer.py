@@ -43,10 +43,14 @@ class LoraOptimizer:
         accelerator: the run's ``accelerate.Accelerator`` (process count, gradient reduction).
         device_type: ``"cpu"`` / ``"cuda"``: where the fp16 loss scaler runs.
         gather: ``tensor -> tensor`` gathered over processes (identity with one).
+        prefix, unit: how messages name the config keys (``"train."``) and the schedule's steps
+            (``"iteration"``); the offline trainer passes ``""`` and ``"step"``.
     """
 
-    def __init__(self, groups: list[dict], train_cfg, accelerator, device_type: str, gather: Callable[[Tensor], Tensor]):
+    def __init__(self, groups: list[dict], train_cfg, accelerator, device_type: str, gather: Callable[[Tensor], Tensor],
+                 prefix: str = "train.", unit: str = "iteration"):
         self.cfg = train_cfg
+        self.prefix, self.unit = prefix, unit
         self.accelerator = accelerator
         self.gather = gather
         self.params: list[Tensor] = [p for group in groups for p in group["params"]]
@@ -56,7 +60,7 @@ class LoraOptimizer:
         # fp16 gradients of small losses underflow: dynamic loss scaling (bf16 has fp32's range and needs none)
         self.scaler = torch.amp.GradScaler(device_type) if train_cfg.mixed_precision == "fp16" else None
         self.nonfinite_in_row = 0
-        self.iteration = 0  # for messages; set by set_lr at the start of each update
+        self.iteration = 0  # 0-based, set by set_lr at the start of each update; messages print it 1-based (as metrics.csv)
 
     # ----------------------------------------------------------------------------- learning rate
 
@@ -136,7 +140,7 @@ class LoraOptimizer:
         """Count one skipped micro-batch or step; with one process, stop at the limit at once."""
         self.nonfinite_in_row += 1
         limit = self.cfg.max_nonfinite_steps
-        logger.warning("iteration %d: non-finite %s, skipped (%d in a row, limit %d)", self.iteration, what, self.nonfinite_in_row, limit)
+        logger.warning("%s %d: non-finite %s, skipped (%d in a row, limit %d)", self.unit, self.iteration + 1, what, self.nonfinite_in_row, limit)
         if self.accelerator.num_processes == 1:
             self.check_nonfinite()
 
@@ -150,8 +154,8 @@ class LoraOptimizer:
         limit = self.cfg.max_nonfinite_steps
         if in_row >= limit:
             raise NonFiniteLossError(
-                f"{in_row} non-finite losses/gradients in a row at iteration {self.iteration} "
-                f"(train.max_nonfinite_steps={limit}); lower train.lr ({self.cfg.lr}) or check the rewards"
+                f"{in_row} non-finite losses/gradients in a row at {self.unit} {self.iteration + 1} "
+                f"({self.prefix}max_nonfinite_steps={limit}); lower {self.prefix}lr ({self.cfg.lr}) or check the rewards"
             )
 
     # ----------------------------------------------------------------------------- checkpoint
@@ -168,7 +172,7 @@ class LoraOptimizer:
         """Restore what :meth:`state` wrote (``path`` names the checkpoint in errors)."""
         if self.ema is not None:
             if "ema" not in tensors:
-                raise CheckpointError(f"checkpoint {path} has no EMA weights but train.ema is on")
+                raise CheckpointError(f"checkpoint {path} has no EMA weights but {self.prefix}ema is on")
             self.ema.load_state_dict(tensors["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))

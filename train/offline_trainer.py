@@ -8,7 +8,9 @@ One step::
     store.batches(k, groups_per_batch)   P groups of k clean latents + explicit rewards
       -> encode the P prompts, repeat k times (rows p*k + j)
       -> objective.loss(OfflineBatch, policy, reference)   reference = LoRA disabled
-      -> backward, clip, AdamW step, metrics.csv (+ TensorBoard), checkpoint every N steps
+      -> LoraOptimizer: lr schedule, backward, clip, AdamW step (a NaN/inf loss or gradient
+         skips the step; max_nonfinite_steps in a row stop the run), metrics.csv (+ TensorBoard),
+         checkpoint every N steps
     end: pytorch_lora_weights.safetensors, training_curve.png
 
 No sampling happens while training: the cost is one policy forward + backward and one reference
@@ -23,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -33,8 +36,10 @@ from flowalign import checkpoint as ckpt
 from flowalign import lora as lora_lib
 from flowalign.config import LOG_BACKENDS, LoraConfig, ModelConfig, apply_overrides, build_dataclass, to_dict
 from flowalign.errors import ConfigError
+from flowalign.lr_schedule import LR_SCHEDULES
 from flowalign.objectives.base import OfflineBatch
 from flowalign.offline import RolloutStore
+from flowalign.train.lora_optimizer import LoraOptimizer
 from flowalign.train.run_log import RunLogger
 
 logger = logging.getLogger(__name__)
@@ -63,11 +68,15 @@ class OfflineConfig:
     epochs: int = field(default=1, metadata={"help": "Passes over the store."})
     max_steps: Optional[int] = field(default=None, metadata={"help": "Stop after this many optimizer steps (null = all epochs)."})
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
+    lr_schedule: str = field(default="constant", metadata={"help": "Learning-rate schedule over the run's steps: constant, linear or cosine (flowalign.lr_schedule)."})
+    lr_warmup: int = field(default=0, metadata={"help": "Steps of linear warmup before the schedule (0 = none; Diffusion-DPO warms up)."})
+    lr_min_ratio: float = field(default=0.0, metadata={"help": "Floor of a linear or cosine decay, as a fraction of lr (reached on the last step)."})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the LoRA gradient norm (0 = off)."})
+    max_nonfinite_steps: int = field(default=5, metadata={"help": "Abort after this many consecutive steps with a NaN/inf loss or gradient (each is skipped)."})
     guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale of the policy/reference velocities in the loss (1 = conditional only)."})
     seed: int = field(default=0, metadata={"help": "Seeds the batch order and the sigma/noise draws."})
-    output_dir: str = field(default="runs/offline_gdro", metadata={"help": "metrics.csv, checkpoints/, pytorch_lora_weights.safetensors."})
+    output_dir: str = field(default="runs/offline_gdro", metadata={"help": "metrics.csv, logs/ (TensorBoard), checkpoints/, pytorch_lora_weights.safetensors, training_curve.png."})
     checkpoint_every: int = field(default=0, metadata={"help": "Checkpoint every N steps (0 = only at the end)."})
     keep_checkpoints: int = field(default=2, metadata={"help": "Checkpoints kept."})
     device: str = field(default="cpu", metadata={"help": "Training device."})
@@ -77,12 +86,14 @@ class OfflineConfig:
     def __post_init__(self):
         _check(self.objective in OFFLINE_OBJECTIVES, f"objective={self.objective!r} is not one of {list(OFFLINE_OBJECTIVES)}")
         _check(self.k is None or self.k >= 2, f"k must be null or >= 2, got {self.k}")
-        for name in ("groups_per_batch", "epochs", "keep_checkpoints"):
+        for name in ("groups_per_batch", "epochs", "keep_checkpoints", "max_nonfinite_steps"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _check(self.max_steps is None or self.max_steps >= 1, f"max_steps must be null or >= 1, got {self.max_steps}")
         _check(self.lr > 0 and self.weight_decay >= 0 and self.max_grad_norm >= 0, f"need lr > 0, weight_decay >= 0, max_grad_norm >= 0; got {self.lr}, {self.weight_decay}, {self.max_grad_norm}")
         _check(self.guidance_scale >= 1.0, f"guidance_scale must be >= 1, got {self.guidance_scale}")
         _check(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        _check(self.lr_schedule in LR_SCHEDULES, f"lr_schedule={self.lr_schedule!r} is not one of {list(LR_SCHEDULES)}")
+        _check(self.lr_warmup >= 0 and 0.0 <= self.lr_min_ratio <= 1.0, f"need lr_warmup >= 0 and lr_min_ratio in [0, 1]; got {self.lr_warmup}, {self.lr_min_ratio}")
         for backend in self.log_with:
             _check(backend in LOG_BACKENDS, f"log_with entry {backend!r} is not one of {list(LOG_BACKENDS)}")
 
@@ -114,6 +125,22 @@ def prepare_offline_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
     if not overwrite:
         raise ConfigError(f"output_dir {run_dir} already holds an offline run; pass --resume to continue it or --overwrite to replace it")
     return True
+
+
+class _SingleProcess:
+    """The one-process stand-in for an ``accelerate.Accelerator`` that :class:`LoraOptimizer` reads."""
+
+    num_processes = 1
+
+
+def optimizer_settings(cfg: OfflineConfig, total_steps: int) -> SimpleNamespace:
+    """The ``train``-section fields :class:`LoraOptimizer` reads, from an offline recipe whose
+    schedule spans ``total_steps`` optimizer steps (AdamW's default betas and eps; no EMA, fp32)."""
+    return SimpleNamespace(
+        lr=cfg.lr, lr_schedule=cfg.lr_schedule, iterations=total_steps, lr_warmup=cfg.lr_warmup, lr_min_ratio=cfg.lr_min_ratio,
+        adam_betas=(0.9, 0.999), adam_eps=1e-8, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        max_nonfinite_steps=cfg.max_nonfinite_steps, ema=False, ema_decay=0.0, mixed_precision="no",
+    )
 
 
 class OfflineTrainer:
@@ -186,9 +213,14 @@ class OfflineTrainer:
         targets = cfg.lora.target_modules or self.adapter.lora_target_modules
         transformer_params = lora_lib.add_lora(module, cfg.lora.rank, cfg.lora.alpha, targets, cfg.lora.init, cfg.lora.dropout)
         self.text_modules, text_params = lora_lib.add_text_lora(self.adapter, cfg.lora) if cfg.lora.train_text_encoder else ({}, [])
-        self.params = transformer_params + text_params
-        groups = [{"params": transformer_params}] + ([{"params": text_params, "lr": cfg.lora.text_encoder_lr or cfg.lr}] if text_params else [])
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        groups = [{"params": transformer_params, "lr_ratio": 1.0}]
+        if text_params:
+            groups.append({"params": text_params, "lr_ratio": (cfg.lora.text_encoder_lr or cfg.lr) / cfg.lr})
+        total = self.total_steps
+        if cfg.lr_warmup >= total:
+            raise ConfigError(f"lr_warmup={cfg.lr_warmup} must be below the run's {total} steps")
+        self.optim = LoraOptimizer(groups, optimizer_settings(cfg, total), _SingleProcess(), self.device.type, gather=lambda t: t,
+                                   prefix="", unit="step")
         if latest is not None:
             self._load(latest)
             self._saved_step = self.step
@@ -198,6 +230,16 @@ class OfflineTrainer:
         (self.run_dir / "offline_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self.run_log = RunLogger(self.run_dir, cfg.log_with, to_dict(cfg), key="step")
         return self
+
+    @property
+    def params(self) -> list[Tensor]:
+        """The trained LoRA parameters (transformer first, then the text encoders')."""
+        return self.optim.params
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The AdamW optimizer (one parameter group per learning rate)."""
+        return self.optim.optimizer
 
     @property
     def total_steps(self) -> int:
@@ -249,19 +291,16 @@ class OfflineTrainer:
         """One optimizer step on ``P`` groups; returns the step's metrics."""
         t0 = time.perf_counter()
         batch = OfflineBatch(x0=batch.x0.to(self.device), rewards=batch.rewards.to(self.device), cond_index=batch.cond_index)
+        self.optim.set_lr(self.step)
         policy, reference = self.velocity_fns(prompts)
         loss, metrics = self.objective.loss(batch, policy, reference)
-        if not torch.isfinite(loss):
-            from flowalign.errors import NonFiniteLossError
-
-            raise NonFiniteLossError(f"non-finite {self.config.objective} loss at step {self.step}: {loss.item()}; lower lr ({self.config.lr}) or beta")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf"))
-        self.optimizer.step()
-        self.step += 1
+        stats = self.optim.new_stats()
+        self.optim.optimizer.zero_grad(set_to_none=True)
+        if self.optim.backward(loss, f"({self.config.objective})"):  # a non-finite loss is skipped and counted
+            self.optim.step(stats)  # clip; a non-finite gradient norm skips the step and is counted
+        self.step += 1  # a skipped step still consumes its batch: a resume replays the same order
         self.seconds += time.perf_counter() - t0
-        return {"step": self.step, "loss": loss.item(), "grad_norm": float(norm), "train/nfe": float(self.nfe),
+        return {"step": self.step, "loss": loss.item(), **self.optim.metrics(stats), "train/nfe": float(self.nfe),
                 "train/seconds": self.seconds, **metrics}
 
     # ------------------------------------------------------------------ loop
@@ -316,7 +355,9 @@ class OfflineTrainer:
         """Atomic checkpoint of the LoRA (and text-encoder LoRA), optimizer, RNG and counters."""
         tensors = {"lora": lora_lib.get_lora_state_dict(self.adapter.trainable_module)}
         tensors.update(lora_lib.text_lora_tensors(self.text_modules))
-        state = {"step": self.step, "nfe": self.nfe, "seconds": self.seconds, "optimizer": self.optimizer.state_dict(),
+        optim_tensors, optim_state = self.optim.state()
+        tensors.update(optim_tensors)
+        state = {"step": self.step, "nfe": self.nfe, "seconds": self.seconds, **optim_state, "schedule_steps": self.optim.cfg.iterations,
                  "rng": ckpt.capture_rng({"objective": self.generator})}
         path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, tensors, state, keep=self.config.keep_checkpoints)
         self._saved_step = self.step
@@ -324,9 +365,13 @@ class OfflineTrainer:
 
     def _load(self, path: Path) -> None:
         loaded = ckpt.load_checkpoint(path)
+        saved_total, total = loaded.state.get("schedule_steps"), self.optim.cfg.iterations
+        if self.config.lr_schedule != "constant" and saved_total is not None and saved_total != total:
+            raise ConfigError(f"checkpoint {path} follows a {self.config.lr_schedule} lr schedule over {saved_total} steps, "
+                              f"this config's run has {total}: resume with the same epochs and max_steps")
         lora_lib.set_lora_state_dict(self.adapter.trainable_module, loaded.tensors["lora"])
         lora_lib.load_text_lora_tensors(self.text_modules, loaded.tensors, path)
-        self.optimizer.load_state_dict(loaded.state["optimizer"])
+        self.optim.load(loaded.tensors, loaded.state, path)
         ckpt.restore_rng(loaded.state["rng"], {"objective": self.generator})
         self.step, self.nfe, self.seconds = int(loaded.state["step"]), int(loaded.state["nfe"]), float(loaded.state["seconds"])
         logger.info("resumed offline run from %s at step %d", path, self.step)
