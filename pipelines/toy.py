@@ -473,7 +473,7 @@ def evaluate_toy(folder: str | Path, guidance_scales: tuple[float, ...] = (1.0, 
         t0 = time.perf_counter()
         sample(pipe, prompts, seed, steps, g)
         times.append(time.perf_counter() - t0)
-    out["sample_seconds_batch64_10steps_cfg"] = min(times)
+    out[f"sample_seconds_batch64_{steps}steps_cfg"] = min(times)
     reward = ShapesReward()
     rng = np.random.default_rng(seed)
     groups = [train[i] for i in rng.choice(len(train), n_groups, replace=False)]

@@ -234,3 +234,24 @@ def test_nft_resume_is_bit_identical(tmp_path):
     resumed = lora_after(tmp_path / "split", 4, resume=True)
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
     assert any(full[k].abs().max() > 0 for k in full if "lora_B" in k)
+
+
+def test_reference_gap_diagnostic_is_zero_before_the_first_step_and_grows_after(tmp_path):
+    # kl_beta = 0: the trainer measures mean ||v_theta - v_ref||^2 itself (train.ref_kl_every) on the first micro-batch
+    trainer = _nft_trainer(tmp_path, "train.grad_accum=4", "train.lr=1e-2", "train.ref_kl_every=1")
+    first = trainer.run_iteration()
+    assert first["kl/ref"] == 0.0  # LoRA B starts at 0: the policy is the reference
+    trainer.iteration += 1
+    second = trainer.run_iteration()
+    assert second["kl/ref"] > 0.0
+
+
+def test_reference_gap_hand_worked():
+    # rows x_s = (1 - s) x0 + s eps; policy v = 2 x_s, reference v = x_s  =>  gap = mean over rows of mean(x_s^2)
+    x0 = torch.tensor([[1.0, 3.0], [2.0, -2.0]])
+    eps = torch.tensor([[1.0, -1.0], [0.0, 4.0]])
+    sigma = torch.tensor([0.5, 0.25])
+    fb = ForwardBatch(x0=x0, noise=eps, sigma=sigma, advantages=torch.zeros(2))
+    # row 0: x_s = (1, 1) -> 1; row 1: x_s = (1.5, -0.5) -> (2.25 + 0.25) / 2 = 1.25; mean 1.125
+    gap = fp.reference_gap(fb, lambda x, s: 2 * x, lambda x, s: x)
+    assert gap == pytest.approx(1.125)

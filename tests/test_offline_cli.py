@@ -166,6 +166,10 @@ def test_missing_store_and_config_are_one_line_errors(tmp_path, capsys):
     assert cli.main(["offline", "--set", f"store={tmp_path / 'nostore'}", "--set", f"output_dir={tmp_path / 'run'}"]) == 2
     assert "not a rollout store" in _one_error_line(capsys)
     assert not (tmp_path / "run").exists()
+    from flowalign.train import offline_trainer
+
+    assert offline_trainer.main(["--config", str(tmp_path / "none.yaml")]) == 2  # python -m flowalign.train.offline_trainer
+    assert "does not exist" in _one_error_line(capsys)
 
 
 def test_store_from_another_model_is_refused(tiny_store, tmp_path, capsys):

@@ -427,6 +427,8 @@ def test_offline_lr_schedule_follows_the_hand_worked_cosine(tiny_store, tmp_path
     # step 0: (0+1)/1 = 1; steps 1-3: p = 0, 1/2, 1 -> 0.1 + 0.9 (1 + cos(pi p)) / 2 = 1, 0.55, 0.1
     trainer = _offline_trainer(tiny_store, tmp_path / "run", lr=1e-3, epochs=2, lr_schedule="cosine", lr_warmup=1, lr_min_ratio=0.1)
     assert trainer.total_steps == 4
+    assert trainer.params == [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    assert trainer.params and all(p.requires_grad for p in trainer.params)
     history = trainer.train()
     assert [h["optim/lr"] for h in history] == pytest.approx([1e-3, 1e-3, 5.5e-4, 1e-4])
     assert [h["optim/steps"] for h in history] == [1.0] * 4

@@ -346,6 +346,17 @@ def test_to_and_offload_move_modules():
     assert multi.rewards["a"].model.weight.device.type == "meta"
     assert multi.rewards["b"].device == torch.device("meta")
 
+    class Recording(WithModel):
+        def to(self, device):
+            self.log = getattr(self, "log", []) + [str(device)]
+            return super().to(device)
+
+    mixed = MultiReward({"a": (Recording(), 1.0), "b": (Recording(), 2.0)})
+    mixed.device = torch.device("meta")
+    assert mixed.offload() is mixed  # every component goes to the CPU through its own offload
+    assert mixed.device == torch.device("cpu")
+    assert [mixed.rewards[k].log for k in ("a", "b")] == [["cpu"], ["cpu"]]
+
 
 # ---------------------------------------------------------------------------------------------
 # MultiReward

@@ -149,3 +149,19 @@ def test_bad_arguments(adapter):
         rollout(adapter, PROMPTS, num_steps=2, initial_noise=torch.zeros(3, 4, 16, 16))
     with pytest.raises(ValueError, match="micro_batch_size"):
         rollout(adapter, PROMPTS, num_steps=2, micro_batch_size=0)
+
+
+def test_trajectory_to_moves_every_tensor_and_keeps_the_rest():
+    B, K = 2, 3
+    traj = Trajectory(prompts=["a", "b"], group_ids=torch.tensor([0, 0]), sigmas=torch.linspace(1, 0, K + 1),
+                      latents=torch.randn(B, K + 1, 4, 2, 2), log_probs=torch.zeros(B, K), stds=torch.ones(B, K),
+                      noise_levels=torch.full((K,), 0.7), stochastic_mask=torch.tensor([True, False, False]),
+                      rewards=torch.tensor([0.5, 1.0]), kernel="cps", metadata=[{"tag": "x"}, {}], nfe=12)
+    moved = traj.to("meta")  # a device every machine has: tensors keep shape and dtype, lose their data
+    tensors = [name for name, value in vars(moved).items() if isinstance(value, torch.Tensor)]
+    assert sorted(tensors) == ["group_ids", "latents", "log_probs", "noise_levels", "rewards", "sigmas", "stds", "stochastic_mask"]
+    assert all(getattr(moved, n).device.type == "meta" and getattr(moved, n).shape == getattr(traj, n).shape for n in tensors)
+    assert moved.stochastic_mask.dtype == torch.bool and moved.group_ids.dtype == torch.long
+    assert (moved.images, moved.x0_preds, moved.advantages) == (None, None, None)
+    assert (moved.prompts, moved.kernel, moved.metadata, moved.nfe) == (traj.prompts, "cps", traj.metadata, 12)
+    assert traj.latents.device.type == "cpu"  # the original is untouched

@@ -193,3 +193,15 @@ def test_conditioning_gather_equals_select_and_sums_gradients_by_hand():
     weights = torch.tensor([1.0, 10.0, 100.0]).view(3, 1, 1)
     (out.cond["encoder_hidden_states"] * weights).sum().backward()
     torch.testing.assert_close(hidden.grad, torch.stack([torch.full((3, 4), 10.0), torch.full((3, 4), 101.0)]))
+
+
+def test_conditioning_to_casts_floating_tensors_only_and_keeps_extra():
+    cond = Conditioning(cond={"encoder_hidden_states": torch.ones(2, 3, 4), "ids": torch.tensor([7, 9])},
+                        uncond={"encoder_hidden_states": torch.zeros(2, 3, 4)}, extra={"prompts": ["a", "b"]})
+    moved = cond.to("meta", dtype=torch.float16)
+    assert moved.cond["encoder_hidden_states"].device.type == "meta" and moved.cond["encoder_hidden_states"].dtype == torch.float16
+    assert moved.cond["ids"].dtype == torch.long and moved.cond["ids"].device.type == "meta"  # integer ids keep their dtype
+    assert moved.uncond["encoder_hidden_states"].dtype == torch.float16
+    assert moved.extra == {"prompts": ["a", "b"]} and moved.extra is not cond.extra
+    assert moved.batch_size == 2
+    assert Conditioning(cond={"x": torch.ones(1)}, uncond=None).to("cpu").uncond is None

@@ -38,10 +38,13 @@ def test_position_spec_is_geneval_order():
     assert S.parse_prompt("three red triangles")["exclude"] == [{"shape": "triangle", "color": "red", "count": 4}]
 
 
-def test_heldout_split_and_prompt_files():
+def test_heldout_split_and_prompt_files(tmp_path):
     train, held = S.load_prompts("train"), S.load_prompts("heldout")
     assert len(train) == 384 and len(held) == 320
     assert train == S.prompt_set(False) and held == S.prompt_set(True)  # files regenerate exactly
+    written = S.write_jsonl(S.prompt_set(True), tmp_path / "sub" / "held.jsonl")  # how the shipped files were made
+    assert written.read_bytes() == (S.prompts_dir() / "shapes_heldout.jsonl").read_bytes()
+    assert S.read_jsonl(written) == held
     assert not {s["prompt"] for s in train} & {s["prompt"] for s in held}
     for spec in train:
         assert not S.is_heldout(spec)
@@ -117,6 +120,21 @@ def test_render_draws_palette_colours_on_background():
     inside = sum(abs((k + 0.5) / 4 - 10.0) <= 4.4 for k in range(128))  # per side
     covered = (img.astype(float) - S.BACKGROUND)[..., 1].sum() / (S.PALETTE["red"][1] - S.BACKGROUND[1])
     assert covered == pytest.approx(inside**2 / 16, abs=0.3)  # uint8 rounding of edge pixels
+
+
+def test_segment_labels_palette_pixels_background_and_unexplained_ones():
+    from flowalign.rewards.shapes import segment
+
+    img = np.full((6, 6, 3), S.BACKGROUND, np.float32)
+    img[1, 1] = S.PALETTE["blue"]
+    half = (np.asarray(S.PALETTE["cyan"], np.float32) + np.asarray(S.BACKGROUND, np.float32)) / 2
+    img[2, 2] = half  # an anti-aliased edge: half cyan, half background
+    img[4, 4] = (0, 0, 0)  # black: neither background nor a blend of one palette colour with it
+    labels = segment(img)
+    assert labels.shape == (6, 6) and labels.dtype.kind == "i"
+    assert labels[1, 1] == list(S.PALETTE).index("blue") and labels[2, 2] == list(S.PALETTE).index("cyan")
+    assert labels[4, 4] == -2
+    assert labels[0, 0] == -1 and (labels == -1).sum() == 33
 
 
 def test_classify_shape_on_hand_drawn_masks():

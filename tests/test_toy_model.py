@@ -135,3 +135,22 @@ def test_frozen_text_encoders_keep_their_seeded_init(tmp_path):
     saved = load_file(tmp_path / "f" / "transformer" / "diffusion_pytorch_model.safetensors")
     init = fresh.transformer.state_dict()
     assert not all(torch.equal(saved[k], init[k]) for k in saved)  # the transformer did learn
+
+
+def test_evaluate_toy_measures_a_folder(tmp_path, pipe):
+    """`python -m flowalign.pipelines.toy evaluate` on the shipped toy at 1 step (the build's summary uses 10)."""
+    out = toy.evaluate_toy(TOY, guidance_scales=(4.5,), shifts=(1.5,), n_samples=8, steps=1, n_groups=2, group_size=2, grid_dir=tmp_path)
+    assert list(out["sweep_heldout_320"]) == ["shift=1.5,cfg=4.5"] and (out["shift"], out["guidance_scale"]) == (1.5, 4.5)
+    assert out["heldout_samples"] == 8 and set(out["train_accuracy"]) == {"overall", *{s["tag"] for s in S.load_prompts("train")}}
+    assert out["sample_seconds_batch64_1steps_cfg"] > 0
+    assert out["folder_bytes"] == sum(out["file_bytes"].values()) and out["params"]["transformer"] > 0
+    for name in ("seeds_ode", "flow_sde_0.7"):  # 2 groups of 2: a fraction in {0, 0.5, 1}
+        assert out[f"zero_variance_groups_{name}"] in (0.0, 0.5, 1.0)
+    assert {p.name for p in tmp_path.iterdir()} == {"heldout_grid.png", "heldout_grid.txt", "sde_groups_grid.png"}
+    # the grid's verdicts are the verifier's on the same samples (seed + 3, the shipped shift 1.5): re-score them here
+    lines = (tmp_path / "heldout_grid.txt").read_text().splitlines()
+    held = S.load_prompts("heldout")[::5]
+    assert len(lines) == len(held) and all(line.startswith(f"{k}: {s['prompt']} -> ") for k, (line, s) in enumerate(zip(lines, held)))
+    assert pipe.scheduler.config.shift == 1.5
+    scores = ShapesReward()(toy.sample(pipe, [s["prompt"] for s in held], 3, 1, 4.5), [s["prompt"] for s in held], held).scores
+    assert [int(line.split(" -> ")[1].split()[0]) for line in lines] == [int(v) for v in scores]

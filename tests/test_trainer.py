@@ -359,3 +359,22 @@ def test_trainer_advantages_follow_objective_adv_std(tmp_path, std):
     expected = centred if std == "none" else centred / torch.tensor([0.75**0.5 * 0.5] * 4 + [0.1] * 4)
     assert torch.allclose(adv, expected, atol=1e-3) and keep.all()
     trainer.cleanup()
+
+
+def test_train_function_runs_a_whole_job_and_state_dict_is_what_the_checkpoint_holds(tmp_path):
+    from flowalign import checkpoint as ckpt
+    from flowalign.train import trainer as trainer_module
+
+    config = _config(tmp_path, "train.iterations=1", "train.prompts_per_iter=2", "train.micro_batch_size=4", "train.grad_accum=3",
+                     "sampling.num_steps=4", "train.checkpoint_every=1")
+    metrics = trainer_module.train(config)  # setup, train, final outputs, cleanup
+    assert metrics["iteration"] == 1 and math.isfinite(metrics["loss/total"])
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file() and (tmp_path / "reward_curve.png").is_file()
+    resumed = Trainer(config, resume=True).setup()  # the job's checkpoint, read back
+    tensors, state = resumed.state_dict()
+    saved = ckpt.load_checkpoint(ckpt.find_latest(tmp_path / "checkpoints"))
+    assert state["iteration"] == saved.state["iteration"] == 1
+    assert tensors["lora"].keys() == saved.tensors["lora"].keys()
+    assert all(torch.equal(tensors["lora"][k], saved.tensors["lora"][k]) for k in tensors["lora"])
+    assert state["optimizer"]["state"].keys() == saved.state["optimizer"]["state"].keys()
+    resumed.cleanup()

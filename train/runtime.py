@@ -123,11 +123,6 @@ def autocast_adapter(adapter, mixed_precision: str):
     return AutocastAdapter(adapter, AUTOCAST_DTYPES[mixed_precision])
 
 
-def unwrap(adapter):
-    """The adapter under an :class:`AutocastAdapter` (or the adapter itself)."""
-    return adapter.__dict__["_adapter"] if isinstance(adapter, AutocastAdapter) else adapter
-
-
 def reward_device(reward, device: Optional[torch.device], offload: bool):
     """Context for one reward call: move the reward to ``device`` first and, when ``offload``,
     back to the CPU afterwards (``Reward.to`` / ``Reward.offload``; no-ops for plain callables)."""
