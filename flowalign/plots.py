@@ -28,6 +28,18 @@ def read_metrics(metrics_csv: PathLike) -> dict[str, list[float]]:
     return columns
 
 
+def _save_figure(fig, out_png: PathLike) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
+
+
 def reward_curve(metrics_csv: PathLike, out_png: PathLike, keys: Optional[Sequence[str]] = None) -> Path:
     """Plot reward columns of ``metrics.csv`` against ``iteration`` and write ``out_png``.
 
@@ -61,12 +73,7 @@ def reward_curve(metrics_csv: PathLike, out_png: PathLike, keys: Optional[Sequen
     ax.set_ylabel("reward")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png)
-    plt.close(fig)
-    return out_png
+    return _save_figure(fig, out_png)
 
 
 def metric_panels(metrics_csv: PathLike, out_png: PathLike, panels: Sequence[tuple[str, Sequence[str]]], x: str = "step") -> Path:
@@ -104,12 +111,7 @@ def metric_panels(metrics_csv: PathLike, out_png: PathLike, panels: Sequence[tup
         ax.grid(alpha=0.3)
         if len(keys) > 1:
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png)
-    plt.close(fig)
-    return out_png
+    return _save_figure(fig, out_png)
 
 
 def image_grid(images: torch.Tensor, out_png: PathLike, nrow: int = 4, captions: Optional[Sequence[str]] = None,

@@ -122,7 +122,7 @@ def test_reference_conditioning_is_encoded_once_per_batch(tmp_path, monkeypatch)
 def test_training_runs_t5_once_per_prompt(tmp_path):
     """T5 is frozen: over two iterations (rollouts, every update micro-step re-encoding with gradient)
     it runs once per distinct prompt, where uncached it would run at every encode."""
-    from flowalign.train.trainer import DEMO_PROMPTS
+    from flowalign.train.trainer_setup import DEMO_PROMPTS
 
     trainer = _trainer(tmp_path, "train.iterations=2", "train.final_eval_samples=0")
     rows = []

@@ -12,6 +12,9 @@ One iteration::
                             (samples, one re-noising draw) as a ForwardBatch (train/forward_process.py)
       -> log / checkpoint
 
+Setup builds its parts with ``train/trainer_setup.py`` (prompts, rewards, objective, model + LoRA +
+optimizer); checkpoints are ``train/trainer_checkpoint.py``, the end of a run ``train/final_outputs.py``.
+
 The recipe only talks to the pipeline through the Adapter protocol (``flowalign.pipelines``), so
 any family with an adapter trains with it. Accelerate owns the device and the processes; only
 the main process writes files.
@@ -43,24 +46,16 @@ from torch import Tensor
 
 from flowalign import lora as lora_lib
 from flowalign.config import FlowalignConfig, save_config, to_dict
-from flowalign.errors import ConfigError
-from flowalign.train import final_outputs, trainer_checkpoint
+from flowalign.train import final_outputs, trainer_checkpoint, trainer_setup
 from flowalign.train import forward_process as fp
 from flowalign.train import runtime
 from flowalign.train.dense_setup import calibrated_schedule, save_run_noise_table
-from flowalign.train.model import build_adapter, resolve_path
 from flowalign.train.run_dir import find_resume_checkpoint, prepare_run_dir
-from flowalign.train.lora_optimizer import LoraOptimizer
 from flowalign.train.run_log import RunLogger
-from flowalign.train.update_conditioning import UpdateConditioning
 
 logger = logging.getLogger(__name__)
 
-DENSE_OBJECTIVES = ("dense_grpo", "tp_grpo")  # per-step advantages from flowalign.step_rewards
 PROCESS_SEED_STRIDE = 1_000_003  # process p draws from seed + p * stride
-# prompts used when train.prompts is null (the tiny random pipeline ignores their meaning)
-DEMO_PROMPTS = ["a red square", "a blue circle", "a green triangle", "a yellow star", "two red circles",
-                "a white square on the left", "a black circle", "a purple triangle"]
 
 
 @dataclass
@@ -162,13 +157,19 @@ class Trainer:
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.accelerator.wait_for_everyone()  # every process checked the run dir before the main one writes
         self.device = self.accelerator.device
-        self._check_launch()
+        trainer_setup.warn_about_launch(self.accelerator, cfg)
         torch.manual_seed(cfg.train.seed)
         # rollout noise, shuffles, schedules: one stream per process (process 0 uses the seed itself)
         self.generator = torch.Generator().manual_seed(cfg.train.seed + PROCESS_SEED_STRIDE * self.accelerator.process_index)
-        self._setup_data()  # cheap checks (prompts, rewards, objective) before the model is built
-        self._setup_objective()
-        self._setup_model()
+        # cheap checks (prompts, rewards, objective) before the model is built
+        data = trainer_setup.build_prompt_data(cfg, self.accelerator)
+        self.sampler, self.eval_records, self.heldout_records = data.sampler, data.eval_records, data.heldout_records
+        self.rewards = trainer_setup.build_rewards(cfg, self.device)
+        parts = trainer_setup.build_objective(cfg)
+        self.objective, self.dense, self.forward_process, self.schedule = parts.objective, parts.dense, parts.forward_process, parts.schedule
+        self._draws: Optional[fp.ForwardDraws] = None  # forward-process objectives' re-noising draws of an iteration
+        model = trainer_setup.build_model(cfg, self.adapter, self.device, self.accelerator, self._gather, self._train_guidance())
+        self.adapter, self.text_modules, self.conditioning, self.optim = model.adapter, model.text_modules, model.conditioning, model.optim
         noise_table = None
         if self.dense and cfg.dense.calibration_rounds > 0:
             t0 = time.perf_counter()
@@ -187,43 +188,6 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         self.timings["setup"] = time.perf_counter() - start - self.timings.get("calibration", 0.0)
         return self
-
-    def _check_launch(self) -> None:
-        """Warn about launcher settings the trainer does not apply (see train/accelerate/*.yaml)."""
-        acc = self.accelerator
-        kind = str(getattr(acc.distributed_type, "value", acc.distributed_type))
-        if kind in ("FSDP", "DEEPSPEED") and acc.is_main_process:
-            logger.warning("distributed_type %s: the frozen transformer is replicated and LoRA gradients all-reduced, "
-                           "i.e. this runs like DDP (no sharding)", kind)
-        if acc.mixed_precision not in ("no", None) and self.config.train.mixed_precision == "no" and acc.is_main_process:
-            logger.warning("the launcher asks for mixed_precision=%s, which the trainer does not apply; "
-                           "set train.mixed_precision=%s to autocast the transformer", acc.mixed_precision, acc.mixed_precision)
-
-    def _setup_model(self) -> None:
-        cfg = self.config
-        if self.adapter is None:
-            self.adapter = build_adapter(cfg.model, self.device)
-        module = self.adapter.trainable_module
-        targets = cfg.lora.target_modules or self.adapter.lora_target_modules
-        transformer_params = lora_lib.add_lora(module, cfg.lora.rank, cfg.lora.alpha, targets, cfg.lora.init, cfg.lora.dropout)
-        self.text_modules, text_params = lora_lib.add_text_lora(self.adapter, cfg.lora) if cfg.lora.train_text_encoder else ({}, [])
-        cache = getattr(self.adapter, "t5_cache", None)
-        needed = cfg.train.prompts_per_iter // self.accelerator.num_processes + 1  # + the negative prompt
-        if self.text_modules and cache is not None and 0 < cache.max_prompts < needed:
-            logger.warning("model.t5_cache_size=%d holds fewer than an iteration's %d prompts (with the negative): the update will "
-                           "recompute T5 rows it dropped; raise it to at least %d", cache.max_prompts, needed, needed)
-        if cfg.train.gradient_checkpointing:
-            if not getattr(module, "_supports_gradient_checkpointing", False):
-                raise ConfigError(f"train.gradient_checkpointing=true but {type(module).__name__} does not support gradient checkpointing")
-            module.enable_gradient_checkpointing()
-        self.adapter = runtime.autocast_adapter(self.adapter, cfg.train.mixed_precision)
-        # the update's policy / reference conditioning (re-encoded through trained text encoders)
-        self.conditioning = UpdateConditioning(self.adapter, self.text_modules, self._train_guidance() > 1.0, self.device)
-        # one parameter group per learning rate; "lr_ratio" scales train.lr's schedule (LoraOptimizer.set_lr)
-        groups = [{"params": transformer_params, "lr_ratio": 1.0}]
-        if text_params:
-            groups.append({"params": text_params, "lr_ratio": (cfg.lora.text_encoder_lr or cfg.train.lr) / cfg.train.lr})
-        self.optim = LoraOptimizer(groups, cfg.train, self.accelerator, self.device.type, self._gather)
 
     @property
     def params(self) -> list[Tensor]:
@@ -244,49 +208,6 @@ class Trainer:
     def lora_modules(self) -> dict:
         """``{component: module}`` of every module with trained LoRA (``transformer`` first)."""
         return {"transformer": self.adapter.trainable_module, **self.text_modules}
-
-    def _setup_data(self) -> None:
-        from flowalign.prompts import PromptRecord, PromptSampler, load_prompts
-        from flowalign.rewards import load_reward
-
-        cfg = self.config
-        world = self.accelerator.num_processes
-        if cfg.train.prompts_per_iter % world:
-            raise ConfigError(f"train.prompts_per_iter={cfg.train.prompts_per_iter} must be divisible by the {world} processes")
-        records = load_prompts(resolve_path(cfg.train.prompts)) if cfg.train.prompts else [PromptRecord(p) for p in DEMO_PROMPTS]
-        self.sampler = PromptSampler(records, cfg.train.prompts_per_iter // world, seed=cfg.train.seed,
-                                     num_shards=world, shard_index=self.accelerator.process_index)
-        eval_file = cfg.train.eval_prompts
-        eval_records = load_prompts(resolve_path(eval_file)) if eval_file else records
-        self.heldout_records = eval_records if eval_file else None  # the held-out report's prompts, read once
-        if eval_file and cfg.train.final_eval_samples > 0:
-            from flowalign.evaluation import sample_indices
-
-            sample_indices(len(eval_records), cfg.train.final_eval_samples)  # the held-out report's check, before any training
-        self.eval_records = eval_records[: cfg.train.eval_num_prompts]
-        self.rewards = {r.name: load_reward(r.name, **r.kwargs) for r in cfg.rewards}
-        for reward in self.rewards.values():
-            if hasattr(reward, "to"):
-                reward.offload() if cfg.train.offload_rewards and hasattr(reward, "offload") else reward.to(self.device)
-
-    def _setup_objective(self) -> None:
-        from flowalign import sde
-        from flowalign.objectives import get_objective
-
-        ocfg = self.config.objective
-        kwargs = dict(clip_range=ocfg.clip_range, kl_beta=ocfg.kl_beta, adv_clip=ocfg.adv_clip, **ocfg.kwargs)
-        self.objective = get_objective(ocfg.name, **kwargs)
-        self.dense = ocfg.name in DENSE_OBJECTIVES
-        # solver-agnostic objectives (nft) train on freshly noised clean samples, not on recorded transitions
-        self.forward_process = bool(getattr(self.objective, "forward_process", False))
-        self._draws: Optional[fp.ForwardDraws] = None
-        table_file = self.config.dense.noise_table_file if self.dense else None
-        if table_file and (Path(table_file).is_file() or self.config.dense.calibration_rounds == 0):
-            from flowalign.step_rewards import noise_schedule_for
-
-            self.schedule = noise_schedule_for(self.config.sampling, self.config.dense)
-        else:
-            self.schedule = sde.make_schedule(self.config.sampling.noise_schedule, **self.config.sampling.noise_kwargs)
 
     def mixed_reward(self):
         """The configured rewards as one reward (their weighted sum)."""

@@ -1,0 +1,187 @@
+"""The online trainer's setup parts (DESIGN.md §9), each built from the config and returned.
+
+``Trainer.setup`` calls them in this order, so bad input fails before the model is loaded::
+
+    warn_about_launch      launcher settings the trainer does not apply (FSDP / ZeRO, mixed precision)
+    build_prompt_data      training prompts (sharded per process), eval and held-out prompts
+    build_rewards          the reward plugins, on the device (or offloaded)
+    build_objective        the objective and the sampler's noise schedule
+    build_model            adapter + LoRA (transformer, text encoders), update conditioning, optimizer
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from flowalign import lora as lora_lib
+from flowalign.config import FlowalignConfig
+from flowalign.errors import ConfigError
+from flowalign.train import runtime
+from flowalign.train.lora_optimizer import LoraOptimizer
+from flowalign.train.model import build_adapter, resolve_path
+from flowalign.train.update_conditioning import UpdateConditioning
+
+logger = logging.getLogger(__name__)
+
+DENSE_OBJECTIVES = ("dense_grpo", "tp_grpo")  # per-step advantages from flowalign.step_rewards
+# prompts used when train.prompts is null (the tiny random pipeline ignores their meaning)
+DEMO_PROMPTS = ["a red square", "a blue circle", "a green triangle", "a yellow star", "two red circles",
+                "a white square on the left", "a black circle", "a purple triangle"]
+
+
+def warn_about_launch(accelerator, config: FlowalignConfig) -> None:
+    """Warn about launcher settings the trainer does not apply (see train/accelerate/*.yaml)."""
+    kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
+    if not accelerator.is_main_process:
+        return
+    if kind in ("FSDP", "DEEPSPEED"):
+        logger.warning("distributed_type %s: the frozen transformer is replicated and LoRA gradients all-reduced, "
+                       "i.e. this runs like DDP (no sharding)", kind)
+    if accelerator.mixed_precision not in ("no", None) and config.train.mixed_precision == "no":
+        logger.warning("the launcher asks for mixed_precision=%s, which the trainer does not apply; "
+                       "set train.mixed_precision=%s to autocast the transformer", accelerator.mixed_precision, accelerator.mixed_precision)
+
+
+@dataclass
+class PromptData:
+    """The run's prompts.
+
+    Attributes:
+        sampler: ``PromptSampler`` over the training prompts, this process's shard of each iteration.
+        eval_records: the first ``train.eval_num_prompts`` eval prompts (in-training grids).
+        heldout_records: every prompt of ``train.eval_prompts`` (the held-out report), or None.
+    """
+
+    sampler: Any
+    eval_records: list
+    heldout_records: Optional[list]
+
+
+def build_prompt_data(config: FlowalignConfig, accelerator) -> PromptData:
+    """Read ``train.prompts`` / ``train.eval_prompts`` and check them against the run's sizes.
+
+    Raises:
+        ConfigError: ``prompts_per_iter`` not divisible by the processes, or the held-out report
+            asking for more samples than its sampling allows; PromptFileError for a bad file.
+    """
+    from flowalign.prompts import PromptRecord, PromptSampler, load_prompts
+
+    cfg = config.train
+    world = accelerator.num_processes
+    if cfg.prompts_per_iter % world:
+        raise ConfigError(f"train.prompts_per_iter={cfg.prompts_per_iter} must be divisible by the {world} processes")
+    records = load_prompts(resolve_path(cfg.prompts)) if cfg.prompts else [PromptRecord(p) for p in DEMO_PROMPTS]
+    sampler = PromptSampler(records, cfg.prompts_per_iter // world, seed=cfg.seed, num_shards=world, shard_index=accelerator.process_index)
+    eval_records = load_prompts(resolve_path(cfg.eval_prompts)) if cfg.eval_prompts else records
+    if cfg.eval_prompts and cfg.final_eval_samples > 0:
+        from flowalign.evaluation import sample_indices
+
+        sample_indices(len(eval_records), cfg.final_eval_samples)  # the held-out report's check, before any training
+    return PromptData(sampler=sampler, eval_records=eval_records[: cfg.eval_num_prompts],
+                      heldout_records=eval_records if cfg.eval_prompts else None)
+
+
+def build_rewards(config: FlowalignConfig, device: torch.device) -> dict[str, Any]:
+    """``{name: reward}`` for every configured reward, moved to ``device`` (or offloaded to the CPU
+    with ``train.offload_rewards``). Raises RewardError / ConfigError for an unknown one."""
+    from flowalign.rewards import load_reward
+
+    rewards = {r.name: load_reward(r.name, **r.kwargs) for r in config.rewards}
+    for reward in rewards.values():
+        if hasattr(reward, "to"):
+            reward.offload() if config.train.offload_rewards and hasattr(reward, "offload") else reward.to(device)
+    return rewards
+
+
+@dataclass
+class ObjectiveParts:
+    """What the objective decides about the recipe.
+
+    Attributes:
+        objective: the configured objective.
+        dense: per-step advantages from step rewards (dense_grpo, tp_grpo).
+        forward_process: trains on freshly noised clean samples, not recorded transitions (nft).
+        schedule: the sampler's noise schedule (a saved DenseGRPO table when one is configured).
+    """
+
+    objective: Any
+    dense: bool
+    forward_process: bool
+    schedule: Any
+
+
+def build_objective(config: FlowalignConfig) -> ObjectiveParts:
+    """The objective from ``objective.*`` and the noise schedule from ``sampling.*`` (or
+    ``dense.noise_table_file``). Raises ConfigError for an unknown objective or bad arguments."""
+    from flowalign import sde
+    from flowalign.objectives import get_objective
+
+    ocfg = config.objective
+    objective = get_objective(ocfg.name, clip_range=ocfg.clip_range, kl_beta=ocfg.kl_beta, adv_clip=ocfg.adv_clip, **ocfg.kwargs)
+    dense = ocfg.name in DENSE_OBJECTIVES
+    table_file = config.dense.noise_table_file if dense else None
+    if table_file and (Path(table_file).is_file() or config.dense.calibration_rounds == 0):
+        from flowalign.step_rewards import noise_schedule_for
+
+        schedule = noise_schedule_for(config.sampling, config.dense)
+    else:
+        schedule = sde.make_schedule(config.sampling.noise_schedule, **config.sampling.noise_kwargs)
+    return ObjectiveParts(objective=objective, dense=dense, forward_process=bool(getattr(objective, "forward_process", False)),
+                          schedule=schedule)
+
+
+@dataclass
+class ModelParts:
+    """The model side of a run.
+
+    Attributes:
+        adapter: the pipeline's adapter, with LoRA added (autocast-wrapped under mixed precision).
+        text_modules: ``{component: text encoder}`` with LoRA (``lora.train_text_encoder``), or empty.
+        conditioning: the update's policy / reference conditioning (re-encoded through trained text encoders).
+        optim: the LoRA optimizer step (one parameter group per learning rate).
+    """
+
+    adapter: Any
+    text_modules: dict
+    conditioning: UpdateConditioning
+    optim: LoraOptimizer
+
+
+def build_model(config: FlowalignConfig, adapter, device: torch.device, accelerator,
+                gather: Callable[[Tensor], Tensor], train_guidance: float) -> ModelParts:
+    """Load the pipeline (unless ``adapter`` is given), add LoRA, wrap for mixed precision and
+    build the optimizer over the LoRA parameters.
+
+    Raises:
+        ConfigError: gradient checkpointing asked of a module without it; LoraMismatchError for
+            target modules the model lacks.
+    """
+    if adapter is None:
+        adapter = build_adapter(config.model, device)
+    module = adapter.trainable_module
+    lcfg = config.lora
+    transformer_params = lora_lib.add_lora(module, lcfg.rank, lcfg.alpha, lcfg.target_modules or adapter.lora_target_modules,
+                                           lcfg.init, lcfg.dropout)
+    text_modules, text_params = lora_lib.add_text_lora(adapter, lcfg) if lcfg.train_text_encoder else ({}, [])
+    cache = getattr(adapter, "t5_cache", None)
+    needed = config.train.prompts_per_iter // accelerator.num_processes + 1  # + the negative prompt
+    if text_modules and cache is not None and 0 < cache.max_prompts < needed:
+        logger.warning("model.t5_cache_size=%d holds fewer than an iteration's %d prompts (with the negative): the update will "
+                       "recompute T5 rows it dropped; raise it to at least %d", cache.max_prompts, needed, needed)
+    if config.train.gradient_checkpointing:
+        if not getattr(module, "_supports_gradient_checkpointing", False):
+            raise ConfigError(f"train.gradient_checkpointing=true but {type(module).__name__} does not support gradient checkpointing")
+        module.enable_gradient_checkpointing()
+    adapter = runtime.autocast_adapter(adapter, config.train.mixed_precision)
+    conditioning = UpdateConditioning(adapter, text_modules, train_guidance > 1.0, device)
+    # one parameter group per learning rate; "lr_ratio" scales train.lr's schedule (LoraOptimizer.set_lr)
+    groups = [{"params": transformer_params, "lr_ratio": 1.0}]
+    if text_params:
+        groups.append({"params": text_params, "lr_ratio": (lcfg.text_encoder_lr or config.train.lr) / config.train.lr})
+    optim = LoraOptimizer(groups, config.train, accelerator, device.type, gather)
+    return ModelParts(adapter=adapter, text_modules=text_modules, conditioning=conditioning, optim=optim)
