@@ -268,6 +268,9 @@ def test_offline_trainer_lowers_the_loss_on_fixed_noise(tiny_store, tmp_path, ob
     history = trainer.train()
     assert len(history) == 4 and all(math.isfinite(h["loss"]) for h in history)  # 4 groups / 2 per batch x 2 epochs
     assert history[-1]["train/nfe"] - nfe0 == 4 * 2 * (2 * 4)  # per step: policy + reference on P*k = 8 rows
+    for h in history:  # 8 stored samples per step over the step's wall time
+        assert h["perf/samples_per_s"] == pytest.approx(8 / h["time/step"])
+    assert history[-1]["train/seconds"] == pytest.approx(sum(h["time/step"] for h in history))
     after = fixed_loss()
     assert after < before
     lora_after = get_lora_state_dict(trainer.adapter.trainable_module)

@@ -299,9 +299,11 @@ class OfflineTrainer:
         if self.optim.backward(loss, f"({self.config.objective})"):  # a non-finite loss is skipped and counted
             self.optim.step(stats)  # clip; a non-finite gradient norm skips the step and is counted
         self.step += 1  # a skipped step still consumes its batch: a resume replays the same order
-        self.seconds += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self.seconds += seconds
+        rows = batch.x0.shape[0] * batch.x0.shape[1]  # P groups x k samples
         return {"step": self.step, "loss": loss.item(), **self.optim.metrics(stats), "train/nfe": float(self.nfe),
-                "train/seconds": self.seconds, **metrics}
+                "train/seconds": self.seconds, "time/step": seconds, "perf/samples_per_s": rows / max(seconds, 1e-9), **metrics}
 
     # ------------------------------------------------------------------ loop
 
