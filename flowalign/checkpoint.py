@@ -151,7 +151,8 @@ def restore_rng(state: dict, generators: Optional[dict[str, torch.Generator]] = 
 # files
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks (checkpoint and rollout-store manifests)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -235,7 +236,7 @@ def save_checkpoint(
             "iteration": iteration,
             "config_hash": config_hash,
             "tensor_groups": sorted(tensors),
-            "files": {name: {"size": p.stat().st_size, "sha256": _sha256(p)} for name, p in files.items()},
+            "files": {name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for name, p in files.items()},
         }
         for p in files.values():
             _fsync_file(p)
@@ -309,7 +310,7 @@ def verify_checkpoint(path: PathLike) -> dict:
         size = file.stat().st_size
         if size != meta["size"]:
             raise CheckpointError(f"checkpoint {path}: {name} has {size} bytes, manifest says {meta['size']}")
-        if _sha256(file) != meta["sha256"]:
+        if sha256_file(file) != meta["sha256"]:
             raise CheckpointError(f"checkpoint {path}: {name} does not match its sha256 in the manifest")
     return manifest
 

@@ -37,6 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from flowalign.checkpoint import sha256_file
 from flowalign.errors import RolloutStoreError  # re-exported: `from flowalign.offline import RolloutStoreError` keeps working
 from flowalign.objectives.base import OfflineBatch
 
@@ -72,14 +73,6 @@ def sample_seed(base_seed: int, prompt_index: int, member: int, samples_per_prom
     Depends only on the sample's place in the store, so a resumed run redraws the same samples.
     """
     return base_seed + prompt_index * samples_per_prompt + member
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fsync_path(path: Path) -> None:
@@ -168,7 +161,7 @@ class RolloutWriter:
             path = self.root / "shards" / entry["shard"]
             if entry["index"] in self.entries:
                 raise RolloutStoreError(f"{self.root}: shard {entry['shard']} is listed twice in the manifest", entry["shard"])
-            if not path.exists() or _sha256(path) != entry["sha256"]:
+            if not path.exists() or sha256_file(path) != entry["sha256"]:
                 raise RolloutStoreError(f"{path}: listed in the manifest but missing or its sha256 differs (corrupt shard)", entry["shard"])
             self.entries[entry["index"]] = entry
 
@@ -219,7 +212,7 @@ class RolloutWriter:
         entry = {
             "shard": name,
             "index": index,
-            "sha256": _sha256(final),
+            "sha256": sha256_file(final),
             "num_samples": len(samples),
             "latent_shape": list(latents.shape[1:]),
             "images": image_format,
@@ -318,7 +311,7 @@ class RolloutStore:
         path = self.root / "shards" / name
         if not path.exists():
             raise RolloutStoreError(f"{path}: shard listed in the manifest is missing", name)
-        if _sha256(path) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             raise RolloutStoreError(f"{path}: sha256 differs from the manifest (corrupt shard)", name)
         try:
             tensors = load_file(str(path))
