@@ -1,17 +1,30 @@
-"""metrics.csv survives a crash while it is rewritten (train/run_log.py)."""
+"""metrics.csv: one line appended per step, rewritten whole (atomically) only when it must be, and
+whole again after a crash in either write (train/run_log.py)."""
 import csv
 
 import pytest
 
-from flowalign.train.run_log import RunLogger
+from flowalign.train import run_log
+from flowalign.train.run_log import RunLogger, write_metrics_row
+
+
+def _rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
 
 
 def _iterations(path):
-    with open(path, newline="") as fh:
-        return [int(r["iteration"]) for r in csv.DictReader(fh)]
+    return [int(r["iteration"]) for r in _rows(path)]
 
 
-def test_a_crash_mid_write_keeps_the_previous_metrics(tmp_path, monkeypatch):
+def _no_rewrite(monkeypatch):
+    def forbidden(*args):
+        raise AssertionError("metrics.csv was rewritten")
+
+    monkeypatch.setattr(run_log.os, "replace", forbidden)
+
+
+def test_a_crash_mid_rewrite_keeps_the_previous_metrics(tmp_path, monkeypatch):
     log = RunLogger(tmp_path, log_with=[])
     for step in (1, 2, 3):
         log.log({"reward/mean": 0.1 * step}, step)
@@ -22,9 +35,58 @@ def test_a_crash_mid_write_keeps_the_previous_metrics(tmp_path, monkeypatch):
 
     monkeypatch.setattr(csv.DictWriter, "writerows", crash)
     with pytest.raises(KeyboardInterrupt):
-        log.log({"reward/mean": 0.4}, 4)
+        log.log({"reward/mean": 0.4, "kl/ref": 0.1}, 4)  # a new metric: the columns are rebuilt, the file rewritten
     assert _iterations(tmp_path / "metrics.csv") == [1, 2, 3]  # the old file, whole (a truncating write left it empty)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]  # no temporary file left behind
     monkeypatch.undo()
-    log.log({"reward/mean": 0.4}, 4)
+    log.log({"reward/mean": 0.4, "kl/ref": 0.1}, 4)
     assert _iterations(tmp_path / "metrics.csv") == [1, 2, 3, 4]
+    assert [r["kl/ref"] for r in _rows(tmp_path / "metrics.csv")] == ["", "", "", "0.1"]
+
+
+def test_steps_append_one_line_and_give_what_a_rewrite_gives(tmp_path, monkeypatch):
+    appended, rewritten = tmp_path / "a.csv", tmp_path / "b.csv"
+    write_metrics_row(appended, {"loss": 1.0, "reward/mean": 0.5}, 1)
+    write_metrics_row(rewritten, {"loss": 1.0, "reward/mean": 0.5}, 1)
+    with monkeypatch.context() as m:
+        _no_rewrite(m)
+        write_metrics_row(appended, {"loss": 0.9, "reward/mean": 0.6}, 2)
+        write_metrics_row(appended, {"loss": 0.8}, 3)  # a metric missing at a step: an empty cell
+    write_metrics_row(rewritten, {"loss": 0.9, "reward/mean": 0.6}, 2)
+    write_metrics_row(rewritten, {"loss": 0.8, "kl/ref": 0.0}, 3)  # forces the rewrite path...
+    write_metrics_row(rewritten, {"loss": 0.8}, 3)  # ...and replays step 3 without the new column's value
+    assert appended.read_text() == "iteration,loss,reward/mean\n1,1.0,0.5\n2,0.9,0.6\n3,0.8,\n"
+    assert [{k: v for k, v in r.items() if k != "kl/ref"} for r in _rows(rewritten)] == _rows(appended)
+
+
+def test_a_replayed_step_rewrites_and_drops_the_later_rows(tmp_path):
+    path = tmp_path / "metrics.csv"
+    for step in (1, 2, 3, 4):
+        write_metrics_row(path, {"loss": float(step)}, step)
+    write_metrics_row(path, {"loss": 20.0}, 2)  # a resumed run replays step 2
+    assert [(r["iteration"], r["loss"]) for r in _rows(path)] == [("1", "1.0"), ("2", "20.0")]
+
+
+@pytest.mark.parametrize("torn", ["4,0.", "1", "4,0.25,0.1,9"])
+def test_a_torn_last_line_from_a_killed_append_is_dropped_by_the_replay(tmp_path, torn):
+    """SIGKILL mid-append leaves part of step 4's line (cut after its first character, its key 1
+    of 12 looks like an old step); the resumed run replays step 4 and the file is whole again."""
+    path = tmp_path / "metrics.csv"
+    for step in (1, 2, 3):
+        write_metrics_row(path, {"loss": float(step)}, step)
+    with open(path, "a") as fh:
+        fh.write(torn)  # no newline: the write was cut
+    write_metrics_row(path, {"loss": 4.0}, 4)
+    assert [(r["iteration"], r["loss"]) for r in _rows(path)] == [("1", "1.0"), ("2", "2.0"), ("3", "3.0"), ("4", "4.0")]
+    assert path.read_text().endswith("4,4.0\n")
+
+
+def test_a_torn_line_with_its_newline_is_still_dropped(tmp_path):
+    path = tmp_path / "metrics.csv"
+    for step in (1, 2):
+        write_metrics_row(path, {"loss": float(step), "reward/mean": 0.5}, step)
+    with open(path, "a") as fh:
+        fh.write("1\n")  # a cut line that did get a newline: too few fields
+    write_metrics_row(path, {"loss": 3.0, "reward/mean": 0.5}, 3)
+    assert _iterations(path) == [1, 2, 3]
+    assert path.read_text() == "iteration,loss,reward/mean\n1,1.0,0.5\n2,2.0,0.5\n3,3.0,0.5\n"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -12,15 +13,22 @@ def write_metrics_row(path: Path, metrics: dict, step: int, key: str = "iteratio
     ``key`` column is ``step`` or later: those were logged before a crash and are being replayed
     by a resumed run, so each step keeps exactly one row.
 
-    The file is small and rewritten whole (the columns stay aligned when a later row brings new
-    metrics), beside itself and then renamed, so a crash (even SIGKILL) mid-write leaves the
-    previous file whole.
+    The common case appends one line: the file ends with a whole line, its header already has
+    every column of the row, and its last row is an earlier step. Otherwise (a replayed step, a
+    new metric, a torn last line) the file is rewritten whole, beside itself and then renamed, so
+    a crash (even SIGKILL) mid-rewrite leaves the previous file whole. A crash mid-append can
+    only tear the last line, which belongs to a step after the last checkpoint (the trainers log
+    a step before checkpointing it): the resumed run replays that step and the rewrite drops the
+    torn line (a row with missing fields, or the replayed step's).
     """
+    row = {**metrics, key: step}
+    if path.is_file() and _append_row(path, row, step, key):
+        return
     rows: list[dict] = []
     if path.is_file():
         with open(path, newline="") as fh:
-            rows = [r for r in csv.DictReader(fh) if int(float(r[key])) < step]
-    rows.append({**metrics, key: step})
+            rows = [r for r in csv.DictReader(fh) if _whole(r, key) and int(float(r[key])) < step]
+    rows.append(row)
     fields = [key] + sorted({k for r in rows for k in r} - {key})
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -31,6 +39,39 @@ def write_metrics_row(path: Path, metrics: dict, step: int, key: str = "iteratio
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _whole(row: dict, key: str) -> bool:
+    """False for a torn CSV line: fields missing (None) or extra, or no step."""
+    return None not in row and None not in row.values() and row.get(key) not in ("",)
+
+
+def _append_row(path: Path, row: dict, step: int, key: str) -> bool:
+    """Append ``row`` as one line when that keeps the file whole and ordered; False when it needs a rewrite."""
+    with open(path, "rb") as fh:
+        header_line = fh.readline()
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        fh.seek(max(0, size - 65536))
+        tail = fh.read()
+    if not header_line.endswith(b"\n") or not tail.endswith(b"\n"):
+        return False  # empty, or a torn last line
+    header = next(csv.reader([header_line.decode("utf-8")]))
+    if not header or header[0] != key or not set(row) <= set(header):
+        return False  # another layout, or a new metric: the columns are rebuilt
+    last_line = tail.rstrip(b"\r\n").rsplit(b"\n", 1)[-1].decode("utf-8")
+    if last_line.rstrip("\r") != header_line.decode("utf-8").rstrip("\r\n"):  # the file has rows
+        last = next(csv.reader([last_line]))
+        try:
+            if len(last) != len(header) or int(float(last[0])) >= step:
+                return False  # a torn row, or a replayed step
+        except ValueError:
+            return False
+    buffer = io.StringIO()
+    csv.DictWriter(buffer, fieldnames=header).writerow(row)
+    with open(path, "a", newline="") as fh:
+        fh.write(buffer.getvalue())  # one write of one line
+    return True
 
 
 class RunLogger:
