@@ -71,6 +71,25 @@ class RolloutStoreError(FlowalignError, RuntimeError):
         self.shard = shard
 
 
+class TrainingStopped(FlowalignError, RuntimeError):
+    """A run stopped on request (a signal) after writing a checkpoint.
+
+    Attributes:
+        step: the iteration (online) or optimizer step (offline) completed and checkpointed.
+        signum: the signal that asked for the stop.
+        checkpoint: the checkpoint folder written (None on processes other than the main one).
+    """
+
+    def __init__(self, message: str, step: int, signum: int, checkpoint=None):
+        super().__init__(message)
+        self.step, self.signum, self.checkpoint = step, signum, checkpoint
+
+    @property
+    def exit_status(self) -> int:
+        """``128 + signum``, the shell's status for a process ended by that signal (130 for Ctrl-C)."""
+        return 128 + self.signum
+
+
 __all__ = [
     "FlowalignError",
     "ConfigError",
@@ -79,4 +98,6 @@ __all__ = [
     "CheckpointError",
     "LoraMismatchError",
     "RolloutStoreError",
+    "NonFiniteLossError",
+    "TrainingStopped",
 ]

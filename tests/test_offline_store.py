@@ -472,3 +472,30 @@ def test_offline_nonfinite_loss_skips_the_step_and_the_limit_stops_the_run(tiny_
     (_, after1), (_, after2), (_, after3), _ = snapshots
     assert all(torch.equal(after1[k], after2[k]) for k in after1)  # the NaN step left the LoRA alone
     assert any(not torch.equal(after2[k], after3[k]) for k in after2)  # a finite step after it trains again
+
+
+def test_offline_stop_on_a_signal_checkpoints_and_resume_equals_the_uninterrupted_run(tiny_store, tmp_path):
+    import signal
+
+    from flowalign.errors import TrainingStopped
+    from flowalign.lora import get_lora_state_dict
+    from flowalign.train.offline_trainer import OfflineTrainer
+
+    full = _offline_trainer(tiny_store, tmp_path / "full", lr=1e-3, epochs=2)
+    full.train()
+    part = _offline_trainer(tiny_store, tmp_path / "part", lr=1e-3, epochs=2)
+
+    def send(trainer, metrics):
+        if metrics["step"] == 1:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(TrainingStopped, match=r"stopped by SIGINT after step 1 of 4; checkpoint .*iter_000001") as info:
+        part.train(callback=send)
+    assert info.value.step == 1 and info.value.exit_status == 130
+    part.close()
+    resumed = OfflineTrainer(part.config, resume=True).setup()
+    assert resumed.step == 1
+    resumed.train()
+    assert resumed.step == full.step == 4
+    a, b = get_lora_state_dict(full.adapter.trainable_module), get_lora_state_dict(resumed.adapter.trainable_module)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,5 +1,6 @@
-"""Runs killed with SIGKILL (at random moments and inside checkpoint writes) and resumed with
-``--resume`` end with a LoRA and a metrics curve bit-identical to an uninterrupted run (CPU).
+"""Runs killed with SIGKILL (at random moments and inside checkpoint writes) or stopped with Ctrl-C,
+and resumed with ``--resume``, end with a LoRA and a metrics curve bit-identical to an
+uninterrupted run (CPU).
 
 Every run is a ``flowalign train`` subprocess with one torch thread (the uninterrupted reference
 too), so the float operations are the same. Kill points inside ``save_checkpoint`` come from its
@@ -99,6 +100,28 @@ def test_killed_at_random_moments_then_resumed_is_bit_identical(reference, tmp_p
         kills += code == -signal.SIGKILL
         resume = True
     assert kills >= 1
+    assert _run(run, resume=True) == 0
+    _assert_same_as(reference, run)
+
+
+def test_ctrl_c_stops_at_an_iteration_then_resume_is_bit_identical(reference, tmp_path):
+    """A real Ctrl-C from outside: the run finishes its iteration, checkpoints, exits 130 with one
+    line, and --resume completes it bit-identically (SIGTERM: tests/test_graceful_stop.py)."""
+    run, signum = tmp_path / "run", signal.SIGINT
+    proc = subprocess.Popen(_command(run, False), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (run / "metrics.csv").is_file() and len(_rows(run)) >= 1:  # training (not setup) is under way
+            proc.send_signal(signum)
+            break
+        time.sleep(0.01)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signum, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"flowalign train: stopped by {signal.Signals(signum).name} after iteration ") and line.endswith("--resume")
+    stopped_at = len(_rows(run))
+    assert 1 <= stopped_at < ITERATIONS and ckpt.list_checkpoints(run / "checkpoints")[-1][0] == stopped_at
+    assert not (run / "pytorch_lora_weights.safetensors").exists()
     assert _run(run, resume=True) == 0
     _assert_same_as(reference, run)
 

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from flowalign.errors import FlowalignError
+from flowalign.errors import FlowalignError, TrainingStopped
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_RECIPE = CONFIG_DIR / "toy_grpo.yaml"
@@ -43,6 +43,13 @@ def _error(command: str, exc: BaseException, status: int = EXIT_USAGE) -> int:
     message = " ".join(str(exc).split())  # one line
     print(f"flowalign {command}: error: {message}", file=sys.stderr)
     return status
+
+
+def _stopped(command: str, exc: TrainingStopped, main_process: bool = True) -> int:
+    """Report a run stopped by a signal (one line, main process only); returns ``128 + signum``."""
+    if main_process:
+        print(f"flowalign {command}: {exc}", file=sys.stderr)
+    return exc.exit_status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +145,8 @@ def run_train(args: argparse.Namespace) -> int:
         return _error("train", exc)
     try:
         metrics = trainer.train()
+    except TrainingStopped as exc:  # SIGINT / SIGTERM: checkpointed at an iteration boundary
+        return _stopped("train", exc, trainer.accelerator.is_main_process)
     except FlowalignError as exc:
         return _error("train", exc, EXIT_FAILURE)
     finally:
@@ -174,6 +183,8 @@ def run_offline(args: argparse.Namespace) -> int:
     try:
         history = trainer.train()
         path = trainer.save_final()
+    except TrainingStopped as exc:
+        return _stopped("offline", exc)
     except FlowalignError as exc:
         return _error("offline", exc, EXIT_FAILURE)
     finally:

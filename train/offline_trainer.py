@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,10 +36,11 @@ from torch import Tensor
 from flowalign import checkpoint as ckpt
 from flowalign import lora as lora_lib
 from flowalign.config import LOG_BACKENDS, LoraConfig, ModelConfig, apply_overrides, build_dataclass, to_dict
-from flowalign.errors import ConfigError
+from flowalign.errors import ConfigError, TrainingStopped
 from flowalign.lr_schedule import LR_SCHEDULES
 from flowalign.objectives.base import OfflineBatch
 from flowalign.offline import RolloutStore
+from flowalign.train.graceful_stop import GracefulStop
 from flowalign.train.lora_optimizer import LoraOptimizer
 from flowalign.train.run_log import RunLogger
 
@@ -315,7 +317,12 @@ class OfflineTrainer:
         """Run the epochs (skipping the steps a resumed checkpoint already did); returns metrics.
 
         Each step's metrics go to ``metrics.csv`` (replacing rows a resume replays) and to the
-        trackers (``log_with``); a tqdm bar counts the steps when ``progress`` is on."""
+        trackers (``log_with``); a tqdm bar counts the steps when ``progress`` is on.
+
+        Raises:
+            TrainingStopped: a SIGINT / SIGTERM asked to stop (train/graceful_stop.py): the step
+                under way finished and was checkpointed; ``--resume`` continues it.
+        """
         cfg, history, done = self.config, [], 0
         if self.run_log is None:
             raise RuntimeError("OfflineTrainer.train() before setup()")
@@ -325,25 +332,30 @@ class OfflineTrainer:
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc="offline " + cfg.objective, unit="step")
         try:
-            for epoch in range(cfg.epochs):
-                for batch, groups in self._epoch_batches(epoch):
-                    done += 1
-                    if done <= self.step:  # replayed by a resume
-                        continue
+            with GracefulStop("step") as stop:
+                for epoch in range(cfg.epochs):
+                    for batch, groups in self._epoch_batches(epoch):
+                        done += 1
+                        if done <= self.step:  # replayed by a resume
+                            continue
+                        if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                            break
+                        metrics = {"epoch": epoch, **self.train_step(batch, [g.prompt for g in groups])}
+                        history.append(metrics)
+                        self.run_log.log({k: v for k, v in metrics.items() if k != "step"}, self.step)
+                        if bar is not None:
+                            bar.update(1)
+                            bar.set_postfix(loss=f"{metrics['loss']:.4g}")
+                        if callback is not None:
+                            callback(self, metrics)
+                        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                            self.save_checkpoint()
+                        if stop.signum is not None and self.step < self.total_steps:
+                            path = self.save_checkpoint() if self.step > self._saved_step else ckpt.find_latest(self.run_dir / "checkpoints")
+                            raise TrainingStopped(f"stopped by {signal.Signals(stop.signum).name} after step {self.step} of "
+                                                  f"{self.total_steps}; checkpoint {path}; continue with --resume", self.step, stop.signum, path)
                     if cfg.max_steps is not None and self.step >= cfg.max_steps:
                         break
-                    metrics = {"epoch": epoch, **self.train_step(batch, [g.prompt for g in groups])}
-                    history.append(metrics)
-                    self.run_log.log({k: v for k, v in metrics.items() if k != "step"}, self.step)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{metrics['loss']:.4g}")
-                    if callback is not None:
-                        callback(self, metrics)
-                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                        self.save_checkpoint()
-                if cfg.max_steps is not None and self.step >= cfg.max_steps:
-                    break
         finally:
             if bar is not None:
                 bar.close()

@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ from flowalign.config import FlowalignConfig, save_config, to_dict
 from flowalign.train import final_outputs, trainer_checkpoint, trainer_setup
 from flowalign.train import forward_process as fp
 from flowalign.train import runtime
+from flowalign.errors import TrainingStopped
+from flowalign.train.graceful_stop import GracefulStop, stop_everywhere
 from flowalign.train.dense_setup import calibrated_schedule, save_run_noise_table
 from flowalign.train.run_dir import find_resume_checkpoint, prepare_run_dir
 from flowalign.train.run_log import RunLogger
@@ -218,19 +221,30 @@ class Trainer:
     # ================================================================= train
 
     def train(self) -> dict:
-        """Run the remaining iterations; return the last iteration's metrics."""
+        """Run the remaining iterations and write the final outputs; return the last iteration's metrics.
+
+        Raises:
+            TrainingStopped: a SIGINT / SIGTERM asked to stop (train/graceful_stop.py): the
+                iteration under way finished and was checkpointed; ``--resume`` continues it.
+        """
         cfg = self.config.train
         metrics: dict = {}
         start = time.perf_counter()
-        while self.iteration < cfg.iterations:
-            metrics = self.run_iteration()
-            self.iteration += 1
-            metrics["iteration"] = self.iteration
-            if cfg.eval_every > 0 and self.iteration % cfg.eval_every == 0:
-                metrics.update(self.evaluate())
-            self.log(metrics)
-            if cfg.checkpoint_every > 0 and self.iteration % cfg.checkpoint_every == 0:
-                self.save_checkpoint()
+        with GracefulStop("iteration") as stop:
+            while self.iteration < cfg.iterations:
+                metrics = self.run_iteration()
+                self.iteration += 1
+                metrics["iteration"] = self.iteration
+                if cfg.eval_every > 0 and self.iteration % cfg.eval_every == 0:
+                    metrics.update(self.evaluate())
+                self.log(metrics)
+                checkpointed = cfg.checkpoint_every > 0 and self.iteration % cfg.checkpoint_every == 0
+                path = self.save_checkpoint() if checkpointed else None
+                signum = stop_everywhere(stop.signum, self._gather)
+                if signum is not None and self.iteration < cfg.iterations:
+                    path = path if checkpointed else self.save_checkpoint()
+                    raise TrainingStopped(f"stopped by {signal.Signals(signum).name} after iteration {self.iteration} of "
+                                          f"{cfg.iterations}; checkpoint {path}; continue with --resume", self.iteration, signum, path)
         self.timings["train"] = time.perf_counter() - start
         self.save_final()
         return metrics

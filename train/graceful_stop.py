@@ -1,0 +1,70 @@
+"""Stop a training run cleanly on Ctrl-C or SIGTERM (a scheduler's preemption notice).
+
+The first SIGINT / SIGTERM only asks the loop to stop: the trainer finishes the iteration (or
+offline step) it is in, writes a checkpoint and raises ``flowalign.errors.TrainingStopped``, so ``--resume``
+continues exactly where it stopped and nothing already computed is lost. A second signal aborts at
+once (``KeyboardInterrupt``), leaving the last periodic checkpoint.
+
+Handlers are installed only in the main thread (Python delivers signals there) and restored on
+exit. With several processes every process checks the flag of all of them at each boundary
+(``stop_everywhere``), so they stop at the same iteration and write one consistent checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+from typing import Callable, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class GracefulStop:
+    """Context manager: within it, the first stop signal sets :attr:`signum`; a second raises
+    ``KeyboardInterrupt``.
+
+    Example::
+
+        with GracefulStop("iteration") as stop:
+            while ...:
+                one_iteration()
+                if stop.signum is not None:
+                    save_checkpoint(); break
+    """
+
+    def __init__(self, unit: str = "iteration", signals: tuple = STOP_SIGNALS):
+        self.unit = unit
+        self.signals = signals
+        self.signum: Optional[int] = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting without a checkpoint")
+        self.signum = signum
+        logger.warning("%s: stopping after this %s with a checkpoint (resume with --resume); send it again to abort now",
+                       signal.Signals(signum).name, self.unit)
+
+
+def stop_everywhere(signum: Optional[int], gather: Callable[[torch.Tensor], torch.Tensor]) -> Optional[int]:
+    """The stop signal if any process received one (``gather`` collects a tensor from every
+    process; the identity with one), else None. Every process must call it at the same boundary."""
+    flags = gather(torch.tensor([signum or 0], dtype=torch.long))
+    received = int(flags.max())
+    return received or None
