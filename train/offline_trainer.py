@@ -313,6 +313,19 @@ class OfflineTrainer:
         order = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
         return self.store.batches(self.k, self.config.groups_per_batch, self.config.reward, shuffle=True, generator=order)
 
+    def _pending_batches(self):
+        """``(epoch, batch, groups)`` of the steps still to run: the epochs' batches in their seeded
+        order, without the steps a resumed checkpoint already did, up to ``max_steps``."""
+        cfg, done = self.config, 0
+        for epoch in range(cfg.epochs):
+            for batch, groups in self._epoch_batches(epoch):
+                done += 1
+                if done <= self.step:  # replayed by a resume
+                    continue
+                if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                    return
+                yield epoch, batch, groups
+
     def train(self, callback: Optional[Callable[["OfflineTrainer", dict], None]] = None) -> list[dict]:
         """Run the epochs (skipping the steps a resumed checkpoint already did); returns metrics.
 
@@ -323,7 +336,7 @@ class OfflineTrainer:
             TrainingStopped: a SIGINT / SIGTERM asked to stop (train/graceful_stop.py): the step
                 under way finished and was checkpointed; ``--resume`` continues it.
         """
-        cfg, history, done = self.config, [], 0
+        cfg, history = self.config, []
         if self.run_log is None:
             raise RuntimeError("OfflineTrainer.train() before setup()")
         bar = None
@@ -333,29 +346,21 @@ class OfflineTrainer:
             bar = tqdm(total=self.total_steps, initial=self.step, desc="offline " + cfg.objective, unit="step")
         try:
             with GracefulStop("step") as stop:
-                for epoch in range(cfg.epochs):
-                    for batch, groups in self._epoch_batches(epoch):
-                        done += 1
-                        if done <= self.step:  # replayed by a resume
-                            continue
-                        if cfg.max_steps is not None and self.step >= cfg.max_steps:
-                            break
-                        metrics = {"epoch": epoch, **self.train_step(batch, [g.prompt for g in groups])}
-                        history.append(metrics)
-                        self.run_log.log({k: v for k, v in metrics.items() if k != "step"}, self.step)
-                        if bar is not None:
-                            bar.update(1)
-                            bar.set_postfix(loss=f"{metrics['loss']:.4g}")
-                        if callback is not None:
-                            callback(self, metrics)
-                        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                            self.save_checkpoint()
-                        if stop.signum is not None and self.step < self.total_steps:
-                            path = self.save_checkpoint() if self.step > self._saved_step else ckpt.find_latest(self.run_dir / "checkpoints")
-                            raise TrainingStopped(f"stopped by {signal.Signals(stop.signum).name} after step {self.step} of "
-                                                  f"{self.total_steps}; checkpoint {path}; continue with --resume", self.step, stop.signum, path)
-                    if cfg.max_steps is not None and self.step >= cfg.max_steps:
-                        break
+                for epoch, batch, groups in self._pending_batches():
+                    metrics = {"epoch": epoch, **self.train_step(batch, [g.prompt for g in groups])}
+                    history.append(metrics)
+                    self.run_log.log({k: v for k, v in metrics.items() if k != "step"}, self.step)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{metrics['loss']:.4g}")
+                    if callback is not None:
+                        callback(self, metrics)
+                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                        self.save_checkpoint()
+                    if stop.signum is not None and self.step < self.total_steps:
+                        path = self.save_checkpoint() if self.step > self._saved_step else ckpt.find_latest(self.run_dir / "checkpoints")
+                        raise TrainingStopped(f"stopped by {signal.Signals(stop.signum).name} after step {self.step} of "
+                                              f"{self.total_steps}; checkpoint {path}; continue with --resume", self.step, stop.signum, path)
         finally:
             if bar is not None:
                 bar.close()

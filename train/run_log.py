@@ -43,7 +43,7 @@ def write_metrics_row(path: Path, metrics: dict, step: int, key: str = "iteratio
 
 def _whole(row: dict, key: str) -> bool:
     """False for a torn CSV line: fields missing (None) or extra, or no step."""
-    return None not in row and None not in row.values() and row.get(key) not in ("",)
+    return None not in row and None not in row.values() and row.get(key) != ""
 
 
 def _append_row(path: Path, row: dict, step: int, key: str) -> bool:

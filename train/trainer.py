@@ -47,12 +47,12 @@ from torch import Tensor
 
 from flowalign import lora as lora_lib
 from flowalign.config import FlowalignConfig, save_config, to_dict
+from flowalign.errors import TrainingStopped
 from flowalign.train import final_outputs, trainer_checkpoint, trainer_setup
 from flowalign.train import forward_process as fp
 from flowalign.train import runtime
-from flowalign.errors import TrainingStopped
-from flowalign.train.graceful_stop import GracefulStop, stop_everywhere
 from flowalign.train.dense_setup import calibrated_schedule, save_run_noise_table
+from flowalign.train.graceful_stop import GracefulStop, stop_everywhere
 from flowalign.train.run_dir import find_resume_checkpoint, prepare_run_dir
 from flowalign.train.run_log import RunLogger
 
