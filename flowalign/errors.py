@@ -55,6 +55,10 @@ class NonFiniteLossError(FlowalignError, RuntimeError):
     """Training produced NaN/inf losses or gradients too many times in a row."""
 
 
+class RunLogError(FlowalignError, OSError):
+    """A run's ``metrics.csv`` could not be written (disk full, quota, permissions)."""
+
+
 class LoraMismatchError(FlowalignError, ValueError):
     """LoRA weights do not fit the model (missing or unexpected keys, wrong rank or shapes)."""
 
@@ -100,4 +104,5 @@ __all__ = [
     "RolloutStoreError",
     "NonFiniteLossError",
     "TrainingStopped",
+    "RunLogError",
 ]

@@ -6,6 +6,7 @@ architecture; a disk that fills up while a checkpoint is written.
 """
 from __future__ import annotations
 
+import csv
 import errno
 import json
 from pathlib import Path
@@ -197,3 +198,25 @@ def test_disk_full_while_checkpointing_is_reported_and_the_previous_checkpoint_i
     monkeypatch.setattr(ckpt, "save_file", real_save)
     assert cli.main(["train", "--resume", str(run)]) == 0  # continues from it once there is room
     assert json.loads((root / "iter_000003" / "manifest.json").read_text())["iteration"] == 3
+
+
+def test_full_disk_while_logging_exits_1_with_one_line_and_resumes(tmp_path, capsys, monkeypatch):
+    from flowalign.train import run_log
+
+    real_write = run_log.write_metrics_row
+
+    def filling_disk(path, metrics, step, key="iteration"):
+        if step == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, metrics, step, key)
+
+    monkeypatch.setattr(run_log, "write_metrics_row", filling_disk)
+    run = tmp_path / "run"
+    assert cli.main(["train", *_sets(run, "train.iterations=3", "train.checkpoint_every=1")]) == 1
+    err = _one_line(capsys)
+    assert "could not write step 2 to" in err and "No space left on device (errno 28)" in err and "--resume" in err
+    assert [i for i, _ in ckpt.list_checkpoints(run / "checkpoints")] == [1]  # step 2 was logged before its checkpoint
+    monkeypatch.setattr(run_log, "write_metrics_row", real_write)
+    assert cli.main(["train", "--resume", str(run)]) == 0
+    with open(run / "metrics.csv", newline="") as fh:
+        assert [r["iteration"] for r in csv.DictReader(fh)] == ["1", "2", "3"]

@@ -90,3 +90,25 @@ def test_a_torn_line_with_its_newline_is_still_dropped(tmp_path):
     write_metrics_row(path, {"loss": 3.0, "reward/mean": 0.5}, 3)
     assert _iterations(path) == [1, 2, 3]
     assert path.read_text() == "iteration,loss,reward/mean\n1,1.0,0.5\n2,2.0,0.5\n3,3.0,0.5\n"
+
+
+def test_a_full_disk_is_one_flowalign_error_and_keeps_the_written_rows(tmp_path, monkeypatch):
+    import errno
+
+    from flowalign.errors import FlowalignError, RunLogError
+
+    log = RunLogger(tmp_path, log_with=[])
+    log.log({"loss": 1.0}, 1)
+    real_open = open
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        if "a" in mode or "w" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", full_disk)
+    with pytest.raises(RunLogError, match=r"could not write step 2 to .*metrics.csv: No space left on device \(errno 28\); .*--resume") as info:
+        log.log({"loss": 0.5}, 2)
+    assert isinstance(info.value, FlowalignError) and isinstance(info.value, OSError)
+    monkeypatch.undo()
+    assert _iterations(tmp_path / "metrics.csv") == [1]

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
+from flowalign.errors import RunLogError
+
 
 def write_metrics_row(path: Path, metrics: dict, step: int, key: str = "iteration") -> None:
     """Add ``metrics`` as the row of ``step`` to the CSV at ``path``, dropping every row whose
@@ -99,8 +101,17 @@ class RunLogger:
             self.trackers.append(wandb.init(project="flowalign", dir=str(log_dir), config=run_config or {}))
 
     def log(self, metrics: dict, step: int) -> None:
-        """Append a ``metrics.csv`` row (replacing rows from ``step`` on, replayed after a resume) and log to trackers."""
-        write_metrics_row(self.path, metrics, step, key=self.key)
+        """Append a ``metrics.csv`` row (replacing rows from ``step`` on, replayed after a resume) and log to trackers.
+
+        Raises:
+            RunLogError: the row could not be written (disk full, quota, permissions).
+        """
+        try:
+            write_metrics_row(self.path, metrics, step, key=self.key)
+        except OSError as exc:
+            raise RunLogError(f"could not write step {step} to {self.path}: {exc.strerror or exc} (errno {exc.errno}); "
+                              "the file keeps the earlier steps and the checkpoints are intact: free space, then continue "
+                              "with --resume") from exc
         self.log_scalars(metrics, step)
 
     def log_scalars(self, metrics: dict, step: int) -> None:
