@@ -178,3 +178,20 @@ class LoraOptimizer:
         self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
+
+
+class OptimizerViews:
+    """``params`` and ``optimizer`` of a trainer that keeps its :class:`LoraOptimizer` as ``self.optim``
+    (both trainers: tests, benchmarks and callbacks read them there)."""
+
+    optim: LoraOptimizer
+
+    @property
+    def params(self) -> list[Tensor]:
+        """Every trained LoRA parameter: the transformer's, then the text encoders'."""
+        return self.optim.params
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The AdamW over every trained LoRA parameter (one parameter group per learning rate)."""
+        return self.optim.optimizer

@@ -41,7 +41,7 @@ from flowalign.lr_schedule import LR_SCHEDULES
 from flowalign.objectives.base import OfflineBatch
 from flowalign.offline import RolloutStore
 from flowalign.train.graceful_stop import GracefulStop
-from flowalign.train.lora_optimizer import LoraOptimizer
+from flowalign.train.lora_optimizer import LoraOptimizer, OptimizerViews
 from flowalign.train.run_log import RunLogger
 
 logger = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def optimizer_settings(cfg: OfflineConfig, total_steps: int) -> SimpleNamespace:
     )
 
 
-class OfflineTrainer:
+class OfflineTrainer(OptimizerViews):
     """setup / train / save over a rollout store. ``adapter`` may be passed pre-built (tests, bench).
 
     Args:
@@ -232,16 +232,6 @@ class OfflineTrainer:
         (self.run_dir / "offline_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self.run_log = RunLogger(self.run_dir, cfg.log_with, to_dict(cfg), key="step")
         return self
-
-    @property
-    def params(self) -> list[Tensor]:
-        """The trained LoRA parameters (transformer first, then the text encoders')."""
-        return self.optim.params
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        """The AdamW optimizer (one parameter group per learning rate)."""
-        return self.optim.optimizer
 
     @property
     def total_steps(self) -> int:

@@ -53,6 +53,7 @@ from flowalign.train import forward_process as fp
 from flowalign.train import runtime
 from flowalign.train.dense_setup import calibrated_schedule, save_run_noise_table
 from flowalign.train.graceful_stop import GracefulStop, stop_everywhere
+from flowalign.train.lora_optimizer import OptimizerViews
 from flowalign.train.run_dir import find_resume_checkpoint, prepare_run_dir
 from flowalign.train.run_log import RunLogger
 
@@ -122,7 +123,7 @@ def velocity_fns(adapter, cond, guidance_scale: float, with_reference: bool, ref
     return policy, (reference if with_reference else None)
 
 
-class Trainer:
+class Trainer(OptimizerViews):
     """Flow-GRPO (and every per-transition objective) on any adapter; see the module docstring.
 
     Usage::
@@ -191,16 +192,6 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         self.timings["setup"] = time.perf_counter() - start - self.timings.get("calibration", 0.0)
         return self
-
-    @property
-    def params(self) -> list[Tensor]:
-        """Every trained LoRA parameter: the transformer's, then the text encoders' (``self.optim.params``)."""
-        return self.optim.params
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        """The AdamW over every trained LoRA parameter (``self.optim.optimizer``)."""
-        return self.optim.optimizer
 
     @property
     def ema(self) -> Optional[lora_lib.LoraEMA]:
