@@ -19,6 +19,8 @@ from typing import Callable, Optional
 
 import torch
 
+from flowalign.errors import TrainingStopped
+
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -53,6 +55,11 @@ class GracefulStop:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+    def stopped(self, signum: int, step: int, total: int, checkpoint) -> TrainingStopped:
+        """The error to raise once ``step`` of ``total`` (in :attr:`unit`) is checkpointed at ``checkpoint``."""
+        return TrainingStopped(f"stopped by {signal.Signals(signum).name} after {self.unit} {step} of {total}; "
+                               f"checkpoint {checkpoint}; continue with --resume", step, signum, checkpoint)
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         if self.signum is not None:

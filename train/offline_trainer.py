@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from torch import Tensor
 from flowalign import checkpoint as ckpt
 from flowalign import lora as lora_lib
 from flowalign.config import LOG_BACKENDS, LoraConfig, ModelConfig, apply_overrides, build_dataclass, to_dict
-from flowalign.errors import ConfigError, TrainingStopped
+from flowalign.errors import ConfigError
 from flowalign.lr_schedule import LR_SCHEDULES
 from flowalign.objectives.base import OfflineBatch
 from flowalign.offline import RolloutStore
@@ -349,8 +348,7 @@ class OfflineTrainer(OptimizerViews):
                         self.save_checkpoint()
                     if stop.signum is not None and self.step < self.total_steps:
                         path = self.save_checkpoint() if self.step > self._saved_step else ckpt.find_latest(self.run_dir / "checkpoints")
-                        raise TrainingStopped(f"stopped by {signal.Signals(stop.signum).name} after step {self.step} of "
-                                              f"{self.total_steps}; checkpoint {path}; continue with --resume", self.step, stop.signum, path)
+                        raise stop.stopped(stop.signum, self.step, self.total_steps, path)
         finally:
             if bar is not None:
                 bar.close()

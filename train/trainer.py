@@ -35,7 +35,6 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -47,7 +46,6 @@ from torch import Tensor
 
 from flowalign import lora as lora_lib
 from flowalign.config import FlowalignConfig, save_config, to_dict
-from flowalign.errors import TrainingStopped
 from flowalign.train import final_outputs, trainer_checkpoint, trainer_setup
 from flowalign.train import forward_process as fp
 from flowalign.train import runtime
@@ -234,8 +232,7 @@ class Trainer(OptimizerViews):
                 signum = stop_everywhere(stop.signum, self._gather)
                 if signum is not None and self.iteration < cfg.iterations:
                     path = path if checkpointed else self.save_checkpoint()
-                    raise TrainingStopped(f"stopped by {signal.Signals(signum).name} after iteration {self.iteration} of "
-                                          f"{cfg.iterations}; checkpoint {path}; continue with --resume", self.iteration, signum, path)
+                    raise stop.stopped(signum, self.iteration, cfg.iterations, path)
         self.timings["train"] = time.perf_counter() - start
         self.save_final()
         return metrics
