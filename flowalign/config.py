@@ -161,7 +161,7 @@ class ObjectiveConfig:
     adv_std: str = field(default="group", metadata={"help": "Divide group-centred rewards by the 'group' std (Flow-GRPO), the 'global' std of the batch, or not at all ('none': Dr. GRPO, arXiv:2503.20783, so a group's weight follows its reward spread)."})
     adv_eps: float = field(default=1e-4, metadata={"help": "Added to the std when normalising advantages."})
     timestep_fraction: float = field(default=1.0, metadata={"help": "Fraction of the stochastic steps trained on (the first ones)."})
-    cfg_in_training: bool = field(default=True, metadata={"help": "Apply CFG in the policy/reference velocity during the update (as while sampling); false needs guidance_scale 1 or a forward-process objective (nft)."})
+    cfg_in_training: bool = field(default=True, metadata={"help": "Apply CFG in the policy/reference velocity during the update (as while sampling); false needs guidance_scale 1 or a forward-process objective (nft, awm)."})
     kwargs: dict = field(default_factory=dict, metadata={"help": "Extra keyword arguments of the objective."})
 
     def __post_init__(self):
@@ -268,12 +268,12 @@ class FlowalignConfig:
         )
         if self.sampling.kernel == "ode" and not _trains_on_forward_process(self.objective.name):
             raise ConfigError(f"sampling.kernel='ode' draws no noise, so no step of objective {self.objective.name!r} can be trained; "
-                              "use flow_sde, dance_sde or cps, or a forward-process objective (nft)")
+                              "use flow_sde, dance_sde or cps, or a forward-process objective (nft, awm)")
         if not self.objective.cfg_in_training and self.sampling.guidance_scale > 1.0 and not _trains_on_forward_process(self.objective.name):
             raise ConfigError(
                 f"objective.cfg_in_training=false with sampling.guidance_scale={self.sampling.guidance_scale} > 1: rollouts record the "
                 f"log-probs of the guided transitions, so objective {self.objective.name!r} would take its ratio against an unguided "
-                "policy (not 1 before any update; most samples clipped); set cfg_in_training=true, guidance_scale=1, or use nft"
+                "policy (not 1 before any update; most samples clipped); set cfg_in_training=true, guidance_scale=1, or use a forward-process objective (nft, awm)"
             )
 
 

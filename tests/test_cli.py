@@ -116,7 +116,7 @@ def test_default_recipe_is_the_toy_recipe():
     assert cli.DEFAULT_RECIPE.name == "toy_grpo.yaml" and cli.DEFAULT_RECIPE.is_file()
 
 
-ONLINE_RECIPES = ["tiny_grpo.yaml", "toy_grpo.yaml", "toy_dense_grpo.yaml", "toy_tp_grpo.yaml", "toy_nft.yaml",
+ONLINE_RECIPES = ["tiny_grpo.yaml", "toy_grpo.yaml", "toy_dense_grpo.yaml", "toy_tp_grpo.yaml", "toy_nft.yaml", "toy_awm.yaml",
                   "sd35m_grpo_geneval.yaml", "sd35m_dense_grpo_geneval.yaml", "sd35m_tp_grpo_geneval.yaml"]
 
 

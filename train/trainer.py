@@ -8,7 +8,7 @@ One iteration::
       -> advantages         flowalign.advantages.group_advantages, drop all-zero samples
       -> inner epochs       shuffle samples; micro-batches of (samples, one trained step);
                             objective.loss(StepBatch, policy, reference); accumulate, clip, step
-                            (tqdm "update"); forward-process objectives (nft) instead get
+                            (tqdm "update"); forward-process objectives (nft, awm) instead get
                             (samples, one re-noising draw) as a ForwardBatch (train/forward_process.py)
       -> log / checkpoint
 

@@ -105,7 +105,7 @@ class ObjectiveParts:
     Attributes:
         objective: the configured objective.
         dense: per-step advantages from step rewards (dense_grpo, tp_grpo).
-        forward_process: trains on freshly noised clean samples, not recorded transitions (nft).
+        forward_process: trains on freshly noised clean samples, not recorded transitions (nft, awm).
         schedule: the sampler's noise schedule (a saved DenseGRPO table when one is configured).
     """
 

@@ -31,11 +31,12 @@ def get_objective(name: str, **kwargs):
     """Instantiate the objective registered as ``name`` with its constructor ``kwargs``.
 
     Raises:
-        ConfigError: unknown name (the message lists the available ones) or bad arguments.
+        ConfigError: unknown name (the message lists the available ones), or arguments the
+            constructor does not take or refuses.
     """
     if name not in OBJECTIVES:
         raise ConfigError(f"unknown objective {name!r}; available: {available_objectives()}")
     try:
         return OBJECTIVES[name](**kwargs)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:  # an unknown keyword, or a value the constructor refuses
         raise ConfigError(f"bad arguments {kwargs} for objective {name!r}: {err}") from None

@@ -5,7 +5,7 @@ Every objective is a class with ``loss(batch, policy, reference) -> (loss, metri
 * ``batch`` is a :class:`StepBatch` (online, per-transition methods: grpo, dense_grpo, tp_grpo,
   tree_grpo, prdp), an :class:`OfflineBatch` (offline methods on clean samples: gdro,
   diffusion_dpo) or a :class:`flowalign.objectives.nft.ForwardBatch` (online methods on freshly
-  noised clean samples, any sampler: nft; such a class sets ``forward_process = True``).
+  noised clean samples, any sampler: nft, awm; such a class sets ``forward_process = True``).
 * ``policy(x, sigma) -> v`` and ``reference(x, sigma) -> v`` are velocity functions with the
   conditioning already bound (the trainer closes over the adapter, the prompts' conditioning and
   the CFG scale; ``reference`` runs with the LoRA disabled). ``sigma`` is ``[B]``.

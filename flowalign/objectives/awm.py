@@ -1,0 +1,156 @@
+"""Advantage Weighted Matching (AWM; Xue et al., arXiv 2509.25050; DESIGN.md §8).
+
+Solver-agnostic like DiffusionNFT: only each sample's clean latent ``x0`` and its advantage are
+kept, and the sample is noised afresh to a sigma ``s`` with noise ``ε`` (``x_s = (1 - s)·x0 + s·ε``,
+DESIGN.md §4). AWM replaces Flow-GRPO's per-step Gaussian log-likelihood by the pretraining
+objective itself: the flow-matching error of the sample is its (negative, weighted) log-likelihood
+surrogate
+
+    e_i   = mean_d (v_θ(x_s, s) - (ε - x0))²                      (mean over latent dims)
+    ℓ_i   = -w(s)·φ(e_i)
+            uniform: w = 1, φ(e) = e;   t: w = s, φ(e) = e;   t2: w = s², φ(e) = e
+            ghuber:  w = s, φ(e) = ((e + δ)^p - δ^p) / p       (δ = 1e-10; p = ghuber_power)
+
+and the loss is PPO's clipped surrogate on the ratio of these surrogates against the sampling
+policy's (``ℓ_old`` at the same ``x_s``; the official "exp_first" form, one ratio per row):
+
+    ρ_i = exp(ℓ_i - ℓ_old_i)
+    Â_i = clip(A_i, -c, c) · advantage_max / c
+    L   = mean_i max(-Â_i·ρ_i, -Â_i·clip(ρ_i, 1 - ε, 1 + ε))  +  kl_beta · mean_i mean_d (v_θ - v_ref)²
+
+At ``v_θ = v_old`` (one optimizer step per iteration: ``ρ = 1``) the gradient is
+``mean_i Â_i·w(s_i)·φ'(e_i)·∇e_i``: flow matching towards the sample's own target, weighted by its
+advantage (a better-than-group sample pulls, a worse one pushes). The generalised Huber weighting
+(``p < 1``) shrinks the pull of rows whose error is already large, as DiffusionNFT's adaptive
+weighting does. Left out: the official recipe's extra penalty to a fast EMA of the policy.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from flowalign.objectives.base import VelocityFn, register_objective
+from flowalign.objectives.diffusion_dpo import noised_and_target
+from flowalign.objectives.nft import SIGMA_SAMPLING, ForwardBatch
+
+__all__ = ["WEIGHTINGS", "matching_log_likelihood", "awm_policy_loss", "AdvantageWeightedMatching"]
+
+WEIGHTINGS = ("uniform", "t", "t2", "ghuber")
+_DELTA = 1e-10
+
+
+def matching_log_likelihood(v: Tensor, v_target: Tensor, sigma: Tensor, weighting: str = "ghuber", power: float = 0.25) -> Tensor:
+    """AWM's log-likelihood surrogate ``ℓ = -w(s)·φ(e)`` of each row (module docstring), ``[B]`` in fp64.
+
+    Args:
+        v: ``[B, *latent]`` predicted velocity at ``x_s``; v_target: ``[B, *latent]`` its target ``ε - x0``.
+        sigma: ``[B]`` noise levels ``s``.
+        weighting: ``"uniform"``, ``"t"``, ``"t2"`` or ``"ghuber"``; power: ``p`` of ghuber, in (0, 1].
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting={weighting!r}; choose one of {WEIGHTINGS}")
+    if v.shape != v_target.shape or sigma.shape != (v.shape[0],):
+        raise ValueError(f"v {tuple(v.shape)} and v_target {tuple(v_target.shape)} must match and sigma {tuple(sigma.shape)} be [B]")
+    err = (v.double() - v_target.double()).pow(2).flatten(1).mean(dim=1)  # [B]
+    s = sigma.double()
+    if weighting == "uniform":
+        return -err
+    if weighting == "t":
+        return -s * err
+    if weighting == "t2":
+        return -s.pow(2) * err
+    return -s * ((err + _DELTA).pow(power) - _DELTA ** power) / power
+
+
+def awm_policy_loss(log_lik: Tensor, old_log_lik: Tensor, advantages: Tensor, clip_range: float) -> tuple[Tensor, Tensor]:
+    """Per-row clipped surrogate ``max(-Â·ρ, -Â·clip(ρ, 1 ± ε))`` with ``ρ = exp(ℓ - ℓ_old)``; returns (loss ``[B]``, ρ ``[B]``)."""
+    if not log_lik.shape == old_log_lik.shape == advantages.shape:
+        raise ValueError(f"log_lik {tuple(log_lik.shape)}, old_log_lik {tuple(old_log_lik.shape)} and advantages "
+                         f"{tuple(advantages.shape)} must all be [B]")
+    ratio = torch.exp(log_lik - old_log_lik.detach())  # [B]
+    adv = advantages.to(ratio.dtype)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped), ratio
+
+
+@register_objective("awm")
+class AdvantageWeightedMatching:
+    """AWM objective (arXiv 2509.25050) over a :class:`~flowalign.objectives.nft.ForwardBatch`; see the module docstring.
+
+    Args:
+        num_timesteps: forward-process draws per sample and iteration (read by the trainer).
+        sigma_sampling: ``"grid"`` (the sampler's sigmas) or ``"uniform"`` (read by the trainer).
+        weighting: the likelihood surrogate's weighting (the official GenEval recipe: ``"ghuber"``).
+        ghuber_power: ``p`` of the ghuber weighting (official: 0.25).
+        advantage_max: advantages are clipped to ``±adv_clip`` and rescaled to ``±advantage_max`` (official: 1).
+        clip_range: PPO clip ``ε`` on the ratio (official: 1, i.e. barely clipped; with one optimizer
+            step per iteration ``ρ = 1`` and the clip never acts).
+        kl_beta: weight of ``mean ‖v_θ - v_ref‖²`` to the reference (LoRA off); official 0.003.
+        adv_clip: ``c`` of the advantage clip.
+    """
+
+    name = "awm"
+    forward_process = True  # the trainer builds ForwardBatch rows from clean samples
+
+    def __init__(self, num_timesteps: int = 2, sigma_sampling: str = "grid", weighting: str = "ghuber", ghuber_power: float = 0.25,
+                 advantage_max: float = 1.0, clip_range: float = 1.0, kl_beta: float = 0.0, adv_clip: float = 5.0):
+        if num_timesteps < 1 or adv_clip <= 0 or advantage_max <= 0 or clip_range <= 0 or kl_beta < 0:
+            raise ValueError(f"need num_timesteps >= 1, adv_clip > 0, advantage_max > 0, clip_range > 0, kl_beta >= 0; got "
+                             f"{num_timesteps}, {adv_clip}, {advantage_max}, {clip_range}, {kl_beta}")
+        if sigma_sampling not in SIGMA_SAMPLING:
+            raise ValueError(f"sigma_sampling={sigma_sampling!r}; choose one of {SIGMA_SAMPLING}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting={weighting!r}; choose one of {WEIGHTINGS}")
+        if not 0.0 < ghuber_power <= 1.0:
+            raise ValueError(f"ghuber_power must be in (0, 1], got {ghuber_power}")
+        self.num_timesteps = int(num_timesteps)
+        self.sigma_sampling = sigma_sampling
+        self.weighting = weighting
+        self.ghuber_power = float(ghuber_power)
+        self.advantage_max = float(advantage_max)
+        self.clip_range = float(clip_range)
+        self.kl_beta = float(kl_beta)
+        self.adv_clip = float(adv_clip)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Only the KL term (``kl_beta > 0``) reads the reference."""
+        return self.kl_beta > 0
+
+    def loss(self, batch: ForwardBatch, policy: VelocityFn, reference: Optional[VelocityFn] = None) -> tuple[Tensor, dict[str, float]]:
+        """Mean loss over the rows of ``batch``; ``policy(x, sigma[B]) -> v`` with grad."""
+        if batch.advantages.ndim != 1 or batch.advantages.shape[0] != batch.x0.shape[0]:
+            raise ValueError(f"ForwardBatch.advantages must be [B]={batch.x0.shape[0]}, got {tuple(batch.advantages.shape)}")
+        # 1. forward process: x_s = (1 - s) x0 + s eps, target v = eps - x0
+        x_s, v_target = noised_and_target(batch.x0, batch.noise, batch.sigma)  # [B, *latent]
+        v_theta = policy(x_s, batch.sigma)  # [B, *latent]
+        # 2. the flow-matching log-likelihood surrogate of the trained and the sampling policy
+        log_lik = matching_log_likelihood(v_theta, v_target, batch.sigma, self.weighting, self.ghuber_power)  # [B]
+        v_old = v_theta.detach() if batch.v_old is None else batch.v_old
+        with torch.no_grad():
+            old_log_lik = matching_log_likelihood(v_old, v_target, batch.sigma, self.weighting, self.ghuber_power)  # [B]
+        # 3. advantage-weighted, PPO-clipped surrogate
+        adv = batch.advantages.double().clamp(-self.adv_clip, self.adv_clip) * (self.advantage_max / self.adv_clip)  # [B]
+        per_row, ratio = awm_policy_loss(log_lik, old_log_lik, adv, self.clip_range)
+        loss = per_row.mean().float()
+        with torch.no_grad():
+            metrics = {
+                "loss/policy": float(loss),
+                "awm/ratio_mean": float(ratio.mean()),
+                "awm/clipfrac": float(((ratio - 1.0).abs() > self.clip_range).double().mean()),
+                "awm/fm_error": float((v_theta.float() - v_target.float()).pow(2).mean()),
+            }
+        # 4. optional penalty to the reference (the official code's uniform ‖v_θ - v_ref‖²)
+        if self.kl_beta > 0:
+            if reference is None:
+                raise ValueError("kl_beta > 0 needs a reference velocity function")
+            with torch.no_grad():
+                v_ref = reference(x_s, batch.sigma)
+            kl = (v_theta.float() - v_ref.float()).pow(2).flatten(1).mean(dim=1).mean()
+            loss = loss + self.kl_beta * kl
+            metrics["kl/ref"] = float(kl.detach())
+        metrics["loss/total"] = float(loss.detach())
+        return loss, metrics
