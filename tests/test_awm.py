@@ -128,28 +128,14 @@ def test_awm_runs_in_the_trainer_with_ode_rollouts(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.params))
 
 
-def test_awm_training_raises_brightness(tmp_path):
+def test_awm_training_raises_brightness(tmp_path, lora_brightness_gain):
     """The objective improves its reward on the tiny pipeline: paired ODE samples (same noise) with the
-    LoRA on vs off are brighter, by many standard errors."""
-    from flowalign import lora as lora_lib
-    from flowalign import sampling
-    from flowalign.rewards import load_reward
-
+    LoRA on vs off are brighter, by many standard errors (measured: +0.0016, per-sample std 0.0004)."""
     trainer = Trainer(load_config(None, AWM_FAST + [f"train.output_dir={tmp_path}", "rewards=[{name: brightness}]", "train.lr=3e-2",
                                                     "train.grad_accum=8", "objective.kwargs={num_timesteps: 4, weighting: t}"])).setup()
     for _ in range(10):
         trainer.run_iteration()
         trainer.iteration += 1
-    prompts = ["a red square", "a blue circle", "a green triangle", "a yellow star"]
-    reward = load_reward("brightness")
-
-    def score():
-        images = sampling.sample_ode(trainer.adapter, prompts, num_steps=4, group_size=4, generator=torch.Generator().manual_seed(7))
-        return reward(images, [p for p in prompts for _ in range(4)]).scores
-
-    on = score()
-    with lora_lib.lora_disabled(trainer.adapter.trainable_module):
-        off = score()
-    gain = on - off  # [16]
+    gain = lora_brightness_gain(trainer)  # [16]
     assert float(gain.mean()) > 0.0005
     assert float(gain.mean()) > 4 * float(gain.std()) / math.sqrt(gain.numel())

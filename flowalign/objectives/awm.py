@@ -33,7 +33,7 @@ from torch import Tensor
 
 from flowalign.objectives.base import VelocityFn, register_objective
 from flowalign.objectives.diffusion_dpo import noised_and_target
-from flowalign.objectives.nft import SIGMA_SAMPLING, ForwardBatch
+from flowalign.objectives.nft import SIGMA_SAMPLING, ForwardBatch, add_reference_penalty
 
 __all__ = ["WEIGHTINGS", "matching_log_likelihood", "awm_policy_loss", "AdvantageWeightedMatching"]
 
@@ -144,13 +144,6 @@ class AdvantageWeightedMatching:
                 "awm/fm_error": float((v_theta.float() - v_target.float()).pow(2).mean()),
             }
         # 4. optional penalty to the reference (the official code's uniform ‖v_θ - v_ref‖²)
-        if self.kl_beta > 0:
-            if reference is None:
-                raise ValueError("kl_beta > 0 needs a reference velocity function")
-            with torch.no_grad():
-                v_ref = reference(x_s, batch.sigma)
-            kl = (v_theta.float() - v_ref.float()).pow(2).flatten(1).mean(dim=1).mean()
-            loss = loss + self.kl_beta * kl
-            metrics["kl/ref"] = float(kl.detach())
+        loss = add_reference_penalty(loss, metrics, v_theta, x_s, batch.sigma, reference, self.kl_beta)
         metrics["loss/total"] = float(loss.detach())
         return loss, metrics

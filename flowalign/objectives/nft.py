@@ -35,7 +35,7 @@ from torch import Tensor
 from flowalign.objectives.base import VelocityFn, register_objective
 from flowalign.objectives.diffusion_dpo import noised_and_target
 
-__all__ = ["ForwardBatch", "optimality_probability", "nft_loss", "draw_forward_sigmas", "DiffusionNFT"]
+__all__ = ["ForwardBatch", "optimality_probability", "nft_loss", "add_reference_penalty", "draw_forward_sigmas", "DiffusionNFT"]
 
 SIGMA_SAMPLING = ("grid", "uniform")
 
@@ -110,6 +110,21 @@ def nft_loss(v_theta: Tensor, v_old: Tensor, x_s: Tensor, x0: Tensor, sigma: Ten
     # 3. reward-weighted mix
     r = r.float()
     return scale * (r * pos_err + (1.0 - r) * neg_err) / beta
+
+
+def add_reference_penalty(loss: Tensor, metrics: dict[str, float], v_theta: Tensor, x_s: Tensor, sigma: Tensor,
+                          reference: Optional[VelocityFn], kl_beta: float) -> Tensor:
+    """``loss + kl_beta·mean_i mean_d (v_θ - v_ref)²`` at the rows' ``x_s`` (the forward-process objectives'
+    KL-like penalty, LoRA off as the reference), logging ``metrics["kl/ref"]``; ``loss`` unchanged when ``kl_beta = 0``."""
+    if kl_beta <= 0:
+        return loss
+    if reference is None:
+        raise ValueError("kl_beta > 0 needs a reference velocity function")
+    with torch.no_grad():
+        v_ref = reference(x_s, sigma)
+    kl = (v_theta.float() - v_ref.float()).pow(2).flatten(1).mean(dim=1).mean()
+    metrics["kl/ref"] = float(kl.detach())
+    return loss + kl_beta * kl
 
 
 def draw_forward_sigmas(grid: Tensor, batch: int, num: int, generator: Optional[torch.Generator] = None,
@@ -189,13 +204,6 @@ class DiffusionNFT:
                 "nft/fm_error": float((v_theta.float() - v_target.float()).pow(2).mean()),
             }
         # 3. optional KL-like penalty to the reference (the official code's ‖v_θ - v_ref‖²)
-        if self.kl_beta > 0:
-            if reference is None:
-                raise ValueError("kl_beta > 0 needs a reference velocity function")
-            with torch.no_grad():
-                v_ref = reference(x_s, batch.sigma)
-            kl = (v_theta.float() - v_ref.float()).pow(2).flatten(1).mean(dim=1).mean()
-            loss = loss + self.kl_beta * kl
-            metrics["kl/ref"] = float(kl.detach())
+        loss = add_reference_penalty(loss, metrics, v_theta, x_s, batch.sigma, reference, self.kl_beta)
         metrics["loss/total"] = float(loss.detach())
         return loss, metrics
