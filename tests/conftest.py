@@ -23,9 +23,9 @@ def _seed_everything():
 
 @pytest.fixture
 def lora_brightness_gain():
-    """``gain(trainer) -> [16]``: brightness of paired 4-step ODE samples (4 prompts x 4, the same noise)
-    with the trainer's LoRA on minus off; a trained objective that learned the brightness reward
-    makes it positive by many standard errors."""
+    """``gain(trainer, iterations) -> [16]``: run ``iterations`` training iterations, then the brightness of
+    paired 4-step ODE samples (4 prompts x 4, the same noise) with the trainer's LoRA on minus off; an
+    objective that learned the brightness reward makes it positive by many standard errors."""
     from flowalign import lora as lora_lib
     from flowalign import sampling
     from flowalign.rewards import load_reward
@@ -33,7 +33,11 @@ def lora_brightness_gain():
     prompts = ["a red square", "a blue circle", "a green triangle", "a yellow star"]
     reward = load_reward("brightness")
 
-    def gain(trainer) -> torch.Tensor:
+    def gain(trainer, iterations: int) -> torch.Tensor:
+        for _ in range(iterations):
+            trainer.run_iteration()
+            trainer.iteration += 1
+
         def score():
             images = sampling.sample_ode(trainer.adapter, prompts, num_steps=4, group_size=4, generator=torch.Generator().manual_seed(7))
             return reward(images, [p for p in prompts for _ in range(4)]).scores

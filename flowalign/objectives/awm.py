@@ -32,8 +32,7 @@ import torch
 from torch import Tensor
 
 from flowalign.objectives.base import VelocityFn, register_objective
-from flowalign.objectives.diffusion_dpo import noised_and_target
-from flowalign.objectives.nft import SIGMA_SAMPLING, ForwardBatch, add_reference_penalty
+from flowalign.objectives.nft import SIGMA_SAMPLING, ForwardBatch, add_reference_penalty, forward_rows
 
 __all__ = ["WEIGHTINGS", "matching_log_likelihood", "awm_policy_loss", "AdvantageWeightedMatching"]
 
@@ -122,14 +121,10 @@ class AdvantageWeightedMatching:
 
     def loss(self, batch: ForwardBatch, policy: VelocityFn, reference: Optional[VelocityFn] = None) -> tuple[Tensor, dict[str, float]]:
         """Mean loss over the rows of ``batch``; ``policy(x, sigma[B]) -> v`` with grad."""
-        if batch.advantages.ndim != 1 or batch.advantages.shape[0] != batch.x0.shape[0]:
-            raise ValueError(f"ForwardBatch.advantages must be [B]={batch.x0.shape[0]}, got {tuple(batch.advantages.shape)}")
-        # 1. forward process: x_s = (1 - s) x0 + s eps, target v = eps - x0
-        x_s, v_target = noised_and_target(batch.x0, batch.noise, batch.sigma)  # [B, *latent]
-        v_theta = policy(x_s, batch.sigma)  # [B, *latent]
+        # 1. forward process: x_s = (1 - s) x0 + s eps, target v = eps - x0; the trained and the old velocity
+        x_s, v_target, v_theta, v_old = forward_rows(batch, policy)  # [B, *latent] each
         # 2. the flow-matching log-likelihood surrogate of the trained and the sampling policy
         log_lik = matching_log_likelihood(v_theta, v_target, batch.sigma, self.weighting, self.ghuber_power)  # [B]
-        v_old = v_theta.detach() if batch.v_old is None else batch.v_old
         with torch.no_grad():
             old_log_lik = matching_log_likelihood(v_old, v_target, batch.sigma, self.weighting, self.ghuber_power)  # [B]
         # 3. advantage-weighted, PPO-clipped surrogate

@@ -35,7 +35,7 @@ from torch import Tensor
 from flowalign.objectives.base import VelocityFn, register_objective
 from flowalign.objectives.diffusion_dpo import noised_and_target
 
-__all__ = ["ForwardBatch", "optimality_probability", "nft_loss", "add_reference_penalty", "draw_forward_sigmas", "DiffusionNFT"]
+__all__ = ["ForwardBatch", "optimality_probability", "nft_loss", "forward_rows", "add_reference_penalty", "draw_forward_sigmas", "DiffusionNFT"]
 
 SIGMA_SAMPLING = ("grid", "uniform")
 
@@ -112,6 +112,22 @@ def nft_loss(v_theta: Tensor, v_old: Tensor, x_s: Tensor, x0: Tensor, sigma: Ten
     return scale * (r * pos_err + (1.0 - r) * neg_err) / beta
 
 
+def forward_rows(batch: ForwardBatch, policy: VelocityFn) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The rows every forward-process objective starts from: ``(x_s, v_target, v_θ, v_old)``, each ``[B, *latent]``.
+
+    ``x_s = (1 - s)·x0 + s·ε`` and ``v_target = ε - x0`` (the forward process), ``v_θ = policy(x_s, s)``
+    (with grad), and ``v_old = batch.v_old``, or ``v_θ`` detached when the batch has none (no optimizer
+    step yet in the iteration: the trained policy is the sampling one). Raises ValueError when
+    ``batch.advantages`` is not ``[B]``.
+    """
+    if batch.advantages.ndim != 1 or batch.advantages.shape[0] != batch.x0.shape[0]:
+        raise ValueError(f"ForwardBatch.advantages must be [B]={batch.x0.shape[0]}, got {tuple(batch.advantages.shape)}")
+    x_s, v_target = noised_and_target(batch.x0, batch.noise, batch.sigma)
+    v_theta = policy(x_s, batch.sigma)
+    v_old = v_theta.detach() if batch.v_old is None else batch.v_old
+    return x_s, v_target, v_theta, v_old
+
+
 def add_reference_penalty(loss: Tensor, metrics: dict[str, float], v_theta: Tensor, x_s: Tensor, sigma: Tensor,
                           reference: Optional[VelocityFn], kl_beta: float) -> Tensor:
     """``loss + kl_beta·mean_i mean_d (v_θ - v_ref)²`` at the rows' ``x_s`` (the forward-process objectives'
@@ -186,12 +202,8 @@ class DiffusionNFT:
 
     def loss(self, batch: ForwardBatch, policy: VelocityFn, reference: Optional[VelocityFn] = None) -> tuple[Tensor, dict[str, float]]:
         """Mean loss over the rows of ``batch``; ``policy(x, sigma[B]) -> v`` with grad."""
-        if batch.advantages.ndim != 1 or batch.advantages.shape[0] != batch.x0.shape[0]:
-            raise ValueError(f"ForwardBatch.advantages must be [B]={batch.x0.shape[0]}, got {tuple(batch.advantages.shape)}")
-        # 1. forward process: x_s = (1 - s) x0 + s eps, target v = eps - x0
-        x_s, v_target = noised_and_target(batch.x0, batch.noise, batch.sigma)  # [B, *latent]
-        v_theta = policy(x_s, batch.sigma)  # [B, *latent]
-        v_old = v_theta.detach() if batch.v_old is None else batch.v_old
+        # 1. forward process: x_s = (1 - s) x0 + s eps, target v = eps - x0; the trained and the old velocity
+        x_s, v_target, v_theta, v_old = forward_rows(batch, policy)  # [B, *latent] each
         # 2. optimality probability and the NFT loss
         r = optimality_probability(batch.advantages, self.adv_clip)  # [B]
         per_row = nft_loss(v_theta, v_old, x_s, batch.x0, batch.sigma, r, self.beta, scale=self.adv_clip, adaptive=self.adaptive_weight)
