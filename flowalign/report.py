@@ -323,8 +323,9 @@ def write_report(
     lines += [
         f"- **command**: `{command}`",
         f"- **model**: `{_get(config_dict, 'model.pretrained', settings.get('model', '?'))}` ({_get(config_dict, 'model.dtype', '?')})",
-        f"- **method**: `{_get(config_dict, 'objective.name', '?')}`, kernel `{_get(config_dict, 'sampling.kernel', '?')}` "
-        f"(noise {_get(config_dict, 'sampling.noise_schedule', '?')} {_get(config_dict, 'sampling.noise_kwargs', '')}), "
+        f"- **method**: `{_get(config_dict, 'objective.name', '?')}`, kernel `{_get(config_dict, 'sampling.kernel', '?')}`"
+        + ("" if _get(config_dict, "sampling.kernel", "?") == "ode"  # the ODE draws no noise: its schedule is moot
+           else f" (noise {_get(config_dict, 'sampling.noise_schedule', '?')} {_get(config_dict, 'sampling.noise_kwargs', '')})") + ", "
         f"{_get(config_dict, 'sampling.num_steps', '?')} steps, group size {_get(config_dict, 'sampling.group_size', '?')}, "
         f"LoRA rank {_get(config_dict, 'lora.rank', '?')}" + (" (transformer and text encoders)" if _get(config_dict, "lora.train_text_encoder", False) is True else "")
         + f", {_get(config_dict, 'train.iterations', '?')} iterations, "

@@ -91,6 +91,15 @@ def test_report_says_when_the_target_is_missed(tmp_path):
     assert "LoRA rank 8 (transformer and text encoders), " in text
 
 
+def test_report_names_the_noise_schedule_only_for_a_stochastic_kernel(tmp_path):
+    base = _result([1, 0, 0, 0, 0, 0, 0, 0, 1, 0], [0.5] * 10)
+    text = write_report(tmp_path, base=base, aligned=base, config_dict=CONFIG, timings={}).read_text()
+    assert "kernel `flow_sde` (noise constant {'a': 0.7}), 10 steps" in text
+    ode = dict(CONFIG, sampling=dict(CONFIG["sampling"], kernel="ode"), objective={"name": "awm"})
+    text = write_report(tmp_path, base=base, aligned=base, config_dict=ode, timings={}).read_text()
+    assert "- **method**: `awm`, kernel `ode`, 10 steps" in text and "noise constant" not in text
+
+
 def test_report_refuses_evaluations_with_different_seeds(tmp_path):
     base = _result([0] * 10, [0.1] * 10)
     aligned = _result([1] * 10, [0.9] * 10)
