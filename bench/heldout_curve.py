@@ -110,7 +110,7 @@ def run_curve(config: Path, overrides: list[str], iterations: int, eval_every: i
     return curve(complete=True)
 
 
-MAIN_RECIPE = ("window3_lr5e-4", "window3_lr5e-4_seed1", "window3_lr5e-4_seed2")  # the main job's recipe, seeds 0-2
+MAIN_RECIPE = ("text_encoder_lora_seed0", "text_encoder_lora_seed1", "text_encoder_lora_seed2")  # the main job's recipe (toy_grpo.yaml), seeds 0-2
 
 
 def plot(results: dict, path: Path, highlight: tuple[str, ...] = MAIN_RECIPE) -> Optional[Path]:
