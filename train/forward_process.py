@@ -1,4 +1,4 @@
-"""Forward-process training rows for solver-agnostic objectives (DiffusionNFT, ``flowalign.objectives.nft``).
+"""Forward-process training rows for solver-agnostic objectives (DiffusionNFT and AWM: ``flowalign.objectives.nft``, ``.awm``).
 
 Per-transition objectives (grpo, dense_grpo, tp_grpo) train on the recorded steps of a rollout;
 forward-process objectives (``objective.forward_process = True``) keep only each sample's clean
