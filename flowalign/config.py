@@ -266,6 +266,7 @@ class FlowalignConfig:
             f"train.micro_batch_size={self.train.micro_batch_size} exceeds the samples per iteration "
             f"(prompts_per_iter {self.train.prompts_per_iter} x group_size {self.sampling.group_size} = {per_iter})",
         )
+        _check_online_objective(self.objective.name)
         if self.sampling.kernel == "ode" and not _trains_on_forward_process(self.objective.name):
             raise ConfigError(f"sampling.kernel='ode' draws no noise, so no step of objective {self.objective.name!r} can be trained; "
                               "use flow_sde, dance_sde or cps, or a forward-process objective (nft, awm)")
@@ -275,6 +276,22 @@ class FlowalignConfig:
                 f"log-probs of the guided transitions, so objective {self.objective.name!r} would take its ratio against an unguided "
                 "policy (not 1 before any update; most samples clipped); set cfg_in_training=true, guidance_scale=1, or use a forward-process objective (nft, awm)"
             )
+
+
+def _check_online_objective(name: str) -> None:
+    """ConfigError, before any model loads, for an objective name that is not registered or that
+    ``flowalign train`` does not run (an offline one, or one with its own loop)."""
+    from flowalign.objectives import ONLINE_TRAINER, available_objectives, trained_by
+
+    online = [n for n in available_objectives() if trained_by(n) == ONLINE_TRAINER]
+    if name not in available_objectives():
+        raise ConfigError(f"unknown objective {name!r}; available: {online} (offline: "
+                          f"{[n for n in available_objectives() if trained_by(n) == 'flowalign offline']})")
+    runner = trained_by(name)
+    if runner != ONLINE_TRAINER:
+        hint = " from a rollout store that `flowalign generate` writes (train/configs/toy_gdro.yaml)" if runner == "flowalign offline" else ""
+        raise ConfigError(f"objective {name!r} is not trained by `{ONLINE_TRAINER}`: use `{runner}`{hint}; "
+                          f"the online objectives are {online}")
 
 
 def _trains_on_forward_process(objective: str) -> bool:

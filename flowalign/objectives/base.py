@@ -93,6 +93,16 @@ class Objective(Protocol):
 
 OBJECTIVES: dict[str, type] = {}
 
+# What trains an objective: the class attribute ``trained_by`` names it, and an objective without
+# one runs in the online loop (``flowalign train``). gdro / diffusion_dpo say "flowalign offline"
+# (from a ``flowalign generate`` store), prdp names its own loop.
+ONLINE_TRAINER = "flowalign train"
+
+
+def trained_by(name: str) -> str:
+    """What trains the registered objective ``name``: :data:`ONLINE_TRAINER` unless its class says otherwise."""
+    return getattr(OBJECTIVES[name], "trained_by", ONLINE_TRAINER)
+
 
 def register_objective(name: str):
     """Class decorator: make an objective available by name in configs (``objective: grpo``)."""

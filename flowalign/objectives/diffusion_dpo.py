@@ -109,6 +109,7 @@ class DiffusionDPO:
     """
 
     needs_reference = True
+    trained_by = "flowalign offline"  # from a rollout store, not in the online loop (flowalign.objectives.base.ONLINE_TRAINER)
 
     def __init__(
         self,

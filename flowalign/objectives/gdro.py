@@ -102,6 +102,7 @@ class GDRO:
     """
 
     needs_reference = True
+    trained_by = "flowalign offline"  # from a rollout store, not in the online loop (flowalign.objectives.base.ONLINE_TRAINER)
 
     def __init__(
         self,

@@ -136,6 +136,7 @@ class PRDP:
     """
 
     needs_reference = False
+    trained_by = "flowalign.objectives.prdp.run_online_prdp"  # pairs of recorded trajectories: its own loop, no CLI recipe
 
     def __init__(self, beta: float = 1.0, clip_range: Optional[float] = 1e-4, per_step: bool = True):
         if beta <= 0:
