@@ -319,12 +319,13 @@ def write_report(
     met = gain >= target_gain_points
     mean_base, mean_aligned = category_mean(base.categories), category_mean(aligned.categories)
     settings = aligned.settings
+    kernel = _get(config_dict, "sampling.kernel", "?")
     lines = [f"# flowalign run report: {run_dir.name}", ""]
     lines += [
         f"- **command**: `{command}`",
         f"- **model**: `{_get(config_dict, 'model.pretrained', settings.get('model', '?'))}` ({_get(config_dict, 'model.dtype', '?')})",
-        f"- **method**: `{_get(config_dict, 'objective.name', '?')}`, kernel `{_get(config_dict, 'sampling.kernel', '?')}`"
-        + ("" if _get(config_dict, "sampling.kernel", "?") == "ode"  # the ODE draws no noise: its schedule is moot
+        f"- **method**: `{_get(config_dict, 'objective.name', '?')}`, kernel `{kernel}`"
+        + ("" if kernel == "ode"  # the ODE draws no noise: its schedule is moot
            else f" (noise {_get(config_dict, 'sampling.noise_schedule', '?')} {_get(config_dict, 'sampling.noise_kwargs', '')})") + ", "
         f"{_get(config_dict, 'sampling.num_steps', '?')} steps, group size {_get(config_dict, 'sampling.group_size', '?')}, "
         f"LoRA rank {_get(config_dict, 'lora.rank', '?')}" + (" (transformer and text encoders)" if _get(config_dict, "lora.train_text_encoder", False) is True else "")

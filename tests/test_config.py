@@ -118,7 +118,7 @@ def test_recipes_exist():
 def test_objectives_that_flowalign_train_does_not_run_are_refused_on_load():
     """An offline objective, one with its own loop, or an unknown name fails when the config loads (before
     any model), saying what runs it; the offline trainer's list is exactly the objectives marked offline."""
-    from flowalign.objectives import ONLINE_TRAINER, available_objectives, trained_by
+    from flowalign.objectives import OFFLINE_TRAINER, ONLINE_TRAINER, available_objectives, trained_by
     from flowalign.train.offline_trainer import OFFLINE_OBJECTIVES
 
     with pytest.raises(ConfigError, match=r"objective 'gdro' is not trained by `flowalign train`: use `flowalign offline` from a rollout store"):
@@ -128,7 +128,7 @@ def test_objectives_that_flowalign_train_does_not_run_are_refused_on_load():
     with pytest.raises(ConfigError, match=r"unknown objective 'nope'; available: \['awm', 'dense_grpo', 'grpo', 'nft', 'tp_grpo'\] "
                                           r"\(offline: \['diffusion_dpo', 'gdro'\]\)"):
         C.load_config(None, ["objective.name=nope"])
-    assert sorted(OFFLINE_OBJECTIVES) == [n for n in available_objectives() if trained_by(n) == "flowalign offline"]
+    assert sorted(OFFLINE_OBJECTIVES) == [n for n in available_objectives() if trained_by(n) == OFFLINE_TRAINER]
     for name in ("grpo", "dense_grpo", "tp_grpo", "nft", "awm"):
         assert trained_by(name) == ONLINE_TRAINER
         C.load_config(None, [f"objective.name={name}"])

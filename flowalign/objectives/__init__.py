@@ -9,7 +9,7 @@ import importlib
 import pkgutil
 
 from flowalign.errors import ConfigError
-from flowalign.objectives.base import OBJECTIVES, ONLINE_TRAINER, Objective, OfflineBatch, StepBatch, register_objective, trained_by
+from flowalign.objectives.base import OBJECTIVES, OFFLINE_TRAINER, ONLINE_TRAINER, Objective, OfflineBatch, StepBatch, register_objective, trained_by
 
 # the online per-transition family first (dense_grpo / tp_grpo subclass grpo), then every other module
 from flowalign.objectives import grpo  # noqa: E402,F401
@@ -19,7 +19,7 @@ for _info in pkgutil.iter_modules(__path__):
     if _info.name != "base":
         importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["OBJECTIVES", "ONLINE_TRAINER", "Objective", "OfflineBatch", "StepBatch", "available_objectives", "get_objective",
+__all__ = ["OBJECTIVES", "OFFLINE_TRAINER", "ONLINE_TRAINER", "Objective", "OfflineBatch", "StepBatch", "available_objectives", "get_objective",
            "register_objective", "trained_by"]
 
 

@@ -3,7 +3,7 @@
 Every objective is a class with ``loss(batch, policy, reference) -> (loss, metrics)``:
 
 * ``batch`` is a :class:`StepBatch` (online, per-transition methods: grpo, dense_grpo, tp_grpo,
-  tree_grpo, prdp), an :class:`OfflineBatch` (offline methods on clean samples: gdro,
+  tree_grpo; prdp reads pairs of them, a ``PairBatch``), an :class:`OfflineBatch` (offline methods on clean samples: gdro,
   diffusion_dpo) or a :class:`flowalign.objectives.nft.ForwardBatch` (online methods on freshly
   noised clean samples, any sampler: nft, awm; such a class sets ``forward_process = True``).
 * ``policy(x, sigma) -> v`` and ``reference(x, sigma) -> v`` are velocity functions with the
@@ -94,9 +94,10 @@ class Objective(Protocol):
 OBJECTIVES: dict[str, type] = {}
 
 # What trains an objective: the class attribute ``trained_by`` names it, and an objective without
-# one runs in the online loop (``flowalign train``). gdro / diffusion_dpo say "flowalign offline"
+# one runs in the online loop (``flowalign train``). gdro / diffusion_dpo say OFFLINE_TRAINER
 # (from a ``flowalign generate`` store), prdp names its own loop.
 ONLINE_TRAINER = "flowalign train"
+OFFLINE_TRAINER = "flowalign offline"
 
 
 def trained_by(name: str) -> str:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flowalign.objectives.base import OfflineBatch, VelocityFn, register_objective
+from flowalign.objectives.base import OFFLINE_TRAINER, OfflineBatch, VelocityFn, register_objective
 
 __all__ = [
     "sample_sigmas",
@@ -109,7 +109,7 @@ class DiffusionDPO:
     """
 
     needs_reference = True
-    trained_by = "flowalign offline"  # from a rollout store, not in the online loop (flowalign.objectives.base.ONLINE_TRAINER)
+    trained_by = OFFLINE_TRAINER  # from a rollout store, not in the online loop
 
     def __init__(
         self,

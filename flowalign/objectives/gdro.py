@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from flowalign.objectives.base import OfflineBatch, VelocityFn, register_objective
+from flowalign.objectives.base import OFFLINE_TRAINER, OfflineBatch, VelocityFn, register_objective
 from flowalign.objectives.diffusion_dpo import noised_and_target, sample_group_noise, sample_sigmas, velocity_errors
 
 __all__ = ["implicit_rewards", "plackett_luce_targets", "gdro_listwise_loss", "GDRO"]
@@ -102,7 +102,7 @@ class GDRO:
     """
 
     needs_reference = True
-    trained_by = "flowalign offline"  # from a rollout store, not in the online loop (flowalign.objectives.base.ONLINE_TRAINER)
+    trained_by = OFFLINE_TRAINER  # from a rollout store, not in the online loop
 
     def __init__(
         self,
