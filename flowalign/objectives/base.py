@@ -74,6 +74,12 @@ class Objective(Protocol):
         name: the registry name, set by :func:`register_objective`.
         needs_reference: True when ``loss`` uses ``reference`` (the trainer then evaluates the
             model with the LoRA disabled; False lets it pass ``None`` and skip those forwards).
+
+    Optional class attributes the trainers read:
+        forward_process: True for objectives on freshly re-noised clean samples (``ForwardBatch``:
+            nft, awm), which also set ``num_timesteps`` and ``sigma_sampling``; any sampler works.
+        trained_by: what runs the objective, :data:`ONLINE_TRAINER` when absent; ``flowalign train``
+            refuses the others on load (gdro / diffusion_dpo: :data:`OFFLINE_TRAINER`).
     """
 
     name: str
