@@ -1,4 +1,4 @@
-"""Offline GDRO from one stored generation pass vs online Flow-GRPO: held-out accuracy vs compute.
+"""Offline GDRO (or AWM) from one stored generation pass vs online Flow-GRPO: held-out accuracy vs compute.
 
 Both arms start from the same base model and LoRA settings and are charged for everything they
 run except evaluation: the offline arm pays one generation pass (``flowalign generate``: ODE
@@ -11,7 +11,7 @@ wall-clock seconds and NFE (transformer rows evaluated, CFG counted twice: every
 
 The online arm is the recipe ``train/configs/toy_grpo.yaml`` as it is (only its length, output
 folder and logging are overridden); the offline arm generates with the same model, sampler steps,
-CFG scale and LoRA size, then trains with ``train/configs/toy_gdro.yaml`` (``--offline-set``
+CFG scale and LoRA size, then trains with ``--offline-recipe`` (default ``train/configs/toy_gdro.yaml``; ``--offline-set``
 overrides it). Every held-out evaluation also records the corrected score's quality signal
 (:class:`flowalign.corrected.ImageStatsQuality`, fitted on clean toy renders): mean ``q`` and the
 share of samples with ``q < 0.5``, so an accuracy gain bought with degraded images shows.
@@ -107,7 +107,7 @@ def run_offline(args, records_train, records_eval, reward, workdir: Path) -> lis
     overrides = [f"model.pretrained={online.model.pretrained}", f"lora.rank={online.lora.rank}", f"lora.alpha={online.lora.alpha}",
                  f"store={workdir / 'store'}", f"output_dir={workdir / 'gdro'}", f"seed={args.seed}", "checkpoint_every=0",
                  f"k={args.group}", f"reward={args.reward}"]
-    cfg = load_offline_config(REPO / "train" / "configs" / "toy_gdro.yaml", overrides + list(args.offline_set))
+    cfg = load_offline_config(args.offline_recipe, overrides + list(args.offline_set))
     trainer = OfflineTrainer(cfg, adapter=adapter).setup()
     counter.eval_seconds = 0.0
     t_train = time.perf_counter()
@@ -116,7 +116,7 @@ def run_offline(args, records_train, records_eval, reward, workdir: Path) -> lis
         if tr.step % args.eval_every_offline == 0:
             seconds = gen_seconds + (time.perf_counter() - t_train) - counter.eval_seconds  # training wall time without evals
             acc = held_out_accuracy(adapter, counter, records_eval, reward, args)
-            points.append({"seconds": seconds, "nfe": counter.value, **acc, "phase": f"gdro step {tr.step}",
+            points.append({"seconds": seconds, "nfe": counter.value, **acc, "phase": f"{cfg.objective} step {tr.step}",
                            "loss": metrics["loss"], "implicit_acc": metrics.get("gdro/implicit_acc")})
             logging.info("offline %s", points[-1])
 
@@ -177,7 +177,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--online-recipe", default=str(REPO / "train" / "configs" / "toy_grpo.yaml"), help="the online arm's recipe, used as it is")
     parser.add_argument("--online-iterations", type=int, default=None, help="default: the recipe's train.iterations")
     parser.add_argument("--online-set", action="append", default=[], help="extra --set overrides of the online recipe")
-    parser.add_argument("--offline-set", action="append", default=[], help="--set overrides of train/configs/toy_gdro.yaml")
+    parser.add_argument("--offline-recipe", default=str(REPO / "train" / "configs" / "toy_gdro.yaml"),
+                        help="the offline arm's recipe (toy_gdro.yaml, toy_awm_offline.yaml)")
+    parser.add_argument("--offline-set", action="append", default=[], help="--set overrides of the offline recipe")
     parser.add_argument("--model", default=None, help="default: the online recipe's model.pretrained")
     parser.add_argument("--reward", default=None, help="default: the online recipe's first reward")
     parser.add_argument("--train-prompts", default=str(REPO / "assets" / "prompts" / "shapes_train.jsonl"))
@@ -247,14 +249,14 @@ def main(argv=None) -> dict:
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "note": "shared 2-core machine, run under nice -n 19: seconds depend on the load, NFE does not"},
         "summary": summary,
-        "offline_gdro": offline,
+        f"offline_{args.offline_config.objective}": offline,
         "online_flow_grpo": online,
     }
     if not args.quick:
         RESULTS.mkdir(parents=True, exist_ok=True)
         name = f"offline_vs_online_{Path(args.model).name}_{args.reward}" + (f"_{args.tag}" if args.tag else "")
         (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(table("offline GDRO (one generation pass)", offline))
+    print(table(f"offline {args.offline_config.objective} (one generation pass)", offline))
     if online:
         print()
         print(table("online Flow-GRPO", online))

@@ -283,12 +283,12 @@ def _check_online_objective(name: str) -> None:
     ``flowalign train`` does not run (an offline one, or one with its own loop)."""
     from flowalign.objectives import OFFLINE_TRAINER, ONLINE_TRAINER, available_objectives, trained_by
 
-    online = [n for n in available_objectives() if trained_by(n) == ONLINE_TRAINER]
+    online = [n for n in available_objectives() if ONLINE_TRAINER in trained_by(n)]
     if name not in available_objectives():
         raise ConfigError(f"unknown objective {name!r}; available: {online} (offline: "
-                          f"{[n for n in available_objectives() if trained_by(n) == OFFLINE_TRAINER]})")
-    runner = trained_by(name)
-    if runner != ONLINE_TRAINER:
+                          f"{[n for n in available_objectives() if OFFLINE_TRAINER in trained_by(n)]})")
+    if ONLINE_TRAINER not in trained_by(name):
+        runner = trained_by(name)[0]
         hint = " from a rollout store that `flowalign generate` writes (train/configs/toy_gdro.yaml)" if runner == OFFLINE_TRAINER else ""
         raise ConfigError(f"objective {name!r} is not trained by `{ONLINE_TRAINER}`: use `{runner}`{hint}; "
                           f"the online objectives are {online}")

@@ -136,3 +136,79 @@ def test_awm_training_raises_brightness(tmp_path, lora_brightness_gain):
     gain = lora_brightness_gain(trainer, iterations=10)  # [16]
     assert float(gain.mean()) > 0.0005
     assert float(gain.mean()) > 4 * float(gain.std()) / math.sqrt(gain.numel())
+
+
+# ----------------------------------------------------------------------------- offline (flowalign offline)
+
+
+def test_offline_group_advantages_hand_worked():
+    from flowalign.objectives.awm import offline_group_advantages
+
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0], [0.0, 0.0, 0.0, 3.0]])
+    adv = offline_group_advantages(rewards, eps=1e-4)
+    # group 0: mean 0.5, population std 0.5;  group 1: all equal -> 0;  group 2: mean 0.75, std sqrt(27/16) = 1.299
+    assert adv[0].tolist() == pytest.approx([0.5 / 0.5001, -0.5 / 0.5001, -0.5 / 0.5001, 0.5 / 0.5001])
+    assert adv[1].tolist() == [0.0, 0.0, 0.0, 0.0]
+    std = math.sqrt(27 / 16)
+    assert adv[2].tolist() == pytest.approx([-0.75 / (std + 1e-4)] * 3 + [2.25 / (std + 1e-4)])
+    with pytest.raises(ValueError, match=r"\[P, k\] with k >= 2"):
+        offline_group_advantages(torch.ones(3, 1))
+
+
+def test_offline_loss_hand_worked_against_the_reference_as_old_policy():
+    """One group of two 2-dim samples; policy v = a*x, reference v = x: every number by hand (uniform weighting, no clip)."""
+    from flowalign.objectives.base import OfflineBatch
+
+    x0 = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]], dtype=torch.float64)  # [P=1, k=2, 2]
+    noise = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]], dtype=torch.float64)
+    sigma = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
+    rewards = torch.tensor([[1.0, 0.0]])
+    a = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    obj = get_objective("awm", weighting="uniform", clip_range=10.0, adv_clip=5.0, advantage_max=5.0, adv_eps=1e-12)
+    batch = OfflineBatch(x0=x0, rewards=rewards)
+    loss, metrics = obj.offline_loss(batch, lambda x, s: a * x, lambda x, s: x, sigma=sigma, noise=noise)
+    # x_s = 0.5 x0 + 0.5 eps: row 0 (0.5, 0.5), row 1 (0.5, 1.0); targets eps - x0: (-1, 1), (1, -2)
+    # policy 2 x_s: (1, 1), (1, 2) -> errors mean((2^2, 0^2)) = 2, mean((0^2, 4^2)) = 8
+    # reference x_s: (0.5, 0.5), (0.5, 1) -> errors mean(1.5^2, 0.5^2) = 1.25, mean(0.5^2, 3^2) = 4.625
+    # advantages: rewards (1, 0), mean 0.5, std 0.5 -> (+1, -1) (clip 5, rescale 5/5)
+    # ratios exp(-2 + 1.25) = exp(-0.75), exp(-8 + 4.625) = exp(-3.375); loss mean(-exp(-0.75), +exp(-3.375))
+    expected = 0.5 * (-math.exp(-0.75) + math.exp(-3.375))
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-6)
+    assert metrics["awm/ratio_mean"] == pytest.approx(0.5 * (math.exp(-0.75) + math.exp(-3.375)), rel=1e-6)
+    # velocity gap to the reference: (a - 1) x_s -> mean((0.25, 0.25)) and mean((0.25, 1)) -> 0.25, 0.625 -> 0.4375
+    assert metrics["kl/ref"] == pytest.approx(0.4375)
+    # d loss / d a by hand: d ratio_i / d a = ratio_i * (-d e_i / d a);  e_i = mean_d (a x_s - t)^2
+    # row 0: d e/da = mean(2 (a x_s - t) x_s) = mean(2*2*0.5, 2*0*0.5) = 1;  row 1: mean(2*0*0.5, 2*4*1) = 4
+    # loss = 0.5 (-r0 + r1) -> d/da = 0.5 (r0 * 1 - r1 * 4)
+    loss.backward()
+    assert float(a.grad) == pytest.approx(0.5 * (math.exp(-0.75) * 1 - math.exp(-3.375) * 4), rel=1e-6)
+    # kl_beta adds beta * the same gap, from the same reference forward
+    with_kl, _ = get_objective("awm", weighting="uniform", clip_range=10.0, adv_clip=5.0, advantage_max=5.0, adv_eps=1e-12,
+                               kl_beta=0.1).offline_loss(batch, lambda x, s: 2.0 * x, lambda x, s: x, sigma=sigma, noise=noise)
+    assert float(with_kl) == pytest.approx(expected + 0.1 * 0.4375, rel=1e-6)
+
+
+def test_offline_loss_draws_from_its_generator_and_checks_its_input():
+    from flowalign.objectives.base import OfflineBatch
+
+    x0 = torch.randn(3, 4, 2, 2)
+    batch = OfflineBatch(x0=x0, rewards=torch.rand(3, 4))
+    seen = []
+
+    def policy(x, s):
+        seen.append(s.clone())
+        return x * 1.5
+
+    obj = get_objective("awm", sigma_range=(0.6, 0.9), generator=torch.Generator().manual_seed(3))
+    loss_a, metrics = obj.loss(batch, policy, lambda x, s: x)  # loss() dispatches an OfflineBatch
+    assert seen[0].shape == (12,) and bool(((seen[0] >= 0.6) & (seen[0] <= 0.9)).all())
+    assert 0.6 <= metrics["awm/sigma_mean"] <= 0.9
+    again = get_objective("awm", sigma_range=(0.6, 0.9), generator=torch.Generator().manual_seed(3)).loss(batch, policy, lambda x, s: x)[0]
+    assert float(again) == float(loss_a)  # the same seed draws the same sigmas and noises
+    with pytest.raises(ValueError, match="needs the reference"):
+        obj.loss(batch, policy, None)
+    with pytest.raises(ValueError, match=r"rewards \[P, k\]"):
+        obj.loss(OfflineBatch(x0=x0, rewards=torch.rand(3, 3)), policy, lambda x, s: x)
+    for bad in [(0.5, 0.5), (-0.1, 1.0), (0.2, 1.1)]:
+        with pytest.raises(ValueError, match="sigma_range"):
+            get_objective("awm", sigma_range=bad)

@@ -82,6 +82,10 @@ def test_offline_recipes_load_and_fit_together():
     assert off.reward in ("shapes", "shapes/partial")
     objective = get_objective("gdro", **kw)  # every key is an argument of GDRO
     assert (objective.tau, objective.beta, objective.gamma) == (0.05, 6.0, 1.0)
+    awm = load_offline_config(CONFIGS / "toy_awm_offline.yaml")
+    assert awm.store == gen.output_dir and awm.objective == "awm" and awm.k <= gen.samples_per_prompt
+    objective = get_objective("awm", **awm.objective_kwargs)  # every key is an argument of AWM
+    assert objective.sigma_range == (0.8, 1.0) and objective.weighting == "ghuber" and objective.clip_range == 0.2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +198,7 @@ def test_generate_rerun_with_another_t5_cache_size_is_the_same_store(tiny_store,
     assert cli.main(["generate", "--config", str(gen), "--set", "model.t5_cache_size=0"]) == 0, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kind, recipe", [("offline", "toy_gdro.yaml"), ("generate", "toy_generate.yaml")])
+@pytest.mark.parametrize("kind, recipe", [("offline", "toy_gdro.yaml"), ("offline", "toy_awm_offline.yaml"), ("generate", "toy_generate.yaml")])
 def test_config_prints_offline_and_generate_recipes_that_read_back(kind, recipe, tmp_path, capsys):
     import dataclasses
 

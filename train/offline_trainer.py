@@ -1,4 +1,4 @@
-"""Offline recipe: GDRO / Diffusion-DPO with LoRA from a rollout store (DESIGN.md §8, §9).
+"""Offline recipe: GDRO / Diffusion-DPO / AWM with LoRA from a rollout store (DESIGN.md §8, §9).
 
     flowalign generate --config train/configs/toy_generate.yaml   # once: samples + rewards -> store
     flowalign offline --config train/configs/toy_gdro.yaml        # any number of times
@@ -46,7 +46,7 @@ from flowalign.train.run_log import RunLogger
 logger = logging.getLogger(__name__)
 
 __all__ = ["OfflineConfig", "OfflineTrainer", "load_offline_config", "prepare_offline_dir", "main"]
-OFFLINE_OBJECTIVES = ("gdro", "diffusion_dpo")
+OFFLINE_OBJECTIVES = ("awm", "diffusion_dpo", "gdro")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -56,7 +56,7 @@ def _check(condition: bool, message: str) -> None:
 
 @dataclass
 class OfflineConfig:
-    """An offline (GDRO / Diffusion-DPO) run over a rollout store."""
+    """An offline (GDRO / Diffusion-DPO / AWM) run over a rollout store."""
 
     model: ModelConfig = field(default_factory=lambda: ModelConfig(pretrained="toy"), metadata={"help": "The pipeline the store was generated with."})
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(rank=8, alpha=16.0), metadata={"help": "LoRA settings."})
@@ -401,17 +401,22 @@ class OfflineTrainer(OptimizerViews):
 
     def write_training_curve(self) -> Optional[Path]:
         """``training_curve.png`` from ``metrics.csv``: the loss, and the implicit-reward accuracy
-        and margin of GDRO / Diffusion-DPO. None (with a warning) when there is nothing to plot."""
+        and margin of GDRO / Diffusion-DPO (AWM: the likelihood ratio to the base model, its clipped
+        fraction and the velocity gap to the base). None (with a warning) when there is nothing to plot."""
         from flowalign.plots import metric_panels
 
         csv_path = self.run_dir / "metrics.csv"
         if not csv_path.is_file():
             logger.warning("no metrics.csv in %s: no training_curve.png", self.run_dir)
             return None
-        prefix = "gdro" if self.config.objective == "gdro" else "dpo"
-        panels = [("loss", ["loss"]),
-                  ("implicit reward: ranking accuracy", [f"{prefix}/implicit_acc"]),
-                  ("implicit reward", [f"{prefix}/implicit_reward_mean", f"{prefix}/margin"])]
+        if self.config.objective == "awm":
+            panels = [("loss", ["loss"]), ("likelihood ratio to the base (mean)", ["awm/ratio_mean"]),
+                      ("clipped fraction", ["awm/clipfrac"]), ("velocity gap to the base", ["kl/ref"])]
+        else:
+            prefix = "gdro" if self.config.objective == "gdro" else "dpo"
+            panels = [("loss", ["loss"]),
+                      ("implicit reward: ranking accuracy", [f"{prefix}/implicit_acc"]),
+                      ("implicit reward", [f"{prefix}/implicit_reward_mean", f"{prefix}/margin"])]
         return metric_panels(csv_path, self.run_dir / "training_curve.png", panels, x="step")
 
     def close(self) -> None:

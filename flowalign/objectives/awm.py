@@ -31,10 +31,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from flowalign.objectives.base import VelocityFn, register_objective
+from flowalign.objectives.base import OFFLINE_TRAINER, ONLINE_TRAINER, OfflineBatch, VelocityFn, register_objective
+from flowalign.objectives.diffusion_dpo import noised_and_target
 from flowalign.objectives.nft import SIGMA_SAMPLING, ForwardBatch, add_reference_penalty, forward_rows
 
-__all__ = ["WEIGHTINGS", "matching_log_likelihood", "awm_policy_loss", "AdvantageWeightedMatching"]
+__all__ = ["WEIGHTINGS", "matching_log_likelihood", "awm_policy_loss", "offline_group_advantages", "AdvantageWeightedMatching"]
 
 WEIGHTINGS = ("uniform", "t", "t2", "ghuber")
 _DELTA = 1e-10
@@ -75,9 +76,21 @@ def awm_policy_loss(log_lik: Tensor, old_log_lik: Tensor, advantages: Tensor, cl
     return torch.maximum(unclipped, clipped), ratio
 
 
+def offline_group_advantages(rewards: Tensor, eps: float = 1e-4) -> Tensor:
+    """Advantages of an offline batch's groups: ``(r - mean) / (std + eps)`` along ``k`` (population std), ``[P, k]`` fp64.
+
+    A group whose rewards are all equal gets exactly 0 (its std is 0 and so is every ``r - mean``)."""
+    if rewards.ndim != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"rewards must be [P, k] with k >= 2, got {tuple(rewards.shape)}")
+    r = rewards.double()
+    centred = r - r.mean(dim=1, keepdim=True)
+    return centred / (r.std(dim=1, unbiased=False, keepdim=True) + eps)
+
+
 @register_objective("awm")
 class AdvantageWeightedMatching:
-    """AWM objective (arXiv 2509.25050) over a :class:`~flowalign.objectives.nft.ForwardBatch`; see the module docstring.
+    """AWM objective (arXiv 2509.25050) over a :class:`~flowalign.objectives.nft.ForwardBatch` (``flowalign train``)
+    or an :class:`~flowalign.objectives.base.OfflineBatch` (``flowalign offline``); see the module docstring.
 
     Args:
         num_timesteps: forward-process draws per sample and iteration (read by the trainer).
@@ -89,16 +102,23 @@ class AdvantageWeightedMatching:
             step per iteration ``ρ = 1`` and the clip never acts).
         kl_beta: weight of ``mean ‖v_θ - v_ref‖²`` to the reference (LoRA off); official 0.003.
         adv_clip: ``c`` of the advantage clip.
+        sigma_range: offline only: ``s ~ U(sigma_range)`` per row and step (online, the trainer draws the sigmas).
+        adv_eps: offline only: ``eps`` of the within-group advantage normalisation.
+        generator: offline only: the ``torch.Generator`` of the sigma and noise draws (the offline trainer's).
     """
 
     name = "awm"
-    forward_process = True  # the trainer builds ForwardBatch rows from clean samples
+    forward_process = True  # online, the trainer builds ForwardBatch rows from clean samples
+    trained_by = (ONLINE_TRAINER, OFFLINE_TRAINER)  # offline: groups of a rollout store (OfflineBatch)
 
     def __init__(self, num_timesteps: int = 2, sigma_sampling: str = "grid", weighting: str = "ghuber", ghuber_power: float = 0.25,
-                 advantage_max: float = 1.0, clip_range: float = 1.0, kl_beta: float = 0.0, adv_clip: float = 5.0):
-        if num_timesteps < 1 or adv_clip <= 0 or advantage_max <= 0 or clip_range <= 0 or kl_beta < 0:
-            raise ValueError(f"need num_timesteps >= 1, adv_clip > 0, advantage_max > 0, clip_range > 0, kl_beta >= 0; got "
-                             f"{num_timesteps}, {adv_clip}, {advantage_max}, {clip_range}, {kl_beta}")
+                 advantage_max: float = 1.0, clip_range: float = 1.0, kl_beta: float = 0.0, adv_clip: float = 5.0,
+                 sigma_range: tuple[float, float] = (0.0, 1.0), adv_eps: float = 1e-4, generator: Optional[torch.Generator] = None):
+        if num_timesteps < 1 or adv_clip <= 0 or advantage_max <= 0 or clip_range <= 0 or kl_beta < 0 or adv_eps <= 0:
+            raise ValueError(f"need num_timesteps >= 1, adv_clip > 0, advantage_max > 0, clip_range > 0, kl_beta >= 0, adv_eps > 0; got "
+                             f"{num_timesteps}, {adv_clip}, {advantage_max}, {clip_range}, {kl_beta}, {adv_eps}")
+        if len(sigma_range) != 2 or not 0.0 <= float(sigma_range[0]) < float(sigma_range[1]) <= 1.0:
+            raise ValueError(f"sigma_range must be (low, high) with 0 <= low < high <= 1, got {sigma_range}")
         if sigma_sampling not in SIGMA_SAMPLING:
             raise ValueError(f"sigma_sampling={sigma_sampling!r}; choose one of {SIGMA_SAMPLING}")
         if weighting not in WEIGHTINGS:
@@ -113,14 +133,20 @@ class AdvantageWeightedMatching:
         self.clip_range = float(clip_range)
         self.kl_beta = float(kl_beta)
         self.adv_clip = float(adv_clip)
+        self.sigma_range = (float(sigma_range[0]), float(sigma_range[1]))
+        self.adv_eps = float(adv_eps)
+        self.generator = generator
 
     @property
     def needs_reference(self) -> bool:
-        """Only the KL term (``kl_beta > 0``) reads the reference."""
+        """Online, only the KL term (``kl_beta > 0``) reads the reference (offline it is the old policy too)."""
         return self.kl_beta > 0
 
-    def loss(self, batch: ForwardBatch, policy: VelocityFn, reference: Optional[VelocityFn] = None) -> tuple[Tensor, dict[str, float]]:
-        """Mean loss over the rows of ``batch``; ``policy(x, sigma[B]) -> v`` with grad."""
+    def loss(self, batch, policy: VelocityFn, reference: Optional[VelocityFn] = None) -> tuple[Tensor, dict[str, float]]:
+        """Mean loss over the rows of ``batch`` (a ForwardBatch, or an OfflineBatch: :meth:`offline_loss`);
+        ``policy(x, sigma[B]) -> v`` with grad."""
+        if isinstance(batch, OfflineBatch):
+            return self.offline_loss(batch, policy, reference)
         # 1. forward process: x_s = (1 - s) x0 + s eps, target v = eps - x0; the trained and the old velocity
         x_s, v_target, v_theta, v_old = forward_rows(batch, policy)  # [B, *latent] each
         # 2. the flow-matching log-likelihood surrogate of the trained and the sampling policy
@@ -128,7 +154,7 @@ class AdvantageWeightedMatching:
         with torch.no_grad():
             old_log_lik = matching_log_likelihood(v_old, v_target, batch.sigma, self.weighting, self.ghuber_power)  # [B]
         # 3. advantage-weighted, PPO-clipped surrogate
-        adv = batch.advantages.double().clamp(-self.adv_clip, self.adv_clip) * (self.advantage_max / self.adv_clip)  # [B]
+        adv = self._clipped_advantages(batch.advantages)  # [B]
         per_row, ratio = awm_policy_loss(log_lik, old_log_lik, adv, self.clip_range)
         loss = per_row.mean().float()
         with torch.no_grad():
@@ -140,5 +166,58 @@ class AdvantageWeightedMatching:
             }
         # 4. optional penalty to the reference (the official code's uniform ‖v_θ - v_ref‖²)
         loss = add_reference_penalty(loss, metrics, v_theta, x_s, batch.sigma, reference, self.kl_beta)
+        metrics["loss/total"] = float(loss.detach())
+        return loss, metrics
+
+    def _clipped_advantages(self, advantages: Tensor) -> Tensor:
+        """``Â = clip(A, -c, c) · advantage_max / c`` in fp64."""
+        return advantages.double().clamp(-self.adv_clip, self.adv_clip) * (self.advantage_max / self.adv_clip)
+
+    def offline_loss(self, batch: OfflineBatch, policy: VelocityFn, reference: Optional[VelocityFn],
+                     sigma: Optional[Tensor] = None, noise: Optional[Tensor] = None) -> tuple[Tensor, dict[str, float]]:
+        """The loss over an :class:`OfflineBatch` (``x0 [P, k, *latent]``, ``rewards [P, k]``), the old policy being
+        ``reference`` (module docstring). ``policy`` / ``reference`` are called once on all ``P·k`` rows ``p·k + j``.
+
+        ``sigma [P, k]`` and ``noise [P, k, *latent]`` may be passed (tests); else they are drawn from ``generator``.
+        """
+        if reference is None:
+            raise ValueError("offline AWM needs the reference velocity (the policy that generated the store)")
+        x0 = batch.x0
+        if x0.dim() < 3 or batch.rewards.shape != x0.shape[:2]:
+            raise ValueError(f"OfflineBatch: x0 must be [P, k, *latent] and rewards [P, k]; got {tuple(x0.shape)}, {tuple(batch.rewards.shape)}")
+        P, k = x0.shape[:2]
+        gen_device = self.generator.device if self.generator is not None else "cpu"
+        if sigma is None:
+            low, high = self.sigma_range
+            sigma = low + (high - low) * torch.rand((P, k), generator=self.generator, device=gen_device)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=self.generator, device=gen_device, dtype=torch.float32)
+        flat_sigma = sigma.to(x0.device).reshape(P * k)
+        # 1. forward process of every stored sample: x_s = (1 - s) x0 + s eps, target v = eps - x0
+        x_s, v_target = noised_and_target(x0.flatten(0, 1), noise.to(device=x0.device, dtype=x0.dtype).flatten(0, 1), flat_sigma)
+        v_theta = policy(x_s, flat_sigma)  # [P*k, *latent]
+        with torch.no_grad():
+            v_ref = reference(x_s, flat_sigma)
+        # 2. likelihood surrogates of the trained and of the generating (reference) policy
+        log_lik = matching_log_likelihood(v_theta, v_target, flat_sigma, self.weighting, self.ghuber_power)  # [P*k]
+        with torch.no_grad():
+            ref_log_lik = matching_log_likelihood(v_ref, v_target, flat_sigma, self.weighting, self.ghuber_power)
+        # 3. within-group advantages and the clipped surrogate
+        adv = self._clipped_advantages(offline_group_advantages(batch.rewards.to(x0.device), self.adv_eps).reshape(P * k))
+        per_row, ratio = awm_policy_loss(log_lik, ref_log_lik, adv, self.clip_range)
+        loss = per_row.mean().float()
+        with torch.no_grad():
+            metrics = {
+                "loss/policy": float(loss),
+                "awm/ratio_mean": float(ratio.mean()),
+                "awm/clipfrac": float(((ratio - 1.0).abs() > self.clip_range).double().mean()),
+                "awm/fm_error": float((v_theta.float() - v_target.float()).pow(2).mean()),
+                "awm/sigma_mean": float(flat_sigma.float().mean()),
+            }
+            kl = (v_theta.float() - v_ref.float()).pow(2).flatten(1).mean(dim=1).mean()
+            metrics["kl/ref"] = float(kl)
+        # 4. optional penalty to the reference, from the same reference forward
+        if self.kl_beta > 0:
+            loss = loss + self.kl_beta * (v_theta.float() - v_ref.float()).pow(2).flatten(1).mean(dim=1).mean()
         metrics["loss/total"] = float(loss.detach())
         return loss, metrics

@@ -78,8 +78,9 @@ class Objective(Protocol):
     Optional class attributes the trainers read:
         forward_process: True for objectives on freshly re-noised clean samples (``ForwardBatch``:
             nft, awm), which also set ``num_timesteps`` and ``sigma_sampling``; any sampler works.
-        trained_by: what runs the objective, :data:`ONLINE_TRAINER` when absent; ``flowalign train``
-            refuses the others on load (gdro / diffusion_dpo: :data:`OFFLINE_TRAINER`).
+        trained_by: what runs the objective (one name, or a tuple of them: awm runs in both
+            trainers), :data:`ONLINE_TRAINER` when absent; ``flowalign train`` refuses, on load, an
+            objective it does not run (gdro / diffusion_dpo: :data:`OFFLINE_TRAINER`).
     """
 
     name: str
@@ -99,16 +100,17 @@ class Objective(Protocol):
 
 OBJECTIVES: dict[str, type] = {}
 
-# What trains an objective: the class attribute ``trained_by`` names it, and an objective without
-# one runs in the online loop (``flowalign train``). gdro / diffusion_dpo say OFFLINE_TRAINER
-# (from a ``flowalign generate`` store), prdp names its own loop.
+# What trains an objective: the class attribute ``trained_by`` names it (or them), and an objective
+# without one runs in the online loop (``flowalign train``). gdro / diffusion_dpo say OFFLINE_TRAINER
+# (from a ``flowalign generate`` store), awm says both, prdp names its own loop.
 ONLINE_TRAINER = "flowalign train"
 OFFLINE_TRAINER = "flowalign offline"
 
 
-def trained_by(name: str) -> str:
-    """What trains the registered objective ``name``: :data:`ONLINE_TRAINER` unless its class says otherwise."""
-    return getattr(OBJECTIVES[name], "trained_by", ONLINE_TRAINER)
+def trained_by(name: str) -> tuple[str, ...]:
+    """What trains the registered objective ``name``: ``(ONLINE_TRAINER,)`` unless its class says otherwise."""
+    runners = getattr(OBJECTIVES[name], "trained_by", ONLINE_TRAINER)
+    return (runners,) if isinstance(runners, str) else tuple(runners)
 
 
 def register_objective(name: str):
