@@ -102,9 +102,27 @@ def test_reference_penalty_and_old_velocity_hand_worked():
         obj.loss(batch, lambda x, s: torch.zeros_like(x), None)
 
 
+def test_ema_penalty_hand_worked():
+    x0 = torch.tensor([[1.0, 0.0]])
+    eps = torch.tensor([[0.0, 1.0]])  # target v = (-1, 1)
+    sigma = torch.tensor([0.5])
+    obj = get_objective("awm", weighting="uniform", clip_range=0.1, adv_clip=5.0, ema_beta=0.25)
+    assert obj.needs_ema and not obj.needs_reference
+    batch = ForwardBatch(x0=x0, noise=eps, sigma=sigma, advantages=torch.tensor([5.0]), v_old=torch.tensor([[-1.0, 1.0]]),
+                         v_ema=torch.tensor([[2.0, 0.0]]))
+    # as the reference test: policy (0, 0), ratio e^-1 -> -0.3679;  EMA gap ((0-2)^2 + 0^2)/2 = 2 -> + 0.25 * 2
+    loss, metrics = obj.loss(batch, lambda x, s: torch.zeros_like(x))
+    assert loss.item() == pytest.approx(-math.exp(-1.0) + 0.5, abs=1e-6)
+    assert metrics["awm/ema_gap"] == pytest.approx(2.0)
+    batch.v_ema = None
+    with pytest.raises(ValueError, match="v_ema"):
+        obj.loss(batch, lambda x, s: torch.zeros_like(x))
+    assert not get_objective("awm").needs_ema
+
+
 def test_constructor_rejects_bad_arguments():
     for kwargs in ({"weighting": "l1"}, {"ghuber_power": 0.0}, {"ghuber_power": 1.5}, {"num_timesteps": 0},
-                   {"sigma_sampling": "logit"}, {"advantage_max": 0.0}, {"clip_range": 0.0}, {"kl_beta": -1.0}):
+                   {"sigma_sampling": "logit"}, {"advantage_max": 0.0}, {"clip_range": 0.0}, {"kl_beta": -1.0}, {"ema_beta": -0.1}):
         with pytest.raises(ConfigError):
             get_objective("awm", **kwargs)
 
@@ -126,6 +144,41 @@ def test_awm_runs_in_the_trainer_with_ode_rollouts(tmp_path):
     metrics = trainer.run_iteration()
     assert metrics["optim/steps"] == 1.0 and metrics["awm/ratio_mean"] == pytest.approx(1.0)
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.params))
+
+
+def test_ema_penalty_in_the_trainer_reads_the_ema_weights(tmp_path):
+    """ema_beta needs train.ema; the trainer fills v_ema with the LoRA's EMA weights: equal to the trained ones
+    before the first step (gap 0), behind them after it (gap > 0, and the same velocity as the weights set by hand)."""
+    from flowalign.train import forward_process as fp
+    from flowalign.train.trainer import velocity_fns
+
+    base = AWM_FAST + [f"train.output_dir={tmp_path}", "train.grad_accum=4", "train.lr=1e-2",
+                       "objective.kwargs={num_timesteps: 2, weighting: t, ema_beta: 0.1}"]
+    with pytest.raises(ConfigError, match="set train.ema=true"):
+        Trainer(load_config(None, base)).setup()
+    trainer = Trainer(load_config(None, base + ["train.ema=true", "train.ema_decay=0.5"])).setup()
+    first = trainer.run_iteration()
+    assert first["awm/ema_gap"] == 0.0  # the EMA starts at the initial weights, which the first step starts from
+    trainer.iteration += 1
+    second = trainer.run_iteration()
+    assert second["awm/ema_gap"] > 0.0
+    # an independent EMA velocity: copy the shadow weights in by hand, evaluate, restore
+    batch = trainer.collect()
+    plan = trainer._plan(batch)
+    trainer._prepare_forward_draws(batch, plan, optimizer_steps=1)
+    index, j = plan[0]
+    rows = trainer._make_batch(batch, index, j)
+    saved = [p.detach().clone() for p in trainer.params]
+    with torch.no_grad():
+        for p, shadow in zip(trainer.params, trainer.optim.ema.shadow):
+            p.copy_(shadow)
+        cond = trainer.conditioning.policy(batch, index, requires_grad=False)
+        by_hand = velocity_fns(trainer.adapter, cond, 1.0, False)[0](fp.noised(rows), rows.sigma)
+        for p, value in zip(trainer.params, saved):
+            p.copy_(value)
+    assert torch.allclose(rows.v_ema, by_hand, atol=1e-6)
+    assert all(torch.equal(p, value) for p, value in zip(trainer.params, saved))  # the trained weights came back
+    assert not torch.allclose(rows.v_ema, velocity_fns(trainer.adapter, cond, 1.0, False)[0](fp.noised(rows), rows.sigma).detach())
 
 
 def test_awm_training_raises_brightness(tmp_path, lora_brightness_gain):

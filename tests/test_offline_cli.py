@@ -170,6 +170,16 @@ def test_missing_store_and_config_are_one_line_errors(tmp_path, capsys):
     assert cli.main(["offline", "--set", f"store={tmp_path / 'nostore'}", "--set", f"output_dir={tmp_path / 'run'}"]) == 2
     assert "not a rollout store" in _one_error_line(capsys)
     assert not (tmp_path / "run").exists()
+    # objective arguments are checked when the recipe loads, before the store is opened
+    assert cli.main(["offline", "--config", str(CONFIGS / "toy_awm_offline.yaml"), "--set", f"store={tmp_path / 'nostore'}",
+                     "--set", "objective_kwargs.sigma_range=[0.9, 0.5]", "--set", f"output_dir={tmp_path / 'run'}"]) == 2
+    assert "for objective 'awm'" in (line := _one_error_line(capsys)) and "sigma_range must be (low, high)" in line
+    assert cli.main(["offline", "--config", str(CONFIGS / "toy_awm_offline.yaml"), "--set", f"store={tmp_path / 'nostore'}",
+                     "--set", "objective_kwargs.tau=0.1"]) == 2
+    assert "for objective 'awm'" in (line := _one_error_line(capsys)) and "'tau'" in line  # GDRO's key, not AWM's
+    assert cli.main(["offline", "--config", str(CONFIGS / "toy_awm_offline.yaml"), "--set", f"store={tmp_path / 'nostore'}",
+                     "--set", "objective_kwargs.ema_beta=0.1"]) == 2
+    assert "ema_beta needs the EMA of the online trainer" in _one_error_line(capsys)
     from flowalign.train import offline_trainer
 
     assert offline_trainer.main(["--config", str(tmp_path / "none.yaml")]) == 2  # python -m flowalign.train.offline_trainer

@@ -65,7 +65,7 @@ def make_forward_batch(traj, advantages: Tensor, draws: ForwardDraws, index: Ten
     )
 
 
-def _noised(fb) -> Tensor:
+def noised(fb) -> Tensor:
     """``x_s = (1 - s)·x0 + s·ε`` of a ForwardBatch's rows (the objective recomputes the same)."""
     from flowalign.objectives.diffusion_dpo import noised_and_target
 
@@ -84,12 +84,12 @@ def old_velocities(traj, advantages: Tensor, draws: ForwardDraws, plan: list, ve
     v_old = torch.zeros_like(draws.noise)  # [B, T, *latent]
     for index, j in plan:
         fb = make_forward_batch(traj, advantages, draws, index, j, device)
-        v_old[index, j] = velocity_for(index)(_noised(fb), fb.sigma).float().cpu()
+        v_old[index, j] = velocity_for(index)(noised(fb), fb.sigma).float().cpu()
     draws.v_old = v_old
 
 
 @torch.no_grad()
 def reference_gap(fb, policy: Callable, reference: Callable) -> float:
     """Diagnostic ``mean ‖v_θ - v_ref‖²`` (mean over latent dims and rows) at the rows of ``fb``."""
-    x_s = _noised(fb)
+    x_s = noised(fb)
     return float((policy(x_s, fb.sigma).float() - reference(x_s, fb.sigma).float()).pow(2).flatten(1).mean(dim=1).mean())

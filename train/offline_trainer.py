@@ -97,6 +97,17 @@ class OfflineConfig:
         _check(self.lr_warmup >= 0 and 0.0 <= self.lr_min_ratio <= 1.0, f"need lr_warmup >= 0 and lr_min_ratio in [0, 1]; got {self.lr_warmup}, {self.lr_min_ratio}")
         for backend in self.log_with:
             _check(backend in LOG_BACKENDS, f"log_with entry {backend!r} is not one of {list(LOG_BACKENDS)}")
+        _check_objective_kwargs(self.objective, self.objective_kwargs)
+
+
+def _check_objective_kwargs(objective: str, kwargs: dict) -> None:
+    """ConfigError, when the recipe loads (before the store or the model), for ``objective_kwargs`` the
+    objective's constructor does not take or refuses (building an objective loads nothing)."""
+    from flowalign.objectives import get_objective
+
+    built = get_objective(objective, **kwargs)  # ConfigError: "bad arguments {...} for objective 'awm': ..."
+    _check(not getattr(built, "needs_ema", False), f"objective_kwargs of {objective}: ema_beta needs the EMA of the online trainer "
+                                                   "(flowalign train with train.ema); flowalign offline keeps none")
 
 
 def load_offline_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> OfflineConfig:

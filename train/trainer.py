@@ -411,10 +411,22 @@ class Trainer(OptimizerViews):
                               lambda index: self.velocity_fns(batch.cond.select(index.to(self.device)))[0], self.device)
 
     def _make_batch(self, batch: Batch, index: Tensor, k: int):
-        """The objective's rows for micro-batch ``(index, k)``: a StepBatch of step k, or a ForwardBatch of draw k."""
+        """The objective's rows for micro-batch ``(index, k)``: a StepBatch of step k, or a ForwardBatch of draw k
+        (with ``v_ema``, the velocity of the LoRA's EMA weights, when the objective ``needs_ema``)."""
         if self.forward_process:
-            return fp.make_forward_batch(batch.traj, batch.advantages, self._draws, index, k, self.device)
+            rows = fp.make_forward_batch(batch.traj, batch.advantages, self._draws, index, k, self.device)
+            if getattr(self.objective, "needs_ema", False):
+                rows.v_ema = self._ema_velocity(batch, index, rows)
+            return rows
         return make_step_batch(batch, index, k, self.config.sampling.log_prob_reduce, self.device)
+
+    @torch.no_grad()
+    def _ema_velocity(self, batch: Batch, index: Tensor, rows) -> Tensor:
+        """The velocity at the rows' ``x_s`` with every LoRA (text encoders included: the prompts are re-encoded)
+        holding its EMA weights (``train.ema``), training's CFG."""
+        with self.optim.ema.applied():
+            cond = self.conditioning.policy(batch, index, requires_grad=False)
+            return velocity_fns(self.adapter, cond, self._train_guidance(), False)[0](fp.noised(rows), rows.sigma)
 
     @torch.no_grad()
     def _reference_kl(self, batch: Batch, index: Tensor, k: int) -> float:

@@ -123,6 +123,9 @@ def build_objective(config: FlowalignConfig) -> ObjectiveParts:
 
     ocfg = config.objective
     objective = get_objective(ocfg.name, clip_range=ocfg.clip_range, kl_beta=ocfg.kl_beta, adv_clip=ocfg.adv_clip, **ocfg.kwargs)
+    if getattr(objective, "needs_ema", False) and not config.train.ema:
+        raise ConfigError(f"objective {ocfg.name!r} with ema_beta > 0 penalises the distance to the EMA of the LoRA: set train.ema=true "
+                          "(train.ema_decay sets how fast it follows)")
     dense = ocfg.name in DENSE_OBJECTIVES
     table_file = config.dense.noise_table_file if dense else None
     if table_file and (Path(table_file).is_file() or config.dense.calibration_rounds == 0):

@@ -17,12 +17,16 @@ policy's (``ℓ_old`` at the same ``x_s``; the official "exp_first" form, one ra
     ρ_i = exp(ℓ_i - ℓ_old_i)
     Â_i = clip(A_i, -c, c) · advantage_max / c
     L   = mean_i max(-Â_i·ρ_i, -Â_i·clip(ρ_i, 1 - ε, 1 + ε))  +  kl_beta · mean_i mean_d (v_θ - v_ref)²
+                                                               +  ema_beta · mean_i mean_d (v_θ - v_ema)²
 
 At ``v_θ = v_old`` (one optimizer step per iteration: ``ρ = 1``) the gradient is
 ``mean_i Â_i·w(s_i)·φ'(e_i)·∇e_i``: flow matching towards the sample's own target, weighted by its
 advantage (a better-than-group sample pulls, a worse one pushes). The generalised Huber weighting
 (``p < 1``) shrinks the pull of rows whose error is already large, as DiffusionNFT's adaptive
-weighting does. Left out: the official recipe's extra penalty to a fast EMA of the policy.
+weighting does. The last term is the official recipe's penalty to the EMA of the trained LoRA
+(``v_ema``: the policy with ``train.ema``'s averaged weights, ``train.ema_decay``; the trainer fills
+``ForwardBatch.v_ema`` when ``ema_beta > 0``): a trust region around the recent policies rather than
+around the base model.
 """
 from __future__ import annotations
 
@@ -101,6 +105,7 @@ class AdvantageWeightedMatching:
         clip_range: PPO clip ``ε`` on the ratio (official: 1, i.e. barely clipped; with one optimizer
             step per iteration ``ρ = 1`` and the clip never acts).
         kl_beta: weight of ``mean ‖v_θ - v_ref‖²`` to the reference (LoRA off); official 0.003.
+        ema_beta: online only: weight of ``mean ‖v_θ - v_ema‖²`` to the EMA of the trained LoRA (needs ``train.ema``).
         adv_clip: ``c`` of the advantage clip.
         sigma_range: offline only: ``s ~ U(sigma_range)`` per row and step (online, the trainer draws the sigmas).
         adv_eps: offline only: ``eps`` of the within-group advantage normalisation.
@@ -113,10 +118,11 @@ class AdvantageWeightedMatching:
 
     def __init__(self, num_timesteps: int = 2, sigma_sampling: str = "grid", weighting: str = "ghuber", ghuber_power: float = 0.25,
                  advantage_max: float = 1.0, clip_range: float = 1.0, kl_beta: float = 0.0, adv_clip: float = 5.0,
-                 sigma_range: tuple[float, float] = (0.0, 1.0), adv_eps: float = 1e-4, generator: Optional[torch.Generator] = None):
-        if num_timesteps < 1 or adv_clip <= 0 or advantage_max <= 0 or clip_range <= 0 or kl_beta < 0 or adv_eps <= 0:
-            raise ValueError(f"need num_timesteps >= 1, adv_clip > 0, advantage_max > 0, clip_range > 0, kl_beta >= 0, adv_eps > 0; got "
-                             f"{num_timesteps}, {adv_clip}, {advantage_max}, {clip_range}, {kl_beta}, {adv_eps}")
+                 sigma_range: tuple[float, float] = (0.0, 1.0), adv_eps: float = 1e-4, generator: Optional[torch.Generator] = None,
+                 ema_beta: float = 0.0):
+        if num_timesteps < 1 or adv_clip <= 0 or advantage_max <= 0 or clip_range <= 0 or kl_beta < 0 or adv_eps <= 0 or ema_beta < 0:
+            raise ValueError(f"need num_timesteps >= 1, adv_clip > 0, advantage_max > 0, clip_range > 0, kl_beta >= 0, adv_eps > 0, "
+                             f"ema_beta >= 0; got {num_timesteps}, {adv_clip}, {advantage_max}, {clip_range}, {kl_beta}, {adv_eps}, {ema_beta}")
         if len(sigma_range) != 2 or not 0.0 <= float(sigma_range[0]) < float(sigma_range[1]) <= 1.0:
             raise ValueError(f"sigma_range must be (low, high) with 0 <= low < high <= 1, got {sigma_range}")
         if sigma_sampling not in SIGMA_SAMPLING:
@@ -136,11 +142,17 @@ class AdvantageWeightedMatching:
         self.sigma_range = (float(sigma_range[0]), float(sigma_range[1]))
         self.adv_eps = float(adv_eps)
         self.generator = generator
+        self.ema_beta = float(ema_beta)
 
     @property
     def needs_reference(self) -> bool:
         """Online, only the KL term (``kl_beta > 0``) reads the reference (offline it is the old policy too)."""
         return self.kl_beta > 0
+
+    @property
+    def needs_ema(self) -> bool:
+        """Whether the trainer must fill ``ForwardBatch.v_ema`` (the EMA penalty, ``ema_beta > 0``)."""
+        return self.ema_beta > 0
 
     def loss(self, batch, policy: VelocityFn, reference: Optional[VelocityFn] = None) -> tuple[Tensor, dict[str, float]]:
         """Mean loss over the rows of ``batch`` (a ForwardBatch, or an OfflineBatch: :meth:`offline_loss`);
@@ -166,6 +178,13 @@ class AdvantageWeightedMatching:
             }
         # 4. optional penalty to the reference (the official code's uniform ‖v_θ - v_ref‖²)
         loss = add_reference_penalty(loss, metrics, v_theta, x_s, batch.sigma, reference, self.kl_beta)
+        # 5. optional penalty to the EMA of the trained LoRA (the official recipe's second KL term)
+        if self.ema_beta > 0:
+            if batch.v_ema is None:
+                raise ValueError("ema_beta > 0 needs ForwardBatch.v_ema (the trainer fills it when train.ema is on)")
+            ema_gap = (v_theta.float() - batch.v_ema.detach().float()).pow(2).flatten(1).mean(dim=1).mean()
+            metrics["awm/ema_gap"] = float(ema_gap.detach())
+            loss = loss + self.ema_beta * ema_gap
         metrics["loss/total"] = float(loss.detach())
         return loss, metrics
 

@@ -52,6 +52,8 @@ class ForwardBatch:
         v_old: ``[B, *latent]`` the old (sampling) policy's velocity at ``x_s``, or None when the
             trained policy still *is* the old one (first optimizer step of an iteration): then
             ``v_old = v_θ.detach()`` and no second forward is needed.
+        v_ema: ``[B, *latent]`` the velocity of the EMA of the trained LoRA at ``x_s``, filled by the
+            trainer only for an objective with ``needs_ema`` (AWM's ``ema_beta``); else None.
     """
 
     x0: Tensor
@@ -59,6 +61,7 @@ class ForwardBatch:
     sigma: Tensor
     advantages: Tensor
     v_old: Optional[Tensor] = None
+    v_ema: Optional[Tensor] = None
 
 
 def optimality_probability(advantages: Tensor, adv_clip: float) -> Tensor:
