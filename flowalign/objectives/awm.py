@@ -27,6 +27,18 @@ weighting does. The last term is the official recipe's penalty to the EMA of the
 (``v_ema``: the policy with ``train.ema``'s averaged weights, ``train.ema_decay``; the trainer fills
 ``ForwardBatch.v_ema`` when ``ema_beta > 0``): a trust region around the recent policies rather than
 around the base model.
+
+**Offline** (``flowalign offline``, an :class:`~flowalign.objectives.base.OfflineBatch` of ``P``
+groups of ``k`` stored samples of one prompt each): the store's samples were drawn by the base
+model, so the old policy is the reference (LoRA off) and every optimizer step is one more step
+away from it, as PPO's later epochs are. Per step and row ``(p, j)`` the objective draws
+``s ~ U(sigma_range)`` and ``ε ~ N(0, I)`` from its generator, takes the advantage within the group,
+``A_pj = (r_pj - mean_j r_pj) / (std_j r_pj + adv_eps)`` (population std; a group whose rewards are
+all equal has ``A = 0``), and applies the same loss with ``ℓ_old = ℓ_ref``: the ratio clip bounds
+how far each stored sample's likelihood moves from the base model's, and ``kl_beta`` reuses the
+same reference velocity. (A store generated with a LoRA, ``flowalign generate``'s ``lora:``, was not
+drawn by the base: its ratio is then to the base all the same, as GDRO's implicit reward is.)
+``ema_beta`` is online only: the offline trainer keeps no EMA.
 """
 from __future__ import annotations
 
