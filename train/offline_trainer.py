@@ -42,6 +42,7 @@ from flowalign.offline import RolloutStore
 from flowalign.train.graceful_stop import GracefulStop
 from flowalign.train.lora_optimizer import LoraOptimizer, OptimizerViews
 from flowalign.train.run_log import RunLogger
+from flowalign.train.update_conditioning import UpdateConditioning
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +226,7 @@ class OfflineTrainer(OptimizerViews):
         targets = cfg.lora.target_modules or self.adapter.lora_target_modules
         transformer_params = lora_lib.add_lora(module, cfg.lora.rank, cfg.lora.alpha, targets, cfg.lora.init, cfg.lora.dropout)
         self.text_modules, text_params = lora_lib.add_text_lora(self.adapter, cfg.lora) if cfg.lora.train_text_encoder else ({}, [])
+        self.conditioning = UpdateConditioning(self.adapter, self.text_modules, classifier_free=cfg.guidance_scale > 1.0, device=self.device)
         groups = [{"params": transformer_params, "lr_ratio": 1.0}]
         if text_params:
             groups.append({"params": text_params, "lr_ratio": (cfg.lora.text_encoder_lr or cfg.lr) / cfg.lr})
@@ -258,14 +260,11 @@ class OfflineTrainer(OptimizerViews):
         With ``lora.train_text_encoder`` the policy's prompts are encoded with gradient through the
         text encoders' LoRA and the reference's with every LoRA off."""
         w = self.config.guidance_scale
-        cfg_on = w > 1.0
-        if self.text_modules:
-            prompt_of_row = torch.arange(len(prompts), device=self.device).repeat_interleave(self.k)
-            cond = self.adapter.encode(prompts, do_classifier_free_guidance=cfg_on, requires_grad=True).gather(prompt_of_row)
-            with lora_lib.lora_disabled(*self.text_modules.values()):
-                reference_cond = self.adapter.encode(prompts, do_classifier_free_guidance=cfg_on).repeat_interleave(self.k)
+        if self.text_modules:  # the online update's encoding: each distinct prompt once, rows gathered (train/update_conditioning.py)
+            rows = [p for p in prompts for _ in range(self.k)]
+            cond, reference_cond = self.conditioning.encode_rows(rows), self.conditioning.reference_rows(rows, rows)
         else:
-            cond = reference_cond = self.adapter.encode(prompts, do_classifier_free_guidance=cfg_on).repeat_interleave(self.k)
+            cond = reference_cond = self.adapter.encode(prompts, do_classifier_free_guidance=w > 1.0).repeat_interleave(self.k)
         module, factor = self.adapter.trainable_module, 2 if w > 1.0 else 1
 
         def rows(x: Tensor) -> Any:

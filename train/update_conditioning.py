@@ -47,7 +47,11 @@ class UpdateConditioning:
         iteration the two are equal, so the ratio starts at 1."""
         if not self.text_modules:
             return batch.cond.select(index.to(self.device))
-        prompts = [batch.traj.prompts[i] for i in index.tolist()]
+        return self.encode_rows([batch.traj.prompts[i] for i in index.tolist()], requires_grad)
+
+    def encode_rows(self, prompts: list[str], requires_grad: bool = True):
+        """One conditioning row per entry of ``prompts`` (repeats allowed) from the current text encoders:
+        each distinct prompt is encoded once (with gradient when ``requires_grad``) and its rows gathered."""
         return self._gather(*self._encode_distinct(prompts, requires_grad), prompts)
 
     def reference(self, batch, index: Tensor) -> Optional[object]:
@@ -55,10 +59,16 @@ class UpdateConditioning:
         reference then shares the policy's conditioning)."""
         if not self.text_modules:
             return None
-        if self._reference is None or list(self._reference[1]) != list(dict.fromkeys(batch.traj.prompts)):
+        return self.reference_rows(batch.traj.prompts, [batch.traj.prompts[i] for i in index.tolist()])
+
+    def reference_rows(self, batch_prompts: list[str], prompts: list[str]):
+        """One row per entry of ``prompts`` encoded with every LoRA off. The distinct prompts of
+        ``batch_prompts`` (which must hold every one of ``prompts``) are encoded once and kept until
+        a call with other ``batch_prompts``."""
+        if self._reference is None or list(self._reference[1]) != list(dict.fromkeys(batch_prompts)):
             with lora_lib.lora_disabled(*self.text_modules.values()):
-                self._reference = self._encode_distinct(batch.traj.prompts, requires_grad=False)
-        return self._gather(*self._reference, [batch.traj.prompts[i] for i in index.tolist()])
+                self._reference = self._encode_distinct(batch_prompts, requires_grad=False)
+        return self._gather(*self._reference, prompts)
 
     def _encode_distinct(self, prompts: list[str], requires_grad: bool):
         """``(conditioning of each distinct prompt, {prompt: its row})``."""
