@@ -91,5 +91,7 @@ def old_velocities(traj, advantages: Tensor, draws: ForwardDraws, plan: list, ve
 @torch.no_grad()
 def reference_gap(fb, policy: Callable, reference: Callable) -> float:
     """Diagnostic ``mean ‖v_θ - v_ref‖²`` (mean over latent dims and rows) at the rows of ``fb``."""
+    from flowalign.objectives.nft import velocity_gap
+
     x_s = noised(fb)
-    return float((policy(x_s, fb.sigma).float() - reference(x_s, fb.sigma).float()).pow(2).flatten(1).mean(dim=1).mean())
+    return float(velocity_gap(policy(x_s, fb.sigma), reference(x_s, fb.sigma)))

@@ -48,8 +48,8 @@ import torch
 from torch import Tensor
 
 from flowalign.objectives.base import OFFLINE_TRAINER, ONLINE_TRAINER, OfflineBatch, VelocityFn, register_objective
-from flowalign.objectives.diffusion_dpo import noised_and_target
-from flowalign.objectives.nft import SIGMA_SAMPLING, ForwardBatch, add_reference_penalty, forward_rows
+from flowalign.objectives.diffusion_dpo import noised_and_target, sample_group_noise, sample_sigmas
+from flowalign.objectives.nft import SIGMA_SAMPLING, ForwardBatch, add_reference_penalty, forward_rows, velocity_gap
 
 __all__ = ["WEIGHTINGS", "matching_log_likelihood", "awm_policy_loss", "offline_group_advantages", "AdvantageWeightedMatching"]
 
@@ -194,7 +194,7 @@ class AdvantageWeightedMatching:
         if self.ema_beta > 0:
             if batch.v_ema is None:
                 raise ValueError("ema_beta > 0 needs ForwardBatch.v_ema (the trainer fills it when train.ema is on)")
-            ema_gap = (v_theta.float() - batch.v_ema.detach().float()).pow(2).flatten(1).mean(dim=1).mean()
+            ema_gap = velocity_gap(v_theta, batch.v_ema.detach())
             metrics["awm/ema_gap"] = float(ema_gap.detach())
             loss = loss + self.ema_beta * ema_gap
         metrics["loss/total"] = float(loss.detach())
@@ -217,12 +217,10 @@ class AdvantageWeightedMatching:
         if x0.dim() < 3 or batch.rewards.shape != x0.shape[:2]:
             raise ValueError(f"OfflineBatch: x0 must be [P, k, *latent] and rewards [P, k]; got {tuple(x0.shape)}, {tuple(batch.rewards.shape)}")
         P, k = x0.shape[:2]
-        gen_device = self.generator.device if self.generator is not None else "cpu"
-        if sigma is None:
-            low, high = self.sigma_range
-            sigma = low + (high - low) * torch.rand((P, k), generator=self.generator, device=gen_device)
+        if sigma is None:  # one sigma and one noise per stored sample (not per group: no pairs are compared)
+            sigma = sample_sigmas(P, k, per_sample=True, sigma_range=self.sigma_range, generator=self.generator, device=x0.device)
         if noise is None:
-            noise = torch.randn(x0.shape, generator=self.generator, device=gen_device, dtype=torch.float32)
+            noise = sample_group_noise(x0, per_sample=True, generator=self.generator)
         flat_sigma = sigma.to(x0.device).reshape(P * k)
         # 1. forward process of every stored sample: x_s = (1 - s) x0 + s eps, target v = eps - x0
         x_s, v_target = noised_and_target(x0.flatten(0, 1), noise.to(device=x0.device, dtype=x0.dtype).flatten(0, 1), flat_sigma)
@@ -245,10 +243,10 @@ class AdvantageWeightedMatching:
                 "awm/fm_error": float((v_theta.float() - v_target.float()).pow(2).mean()),
                 "awm/sigma_mean": float(flat_sigma.float().mean()),
             }
-            kl = (v_theta.float() - v_ref.float()).pow(2).flatten(1).mean(dim=1).mean()
-            metrics["kl/ref"] = float(kl)
-        # 4. optional penalty to the reference, from the same reference forward
+        # 4. the velocity gap to the reference (logged), a penalty when kl_beta > 0: the same reference forward
+        gap = velocity_gap(v_theta, v_ref)
+        metrics["kl/ref"] = float(gap.detach())
         if self.kl_beta > 0:
-            loss = loss + self.kl_beta * (v_theta.float() - v_ref.float()).pow(2).flatten(1).mean(dim=1).mean()
+            loss = loss + self.kl_beta * gap
         metrics["loss/total"] = float(loss.detach())
         return loss, metrics

@@ -35,7 +35,8 @@ from torch import Tensor
 from flowalign.objectives.base import VelocityFn, register_objective
 from flowalign.objectives.diffusion_dpo import noised_and_target
 
-__all__ = ["ForwardBatch", "optimality_probability", "nft_loss", "forward_rows", "add_reference_penalty", "draw_forward_sigmas", "DiffusionNFT"]
+__all__ = ["ForwardBatch", "optimality_probability", "nft_loss", "forward_rows", "velocity_gap", "add_reference_penalty", "draw_forward_sigmas",
+           "DiffusionNFT"]
 
 SIGMA_SAMPLING = ("grid", "uniform")
 
@@ -131,6 +132,12 @@ def forward_rows(batch: ForwardBatch, policy: VelocityFn) -> tuple[Tensor, Tenso
     return x_s, v_target, v_theta, v_old
 
 
+def velocity_gap(v: Tensor, v_other: Tensor) -> Tensor:
+    """``mean_i mean_d (v - v_other)²`` (mean over latent dims, then rows), a fp32 scalar: the
+    forward-process objectives' distance between two velocity fields at the same rows."""
+    return (v.float() - v_other.float()).pow(2).flatten(1).mean(dim=1).mean()
+
+
 def add_reference_penalty(loss: Tensor, metrics: dict[str, float], v_theta: Tensor, x_s: Tensor, sigma: Tensor,
                           reference: Optional[VelocityFn], kl_beta: float) -> Tensor:
     """``loss + kl_beta·mean_i mean_d (v_θ - v_ref)²`` at the rows' ``x_s`` (the forward-process objectives'
@@ -141,7 +148,7 @@ def add_reference_penalty(loss: Tensor, metrics: dict[str, float], v_theta: Tens
         raise ValueError("kl_beta > 0 needs a reference velocity function")
     with torch.no_grad():
         v_ref = reference(x_s, sigma)
-    kl = (v_theta.float() - v_ref.float()).pow(2).flatten(1).mean(dim=1).mean()
+    kl = velocity_gap(v_theta, v_ref)
     metrics["kl/ref"] = float(kl.detach())
     return loss + kl_beta * kl
 
