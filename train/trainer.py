@@ -410,12 +410,13 @@ class Trainer(OptimizerViews):
             fp.old_velocities(batch.traj, batch.advantages, self._draws, plan,
                               lambda index: self.velocity_fns(batch.cond.select(index.to(self.device)))[0], self.device)
 
-    def _make_batch(self, batch: Batch, index: Tensor, k: int):
+    def _make_batch(self, batch: Batch, index: Tensor, k: int, for_loss: bool = True):
         """The objective's rows for micro-batch ``(index, k)``: a StepBatch of step k, or a ForwardBatch of draw k
-        (with ``v_ema``, the velocity of the LoRA's EMA weights, when the objective ``needs_ema``)."""
+        (with ``v_ema``, the velocity of the LoRA's EMA weights, when the objective ``needs_ema`` and the rows
+        are ``for_loss``; a diagnostic needs no extra forward)."""
         if self.forward_process:
             rows = fp.make_forward_batch(batch.traj, batch.advantages, self._draws, index, k, self.device)
-            if getattr(self.objective, "needs_ema", False):
+            if for_loss and getattr(self.objective, "needs_ema", False):
                 rows.v_ema = self._ema_velocity(batch, index, rows)
             return rows
         return make_step_batch(batch, index, k, self.config.sampling.log_prob_reduce, self.device)
@@ -437,7 +438,7 @@ class Trainer(OptimizerViews):
 
         policy, reference = velocity_fns(self.adapter, self.conditioning.policy(batch, index, requires_grad=False), self._train_guidance(),
                                          True, self.conditioning.reference(batch, index))
-        rows = self._make_batch(batch, index, k)
+        rows = self._make_batch(batch, index, k, for_loss=False)
         if self.forward_process:
             return fp.reference_gap(rows, policy, reference)
         mean, std = transition_mean(rows, policy)
