@@ -97,7 +97,7 @@ def evaluate_heldout(trainer: Trainer, records: list, num_samples: int):
 
 
 def eval_score(trainer: Trainer, records: list, num_samples: int) -> float:
-    """Held-out accuracy (fraction of samples scoring >= 0.5 under the first reward) of :func:`evaluate_heldout`."""
+    """Held-out accuracy (fraction of samples the first reward judges correct: its verdict, else score >= 0.5) of :func:`evaluate_heldout`."""
     return float(evaluate_heldout(trainer, records, num_samples).accuracy)
 
 

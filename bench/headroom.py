@@ -63,7 +63,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     start = time.perf_counter()
     result = evaluate(adapter, distinct, load_reward("shapes"), samples_per_prompt=args.n, num_steps=args.steps,
                       guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size, lora=args.lora, keep_images=0)
-    correct = (result.scores >= result.settings["threshold"]).view(len(distinct), args.n).tolist()  # sample i: prompt i // n
+    correct = result.correct().view(len(distinct), args.n).tolist()  # sample i: prompt i // n (the verifier's verdict)
     tags = [r.metadata.get("tag", "untagged") for r in distinct]
     ks = sorted({1, 4, args.n} & set(range(1, args.n + 1)))
     table = headroom(tags, correct, weights=[frequency[r.prompt] for r in distinct], ks=ks)

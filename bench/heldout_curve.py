@@ -4,7 +4,7 @@ Trains one recipe (``--config``, default the main job's ``train/configs/toy_grpo
 ``--set`` overrides) through the real trainer (:class:`flowalign.train.trainer.Trainer`) and, every
 ``--eval-every`` iterations (and before the first), evaluates the current LoRA exactly as the run
 report does (:func:`flowalign.evaluation.evaluate`: noise-free ODE samples, the recipe's eval
-steps and guidance, sample ``i`` from seed ``i``, the first reward, score >= 0.5 counts as correct):
+steps and guidance, sample ``i`` from seed ``i``, the first reward's verdict (``details["binary"]``, else score >= 0.5) counts as correct):
 
 * ``--eval-samples`` samples of the held-out prompts (``train.eval_prompts``), per category;
 * with ``--train-samples N > 0``, also N samples of the training prompts (``train.prompts``):

@@ -12,8 +12,9 @@ depends on ``seed`` and ``i`` only, never on the batch size or on the weights, s
 aligned evaluation with the same settings compare the two models on identical noise (checked
 by :func:`compare` through per-sample noise fingerprints).
 
-The binary outcome of a sample is ``score >= threshold`` (for a {0, 1} verifier such as
-``shapes`` this is the score itself); accuracy is its mean, with a Wilson score interval.
+The binary outcome of a sample is the reward's own verdict ``details["binary"]`` when it gives one
+(a verifier such as ``shapes`` does, whatever score it was configured to train on: ``partial`` or
+``mix``), else ``score >= threshold``; accuracy is its mean, with a Wilson score interval.
 ``details["partial"]`` (a graded score in [0, 1]) is averaged when the reward provides it.
 ``details["failure"]`` (one label per sample naming why it fails, ``"correct"`` when it does not,
 e.g. the ``shapes`` verifier's ``malformed`` / ``shape_count`` / ``color`` / ``position``) is kept
@@ -161,9 +162,16 @@ class CategoryStats:
         return {k: _json_number(v) for k, v in self.__dict__.items()}
 
 
-def aggregate(tags: Sequence[str], scores: Tensor, partial: Optional[Tensor], threshold: float = 0.5, z: float = Z95) -> dict[str, CategoryStats]:
-    """Per-category :class:`CategoryStats` of ``[N]`` scores (NaN = dropped), sorted, then ``"all"``."""
+def aggregate(tags: Sequence[str], scores: Tensor, partial: Optional[Tensor], threshold: float = 0.5, z: float = Z95,
+              verdicts: Optional[Tensor] = None) -> dict[str, CategoryStats]:
+    """Per-category :class:`CategoryStats` of ``[N]`` scores (NaN = dropped), sorted, then ``"all"``.
+
+    A sample is correct when its ``verdicts`` entry (the reward's 1/0 ``details["binary"]``) is 1, or,
+    without verdicts, when its score is ``>= threshold``."""
     scores = scores.detach().double().cpu()  # [N]
+    verdicts = None if verdicts is None else verdicts.detach().double().cpu()  # [N]
+    if verdicts is not None and verdicts.shape != scores.shape:
+        raise ValueError(f"{verdicts.numel()} verdicts for {scores.numel()} scores")
     partial = None if partial is None else partial.detach().double().cpu()  # [N]
     if len(tags) != scores.numel():
         raise ValueError(f"{len(tags)} tags for {scores.numel()} scores")
@@ -178,7 +186,7 @@ def aggregate(tags: Sequence[str], scores: Tensor, partial: Optional[Tensor], th
         s = scores[index]
         kept = ~torch.isnan(s)
         s = s[kept]
-        correct = int((s >= threshold).sum())
+        correct = int((s >= threshold).sum()) if verdicts is None else int((verdicts[index][kept] >= 0.5).sum())
         count = int(s.numel())
         low, high = wilson_interval(correct, count, z)
         stats = CategoryStats(
@@ -211,6 +219,8 @@ class EvalResult:
         prompts, tags, seeds, record_index: per sample ``i`` (``N`` entries each).
         scores: ``[N]`` float32 raw scores (NaN where dropped).
         partial: ``[N]`` float32 ``details["partial"]`` or None.
+        verdicts: ``[N]`` float32 1/0 ``details["binary"]`` (the reward's own verdict, which the
+            accuracy counts), or None when the reward gives none (then ``score >= threshold``).
         noise_fingerprints: ``[N]`` float64 sums of each sample's initial noise (a cheap check
             that two evaluations drew identical noise).
         categories: ``{tag: CategoryStats}`` plus ``"all"``.
@@ -233,6 +243,7 @@ class EvalResult:
     images: dict[int, Tensor] = field(default_factory=dict)
     wall_time: float = 0.0
     failures: Optional[list[str]] = None
+    verdicts: Optional[Tensor] = None
 
     @property
     def num_samples(self) -> int:
@@ -243,6 +254,14 @@ class EvalResult:
     def accuracy(self) -> float:
         """Overall accuracy (the ``"all"`` category)."""
         return self.categories[ALL].accuracy
+
+    def correct(self) -> Tensor:
+        """``[N]`` bool, whether each sample counts as correct: its verdict, or ``score >= threshold``
+        (``settings["threshold"]``, default 0.5); a dropped sample (NaN score) is not."""
+        kept = ~torch.isnan(self.scores)
+        if self.verdicts is not None:
+            return kept & (self.verdicts >= 0.5)
+        return kept & (self.scores >= float(self.settings.get("threshold", 0.5)))
 
     def images_for(self, indices: Iterable[int]) -> Tensor:
         """``[M, 3, H, W]`` images of the given sample indices (they must have been kept)."""
@@ -284,6 +303,7 @@ class EvalResult:
                 "partial": None if self.partial is None else [_json_number(v) for v in self.partial.tolist()],
                 "noise_fingerprint": self.noise_fingerprints.tolist(),
                 "failure": self.failures,
+                "verdict": None if self.verdicts is None else [_json_number(v) for v in self.verdicts.tolist()],
             }
         return out
 
@@ -313,6 +333,7 @@ class EvalResult:
             noise_fingerprints=torch.tensor(s["noise_fingerprint"], dtype=torch.float64),
             categories=categories, settings=dict(data.get("settings", {})), wall_time=float(data.get("wall_time", 0.0)),
             failures=None if s.get("failure") is None else [str(x) for x in s["failure"]],
+            verdicts=None if s.get("verdict") is None else torch.tensor([nan(v) for v in s["verdict"]], dtype=torch.float32),
         )
 
 
@@ -583,7 +604,8 @@ def evaluate(
         seed: sample ``i`` starts from the noise of ``torch.Generator().manual_seed(seed + i)``.
         batch_size: samples per transformer call (does not change any sample).
         lora: a LoRA file or folder loaded for this evaluation only (removed afterwards).
-        threshold: a sample is correct when ``score >= threshold``.
+        threshold: a sample is correct when ``score >= threshold`` (a reward that gives ``details["binary"]``:
+            when that verdict is 1).
         on_error: reward failure policy (``"raise"`` or ``"drop"``; dropped samples are not counted).
         keep_images: keep the images of the first ``k`` samples (int), of the given sample
             indices (sequence), or of none (None / 0).
@@ -608,8 +630,8 @@ def evaluate(
     start = time.perf_counter()
     lora_name = _load_lora(adapter, lora) if lora is not None else None
     try:
-        scores, partial, tags, fingerprints, failures, images = [], [], [], [], [], {}
-        has_partial = has_failure = True
+        scores, partial, verdicts, tags, fingerprints, failures, images = [], [], [], [], [], [], {}
+        has_partial = has_failure = has_verdict = True
         bar = tqdm(total=n, desc="eval", unit="sample", disable=not progress, leave=False)
         for lo in range(0, n, batch_size):
             rows = list(range(lo, min(lo + batch_size, n)))
@@ -624,6 +646,10 @@ def evaluate(
             has_partial = has_partial and p is not None
             if p is not None:
                 partial.append(p)
+            v = _per_sample(out.details.get("binary"), len(rows), "binary")
+            has_verdict = has_verdict and v is not None
+            if v is not None:
+                verdicts.append(v)
             labels = out.details.get("failure")
             if labels is not None and len(labels) != len(rows):
                 raise ValueError(f"reward details['failure'] has {len(labels)} labels for {len(rows)} samples")
@@ -646,15 +672,17 @@ def evaluate(
 
     scores_t = torch.cat(scores)  # [N]
     partial_t = torch.cat(partial) if has_partial and partial else None  # [N]
+    verdicts_t = torch.cat(verdicts) if has_verdict and verdicts else None  # [N]
     settings = {
         "reward": reward_name(reward), "num_samples": n, "samples_per_prompt": samples_per_prompt, "num_prompts": len(prompts_all),
         "num_steps": num_steps, "guidance_scale": float(guidance_scale), "seed": int(seed), "threshold": threshold,
+        "correct_when": "details['binary'] == 1" if verdicts_t is not None else f"score >= {threshold}",
         "lora": None if lora is None else str(lora), "sampler": "ode",
     }
     result = EvalResult(
         prompts=[prompts_all[r] for r in index], tags=tags, seeds=seeds, record_index=index, scores=scores_t, partial=partial_t,
-        noise_fingerprints=torch.cat(fingerprints), categories=aggregate(tags, scores_t, partial_t, threshold),
-        settings=settings, images=images, wall_time=wall, failures=failures if has_failure and failures else None,
+        noise_fingerprints=torch.cat(fingerprints), categories=aggregate(tags, scores_t, partial_t, threshold, verdicts=verdicts_t),
+        settings=settings, images=images, wall_time=wall, failures=failures if has_failure and failures else None, verdicts=verdicts_t,
     )
     logger.info("evaluated %d samples in %.1fs: accuracy %.1f%%", n, wall, 100 * result.accuracy)
     return result

@@ -59,7 +59,14 @@ LAZY_REWARDS: dict[str, str] = {
 
 @dataclass
 class RewardOutput:
-    """Scores ``[B]`` (float32, higher is better) and per-sample details."""
+    """Scores ``[B]`` (float32, higher is better) and per-sample details.
+
+    Details that evaluation (:func:`flowalign.evaluation.evaluate`) reads when present, each one
+    value per sample: ``"binary"`` the reward's own 1/0 verdict (a verifier's; the accuracy counts it
+    instead of ``score >= threshold``, so a verifier may train on a graded score), ``"partial"`` a
+    graded score in [0, 1], ``"tag"`` the category, ``"failure"`` why a sample fails (``"correct"``
+    when it does not).
+    """
 
     scores: Tensor
     details: dict[str, Any] = field(default_factory=dict)

@@ -326,3 +326,46 @@ def test_cli_run_writes_json_and_markdown(capsys, tmp_path):
     # run_eval with the dataclass gives the same scores as the CLI
     again = run_eval(EvalOptions(model="tiny-sd3", prompts=str(prompts), reward="brightness", num_samples=4, steps=1, guidance=1.0, progress=False))
     assert again.scores.tolist() == pytest.approx(data["samples"]["score"], abs=1e-6)
+
+
+class GradedVerifier(Reward):
+    """Test reward that trains on a graded score but carries its own verdict: score = brightness,
+    details["binary"] = brightness > threshold (the verdict evaluation must count)."""
+
+    name = "graded_verifier"
+
+    def __init__(self, threshold: float):
+        super().__init__()
+        self.threshold = threshold
+
+    def score(self, images, prompts, metadata):
+        brightness = images.mean(dim=(1, 2, 3))  # [B], around 0.5 on the tiny pipeline
+        return RewardOutput(scores=brightness, details={"binary": (brightness > self.threshold).float(),
+                                                        "tag": [m.get("tag", "?") for m in metadata]})
+
+
+def test_accuracy_counts_the_rewards_own_verdict_not_its_graded_score(adapter, tmp_path):
+    """A verifier configured to score a graded value (shapes' score: partial) keeps ``details["binary"]`` as the
+    verdict: the accuracy counts it, not score >= 0.5, in the result, its categories, its JSON and correct()."""
+    kw = dict(num_samples=8, num_steps=1, guidance_scale=1.0, seed=0, progress=False)
+    probe = evaluate(adapter, RECORDS, GradedVerifier(0.0), **kw)
+    brightness = probe.scores.double()
+    cut = float(brightness.median())  # half the samples pass the verdict, whatever 0.5 would say
+    result = evaluate(adapter, RECORDS, GradedVerifier(cut), **kw)
+    by_hand = (brightness > cut)
+    assert result.verdicts.tolist() == by_hand.float().tolist()
+    assert result.accuracy == pytest.approx(float(by_hand.double().mean()))
+    assert result.accuracy != pytest.approx(float((brightness >= 0.5).double().mean()))  # not the score threshold
+    assert result.correct().tolist() == by_hand.tolist()
+    for tag, stats in result.categories.items():
+        rows = [i for i, t in enumerate(result.tags) if t == tag or tag == "all"]
+        assert stats.correct == int(by_hand[rows].sum())
+    assert result.settings["correct_when"] == "details['binary'] == 1"
+    back = EvalResult.from_json(json.loads(result.to_json()))
+    assert back.verdicts.tolist() == result.verdicts.tolist() and back.correct().tolist() == by_hand.tolist()
+    # a reward without a verdict: score >= threshold, as before
+    plain = evaluate(adapter, RECORDS, TagBrightness(cut), **kw)
+    assert plain.verdicts is None and plain.settings["correct_when"] == "score >= 0.5"
+    assert plain.correct().tolist() == (plain.scores >= 0.5).tolist()
+    with pytest.raises(ValueError, match="verdicts for"):
+        aggregate(result.tags, result.scores, None, verdicts=result.verdicts[:3])
