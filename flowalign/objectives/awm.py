@@ -42,7 +42,7 @@ drawn by the base: its ratio is then to the base all the same, as GDRO's implici
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -166,28 +166,16 @@ class AdvantageWeightedMatching:
         """Whether the trainer must fill ``ForwardBatch.v_ema`` (the EMA penalty, ``ema_beta > 0``)."""
         return self.ema_beta > 0
 
-    def loss(self, batch, policy: VelocityFn, reference: Optional[VelocityFn] = None) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: Union[ForwardBatch, OfflineBatch], policy: VelocityFn,
+             reference: Optional[VelocityFn] = None) -> tuple[Tensor, dict[str, float]]:
         """Mean loss over the rows of ``batch`` (a ForwardBatch, or an OfflineBatch: :meth:`offline_loss`);
         ``policy(x, sigma[B]) -> v`` with grad."""
         if isinstance(batch, OfflineBatch):
             return self.offline_loss(batch, policy, reference)
         # 1. forward process: x_s = (1 - s) x0 + s eps, target v = eps - x0; the trained and the old velocity
         x_s, v_target, v_theta, v_old = forward_rows(batch, policy)  # [B, *latent] each
-        # 2. the flow-matching log-likelihood surrogate of the trained and the sampling policy
-        log_lik = matching_log_likelihood(v_theta, v_target, batch.sigma, self.weighting, self.ghuber_power)  # [B]
-        with torch.no_grad():
-            old_log_lik = matching_log_likelihood(v_old, v_target, batch.sigma, self.weighting, self.ghuber_power)  # [B]
-        # 3. advantage-weighted, PPO-clipped surrogate
-        adv = self._clipped_advantages(batch.advantages)  # [B]
-        per_row, ratio = awm_policy_loss(log_lik, old_log_lik, adv, self.clip_range)
-        loss = per_row.mean().float()
-        with torch.no_grad():
-            metrics = {
-                "loss/policy": float(loss),
-                "awm/ratio_mean": float(ratio.mean()),
-                "awm/clipfrac": float(((ratio - 1.0).abs() > self.clip_range).double().mean()),
-                "awm/fm_error": float((v_theta.float() - v_target.float()).pow(2).mean()),
-            }
+        # 2.-3. likelihood surrogates of the trained and the sampling policy, advantage-weighted and PPO-clipped
+        loss, metrics = self._clipped_surrogate(v_theta, v_old, v_target, batch.sigma, batch.advantages)
         # 4. optional penalty to the reference (the official code's uniform ‖v_θ - v_ref‖²)
         loss = add_reference_penalty(loss, metrics, v_theta, x_s, batch.sigma, reference, self.kl_beta)
         # 5. optional penalty to the EMA of the trained LoRA (the official recipe's second KL term)
@@ -200,9 +188,24 @@ class AdvantageWeightedMatching:
         metrics["loss/total"] = float(loss.detach())
         return loss, metrics
 
-    def _clipped_advantages(self, advantages: Tensor) -> Tensor:
-        """``Â = clip(A, -c, c) · advantage_max / c`` in fp64."""
-        return advantages.double().clamp(-self.adv_clip, self.adv_clip) * (self.advantage_max / self.adv_clip)
+    def _clipped_surrogate(self, v_theta: Tensor, v_old: Tensor, v_target: Tensor, sigma: Tensor,
+                           advantages: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """``mean_i max(-Â_i·ρ_i, -Â_i·clip(ρ_i, 1 ± ε))`` with ``ρ = exp(ℓ(v_θ) - ℓ(v_old))`` and
+        ``Â = clip(A, -c, c) · advantage_max / c`` (all rows ``[B]``), and its metrics."""
+        log_lik = matching_log_likelihood(v_theta, v_target, sigma, self.weighting, self.ghuber_power)  # [B]
+        with torch.no_grad():
+            old_log_lik = matching_log_likelihood(v_old, v_target, sigma, self.weighting, self.ghuber_power)  # [B]
+        adv = advantages.double().clamp(-self.adv_clip, self.adv_clip) * (self.advantage_max / self.adv_clip)  # [B]
+        per_row, ratio = awm_policy_loss(log_lik, old_log_lik, adv, self.clip_range)
+        loss = per_row.mean().float()
+        with torch.no_grad():
+            metrics = {
+                "loss/policy": float(loss),
+                "awm/ratio_mean": float(ratio.mean()),
+                "awm/clipfrac": float(((ratio - 1.0).abs() > self.clip_range).double().mean()),
+                "awm/fm_error": float((v_theta.float() - v_target.float()).pow(2).mean()),
+            }
+        return loss, metrics
 
     def offline_loss(self, batch: OfflineBatch, policy: VelocityFn, reference: Optional[VelocityFn],
                      sigma: Optional[Tensor] = None, noise: Optional[Tensor] = None) -> tuple[Tensor, dict[str, float]]:
@@ -227,22 +230,10 @@ class AdvantageWeightedMatching:
         v_theta = policy(x_s, flat_sigma)  # [P*k, *latent]
         with torch.no_grad():
             v_ref = reference(x_s, flat_sigma)
-        # 2. likelihood surrogates of the trained and of the generating (reference) policy
-        log_lik = matching_log_likelihood(v_theta, v_target, flat_sigma, self.weighting, self.ghuber_power)  # [P*k]
-        with torch.no_grad():
-            ref_log_lik = matching_log_likelihood(v_ref, v_target, flat_sigma, self.weighting, self.ghuber_power)
-        # 3. within-group advantages and the clipped surrogate
-        adv = self._clipped_advantages(offline_group_advantages(batch.rewards.to(x0.device), self.adv_eps).reshape(P * k))
-        per_row, ratio = awm_policy_loss(log_lik, ref_log_lik, adv, self.clip_range)
-        loss = per_row.mean().float()
-        with torch.no_grad():
-            metrics = {
-                "loss/policy": float(loss),
-                "awm/ratio_mean": float(ratio.mean()),
-                "awm/clipfrac": float(((ratio - 1.0).abs() > self.clip_range).double().mean()),
-                "awm/fm_error": float((v_theta.float() - v_target.float()).pow(2).mean()),
-                "awm/sigma_mean": float(flat_sigma.float().mean()),
-            }
+        # 2.-3. within-group advantages; the surrogates of the trained and the generating (reference) policy, clipped
+        adv = offline_group_advantages(batch.rewards.to(x0.device), self.adv_eps).reshape(P * k)  # [P*k]
+        loss, metrics = self._clipped_surrogate(v_theta, v_ref, v_target, flat_sigma, adv)
+        metrics["awm/sigma_mean"] = float(flat_sigma.float().mean())
         # 4. the velocity gap to the reference (logged), a penalty when kl_beta > 0: the same reference forward
         gap = velocity_gap(v_theta, v_ref)
         metrics["kl/ref"] = float(gap.detach())
