@@ -209,10 +209,8 @@ class OfflineTrainer(OptimizerViews):
         clear = prepare_offline_dir(self.run_dir, self.resume, self.overwrite)
         self._check_store()
         self.generator = torch.Generator().manual_seed(cfg.seed)  # sigma / noise draws of the objective
-        try:
-            self.objective = get_objective(cfg.objective, generator=self.generator, **cfg.objective_kwargs)
-        except (TypeError, ValueError) as exc:  # an unknown or out-of-range objective argument
-            raise ConfigError(f"objective_kwargs {cfg.objective_kwargs} do not fit {cfg.objective}: {' '.join(str(exc).split())}") from None
+        # the kwargs were checked when the config was built (_check_objective_kwargs); get_objective raises ConfigError itself
+        self.objective = get_objective(cfg.objective, generator=self.generator, **cfg.objective_kwargs)
         torch.manual_seed(cfg.seed)  # LoRA init (peft draws from the global RNG)
         self.device = torch.device(cfg.device)
         if self.adapter is None:
