@@ -193,6 +193,15 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the LoRA gradient norm to this value (0 = no clipping)."})
     ema: bool = field(default=False, metadata={"help": "Keep an exponential moving average of the LoRA weights (saved and used for eval)."})
     ema_decay: float = field(default=0.9, metadata={"help": "EMA decay per optimizer step."})
+    old_policy_rate: float = field(
+        default=0.0,
+        metadata={"help": "Sample from a soft-updated copy of the LoRA (DiffusionNFT's old policy) instead of the trained one: after each "
+                          "iteration old <- d*old + (1 - d)*trained, d = min(rate * (optimizer steps - old_policy_flat), old_policy_max) "
+                          "(0 before old_policy_flat steps). 0 = on-policy (d = 0 always). Forward-process objectives (nft, awm) only. "
+                          "DiffusionNFT's presets: 0.001 / max 0.5 / flat 0, and 0.0075 / max 0.999 / flat 75."},
+    )
+    old_policy_max: float = field(default=0.5, metadata={"help": "Upper bound of the old policy's decay d, in [0, 1)."})
+    old_policy_flat: int = field(default=0, metadata={"help": "Optimizer steps during which d = 0 (the old policy is the trained one)."})
     seed: int = field(default=0, metadata={"help": "Seed of every random draw (prompts, noise, shuffles)."})
     output_dir: str = field(default="runs/toy_grpo", metadata={"help": "Run directory: config.yaml, metrics.csv, checkpoints/, the final LoRA."})
     checkpoint_every: int = field(default=10, metadata={"help": "Write a checkpoint every N iterations (0 = only at the end)."})
@@ -234,6 +243,9 @@ class TrainConfig:
         _check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
         _check(self.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0, got {self.max_grad_norm}")
         _check(0.0 < self.ema_decay < 1.0, f"train.ema_decay must be in (0, 1), got {self.ema_decay}")
+        _check(self.old_policy_rate >= 0, f"train.old_policy_rate must be >= 0 (0 = on-policy sampling), got {self.old_policy_rate}")
+        _check(0.0 <= self.old_policy_max < 1.0, f"train.old_policy_max must be in [0, 1), got {self.old_policy_max}")
+        _check(self.old_policy_flat >= 0, f"train.old_policy_flat must be >= 0, got {self.old_policy_flat}")
         _check(self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         _check(self.eval_every >= -1, f"train.eval_every must be >= -1, got {self.eval_every}")
         _check(self.ref_kl_every >= 0, f"train.ref_kl_every must be >= 0 (0 = never), got {self.ref_kl_every}")
@@ -270,6 +282,12 @@ class FlowalignConfig:
         if self.sampling.kernel == "ode" and not _trains_on_forward_process(self.objective.name):
             raise ConfigError(f"sampling.kernel='ode' draws no noise, so no step of objective {self.objective.name!r} can be trained; "
                               "use flow_sde, dance_sde or cps, or a forward-process objective (nft, awm)")
+        if self.train.old_policy_rate > 0 and not _trains_on_forward_process(self.objective.name):
+            raise ConfigError(
+                f"train.old_policy_rate={self.train.old_policy_rate} samples from a lagging copy of the LoRA, which objective "
+                f"{self.objective.name!r} cannot train on: its ratio to the recorded log-probs would start away from 1 (most samples "
+                "clipped); use a forward-process objective (nft, awm) or old_policy_rate=0"
+            )
         if not self.objective.cfg_in_training and self.sampling.guidance_scale > 1.0 and not _trains_on_forward_process(self.objective.name):
             raise ConfigError(
                 f"objective.cfg_in_training=false with sampling.guidance_scale={self.sampling.guidance_scale} > 1: rollouts record the "

@@ -175,6 +175,22 @@ def lora_disabled(module: nn.Module, *more: nn.Module) -> Iterator[nn.Module]:
             layer.enable_adapters(True)
 
 
+def soft_update_decay(step: int, rate: float, max_decay: float, flat: int = 0) -> float:
+    """DiffusionNFT's decay of the soft-updated old (sampling) policy (Zheng et al., arXiv 2509.16117, §4)::
+
+        d(step) = 0                                         step < flat
+                = min(rate · (step - flat), max_decay)      otherwise
+
+    ``old <- d·old + (1 - d)·θ`` after each iteration, ``step`` counting the optimizer steps taken so
+    far: with ``d = 0`` the sampler is the trained policy (on-policy); as ``d`` grows it lags behind
+    it, which the paper found to stabilise long runs. The official presets are ``(0.001, 0.5, 0)`` and
+    ``(0.0075, 0.999, 75)``.
+    """
+    if rate < 0 or not 0.0 <= max_decay < 1.0 or flat < 0:
+        raise ValueError(f"soft_update_decay needs rate >= 0, max_decay in [0, 1), flat >= 0; got {rate}, {max_decay}, {flat}")
+    return 0.0 if step < flat else min(rate * (step - flat), max_decay)
+
+
 class LoraEMA:
     """Exponential moving average of the LoRA weights: ``ema <- decay·ema + (1 - decay)·theta``.
 
@@ -190,10 +206,16 @@ class LoraEMA:
         self.shadow = [p.detach().float().clone() for p in self.params]
 
     @torch.no_grad()
-    def update(self) -> None:
-        """shadow <- decay * shadow + (1 - decay) * param, in fp32 (after each optimizer step)."""
+    def update(self, decay: Optional[float] = None) -> None:
+        """shadow <- decay * shadow + (1 - decay) * param, in fp32 (after each optimizer step).
+
+        ``decay`` overrides the constructor's for this update (a schedule, :func:`soft_update_decay`);
+        0 copies the parameters."""
+        decay = self.decay if decay is None else float(decay)
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         for s, p in zip(self.shadow, self.params):
-            s.mul_(self.decay).add_(p.detach().float(), alpha=1.0 - self.decay)
+            s.mul_(decay).add_(p.detach().float(), alpha=1.0 - decay)
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:

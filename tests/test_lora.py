@@ -182,3 +182,26 @@ def test_a_file_with_text_encoder_lora_is_checked_and_loaded(pipe, tmp_path, cap
     save_file({f"text_encoder_2.{key}": torch.zeros(2, 3)}, tmp_path / "bad.safetensors")
     with pytest.raises(LoraMismatchError, match=f"1 with wrong shapes: text_encoder_2.{key} \\[2, 3\\]"):
         lora.check_lora_file(tmp_path / "bad.safetensors", lora.lora_components(tiny_sd3_pipeline(seed=0)))
+
+
+def test_soft_update_decay_is_diffusionnft_schedule():
+    # preset 1: 0.001 per step up to 0.5; preset 2: 0 for 75 steps, then 0.0075 per step up to 0.999
+    assert [lora.soft_update_decay(s, 0.001, 0.5) for s in (0, 100, 499, 500, 10_000)] == pytest.approx([0.0, 0.1, 0.499, 0.5, 0.5])
+    assert [lora.soft_update_decay(s, 0.0075, 0.999, flat=75) for s in (0, 74, 75, 85, 208, 300)] == pytest.approx(
+        [0.0, 0.0, 0.0, 0.075, 0.9975, 0.999])
+    for bad in ((-0.1, 0.5, 0), (0.1, 1.0, 0), (0.1, 0.5, -1)):
+        with pytest.raises(ValueError, match="soft_update_decay"):
+            lora.soft_update_decay(3, *bad)
+
+
+def test_ema_update_with_an_explicit_decay():
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    ema = lora.LoraEMA([p], decay=0.9)
+    with torch.no_grad():
+        p.copy_(torch.tensor([5.0, 6.0]))
+    ema.update(0.25)  # 0.25*[1,2] + 0.75*[5,6] = [4,5]
+    assert torch.allclose(ema.shadow[0], torch.tensor([4.0, 5.0]))
+    ema.update(0.0)  # a copy
+    assert torch.equal(ema.shadow[0], torch.tensor([5.0, 6.0]))
+    with pytest.raises(ValueError, match="decay"):
+        ema.update(1.0)

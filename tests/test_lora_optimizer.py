@@ -80,3 +80,29 @@ def test_state_round_trip_restores_moments_counter_and_ema():
     assert all(torch.equal(x, y) for x, y in zip(fresh.ema.shadow, opt.ema.shadow))
     with pytest.raises(CheckpointError, match="no EMA"):
         fresh.load({}, state, "ckpt")
+
+
+def test_old_policy_follows_the_soft_update_schedule_and_round_trips():
+    """old <- d·old + (1 - d)·θ after each update, d = min(rate·(steps - flat), max): hand-worked on one step each."""
+    opt, a, b = _optim(old_policy_rate=0.25, old_policy_max=0.4, old_policy_flat=1)
+    assert opt.update_old_policy() == 0.0  # 0 steps < flat: the old policy is the trained one
+    opt.set_lr(0)
+    for target in (1.0 - 0.1, 1.0 - 0.2):  # Adam's first steps move each coordinate by lr = 0.1
+        opt.backward(a.sum() + b.sum(), "")
+        opt.step(opt.new_stats())
+        assert torch.allclose(a.detach(), torch.full((3,), target), atol=1e-6)
+    # steps_taken = 2: d = min(0.25 * (2 - 1), 0.4) = 0.25; old a = 0.25 * 1 + 0.75 * 0.8 = 0.85
+    assert opt.steps_taken == 2 and opt.update_old_policy() == pytest.approx(0.25)
+    assert torch.allclose(opt.old_policy.shadow[0], torch.full((3,), 0.85), atol=1e-6)
+    opt.steps_taken = 10  # d capped at 0.4: 0.4 * 0.85 + 0.6 * 0.8 = 0.82
+    assert opt.update_old_policy() == pytest.approx(0.4)
+    assert torch.allclose(opt.old_policy.shadow[0], torch.full((3,), 0.82), atol=1e-6)
+    tensors, state = opt.state()
+    assert set(tensors) == {"old_policy"} and state["steps_taken"] == 10
+    fresh, _, _ = _optim(old_policy_rate=0.25, old_policy_max=0.4, old_policy_flat=1)
+    fresh.load(tensors, state)
+    assert fresh.steps_taken == 10 and torch.equal(fresh.old_policy.shadow[0], opt.old_policy.shadow[0])
+    with pytest.raises(CheckpointError, match="no old-policy weights"):
+        fresh.load({}, state, "ckpt")
+    on_policy, _, _ = _optim()
+    assert on_policy.old_policy is None and on_policy.update_old_policy() is None

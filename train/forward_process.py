@@ -9,8 +9,10 @@ exactly as ``(sample indices, step k)`` for the step objectives.
 
 The old (sampling) policy's velocity ``v_old`` is needed at every row. While no optimizer step has
 been taken in the iteration the trained LoRA *is* the old policy, so ``v_old = v_θ.detach()`` costs
-nothing; when an iteration takes several optimizer steps :func:`old_velocities` evaluates it once
-for every row before the first step.
+nothing; when an iteration takes several optimizer steps, or the samples come from DiffusionNFT's
+soft-updated old policy (``train.old_policy_rate > 0``, :func:`flowalign.lora.soft_update_decay`),
+:func:`old_velocities` evaluates it once for every row before the first step (the trainer swaps the
+old weights in for it).
 """
 from __future__ import annotations
 
@@ -75,7 +77,8 @@ def noised(fb) -> Tensor:
 @torch.no_grad()
 def old_velocities(traj, advantages: Tensor, draws: ForwardDraws, plan: list, velocity_for: Callable[[Tensor], Callable],
                    device: torch.device) -> None:
-    """Fill ``draws.v_old`` with the current (= sampling) policy's velocity at every planned row.
+    """Fill ``draws.v_old`` with the policy's velocity at every planned row (the sampling policy's: call it with
+    those weights in the LoRA).
 
     ``velocity_for(index) -> policy(x, sigma)`` binds the conditioning of samples ``index``; call
     this before the iteration's first optimizer step.

@@ -6,6 +6,8 @@ One optimizer step, in order::
     backward(loss)           per micro-batch (fp16: through the dynamic loss scaler)
     step(stats)              sum gradients across processes -> unscale -> clip to max_grad_norm
                              -> skip if the norm is not finite, else AdamW step -> EMA update
+    update_old_policy()      after the iteration's last step: the soft-updated sampling policy
+                             (train.old_policy_rate > 0; DiffusionNFT's old <- d·old + (1 - d)·θ)
 
 The non-finite guard counts consecutive skipped micro-batches and optimizer steps; at
 ``train.max_nonfinite_steps`` in a row (on any process) training stops with
@@ -34,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 class LoraOptimizer:
     """AdamW over LoRA parameter groups with the lr schedule, cross-process gradient sum,
-    clipping, the non-finite guard, fp16 loss scaling and an optional EMA.
+    clipping, the non-finite guard, fp16 loss scaling, an optional EMA and an optional soft-updated
+    old (sampling) policy.
 
     Args:
         groups: ``[{"params": [...], "lr_ratio": r}, ...]``: one group per learning rate
@@ -57,6 +60,9 @@ class LoraOptimizer:
         self.optimizer = torch.optim.AdamW(groups, lr=train_cfg.lr, betas=tuple(train_cfg.adam_betas), eps=train_cfg.adam_eps,
                                            weight_decay=train_cfg.weight_decay)
         self.ema = lora_lib.LoraEMA(self.params, train_cfg.ema_decay) if train_cfg.ema else None
+        # DiffusionNFT's old policy: rollouts (and v_old) use these weights; None = on-policy
+        self.old_policy = lora_lib.LoraEMA(self.params, 0.5) if train_cfg.old_policy_rate > 0 else None
+        self.steps_taken = 0  # optimizer steps applied so far (the old policy's schedule reads it)
         # fp16 gradients of small losses underflow: dynamic loss scaling (bf16 has fp32's range and needs none)
         self.scaler = torch.amp.GradScaler(device_type) if train_cfg.mixed_precision == "fp16" else None
         self.nonfinite_in_row = 0
@@ -117,8 +123,18 @@ class LoraOptimizer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update()
+        self.steps_taken += 1
         stats["steps"] += 1
         stats["grad_norm"].append(norm)
+
+    def update_old_policy(self) -> Optional[float]:
+        """``old <- d·old + (1 - d)·θ`` with ``d = soft_update_decay(steps_taken, ...)`` (call after an
+        iteration's update); returns ``d``, or None when sampling is on-policy."""
+        if self.old_policy is None:
+            return None
+        decay = lora_lib.soft_update_decay(self.steps_taken, self.cfg.old_policy_rate, self.cfg.old_policy_max, self.cfg.old_policy_flat)
+        self.old_policy.update(decay)
+        return decay
 
     @staticmethod
     def new_stats() -> dict:
@@ -161,10 +177,12 @@ class LoraOptimizer:
     # ----------------------------------------------------------------------------- checkpoint
 
     def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """``(tensor groups, JSON state)`` for the checkpoint: ``{"ema": ...}`` when on, and the
-        optimizer, loss scaler and non-finite counter."""
+        """``(tensor groups, JSON state)`` for the checkpoint: ``{"ema": ..., "old_policy": ...}`` when on,
+        and the optimizer, loss scaler, step count and non-finite counter."""
         tensors = {"ema": self.ema.state_dict()} if self.ema is not None else {}
-        state = {"optimizer": self.optimizer.state_dict(), "nonfinite_in_row": self.nonfinite_in_row,
+        if self.old_policy is not None:
+            tensors["old_policy"] = self.old_policy.state_dict()
+        state = {"optimizer": self.optimizer.state_dict(), "nonfinite_in_row": self.nonfinite_in_row, "steps_taken": self.steps_taken,
                  "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
         return tensors, state
 
@@ -174,8 +192,13 @@ class LoraOptimizer:
             if "ema" not in tensors:
                 raise CheckpointError(f"checkpoint {path} has no EMA weights but {self.prefix}ema is on")
             self.ema.load_state_dict(tensors["ema"])
+        if self.old_policy is not None:
+            if "old_policy" not in tensors:
+                raise CheckpointError(f"checkpoint {path} has no old-policy weights but {self.prefix}old_policy_rate is on")
+            self.old_policy.load_state_dict(tensors["old_policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
+        self.steps_taken = int(state.get("steps_taken", 0))
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
 

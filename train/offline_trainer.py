@@ -148,11 +148,11 @@ class _SingleProcess:
 
 def optimizer_settings(cfg: OfflineConfig, total_steps: int) -> SimpleNamespace:
     """The ``train``-section fields :class:`LoraOptimizer` reads, from an offline recipe whose
-    schedule spans ``total_steps`` optimizer steps (AdamW's default betas and eps; no EMA, fp32)."""
+    schedule spans ``total_steps`` optimizer steps (AdamW's default betas and eps; no EMA, no old policy, fp32)."""
     return SimpleNamespace(
         lr=cfg.lr, lr_schedule=cfg.lr_schedule, iterations=total_steps, lr_warmup=cfg.lr_warmup, lr_min_ratio=cfg.lr_min_ratio,
         adam_betas=(0.9, 0.999), adam_eps=1e-8, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-        max_nonfinite_steps=cfg.max_nonfinite_steps, ema=False, ema_decay=0.0, mixed_precision="no",
+        max_nonfinite_steps=cfg.max_nonfinite_steps, ema=False, ema_decay=0.0, old_policy_rate=0.0, mixed_precision="no",
     )
 
 

@@ -3,13 +3,15 @@
 One iteration::
 
     prompts (PromptSampler, sharded per process by group)
-      -> rollout            flowalign.sampling.rollout        (tqdm "rollout")
+      -> rollout            flowalign.sampling.rollout        (tqdm "rollout"; with train.old_policy_rate > 0
+                            by DiffusionNFT's soft-updated old policy, LoraOptimizer.old_policy)
       -> rewards            flowalign.rewards.call_reward      (tqdm "reward", failure policy)
       -> advantages         flowalign.advantages.group_advantages, drop all-zero samples
       -> inner epochs       shuffle samples; micro-batches of (samples, one trained step);
                             objective.loss(StepBatch, policy, reference); accumulate, clip, step
                             (tqdm "update"); forward-process objectives (nft, awm) instead get
                             (samples, one re-noising draw) as a ForwardBatch (train/forward_process.py)
+      -> old policy         old <- d·old + (1 - d)·θ           (only with train.old_policy_rate > 0)
       -> log / checkpoint
 
 Setup builds its parts with ``train/trainer_setup.py`` (prompts, rewards, objective, model + LoRA +
@@ -248,14 +250,36 @@ class Trainer(OptimizerViews):
         return metrics
 
     def collect(self) -> Batch:
-        """Draw this process's prompts, roll them out, score them and compute advantages."""
-        from flowalign import sampling
-
+        """Draw this process's prompts, roll them out (with the sampling policy), score them and compute advantages."""
         s = self.config.sampling
         records = self.sampler.next_batch()
         prompts = [r.prompt for r in records]
         t0 = time.perf_counter()
-        cond = self.adapter.encode(prompts, do_classifier_free_guidance=s.guidance_scale > 1.0)
+        with self._sampling_policy():
+            cond = self.adapter.encode(prompts, do_classifier_free_guidance=s.guidance_scale > 1.0)
+            traj = self._rollout(records, prompts, cond)
+        t1 = time.perf_counter()
+        rewards, keep, metrics = self.score(traj)
+        t2 = time.perf_counter()
+        traj.rewards = rewards
+        advantages, keep, adv_metrics = self.advantages(rewards, traj.group_ids, keep, traj=traj, cond=cond)
+        traj.advantages = advantages
+        metrics.update(adv_metrics)
+        metrics.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "nfe": float(traj.nfe)})
+        if not self.config.objective.cfg_in_training and cond.uncond is not None:
+            cond = type(cond)(cond=cond.cond, uncond=None, extra=cond.extra)
+        return Batch(traj=traj, cond=cond.repeat_interleave(s.group_size), advantages=advantages, keep=keep, metrics=metrics)
+
+    def _sampling_policy(self):
+        """Context in which the LoRA holds the sampling policy's weights: the soft-updated old policy
+        (``train.old_policy_rate > 0``), else the trained weights themselves."""
+        return self.optim.old_policy.applied() if self.optim.old_policy is not None else nullcontext()
+
+    def _rollout(self, records, prompts: list, cond):
+        """This process's groups rolled out (no grad) with the sampling settings and noise seeding."""
+        from flowalign import sampling
+
+        s = self.config.sampling
         kwargs = dict(group_size=s.group_size, num_steps=s.num_steps, kernel=s.kernel, guidance_scale=s.guidance_scale,
                       share_initial_noise=s.share_initial_noise, log_prob_reduce=s.log_prob_reduce, record_x0=False,
                       iteration=self.iteration, micro_batch_size=s.micro_batch_size)
@@ -274,17 +298,7 @@ class Trainer(OptimizerViews):
                                      generator=runtime.group_generator(self.config.train.seed, self.iteration, first + j), **kwargs)
                     for j, r in enumerate(records)
                 ])
-        t1 = time.perf_counter()
-        rewards, keep, metrics = self.score(traj)
-        t2 = time.perf_counter()
-        traj.rewards = rewards
-        advantages, keep, adv_metrics = self.advantages(rewards, traj.group_ids, keep, traj=traj, cond=cond)
-        traj.advantages = advantages
-        metrics.update(adv_metrics)
-        metrics.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "nfe": float(traj.nfe)})
-        if not self.config.objective.cfg_in_training and cond.uncond is not None:
-            cond = type(cond)(cond=cond.cond, uncond=None, extra=cond.extra)
-        return Batch(traj=traj, cond=cond.repeat_interleave(s.group_size), advantages=advantages, keep=keep, metrics=metrics)
+        return traj
 
     def score(self, traj) -> tuple[Tensor, Tensor, dict]:
         """Weighted sum of the configured rewards ``[B]``, the kept-samples mask and reward metrics."""
@@ -399,16 +413,21 @@ class Trainer(OptimizerViews):
             self.optim.check_nonfinite()
         metrics = {key: sums[key] / counts[key] for key in sums}
         metrics.update(self.optim.metrics(stats))
+        decay = self.optim.update_old_policy()  # the next iteration's sampler
+        if decay is not None:
+            metrics["old_policy/decay"] = decay
         metrics["time/update"] = time.perf_counter() - t0
         return metrics
 
     def _prepare_forward_draws(self, batch: Batch, plan: list, optimizer_steps: int) -> None:
-        """This iteration's forward-process sigmas and noises (shared by its inner epochs); with more than
-        one optimizer step, the sampling policy's velocity at every row, before the first step."""
+        """This iteration's forward-process sigmas and noises (shared by its inner epochs); the sampling policy's
+        velocity ``v_old`` at every row, before the first step, when it differs from the trained policy during the
+        update (more than one optimizer step, or a lagging old policy)."""
         self._draws = fp.draw(batch.traj, self.objective, self.config.objective.timestep_fraction, self.generator)
-        if optimizer_steps > 1:
-            fp.old_velocities(batch.traj, batch.advantages, self._draws, plan,
-                              lambda index: self.velocity_fns(batch.cond.select(index.to(self.device)))[0], self.device)
+        if optimizer_steps > 1 or self.optim.old_policy is not None:
+            with self._sampling_policy():  # batch.cond is the rollout's encoding, by the same weights
+                fp.old_velocities(batch.traj, batch.advantages, self._draws, plan,
+                                  lambda index: self.velocity_fns(batch.cond.select(index.to(self.device)))[0], self.device)
 
     def _make_batch(self, batch: Batch, index: Tensor, k: int, for_loss: bool = True):
         """The objective's rows for micro-batch ``(index, k)``: a StepBatch of step k, or a ForwardBatch of draw k

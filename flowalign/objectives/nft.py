@@ -51,8 +51,10 @@ class ForwardBatch:
         sigma: ``[B]`` the noise level ``s`` of each row, in (0, 1].
         advantages: ``[B]`` group-normalised advantage of the row's sample.
         v_old: ``[B, *latent]`` the old (sampling) policy's velocity at ``x_s``, or None when the
-            trained policy still *is* the old one (first optimizer step of an iteration): then
-            ``v_old = v_θ.detach()`` and no second forward is needed.
+            trained policy still *is* the old one (first optimizer step of an iteration, sampling
+            on-policy): then ``v_old = v_θ.detach()`` and no second forward is needed. With
+            ``train.old_policy_rate > 0`` the samples come from DiffusionNFT's soft-updated old
+            policy and the trainer always fills it with that policy's velocity.
         v_ema: ``[B, *latent]`` the velocity of the EMA of the trained LoRA at ``x_s``, filled by the
             trainer only for an objective with ``needs_ema`` (AWM's ``ema_beta``); else None.
     """
