@@ -257,7 +257,8 @@ class Trainer(OptimizerViews):
         t0 = time.perf_counter()
         with self._sampling_policy():
             cond = self.adapter.encode(prompts, do_classifier_free_guidance=s.guidance_scale > 1.0)
-            traj = self._rollout(records, prompts, cond)
+            traj = runtime.rollout_groups(self.adapter, records, cond, s, self.schedule, self.generator, self.iteration,
+                                          self.config.train.seed, first_group=self.accelerator.process_index * len(records))
         t1 = time.perf_counter()
         rewards, keep, metrics = self.score(traj)
         t2 = time.perf_counter()
@@ -275,30 +276,6 @@ class Trainer(OptimizerViews):
         (``train.old_policy_rate > 0``), else the trained weights themselves."""
         return self.optim.old_policy.applied() if self.optim.old_policy is not None else nullcontext()
 
-    def _rollout(self, records, prompts: list, cond):
-        """This process's groups rolled out (no grad) with the sampling settings and noise seeding."""
-        from flowalign import sampling
-
-        s = self.config.sampling
-        kwargs = dict(group_size=s.group_size, num_steps=s.num_steps, kernel=s.kernel, guidance_scale=s.guidance_scale,
-                      share_initial_noise=s.share_initial_noise, log_prob_reduce=s.log_prob_reduce, record_x0=False,
-                      iteration=self.iteration, micro_batch_size=s.micro_batch_size)
-        with torch.no_grad():
-            if s.noise_seeding == "process":
-                traj = sampling.rollout(self.adapter, prompts, schedule=self.schedule, generator=self.generator, cond=cond,
-                                        metadata=[dict(r.metadata) for r in records], **kwargs)
-            else:  # one rollout per group from its own stream; the iteration's levels shared by all processes
-                from flowalign import sde
-
-                levels = sde.table(self.schedule.levels(s.num_steps, iteration=self.iteration,
-                                                        generator=runtime.iteration_generator(self.config.train.seed, self.iteration)))
-                first = self.accelerator.process_index * len(records)  # global index of our first group
-                traj = runtime.cat_trajectories([
-                    sampling.rollout(self.adapter, [r.prompt], schedule=levels, cond=cond.select([j]), metadata=[dict(r.metadata)],
-                                     generator=runtime.group_generator(self.config.train.seed, self.iteration, first + j), **kwargs)
-                    for j, r in enumerate(records)
-                ])
-        return traj
 
     def score(self, traj) -> tuple[Tensor, Tensor, dict]:
         """Weighted sum of the configured rewards ``[B]``, the kept-samples mask and reward metrics."""
