@@ -61,7 +61,7 @@ class LoraOptimizer:
                                            weight_decay=train_cfg.weight_decay)
         self.ema = lora_lib.LoraEMA(self.params, train_cfg.ema_decay) if train_cfg.ema else None
         # DiffusionNFT's old policy: rollouts (and v_old) use these weights; None = on-policy
-        self.old_policy = lora_lib.LoraEMA(self.params, 0.5) if train_cfg.old_policy_rate > 0 else None
+        self.old_policy = lora_lib.LoraEMA(self.params, 0.5) if train_cfg.old_policy_rate > 0 else None  # each update passes its decay
         self.steps_taken = 0  # optimizer steps applied so far (the old policy's schedule reads it)
         # fp16 gradients of small losses underflow: dynamic loss scaling (bf16 has fp32's range and needs none)
         self.scaler = torch.amp.GradScaler(device_type) if train_cfg.mixed_precision == "fp16" else None
