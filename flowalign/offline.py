@@ -1,4 +1,4 @@
-"""Rollout store: generated samples + rewards on disk, for offline objectives (GDRO, Diffusion-DPO).
+"""Rollout store: generated samples + rewards on disk, for offline objectives (GDRO, Diffusion-DPO, AWM).
 
 Layout of a store folder::
 

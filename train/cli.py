@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a config value (repeatable)")
 
-    offline = sub.add_parser("offline", help="train a LoRA with an offline objective (GDRO, Diffusion-DPO) from a rollout store",
+    offline = sub.add_parser("offline", help="train a LoRA with an offline objective (GDRO, Diffusion-DPO, AWM) from a rollout store",
                              description="Train from a store written by `flowalign generate` (recipe keys: flowalign.train.offline_trainer.OfflineConfig).")
     offline.add_argument("--config", help="offline recipe YAML, e.g. train/configs/toy_gdro.yaml (default: the built-in defaults)")
     offline.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
