@@ -47,6 +47,7 @@ __all__ = [
     "Z95",
     "aggregate",
     "category_mean",
+    "correct_mask",
     "compare",
     "evaluate",
     "failure_counts",
@@ -162,6 +163,15 @@ class CategoryStats:
         return {k: _json_number(v) for k, v in self.__dict__.items()}
 
 
+def correct_mask(scores: Tensor, verdicts: Optional[Tensor], threshold: float = 0.5) -> Tensor:
+    """``[N]`` bool: whether each sample counts as correct. Its verdict (the reward's 1/0 ``details["binary"]``)
+    is 1, or, without verdicts, its score is ``>= threshold``; a dropped sample (NaN score) never is."""
+    kept = ~torch.isnan(scores)
+    if verdicts is not None:
+        return kept & (verdicts >= 0.5)
+    return kept & (scores >= threshold)
+
+
 def aggregate(tags: Sequence[str], scores: Tensor, partial: Optional[Tensor], threshold: float = 0.5, z: float = Z95,
               verdicts: Optional[Tensor] = None) -> dict[str, CategoryStats]:
     """Per-category :class:`CategoryStats` of ``[N]`` scores (NaN = dropped), sorted, then ``"all"``.
@@ -175,6 +185,7 @@ def aggregate(tags: Sequence[str], scores: Tensor, partial: Optional[Tensor], th
     partial = None if partial is None else partial.detach().double().cpu()  # [N]
     if len(tags) != scores.numel():
         raise ValueError(f"{len(tags)} tags for {scores.numel()} scores")
+    is_correct = correct_mask(scores, verdicts, threshold)  # [N]
     groups: dict[str, list[int]] = {}
     for i, tag in enumerate(tags):
         groups.setdefault(tag, []).append(i)
@@ -186,7 +197,7 @@ def aggregate(tags: Sequence[str], scores: Tensor, partial: Optional[Tensor], th
         s = scores[index]
         kept = ~torch.isnan(s)
         s = s[kept]
-        correct = int((s >= threshold).sum()) if verdicts is None else int((verdicts[index][kept] >= 0.5).sum())
+        correct = int(is_correct[index].sum())
         count = int(s.numel())
         low, high = wilson_interval(correct, count, z)
         stats = CategoryStats(
@@ -258,10 +269,7 @@ class EvalResult:
     def correct(self) -> Tensor:
         """``[N]`` bool, whether each sample counts as correct: its verdict, or ``score >= threshold``
         (``settings["threshold"]``, default 0.5); a dropped sample (NaN score) is not."""
-        kept = ~torch.isnan(self.scores)
-        if self.verdicts is not None:
-            return kept & (self.verdicts >= 0.5)
-        return kept & (self.scores >= float(self.settings.get("threshold", 0.5)))
+        return correct_mask(self.scores, self.verdicts, float(self.settings.get("threshold", 0.5)))
 
     def images_for(self, indices: Iterable[int]) -> Tensor:
         """``[M, 3, H, W]`` images of the given sample indices (they must have been kept)."""
