@@ -66,15 +66,9 @@ def transformer_lora_on_first_steps(adapter, num_steps: int, n: int) -> Iterator
 def evaluate_gated(adapter, records, reward, lora, n: int, *, num_steps: int, **evaluate_kwargs):
     """:func:`flowalign.evaluation.evaluate` of base + ``lora`` with the transformer LoRA on the first ``n`` steps."""
     from flowalign.evaluation import evaluate
-    from flowalign.lora import load_lora_into_pipeline
 
-    name = "lora_steps"
-    load_lora_into_pipeline(adapter.pipeline, lora, adapter_name=name)
-    try:
-        with transformer_lora_on_first_steps(adapter, num_steps, n):
-            return evaluate(adapter, records, reward, num_steps=num_steps, **evaluate_kwargs)
-    finally:
-        adapter.pipeline.delete_adapters(name)
+    with transformer_lora_on_first_steps(adapter, num_steps, n):
+        return evaluate(adapter, records, reward, num_steps=num_steps, lora=lora, **evaluate_kwargs)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
