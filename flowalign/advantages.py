@@ -156,6 +156,34 @@ def nonzero_mask(advantages: Tensor) -> Tensor:
     return (advantages != 0).flatten(1).any(dim=1)
 
 
+def first_informative_groups(keep: Tensor, group_ids: Tensor, max_groups: int) -> Tensor:
+    """``keep [B]`` limited to the first ``max_groups`` groups, in order of first appearance, that
+    have a kept sample: DAPO's dynamic sampling (Yu et al., arXiv 2503.14476, §3.2) over a batch drawn
+    larger than the update needs, so that the update sees up to ``max_groups`` groups with a learning
+    signal however many groups came out all equal.
+
+    Args:
+        keep: ``[B]`` bool, a sample's reward is kept and its advantage non-zero (the trainer's mask).
+        group_ids: ``[B]`` group of each sample (any ids; a group is identified by its id).
+        max_groups: groups to keep at most (>= 0).
+    """
+    keep = torch.as_tensor(keep, dtype=torch.bool)
+    if keep.ndim != 1:
+        raise ValueError(f"keep must be [B], got shape {tuple(keep.shape)}")
+    if max_groups < 0:
+        raise ValueError(f"max_groups must be >= 0, got {max_groups}")
+    batch = keep.shape[0]
+    idx, G = _group_index(group_ids, batch, keep.device)
+    if G == 0:
+        return keep.clone()
+    has_kept = torch.zeros(G, dtype=torch.bool, device=keep.device).index_put_((idx,), keep, accumulate=True)  # [G]
+    first_row = torch.full((G,), batch, device=keep.device).scatter_reduce(0, idx, torch.arange(batch, device=keep.device), "amin")
+    in_order = torch.argsort(first_row)  # groups by first appearance
+    chosen = torch.zeros(G, dtype=torch.bool, device=keep.device)
+    chosen[in_order[has_kept[in_order]][:max_groups]] = True
+    return keep & chosen[idx]
+
+
 def zero_variance_fraction(rewards: Tensor, group_ids: Tensor) -> float:
     """Fraction of groups whose rewards are all equal (no learning signal); the trainer logs it."""
     rewards = torch.as_tensor(rewards).float()

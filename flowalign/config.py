@@ -179,6 +179,12 @@ class TrainConfig:
 
     prompts: Optional[str] = field(default=None, metadata={"help": "Prompt file (.txt one per line, or .jsonl); null = the builtin demo prompts."})
     prompts_per_iter: int = field(default=4, metadata={"help": "Distinct prompts per iteration (over all processes); samples = prompts_per_iter * group_size."})
+    oversample: float = field(
+        default=1.0,
+        metadata={"help": "Roll out and score oversample times as many prompts per iteration (per process: ceil(oversample * prompts_per_iter "
+                          "/ processes)) and train on the first prompts_per_iter of their groups with a non-zero advantage (DAPO's dynamic "
+                          "sampling, arXiv:2503.14476, in one pass instead of drawing until the batch is full); 1 = train on every group drawn."},
+    )
     iterations: int = field(default=100, metadata={"help": "Rollout + update iterations."})
     inner_epochs: int = field(default=1, metadata={"help": "Passes over each iteration's samples."})
     micro_batch_size: int = field(default=4, metadata={"help": "Samples per forward pass (each micro-batch is one trained step of these samples)."})
@@ -234,6 +240,7 @@ class TrainConfig:
         for name in ("prompts_per_iter", "iterations", "inner_epochs", "micro_batch_size", "grad_accum", "keep_checkpoints", "max_nonfinite_steps", "eval_num_prompts"):
             value = getattr(self, name)
             _check(value >= 1, f"train.{name} must be >= 1, got {value}")
+        _check(self.oversample >= 1.0, f"train.oversample must be >= 1 (1 = no oversampling), got {self.oversample}")
         _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         _choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check(0 <= self.lr_warmup < self.iterations, f"train.lr_warmup must be in [0, train.iterations={self.iterations}), got {self.lr_warmup}")

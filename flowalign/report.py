@@ -320,6 +320,7 @@ def write_report(
     mean_base, mean_aligned = category_mean(base.categories), category_mean(aligned.categories)
     settings = aligned.settings
     kernel = _get(config_dict, "sampling.kernel", "?")
+    oversample = _get(config_dict, "train.oversample", 1.0)
     lines = [f"# flowalign run report: {run_dir.name}", ""]
     lines += [
         f"- **command**: `{command}`",
@@ -327,7 +328,8 @@ def write_report(
         f"- **method**: `{_get(config_dict, 'objective.name', '?')}`, kernel `{kernel}`"
         + ("" if kernel == "ode"  # the ODE draws no noise: its schedule is moot
            else f" (noise {_get(config_dict, 'sampling.noise_schedule', '?')} {_get(config_dict, 'sampling.noise_kwargs', '')})") + ", "
-        f"{_get(config_dict, 'sampling.num_steps', '?')} steps, group size {_get(config_dict, 'sampling.group_size', '?')}, "
+        f"{_get(config_dict, 'sampling.num_steps', '?')} steps, group size {_get(config_dict, 'sampling.group_size', '?')}"
+        + (f" (dynamic sampling from {oversample:g}x the prompts)" if oversample != 1.0 else "") + ", "
         f"LoRA rank {_get(config_dict, 'lora.rank', '?')}" + (" (transformer and text encoders)" if _get(config_dict, "lora.train_text_encoder", False) is True else "")
         + f", {_get(config_dict, 'train.iterations', '?')} iterations, "
         f"lr {_get(config_dict, 'train.lr', '?')}, seed {_get(config_dict, 'train.seed', '?')}",

@@ -259,3 +259,13 @@ def test_report_failure_section_counts_fixed_and_broken(tmp_path):
     # without labels there is no section
     base.failures = aligned.failures = None
     assert "## Failure modes" not in write_report(tmp_path, base=base, aligned=aligned, config_dict=CONFIG, timings={}).read_text()
+
+
+def test_report_names_dynamic_sampling_only_when_on(tmp_path):
+    base = _result([1, 0, 0, 0, 0, 0, 0, 0, 1, 0], [0.5] * 10)
+    group = f"group size {CONFIG['sampling']['group_size']}"
+    text = write_report(tmp_path, base=base, aligned=base, config_dict=CONFIG, timings={}).read_text()
+    assert f"{group}, LoRA rank" in text and "dynamic sampling" not in text
+    drawn = dict(CONFIG, train=dict(CONFIG.get("train", {}), oversample=1.5))
+    text = write_report(tmp_path, base=base, aligned=base, config_dict=drawn, timings={}).read_text()
+    assert f"{group} (dynamic sampling from 1.5x the prompts), LoRA rank" in text

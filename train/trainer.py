@@ -6,7 +6,8 @@ One iteration::
       -> rollout            flowalign.sampling.rollout        (tqdm "rollout"; with train.old_policy_rate > 0
                             by DiffusionNFT's soft-updated old policy, LoraOptimizer.old_policy)
       -> rewards            flowalign.rewards.call_reward      (tqdm "reward", failure policy)
-      -> advantages         flowalign.advantages.group_advantages, drop all-zero samples
+      -> advantages         flowalign.advantages.group_advantages, drop all-zero samples (with train.oversample > 1:
+                            train on the first prompts_per_iter groups with a signal, first_informative_groups)
       -> inner epochs       shuffle samples; micro-batches of (samples, one trained step);
                             objective.loss(StepBatch, policy, reference); accumulate, clip, step
                             (tqdm "update"); forward-process objectives (nft, awm) instead get
@@ -266,6 +267,13 @@ class Trainer(OptimizerViews):
         advantages, keep, adv_metrics = self.advantages(rewards, traj.group_ids, keep, traj=traj, cond=cond)
         traj.advantages = advantages
         metrics.update(adv_metrics)
+        if self.config.train.oversample > 1.0:  # DAPO's dynamic sampling: the first groups with a learning signal
+            from flowalign.advantages import first_informative_groups
+
+            group_ids = traj.group_ids.cpu()
+            keep = first_informative_groups(keep, group_ids, self.config.train.prompts_per_iter // self.accelerator.num_processes)
+            metrics["samples/kept_frac"] = float(keep.float().mean())
+            metrics["samples/groups_trained"] = float(self._gather(torch.tensor([float(group_ids[keep].unique().numel())])).sum())
         metrics.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "nfe": float(traj.nfe)})
         if not self.config.objective.cfg_in_training and cond.uncond is not None:
             cond = type(cond)(cond=cond.cond, uncond=None, extra=cond.extra)

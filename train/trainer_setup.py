@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -62,6 +63,12 @@ class PromptData:
     heldout_records: Optional[list]
 
 
+def prompts_drawn_per_process(train_config, world: int) -> int:
+    """Prompts each process rolls out per iteration: ``ceil(oversample · prompts_per_iter / world)``
+    (``prompts_per_iter / world`` of their groups are trained on at most)."""
+    return math.ceil(train_config.oversample * (train_config.prompts_per_iter // world))
+
+
 def build_prompt_data(config: FlowalignConfig, accelerator) -> PromptData:
     """Read ``train.prompts`` / ``train.eval_prompts`` and check them against the run's sizes.
 
@@ -76,7 +83,7 @@ def build_prompt_data(config: FlowalignConfig, accelerator) -> PromptData:
     if cfg.prompts_per_iter % world:
         raise ConfigError(f"train.prompts_per_iter={cfg.prompts_per_iter} must be divisible by the {world} processes")
     records = load_prompts(resolve_path(cfg.prompts)) if cfg.prompts else [PromptRecord(p) for p in DEMO_PROMPTS]
-    sampler = PromptSampler(records, cfg.prompts_per_iter // world, seed=cfg.seed, num_shards=world, shard_index=accelerator.process_index)
+    sampler = PromptSampler(records, prompts_drawn_per_process(cfg, world), seed=cfg.seed, num_shards=world, shard_index=accelerator.process_index)
     eval_records = load_prompts(resolve_path(cfg.eval_prompts)) if cfg.eval_prompts else records
     if cfg.eval_prompts and cfg.final_eval_samples > 0:
         from flowalign.evaluation import sample_indices
@@ -172,7 +179,7 @@ def build_model(config: FlowalignConfig, adapter, device: torch.device, accelera
                                            lcfg.init, lcfg.dropout)
     text_modules, text_params = lora_lib.add_text_lora(adapter, lcfg) if lcfg.train_text_encoder else ({}, [])
     cache = getattr(adapter, "t5_cache", None)
-    needed = config.train.prompts_per_iter // accelerator.num_processes + 1  # + the negative prompt
+    needed = prompts_drawn_per_process(config.train, accelerator.num_processes) + 1  # + the negative prompt
     if text_modules and cache is not None and 0 < cache.max_prompts < needed:
         logger.warning("model.t5_cache_size=%d holds fewer than an iteration's %d prompts (with the negative): the update will "
                        "recompute T5 rows it dropped; raise it to at least %d", cache.max_prompts, needed, needed)
