@@ -21,7 +21,9 @@ from typing import Optional
 
 from . import components
 
-__all__ = ["tiny_sd3_pipeline"]
+__all__ = ["add_random_lora", "tiny_sd3_pipeline"]
+
+SD3_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
 
 
 def tiny_sd3_pipeline(
@@ -82,3 +84,19 @@ def tiny_sd3_pipeline(
         text_encoder_3=text_encoder_3,
         tokenizer_3=tokenizer_3,
     )
+
+
+def add_random_lora(module, rank: int = 4, alpha: float = 8.0, target_modules=SD3_ATTENTION, scale: float = 0.5, seed: int = 1) -> list:
+    """Inject LoRA into ``module`` (:func:`flowalign.lora.add_lora`) and add ``scale ·`` standard normal
+    draws (``torch.Generator().manual_seed(seed)``, parameter by parameter) to its A and B, so that the
+    update is clearly non-zero: a LoRA to load, save or evaluate in tests. Returns the LoRA parameters."""
+    import torch
+
+    from flowalign import lora as lora_lib
+
+    params = lora_lib.add_lora(module, rank=rank, alpha=alpha, target_modules=list(target_modules))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return params

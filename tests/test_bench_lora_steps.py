@@ -12,6 +12,7 @@ import lora_steps  # noqa: E402
 from flowalign import lora as lora_lib  # noqa: E402
 from flowalign.config import ModelConfig  # noqa: E402
 from flowalign.evaluation import evaluate  # noqa: E402
+from flowalign.pipelines.testing import add_random_lora  # noqa: E402
 from flowalign.rewards import load_reward  # noqa: E402
 from flowalign.train.model import build_adapter  # noqa: E402
 
@@ -74,11 +75,7 @@ def tiny():
 def lora_dir(tmp_path_factory):
     """A clearly non-zero transformer LoRA for the tiny pipeline (written from a second copy of it)."""
     pipe = build_adapter(ModelConfig(pretrained="tiny-sd3"), torch.device("cpu")).pipeline
-    params = lora_lib.add_lora(pipe.transformer, rank=4, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in params:
-            p.add_(0.5 * torch.randn(p.shape, generator=gen))
+    add_random_lora(pipe.transformer)
     directory = tmp_path_factory.mktemp("lora")
     lora_lib.save_lora_weights(pipe, directory, lora_lib.get_lora_state_dict(pipe.transformer))
     return directory

@@ -21,7 +21,7 @@ from flowalign.evaluation import (
     wilson_interval,
 )
 from flowalign.pipelines import load_adapter
-from flowalign.pipelines.testing import tiny_sd3_pipeline
+from flowalign.pipelines.testing import add_random_lora, tiny_sd3_pipeline
 from flowalign.rewards import Reward, RewardOutput
 
 TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
@@ -71,11 +71,7 @@ def threshold(adapter):
 def lora_dir(tmp_path_factory):
     """A LoRA file with a clearly non-zero update for the tiny pipeline."""
     pipe = _pipe()
-    params = lora_lib.add_lora(pipe.transformer, rank=4, alpha=8, target_modules=TARGETS)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in params:
-            p.add_(0.5 * torch.randn(p.shape, generator=gen))
+    add_random_lora(pipe.transformer, target_modules=TARGETS, seed=1)
     directory = tmp_path_factory.mktemp("lora")
     lora_lib.save_lora_weights(pipe, directory, lora_lib.get_lora_state_dict(pipe.transformer))
     return directory

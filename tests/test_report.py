@@ -179,19 +179,14 @@ def test_pick_samples_and_write_before_after(tmp_path):
 
 def test_heldout_report_with_a_trained_lora_end_to_end(tmp_path):
     """Base = LoRA disabled, aligned = LoRA on: same noise, the grid and the report are written."""
-    from flowalign import lora as lora_lib
     from flowalign.pipelines import load_adapter
-    from flowalign.pipelines.testing import tiny_sd3_pipeline
+    from flowalign.pipelines.testing import add_random_lora, tiny_sd3_pipeline
     from flowalign.report import heldout_report
     from flowalign.rewards import RewardOutput
 
     pipe = tiny_sd3_pipeline(seed=0, with_t5=False)
     adapter = load_adapter(pipe)
-    params = lora_lib.add_lora(pipe.transformer, rank=4, alpha=8, target_modules=["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"])
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in params:
-            p.add_(0.5 * torch.randn(p.shape, generator=gen))
+    add_random_lora(pipe.transformer, seed=0)
     records = [{"prompt": "a red square", "tag": "colors"}, {"prompt": "two circles", "tag": "counting"}, {"prompt": "a blue square", "tag": "colors"}]
 
     def reward(images, prompts, metadata):
