@@ -267,13 +267,6 @@ class Trainer(OptimizerViews):
         advantages, keep, adv_metrics = self.advantages(rewards, traj.group_ids, keep, traj=traj, cond=cond)
         traj.advantages = advantages
         metrics.update(adv_metrics)
-        if self.config.train.oversample > 1.0:  # DAPO's dynamic sampling: the first groups with a learning signal
-            from flowalign.advantages import first_informative_groups
-
-            group_ids = traj.group_ids.cpu()
-            keep = first_informative_groups(keep, group_ids, self.config.train.prompts_per_iter // self.accelerator.num_processes)
-            metrics["samples/kept_frac"] = float(keep.float().mean())
-            metrics["samples/groups_trained"] = float(self._gather(torch.tensor([float(group_ids[keep].unique().numel())])).sum())
         metrics.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "nfe": float(traj.nfe)})
         if not self.config.objective.cfg_in_training and cond.uncond is not None:
             cond = type(cond)(cond=cond.cond, uncond=None, extra=cond.extra)
@@ -313,8 +306,9 @@ class Trainer(OptimizerViews):
     def advantages(self, rewards: Tensor, group_ids: Tensor, keep: Tensor, traj=None, cond=None) -> tuple[Tensor, Tensor, dict]:
         """Advantages ``[B]`` (group-normalised outcome) or ``[B, K]`` (dense objectives, from
         ``flowalign.step_rewards.dense_step_advantages``); samples with a dropped reward or only
-        zero advantages are masked out."""
-        from flowalign.advantages import group_advantages, nonzero_mask, zero_variance_fraction
+        zero advantages are masked out, and with ``train.oversample > 1`` those past this process's
+        first ``prompts_per_iter / processes`` groups with a kept sample."""
+        from flowalign.advantages import first_informative_groups, group_advantages, nonzero_mask, zero_variance_fraction
 
         ocfg = self.config.objective
         group_ids = group_ids.cpu()
@@ -332,6 +326,9 @@ class Trainer(OptimizerViews):
         else:
             adv = group_advantages(fill_dropped(rewards, group_ids), group_ids, std=ocfg.adv_std, eps=ocfg.adv_eps, clip=ocfg.adv_clip)
         keep = keep & nonzero_mask(adv)
+        if self.config.train.oversample > 1.0:  # DAPO's dynamic sampling: the first groups with a learning signal
+            keep = first_informative_groups(keep, group_ids, self.config.train.prompts_per_iter // self.accelerator.num_processes)
+            metrics["samples/groups_trained"] = float(self._gather(torch.tensor([float(group_ids[keep].unique().numel())])).sum())
         metrics.update({
             "frac_zero_std_groups": zero_variance_fraction(fill_dropped(rewards, group_ids), group_ids),
             "samples/kept_frac": float(keep.float().mean()),
