@@ -182,7 +182,7 @@ class TrainConfig:
     oversample: float = field(
         default=1.0,
         metadata={"help": "Roll out and score oversample times as many prompts per iteration (per process: ceil(oversample * prompts_per_iter "
-                          "/ processes)) and train on the first prompts_per_iter of their groups with a non-zero advantage (DAPO's dynamic "
+                          "/ processes)) and train on the first prompts_per_iter of their groups (over all processes) with a non-zero advantage (DAPO's dynamic "
                           "sampling, arXiv:2503.14476, in one pass instead of drawing until the batch is full); 1 = train on every group drawn."},
     )
     iterations: int = field(default=100, metadata={"help": "Rollout + update iterations."})

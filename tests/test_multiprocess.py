@@ -47,7 +47,8 @@ def _tree(run: Path) -> list[str]:
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
-@pytest.mark.parametrize("extra", [[], ["lora.train_text_encoder=true"]], ids=["transformer", "with_text_encoders"])
+@pytest.mark.parametrize("extra", [[], ["lora.train_text_encoder=true"], ["train.oversample=1.5"], ["objective.adv_std=global"]],
+                         ids=["transformer", "with_text_encoders", "dynamic_sampling", "global_std"])
 def test_two_processes_match_one_process(tmp_path, extra):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     two = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "flowalign.train.cli", *_args(tmp_path / "two", extra)],
@@ -59,7 +60,7 @@ def test_two_processes_match_one_process(tmp_path, extra):
     two_lora = load_file(tmp_path / "two" / "pytorch_lora_weights.safetensors")
     assert one_lora.keys() == two_lora.keys()
     prefixes = {k.split(".")[0] for k in one_lora}
-    assert prefixes == ({"transformer", "text_encoder", "text_encoder_2"} if extra else {"transformer"})
+    assert prefixes == ({"transformer", "text_encoder", "text_encoder_2"} if "lora.train_text_encoder=true" in extra else {"transformer"})
     scale = max(float(v.abs().max()) for k, v in one_lora.items() if "lora_B" in k)
     assert scale > 1e-3  # it trained (lora_B starts at 0)
     for prefix in sorted(prefixes):

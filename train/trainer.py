@@ -306,8 +306,8 @@ class Trainer(OptimizerViews):
     def advantages(self, rewards: Tensor, group_ids: Tensor, keep: Tensor, traj=None, cond=None) -> tuple[Tensor, Tensor, dict]:
         """Advantages ``[B]`` (group-normalised outcome) or ``[B, K]`` (dense objectives, from
         ``flowalign.step_rewards.dense_step_advantages``); samples with a dropped reward or only
-        zero advantages are masked out, and with ``train.oversample > 1`` those past this process's
-        first ``prompts_per_iter / processes`` groups with a kept sample."""
+        zero advantages are masked out, and with ``train.oversample > 1`` those past the first
+        ``prompts_per_iter`` groups with a kept sample over all processes."""
         from flowalign.advantages import first_informative_groups, group_advantages, nonzero_mask, zero_variance_fraction
 
         ocfg = self.config.objective
@@ -320,15 +320,20 @@ class Trainer(OptimizerViews):
             adv = adv.cpu()
         elif ocfg.adv_std == "global" and self.accelerator.num_processes > 1:
             # the std runs over every process's samples: normalise the gathered batch, keep our rows
-            offset = self.accelerator.process_index * rewards.shape[0]
-            all_r, all_g = self._gather(fill_dropped(rewards, group_ids)), self._gather(group_ids + 10**9 * self.accelerator.process_index)
-            adv = group_advantages(all_r, all_g, std="global", eps=ocfg.adv_eps, clip=ocfg.adv_clip)[offset:offset + rewards.shape[0]]
+            mine = self._own_rows(rewards.shape[0])
+            all_r, all_g = self._gather(fill_dropped(rewards, group_ids)), self._gather_group_ids(group_ids)
+            adv = group_advantages(all_r, all_g, std="global", eps=ocfg.adv_eps, clip=ocfg.adv_clip)[mine]
         else:
             adv = group_advantages(fill_dropped(rewards, group_ids), group_ids, std=ocfg.adv_std, eps=ocfg.adv_eps, clip=ocfg.adv_clip)
         keep = keep & nonzero_mask(adv)
-        if self.config.train.oversample > 1.0:  # DAPO's dynamic sampling: the first groups with a learning signal
-            keep = first_informative_groups(keep, group_ids, self.config.train.prompts_per_iter // self.accelerator.num_processes)
-            metrics["samples/groups_trained"] = float(self._gather(torch.tensor([float(group_ids[keep].unique().numel())])).sum())
+        if self.config.train.oversample > 1.0:
+            # DAPO's dynamic sampling: the first prompts_per_iter groups with a signal over every process's groups, in the
+            # order one process would roll them out (the sampler splits its window in process order), so the trained rows
+            # do not depend on the process count
+            all_g = self._gather_group_ids(group_ids)
+            chosen = first_informative_groups(self._gather(keep.float()).bool(), all_g, self.config.train.prompts_per_iter)
+            keep = chosen[self._own_rows(keep.shape[0])]
+            metrics["samples/groups_trained"] = float(all_g[chosen].unique().numel())
         metrics.update({
             "frac_zero_std_groups": zero_variance_fraction(fill_dropped(rewards, group_ids), group_ids),
             "samples/kept_frac": float(keep.float().mean()),
@@ -478,6 +483,14 @@ class Trainer(OptimizerViews):
         if self.accelerator.num_processes == 1:
             return tensor
         return self.accelerator.gather(tensor.to(self.device)).cpu()
+
+    def _gather_group_ids(self, group_ids: Tensor) -> Tensor:
+        """Every process's ``group_ids`` in process order, made distinct across processes."""
+        return self._gather(group_ids + 10**9 * self.accelerator.process_index)
+
+    def _own_rows(self, rows: int) -> slice:
+        """This process's rows of a gathered tensor whose processes each gave ``rows``."""
+        return slice(self.accelerator.process_index * rows, (self.accelerator.process_index + 1) * rows)
 
     @torch.no_grad()
     def evaluate(self, tag: Optional[str] = None) -> dict:
