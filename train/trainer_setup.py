@@ -65,7 +65,7 @@ class PromptData:
 
 def prompts_drawn_per_process(train_config, world: int) -> int:
     """Prompts each process rolls out per iteration: ``ceil(oversample · prompts_per_iter / world)``
-    (``prompts_per_iter / world`` of their groups are trained on at most)."""
+    (``Trainer.advantages`` trains the first ``prompts_per_iter`` of all processes' groups with a signal)."""
     return math.ceil(train_config.oversample * (train_config.prompts_per_iter // world))
 
 
