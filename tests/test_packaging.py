@@ -7,6 +7,7 @@ dependencies are downloaded: the scratch venv sees this environment's site-packa
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -67,3 +68,21 @@ def test_wheel_installs_and_imports_in_a_scratch_venv(wheel, tmp_path):
     result = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
     assert str(site) in result.stdout
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_install_refuses_before_touching_a_full_disk(tmp_path):
+    """`make install` stops with a clear message, and creates no venv, when the disk lacks the space.
+
+    ``PYTHON=false`` keeps a broken check from starting a real install: the venv step fails at once.
+    """
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    result = subprocess.run(
+        ["make", "install", "MIN_FREE_GB=1000000000", "PYTHON=false"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert "GiB free here" in result.stderr and "MIN_FREE_GB=0" in result.stderr
+    assert not (tmp_path / ".venv").exists()
+    dry = subprocess.run(["make", "-n", "install"], cwd=tmp_path, capture_output=True, text=True)
+    assert dry.returncode == 0 and "-m venv" in dry.stdout
