@@ -40,6 +40,7 @@ except ImportError:  # pragma: no cover - only while step_rewards.py is not in t
 KERNELS = ("ode", "flow_sde", "dance_sde", "cps")
 DTYPES = ("float32", "bfloat16", "float16")
 LOG_BACKENDS = ("tensorboard", "wandb", "csv")
+EMA_SCHEDULES = ("constant", "power")  # flowalign.lora: LoraEMA, power_ema_decay
 
 
 def _check(condition: bool, message: str) -> None:
@@ -198,7 +199,13 @@ class TrainConfig:
     adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the LoRA gradient norm to this value (0 = no clipping)."})
     ema: bool = field(default=False, metadata={"help": "Keep an exponential moving average of the LoRA weights (saved and used for eval)."})
-    ema_decay: float = field(default=0.9, metadata={"help": "EMA decay per optimizer step."})
+    ema_decay: float = field(default=0.9, metadata={"help": "EMA decay per optimizer step (train.ema_schedule: constant)."})
+    ema_schedule: str = field(
+        default="constant",
+        metadata={"help": "constant: decay train.ema_decay at every step; power: EDM2's power-function average, decay "
+                          "(1 - 1/t)^(ema_power + 1) at optimizer step t = 1, 2, ..., which weights step i's LoRA about "
+                          "in proportion to i^ema_power (0 = the plain mean of every step's weights; larger = more recent)."})
+    ema_power: float = field(default=0.0, metadata={"help": "The power-function EMA's exponent gamma >= 0 (train.ema_schedule: power)."})
     old_policy_rate: float = field(
         default=0.0,
         metadata={"help": "Sample from a soft-updated copy of the LoRA (DiffusionNFT's old policy) instead of the trained one: after each "
@@ -250,6 +257,8 @@ class TrainConfig:
         _check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
         _check(self.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0, got {self.max_grad_norm}")
         _check(0.0 < self.ema_decay < 1.0, f"train.ema_decay must be in (0, 1), got {self.ema_decay}")
+        _choice("train.ema_schedule", self.ema_schedule, EMA_SCHEDULES)
+        _check(self.ema_power >= 0, f"train.ema_power must be >= 0, got {self.ema_power}")
         _check(self.old_policy_rate >= 0, f"train.old_policy_rate must be >= 0 (0 = on-policy sampling), got {self.old_policy_rate}")
         _check(0.0 <= self.old_policy_max < 1.0, f"train.old_policy_max must be in [0, 1), got {self.old_policy_max}")
         _check(self.old_policy_flat >= 0, f"train.old_policy_flat must be >= 0, got {self.old_policy_flat}")

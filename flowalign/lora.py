@@ -191,6 +191,24 @@ def soft_update_decay(step: int, rate: float, max_decay: float, flat: int = 0) -
     return 0.0 if step < flat else min(rate * (step - flat), max_decay)
 
 
+def power_ema_decay(step: int, gamma: float) -> float:
+    """The power-function EMA's decay at optimizer step ``step`` (EDM2: Karras et al., "Analyzing
+    and Improving the Training Dynamics of Diffusion Models", arXiv 2312.02696, §3.1)::
+
+        beta(t) = (1 - 1/t) ** (gamma + 1),        t = 1, 2, ... (the step just taken, 1-based)
+
+    used as ``ema <- beta(t)·ema + (1 - beta(t))·theta_t``. Step 1 copies the weights (beta = 0), so
+    the average never holds the initial LoRA; afterwards it weights step i's weights roughly in
+    proportion to ``i ** gamma``: ``gamma = 0`` is exactly the mean of every step's weights, and a
+    larger ``gamma`` averages over a more recent tail whose length grows with the run (no decay to
+    tune per run length). Worked example, gamma = 1: beta = 0, 1/4, 4/9 give after three steps
+    ``(1·theta_1 + 3·theta_2 + 5·theta_3) / 9``.
+    """
+    if step < 1 or gamma < 0:
+        raise ValueError(f"power_ema_decay needs step >= 1 and gamma >= 0; got step={step}, gamma={gamma}")
+    return (1.0 - 1.0 / step) ** (gamma + 1.0)
+
+
 class LoraEMA:
     """Exponential moving average of the LoRA weights: ``ema <- decay·ema + (1 - decay)·theta``.
 

@@ -192,6 +192,15 @@ def _read_csv(path: PathLike) -> dict[str, list[float]]:
     return columns
 
 
+def _ema_note(config_dict: Mapping) -> str:
+    """The method line's note on the averaged LoRA, which is what a run with ``train.ema`` evaluates and saves."""
+    if _get(config_dict, "train.ema", False) is not True:
+        return ""
+    if _get(config_dict, "train.ema_schedule", "constant") == "power":
+        return f"; evaluated and saved: the power-function EMA of the LoRA (gamma {_get(config_dict, 'train.ema_power', '?')})"
+    return f"; evaluated and saved: the EMA of the LoRA (decay {_get(config_dict, 'train.ema_decay', '?')})"
+
+
 def summarize_metrics(metrics_csv: PathLike, window: float = 0.1) -> list[dict[str, Any]]:
     """Per reward/diagnostic column of ``metrics.csv``: first and last window means and the best value.
 
@@ -332,7 +341,7 @@ def write_report(
         + (f" (dynamic sampling from {oversample:g}x the prompts)" if oversample != 1.0 else "") + ", "
         f"LoRA rank {_get(config_dict, 'lora.rank', '?')}" + (" (transformer and text encoders)" if _get(config_dict, "lora.train_text_encoder", False) is True else "")
         + f", {_get(config_dict, 'train.iterations', '?')} iterations, "
-        f"lr {_get(config_dict, 'train.lr', '?')}, seed {_get(config_dict, 'train.seed', '?')}",
+        f"lr {_get(config_dict, 'train.lr', '?')}, seed {_get(config_dict, 'train.seed', '?')}" + _ema_note(config_dict),
         "- **rewards**: " + ", ".join(f"`{r.get('name')}` × {r.get('weight', 1.0)}" for r in config_dict.get("rewards", []) if isinstance(r, Mapping)),
         f"- **evaluation**: {aligned.num_samples} samples ({settings.get('samples_per_prompt', '?')} per prompt, "
         f"{settings.get('num_prompts', '?')} prompts from `{settings.get('prompts_file', _get(config_dict, 'train.eval_prompts', '?'))}`), "

@@ -205,3 +205,40 @@ def test_ema_update_with_an_explicit_decay():
     assert torch.equal(ema.shadow[0], torch.tensor([5.0, 6.0]))
     with pytest.raises(ValueError, match="decay"):
         ema.update(1.0)
+
+
+def test_power_ema_decay_worked_example_and_errors():
+    # gamma = 1: beta = 0, 1/4, 4/9 -> after three steps (1*theta_1 + 3*theta_2 + 5*theta_3) / 9
+    assert [lora.power_ema_decay(t, 1.0) for t in (1, 2, 3)] == pytest.approx([0.0, 0.25, 4 / 9])
+    p = torch.nn.Parameter(torch.zeros(1))
+    ema = lora.LoraEMA([p], decay=0.5)
+    for t, value in enumerate((9.0, 18.0, 27.0), start=1):
+        with torch.no_grad():
+            p.fill_(value)
+        ema.update(lora.power_ema_decay(t, 1.0))
+    assert ema.shadow[0].item() == pytest.approx((1 * 9 + 3 * 18 + 5 * 27) / 9)
+    for bad in ((0, 1.0), (3, -0.5)):
+        with pytest.raises(ValueError, match="power_ema_decay"):
+            lora.power_ema_decay(*bad)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0, 6.0])
+def test_power_ema_matches_the_unrolled_weights(gamma):
+    """Brute force: the recursion's weight on step i is (1 - beta_i) * prod_{j > i} beta_j; they sum to 1,
+    never fall with i, and for gamma = 0 are all 1/T (the plain mean)."""
+    T = 12
+    betas = [lora.power_ema_decay(t, gamma) for t in range(1, T + 1)]
+    weights = [(1 - betas[i]) * torch.tensor(betas[i + 1:], dtype=torch.float64).prod().item() for i in range(T)]
+    assert sum(weights) == pytest.approx(1.0)
+    assert all(w2 >= w1 - 1e-12 for w1, w2 in zip(weights, weights[1:]))
+    if gamma == 0.0:
+        assert weights == pytest.approx([1 / T] * T)
+    thetas = torch.randn(T, 4, generator=torch.Generator().manual_seed(0))
+    p = torch.nn.Parameter(torch.zeros(4))
+    ema = lora.LoraEMA([p], decay=0.5)
+    for t in range(T):
+        with torch.no_grad():
+            p.copy_(thetas[t])
+        ema.update(betas[t])
+    expected = (torch.tensor(weights, dtype=torch.float32)[:, None] * thetas).sum(0)
+    assert torch.allclose(ema.shadow[0], expected, atol=1e-5)

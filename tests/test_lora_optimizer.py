@@ -106,3 +106,26 @@ def test_old_policy_follows_the_soft_update_schedule_and_round_trips():
         fresh.load({}, state, "ckpt")
     on_policy, _, _ = _optim()
     assert on_policy.old_policy is None and on_policy.update_old_policy() is None
+
+
+def test_power_ema_with_gamma_zero_holds_the_mean_of_every_steps_weights():
+    opt, a, b = _optim(ema=True, ema_schedule="power", ema_power=0.0)
+    seen = []
+    for iteration in range(4):
+        opt.set_lr(iteration)
+        assert opt.backward((a * torch.arange(1.0, 4.0)).sum() + b.square().sum(), "here")
+        opt.step(opt.new_stats())
+        seen.append(torch.cat([a.detach(), b.detach()]).clone())
+    assert torch.allclose(torch.cat(opt.ema.shadow), torch.stack(seen).mean(0), atol=1e-6)
+    constant, a2, b2 = _optim(ema=True, ema_decay=0.5)  # the constant schedule keeps its own recursion
+    constant.set_lr(0)
+    constant.backward((a2 * torch.arange(1.0, 4.0)).sum() + b2.square().sum(), "here")
+    constant.step(constant.new_stats())
+    assert torch.allclose(constant.ema.shadow[0], 0.5 * torch.ones(3) + 0.5 * a2.detach())
+
+
+def test_power_ema_config_is_validated():
+    with pytest.raises(Exception, match="train.ema_schedule"):
+        TrainConfig(ema_schedule="karras")
+    with pytest.raises(Exception, match="train.ema_power"):
+        TrainConfig(ema_power=-1.0)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -264,3 +266,18 @@ def test_report_names_dynamic_sampling_only_when_on(tmp_path):
     drawn = dict(CONFIG, train=dict(CONFIG.get("train", {}), oversample=1.5))
     text = write_report(tmp_path, base=base, aligned=base, config_dict=drawn, timings={}).read_text()
     assert f"{group} (dynamic sampling from 1.5x the prompts), LoRA rank" in text
+
+
+def test_report_names_the_averaged_lora_it_evaluated():
+    base = _result([1, 0, 0, 0, 0, 0, 0, 0, 1, 0], [0.5] * 10)
+
+    def method_line(**train):
+        config = dict(CONFIG, train=dict(CONFIG.get("train", {}), **train))
+        with tempfile.TemporaryDirectory() as out:
+            text = write_report(Path(out), base=base, aligned=base, config_dict=config, timings={}).read_text()
+        return next(line for line in text.splitlines() if line.startswith("- **method**"))
+
+    assert "evaluated and saved" not in method_line(ema=False, ema_decay=0.9)
+    assert method_line(ema=True, ema_decay=0.9).endswith("; evaluated and saved: the EMA of the LoRA (decay 0.9)")
+    assert method_line(ema=True, ema_schedule="power", ema_power=3.0).endswith(
+        "; evaluated and saved: the power-function EMA of the LoRA (gamma 3.0)")

@@ -6,6 +6,7 @@ One optimizer step, in order::
     backward(loss)           per micro-batch (fp16: through the dynamic loss scaler)
     step(stats)              sum gradients across processes -> unscale -> clip to max_grad_norm
                              -> skip if the norm is not finite, else AdamW step -> EMA update
+                             (train.ema_decay, or the power schedule's decay at this step)
     update_old_policy()      after the iteration's last step: the soft-updated sampling policy
                              (train.old_policy_rate > 0; DiffusionNFT's old <- d·old + (1 - d)·θ)
 
@@ -121,9 +122,10 @@ class LoraOptimizer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update()
         self.steps_taken += 1
+        if self.ema is not None:
+            power = self.cfg.ema_schedule == "power"
+            self.ema.update(lora_lib.power_ema_decay(self.steps_taken, self.cfg.ema_power) if power else None)
         stats["steps"] += 1
         stats["grad_norm"].append(norm)
 
