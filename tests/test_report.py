@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -268,13 +266,12 @@ def test_report_names_dynamic_sampling_only_when_on(tmp_path):
     assert f"{group} (dynamic sampling from 1.5x the prompts), LoRA rank" in text
 
 
-def test_report_names_the_averaged_lora_it_evaluated():
+def test_report_names_the_averaged_lora_it_evaluated(tmp_path):
     base = _result([1, 0, 0, 0, 0, 0, 0, 0, 1, 0], [0.5] * 10)
 
     def method_line(**train):
         config = dict(CONFIG, train=dict(CONFIG.get("train", {}), **train))
-        with tempfile.TemporaryDirectory() as out:
-            text = write_report(Path(out), base=base, aligned=base, config_dict=config, timings={}).read_text()
+        text = write_report(tmp_path, base=base, aligned=base, config_dict=config, timings={}).read_text()
         return next(line for line in text.splitlines() if line.startswith("- **method**"))
 
     assert "evaluated and saved" not in method_line(ema=False, ema_decay=0.9)
