@@ -38,6 +38,8 @@ except ImportError:  # pragma: no cover - only while step_rewards.py is not in t
 
 
 KERNELS = ("ode", "flow_sde", "dance_sde", "cps")
+DRIFT_MODES = ("normalized", "tilted")  # flowalign.sde.DRIFT_MODES
+DRIFT_GRADIENTS = ("auto", "autograd", "spsa")  # flowalign.guidance.GRADIENT_METHODS
 DTYPES = ("float32", "bfloat16", "float16")
 LOG_BACKENDS = ("tensorboard", "wandb", "csv")
 EMA_SCHEDULES = ("constant", "power")  # flowalign.lora: LoraEMA, power_ema_decay
@@ -96,6 +98,18 @@ class SamplingConfig:
                           "(each group's noise seeded by (seed, iteration, group index): the same samples on any number of "
                           "processes; one rollout call per group)."},
     )
+    drift_reward: Optional[str] = field(
+        default=None,
+        metadata={"help": "Process reward that steers the stochastic steps (Euphonium's guided drift, flowalign.guidance): a "
+                          "registered name, entry point or dotted path, scored on each step's decoded x0-prediction; null = off. "
+                          "Log-probs keep the unguided mean, so the policy learns the guided steps."},
+    )
+    drift_reward_kwargs: dict = field(default_factory=dict, metadata={"help": "Keyword arguments of the drift reward's constructor."})
+    drift_scale: float = field(default=1.0, metadata={"help": "Guided drift scale (flowalign.sde.reward_drift): noise stds per element ('normalized') or 1/beta ('tilted')."})
+    drift_mode: str = field(default="normalized", metadata={"help": f"Guided drift form, one of {DRIFT_MODES}: scale*std*g/rms(g), or the tilted kernel's scale*std^2*g."})
+    drift_gradient: str = field(default="auto", metadata={"help": f"How the drift reward is differentiated, one of {DRIFT_GRADIENTS}: autograd through the VAE decoder, SPSA (any reward), or auto (autograd when the reward is differentiable)."})
+    drift_spsa_sigma: float = field(default=0.1, metadata={"help": "SPSA perturbation scale in latent units (drift_gradient: spsa)."})
+    drift_spsa_pairs: int = field(default=1, metadata={"help": "SPSA antithetic pairs per sample and step (each costs a decode and a reward call of 2B rows)."})
 
     def __post_init__(self):
         _check(self.num_steps >= 1, f"sampling.num_steps must be >= 1, got {self.num_steps}")
@@ -106,6 +120,13 @@ class SamplingConfig:
         _choice("sampling.log_prob_reduce", self.log_prob_reduce, ("mean", "sum"))
         _check(self.micro_batch_size is None or self.micro_batch_size >= 1, f"sampling.micro_batch_size must be null or >= 1, got {self.micro_batch_size}")
         _choice("sampling.noise_seeding", self.noise_seeding, ("process", "group"))
+        _choice("sampling.drift_mode", self.drift_mode, DRIFT_MODES)
+        _choice("sampling.drift_gradient", self.drift_gradient, DRIFT_GRADIENTS)
+        _check(self.drift_scale >= 0, f"sampling.drift_scale must be >= 0, got {self.drift_scale}")
+        _check(self.drift_spsa_sigma > 0, f"sampling.drift_spsa_sigma must be > 0, got {self.drift_spsa_sigma}")
+        _check(self.drift_spsa_pairs >= 1, f"sampling.drift_spsa_pairs must be >= 1, got {self.drift_spsa_pairs}")
+        _check(self.drift_reward is None or self.kernel != "ode",
+               "sampling.drift_reward steers stochastic steps only, and sampling.kernel is 'ode': choose an SDE kernel or drop drift_reward")
 
 
 @dataclass

@@ -9,7 +9,8 @@ the drawn samples (:func:`flowalign.sde.log_prob`), kernel stds, noise levels, t
 
 Random draws, in order, all from ``generator`` (the global RNG when None): the schedule's noise
 levels (random windows only; CPU generators only), the initial noise, then the kernel noise of
-each stochastic step for the whole batch at once. Micro-batching splits only the velocity and
+each stochastic step for the whole batch at once (preceded, with process-reward guidance, by that
+step's SPSA directions: :mod:`flowalign.guidance`). Micro-batching splits only the velocity and
 decode calls, so it never changes the random stream (results agree to float rounding, ~1e-6:
 the transformer's matmuls sum in a batch-size-dependent order).
 
@@ -20,12 +21,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from flowalign import sde
+from flowalign import guidance, sde
 from flowalign.trajectory import Trajectory
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ def integrate(
     record: bool = True,
     record_x0: bool = True,
     micro_batch_size: Optional[int] = None,
+    drift_fn: Optional[Callable[..., Tensor]] = None,
 ) -> Integration:
     """Run ``K = len(sigmas) - 1`` transitions from ``x`` at ``sigmas[0]`` (the core of :func:`rollout`).
 
@@ -105,6 +107,10 @@ def integrate(
         record: keep all latents, log-probs and stds (else only the final sample).
         record_x0: also keep ``x0_hat = x - sigma·v`` (needs ``record``).
         micro_batch_size: rows per velocity call (None: the whole batch in one call).
+        drift_fn: process-reward guidance (:func:`flowalign.guidance.bind`):
+            ``drift_fn(x0_hat, std, generator) -> [B, *latent]``, called at each stochastic step
+            before its kernel noise is drawn; the drift moves the sample, not the recorded
+            log-density's mean (:func:`flowalign.sde.step`).
     """
     num_steps = sigmas.shape[0] - 1
     if levels is None:
@@ -133,7 +139,12 @@ def integrate(
             v = adapter.velocity(x, s, cond, guidance_scale)
         else:
             v = torch.cat([adapter.velocity(x[c], s, cc, guidance_scale) for c, cc in zip(chunks, conds)])
-        step = sde.step(kernel, x, v, s, s_next, lev[k], generator=generator)
+        drift = None
+        if drift_fn is not None and lev[k] > 0:
+            std_k = sde.step(kernel, x, v, s, s_next, lev[k], noise=torch.zeros_like(x)).std  # no draw
+            if bool((std_k > 0).any()):
+                drift = drift_fn(x - s * v.to(x.dtype), std_k, generator)
+        step = sde.step(kernel, x, v, s, s_next, lev[k], generator=generator, drift=drift)
         if record:
             out.latents[:, k + 1] = step.prev_sample
             std = step.std.reshape(-1)  # [B] or [1]
@@ -188,6 +199,7 @@ def rollout(
     initial_noise: Optional[Tensor] = None,
     micro_batch_size: Optional[int] = None,
     cond=None,
+    drift=None,
 ) -> Trajectory:
     """Sample ``group_size`` trajectories per prompt and record them (DESIGN.md §5).
 
@@ -211,6 +223,9 @@ def rollout(
         micro_batch_size: rows per transformer / VAE call (memory); results are unchanged up
             to float rounding.
         cond: precomputed ``Conditioning`` for the ``P`` prompts (skips ``adapter.encode``).
+        drift: a :class:`flowalign.guidance.RewardDrift` (Euphonium's process-reward guidance of
+            the stochastic steps) or None. Its random draws (SPSA directions) come from
+            ``generator`` at each stochastic step, before that step's kernel noise.
 
     Returns:
         a :class:`flowalign.trajectory.Trajectory` with ``B = P·G`` rows.
@@ -254,6 +269,7 @@ def rollout(
         record=True,
         record_x0=record_x0,
         micro_batch_size=micro_batch_size,
+        drift_fn=guidance.bind(drift, [p for p in prompts for _ in range(group_size)], sample_metadata),
     )
     images = _decode(adapter, run.final, micro_batch_size) if decode else None
     group_ids = torch.arange(num_prompts, device=run.final.device).repeat_interleave(group_size)

@@ -162,6 +162,7 @@ def step(
     noise_level: ScalarOrBatch = 0.0,
     noise: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
+    drift: Optional[Tensor] = None,
 ) -> SDEStep:
     """One transition x_sigma -> x_sigma_next with kernel ``kind`` (see module docstring).
 
@@ -174,10 +175,16 @@ def step(
         noise: standard normal ``[B, *latent]`` to use; drawn with ``generator`` when None.
         generator: ``torch.Generator`` for the draw (noise is drawn on the generator's device in
             fp32 and moved to ``x``'s device).
+        drift: optional ``[B, *latent]`` guided drift (Euphonium; see :func:`reward_drift`) added to
+            the sample of the stochastic rows only: ``prev_sample = mean + drift + std·noise``. The
+            returned ``mean`` stays the kernel's own (unguided) mean, so :func:`log_prob` of the
+            guided sample is its density under the policy's kernel (DESIGN.md §4). Rows with
+            ``std == 0`` ignore it: a deterministic step has no density to correct.
 
     Returns:
         :class:`SDEStep` ``(prev_sample, mean, std)``; ``prev_sample = mean + std·noise`` cast to
-        ``x.dtype``; ``mean`` and ``std`` are fp32 (gradients flow through ``v`` into ``mean``).
+        ``x.dtype`` (plus ``drift`` where given); ``mean`` and ``std`` are fp32 (gradients flow
+        through ``v`` into ``mean``).
     """
     s = _as_column(sigma, x, "sigma")
     s_next = _as_column(sigma_next, x, "sigma_next")
@@ -187,6 +194,8 @@ def step(
         raise ValueError(f"v must have the shape of x {tuple(x.shape)}, got {tuple(v.shape)}")
     if noise is not None and noise.shape != x.shape:
         raise ValueError(f"noise must have the shape of x {tuple(x.shape)}, got {tuple(noise.shape)}")
+    if drift is not None and drift.shape != x.shape:
+        raise ValueError(f"drift must have the shape of x {tuple(x.shape)}, got {tuple(drift.shape)}")
 
     x32, v32 = x.float(), v.float()
     if kind == "ode":
@@ -206,7 +215,52 @@ def step(
             device = generator.device if generator is not None else x.device
             noise = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32)
         prev = mean + std * noise.to(device=x.device, dtype=torch.float32)
+        if drift is not None:
+            prev = prev + torch.where(std > 0, drift.float(), torch.zeros((), device=x.device))
     return SDEStep(prev_sample=prev.to(x.dtype), mean=mean, std=std)
+
+
+DRIFT_MODES = ("normalized", "tilted")
+
+
+def reward_drift(grad: Tensor, std: Tensor | float, scale: float, mode: str = "normalized") -> Tensor:
+    """Guided drift of a stochastic step from a process-reward gradient (Euphonium, arXiv 2602.04928).
+
+    Euphonium steers exploration by adding the gradient of a process reward to the SDE's drift,
+    so rollouts find high-reward samples more often; the samples are then trained on with their
+    log-densities under the *unguided* kernel (pass the result as ``drift`` to :func:`step`), so the
+    policy learns to take the guided steps itself and needs no reward model at inference.
+
+    * ``"tilted"``: ``drift = scale·std²·g``. This is the exact mean shift of the Gaussian kernel
+      N(mean, std²) tilted by ``exp(scale·g·x)``, i.e. the one-step optimum of a KL-regularised
+      reward ``r`` linear near the mean with ``scale = 1/beta`` (Euphonium's ``eta²/(2·kl_beta)``
+      with their noise convention). It vanishes with the noise and grows with the gradient.
+    * ``"normalized"`` (default): ``drift = scale·std·g / rms(g)`` per sample: each latent element
+      moves ``scale`` noise standard deviations on average, along the gradient's direction. The
+      reward's units drop out, so one ``scale`` suits any reward (Euphonium normalises by the
+      gradient's norm). Rows whose gradient is 0 are not moved.
+
+    Args:
+        grad: ``[B, *latent]`` gradient of the process reward (e.g. w.r.t. the step's x0-prediction).
+        std: the kernel's std, ``[B, 1, ..., 1]`` or a float (:attr:`SDEStep.std`).
+        scale: ``>= 0``; 0 gives a zero drift.
+        mode: ``"normalized"`` or ``"tilted"``.
+
+    Returns:
+        ``[B, *latent]`` fp32 drift.
+    """
+    if mode not in DRIFT_MODES:
+        raise ValueError(f"mode={mode!r}; choose one of {DRIFT_MODES}")
+    if scale < 0:
+        raise ValueError(f"scale must be >= 0, got {scale}")
+    g = grad.float()
+    std32 = torch.as_tensor(std, dtype=torch.float32, device=g.device)
+    if mode == "tilted":
+        return scale * std32**2 * g
+    dims = tuple(range(1, g.ndim))
+    rms = g.pow(2).mean(dim=dims, keepdim=True).sqrt()  # [B, 1, ..., 1]
+    unit = torch.where(rms > 0, g / torch.where(rms > 0, rms, torch.ones_like(rms)), torch.zeros_like(g))
+    return scale * std32 * unit
 
 
 def log_prob(x_next: Tensor, mean: Tensor, std: Tensor | float, reduce: str = "mean") -> Tensor:

@@ -89,8 +89,9 @@ class Adapter(Protocol):
     def initial_noise(self, batch_size: int, generator: Optional[torch.Generator] = None) -> Tensor:
         """Standard normal latents of the pipeline's default resolution, ``[B, *latent_shape]``."""
 
-    def decode(self, latents: Tensor) -> Tensor:
-        """Decode latents to images (or videos) in [0, 1], float32."""
+    def decode(self, latents: Tensor, requires_grad: bool = False) -> Tensor:
+        """Decode latents to images (or videos) in [0, 1], float32; ``requires_grad=True`` keeps the
+        graph to ``latents`` (process-reward guidance with a differentiable reward)."""
 
     @property
     def trainable_module(self) -> nn.Module:

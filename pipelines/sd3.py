@@ -248,13 +248,17 @@ class SD3Adapter:
 
         return randn_tensor((batch_size, *self.latent_shape), generator=generator, device=self.device, dtype=self.dtype)
 
-    @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
-        """``[B, 3, H, W]`` fp32 images in [0, 1]: VAE decode of ``latents / scaling + shift``."""
+    def decode(self, latents: Tensor, requires_grad: bool = False) -> Tensor:
+        """``[B, 3, H, W]`` fp32 images in [0, 1]: VAE decode of ``latents / scaling + shift``.
+
+        ``requires_grad=True`` keeps the graph to ``latents`` (the frozen decoder's weights get no
+        gradient), for rewards differentiated w.r.t. latents (:mod:`flowalign.guidance`).
+        """
         vae = self.pipeline.vae
-        z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(z, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        with torch.set_grad_enabled(requires_grad):
+            z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+            images = vae.decode(z, return_dict=False)[0]
+            return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def save_lora(self, directory: Union[str, Path], state_dict: dict[str, Tensor], metadata: Optional[dict] = None,
                   text_encoder_states: Optional[dict[str, tuple[dict[str, Tensor], Optional[dict]]]] = None) -> Path:

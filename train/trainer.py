@@ -4,7 +4,8 @@ One iteration::
 
     prompts (PromptSampler, sharded per process by group)
       -> rollout            flowalign.sampling.rollout        (tqdm "rollout"; with train.old_policy_rate > 0
-                            by DiffusionNFT's soft-updated old policy, LoraOptimizer.old_policy)
+                            by DiffusionNFT's soft-updated old policy, LoraOptimizer.old_policy; with
+                            sampling.drift_reward steered by Euphonium's guided drift, flowalign.guidance)
       -> rewards            flowalign.rewards.call_reward      (tqdm "reward", failure policy)
       -> advantages         flowalign.advantages.group_advantages, drop all-zero samples (with train.oversample > 1:
                             train on the first prompts_per_iter groups with a signal, first_informative_groups)
@@ -175,6 +176,7 @@ class Trainer(OptimizerViews):
         self._draws: Optional[fp.ForwardDraws] = None  # forward-process objectives' re-noising draws of an iteration
         model = trainer_setup.build_model(cfg, self.adapter, self.device, self.accelerator, self._gather, self._train_guidance())
         self.adapter, self.text_modules, self.conditioning, self.optim = model.adapter, model.text_modules, model.conditioning, model.optim
+        self.drift = trainer_setup.build_drift(cfg, self.adapter, self.device)  # Euphonium's guided rollouts, or None
         noise_table = None
         if self.dense and cfg.dense.calibration_rounds > 0:
             t0 = time.perf_counter()
@@ -259,9 +261,12 @@ class Trainer(OptimizerViews):
         with self._sampling_policy():
             cond = self.adapter.encode(prompts, do_classifier_free_guidance=s.guidance_scale > 1.0)
             traj = runtime.rollout_groups(self.adapter, records, cond, s, self.schedule, self.generator, self.iteration,
-                                          self.config.train.seed, first_group=self.accelerator.process_index * len(records))
+                                          self.config.train.seed, first_group=self.accelerator.process_index * len(records),
+                                          drift=self.drift)
         t1 = time.perf_counter()
         rewards, keep, metrics = self.score(traj)
+        if self.drift is not None:
+            metrics.update(self.drift.pop_stats())
         t2 = time.perf_counter()
         traj.rewards = rewards
         advantages, keep, adv_metrics = self.advantages(rewards, traj.group_ids, keep, traj=traj, cond=cond)

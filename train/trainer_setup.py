@@ -105,6 +105,28 @@ def build_rewards(config: FlowalignConfig, device: torch.device) -> dict[str, An
     return rewards
 
 
+def build_drift(config: FlowalignConfig, adapter, device: torch.device):
+    """The rollouts' process-reward guidance (``sampling.drift_reward``), or None when it is off.
+
+    Raises ConfigError for an unknown reward, or for ``drift_gradient: autograd`` with a reward that
+    is not differentiable."""
+    from flowalign import guidance
+    from flowalign.rewards import load_reward
+
+    s = config.sampling
+    if s.drift_reward is None:
+        return None
+    reward = load_reward(s.drift_reward, **s.drift_reward_kwargs)
+    if hasattr(reward, "to"):
+        reward.to(device)
+    try:
+        return guidance.RewardDrift(adapter, reward, scale=s.drift_scale, mode=s.drift_mode, gradient=s.drift_gradient,
+                                    spsa_sigma=s.drift_spsa_sigma, spsa_pairs=s.drift_spsa_pairs,
+                                    micro_batch_size=s.micro_batch_size)
+    except ValueError as err:
+        raise ConfigError(f"sampling.drift_reward={s.drift_reward!r}: {err}") from err
+
+
 @dataclass
 class ObjectiveParts:
     """What the objective decides about the recipe.
