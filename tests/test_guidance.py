@@ -263,12 +263,21 @@ def test_config_validates_the_drift_settings(tmp_path):
         _fast(tmp_path, "sampling.drift_reward=brightness", "sampling.kernel=ode")
 
 
-def test_trainer_rejects_autograd_through_a_black_box_reward(tmp_path):
+def test_trainer_rejects_a_bad_drift_reward_before_building_the_model(tmp_path, monkeypatch):
+    from flowalign.train import trainer_setup
     from flowalign.train.trainer import Trainer
 
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the drift reward was checked")
+
+    monkeypatch.setattr(trainer_setup, "build_model", no_model)
+
     cfg = _fast(tmp_path, "sampling.drift_reward=jpeg_compressibility", "sampling.drift_gradient=autograd")
-    with pytest.raises(ConfigError, match="not differentiable"):
+    with pytest.raises(ConfigError, match="drift_reward='jpeg_compressibility' is not differentiable"):
         Trainer(cfg).setup()
+    with pytest.raises(ConfigError, match="sampling.drift_reward='nosuch': unknown reward"):
+        Trainer(_fast(tmp_path, "sampling.drift_reward=nosuch")).setup()
+    assert not (tmp_path / "config.yaml").exists()  # nothing written before the checks
 
 
 def test_trainer_logs_the_guided_drift(tmp_path):

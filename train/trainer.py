@@ -171,12 +171,13 @@ class Trainer(OptimizerViews):
         data = trainer_setup.build_prompt_data(cfg, self.accelerator)
         self.sampler, self.eval_records, self.heldout_records = data.sampler, data.eval_records, data.heldout_records
         self.rewards = trainer_setup.build_rewards(cfg, self.device)
+        drift_reward = trainer_setup.build_drift_reward(cfg, self.device)
         parts = trainer_setup.build_objective(cfg)
         self.objective, self.dense, self.forward_process, self.schedule = parts.objective, parts.dense, parts.forward_process, parts.schedule
         self._draws: Optional[fp.ForwardDraws] = None  # forward-process objectives' re-noising draws of an iteration
         model = trainer_setup.build_model(cfg, self.adapter, self.device, self.accelerator, self._gather, self._train_guidance())
         self.adapter, self.text_modules, self.conditioning, self.optim = model.adapter, model.text_modules, model.conditioning, model.optim
-        self.drift = trainer_setup.build_drift(cfg, self.adapter, self.device)  # Euphonium's guided rollouts, or None
+        self.drift = trainer_setup.build_drift(cfg, self.adapter, drift_reward)  # Euphonium's guided rollouts, or None
         noise_table = None
         if self.dense and cfg.dense.calibration_rounds > 0:
             t0 = time.perf_counter()

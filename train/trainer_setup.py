@@ -105,26 +105,37 @@ def build_rewards(config: FlowalignConfig, device: torch.device) -> dict[str, An
     return rewards
 
 
-def build_drift(config: FlowalignConfig, adapter, device: torch.device):
-    """The rollouts' process-reward guidance (``sampling.drift_reward``), or None when it is off.
+def build_drift_reward(config: FlowalignConfig, device: torch.device):
+    """The process reward of ``sampling.drift_reward`` (None when guidance is off), loaded before the model.
 
-    Raises ConfigError for an unknown reward, or for ``drift_gradient: autograd`` with a reward that
-    is not differentiable."""
-    from flowalign import guidance
+    Raises ConfigError naming the key for an unknown reward, or for ``drift_gradient: autograd`` with a
+    reward that is not differentiable."""
     from flowalign.rewards import load_reward
 
     s = config.sampling
     if s.drift_reward is None:
         return None
-    reward = load_reward(s.drift_reward, **s.drift_reward_kwargs)
+    try:
+        reward = load_reward(s.drift_reward, **s.drift_reward_kwargs)
+    except Exception as err:
+        raise ConfigError(f"sampling.drift_reward={s.drift_reward!r}: {err}") from err
+    if s.drift_gradient == "autograd" and not getattr(reward, "differentiable", False):
+        raise ConfigError(f"sampling.drift_reward={s.drift_reward!r} is not differentiable: use sampling.drift_gradient=spsa (or auto)")
     if hasattr(reward, "to"):
         reward.to(device)
-    try:
-        return guidance.RewardDrift(adapter, reward, scale=s.drift_scale, mode=s.drift_mode, gradient=s.drift_gradient,
-                                    spsa_sigma=s.drift_spsa_sigma, spsa_pairs=s.drift_spsa_pairs,
-                                    micro_batch_size=s.micro_batch_size)
-    except ValueError as err:
-        raise ConfigError(f"sampling.drift_reward={s.drift_reward!r}: {err}") from err
+    return reward
+
+
+def build_drift(config: FlowalignConfig, adapter, reward):
+    """The rollouts' process-reward guidance (:class:`flowalign.guidance.RewardDrift`) over ``adapter``
+    with the reward of :func:`build_drift_reward`, or None when it is off."""
+    from flowalign import guidance
+
+    if reward is None:
+        return None
+    s = config.sampling
+    return guidance.RewardDrift(adapter, reward, scale=s.drift_scale, mode=s.drift_mode, gradient=s.drift_gradient,
+                                spsa_sigma=s.drift_spsa_sigma, spsa_pairs=s.drift_spsa_pairs, micro_batch_size=s.micro_batch_size)
 
 
 @dataclass
