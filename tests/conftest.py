@@ -48,3 +48,30 @@ def lora_brightness_gain():
         return on - off
 
     return gain
+
+
+@pytest.fixture
+def resumed_lora_matches():
+    """``check(make_config, split, total) -> LoRA state dict``: train ``make_config(out, iterations)`` for
+    ``total`` iterations straight, and for ``split`` then resumed to ``total`` in another folder; assert the two
+    LoRAs are bit-identical and that training moved them; return the straight run's. ``make_config`` must write
+    a checkpoint at ``split``."""
+    from flowalign import lora as lora_lib
+    from flowalign.train.trainer import Trainer
+
+    def lora_after(config, resume: bool = False) -> dict:
+        trainer = Trainer(config, resume=resume).setup()
+        trainer.train()
+        trainer.cleanup()
+        return lora_lib.get_lora_state_dict(trainer.adapter.trainable_module)
+
+    def check(make_config, split: int, total: int, root) -> dict:
+        full = lora_after(make_config(root / "full", total))
+        lora_after(make_config(root / "split", split))
+        resumed = lora_after(make_config(root / "split", total), resume=True)
+        assert full.keys() == resumed.keys()
+        assert all(torch.equal(full[k], resumed[k]) for k in full)
+        assert any(full[k].abs().max() > 0 for k in full if "lora_B" in k)  # it did train
+        return full
+
+    return check

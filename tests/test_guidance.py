@@ -290,24 +290,12 @@ def test_trainer_logs_the_guided_drift(tmp_path):
     assert all(0.0 <= float(r["drift/score"]) <= 1.0 for r in rows)
 
 
-def test_resume_with_spsa_guidance_is_bit_identical(tmp_path):
+def test_resume_with_spsa_guidance_is_bit_identical(tmp_path, resumed_lora_matches):
     """SPSA draws its directions from the rollout generator, which checkpoints restore: resuming gives the same LoRA."""
-    from flowalign import lora as lora_lib
-    from flowalign.train.trainer import Trainer
+    def config(out, iterations):
+        return _fast(out, f"train.iterations={iterations}", "train.checkpoint_every=1", "sampling.drift_reward=brightness",
+                     "sampling.drift_gradient=spsa", "sampling.drift_spsa_sigma=0.5", "train.lr=3e-2")
 
-    def lora_after(out, iterations, resume=False):
-        cfg = _fast(out, f"train.iterations={iterations}", "train.checkpoint_every=1", "sampling.drift_reward=brightness",
-                    "sampling.drift_gradient=spsa", "sampling.drift_spsa_sigma=0.5", "train.lr=3e-2")
-        trainer = Trainer(cfg, resume=resume).setup()
-        trainer.train()
-        trainer.cleanup()
-        return lora_lib.get_lora_state_dict(trainer.adapter.trainable_module)
-
-    full = lora_after(tmp_path / "full", 2)
-    lora_after(tmp_path / "split", 1)
-    resumed = lora_after(tmp_path / "split", 2, resume=True)
-    assert full.keys() == resumed.keys()
-    assert all(torch.equal(full[k], resumed[k]) for k in full)
-    assert any(full[k].abs().max() > 0 for k in full if "lora_B" in k)
+    resumed_lora_matches(config, 1, 2, tmp_path)
     rows = list(csv.DictReader(open(tmp_path / "split" / "metrics.csv")))
     assert [r["iteration"] for r in rows] == ["1", "2"] and all(float(r["drift/moved_frac"]) > 0 for r in rows)

@@ -202,25 +202,15 @@ def test_sigma_grid_keeps_the_high_noise_end():
 
 
 @pytest.mark.parametrize("extra", [[], ["train.old_policy_rate=0.3", "train.old_policy_max=0.6"]], ids=["on_policy", "old_policy"])
-def test_nft_resume_is_bit_identical(tmp_path, extra):
+def test_nft_resume_is_bit_identical(tmp_path, extra, resumed_lora_matches):
     """4 iterations straight = 2, checkpoint, resume, 2 more (the forward-process draws come from the saved generator;
     a lagging old policy, its weights and the step count that sets its decay, from the checkpoint)."""
-    from flowalign import lora as lora_lib
+    def config(out, iterations):
+        return load_config(None, NFT_FAST + [f"train.output_dir={out}", f"train.iterations={iterations}", "train.checkpoint_every=2",
+                                             "train.prompts_per_iter=2", "train.grad_accum=1", "train.lr=1e-2",
+                                             "train.final_eval_samples=0"] + extra)
 
-    def lora_after(out, iterations, resume=False):
-        cfg = load_config(None, NFT_FAST + [f"train.output_dir={out}", f"train.iterations={iterations}", "train.checkpoint_every=2",
-                                            "train.prompts_per_iter=2", "train.grad_accum=1", "train.lr=1e-2",
-                                            "train.final_eval_samples=0"] + extra)
-        trainer = Trainer(cfg, resume=resume).setup()
-        trainer.train()
-        trainer.cleanup()
-        return lora_lib.get_lora_state_dict(trainer.adapter.trainable_module)
-
-    full = lora_after(tmp_path / "full", 4)
-    lora_after(tmp_path / "split", 2)
-    resumed = lora_after(tmp_path / "split", 4, resume=True)
-    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
-    assert any(full[k].abs().max() > 0 for k in full if "lora_B" in k)
+    resumed_lora_matches(config, 2, 4, tmp_path)
 
 
 def test_reference_gap_diagnostic_is_zero_before_the_first_step_and_grows_after(tmp_path):
