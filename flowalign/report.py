@@ -201,6 +201,16 @@ def _ema_note(config_dict: Mapping) -> str:
     return f"; evaluated and saved: the EMA of the LoRA (decay {_get(config_dict, 'train.ema_decay', '?')})"
 
 
+def _drift_note(config_dict: Mapping) -> str:
+    """The method line's note on guided rollouts (``sampling.drift_reward``): their rewards include the guidance."""
+    reward = _get(config_dict, "sampling.drift_reward", None)
+    if not reward:
+        return ""
+    return (f" (rollouts steered by Euphonium's guided drift: `{reward}`, {_get(config_dict, 'sampling.drift_mode', '?')} "
+            f"scale {_get(config_dict, 'sampling.drift_scale', '?')}, {_get(config_dict, 'sampling.drift_gradient', '?')} gradient; "
+            f"training rewards are the guided samples', evaluation is unguided)")
+
+
 def summarize_metrics(metrics_csv: PathLike, window: float = 0.1) -> list[dict[str, Any]]:
     """Per reward/diagnostic column of ``metrics.csv``: first and last window means and the best value.
 
@@ -338,7 +348,7 @@ def write_report(
         + ("" if kernel == "ode"  # the ODE draws no noise: its schedule is moot
            else f" (noise {_get(config_dict, 'sampling.noise_schedule', '?')} {_get(config_dict, 'sampling.noise_kwargs', '')})") + ", "
         f"{_get(config_dict, 'sampling.num_steps', '?')} steps, group size {_get(config_dict, 'sampling.group_size', '?')}"
-        + (f" (dynamic sampling from {oversample:g}x the prompts)" if oversample != 1.0 else "") + ", "
+        + (f" (dynamic sampling from {oversample:g}x the prompts)" if oversample != 1.0 else "") + _drift_note(config_dict) + ", "
         f"LoRA rank {_get(config_dict, 'lora.rank', '?')}" + (" (transformer and text encoders)" if _get(config_dict, "lora.train_text_encoder", False) is True else "")
         + f", {_get(config_dict, 'train.iterations', '?')} iterations, "
         f"lr {_get(config_dict, 'train.lr', '?')}, seed {_get(config_dict, 'train.seed', '?')}" + _ema_note(config_dict),

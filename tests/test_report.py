@@ -266,6 +266,18 @@ def test_report_names_dynamic_sampling_only_when_on(tmp_path):
     assert f"{group} (dynamic sampling from 1.5x the prompts), LoRA rank" in text
 
 
+def test_report_says_when_rollouts_were_guided(tmp_path):
+    base = _result([1, 0, 0, 0, 0, 0, 0, 0, 1, 0], [0.5] * 10)
+    group = f"group size {CONFIG['sampling']['group_size']}"
+    text = write_report(tmp_path, base=base, aligned=base, config_dict=CONFIG, timings={}).read_text()
+    assert f"{group}, LoRA rank" in text and "guided drift" not in text
+    guided = dict(CONFIG, sampling=dict(CONFIG["sampling"], drift_reward="color_fraction", drift_mode="normalized",
+                                        drift_scale=1.0, drift_gradient="auto"))
+    text = write_report(tmp_path, base=base, aligned=base, config_dict=guided, timings={}).read_text()
+    assert (f"{group} (rollouts steered by Euphonium's guided drift: `color_fraction`, normalized scale 1.0, auto gradient; "
+            "training rewards are the guided samples', evaluation is unguided), LoRA rank") in text
+
+
 def test_report_names_the_averaged_lora_it_evaluated(tmp_path):
     base = _result([1, 0, 0, 0, 0, 0, 0, 0, 1, 0], [0.5] * 10)
 
