@@ -47,8 +47,9 @@ def _tree(run: Path) -> list[str]:
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
-@pytest.mark.parametrize("extra", [[], ["lora.train_text_encoder=true"], ["train.oversample=1.5"], ["objective.adv_std=global"]],
-                         ids=["transformer", "with_text_encoders", "dynamic_sampling", "global_std"])
+@pytest.mark.parametrize("extra", [[], ["lora.train_text_encoder=true"], ["train.oversample=1.5"], ["objective.adv_std=global"],
+                                   ["sampling.drift_reward=brightness", "sampling.drift_gradient=spsa", "sampling.drift_spsa_sigma=0.5"]],
+                         ids=["transformer", "with_text_encoders", "dynamic_sampling", "global_std", "guided_drift_spsa"])
 def test_two_processes_match_one_process(tmp_path, extra):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     two = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "flowalign.train.cli", *_args(tmp_path / "two", extra)],
@@ -74,6 +75,8 @@ def test_two_processes_match_one_process(tmp_path, extra):
     assert _tree(tmp_path / "two") == _tree(tmp_path / "one")
     rows = {name: list(csv.DictReader(open(tmp_path / name / "metrics.csv", newline=""))) for name in ("one", "two")}
     assert [r["iteration"] for r in rows["two"]] == ["1", "2"]
+    if any(e.startswith("sampling.drift_reward") for e in extra):  # the guidance did steer (SPSA from each group's stream)
+        assert all(float(r["drift/moved_frac"]) > 0 for r in rows["one"] + rows["two"])
     for a, b in zip(rows["one"], rows["two"]):  # same samples, and gradients of the same scale (summed, not averaged)
         if a["iteration"] == "1":  # the same (zero-initialised) LoRA samples the same trajectories: bit-equal rewards
             assert a["reward/mean"] == b["reward/mean"]
