@@ -299,3 +299,12 @@ def test_resume_with_spsa_guidance_is_bit_identical(tmp_path, resumed_lora_match
     resumed_lora_matches(config, 1, 2, tmp_path)
     rows = list(csv.DictReader(open(tmp_path / "split" / "metrics.csv")))
     assert [r["iteration"] for r in rows] == ["1", "2"] and all(float(r["drift/moved_frac"]) > 0 for r in rows)
+
+
+def test_config_choices_name_the_library_choices():
+    """config.py stays torch-free, so it restates the kernels, drift modes and gradient methods: they must agree."""
+    from flowalign import config
+
+    assert config.KERNELS == sde.KERNELS
+    assert config.DRIFT_MODES == sde.DRIFT_MODES
+    assert config.DRIFT_GRADIENTS == guidance.GRADIENT_METHODS
