@@ -17,6 +17,11 @@ Stages (one deterministic seed drives them all):
    the same thing in the data. Measured (bench/results/toy_variants.json, S1/S2): the
    co-trained text encoders then give the pair near-identical features, and RL (LoRA on the
    transformer, or on the text encoders too) did not separate them within 50 iterations.
+   With ``washed_fraction > 0`` that fraction of scenes is washed out towards the background
+   (:func:`flowalign.rewards.shapes_scenes.washed_renditions`, contrast ``washed_alpha``), a
+   defect the same for every caption. Measured (bench/README.md, session 26): guidance at 4.5
+   hides most of it, and RL gains +8 to +14 points on such toys, about what it gains on the
+   shipped one.
 2. **VAE**: a small ``AutoencoderKL`` (32x32x3 -> 16x16x4, SD3 layout: no quant convs) trained
    with L1 + MSE reconstruction and a small KL term; its ``shift_factor``/``scaling_factor``
    are set from the latents' mean and std so the transformer sees unit-variance latents.
@@ -38,6 +43,14 @@ the model is trained with :data:`T5_TOKENS` of them, so callers pass
 ``max_sequence_length=T5_TOKENS`` (else sampling is slower and off-distribution). That value,
 the recommended guidance scale, shift and step count are in ``flowalign_toy.json`` next to
 ``model_index.json`` (:func:`load_toy_meta`).
+
+**Continued builds**: with ``--init-from FOLDER`` the build skips stage 2 and the initialisation of
+stage 3 and continues pretraining that toy folder (its VAE, latent scaling, text encoders and
+transformer; the architecture flags must stay at their defaults) for ``--dit-steps`` steps on
+``--n-scenes`` fresh scenes (drawn with ``seed + 1``, so not the ones the folder was trained on):
+
+    python -m flowalign.pipelines.toy build --init-from assets/toy --out /tmp/toy_washed \\
+        --n-scenes 20000 --dit-steps 800 --dit-lr 3e-4 --washed-fraction 0.35
 
     python -m flowalign.pipelines.toy evaluate --model assets/toy --out bench/results/toy_build.json
 
@@ -95,6 +108,9 @@ class ToyBuildConfig:
     pretrain_heldout: bool = False  # pretraining scenes include the held-out combinations (training_scenes)
     uncaptioned_heldout: bool = False  # with pretrain_heldout: held-out scenes are shown with the empty caption only
     frozen_text_encoders: bool = False  # keep both CLIP encoders at their random init (only the transformer learns)
+    washed_fraction: float = 0.0  # fraction of training scenes washed out towards the background (washed_renditions)
+    washed_alpha: float = 0.25  # contrast kept by a washed scene (the verifier needs >= 0.5)
+    init_from: Optional[str] = None  # continue pretraining this toy folder (its VAE, text encoders, transformer)
     shift: float = 1.5
     guidance_scale: float = 4.5
     eval_every: int = 500
@@ -109,6 +125,16 @@ class ToyBuildConfig:
             raise ValueError(f"synonym_rate must be in [0, 1], got {self.synonym_rate}")
         if self.uncaptioned_heldout and not self.pretrain_heldout:
             raise ValueError("uncaptioned_heldout needs pretrain_heldout (there are no held-out scenes to leave uncaptioned)")
+        if not 0.0 <= self.washed_fraction <= 1.0 or not 0.0 <= self.washed_alpha <= 1.0:
+            raise ValueError(f"washed_fraction and washed_alpha must be in [0, 1], got {self.washed_fraction}, {self.washed_alpha}")
+        if self.init_from is not None:
+            default = ToyBuildConfig()
+            changed = [k for k in ARCHITECTURE_FIELDS if getattr(self, k) != getattr(default, k)]
+            if changed:
+                raise ValueError(f"init_from continues {self.init_from!r} with its own architecture; do not also set {changed}")
+
+
+ARCHITECTURE_FIELDS = ("vae_channels", "latent_channels", "dit_layers", "dit_heads", "dit_head_dim", "dit_patch", "clip_hidden")
 
 
 def _to_unit(images: np.ndarray) -> torch.Tensor:
@@ -346,6 +372,15 @@ def train_flow(pipe, means: torch.Tensor, stds: torch.Tensor, captions: list[str
     return log
 
 
+def load_toy_pipeline(folder: str | Path):
+    """A toy folder as a ``StableDiffusion3Pipeline`` (float32, local files only)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    if not (Path(folder) / "model_index.json").is_file():
+        raise FileNotFoundError(f"{folder} is no diffusers pipeline folder (no model_index.json)")
+    return StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True)
+
+
 @torch.no_grad()
 def _assign(params: list[torch.Tensor], values: list[torch.Tensor]) -> None:
     for p, v in zip(params, values):
@@ -357,7 +392,17 @@ def build(out_dir: str | Path, cfg: Optional[ToyBuildConfig] = None) -> dict[str
 
     Returns a summary (times, parameter counts, losses, evaluation log).
     """
-    from flowalign.rewards.shapes_scenes import TAGS, all_specs, noisy_captions, parse_color_pairs, prompt_set, synonym_captions, training_scenes, uncaptioned_heldout
+    from flowalign.rewards.shapes_scenes import (
+        TAGS,
+        all_specs,
+        noisy_captions,
+        parse_color_pairs,
+        prompt_set,
+        synonym_captions,
+        training_scenes,
+        uncaptioned_heldout,
+        washed_renditions,
+    )
 
     cfg = cfg or ToyBuildConfig()
     t_start = time.time()
@@ -366,7 +411,9 @@ def build(out_dir: str | Path, cfg: Optional[ToyBuildConfig] = None) -> dict[str
     if cfg.sample_dir:
         Path(cfg.sample_dir).mkdir(parents=True, exist_ok=True)
 
-    images_u8, specs = training_scenes(cfg.seed, cfg.n_scenes, include_heldout=cfg.pretrain_heldout)
+    # a continued build draws fresh scenes (seed + 1), not the ones its starting folder was trained on
+    images_u8, specs = training_scenes(cfg.seed + (1 if cfg.init_from else 0), cfg.n_scenes, include_heldout=cfg.pretrain_heldout)
+    images_u8, washed = washed_renditions(images_u8, cfg.washed_fraction, cfg.washed_alpha, cfg.seed + 5)
     images = _to_unit(images_u8)
     captions, n_noisy = noisy_captions(specs, cfg.caption_noise, cfg.seed + 11)
     captions, n_synonyms = synonym_captions(captions, parse_color_pairs(cfg.color_synonyms), cfg.synonym_rate, cfg.seed + 13)
@@ -375,15 +422,22 @@ def build(out_dir: str | Path, cfg: Optional[ToyBuildConfig] = None) -> dict[str
     max_length = caption_length(sorted({s["prompt"] for t in TAGS for s in all_specs(t)}))
     logger.info("%d scenes rendered (%.1fs); CLIP context length %d", len(images), time.time() - t_start, max_length)
 
-    vae = build_vae(cfg)
     t0 = time.time()
     threads = torch.get_num_threads()
     torch.set_num_threads(min(threads, cfg.threads))
-    summary: dict[str, Any] = {"config": asdict(cfg), "clip_max_length": max_length, "t5_tokens": T5_TOKENS, "noisy_captions": n_noisy, "synonym_captions": n_synonyms}
-    summary.update(train_vae(vae, images, cfg, gen))
-    means, stds = encode_latents(vae, images)
-    z = means + stds * torch.randn(means.shape, generator=gen)
-    vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
+    summary: dict[str, Any] = {"config": asdict(cfg), "clip_max_length": max_length, "t5_tokens": T5_TOKENS, "noisy_captions": n_noisy, "synonym_captions": n_synonyms,
+                               "washed_scenes": int(washed.sum())}
+    if cfg.init_from:
+        pipe = load_toy_pipeline(cfg.init_from)
+        vae = pipe.vae  # its shift/scale factors stay: the transformer was trained in its latent units
+        means, stds = encode_latents(vae, images)
+        summary["init_from"] = str(cfg.init_from)
+    else:
+        vae = build_vae(cfg)
+        summary.update(train_vae(vae, images, cfg, gen))
+        means, stds = encode_latents(vae, images)
+        z = means + stds * torch.randn(means.shape, generator=gen)
+        vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
     summary["vae_seconds"] = time.time() - t0
     with torch.no_grad():
         rec = vae.decode(means[:64] / 1.0).sample
@@ -392,7 +446,8 @@ def build(out_dir: str | Path, cfg: Optional[ToyBuildConfig] = None) -> dict[str
         save_grid(torch.cat([images[:32], rec[:32].clamp(-1, 1)]) / 2 + 0.5, Path(cfg.sample_dir) / "vae_recon.png")
     logger.info("VAE done in %.0fs: %s", summary["vae_seconds"], {k: v for k, v in summary.items() if k.startswith("vae")})
 
-    pipe = build_pipeline(cfg, vae, max_length)
+    if not cfg.init_from:
+        pipe = build_pipeline(cfg, vae, max_length)
     pipe.set_progress_bar_config(disable=True)
     eval_specs = prompt_set(True, per_tag=max(1, cfg.eval_samples // 5), seed=cfg.seed + 5) if cfg.eval_samples else []
     t0 = time.time()
@@ -524,7 +579,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     b.add_argument("--summary", default=None, help="write the build summary JSON here")
     for name in ("seed", "n_scenes", "vae_steps", "dit_steps", "dit_batch", "dit_layers", "dit_heads", "threads", "eval_every", "eval_samples"):
         b.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    for name in ("shift", "guidance_scale", "dit_lr", "caption_noise", "synonym_rate"):
+    for name in ("shift", "guidance_scale", "dit_lr", "caption_noise", "synonym_rate", "washed_fraction", "washed_alpha"):
         b.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     b.add_argument("--clip-hidden", default=",".join(map(str, d.clip_hidden)), type=_int_pair,
                    help="hidden sizes of the two CLIP text encoders, e.g. 24,24 (the shipped toy: 16,16)")
@@ -535,6 +590,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="with --pretrain-heldout: draw the held-out scenes but caption them with the empty (unconditional) caption")
     b.add_argument("--frozen-text-encoders", action="store_true",
                    help="keep both CLIP text encoders at their seeded random init: only the transformer learns to read them")
+    b.add_argument("--init-from", default=None,
+                   help="continue pretraining this toy folder (its VAE and architecture) on --n-scenes fresh scenes for --dit-steps steps")
     b.add_argument("--sample-dir", default=None, help="write sample grids and EMA checkpoints here")
     e = sub.add_parser("evaluate", help="measure a toy folder (accuracy, sweep, timing, group variance)")
     e.add_argument("--model", default="assets/toy")

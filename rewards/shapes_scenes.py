@@ -391,6 +391,31 @@ def noisy_captions(specs: Sequence[Spec], noise: float, seed: int) -> tuple[list
     return captions, replaced
 
 
+def washed_renditions(images: np.ndarray, fraction: float, alpha: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scenes of which a random ``fraction`` is washed out: each pixel ``p`` of a chosen scene
+    becomes ``b + alpha (p - b)`` (``b`` the background), rounded to ``uint8``.
+
+    Web images come in poor renditions (faded scans, low-contrast thumbnails) under the same
+    captions as good ones, and a model pretrained on them draws either. The ``shapes`` verifier
+    counts a pixel as an object only where its coverage is at least 0.5, so a scene washed to
+    ``alpha`` = 0.25 holds no objects for it: a defect that is the same for every caption, which
+    reward alignment on the training captions can remove for the held-out ones too
+    (DESIGN.md §10). Deterministic in ``seed``; returns the images (a new array) and the boolean
+    mask of the washed ones.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"washed fraction must be in [0, 1], got {fraction}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"washed alpha must be in [0, 1], got {alpha}")
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images [N, H, W, 3], got shape {tuple(images.shape)}")
+    washed = np.random.default_rng(seed).random(len(images)) < fraction
+    out = images.astype(np.float32)
+    b = np.asarray(BACKGROUND, np.float32)
+    out[washed] = b + alpha * (out[washed] - b)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8), washed
+
+
 def parse_color_pairs(text: str) -> tuple[tuple[str, str], ...]:
     """``"blue:cyan,red:purple"`` -> ``(("blue", "cyan"), ("red", "purple"))``, checked: known,
     distinct colours, each in at most one pair. The empty string gives ``()``."""
