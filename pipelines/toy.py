@@ -496,13 +496,13 @@ def evaluate_toy(folder: str | Path, guidance_scales: tuple[float, ...] = (1.0, 
     """Measure a toy folder: held-out/train accuracy per category (noise-free ``pipe(...)``),
     a guidance x shift sweep, batch-64 sampling time, and the fraction of GRPO groups with zero
     reward variance (different seeds; Flow-SDE from a shared noise)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
     from flowalign.rewards.shapes import ShapesReward
     from flowalign.rewards.shapes_scenes import load_prompts
 
     folder = Path(folder)
-    pipe = StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True)
+    pipe = load_toy_pipeline(folder)
     pipe.set_progress_bar_config(disable=True)
     base_config = dict(pipe.scheduler.config)
     held, train = load_prompts("heldout"), load_prompts("train")
