@@ -3,9 +3,9 @@
 Samples the held-out prompts exactly as the run report does (:func:`flowalign.evaluation.evaluate`:
 noise-free ODE, the toy's 10 steps and guidance 4.5, sample ``i`` from seed ``i``) with the base
 model and with base + ``--lora``; the ``shapes`` verifier labels every sample with the first level
-of GenEval's rule it breaks (:func:`flowalign.rewards.shapes.failure_mode`): ``malformed`` (a
-shapeless blob where a shape was asked for), ``shape_count`` (clean but wrong or missing shapes),
-``color``, ``position``.
+of GenEval's rule it breaks (:func:`flowalign.rewards.shapes.failure_mode`): ``empty`` (no object
+detected), ``malformed`` (a shapeless blob where a shape was asked for), ``shape_count`` (clean but
+wrong or missing shapes), ``color``, ``position``.
 
 Prints the run report's failure-mode section (:func:`flowalign.report.failure_section`: counts per
 category base -> aligned, and what the LoRA made of each base outcome) for a LoRA that is already

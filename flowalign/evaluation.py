@@ -17,7 +17,7 @@ The binary outcome of a sample is the reward's own verdict ``details["binary"]``
 ``mix``), else ``score >= threshold``; accuracy is its mean, with a Wilson score interval.
 ``details["partial"]`` (a graded score in [0, 1]) is averaged when the reward provides it.
 ``details["failure"]`` (one label per sample naming why it fails, ``"correct"`` when it does not,
-e.g. the ``shapes`` verifier's ``malformed`` / ``shape_count`` / ``color`` / ``position``) is kept
+e.g. the ``shapes`` verifier's ``empty`` / ``malformed`` / ``shape_count`` / ``color`` / ``position``) is kept
 per sample; :func:`failure_counts` and :func:`failure_transitions` tabulate it and the run report
 shows which failures alignment fixes and which correct samples it breaks.
 """

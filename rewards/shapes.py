@@ -23,7 +23,7 @@ Pipeline per image (32x32, or any size: it is resized to 32x32 first):
 constraints met (a coloured request counts twice: the shape, then the coloured shape),
 ``details["binary"]`` the 1/0 verdict, ``details["tag"]`` the category, ``details["objects"]``
 the detected objects, ``details["failure"]`` why a sample fails (:func:`failure_mode`: ``correct``,
-``malformed``, ``shape_count``, ``color``, ``position``; the run report tabulates it).
+``empty``, ``malformed``, ``shape_count``, ``color``, ``position``; the run report tabulates it).
 ``ShapesReward(score="partial")`` scores the fraction instead and
 ``score="mix"`` scores ``(1 - w) binary + w partial`` (``w = partial_weight <= 0.5``): a denser
 training signal (failed samples that get closer score higher) whose ``score >= 0.5`` is still
@@ -211,7 +211,7 @@ def evaluate(objects: list[dict[str, Any]], spec: Spec, exclusive: bool = False,
     return verdict, float(np.mean(met))
 
 
-FAILURE_MODES = ("correct", "malformed", "shape_count", "color", "position")
+FAILURE_MODES = ("correct", "empty", "malformed", "shape_count", "color", "position")
 
 
 def _without(spec: Spec, keys: tuple[str, ...]) -> Spec:
@@ -224,6 +224,8 @@ def failure_mode(objects: list[dict[str, Any]], spec: Spec, verdict: Optional[bo
     """Why a scene fails its spec: the first level of GenEval's rule it breaks.
 
     * ``"correct"``: every constraint holds (:func:`evaluate`'s verdict).
+    * ``"empty"``: no object was detected at all: a blank, washed-out or unexplained scene (a
+      collapsed policy shows here first).
     * ``"malformed"``: the shapes and counts are wrong (colours and positions ignored) and a
       shapeless blob (``shape == "other"``) is present: an object was drawn but not cleanly.
     * ``"shape_count"``: the shapes and counts are wrong with clean shapes only (a wrong or
@@ -236,6 +238,8 @@ def failure_mode(objects: list[dict[str, Any]], spec: Spec, verdict: Optional[bo
     """
     if evaluate(objects, spec)[0] if verdict is None else verdict:
         return "correct"
+    if not objects:
+        return "empty"
     if not evaluate(objects, _without(spec, ("color", "position")))[0]:
         return "malformed" if any(o["shape"] == "other" for o in objects) else "shape_count"
     if not evaluate(objects, _without(spec, ("position",)))[0]:

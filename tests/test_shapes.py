@@ -236,7 +236,10 @@ def test_failure_mode_names_the_first_broken_level():
     pos = S.parse_prompt("a circle right of a square")
     assert failure_mode([_o("circle", "red", 6, 6), _o("square", "blue", 24, 6)], pos) == "position"
     assert failure_mode([_o("circle", "red", 24, 6), _o("square", "blue", 6, 6)], pos) == "correct"
-    assert set(FAILURE_MODES) == {"correct", "malformed", "shape_count", "color", "position"}
+    # nothing detected at all, for any spec (every spec asks for at least one object)
+    assert failure_mode([], pair) == "empty" and failure_mode([], count) == "empty" and failure_mode([], pos) == "empty"
+    assert failure_mode(detect(np.full((32, 32, 3), 238.0, np.float32)), pair) == "empty"  # a blank background
+    assert set(FAILURE_MODES) == {"correct", "empty", "malformed", "shape_count", "color", "position"}
 
 
 def test_failure_mode_agrees_with_the_verdict_on_rendered_and_noise_scenes():
