@@ -450,6 +450,24 @@ def failure_transitions(base: Sequence[str], aligned: Sequence[str]) -> dict[str
     return table
 
 
+def prompt_changes(prompts: Sequence[str], tags: Sequence[str], base_correct: Sequence[bool], aligned_correct: Sequence[bool]) -> list[dict[str, Any]]:
+    """Per distinct prompt of paired samples (same prompts and seeds): its category, sample count and
+    correct samples before and after, sorted by the change (largest gain first; ties by prompt).
+
+    >>> prompt_changes(["a", "b", "a"], ["x", "y", "x"], [False, True, True], [True, False, True])
+    [{'prompt': 'a', 'tag': 'x', 'n': 2, 'base': 1, 'aligned': 2}, {'prompt': 'b', 'tag': 'y', 'n': 1, 'base': 1, 'aligned': 0}]
+    """
+    if not len(prompts) == len(tags) == len(base_correct) == len(aligned_correct):
+        raise ValueError(f"got {len(prompts)} prompts, {len(tags)} tags, {len(base_correct)} base and {len(aligned_correct)} aligned outcomes")
+    rows: dict[str, dict[str, Any]] = {}
+    for prompt, tag, b, a in zip(prompts, tags, base_correct, aligned_correct):
+        row = rows.setdefault(prompt, {"prompt": prompt, "tag": tag, "n": 0, "base": 0, "aligned": 0})
+        row["n"] += 1
+        row["base"] += int(bool(b))
+        row["aligned"] += int(bool(a))
+    return sorted(rows.values(), key=lambda r: (r["base"] - r["aligned"], r["prompt"]))
+
+
 # ----------------------------------------------------------------------------------------------
 # Headroom: how often a prompt succeeds at all (pure functions)
 # ----------------------------------------------------------------------------------------------

@@ -7,8 +7,10 @@ directory:
   table per category (base vs aligned, deltas, 95% CIs; :func:`flowalign.evaluation.compare`),
   links to ``reward_curve.png`` / ``before_after.png``, a summary of ``metrics.csv`` and, for a
   reward that labels its failures (``details["failure"]``, e.g. ``shapes``), the failure modes
-  base → aligned and which samples alignment fixed or broke (:func:`failure_tables`, :func:`failure_section`);
-- ``report.json``: the same numbers for scripts (``bench/toy_alignment.py`` reads it);
+  base → aligned and which samples alignment fixed or broke (:func:`failure_tables`, :func:`failure_section`),
+  and the prompts alignment helped and hurt most (:func:`prompt_section`;
+  :func:`flowalign.evaluation.prompt_changes`);
+- ``report.json``: the same numbers for scripts (``bench/toy_alignment.py`` reads it), every prompt's change included;
 - ``eval_base.json`` / ``eval_aligned.json``: both evaluations with their per-sample results.
 
 ``before_after_grid(base_images, aligned_images, prompts, out_png)`` draws one column per prompt,
@@ -32,7 +34,7 @@ from typing import Any, Callable, ContextManager, Mapping, Optional, Sequence, U
 import torch
 from torch import Tensor
 
-from flowalign.evaluation import ALL, EvalResult, category_mean, compare, evaluate, failure_counts, failure_transitions, pick_samples
+from flowalign.evaluation import ALL, EvalResult, category_mean, compare, evaluate, failure_counts, failure_transitions, pick_samples, prompt_changes
 
 logger = logging.getLogger(__name__)
 
@@ -302,6 +304,24 @@ def failure_section(tables: Optional[Mapping[str, Mapping[str, Mapping[str, int]
     return lines
 
 
+def prompt_section(changes: Sequence[Mapping[str, Any]], top: int = 5) -> list[str]:
+    """Report lines for :func:`flowalign.evaluation.prompt_changes`: the ``top`` prompts alignment
+    helped most and the ``top`` it hurt most (prompts that did not move are left out). Empty when
+    no prompt moved."""
+    gains = [r for r in changes if r["aligned"] > r["base"]][:top]
+    losses = [r for r in reversed(changes) if r["aligned"] < r["base"]][:top]
+    if not gains and not losses:
+        return []
+    moved = sum(r["aligned"] != r["base"] for r in changes)
+    lines = ["## Prompts that moved most", "",
+             f"Correct samples per prompt, base → aligned (same seeds); {moved} of {len(changes)} distinct prompts moved "
+             "(all of them in `report.json`).", "",
+             "| prompt | category | samples | base | aligned | Δ |", "|---|---|---:|---:|---:|---:|"]
+    for r in [*gains, *losses]:
+        lines.append(f"| {r['prompt']} | {r['tag']} | {r['n']} | {r['base']} | {r['aligned']} | {r['aligned'] - r['base']:+d} |")
+    return lines + [""]
+
+
 def write_report(
     run_dir: PathLike,
     *,
@@ -376,6 +396,8 @@ def write_report(
     ]
     failures = failure_tables(base, aligned)
     lines += failure_section(failures)
+    prompts = prompt_changes(base.prompts, base.tags, base.correct().tolist(), aligned.correct().tolist())
+    lines += prompt_section(prompts)
     lines += [
         "## Wall time",
         "",
@@ -407,6 +429,7 @@ def write_report(
     }
     if failures is not None:
         summary["failures"] = failures
+    summary["prompts"] = prompts
     (run_dir / "report.json").write_text(json.dumps(_clean(summary), indent=1, allow_nan=False) + "\n")
     logger.info("wrote %s: held-out accuracy %.1f%% -> %.1f%% (%+.1f points)", path, 100 * base.accuracy, 100 * aligned.accuracy, gain)
     return path

@@ -290,3 +290,29 @@ def test_report_names_the_averaged_lora_it_evaluated(tmp_path):
     assert method_line(ema=True, ema_decay=0.9).endswith("; evaluated and saved: the EMA of the LoRA (decay 0.9)")
     assert method_line(ema=True, ema_schedule="power", ema_power=3.0).endswith(
         "; evaluated and saved: the power-function EMA of the LoRA (gamma 3.0)")
+
+
+def test_report_prompt_section_hand_worked(tmp_path):
+    """Per prompt (sample i is prompt i % 5): base correct 1,0,0,1,0 and aligned 0,1,1,1,2 of 2 samples each."""
+    base = _result([1, 0, 0, 0, 0, 0, 0, 0, 1, 0], [0.5] * 10)
+    aligned = _result([0, 1, 1, 0, 1, 0, 0, 0, 1, 1], [0.5] * 10)
+    text = write_report(tmp_path, base=base, aligned=aligned, config_dict=CONFIG, timings={}).read_text()
+    section = text.split("## Prompts that moved most")[1].split("##")[0]
+    assert "4 of 5 distinct prompts moved" in section
+    rows = [line for line in section.splitlines() if line.startswith("| prompt ") and not line.startswith("| prompt |")]
+    assert [r.split(" | ")[0] for r in rows] == ["| prompt 4", "| prompt 1", "| prompt 2", "| prompt 0"]  # gains (largest first), then losses
+    assert rows[0] == f"| prompt 4 | {TAGS[4]} | 2 | 0 | 2 | +2 |" and rows[-1] == f"| prompt 0 | {TAGS[0]} | 2 | 1 | 0 | -1 |"
+    summary = json.loads((tmp_path / "report.json").read_text())
+    assert [(r["prompt"], r["base"], r["aligned"]) for r in summary["prompts"]] == [
+        ("prompt 4", 0, 2), ("prompt 1", 0, 1), ("prompt 2", 0, 1), ("prompt 3", 1, 1), ("prompt 0", 1, 0)]
+    # the same outcomes twice: no prompt moved, no section
+    assert "## Prompts that moved most" not in write_report(tmp_path, base=base, aligned=base, config_dict=CONFIG, timings={}).read_text()
+
+
+def test_prompt_changes_checks_lengths_and_keeps_first_tag():
+    from flowalign.evaluation import prompt_changes
+
+    rows = prompt_changes(["b", "a", "b"], ["t1", "t2", "t1"], [True, False, False], [True, True, True])
+    assert rows == [{"prompt": "a", "tag": "t2", "n": 1, "base": 0, "aligned": 1}, {"prompt": "b", "tag": "t1", "n": 2, "base": 1, "aligned": 2}]
+    with pytest.raises(ValueError, match="2 prompts, 3 tags"):
+        prompt_changes(["a", "b"], ["t", "t", "t"], [True, True], [True, True])
