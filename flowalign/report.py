@@ -318,8 +318,16 @@ def prompt_section(changes: Sequence[Mapping[str, Any]], top: int = 5) -> list[s
              "(all of them in `report.json`).", "",
              "| prompt | category | samples | base | aligned | Δ |", "|---|---|---:|---:|---:|---:|"]
     for r in [*gains, *losses]:
-        lines.append(f"| {r['prompt']} | {r['tag']} | {r['n']} | {r['base']} | {r['aligned']} | {r['aligned'] - r['base']:+d} |")
+        lines.append(f"| {_table_cell(r['prompt'])} | {_table_cell(r['tag'])} | {r['n']} | {r['base']} | {r['aligned']} | {r['aligned'] - r['base']:+d} |")
     return lines + [""]
+
+
+def _table_cell(text: str, max_chars: int = 80) -> str:
+    """``text`` for one Markdown table cell: pipes escaped, newlines flattened, cut to ``max_chars`` with an ellipsis."""
+    text = " ".join(str(text).split())
+    if len(text) > max_chars:
+        text = text[: max_chars - 1] + "…"
+    return text.replace("|", "\\|")
 
 
 def write_report(

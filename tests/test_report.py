@@ -316,3 +316,15 @@ def test_prompt_changes_checks_lengths_and_keeps_first_tag():
     assert rows == [{"prompt": "a", "tag": "t2", "n": 1, "base": 0, "aligned": 1}, {"prompt": "b", "tag": "t1", "n": 2, "base": 1, "aligned": 2}]
     with pytest.raises(ValueError, match="2 prompts, 3 tags"):
         prompt_changes(["a", "b"], ["t", "t", "t"], [True, True], [True, True])
+
+
+def test_prompt_cells_escape_pipes_and_cut_long_prompts():
+    from flowalign.report import prompt_section
+
+    long = "a photo of " + "a very " * 30 + "long | prompt\nwith a newline"
+    lines = prompt_section([{"prompt": long, "tag": "x|y", "n": 2, "base": 0, "aligned": 2}])
+    row = next(line for line in lines if line.endswith("| +2 |"))
+    cell = row[2:].split(" | ")[0]
+    assert len(cell) == 80 and cell.endswith("…") and "\n" not in row
+    assert "| x\\|y |" in row  # the tag's pipe is escaped, so the row keeps its 6 columns
+    assert row.replace("\\|", "").count("|") == 7
