@@ -324,6 +324,46 @@ def test_cli_run_writes_json_and_markdown(capsys, tmp_path):
     assert again.scores.tolist() == pytest.approx(data["samples"]["score"], abs=1e-6)
 
 
+def test_cli_compare_sets_an_evaluation_against_an_earlier_one(capsys, tmp_path, lora_dir):
+    """--compare: the deltas, and the per-prompt moves, agree with the two eval.json files read independently."""
+    from flowalign.train.eval_cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in RECORDS[:3]) + "\n")
+    def argv(samples: int = 12, steps: int = 1) -> list[str]:
+        return ["--model", "tiny-sd3", "--prompts", str(prompts), "--reward", "brightness", "--num-samples", str(samples), "--steps", str(steps),
+                "--guidance", "1", "--no-progress"]
+
+    common = argv()
+    assert main([*common, "--out", str(tmp_path / "base")]) == 0
+    assert main([*common, "--lora", str(lora_dir), "--compare", str(tmp_path / "base"), "--out", str(tmp_path / "lora")]) == 0
+    printed = capsys.readouterr().out
+    base = json.loads((tmp_path / "base" / "eval.json").read_text())["samples"]
+    lora = json.loads((tmp_path / "lora" / "eval.json").read_text())["samples"]
+    ok_base = [x >= 0.5 for x in base["score"]]  # brightness gives no verdict: score >= 0.5 counts
+    ok_lora = [x >= 0.5 for x in lora["score"]]
+    assert base["score"] != lora["score"]  # the LoRA changed the samples
+    line = f"Accuracy {100 * sum(ok_base) / 12:.1f}% → {100 * sum(ok_lora) / 12:.1f}% ({100 * (sum(ok_lora) - sum(ok_base)) / 12:+.1f} points"
+    assert f"## Against {tmp_path / 'base'}" in printed and line in printed
+    md = (tmp_path / "lora" / "eval.md").read_text()
+    assert line in md
+    moved = {}
+    for prompt, b, a in zip(base["prompt"], ok_base, ok_lora):
+        moved[prompt] = moved.get(prompt, 0) + int(a) - int(b)
+    assert ("## Prompts that moved most" in md) == any(moved.values())
+    for prompt, delta in moved.items():
+        if delta:
+            assert f"| {prompt} |" in md and f"| {delta:+d} |" in md
+    # refused: other steps, other samples, no eval.json
+    err = _one_line_error(capsys, [*argv(steps=2), "--compare", str(tmp_path / "base")])
+    assert "num_steps=1" in err and "num_steps=2" in err
+    err = _one_line_error(capsys, [*argv(samples=6), "--compare", str(tmp_path / "base" / "eval.json")])
+    assert "samples=12" in err and "samples=6" in err
+    assert "no eval.json there" in _one_line_error(capsys, [*common, "--compare", str(tmp_path / "nowhere")])
+    (tmp_path / "bad.json").write_text("{}")
+    assert "is not a flowalign eval.json" in _one_line_error(capsys, [*common, "--compare", str(tmp_path / "bad.json")])
+
+
 class GradedVerifier(Reward):
     """Test reward that trains on a graded score but carries its own verdict: score = brightness,
     details["binary"] = brightness > threshold (the verdict evaluation must count)."""

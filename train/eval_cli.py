@@ -22,6 +22,15 @@ second per-category table reports the target reward ``r``, ``q``, the samples fl
 
     flowalign eval --lora runs/toy_gdro --reward shapes --corrected-by --corrected-q0 0.5
 
+With ``--compare EVAL_JSON`` (an ``eval.json`` written by an earlier ``flowalign eval --out``, or
+its folder) the new evaluation is set against that one, sample by sample: the per-category
+deltas with 95% Newcombe intervals (:func:`flowalign.evaluation.compare`), the failure modes
+before → after for a reward that labels them, and the prompts that moved most. Both must have
+drawn the same prompts, seeds and steps; anything else is refused::
+
+    flowalign eval --out runs/base_eval                                   # the base model
+    flowalign eval --lora runs/toy_gdro --compare runs/base_eval --out runs/gdro_eval
+
 Bad inputs (missing prompt file, unknown reward, missing model, LoRA for another architecture)
 end with one line on stderr and exit status 2.
 """
@@ -40,7 +49,7 @@ from flowalign.errors import ConfigError, FlowalignError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvalOptions", "add_eval_arguments", "main", "main_eval", "run_eval", "load_quality", "DEFAULT_MIN_SAMPLES", "DEFAULT_QUALITY"]
+__all__ = ["EvalOptions", "add_eval_arguments", "main", "main_eval", "run_eval", "load_quality", "load_reference", "comparison_markdown", "DEFAULT_MIN_SAMPLES", "DEFAULT_QUALITY"]
 
 DEFAULT_MIN_SAMPLES = 512  # default: whole passes over the prompt set until at least this many samples
 DEFAULT_QUALITY = "image_stats_quality"  # flowalign.corrected.ImageStatsQuality
@@ -70,6 +79,7 @@ class EvalOptions:
     corrected_q0: float = 0.0
     corrected_c: float = 0.0
     corrected_reference: Optional[str] = None  # ImageStatsQuality reference statistics (JSON from .save())
+    compare: Optional[str] = None  # an earlier eval.json (or its folder) to set this evaluation against
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -99,7 +109,67 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--corrected-c", type=float, default=d.corrected_c, help="c of the corrected score (default: %(default)s)")
     parser.add_argument("--corrected-reference", default=None, metavar="JSON",
                         help=f"reference statistics for {DEFAULT_QUALITY} (ImageStatsQuality.save); default: clean toy renders")
+    parser.add_argument("--compare", default=None, metavar="EVAL_JSON",
+                        help="an earlier eval.json (or its --out folder) of the same prompts, seeds and steps: "
+                             "report the deltas per category, the failure modes and the prompts that moved most against it")
     return parser
+
+
+def load_reference(path: str):
+    """The :class:`flowalign.evaluation.EvalResult` of ``--compare`` (``eval.json`` or the folder holding it).
+
+    Raises:
+        ConfigError: missing file, or not an evaluation with per-sample results.
+    """
+    from flowalign.evaluation import EvalResult
+
+    p = Path(path)
+    p = p / "eval.json" if p.is_dir() else p
+    if not p.is_file():
+        raise ConfigError(f"--compare {path!r}: no eval.json there (write one with flowalign eval --out DIR)")
+    try:
+        return EvalResult.from_json(p)
+    except (ValueError, KeyError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise ConfigError(f"--compare {str(p)!r} is not a flowalign eval.json with per-sample results ({type(exc).__name__}: {exc})") from None
+
+
+def check_reference(reference, reference_name: str, **asked) -> None:
+    """Refuse a ``--compare`` reference sampled differently: each of ``asked`` (``num_steps``,
+    ``guidance_scale``, ``samples``, ``seed``; None = unknown, not checked) must equal the reference's.
+
+    Raises:
+        ConfigError: naming the first setting that differs.
+    """
+    had = {"num_steps": reference.settings.get("num_steps"), "guidance_scale": reference.settings.get("guidance_scale"),
+           "samples": reference.num_samples, "seed": reference.seeds[0] if reference.seeds else None}
+    for key, value in asked.items():
+        if value is not None and had[key] is not None and had[key] != value:
+            raise ConfigError(f"--compare {reference_name}: it was sampled with {key}={had[key]}, this evaluation with {key}={value}")
+
+
+def comparison_markdown(reference, result, reference_name: str) -> str:
+    """Markdown for ``result`` set against ``reference`` (same prompts, seeds and noise): the
+    per-category deltas, failure modes (when both carry labels) and the prompts that moved most.
+
+    Raises:
+        ConfigError: the two evaluations drew different samples or used other steps / guidance.
+    """
+    from flowalign.evaluation import ALL, compare, prompt_changes
+    from flowalign.report import failure_section, failure_tables, prompt_section
+
+    check_reference(reference, reference_name, num_steps=result.settings.get("num_steps"), guidance_scale=result.settings.get("guidance_scale"))
+    try:
+        comparison = compare(reference, result)
+    except ValueError as exc:
+        raise ConfigError(f"--compare {reference_name}: {exc}") from None
+    overall = comparison.rows[ALL]
+    lines = [f"## Against {reference_name}", "",
+             f"Accuracy {100 * overall['base'].accuracy:.1f}% → {100 * overall['aligned'].accuracy:.1f}% "
+             f"({100 * overall['delta']:+.1f} points, 95% CI [{100 * overall['delta_low']:+.1f}, {100 * overall['delta_high']:+.1f}]); "
+             "base columns are the reference, aligned columns this evaluation.", "", comparison.table(), ""]
+    lines += failure_section(failure_tables(reference, result))
+    lines += prompt_section(prompt_changes(result.prompts, result.tags, reference.correct().tolist(), result.correct().tolist()))
+    return "\n".join(lines)
 
 
 def _options(args: Union[argparse.Namespace, EvalOptions, dict]) -> EvalOptions:
@@ -169,6 +239,7 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
     options = _options(args)
     if options.lora is not None and not Path(options.lora).exists():
         raise ConfigError(f"--lora {options.lora!r} does not exist (give pytorch_lora_weights.safetensors or its folder)")
+    reference = load_reference(options.compare) if options.compare is not None else None
     records = load_prompts(_resolve_prompts(options.prompts))
     reward = load_reward(options.reward)
     tap = None
@@ -184,7 +255,9 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
     num_samples, spp = _counts(options, len(records))
     from flowalign.evaluation import sample_indices
 
-    sample_indices(len(records), num_samples, spp)  # check the counts before loading the model
+    indices = sample_indices(len(records), num_samples, spp)  # check the counts before loading the model
+    if reference is not None:  # refuse a mismatch before sampling (compare() checks prompts, seeds and noise after)
+        check_reference(reference, options.compare, num_steps=options.steps, guidance_scale=options.guidance, samples=len(indices), seed=options.seed)
 
     from flowalign.train.model import build_adapter
 
@@ -207,6 +280,7 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
             "categories": corrected_summary(result.tags, result.scores, quality, options.corrected_q0, options.corrected_c),
             "quality_scores": quality,
         }
+    result.comparison_md = comparison_markdown(reference, result, options.compare) if reference is not None else None
     if options.out is not None:
         out = Path(options.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -219,7 +293,8 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
         title = f"{options.model}" + (f" + LoRA {options.lora}" if options.lora else "") + f" on {options.prompts}"
         header = (f"# Evaluation: {title}\n\nreward `{options.reward}`, {result.num_samples} samples, {options.steps} ODE steps, "
                   f"guidance {options.guidance}, seed {options.seed}, {result.wall_time:.1f} s\n\n")
-        (out / "eval.md").write_text(header + result.table() + "\n" + (f"\n{_corrected_table(result, options)}\n" if tap is not None else ""))
+        (out / "eval.md").write_text(header + result.table() + "\n" + (f"\n{_corrected_table(result, options)}\n" if tap is not None else "")
+                                     + (f"\n{result.comparison_md}\n" if result.comparison_md else ""))
     return result
 
 
@@ -241,6 +316,9 @@ def main_eval(args: Union[argparse.Namespace, EvalOptions]) -> int:
     if getattr(result, "corrected", None) is not None:
         print()
         print(_corrected_table(result, _options(args)))
+    if getattr(result, "comparison_md", None):
+        print()
+        print(result.comparison_md)
     out = _options(args).out
     if out is not None:
         print(f"wrote {Path(out) / 'eval.json'} and {Path(out) / 'eval.md'}")
