@@ -304,18 +304,18 @@ def failure_section(tables: Optional[Mapping[str, Mapping[str, Mapping[str, int]
     return lines
 
 
-def prompt_section(changes: Sequence[Mapping[str, Any]], top: int = 5) -> list[str]:
+def prompt_section(changes: Sequence[Mapping[str, Any]], top: int = 5, full_list: Optional[str] = "report.json") -> list[str]:
     """Report lines for :func:`flowalign.evaluation.prompt_changes`: the ``top`` prompts alignment
     helped most and the ``top`` it hurt most (prompts that did not move are left out). Empty when
-    no prompt moved."""
+    no prompt moved. ``full_list`` names the file that holds every prompt's change (None: none does)."""
     gains = [r for r in changes if r["aligned"] > r["base"]][:top]
     losses = [r for r in reversed(changes) if r["aligned"] < r["base"]][:top]
     if not gains and not losses:
         return []
     moved = sum(r["aligned"] != r["base"] for r in changes)
     lines = ["## Prompts that moved most", "",
-             f"Correct samples per prompt, base → aligned (same seeds); {moved} of {len(changes)} distinct prompts moved "
-             "(all of them in `report.json`).", "",
+             f"Correct samples per prompt, base → aligned (same seeds); {moved} of {len(changes)} distinct prompts moved"
+             + (f" (all of them in `{full_list}`)." if full_list else "."), "",
              "| prompt | category | samples | base | aligned | Δ |", "|---|---|---:|---:|---:|---:|"]
     for r in [*gains, *losses]:
         lines.append(f"| {_table_cell(r['prompt'])} | {_table_cell(r['tag'])} | {r['n']} | {r['base']} | {r['aligned']} | {r['aligned'] - r['base']:+d} |")

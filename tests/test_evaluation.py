@@ -364,6 +364,26 @@ def test_cli_compare_sets_an_evaluation_against_an_earlier_one(capsys, tmp_path,
     assert "is not a flowalign eval.json" in _one_line_error(capsys, [*common, "--compare", str(tmp_path / "bad.json")])
 
 
+def test_comparison_markdown_hand_worked():
+    """Samples 0-3 are prompts p0, p1, p0, p1: the reference gets sample 0 right, the new evaluation 1, 2 and 3,
+    so p0 stays at 1 of 2 and p1 goes 0 -> 2; accuracy 25% -> 75%."""
+    from flowalign.evaluation import aggregate
+    from flowalign.train.eval_cli import comparison_markdown
+
+    def result(correct: list[int], guidance: float = 4.5) -> EvalResult:
+        tags, scores = ["a", "a", "b", "b"], torch.tensor(correct, dtype=torch.float32)
+        return EvalResult(prompts=["p0", "p1", "p0", "p1"], tags=tags, seeds=[0, 1, 2, 3], record_index=[0, 1, 0, 1], scores=scores, partial=None,
+                          noise_fingerprints=torch.arange(4, dtype=torch.float64), categories=aggregate(tags, scores, None),
+                          settings={"num_steps": 10, "guidance_scale": guidance})
+
+    md = comparison_markdown(result([1, 0, 0, 0]), result([0, 1, 1, 1]), "ref")
+    assert md.startswith("## Against ref") and "Accuracy 25.0% → 75.0% (+50.0 points" in md
+    assert "| p1 | a | 2 | 0 | 2 | +2 |" in md and "| p0 |" not in md
+    assert "1 of 2 distinct prompts moved." in md and "report.json" not in md  # eval writes no per-prompt list
+    with pytest.raises(ConfigError, match="guidance_scale=4.5, this evaluation with guidance_scale=3.0"):
+        comparison_markdown(result([1, 0, 0, 0]), result([0, 1, 1, 1], guidance=3.0), "ref")
+
+
 class GradedVerifier(Reward):
     """Test reward that trains on a graded score but carries its own verdict: score = brightness,
     details["binary"] = brightness > threshold (the verdict evaluation must count)."""

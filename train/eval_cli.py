@@ -168,7 +168,7 @@ def comparison_markdown(reference, result, reference_name: str) -> str:
              f"({100 * overall['delta']:+.1f} points, 95% CI [{100 * overall['delta_low']:+.1f}, {100 * overall['delta_high']:+.1f}]); "
              "base columns are the reference, aligned columns this evaluation.", "", comparison.table(), ""]
     lines += failure_section(failure_tables(reference, result))
-    lines += prompt_section(prompt_changes(result.prompts, result.tags, reference.correct().tolist(), result.correct().tolist()))
+    lines += prompt_section(prompt_changes(result.prompts, result.tags, reference.correct().tolist(), result.correct().tolist()), full_list=None)
     return "\n".join(lines)
 
 
