@@ -360,6 +360,10 @@ def test_cli_compare_sets_an_evaluation_against_an_earlier_one(capsys, tmp_path,
     err = _one_line_error(capsys, [*argv(samples=6), "--compare", str(tmp_path / "base" / "eval.json")])
     assert "samples=12" in err and "samples=6" in err
     assert "no eval.json there" in _one_line_error(capsys, [*common, "--compare", str(tmp_path / "nowhere")])
+    # other prompts, same counts: found only after sampling, so the new samples are written first, then refused
+    prompts.write_text("\n".join(json.dumps(r) for r in RECORDS[1:4]) + "\n")
+    err = _one_line_error(capsys, [*common, "--compare", str(tmp_path / "base"), "--out", str(tmp_path / "other")])
+    assert "differ in prompts or seeds" in err and (tmp_path / "other" / "eval.json").is_file()
     (tmp_path / "bad.json").write_text("{}")
     assert "is not a flowalign eval.json" in _one_line_error(capsys, [*common, "--compare", str(tmp_path / "bad.json")])
 

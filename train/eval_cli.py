@@ -49,7 +49,7 @@ from flowalign.errors import ConfigError, FlowalignError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvalOptions", "add_eval_arguments", "main", "main_eval", "run_eval", "load_quality", "load_reference", "comparison_markdown", "DEFAULT_MIN_SAMPLES", "DEFAULT_QUALITY"]
+__all__ = ["EvalOptions", "add_eval_arguments", "main", "main_eval", "run_eval", "load_quality", "load_reference", "check_reference", "comparison_markdown", "DEFAULT_MIN_SAMPLES", "DEFAULT_QUALITY"]
 
 DEFAULT_MIN_SAMPLES = 512  # default: whole passes over the prompt set until at least this many samples
 DEFAULT_QUALITY = "image_stats_quality"  # flowalign.corrected.ImageStatsQuality
@@ -222,7 +222,9 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
 
     Prompts and reward are checked before the model is loaded, so a typo fails fast. With
     ``corrected_by`` the result carries ``result.corrected``: ``{"q0", "c", "quality",
-    "categories": {tag: CategoryCorrected}, "quality_scores": [N]}`` (else None).
+    "categories": {tag: CategoryCorrected}, "quality_scores": [N]}`` (else None); with ``compare``,
+    ``result.comparison_md`` holds :func:`comparison_markdown` (else None). A reference that turns out
+    to hold other samples (other prompts or noise) is refused after ``eval.json`` is written.
 
     Raises:
         PromptFileError: the prompt file is missing or malformed.
@@ -280,7 +282,12 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
             "categories": corrected_summary(result.tags, result.scores, quality, options.corrected_q0, options.corrected_c),
             "quality_scores": quality,
         }
-    result.comparison_md = comparison_markdown(reference, result, options.compare) if reference is not None else None
+    result.comparison_md, refused = None, None
+    if reference is not None:
+        try:
+            result.comparison_md = comparison_markdown(reference, result, options.compare)
+        except ConfigError as exc:  # the samples are drawn: write them (below) before refusing the comparison
+            refused = exc
     if options.out is not None:
         out = Path(options.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -295,6 +302,8 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
                   f"guidance {options.guidance}, seed {options.seed}, {result.wall_time:.1f} s\n\n")
         (out / "eval.md").write_text(header + result.table() + "\n" + (f"\n{_corrected_table(result, options)}\n" if tap is not None else "")
                                      + (f"\n{result.comparison_md}\n" if result.comparison_md else ""))
+    if refused is not None:
+        raise refused
     return result
 
 
