@@ -26,7 +26,7 @@ from flowalign import sde
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["spsa_gradient", "autograd_gradient", "RewardDrift", "bind", "GRADIENT_METHODS"]
+__all__ = ["spsa_gradient", "autograd_gradient", "resolve_gradient", "RewardDrift", "bind", "GRADIENT_METHODS"]
 
 GRADIENT_METHODS = ("auto", "autograd", "spsa")
 ScoreFn = Callable[[Tensor], Tensor]  # [N, *latent] -> [N] scores
@@ -92,6 +92,24 @@ def autograd_gradient(score_fn: ScoreFn, x: Tensor) -> tuple[Tensor, Tensor]:
     return grad.detach(), scores.detach()
 
 
+def resolve_gradient(reward, gradient: str) -> str:
+    """The gradient method a drift with ``reward`` uses: ``"autograd"`` or ``"spsa"``.
+
+    ``"auto"`` picks autograd when ``reward.differentiable`` is true, else SPSA.
+
+    Raises:
+        ValueError: an unknown method, or ``"autograd"`` for a reward that is not differentiable.
+    """
+    if gradient not in GRADIENT_METHODS:
+        raise ValueError(f"gradient={gradient!r}; choose one of {GRADIENT_METHODS}")
+    differentiable = bool(getattr(reward, "differentiable", False))
+    if gradient == "auto":
+        return "autograd" if differentiable else "spsa"
+    if gradient == "autograd" and not differentiable:
+        raise ValueError(f"reward {getattr(reward, 'name', reward)!r} is not differentiable: use gradient='spsa'")
+    return gradient
+
+
 class RewardDrift:
     """The guided drift of a rollout's stochastic steps from a reward scored on decoded x0-predictions.
 
@@ -116,15 +134,9 @@ class RewardDrift:
 
     def __init__(self, adapter, reward, *, scale: float, mode: str = "normalized", gradient: str = "auto",
                  spsa_sigma: float = 0.1, spsa_pairs: int = 1, micro_batch_size: Optional[int] = None):
-        if gradient not in GRADIENT_METHODS:
-            raise ValueError(f"gradient={gradient!r}; choose one of {GRADIENT_METHODS}")
         if mode not in sde.DRIFT_MODES:
             raise ValueError(f"mode={mode!r}; choose one of {sde.DRIFT_MODES}")
-        differentiable = bool(getattr(reward, "differentiable", False))
-        if gradient == "auto":
-            gradient = "autograd" if differentiable else "spsa"
-        if gradient == "autograd" and not differentiable:
-            raise ValueError(f"reward {getattr(reward, 'name', reward)!r} is not differentiable: use gradient='spsa'")
+        gradient = resolve_gradient(reward, gradient)
         self.adapter, self.reward = adapter, reward
         self.scale, self.mode, self.gradient = float(scale), mode, gradient
         self.spsa_sigma, self.spsa_pairs = float(spsa_sigma), int(spsa_pairs)

@@ -110,6 +110,7 @@ def build_drift_reward(config: FlowalignConfig, device: torch.device):
 
     Raises ConfigError naming the key for an unknown reward, or for ``drift_gradient: autograd`` with a
     reward that is not differentiable."""
+    from flowalign import guidance
     from flowalign.rewards import load_reward
 
     s = config.sampling
@@ -119,8 +120,10 @@ def build_drift_reward(config: FlowalignConfig, device: torch.device):
         reward = load_reward(s.drift_reward, **s.drift_reward_kwargs)
     except Exception as err:
         raise ConfigError(f"sampling.drift_reward={s.drift_reward!r}: {err}") from err
-    if s.drift_gradient == "autograd" and not getattr(reward, "differentiable", False):
-        raise ConfigError(f"sampling.drift_reward={s.drift_reward!r} is not differentiable: use sampling.drift_gradient=spsa (or auto)")
+    try:
+        guidance.resolve_gradient(reward, s.drift_gradient)  # the check RewardDrift makes, before the model is built
+    except ValueError:
+        raise ConfigError(f"sampling.drift_reward={s.drift_reward!r} is not differentiable: use sampling.drift_gradient=spsa (or auto)") from None
     if hasattr(reward, "to"):
         reward.to(device)
     return reward
