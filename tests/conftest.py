@@ -75,3 +75,9 @@ def resumed_lora_matches():
         return full
 
     return check
+
+
+@pytest.fixture(scope="session")
+def toy_smoke() -> dict:
+    """``ToyBuildConfig`` sizes of a toy build that finishes in about a second (smoke tests of the build)."""
+    return dict(n_scenes=64, vae_steps=2, vae_batch=8, dit_steps=3, dit_batch=8, dit_layers=1, eval_samples=0)

@@ -78,19 +78,16 @@ def test_samples_fast_and_verifiable(pipe):
     assert acc >= 0.1, f"training-prompt accuracy {acc:.2f}: the model draws no recognisable shapes"
 
 
-SMOKE = dict(n_scenes=64, vae_steps=2, vae_batch=8, dit_steps=3, dit_batch=8, dit_layers=1, eval_samples=0)
-
-
-def test_smoke_build_loads_and_is_deterministic(tmp_path):
+def test_smoke_build_loads_and_is_deterministic(tmp_path, toy_smoke):
     from diffusers import StableDiffusion3Pipeline
 
-    summaries = [toy.build(tmp_path / name, toy.ToyBuildConfig(seed=1, **SMOKE)) for name in ("a", "b")]
+    summaries = [toy.build(tmp_path / name, toy.ToyBuildConfig(seed=1, **toy_smoke)) for name in ("a", "b")]
     assert summaries[0]["params"] == summaries[1]["params"]
     for sub in ("transformer/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder/model", "text_encoder_2/model"):
         a, b = load_file(tmp_path / "a" / f"{sub}.safetensors"), load_file(tmp_path / "b" / f"{sub}.safetensors")
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), sub
-    other = toy.build(tmp_path / "c", toy.ToyBuildConfig(seed=2, **SMOKE))
+    other = toy.build(tmp_path / "c", toy.ToyBuildConfig(seed=2, **toy_smoke))
     a = load_file(tmp_path / "a" / "transformer/diffusion_pytorch_model.safetensors")
     c = load_file(tmp_path / "c" / "transformer/diffusion_pytorch_model.safetensors")
     assert not all(torch.equal(a[k], c[k]) for k in a)
@@ -101,7 +98,7 @@ def test_smoke_build_loads_and_is_deterministic(tmp_path):
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
 
 
-def test_cli_smoke_build(tmp_path):
+def test_cli_smoke_build(tmp_path, toy_smoke):
     rc = toy.main(["build", "--out", str(tmp_path / "m"), "--summary", str(tmp_path / "s.json"), "--n-scenes", "32", "--vae-steps", "1",
                    "--dit-steps", "1", "--dit-batch", "4", "--dit-layers", "1", "--dit-heads", "2", "--caption-noise", "0.5", "--pretrain-heldout", "--eval-samples", "0",
                    "--color-synonyms", "blue:cyan,red:purple", "--synonym-rate", "1.0", "--clip-hidden", "8,12"])
@@ -113,7 +110,7 @@ def test_cli_smoke_build(tmp_path):
     assert summary["config"]["color_synonyms"] == "blue:cyan,red:purple" and summary["config"]["synonym_rate"] == 1.0
     assert 0 < summary["synonym_captions"] < 32  # captions naming blue, cyan, red or purple (some swaps are blocked)
     with pytest.raises(ValueError, match="uncaptioned_heldout needs pretrain_heldout"):
-        toy.ToyBuildConfig(seed=1, uncaptioned_heldout=True, **SMOKE)  # refused before any scene is rendered
+        toy.ToyBuildConfig(seed=1, uncaptioned_heldout=True, **toy_smoke)  # refused before any scene is rendered
     assert json.loads((tmp_path / "m" / "transformer" / "config.json").read_text())["num_attention_heads"] == 2
     assert summary["config"]["clip_hidden"] == [8, 12]
     assert json.loads((tmp_path / "m" / "text_encoder_2" / "config.json").read_text())["hidden_size"] == 12
@@ -122,10 +119,10 @@ def test_cli_smoke_build(tmp_path):
         toy.main(["build", "--clip-hidden", "16"])  # argparse: two sizes or a usage error
 
 
-def test_frozen_text_encoders_keep_their_seeded_init(tmp_path):
+def test_frozen_text_encoders_keep_their_seeded_init(tmp_path, toy_smoke):
     """--frozen-text-encoders: both CLIP encoders are saved exactly as build_pipeline initialised
     them (an independent fresh init with the same seed), while the transformer still trains."""
-    cfg = toy.ToyBuildConfig(seed=1, frozen_text_encoders=True, **SMOKE)
+    cfg = toy.ToyBuildConfig(seed=1, frozen_text_encoders=True, **toy_smoke)
     toy.build(tmp_path / "f", cfg)
     fresh = toy.build_pipeline(cfg, toy.build_vae(cfg), max_length=11)
     for name in ("text_encoder", "text_encoder_2"):

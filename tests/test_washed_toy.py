@@ -10,8 +10,19 @@ from flowalign.pipelines import toy
 from flowalign.rewards import shapes_scenes as S
 from flowalign.rewards.shapes import detect, evaluate
 
-SMOKE = dict(n_scenes=64, vae_steps=2, vae_batch=8, dit_steps=3, dit_batch=8, dit_layers=1, eval_samples=0)
-CONTINUE = {k: v for k, v in SMOKE.items() if k not in toy.ARCHITECTURE_FIELDS}  # a continued build takes the folder's sizes
+
+@pytest.fixture(scope="module")
+def base_toy(tmp_path_factory, toy_smoke):
+    """A smoke-sized toy folder to continue from."""
+    folder = tmp_path_factory.mktemp("base_toy")
+    toy.build(folder, toy.ToyBuildConfig(seed=1, **toy_smoke))
+    return folder
+
+
+@pytest.fixture
+def continued(toy_smoke) -> dict:
+    """The smoke sizes a continued build may set (it takes the folder's architecture)."""
+    return {k: v for k, v in toy_smoke.items() if k not in toy.ARCHITECTURE_FIELDS}
 
 
 def test_washed_renditions_blend_the_chosen_scenes_toward_the_background():
@@ -45,15 +56,14 @@ def test_the_verifier_sees_no_objects_in_washed_scenes_and_every_one_in_the_rest
             assert evaluate(objects, spec)[0], spec["prompt"]
 
 
-def test_continued_build_keeps_the_vae_and_moves_the_transformer(tmp_path):
-    toy.build(tmp_path / "base", toy.ToyBuildConfig(seed=1, **SMOKE))
-    summary = toy.build(tmp_path / "cont", toy.ToyBuildConfig(seed=1, init_from=str(tmp_path / "base"), washed_fraction=0.5, **CONTINUE))
-    assert summary["init_from"] == str(tmp_path / "base") and 16 <= summary["washed_scenes"] <= 48
+def test_continued_build_keeps_the_vae_and_moves_the_transformer(tmp_path, base_toy, continued):
+    summary = toy.build(tmp_path / "cont", toy.ToyBuildConfig(seed=1, init_from=str(base_toy), washed_fraction=0.5, **continued))
+    assert summary["init_from"] == str(base_toy) and 16 <= summary["washed_scenes"] <= 48
     for sub, same in (("vae/diffusion_pytorch_model", True), ("transformer/diffusion_pytorch_model", False), ("text_encoder/model", False)):
-        a, b = load_file(tmp_path / "base" / f"{sub}.safetensors"), load_file(tmp_path / "cont" / f"{sub}.safetensors")
+        a, b = load_file(base_toy / f"{sub}.safetensors"), load_file(tmp_path / "cont" / f"{sub}.safetensors")
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a) is same, sub
-    again = toy.build(tmp_path / "again", toy.ToyBuildConfig(seed=1, init_from=str(tmp_path / "base"), washed_fraction=0.5, **CONTINUE))
+    again = toy.build(tmp_path / "again", toy.ToyBuildConfig(seed=1, init_from=str(base_toy), washed_fraction=0.5, **continued))
     assert again["washed_scenes"] == summary["washed_scenes"]
     a = load_file(tmp_path / "cont" / "transformer/diffusion_pytorch_model.safetensors")
     b = load_file(tmp_path / "again" / "transformer/diffusion_pytorch_model.safetensors")
@@ -70,9 +80,8 @@ def test_continued_build_refuses_architecture_changes_and_missing_folders(tmp_pa
         toy.build(tmp_path / "x", toy.ToyBuildConfig(seed=1, init_from=str(tmp_path / "nowhere"), n_scenes=8, eval_samples=0, dit_steps=1))
 
 
-def test_cli_passes_the_washed_and_init_flags(tmp_path):
-    base = tmp_path / "base"
-    toy.build(base, toy.ToyBuildConfig(seed=1, **SMOKE))
+def test_cli_passes_the_washed_and_init_flags(tmp_path, base_toy):
+    base = base_toy
     rc = toy.main(["build", "--out", str(tmp_path / "m"), "--n-scenes", "32", "--dit-steps", "1", "--dit-batch", "4", "--eval-samples", "0",
                    "--init-from", str(base), "--washed-fraction", "0.5", "--washed-alpha", "0.3", "--summary", str(tmp_path / "s.json")])
     assert rc == 0
