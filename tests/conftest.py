@@ -21,6 +21,18 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture(scope="module")
+def pipe():
+    """The tiny random SD3 pipeline (seed 0, progress bars off), built once per test module that asks for it.
+    A module whose tests change the pipeline defines its own (``test_lora.py``, ``test_text_cache.py``: one
+    per test; ``test_toy_model.py``: the shipped toy)."""
+    from flowalign.pipelines.testing import tiny_sd3_pipeline
+
+    p = tiny_sd3_pipeline(seed=0)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
 @pytest.fixture
 def lora_brightness_gain():
     """``gain(trainer, iterations) -> [16]``: run ``iterations`` training iterations, then the brightness of

@@ -8,19 +8,11 @@ import torch
 
 from flowalign import sde
 from flowalign.pipelines import load_adapter
-from flowalign.pipelines.testing import tiny_sd3_pipeline
 from flowalign.sampling import integrate, rollout, sample_ode
 from flowalign.trajectory import Trajectory
 
 PROMPTS = ["a red square", "two blue circles"]
 K = 4
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    p = tiny_sd3_pipeline(seed=0)
-    p.set_progress_bar_config(disable=True)
-    return p
 
 
 @pytest.fixture(scope="module")

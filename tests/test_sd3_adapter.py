@@ -14,13 +14,6 @@ PROMPTS = ["a red square", "two blue circles"]
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    p = tiny_sd3_pipeline(seed=0)
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
-@pytest.fixture(scope="module")
 def adapter(pipe):
     return load_adapter(pipe)
 

@@ -16,7 +16,6 @@ from flowalign import dense, sde
 from flowalign.advantages import per_step_advantages
 from flowalign.errors import ConfigError
 from flowalign.pipelines import load_adapter
-from flowalign.pipelines.testing import tiny_sd3_pipeline
 from flowalign.rewards import call_reward, load_reward
 from flowalign.sampling import rollout
 from flowalign import step_rewards as sr
@@ -32,13 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def luma_mean(images):
     """Brightness by hand: mean BT.601 luma of [N, 3, H, W] images."""
     return (images.float() * LUMA).sum(1).flatten(1).mean(1)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    p = tiny_sd3_pipeline(seed=0)
-    p.set_progress_bar_config(disable=True)
-    return p
 
 
 @pytest.fixture(scope="module")
