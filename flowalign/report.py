@@ -20,7 +20,6 @@ wrapped, under each column.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -35,6 +34,7 @@ import torch
 from torch import Tensor
 
 from flowalign.evaluation import ALL, EvalResult, category_mean, compare, evaluate, failure_counts, failure_transitions, pick_samples, prompt_changes
+from flowalign.plots import read_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -181,19 +181,6 @@ def write_before_after(out_png: PathLike, base: EvalResult, aligned: EvalResult,
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_csv(path: PathLike) -> dict[str, list[float]]:
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    columns: dict[str, list[float]] = {}
-    for row in rows:
-        for key, value in row.items():
-            try:
-                columns.setdefault(key, []).append(float(value) if value not in (None, "") else math.nan)
-            except ValueError:
-                columns.setdefault(key, []).append(math.nan)
-    return columns
-
-
 def _ema_note(config_dict: Mapping) -> str:
     """The method line's note on the averaged LoRA, which is what a run with ``train.ema`` evaluates and saves."""
     if _get(config_dict, "train.ema", False) is not True:
@@ -221,7 +208,7 @@ def summarize_metrics(metrics_csv: PathLike, window: float = 0.1) -> list[dict[s
     fraction of iterations (at least one) averaged at each end, so one noisy iteration does not
     decide the summary.
     """
-    data = _read_csv(metrics_csv)
+    data = read_metrics(metrics_csv)
     n = len(data.get("iteration", []))
     if n == 0:
         return []
