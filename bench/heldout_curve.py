@@ -12,7 +12,8 @@ steps and guidance, sample ``i`` from seed ``i``, the first reward's verdict (``
 
 The curve of one variant is stored under ``--name`` in ``bench/results/heldout_curve.json``
 (other variants already there are kept), with the training reward averaged over each eval
-interval and the wall time per iteration; ``heldout_curve.png`` plots every stored variant.
+interval, the interval's means of the trainer's diagnostics (``train_metrics``: clip fraction, groups
+with no reward spread, approximate KL, gradient norm) and the wall time per iteration; ``heldout_curve.png`` plots every stored variant.
 
     python bench/heldout_curve.py --name default --iterations 100 --eval-every 20
     python bench/heldout_curve.py --name window3 --iterations 60 --eval-every 15 \\
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import tempfile
@@ -57,6 +59,20 @@ def accuracy_by_category(trainer: Trainer, records: list, num_samples: int) -> d
     return {tag: round(float(stats.accuracy), 4) for tag, stats in evaluate_heldout(trainer, records, num_samples).categories.items()}
 
 
+TRAINING_DIAGNOSTICS = ("reward/mean", "frac_zero_std_groups", "policy/clip_frac", "policy/approx_kl", "grad_norm")
+
+
+def interval_means(metrics: list[dict], keys: tuple[str, ...] = TRAINING_DIAGNOSTICS) -> dict[str, float]:
+    """Mean of each of ``keys`` over the iterations' metric dicts in ``metrics`` (one per iteration since
+    the last evaluation); a key no iteration logged, or logged only as NaN, is left out."""
+    means = {}
+    for key in keys:
+        values = [float(m[key]) for m in metrics if key in m and math.isfinite(float(m[key]))]
+        if values:
+            means[key] = round(sum(values) / len(values), 6)
+    return means
+
+
 def run_curve(config: Path, overrides: list[str], iterations: int, eval_every: int, eval_samples: int,
               train_samples: int, workdir: Path, on_point: Optional[Callable[[dict], None]] = None) -> dict:
     """Train ``iterations`` iterations, evaluating at 0 and every ``eval_every``; return the curve.
@@ -72,7 +88,7 @@ def run_curve(config: Path, overrides: list[str], iterations: int, eval_every: i
     heldout = load_prompts(resolve_path(cfg.train.eval_prompts))
     train_prompts = load_prompts(resolve_path(cfg.train.prompts)) if train_samples > 0 else None
     trainer = Trainer(cfg, overwrite=True).setup()
-    points, rewards, seconds = [], [], []
+    points, rewards, seconds, interval = [], [], [], []
 
     def evaluate_now() -> None:
         point = {"iteration": trainer.iteration, "heldout": accuracy_by_category(trainer, heldout, eval_samples)}
@@ -82,6 +98,9 @@ def run_curve(config: Path, overrides: list[str], iterations: int, eval_every: i
         if rewards:
             window = rewards[-eval_every:]
             point["train_reward_mean"] = round(sum(window) / len(window), 4)
+        if interval:
+            point["train_metrics"] = interval_means(interval)  # clip fraction, flat groups, ... since the last point
+            interval.clear()
         points.append(point)
         extra = (f"  train prompts {point['train']:.3f} (" + "  ".join(f"{k} {v:.3f}" for k, v in point["train_categories"].items()
                                                                  if k != "all") + ")") if "train" in point else ""
@@ -103,6 +122,7 @@ def run_curve(config: Path, overrides: list[str], iterations: int, eval_every: i
             trainer.iteration += 1
             seconds.append(time.perf_counter() - start)
             rewards.append(float(metrics.get("reward/mean", float("nan"))))
+            interval.append(metrics)
             if trainer.iteration % eval_every == 0 or trainer.iteration == iterations:
                 evaluate_now()
     finally:

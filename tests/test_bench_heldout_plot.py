@@ -1,4 +1,4 @@
-"""bench/heldout_curve.py's figure: both panels drawn from stored curves."""
+"""bench/heldout_curve.py: the figure (both panels drawn from stored curves) and the per-interval training diagnostics."""
 import sys
 from pathlib import Path
 
@@ -26,3 +26,16 @@ def test_plot_writes_png_with_highlighted_and_grey_variants(tmp_path):
 def test_plot_without_curves_writes_nothing(tmp_path):
     assert heldout_curve.plot({"variants": {"empty": {"points": []}}}, tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_interval_means_by_hand():
+    metrics = [
+        {"policy/clip_frac": 0.5, "grad_norm": 1.0, "reward/mean": 0.2},
+        {"policy/clip_frac": 0.0, "grad_norm": float("nan"), "reward/mean": 0.4},
+        {"policy/clip_frac": 0.25, "reward/mean": 0.9, "loss/policy": 3.0},
+    ]
+    means = heldout_curve.interval_means(metrics)
+    # clip fraction over all three iterations, the gradient norm over the one finite value, keys never logged left out
+    assert means == {"reward/mean": 0.5, "policy/clip_frac": 0.25, "grad_norm": 1.0}
+    assert heldout_curve.interval_means(metrics, keys=("loss/policy",)) == {"loss/policy": 3.0}
+    assert heldout_curve.interval_means([]) == {}
