@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -111,6 +111,60 @@ def metric_panels(metrics_csv: PathLike, out_png: PathLike, panels: Sequence[tup
         ax.grid(alpha=0.3)
         if len(keys) > 1:
             ax.legend(fontsize=8)
+    return _save_figure(fig, out_png)
+
+
+def category_bar_values(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """What :func:`category_bars` draws, in percent, from ``Comparison.rows`` (``{category: {"base":
+    CategoryStats, "aligned": CategoryStats, "delta": ...}}``, the overall row last as ``compare`` orders it).
+
+    Returns ``{"names": [C], "count": [C], "base" / "aligned": [C] accuracies, "base_err" / "aligned_err":
+    [2, C] distances from the accuracy down to the 95% interval's low end and up to its high end,
+    "delta": [C] aligned - base in points}``.
+    """
+    names = list(rows)
+
+    def side(key: str) -> tuple[np.ndarray, np.ndarray]:
+        stats = [rows[name][key] for name in names]
+        acc = np.array([100.0 * s.accuracy for s in stats])
+        err = np.array([[100.0 * s.accuracy - 100.0 * s.ci_low for s in stats], [100.0 * s.ci_high - 100.0 * s.accuracy for s in stats]])
+        return acc, err
+
+    base, base_err = side("base")
+    aligned, aligned_err = side("aligned")
+    return {"names": names, "count": [int(rows[name]["aligned"].count) for name in names], "base": base, "base_err": base_err,
+            "aligned": aligned, "aligned_err": aligned_err, "delta": aligned - base}
+
+
+def category_bars(rows: Mapping[str, Mapping[str, Any]], out_png: PathLike, target_points: Optional[float] = None,
+                  overall: str = "all", title: str = "held-out accuracy per category") -> Path:
+    """Grouped bars of accuracy per category, base vs aligned, with 95% Wilson whiskers and the gain
+    in points over each pair; with ``target_points``, a dashed line over the ``overall`` pair at base +
+    target (the run report's acceptance bar). ``rows`` is ``Comparison.rows``
+    (:func:`flowalign.evaluation.compare`); values as :func:`category_bar_values`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = category_bar_values(rows)
+    names, x, width = values["names"], np.arange(len(values["names"])), 0.38
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(names) + 1.5), 4), dpi=100)
+    ax.bar(x - width / 2, values["base"], width, yerr=values["base_err"], capsize=3, color="#9e9e9e", label="base")
+    ax.bar(x + width / 2, values["aligned"], width, yerr=values["aligned_err"], capsize=3, color="#1f77b4", label="aligned")
+    for i, delta in enumerate(values["delta"]):
+        top = max(values["base"][i] + values["base_err"][1, i], values["aligned"][i] + values["aligned_err"][1, i])
+        ax.text(x[i], top + 2, f"{delta:+.1f}", ha="center", va="bottom", fontsize=8)
+    if target_points is not None and overall in names:
+        i = names.index(overall)
+        ax.hlines(values["base"][i] + target_points, x[i] - 1.2 * width, x[i] + 1.2 * width, colors="#d62728", linestyles="--",
+                  label=f"base + {target_points:g} points")
+    ax.set_xticks(x, [f"{name}\n(n={n})" for name, n in zip(names, values["count"])], fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 112)
+    ax.set_title(f"{title} (gain in points above each pair)", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
     return _save_figure(fig, out_png)
 
 

@@ -5,11 +5,13 @@ directory:
 
 - ``report.md``: the command, model, method and sampler, wall time per phase, the held-out
   table per category (base vs aligned, deltas, 95% CIs; :func:`flowalign.evaluation.compare`),
-  links to ``reward_curve.png`` / ``before_after.png``, a summary of ``metrics.csv`` and, for a
+  links to ``heldout_accuracy.png`` / ``reward_curve.png`` / ``before_after.png``, a summary of ``metrics.csv`` and, for a
   reward that labels its failures (``details["failure"]``, e.g. ``shapes``), the failure modes
   base → aligned and which samples alignment fixed or broke (:func:`failure_tables`, :func:`failure_section`),
   and the prompts alignment helped and hurt most (:func:`prompt_section`;
   :func:`flowalign.evaluation.prompt_changes`);
+- ``heldout_accuracy.png``: the held-out table as grouped bars, base vs aligned per category with
+  95% whiskers and the target line (:func:`flowalign.plots.category_bars`);
 - ``report.json``: the same numbers for scripts (``bench/toy_alignment.py`` reads it), every prompt's change included;
 - ``eval_base.json`` / ``eval_aligned.json``: both evaluations with their per-sample results.
 
@@ -34,7 +36,7 @@ import torch
 from torch import Tensor
 
 from flowalign.evaluation import ALL, EvalResult, category_mean, compare, evaluate, failure_counts, failure_transitions, pick_samples, prompt_changes
-from flowalign.plots import read_metrics
+from flowalign.plots import category_bars, read_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -342,6 +344,7 @@ def write_report(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     comparison = compare(base, aligned)
+    category_bars(comparison.rows, run_dir / "heldout_accuracy.png", target_points=target_gain_points, overall=ALL)
     if command is None:
         command = config_dict.get("command") or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
     if metrics_csv is None and (run_dir / "metrics.csv").is_file():
@@ -401,7 +404,8 @@ def write_report(
     ]
     lines += [f"| {phase} | {_duration(float(seconds))} |" for phase, seconds in timings.items()]
     lines += [f"| **total** | {_duration(float(sum(timings.values())))} |", "", "## Figures", ""]
-    for name, caption in (("reward_curve.png", "training reward curve"), ("before_after.png", "before / after (same prompts and seeds)")):
+    for name, caption in (("heldout_accuracy.png", "held-out accuracy per category, base vs aligned"), ("reward_curve.png", "training reward curve"),
+                          ("before_after.png", "before / after (same prompts and seeds)")):
         lines.append(f"![{caption}]({name})" if (run_dir / name).is_file() else f"- {caption}: `{name}` not written")
         lines.append("")
     lines += ["## Training curve", ""]

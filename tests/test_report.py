@@ -328,3 +328,34 @@ def test_prompt_cells_escape_pipes_and_cut_long_prompts():
     assert len(cell) == 80 and cell.endswith("…") and "\n" not in row
     assert "| x\\|y |" in row  # the tag's pipe is escaped, so the row keeps its 6 columns
     assert row.replace("\\|", "").count("|") == 7
+
+
+def _wilson_by_hand(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def test_category_bars_values_by_hand_and_the_report_figure(tmp_path):
+    from flowalign.evaluation import compare
+    from flowalign.plots import category_bar_values
+
+    # base: colors 1/4, counting 0/4, position 1/2 -> 2/10; aligned: 3/4, 2/4, 2/2 -> 7/10
+    base = _result([1, 0, 0, 0, 0, 0, 0, 0, 1, 0], [0.5] * 10)
+    aligned = _result([1, 1, 1, 0, 1, 1, 0, 0, 1, 1], [0.5] * 10)
+    values = category_bar_values(compare(base, aligned).rows)
+    assert values["names"] == ["colors", "counting", "position", "all"]
+    assert values["count"] == [4, 4, 2, 10]
+    np.testing.assert_allclose(values["base"], [25.0, 0.0, 50.0, 20.0])
+    np.testing.assert_allclose(values["aligned"], [75.0, 50.0, 100.0, 70.0])
+    np.testing.assert_allclose(values["delta"], [50.0, 50.0, 50.0, 50.0])
+    lo, hi = _wilson_by_hand(3, 4)  # aligned colours: whiskers reach the Wilson bounds
+    np.testing.assert_allclose(values["aligned_err"][:, 0], [75.0 - 100 * lo, 100 * hi - 75.0], atol=1e-3)
+    lo, hi = _wilson_by_hand(0, 4)  # base counting: 0/4 reaches down to 0
+    np.testing.assert_allclose(values["base_err"][:, 1], [0.0, 100 * hi], atol=1e-3)
+
+    path = write_report(tmp_path, base=base, aligned=aligned, config_dict=CONFIG, timings={"train": 1.0}, command="flowalign train")
+    assert "![held-out accuracy per category, base vs aligned](heldout_accuracy.png)" in path.read_text()
+    with Image.open(tmp_path / "heldout_accuracy.png") as image:
+        assert image.width >= 500 and image.height == 400

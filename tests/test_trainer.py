@@ -316,6 +316,7 @@ def test_final_heldout_report_is_written_with_phase_times(tmp_path):
     # 2 columns per tag, each a base and an aligned cell of the 32 px tiny images upscaled 4x
     h, w = trainer.adapter.height, trainer.adapter.width
     assert Image.open(run / "before_after.png").size == grid_size(4, h, w)
+    assert (run / "heldout_accuracy.png").is_file() and "(heldout_accuracy.png)" in text
 
 
 def test_ref_kl_every_only_thins_the_diagnostic(tmp_path):
