@@ -128,7 +128,7 @@ def category_bar_values(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]
         stats = [rows[name][key] for name in names]
         acc = np.array([100.0 * s.accuracy for s in stats])
         err = np.array([[100.0 * s.accuracy - 100.0 * s.ci_low for s in stats], [100.0 * s.ci_high - 100.0 * s.accuracy for s in stats]])
-        return acc, err
+        return acc, np.maximum(err, 0.0)  # at 0% or 100% the interval's end equals the accuracy up to rounding
 
     base, base_err = side("base")
     aligned, aligned_err = side("aligned")
@@ -137,11 +137,11 @@ def category_bar_values(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]
 
 
 def category_bars(rows: Mapping[str, Mapping[str, Any]], out_png: PathLike, target_points: Optional[float] = None,
-                  overall: str = "all", title: str = "held-out accuracy per category") -> Path:
-    """Grouped bars of accuracy per category, base vs aligned, with 95% Wilson whiskers and the gain
-    in points over each pair; with ``target_points``, a dashed line over the ``overall`` pair at base +
-    target (the run report's acceptance bar). ``rows`` is ``Comparison.rows``
-    (:func:`flowalign.evaluation.compare`); values as :func:`category_bar_values`."""
+                  overall: str = "all", title: str = "held-out accuracy per category", labels: tuple[str, str] = ("base", "aligned")) -> Path:
+    """Grouped bars of accuracy per category, base vs aligned (named ``labels`` in the legend), with
+    95% Wilson whiskers and the gain in points over each pair; with ``target_points``, a dashed line
+    over the ``overall`` pair at base + target (the run report's acceptance bar). ``rows`` is
+    ``Comparison.rows`` (:func:`flowalign.evaluation.compare`); values as :func:`category_bar_values`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,8 +150,8 @@ def category_bars(rows: Mapping[str, Mapping[str, Any]], out_png: PathLike, targ
     values = category_bar_values(rows)
     names, x, width = values["names"], np.arange(len(values["names"])), 0.38
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(names) + 1.5), 4), dpi=100)
-    ax.bar(x - width / 2, values["base"], width, yerr=values["base_err"], capsize=3, color="#9e9e9e", label="base")
-    ax.bar(x + width / 2, values["aligned"], width, yerr=values["aligned_err"], capsize=3, color="#1f77b4", label="aligned")
+    ax.bar(x - width / 2, values["base"], width, yerr=values["base_err"], capsize=3, color="#9e9e9e", label=labels[0])
+    ax.bar(x + width / 2, values["aligned"], width, yerr=values["aligned_err"], capsize=3, color="#1f77b4", label=labels[1])
     for i, delta in enumerate(values["delta"]):
         top = max(values["base"][i] + values["base_err"][1, i], values["aligned"][i] + values["aligned_err"][1, i])
         ax.text(x[i], top + 2, f"{delta:+.1f}", ha="center", va="bottom", fontsize=8)

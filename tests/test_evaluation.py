@@ -347,6 +347,7 @@ def test_cli_compare_sets_an_evaluation_against_an_earlier_one(capsys, tmp_path,
     assert f"## Against {tmp_path / 'base'}" in printed and line in printed
     md = (tmp_path / "lora" / "eval.md").read_text()
     assert line in md
+    assert "(compare.png)" in md and (tmp_path / "lora" / "compare.png").is_file() and not (tmp_path / "base" / "compare.png").exists()
     moved = {}
     for prompt, b, a in zip(base["prompt"], ok_base, ok_lora):
         moved[prompt] = moved.get(prompt, 0) + int(a) - int(b)
@@ -364,6 +365,7 @@ def test_cli_compare_sets_an_evaluation_against_an_earlier_one(capsys, tmp_path,
     prompts.write_text("\n".join(json.dumps(r) for r in RECORDS[1:4]) + "\n")
     err = _one_line_error(capsys, [*common, "--compare", str(tmp_path / "base"), "--out", str(tmp_path / "other")])
     assert "differ in prompts or seeds" in err and (tmp_path / "other" / "eval.json").is_file()
+    assert not (tmp_path / "other" / "compare.png").exists()
     (tmp_path / "bad.json").write_text("{}")
     assert "is not a flowalign eval.json" in _one_line_error(capsys, [*common, "--compare", str(tmp_path / "bad.json")])
 

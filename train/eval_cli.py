@@ -24,8 +24,9 @@ second per-category table reports the target reward ``r``, ``q``, the samples fl
 
 With ``--compare EVAL_JSON`` (an ``eval.json`` written by an earlier ``flowalign eval --out``, or
 its folder) the new evaluation is set against that one, sample by sample: the per-category
-deltas with 95% Newcombe intervals (:func:`flowalign.evaluation.compare`), the failure modes
-before → after for a reward that labels them, and the prompts that moved most. Both must have
+deltas with 95% Newcombe intervals (:func:`flowalign.evaluation.compare`; as bars in ``compare.png``
+with ``--out``), the failure modes before → after for a reward that labels them, and the prompts
+that moved most. Both must have
 drawn the same prompts, seeds and steps; anything else is refused::
 
     flowalign eval --out runs/base_eval                                   # the base model
@@ -49,10 +50,11 @@ from flowalign.errors import ConfigError, FlowalignError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvalOptions", "add_eval_arguments", "main", "main_eval", "run_eval", "load_quality", "load_reference", "check_reference", "comparison_markdown", "DEFAULT_MIN_SAMPLES", "DEFAULT_QUALITY"]
+__all__ = ["EvalOptions", "add_eval_arguments", "main", "main_eval", "run_eval", "load_quality", "load_reference", "check_reference", "compare_reference", "comparison_markdown", "DEFAULT_MIN_SAMPLES", "DEFAULT_QUALITY"]
 
 DEFAULT_MIN_SAMPLES = 512  # default: whole passes over the prompt set until at least this many samples
 DEFAULT_QUALITY = "image_stats_quality"  # flowalign.corrected.ImageStatsQuality
+COMPARE_FIGURE = "compare.png"  # --compare with --out: the per-category bars, reference vs this evaluation
 
 
 @dataclass
@@ -147,26 +149,43 @@ def check_reference(reference, reference_name: str, **asked) -> None:
             raise ConfigError(f"--compare {reference_name}: it was sampled with {key}={had[key]}, this evaluation with {key}={value}")
 
 
-def comparison_markdown(reference, result, reference_name: str) -> str:
-    """Markdown for ``result`` set against ``reference`` (same prompts, seeds and noise): the
-    per-category deltas, failure modes (when both carry labels) and the prompts that moved most.
+def compare_reference(reference, result, reference_name: str):
+    """:func:`flowalign.evaluation.compare` of ``reference`` (as base) and ``result`` (as aligned),
+    after :func:`check_reference` on the steps and guidance.
 
     Raises:
         ConfigError: the two evaluations drew different samples or used other steps / guidance.
     """
-    from flowalign.evaluation import ALL, compare, prompt_changes
-    from flowalign.report import failure_section, failure_tables, prompt_section
+    from flowalign.evaluation import compare
 
     check_reference(reference, reference_name, num_steps=result.settings.get("num_steps"), guidance_scale=result.settings.get("guidance_scale"))
     try:
-        comparison = compare(reference, result)
+        return compare(reference, result)
     except ValueError as exc:
         raise ConfigError(f"--compare {reference_name}: {exc}") from None
+
+
+def comparison_markdown(reference, result, reference_name: str, comparison=None, figure: Optional[str] = None) -> str:
+    """Markdown for ``result`` set against ``reference`` (same prompts, seeds and noise): the
+    per-category deltas, failure modes (when both carry labels) and the prompts that moved most.
+    ``comparison`` is :func:`compare_reference`'s (computed when None); ``figure`` names an image of
+    it to link under the table (``flowalign eval --out`` writes ``compare.png``).
+
+    Raises:
+        ConfigError: the two evaluations drew different samples or used other steps / guidance.
+    """
+    from flowalign.evaluation import ALL, prompt_changes
+    from flowalign.report import failure_section, failure_tables, prompt_section
+
+    if comparison is None:
+        comparison = compare_reference(reference, result, reference_name)
     overall = comparison.rows[ALL]
     lines = [f"## Against {reference_name}", "",
              f"Accuracy {100 * overall['base'].accuracy:.1f}% → {100 * overall['aligned'].accuracy:.1f}% "
              f"({100 * overall['delta']:+.1f} points, 95% CI [{100 * overall['delta_low']:+.1f}, {100 * overall['delta_high']:+.1f}]); "
              "base columns are the reference, aligned columns this evaluation.", "", comparison.table(), ""]
+    if figure is not None:
+        lines += [f"![accuracy per category, reference vs this evaluation]({figure})", ""]
     lines += failure_section(failure_tables(reference, result))
     lines += prompt_section(prompt_changes(result.prompts, result.tags, reference.correct().tolist(), result.correct().tolist()), full_list=None)
     return "\n".join(lines)
@@ -282,10 +301,12 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
             "categories": corrected_summary(result.tags, result.scores, quality, options.corrected_q0, options.corrected_c),
             "quality_scores": quality,
         }
-    result.comparison_md, refused = None, None
+    result.comparison_md, comparison, refused = None, None, None
     if reference is not None:
         try:
-            result.comparison_md = comparison_markdown(reference, result, options.compare)
+            comparison = compare_reference(reference, result, options.compare)
+            result.comparison_md = comparison_markdown(reference, result, options.compare, comparison,
+                                                       figure=COMPARE_FIGURE if options.out is not None else None)
         except ConfigError as exc:  # the samples are drawn: write them (below) before refusing the comparison
             refused = exc
     if options.out is not None:
@@ -297,6 +318,11 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
                                  "categories": {k: v.to_dict() for k, v in result.corrected["categories"].items()},
                                  "quality_scores": result.corrected["quality_scores"].tolist()}
         (out / "eval.json").write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")  # EvalResult.from_json reads it
+        if comparison is not None:
+            from flowalign.plots import category_bars
+
+            category_bars(comparison.rows, out / COMPARE_FIGURE, labels=("reference", "this evaluation"),
+                          title=f"accuracy per category against {Path(options.compare).name}")
         title = f"{options.model}" + (f" + LoRA {options.lora}" if options.lora else "") + f" on {options.prompts}"
         header = (f"# Evaluation: {title}\n\nreward `{options.reward}`, {result.num_samples} samples, {options.steps} ODE steps, "
                   f"guidance {options.guidance}, seed {options.seed}, {result.wall_time:.1f} s\n\n")
