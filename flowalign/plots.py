@@ -1,4 +1,5 @@
-"""Figures for the run directory: the reward curve and other metric panels from ``metrics.csv``, and sample image grids."""
+"""Figures for the run directory: the reward curve and other metric panels from ``metrics.csv``, accuracy per category
+(base vs aligned bars), and sample image grids."""
 from __future__ import annotations
 
 import csv
