@@ -174,6 +174,54 @@ def test_ties_do_not_produce_nan(tau):
     assert torch.allclose(q[0, 0], torch.full((6,), 1 / 6))
 
 
+def test_tied_groups_are_left_out_and_k2_identity_holds_with_them():
+    """A fully tied group carries no ranking: GDRO's loss (and gradient) with it equals the loss of the
+    decisive groups alone, and so (k = 2, τ → 0, γ = 0) Diffusion-DPO's, which drops tied pairs."""
+    torch.manual_seed(7)
+    shape = (2, 2, 2)
+    x0 = torch.randn(3, 2, *shape)
+    rewards = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.2, 0.7]])  # the middle group is tied
+    sigma = torch.rand(3, 1).expand(3, 2)
+    noise = torch.randn(3, 1, *shape).expand(3, 2, *shape)
+    policy, reference = LinearVelocity(8, seed=1), LinearVelocity(8, seed=2)
+
+    def loss_and_grad(objective, rows):
+        policy.zero_grad()
+        loss, metrics = objective.loss(OfflineBatch(x0[rows], rewards[rows]), policy, reference, sigma=sigma[rows], noise=noise[rows])
+        loss.backward()
+        return loss.item(), policy.W.grad.clone(), metrics
+
+    gdro = GDRO(beta=3.0, tau=1e-6, gamma=0.0)
+    with_tied, g_with, metrics = loss_and_grad(gdro, [0, 1, 2])
+    decisive, g_decisive, _ = loss_and_grad(gdro, [0, 2])
+    dpo, g_dpo, _ = loss_and_grad(DiffusionDPO(beta=3.0), [0, 1, 2])
+    assert with_tied == pytest.approx(decisive, rel=1e-6) and with_tied == pytest.approx(dpo, rel=1e-5)
+    assert torch.allclose(g_with, g_decisive, atol=1e-7) and torch.allclose(g_with, g_dpo, atol=1e-6)
+    assert metrics["gdro/frac_tied_groups"] == pytest.approx(1 / 3)
+    # γ's flow-matching term is on the top samples of the decisive groups only (a tied group's top is arbitrary)
+    with_fm, _, m_fm = loss_and_grad(GDRO(beta=3.0, tau=1e-6, gamma=1.0), [0, 1, 2])
+    fm = []
+    for p in (0, 2):
+        j = int(rewards[p].argmax())
+        x_s = (1 - sigma[p, j]) * x0[p, j] + sigma[p, j] * noise[p, j]
+        fm.append(((policy(x_s[None], sigma[p, j][None])[0] - (noise[p, j] - x0[p, j])) ** 2).mean().item())
+    assert m_fm["gdro/fm_top"] == pytest.approx(sum(fm) / 2, rel=1e-5)
+    assert with_fm == pytest.approx(decisive + sum(fm) / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("objective", [GDRO(), DiffusionDPO()], ids=["gdro", "diffusion_dpo"])
+def test_a_batch_of_tied_groups_gives_a_zero_loss_that_backpropagates(objective):
+    """A binary verifier often ties every group of a small batch: the loss is 0, and backward() (as the
+    trainer calls it) must still work, with zero gradients, and the policy must still run."""
+    policy, reference = LinearVelocity(4, 1), LinearVelocity(4, 2)
+    calls = []
+    counted = lambda x, s: calls.append(1) or policy(x, s)  # noqa: E731
+    loss, metrics = objective.loss(OfflineBatch(torch.randn(2, 3, 4), torch.tensor([[1.0] * 3, [0.0] * 3])), counted, reference)
+    loss.backward()
+    assert loss.item() == 0.0 and calls
+    assert all(p.grad is not None and not p.grad.any() for p in policy.parameters())
+
+
 def test_dpo_drops_tied_pairs_and_all_pairs_mode():
     x0 = torch.randn(2, 3, 4)
     rewards = torch.tensor([[1.0, 1.0, 1.0], [0.0, 2.0, 1.0]])

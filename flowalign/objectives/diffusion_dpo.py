@@ -163,13 +163,14 @@ class DiffusionDPO:
         if noise is None:
             noise = sample_group_noise(x0, False, self.generator)
         w, l = self._pair_index(rewards)
-        if w.numel() == 0:
-            zero = x0.sum() * 0.0
-            return zero, {"dpo/num_pairs": 0.0}
         # every row is evaluated (rows p*k + j, as the trainer binds the conditioning), then paired
         flat_sigma = sigma.reshape(P * k)
         x_s, v = noised_and_target(x0.flatten(0, 1), noise.flatten(0, 1), flat_sigma)  # [P*k, *latent]
         err = velocity_errors(x_s, v, flat_sigma, policy)  # [P*k]
+        if w.numel() == 0:
+            # every group tied: no preference to learn; a zero that keeps the policy's graph, so that
+            # backward() works and every process of a DDP run takes part in the same reduction
+            return err.sum() * 0.0, {"dpo/num_pairs": 0.0}
         with torch.no_grad():
             ref_err = velocity_errors(x_s, v, flat_sigma, reference)
         wi, li = w, l

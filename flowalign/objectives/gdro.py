@@ -11,8 +11,13 @@ items ``j >= i`` is ``q_i(j) = softmax_j(r_j / τ)``; the loss is
 
     L = Σ_i [ logsumexp_{m>=i} s_m - Σ_{j>=i} q_i(j) s_j ]  +  γ · ‖v - v_θ‖²(top sample)
 
-i.e. a sum of cross-entropies ``CE(q_i, softmax_{m>=i}(s))``. With ``k = 2``, ``τ → 0`` and
-``γ = 0`` this is exactly Diffusion-DPO with the same ``β`` (see ``diffusion_dpo.py``).
+i.e. a sum of cross-entropies ``CE(q_i, softmax_{m>=i}(s))``, averaged over the groups whose
+explicit rewards are not all equal. A fully tied group carries no ranking (its targets would be
+uniform, a pull of its implicit rewards towards each other) and its "top" sample is arbitrary, so
+it is left out of both terms, as the online trainer drops zero-advantage samples (DESIGN.md §7) and
+Diffusion-DPO drops tied pairs; a batch of tied groups only gives a zero loss that keeps the graph.
+With ``k = 2``, ``τ → 0`` and ``γ = 0`` this is exactly Diffusion-DPO with the same ``β`` (see
+``diffusion_dpo.py``), tied groups included.
 Defaults follow the paper: ``k = 6``, ``τ = 0.05``, ``β = 6``, ``γ = 1``.
 """
 from __future__ import annotations
@@ -138,7 +143,7 @@ class GDRO:
         sigma: Optional[Tensor] = None,
         noise: Optional[Tensor] = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """Mean over groups of the listwise loss plus ``γ`` times the top sample's FM loss.
+        """Mean over the groups with distinct rewards of the listwise loss plus ``γ`` times the top sample's FM loss.
 
         ``sigma [P, k]`` and ``noise [P, k, *latent]`` may be passed explicitly (tests, replay).
         """
@@ -167,12 +172,17 @@ class GDRO:
         listwise = gdro_listwise_loss(scores, targets, self.tau)  # [P]
         top = rewards.argmax(dim=1, keepdim=True)  # [P, 1]
         fm_top = err.gather(1, top).squeeze(1)  # [P]
-        loss = listwise.mean() + self.gamma * fm_top.mean()
+        distinct = rewards.max(dim=1).values > rewards.min(dim=1).values  # [P] groups with a ranking
+        if distinct.any():
+            listwise, fm_top = listwise[distinct], fm_top[distinct]
+            loss = listwise.mean() + self.gamma * fm_top.mean()
+        else:  # every group tied: nothing to rank (module docstring)
+            loss = err.sum() * 0.0
+            listwise = fm_top = loss.detach().reshape(1)
 
         with torch.no_grad():
             s_top = scores.gather(1, top).squeeze(1)
             s_bottom = scores.gather(1, rewards.argmin(dim=1, keepdim=True)).squeeze(1)
-            distinct = rewards.max(dim=1).values > rewards.min(dim=1).values
         metrics = {
             "gdro/loss": loss.item(),
             "gdro/listwise": listwise.mean().item(),
