@@ -241,6 +241,33 @@ def test_offline_loss_hand_worked_against_the_reference_as_old_policy():
     assert float(with_kl) == pytest.approx(expected + 0.1 * 0.4375, rel=1e-6)
 
 
+def test_offline_loss_leaves_tied_groups_out_of_the_mean():
+    """A tied group (A = 0 on every row) neither pulls, pushes nor dilutes: the loss and gradient with it
+    equal those of the decisive group alone (the online trainer drops zero-advantage rows the same way)."""
+    from flowalign.objectives.base import OfflineBatch
+
+    torch.manual_seed(4)
+    x0, noise = torch.randn(2, 2, 3), torch.randn(2, 2, 3)
+    sigma = torch.full((2, 2), 0.5)
+    rewards = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    W = torch.randn(3, 3, requires_grad=True)
+    obj = get_objective("awm", weighting="uniform", clip_range=10.0)
+
+    def loss_and_grad(rows):
+        W.grad = None
+        loss, metrics = obj.offline_loss(OfflineBatch(x0[rows], rewards[rows]), lambda x, s: x @ W, lambda x, s: 0.5 * x,
+                                         sigma=sigma[rows], noise=noise[rows])
+        loss.backward()
+        return float(loss), W.grad.clone(), metrics
+
+    both, g_both, metrics = loss_and_grad([0, 1])
+    alone, g_alone, _ = loss_and_grad([0])
+    assert both == pytest.approx(alone, rel=1e-6) and torch.allclose(g_both, g_alone, atol=1e-7)
+    assert metrics["awm/informative_rows"] == 2.0
+    tied, g_tied, metrics = loss_and_grad([1])  # nothing to learn: a zero loss that still backpropagates
+    assert tied == 0.0 and not g_tied.any() and metrics["awm/informative_rows"] == 0.0
+
+
 def test_offline_loss_draws_from_its_generator_and_checks_its_input():
     from flowalign.objectives.base import OfflineBatch
 

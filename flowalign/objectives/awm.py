@@ -34,7 +34,10 @@ model, so the old policy is the reference (LoRA off) and every optimizer step is
 away from it, as PPO's later epochs are. Per step and row ``(p, j)`` the objective draws
 ``s ~ U(sigma_range)`` and ``ε ~ N(0, I)`` from its generator, takes the advantage within the group,
 ``A_pj = (r_pj - mean_j r_pj) / (std_j r_pj + adv_eps)`` (population std; a group whose rewards are
-all equal has ``A = 0``), and applies the same loss with ``ℓ_old = ℓ_ref``: the ratio clip bounds
+all equal has ``A = 0``), and applies the same loss with ``ℓ_old = ℓ_ref``, averaged over the rows with
+``A ≠ 0`` as the online trainer drops zero-advantage samples (DESIGN.md §7: a tied group neither pulls
+nor pushes, and does not dilute the step either; a batch with no such row gives a zero loss that
+keeps the graph). The ratio clip bounds
 how far each stored sample's likelihood moves from the base model's, and ``kl_beta`` reuses the
 same reference velocity. (A store generated with a LoRA, ``flowalign generate``'s ``lora:``, was not
 drawn by the base: its ratio is then to the base all the same, as GDRO's implicit reward is.)
@@ -47,6 +50,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from flowalign.advantages import nonzero_mask
 from flowalign.objectives.base import OFFLINE_TRAINER, ONLINE_TRAINER, OfflineBatch, VelocityFn, register_objective
 from flowalign.objectives.diffusion_dpo import noised_and_target, sample_group_noise, sample_sigmas
 from flowalign.objectives.nft import SIGMA_SAMPLING, ForwardBatch, add_reference_penalty, forward_rows, velocity_gap
@@ -232,7 +236,13 @@ class AdvantageWeightedMatching:
             v_ref = reference(x_s, flat_sigma)
         # 2.-3. within-group advantages; the surrogates of the trained and the generating (reference) policy, clipped
         adv = offline_group_advantages(batch.rewards.to(x0.device), self.adv_eps).reshape(P * k)  # [P*k]
-        loss, metrics = self._clipped_surrogate(v_theta, v_ref, v_target, flat_sigma, adv)
+        informative = nonzero_mask(adv)  # rows of tied groups (A = 0) are left out of the mean, as online
+        if informative.any():
+            loss, metrics = self._clipped_surrogate(v_theta[informative], v_ref[informative], v_target[informative],
+                                                    flat_sigma[informative], adv[informative])
+        else:
+            loss, metrics = v_theta.sum() * 0.0, {"loss/policy": 0.0}
+        metrics["awm/informative_rows"] = float(informative.sum())
         metrics["awm/sigma_mean"] = float(flat_sigma.float().mean())
         # 4. the velocity gap to the reference (logged), a penalty when kl_beta > 0: the same reference forward
         gap = velocity_gap(v_theta, v_ref)
