@@ -68,7 +68,7 @@ def image_statistics(images: Tensor, bins: int = 4) -> Tensor:
     lap = 4 * luma[:, 1:-1, 1:-1] - luma[:, :-2, 1:-1] - luma[:, 2:, 1:-1] - luma[:, 1:-1, :-2] - luma[:, 1:-1, 2:]
     q = (x * bins).long().clamp(max=bins - 1)  # [B, 3, H, W] quantised colour
     codes = (q[:, 0] * bins * bins + q[:, 1] * bins + q[:, 2]).flatten(1)  # [B, H*W]
-    hist = torch.zeros(B, bins**3).scatter_add_(1, codes, torch.ones_like(codes, dtype=torch.float32))
+    hist = torch.zeros(B, bins**3, device=x.device).scatter_add_(1, codes, torch.ones_like(codes, dtype=torch.float32))
     p = hist / codes.shape[1]
     entropy = -(p * p.clamp_min(1e-12).log()).sum(1)
     dominant = p.max(dim=1).values
@@ -137,7 +137,8 @@ class ImageStatsQuality(Reward):
 
     def zscores(self, images: Tensor) -> Tensor:
         """``[B, F]`` robust z-scores of the images' statistics."""
-        return (image_statistics(images) - self.center) / self.scale
+        f = image_statistics(images)  # on the images' device; the fitted statistics follow them there
+        return (f - self.center.to(f.device)) / self.scale.to(f.device)
 
     def score(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
         z = self.zscores(images)

@@ -70,8 +70,14 @@ class Trajectory:
         return self.sigmas.shape[0] - 1
 
     def select(self, index: Tensor | list[int]) -> "Trajectory":
-        """Return the sub-batch of samples ``index`` (tensors with a batch axis are indexed)."""
-        index = torch.as_tensor(index, dtype=torch.long)
+        """Return the sub-batch of samples ``index`` (row indices, or a ``[B]`` bool mask; tensors with a
+        batch axis are indexed)."""
+        index = torch.as_tensor(index)
+        if index.dtype == torch.bool:
+            if index.shape != (self.batch_size,):
+                raise ValueError(f"a bool mask must be [{self.batch_size}] (one entry per sample), got {tuple(index.shape)}")
+            index = index.nonzero().flatten()
+        index = index.long()
         idx = index.tolist()
         out = {}
         for f in fields(self):

@@ -71,6 +71,16 @@ def test_reference_round_trip_and_custom_fit(tmp_path, quality, renders):
     assert on_noise(renders[:8], [""] * 8).scores.max() < 0.05
 
 
+def test_statistics_and_zscores_follow_the_images_device():
+    """On a GPU the histogram and the fitted statistics must live with the images ('meta' stands in
+    for CUDA here: every machine has it, and a device mismatch raises on it as on CUDA)."""
+    quality = ImageStatsQuality(torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
+    images = torch.rand(2, 3, 8, 8, device="meta")
+    assert image_statistics(images).device.type == "meta"
+    z = quality.to("meta").zscores(images)
+    assert z.device.type == "meta" and z.shape == (2, len(FEATURES))
+
+
 def test_corrected_score_reward_discounts_hacked_images(quality, renders):
     class Brightness(Reward):
         def score(self, images, prompts, metadata):

@@ -157,3 +157,19 @@ def test_trajectory_to_moves_every_tensor_and_keeps_the_rest():
     assert (moved.images, moved.x0_preds, moved.advantages) == (None, None, None)
     assert (moved.prompts, moved.kernel, moved.metadata, moved.nfe) == (traj.prompts, "cps", traj.metadata, 12)
     assert traj.latents.device.type == "cpu"  # the original is untouched
+
+
+def test_trajectory_select_takes_indices_or_a_bool_mask():
+    K = 2
+    traj = Trajectory(prompts=["a", "b", "c", "d"], group_ids=torch.tensor([0, 0, 1, 1]), sigmas=torch.linspace(1, 0, K + 1),
+                      latents=torch.arange(4.0).view(4, 1, 1).expand(4, K + 1, 3).contiguous(), log_probs=torch.zeros(4, K),
+                      stds=torch.ones(4, K), noise_levels=torch.full((K,), 0.7), stochastic_mask=torch.tensor([True, False]),
+                      rewards=torch.tensor([0.1, 0.2, 0.3, 0.4]), kernel="flow_sde", metadata=[{"i": i} for i in range(4)])
+    by_mask = traj.select(torch.tensor([False, False, True, True]))  # the trainer's keep mask, not rows 0 and 1
+    by_index = traj.select([2, 3])
+    for sub in (by_mask, by_index):
+        assert sub.prompts == ["c", "d"] and sub.metadata == [{"i": 2}, {"i": 3}]
+        assert sub.group_ids.tolist() == [1, 1] and sub.rewards.tolist() == pytest.approx([0.3, 0.4])
+        assert sub.latents[:, 0, 0].tolist() == [2.0, 3.0] and sub.sigmas.shape == (K + 1,)
+    with pytest.raises(ValueError, match=r"bool mask must be \[4\]"):
+        traj.select(torch.tensor([True, False]))
