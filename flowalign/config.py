@@ -325,6 +325,12 @@ class FlowalignConfig:
                 f"{self.objective.name!r} cannot train on: its ratio to the recorded log-probs would start away from 1 (most samples "
                 "clipped); use a forward-process objective (nft, awm) or old_policy_rate=0"
             )
+        if self.lora.dropout > 0 and not _trains_on_forward_process(self.objective.name):
+            raise ConfigError(
+                f"lora.dropout={self.lora.dropout} makes the trained policy's log-probs random: objective {self.objective.name!r}'s "
+                "ratio to the rollout's recorded log-probs would start away from 1 on-policy (most samples clipped); use "
+                "lora.dropout=0, or a forward-process objective (nft, awm)"
+            )
         if not self.objective.cfg_in_training and self.sampling.guidance_scale > 1.0 and not _trains_on_forward_process(self.objective.name):
             raise ConfigError(
                 f"objective.cfg_in_training=false with sampling.guidance_scale={self.sampling.guidance_scale} > 1: rollouts record the "

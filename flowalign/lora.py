@@ -81,6 +81,7 @@ def add_lora(
     for p in params:
         p.data = p.data.float()
         p.requires_grad_(True)
+    set_lora_dropout(module, False)  # off in rollouts, evaluation and references; lora_dropout_active turns it on
     logger.info("LoRA r=%d alpha=%s on %d layers, %d trainable parameters", rank, alpha, len(_tuner_layers(module)),
                 sum(p.numel() for p in params))
     return params
@@ -173,6 +174,34 @@ def lora_disabled(module: nn.Module, *more: nn.Module) -> Iterator[nn.Module]:
     finally:
         for layer in layers:
             layer.enable_adapters(True)
+
+
+def _lora_dropouts(module: nn.Module) -> list[nn.Module]:
+    """The dropout modules peft put in front of each LoRA branch (``nn.Identity`` when dropout is 0)."""
+    return [d for layer in _tuner_layers(module) for d in getattr(layer, "lora_dropout", {}).values()]
+
+
+def set_lora_dropout(module: nn.Module, active: bool) -> None:
+    """Turn the LoRA dropout of ``module`` on (train mode) or off (eval mode), whatever mode the module is in.
+
+    peft creates its dropout in train mode and the frozen base models here are never put in train mode,
+    so :func:`add_lora` turns it off: a rollout, an evaluation or a reference forward must be a
+    deterministic function of the weights (the rollout's recorded log-probs are the old policy's).
+    """
+    for dropout in _lora_dropouts(module):
+        dropout.train(active)
+
+
+@contextlib.contextmanager
+def lora_dropout_active(*modules: nn.Module) -> Iterator[None]:
+    """LoRA dropout on inside the block (the gradient forward of an update), off again after it."""
+    try:
+        for m in modules:
+            set_lora_dropout(m, True)
+        yield
+    finally:
+        for m in modules:
+            set_lora_dropout(m, False)
 
 
 def soft_update_decay(step: int, rate: float, max_decay: float, flat: int = 0) -> float:

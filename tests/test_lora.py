@@ -242,3 +242,31 @@ def test_power_ema_matches_the_unrolled_weights(gamma):
         ema.update(betas[t])
     expected = (torch.tensor(weights, dtype=torch.float32)[:, None] * thetas).sum(0)
     assert torch.allclose(ema.shadow[0], expected, atol=1e-5)
+
+
+def test_lora_dropout_acts_only_inside_lora_dropout_active():
+    """peft creates LoRA dropout in train mode; a rollout or an evaluation must be a deterministic function
+    of the weights, so it is off until the update's gradient forward turns it on."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential()
+    module.add_module("proj", torch.nn.Linear(16, 16))
+    params = lora.add_lora(module, rank=4, alpha=4.0, target_modules=["proj"], dropout=0.5)
+    with torch.no_grad():
+        for p in params:
+            p.normal_()  # a non-zero LoRA update (B starts at 0)
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        first, second = module(x), module(x)
+    assert torch.equal(first, second)  # off by default
+    with lora.lora_dropout_active(module):
+        noisy = module(x)
+    assert not torch.allclose(noisy, first)
+    with torch.no_grad():
+        assert torch.equal(module(x), first)  # off again after the block
+    # no dropout configured: the same context changes nothing
+    plain = torch.nn.Sequential()
+    plain.add_module("proj", torch.nn.Linear(16, 16))
+    lora.add_lora(plain, rank=4, alpha=4.0, target_modules=["proj"])
+    with torch.no_grad(), lora.lora_dropout_active(plain):
+        inside = plain(x)
+    assert torch.equal(inside, plain(x).detach())

@@ -241,6 +241,12 @@ def test_old_policy_is_refused_for_step_objectives(tmp_path):
         load_config(None, NFT_FAST + [f"train.output_dir={tmp_path}", "train.old_policy_rate=0.1", "train.old_policy_max=1.0"])
 
 
+def test_lora_dropout_is_refused_for_step_objectives(tmp_path):
+    with pytest.raises(ConfigError, match="lora.dropout=0.1 makes the trained policy's log-probs random"):
+        load_config(None, [f"train.output_dir={tmp_path}", "lora.dropout=0.1"])  # grpo
+    assert load_config(None, NFT_FAST + [f"train.output_dir={tmp_path}", "lora.dropout=0.1"]).lora.dropout == 0.1
+
+
 def test_old_policy_samples_the_rollouts_and_gives_v_old(tmp_path, monkeypatch):
     """train.old_policy_rate: after each update old <- d·old + (1 - d)·θ (d by hand: min(0.5·steps, 0.8)); the next
     rollout runs with the old weights in the LoRA, and v_old is their velocity, not the trained policy's."""

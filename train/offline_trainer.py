@@ -291,8 +291,9 @@ class OfflineTrainer(OptimizerViews):
         t0 = time.perf_counter()
         batch = OfflineBatch(x0=batch.x0.to(self.device), rewards=batch.rewards.to(self.device), cond_index=batch.cond_index)
         self.optim.set_lr(self.step)
-        policy, reference = self.velocity_fns(prompts)
-        loss, metrics = self.objective.loss(batch, policy, reference)
+        with lora_lib.lora_dropout_active(self.adapter.trainable_module, *self.text_modules.values()):  # lora.dropout acts in the gradient forward only
+            policy, reference = self.velocity_fns(prompts)
+            loss, metrics = self.objective.loss(batch, policy, reference)
         stats = self.optim.new_stats()
         self.optim.optimizer.zero_grad(set_to_none=True)
         if self.optim.backward(loss, f"({self.config.objective})"):  # a non-finite loss is skipped and counted

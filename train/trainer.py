@@ -461,9 +461,10 @@ class Trainer(OptimizerViews):
         """Forward + backward of one micro-batch; a non-finite loss is skipped (and counted)."""
         rows = self._make_batch(batch, index, k)
         needs_reference = getattr(self.objective, "needs_reference", False)
-        policy, reference = self.velocity_fns(self.conditioning.policy(batch, index),
-                                              self.conditioning.reference(batch, index) if needs_reference else None)
-        loss, metrics = self.objective.loss(rows, policy, reference)
+        with lora_lib.lora_dropout_active(*self.lora_modules.values()):  # lora.dropout acts in this forward only
+            policy, reference = self.velocity_fns(self.conditioning.policy(batch, index),
+                                                  self.conditioning.reference(batch, index) if needs_reference else None)
+            loss, metrics = self.objective.loss(rows, policy, reference)
         return metrics if self.optim.backward(loss * scale, f"at step {k}") else {}
 
     # ================================================================= logging / eval
