@@ -238,7 +238,7 @@ class TrainConfig:
     old_policy_flat: int = field(default=0, metadata={"help": "Optimizer steps during which d = 0 (the old policy is the trained one)."})
     seed: int = field(default=0, metadata={"help": "Seed of every random draw (prompts, noise, shuffles)."})
     output_dir: str = field(default="runs/toy_grpo", metadata={"help": "Run directory: config.yaml, metrics.csv, checkpoints/, the final LoRA."})
-    checkpoint_every: int = field(default=10, metadata={"help": "Write a checkpoint every N iterations (0 = only at the end)."})
+    checkpoint_every: int = field(default=10, metadata={"help": "Write a checkpoint every N iterations and after the last one (0 = only after the last one)."})
     keep_checkpoints: int = field(default=2, metadata={"help": "Keep the last K checkpoints."})
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": f"Trackers besides metrics.csv, from {LOG_BACKENDS}."})
     max_nonfinite_steps: int = field(default=5, metadata={"help": "Abort after this many consecutive micro-batches with a NaN/inf loss (each is skipped)."})
@@ -493,8 +493,23 @@ def apply_overrides(data: dict, overrides: list[str], schema: Optional[type] = N
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({_yaml_problem(exc)})") from None
+        if isinstance(_default_at(defaults, key), str) and value is not None and raw.strip()[:1] not in ("'", '"'):
+            value = raw.strip()  # a text field keeps its text: output_dir=2024-06-01, off, 0755 or "exp #2" are folder names
         _set_dotted(data, key, value)
     return data
+
+
+def _default_at(defaults: Any, dotted: str) -> Any:
+    """The schema default at ``'a.b'`` (list entries: the first one's), or None where the schema has none."""
+    node = defaults
+    for part in dotted.split("."):
+        if isinstance(node, list):
+            node = node[0] if node and part.isdigit() else None
+        elif isinstance(node, dict):
+            node = node.get(part)
+        else:
+            return None
+    return node
 
 
 def config_from_dict(data: dict) -> FlowalignConfig:

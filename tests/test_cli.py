@@ -88,6 +88,20 @@ def test_train_then_refuse_then_resume_then_overwrite(tmp_path, capsys):
         assert [r["iteration"] for r in csv.DictReader(fh)] == ["1"]
 
 
+def test_checkpoint_every_0_checkpoints_the_end_and_resume_keeps_an_odd_folder_name(tmp_path, capsys, monkeypatch):
+    """checkpoint_every=0 means "only after the last iteration", so a finished run can be extended; --resume DIR
+    passes DIR verbatim (it used to go through YAML: "2024-06-01" became a date, " #2" a comment)."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "2024-06-01 #2"
+    assert cli.main(["train", *_sets(run, "train.iterations=1", "train.checkpoint_every=0")]) == 0
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["iter_000001"]
+    assert cli.main(["train", "--resume", str(run), "--set", "train.iterations=3", "--set", "train.checkpoint_every=2"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [run.name]  # nothing written beside it
+    with open(run / "metrics.csv", newline="") as fh:
+        assert [r["iteration"] for r in csv.DictReader(fh)] == ["1", "2", "3"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter_000002", "iter_000003"]  # every 2nd and the last
+
+
 def test_resume_without_checkpoint_is_an_error(tmp_path, capsys):
     assert cli.main(["train", *_sets(tmp_path / "run"), "--resume"]) == 2
     assert "no valid checkpoint under" in _one_error_line(capsys)

@@ -133,3 +133,12 @@ def test_objectives_that_flowalign_train_does_not_run_are_refused_on_load():
     for name in ("grpo", "dense_grpo", "tp_grpo", "nft", "awm"):
         assert ONLINE_TRAINER in trained_by(name)
         C.load_config(None, [f"objective.name={name}"])
+
+
+@pytest.mark.parametrize("raw", ["off", "0755", "2024-06-01", "exp #2", "1e-4"])
+def test_a_text_field_keeps_the_text_of_its_override(raw):
+    """YAML would read these as a bool, an int, a date, "exp" (a comment) or a float: a folder name is text."""
+    assert C.load_config(None, [f"train.output_dir={raw}"]).train.output_dir == raw
+    assert C.load_config(None, [f"train.output_dir='{raw}'"]).train.output_dir == raw  # quoting still works
+    cfg = C.load_config(None, ["train.lr=1e-4", "train.log_with=[tensorboard]", "model.dtype=float32"])  # other types as before
+    assert (cfg.train.lr, cfg.train.log_with, cfg.model.dtype) == (1e-4, ["tensorboard"], "float32")

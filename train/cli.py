@@ -24,6 +24,7 @@ process in accelerate 1.x).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -126,7 +127,7 @@ def _train_config(args: argparse.Namespace):
         path = resume_dir / "config.yaml" if resume_dir is not None and (resume_dir / "config.yaml").is_file() else DEFAULT_RECIPE
     overrides = list(args.overrides)
     if resume_dir is not None:
-        overrides.append(f"train.output_dir={resume_dir}")
+        overrides.append(f"train.output_dir={json.dumps(str(resume_dir))}")  # quoted: a folder name is not YAML ("exp #2", "off")
     return load_config(path, overrides)
 
 

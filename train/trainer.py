@@ -233,7 +233,8 @@ class Trainer(OptimizerViews):
                 if cfg.eval_every > 0 and self.iteration % cfg.eval_every == 0:
                     metrics.update(self.evaluate())
                 self.log(metrics)
-                checkpointed = cfg.checkpoint_every > 0 and self.iteration % cfg.checkpoint_every == 0
+                # every checkpoint_every iterations, and at the last one (--resume can extend a finished run)
+                checkpointed = (cfg.checkpoint_every > 0 and self.iteration % cfg.checkpoint_every == 0) or self.iteration == cfg.iterations
                 path = self.save_checkpoint() if checkpointed else None
                 signum = stop_everywhere(stop.signum, self._gather)
                 if signum is not None and self.iteration < cfg.iterations:
