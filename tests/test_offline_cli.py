@@ -131,7 +131,13 @@ def test_offline_trains_then_refuses_resumes_and_overwrites(tiny_store, tmp_path
     assert "already holds an offline run; pass --resume" in _one_error_line(capsys)
     assert lora_file.stat().st_mtime_ns == stamp
 
-    assert cli.main(["offline", "--config", str(config), "--resume", "--set", "epochs=2"]) == 0
+    # a resume under other settings would continue the LoRA and AdamW state of one objective under another: refused
+    before = (run / "offline_config.yaml").read_text()
+    assert cli.main(["offline", "--config", str(config), "--resume", "--set", "objective=diffusion_dpo", "--set", "seed=7"]) == 2
+    assert "(changed: objective, seed); resume with the run's settings" in _one_error_line(capsys)
+    assert (run / "offline_config.yaml").read_text() == before and lora_file.stat().st_mtime_ns == stamp
+
+    assert cli.main(["offline", "--config", str(config), "--resume", "--set", "epochs=2"]) == 0  # a longer run is the same run
     captured = capsys.readouterr()
     assert "done: 4 steps, 24 NFE" in captured.out
     assert "2/4" in captured.err and "4/4" in captured.err  # the bar starts at the resumed step

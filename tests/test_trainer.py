@@ -231,6 +231,11 @@ def test_output_dir_guard(tmp_path):
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="holds no flowalign run"):
         prepare_run_dir(tmp_path / "foreign", cfg, resume=False, overwrite=True)
+    # a folder with some other config.yaml is not a run either: --overwrite would have deleted notes.txt with it
+    (tmp_path / "foreign" / "config.yaml").write_text("foo: 1\n")
+    with pytest.raises(ConfigError, match=r"holds no flowalign run \(its config.yaml is not a flowalign config: unknown config key 'foo'"):
+        prepare_run_dir(tmp_path / "foreign", cfg, resume=False, overwrite=True)
+    assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine"
     with pytest.raises(CheckpointError, match="no valid checkpoint"):
         Trainer(cfg, resume=True).setup()
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml"]  # nothing written

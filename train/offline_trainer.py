@@ -19,6 +19,8 @@ process; checkpoints hold LoRA + optimizer + RNG + step and ``resume`` replays t
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 import sys
@@ -34,7 +36,7 @@ from torch import Tensor
 
 from flowalign import checkpoint as ckpt
 from flowalign import lora as lora_lib
-from flowalign.config import LOG_BACKENDS, LoraConfig, ModelConfig, apply_overrides, build_dataclass, to_dict
+from flowalign.config import LOG_BACKENDS, MODEL_MEMORY_KNOBS, LoraConfig, ModelConfig, apply_overrides, build_dataclass, to_dict
 from flowalign.errors import ConfigError
 from flowalign.lr_schedule import LR_SCHEDULES
 from flowalign.objectives.base import OfflineBatch
@@ -46,7 +48,7 @@ from flowalign.train.update_conditioning import UpdateConditioning
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OfflineConfig", "OfflineTrainer", "load_offline_config", "prepare_offline_dir", "main"]
+__all__ = ["OfflineConfig", "OfflineTrainer", "load_offline_config", "offline_config_hash", "prepare_offline_dir", "main"]
 OFFLINE_OBJECTIVES = ("awm", "diffusion_dpo", "gdro")
 
 
@@ -121,6 +123,24 @@ def load_offline_config(path: Optional[Union[str, Path]] = None, overrides: Opti
 
     data = read_yaml_mapping(path, "offline") if path is not None else {}
     return build_dataclass(OfflineConfig, apply_overrides(data, list(overrides or []), schema=OfflineConfig))
+
+
+# keys that do not change what an offline run computes: its length (a decaying schedule's horizon is checked on
+# its own), where it writes, what it logs, the device
+_HASH_EXCLUDE = ("epochs", "max_steps", "output_dir", "checkpoint_every", "keep_checkpoints", "device", "log_with",
+                 "progress", "max_nonfinite_steps")
+
+
+def _hashed_settings(cfg: OfflineConfig) -> dict:
+    data = {key: value for key, value in to_dict(cfg).items() if key not in _HASH_EXCLUDE}
+    data["model"] = {key: value for key, value in data["model"].items() if key not in MODEL_MEMORY_KNOBS}
+    return data
+
+
+def offline_config_hash(cfg: OfflineConfig) -> str:
+    """sha256 (16 hex digits) of the settings that define an offline run's steps: a checkpoint carries it and
+    ``--resume`` refuses one written under other settings (objective, its kwargs, lr, seed, store, LoRA...)."""
+    return hashlib.sha256(json.dumps(_hashed_settings(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def prepare_offline_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
@@ -375,12 +395,18 @@ class OfflineTrainer(OptimizerViews):
         tensors.update(optim_tensors)
         state = {"step": self.step, "nfe": self.nfe, "seconds": self.seconds, **optim_state, "schedule_steps": self.optim.cfg.iterations,
                  "rng": ckpt.capture_rng({"objective": self.generator})}
-        path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, tensors, state, keep=self.config.keep_checkpoints)
+        path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, tensors, state, keep=self.config.keep_checkpoints,
+                                    config_hash=offline_config_hash(self.config))
         self._saved_step = self.step
         return path
 
     def _load(self, path: Path) -> None:
-        loaded = ckpt.load_checkpoint(path)
+        from flowalign.errors import CheckpointError
+
+        try:
+            loaded = ckpt.load_checkpoint(path, expected_config_hash=offline_config_hash(self.config))
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}{self._changed_settings()}; resume with the run's settings or start a new output_dir") from None
         saved_total, total = loaded.state.get("schedule_steps"), self.optim.cfg.iterations
         if self.config.lr_schedule != "constant" and saved_total is not None and saved_total != total:
             raise ConfigError(f"checkpoint {path} follows a {self.config.lr_schedule} lr schedule over {saved_total} steps, "
@@ -391,6 +417,16 @@ class OfflineTrainer(OptimizerViews):
         ckpt.restore_rng(loaded.state["rng"], {"objective": self.generator})
         self.step, self.nfe, self.seconds = int(loaded.state["step"]), int(loaded.state["nfe"]), float(loaded.state["seconds"])
         logger.info("resumed offline run from %s at step %d", path, self.step)
+
+    def _changed_settings(self) -> str:
+        """``" (changed: a, b)"``: the hashed keys in which this config differs from the run's ``offline_config.yaml``."""
+        try:
+            before = _hashed_settings(load_offline_config(self.run_dir / "offline_config.yaml"))
+        except (ConfigError, OSError):
+            return ""
+        now = _hashed_settings(self.config)
+        changed = sorted(key for key in now.keys() | before.keys() if now.get(key) != before.get(key))
+        return f" (changed: {', '.join(changed)})" if changed else ""
 
     def save_final(self) -> Path:
         """Write ``pytorch_lora_weights.safetensors`` (diffusers format; with the text encoders'

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from flowalign import checkpoint as ckpt
 from flowalign.config import FlowalignConfig, config_diff, config_hash, load_config
@@ -20,22 +20,34 @@ def prepare_run_dir(run_dir: Path, config: FlowalignConfig, resume: bool, overwr
     Raises:
         ConfigError: ``run_dir`` holds a run (or foreign files) and neither resume nor overwrite.
     """
-    holds_run = (run_dir / "config.yaml").is_file()
     if resume:
-        if holds_run:
+        if (run_dir / "config.yaml").is_file():
             changed = config_diff(load_config(run_dir / "config.yaml"), config)
             if changed:
                 logger.warning("resuming %s with changed settings: %s", run_dir, ", ".join(changed))
         return False
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return False
-    if not holds_run:
-        raise ConfigError(f"train.output_dir {run_dir} is not empty and holds no flowalign run; choose another output_dir")
+    previous, why = _run_config(run_dir)
+    if previous is None:  # --overwrite must never delete a folder that is not a run (its rmtree takes everything)
+        raise ConfigError(f"train.output_dir {run_dir} is not empty and holds no flowalign run ({why}); choose another output_dir")
     if not overwrite:
-        same = config_hash(load_config(run_dir / "config.yaml")) == config_hash(config)
+        same = config_hash(previous) == config_hash(config)
         what = "a run of the same config" if same else "a different run"
         raise ConfigError(f"train.output_dir {run_dir} already holds {what}; pass --resume to continue it or --overwrite to replace it")
     return True
+
+
+def _run_config(run_dir: Path) -> tuple[Optional[FlowalignConfig], str]:
+    """The config of the run in ``run_dir`` and "", or None and why the folder is not a run: a run
+    folder is one whose ``config.yaml`` is a flowalign config (a stray ``config.yaml`` is not)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None, "no config.yaml"
+    try:
+        return load_config(path), ""
+    except ConfigError as exc:
+        return None, f"its config.yaml is not a flowalign config: {exc}"
 
 
 def find_resume_checkpoint(resume: Union[bool, str, Path], run_dir: Path) -> Path:
