@@ -381,6 +381,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
     if dataclasses.is_dataclass(tp):
+        if value is None:  # a section whose keys are all commented out ("train:" alone) holds the defaults
+            value = {}
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping of {tp.__name__} fields, got {type(value).__name__} {value!r}")
         return build_dataclass(tp, value, key)
@@ -490,7 +492,7 @@ def apply_overrides(data: dict, overrides: list[str], schema: Optional[type] = N
         key = key.strip()
         _check(bool(key), f"override {item!r} has an empty key")
         section = key.split(".")[0]
-        if section in defaults and section not in data:  # --set rewards.0.weight=2 on a recipe without rewards
+        if section in defaults and data.get(section) is None:  # --set rewards.0.weight=2 on a recipe without rewards (or "rewards:" empty)
             data[section] = defaults[section]
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
@@ -522,6 +524,24 @@ def config_from_dict(data: dict) -> FlowalignConfig:
     return build_dataclass(FlowalignConfig, data)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (not "the last one wins")."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"found duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys (a recipe's second ``lr:`` would silently win)."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> FlowalignConfig:
     """Read a YAML recipe (or the defaults when ``path`` is None), apply overrides, validate.
 
@@ -534,7 +554,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""

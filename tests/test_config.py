@@ -74,6 +74,7 @@ def test_config_hash_ignores_run_length_but_not_the_math():
         ({"objective": {"cfg_in_training": False}, "sampling": {"guidance_scale": 4.5}},
          "objective.cfg_in_training=false with sampling.guidance_scale=4.5 > 1: rollouts record the log-probs of the guided transitions"),
         ("train: [1, 2", "is not valid YAML at line"),
+        ("train:\n  lr: 1.0e-3\n  lr: 2.0e-3\n", "is not valid YAML at line 3: found duplicate key 'lr'"),
         ("- a\n- b\n", "must hold a mapping of sections, got list"),
     ],
 )
@@ -145,3 +146,10 @@ def test_a_text_field_keeps_the_text_of_its_override(raw):
     assert C.load_config(None, [f"train.output_dir='{raw}'"]).train.output_dir == raw  # quoting still works
     cfg = C.load_config(None, ["train.lr=1e-4", "train.log_with=[tensorboard]", "model.dtype=float32"])  # other types as before
     assert (cfg.train.lr, cfg.train.log_with, cfg.model.dtype) == (1e-4, ["tensorboard"], "float32")
+
+
+def test_a_section_with_every_key_commented_out_holds_the_defaults(tmp_path):
+    path = _write(tmp_path, "train:\n  # lr: 1.0e-3\nsampling:\n  num_steps: 4\n")
+    cfg = C.load_config(path)
+    assert cfg.train == C.TrainConfig() and cfg.sampling.num_steps == 4
+    assert C.load_config(path, ["train.lr=2.0e-3"]).train.lr == 2e-3  # --set into it works too

@@ -21,7 +21,7 @@ import yaml
 from torch import Tensor
 
 from flowalign import sde
-from flowalign.config import KERNELS, MODEL_MEMORY_KNOBS, ModelConfig, RewardConfig, apply_overrides, build_dataclass, to_dict
+from flowalign.config import KERNELS, MODEL_MEMORY_KNOBS, ModelConfig, RewardConfig, apply_overrides, build_dataclass, load_yaml, to_dict
 from flowalign.errors import ConfigError
 from flowalign.offline import SampleFn, ScoreFn, fill_store
 
@@ -76,7 +76,7 @@ def read_yaml_mapping(path: Union[str, Path], what: str) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{what} config {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
