@@ -258,7 +258,7 @@ def test_offline_loss_leaves_tied_groups_out_of_the_mean():
         loss, metrics = obj.offline_loss(OfflineBatch(x0[rows], rewards[rows]), lambda x, s: x @ W, lambda x, s: 0.5 * x,
                                          sigma=sigma[rows], noise=noise[rows])
         loss.backward()
-        return float(loss), W.grad.clone(), metrics
+        return float(loss.detach()), W.grad.clone(), metrics
 
     both, g_both, metrics = loss_and_grad([0, 1])
     alone, g_alone, _ = loss_and_grad([0])
