@@ -64,6 +64,7 @@ __all__ = [
 Z95 = 1.959963984540054  # standard normal 0.975 quantile
 ALL = "all"
 UNTAGGED = "untagged"
+DROPPED = "dropped"  # the failure label of a sample the reward dropped (failed or non-finite score)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -668,24 +669,31 @@ def evaluate(
             batch_images = sample_ode(adapter, prompts, num_steps=num_steps, guidance_scale=guidance_scale, initial_noise=noise)  # [b, 3, H, W]
             out = call_reward(reward, batch_images, prompts, metadata, on_error=on_error)
             scores.append(out.scores.detach().float().cpu())
+            # a batch whose every sample was dropped has no details: NaN / "dropped" rows, so one bad batch
+            # does not switch the whole evaluation to the score threshold
+            all_dropped = bool(torch.isnan(scores[-1]).all())
+            nan_rows = torch.full((len(rows),), float("nan"))
             p = _per_sample(out.details.get("partial"), len(rows), "partial")
+            p = nan_rows if p is None and all_dropped else p
             has_partial = has_partial and p is not None
             if p is not None:
                 partial.append(p)
             v = _per_sample(out.details.get("binary"), len(rows), "binary")
+            v = nan_rows if v is None and all_dropped else v
             has_verdict = has_verdict and v is not None
             if v is not None:
                 verdicts.append(v)
             labels = out.details.get("failure")
+            labels = [None] * len(rows) if labels is None and all_dropped else labels
             if labels is not None and len(labels) != len(rows):
                 raise ValueError(f"reward details['failure'] has {len(labels)} labels for {len(rows)} samples")
             has_failure = has_failure and labels is not None
             if labels is not None:
-                failures += [str(label) for label in labels]
+                failures += [DROPPED if label is None else str(label) for label in labels]  # None: a sample the reward dropped
             detail_tags = out.details.get("tag")
             for j, m in enumerate(metadata):
-                tag = m.get("tag", detail_tags[j] if detail_tags is not None else UNTAGGED)
-                tags.append(str(tag))
+                tag = m.get("tag", detail_tags[j] if detail_tags is not None else None)
+                tags.append(UNTAGGED if tag is None else str(tag))
             for j, i in enumerate(rows):
                 if i in keep_set:
                     images[i] = batch_images[j].detach().float().cpu()

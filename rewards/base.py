@@ -453,13 +453,16 @@ def _score_each(reward: Callable, name: str, images: Tensor, prompts: list[str],
     """Score samples one by one after a failed batched call; NaN for those that fail alone."""
     batch = len(prompts)
     scores: list[Tensor] = []
+    details: list[Optional[dict[str, Any]]] = []  # each sample's own details; None where it failed
     errors: list[tuple[int, Exception]] = []
     for i in range(batch):
         if batch == 1:
             error: Optional[Exception] = batch_error
         else:
             try:
-                scores.append(_checked_output(reward(images[i:i + 1], prompts[i:i + 1], metadata[i:i + 1]), 1).scores)
+                out = _checked_output(reward(images[i:i + 1], prompts[i:i + 1], metadata[i:i + 1]), 1)
+                scores.append(out.scores)
+                details.append(out.details)
                 continue
             except RewardError:
                 raise
@@ -469,6 +472,7 @@ def _score_each(reward: Callable, name: str, images: Tensor, prompts: list[str],
         if on_error == "raise":
             break
         scores.append(torch.full((1,), float("nan")))
+        details.append(None)
     if on_error == "raise":
         if errors:
             i, error = errors[0]
@@ -480,8 +484,27 @@ def _score_each(reward: Callable, name: str, images: Tensor, prompts: list[str],
     for i, error in errors:
         logger.warning("reward %r failed on prompt %r: %s: %s", name, prompts[i], type(error).__name__, error)
     device = next((s.device for s in scores if not torch.isnan(s).all()), torch.device("cpu"))
-    return RewardOutput(scores=torch.cat([s.to(device) for s in scores]),
-                        details={"scored_one_by_one": True, "batch_error": f"{type(batch_error).__name__}: {batch_error}"})
+    stitched = _stitch_details(details)
+    stitched.update({"scored_one_by_one": True, "batch_error": f"{type(batch_error).__name__}: {batch_error}"})
+    return RewardOutput(scores=torch.cat([s.to(device) for s in scores]), details=stitched)
+
+
+def _stitch_details(each: list[Optional[dict[str, Any]]]) -> dict[str, Any]:
+    """The per-sample details of one-by-one calls as one batch's: a key every scored sample has, with one
+    value per sample (a ``[1, ...]`` tensor or a one-item list), is joined along the batch; failed
+    samples (None) get NaN (tensors) or None (lists). Other keys are left out."""
+    scored = [d for d in each if d is not None]
+    if not scored:
+        return {}
+    out: dict[str, Any] = {}
+    for key in scored[0]:
+        values = [d.get(key) for d in scored]
+        if all(isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == 1 for v in values):
+            like = values[0].detach().float().cpu()
+            out[key] = torch.cat([d[key].detach().float().cpu() if d is not None else torch.full_like(like, float("nan")) for d in each])
+        elif all(isinstance(v, (list, tuple)) and len(v) == 1 for v in values):
+            out[key] = [d[key][0] if d is not None else None for d in each]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -431,3 +431,34 @@ def test_accuracy_counts_the_rewards_own_verdict_not_its_graded_score(adapter, t
     assert plain.correct().tolist() == (plain.scores >= 0.5).tolist()
     with pytest.raises(ValueError, match="verdicts for"):
         aggregate(result.tags, result.scores, None, verdicts=result.verdicts[:3])
+
+
+class PickyVerifier(GradedVerifier):
+    """GradedVerifier that raises on any batch holding the prompt "a green triangle" (an out-of-grammar prompt)."""
+
+    name = "picky_verifier"
+
+    def score(self, images, prompts, metadata):
+        if "a green triangle" in prompts:
+            raise ValueError("not in the grammar")
+        out = super().score(images, prompts, metadata)
+        out.details["failure"] = ["ok" if b else "dim" for b in out.details["binary"].tolist()]
+        return out
+
+
+def test_a_dropped_sample_keeps_the_verdicts_of_the_others(adapter):
+    """One failing sample used to make the whole evaluation lose the reward's verdicts (and partials, failure
+    labels, tags): the batch is rescored one by one and those samples' details are kept; a batch of dropped
+    samples only gives NaN / "dropped" rows."""
+    kw = dict(num_samples=8, num_steps=1, guidance_scale=1.0, seed=0, progress=False, on_error="drop")
+    cut = float(evaluate(adapter, RECORDS[:3], GradedVerifier(0.0), **{**kw, "on_error": "raise"}).scores.median())
+    for batch_size in (4, 1):  # one sample per batch: a batch of the failing prompt is dropped whole
+        result = evaluate(adapter, RECORDS, PickyVerifier(cut), batch_size=batch_size, **kw)
+        failed = [i for i, p in enumerate(result.prompts) if p == "a green triangle"]
+        assert failed == [3, 7] and torch.isnan(result.scores[failed]).all()
+        assert result.settings["correct_when"] == "details['binary'] == 1"
+        by_hand = [float(result.scores[i]) > cut for i in range(8) if i not in failed]
+        assert [bool(result.verdicts[i]) for i in range(8) if i not in failed] == by_hand
+        assert result.categories["all"].correct == sum(by_hand) and result.categories["all"].dropped == 2
+        assert [result.failures[i] for i in failed] == ["dropped", "dropped"]
+        assert result.tags == [r["tag"] for r in RECORDS] * 2  # metadata tags, failed samples included

@@ -509,3 +509,25 @@ def test_color_fraction_hand_values():
         ColorFraction(color="mauve")
     with pytest.raises(ConfigError, match="RGB triple"):
         ColorFraction(color=(2.0, 0.0, 0.0))
+
+
+def test_one_by_one_rescoring_keeps_each_samples_details():
+    """After a failed batched call, each sample's own per-sample details are joined back (NaN / None for
+    samples that fail alone), so a verifier's verdicts and labels survive one bad prompt."""
+
+    class Verifier(Reward):
+        name = "verifier"
+
+        def score(self, images, prompts, metadata):
+            if "bad" in prompts:
+                raise ValueError("cannot parse 'bad'")
+            m = images.flatten(1).mean(1)
+            return RewardOutput(scores=m, details={"binary": (m > 0.5).float(), "label": [p.upper() for p in prompts], "note": "batch-level"})
+
+    x = _images(3)
+    out = call_reward(Verifier(), x, ["a", "bad", "c"], on_error="drop")
+    assert out.keep.tolist() == [True, False, True]
+    m = x.flatten(1).mean(1)
+    assert out.details["binary"][[0, 2]].tolist() == (m[[0, 2]] > 0.5).float().tolist() and torch.isnan(out.details["binary"][1])
+    assert out.details["label"] == ["A", None, "C"]
+    assert "note" not in out.details and out.details["scored_one_by_one"]  # not per-sample: left out
