@@ -261,6 +261,15 @@ def scene_spec(prompt: str, meta: Optional[dict[str, Any]]) -> Spec:
     return meta if meta and "include" in meta else parse_prompt(prompt)
 
 
+def _caption_tag(prompt: str) -> str:
+    """The ShapesEval category of a caption of the grammar; ``"untagged"`` for a prompt outside it whose
+    spec came from ``metadata["include"]``."""
+    try:
+        return parse_prompt(prompt)["tag"]
+    except ValueError:
+        return "untagged"
+
+
 @register_reward("shapes")
 class ShapesReward(Reward):
     """Rule-based GenEval-style verifier for the toy world's captions (binary score by default).
@@ -314,7 +323,7 @@ class ShapesReward(Reward):
             ok, frac = evaluate(objects, spec, exclusive=self.exclusive, graded=self.graded)
             scores.append(float(ok))
             partial.append(frac)
-            tags.append(spec.get("tag", parse_prompt(prompt)["tag"] if "tag" not in spec else None))
+            tags.append(spec["tag"] if "tag" in spec else _caption_tag(prompt))
             found.append([{k: o[k] for k in ("shape", "color", "center", "area")} for o in objects])
             failures.append(failure_mode(objects, spec, verdict=ok))
         binary = torch.tensor(scores, dtype=torch.float32, device=self.device)  # [B]

@@ -329,3 +329,17 @@ def test_reward_labels_each_sample_and_evaluate_keeps_the_labels(ground_truth):
     unlabelled = evaluate(adapter, ["a"], lambda i, p, m: type(out)(scores=torch.ones(len(p))), num_samples=2, num_steps=1,
                           guidance_scale=1.0, progress=False)
     assert unlabelled.failures is None
+
+
+def test_an_explicit_spec_needs_no_caption_of_the_grammar():
+    """metadata["include"] is the spec: a prompt outside the caption grammar is scored by it (tag "untagged"
+    unless the metadata names one), where it used to raise while looking up a tag it did not need."""
+    from flowalign.rewards.shapes import ShapesReward
+    from flowalign.rewards.shapes_scenes import render
+
+    image = torch.from_numpy(render([{"shape": "circle", "color": "red", "size": 11.0, "center": (16.0, 16.0)}])).permute(2, 0, 1)[None].float() / 255
+    spec = {"include": [{"shape": "circle", "count": 1, "color": "red"}]}
+    out = ShapesReward(score="binary")(image, ["one round red thing"], [spec])
+    assert out.scores.tolist() == [1.0] and out.details["tag"] == ["untagged"]
+    wrong = ShapesReward(score="binary")(image, ["one round red thing"], [{"include": [{"shape": "square", "count": 1}], "tag": "custom"}])
+    assert wrong.scores.tolist() == [0.0] and wrong.details["tag"] == ["custom"]
