@@ -100,11 +100,32 @@ def _parse_txt_line(text: str, path: Path, number: int) -> Optional[PromptRecord
     return PromptRecord(prompt=prompt, metadata={}, line=number)
 
 
+class _StrictJSONError(ValueError):
+    """JSON that Python's parser takes but a prompt record must not hold."""
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    """``object_pairs_hook``: a key given twice (``json.loads`` keeps the last one silently) is an error."""
+    obj: dict = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _StrictJSONError(f"key {key!r} appears twice in one record")
+        obj[key] = value
+    return obj
+
+
+def _no_nonfinite_number(name: str):
+    """``parse_constant``: NaN / Infinity are not JSON (Python's parser accepts them)."""
+    raise _StrictJSONError(f"{name} is not a JSON number")
+
+
 def _parse_jsonl_line(text: str, path: Path, number: int) -> Optional[PromptRecord]:
     if not text.strip():
         return None
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_nonfinite_number)
+    except _StrictJSONError as exc:
+        raise PromptFileError(f"{path}:{number}: {exc}", path=path, line=number) from None
     except json.JSONDecodeError as exc:
         raise PromptFileError(f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno})", path=path, line=number) from None
     except (ValueError, RecursionError) as exc:

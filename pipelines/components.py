@@ -10,8 +10,10 @@ Tokenizers:
 
 * :func:`clip_tokenizer` is the *real* CLIP byte-level BPE (49,408 tokens), rebuilt from the
   vocabulary file that ``open-clip-torch`` ships (``bpe_simple_vocab_16e6.txt.gz``) the way
-  open_clip's ``SimpleTokenizer`` builds its encoder, so it tokenizes exactly like
-  ``open_clip.tokenize`` (tested).
+  open_clip's ``SimpleTokenizer`` builds its encoder, so it tokenizes plain text exactly like
+  ``open_clip.tokenize`` (tested on captions). open_clip first cleans text with ``ftfy`` and
+  unescapes HTML (``&amp;``, curly quotes, mojibake); this tokenizer, like ``CLIPTokenizer``
+  without ``ftfy``, does not, so such text tokenizes differently.
 * :func:`t5_tokenizer` is a ``T5Tokenizer`` (a ``tokenizers`` Unigram model, the same class the
   real T5 tokenizers use) over a small *character-level* vocabulary written here: pieces are
   the printable ASCII characters, with and without the SentencePiece word-start marker ``▁``.

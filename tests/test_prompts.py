@@ -57,6 +57,9 @@ def test_jsonl_keeps_metadata(tmp_path):
         ("p.jsonl", '{"tag": "a"}\n', r"p\.jsonl:1: missing \"prompt\""),
         ("p.jsonl", '{"prompt": "  "}\n', r"p\.jsonl:1: empty \"prompt\""),
         ("p.jsonl", '{"prompt": 3}\n', r"p\.jsonl:1: \"prompt\" must be a string, got int"),
+        ("p.jsonl", '{"prompt": "ok"}\n{"prompt": "a red circle", "prompt": "a blue square"}\n', r"p\.jsonl:2: key 'prompt' appears twice"),
+        ("p.jsonl", '{"prompt": "ok", "weight": NaN}\n', r"p\.jsonl:1: NaN is not a JSON number"),
+        ("p.jsonl", '{"prompt": "ok", "include": [{"count": -Infinity}]}\n', r"p\.jsonl:1: -Infinity is not a JSON number"),
         ("p.jsonl", '{"prompt": "\\ud800"}\n', r"p\.jsonl:1: .*surrogate"),
         ("p.txt", b"fine\n\xff\xfe bad\n", r"p\.txt:2: not valid UTF-8"),
         ("p.csv", "a,b\n", "unsupported prompt file type '.csv'"),
@@ -114,8 +117,9 @@ def test_fuzz_arbitrary_text(text, suffix):
     _load_or_error(suffix, text.encode("utf-8", errors="surrogatepass"))
 
 
+# finite floats: NaN and Infinity are not JSON, and the reader refuses them (test_reader_errors_name_file_and_line)
 _json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=10),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
     max_leaves=8,
 )
