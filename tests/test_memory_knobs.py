@@ -129,3 +129,43 @@ def test_autocast_runs_the_transformer_in_half_and_the_log_prob_math_in_fp32(tmp
     print(f"{precision}: |g - g_fp32| / |g_fp32| = {rel:.3g}")
     assert rel < 0.05, rel
     assert rel > 0  # it did run in half precision
+
+
+@register_reward("test_offload_checked_reward")
+class OffloadCheckedReward(LinearModelReward):
+    """LinearModelReward that refuses a call made while it is offloaded (not moved to the device for the call)."""
+
+    def __init__(self, device=None):
+        super().__init__(device)
+        self.offloaded, self._offloading = False, False
+
+    def to(self, device):
+        if not self._offloading:
+            self.offloaded = False
+        return super().to(device)
+
+    def offload(self):
+        self._offloading = True
+        try:
+            return super().offload()
+        finally:
+            self._offloading, self.offloaded = False, True
+
+    def score(self, images, prompts, metadata):
+        if self.offloaded:
+            raise RuntimeError("called while offloaded: the caller did not move the reward to the device")
+        return super().score(images, prompts, metadata)
+
+
+@pytest.mark.parametrize("objective", ["grpo", "dense_grpo"])
+def test_every_reward_call_moves_an_offloaded_reward_first(tmp_path, objective):
+    """The rollout rewards, the dense step rewards (with DenseGRPO's noise calibration) and the in-training eval
+    grid all move an offloaded reward to the device for their call (on a GPU a CPU-held model would get GPU images)."""
+    trainer = _trainer(tmp_path, "rewards=[{name: test_offload_checked_reward}]", "train.offload_rewards=true",
+                       f"objective.name={objective}", "dense.calibration_samples=2", "dense.calibration_rounds=1")
+    batch = trainer.collect()
+    assert torch.isfinite(batch.traj.rewards).all()
+    metrics = trainer.evaluate()
+    assert torch.isfinite(torch.tensor(metrics["eval/test_offload_checked_reward/mean"]))
+    reward = trainer.rewards["test_offload_checked_reward"]
+    assert reward.offloaded and reward.log.count("offload") >= 3  # back on the CPU between calls

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from flowalign.config import FlowalignConfig
+from flowalign.train import runtime
 
 if TYPE_CHECKING:
     from flowalign.train.trainer import Trainer
@@ -31,14 +32,15 @@ def calibrated_schedule(trainer: "Trainer", resumed: bool):
     if resumed and (trainer.run_dir / "noise_table.json").is_file():
         return sde.table(load_noise_table(trainer.run_dir / "noise_table.json")[0]), None
     records = trainer.sampler.records[: max(1, min(len(trainer.sampler.records), d.calibration_samples))]
-    levels = calibrate_noise_table_for(
-        trainer.adapter, [r.prompt for r in records], trainer.mixed_reward(),
-        rounds=d.calibration_rounds, samples=d.calibration_samples,
-        initial_levels=trainer.schedule.levels(s.num_steps, 0, torch.Generator().manual_seed(cfg.train.seed)),
-        eps1=d.eps1, eps2=d.eps2, max_level=d.max_level, kernel=s.kernel, guidance_scale=s.guidance_scale,
-        estimator=d.estimator, stride=d.stride, max_batch=d.max_batch, micro_batch_size=s.micro_batch_size,
-        generator=torch.Generator().manual_seed(cfg.train.seed + 2), metadata=[dict(r.metadata) for r in records],
-    )
+    with runtime.rewards_on_device(trainer.rewards.values(), trainer.device, cfg.train.offload_rewards):
+        levels = calibrate_noise_table_for(
+            trainer.adapter, [r.prompt for r in records], trainer.mixed_reward(),
+            rounds=d.calibration_rounds, samples=d.calibration_samples,
+            initial_levels=trainer.schedule.levels(s.num_steps, 0, torch.Generator().manual_seed(cfg.train.seed)),
+            eps1=d.eps1, eps2=d.eps2, max_level=d.max_level, kernel=s.kernel, guidance_scale=s.guidance_scale,
+            estimator=d.estimator, stride=d.stride, max_batch=d.max_batch, micro_batch_size=s.micro_batch_size,
+            generator=torch.Generator().manual_seed(cfg.train.seed + 2), metadata=[dict(r.metadata) for r in records],
+        )
     return sde.table(levels), levels
 
 

@@ -17,6 +17,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+
 from contextlib import nullcontext
 from dataclasses import fields
 from typing import Any, Optional, Sequence
@@ -157,6 +159,14 @@ def reward_device(reward, device: Optional[torch.device], offload: bool):
     if not offload or not hasattr(reward, "offload"):
         return nullcontext()
     return _OnDevice(reward, device)
+
+
+def rewards_on_device(rewards, device: Optional[torch.device], offload: bool) -> contextlib.ExitStack:
+    """:func:`reward_device` for several rewards at once (a mixed reward, the dense step rewards, the eval grid)."""
+    stack = contextlib.ExitStack()
+    for reward in rewards:
+        stack.enter_context(reward_device(reward, device, offload))
+    return stack
 
 
 class _OnDevice:

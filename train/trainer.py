@@ -323,7 +323,8 @@ class Trainer(OptimizerViews):
         if self.dense:
             from flowalign.step_rewards import dense_step_advantages
 
-            adv, metrics = dense_step_advantages(self.adapter, traj, cond, self.rewards, self.config)
+            with runtime.rewards_on_device(self.rewards.values(), self.device, self.config.train.offload_rewards):
+                adv, metrics = dense_step_advantages(self.adapter, traj, cond, self.rewards, self.config)
             adv = adv.cpu()
         elif ocfg.adv_std == "global" and self.accelerator.num_processes > 1:
             # the std runs over every process's samples: normalise the gathered batch, keep our rows
@@ -514,7 +515,8 @@ class Trainer(OptimizerViews):
             images = sampling.sample_ode(self.adapter, prompts, num_steps=s.eval_num_steps, guidance_scale=s.guidance_scale, generator=generator)
         metrics = {}
         for rcfg in self.config.rewards:
-            out = call_reward(self.rewards[rcfg.name], images, prompts, [dict(r.metadata) for r in self.eval_records], on_error="drop")
+            with runtime.reward_device(self.rewards[rcfg.name], self.device, self.config.train.offload_rewards):
+                out = call_reward(self.rewards[rcfg.name], images, prompts, [dict(r.metadata) for r in self.eval_records], on_error="drop")
             metrics[f"eval/{rcfg.name}/mean"] = float(out.scores.float().nanmean())
         if self.accelerator.is_main_process:
             name = tag or f"iter_{self.iteration:06d}"
