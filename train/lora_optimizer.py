@@ -97,13 +97,17 @@ class LoraOptimizer:
     def step(self, stats: dict) -> None:
         """Sum the (row-weighted) gradients across processes, clip, step; a non-finite gradient norm
         skips the step (and is counted). ``stats`` collects ``steps``, ``skipped`` and ``grad_norm``."""
+        applied = any(p.grad is not None for p in self.params)  # False: every micro-batch of the group was skipped
         if self.accelerator.num_processes > 1:
             self.check_nonfinite()
+            flag = torch.tensor([float(applied)], device=self.params[0].device)
+            if float(self.accelerator.reduce(flag, reduction="sum")) == 0:  # skipped on every process: no step anywhere
+                return
             for p in self.params:
-                if p.grad is None:
+                if p.grad is None:  # this process skipped: its share of the sum is zero
                     p.grad = torch.zeros_like(p)
                 p.grad = self.accelerator.reduce(p.grad, reduction="sum")
-        if not any(p.grad is not None for p in self.params):  # every micro-batch of the group was skipped
+        elif not applied:
             return
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
