@@ -384,3 +384,22 @@ def test_train_function_runs_a_whole_job_and_state_dict_is_what_the_checkpoint_h
     assert all(torch.equal(tensors["lora"][k], saved.tensors["lora"][k]) for k in tensors["lora"])
     assert state["optimizer"]["state"].keys() == saved.state["optimizer"]["state"].keys()
     resumed.cleanup()
+
+
+def test_each_process_resumes_its_own_global_torch_rng(tmp_path, monkeypatch):
+    """A checkpoint keeps every process's global torch RNG (``torch_rngs``, one row per process; LoRA dropout draws
+    from it) and a resume restores this process's row, not process 0's ``rng`` everywhere."""
+    from flowalign import checkpoint as ckpt
+    from flowalign.train import trainer_checkpoint
+
+    trainer = _trainer(tmp_path)
+    saved = torch.get_rng_state()
+    path = trainer.save_checkpoint()
+    loaded = ckpt.load_checkpoint(path)
+    assert loaded.state["torch_rngs"].shape == (1, saved.numel()) and torch.equal(loaded.state["torch_rngs"][0].to(torch.uint8), saved)
+    own = torch.Generator().manual_seed(123).get_state()  # stands in for another process's stream
+    loaded.state["torch_rngs"] = own[None].clone()
+    monkeypatch.setattr(ckpt, "load_checkpoint", lambda *args, **kwargs: loaded)
+    torch.manual_seed(7)
+    trainer_checkpoint.restore_trainer_checkpoint(trainer, path)
+    assert torch.equal(torch.get_rng_state(), own)  # this process's row wins over rng["torch"]

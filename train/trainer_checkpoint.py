@@ -1,9 +1,9 @@
 """Checkpoints of an online run (DESIGN.md §9): what the trainer saves and how a resume restores it.
 
 A checkpoint holds the LoRA (transformer and text encoders), the optimizer's moments, EMA and
-loss scaler (:class:`~flowalign.train.lora_optimizer.LoraOptimizer`), every process's generator,
-the global RNGs, the prompt sampler's position and the iteration, so a resumed run continues
-bit-exactly (``tests/test_trainer.py``, ``tests/test_resume_kill.py``). Files are written
+loss scaler (:class:`~flowalign.train.lora_optimizer.LoraOptimizer`), every process's generator
+and global torch (and CUDA) RNG, process 0's python / numpy RNGs, the prompt sampler's position
+and the iteration, so a resumed run continues bit-exactly (``tests/test_trainer.py``, ``tests/test_resume_kill.py``). Files are written
 atomically by :func:`flowalign.checkpoint.save_checkpoint` and refused on a config mismatch.
 """
 from __future__ import annotations
@@ -33,9 +33,14 @@ def trainer_state(trainer) -> tuple[dict, dict]:
         "rng": ckpt.capture_rng(),
         # [num_processes, S] uint8: every process's own generator (each resumes its own stream)
         "generators": trainer._gather(trainer.generator.get_state()[None]),
+        # [num_processes, S] uint8: every process's global torch RNG (LoRA dropout draws from it, and processes
+        # that drew different numbers of masks are on different streams); "rng" holds process 0's python/numpy
+        "torch_rngs": trainer._gather(torch.get_rng_state()[None]),
         "sampler": trainer.sampler.state_dict(),
         **optim_state,
     }
+    if torch.cuda.is_available() and trainer.device.type == "cuda":  # the CUDA generator of each process's own device
+        state["cuda_rngs"] = trainer._gather(torch.cuda.get_rng_state(trainer.device)[None])
     return tensors, state
 
 
@@ -73,6 +78,11 @@ def restore_trainer_checkpoint(trainer, path: Path) -> None:
     if generators.shape[0] != world:
         raise CheckpointError(f"checkpoint {path} was written by {generators.shape[0]} processes, this run has {world}; "
                               "resume with the same number of processes")
-    trainer.generator.set_state(generators[trainer.accelerator.process_index].to(torch.uint8).clone())  # a row view is refused
+    rank = trainer.accelerator.process_index
+    trainer.generator.set_state(generators[rank].to(torch.uint8).clone())  # a row view is refused
+    if "torch_rngs" in state:  # checkpoints from before it restore process 0's global RNG everywhere
+        torch.set_rng_state(state["torch_rngs"][rank].to(torch.uint8).clone())
+    if "cuda_rngs" in state and torch.cuda.is_available() and trainer.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rngs"][rank].to(torch.uint8).clone(), trainer.device)
     trainer.iteration = int(state["iteration"])
     logger.info("resumed from %s at iteration %d", path, trainer.iteration)
