@@ -316,7 +316,7 @@ def _dense_config(cfg: Any) -> DenseConfig:
     return DenseConfig(**{f: getattr(d, f) for f in DenseConfig.__dataclass_fields__ if hasattr(d, f)})
 
 
-def dense_step_advantages(adapter, traj, cond, reward, cfg) -> tuple[Tensor, dict[str, float]]:
+def dense_step_advantages(adapter, traj, cond, reward, cfg, gather: Optional[Callable] = None) -> tuple[Tensor, dict[str, float]]:
     """The trainer's entry point: per-step advantages ``[B, K]`` and metrics for one rollout batch.
 
     Call it after the outcome rewards are in ``traj.rewards``. ``cfg`` is the run's
@@ -324,6 +324,10 @@ def dense_step_advantages(adapter, traj, cond, reward, cfg) -> tuple[Tensor, dic
     ``adv_eps``, ``adv_clip``, ``sampling.guidance_scale``, ``rewards`` (weights, on_error) and the
     ``dense`` section, :class:`DenseConfig`, defaults when absent). ``reward`` is one reward or the
     trainer's ``{name: reward}`` dict (mixed with ``cfg.rewards``' weights).
+
+    ``gather(R, group_ids) -> (R_all, group_ids_all, own_rows)`` (the trainer's, on several processes) gives
+    every process's rows, with group ids distinct across processes, and the slice of this process's rows:
+    ``objective.adv_std="global"`` then normalises over the whole batch, as the outcome advantages do.
 
     Samples whose R has a NaN (a reward dropped under ``on_error="drop"``) get zero advantages and are
     left out of the group statistics; rows with all-zero advantages can be dropped with
@@ -348,12 +352,16 @@ def dense_step_advantages(adapter, traj, cond, reward, cfg) -> tuple[Tensor, dic
     )
     B, K = traj.batch_size, traj.num_steps
     ok = torch.isfinite(R).all(dim=1)  # [B]
-    adv = torch.zeros(B, K)
     metrics: dict[str, float] = {"dense/nfe": float(nfe), "dense/nfe_per_sample": nfe / max(B, 1), "dense/dropped": float((~ok).sum())}
+    R_all, gid_all, own = gather(R, traj.group_ids.cpu()) if gather is not None else (R, traj.group_ids.cpu(), slice(None))
+    ok_all = torch.isfinite(R_all).all(dim=1)
+    adv_all = torch.zeros(R_all.shape[0], K)
+    if ok_all.any():
+        adv_all[ok_all] = step_advantages(R_all[ok_all], gid_all[ok_all], method, credit=d.credit, gamma=d.gamma, balance=d.balance,
+                                          std=ocfg.adv_std, eps=ocfg.adv_eps, clip=ocfg.adv_clip)
+    adv = adv_all[own]  # [B, K]
     if ok.any():
-        Rk, gid = R[ok], traj.group_ids.cpu()[ok]
-        adv[ok] = step_advantages(Rk, gid, method, credit=d.credit, gamma=d.gamma, balance=d.balance,
-                                  std=ocfg.adv_std, eps=ocfg.adv_eps, clip=ocfg.adv_clip)
+        Rk = R[ok]
         stoch = torch.as_tensor(traj.stochastic_mask).bool().cpu()
         gains = dense.step_gains(Rk)[:, stoch]  # [b, S]
         tp_mask, _ = dense.turning_points(Rk, balance=d.balance)

@@ -95,3 +95,18 @@ def test_trainer_rolls_out_more_and_trains_on_the_first_groups_with_a_signal(tmp
             trainer.iteration += 1
     finally:
         trainer.cleanup()
+
+
+def test_an_oversample_that_does_not_split_over_the_processes_is_refused(tmp_path):
+    """1.25 x 4 prompts = 5 on one process but ceil(1.25 x 2) = 3 on each of 2 (6): the prompt window and the
+    sampler's position would depend on the process count, so setup refuses it; 1.5 x 4 = 6 = 2 x 3 is fine."""
+    from types import SimpleNamespace
+
+    from flowalign.train.trainer_setup import build_prompt_data
+
+    two = SimpleNamespace(num_processes=2, process_index=0)
+    base = [f"train.output_dir={tmp_path}", "train.prompts_per_iter=4", "train.micro_batch_size=8"]
+    with pytest.raises(ConfigError, match=r"train.oversample=1.25 draws 5 prompts per iteration on one process but 6 over 2"):
+        build_prompt_data(load_config(None, base + ["train.oversample=1.25"]), two)
+    assert build_prompt_data(load_config(None, base + ["train.oversample=1.5"]), two).sampler is not None
+    assert build_prompt_data(load_config(None, base + ["train.oversample=1.25"]), SimpleNamespace(num_processes=1, process_index=0))

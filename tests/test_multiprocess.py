@@ -48,8 +48,11 @@ def _tree(run: Path) -> list[str]:
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
 @pytest.mark.parametrize("extra", [[], ["lora.train_text_encoder=true"], ["train.oversample=1.5"], ["objective.adv_std=global"],
-                                   ["sampling.drift_reward=brightness", "sampling.drift_gradient=spsa", "sampling.drift_spsa_sigma=0.5"]],
-                         ids=["transformer", "with_text_encoders", "dynamic_sampling", "global_std", "guided_drift_spsa"])
+                                   ["sampling.drift_reward=brightness", "sampling.drift_gradient=spsa", "sampling.drift_spsa_sigma=0.5"],
+                                   ["objective.name=dense_grpo", "objective.adv_std=global"],
+                                   ["objective.name=nft", "objective.kwargs={num_timesteps: 2}", "sampling.kernel=ode"]],
+                         ids=["transformer", "with_text_encoders", "dynamic_sampling", "global_std", "guided_drift_spsa",
+                              "dense_global_std", "nft_forward_draws"])
 def test_two_processes_match_one_process(tmp_path, extra):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     two = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "flowalign.train.cli", *_args(tmp_path / "two", extra)],
@@ -83,8 +86,53 @@ def test_two_processes_match_one_process(tmp_path, extra):
         else:  # sampled by LoRAs that differ by float rounding (see the docstring): a float32 ulp or so (seen: 3e-8)
             assert float(a["reward/mean"]) == pytest.approx(float(b["reward/mean"]), rel=1e-6, abs=0)
         assert abs(float(a["grad_norm"]) / float(b["grad_norm"]) - 1) < 1e-4, (a["grad_norm"], b["grad_norm"])
+        for key in ("frac_zero_std_groups", "samples/kept_frac", "advantages/abs_mean"):  # over every process's samples
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-3, abs=1e-7), key  # (dense: rewards of ODE completions)
     state = ckpt.load_checkpoint(ckpt.find_latest(tmp_path / "two" / "checkpoints")).state
     assert state["generators"].shape[0] == 2  # every process's shuffle stream, saved by the main process
+    assert state["torch_rngs"].shape[0] == 2  # and every process's global torch RNG (LoRA dropout draws from it)
     # a clean exit: the summary once, and each process released its process group
     assert two.stdout.count("done: 2 iterations") == 1
     assert two.stderr.count("process group destroyed") == 2, two.stderr[-2000:]
+
+
+STEP_SCRIPT = '''
+import torch
+from accelerate import Accelerator
+from flowalign.config import TrainConfig
+from flowalign.train.lora_optimizer import LoraOptimizer
+
+acc = Accelerator(cpu=True)
+p = torch.nn.Parameter(torch.ones(4))
+opt = LoraOptimizer([{"params": [p], "lr_ratio": 1.0}], TrainConfig(lr=0.1, weight_decay=0.0, max_nonfinite_steps=10), acc, "cpu",
+                    lambda t: acc.gather(t))
+stats = opt.new_stats()
+opt.backward((p * torch.arange(4.0)).sum(), "good")
+opt.step(stats)  # a real step on every process
+before = p.detach().clone()
+opt.backward(p.sum() * float("nan"), "bad")  # every process's only micro-batch is non-finite: skipped
+opt.step(stats)
+moved_all_nan = float((p.detach() - before).abs().max())
+if acc.process_index == 0:
+    opt.backward((p * torch.arange(4.0)).sum(), "good")  # only process 0 has a loss: the sum is its gradient
+opt.step(stats)
+if acc.is_main_process:
+    print(f"RESULT steps={stats['steps']} taken={opt.steps_taken} moved_all_nan={moved_all_nan} moved_one={float((p.detach() - before).abs().max())}")
+acc.end_training()
+'''
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
+def test_a_step_every_process_skipped_is_skipped_everywhere(tmp_path):
+    """Every micro-batch non-finite on every process: no AdamW step anywhere (it used to step on zero-filled
+    gradients, moving the weights by momentum); a step where only one process has a loss still steps."""
+    script = tmp_path / "step.py"
+    script.write_text(STEP_SCRIPT)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(script)], capture_output=True, text=True,
+                          env=env, timeout=240, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT"))
+    fields = dict(item.split("=") for item in line.split()[1:])
+    assert (fields["steps"], fields["taken"]) == ("2", "2") and float(fields["moved_all_nan"]) == 0.0
+    assert float(fields["moved_one"]) > 0

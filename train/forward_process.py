@@ -42,14 +42,29 @@ def sigma_grid(traj, timestep_fraction: float) -> Tensor:
     return grid[:n]
 
 
-def draw(traj, objective, timestep_fraction: float, generator: torch.Generator) -> ForwardDraws:
-    """Sigmas (``objective.sigma_sampling`` over :func:`sigma_grid`) and standard-normal noises for every sample."""
+def draw(traj, objective, timestep_fraction: float, generator: torch.Generator,
+         group_generator: Optional[Callable[[int], torch.Generator]] = None) -> ForwardDraws:
+    """Sigmas (``objective.sigma_sampling`` over :func:`sigma_grid`) and standard-normal noises for every sample.
+
+    With ``group_generator`` (``group id -> generator``; the trainer's under ``sampling.noise_seeding: group``)
+    each group's rows are drawn from their group's own stream, so the draws do not depend on how the
+    groups are spread over processes; else every row from ``generator``.
+    """
     from flowalign.objectives.nft import draw_forward_sigmas
 
     batch, num = traj.batch_size, objective.num_timesteps
-    sigma = draw_forward_sigmas(sigma_grid(traj, timestep_fraction), batch, num, generator, objective.sigma_sampling)  # [B, T]
-    latent = traj.latents.shape[2:]
-    noise = torch.randn((batch, num, *latent), generator=generator, dtype=torch.float32)  # [B, T, *latent]
+    grid, latent = sigma_grid(traj, timestep_fraction), traj.latents.shape[2:]
+    if group_generator is None:
+        sigma = draw_forward_sigmas(grid, batch, num, generator, objective.sigma_sampling)  # [B, T]
+        noise = torch.randn((batch, num, *latent), generator=generator, dtype=torch.float32)  # [B, T, *latent]
+        return ForwardDraws(sigma=sigma, noise=noise)
+    sigma, noise = torch.empty(batch, num), torch.empty((batch, num, *latent), dtype=torch.float32)
+    group_ids = traj.group_ids.cpu()
+    for g in group_ids.unique().tolist():
+        rows = (group_ids == g).nonzero().flatten()
+        gen = group_generator(int(g))
+        sigma[rows] = draw_forward_sigmas(grid, rows.numel(), num, gen, objective.sigma_sampling)
+        noise[rows] = torch.randn((rows.numel(), num, *latent), generator=gen, dtype=torch.float32)
     return ForwardDraws(sigma=sigma, noise=noise)
 
 

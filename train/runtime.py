@@ -3,7 +3,8 @@
 * **Layout-invariant noise** (``sampling.noise_seeding: group``): the rollout noise of a group is
   drawn from its own generator, seeded by ``(train.seed, iteration, global group index)``, and
   the noise levels of an iteration from a generator seeded by ``(train.seed, iteration)``, so
-  the samples of an iteration do not depend on how many processes share it. Groups are never
+  the samples of an iteration do not depend on how many processes share it; the forward-process
+  draws of nft / awm come from a third per-group stream (:func:`forward_generator`). Groups are never
   split across processes (``PromptSampler`` hands each process whole prompts).
 * **Update slots**: every process must run the same number of optimizer steps (each one
   all-reduces the LoRA gradients), even when their kept samples differ. :func:`slot_sizes`
@@ -18,7 +19,6 @@
 from __future__ import annotations
 
 import contextlib
-
 from contextlib import nullcontext
 from dataclasses import fields
 from typing import Any, Optional, Sequence
@@ -29,12 +29,20 @@ from torch import Tensor
 SEED_MOD = 2**63 - 1
 GROUP_STREAM = 7_919  # offsets keep these streams apart from the per-process ones
 LEVEL_STREAM = 104_729
+FORWARD_STREAM = 1_299_709
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def group_generator(seed: int, iteration: int, group_index: int) -> torch.Generator:
     """CPU generator of the group at global position ``group_index`` of ``iteration``."""
     value = ((seed * 1_000_003 + iteration) * 1_000_003 + group_index + GROUP_STREAM) % SEED_MOD
+    return torch.Generator().manual_seed(value)
+
+
+def forward_generator(seed: int, iteration: int, group_index: int) -> torch.Generator:
+    """CPU generator of the forward-process draws (nft, awm: sigmas and noises) of the group at global position
+    ``group_index`` of ``iteration``: a stream apart from the group's rollout noise."""
+    value = ((seed * 1_000_003 + iteration) * 1_000_003 + group_index + FORWARD_STREAM) % SEED_MOD
     return torch.Generator().manual_seed(value)
 
 
@@ -100,6 +108,20 @@ def rollout_groups(adapter, records: Sequence[Any], cond, sampling_cfg, schedule
                          generator=group_generator(seed, iteration, first_group + j), **kwargs)
         for j, r in enumerate(records)
     ])
+
+
+def sum_metrics_across_processes(sums: dict, counts: dict) -> tuple[dict, dict]:
+    """Per-key sums and counts of every process's micro-batch metrics (one object gather: the processes'
+    key sets may differ, e.g. a process whose plan was empty has none)."""
+    from accelerate.utils import gather_object
+
+    total_sums: dict = {}
+    total_counts: dict = {}
+    for part_sums, part_counts in gather_object([(sums, counts)]):
+        for key, value in part_sums.items():
+            total_sums[key] = total_sums.get(key, 0.0) + value
+            total_counts[key] = total_counts.get(key, 0) + part_counts[key]
+    return total_sums, total_counts
 
 
 def slot_sizes(plan_rows: list[int], accelerator) -> Tensor:

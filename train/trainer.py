@@ -32,7 +32,10 @@ by hand at every optimizer step, each micro-batch weighted by its share of the r
 accumulation group over all processes, and every process runs the same number of optimizer
 steps (``train/runtime.py``), so the pipeline's modules are never wrapped: FSDP / ZeRO configs
 run like DDP. With ``sampling.noise_seeding: group`` a run gives the same LoRA (up to float
-reduction order) on any number of processes.
+reduction order) on any number of processes when each optimizer step covers the same rows there:
+``grad_accum`` counts a process's micro-batches, so that holds when one step takes the whole
+iteration (the default recipes) and not when, say, ``grad_accum: 1`` makes 2 processes take half
+the steps of 1. ``train.oversample`` must split evenly over the processes (checked at setup).
 """
 from __future__ import annotations
 
@@ -303,7 +306,7 @@ class Trainer(OptimizerViews):
             metrics[f"reward/{rcfg.name}/mean"] = float(gathered.nanmean())
             finite = gathered[~gathered.isnan()]
             metrics[f"reward/{rcfg.name}/std"] = float(finite.std()) if finite.numel() > 1 else 0.0
-            metrics[f"reward/{rcfg.name}/dropped"] = float(out.num_dropped)
+            metrics[f"reward/{rcfg.name}/dropped"] = float(self._gather(torch.tensor([float(out.num_dropped)])).sum())  # all processes
         gathered = self._gather(total)
         gathered = gathered[~gathered.isnan()]
         metrics["reward/mean"] = float(gathered.mean()) if gathered.numel() else math.nan
@@ -323,8 +326,10 @@ class Trainer(OptimizerViews):
         if self.dense:
             from flowalign.step_rewards import dense_step_advantages
 
+            # a global std runs over every process's rows, as for the outcome advantages below
+            gather = self._gather_batch if ocfg.adv_std == "global" and self.accelerator.num_processes > 1 else None
             with runtime.rewards_on_device(self.rewards.values(), self.device, self.config.train.offload_rewards):
-                adv, metrics = dense_step_advantages(self.adapter, traj, cond, self.rewards, self.config)
+                adv, metrics = dense_step_advantages(self.adapter, traj, cond, self.rewards, self.config, gather=gather)
             adv = adv.cpu()
         elif ocfg.adv_std == "global" and self.accelerator.num_processes > 1:
             # the std runs over every process's samples: normalise the gathered batch, keep our rows
@@ -342,10 +347,10 @@ class Trainer(OptimizerViews):
             chosen = first_informative_groups(self._gather(keep.float()).bool(), all_g, self.config.train.prompts_per_iter)
             keep = chosen[self._own_rows(keep.shape[0])]
             metrics["samples/groups_trained"] = float(all_g[chosen].unique().numel())
-        metrics.update({
-            "frac_zero_std_groups": zero_variance_fraction(fill_dropped(rewards, group_ids), group_ids),
-            "samples/kept_frac": float(keep.float().mean()),
-            "advantages/abs_mean": float(adv.abs().mean()),
+        metrics.update({  # over every process's samples (the main process logs them)
+            "frac_zero_std_groups": zero_variance_fraction(self._gather(fill_dropped(rewards, group_ids)), self._gather_group_ids(group_ids)),
+            "samples/kept_frac": float(self._gather(keep.float()).mean()),
+            "advantages/abs_mean": float(self._gather(adv.abs().float()).mean()),
         })
         return adv, keep, metrics
 
@@ -406,6 +411,7 @@ class Trainer(OptimizerViews):
                     self.optim.step(stats)
         if self.accelerator.num_processes > 1:
             self.optim.check_nonfinite()
+            sums, counts = runtime.sum_metrics_across_processes(sums, counts)  # the mean over every process's micro-batches
         metrics = {key: sums[key] / counts[key] for key in sums}
         metrics.update(self.optim.metrics(stats))
         decay = self.optim.update_old_policy()  # the next iteration's sampler
@@ -418,7 +424,12 @@ class Trainer(OptimizerViews):
         """This iteration's forward-process sigmas and noises (shared by its inner epochs); the sampling policy's
         velocity ``v_old`` at every row, before the first step, when it differs from the trained policy during the
         update (more than one optimizer step, or a lagging old policy)."""
-        self._draws = fp.draw(batch.traj, self.objective, self.config.objective.timestep_fraction, self.generator)
+        group_generator = None
+        if self.config.sampling.noise_seeding == "group":  # each group's draws from its own stream: layout-invariant
+            first = self.accelerator.process_index * trainer_setup.prompts_drawn_per_process(self.config.train, self.accelerator.num_processes)
+            seed, iteration = self.config.train.seed, self.iteration
+            group_generator = lambda g: runtime.forward_generator(seed, iteration, first + g)  # noqa: E731
+        self._draws = fp.draw(batch.traj, self.objective, self.config.objective.timestep_fraction, self.generator, group_generator)
         if optimizer_steps > 1 or self.optim.old_policy is not None:
             with self._sampling_policy():  # batch.cond is the rollout's encoding, by the same weights
                 fp.old_velocities(batch.traj, batch.advantages, self._draws, plan,
@@ -496,6 +507,10 @@ class Trainer(OptimizerViews):
     def _gather_group_ids(self, group_ids: Tensor) -> Tensor:
         """Every process's ``group_ids`` in process order, made distinct across processes."""
         return self._gather(group_ids + 10**9 * self.accelerator.process_index)
+
+    def _gather_batch(self, values: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, slice]:
+        """Every process's ``values`` and (distinct) ``group_ids``, and the slice of this process's rows."""
+        return self._gather(values), self._gather_group_ids(group_ids), self._own_rows(values.shape[0])
 
     def _own_rows(self, rows: int) -> slice:
         """This process's rows of a gathered tensor whose processes each gave ``rows``."""

@@ -82,6 +82,11 @@ def build_prompt_data(config: FlowalignConfig, accelerator) -> PromptData:
     world = accelerator.num_processes
     if cfg.prompts_per_iter % world:
         raise ConfigError(f"train.prompts_per_iter={cfg.prompts_per_iter} must be divisible by the {world} processes")
+    drawn, alone = world * prompts_drawn_per_process(cfg, world), prompts_drawn_per_process(cfg, 1)
+    if drawn != alone:  # the prompt window, the sampler's position and so the run would depend on the process count
+        raise ConfigError(f"train.oversample={cfg.oversample:g} draws {alone} prompts per iteration on one process but "
+                          f"{drawn} over {world} ({drawn // world} each): choose it so that oversample x prompts_per_iter "
+                          f"({cfg.oversample * cfg.prompts_per_iter:g}) / {world} is a whole number")
     records = load_prompts(resolve_path(cfg.prompts)) if cfg.prompts else [PromptRecord(p) for p in DEMO_PROMPTS]
     sampler = PromptSampler(records, prompts_drawn_per_process(cfg, world), seed=cfg.seed, num_shards=world, shard_index=accelerator.process_index)
     eval_records = load_prompts(resolve_path(cfg.eval_prompts)) if cfg.eval_prompts else records
