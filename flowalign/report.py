@@ -22,14 +22,15 @@ wrapped, under each column.
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
 import shlex
 import sys
-from pathlib import Path
 import time
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping, Optional, Sequence, Union
 
 import torch
@@ -202,19 +203,28 @@ def _drift_note(config_dict: Mapping) -> str:
             f"training rewards are the guided samples', evaluation is unguided)")
 
 
+def _per_prompt_note(result) -> str:
+    """"2 per prompt", or "1–2 per prompt" when the samples cycle over the prompt lines unevenly (512 over 320)."""
+    counts = collections.Counter(result.record_index).values() if result.record_index else []
+    if not counts:
+        return f"{result.settings.get('samples_per_prompt', '?')} per prompt"
+    low, high = min(counts), max(counts)
+    return f"{low} per prompt" if low == high else f"{low}–{high} per prompt"
+
+
 def summarize_metrics(metrics_csv: PathLike, window: float = 0.1) -> list[dict[str, Any]]:
     """Per reward/diagnostic column of ``metrics.csv``: first and last window means and the best value.
 
     Columns summarised: ``reward/*/mean``, ``eval/*``, and the diagnostics the trainer logs when
     present (zero-advantage fraction, KL, clip fraction, grad norm, samples/s). ``window`` is the
-    fraction of iterations (at least one) averaged at each end, so one noisy iteration does not
-    decide the summary.
+    fraction of a column's logged values (at least one) averaged at each end, so one noisy iteration
+    does not decide the summary; a column logged every few iterations (``eval/*``) is windowed over
+    its own values, not over the run's iterations.
     """
     data = read_metrics(metrics_csv)
     n = len(data.get("iteration", []))
     if n == 0:
         return []
-    k = max(1, int(round(window * n)))
     wanted = ("zero", "kl", "clip", "grad_norm", "samples_per_s", "samples/s", "nonzero")
     keys = [c for c in data if c != "iteration" and (
         (c.startswith("reward/") and c.endswith("/mean")) or c.startswith("eval/") or any(w in c for w in wanted))]
@@ -223,7 +233,8 @@ def summarize_metrics(metrics_csv: PathLike, window: float = 0.1) -> list[dict[s
         values = [v for v in data[key] if math.isfinite(v)]
         if not values:
             continue
-        first, last = values[: min(k, len(values))], values[-min(k, len(values)):]
+        k = max(1, int(round(window * len(values))))
+        first, last = values[:k], values[-k:]
         out.append({"metric": key, "iterations": len(values), "first": sum(first) / len(first), "last": sum(last) / len(last),
                     "min": min(values), "max": max(values)})
     return out
@@ -371,7 +382,7 @@ def write_report(
         + f", {_get(config_dict, 'train.iterations', '?')} iterations, "
         f"lr {_get(config_dict, 'train.lr', '?')}, seed {_get(config_dict, 'train.seed', '?')}" + _ema_note(config_dict),
         "- **rewards**: " + ", ".join(f"`{r.get('name')}` × {r.get('weight', 1.0)}" for r in config_dict.get("rewards", []) if isinstance(r, Mapping)),
-        f"- **evaluation**: {aligned.num_samples} samples ({settings.get('samples_per_prompt', '?')} per prompt, "
+        f"- **evaluation**: {aligned.num_samples} samples ({_per_prompt_note(aligned)}, "
         f"{settings.get('num_prompts', '?')} prompts from `{settings.get('prompts_file', _get(config_dict, 'train.eval_prompts', '?'))}`), "
         f"ODE {settings.get('num_steps', '?')} steps, guidance {settings.get('guidance_scale', '?')}, seeds {aligned.seeds[0]}…{aligned.seeds[-1]}; "
         f"the same prompts and initial noise for base and aligned",

@@ -330,8 +330,8 @@ def test_cli_compare_sets_an_evaluation_against_an_earlier_one(capsys, tmp_path,
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps(r) for r in RECORDS[:3]) + "\n")
-    def argv(samples: int = 12, steps: int = 1) -> list[str]:
-        return ["--model", "tiny-sd3", "--prompts", str(prompts), "--reward", "brightness", "--num-samples", str(samples), "--steps", str(steps),
+    def argv(samples: int = 12, steps: int = 1, reward: str = "brightness") -> list[str]:
+        return ["--model", "tiny-sd3", "--prompts", str(prompts), "--reward", reward, "--num-samples", str(samples), "--steps", str(steps),
                 "--guidance", "1", "--no-progress"]
 
     common = argv()
@@ -360,6 +360,8 @@ def test_cli_compare_sets_an_evaluation_against_an_earlier_one(capsys, tmp_path,
     assert "num_steps=1" in err and "num_steps=2" in err
     err = _one_line_error(capsys, [*argv(samples=6), "--compare", str(tmp_path / "base" / "eval.json")])
     assert "samples=12" in err and "samples=6" in err
+    err = _one_line_error(capsys, [*argv(reward="jpeg_compressibility"), "--compare", str(tmp_path / "base")])  # another scale
+    assert "reward=brightness" in err and "reward=jpeg_compressibility" in err
     assert "no eval.json there" in _one_line_error(capsys, [*common, "--compare", str(tmp_path / "nowhere")])
     # other prompts, same counts: found only after sampling, so the new samples are written first, then refused
     prompts.write_text("\n".join(json.dumps(r) for r in RECORDS[1:4]) + "\n")

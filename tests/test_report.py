@@ -116,6 +116,31 @@ def test_summarize_metrics_first_and_last_windows(tmp_path):
     assert rows["frac_zero_std_groups"]["min"] == pytest.approx(0.1)
 
 
+def test_a_sparse_column_is_windowed_over_its_own_values(tmp_path):
+    """eval/* is logged every few iterations: 5 values over 50 iterations; a 10% window of the *iterations* (5)
+    used to average all 5 values at both ends, reporting no change for a rising curve."""
+    rows = [{"iteration": i, "reward/shapes/mean": 0.5, "eval/shapes/mean": (0.1 * (i // 10 + 1) if i % 10 == 9 else "")} for i in range(50)]
+    with open(tmp_path / "m.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = {r["metric"]: r for r in summarize_metrics(tmp_path / "m.csv", window=0.1)}
+    assert summary["eval/shapes/mean"]["iterations"] == 5
+    assert summary["eval/shapes/mean"]["first"] == pytest.approx(0.1) and summary["eval/shapes/mean"]["last"] == pytest.approx(0.5)
+
+
+def test_the_evaluation_line_counts_samples_per_prompt_as_drawn(tmp_path):
+    """512 samples cycle over 320 prompt lines: 1 or 2 each, which the report says (it said "1 per prompt")."""
+    base = _result([1, 0, 0, 0, 0, 0, 0, 0, 1, 0], [0.5] * 10)
+    aligned = _result([1, 1, 1, 0, 1, 1, 0, 0, 1, 1], [0.5] * 10)
+    text = write_report(tmp_path, base=base, aligned=aligned, config_dict=CONFIG, timings={}).read_text()
+    assert "10 samples (2 per prompt, 5 prompts" in text  # record_index i % 5: every prompt twice
+    for r in (base, aligned):
+        r.record_index = [0, 1, 2, 3, 4, 0, 1, 2, 0, 1]  # uneven: 3, 3, 2, 1, 1
+    text = write_report(tmp_path / "uneven", base=base, aligned=aligned, config_dict=CONFIG, timings={}).read_text()
+    assert "10 samples (1–3 per prompt, 5 prompts" in text
+
+
 def test_before_after_grid_size_and_nearest_upscaled_cells(tmp_path):
     n, h, w, scale = 3, 32, 32, 4
     base = torch.zeros(n, 3, h, w)

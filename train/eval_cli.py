@@ -136,14 +136,16 @@ def load_reference(path: str):
 
 
 def check_reference(reference, reference_name: str, **asked) -> None:
-    """Refuse a ``--compare`` reference sampled differently: each of ``asked`` (``num_steps``,
-    ``guidance_scale``, ``samples``, ``seed``; None = unknown, not checked) must equal the reference's.
+    """Refuse a ``--compare`` reference sampled or scored differently: each of ``asked`` (``num_steps``,
+    ``guidance_scale``, ``samples``, ``seed``, ``reward``, ``correct_when``; None = unknown, not checked)
+    must equal the reference's.
 
     Raises:
         ConfigError: naming the first setting that differs.
     """
     had = {"num_steps": reference.settings.get("num_steps"), "guidance_scale": reference.settings.get("guidance_scale"),
-           "samples": reference.num_samples, "seed": reference.seeds[0] if reference.seeds else None}
+           "samples": reference.num_samples, "seed": reference.seeds[0] if reference.seeds else None,
+           "reward": reference.settings.get("reward"), "correct_when": reference.settings.get("correct_when")}
     for key, value in asked.items():
         if value is not None and had[key] is not None and had[key] != value:
             raise ConfigError(f"--compare {reference_name}: it was sampled with {key}={had[key]}, this evaluation with {key}={value}")
@@ -151,14 +153,15 @@ def check_reference(reference, reference_name: str, **asked) -> None:
 
 def compare_reference(reference, result, reference_name: str):
     """:func:`flowalign.evaluation.compare` of ``reference`` (as base) and ``result`` (as aligned),
-    after :func:`check_reference` on the steps and guidance.
+    after :func:`check_reference` on the steps, guidance, reward and what counts as correct.
 
     Raises:
         ConfigError: the two evaluations drew different samples or used other steps / guidance.
     """
     from flowalign.evaluation import compare
 
-    check_reference(reference, reference_name, num_steps=result.settings.get("num_steps"), guidance_scale=result.settings.get("guidance_scale"))
+    check_reference(reference, reference_name, num_steps=result.settings.get("num_steps"), guidance_scale=result.settings.get("guidance_scale"),
+                    reward=result.settings.get("reward"), correct_when=result.settings.get("correct_when"))
     try:
         return compare(reference, result)
     except ValueError as exc:
@@ -278,7 +281,10 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
 
     indices = sample_indices(len(records), num_samples, spp)  # check the counts before loading the model
     if reference is not None:  # refuse a mismatch before sampling (compare() checks prompts, seeds and noise after)
-        check_reference(reference, options.compare, num_steps=options.steps, guidance_scale=options.guidance, samples=len(indices), seed=options.seed)
+        from flowalign.rewards.base import reward_name
+
+        check_reference(reference, options.compare, num_steps=options.steps, guidance_scale=options.guidance, samples=len(indices),
+                        seed=options.seed, reward=reward_name(tap if tap is not None else reward))
 
     from flowalign.train.model import build_adapter
 
