@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,9 @@ def _read_manifest(path: Path, repair: bool) -> list[dict]:
                         fh.truncate(good_end)
                         os.fsync(fh.fileno())
                     break
+                if end >= len(raw):  # a torn last line: a `flowalign generate` that stopped mid-write
+                    raise RolloutStoreError(f"{path}: the last line is incomplete (generation was interrupted); rerun the same "
+                                            "`flowalign generate` to repair and finish the store")
                 raise RolloutStoreError(f"{path}: line {number} is not valid JSON (corrupt manifest)")
             lines.append(entry)
             good_end = end
@@ -330,32 +334,31 @@ class RolloutStore:
         """How many groups :meth:`groups` yields for ``k``, counted from the manifest alone."""
         total = 0
         for entry in self.entries:
-            per_prompt: dict[int, int] = {}
-            for s in entry["samples"]:
-                per_prompt[s["prompt_index"]] = per_prompt.get(s["prompt_index"], 0) + 1
-            total += sum(n // (n if k is None else k) for n in per_prompt.values())
+            for samples in _by_prompt(entry).values():
+                if k is None or k <= len(samples):
+                    total += sum(_scored(chunk) for chunk in _chunks(samples, k))
         return total
 
     def groups(self, k: Optional[int] = None) -> Iterator[StoreGroup]:
         """Groups of ``k`` samples of one prompt, in store order.
 
         A prompt with ``G`` samples gives ``G // k`` groups of consecutive members (``k``
-        defaults to ``G``); ``k > G`` raises.
+        defaults to ``G``); ``k > G`` raises. A group with a sample whose reward was dropped
+        (``on_error: drop`` when generating: stored as null) is left out, with a warning.
         """
+        unscored = 0
         for entry in self.entries:
             tensors = self.load_shard(entry)
-            by_prompt: dict[int, list[dict]] = {}
-            for s in entry["samples"]:
-                by_prompt.setdefault(s["prompt_index"], []).append(s)
-            for prompt_index, samples in by_prompt.items():
-                samples.sort(key=lambda s: s["member"])
+            for prompt_index, samples in _by_prompt(entry).items():
                 size = len(samples) if k is None else k
                 if size > len(samples):
                     raise ValueError(f"groups(k={k}) but prompt {prompt_index} has only {len(samples)} samples in {entry['shard']}")
                 if k is not None and len(samples) % k:
                     logger.warning("prompt %d: %d samples, k=%d: the last %d are not used", prompt_index, len(samples), k, len(samples) % k)
-                for start in range(0, len(samples) - size + 1, size):
-                    chunk = samples[start : start + size]
+                for chunk in _chunks(samples, k):
+                    if not _scored(chunk):
+                        unscored += 1
+                        continue
                     rows = torch.tensor([s["row"] for s in chunk])
                     yield StoreGroup(
                         prompt=chunk[0]["prompt"],
@@ -365,6 +368,8 @@ class RolloutStore:
                         seeds=[s["seed"] for s in chunk],
                         metadata=chunk[0].get("metadata", {}),
                     )
+        if unscored:
+            logger.warning("%s: left out %d group(s) with a sample whose reward was dropped when generating", self.root, unscored)
 
     def batches(
         self,
@@ -402,6 +407,33 @@ class RolloutStore:
             yield batch, chosen
 
 
+def _by_prompt(entry: dict) -> dict[int, list[dict]]:
+    """A shard's sample records per prompt index, each list in member order."""
+    by_prompt: dict[int, list[dict]] = {}
+    for s in entry["samples"]:
+        by_prompt.setdefault(s["prompt_index"], []).append(s)
+    for samples in by_prompt.values():
+        samples.sort(key=lambda s: s["member"])
+    return by_prompt
+
+
+def _chunks(samples: list[dict], k: Optional[int]) -> list[list[dict]]:
+    """Consecutive groups of ``k`` (default: all) of one prompt's samples; a remainder is left out."""
+    size = len(samples) if k is None else k
+    return [samples[start : start + size] for start in range(0, len(samples) - size + 1, size)]
+
+
+def _scored(chunk: list[dict]) -> bool:
+    """Every reward of every sample is a finite number (a dropped one is stored as null; older stores: NaN)."""
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for s in chunk for v in s["rewards"].values())
+
+
+def _reward_value(value: Any) -> Optional[float]:
+    """A manifest reward: the float, or None (JSON null) for a sample the reward dropped (NaN is not JSON)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
 def fill_store(
     root: PathLike,
     prompts: Sequence[Union[str, dict[str, Any]]],
@@ -434,7 +466,8 @@ def fill_store(
     if samples_per_prompt < 1 or prompts_per_shard < 1:
         raise ValueError(f"samples_per_prompt and prompts_per_shard must be >= 1, got {samples_per_prompt}, {prompts_per_shard}")
     specs = [p if isinstance(p, dict) else {"prompt": p} for p in prompts]
-    prompt_digest = hashlib.sha256(json.dumps([s["prompt"] for s in specs]).encode()).hexdigest()
+    # the whole specs: a resume after the prompt file's constraints (include, tag, ...) changed is another store
+    prompt_digest = hashlib.sha256(json.dumps(specs, sort_keys=True, default=str).encode()).hexdigest()
     full_settings = {
         **(settings or {}),
         "samples_per_prompt": samples_per_prompt,
@@ -471,14 +504,14 @@ def fill_store(
             for row, (p, j, seed) in enumerate(zip(prompt_ids, members, seeds)):
                 records.append({
                     "prompt": texts[row], "prompt_index": p, "group": p, "member": j, "seed": seed,
-                    "rewards": {name: float(values[row]) for name, values in scores.items()},
+                    "rewards": {name: _reward_value(values[row]) for name, values in scores.items()},
                     "metadata": meta[row],
                 })
             writer.write_shard(index, latents, records, images, image_format, extra)
             done += len(records)
             if bar is not None:
                 for name, values in scores.items():
-                    sums[name] = sums.get(name, 0.0) + float(values.sum())
+                    sums[name] = sums.get(name, 0.0) + float(torch.as_tensor(values).float().nansum())
                 bar.update(len(records))
                 bar.set_postfix({name: f"{total / done:.3f}" for name, total in sorted(sums.items())[:3]})
     finally:

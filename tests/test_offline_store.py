@@ -136,6 +136,8 @@ def test_recovers_from_torn_line_temp_file_and_unlisted_shard(tmp_path):
     lines = manifest.read_text().splitlines(keepends=True)
     # simulate: shard 5 renamed but its line torn mid-append; shard 4 never listed; a temp file
     manifest.write_text("".join(lines[:4]) + lines[5][:50])
+    with pytest.raises(RolloutStoreError, match="last line is incomplete .* rerun the same `flowalign generate`"):
+        RolloutStore(root)  # a reader does not repair: it says what will
     (root / "shards" / "shard-00009.safetensors.tmp").write_bytes(b"partial")
     store_before = RolloutWriter(root, json.loads((root / "store.json").read_text())["settings"])
     assert store_before.completed == {0, 1, 2, 3}
@@ -186,6 +188,35 @@ def test_settings_mismatch_and_no_pickle(tmp_path):
     tensors = load_file(str(root / "shards" / "shard-00000.safetensors"))
     assert tensors["images"].dtype == torch.uint8 and tensors["images"].shape == (6, 3, 8, 8)
     assert not any(p.suffix in (".pt", ".pkl", ".bin") for p in root.rglob("*"))
+
+
+def test_a_resume_with_other_prompt_constraints_is_another_store(tmp_path):
+    """The prompts' whole specs are in the settings: a prompt file whose constraints changed between a crash and
+    the rerun would mix shards scored against the old and the new ones."""
+    root = tmp_path / "s"
+    fill_store(root, PROMPTS[:2], G, sample_fn, score_fn, settings={"model_hash": "abc"}, prompts_per_shard=1)
+    edited = [PROMPTS[0], {**PROMPTS[1], "tag": "other"}]
+    with pytest.raises(RolloutStoreError, match="prompts_sha256"):
+        fill_store(root, edited, G, sample_fn, score_fn, settings={"model_hash": "abc"}, prompts_per_shard=1)
+
+
+def test_samples_a_reward_dropped_leave_their_groups_out(tmp_path):
+    """on_error: drop gives a sample a NaN reward: it is stored as null (valid JSON) and its group is left out
+    of groups(), num_groups() and batches(), where it used to reach GDRO mid-run as NaN."""
+    def holes(images, prompts, metadata):
+        out = score_fn(images, prompts, metadata)
+        out["bright"] = torch.where(torch.tensor([p == "prompt 1" for p in prompts]) & (torch.arange(len(prompts)) % G == 0),
+                                    torch.tensor(float("nan")), out["bright"])
+        return out
+
+    store = fill_store(tmp_path / "s", PROMPTS[:4], G, sample_fn, holes, prompts_per_shard=2)
+    manifest = (tmp_path / "s" / "manifest.jsonl").read_text()
+    assert "NaN" not in manifest and manifest.count("null") == 1
+    for line in manifest.splitlines():
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in the manifest"))
+    groups = list(store.groups())
+    assert [g.prompt for g in groups] == ["prompt 0", "prompt 2", "prompt 3"] and store.num_groups() == 3
+    assert all(torch.isfinite(batch.rewards).all() for batch, _ in store.batches(G, 2, reward="bright"))
 
 
 @pytest.mark.slow
