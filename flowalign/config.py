@@ -61,7 +61,7 @@ class ModelConfig:
 
     pretrained: str = field(
         default="tiny-sd3",
-        metadata={"help": "A diffusers pipeline folder or hub id, or a builtin: 'tiny-sd3' (random tiny SD3 for tests) or 'toy' (assets/toy)."},
+        metadata={"help": "A local diffusers pipeline folder, a hub id (owner/name: loaded from the hub cache, downloaded when the hub is reachable), or a builtin: 'tiny-sd3' (random tiny SD3 for tests) or 'toy' (assets/toy)."},
     )
     dtype: str = field(default="float32", metadata={"help": f"Weights dtype of the frozen pipeline, one of {DTYPES}. LoRA weights stay fp32."})
     revision: Optional[str] = field(default=None, metadata={"help": "Hub revision of `pretrained` (ignored for folders and builtins)."})

@@ -1,8 +1,10 @@
-"""Build the model a run trains: a local diffusers folder, the shipped toy, or the tiny test pipeline,
-wrapped in its adapter (``flowalign.pipelines``) and frozen."""
+"""Build the model a run trains: a local diffusers folder, a hub id (from the hub cache, or downloaded
+when the hub is reachable), the shipped toy, or the tiny test pipeline, wrapped in its adapter
+(``flowalign.pipelines``) and frozen."""
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Union
 
@@ -13,6 +15,7 @@ from flowalign.errors import ConfigError
 TOY_META_FILE = "flowalign_toy.json"  # recommended settings next to a toy folder (flowalign.pipelines.toy.META_FILE)
 TINY_T5_TOKENS = 32  # T5 tokens (characters) of the builtin tiny pipeline: short attention (77 CLIP + 32)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the hub spells repository ids
 
 
 def resolve_path(path: Union[str, Path]) -> Path:
@@ -49,11 +52,19 @@ def build_adapter(model_cfg, device: torch.device):
     else:
         source = "assets/toy" if model_cfg.pretrained == "toy" else model_cfg.pretrained
         path = resolve_path(source)
-        if not path.is_dir():
-            raise ConfigError(f"model.pretrained={model_cfg.pretrained!r} is not a local diffusers folder nor a builtin ('tiny-sd3', 'toy')")
         from diffusers import DiffusionPipeline
 
-        pipeline = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, revision=model_cfg.revision, **dtype_kwarg(dtype))
+        if path.is_dir():
+            pipeline = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, revision=model_cfg.revision, **dtype_kwarg(dtype))
+        elif HUB_ID.fullmatch(source):  # e.g. stabilityai/stable-diffusion-3.5-medium: the hub cache, downloading if allowed
+            try:
+                pipeline = DiffusionPipeline.from_pretrained(source, revision=model_cfg.revision, **dtype_kwarg(dtype))
+            except (OSError, ValueError) as exc:  # not cached and offline (HF_HUB_OFFLINE=1), gated, no such repo...
+                raise ConfigError(f"model.pretrained={source!r}: no local folder of that name, and the hub id could not be loaded "
+                                  f"from the cache or the hub ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})") from None
+        else:
+            raise ConfigError(f"model.pretrained={model_cfg.pretrained!r} is not a local diffusers folder, a hub id (owner/name) "
+                              "nor a builtin ('tiny-sd3', 'toy')")
     pipeline.to(device)
     if hasattr(pipeline, "set_progress_bar_config"):
         pipeline.set_progress_bar_config(disable=True)

@@ -1,0 +1,44 @@
+"""Where `model.pretrained` loads from: a local folder, a hub id (the hub cache; never reached in tests), a builtin."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flowalign.config import ModelConfig
+from flowalign.errors import ConfigError
+from flowalign.pipelines.testing import tiny_sd3_pipeline
+from flowalign.train import model
+
+
+def test_a_hub_id_goes_to_from_pretrained_with_its_revision(monkeypatch):
+    seen = {}
+
+    def from_pretrained(source, **kwargs):
+        seen.update(source=source, **kwargs)
+        return tiny_sd3_pipeline(seed=0)
+
+    from diffusers import DiffusionPipeline
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", staticmethod(from_pretrained))
+    adapter = model.build_adapter(ModelConfig(pretrained="stabilityai/stable-diffusion-3.5-medium", revision="main"), torch.device("cpu"))
+    assert seen["source"] == "stabilityai/stable-diffusion-3.5-medium" and seen["revision"] == "main"
+    assert "local_files_only" not in seen  # the hub cache, or a download where the hub is reachable
+    assert not any(p.requires_grad for p in adapter.trainable_module.parameters())  # frozen like any other source
+
+
+def test_a_hub_id_that_cannot_be_loaded_is_one_config_error(monkeypatch):
+    from diffusers import DiffusionPipeline
+
+    def offline(source, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files,\nand couldn't find them in the cache")
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", staticmethod(offline))
+    with pytest.raises(ConfigError, match=r"model.pretrained='owner/model': no local folder .* hub \(OSError: We couldn't connect") as info:
+        model.build_adapter(ModelConfig(pretrained="owner/model"), torch.device("cpu"))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["/no/such/folder", "./missing", "not-a-hub-id", "a/b/c"])
+def test_neither_a_folder_nor_a_hub_id_is_refused(name):
+    with pytest.raises(ConfigError, match="is not a local diffusers folder, a hub id"):
+        model.build_adapter(ModelConfig(pretrained=name), torch.device("cpu"))
