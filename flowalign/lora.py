@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence, Union
 
@@ -151,7 +152,8 @@ def set_lora_state_dict(module: nn.Module, state: dict[str, Tensor]) -> None:
         LoraMismatchError: a key is missing or unexpected, or a shape differs.
     """
     current = dict(module.named_parameters())
-    expected = {name.replace(f".{ADAPTER_NAME}.", "."): p for name, p in current.items() if "lora_" in name}
+    # the adapter name as a whole path segment: "...lora_A.default.weight" and, for embeddings, "...lora_embedding_A.default"
+    expected = {re.sub(rf"\.{re.escape(ADAPTER_NAME)}(?=\.|$)", "", name): p for name, p in current.items() if "lora_" in name}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k].shape))
@@ -332,13 +334,33 @@ def lora_components(pipeline) -> dict[str, nn.Module]:
     return {name: getattr(pipeline, name) for name in LORA_COMPONENTS if getattr(pipeline, name, None) is not None}
 
 
+def _expected_lora_shape(layer: nn.Module, kind: str) -> Optional[tuple[int, int, int, str]]:
+    """``(ndim, axis, size, name)`` a LoRA tensor of ``kind`` (the key after ``.lora_``: ``A.weight``,
+    ``B.weight``, ``B.bias``, ``embedding_A``, ``embedding_B``) must have on ``layer``: ``shape[axis] == size``;
+    None when ``layer`` cannot carry it (another model's key)."""
+    if isinstance(layer, nn.Linear):
+        dims = {"A.weight": (2, 1, layer.in_features, "in_features"), "B.weight": (2, 0, layer.out_features, "out_features"),
+                "B.bias": (1, 0, layer.out_features, "out_features")}
+    elif isinstance(layer, nn.modules.conv._ConvNd):
+        ndim = layer.weight.dim()
+        dims = {"A.weight": (ndim, 1, layer.in_channels, "in_channels"), "B.weight": (ndim, 0, layer.out_channels, "out_channels"),
+                "B.bias": (1, 0, layer.out_channels, "out_channels")}
+    elif isinstance(layer, nn.Embedding):
+        dims = {"embedding_A": (2, 1, layer.num_embeddings, "num_embeddings"), "embedding_B": (2, 0, layer.embedding_dim, "embedding_dim")}
+    else:
+        return None
+    return dims.get(kind)
+
+
 def check_lora_file(path: Union[str, Path], module: Union[nn.Module, Mapping[str, nn.Module]], prefix: str = "transformer") -> dict[str, tuple]:
     """Check every key of a diffusers LoRA file against ``module``; return ``{key: shape}``.
 
     ``module`` is one module, whose keys carry ``prefix``, or a mapping ``{prefix: module}`` such
     as :func:`lora_components` of a pipeline. A key ``<prefix>.<module path>.lora_A.weight`` fits
     when ``<module path>`` is a linear layer of that prefix's module with
-    ``lora_A: [r, in_features]`` and ``lora_B: [out_features, r]``.
+    ``lora_A: [r, in_features]`` and ``lora_B: [out_features, r]`` (and ``lora_B.bias: [out_features]``);
+    conv layers take ``[r, in_channels, ...]`` / ``[out_channels, r, ...]``, embeddings
+    ``lora_embedding_A: [r, num_embeddings]`` / ``lora_embedding_B: [embedding_dim, r]``.
 
     Logs a warning for each prefix in the file whose ``lora_alpha`` the safetensors header does
     not carry (diffusers then loads those weights with ``alpha = r``).
@@ -362,15 +384,14 @@ def check_lora_file(path: Union[str, Path], module: Union[nn.Module, Mapping[str
         owner = next((name for name in modules if key.startswith(name + ".")), None)  # "text_encoder_2." never starts with "text_encoder."
         base, _, kind = (key[len(owner) + 1:] if owner else "").rpartition(".lora_")
         layer = layers[owner].get(base.replace(f".{ADAPTER_NAME}", "")) if owner else None
-        base_layer = getattr(layer, "base_layer", layer)
-        if layer is None or not hasattr(base_layer, "in_features"):
+        expected = _expected_lora_shape(getattr(layer, "base_layer", layer), kind) if layer is not None else None
+        if expected is None:
             unknown.append(key)
             continue
         present.add(owner)
-        if kind.startswith("A") and (len(shape) != 2 or shape[1] != base_layer.in_features):
-            bad_shape.append(f"{key} {list(shape)} (layer in_features {base_layer.in_features})")
-        elif kind.startswith("B") and (len(shape) != 2 or shape[0] != base_layer.out_features):
-            bad_shape.append(f"{key} {list(shape)} (layer out_features {base_layer.out_features})")
+        ndim, axis, size, what = expected
+        if len(shape) != ndim or shape[axis] != size:
+            bad_shape.append(f"{key} {list(shape)} (layer {what} {size})")
     if unknown or bad_shape or not shapes:
         raise LoraMismatchError(_mismatch_message(f"LoRA file {path}", [] if shapes else ["(file holds no tensors)"], sorted(unknown), sorted(bad_shape)))
     for name in sorted(present):

@@ -270,3 +270,33 @@ def test_lora_dropout_acts_only_inside_lora_dropout_active():
     with torch.no_grad(), lora.lora_dropout_active(plain):
         inside = plain(x)
     assert torch.equal(inside, plain(x).detach())
+
+
+@pytest.mark.filterwarnings("ignore:.*invalid shape.*:UserWarning")  # peft takes any 1-D lora_B tensor, its bias too, for a sharded save
+def test_conv_embedding_and_bias_lora_files_check_load_and_round_trip(tmp_path):
+    """LoRA on a conv (pos_embed.proj), with a lora_B bias (peft lora_bias), and on an embedding: the file check
+    accepts each shape that plain diffusers loads (it used to call conv keys unexpected and biases misshapen), and
+    an embedding LoRA's state round-trips (its parameter names end in the adapter name, with no dot after)."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    pipe = tiny_sd3_pipeline(seed=0)
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["attn.to_q", "pos_embed.proj"], lora_bias=True))
+    state = get_peft_model_state_dict(pipe.transformer)
+    assert any(k.endswith("lora_B.bias") for k in state) and any("pos_embed.proj.lora_A" in k for k in state)
+    type(pipe).save_lora_weights(tmp_path, transformer_lora_layers=state, transformer_lora_adapter_metadata=pipe.transformer.peft_config["default"].to_dict())
+    fresh = tiny_sd3_pipeline(seed=0)
+    shapes = lora.check_lora_file(tmp_path, lora.lora_components(fresh))
+    assert shapes["transformer.pos_embed.proj.lora_A.weight"][1] == fresh.transformer.pos_embed.proj.in_channels
+    lora.load_lora_into_pipeline(fresh, tmp_path)
+    # a bias of the wrong size is still refused
+    bad = {k: (v[:-1] if k.endswith("lora_B.bias") else v) for k, v in state.items()}
+    save_file({f"transformer.{k}": v.contiguous() for k, v in bad.items()}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(LoraMismatchError, match=r"lora_B.bias \[\d+\] \(layer out_features"):
+        lora.check_lora_file(tmp_path / "bad.safetensors", fresh.transformer)
+    # embedding LoRA: state dict out and back in
+    encoder = tiny_sd3_pipeline(seed=0).text_encoder
+    lora.add_lora(encoder, 4, 8.0, ["q_proj", "token_embedding"])
+    saved = {k: torch.randn_like(v) for k, v in lora.get_lora_state_dict(encoder).items()}
+    assert any(k.endswith("lora_embedding_A") for k in saved)
+    lora.set_lora_state_dict(encoder, saved)
+    assert all(torch.equal(saved[k], v) for k, v in lora.get_lora_state_dict(encoder).items())
