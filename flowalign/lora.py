@@ -336,15 +336,16 @@ def lora_components(pipeline) -> dict[str, nn.Module]:
 
 def _expected_lora_shape(layer: nn.Module, kind: str) -> Optional[tuple[int, int, int, str]]:
     """``(ndim, axis, size, name)`` a LoRA tensor of ``kind`` (the key after ``.lora_``: ``A.weight``,
-    ``B.weight``, ``B.bias``, ``embedding_A``, ``embedding_B``) must have on ``layer``: ``shape[axis] == size``;
+    ``B.weight``, ``B.bias``, DoRA's ``magnitude_vector``, ``embedding_A``, ``embedding_B``) must have on ``layer``: ``shape[axis] == size``;
     None when ``layer`` cannot carry it (another model's key)."""
     if isinstance(layer, nn.Linear):
         dims = {"A.weight": (2, 1, layer.in_features, "in_features"), "B.weight": (2, 0, layer.out_features, "out_features"),
-                "B.bias": (1, 0, layer.out_features, "out_features")}
+                "B.bias": (1, 0, layer.out_features, "out_features"), "magnitude_vector": (1, 0, layer.out_features, "out_features")}
     elif isinstance(layer, nn.modules.conv._ConvNd):
         ndim = layer.weight.dim()
         dims = {"A.weight": (ndim, 1, layer.in_channels, "in_channels"), "B.weight": (ndim, 0, layer.out_channels, "out_channels"),
-                "B.bias": (1, 0, layer.out_channels, "out_channels")}
+                "B.bias": (1, 0, layer.out_channels, "out_channels"),
+                "magnitude_vector": (ndim, 1, layer.out_channels, "out_channels")}  # DoRA: [1, out, 1, 1]
     elif isinstance(layer, nn.Embedding):
         dims = {"embedding_A": (2, 1, layer.num_embeddings, "num_embeddings"), "embedding_B": (2, 0, layer.embedding_dim, "embedding_dim")}
     else:

@@ -110,13 +110,13 @@ def _read_manifest(path: Path, repair: bool) -> list[dict]:
             except json.JSONDecodeError:
                 entry = None
             if entry is None:
-                if end >= len(raw) and repair:  # only the last line may be torn
+                if not complete and repair:  # only the last line may be torn (no newline after it)
                     logger.warning("rollout store: dropping a torn last manifest line (%d bytes)", len(chunk))
                     with open(path, "r+b") as fh:
                         fh.truncate(good_end)
                         os.fsync(fh.fileno())
                     break
-                if end >= len(raw):  # a torn last line: a `flowalign generate` that stopped mid-write
+                if not complete:  # a torn last line: a `flowalign generate` that stopped mid-write
                     raise RolloutStoreError(f"{path}: the last line is incomplete (generation was interrupted); rerun the same "
                                             "`flowalign generate` to repair and finish the store")
                 raise RolloutStoreError(f"{path}: line {number} is not valid JSON (corrupt manifest)")
@@ -330,21 +330,34 @@ class RolloutStore:
             raise RolloutStoreError(f"{path}: images missing or wrong count", name)
         return tensors
 
-    def num_groups(self, k: Optional[int] = None) -> int:
-        """How many groups :meth:`groups` yields for ``k``, counted from the manifest alone."""
+    def num_groups(self, k: Optional[int] = None, reward: Optional[str] = None) -> int:
+        """How many groups :meth:`groups` yields for ``k`` (and ``reward``), counted from the manifest alone."""
         total = 0
         for entry in self.entries:
             for samples in _by_prompt(entry).values():
                 if k is None or k <= len(samples):
-                    total += sum(_scored(chunk) for chunk in _chunks(samples, k))
+                    total += sum(_scored(chunk, reward) for chunk in _chunks(samples, k))
         return total
 
-    def groups(self, k: Optional[int] = None) -> Iterator[StoreGroup]:
+    def resolve_reward(self, reward: Optional[str] = None) -> str:
+        """The explicit reward a run trains on: ``reward``, else ``"total"`` when stored, else the only main
+        reward (``"<name>/partial"`` entries are auxiliary and never picked by default)."""
+        names = self.reward_names
+        if reward is None:
+            main = [n for n in names if "/" not in n]
+            reward = "total" if "total" in names else (main[0] if len(main) == 1 else None)
+            if reward is None:
+                raise ValueError(f"the store has several rewards {names} and no 'total'; pass reward=")
+        if reward not in names:
+            raise ValueError(f"reward {reward!r} is not in the store; it has {names}")
+        return reward
+
+    def groups(self, k: Optional[int] = None, reward: Optional[str] = None) -> Iterator[StoreGroup]:
         """Groups of ``k`` samples of one prompt, in store order.
 
         A prompt with ``G`` samples gives ``G // k`` groups of consecutive members (``k``
-        defaults to ``G``); ``k > G`` raises. A group with a sample whose reward was dropped
-        (``on_error: drop`` when generating: stored as null) is left out, with a warning.
+        defaults to ``G``); ``k > G`` raises. A group with a sample whose ``reward`` (default: any
+        reward) was dropped (``on_error: drop`` when generating: stored as null) is left out, with a warning.
         """
         unscored = 0
         for entry in self.entries:
@@ -356,7 +369,7 @@ class RolloutStore:
                 if k is not None and len(samples) % k:
                     logger.warning("prompt %d: %d samples, k=%d: the last %d are not used", prompt_index, len(samples), k, len(samples) % k)
                 for chunk in _chunks(samples, k):
-                    if not _scored(chunk):
+                    if not _scored(chunk, reward):
                         unscored += 1
                         continue
                     rows = torch.tensor([s["row"] for s in chunk])
@@ -364,7 +377,8 @@ class RolloutStore:
                         prompt=chunk[0]["prompt"],
                         prompt_index=prompt_index,
                         x0=tensors["latents"][rows],
-                        rewards={n: torch.tensor([s["rewards"][n] for s in chunk], dtype=torch.float32) for n in chunk[0]["rewards"]},
+                        rewards={n: torch.tensor([_nan_if_none(s["rewards"][n]) for s in chunk], dtype=torch.float32)
+                                 for n in chunk[0]["rewards"]},  # another reward than ``reward`` may have been dropped: NaN
                         seeds=[s["seed"] for s in chunk],
                         metadata=chunk[0].get("metadata", {}),
                     )
@@ -385,17 +399,10 @@ class RolloutStore:
         main reward; ``"<name>/partial"`` entries are never picked by default).
         ``batch.cond_index`` is the position of each group in the returned group list.
         """
-        groups = list(self.groups(k))
+        reward = self.resolve_reward(reward)
+        groups = list(self.groups(k, reward))  # a group whose other rewards were dropped still trains on this one
         if not groups:
             raise RolloutStoreError(f"{self.root}: the store holds no complete group of k={k}")
-        names = list(groups[0].rewards)
-        if reward is None:
-            main = [n for n in names if "/" not in n]  # "<name>/partial" entries are auxiliary
-            reward = "total" if "total" in names else (main[0] if len(main) == 1 else None)
-            if reward is None:
-                raise ValueError(f"the store has several rewards {names} and no 'total'; pass reward=")
-        if reward not in names:
-            raise ValueError(f"reward {reward!r} is not in the store; it has {names}")
         order = torch.randperm(len(groups), generator=generator).tolist() if shuffle else list(range(len(groups)))
         for start in range(0, len(order), groups_per_batch):
             chosen = [groups[i] for i in order[start : start + groups_per_batch]]
@@ -423,9 +430,17 @@ def _chunks(samples: list[dict], k: Optional[int]) -> list[list[dict]]:
     return [samples[start : start + size] for start in range(0, len(samples) - size + 1, size)]
 
 
-def _scored(chunk: list[dict]) -> bool:
-    """Every reward of every sample is a finite number (a dropped one is stored as null; older stores: NaN)."""
-    return all(isinstance(v, (int, float)) and math.isfinite(v) for s in chunk for v in s["rewards"].values())
+def _scored(chunk: list[dict], reward: Optional[str] = None) -> bool:
+    """``reward`` (default: every reward) of every sample is a finite number (a dropped one is stored as null;
+    older stores: NaN)."""
+    def ok(v: Any) -> bool:
+        return isinstance(v, (int, float)) and math.isfinite(v)
+
+    return all(ok(s["rewards"].get(reward)) if reward is not None else all(ok(v) for v in s["rewards"].values()) for s in chunk)
+
+
+def _nan_if_none(value: Optional[float]) -> float:
+    return math.nan if value is None else float(value)
 
 
 def _reward_value(value: Any) -> Optional[float]:
@@ -468,6 +483,11 @@ def fill_store(
     specs = [p if isinstance(p, dict) else {"prompt": p} for p in prompts]
     # the whole specs: a resume after the prompt file's constraints (include, tag, ...) changed is another store
     prompt_digest = hashlib.sha256(json.dumps(specs, sort_keys=True, default=str).encode()).hexdigest()
+    legacy_digest = hashlib.sha256(json.dumps([s["prompt"] for s in specs]).encode()).hexdigest()  # stores before 2026-12-06
+    store_json = Path(root) / "store.json"
+    if store_json.is_file() and json.loads(store_json.read_text()).get("settings", {}).get("prompts_sha256") == legacy_digest:
+        logger.warning("%s: a store from before the prompts' constraints were hashed: resuming it checks the prompt texts only", root)
+        prompt_digest = legacy_digest
     full_settings = {
         **(settings or {}),
         "samples_per_prompt": samples_per_prompt,

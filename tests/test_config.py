@@ -153,3 +153,13 @@ def test_a_section_with_every_key_commented_out_holds_the_defaults(tmp_path):
     cfg = C.load_config(path)
     assert cfg.train == C.TrainConfig() and cfg.sampling.num_steps == 4
     assert C.load_config(path, ["train.lr=2.0e-3"]).train.lr == 2e-3  # --set into it works too
+
+
+def test_yaml_merge_keys_still_load_and_a_repeated_key_is_still_refused(tmp_path):
+    path = _write(tmp_path, "defaults: &d {lr: 1.0e-4, seed: 3}\n")
+    path.write_text("train:\n  <<: {lr: 1.0e-4, seed: 3}\n  iterations: 5\n")
+    cfg = C.load_config(path)
+    assert (cfg.train.lr, cfg.train.seed, cfg.train.iterations) == (1e-4, 3, 5)
+    path.write_text("train:\n  <<: {lr: 1.0e-4}\n  seed: 1\n  seed: 2\n")
+    with pytest.raises(ConfigError, match="found duplicate key 'seed'"):
+        C.load_config(path)

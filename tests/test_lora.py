@@ -300,3 +300,17 @@ def test_conv_embedding_and_bias_lora_files_check_load_and_round_trip(tmp_path):
     assert any(k.endswith("lora_embedding_A") for k in saved)
     lora.set_lora_state_dict(encoder, saved)
     assert all(torch.equal(saved[k], v) for k, v in lora.get_lora_state_dict(encoder).items())
+
+
+def test_a_dora_file_passes_the_check(tmp_path):
+    """DoRA adds lora_magnitude_vector [out_features] per layer; diffusers loads such files, so the check must too."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    pipe = tiny_sd3_pipeline(seed=0)
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["attn.to_q"], use_dora=True))
+    state = get_peft_model_state_dict(pipe.transformer)
+    key = next(k for k in state if "magnitude_vector" in k)
+    save_file({f"transformer.{k}": v.contiguous() for k, v in state.items()}, str(tmp_path / "dora.safetensors"))
+    fresh = tiny_sd3_pipeline(seed=0).transformer
+    shapes = lora.check_lora_file(tmp_path / "dora.safetensors", fresh)
+    assert shapes[f"transformer.{key}"] == (fresh.transformer_blocks[0].attn.to_q.out_features,)

@@ -86,6 +86,7 @@ def test_two_processes_match_one_process(tmp_path, extra):
         else:  # sampled by LoRAs that differ by float rounding (see the docstring): a float32 ulp or so (seen: 3e-8)
             assert float(a["reward/mean"]) == pytest.approx(float(b["reward/mean"]), rel=1e-6, abs=0)
         assert abs(float(a["grad_norm"]) / float(b["grad_norm"]) - 1) < 1e-4, (a["grad_norm"], b["grad_norm"])
+        assert a["nfe"] == b["nfe"] and a.get("dense/nfe") == b.get("dense/nfe")  # counts summed over the processes
         for key in ("frac_zero_std_groups", "samples/kept_frac", "advantages/abs_mean"):  # over every process's samples
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-3, abs=1e-7), key  # (dense: rewards of ODE completions)
     state = ckpt.load_checkpoint(ckpt.find_latest(tmp_path / "two" / "checkpoints")).state

@@ -217,6 +217,34 @@ def test_samples_a_reward_dropped_leave_their_groups_out(tmp_path):
     groups = list(store.groups())
     assert [g.prompt for g in groups] == ["prompt 0", "prompt 2", "prompt 3"] and store.num_groups() == 3
     assert all(torch.isfinite(batch.rewards).all() for batch, _ in store.batches(G, 2, reward="bright"))
+    # a run on the other reward keeps that group: only the reward it trains on must be there
+    assert store.num_groups(G, reward="red") == 4 and sum(len(chosen) for _, chosen in store.batches(G, 2, reward="red")) == 4
+
+
+def test_a_store_from_before_the_spec_hash_still_resumes(tmp_path, caplog):
+    import hashlib
+
+    root = tmp_path / "s"
+    fill_store(root, PROMPTS[:2], G, sample_fn, score_fn, prompts_per_shard=1)
+    meta = json.loads((root / "store.json").read_text())
+    meta["settings"]["prompts_sha256"] = hashlib.sha256(json.dumps([p["prompt"] for p in PROMPTS[:2]]).encode()).hexdigest()
+    (root / "store.json").write_text(json.dumps(meta))  # what the texts-only digest wrote
+    with caplog.at_level("WARNING"):
+        store = fill_store(root, PROMPTS[:2], G, sample_fn, score_fn, prompts_per_shard=1)
+    assert len(store) == 2 * G and "checks the prompt texts only" in caplog.text
+
+
+def test_a_complete_but_corrupt_last_line_is_corruption_not_an_interruption(tmp_path):
+    root = tmp_path / "s"
+    _fill(root)
+    manifest = root / "manifest.jsonl"
+    lines = manifest.read_text().splitlines(keepends=True)
+    manifest.write_text("".join(lines[:-1]) + "{not json}\n")  # ends with its newline: not a torn write
+    with pytest.raises(RolloutStoreError, match="line 6 is not valid JSON"):
+        RolloutStore(root)
+    with pytest.raises(RolloutStoreError, match="line 6 is not valid JSON"):
+        _fill(root)  # a rerun does not truncate it away either
+    assert manifest.read_text().endswith("{not json}\n")
 
 
 @pytest.mark.slow

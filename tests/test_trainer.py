@@ -233,9 +233,15 @@ def test_output_dir_guard(tmp_path):
         prepare_run_dir(tmp_path / "foreign", cfg, resume=False, overwrite=True)
     # a folder with some other config.yaml is not a run either: --overwrite would have deleted notes.txt with it
     (tmp_path / "foreign" / "config.yaml").write_text("foo: 1\n")
-    with pytest.raises(ConfigError, match=r"holds no flowalign run \(its config.yaml is not a flowalign config: unknown config key 'foo'"):
+    with pytest.raises(ConfigError, match=r"holds no flowalign run \(its config.yaml is not a flowalign config: top level \['foo'\]"):
         prepare_run_dir(tmp_path / "foreign", cfg, resume=False, overwrite=True)
     assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine"
+    # a run of an older flowalign whose settings no longer validate is still a run: --overwrite may replace it
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.yaml").write_text("lora: {dropout: 0.05}\ntrain: {lr: 1.0e-3}\n")  # dropout with grpo: refused today
+    with pytest.raises(ConfigError, match="already holds a different run"):
+        prepare_run_dir(tmp_path / "old", cfg, resume=False, overwrite=False)
+    assert prepare_run_dir(tmp_path / "old", cfg, resume=False, overwrite=True) is True
     with pytest.raises(CheckpointError, match="no valid checkpoint"):
         Trainer(cfg, resume=True).setup()
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml"]  # nothing written

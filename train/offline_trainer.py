@@ -266,7 +266,7 @@ class OfflineTrainer(OptimizerViews):
     @property
     def total_steps(self) -> int:
         """Optimizer steps of the whole run: ``epochs * ceil(groups / groups_per_batch)``, capped by ``max_steps``."""
-        per_epoch = -(-self.store.num_groups(self.k) // self.config.groups_per_batch)
+        per_epoch = -(-self.store.num_groups(self.k, self.store.resolve_reward(self.config.reward)) // self.config.groups_per_batch)
         total = self.config.epochs * per_epoch
         return total if self.config.max_steps is None else min(total, self.config.max_steps)
 

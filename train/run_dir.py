@@ -28,26 +28,41 @@ def prepare_run_dir(run_dir: Path, config: FlowalignConfig, resume: bool, overwr
         return False
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return False
-    previous, why = _run_config(run_dir)
-    if previous is None:  # --overwrite must never delete a folder that is not a run (its rmtree takes everything)
+    is_run, previous, why = _run_config(run_dir)
+    if not is_run:  # --overwrite must never delete a folder that is not a run (its rmtree takes everything)
         raise ConfigError(f"train.output_dir {run_dir} is not empty and holds no flowalign run ({why}); choose another output_dir")
     if not overwrite:
-        same = config_hash(previous) == config_hash(config)
+        same = previous is not None and config_hash(previous) == config_hash(config)
         what = "a run of the same config" if same else "a different run"
         raise ConfigError(f"train.output_dir {run_dir} already holds {what}; pass --resume to continue it or --overwrite to replace it")
     return True
 
 
-def _run_config(run_dir: Path) -> tuple[Optional[FlowalignConfig], str]:
-    """The config of the run in ``run_dir`` and "", or None and why the folder is not a run: a run
-    folder is one whose ``config.yaml`` is a flowalign config (a stray ``config.yaml`` is not)."""
+def _run_config(run_dir: Path) -> tuple[bool, Optional[FlowalignConfig], str]:
+    """``(is a run, its config or None, why not a run)``. A run folder is one whose ``config.yaml`` is a
+    mapping of flowalign config sections (a stray ``config.yaml`` is not); its config is None when it no
+    longer validates (a run of an older flowalign whose settings are refused today)."""
+    import dataclasses
+
+    import yaml
+
+    from flowalign.config import load_yaml
+
     path = run_dir / "config.yaml"
     if not path.is_file():
-        return None, "no config.yaml"
+        return False, None, "no config.yaml"
     try:
-        return load_config(path), ""
-    except ConfigError as exc:
-        return None, f"its config.yaml is not a flowalign config: {exc}"
+        data = load_yaml(path.read_text())
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
+        return False, None, f"its config.yaml cannot be read as YAML: {' '.join(str(exc).split())[:120]}"
+    sections = {f.name for f in dataclasses.fields(FlowalignConfig)}
+    if not isinstance(data, dict) or not data or not set(data) <= sections:
+        keys = sorted(map(str, data))[:5] if isinstance(data, dict) else type(data).__name__
+        return False, None, f"its config.yaml is not a flowalign config: top level {keys}"
+    try:
+        return True, load_config(path), ""
+    except ConfigError:
+        return True, None, ""
 
 
 def find_resume_checkpoint(resume: Union[bool, str, Path], run_dir: Path) -> Path:

@@ -124,6 +124,19 @@ def sum_metrics_across_processes(sums: dict, counts: dict) -> tuple[dict, dict]:
     return total_sums, total_counts
 
 
+def combine_process_metrics(metrics: dict, sum_keys: Sequence[str] = ()) -> dict:
+    """Every process's ``metrics`` as one dict (one object gather; key sets may differ): the sum over
+    processes for ``sum_keys`` (counts: NFE, dropped samples), the mean over the processes that have the
+    key for the rest (each process holds the same number of samples)."""
+    from accelerate.utils import gather_object
+
+    values: dict = {}
+    for part in gather_object([metrics]):
+        for key, value in part.items():
+            values.setdefault(key, []).append(value)
+    return {key: (sum(v) if key in sum_keys else sum(v) / len(v)) for key, v in values.items()}
+
+
 def slot_sizes(plan_rows: list[int], accelerator) -> Tensor:
     """``[world, S]`` rows of every process's micro-batches (0 for the empty slots of shorter plans)."""
     world = accelerator.num_processes

@@ -277,7 +277,7 @@ class Trainer(OptimizerViews):
         advantages, keep, adv_metrics = self.advantages(rewards, traj.group_ids, keep, traj=traj, cond=cond)
         traj.advantages = advantages
         metrics.update(adv_metrics)
-        metrics.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "nfe": float(traj.nfe)})
+        metrics.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "nfe": float(self._gather(torch.tensor([float(traj.nfe)])).sum())})
         if not self.config.objective.cfg_in_training and cond.uncond is not None:
             cond = type(cond)(cond=cond.cond, uncond=None, extra=cond.extra)
         return Batch(traj=traj, cond=cond.repeat_interleave(s.group_size), advantages=advantages, keep=keep, metrics=metrics)
@@ -331,6 +331,9 @@ class Trainer(OptimizerViews):
             with runtime.rewards_on_device(self.rewards.values(), self.device, self.config.train.offload_rewards):
                 adv, metrics = dense_step_advantages(self.adapter, traj, cond, self.rewards, self.config, gather=gather)
             adv = adv.cpu()
+            if self.accelerator.num_processes > 1:  # the dense/* diagnostics over every process's samples
+                metrics = runtime.combine_process_metrics(metrics, sum_keys=("dense/nfe", "dense/dropped"))
+                metrics["dense/nfe_per_sample"] = metrics["dense/nfe"] / (traj.batch_size * self.accelerator.num_processes)
         elif ocfg.adv_std == "global" and self.accelerator.num_processes > 1:
             # the std runs over every process's samples: normalise the gathered batch, keep our rows
             mine = self._own_rows(rewards.shape[0])
