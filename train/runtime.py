@@ -110,31 +110,29 @@ def rollout_groups(adapter, records: Sequence[Any], cond, sampling_cfg, schedule
     ])
 
 
-def sum_metrics_across_processes(sums: dict, counts: dict) -> tuple[dict, dict]:
-    """Per-key sums and counts of every process's micro-batch metrics (one object gather: the processes'
-    key sets may differ, e.g. a process whose plan was empty has none)."""
-    from accelerate.utils import gather_object
-
-    total_sums: dict = {}
-    total_counts: dict = {}
-    for part_sums, part_counts in gather_object([(sums, counts)]):
-        for key, value in part_sums.items():
-            total_sums[key] = total_sums.get(key, 0.0) + value
-            total_counts[key] = total_counts.get(key, 0) + part_counts[key]
-    return total_sums, total_counts
-
-
-def combine_process_metrics(metrics: dict, sum_keys: Sequence[str] = ()) -> dict:
-    """Every process's ``metrics`` as one dict (one object gather; key sets may differ): the sum over
-    processes for ``sum_keys`` (counts: NFE, dropped samples), the mean over the processes that have the
-    key for the rest (each process holds the same number of samples)."""
+def _values_per_key(metrics: dict) -> dict[str, list]:
+    """Every process's value of each key of ``metrics`` (one object gather: the processes' key sets may
+    differ, e.g. a process whose update plan was empty has no loss metrics)."""
     from accelerate.utils import gather_object
 
     values: dict = {}
     for part in gather_object([metrics]):
         for key, value in part.items():
             values.setdefault(key, []).append(value)
-    return {key: (sum(v) if key in sum_keys else sum(v) / len(v)) for key, v in values.items()}
+    return values
+
+
+def sum_metrics_across_processes(sums: dict, counts: dict) -> tuple[dict, dict]:
+    """Per-key sums and counts of every process's micro-batch metrics."""
+    pairs = _values_per_key({key: (sums[key], counts[key]) for key in sums})
+    return {k: sum(s for s, _ in v) for k, v in pairs.items()}, {k: sum(c for _, c in v) for k, v in pairs.items()}
+
+
+def combine_process_metrics(metrics: dict, sum_keys: Sequence[str] = ()) -> dict:
+    """Every process's ``metrics`` as one dict: the sum over processes for ``sum_keys`` (counts: NFE,
+    dropped samples), the mean over the processes that have the key for the rest (each process holds
+    the same number of samples)."""
+    return {key: (sum(v) if key in sum_keys else sum(v) / len(v)) for key, v in _values_per_key(metrics).items()}
 
 
 def slot_sizes(plan_rows: list[int], accelerator) -> Tensor:

@@ -277,7 +277,7 @@ class Trainer(OptimizerViews):
         advantages, keep, adv_metrics = self.advantages(rewards, traj.group_ids, keep, traj=traj, cond=cond)
         traj.advantages = advantages
         metrics.update(adv_metrics)
-        metrics.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "nfe": float(self._gather(torch.tensor([float(traj.nfe)])).sum())})
+        metrics.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "nfe": self._sum_over_processes(traj.nfe)})
         if not self.config.objective.cfg_in_training and cond.uncond is not None:
             cond = type(cond)(cond=cond.cond, uncond=None, extra=cond.extra)
         return Batch(traj=traj, cond=cond.repeat_interleave(s.group_size), advantages=advantages, keep=keep, metrics=metrics)
@@ -306,7 +306,7 @@ class Trainer(OptimizerViews):
             metrics[f"reward/{rcfg.name}/mean"] = float(gathered.nanmean())
             finite = gathered[~gathered.isnan()]
             metrics[f"reward/{rcfg.name}/std"] = float(finite.std()) if finite.numel() > 1 else 0.0
-            metrics[f"reward/{rcfg.name}/dropped"] = float(self._gather(torch.tensor([float(out.num_dropped)])).sum())  # all processes
+            metrics[f"reward/{rcfg.name}/dropped"] = self._sum_over_processes(out.num_dropped)
         gathered = self._gather(total)
         gathered = gathered[~gathered.isnan()]
         metrics["reward/mean"] = float(gathered.mean()) if gathered.numel() else math.nan
@@ -510,6 +510,10 @@ class Trainer(OptimizerViews):
     def _gather_group_ids(self, group_ids: Tensor) -> Tensor:
         """Every process's ``group_ids`` in process order, made distinct across processes."""
         return self._gather(group_ids + 10**9 * self.accelerator.process_index)
+
+    def _sum_over_processes(self, value: float) -> float:
+        """A count (NFE, dropped samples) summed over every process."""
+        return float(self._gather(torch.tensor([float(value)])).sum())
 
     def _gather_batch(self, values: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, slice]:
         """Every process's ``values`` and (distinct) ``group_ids``, and the slice of this process's rows."""
