@@ -217,6 +217,7 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    old: Optional[Path] = None  # the previous copy of a re-saved iteration, moved aside during the swap
     try:
         files: dict[str, Path] = {}
         for name, group in tensors.items():
@@ -245,7 +246,6 @@ def save_checkpoint(
         _fsync_file(tmp / MANIFEST)
         _fsync_dir(tmp)
         _fault_point("before-rename", iteration)
-        old = None
         if final.exists():  # re-saving an iteration (e.g. after a resume): swap, then delete the old one
             old = root / f".old-{final.name}-{os.getpid()}"
             os.replace(final, old)
@@ -254,11 +254,12 @@ def save_checkpoint(
         _fault_point("after-rename", iteration)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException:  # a second Ctrl-C included: the previous copy of a re-saved iteration goes back
+        if old is not None and old.exists() and not final.exists():
+            os.replace(old, final)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if keep is not None:
-        prune_checkpoints(root, keep)
+    prune_checkpoints(root, keep, newest=iteration)
     logger.info("saved checkpoint %s", final)
     return final
 
@@ -272,16 +273,25 @@ def list_checkpoints(root: PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def prune_checkpoints(root: PathLike, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoints and leftover temporary folders; return the deleted."""
+def prune_checkpoints(root: PathLike, keep: Optional[int], newest: Optional[int] = None) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints (None: keep all) and leftover temporary folders; return the deleted.
+
+    With ``newest`` (the iteration just written), checkpoints past it are deleted first: they belong to a run
+    that was resumed from an older checkpoint, whose metrics past that point were already dropped, and
+    ``--resume`` would otherwise pick one of them instead of the checkpoint just written.
+    """
     root = Path(root)
     removed = []
-    for _, path in list_checkpoints(root)[: max(0, len(list_checkpoints(root)) - keep)]:
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    for path in root.glob(".tmp-iter_*"):
-        if path.name.endswith(f"-{os.getpid()}"):
-            continue
+    found = list_checkpoints(root)
+    if newest is not None:
+        stale = [path for iteration, path in found if iteration > newest]
+        found = [(iteration, path) for iteration, path in found if iteration <= newest]
+    else:
+        stale = []
+    if keep is not None:
+        stale += [path for _, path in found[: max(0, len(found) - keep)]]
+    stale += [p for pattern in (".tmp-iter_*", ".old-iter_*") for p in root.glob(pattern) if not p.name.endswith(f"-{os.getpid()}")]
+    for path in stale:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed

@@ -75,6 +75,18 @@ class RolloutStoreError(FlowalignError, RuntimeError):
         self.shard = shard
 
 
+class Aborted(KeyboardInterrupt):
+    """A second stop signal: the run ends now, without a checkpoint (the last one written stays).
+
+    Attributes:
+        signum: the signal that aborted the run (the exit status is ``128 + signum``).
+    """
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
 class TrainingStopped(FlowalignError, RuntimeError):
     """A run stopped on request (a signal) after writing a checkpoint.
 

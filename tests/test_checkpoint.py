@@ -129,6 +129,40 @@ def test_resaving_an_iteration_replaces_it(tmp_path):
     assert ckpt.load_checkpoint(tmp_path / "iter_000003").state == {"v": 2}
 
 
+def test_a_checkpoint_written_after_resuming_an_older_one_drops_the_abandoned_newer_ones(tmp_path):
+    """Resumed from iter 2 of a run that reached iter 4, the new iter 3 must be what --resume picks next: iter 4
+    (whose metrics the resume already dropped) is deleted, and keep counts only checkpoints up to iter 3."""
+    save = lambda it, keep: ckpt.save_checkpoint(tmp_path, it, {"lora": {"w": torch.full((2,), float(it))}}, {"it": it}, keep=keep)  # noqa: E731
+    save(2, 2)
+    save(4, 2)
+    save(3, 2)  # the resumed run's checkpoint
+    assert [i for i, _ in ckpt.list_checkpoints(tmp_path)] == [2, 3] and ckpt.find_latest(tmp_path).name == "iter_000003"
+    save(4, 1)
+    save(3, 1)  # keep 1 used to delete the checkpoint just written and keep the abandoned iter 4
+    assert [i for i, _ in ckpt.list_checkpoints(tmp_path)] == [3]
+    (tmp_path / ".old-iter_000002-1").mkdir()  # a leftover of an interrupted re-save by another process
+    save(5, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_000005"]
+
+
+def test_a_second_signal_during_a_re_save_keeps_the_previous_copy(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, 2, {"lora": {"w": torch.ones(2)}}, {"v": 1})
+    real_replace, calls = ckpt.os.replace, []
+
+    def interrupted(src, dst):
+        calls.append(dst)
+        real_replace(src, dst)
+        if len(calls) == 1:  # the old copy was moved aside: Ctrl-C before the new one is moved in
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, 2, {"lora": {"w": torch.zeros(2)}}, {"v": 2})
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_000002"]
+    assert ckpt.load_checkpoint(ckpt.find_latest(tmp_path)).state == {"v": 1}
+
+
 def test_config_hash_mismatch_is_refused(tmp_path):
     path = ckpt.save_checkpoint(tmp_path, 1, {}, {}, config_hash="aaaa")
     assert ckpt.load_checkpoint(path, expected_config_hash="aaaa").config_hash == "aaaa"

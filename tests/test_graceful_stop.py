@@ -115,3 +115,23 @@ def test_cli_exits_with_130_and_one_line(tmp_path, capsys, monkeypatch):
     assert err[-1].startswith("flowalign train: stopped by SIGTERM after iteration 1 of 4; checkpoint ")
     assert err[-1].endswith("continue with --resume")
     assert (tmp_path / "run" / "checkpoints" / "iter_000001").is_dir()
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_second_signal_exits_with_its_own_status_and_one_line(tmp_path, monkeypatch, capsys, signum, status):
+    """Two SIGTERMs used to end with exit 130 and a KeyboardInterrupt traceback; the README promises 143."""
+    from flowalign.train import cli
+    from flowalign.train.trainer import Trainer
+
+    def abort(self):
+        with GracefulStop() as stop:
+            signal.raise_signal(signum)
+            signal.raise_signal(signum)  # the second one aborts
+        return stop
+
+    monkeypatch.setattr(Trainer, "train", abort)
+    args = ["train"] + [x for item in FAST + [f"train.output_dir={tmp_path / 'run'}"] for x in ("--set", item)]
+    assert cli.main(args) == status
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"flowalign train: second {signal.Signals(signum).name}: aborting")

@@ -112,3 +112,21 @@ def test_a_full_disk_is_one_flowalign_error_and_keeps_the_written_rows(tmp_path,
     assert isinstance(info.value, FlowalignError) and isinstance(info.value, OSError)
     monkeypatch.undo()
     assert _iterations(tmp_path / "metrics.csv") == [1]
+
+
+def test_a_resumed_run_purges_the_tensorboard_steps_it_replays(tmp_path):
+    """Resumed at iteration 2 of a run that logged 4, TensorBoard keeps one event per step (it had two for 3 and 4)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = RunLogger(tmp_path, ["tensorboard"])
+    for step in (1, 2, 3, 4):
+        first.log({"reward/mean": float(step)}, step)
+    first.close()
+    resumed = RunLogger(tmp_path, ["tensorboard"], resumed_at=2)
+    for step in (3, 4):
+        resumed.log({"reward/mean": 10.0 + step}, step)
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "logs"))
+    events.Reload()
+    scalars = events.Scalars("reward/mean")
+    assert [(e.step, e.value) for e in scalars] == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]

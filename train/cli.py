@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from flowalign.errors import FlowalignError, TrainingStopped
+from flowalign.errors import Aborted, FlowalignError, TrainingStopped
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_RECIPE = CONFIG_DIR / "toy_grpo.yaml"
@@ -51,6 +51,12 @@ def _stopped(command: str, exc: TrainingStopped, main_process: bool = True) -> i
     if main_process:
         print(f"flowalign {command}: {exc}", file=sys.stderr)
     return exc.exit_status
+
+
+def _aborted(command: str, exc: Aborted) -> int:
+    """Report a run aborted by a second signal (one line); returns ``128 + signum`` (143 for SIGTERM)."""
+    print(f"flowalign {command}: {exc} (the last checkpoint written stays; continue with --resume)", file=sys.stderr)
+    return 128 + exc.signum
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +154,8 @@ def run_train(args: argparse.Namespace) -> int:
         metrics = trainer.train()
     except TrainingStopped as exc:  # SIGINT / SIGTERM: checkpointed at an iteration boundary
         return _stopped("train", exc, trainer.accelerator.is_main_process)
+    except Aborted as exc:  # a second signal: no checkpoint of this iteration
+        return _aborted("train", exc)
     except FlowalignError as exc:
         return _error("train", exc, EXIT_FAILURE)
     finally:
@@ -186,6 +194,8 @@ def run_offline(args: argparse.Namespace) -> int:
         path = trainer.save_final()
     except TrainingStopped as exc:
         return _stopped("offline", exc)
+    except Aborted as exc:
+        return _aborted("offline", exc)
     except FlowalignError as exc:
         return _error("offline", exc, EXIT_FAILURE)
     finally:

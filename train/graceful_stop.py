@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from flowalign.errors import TrainingStopped
+from flowalign.errors import Aborted, TrainingStopped
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class GracefulStop:
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         if self.signum is not None:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting without a checkpoint")
+            raise Aborted(f"second {signal.Signals(signum).name}: aborting without a checkpoint", signum)
         self.signum = signum
         logger.warning("%s: stopping after this %s with a checkpoint (resume with --resume); send it again to abort now",
                        signal.Signals(signum).name, self.unit)

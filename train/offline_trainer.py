@@ -260,7 +260,7 @@ class OfflineTrainer(OptimizerViews):
             shutil.rmtree(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "offline_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        self.run_log = RunLogger(self.run_dir, cfg.log_with, to_dict(cfg), key="step")
+        self.run_log = RunLogger(self.run_dir, cfg.log_with, to_dict(cfg), key="step", resumed_at=self.step if latest is not None else None)
         return self
 
     @property

@@ -84,9 +84,13 @@ class RunLogger:
         log_with: trackers besides ``metrics.csv``: ``"tensorboard"`` and / or ``"wandb"``.
         run_config: the run's configuration as a plain dict (wandb records it).
         key: the CSV's step column (``"iteration"`` online, ``"step"`` offline).
+        resumed_at: the step a resumed run continues after: TensorBoard drops the events the old run
+            logged past it (``SummaryWriter(purge_step=...)``), which the resumed run logs again, as
+            ``metrics.csv`` replaces its rows.
     """
 
-    def __init__(self, run_dir: Path, log_with: Sequence[str], run_config: Optional[dict] = None, key: str = "iteration"):
+    def __init__(self, run_dir: Path, log_with: Sequence[str], run_config: Optional[dict] = None, key: str = "iteration",
+                 resumed_at: Optional[int] = None):
         self.path = run_dir / "metrics.csv"
         self.key = key
         self.trackers: list = []
@@ -94,7 +98,7 @@ class RunLogger:
         if "tensorboard" in log_with:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.trackers.append(SummaryWriter(str(log_dir)))
+            self.trackers.append(SummaryWriter(str(log_dir), purge_step=None if resumed_at is None else resumed_at + 1))
         if "wandb" in log_with:
             import wandb  # optional dependency: pip install 'flowalign-rl[wandb]'
 

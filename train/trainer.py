@@ -195,7 +195,7 @@ class Trainer(OptimizerViews):
             save_config(cfg, self.run_dir)
             if noise_table is not None:
                 save_run_noise_table(self.run_dir, noise_table, cfg)
-            self.run_log = RunLogger(self.run_dir, cfg.train.log_with, to_dict(cfg))
+            self.run_log = RunLogger(self.run_dir, cfg.train.log_with, to_dict(cfg), resumed_at=self.iteration if resume_path is not None else None)
         self.accelerator.wait_for_everyone()
         self.timings["setup"] = time.perf_counter() - start - self.timings.get("calibration", 0.0)
         return self
