@@ -347,9 +347,9 @@ class RolloutStore:
             main = [n for n in names if "/" not in n]
             reward = "total" if "total" in names else (main[0] if len(main) == 1 else None)
             if reward is None:
-                raise ValueError(f"the store has several rewards {names} and no 'total'; pass reward=")
+                raise ValueError(f"store {self.root} has several rewards {names} and no 'total'; name the one to train on (reward)")
         if reward not in names:
-            raise ValueError(f"reward {reward!r} is not in the store; it has {names}")
+            raise ValueError(f"reward={reward!r} is not in store {self.root}; it has {names}")
         return reward
 
     def groups(self, k: Optional[int] = None, reward: Optional[str] = None) -> Iterator[StoreGroup]:

@@ -205,12 +205,10 @@ class OfflineTrainer(OptimizerViews):
         self.k = cfg.k or per_prompt
         if self.k > per_prompt:
             raise ConfigError(f"k={self.k} but store {cfg.store} has {per_prompt} samples per prompt")
-        names = self.store.reward_names
-        if cfg.reward is not None and cfg.reward not in names:
-            raise ConfigError(f"reward={cfg.reward!r} is not in store {cfg.store}; it has {names}")
-        main = [n for n in names if "/" not in n]
-        if cfg.reward is None and "total" not in names and len(main) != 1:
-            raise ConfigError(f"store {cfg.store} has several rewards {names} and no 'total'; set reward:")
+        try:
+            self.reward = self.store.resolve_reward(cfg.reward)  # the explicit reward the run trains on
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     def setup(self) -> "OfflineTrainer":
         """Check the run folder and the store, build model + LoRA + optimizer, restore a checkpoint.
@@ -266,7 +264,7 @@ class OfflineTrainer(OptimizerViews):
     @property
     def total_steps(self) -> int:
         """Optimizer steps of the whole run: ``epochs * ceil(groups / groups_per_batch)``, capped by ``max_steps``."""
-        per_epoch = -(-self.store.num_groups(self.k, self.store.resolve_reward(self.config.reward)) // self.config.groups_per_batch)
+        per_epoch = -(-self.store.num_groups(self.k, self.reward) // self.config.groups_per_batch)
         total = self.config.epochs * per_epoch
         return total if self.config.max_steps is None else min(total, self.config.max_steps)
 
@@ -329,7 +327,7 @@ class OfflineTrainer(OptimizerViews):
 
     def _epoch_batches(self, epoch: int):
         order = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
-        return self.store.batches(self.k, self.config.groups_per_batch, self.config.reward, shuffle=True, generator=order)
+        return self.store.batches(self.k, self.config.groups_per_batch, self.reward, shuffle=True, generator=order)
 
     def _pending_batches(self):
         """``(epoch, batch, groups)`` of the steps still to run: the epochs' batches in their seeded
