@@ -316,6 +316,11 @@ def _dense_config(cfg: Any) -> DenseConfig:
     return DenseConfig(**{f: getattr(d, f) for f in DenseConfig.__dataclass_fields__ if hasattr(d, f)})
 
 
+def _dropped_sample_policy(cfg) -> str:
+    """``"drop"`` when any configured reward drops failed samples (the mixture then drops them), else ``"raise"``."""
+    return "drop" if any(getattr(r, "on_error", "raise") == "drop" for r in getattr(cfg, "rewards", None) or []) else "raise"
+
+
 def dense_step_advantages(adapter, traj, cond, reward, cfg, gather: Optional[Callable] = None) -> tuple[Tensor, dict[str, float]]:
     """The trainer's entry point: per-step advantages ``[B, K]`` and metrics for one rollout batch.
 
@@ -327,7 +332,8 @@ def dense_step_advantages(adapter, traj, cond, reward, cfg, gather: Optional[Cal
 
     ``gather(R, group_ids) -> (R_all, group_ids_all, own_rows)`` (the trainer's, on several processes) gives
     every process's rows, with group ids distinct across processes, and the slice of this process's rows:
-    ``objective.adv_std="global"`` then normalises over the whole batch, as the outcome advantages do.
+    advantages are then computed over the whole batch (``objective.adv_std="global"`` normalises over it,
+    and TP-GRPO's ``dense.balance`` balances over it), so they do not depend on the process count.
 
     Samples whose R has a NaN (a reward dropped under ``on_error="drop"``) get zero advantages and are
     left out of the group statistics; rows with all-zero advantages can be dropped with
@@ -344,7 +350,7 @@ def dense_step_advantages(adapter, traj, cond, reward, cfg, gather: Optional[Cal
     method = ocfg.name
     if method not in METHODS:
         raise ConfigError(f"objective.name={method!r} has no per-step advantages; use one of {list(METHODS)}")
-    on_error = "drop" if any(getattr(r, "on_error", "raise") == "drop" for r in getattr(cfg, "rewards", [])) else "raise"
+    on_error = _dropped_sample_policy(cfg)
     mixed = _as_reward(reward, getattr(cfg, "rewards", None))
     R, nfe = estimate_step_rewards(
         adapter, traj, cond, mixed, estimator=d.estimator, stride=d.stride, guidance_scale=cfg.sampling.guidance_scale,
@@ -451,6 +457,7 @@ def calibrate_noise_table_for(
     generator: Optional[torch.Generator] = None,
     metadata: Optional[Sequence[Mapping]] = None,
     gains_fn: Optional[Callable[[Tensor], Tensor]] = None,
+    on_error: Optional[str] = None,
 ) -> Tensor:
     """DenseGRPO's reward-aware noise calibration on a pipeline (arXiv 2601.20218) -> ``levels[K]``.
 
@@ -458,6 +465,8 @@ def calibrate_noise_table_for(
     step gains and moves each step's level by ±``eps2`` (:func:`dense.calibrate_noise_table`: up
     where positive and negative gains are balanced within ``eps1``, down otherwise). ``K`` is
     ``len(initial_levels)``. ``gains_fn`` replaces the rollout loop (:func:`rollout_gains_fn`).
+    ``on_error`` (default: the reward's own ``on_error``, else ``"raise"``) is the dropped-sample policy:
+    under ``"drop"`` a sample whose reward fails is left out of that round's gains, as in training.
     """
     levels = torch.as_tensor(initial_levels, dtype=torch.float32).flatten()
     if levels.numel() < 1 or bool((levels < 0).any()):
@@ -465,7 +474,8 @@ def calibrate_noise_table_for(
     if gains_fn is None:
         gains_fn = rollout_gains_fn(adapter, prompts, reward, samples=samples, kernel=kernel, guidance_scale=guidance_scale,
                                     estimator=estimator, stride=stride, max_batch=max_batch, micro_batch_size=micro_batch_size,
-                                    generator=generator, metadata=metadata)
+                                    generator=generator, metadata=metadata,
+                                    on_error=on_error or getattr(reward, "on_error", "raise"))
     table = dense.calibrate_noise(gains_fn, levels, rounds, eps1=eps1, eps2=eps2, max_level=max_level)
     logger.info("calibrated noise table after %d rounds: %s", rounds, [round(x, 4) for x in table.tolist()])
     return table
@@ -574,6 +584,7 @@ def prepare_noise_schedule(
         initial_levels=[a] * s.num_steps, eps1=d.eps1, eps2=d.eps2, max_level=d.max_level, kernel=s.kernel,
         guidance_scale=s.guidance_scale, estimator=d.estimator, stride=d.stride, max_batch=d.max_batch,
         micro_batch_size=getattr(s, "micro_batch_size", None), generator=generator or torch.Generator().manual_seed(seed), metadata=metadata,
+        on_error=_dropped_sample_policy(cfg),
     )
     if d.noise_table_file:
         meta = {"initial_level": a, "rounds": d.calibration_rounds, "samples": d.calibration_samples, "eps1": d.eps1, "eps2": d.eps2,

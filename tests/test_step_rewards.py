@@ -16,7 +16,7 @@ from flowalign import dense, sde
 from flowalign.advantages import per_step_advantages
 from flowalign.errors import ConfigError
 from flowalign.pipelines import load_adapter
-from flowalign.rewards import call_reward, load_reward
+from flowalign.rewards import MultiReward, call_reward, load_reward
 from flowalign.sampling import rollout
 from flowalign import step_rewards as sr
 
@@ -275,6 +275,30 @@ def test_rollout_gains_fn_matches_rollout_plus_estimator(adapter, reward):
     assert gains.shape == (3, 3)
     assert torch.allclose(gains, R[:, 1:] - R[:, :-1], atol=1e-5)
     assert (gains[:, 2].abs() < 1e-5).all()  # level 0 on the last step: deterministic, zero gain
+
+
+def test_calibration_drops_failed_samples_under_the_drop_policy(adapter, reward, tmp_path):
+    # a reward that fails (NaN) on the second prompt: calibration must leave those samples out, as training does
+    def fragile(images, prompts, metadata):
+        return torch.tensor([float("nan") if p == PROMPTS[1] else float(v) for p, v in zip(prompts, luma_mean(images))])
+
+    levels = torch.tensor([0.8, 0.4])
+    expect = sr.rollout_gains_fn(adapter, PROMPTS, reward, samples=4, generator=torch.Generator().manual_seed(2))(levels)[0::2]
+    expect_levels = [0.5 + 0.1 if int((expect[:, k] > 0).sum()) == int((expect[:, k] < 0).sum()) else 0.5 - 0.1 for k in range(2)]
+    mixed = MultiReward({"fragile": (load_reward(fragile), 1.0, "drop")})
+    table = sr.calibrate_noise_table_for(adapter, PROMPTS, mixed, rounds=1, samples=4, initial_levels=[0.5, 0.5], eps1=0, eps2=0.1,
+                                         generator=torch.Generator().manual_seed(2))
+    assert table.tolist() == pytest.approx(expect_levels)
+    with pytest.raises(Exception, match="non-finite"):  # the raise policy still raises
+        sr.calibrate_noise_table_for(adapter, PROMPTS, mixed, rounds=1, samples=4, initial_levels=[0.5, 0.5], on_error="raise")
+    cfg = SimpleNamespace(
+        objective=SimpleNamespace(name="dense_grpo"), train=SimpleNamespace(seed=0), model=SimpleNamespace(pretrained="tiny-sd3"),
+        sampling=SimpleNamespace(num_steps=2, kernel="flow_sde", guidance_scale=1.0, noise_schedule="constant", noise_kwargs={"a": 0.5}),
+        rewards=[SimpleNamespace(name="fragile", weight=1.0, on_error="drop")],
+        dense=sr.DenseConfig(calibration_rounds=1, calibration_samples=4, eps1=0, eps2=0.1),
+    )
+    _, prepared = sr.prepare_noise_schedule(adapter, PROMPTS, {"fragile": load_reward(fragile)}, cfg)
+    assert prepared.numel() == 2 and torch.isfinite(prepared).all()
 
 
 def test_noise_table_round_trip_and_errors(tmp_path):

@@ -373,6 +373,22 @@ def test_trainer_advantages_follow_objective_adv_std(tmp_path, std):
     trainer.cleanup()
 
 
+def test_trainer_advantages_leave_dropped_rewards_out_of_the_group_statistics(tmp_path):
+    """A dropped (NaN) reward gets advantage 0 and does not shrink its group's std: the kept samples'
+    advantages are those of the group without it (the review's case: [1, 0, 1, NaN] -> +-0.707, -1.414)."""
+    trainer = _trainer(tmp_path, "train.iterations=1")
+    rewards = torch.tensor([1.0, 0.0, 1.0, float("nan"), 0.2, 0.4, 0.6, 0.8])
+    group_ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    keep = ~rewards.isnan()
+    adv, kept, _ = trainer.advantages(rewards, group_ids, keep)
+    # by hand, population std over the kept rows only: group 0 mean 2/3, std sqrt(2)/3
+    g0 = [(r - 2 / 3) / (2**0.5 / 3 + 1e-4) for r in (1.0, 0.0, 1.0)]
+    g1 = [(r - 0.5) / (0.05**0.5 + 1e-4) for r in (0.2, 0.4, 0.6, 0.8)]
+    assert adv.tolist() == pytest.approx(g0 + [0.0] + g1, abs=1e-5)
+    assert kept.tolist() == [True, True, True, False] + [True] * 4
+    trainer.cleanup()
+
+
 def test_train_function_runs_a_whole_job_and_state_dict_is_what_the_checkpoint_holds(tmp_path):
     from flowalign import checkpoint as ckpt
     from flowalign.train import trainer as trainer_module

@@ -90,6 +90,18 @@ def fill_dropped(rewards: Tensor, group_ids: Tensor) -> Tensor:
     return rewards
 
 
+def kept_group_advantages(rewards: Tensor, group_ids: Tensor, **kwargs) -> Tensor:
+    """``group_advantages`` over the kept samples only: a dropped (NaN) reward gets advantage 0 and is
+    left out of its group's mean and std, as the dense objectives do (``kwargs``: std, eps, clip)."""
+    from flowalign.advantages import group_advantages
+
+    kept = ~rewards.isnan()
+    adv = torch.zeros(rewards.shape[0], dtype=torch.float32)
+    if kept.any():
+        adv[kept] = group_advantages(rewards[kept], group_ids[kept], **kwargs)
+    return adv
+
+
 def make_step_batch(batch: Batch, index: Tensor, k: int, log_prob_reduce: str, device: torch.device):
     """The transitions ``x_k -> x_{k+1}`` of samples ``index`` as a ``StepBatch`` on ``device``."""
     from flowalign.objectives import StepBatch
@@ -318,7 +330,7 @@ class Trainer(OptimizerViews):
         ``flowalign.step_rewards.dense_step_advantages``); samples with a dropped reward or only
         zero advantages are masked out, and with ``train.oversample > 1`` those past the first
         ``prompts_per_iter`` groups with a kept sample over all processes."""
-        from flowalign.advantages import first_informative_groups, group_advantages, nonzero_mask, zero_variance_fraction
+        from flowalign.advantages import first_informative_groups, nonzero_mask, zero_variance_fraction
 
         ocfg = self.config.objective
         group_ids = group_ids.cpu()
@@ -326,8 +338,8 @@ class Trainer(OptimizerViews):
         if self.dense:
             from flowalign.step_rewards import dense_step_advantages
 
-            # a global std runs over every process's rows, as for the outcome advantages below
-            gather = self._gather_batch if ocfg.adv_std == "global" and self.accelerator.num_processes > 1 else None
+            # advantages over every process's rows (a global std, TP-GRPO's balancing), so they do not depend on the process count
+            gather = self._gather_batch if self.accelerator.num_processes > 1 else None
             with runtime.rewards_on_device(self.rewards.values(), self.device, self.config.train.offload_rewards):
                 adv, metrics = dense_step_advantages(self.adapter, traj, cond, self.rewards, self.config, gather=gather)
             adv = adv.cpu()
@@ -336,11 +348,10 @@ class Trainer(OptimizerViews):
                 metrics["dense/nfe_per_sample"] = metrics["dense/nfe"] / (traj.batch_size * self.accelerator.num_processes)
         elif ocfg.adv_std == "global" and self.accelerator.num_processes > 1:
             # the std runs over every process's samples: normalise the gathered batch, keep our rows
-            mine = self._own_rows(rewards.shape[0])
-            all_r, all_g = self._gather(fill_dropped(rewards, group_ids)), self._gather_group_ids(group_ids)
-            adv = group_advantages(all_r, all_g, std="global", eps=ocfg.adv_eps, clip=ocfg.adv_clip)[mine]
+            all_r, all_g, mine = self._gather_batch(rewards, group_ids)
+            adv = kept_group_advantages(all_r, all_g, std="global", eps=ocfg.adv_eps, clip=ocfg.adv_clip)[mine]
         else:
-            adv = group_advantages(fill_dropped(rewards, group_ids), group_ids, std=ocfg.adv_std, eps=ocfg.adv_eps, clip=ocfg.adv_clip)
+            adv = kept_group_advantages(rewards, group_ids, std=ocfg.adv_std, eps=ocfg.adv_eps, clip=ocfg.adv_clip)
         keep = keep & nonzero_mask(adv)
         if self.config.train.oversample > 1.0:
             # DAPO's dynamic sampling: the first prompts_per_iter groups with a signal over every process's groups, in the
