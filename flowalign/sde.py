@@ -77,6 +77,9 @@ def _as_column(value: ScalarOrBatch, x: Tensor, name: str) -> Tensor:
 def _check_inputs(kind: str, sigma: Tensor, sigma_next: Tensor, noise_level: Tensor) -> None:
     if kind not in KERNELS:
         raise ValueError(f"kind={kind!r} is not a transition kernel; choose one of {KERNELS}")
+    for name, t in (("sigma", sigma), ("sigma_next", sigma_next), ("noise_level", noise_level)):
+        if not bool(torch.isfinite(torch.as_tensor(t)).all()):
+            raise ValueError(f"{name} must be finite, got {t.flatten().tolist()}")
     if bool(((sigma > 1) | (sigma_next < 0)).any()):
         raise ValueError(f"sigmas must lie in [0, 1], got sigma={sigma.flatten().tolist()}, sigma_next={sigma_next.flatten().tolist()}")
     if bool((sigma_next >= sigma).any()):
@@ -98,10 +101,14 @@ def _check_inputs(kind: str, sigma: Tensor, sigma_next: Tensor, noise_level: Ten
 def ode_kernel(x: Tensor, v: Tensor, s: Tensor, s_next: Tensor) -> tuple[Tensor, Tensor]:
     """Euler step of the probability-flow ODE: ``x' = x + (s' - s)·v``, std = 0.
 
-    Identical to ``FlowMatchEulerDiscreteScheduler.step`` (diffusers), which also upcasts to fp32.
+    Identical to ``FlowMatchEulerDiscreteScheduler.step`` (diffusers), bit for bit in any dtype: it adds
+    to the fp32 sample the product ``dt·v`` taken in the velocity's dtype, so for an fp16 / bf16 ``v``
+    ``dt`` is rounded to that dtype and the product too (pass ``v`` uncast).
     """
     dt = s_next - s
-    return x + dt * v, torch.zeros_like(dt)
+    if v.dtype in (torch.float16, torch.bfloat16):
+        return x.float() + (dt.to(v.dtype) * v).float(), torch.zeros_like(dt)
+    return x + dt * v.float(), torch.zeros_like(dt)
 
 
 def flow_sde_kernel(x: Tensor, v: Tensor, s: Tensor, s_next: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
@@ -199,7 +206,7 @@ def step(
 
     x32, v32 = x.float(), v.float()
     if kind == "ode":
-        mean, std = ode_kernel(x32, v32, s, s_next)
+        mean, std = ode_kernel(x32, v, s, s_next)  # v uncast: diffusers' Euler step multiplies in v's dtype
     elif kind == "flow_sde":
         mean, std = flow_sde_kernel(x32, v32, s, s_next, level)
     elif kind == "dance_sde":
@@ -257,8 +264,7 @@ def reward_drift(grad: Tensor, std: Tensor | float, scale: float, mode: str = "n
     std32 = torch.as_tensor(std, dtype=torch.float32, device=g.device)
     if mode == "tilted":
         return scale * std32**2 * g
-    dims = tuple(range(1, g.ndim))
-    rms = g.pow(2).mean(dim=dims, keepdim=True).sqrt()  # [B, 1, ..., 1]
+    rms = g.reshape(g.shape[0], -1).pow(2).mean(dim=1).sqrt().reshape(-1, *([1] * (g.ndim - 1)))  # [B, 1, ..., 1] (per row, even for [B])
     unit = torch.where(rms > 0, g / torch.where(rms > 0, rms, torch.ones_like(rms)), torch.zeros_like(g))
     return scale * std32 * unit
 
@@ -289,8 +295,8 @@ def log_prob(x_next: Tensor, mean: Tensor, std: Tensor | float, reduce: str = "m
     safe = torch.where(live, std32, torch.ones_like(std32))  # keeps gradients finite where std = 0
     lp = -((x32 - mu32) ** 2) / (2 * safe**2) - torch.log(safe) - 0.5 * math.log(2 * math.pi)
     lp = torch.where(live, lp, torch.zeros_like(lp))  # [B, *latent]
-    dims = tuple(range(1, lp.ndim))
-    return lp.mean(dim=dims) if reduce == "mean" else lp.sum(dim=dims)
+    lp = lp.reshape(lp.shape[0], -1)  # [B, D]: per row, even for [B] latents
+    return lp.mean(dim=1) if reduce == "mean" else lp.sum(dim=1)
 
 
 def is_stochastic(kind: str, sigma: ScalarOrBatch, sigma_next: ScalarOrBatch, noise_level: ScalarOrBatch) -> Tensor:
@@ -303,6 +309,9 @@ def is_stochastic(kind: str, sigma: ScalarOrBatch, sigma_next: ScalarOrBatch, no
     """
     if kind not in KERNELS:
         raise ValueError(f"kind={kind!r} is not a transition kernel; choose one of {KERNELS}")
+    for name, t in (("sigma", sigma), ("sigma_next", sigma_next), ("noise_level", noise_level)):
+        if not bool(torch.isfinite(torch.as_tensor(t)).all()):
+            raise ValueError(f"{name} must be finite, got {t.flatten().tolist()}")
     s = torch.as_tensor(sigma, dtype=torch.float32)
     s_next = torch.as_tensor(sigma_next, dtype=torch.float32)
     level = torch.as_tensor(noise_level, dtype=torch.float32)

@@ -48,6 +48,18 @@ def test_euler_through_adapter_reproduces_pipeline(pipe, adapter, guidance_scale
     assert (other - ref).abs().max() > 1e-3
 
 
+def test_ode_rollout_reproduces_a_bfloat16_pipeline_exactly():
+    # in bf16 the scheduler takes dt·v in the model's dtype; the rollout must do the same, not an fp32 product
+    from flowalign.sampling import sample_ode
+
+    pipe = tiny_sd3_pipeline().to(torch.bfloat16)
+    adapter = load_adapter(pipe)
+    x = adapter.initial_noise(2, torch.Generator().manual_seed(3))
+    ref = pipe(PROMPTS, latents=x.clone(), num_inference_steps=6, guidance_scale=4.5, output_type="latent").images
+    ours = sample_ode(adapter, PROMPTS, num_steps=6, guidance_scale=4.5, initial_noise=x.clone(), decode=False)
+    assert ours.dtype == ref.dtype == torch.bfloat16 and torch.equal(ours, ref)
+
+
 def test_initial_noise_is_the_pipelines_draw(pipe, adapter):
     x = adapter.initial_noise(2, torch.Generator().manual_seed(11))
     with_latents = pipe(PROMPTS, latents=x, num_inference_steps=2, guidance_scale=1.0, output_type="pt").images

@@ -32,6 +32,23 @@ def test_ode_matches_diffusers_scheduler_full_loop():
         assert torch.allclose(x_ours, x_ref, atol=1e-6, rtol=0), f"step {i}"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ode_matches_diffusers_scheduler_bit_for_bit_in_half_precision(dtype):
+    # diffusers adds dt·v taken in the model's dtype to the fp32 sample: a half-precision run must match it exactly
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    x_ref = torch.randn(3, 4, 8, 8, generator=g).to(dtype)
+    x_ours, x_rows = x_ref.clone(), x_ref.clone()
+    for i, t in enumerate(sched.timesteps):
+        v = torch.randn(3, 4, 8, 8, generator=g).to(dtype)
+        x_ref = sched.step(v, t, x_ref).prev_sample
+        x_ours = sde.step("ode", x_ours, v, float(sched.sigmas[i]), float(sched.sigmas[i + 1])).prev_sample
+        x_rows = sde.step("ode", x_rows, v, sched.sigmas[i].expand(3), sched.sigmas[i + 1].expand(3)).prev_sample  # [B] sigmas
+        assert x_ours.dtype == dtype and torch.equal(x_ours, x_ref), f"step {i}"
+        assert torch.equal(x_rows, x_ref), f"step {i} ([B] sigmas)"
+
+
 @pytest.mark.parametrize("kind", STOCHASTIC)
 def test_noise_level_zero_equals_ode(kind):
     torch.manual_seed(1)
@@ -184,6 +201,21 @@ def test_bad_inputs_raise_naming_the_value():
         sde.step("ode", x, x, torch.tensor([0.5, 0.4, 0.3]), 0.1)
     with pytest.raises(ValueError, match="noise_level"):
         sde.step("flow_sde", x, x, 0.5, 0.4, -0.1)
+    nan = float("nan")  # NaN passes every comparison: it must still be refused, not turned into NaN latents
+    for args, name in [((nan, 0.4, 0.7), "sigma"), ((0.5, nan, 0.7), "sigma_next"), ((0.5, 0.4, nan), "noise_level")]:
+        with pytest.raises(ValueError, match=f"{name} must be finite"):
+            sde.step("flow_sde", x, x, *args)
+
+
+def test_log_prob_and_drift_reduce_per_row_for_flat_latents():
+    # [B] latents: one element per row, so each row's log-prob is its own element's density, not the batch mean
+    mean, std = torch.tensor([0.0, 1.0, -1.0]), torch.tensor([0.5, 1.0, 2.0])
+    x = torch.tensor([0.3, 0.0, 1.0])
+    ref = torch.distributions.Normal(mean, std).log_prob(x)
+    assert torch.allclose(sde.log_prob(x, mean, std), ref) and torch.allclose(sde.log_prob(x, mean, std, reduce="sum"), ref)
+    # normalized drift: each row moves scale·std along its own gradient's sign (rms of one element = |g|)
+    drift = sde.reward_drift(torch.tensor([0.1, -3.0, 0.0]), std, scale=0.5)
+    assert drift.tolist() == pytest.approx([0.25, -0.5, 0.0])
 
 
 # ------------------------------------------------------------------ schedules
