@@ -295,10 +295,14 @@ def lora_metadata(module: nn.Module) -> Optional[dict]:
     """The peft ``LoraConfig`` of ``module`` as a dict (rank, alpha, targets), or None without LoRA.
 
     Stored in the safetensors header by ``save_lora_weights`` so that ``load_lora_weights``
-    restores the same ``alpha / r`` scale (without it diffusers assumes alpha = r).
+    restores the same ``alpha / r`` scale (without it diffusers assumes alpha = r). ``lora_dropout``
+    is written as 0: dropout is a training-time regulariser, not part of the weights, and diffusers
+    creates a loaded LoRA's dropout in train mode, so a non-zero value would randomise every image.
     """
     config = getattr(module, "peft_config", {}).get(ADAPTER_NAME)
-    return None if config is None else config.to_dict()
+    if config is None:
+        return None
+    return {**config.to_dict(), "lora_dropout": 0.0}
 
 
 def save_lora_weights(pipeline, directory: Union[str, Path], state: dict[str, Tensor], metadata: Optional[dict] = None) -> Path:
@@ -410,10 +414,13 @@ def load_lora_into_pipeline(pipeline, path: Union[str, Path], adapter_name: Opti
     Raises:
         LoraMismatchError: the file was trained for another architecture or size.
     """
-    check_lora_file(path, lora_components(pipeline))
+    components = lora_components(pipeline)
+    check_lora_file(path, components)
     path = Path(path)
     kwargs = {"adapter_name": adapter_name} if adapter_name else {}
     if path.is_dir():
         pipeline.load_lora_weights(str(path), weight_name=LORA_WEIGHT_NAME, **kwargs)
     else:
         pipeline.load_lora_weights(str(path.parent), weight_name=path.name, **kwargs)
+    for module in components.values():  # a file whose header asks for dropout (another tool's) must not randomise samples
+        set_lora_dropout(module, False)

@@ -51,7 +51,8 @@ def load_adapter(
         pipeline_or_path: a pipeline object, or a local diffusers folder (never downloaded).
         family: adapter name to force (e.g. ``"sd3"``); default: chosen by the pipeline class.
         pipeline_kwargs: extra ``DiffusionPipeline.from_pretrained`` arguments (``torch_dtype``...).
-        **kwargs: passed to the adapter (e.g. ``max_sequence_length`` for SD3).
+        **kwargs: passed to the adapter (e.g. ``max_sequence_length`` for SD3). A folder with a
+            ``flowalign_toy.json`` (the toy) gets its recommended settings first, as ``flowalign train`` does.
     """
     _import_families()
     pipeline = pipeline_or_path
@@ -62,6 +63,9 @@ def load_adapter(
         from diffusers import DiffusionPipeline
 
         pipeline = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **(pipeline_kwargs or {}))
+        from .toy import apply_toy_meta
+
+        kwargs = {**apply_toy_meta(pipeline, path), **kwargs}  # a toy folder's recommended settings; the caller's win
     name = family or PIPELINE_CLASSES.get(type(pipeline).__name__)
     if name is None or name not in ADAPTERS:
         known = ", ".join(f"{cls} -> {fam}" for cls, fam in sorted(PIPELINE_CLASSES.items()))

@@ -372,6 +372,34 @@ def train_flow(pipe, means: torch.Tensor, stds: torch.Tensor, captions: list[str
     return log
 
 
+def apply_toy_meta(pipeline, folder: str | Path) -> dict:
+    """Adapter kwargs from a toy folder's ``flowalign_toy.json`` (``{}`` for other folders).
+
+    The toy model is trained with ``max_sequence_length`` zero "T5" tokens (SD3's default 256
+    would be slower and off-distribution); its recommended ``shift`` replaces the scheduler's
+    when they differ, and SD3's per-call "input was truncated" warning is filtered (expected:
+    the placeholder T5 reads that many tokens only).
+    """
+    meta_file = Path(folder) / META_FILE
+    if not meta_file.is_file():
+        return {}
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    shift = meta.get("shift")
+    if shift is not None and float(pipeline.scheduler.config.get("shift", 1.0)) != float(shift):
+        pipeline.scheduler = type(pipeline.scheduler).from_config({**pipeline.scheduler.config, "shift": float(shift)})
+    sd3_logger = logging.getLogger("diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3")
+    if not any(isinstance(f, _T5TruncationFilter) for f in sd3_logger.filters):
+        sd3_logger.addFilter(_T5TruncationFilter())
+    return {"max_sequence_length": int(meta["max_sequence_length"])} if "max_sequence_length" in meta else {}
+
+
+class _T5TruncationFilter(logging.Filter):
+    """Drops SD3's "part of your input was truncated because `max_sequence_length`" records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "max_sequence_length" not in record.getMessage()
+
+
 def load_toy_pipeline(folder: str | Path):
     """A toy folder as a ``StableDiffusion3Pipeline`` (float32, local files only)."""
     from diffusers import StableDiffusion3Pipeline

@@ -65,6 +65,35 @@ def test_save_then_fresh_pipeline_load_reproduces_outputs(pipe, tmp_path):
     assert (_latents(fresh) - expected).abs().max() <= 1e-4
 
 
+def test_a_lora_trained_with_dropout_loads_deterministic_in_plain_diffusers(pipe, tmp_path):
+    # dropout is a training-time regulariser: the saved file must give the trained model's samples, every time
+    params = lora.add_lora(pipe.transformer, rank=4, alpha=16, target_modules=TARGETS, dropout=0.5)
+    _perturb(params)
+    expected = _latents(pipe)  # add_lora leaves dropout off outside the update
+    lora.save_lora_weights(pipe, tmp_path, lora.get_lora_state_dict(pipe.transformer))
+    plain = tiny_sd3_pipeline(seed=0)
+    plain.set_progress_bar_config(disable=True)
+    plain.load_lora_weights(str(tmp_path))  # plain diffusers, no flowalign in the loop
+    first, second = _latents(plain), _latents(plain)
+    assert torch.equal(first, second) and (first - expected).abs().max() <= 1e-4
+    # a file from another tool whose header asks for dropout: flowalign's loader still samples deterministically
+    import json
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "pytorch_lora_weights.safetensors"), "pt") as f:
+        header, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta = json.loads(header["lora_adapter_metadata"])
+    assert meta["transformer.lora_dropout"] == 0.0
+    header["lora_adapter_metadata"] = json.dumps({**meta, "transformer.lora_dropout": 0.5})
+    other = tmp_path / "other"
+    other.mkdir()
+    save_file(state, str(other / "pytorch_lora_weights.safetensors"), metadata=header)
+    fresh = tiny_sd3_pipeline(seed=0)
+    fresh.set_progress_bar_config(disable=True)
+    lora.load_lora_into_pipeline(fresh, other)
+    assert torch.equal(_latents(fresh), _latents(fresh)) and (_latents(fresh) - expected).abs().max() <= 1e-4
+
+
 def test_state_dict_round_trip_is_exact(pipe):
     params = lora.add_lora(pipe.transformer, rank=2, alpha=2, target_modules=TARGETS)
     _perturb(params, seed=3)

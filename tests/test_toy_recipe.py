@@ -48,6 +48,15 @@ def test_build_adapter_applies_the_toy_metadata(toy_like_folder):
     torch.testing.assert_close(adapter.sigmas(4), expected, atol=1e-5, rtol=0)
 
 
+def test_load_adapter_on_a_toy_folder_applies_its_metadata_too(toy_like_folder):
+    # the public loader and the trainer's must give the same model from one folder; explicit kwargs still win
+    from flowalign.pipelines import load_adapter
+
+    adapter = load_adapter(toy_like_folder)
+    assert adapter.max_sequence_length == 7 and adapter.pipeline.scheduler.config.shift == 2.0
+    assert load_adapter(toy_like_folder, max_sequence_length=9).max_sequence_length == 9
+
+
 def test_build_adapter_without_metadata_keeps_the_pipeline_defaults(toy_like_folder, tmp_path):
     plain = tmp_path / "plain"
     for item in toy_like_folder.iterdir():

@@ -3,7 +3,6 @@ when the hub is reachable), the shipped toy, or the tiny test pipeline, wrapped 
 (``flowalign.pipelines``) and frozen."""
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 from typing import Union
@@ -11,8 +10,8 @@ from typing import Union
 import torch
 
 from flowalign.errors import ConfigError
+from flowalign.pipelines.toy import META_FILE as TOY_META_FILE  # recommended settings next to a toy folder
 
-TOY_META_FILE = "flowalign_toy.json"  # recommended settings next to a toy folder (flowalign.pipelines.toy.META_FILE)
 TINY_T5_TOKENS = 32  # T5 tokens (characters) of the builtin tiny pipeline: short attention (77 CLIP + 32)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the hub spells repository ids
@@ -41,6 +40,7 @@ def dtype_kwarg(dtype: torch.dtype) -> dict:
 def build_adapter(model_cfg, device: torch.device):
     """The pipeline named by ``model.pretrained`` wrapped in its adapter, frozen, on ``device``."""
     from flowalign.pipelines import load_adapter
+    from flowalign.pipelines.toy import apply_toy_meta
 
     dtype = DTYPES[model_cfg.dtype]
     if model_cfg.pretrained == "tiny-sd3":
@@ -81,33 +81,3 @@ def build_adapter(model_cfg, device: torch.device):
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False)
     return adapter
-
-
-def apply_toy_meta(pipeline, folder: Path) -> dict:
-    """Adapter kwargs from a toy folder's ``flowalign_toy.json`` (``{}`` for other folders).
-
-    The toy model is trained with ``max_sequence_length`` zero "T5" tokens (SD3's default 256
-    would be slower and off-distribution); its recommended ``shift`` replaces the scheduler's
-    when they differ, and SD3's per-call "input was truncated" warning is filtered (expected:
-    the placeholder T5 reads that many tokens only).
-    """
-    meta_file = folder / TOY_META_FILE
-    if not meta_file.is_file():
-        return {}
-    import json
-
-    meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    shift = meta.get("shift")
-    if shift is not None and float(pipeline.scheduler.config.get("shift", 1.0)) != float(shift):
-        pipeline.scheduler = type(pipeline.scheduler).from_config({**pipeline.scheduler.config, "shift": float(shift)})
-    sd3_logger = logging.getLogger("diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3")
-    if not any(isinstance(f, _T5TruncationFilter) for f in sd3_logger.filters):
-        sd3_logger.addFilter(_T5TruncationFilter())
-    return {"max_sequence_length": int(meta["max_sequence_length"])} if "max_sequence_length" in meta else {}
-
-
-class _T5TruncationFilter(logging.Filter):
-    """Drops SD3's "part of your input was truncated because `max_sequence_length`" records."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "max_sequence_length" not in record.getMessage()
