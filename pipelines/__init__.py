@@ -39,6 +39,59 @@ def known_families() -> dict[str, str]:
     return dict(sorted(PIPELINE_CLASSES.items()))
 
 
+# components a family can run without, passed as None when a folder lacks them (SD3 / SD3.5 without T5)
+DROPPABLE_COMPONENTS = {"StableDiffusion3Pipeline": ("text_encoder_3", "tokenizer_3")}
+
+
+def folder_load_kwargs(path: Union[str, Path]) -> dict:
+    """Check a local pipeline folder against its ``model_index.json`` before loading anything, and return
+    the ``from_pretrained`` kwargs it needs.
+
+    * an unknown ``_class_name`` is refused at once (a large model is not loaded only to be refused);
+    * a droppable component (SD3's T5: ``text_encoder_3``, ``tokenizer_3``) that the index leaves out
+      or null, or whose folder is missing, is passed as None, with a warning;
+    * any other component the index names but the folder lacks is a ``ConfigError`` naming it.
+    """
+    import json
+
+    from flowalign.errors import ConfigError
+
+    path = Path(path)
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise ConfigError(f"{str(path)!r} is not a diffusers pipeline folder: it has no model_index.json")
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{index_file} is not valid JSON: {exc}") from None
+    _import_families()
+    cls = index.get("_class_name") if isinstance(index, dict) else None
+    if cls not in PIPELINE_CLASSES:
+        known = ", ".join(sorted(PIPELINE_CLASSES))
+        raise ConfigError(f"{str(path)!r} holds a {cls!r} pipeline; flowalign has adapters for: {known}")
+    droppable = DROPPABLE_COMPONENTS.get(cls, ())
+    kwargs, dropped, missing = {}, [], []
+    for name, entry in index.items():
+        if name.startswith("_"):
+            continue
+        null = not (isinstance(entry, list) and entry and entry[0] is not None)  # [null, null]: saved as None
+        exists = (path / name).exists()
+        if name in droppable and (null or not exists):
+            kwargs[name] = None
+            dropped.append(name)
+        elif not null and not exists:
+            missing.append(name)
+    for name in droppable:  # not in the index at all
+        if name not in index:
+            kwargs[name] = None
+            dropped.append(name)
+    if missing:
+        raise ConfigError(f"{str(path)!r} lacks the component folder(s) {missing} that its model_index.json names")
+    if dropped:
+        logger.warning("%s: no %s in the folder; loading the pipeline without them", path, " / ".join(dropped))
+    return kwargs
+
+
 def load_adapter(
     pipeline_or_path: Union[Any, str, Path],
     family: Optional[str] = None,
@@ -62,7 +115,7 @@ def load_adapter(
             raise FileNotFoundError(f"{str(path)!r} is not a local diffusers pipeline folder (flowalign never downloads models)")
         from diffusers import DiffusionPipeline
 
-        pipeline = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **(pipeline_kwargs or {}))
+        pipeline = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **{**folder_load_kwargs(path), **(pipeline_kwargs or {})})
         from .toy import apply_toy_meta
 
         kwargs = {**apply_toy_meta(pipeline, path), **kwargs}  # a toy folder's recommended settings; the caller's win

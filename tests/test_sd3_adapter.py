@@ -172,6 +172,38 @@ def test_load_adapter_from_folder_and_errors(tmp_path, pipe):
         SD3Adapter(pipe, height=33)
 
 
+def test_folders_without_t5_load_and_broken_folders_name_what_is_wrong(tmp_path, pipe):
+    import json
+    import shutil
+
+    from flowalign.config import ModelConfig
+    from flowalign.errors import ConfigError
+    from flowalign.train.model import build_adapter
+
+    pipe.save_pretrained(tmp_path / "full")
+    no_t5 = dict(pipe.components, text_encoder_3=None, tokenizer_3=None)
+    expected = load_adapter(type(pipe)(**no_t5)).encode(["a red square"], do_classifier_free_guidance=False)
+    # an SD3.5 download without its T5 folders, and a pipeline saved with T5 = None ([null, null] in the index)
+    shutil.copytree(tmp_path / "full", tmp_path / "no_t5_dirs")
+    for name in ("text_encoder_3", "tokenizer_3"):
+        shutil.rmtree(tmp_path / "no_t5_dirs" / name)
+    type(pipe)(**no_t5).save_pretrained(tmp_path / "saved_none")
+    for folder in ("no_t5_dirs", "saved_none"):
+        for adapter in (load_adapter(tmp_path / folder), build_adapter(ModelConfig(pretrained=str(tmp_path / folder)), torch.device("cpu"))):
+            assert adapter.pipeline.text_encoder_3 is None, folder
+            got = adapter.encode(["a red square"], do_classifier_free_guidance=False)
+            torch.testing.assert_close(got.cond["encoder_hidden_states"], expected.cond["encoder_hidden_states"])
+    # a missing VAE is named; a pipeline class without an adapter is refused before anything loads
+    shutil.copytree(tmp_path / "full", tmp_path / "no_vae")
+    shutil.rmtree(tmp_path / "no_vae" / "vae")
+    with pytest.raises(ConfigError, match=r"\['vae'\]"):
+        build_adapter(ModelConfig(pretrained=str(tmp_path / "no_vae")), torch.device("cpu"))
+    index = tmp_path / "full" / "model_index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "_class_name": "StableDiffusionXLPipeline"}))
+    with pytest.raises(ConfigError, match="'StableDiffusionXLPipeline' pipeline"):
+        load_adapter(tmp_path / "full")
+
+
 def test_cfg_embedding_cache_never_serves_stale_embeddings(pipe):
     ad = load_adapter(pipe)
     a, b = ad.encode(["a red square"]), ad.encode(["a blue circle"])

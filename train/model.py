@@ -55,7 +55,10 @@ def build_adapter(model_cfg, device: torch.device):
         from diffusers import DiffusionPipeline
 
         if path.is_dir():
-            pipeline = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, revision=model_cfg.revision, **dtype_kwarg(dtype))
+            from flowalign.pipelines import folder_load_kwargs
+
+            pipeline = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, revision=model_cfg.revision,
+                                                         **folder_load_kwargs(path), **dtype_kwarg(dtype))
         elif HUB_ID.fullmatch(source):  # e.g. stabilityai/stable-diffusion-3.5-medium: the hub cache, downloading if allowed
             try:
                 pipeline = DiffusionPipeline.from_pretrained(source, revision=model_cfg.revision, **dtype_kwarg(dtype))
