@@ -396,7 +396,8 @@ def compare(base: EvalResult, aligned: EvalResult, z: float = Z95, check_noise: 
             with ``check_noise``, did not start from the same noise).
     """
     if base.prompts != aligned.prompts or base.seeds != aligned.seeds:
-        first = next((i for i, (a, b) in enumerate(zip(base.prompts, aligned.prompts)) if a != b), min(base.num_samples, aligned.num_samples))
+        pairs = zip(zip(base.prompts, base.seeds), zip(aligned.prompts, aligned.seeds))
+        first = next((i for i, (a, b) in enumerate(pairs) if a != b), min(base.num_samples, aligned.num_samples))
         raise ValueError(f"base and aligned evaluations differ in prompts or seeds ({base.num_samples} vs {aligned.num_samples} samples; "
                          f"first difference at sample {first}): evaluate both with the same records, num_samples and seed")
     if check_noise and not torch.allclose(base.noise_fingerprints, aligned.noise_fingerprints, rtol=1e-6, atol=1e-6):
@@ -671,15 +672,18 @@ def evaluate(
             scores.append(out.scores.detach().float().cpu())
             # a batch whose every sample was dropped has no details: NaN / "dropped" rows, so one bad batch
             # does not switch the whole evaluation to the score threshold
-            all_dropped = bool(torch.isnan(scores[-1]).all())
+            dropped = torch.isnan(scores[-1])  # [b]: a reward that raised, or returned a non-finite score, under "drop"
+            all_dropped = bool(dropped.all())
             nan_rows = torch.full((len(rows),), float("nan"))
             p = _per_sample(out.details.get("partial"), len(rows), "partial")
             p = nan_rows if p is None and all_dropped else p
+            p = None if p is None else torch.where(dropped, nan_rows, p)  # a dropped sample's details do not count
             has_partial = has_partial and p is not None
             if p is not None:
                 partial.append(p)
             v = _per_sample(out.details.get("binary"), len(rows), "binary")
             v = nan_rows if v is None and all_dropped else v
+            v = None if v is None else torch.where(dropped, nan_rows, v)
             has_verdict = has_verdict and v is not None
             if v is not None:
                 verdicts.append(v)
@@ -689,7 +693,7 @@ def evaluate(
                 raise ValueError(f"reward details['failure'] has {len(labels)} labels for {len(rows)} samples")
             has_failure = has_failure and labels is not None
             if labels is not None:
-                failures += [DROPPED if label is None else str(label) for label in labels]  # None: a sample the reward dropped
+                failures += [DROPPED if label is None or bool(dropped[j]) else str(label) for j, label in enumerate(labels)]
             detail_tags = out.details.get("tag")
             for j, m in enumerate(metadata):
                 tag = m.get("tag", detail_tags[j] if detail_tags is not None else None)

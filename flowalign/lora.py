@@ -380,9 +380,12 @@ def check_lora_file(path: Union[str, Path], module: Union[nn.Module, Mapping[str
         path = path / LORA_WEIGHT_NAME
     if not path.is_file():
         raise LoraMismatchError(f"LoRA file not found: {path}")
-    with safe_open(str(path), framework="pt") as fh:
-        shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-        header = fh.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+            header = fh.metadata() or {}
+    except Exception as exc:  # noqa: BLE001 - safetensors' SafetensorError (bad header, truncated copy), OSError
+        raise LoraMismatchError(f"{path} is not a readable safetensors LoRA file ({type(exc).__name__}: {exc})") from None
     layers = {name: dict(m.named_modules()) for name, m in modules.items()}
     unknown, bad_shape, present = [], [], set()
     for key, shape in shapes.items():

@@ -330,6 +330,13 @@ def _table_cell(text: str, max_chars: int = 80) -> str:
     return text.replace("|", "\\|")
 
 
+def meets_target(gain_points: float, target_points: float) -> bool:
+    """``gain_points >= target_points`` without float noise: an exact +15-point gain (e.g. 68 -> 164 of
+    640 samples, computed as 14.999999999999996) meets a +15 target. Gains are rounded to 1e-9 points,
+    far below one sample's weight."""
+    return round(gain_points, 9) >= target_points
+
+
 def write_report(
     run_dir: PathLike,
     *,
@@ -364,7 +371,7 @@ def write_report(
 
     overall = comparison.rows[ALL]
     gain = 100 * overall["delta"]
-    met = gain >= target_gain_points
+    met = meets_target(gain, target_gain_points)
     mean_base, mean_aligned = category_mean(base.categories), category_mean(aligned.categories)
     settings = aligned.settings
     kernel = _get(config_dict, "sampling.kernel", "?")
@@ -480,7 +487,7 @@ def heldout_report(
     run_dir = Path(run_dir)
     if num_samples is None and samples_per_prompt is None:
         samples_per_prompt = max(1, math.ceil(512 / len(records)))
-    samples_per_prompt = samples_per_prompt or 1
+    samples_per_prompt = 1 if samples_per_prompt is None else samples_per_prompt
     columns = pick_samples(records, num_samples, samples_per_prompt, per_category=2)
     kw = dict(num_samples=num_samples, samples_per_prompt=samples_per_prompt, num_steps=num_steps, guidance_scale=guidance_scale,
               seed=seed, batch_size=batch_size, keep_images=columns, progress=progress)

@@ -239,7 +239,7 @@ def test_compare_refuses_different_seeds_and_reports_deltas(adapter, threshold):
     kw = dict(num_samples=4, num_steps=1, guidance_scale=1.0, progress=False)
     a = evaluate(adapter, RECORDS, reward, seed=0, **kw)
     b = evaluate(adapter, RECORDS, reward, seed=1, **kw)
-    with pytest.raises(ValueError, match="prompts or seeds"):
+    with pytest.raises(ValueError, match="prompts or seeds .* first difference at sample 0\\)"):  # same prompts, other seeds
         compare(a, b)
     # a hand-built "aligned" result with every sample correct
     better = EvalResult.from_json(json.loads(a.to_json()))
@@ -291,6 +291,10 @@ def test_cli_errors_exit_2_with_one_line(capsys, tmp_path, lora_dir):
     assert "unknown reward 'brightnes'" in _one_line_error(capsys, ["--model", "tiny-sd3", "--prompts", str(prompts), "--reward", "brightnes"])
     assert "is not a local diffusers folder" in _one_line_error(capsys, ["--model", str(tmp_path / "nomodel"), "--prompts", str(prompts), "--reward", "brightness"])
     assert "below prompts x samples_per_prompt" in _one_line_error(capsys, ["--model", "tiny-sd3", "--prompts", str(prompts), "--reward", "brightness", "--num-samples", "1"])
+    assert "samples_per_prompt must be >= 1, got 0" in _one_line_error(capsys, ["--model", "tiny-sd3", "--prompts", str(prompts), "--reward", "brightness", "--samples-per-prompt", "0"])
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "pytorch_lora_weights.safetensors").write_bytes(b"\x00" * 16)  # e.g. an interrupted copy
+    assert "not a readable safetensors LoRA file" in _one_line_error(capsys, ["--model", "tiny-sd3", "--prompts", str(prompts), "--reward", "brightness", "--lora", str(tmp_path / "broken"), "--steps", "1", "--num-samples", "2", "--no-progress"])
     # a LoRA for a 3-layer transformer on the 2-layer tiny-sd3 model
     small = _pipe(num_layers=3)
     params = lora_lib.add_lora(small.transformer, rank=2, alpha=2, target_modules=TARGETS)
@@ -464,3 +468,27 @@ def test_a_dropped_sample_keeps_the_verdicts_of_the_others(adapter):
         assert result.categories["all"].correct == sum(by_hand) and result.categories["all"].dropped == 2
         assert [result.failures[i] for i in failed] == ["dropped", "dropped"]
         assert result.tags == [r["tag"] for r in RECORDS] * 2  # metadata tags, failed samples included
+
+
+class NaNScoreVerifier(PickyVerifier):
+    """PickyVerifier that returns a NaN score (not an exception) for "a green triangle", keeping its details."""
+
+    def score(self, images, prompts, metadata):
+        out = GradedVerifier.score(self, images, prompts, metadata)
+        out.details["failure"] = ["ok" if b else "dim" for b in out.details["binary"].tolist()]
+        out.scores[[i for i, p in enumerate(prompts) if p == "a green triangle"]] = float("nan")
+        return out
+
+
+def test_a_sample_dropped_for_a_nan_score_is_labelled_dropped_everywhere(adapter):
+    """A NaN score under "drop" leaves the sample out of accuracy; its verdict, partial and failure label
+    must say so too (it was still counted as "ok" in the failure tables)."""
+    kw = dict(num_samples=8, num_steps=1, guidance_scale=1.0, seed=0, progress=False, on_error="drop", batch_size=4)
+    cut = float(evaluate(adapter, RECORDS[:3], GradedVerifier(0.0), **{**kw, "on_error": "raise"}).scores.median())
+    raised = evaluate(adapter, RECORDS, PickyVerifier(cut), **kw)  # the same samples dropped by an exception
+    result = evaluate(adapter, RECORDS, NaNScoreVerifier(cut), **kw)
+    failed = [i for i, p in enumerate(result.prompts) if p == "a green triangle"]
+    assert failed == [3, 7]
+    assert [result.failures[i] for i in failed] == ["dropped", "dropped"] and torch.isnan(result.verdicts[failed]).all()
+    assert result.failures == raised.failures and result.categories["all"].correct == raised.categories["all"].correct
+    assert result.categories["all"].dropped == 2

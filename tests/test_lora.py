@@ -120,6 +120,13 @@ def test_loading_a_lora_for_another_architecture_lists_keys(pipe, tmp_path):
     assert "unexpected: transformer.transformer_blocks.0.attn.to_add_out.lora_A.weight" in str(info.value)
     with pytest.raises(LoraMismatchError, match="not found"):
         lora.load_lora_into_pipeline(other, tmp_path / "missing")
+    # a truncated copy or another file under the LoRA's name: one LoraMismatchError (the CLI's exit 2), not SafetensorError
+    data = (tmp_path / "pytorch_lora_weights.safetensors").read_bytes()
+    for name, content in [("truncated", data[: len(data) // 2]), ("garbage", b"not a safetensors file at all")]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "pytorch_lora_weights.safetensors").write_bytes(content)
+        with pytest.raises(LoraMismatchError, match="not a readable safetensors LoRA file"):
+            lora.load_lora_into_pipeline(other, tmp_path / name)
 
 
 def test_lora_with_wrong_shapes_or_foreign_keys_is_refused(pipe, tmp_path):

@@ -91,6 +91,18 @@ def test_report_says_when_the_target_is_missed(tmp_path):
     assert "LoRA rank 8 (transformer and text encoders), " in text
 
 
+def test_an_exact_gain_meets_its_target_despite_float_rounding(tmp_path):
+    # 2/10 -> 3/10 is exactly +10 points, computed as 100 * (0.3 - 0.2) = 9.999999999999998
+    base = _result([1, 0, 0, 0, 0, 0, 0, 0, 1, 0], [0.5] * 10)
+    aligned = _result([1, 1, 0, 0, 0, 0, 0, 0, 1, 0], [0.5] * 10)
+    assert 100 * (aligned.accuracy - base.accuracy) < 10.0  # the float noise this guards against
+    text = write_report(tmp_path, base=base, aligned=aligned, config_dict=CONFIG, timings={}, target_gain_points=10.0).read_text()
+    assert "target ≥ +10 points: **met**" in text and json.loads((tmp_path / "report.json").read_text())["target_met"] is True
+    # one sample short is still short
+    text = write_report(tmp_path, base=base, aligned=base, config_dict=CONFIG, timings={}, target_gain_points=10.0).read_text()
+    assert "**NOT met**" in text
+
+
 def test_report_names_the_noise_schedule_only_for_a_stochastic_kernel(tmp_path):
     base = _result([1, 0, 0, 0, 0, 0, 0, 0, 1, 0], [0.5] * 10)
     text = write_report(tmp_path, base=base, aligned=base, config_dict=CONFIG, timings={}).read_text()

@@ -219,7 +219,7 @@ def _counts(options: EvalOptions, num_prompts: int) -> tuple[Optional[int], int]
     spp = options.samples_per_prompt
     if options.num_samples is None and spp is None:
         spp = max(1, math.ceil(DEFAULT_MIN_SAMPLES / num_prompts))
-    return options.num_samples, spp or 1
+    return options.num_samples, 1 if spp is None else spp
 
 
 def load_quality(spec: str, reference: Optional[str] = None):
