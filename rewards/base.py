@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from flowalign.errors import ConfigError, RewardError
+from flowalign.errors import ConfigError, FlowalignError, RewardError
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,9 @@ class FunctionReward(Reward):
 def as_reward_output(value: Any) -> RewardOutput:
     """Normalise what a reward returned to a ``RewardOutput`` (scores as a float tensor)."""
     if isinstance(value, RewardOutput):
-        return value
+        if isinstance(value.scores, Tensor):
+            return value
+        return RewardOutput(scores=as_reward_output(value.scores).scores, details=value.details)  # numpy / list scores
     details: dict[str, Any] = {}
     if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], Mapping):
         value, details = value[0], dict(value[1])
@@ -273,14 +275,34 @@ def _resolve(spec: str) -> Any:
     raise _unknown_reward(spec)
 
 
-def _is_scoring_function(fn: Callable) -> bool:
-    """A function with >= 2 required positional parameters is a scorer; otherwise a factory."""
+def _is_scoring_function(fn: Callable, name: str, kwargs: dict[str, Any]) -> bool:
+    """Whether ``fn`` scores (``fn(images, prompts, metadata, **kwargs)``) or builds a reward (``fn(**kwargs)``).
+
+    Decided by what its signature accepts: a callable that takes three positional arguments plus the
+    configured keywords is a scorer (a plain function, a callable object, an ``nn.Module``, a wrapper with
+    ``*args, **kwargs``); one that only takes the keywords is a factory, and so is one without required
+    positional parameters (``make(model="x")``). ConfigError when it can be neither.
+    """
     try:
-        params = inspect.signature(fn).parameters.values()
+        sig = inspect.signature(fn)
     except (TypeError, ValueError):
-        return True
+        return True  # no signature (some builtins): let the call decide
+    params = list(sig.parameters.values())
     required = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
-    return len(required) >= 2
+    if not required and not any(p.kind is p.VAR_POSITIONAL for p in params):
+        as_scorer = None
+    else:
+        try:
+            sig.bind(None, None, None, **kwargs)
+            return True
+        except TypeError as exc:
+            as_scorer = exc
+    try:
+        sig.bind(**kwargs)
+        return False
+    except TypeError as exc:
+        why = f"as a scorer f(images, prompts, metadata, **kwargs): {as_scorer}; " if as_scorer else ""
+        raise ConfigError(f"reward {name!r} cannot be called with arguments {sorted(kwargs)} ({why}as a factory: {exc})") from None
 
 
 def _build(obj: Any, name: str, kwargs: dict[str, Any]) -> Reward:
@@ -288,14 +310,19 @@ def _build(obj: Any, name: str, kwargs: dict[str, Any]) -> Reward:
         if kwargs:
             raise ConfigError(f"reward {name!r} is an instance; it takes no arguments (got {sorted(kwargs)})")
         return obj
-    if isinstance(obj, type) or not _is_scoring_function(obj):
+    if isinstance(obj, type) or not _is_scoring_function(obj, name, kwargs):
         try:
             inspect.signature(obj).bind(**kwargs)
         except TypeError as exc:
             raise ConfigError(f"reward {name!r} cannot be built with arguments {sorted(kwargs)}: {exc}") from exc
         except ValueError:
             pass  # no signature available (builtins); let the call decide
-        built = obj(**kwargs)
+        try:
+            built = obj(**kwargs)
+        except FlowalignError:
+            raise
+        except Exception as exc:  # a bad setting the reward's constructor refuses: one line naming the reward
+            raise ConfigError(f"reward {name!r} could not be built with {kwargs}: {type(exc).__name__}: {exc}") from exc
         if isinstance(built, Reward):
             if built.name == Reward.name:
                 built.name = name

@@ -42,6 +42,8 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 
+from flowalign.errors import ConfigError
+
 from .base import Reward, RewardOutput, register_reward
 from .shapes_scenes import BACKGROUND, PALETTE, SIZE, Spec, parse_prompt
 
@@ -301,9 +303,9 @@ class ShapesReward(Reward):
                  exclusive: bool = False, graded: bool = False):
         super().__init__(device)
         if score not in SCORE_MODES:
-            raise ValueError(f"shapes reward score={score!r} is not one of {list(SCORE_MODES)}")
+            raise ConfigError(f"shapes reward score={score!r} is not one of {list(SCORE_MODES)}")
         if not 0.0 < partial_weight <= 0.5:
-            raise ValueError(f"shapes reward partial_weight={partial_weight} must be in (0, 0.5] (so score >= 0.5 stays the binary verdict)")
+            raise ConfigError(f"shapes reward partial_weight={partial_weight} must be in (0, 0.5] (so score >= 0.5 stays the binary verdict)")
         self.min_area = min_area
         self.score_mode = score
         self.partial_weight = float(partial_weight)

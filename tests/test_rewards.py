@@ -153,6 +153,63 @@ def test_plain_function_and_factory_are_wrapped(temp_module):
     assert out.details == {"note": "x"}
 
 
+def test_any_callable_that_scores_is_a_scorer_and_bad_arguments_fail_at_load():
+    import functools
+
+    x, prompts = _images(2), ["a", "b"]
+    expected = x.mean(dim=(1, 2, 3))
+
+    class ModuleScorer(torch.nn.Module):  # nn.Module: its __call__ is (*args, **kwargs)
+        def forward(self, images, prompts, metadata):
+            return images.mean(dim=(1, 2, 3))
+
+    def plain_decorator(fn):  # a wrapper without functools.wraps
+        def wrapper(*args, **kwargs):
+            return fn(*args, **kwargs)
+        return wrapper
+
+    @plain_decorator
+    def decorated(images, prompts, metadata, scale=1.0):
+        return scale * images.mean(dim=(1, 2, 3))
+
+    def make_reward(model_name, threshold):  # a factory with required keywords
+        return lambda images, prompts, metadata: (images.mean(dim=(1, 2, 3)) > threshold).float()
+
+    for reward in (load_reward(ModuleScorer()), load_reward(decorated), load_reward(functools.partial(decorated, scale=1.0))):
+        assert isinstance(reward, FunctionReward) and torch.allclose(reward(x, prompts).scores, expected)
+    assert torch.allclose(load_reward(decorated, scale=2.0)(x, prompts).scores, 2 * expected)
+    built = load_reward(make_reward, model_name="m", threshold=0.0)
+    assert built(x, prompts).scores.tolist() == [1.0, 1.0]
+    # refused at load, naming the reward, instead of every sample failing (or being dropped) later
+    def scorer(images, prompts, metadata, scale=1.0):
+        return scale * images.mean(dim=(1, 2, 3))
+
+    def two_args(images, prompts):
+        return images.mean(dim=(1, 2, 3))
+
+    with pytest.raises(ConfigError, match="reward 'scorer' cannot be called with arguments \\['scael'\\]"):
+        load_reward(scorer, scael=2.0)
+    with pytest.raises(ConfigError, match="reward 'two_args'.*too many positional arguments"):
+        load_reward(two_args)
+    # numpy scores inside a RewardOutput are converted like bare numpy scores
+    out = call_reward(load_reward(lambda i, p, m: RewardOutput(scores=np.array([0.25, 0.5]), details={})), x, prompts)
+    assert isinstance(out.scores, torch.Tensor) and out.scores.tolist() == [0.25, 0.5]
+
+
+def test_a_setting_the_reward_refuses_is_a_config_error():
+    with pytest.raises(ConfigError, match="partial_weight=0.7"):
+        load_reward("shapes", partial_weight=0.7)
+
+    class Fussy(Reward):
+        def __init__(self, level=1):
+            super().__init__()
+            if level > 3:
+                raise RuntimeError("level must be <= 3")
+
+    with pytest.raises(ConfigError, match="reward 'fussy' could not be built .*level must be <= 3"):
+        reward_base._build(Fussy, "fussy", {"level": 5})
+
+
 def test_dotted_path_errors(temp_module):
     module = temp_module("import fa_missing_dependency_xyz\n")
     with pytest.raises(ConfigError, match="fa_missing_dependency_xyz"):
