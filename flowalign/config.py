@@ -178,8 +178,8 @@ class ObjectiveConfig:
     """The policy loss (flowalign.objectives) and its advantages (flowalign.advantages)."""
 
     name: str = field(default="grpo", metadata={"help": "Registered objective name (grpo, dense_grpo, ...)."})
-    clip_range: float = field(default=1e-4, metadata={"help": "PPO ratio clip epsilon."})
-    kl_beta: float = field(default=0.04, metadata={"help": "Weight of the KL to the reference (LoRA disabled); 0 skips the reference pass."})
+    clip_range: Optional[float] = field(default=None, metadata={"help": "PPO ratio clip epsilon; null = the objective's own default (grpo, dense_grpo, nft: 1e-4; tp_grpo: 1e-5; awm: 1.0)."})
+    kl_beta: Optional[float] = field(default=None, metadata={"help": "Weight of the KL to the reference (LoRA disabled); 0 skips the reference pass; null = the objective's own default (0 for every built-in one)."})
     adv_clip: float = field(default=5.0, metadata={"help": "Clip advantages to [-adv_clip, adv_clip]."})
     adv_std: str = field(default="group", metadata={"help": "Divide group-centred rewards by the 'group' std (Flow-GRPO), the 'global' std of the batch, or not at all ('none': Dr. GRPO, arXiv:2503.20783, so a group's weight follows its reward spread)."})
     adv_eps: float = field(default=1e-4, metadata={"help": "Added to the std when normalising advantages."})
@@ -188,8 +188,8 @@ class ObjectiveConfig:
     kwargs: dict = field(default_factory=dict, metadata={"help": "Extra keyword arguments of the objective."})
 
     def __post_init__(self):
-        _check(self.clip_range > 0, f"objective.clip_range must be > 0, got {self.clip_range}")
-        _check(self.kl_beta >= 0, f"objective.kl_beta must be >= 0, got {self.kl_beta}")
+        _check(self.clip_range is None or self.clip_range > 0, f"objective.clip_range must be null or > 0, got {self.clip_range}")
+        _check(self.kl_beta is None or self.kl_beta >= 0, f"objective.kl_beta must be null or >= 0, got {self.kl_beta}")
         _check(self.adv_clip > 0, f"objective.adv_clip must be > 0, got {self.adv_clip}")
         _choice("objective.adv_std", self.adv_std, ("group", "global", "none"))
         _check(self.adv_eps >= 0, f"objective.adv_eps must be >= 0, got {self.adv_eps}")

@@ -163,3 +163,30 @@ def test_yaml_merge_keys_still_load_and_a_repeated_key_is_still_refused(tmp_path
     path.write_text("train:\n  <<: {lr: 1.0e-4}\n  seed: 1\n  seed: 2\n")
     with pytest.raises(ConfigError, match="found duplicate key 'seed'"):
         C.load_config(path)
+
+
+def test_unset_clip_and_kl_keep_each_objectives_own_defaults():
+    """objective.clip_range / kl_beta left out of a recipe fall back to the objective's defaults, not GRPO's
+    (toy_nft.yaml trained with a 0.04 KL nobody set; AWM clipped at 1e-4 instead of its 1.0)."""
+    from flowalign.train.trainer_setup import build_objective
+
+    def built(*overrides):
+        cfg = C.load_config(None, list(overrides))
+        return build_objective(cfg).objective
+
+    # the default recipe sets both keys; null them to see the objectives' own choices
+    unset = ["objective.clip_range=null", "objective.kl_beta=null"]
+    awm = built("objective.name=awm", "sampling.kernel=ode", *unset)
+    assert awm.clip_range == 1.0 and awm.kl_beta == 0.0
+    tp = built("objective.name=tp_grpo", *unset)
+    assert tp.clip_range == 1e-5 and tp.kl_beta == 0.0
+    nft = built("objective.name=nft", "sampling.kernel=ode", *unset)
+    assert nft.kl_beta == 0.0 and not nft.needs_reference
+    grpo = built("objective.clip_range=0.2", "objective.kl_beta=0.01")  # set keys still win
+    assert grpo.clip_range == 0.2 and grpo.kl_beta == 0.01
+    assert C.ObjectiveConfig().clip_range is None and C.ObjectiveConfig().kl_beta is None
+    with pytest.raises(C.ConfigError, match="objective.kl_beta must be null or >= 0"):
+        C.load_config(None, ["objective.kl_beta=-1"])
+    # the shipped NFT recipe names the KL its curves were measured with
+    nft_recipe = C.load_config(Path(__file__).resolve().parents[1] / "train" / "configs" / "toy_nft.yaml")
+    assert build_objective(nft_recipe).objective.kl_beta == 0.04

@@ -170,7 +170,9 @@ def build_objective(config: FlowalignConfig) -> ObjectiveParts:
     from flowalign.objectives import get_objective
 
     ocfg = config.objective
-    objective = get_objective(ocfg.name, clip_range=ocfg.clip_range, kl_beta=ocfg.kl_beta, adv_clip=ocfg.adv_clip, **ocfg.kwargs)
+    # clip_range / kl_beta only when set: an unset key keeps the objective's own default (AWM clips at 1.0, TP-GRPO at 1e-5)
+    chosen = {key: getattr(ocfg, key) for key in ("clip_range", "kl_beta") if getattr(ocfg, key) is not None}
+    objective = get_objective(ocfg.name, adv_clip=ocfg.adv_clip, **chosen, **ocfg.kwargs)
     if getattr(objective, "needs_ema", False) and not config.train.ema:
         raise ConfigError(f"objective {ocfg.name!r} with ema_beta > 0 penalises the distance to the EMA of the LoRA: set train.ema=true "
                           "(train.ema_decay sets how fast it follows)")

@@ -91,7 +91,7 @@ def prdp_loss(
     k_eff = int(mask.sum())
     if k_eff == 0:
         raise ValueError("prdp_loss: step_mask selects no step")
-    m = mask.to(log_ratio_a.dtype)  # [K]
+    m = mask.to(device=log_ratio_a.device, dtype=log_ratio_a.dtype)  # [K], wherever the mask was built
     target = (reward_a - reward_b).float()  # [P]
     eps = float("inf") if clip_range is None else clip_range
     delta = (log_ratio_a - log_ratio_b) * m  # [P, K]
