@@ -258,3 +258,33 @@ def test_group_reward_norm_is_scale_free():
     plain, _ = GDRO().loss(OfflineBatch(x0, rewards), policy, reference, sigma=sigma, noise=noise)
     plain_large, _ = GDRO().loss(OfflineBatch(x0, rewards * 100), policy, reference, sigma=sigma, noise=noise)
     assert plain.item() != pytest.approx(plain_large.item(), rel=1e-3)  # the paper's form depends on the scale
+
+
+def test_tied_rewards_are_ranked_in_a_random_order_so_tied_samples_get_equal_expected_pushes():
+    """Binary rewards [1, 1, 1, 0, 0, 0]: the stable sort ranked tied members in list order, so the last-listed
+    winner got ~7x the push of the first. The objective now shuffles tied members each step: the mean gradient
+    over draws equals the exact mean over every order of the tied members (brute force), equal within each tie."""
+    rewards = torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0, 0.0]])
+    tau = 0.05
+
+    def grad_for(order):  # gradient of the listwise loss w.r.t. the implicit rewards (all 0: policy = reference)
+        scores = torch.zeros(1, 6, requires_grad=True)
+        perm = torch.tensor([order])
+        gdro_listwise_loss(scores.gather(1, perm), rewards.gather(1, perm), tau).sum().backward()
+        return scores.grad[0]
+
+    exact = torch.stack([grad_for(list(w) + list(l)) for w in itertools.permutations(range(3))
+                         for l in itertools.permutations(range(3, 6))]).mean(0)
+    assert torch.allclose(exact[:3], exact[0].expand(3)) and torch.allclose(exact[3:], exact[3].expand(3))
+    member_order = grad_for(list(range(6)))
+    assert (member_order[:3].max() - member_order[:3].min()) > 0.5  # what a fixed tie order did
+    gdro = GDRO(tau=tau, generator=torch.Generator().manual_seed(0))
+    drawn = torch.stack([grad_for(gdro._tie_order(rewards)[0].tolist()) for _ in range(3000)]).mean(0)
+    assert torch.allclose(drawn, exact, atol=0.04)
+    # the flow-matching term's "top" is a random one of the tied best
+    tops = [int(p[rewards.gather(1, p[None])[0].argmax()]) for p in (gdro._tie_order(rewards)[0] for _ in range(600))]
+    assert all(abs(tops.count(j) / 600 - 1 / 3) < 0.07 for j in range(3))
+    # without ties nothing is drawn: the generator stream (sigmas, noise) is untouched
+    state = gdro.generator.get_state()
+    assert gdro._tie_order(torch.tensor([[0.3, 0.1, 0.9]])).tolist() == [[0, 1, 2]]
+    assert torch.equal(gdro.generator.get_state(), state)

@@ -135,6 +135,18 @@ class GDRO:
         self.reward_norm = reward_norm
         self.generator = generator
 
+    def _tie_order(self, rewards: Tensor) -> Tensor:
+        """``[P, k]`` a random order of each group's members when a ranked group holds tied rewards (so
+        the stable sort breaks ties at random), else the identity (no draw: the generator stream is kept)."""
+        P, k = rewards.shape
+        identity = torch.arange(k, device=rewards.device).expand(P, k)
+        srt = rewards.sort(dim=1).values
+        ranked = srt[:, -1] > srt[:, 0]
+        if not bool(((srt[:, 1:] == srt[:, :-1]).any(dim=1) & ranked).any()):
+            return identity
+        keys = torch.rand(P, k, generator=self.generator, device=self.generator.device if self.generator is not None else "cpu")
+        return keys.to(rewards.device).argsort(dim=1)
+
     def loss(
         self,
         batch: OfflineBatch,
@@ -169,8 +181,11 @@ class GDRO:
         if self.reward_norm == "group":
             std = rewards.std(dim=1, keepdim=True, unbiased=False)
             targets = (rewards - rewards.mean(dim=1, keepdim=True)) / std.clamp_min(1e-8)  # tied groups -> all 0
-        listwise = gdro_listwise_loss(scores, targets, self.tau)  # [P]
-        top = rewards.argmax(dim=1, keepdim=True)  # [P, 1]
+        # ties are ranked in a fresh random order each step (the stable sort would always rank them in
+        # member order, and argmax always pick member 0 as the top: tied samples would get unequal pushes)
+        perm = self._tie_order(rewards)  # [P, k]: member j of the shuffled group is member perm[:, j]
+        listwise = gdro_listwise_loss(scores.gather(1, perm), targets.gather(1, perm), self.tau)  # [P]
+        top = perm.gather(1, rewards.gather(1, perm).argmax(dim=1, keepdim=True))  # [P, 1]: a random one of the tied best
         fm_top = err.gather(1, top).squeeze(1)  # [P]
         distinct = rewards.max(dim=1).values > rewards.min(dim=1).values  # [P] groups with a ranking
         if distinct.any():
