@@ -58,6 +58,48 @@ def test_a_non_finite_gradient_skips_the_step_and_the_limit_stops_training():
         opt.step(stats)
 
 
+def _nan_gradient_loss(a):
+    """A finite loss (0) whose gradient is NaN: d sqrt(x)/dx at 0 is inf, times 0."""
+    return torch.sqrt(a.sum() * 0.0) + 0.0 * a.sum()
+
+
+def test_finite_losses_with_non_finite_gradients_stop_training_at_the_limit():
+    # each backward of a finite loss reset the counter, so a run of NaN gradients was skipped forever
+    opt, a, _ = _optim(max_nonfinite_steps=3)
+    stats = opt.new_stats()
+    for _ in range(2):
+        assert opt.backward(_nan_gradient_loss(a), "here")
+        opt.step(stats)
+    assert stats["skipped"] == 2 and opt.skipped_steps_in_row == 2
+    assert opt.backward(_nan_gradient_loss(a), "here")
+    with pytest.raises(NonFiniteLossError, match="3 non-finite"):
+        opt.step(stats)
+    # an applied step resets the count, and the count is part of the checkpoint
+    opt, a, _ = _optim(max_nonfinite_steps=3)
+    stats = opt.new_stats()
+    for loss in (_nan_gradient_loss(a), _nan_gradient_loss(a), a.sum(), _nan_gradient_loss(a)):
+        opt.backward(loss, "here")
+        opt.step(stats)
+    assert stats["steps"] == 1 and stats["skipped"] == 3 and opt.skipped_steps_in_row == 1
+    restored, _, _ = _optim(max_nonfinite_steps=3)
+    restored.load(*opt.state())
+    assert restored.skipped_steps_in_row == 1
+
+
+def test_fp16_overflows_count_only_once_the_loss_scale_is_below_one():
+    # a healthy fp16 run overflows while the scaler halves its scale from 65536: not a failure; a real NaN keeps
+    # halving it, and is counted from the first skip with the scale under 1
+    opt, a, _ = _optim(max_nonfinite_steps=2, mixed_precision="fp16")
+    stats = opt.new_stats()
+    steps = 0
+    with pytest.raises(NonFiniteLossError):
+        while steps < 40:
+            opt.backward(_nan_gradient_loss(a), "here")
+            steps += 1
+            opt.step(stats)
+    assert steps == 18  # 65536 * 0.5**17 = 0.5 < 1 after the 17th skip: it counts as 1, the 18th as 2 (the limit)
+
+
 def test_a_step_with_every_micro_batch_skipped_does_nothing():
     opt, a, _ = _optim()
     stats = opt.new_stats()

@@ -10,10 +10,12 @@ One optimizer step, in order::
     update_old_policy()      after the iteration's last step: the soft-updated sampling policy
                              (train.old_policy_rate > 0; DiffusionNFT's old <- d·old + (1 - d)·θ)
 
-The non-finite guard counts consecutive skipped micro-batches and optimizer steps; at
-``train.max_nonfinite_steps`` in a row (on any process) training stops with
-:class:`NonFiniteLossError`. The counter is part of the checkpoint, so a resumed run stops where
-an uninterrupted one would.
+The non-finite guard counts consecutive skipped micro-batches (a NaN/inf loss; a finite one resets
+it) and, apart, consecutive skipped optimizer steps (a NaN/inf gradient norm behind finite losses;
+an applied step resets it). At ``train.max_nonfinite_steps`` in a row of either (on any process)
+training stops with :class:`NonFiniteLossError`. Under fp16 an overflow the loss scaler answers by
+halving its scale is not a failure: it counts only once the scale has fallen below 1. Both counters
+are part of the checkpoint, so a resumed run stops where an uninterrupted one would.
 
 The pipeline's modules are never wrapped (``train/runtime.py``): gradients of the (small) LoRA
 are summed across processes by hand here, each process having weighted its micro-batches by their
@@ -66,7 +68,8 @@ class LoraOptimizer:
         self.steps_taken = 0  # optimizer steps applied so far (the old policy's schedule reads it)
         # fp16 gradients of small losses underflow: dynamic loss scaling (bf16 has fp32's range and needs none)
         self.scaler = torch.amp.GradScaler(device_type) if train_cfg.mixed_precision == "fp16" else None
-        self.nonfinite_in_row = 0
+        self.nonfinite_in_row = 0  # consecutive micro-batches with a non-finite loss
+        self.skipped_steps_in_row = 0  # consecutive optimizer steps skipped for a non-finite gradient norm
         self.iteration = 0  # 0-based, set by set_lr at the start of each update; messages print it 1-based (as metrics.csv)
 
     # ----------------------------------------------------------------------------- learning rate
@@ -118,7 +121,8 @@ class LoraOptimizer:
             if self.scaler is not None:
                 self.scaler.update()  # lower the loss scale
             stats["skipped"] += 1
-            self.count_nonfinite(f"gradient norm {norm}")
+            scaler_backs_off = self.scaler is not None and self.scaler.get_scale() >= 1.0  # fp16 overflow: the scale was lowered
+            self.count_nonfinite(f"gradient norm {norm}", step=not scaler_backs_off)
             return
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -127,6 +131,7 @@ class LoraOptimizer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_taken += 1
+        self.skipped_steps_in_row = 0
         if self.ema is not None:
             power = self.cfg.ema_schedule == "power"
             self.ema.update(lora_lib.power_ema_decay(self.steps_taken, self.cfg.ema_power) if power else None)
@@ -158,11 +163,15 @@ class LoraOptimizer:
 
     # ----------------------------------------------------------------------------- non-finite guard
 
-    def count_nonfinite(self, what: str) -> None:
-        """Count one skipped micro-batch or step; with one process, stop at the limit at once."""
-        self.nonfinite_in_row += 1
+    def count_nonfinite(self, what: str, step: bool = False) -> None:
+        """Count one skipped micro-batch (``step=False``) or optimizer step; with one process, stop at the limit at once."""
+        if step:
+            self.skipped_steps_in_row += 1
+        else:
+            self.nonfinite_in_row += 1
         limit = self.cfg.max_nonfinite_steps
-        logger.warning("%s %d: non-finite %s, skipped (%d in a row, limit %d)", self.unit, self.iteration + 1, what, self.nonfinite_in_row, limit)
+        logger.warning("%s %d: non-finite %s, skipped (%d in a row, limit %d)", self.unit, self.iteration + 1, what,
+                       self.skipped_steps_in_row if step else self.nonfinite_in_row, limit)
         if self.accelerator.num_processes == 1:
             self.check_nonfinite()
 
@@ -170,7 +179,7 @@ class LoraOptimizer:
         """Raise after ``train.max_nonfinite_steps`` non-finite losses/gradients in a row on any
         process (with several, every process checks the maximum at each optimizer step, so all
         stop together)."""
-        in_row = self.nonfinite_in_row
+        in_row = max(self.nonfinite_in_row, self.skipped_steps_in_row)
         if self.accelerator.num_processes > 1:
             in_row = int(self.gather(torch.tensor([in_row])).max())
         limit = self.cfg.max_nonfinite_steps
@@ -188,7 +197,8 @@ class LoraOptimizer:
         tensors = {"ema": self.ema.state_dict()} if self.ema is not None else {}
         if self.old_policy is not None:
             tensors["old_policy"] = self.old_policy.state_dict()
-        state = {"optimizer": self.optimizer.state_dict(), "nonfinite_in_row": self.nonfinite_in_row, "steps_taken": self.steps_taken,
+        state = {"optimizer": self.optimizer.state_dict(), "nonfinite_in_row": self.nonfinite_in_row,
+                 "skipped_steps_in_row": self.skipped_steps_in_row, "steps_taken": self.steps_taken,
                  "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
         return tensors, state
 
@@ -204,6 +214,7 @@ class LoraOptimizer:
             self.old_policy.load_state_dict(tensors["old_policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
+        self.skipped_steps_in_row = int(state.get("skipped_steps_in_row", 0))
         self.steps_taken = int(state.get("steps_taken", 0))
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
