@@ -425,3 +425,15 @@ def test_each_process_resumes_its_own_global_torch_rng(tmp_path, monkeypatch):
     torch.manual_seed(7)
     trainer_checkpoint.restore_trainer_checkpoint(trainer, path)
     assert torch.equal(torch.get_rng_state(), own)  # this process's row wins over rng["torch"]
+
+
+def test_trained_steps_count_is_exact_for_decimal_fractions():
+    """The first timestep_fraction of the stochastic steps: 0.58 of 50 is 29 (float 28.999999999999996 floored to 28)."""
+    from types import SimpleNamespace
+
+    def trained(k, fraction):
+        fake = SimpleNamespace(config=SimpleNamespace(objective=SimpleNamespace(timestep_fraction=fraction)))
+        return Trainer._trained_steps(fake, SimpleNamespace(stochastic_mask=torch.ones(k, dtype=torch.bool)))
+
+    assert len(trained(50, 0.58)) == 29 and len(trained(3, 0.34)) == 1 and len(trained(10, 0.3)) == 3 and len(trained(3, 0.1)) == 1
+    assert trained(50, 0.58) == list(range(29))

@@ -376,7 +376,7 @@ class Trainer(OptimizerViews):
     def _trained_steps(self, traj) -> list[int]:
         """The first ``timestep_fraction`` of the stochastic steps (at least one)."""
         stochastic = torch.nonzero(traj.stochastic_mask.cpu()).flatten().tolist()
-        n = max(1, int(len(stochastic) * self.config.objective.timestep_fraction))
+        n = max(1, int(round(len(stochastic) * self.config.objective.timestep_fraction, 9)))  # round: 50 * 0.58 is 28.999999999999996
         return stochastic[:n]
 
     def _plan(self, batch: Batch) -> list[tuple[Tensor, int]]:
