@@ -492,3 +492,17 @@ def test_a_sample_dropped_for_a_nan_score_is_labelled_dropped_everywhere(adapter
     assert [result.failures[i] for i in failed] == ["dropped", "dropped"] and torch.isnan(result.verdicts[failed]).all()
     assert result.failures == raised.failures and result.categories["all"].correct == raised.categories["all"].correct
     assert result.categories["all"].dropped == 2
+
+
+def test_eval_samples_with_the_models_recommended_steps_and_guidance(tmp_path):
+    """`flowalign eval --model toy` without --steps / --guidance uses the toy's 10 steps and guidance 4.5 (as the
+    trainer's report does: the README's eval command gave 33.1% at the old default of 40 steps where report.md says
+    39.5%); a folder without recommended settings keeps 40 / 4.5; explicit flags win."""
+    from flowalign.train.eval_cli import EvalOptions, _options
+
+    toy = _options({"model": "toy"})
+    assert (toy.steps, toy.guidance) == (10, 4.5)
+    (tmp_path / "flowalign_toy.json").write_text(json.dumps({"num_inference_steps": 7, "guidance_scale": 2.0}))
+    assert (_options({"model": str(tmp_path)}).steps, _options({"model": str(tmp_path)}).guidance) == (7, 2.0)
+    assert (_options({"model": "tiny-sd3"}).steps, _options({"model": "tiny-sd3"}).guidance) == (40, 4.5)
+    assert (_options(EvalOptions(model="toy", steps=3, guidance=1.0)).steps, _options({"model": "toy", "guidance": 1.0}).guidance) == (3, 1.0)

@@ -1,7 +1,11 @@
 """``flowalign eval``: score a model (optionally with a LoRA) on a prompt set, per category.
 
     flowalign eval --model assets/toy --lora runs/toy_grpo --prompts assets/prompts/shapes_heldout.jsonl \\
-        --reward shapes --num-samples 640 --steps 40 --guidance 4.5 --seed 0 --out runs/toy_grpo/eval
+        --reward shapes --num-samples 512 --seed 0 --out runs/toy_grpo/eval
+
+Steps and guidance default to the model's recommended settings (the toy's ``flowalign_toy.json``:
+10 steps, guidance 4.5, as the trainer's held-out report uses), so the command above reproduces
+``runs/toy_grpo/report.md``'s aligned accuracy; a model without them samples 40 steps at guidance 4.5.
 
 Prints the per-category table (:meth:`flowalign.evaluation.EvalResult.table`) and writes
 ``eval.json`` and ``eval.md`` to ``--out``. Sampling is the noise-free Euler ODE with per-sample
@@ -38,6 +42,7 @@ end with one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -53,6 +58,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["EvalOptions", "add_eval_arguments", "main", "main_eval", "run_eval", "load_quality", "load_reference", "check_reference", "compare_reference", "comparison_markdown", "DEFAULT_MIN_SAMPLES", "DEFAULT_QUALITY"]
 
 DEFAULT_MIN_SAMPLES = 512  # default: whole passes over the prompt set until at least this many samples
+FALLBACK_STEPS, FALLBACK_GUIDANCE = 40, 4.5  # sampling defaults for a model without recommended settings
 DEFAULT_QUALITY = "image_stats_quality"  # flowalign.corrected.ImageStatsQuality
 COMPARE_FIGURE = "compare.png"  # --compare with --out: the per-category bars, reference vs this evaluation
 
@@ -67,8 +73,8 @@ class EvalOptions:
     lora: Optional[str] = None  # pytorch_lora_weights.safetensors or the folder holding it
     num_samples: Optional[int] = None  # default: ceil(512 / P) passes over the P prompts
     samples_per_prompt: Optional[int] = None
-    steps: int = 40
-    guidance: float = 4.5
+    steps: Optional[int] = None  # default: the model's recommended steps (a toy's flowalign_toy.json), else 40
+    guidance: Optional[float] = None  # default: the model's recommended CFG scale, else 4.5
     seed: int = 0
     batch_size: int = 32
     out: Optional[str] = None  # folder for eval.json / eval.md (nothing written when None)
@@ -94,8 +100,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--num-samples", type=int, default=None,
                         help=f"total samples, cycling over the prompts (default: whole passes until >= {DEFAULT_MIN_SAMPLES})")
     parser.add_argument("--samples-per-prompt", type=int, default=None, help="consecutive samples per prompt visit (default 1, or the passes above)")
-    parser.add_argument("--steps", type=int, default=d.steps, help="ODE sampling steps (default: %(default)s)")
-    parser.add_argument("--guidance", type=float, default=d.guidance, help="CFG scale, 1 = off (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"ODE sampling steps (default: the model's recommended count, as the trainer's report uses: 10 for the toy; else {FALLBACK_STEPS})")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help=f"CFG scale, 1 = off (default: the model's recommended scale: 4.5 for the toy; else {FALLBACK_GUIDANCE})")
     parser.add_argument("--seed", type=int, default=d.seed, help="sample i starts from the noise of seed + i (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per transformer call (default: %(default)s)")
     parser.add_argument("--out", default=None, help="folder for eval.json and eval.md (default: print only)")
@@ -196,10 +204,30 @@ def comparison_markdown(reference, result, reference_name: str, comparison=None,
 
 def _options(args: Union[argparse.Namespace, EvalOptions, dict]) -> EvalOptions:
     if isinstance(args, EvalOptions):
-        return args
-    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    names = {f.name for f in fields(EvalOptions)}
-    return EvalOptions(**{k: v for k, v in values.items() if k in names})
+        options = dataclasses.replace(args)
+    else:
+        values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+        names = {f.name for f in fields(EvalOptions)}
+        options = EvalOptions(**{k: v for k, v in values.items() if k in names})
+    if options.steps is None or options.guidance is None:
+        recommended = _recommended_settings(options.model)
+        if options.steps is None:
+            options.steps = int(recommended.get("num_inference_steps", FALLBACK_STEPS))
+        if options.guidance is None:
+            options.guidance = float(recommended.get("guidance_scale", FALLBACK_GUIDANCE))
+    return options
+
+
+def _recommended_settings(model: str) -> dict:
+    """A model folder's recommended sampling settings (the toy's ``flowalign_toy.json``), else ``{}``."""
+    from flowalign.pipelines.toy import META_FILE
+    from flowalign.train.model import resolve_path
+
+    meta = resolve_path("assets/toy" if model == "toy" else model) / META_FILE
+    try:
+        return json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def _resolve_prompts(path: str) -> Path:
