@@ -128,6 +128,24 @@ class SamplingConfig:
         _check(self.drift_spsa_pairs >= 1, f"sampling.drift_spsa_pairs must be >= 1, got {self.drift_spsa_pairs}")
         _check(self.drift_reward is None or self.kernel != "ode",
                "sampling.drift_reward steers stochastic steps only, and sampling.kernel is 'ode': choose an SDE kernel or drop drift_reward")
+        self._check_noise_schedule()
+
+    def _check_noise_schedule(self) -> None:
+        """Build the noise schedule and its levels for ``num_steps`` now: a bad window (past the last
+        step, an unknown mode, a NaN level) is a config error before anything runs, not a crash mid-run."""
+        import torch
+
+        from flowalign.sde import make_schedule
+
+        if not isinstance(self.noise_kwargs, dict):
+            return  # the type check names it
+        try:
+            make_schedule(self.noise_schedule, **self.noise_kwargs).levels(self.num_steps, 0, torch.Generator().manual_seed(0))
+        except ConfigError as exc:
+            raise ConfigError(f"sampling.noise_schedule: {exc}") from None
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"sampling.noise_schedule={self.noise_schedule!r} with noise_kwargs={self.noise_kwargs} "
+                              f"and num_steps={self.num_steps}: {exc}") from None
 
 
 @dataclass

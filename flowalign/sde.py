@@ -335,8 +335,8 @@ class ConstantSchedule:
     a: float
 
     def __post_init__(self):
-        if self.a < 0:
-            raise ValueError(f"noise level a must be >= 0, got {self.a}")
+        if not self.a >= 0 or not math.isfinite(self.a):  # NaN fails every comparison
+            raise ValueError(f"noise level a must be a finite number >= 0, got {self.a}")
 
     def levels(self, num_steps: int, iteration: int = 0, generator: Optional[torch.Generator] = None) -> Tensor:
         """``[K]`` fp32 levels for a rollout of ``num_steps`` steps."""
@@ -366,9 +366,9 @@ class WindowSchedule:
     def __post_init__(self):
         if self.mode not in ("fixed", "sliding", "random"):
             raise ValueError(f"window mode={self.mode!r}; choose 'fixed', 'sliding' or 'random'")
-        if self.a < 0 or self.size < 1 or self.start < 0 or self.stride < 0 or self.shift_every < 1:
+        if not (self.a >= 0 and math.isfinite(self.a)) or self.size < 1 or self.start < 0 or self.stride < 0 or self.shift_every < 1:
             raise ValueError(
-                f"bad window: a={self.a} (>= 0), size={self.size} (>= 1), start={self.start} (>= 0), "
+                f"bad window: a={self.a} (finite, >= 0), size={self.size} (>= 1), start={self.start} (>= 0), "
                 f"stride={self.stride} (>= 0), shift_every={self.shift_every} (>= 1)"
             )
 

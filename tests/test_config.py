@@ -190,3 +190,19 @@ def test_unset_clip_and_kl_keep_each_objectives_own_defaults():
     # the shipped NFT recipe names the KL its curves were measured with
     nft_recipe = C.load_config(Path(__file__).resolve().parents[1] / "train" / "configs" / "toy_nft.yaml")
     assert build_objective(nft_recipe).objective.kl_beta == 0.04
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ("{a: 0.7, size: 2, mode: slidng}", "window mode='slidng'"),
+    ("{a: 0.7, size: 20}", "window size 20 exceeds the 10 steps"),
+    ("{a: 0.7, start: 9, size: 3}", "window start 9 \\+ size 3 exceeds 10 steps"),
+    ("{a: .nan}", "a=nan \\(finite, >= 0\\)"),
+])
+def test_a_noise_schedule_that_cannot_run_is_a_config_error_at_load(kwargs, match):
+    # these crashed with a traceback at the first rollout, after the run folder was written
+    with pytest.raises(ConfigError, match=match):
+        C.load_config(None, ["sampling.noise_schedule=window", f"sampling.noise_kwargs={kwargs}", "sampling.num_steps=10"])
+    with pytest.raises(ConfigError, match="noise level a must be a finite number >= 0"):
+        C.load_config(None, ["sampling.noise_schedule=constant", "sampling.noise_kwargs={a: .inf}"])
+    assert C.load_config(None, ["sampling.noise_schedule=window", "sampling.noise_kwargs={a: 0.7, start: 7, size: 3}",
+                                "sampling.num_steps=10"]).sampling.noise_kwargs["start"] == 7
