@@ -112,7 +112,7 @@ def load_adapter(
     if isinstance(pipeline_or_path, (str, Path)):
         path = Path(pipeline_or_path)
         if not path.is_dir():
-            raise FileNotFoundError(f"{str(path)!r} is not a local diffusers pipeline folder (flowalign never downloads models)")
+            raise FileNotFoundError(f"{str(path)!r} is not a local diffusers pipeline folder (load_adapter loads local folders only; `model.pretrained` in a recipe also takes hub ids)")
         from diffusers import DiffusionPipeline
 
         pipeline = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **{**folder_load_kwargs(path), **(pipeline_kwargs or {})})

@@ -599,3 +599,18 @@ def test_offline_stop_on_a_signal_checkpoints_and_resume_equals_the_uninterrupte
     assert resumed.step == full.step == 4
     a, b = get_lora_state_dict(full.adapter.trainable_module), get_lora_state_dict(resumed.adapter.trainable_module)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_generate_finds_the_packaged_prompts_from_any_directory(tmp_path, monkeypatch):
+    """The default prompts path assets/prompts/shapes_train.jsonl is the packaged copy outside the repo (as for
+    train and eval); generate looked for it under the working directory and failed."""
+    from flowalign.config import ModelConfig, RewardConfig
+    from flowalign.train.generate import GenerateConfig, run_generate
+
+    monkeypatch.chdir(tmp_path)
+    assert not (tmp_path / "assets").exists()
+    cfg = GenerateConfig(model=ModelConfig(pretrained="tiny-sd3"), rewards=[RewardConfig(name="brightness")],
+                         prompts="assets/prompts/shapes_train.jsonl", num_prompts=1, samples_per_prompt=2, num_steps=1,
+                         guidance_scale=1.0, output_dir=str(tmp_path / "store"))
+    store = RolloutStore(run_generate(cfg))
+    assert store.is_complete and len(store) == 2

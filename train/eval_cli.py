@@ -93,7 +93,7 @@ class EvalOptions:
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``flowalign eval`` flags to ``parser`` (a subparser of the ``flowalign`` command)."""
     d = EvalOptions()
-    parser.add_argument("--model", default=d.model, help="local diffusers folder, or 'toy' (assets/toy) or 'tiny-sd3' (default: %(default)s)")
+    parser.add_argument("--model", default=d.model, help="local diffusers folder, a hub id (owner/name: the hub cache, or a download where the hub is reachable), or 'toy' (assets/toy) or 'tiny-sd3' (default: %(default)s)")
     parser.add_argument("--lora", default=None, help="LoRA file or folder (pytorch_lora_weights.safetensors) to evaluate; default: the base model")
     parser.add_argument("--prompts", default=d.prompts, help="prompt file, .txt or .jsonl with a 'tag' per record (default: %(default)s)")
     parser.add_argument("--reward", default=d.reward, help="reward name, entry point or 'pkg.module:Class' (default: %(default)s)")

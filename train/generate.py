@@ -190,8 +190,9 @@ def run_generate(cfg: GenerateConfig, sample_fn: Optional[SampleFn] = None, scor
     ``sample_fn`` / ``score_fn`` replace the configured model / rewards (tests, custom samplers).
     """
     from flowalign.prompts import load_prompts
+    from flowalign.train.model import resolve_path
 
-    records = load_prompts(cfg.prompts)
+    records = load_prompts(resolve_path(cfg.prompts))  # assets/... falls back to the packaged copy, as train and eval do
     if cfg.num_prompts is not None:
         records = records[: cfg.num_prompts]
     prompts = [{"prompt": r.prompt, **r.metadata} for r in records]
