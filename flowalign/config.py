@@ -260,7 +260,7 @@ class TrainConfig:
     checkpoint_every: int = field(default=10, metadata={"help": "Write a checkpoint every N iterations and after the last one (0 = only after the last one)."})
     keep_checkpoints: int = field(default=2, metadata={"help": "Keep the last K checkpoints."})
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": f"Trackers besides metrics.csv, from {LOG_BACKENDS}."})
-    max_nonfinite_steps: int = field(default=5, metadata={"help": "Abort after this many consecutive micro-batches with a NaN/inf loss, or optimizer steps with a NaN/inf gradient norm (each is skipped)."})
+    max_nonfinite_steps: int = field(default=5, metadata={"help": "Abort after this many consecutive micro-batches with a NaN/inf loss, optimizer steps with a NaN/inf gradient norm (each is skipped), or iterations whose every reward was dropped."})
     eval_every: int = field(default=0, metadata={"help": "Write an eval image grid every N iterations (0 = only at the end, -1 = never)."})
     ref_kl_every: int = field(
         default=1,

@@ -437,3 +437,25 @@ def test_trained_steps_count_is_exact_for_decimal_fractions():
 
     assert len(trained(50, 0.58)) == 29 and len(trained(3, 0.34)) == 1 and len(trained(10, 0.3)) == 3 and len(trained(3, 0.1)) == 1
     assert trained(50, 0.58) == list(range(29))
+
+
+def test_a_reward_dropped_on_every_sample_stops_the_run_instead_of_ending_as_a_success(tmp_path):
+    """on_error: drop on a reward that always fails: every iteration kept nothing and the run used to end with exit 0
+    and an untouched LoRA. It stops after train.max_nonfinite_steps such iterations in a row; one good iteration resets."""
+    from flowalign.errors import RewardError
+    from flowalign.rewards import FunctionReward
+
+    trainer = _trainer(tmp_path, "train.max_nonfinite_steps=2", "train.iterations=5")
+    rcfg = trainer.config.rewards[0]
+    rcfg.on_error = "drop"
+    good = trainer.rewards[rcfg.name]
+    broken = FunctionReward(lambda images, prompts, metadata: torch.full((len(prompts),), float("nan")), name=rcfg.name)
+    trainer.rewards[rcfg.name] = broken
+    trainer.run_iteration()  # 1 in a row
+    trainer.rewards[rcfg.name] = good
+    trainer.run_iteration()  # a kept iteration resets the count
+    trainer.rewards[rcfg.name] = broken
+    trainer.run_iteration()
+    with pytest.raises(RewardError, match="dropped in 2 iterations in a row"):
+        trainer.run_iteration()
+    trainer.cleanup()

@@ -320,10 +320,24 @@ class Trainer(OptimizerViews):
             metrics[f"reward/{rcfg.name}/std"] = float(finite.std()) if finite.numel() > 1 else 0.0
             metrics[f"reward/{rcfg.name}/dropped"] = self._sum_over_processes(out.num_dropped)
         gathered = self._gather(total)
+        self._check_all_dropped(bool(gathered.isnan().all()))
         gathered = gathered[~gathered.isnan()]
         metrics["reward/mean"] = float(gathered.mean()) if gathered.numel() else math.nan
         metrics["reward/std"] = float(gathered.std()) if gathered.numel() > 1 else 0.0
         return total, keep, metrics
+
+    def _check_all_dropped(self, all_dropped: bool) -> None:
+        """Stop with a RewardError after ``train.max_nonfinite_steps`` iterations in a row whose every sample's
+        reward was dropped (``on_error: drop`` on a reward that always fails): nothing trains, and the run would
+        otherwise end as a success with an untouched LoRA."""
+        self._all_dropped_in_row = getattr(self, "_all_dropped_in_row", 0) + 1 if all_dropped else 0
+        limit = self.config.train.max_nonfinite_steps
+        if self._all_dropped_in_row >= limit:
+            from flowalign.errors import RewardError
+
+            names = ", ".join(r.name for r in self.config.rewards)
+            raise RewardError(f"every sample's reward was dropped in {self._all_dropped_in_row} iterations in a row "
+                              f"(train.max_nonfinite_steps={limit}; rewards: {names}): see the warnings above for why")
 
     def advantages(self, rewards: Tensor, group_ids: Tensor, keep: Tensor, traj=None, cond=None) -> tuple[Tensor, Tensor, dict]:
         """Advantages ``[B]`` (group-normalised outcome) or ``[B, K]`` (dense objectives, from
