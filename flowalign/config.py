@@ -16,6 +16,7 @@ file raise :class:`flowalign.errors.ConfigError` with one line naming the key an
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -408,7 +409,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {type(value).__name__} {value!r}")
         (item_tp,) = typing.get_args(tp) or (Any,)
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(v, item_tp, f"{key}.{i}") for i, v in enumerate(value)]  # rewards.0.weight: the --set spelling
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {type(value).__name__} {value!r}")
@@ -470,8 +471,10 @@ def build_dataclass(cls: type, data: dict, prefix: str = "") -> Any:
 _build = build_dataclass  # the former private name, kept for existing imports
 
 
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
-    """``data['a']['b'] = value`` for ``'a.b'``; a list index is a number (``rewards.0.weight``)."""
+def _set_dotted(data: dict, dotted: str, value: Any, defaults: Any = None) -> None:
+    """``data['a']['b'] = value`` for ``'a.b'``; a list index is a number (``rewards.0.weight``). A key the
+    data lacks on the way starts from the schema's default there (``defaults``: ``train.adam_betas.0=0.8``
+    on a recipe without ``adam_betas`` edits the default list), else from an empty section."""
     parts = dotted.split(".")
     node: Any = data
     for i, part in enumerate(parts[:-1]):
@@ -479,7 +482,10 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
             _check(part.isdigit() and int(part) < len(node), f"--set {dotted}: '{part}' is not an index of a list of {len(node)}")
             node = node[int(part)]
         else:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:
+                seed = _default_at(defaults, ".".join(parts[: i + 1])) if defaults is not None else None
+                node[part] = copy.deepcopy(seed) if isinstance(seed, (dict, list)) else {}
+            node = node[part]
             _check(isinstance(node, (dict, list)), f"--set {dotted}: '{'.'.join(parts[: i + 1])}' is not a section")
     last = parts[-1]
     if isinstance(node, list):
@@ -509,6 +515,9 @@ def apply_overrides(data: dict, overrides: list[str], schema: Optional[type] = N
         key, raw = item.split("=", 1)
         key = key.strip()
         _check(bool(key), f"override {item!r} has an empty key")
+        if "[" in key:  # rewards[0].weight: list entries are addressed by a number between dots
+            dotted = key.replace("[", ".").replace("]", "").replace("..", ".")
+            raise ConfigError(f"override {item!r}: address list entries with dots, e.g. --set {dotted}={raw}")
         section = key.split(".")[0]
         if section in defaults and data.get(section) is None:  # --set rewards.0.weight=2 on a recipe without rewards (or "rewards:" empty)
             data[section] = defaults[section]
@@ -518,7 +527,7 @@ def apply_overrides(data: dict, overrides: list[str], schema: Optional[type] = N
             raise ConfigError(f"override {item!r}: value is not valid YAML ({_yaml_problem(exc)})") from None
         if isinstance(_default_at(defaults, key), str) and value is not None and raw.strip()[:1] not in ("'", '"'):
             value = raw.strip()  # a text field keeps its text: output_dir=2024-06-01, off, 0755 or "exp #2" are folder names
-        _set_dotted(data, key, value)
+        _set_dotted(data, key, value, defaults)
     return data
 
 

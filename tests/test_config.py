@@ -206,3 +206,14 @@ def test_a_noise_schedule_that_cannot_run_is_a_config_error_at_load(kwargs, matc
         C.load_config(None, ["sampling.noise_schedule=constant", "sampling.noise_kwargs={a: .inf}"])
     assert C.load_config(None, ["sampling.noise_schedule=window", "sampling.noise_kwargs={a: 0.7, start: 7, size: 3}",
                                 "sampling.num_steps=10"]).sampling.noise_kwargs["start"] == 7
+
+
+def test_list_entries_are_named_the_way_set_addresses_them_and_missing_lists_start_from_the_default():
+    # errors used rewards[0].kwarg, which --set refuses; a list the recipe lacks was built as a dict
+    with pytest.raises(ConfigError, match=r"unknown config key 'rewards\.0\.kwarg'; did you mean 'rewards\.0\.kwargs'"):
+        C.load_config(None, ["rewards.0.kwarg={score: partial}"])
+    with pytest.raises(ConfigError, match=r"address list entries with dots, e\.g\. --set rewards\.0\.weight=2"):
+        C.load_config(None, ["rewards[0].weight=2"])
+    data = {"train": {"lr": 1e-3}}  # a recipe without adam_betas
+    C.apply_overrides(data, ["train.adam_betas.0=0.8"])
+    assert data["train"]["adam_betas"] == [0.8, C.TrainConfig().adam_betas[1]] and data["train"]["lr"] == 1e-3
