@@ -40,6 +40,13 @@ except ImportError:  # pragma: no cover - only while step_rewards.py is not in t
 
 
 KERNELS = ("ode", "flow_sde", "dance_sde", "cps")
+# top-level keys of the other commands' recipes: a training recipe error names the command the file is for
+OTHER_COMMANDS_KEYS = {
+    **{key: "`flowalign offline`" for key in ("store", "objective_kwargs", "groups_per_batch", "epochs", "k", "max_steps", "reward", "lr")},
+    **{key: "`flowalign generate`" for key in ("prompts", "num_prompts", "samples_per_prompt", "prompts_per_shard", "kernel", "noise_level",
+                                               "num_steps", "image_format")},
+    **{key: "`flowalign generate` or `flowalign offline`" for key in ("output_dir", "guidance_scale", "seed", "device")},
+}  # (tests/test_config.py checks these against GenerateConfig / OfflineConfig)
 DRIFT_MODES = ("normalized", "tilted")  # flowalign.sde.DRIFT_MODES
 DRIFT_GRADIENTS = ("auto", "autograd", "spsa")  # flowalign.guidance.GRADIENT_METHODS
 DTYPES = ("float32", "bfloat16", "float16")
@@ -460,6 +467,8 @@ def build_dataclass(cls: type, data: dict, prefix: str = "") -> Any:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else f"; known keys: {names}"
+            if not prefix and cls.__name__ == "FlowalignConfig" and key in OTHER_COMMANDS_KEYS:
+                hint += f" ('{key}' is a key of {OTHER_COMMANDS_KEYS[key]} recipes: run that command with this file)"
             raise ConfigError(f"unknown config key '{full}'{hint}")
         kwargs[key] = _coerce(value, hints[key], full)
     try:

@@ -217,3 +217,20 @@ def test_list_entries_are_named_the_way_set_addresses_them_and_missing_lists_sta
     data = {"train": {"lr": 1e-3}}  # a recipe without adam_betas
     C.apply_overrides(data, ["train.adam_betas.0=0.8"])
     assert data["train"]["adam_betas"] == [0.8, C.TrainConfig().adam_betas[1]] and data["train"]["lr"] == 1e-3
+
+
+def test_a_generate_or_offline_recipe_given_to_train_names_its_command():
+    import dataclasses as dc
+
+    from flowalign.train.generate import GenerateConfig
+    from flowalign.train.offline_trainer import OfflineConfig
+
+    root = Path(__file__).resolve().parents[1] / "train" / "configs"
+    for name, command in [("toy_gdro.yaml", "flowalign offline"), ("toy_generate.yaml", "flowalign generate")]:
+        with pytest.raises(ConfigError, match=f"recipes: run that command with this file") as info:
+            C.load_config(root / name)
+        assert command in str(info.value)
+    # the hint table names real keys of those commands, none of the training recipe's sections
+    top = {f.name for f in dc.fields(C.FlowalignConfig)}
+    other = {f.name for f in dc.fields(GenerateConfig)} | {f.name for f in dc.fields(OfflineConfig)}
+    assert set(C.OTHER_COMMANDS_KEYS) <= other - top
