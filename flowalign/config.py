@@ -608,9 +608,10 @@ def to_dict(config: Any) -> dict:
 
 
 def save_config(config: FlowalignConfig, path: Union[str, Path]) -> Path:
-    """Write ``config`` as YAML to ``path`` (a file, or a folder -> ``folder/config.yaml``)."""
+    """Write ``config`` as YAML to ``path`` (a file, or a folder -> ``folder/config.yaml``; an existing
+    folder is a folder even when its name ends in ``.yaml``, e.g. a run's ``output_dir``)."""
     path = Path(path)
-    if path.suffix not in (".yaml", ".yml"):
+    if path.suffix not in (".yaml", ".yml") or path.is_dir():
         path = path / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -13,7 +13,8 @@ progress after warmup ``p = (i - W) / max(T - W - 1, 1)`` (0 at the first decaye
 * ``linear``: ``1 - (1 - m) · p``;
 * ``cosine``: ``m + (1 - m) · (1 + cos(pi · p)) / 2``.
 
-The decay reaches ``m`` on the last iteration ``T - 1`` exactly. Because a decay's horizon is
+The decay reaches ``m`` on the last iteration ``T - 1`` exactly (with a single decayed iteration,
+``T = W + 1``, that iteration is also the first: ``p = 0``, the full rate). Because a decay's horizon is
 ``T``, ``train.iterations`` enters the run's config hash under ``linear`` and ``cosine``: a run
 resumes only with the length it was started with. On the toy a cosine decay did not keep
 Flow-GRPO's held-out accuracy from drifting late in long runs (bench/results/heldout_curve.json,

@@ -234,3 +234,11 @@ def test_a_generate_or_offline_recipe_given_to_train_names_its_command():
     top = {f.name for f in dc.fields(C.FlowalignConfig)}
     other = {f.name for f in dc.fields(GenerateConfig)} | {f.name for f in dc.fields(OfflineConfig)}
     assert set(C.OTHER_COMMANDS_KEYS) <= other - top
+
+
+def test_a_run_folder_whose_name_ends_in_yaml_gets_its_config_inside(tmp_path):
+    folder = tmp_path / "exp.yaml"
+    folder.mkdir()
+    path = C.save_config(C.load_config(None), folder)
+    assert path == folder / "config.yaml" and C.load_config(path) == C.load_config(None)
+    assert C.save_config(C.load_config(None), tmp_path / "mine.yaml") == tmp_path / "mine.yaml"  # a file path stays a file

@@ -289,7 +289,8 @@ def test_cli_errors_exit_2_with_one_line(capsys, tmp_path, lora_dir):
     prompts.write_text("\n".join(json.dumps(r) for r in RECORDS[:2]) + "\n")
     assert "missing.jsonl: prompt file not found" in _one_line_error(capsys, ["--model", "tiny-sd3", "--prompts", str(tmp_path / "missing.jsonl")])
     assert "unknown reward 'brightnes'" in _one_line_error(capsys, ["--model", "tiny-sd3", "--prompts", str(prompts), "--reward", "brightnes"])
-    assert "is not a local diffusers folder" in _one_line_error(capsys, ["--model", str(tmp_path / "nomodel"), "--prompts", str(prompts), "--reward", "brightness"])
+    err = _one_line_error(capsys, ["--model", str(tmp_path / "nomodel"), "--prompts", str(prompts), "--reward", "brightness"])
+    assert "is not a local diffusers folder" in err and "--model " in err and "model.pretrained" not in err
     assert "below prompts x samples_per_prompt" in _one_line_error(capsys, ["--model", "tiny-sd3", "--prompts", str(prompts), "--reward", "brightness", "--num-samples", "1"])
     assert "samples_per_prompt must be >= 1, got 0" in _one_line_error(capsys, ["--model", "tiny-sd3", "--prompts", str(prompts), "--reward", "brightness", "--samples-per-prompt", "0"])
     (tmp_path / "broken").mkdir()

@@ -316,7 +316,10 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
 
     from flowalign.train.model import build_adapter
 
-    adapter = build_adapter(ModelConfig(pretrained=options.model, dtype=options.dtype, resolution=options.resolution), torch.device(options.device))
+    try:
+        adapter = build_adapter(ModelConfig(pretrained=options.model, dtype=options.dtype, resolution=options.resolution), torch.device(options.device))
+    except ConfigError as exc:  # the trainer's wording names the recipe key; here it is the flag
+        raise ConfigError(str(exc).replace("model.pretrained=", "--model ")) from None
     if hasattr(reward, "to"):
         reward.to(options.device)
     result = evaluate(
