@@ -74,12 +74,18 @@ def _as_column(value: ScalarOrBatch, x: Tensor, name: str) -> Tensor:
     return t.reshape(-1, *([1] * (x.ndim - 1)))
 
 
+def _check_finite(**values: ScalarOrBatch) -> None:
+    """ValueError naming the first non-finite input (NaN passes every range comparison below)."""
+    for name, value in values.items():
+        t = torch.as_tensor(value)
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} must be finite, got {t.flatten().tolist()}")
+
+
 def _check_inputs(kind: str, sigma: Tensor, sigma_next: Tensor, noise_level: Tensor) -> None:
     if kind not in KERNELS:
         raise ValueError(f"kind={kind!r} is not a transition kernel; choose one of {KERNELS}")
-    for name, t in (("sigma", sigma), ("sigma_next", sigma_next), ("noise_level", noise_level)):
-        if not bool(torch.isfinite(torch.as_tensor(t)).all()):
-            raise ValueError(f"{name} must be finite, got {t.flatten().tolist()}")
+    _check_finite(sigma=sigma, sigma_next=sigma_next, noise_level=noise_level)
     if bool(((sigma > 1) | (sigma_next < 0)).any()):
         raise ValueError(f"sigmas must lie in [0, 1], got sigma={sigma.flatten().tolist()}, sigma_next={sigma_next.flatten().tolist()}")
     if bool((sigma_next >= sigma).any()):
@@ -309,9 +315,7 @@ def is_stochastic(kind: str, sigma: ScalarOrBatch, sigma_next: ScalarOrBatch, no
     """
     if kind not in KERNELS:
         raise ValueError(f"kind={kind!r} is not a transition kernel; choose one of {KERNELS}")
-    for name, t in (("sigma", sigma), ("sigma_next", sigma_next), ("noise_level", noise_level)):
-        if not bool(torch.isfinite(torch.as_tensor(t)).all()):
-            raise ValueError(f"{name} must be finite, got {t.flatten().tolist()}")
+    _check_finite(sigma=sigma, sigma_next=sigma_next, noise_level=noise_level)
     s = torch.as_tensor(sigma, dtype=torch.float32)
     s_next = torch.as_tensor(sigma_next, dtype=torch.float32)
     level = torch.as_tensor(noise_level, dtype=torch.float32)

@@ -270,3 +270,8 @@ def test_is_stochastic_masks_over_a_schedule():
     mask = sde.is_stochastic("flow_sde", sigmas[:-1], sigmas[1:], levels)
     assert mask.tolist() == [False, False, False, True, True, True]
     assert not sde.is_stochastic("ode", sigmas[:-1], sigmas[1:], levels).any()
+
+
+def test_is_stochastic_refuses_non_finite_inputs_naming_them():
+    with pytest.raises(ValueError, match="noise_level must be finite, got \\[nan\\]"):
+        sde.is_stochastic("flow_sde", 0.5, 0.4, float("nan"))
