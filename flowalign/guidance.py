@@ -52,7 +52,7 @@ def spsa_gradient(score_fn: ScoreFn, x: Tensor, *, sigma: float, pairs: int = 1,
         generator: source of the directions ``u`` (drawn in fp32 on the generator's device).
 
     Returns:
-        ``(grad [B, *latent] fp32, mean score over all perturbed points [B])``.
+        ``(grad [B, *latent] fp32, mean score over the perturbed points with a finite score [B])``; a NaN or inf score difference counts as none.
     """
     if sigma <= 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
@@ -62,6 +62,7 @@ def spsa_gradient(score_fn: ScoreFn, x: Tensor, *, sigma: float, pairs: int = 1,
     batch = x.shape[0]
     grad = torch.zeros_like(x32)
     score_sum = torch.zeros(batch, dtype=torch.float32, device=x.device)
+    score_count = torch.zeros(batch, dtype=torch.float32, device=x.device)  # finite perturbed scores per row
     device = generator.device if generator is not None else x.device
     for _ in range(pairs):
         u = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(x.device)
@@ -69,10 +70,14 @@ def spsa_gradient(score_fn: ScoreFn, x: Tensor, *, sigma: float, pairs: int = 1,
         if scores.shape[0] != 2 * batch:
             raise ValueError(f"score_fn returned {scores.shape[0]} scores for {2 * batch} rows")
         plus, minus = scores[:batch], scores[batch:]
-        diff = torch.nan_to_num(plus - minus, nan=0.0)
+        d = plus - minus
+        diff = torch.where(torch.isfinite(d), d, torch.zeros_like(d))  # NaN or inf (a score at -inf): no difference
         grad += (diff / (2 * sigma)).reshape(-1, *([1] * (x.ndim - 1))) * u
-        score_sum += torch.nan_to_num(plus, nan=0.0) + torch.nan_to_num(minus, nan=0.0)
-    return grad / pairs, score_sum / (2 * pairs)
+        for side in (plus, minus):
+            finite = torch.isfinite(side)
+            score_sum += torch.where(finite, side, torch.zeros_like(side))
+            score_count += finite.float()
+    return grad / pairs, score_sum / score_count.clamp_min(1)
 
 
 def autograd_gradient(score_fn: ScoreFn, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -88,7 +93,10 @@ def autograd_gradient(score_fn: ScoreFn, x: Tensor) -> tuple[Tensor, Tensor]:
             raise ValueError(f"score_fn returned {scores.shape[0]} scores for {x.shape[0]} rows")
         if not scores.requires_grad:
             raise ValueError("the process reward's scores carry no gradient: use gradient='spsa' for a non-differentiable reward")
-        (grad,) = torch.autograd.grad(torch.nan_to_num(scores, nan=0.0).sum(), leaf)
+        finite = torch.isfinite(scores)
+        (grad,) = torch.autograd.grad(torch.where(finite, scores, torch.zeros_like(scores)).sum(), leaf)
+    # a row without a finite score gets no gradient (its backward may still hold 0·NaN)
+    grad = torch.where(finite.reshape(-1, *([1] * (x.ndim - 1))), grad, torch.zeros_like(grad))
     return grad.detach(), scores.detach()
 
 

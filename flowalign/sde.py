@@ -253,6 +253,8 @@ def reward_drift(grad: Tensor, std: Tensor | float, scale: float, mode: str = "n
       reward's units drop out, so one ``scale`` suits any reward (Euphonium normalises by the
       gradient's norm). Rows whose gradient is 0 are not moved.
 
+    In both modes a row whose gradient has a NaN or inf entry (a reward that could not score it) is not moved.
+
     Args:
         grad: ``[B, *latent]`` gradient of the process reward (e.g. w.r.t. the step's x0-prediction).
         std: the kernel's std, ``[B, 1, ..., 1]`` or a float (:attr:`SDEStep.std`).
@@ -267,6 +269,8 @@ def reward_drift(grad: Tensor, std: Tensor | float, scale: float, mode: str = "n
     if scale < 0:
         raise ValueError(f"scale must be >= 0, got {scale}")
     g = grad.float()
+    finite_rows = torch.isfinite(g.reshape(g.shape[0], -1)).all(dim=1).reshape(-1, *([1] * (g.ndim - 1)))
+    g = torch.where(finite_rows, g, torch.zeros_like(g))  # a row whose gradient is NaN / inf is not moved
     std32 = torch.as_tensor(std, dtype=torch.float32, device=g.device)
     if mode == "tilted":
         return scale * std32**2 * g

@@ -308,3 +308,24 @@ def test_config_choices_name_the_library_choices():
     assert config.KERNELS == sde.KERNELS
     assert config.DRIFT_MODES == sde.DRIFT_MODES
     assert config.DRIFT_GRADIENTS == guidance.GRADIENT_METHODS
+
+
+def test_a_row_without_a_finite_score_or_gradient_is_not_moved_in_either_mode():
+    """A reward that cannot score a row (NaN, or -inf for a log-reward at its boundary) gave that row a NaN / inf
+    gradient, which the tilted drift wrote into the sample. Such rows now get no gradient and no drift."""
+    from flowalign import guidance, sde
+
+    x = torch.tensor([[1.0, 2.0], [-1.0, 0.5]])
+    # autograd: row 1's score is sqrt(-1) = NaN, and its backward holds 0 * NaN
+    grad, scores = guidance.autograd_gradient(lambda z: torch.stack([(z[0] ** 2).sum(), torch.sqrt(z[1, 0]) + z[1, 1]]), x)
+    assert torch.isnan(scores[1]) and grad[1].tolist() == [0.0, 0.0] and grad[0].tolist() == [2.0, 4.0]
+    # SPSA: a log reward that is -inf for any negative first coordinate (row 1 at x = -1, for every direction)
+    grad, score = guidance.spsa_gradient(lambda z: torch.log(z[:, 0].clamp_min(0.0)) + z[:, 1], x, sigma=0.01, pairs=8,
+                                         generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(grad).all() and grad[1].tolist() == [0.0, 0.0] and torch.isfinite(score).all()
+    assert grad[0, 0] == pytest.approx(1.0, rel=0.3)  # d/dx log(x) at 1, from 8 pairs
+    # the drift itself: a NaN / inf row is left where it is, whatever the mode
+    bad = torch.tensor([[0.5, 1.0], [float("nan"), 0.0], [float("inf"), 1.0]])
+    for mode in ("tilted", "normalized"):
+        drift = sde.reward_drift(bad, torch.full((3, 1), 0.5), scale=1.0, mode=mode)
+        assert torch.isfinite(drift).all() and drift[1:].abs().sum() == 0 and drift[0].abs().sum() > 0

@@ -90,6 +90,9 @@ def test_two_processes_match_one_process(tmp_path, extra):
         assert a["nfe"] == b["nfe"] and a.get("dense/nfe") == b.get("dense/nfe")  # counts summed over the processes
         for key in ("frac_zero_std_groups", "samples/kept_frac", "advantages/abs_mean"):  # over every process's samples
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-3, abs=1e-7), key  # (dense: rewards of ODE completions)
+        for key in ("drift/moved_frac", "drift/score"):  # the guidance's stats too, where it steers
+            if key in a:
+                assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-3, abs=1e-6), key
     state = ckpt.load_checkpoint(ckpt.find_latest(tmp_path / "two" / "checkpoints")).state
     assert state["generators"].shape[0] == 2  # every process's shuffle stream, saved by the main process
     assert state["torch_rngs"].shape[0] == 2  # and every process's global torch RNG (LoRA dropout draws from it)

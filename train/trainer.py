@@ -283,7 +283,8 @@ class Trainer(OptimizerViews):
         t1 = time.perf_counter()
         rewards, keep, metrics = self.score(traj)
         if self.drift is not None:
-            metrics.update(self.drift.pop_stats())
+            stats = self.drift.pop_stats()  # this process's rollouts: logged over every process's
+            metrics.update(runtime.combine_process_metrics(stats) if self.accelerator.num_processes > 1 else stats)
         t2 = time.perf_counter()
         traj.rewards = rewards
         advantages, keep, adv_metrics = self.advantages(rewards, traj.group_ids, keep, traj=traj, cond=cond)
