@@ -404,6 +404,9 @@ def load_toy_pipeline(folder: str | Path):
     """A toy folder as a ``StableDiffusion3Pipeline`` (float32, local files only)."""
     from diffusers import StableDiffusion3Pipeline
 
+    from flowalign.train.model import resolve_path
+
+    folder = resolve_path(folder)  # assets/toy: the packaged copy from any directory, as flowalign train does
     if not (Path(folder) / "model_index.json").is_file():
         raise FileNotFoundError(f"{folder} is no diffusers pipeline folder (no model_index.json)")
     return StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True)
@@ -455,9 +458,19 @@ def build(out_dir: str | Path, cfg: Optional[ToyBuildConfig] = None) -> dict[str
     torch.set_num_threads(min(threads, cfg.threads))
     summary: dict[str, Any] = {"config": asdict(cfg), "clip_max_length": max_length, "t5_tokens": T5_TOKENS, "noisy_captions": n_noisy, "synonym_captions": n_synonyms,
                                "washed_scenes": int(washed.sum())}
+    shift, guidance = cfg.shift, cfg.guidance_scale
     if cfg.init_from:
         pipe = load_toy_pipeline(cfg.init_from)
         vae = pipe.vae  # its shift/scale factors stay: the transformer was trained in its latent units
+        # the source's sampling settings carry over unless asked otherwise (the metadata must match the scheduler)
+        from flowalign.train.model import resolve_path
+
+        source_dir = resolve_path(cfg.init_from)
+        default, source = ToyBuildConfig(), (load_toy_meta(source_dir) if (source_dir / META_FILE).is_file() else {})
+        shift = cfg.shift if cfg.shift != default.shift else float(pipe.scheduler.config.get("shift", cfg.shift))
+        guidance = cfg.guidance_scale if cfg.guidance_scale != default.guidance_scale else float(source.get("guidance_scale", guidance))
+        if float(pipe.scheduler.config.get("shift", shift)) != shift:
+            pipe.scheduler = type(pipe.scheduler).from_config({**pipe.scheduler.config, "shift": shift})
         means, stds = encode_latents(vae, images)
         summary["init_from"] = str(cfg.init_from)
     else:
@@ -485,7 +498,7 @@ def build(out_dir: str | Path, cfg: Optional[ToyBuildConfig] = None) -> dict[str
 
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    meta = {"max_sequence_length": T5_TOKENS, "guidance_scale": cfg.guidance_scale, "shift": cfg.shift, "num_inference_steps": 10, "height": 32, "width": 32, "seed": cfg.seed}
+    meta = {"max_sequence_length": T5_TOKENS, "guidance_scale": guidance, "shift": shift, "num_inference_steps": 10, "height": 32, "width": 32, "seed": cfg.seed}
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     summary["params"] = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("transformer", "vae", "text_encoder", "text_encoder_2")}
     summary["build_seconds"] = time.time() - t_start

@@ -151,3 +151,10 @@ def test_evaluate_toy_measures_a_folder(tmp_path, pipe):
     assert pipe.scheduler.config.shift == 1.5
     scores = ShapesReward()(toy.sample(pipe, [s["prompt"] for s in held], 3, 1, 4.5), [s["prompt"] for s in held], held).scores
     assert [int(line.split(" -> ")[1].split()[0]) for line in lines] == [int(v) for v in scores]
+
+
+def test_the_toy_loads_by_its_assets_path_from_any_directory(tmp_path, monkeypatch):
+    # `python -m flowalign.pipelines.toy evaluate` (default --model assets/toy) failed outside the repository root
+    monkeypatch.chdir(tmp_path)
+    pipe = toy.load_toy_pipeline("assets/toy")
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline"

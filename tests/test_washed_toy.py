@@ -1,6 +1,8 @@
 """Washed-out renditions in the toy's pretraining data and continued builds (``--init-from``)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -69,6 +71,21 @@ def test_continued_build_keeps_the_vae_and_moves_the_transformer(tmp_path, base_
     b = load_file(tmp_path / "again" / "transformer/diffusion_pytorch_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # deterministic
     assert toy.load_toy_meta(tmp_path / "cont")["max_sequence_length"] == toy.T5_TOKENS
+
+
+def test_continued_build_keeps_the_sources_sampling_settings_in_scheduler_and_metadata(tmp_path, toy_smoke, continued):
+    """A continued build wrote the CLI's default shift / guidance into flowalign_toy.json while the scheduler kept the
+    source's: plain diffusers and flowalign then sampled the same folder with different shifts."""
+    source = tmp_path / "src"
+    toy.build(source, toy.ToyBuildConfig(seed=1, shift=3.0, guidance_scale=3.0, **toy_smoke))
+    toy.build(tmp_path / "cont", toy.ToyBuildConfig(seed=1, init_from=str(source), **continued))
+    meta = toy.load_toy_meta(tmp_path / "cont")
+    scheduler = json.loads((tmp_path / "cont" / "scheduler" / "scheduler_config.json").read_text())
+    assert meta["shift"] == scheduler["shift"] == 3.0 and meta["guidance_scale"] == 3.0
+    # an explicit new shift goes into both
+    toy.build(tmp_path / "moved", toy.ToyBuildConfig(seed=1, init_from=str(source), shift=2.0, **continued))
+    scheduler = json.loads((tmp_path / "moved" / "scheduler" / "scheduler_config.json").read_text())
+    assert toy.load_toy_meta(tmp_path / "moved")["shift"] == scheduler["shift"] == 2.0
 
 
 def test_continued_build_refuses_architecture_changes_and_missing_folders(tmp_path):
