@@ -95,8 +95,8 @@ def run_curve(config: Path, overrides: list[str], iterations: int, eval_every: i
         if train_prompts is not None:
             point["train_categories"] = accuracy_by_category(trainer, train_prompts, train_samples)
             point["train"] = point["train_categories"]["all"]
-        if rewards:
-            window = rewards[-eval_every:]
+        if interval:  # the rewards since the last point (a shorter last interval included), as train_metrics
+            window = [float(m.get("reward/mean", float("nan"))) for m in interval]
             point["train_reward_mean"] = round(sum(window) / len(window), 4)
         if interval:
             point["train_metrics"] = interval_means(interval)  # clip fraction, flat groups, ... since the last point

@@ -106,7 +106,7 @@ def run_offline(args, records_train, records_eval, reward, workdir: Path) -> lis
 
     overrides = [f"model.pretrained={online.model.pretrained}", f"lora.rank={online.lora.rank}", f"lora.alpha={online.lora.alpha}",
                  f"store={workdir / 'store'}", f"output_dir={workdir / 'gdro'}", f"seed={args.seed}", "checkpoint_every=0",
-                 f"k={args.group}", f"reward={args.reward}"]
+                 f"k={args.group}"]  # the offline recipe's own reward is kept (the store holds --reward and its "/partial")
     cfg = load_offline_config(args.offline_recipe, overrides + list(args.offline_set))
     trainer = OfflineTrainer(cfg, adapter=adapter).setup()
     counter.eval_seconds = 0.0
@@ -244,8 +244,11 @@ def main(argv=None) -> dict:
             online = run_online(args, reward, records_eval, Path(tmp))
     summary = summarize(offline, online) if online else {}
     settings = {k: v for k, v in vars(args).items() if k not in ("online_config", "offline_config", "quality")}
+    online_config = to_dict(args.online_config)
+    if args.offline_only and args.online_from:  # the online points come from that file: record the config they ran with
+        online_config = json.loads(Path(args.online_from).read_text()).get("settings", {}).get("online_config")
     result = {
-        "settings": {**settings, "online_config": to_dict(args.online_config), "offline_config": to_dict(args.offline_config)},
+        "settings": {**settings, "online_config": online_config, "offline_config": to_dict(args.offline_config)},
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "note": "shared 2-core machine, run under nice -n 19: seconds depend on the load, NFE does not"},
         "summary": summary,
