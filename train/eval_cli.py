@@ -230,18 +230,6 @@ def _recommended_settings(model: str) -> dict:
         return {}
 
 
-def _resolve_prompts(path: str) -> Path:
-    """The prompt file as given, or the packaged asset for an ``assets/...`` path that is not here."""
-    p = Path(path)
-    if not p.exists() and p.parts and p.parts[0] == "assets":
-        from flowalign.assets import ASSETS_DIR
-
-        packaged = Path(ASSETS_DIR).joinpath(*p.parts[1:])
-        if packaged.exists():
-            return packaged
-    return p
-
-
 def _counts(options: EvalOptions, num_prompts: int) -> tuple[Optional[int], int]:
     """``(num_samples, samples_per_prompt)`` with the default of whole passes reaching 512 samples."""
     spp = options.samples_per_prompt
@@ -292,7 +280,9 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
     if options.lora is not None and not Path(options.lora).exists():
         raise ConfigError(f"--lora {options.lora!r} does not exist (give pytorch_lora_weights.safetensors or its folder)")
     reference = load_reference(options.compare) if options.compare is not None else None
-    records = load_prompts(_resolve_prompts(options.prompts))
+    from flowalign.train.model import resolve_path
+
+    records = load_prompts(resolve_path(options.prompts))  # assets/...: the packaged copy where the path is not here
     reward = load_reward(options.reward)
     tap = None
     if options.corrected_by is not None:
