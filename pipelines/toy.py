@@ -380,10 +380,9 @@ def apply_toy_meta(pipeline, folder: str | Path) -> dict:
     when they differ, and SD3's per-call "input was truncated" warning is filtered (expected:
     the placeholder T5 reads that many tokens only).
     """
-    meta_file = Path(folder) / META_FILE
-    if not meta_file.is_file():
+    meta = load_toy_meta(folder)
+    if not meta:
         return {}
-    meta = json.loads(meta_file.read_text(encoding="utf-8"))
     shift = meta.get("shift")
     if shift is not None and float(pipeline.scheduler.config.get("shift", 1.0)) != float(shift):
         pipeline.scheduler = type(pipeline.scheduler).from_config({**pipeline.scheduler.config, "shift": float(shift)})
@@ -465,8 +464,7 @@ def build(out_dir: str | Path, cfg: Optional[ToyBuildConfig] = None) -> dict[str
         # the source's sampling settings carry over unless asked otherwise (the metadata must match the scheduler)
         from flowalign.train.model import resolve_path
 
-        source_dir = resolve_path(cfg.init_from)
-        default, source = ToyBuildConfig(), (load_toy_meta(source_dir) if (source_dir / META_FILE).is_file() else {})
+        default, source = ToyBuildConfig(), load_toy_meta(resolve_path(cfg.init_from))
         shift = cfg.shift if cfg.shift != default.shift else float(pipe.scheduler.config.get("shift", cfg.shift))
         guidance = cfg.guidance_scale if cfg.guidance_scale != default.guidance_scale else float(source.get("guidance_scale", guidance))
         if float(pipe.scheduler.config.get("shift", shift)) != shift:
@@ -598,8 +596,10 @@ def evaluate_toy(folder: str | Path, guidance_scales: tuple[float, ...] = (1.0, 
 
 
 def load_toy_meta(folder: str | Path) -> dict[str, Any]:
-    """The recommended sampling settings stored next to a toy pipeline (``flowalign_toy.json``)."""
-    return json.loads((Path(folder) / META_FILE).read_text(encoding="utf-8"))
+    """The recommended sampling settings stored next to a toy pipeline (``flowalign_toy.json``), ``{}``
+    for a folder without them (any other diffusers folder)."""
+    meta_file = Path(folder) / META_FILE
+    return json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
 
 
 def _int_pair(text: str) -> tuple[int, int]:

@@ -220,12 +220,11 @@ def _options(args: Union[argparse.Namespace, EvalOptions, dict]) -> EvalOptions:
 
 def _recommended_settings(model: str) -> dict:
     """A model folder's recommended sampling settings (the toy's ``flowalign_toy.json``), else ``{}``."""
-    from flowalign.pipelines.toy import META_FILE
+    from flowalign.pipelines.toy import load_toy_meta
     from flowalign.train.model import resolve_path
 
-    meta = resolve_path("assets/toy" if model == "toy" else model) / META_FILE
     try:
-        return json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else {}
+        return load_toy_meta(resolve_path("assets/toy" if model == "toy" else model))
     except (OSError, ValueError):
         return {}
 

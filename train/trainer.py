@@ -158,6 +158,7 @@ class Trainer(OptimizerViews):
         self.adapter = adapter
         self.run_dir = Path(config.train.output_dir)
         self.iteration = 0
+        self._all_dropped_in_row = 0  # iterations in a row whose every reward was dropped (_check_all_dropped)
         self.run_log: Optional[RunLogger] = None  # main process only
         self.text_modules: dict = {}  # text encoders with LoRA (lora.train_text_encoder), filled by setup
         self.timings: dict[str, float] = {}  # wall seconds per phase of this session (setup, calibration, train, ...)
@@ -331,7 +332,7 @@ class Trainer(OptimizerViews):
         """Stop with a RewardError after ``train.max_nonfinite_steps`` iterations in a row whose every sample's
         reward was dropped (``on_error: drop`` on a reward that always fails): nothing trains, and the run would
         otherwise end as a success with an untouched LoRA."""
-        self._all_dropped_in_row = getattr(self, "_all_dropped_in_row", 0) + 1 if all_dropped else 0
+        self._all_dropped_in_row = self._all_dropped_in_row + 1 if all_dropped else 0
         limit = self.config.train.max_nonfinite_steps
         if self._all_dropped_in_row >= limit:
             from flowalign.errors import RewardError
