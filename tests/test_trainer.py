@@ -456,6 +456,12 @@ def test_a_reward_dropped_on_every_sample_stops_the_run_instead_of_ending_as_a_s
     trainer.run_iteration()  # a kept iteration resets the count
     trainer.rewards[rcfg.name] = broken
     trainer.run_iteration()
+    path = trainer.save_checkpoint()  # the count survives a resume: the first iteration after it is the 2nd in a row
+    trainer._all_dropped_in_row = 0
+    from flowalign.train import trainer_checkpoint
+
+    trainer_checkpoint.restore_trainer_checkpoint(trainer, path)
+    assert trainer._all_dropped_in_row == 1
     with pytest.raises(RewardError, match="dropped in 2 iterations in a row"):
         trainer.run_iteration()
     trainer.cleanup()

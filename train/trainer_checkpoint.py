@@ -37,6 +37,7 @@ def trainer_state(trainer) -> tuple[dict, dict]:
         # that drew different numbers of masks are on different streams); "rng" holds process 0's python/numpy
         "torch_rngs": trainer._gather(torch.get_rng_state()[None]),
         "sampler": trainer.sampler.state_dict(),
+        "all_dropped_in_row": trainer._all_dropped_in_row,  # iterations in a row whose every reward was dropped
         **optim_state,
     }
     if torch.cuda.is_available() and trainer.device.type == "cuda":  # the CUDA generator of each process's own device
@@ -85,4 +86,5 @@ def restore_trainer_checkpoint(trainer, path: Path) -> None:
     if "cuda_rngs" in state and torch.cuda.is_available() and trainer.device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda_rngs"][rank].to(torch.uint8).clone(), trainer.device)
     trainer.iteration = int(state["iteration"])
+    trainer._all_dropped_in_row = int(state.get("all_dropped_in_row", 0))  # absent from checkpoints before it
     logger.info("resumed from %s at iteration %d", path, trainer.iteration)
