@@ -188,8 +188,10 @@ def plot(results: dict, path: Path, highlight: tuple[str, ...] = MAIN_RECIPE) ->
     return path
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: Optional[list[str]] = None, parents: tuple = (), configure=None) -> dict:
+    """Run one variant. A probe script adds its own flags with ``parents`` (argparse parent parsers, so that
+    ``--help`` lists them) and reads them with ``configure(args)``, called after parsing."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=list(parents))
     parser.add_argument("--name", required=True, help="key of this variant in the results file")
     parser.add_argument("--config", type=Path, default=DEFAULT_RECIPE)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -202,6 +204,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = parser.parse_args(argv)
     if args.iterations < 1 or args.eval_every < 1 or args.eval_samples < 1 or args.train_samples < 0:
         parser.error("--iterations, --eval-every and --eval-samples must be >= 1, --train-samples >= 0")
+    if configure is not None:
+        configure(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("flowalign").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)

@@ -16,7 +16,6 @@ optimizer step; the buffer keeps teaching it.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import deque
 
 import torch
@@ -89,20 +88,23 @@ class ReplayTrainer(Trainer):
                 "replay/prompts": float(sum(len(b) for b in self.buffer.values()))}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--weight", type=float, default=1.0)
-    parser.add_argument("--rows", type=int, default=64)
-    parser.add_argument("--cap", type=int, default=8)
-    parser.add_argument("--sigmas", type=int, default=3)
-    parser.add_argument("--min-score", type=float, default=0.999)
-    parser.add_argument("--guidance", type=float, default=1.0)
-    args, rest = parser.parse_known_args()
-    ReplayTrainer.weight, ReplayTrainer.rows, ReplayTrainer.cap = args.weight, args.rows, args.cap
-    ReplayTrainer.num_sigmas, ReplayTrainer.min_score, ReplayTrainer.guidance = args.sigmas, args.min_score, args.guidance
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(add_help=False)  # a parent of heldout_curve's parser: --help lists both
+    replay = parser.add_argument_group("replay buffer")
+    replay.add_argument("--weight", type=float, default=1.0, help="weight of the replay loss")
+    replay.add_argument("--rows", type=int, default=64, help="buffered samples replayed per iteration")
+    replay.add_argument("--cap", type=int, default=8, help="successes kept per prompt (the last ones)")
+    replay.add_argument("--sigmas", type=int, default=3, help="replay at one of the rollout's first N sigmas")
+    replay.add_argument("--min-score", type=float, default=0.999, help="a rollout scoring at least this is kept")
+    replay.add_argument("--guidance", type=float, default=1.0, help="CFG scale of the replayed velocity")
+
+    def configure(args) -> None:
+        ReplayTrainer.weight, ReplayTrainer.rows, ReplayTrainer.cap = args.weight, args.rows, args.cap
+        ReplayTrainer.num_sigmas, ReplayTrainer.min_score, ReplayTrainer.guidance = args.sigmas, args.min_score, args.guidance
+
     heldout_curve.Trainer = ReplayTrainer
-    heldout_curve.main(rest)
+    return heldout_curve.main(argv, parents=(parser,), configure=configure)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -39,3 +39,27 @@ def test_interval_means_by_hand():
     assert means == {"reward/mean": 0.5, "policy/clip_frac": 0.25, "grad_norm": 1.0}
     assert heldout_curve.interval_means(metrics, keys=("loss/policy",)) == {"loss/policy": 3.0}
     assert heldout_curve.interval_means([]) == {}
+
+
+def test_probe_replay_help_lists_its_own_flags_and_its_flags_reach_the_trainer(capsys, monkeypatch):
+    """bench/probe_replay.py parsed its flags with a help-less pre-parser, so ``--help`` showed only heldout_curve's."""
+    import probe_replay
+
+    monkeypatch.setattr(heldout_curve, "Trainer", heldout_curve.Trainer)  # main() swaps in its ReplayTrainer
+    with pytest.raises(SystemExit):
+        probe_replay.main(["--help"])
+    out = capsys.readouterr().out
+    assert "--weight" in out and "--min-score" in out and "--iterations" in out
+
+    class Parsed(Exception):
+        pass
+
+    def stop(*args, **kwargs):  # called right after the flags are parsed and handed over
+        raise Parsed
+
+    monkeypatch.setattr(heldout_curve.logging, "basicConfig", stop)
+    monkeypatch.setattr(probe_replay.ReplayTrainer, "weight", 1.0)
+    monkeypatch.setattr(probe_replay.ReplayTrainer, "rows", 64)
+    with pytest.raises(Parsed):
+        probe_replay.main(["--name", "x", "--weight", "0.25", "--rows", "7", "--iterations", "3"])
+    assert probe_replay.ReplayTrainer.weight == 0.25 and probe_replay.ReplayTrainer.rows == 7
