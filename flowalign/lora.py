@@ -288,7 +288,8 @@ class LoraEMA:
         """Restore :meth:`state_dict`'s output; LoraMismatchError when the parameter count differs."""
         if len(state) != len(self.shadow):
             raise LoraMismatchError(f"EMA state has {len(state)} tensors, the model has {len(self.shadow)} LoRA parameters")
-        self.shadow = [state[str(i)].float().clone() for i in range(len(self.shadow))]
+        # on the device of the copies they replace (the parameters'): a checkpoint loads on the CPU
+        self.shadow = [state[str(i)].to(device=s.device, dtype=torch.float32).clone() for i, s in enumerate(self.shadow)]
 
 
 def lora_metadata(module: nn.Module) -> Optional[dict]:

@@ -167,6 +167,15 @@ def test_ema_matches_hand_computed_average():
     assert torch.equal(restored.shadow[0], ema.shadow[0])
 
 
+def test_ema_state_loads_onto_the_parameters_device():
+    """A checkpoint's tensors load on the CPU; the restored EMA copies must follow the parameters (on a GPU run
+    the first update after --resume mixed a CPU copy with a CUDA parameter). The meta device stands in for CUDA."""
+    p = torch.nn.Parameter(torch.zeros(3, device="meta"))
+    ema = lora.LoraEMA([p], decay=0.9)
+    ema.load_state_dict({"0": torch.ones(3, dtype=torch.float64)})
+    assert ema.shadow[0].device == p.device and ema.shadow[0].dtype == torch.float32
+
+
 def test_a_lora_file_without_alpha_in_its_header_warns(pipe, tmp_path, caplog):
     params = lora.add_lora(pipe.transformer, rank=4, alpha=16, target_modules=TARGETS)
     _perturb(params)
