@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from flowalign import checkpoint as ckpt
@@ -96,6 +97,7 @@ def test_two_processes_match_one_process(tmp_path, extra):
     state = ckpt.load_checkpoint(ckpt.find_latest(tmp_path / "two" / "checkpoints")).state
     assert state["generators"].shape[0] == 2  # every process's shuffle stream, saved by the main process
     assert state["torch_rngs"].shape[0] == 2  # and every process's global torch RNG (LoRA dropout draws from it)
+    assert not torch.equal(state["torch_rngs"][0], state["torch_rngs"][1])  # its own stream: no shared dropout masks
     # a clean exit: the summary once, and each process released its process group
     assert two.stdout.count("done: 2 iterations") == 1
     assert two.stderr.count("process group destroyed") == 2, two.stderr[-2000:]

@@ -193,6 +193,9 @@ class Trainer(OptimizerViews):
         self._draws: Optional[fp.ForwardDraws] = None  # forward-process objectives' re-noising draws of an iteration
         model = trainer_setup.build_model(cfg, self.adapter, self.device, self.accelerator, self._gather, self._train_guidance())
         self.adapter, self.text_modules, self.conditioning, self.optim = model.adapter, model.text_modules, model.conditioning, model.optim
+        if self.accelerator.process_index > 0:  # the LoRA init above drew the same numbers everywhere; from here on
+            # (LoRA dropout masks) each process draws its own (process 0 keeps the seed's stream: 1-process runs unchanged)
+            torch.manual_seed(cfg.train.seed + PROCESS_SEED_STRIDE * self.accelerator.process_index)
         self.drift = trainer_setup.build_drift(cfg, self.adapter, drift_reward)  # Euphonium's guided rollouts, or None
         noise_table = None
         if self.dense and cfg.dense.calibration_rounds > 0:
