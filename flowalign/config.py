@@ -613,9 +613,9 @@ def save_config(config: FlowalignConfig, path: Union[str, Path]) -> Path:
     path = Path(path)
     if path.suffix not in (".yaml", ".yml") or path.is_dir():
         path = path / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    return path
+    from flowalign.files import write_text_atomic
+
+    return write_text_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 # model keys that change no sample, only memory (left out of config hashes and rollout-store settings)

@@ -320,9 +320,9 @@ class EvalResult:
         """The :meth:`to_dict` as JSON text; also written to ``path`` when given."""
         text = json.dumps(self.to_dict(samples=samples), indent=1, allow_nan=False)
         if path is not None:
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text + "\n")
+            from flowalign.files import write_text_atomic
+
+            write_text_atomic(path, text + "\n")
         return text
 
     @classmethod

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from flowalign.checkpoint import sha256_file
 from flowalign.errors import RolloutStoreError  # re-exported: `from flowalign.offline import RolloutStoreError` keeps working
+from flowalign.files import write_text_atomic
 from flowalign.objectives.base import OfflineBatch
 
 logger = logging.getLogger(__name__)
@@ -87,11 +88,7 @@ def _fsync_path(path: Path) -> None:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    _fsync_path(tmp)
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _read_manifest(path: Path, repair: bool) -> list[dict]:

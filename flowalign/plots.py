@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from flowalign.files import atomic_path
+
 PathLike = Union[str, Path]
 
 
@@ -35,9 +37,11 @@ def _save_figure(fig, out_png: PathLike) -> Path:
 
     fig.tight_layout()
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png)
-    plt.close(fig)
+    try:
+        with atomic_path(out_png) as tmp:
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)
     return out_png
 
 

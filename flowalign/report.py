@@ -36,7 +36,8 @@ from typing import Any, Callable, ContextManager, Mapping, Optional, Sequence, U
 import torch
 from torch import Tensor
 
-from flowalign.evaluation import ALL, EvalResult, category_mean, compare, evaluate, failure_counts, failure_transitions, pick_samples, prompt_changes
+from flowalign.evaluation import ALL, EvalResult, _pct, _pts, _pts_ci, category_mean, compare, evaluate, failure_counts, failure_transitions, pick_samples, prompt_changes
+from flowalign.files import atomic_path, write_text_atomic
 from flowalign.plots import category_bars, read_metrics
 
 logger = logging.getLogger(__name__)
@@ -155,8 +156,8 @@ def before_after_grid(base_images: Tensor, aligned_images: Tensor, prompts: Sequ
         for k, line in enumerate(_wrap(str(prompt), font, cell_w, CAPTION_LINES)):
             draw.text((x, y_caption + k * LINE_HEIGHT), line, fill="black", font=font)
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out_png)
+    with atomic_path(out_png) as tmp:
+        canvas.save(tmp)
     return out_png
 
 
@@ -396,14 +397,14 @@ def write_report(
         "",
         "## Result",
         "",
-        f"Held-out accuracy **{100 * base.accuracy:.1f}% → {100 * aligned.accuracy:.1f}%** "
-        f"(**{gain:+.1f} points**, 95% CI [{100 * overall['delta_low']:+.1f}, {100 * overall['delta_high']:+.1f}]); "
+        f"Held-out accuracy **{_pct(base.accuracy)} → {_pct(aligned.accuracy)}** "
+        f"(**{_pts(overall['delta'])} points**, 95% CI {_pts_ci(overall['delta_low'], overall['delta_high'])}); "
         f"target ≥ +{target_gain_points:g} points: **{'met' if met else 'NOT met'}**.",
         "",
         comparison.table(),
         "",
-        f"Category mean (each category weighted equally, GenEval's overall score): {100 * mean_base:.1f}% → "
-        f"{100 * mean_aligned:.1f}% ({100 * (mean_aligned - mean_base):+.1f} points); the **all** row weights categories "
+        f"Category mean (each category weighted equally, GenEval's overall score): {_pct(mean_base)} → "
+        f"{_pct(mean_aligned)} ({_pts(mean_aligned - mean_base)} points); the **all** row weights categories "
         "by their sample counts.",
         "",
         "Accuracy: fraction of samples the verifier accepts (95% Wilson interval); Δ: aligned − base in percentage points "
@@ -433,9 +434,7 @@ def write_report(
     else:
         lines.append("(no metrics.csv)")
     lines.append("")
-    path = run_dir / "report.md"
-    path.write_text("\n".join(lines))
-
+    # each file is replaced atomically, report.md last: a failure midway leaves the previous report.md
     base.to_json(run_dir / "eval_base.json")
     aligned.to_json(run_dir / "eval_aligned.json")
     summary = {
@@ -447,7 +446,8 @@ def write_report(
     if failures is not None:
         summary["failures"] = failures
     summary["prompts"] = prompts
-    (run_dir / "report.json").write_text(json.dumps(_clean(summary), indent=1, allow_nan=False) + "\n")
+    write_text_atomic(run_dir / "report.json", json.dumps(_clean(summary), indent=1, allow_nan=False) + "\n")
+    path = write_text_atomic(run_dir / "report.md", "\n".join(lines))
     logger.info("wrote %s: held-out accuracy %.1f%% -> %.1f%% (%+.1f points)", path, 100 * base.accuracy, 100 * aligned.accuracy, gain)
     return path
 

@@ -396,3 +396,50 @@ def test_category_bars_values_by_hand_and_the_report_figure(tmp_path):
     assert "![held-out accuracy per category, base vs aligned](heldout_accuracy.png)" in path.read_text()
     with Image.open(tmp_path / "heldout_accuracy.png") as image:
         assert image.width >= 500 and image.height == 400
+
+
+def test_a_model_whose_every_sample_was_dropped_reads_as_a_dash_not_nan(tmp_path):
+    base = _result([1, 0, 0, 0, 0, 0, 0, 0, 1, 0], [0.5] * 10)
+    aligned = _result([float("nan")] * 10, [float("nan")] * 10)  # every score dropped (on_error: drop)
+    text = write_report(tmp_path, base=base, aligned=aligned, config_dict=CONFIG, timings={}).read_text()
+    assert "nan" not in text.lower().replace("nanmean", "")
+    assert "Held-out accuracy **20.0% → –** (**– points**, 95% CI –)" in text and "**NOT met**" in text
+
+
+def test_a_failed_report_write_leaves_the_previous_report_whole(tmp_path, monkeypatch):
+    """The report's files are replaced one by one, each atomically, report.md last: a failure midway (disk full
+    while writing eval_aligned.json) keeps the earlier report.md, which agrees with the earlier report.json."""
+    import errno
+
+    base = _result([1, 0, 0, 0, 0, 0, 0, 0, 1, 0], [0.5] * 10)
+    write_report(tmp_path, base=base, aligned=base, config_dict=CONFIG, timings={})
+    before = {name: (tmp_path / name).read_bytes() for name in ("report.md", "report.json", "eval_aligned.json")}
+    better = _result([1, 1, 1, 0, 0, 0, 0, 0, 1, 0], [0.5] * 10)
+    original = EvalResult.to_json
+
+    def full_disk(self, path=None, samples=True):
+        if path is not None and str(path).endswith("eval_aligned.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, path, samples)
+
+    monkeypatch.setattr(EvalResult, "to_json", full_disk)
+    with pytest.raises(OSError):
+        write_report(tmp_path, base=base, aligned=better, config_dict=CONFIG, timings={})
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_atomic_path_replaces_on_success_and_keeps_the_old_file_on_error(tmp_path):
+    from flowalign.files import atomic_path, write_text_atomic
+
+    target = tmp_path / "sub" / "figure.png"
+    write_text_atomic(target, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            assert tmp.parent == target.parent and tmp.suffix == ".png" and tmp != target  # a writer picks PNG from it
+            tmp.write_text("half")
+            raise RuntimeError("killed midway")
+    assert target.read_text() == "old" and sorted(p.name for p in target.parent.iterdir()) == ["figure.png"]
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and sorted(p.name for p in target.parent.iterdir()) == ["figure.png"]

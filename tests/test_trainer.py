@@ -329,6 +329,18 @@ def test_final_heldout_report_is_written_with_phase_times(tmp_path):
     assert Image.open(run / "before_after.png").size == grid_size(4, h, w)
     assert (run / "heldout_accuracy.png").is_file() and "(heldout_accuracy.png)" in text
 
+    # extended by a third iteration without a new report: the old one (about the 2-iteration LoRA) must not stay
+    extended = Trainer(_config(run, "train.iterations=3", f"train.prompts={prompts}", f"train.eval_prompts={prompts}",
+                               "train.final_eval_samples=0", "rewards=[{name: test_tag_brightness}, {name: brightness, weight: 0.0}]",
+                               "train.prompts_per_iter=2", "train.micro_batch_size=8", "sampling.num_steps=3",
+                               "sampling.eval_num_steps=3", "lora.rank=2"), resume=True)
+    extended.setup()
+    extended.train()
+    extended.cleanup()
+    assert extended.iteration == 3 and (run / "pytorch_lora_weights.safetensors").is_file()
+    assert not any((run / name).exists() for name in ("report.md", "report.json", "eval_base.json", "eval_aligned.json",
+                                                        "before_after.png", "heldout_accuracy.png"))
+
 
 def test_ref_kl_every_only_thins_the_diagnostic(tmp_path):
     """train.ref_kl_every = 2 logs kl/ref on iterations 0 and 2 only, and trains the same weights as every iteration."""

@@ -35,9 +35,27 @@ def write_final_outputs(trainer) -> Optional[Path]:
         trainer.timings["save"] = time.perf_counter() - start
         if trainer.config.train.eval_prompts and trainer.config.train.final_eval_samples > 0:
             trainer.heldout_report()  # write_heldout_report, through the trainer (a subclass may change it)
+        else:
+            remove_stale_report(trainer.run_dir)
         logger.info("wall time per phase: %s", ", ".join(f"{k} {v:.1f}s" for k, v in trainer.timings.items()))
     trainer.accelerator.wait_for_everyone()
     return path
+
+
+# what the held-out report writes: a run that ends without a new report must not keep an earlier one's
+REPORT_FILES = ("report.md", "report.json", "eval_base.json", "eval_aligned.json", "before_after.png", "heldout_accuracy.png")
+
+
+def remove_stale_report(run_dir: Path) -> list[Path]:
+    """Delete an earlier held-out report from ``run_dir`` (a run resumed or extended with
+    ``train.final_eval_samples=0`` or without ``train.eval_prompts``): it describes another LoRA."""
+    removed = [run_dir / name for name in REPORT_FILES if (run_dir / name).is_file()]
+    for path in removed:
+        path.unlink()
+    if removed:
+        logger.warning("no held-out report this time (train.eval_prompts unset or train.final_eval_samples=0): removed the "
+                       "earlier one, which described the LoRA before this run (%s)", ", ".join(p.name for p in removed))
+    return removed
 
 
 def write_heldout_report(trainer) -> Path:

@@ -1,0 +1,58 @@
+"""Atomic file writes: a reader (or a crash) sees the old file or the new one, never half of one.
+
+Each write goes to a hidden temporary file beside the target (same folder, so the same
+filesystem), is flushed to disk, and replaces the target with :func:`os.replace`, which is
+atomic on POSIX and Windows. The temporary name keeps the target's suffix, so writers that pick
+a format from the extension (matplotlib's ``savefig``, PIL's ``save``) still do.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Union
+
+PathLike = Union[str, Path]
+
+
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file or a folder) to disk; folders cannot be opened on every OS."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. folders on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - filesystems without fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write ``path``'s new content to; on a clean exit it replaces ``path``.
+
+    On an exception the temporary file is removed and ``path`` is left as it was. The parent
+    folder is created if needed.
+
+        with atomic_path(run_dir / "curve.png") as tmp:
+            fig.savefig(tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (see the module docstring); returns the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding=encoding)
+    return Path(path)
