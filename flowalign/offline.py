@@ -286,6 +286,15 @@ class RolloutStore:
         return sum(e["num_samples"] for e in self.entries)
 
     @property
+    def fingerprint(self) -> str:
+        """sha256 (16 hex digits) of the store's settings and its shards' indices and checksums: an
+        offline checkpoint keeps it, so a resume on a store regenerated (or finished) in the same
+        folder is refused rather than replaying other groups under the old run's step count."""
+        shards = [[e["index"], e["sha256"]] for e in self.entries]
+        text = json.dumps({"settings": self.settings, "shards": shards}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
     def is_complete(self) -> bool:
         """True when every shard the settings call for is in the manifest (a finished run)."""
         per, total = self.settings.get("prompts_per_shard"), self.settings.get("num_prompts")

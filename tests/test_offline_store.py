@@ -646,3 +646,26 @@ def test_offline_training_checks_the_model_that_generated_the_store(tiny_store, 
     with caplog.at_level(logging.WARNING, logger="flowalign.train.offline_trainer"):
         trainer("awm", "same", seed=0).setup()  # the generating model (tiny-sd3 is seed 0)
     assert "another model" not in caplog.text
+
+
+def test_offline_resume_refuses_a_store_whose_content_changed(tiny_store, tmp_path):
+    """The resume hash holds the store's path only: a store regenerated (or finished) in the same folder resumed
+    silently on other groups. The checkpoint now keeps the store's fingerprint (settings + shard checksums)."""
+    import shutil
+
+    from flowalign.errors import CheckpointError
+    from flowalign.offline import MANIFEST_FILE
+    from flowalign.train.offline_trainer import OfflineTrainer
+
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    part = _offline_trainer(store, tmp_path / "run", lr=1e-3, max_steps=1, checkpoint_every=1)
+    part.train()
+    config = part.config
+    manifest = store / MANIFEST_FILE
+    lines = manifest.read_text().splitlines(keepends=True)
+    manifest.write_text("".join(lines[:-1]))  # the same folder, one shard fewer
+    with pytest.raises(CheckpointError, match="another content of store"):
+        OfflineTrainer(config, resume=True).setup()
+    manifest.write_text("".join(lines))  # the content it was trained on: resumes
+    assert OfflineTrainer(config, resume=True).setup().step == 1

@@ -413,7 +413,7 @@ class OfflineTrainer(OptimizerViews):
         optim_tensors, optim_state = self.optim.state()
         tensors.update(optim_tensors)
         state = {"step": self.step, "nfe": self.nfe, "seconds": self.seconds, **optim_state, "schedule_steps": self.optim.cfg.iterations,
-                 "rng": ckpt.capture_rng({"objective": self.generator})}
+                 "rng": ckpt.capture_rng({"objective": self.generator}), "store_fingerprint": self.store.fingerprint}
         path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, tensors, state, keep=self.config.keep_checkpoints,
                                     config_hash=offline_config_hash(self.config))
         self._saved_step = self.step
@@ -426,6 +426,11 @@ class OfflineTrainer(OptimizerViews):
             loaded = ckpt.load_checkpoint(path, expected_config_hash=offline_config_hash(self.config))
         except CheckpointError as exc:
             raise CheckpointError(f"{exc}{self._changed_settings()}; resume with the run's settings or start a new output_dir") from None
+        saved_store = loaded.state.get("store_fingerprint")  # absent from checkpoints before it
+        if saved_store is not None and saved_store != self.store.fingerprint:
+            raise CheckpointError(f"checkpoint {path} was trained on another content of store {self.config.store} (regenerated or "
+                                  "finished since: other settings or shards); resuming would replay other groups. Start a new "
+                                  "output_dir (or --overwrite)")
         saved_total, total = loaded.state.get("schedule_steps"), self.optim.cfg.iterations
         if self.config.lr_schedule != "constant" and saved_total is not None and saved_total != total:
             raise ConfigError(f"checkpoint {path} follows a {self.config.lr_schedule} lr schedule over {saved_total} steps, "
