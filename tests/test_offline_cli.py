@@ -186,6 +186,15 @@ def test_missing_store_and_config_are_one_line_errors(tmp_path, capsys):
     assert cli.main(["offline", "--config", str(CONFIGS / "toy_awm_offline.yaml"), "--set", f"store={tmp_path / 'nostore'}",
                      "--set", "objective_kwargs.ema_beta=0.1"]) == 2
     assert "ema_beta needs the EMA of the online trainer" in _one_error_line(capsys)
+    # online AWM's sigma draws would be accepted and ignored offline
+    assert cli.main(["offline", "--config", str(CONFIGS / "toy_awm_offline.yaml"), "--set", f"store={tmp_path / 'nostore'}",
+                     "--set", "objective_kwargs.num_timesteps=8"]) == 2
+    assert "objective_kwargs.num_timesteps: online AWM's sigma draws" in _one_error_line(capsys)
+    for objective in ("gdro", "diffusion_dpo"):  # checked when built (it failed at the first step, after the run folder)
+        assert cli.main(["offline", "--set", f"objective={objective}", "--set", f"store={tmp_path / 'nostore'}",
+                         "--set", "objective_kwargs.sigma_range=[0.9, 0.5]", "--set", f"output_dir={tmp_path / 'run'}"]) == 2
+        assert f"for objective '{objective}'" in (line := _one_error_line(capsys)) and "sigma_range must be (low, high)" in line
+    assert not (tmp_path / "run").exists()
     from flowalign.train import offline_trainer
 
     assert offline_trainer.main(["--config", str(tmp_path / "none.yaml")]) == 2  # python -m flowalign.train.offline_trainer

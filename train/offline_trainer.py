@@ -111,6 +111,9 @@ def _check_objective_kwargs(objective: str, kwargs: dict) -> None:
     built = get_objective(objective, **kwargs)  # ConfigError: "bad arguments {...} for objective 'awm': ..."
     _check(not getattr(built, "needs_ema", False), f"objective_kwargs of {objective}: ema_beta needs the EMA of the online trainer "
                                                    "(flowalign train with train.ema); flowalign offline keeps none")
+    online_only = sorted({"num_timesteps", "sigma_sampling"} & set(kwargs)) if objective == "awm" else []
+    _check(not online_only, f"objective_kwargs.{', '.join(online_only)}: online AWM's sigma draws (the trainer's); offline AWM "
+                            "draws one sigma per sample and step from objective_kwargs.sigma_range")
 
 
 def load_offline_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> OfflineConfig:

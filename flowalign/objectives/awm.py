@@ -52,7 +52,7 @@ from torch import Tensor
 
 from flowalign.advantages import nonzero_mask
 from flowalign.objectives.base import OFFLINE_TRAINER, ONLINE_TRAINER, OfflineBatch, VelocityFn, register_objective
-from flowalign.objectives.diffusion_dpo import noised_and_target, sample_group_noise, sample_sigmas
+from flowalign.objectives.diffusion_dpo import check_sigma_range, noised_and_target, sample_group_noise, sample_sigmas
 from flowalign.objectives.nft import SIGMA_SAMPLING, ForwardBatch, add_reference_penalty, forward_rows, velocity_gap
 
 __all__ = ["WEIGHTINGS", "matching_log_likelihood", "awm_policy_loss", "offline_group_advantages", "AdvantageWeightedMatching"]
@@ -139,8 +139,7 @@ class AdvantageWeightedMatching:
         if num_timesteps < 1 or adv_clip <= 0 or advantage_max <= 0 or clip_range <= 0 or kl_beta < 0 or adv_eps <= 0 or ema_beta < 0:
             raise ValueError(f"need num_timesteps >= 1, adv_clip > 0, advantage_max > 0, clip_range > 0, kl_beta >= 0, adv_eps > 0, "
                              f"ema_beta >= 0; got {num_timesteps}, {adv_clip}, {advantage_max}, {clip_range}, {kl_beta}, {adv_eps}, {ema_beta}")
-        if len(sigma_range) != 2 or not 0.0 <= float(sigma_range[0]) < float(sigma_range[1]) <= 1.0:
-            raise ValueError(f"sigma_range must be (low, high) with 0 <= low < high <= 1, got {sigma_range}")
+        sigma_range = check_sigma_range(sigma_range)
         if sigma_sampling not in SIGMA_SAMPLING:
             raise ValueError(f"sigma_sampling={sigma_sampling!r}; choose one of {SIGMA_SAMPLING}")
         if weighting not in WEIGHTINGS:
@@ -155,7 +154,7 @@ class AdvantageWeightedMatching:
         self.clip_range = float(clip_range)
         self.kl_beta = float(kl_beta)
         self.adv_clip = float(adv_clip)
-        self.sigma_range = (float(sigma_range[0]), float(sigma_range[1]))
+        self.sigma_range = sigma_range
         self.adv_eps = float(adv_eps)
         self.generator = generator
         self.ema_beta = float(ema_beta)

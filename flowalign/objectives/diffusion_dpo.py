@@ -48,13 +48,23 @@ def sample_sigmas(
     With ``per_sample = False`` (default, as Diffusion-DPO and GDRO) every member of a group
     shares its group's sigma, so implicit rewards inside a group are compared at the same noise.
     """
-    low, high = sigma_range
-    if not 0.0 <= low < high <= 1.0:
-        raise ValueError(f"sigma_range must satisfy 0 <= low < high <= 1, got {sigma_range}")
+    low, high = check_sigma_range(sigma_range)
     cols = group_size if per_sample else 1
     gen_device = generator.device if generator is not None else "cpu"
     u = torch.rand(num_groups, cols, generator=generator, device=gen_device).to(device)
     return (low + (high - low) * u).expand(num_groups, group_size).contiguous()  # [P, k]
+
+
+def check_sigma_range(sigma_range) -> tuple[float, float]:
+    """``(low, high)`` as floats; ValueError unless ``0 <= low < high <= 1`` (objectives check it when built,
+    so a bad recipe fails when it loads, not at the first training step)."""
+    try:
+        low, high = (float(v) for v in sigma_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"sigma_range must be (low, high) with 0 <= low < high <= 1, got {sigma_range!r}") from None
+    if not 0.0 <= low < high <= 1.0:
+        raise ValueError(f"sigma_range must be (low, high) with 0 <= low < high <= 1, got {sigma_range!r}")
+    return low, high
 
 
 def sample_group_noise(x0: Tensor, per_sample: bool = False, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -124,7 +134,7 @@ class DiffusionDPO:
             raise ValueError(f"pairs must be 'best_worst' or 'all', got {pairs!r}")
         self.beta = beta
         self.pairs = pairs
-        self.sigma_range = tuple(sigma_range)
+        self.sigma_range = check_sigma_range(sigma_range)
         self.generator = generator
 
     def _pair_index(self, rewards: Tensor) -> tuple[Tensor, Tensor]:

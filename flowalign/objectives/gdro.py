@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from flowalign.objectives.base import OFFLINE_TRAINER, OfflineBatch, VelocityFn, register_objective
-from flowalign.objectives.diffusion_dpo import noised_and_target, sample_group_noise, sample_sigmas, velocity_errors
+from flowalign.objectives.diffusion_dpo import check_sigma_range, noised_and_target, sample_group_noise, sample_sigmas, velocity_errors
 
 __all__ = ["implicit_rewards", "plackett_luce_targets", "gdro_listwise_loss", "GDRO"]
 
@@ -129,7 +129,7 @@ class GDRO:
         if gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
         self.beta, self.tau, self.gamma = beta, tau, gamma
-        self.sigma_range = tuple(sigma_range)
+        self.sigma_range = check_sigma_range(sigma_range)
         self.per_sample_sigma = per_sample_sigma
         self.per_sample_noise = per_sample_noise
         self.reward_norm = reward_norm
