@@ -511,6 +511,18 @@ def test_verifier_partial_scores_are_stored_and_not_picked_by_default(tmp_path):
     assert torch.equal(batch.rewards, torch.stack([g.rewards["shapes"] for g in groups]))
 
 
+def test_a_single_rewards_weight_reaches_the_stored_total(tmp_path):
+    """One reward with weight -1 (a penalty): offline runs must rank its samples as the online trainer does
+    (total = weight x score), not by the raw score, which `generate` stored alone."""
+    from flowalign.config import RewardConfig
+    from flowalign.train.generate import reward_score_fn
+
+    images = torch.stack([torch.full((3, 8, 8), 0.2), torch.full((3, 8, 8), 0.8)])
+    scored = reward_score_fn([RewardConfig(name="brightness", weight=-1.0)])(images, ["a", "b"], [{}, {}])
+    assert torch.allclose(scored["total"], -scored["brightness"]) and scored["total"][0] > scored["total"][1]
+    assert "total" not in reward_score_fn([RewardConfig(name="brightness")])(images, ["a", "b"], [{}, {}])  # weight 1: as before
+
+
 def test_generation_shows_a_progress_bar_over_the_samples_left(tmp_path, capsys):
     _fill(tmp_path / "s", progress=False)
     assert "generate" not in capsys.readouterr().err

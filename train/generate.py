@@ -159,7 +159,9 @@ def adapter_sample_fn(
 
 
 def reward_score_fn(rewards: list[RewardConfig], device: str = "cpu") -> ScoreFn:
-    """``(images, prompts, metadata) -> {name: scores}`` for every reward (+ ``"total"`` if several).
+    """``(images, prompts, metadata) -> {name: scores}`` for every reward, + the weighted ``"total"`` (what
+    offline runs train on by default) when there are several or the one reward's weight is not 1 (a
+    negative weight, a penalty, must reverse the ranking as it does online).
 
     A reward that reports a per-sample ``details["partial"]`` (the shapes verifier's fraction of
     constraints met) also gets ``"<name>/partial"``: a denser ranking signal for GDRO groups whose
@@ -177,7 +179,7 @@ def reward_score_fn(rewards: list[RewardConfig], device: str = "cpu") -> ScoreFn
             partial = checked.details.get("partial")
             if isinstance(partial, Tensor) and partial.shape == checked.scores.shape:
                 out[f"{cfg.name}/partial"] = partial.float().cpu()  # verifiers: fraction of constraints met
-        if len(loaded) > 1:
+        if len(loaded) > 1 or loaded[0][0].weight != 1.0:
             out["total"] = sum(cfg.weight * out[cfg.name] for cfg, _ in loaded)
         return out
 
