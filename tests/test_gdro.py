@@ -288,3 +288,52 @@ def test_tied_rewards_are_ranked_in_a_random_order_so_tied_samples_get_equal_exp
     state = gdro.generator.get_state()
     assert gdro._tie_order(torch.tensor([[0.3, 0.1, 0.9]])).tolist() == [[0, 1, 2]]
     assert torch.equal(gdro.generator.get_state(), state)
+
+
+def _row_errors(x0, sigma, noise, net):
+    """Per-sample velocity error ‖net(x_s, s) − (ε − x0)‖² (mean over dims), by hand: ``[P, k]``."""
+    P, k = x0.shape[:2]
+    out = torch.empty(P, k)
+    for p in range(P):
+        for j in range(k):
+            x_s = (1 - sigma[p, j]) * x0[p, j] + sigma[p, j] * noise[p, j]
+            out[p, j] = ((net(x_s[None], sigma[p, j][None])[0] - (noise[p, j] - x0[p, j])) ** 2).mean()
+    return out
+
+
+def test_dpo_all_pairs_loss_and_metrics_match_a_hand_computation():
+    """pairs="all": every ordered pair (w, l) with r_w > r_l, the mean of −log σ(−β[(e_w − e_ref,w) − (e_l − e_ref,l)]);
+    implicit_acc = the fraction of pairs whose margin favours the winner, margin = mean of −β·[...]. Swapping
+    winner and loser, or the sign of either metric, fails this."""
+    torch.manual_seed(5)
+    P, k, shape = 2, 3, (2, 2)
+    x0 = torch.randn(P, k, *shape)
+    rewards = torch.tensor([[0.3, 0.9, 0.1], [0.5, 0.5, 0.2]])  # group 1: a tie, which is no pair
+    sigma = torch.rand(P, 1).expand(P, k)
+    noise = torch.randn(P, 1, *shape).expand(P, k, *shape)
+    policy, reference = LinearVelocity(4, seed=3), LinearVelocity(4, seed=4)
+    beta = 3.0
+    loss, m = DiffusionDPO(beta=beta, pairs="all").loss(OfflineBatch(x0, rewards), policy, reference, sigma=sigma, noise=noise)
+    with torch.no_grad():
+        d = _row_errors(x0, sigma, noise, policy) - _row_errors(x0, sigma, noise, reference)  # [P, k]
+    pairs = [(p, i, j) for p in range(P) for i in range(k) for j in range(k) if rewards[p, i] > rewards[p, j]]
+    assert len(pairs) == 3 + 2 and m["dpo/num_pairs"] == 5.0
+    inside = torch.stack([-beta * (d[p, i] - d[p, j]) for p, i, j in pairs])
+    assert loss.item() == pytest.approx(float(-F.logsigmoid(inside).mean()), rel=1e-5)
+    assert m["dpo/implicit_acc"] == pytest.approx(float((inside > 0).float().mean()))
+    assert m["dpo/margin"] == pytest.approx(float(inside.mean()), rel=1e-5)
+    assert 0.0 < m["dpo/implicit_acc"] < 1.0  # this draw has pairs on both sides, so a flipped comparison shows
+
+
+def test_dpo_best_worst_picks_among_tied_best_at_random():
+    """A group [1, 1, 0] has two best members: each must be the winner about half the time (argmax always took
+    member 0, so member 1 was never trained)."""
+    rewards = torch.tensor([[1.0, 1.0, 0.0]])
+    dpo = DiffusionDPO(generator=torch.Generator().manual_seed(0))
+    winners = [int(dpo._pair_index(rewards)[0]) for _ in range(400)]
+    assert set(winners) == {0, 1} and 150 < winners.count(1) < 250
+    assert all(int(dpo._pair_index(rewards)[1]) == 2 for _ in range(20))  # the only worst member
+    untied = DiffusionDPO(generator=torch.Generator().manual_seed(0))
+    state = untied.generator.get_state()
+    assert [t.tolist() for t in untied._pair_index(torch.tensor([[0.2, 0.9, 0.1]]))] == [[1], [2]]
+    assert torch.equal(untied.generator.get_state(), state)  # no ties: nothing drawn

@@ -488,7 +488,7 @@ class OfflineTrainer(OptimizerViews):
             prefix = "gdro" if self.config.objective == "gdro" else "dpo"
             panels = [("loss", ["loss"]),
                       ("implicit reward: ranking accuracy", [f"{prefix}/implicit_acc"]),
-                      ("implicit reward", [f"{prefix}/implicit_reward_mean", f"{prefix}/margin"])]
+                      ("implicit reward", ([f"{prefix}/implicit_reward_mean"] if prefix == "gdro" else []) + [f"{prefix}/margin"])]
         return metric_panels(csv_path, self.run_dir / "training_curve.png", panels, x="step")
 
     def close(self) -> None:

@@ -67,6 +67,23 @@ def check_sigma_range(sigma_range) -> tuple[float, float]:
     return low, high
 
 
+def random_tie_order(rewards: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """``[P, k]``: a random order of each group's members when a ranked group (not all equal) holds tied
+    rewards, else the identity, drawing nothing (the generator's stream is kept).
+
+    Reading a group in this order, a stable sort or a first-index ``argmax`` picks among tied members
+    at random instead of always the lowest-listed one (which got every push a tie gave).
+    """
+    P, k = rewards.shape
+    identity = torch.arange(k, device=rewards.device).expand(P, k)
+    srt = rewards.sort(dim=1).values
+    ranked = srt[:, -1] > srt[:, 0]
+    if not bool(((srt[:, 1:] == srt[:, :-1]).any(dim=1) & ranked).any()):
+        return identity
+    keys = torch.rand(P, k, generator=generator, device=generator.device if generator is not None else "cpu")
+    return keys.to(rewards.device).argsort(dim=1)
+
+
 def sample_group_noise(x0: Tensor, per_sample: bool = False, generator: Optional[torch.Generator] = None) -> Tensor:
     """Standard normal noise shaped like ``x0 [P, k, *latent]``, shared across a group by default."""
     P, k = x0.shape[:2]
@@ -142,7 +159,10 @@ class DiffusionDPO:
         P, k = rewards.shape
         base = torch.arange(P, device=rewards.device)[:, None] * k
         if self.pairs == "best_worst":
-            w, l = rewards.argmax(dim=1), rewards.argmin(dim=1)  # [P]
+            order = random_tie_order(rewards, self.generator)  # tied best (worst) members: one at random
+            shuffled = rewards.gather(1, order)
+            w = order.gather(1, shuffled.argmax(dim=1, keepdim=True))[:, 0]  # [P]
+            l = order.gather(1, shuffled.argmin(dim=1, keepdim=True))[:, 0]
             keep = rewards.max(dim=1).values > rewards.min(dim=1).values
             return (base[:, 0] + w)[keep], (base[:, 0] + l)[keep]
         better = rewards[:, :, None] > rewards[:, None, :]  # [P, k, k] i beats j

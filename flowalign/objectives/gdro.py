@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from flowalign.objectives.base import OFFLINE_TRAINER, OfflineBatch, VelocityFn, register_objective
-from flowalign.objectives.diffusion_dpo import check_sigma_range, noised_and_target, sample_group_noise, sample_sigmas, velocity_errors
+from flowalign.objectives.diffusion_dpo import check_sigma_range, noised_and_target, random_tie_order, sample_group_noise, sample_sigmas, velocity_errors
 
 __all__ = ["implicit_rewards", "plackett_luce_targets", "gdro_listwise_loss", "GDRO"]
 
@@ -138,14 +138,7 @@ class GDRO:
     def _tie_order(self, rewards: Tensor) -> Tensor:
         """``[P, k]`` a random order of each group's members when a ranked group holds tied rewards (so
         the stable sort breaks ties at random), else the identity (no draw: the generator stream is kept)."""
-        P, k = rewards.shape
-        identity = torch.arange(k, device=rewards.device).expand(P, k)
-        srt = rewards.sort(dim=1).values
-        ranked = srt[:, -1] > srt[:, 0]
-        if not bool(((srt[:, 1:] == srt[:, :-1]).any(dim=1) & ranked).any()):
-            return identity
-        keys = torch.rand(P, k, generator=self.generator, device=self.generator.device if self.generator is not None else "cpu")
-        return keys.to(rewards.device).argsort(dim=1)
+        return random_tie_order(rewards, self.generator)
 
     def loss(
         self,
