@@ -220,6 +220,9 @@ class ObjectiveConfig:
         _choice("objective.adv_std", self.adv_std, ("group", "global", "none"))
         _check(self.adv_eps >= 0, f"objective.adv_eps must be >= 0, got {self.adv_eps}")
         _check(0.0 < self.timestep_fraction <= 1.0, f"objective.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+        _check(isinstance(self.kwargs, dict), f"objective.kwargs must be a mapping, got {type(self.kwargs).__name__}")
+        typed = sorted(set(self.kwargs) & ({f.name for f in dataclasses.fields(self)} - {"name", "kwargs"}))
+        _check(not typed, f"objective.kwargs.{', '.join(typed)}: a key of objective itself; set objective.{typed[0] if typed else ''} instead")
 
 
 @dataclass
@@ -297,6 +300,7 @@ class TrainConfig:
             _check(value >= 1, f"train.{name} must be >= 1, got {value}")
         _check(self.oversample >= 1.0, f"train.oversample must be >= 1 (1 = no oversampling), got {self.oversample}")
         _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _check(self.adam_eps > 0, f"train.adam_eps must be > 0, got {self.adam_eps}")
         _choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check(0 <= self.lr_warmup < self.iterations, f"train.lr_warmup must be in [0, train.iterations={self.iterations}), got {self.lr_warmup}")
         _check(0.0 <= self.lr_min_ratio <= 1.0, f"train.lr_min_ratio must be in [0, 1], got {self.lr_min_ratio}")
@@ -530,14 +534,40 @@ def apply_overrides(data: dict, overrides: list[str], schema: Optional[type] = N
         section = key.split(".")[0]
         if section in defaults and data.get(section) is None:  # --set rewards.0.weight=2 on a recipe without rewards (or "rewards:" empty)
             data[section] = defaults[section]
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({_yaml_problem(exc)})") from None
-        if isinstance(_default_at(defaults, key), str) and value is not None and raw.strip()[:1] not in ("'", '"'):
-            value = raw.strip()  # a text field keeps its text: output_dir=2024-06-01, off, 0755 or "exp #2" are folder names
+        text = raw.strip()
+        if _is_text_field(schema or FlowalignConfig, key) and text[:1] not in ("'", '"') and text not in _YAML_NULLS:
+            # a text field (str or Optional[str]) keeps its text: output_dir=2024-06-01, off, 0755, "exp #2", @home
+            # are folder names, revision=1.0 a tag; quotes and null still go through YAML
+            value = text
+        else:
+            try:
+                value = yaml.safe_load(raw) if text else ""
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"override {item!r}: value is not valid YAML ({_yaml_problem(exc)})") from None
         _set_dotted(data, key, value, defaults)
     return data
+
+
+_YAML_NULLS = ("null", "Null", "NULL", "~")
+
+
+def _is_text_field(schema: type, dotted: str) -> bool:
+    """True when the dataclass field at ``'a.b'`` (list entries by number: ``rewards.0.name``) is typed
+    ``str`` or ``Optional[str]``; False for any other type or a key the schema does not have."""
+    import typing
+
+    tp: Any = schema
+    for part in dotted.split("."):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) is Union and len(args) == 1:  # Optional[X]
+            tp = args[0]
+        if typing.get_origin(tp) in (list, tuple) and part.isdigit():
+            tp = (typing.get_args(tp) or (None,))[0]
+        elif dataclasses.is_dataclass(tp):
+            tp = typing.get_type_hints(tp).get(part)
+        else:
+            return False
+    return tp is str or tp == Optional[str]
 
 
 def _default_at(defaults: Any, dotted: str) -> Any:

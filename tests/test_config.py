@@ -148,6 +148,28 @@ def test_a_text_field_keeps_the_text_of_its_override(raw):
     assert (cfg.train.lr, cfg.train.log_with, cfg.model.dtype) == (1e-4, ["tensorboard"], "float32")
 
 
+@pytest.mark.parametrize("raw", ["my prompts #2.txt", "@home", "*x", "%tmp", "a: b: c", "off", "1.0"])
+def test_a_text_field_typed_optional_keeps_its_text_too(raw):
+    """The rule went by the default's type: train.prompts (default null) was parsed as YAML, so "my prompts #2.txt" lost
+    its tail, "@home" was invalid YAML, "off" a bool and model.revision=1.0 a float. It now goes by the field's type."""
+    cfg = C.load_config(None, [f"train.prompts={raw}", f"train.eval_prompts={raw}", f"model.revision={raw}", f"train.output_dir={raw}"])
+    assert cfg.train.prompts == cfg.train.eval_prompts == cfg.model.revision == cfg.train.output_dir == raw
+    assert C.load_config(None, ["train.eval_prompts=null"]).train.eval_prompts is None  # null still clears it
+    assert C.load_config(None, ["rewards.0.name=shapes"]).rewards[0].name == "shapes"  # list entries are typed too
+
+
+def test_objective_keys_in_objective_kwargs_and_a_bad_adam_eps_are_config_errors():
+    """objective.kwargs.adv_clip reached get_objective twice (TypeError traceback); adam_eps <= 0 failed in AdamW."""
+    with pytest.raises(C.ConfigError, match=r"objective.kwargs.adv_clip: a key of objective itself; set objective.adv_clip instead"):
+        C.load_config(None, ["objective.kwargs={adv_clip: 1}"])
+    with pytest.raises(C.ConfigError, match=r"objective.kwargs.clip_range, kl_beta"):
+        C.load_config(None, ["objective.kwargs={kl_beta: 0.1, clip_range: 0.2, num_timesteps: 2}"])
+    assert C.load_config(None, ["objective.kwargs={num_timesteps: 2}"]).objective.kwargs == {"num_timesteps": 2}
+    for eps in ("0", "-1"):
+        with pytest.raises(C.ConfigError, match="train.adam_eps must be > 0"):
+            C.load_config(None, [f"train.adam_eps={eps}"])
+
+
 def test_a_section_with_every_key_commented_out_holds_the_defaults(tmp_path):
     path = _write(tmp_path, "train:\n  # lr: 1.0e-3\nsampling:\n  num_steps: 4\n")
     cfg = C.load_config(path)

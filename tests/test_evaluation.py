@@ -293,6 +293,14 @@ def test_cli_errors_exit_2_with_one_line(capsys, tmp_path, lora_dir):
     assert "is not a local diffusers folder" in err and "--model " in err and "model.pretrained" not in err
     assert "below prompts x samples_per_prompt" in _one_line_error(capsys, ["--model", "tiny-sd3", "--prompts", str(prompts), "--reward", "brightness", "--num-samples", "1"])
     assert "samples_per_prompt must be >= 1, got 0" in _one_line_error(capsys, ["--model", "tiny-sd3", "--prompts", str(prompts), "--reward", "brightness", "--samples-per-prompt", "0"])
+    # numbers training refuses too: refused before the model loads (nan crashed after sampling; 0.5 ran as 1)
+    base = ["--model", "tiny-sd3", "--prompts", str(prompts), "--reward", "brightness"]
+    for flag, value, message in (("--guidance", "nan", "--guidance must be a finite number >= 1"), ("--guidance", "0.5", "got 0.5"),
+                                 ("--steps", "0", "--steps must be >= 1"), ("--batch-size", "0", "--batch-size must be >= 1"),
+                                 ("--seed", "-1", "--seed must be >= 0")):
+        assert message in _one_line_error(capsys, base + [flag, value])
+    err = _one_line_error(capsys, base + ["--resolution", "9", "--num-samples", "2", "--no-progress"])
+    assert "--resolution 9" in err and "multiples of" in err and "model.resolution" not in err
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "pytorch_lora_weights.safetensors").write_bytes(b"\x00" * 16)  # e.g. an interrupted copy
     assert "not a readable safetensors LoRA file" in _one_line_error(capsys, ["--model", "tiny-sd3", "--prompts", str(prompts), "--reward", "brightness", "--lora", str(tmp_path / "broken"), "--steps", "1", "--num-samples", "2", "--no-progress"])

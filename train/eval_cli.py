@@ -218,6 +218,17 @@ def _options(args: Union[argparse.Namespace, EvalOptions, dict]) -> EvalOptions:
     return options
 
 
+def _check_numbers(options: EvalOptions) -> None:
+    """One-line ConfigErrors, before anything loads, for settings training would refuse too."""
+    if not (math.isfinite(options.guidance) and options.guidance >= 1.0):
+        raise ConfigError(f"--guidance must be a finite number >= 1 (1 = no classifier-free guidance), got {options.guidance}")
+    for flag, value in (("--steps", options.steps), ("--batch-size", options.batch_size)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    if options.seed < 0:
+        raise ConfigError(f"--seed must be >= 0, got {options.seed}")
+
+
 def _recommended_settings(model: str) -> dict:
     """A model folder's recommended sampling settings (the toy's ``flowalign_toy.json``), else ``{}``."""
     from flowalign.pipelines.toy import load_toy_meta
@@ -276,6 +287,7 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
     from flowalign.rewards import load_reward
 
     options = _options(args)
+    _check_numbers(options)
     if options.lora is not None and not Path(options.lora).exists():
         raise ConfigError(f"--lora {options.lora!r} does not exist (give pytorch_lora_weights.safetensors or its folder)")
     reference = load_reference(options.compare) if options.compare is not None else None
@@ -308,7 +320,7 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
     try:
         adapter = build_adapter(ModelConfig(pretrained=options.model, dtype=options.dtype, resolution=options.resolution), torch.device(options.device))
     except ConfigError as exc:  # the trainer's wording names the recipe key; here it is the flag
-        raise ConfigError(str(exc).replace("model.pretrained=", "--model ")) from None
+        raise ConfigError(str(exc).replace("model.pretrained=", "--model ").replace("model.resolution=", "--resolution ")) from None
     if hasattr(reward, "to"):
         reward.to(options.device)
     result = evaluate(

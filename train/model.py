@@ -79,7 +79,12 @@ def build_adapter(model_cfg, device: torch.device):
     if model_cfg.resolution:
         kwargs.update(height=model_cfg.resolution, width=model_cfg.resolution)
     kwargs["t5_cache_size"] = model_cfg.t5_cache_size
-    adapter = load_adapter(pipeline, **kwargs)
+    try:
+        adapter = load_adapter(pipeline, **kwargs)
+    except ValueError as exc:  # a size the model cannot make (the adapter knows the multiple: VAE factor x patch size)
+        if not model_cfg.resolution:
+            raise
+        raise ConfigError(f"model.resolution={model_cfg.resolution}: {exc}") from None
     for module in pipeline.components.values():
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False)
