@@ -119,8 +119,9 @@ class Reward:
         raise NotImplementedError
 
     def __call__(self, images: Tensor, prompts: list[str], metadata: Optional[list[dict[str, Any]]] = None) -> RewardOutput:
-        if metadata is None:
-            metadata = [{} for _ in prompts]
+        """:meth:`score` after :func:`check_reward_inputs` (RewardError for uint8 or 0..255 images, a wrong shape,
+        a prompt count that differs from the batch): a direct call gets the checks ``call_reward`` makes."""
+        metadata = check_reward_inputs(images, prompts, metadata, name=reward_name(self))
         return self.score(images, prompts, metadata)
 
     def to(self, device: Union[torch.device, str]) -> "Reward":

@@ -1,6 +1,6 @@
 """The ``shapes`` verifier: a GenEval-style rule-based reward for the toy world (DESIGN.md §10).
 
-Pipeline per image (32x32, or any size: it is resized to 32x32 first):
+Pipeline per image (32x32, or any size: padded to a square with the background, then resized to 32x32):
 
 1. **Colour segmentation.** Every pixel ``p`` is explained as a blend of the background ``b``
    and a palette colour ``c``: ``alpha = <p - b, c - b> / |c - b|^2`` and residual
@@ -205,12 +205,12 @@ def evaluate(objects: list[dict[str, Any]], spec: Spec, exclusive: bool = False,
             met.append(float(pos_ok))
             ok = ok and pos_ok
         groups.append(found if ok else None)
-    for req in spec.get("exclude", []):
-        met.append(float(len(_matching(objects, req)) < int(req["count"])))
+    for req in spec.get("exclude", []):  # "fewer than count of these" (no count: none at all)
+        met.append(float(len(_matching(objects, req)) < int(req.get("count", 1))))
     verdict = all(m >= 1.0 for m in met)
     if exclusive:
         met.append(float(not unrequested(objects, spec)))
-    return verdict, float(np.mean(met))
+    return verdict, float(np.mean(met)) if met else 1.0  # a spec without constraints holds
 
 
 FAILURE_MODES = ("correct", "empty", "malformed", "shape_count", "color", "position")
@@ -251,8 +251,16 @@ def failure_mode(objects: list[dict[str, Any]], spec: Spec, verdict: Optional[bo
 
 def scene_pixels(images: Tensor) -> np.ndarray:
     """Images ``[B, 3, H, W]`` in [0, 1] as the verifier reads them: float ``[B, 32, 32, 3]`` in
-    0..255 (area-resized when another size)."""
+    0..255 (area-resized when another size; a non-square image is first padded to a square with the
+    background colour, centred, so that circles and squares keep their aspect)."""
     x = images.detach().float().cpu().clamp(0, 1)
+    h, w = x.shape[-2:]
+    if h != w:
+        side = max(h, w)
+        canvas = torch.tensor(BACKGROUND, dtype=x.dtype).div(255.0).view(1, 3, 1, 1).expand(x.shape[0], 3, side, side).clone()
+        top, left = (side - h) // 2, (side - w) // 2
+        canvas[:, :, top:top + h, left:left + w] = x
+        x = canvas
     if x.shape[-2:] != (SIZE, SIZE):
         x = torch.nn.functional.interpolate(x, size=(SIZE, SIZE), mode="area")
     return (x.permute(0, 2, 3, 1).numpy() * 255.0).astype(np.float32)

@@ -299,8 +299,14 @@ def test_verifier_detects_counts_and_resizes():
     reward = ShapesReward()
     assert reward(big, ["four cyan squares"]).scores.tolist() == [1.0]
     assert reward(big, ["three cyan squares"]).scores.tolist() == [0.0]
-    with pytest.raises(ValueError, match="images"):
+    from flowalign.errors import RewardError
+
+    with pytest.raises(RewardError, match="images"):
         reward(big[:, :1], ["four cyan squares"])
+    with pytest.raises(RewardError, match=r"must be in \[0, 1\]"):  # 0..255 floats scored 0 silently (clamped to 1)
+        reward(big * 255, ["four cyan squares"])
+    with pytest.raises(RewardError, match="must be float"):
+        reward((big * 255).to(torch.uint8), ["four cyan squares"])
 
 
 def test_reward_labels_each_sample_and_evaluate_keeps_the_labels(ground_truth):
@@ -343,3 +349,26 @@ def test_an_explicit_spec_needs_no_caption_of_the_grammar():
     assert out.scores.tolist() == [1.0] and out.details["tag"] == ["untagged"]
     wrong = ShapesReward(score="binary")(image, ["one round red thing"], [{"include": [{"shape": "square", "count": 1}], "tag": "custom"}])
     assert wrong.scores.tolist() == [0.0] and wrong.details["tag"] == ["custom"]
+
+
+@pytest.mark.parametrize("width", [96, 128, 160])
+def test_a_non_square_image_is_padded_not_squashed(width):
+    """H != W was area-resized straight to 32x32: a 64 x 128 scene's circle became a 2:1 ellipse ('other'), so 'a red
+    circle' scored 0. The scene is padded to a square with the background first, which keeps the aspect."""
+    img = S.render([{"shape": "circle", "color": "red", "size": 20, "center": (16, 16)}])
+    x = torch.nn.functional.interpolate(_images(img[None]), scale_factor=2, mode="nearest")  # a 40 px circle in 64 x 64
+    wide = torch.full((1, 3, 64, width), S.BACKGROUND[0] / 255.0)
+    wide[..., (width - 64) // 2:(width - 64) // 2 + 64] = x
+    reward = ShapesReward()
+    assert reward(wide, ["a red circle"]).scores.tolist() == [1.0]
+    assert reward(wide.transpose(-1, -2).contiguous(), ["a red circle"]).scores.tolist() == [1.0]  # tall as well
+    assert reward(wide, ["a red square"]).scores.tolist() == [0.0]
+
+
+def test_degenerate_specs_an_exclude_without_count_and_no_constraints():
+    """An exclude entry without "count" raised KeyError (include entries default to 1); a spec with no constraints
+    gave a NaN partial score."""
+    red_circle = [{"shape": "circle", "color": "red", "box": (10, 10, 20, 20), "center": (15.0, 15.0)}]
+    assert evaluate(red_circle, {"include": [], "exclude": [{"shape": "circle"}]}) == (False, 0.0)  # none allowed
+    assert evaluate(red_circle, {"include": [], "exclude": [{"shape": "square"}]}) == (True, 1.0)
+    assert evaluate(red_circle, {"include": [], "exclude": []}) == (True, 1.0)
