@@ -68,7 +68,7 @@ def split_state(obj: Any, prefix: str = "") -> tuple[Any, dict[str, Tensor]]:
     """Split a nested state (dicts, lists, tuples, tensors, numbers, strings) into JSON + tensors.
 
     Each tensor is replaced by ``{"__tensor__": key}`` and returned in the dict under ``key``; a
-    dict with a non-string key (torch optimizer state is keyed by int) becomes
+    dict with a non-string key (torch optimizer state is keyed by int) or a key holding ``/`` becomes
     ``{"__items__": [[key, value], ...]}``; tuples become ``{"__tuple__": [...]}``;
     numpy arrays become tensors. :func:`merge_state` inverts this exactly.
     """
@@ -81,7 +81,8 @@ def split_state(obj: Any, prefix: str = "") -> tuple[Any, dict[str, Tensor]]:
         if isinstance(node, np.ndarray):
             return walk(torch.from_numpy(np.ascontiguousarray(node)), path)
         if isinstance(node, dict):
-            if all(isinstance(k, str) for k in node) and not ({"__tensor__", "__items__", "__tuple__"} & set(node)):
+            # string keys name their tensors' paths, unless one holds "/" ({"a/b": x} and {"a": {"b": y}} would share one)
+            if all(isinstance(k, str) and "/" not in k for k in node) and not ({"__tensor__", "__items__", "__tuple__"} & set(node)):
                 return {k: walk(v, f"{path}/{k}") for k, v in node.items()}
             return {"__items__": [[k, walk(v, f"{path}/{i}")] for i, (k, v) in enumerate(node.items())]}
         if isinstance(node, tuple):

@@ -52,6 +52,15 @@ def test_split_merge_keeps_int_keys_tuples_and_dtypes():
     assert back["b"][1:] == [None, True]
 
 
+def test_a_key_holding_a_slash_does_not_collide_with_a_nested_key():
+    """Tensor paths join keys with "/": {"a/b": ones, "a": {"b": zeros}} stored both under "/a/b" and read back zeros twice."""
+    state = {"a/b": torch.ones(2), "a": {"b": torch.zeros(2)}}
+    as_json, tensors = ckpt.split_state(state)
+    assert len(tensors) == 2
+    back = ckpt.merge_state(json.loads(json.dumps(as_json)), tensors)
+    assert torch.equal(back["a/b"], torch.ones(2)) and torch.equal(back["a"]["b"], torch.zeros(2))
+
+
 def test_split_state_rejects_objects():
     with pytest.raises(CheckpointError, match="cannot store object"):
         ckpt.split_state({"x": object()})
