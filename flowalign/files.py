@@ -56,3 +56,37 @@ def write_text_atomic(path: PathLike, text: str, encoding: str = "utf-8") -> Pat
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding=encoding)
     return Path(path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_file_in(directory: PathLike, name: str) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``directory/name``; a writer that can only write into a
+    folder under a fixed file name (diffusers' ``save_lora_weights``) writes ``name`` there, and on a
+    clean exit it replaces ``directory/name`` atomically.
+
+    The file gets the usual permissions of a new file (``0o666`` less the umask): safetensors writes
+    ``0o600``, which keeps a LoRA meant to be shared from other users.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{Path(name).stem}.{os.getpid()}.tmp"
+    tmp.mkdir(exist_ok=True)
+    try:
+        yield tmp
+        written = tmp / name
+        if not written.is_file():
+            raise FileNotFoundError(f"the writer did not create {name} in {tmp}")
+        os.chmod(written, 0o666 & ~_umask())
+        _fsync(written)
+        os.replace(written, directory / name)
+        _fsync(directory)
+    finally:
+        for leftover in tmp.iterdir():
+            leftover.unlink()
+        tmp.rmdir()

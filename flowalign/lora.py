@@ -315,8 +315,11 @@ def save_lora_weights(pipeline, directory: Union[str, Path], state: dict[str, Te
     directory.mkdir(parents=True, exist_ok=True)
     if metadata is None:
         metadata = lora_metadata(pipeline.transformer)
-    type(pipeline).save_lora_weights(directory, transformer_lora_layers=state, safe_serialization=True,
-                                     transformer_lora_adapter_metadata=metadata)
+    from flowalign.files import atomic_file_in
+
+    with atomic_file_in(directory, LORA_WEIGHT_NAME) as tmp:  # replaced whole: a crash mid-write keeps the old file
+        type(pipeline).save_lora_weights(tmp, transformer_lora_layers=state, safe_serialization=True,
+                                         transformer_lora_adapter_metadata=metadata)
     return directory / LORA_WEIGHT_NAME
 
 

@@ -277,6 +277,9 @@ class SD3Adapter:
             if name not in SD3_TEXT_LORA_COMPONENTS:
                 raise ValueError(f"SD3 LoRA files take text-encoder LoRA for {SD3_TEXT_LORA_COMPONENTS}, not {name!r}")
             extra[f"{name}_lora_layers"], extra[f"{name}_lora_adapter_metadata"] = state, meta
-        type(self.pipeline).save_lora_weights(str(directory), transformer_lora_layers=state_dict,
-                                              transformer_lora_adapter_metadata=metadata, **extra)
+        from flowalign.files import atomic_file_in
+
+        with atomic_file_in(directory, "pytorch_lora_weights.safetensors") as tmp:  # a crash mid-write keeps the old file
+            type(self.pipeline).save_lora_weights(str(tmp), transformer_lora_layers=state_dict,
+                                                  transformer_lora_adapter_metadata=metadata, **extra)
         return directory / "pytorch_lora_weights.safetensors"

@@ -1,6 +1,8 @@
 """LoRA: injection, diffusers-format save/load round trip, reference = LoRA off, EMA, mismatch errors."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -359,3 +361,28 @@ def test_a_dora_file_passes_the_check(tmp_path):
     fresh = tiny_sd3_pipeline(seed=0).transformer
     shapes = lora.check_lora_file(tmp_path / "dora.safetensors", fresh)
     assert shapes[f"transformer.{key}"] == (fresh.transformer_blocks[0].attn.to_q.out_features,)
+
+
+def test_the_lora_file_is_replaced_whole_and_readable_by_others(pipe, tmp_path, monkeypatch):
+    """diffusers wrote the file in place (a crash mid-write left a torn LoRA) and safetensors creates it 0600."""
+    import os
+
+    params = lora.add_lora(pipe.transformer, rank=2, alpha=2, target_modules=TARGETS)
+    _perturb(params)
+    state = lora.get_lora_state_dict(pipe.transformer)
+    path = lora.save_lora_weights(pipe, tmp_path, state)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~mask
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary folder left
+    before = path.read_bytes()
+
+    def torn(directory, **kwargs):  # writes half a file, then the process "dies"
+        (Path(directory) / path.name).write_bytes(before[: len(before) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(pipe), "save_lora_weights", staticmethod(torn))
+    with pytest.raises(KeyboardInterrupt):
+        lora.save_lora_weights(pipe, tmp_path, state)
+    assert path.read_bytes() == before  # the earlier file, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]

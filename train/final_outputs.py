@@ -36,7 +36,9 @@ def write_final_outputs(trainer) -> Optional[Path]:
         if trainer.config.train.eval_prompts and trainer.config.train.final_eval_samples > 0:
             trainer.heldout_report()  # write_heldout_report, through the trainer (a subclass may change it)
         else:
-            remove_stale_report(trainer.run_dir)
+            if not remove_stale_report(trainer.run_dir):
+                logger.info("no held-out report: %s", "train.final_eval_samples=0" if trainer.config.train.eval_prompts
+                            else "train.eval_prompts is not set")
         logger.info("wall time per phase: %s", ", ".join(f"{k} {v:.1f}s" for k, v in trainer.timings.items()))
     trainer.accelerator.wait_for_everyone()
     return path
