@@ -289,7 +289,7 @@ class TrainConfig:
     mixed_precision: str = field(
         default="no",
         metadata={"help": "Autocast the transformer's velocity (rollout and update) to 'bf16' or 'fp16' ('no' = off). LoRA "
-                          "parameters, transition means, log-probs and the loss stay fp32. fp16 has no loss scaling: prefer bf16."},
+                          "parameters, transition means, log-probs and the loss stay fp32. fp16 scales the loss dynamically (a GradScaler); bf16 needs none."},
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute the transformer's activations in the backward pass (memory; same results)."})
     offload_rewards: bool = field(default=False, metadata={"help": "Keep reward models on the CPU between reward calls (Reward.to / Reward.offload; memory; same results)."})

@@ -171,3 +171,45 @@ def test_power_ema_config_is_validated():
         TrainConfig(ema_schedule="karras")
     with pytest.raises(Exception, match="train.ema_power"):
         TrainConfig(ema_power=-1.0)
+
+
+def test_an_fp16_overflow_is_not_counted_as_a_failure():
+    """The scaler's normal back-off (a finite loss whose scaled gradient overflows) counted as a non-finite
+    micro-batch: with max_nonfinite_steps=1 the first overflow stopped the run."""
+    opt, a, _ = _optim(max_nonfinite_steps=1, mixed_precision="fp16")
+    stats = opt.new_stats()
+    opt.backward((a * 1e35).sum(), "here")  # finite in fp32; x 65536 overflows the gradient
+    opt.step(stats)
+    assert stats["skipped"] == 1 and opt.scaler.get_scale() == 32768.0
+    assert opt.nonfinite_in_row == 0 and opt.skipped_steps_in_row == 0
+    opt.backward(a.sum(), "here")
+    opt.step(stats)
+    assert stats["steps"] == 1
+
+
+class _TwoProcesses:
+    """Stands in for process 1 of 2: ``reduce`` adds process 0's contribution, given per call."""
+
+    num_processes = 2
+
+    def __init__(self, other):
+        self.other = list(other)  # what process 0 contributes to each reduce, in call order
+
+    def reduce(self, tensor, reduction="sum"):
+        return tensor + self.other.pop(0)
+
+
+def test_a_process_without_micro_batches_steps_in_fp16_and_untouched_parameters_stay_put():
+    """Process 1 of 2 applied nothing this step: its scaler had never scaled a loss, so unscale_ failed; and a
+    parameter no process gave a gradient got a zero one, so AdamW's weight decay and momentum moved it."""
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    cfg = TrainConfig(lr=0.1, weight_decay=0.1, max_grad_norm=0.0, mixed_precision="fp16")
+    other = [torch.tensor([1.0, 0.0]), torch.full((3,), 65536.0)]  # process 0: a gradient for a (scaled) and none for b
+    opt = LoraOptimizer([{"params": [a, b], "lr_ratio": 1.0}], cfg, _TwoProcesses(other), "cpu", gather=lambda t: t)
+    opt.set_lr(0)
+    opt.check_nonfinite = lambda: None  # (it gathers over processes)
+    stats = opt.new_stats()
+    opt.step(stats)
+    assert stats["steps"] == 1 and b.grad is None
+    assert torch.equal(b.detach(), torch.ones(2))  # untouched: no decay, no step
+    assert torch.allclose(a.detach(), torch.full((3,), 1 - 0.1 * 0.1 - 0.1))  # decoupled decay, then Adam's first step -lr·sign

@@ -103,16 +103,25 @@ class LoraOptimizer:
         applied = any(p.grad is not None for p in self.params)  # False: every micro-batch of the group was skipped
         if self.accelerator.num_processes > 1:
             self.check_nonfinite()
-            flag = torch.tensor([float(applied)], device=self.params[0].device)
-            if float(self.accelerator.reduce(flag, reduction="sum")) == 0:  # skipped on every process: no step anywhere
+            # per parameter: did any process give it a gradient? (one without any, as with one process, is not stepped:
+            # a zero gradient would still move it by weight decay and its old momentum)
+            has_grad = torch.tensor([float(p.grad is not None) for p in self.params], device=self.params[0].device)
+            has_grad = self.accelerator.reduce(has_grad, reduction="sum")
+            if float(has_grad.sum()) == 0:  # skipped on every process: no step anywhere
                 return
-            for p in self.params:
+            for p, anywhere in zip(self.params, has_grad.tolist()):
+                if anywhere == 0:
+                    p.grad = None
+                    continue
                 if p.grad is None:  # this process skipped: its share of the sum is zero
                     p.grad = torch.zeros_like(p)
                 p.grad = self.accelerator.reduce(p.grad, reduction="sum")
         elif not applied:
             return
         if self.scaler is not None:
+            # a process whose micro-batches were all skipped has never scaled a loss, and the scaler creates its scale
+            # tensor on the first scale() (after a resume too): create it, or unscale_ fails
+            self.scaler.scale(torch.zeros((), device=self.params[0].device))
             self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.max_grad_norm or float("inf")
         norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
@@ -121,8 +130,11 @@ class LoraOptimizer:
             if self.scaler is not None:
                 self.scaler.update()  # lower the loss scale
             stats["skipped"] += 1
-            scaler_backs_off = self.scaler is not None and self.scaler.get_scale() >= 1.0  # fp16 overflow: the scale was lowered
-            self.count_nonfinite(f"gradient norm {norm}", step=not scaler_backs_off)
+            if self.scaler is not None and self.scaler.get_scale() >= 1.0:  # fp16 overflow: the scaler lowered its scale
+                logger.info("%s %d: fp16 gradient overflow, step skipped and the loss scale lowered to %g",
+                            self.unit, self.iteration + 1, self.scaler.get_scale())
+                return  # not a failure (a real NaN keeps halving it, and counts once it is below 1)
+            self.count_nonfinite(f"gradient norm {norm}", step=True)
             return
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
