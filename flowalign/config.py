@@ -350,6 +350,8 @@ class FlowalignConfig:
         if self.sampling.kernel == "ode" and not _trains_on_forward_process(self.objective.name):
             raise ConfigError(f"sampling.kernel='ode' draws no noise, so no step of objective {self.objective.name!r} can be trained; "
                               "use flow_sde, dance_sde or cps, or a forward-process objective (nft, awm)")
+        if self.sampling.kernel != "ode" and not _trains_on_forward_process(self.objective.name):
+            _check_some_step_is_stochastic(self.sampling)
         if self.train.old_policy_rate > 0 and not _trains_on_forward_process(self.objective.name):
             raise ConfigError(
                 f"train.old_policy_rate={self.train.old_policy_rate} samples from a lagging copy of the LoRA, which objective "
@@ -368,6 +370,29 @@ class FlowalignConfig:
                 f"log-probs of the guided transitions, so objective {self.objective.name!r} would take its ratio against an unguided "
                 "policy (not 1 before any update; most samples clipped); set cfg_in_training=true, guidance_scale=1, or use a forward-process objective (nft, awm)"
             )
+
+
+def _check_some_step_is_stochastic(sampling: SamplingConfig) -> None:
+    """ConfigError when a schedule that is the same every iteration (constant, table, fixed window) puts no noise
+    on any step that can carry it: a zero level, or CPS's last step (sigma_next = 0, so std = 0). Rollouts would be
+    paid for and nothing trained. (Sliding and random windows move; the trainer warns on an iteration without one.)"""
+    import torch
+
+    from flowalign.sde import WindowSchedule, make_schedule
+
+    if not isinstance(sampling.noise_kwargs, dict):
+        return
+    schedule = make_schedule(sampling.noise_schedule, **sampling.noise_kwargs)
+    if isinstance(schedule, WindowSchedule) and schedule.mode != "fixed":
+        return
+    levels = schedule.levels(sampling.num_steps, 0, torch.Generator().manual_seed(0))
+    carries = levels > 0
+    if sampling.kernel == "cps":
+        carries[-1] = False  # the last CPS step is deterministic
+    if not bool(carries.any()):
+        where = " (CPS's last step has no noise: std = sigma_next * sin(a*pi/2) = 0)" if sampling.kernel == "cps" and bool((levels > 0).any()) else ""
+        raise ConfigError(f"sampling.noise_schedule={sampling.noise_schedule!r} with noise_kwargs={sampling.noise_kwargs} leaves no "
+                          f"stochastic step of the {sampling.num_steps} for kernel {sampling.kernel!r}{where}: nothing could be trained")
 
 
 def _check_online_objective(name: str) -> None:

@@ -264,3 +264,15 @@ def test_a_run_folder_whose_name_ends_in_yaml_gets_its_config_inside(tmp_path):
     path = C.save_config(C.load_config(None), folder)
     assert path == folder / "config.yaml" and C.load_config(path) == C.load_config(None)
     assert C.save_config(C.load_config(None), tmp_path / "mine.yaml") == tmp_path / "mine.yaml"  # a file path stays a file
+
+
+def test_a_schedule_without_any_stochastic_step_is_a_config_error():
+    """A fixed noise window on CPS's last step (std = 0 there) or a zero level trained nothing, silently, every iteration."""
+    cps_last = ["sampling.kernel=cps", "sampling.noise_schedule=window", "sampling.noise_kwargs={a: 0.7, start: 3, size: 1}",
+                "sampling.num_steps=4"]
+    with pytest.raises(C.ConfigError, match="no stochastic step of the 4 for kernel 'cps' .*CPS's last step"):
+        C.load_config(None, cps_last)
+    with pytest.raises(C.ConfigError, match="no stochastic step of the 10 for kernel 'flow_sde'"):
+        C.load_config(None, ["sampling.noise_kwargs={a: 0.0}"])
+    assert C.load_config(None, cps_last[:2] + ["sampling.noise_kwargs={a: 0.7, start: 2, size: 2}", "sampling.num_steps=4"])
+    assert C.load_config(None, cps_last[:3] + ["objective.name=nft", "sampling.num_steps=4"])  # forward-process: no log-probs

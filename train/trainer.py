@@ -395,6 +395,9 @@ class Trainer(OptimizerViews):
     def _trained_steps(self, traj) -> list[int]:
         """The first ``timestep_fraction`` of the stochastic steps (at least one)."""
         stochastic = torch.nonzero(traj.stochastic_mask.cpu()).flatten().tolist()
+        if not stochastic:
+            logger.warning("iteration %d: no rollout step was stochastic (a moving noise window on a step without noise, such as "
+                           "CPS's last): nothing to train this iteration", self.iteration + 1)
         n = max(1, int(round(len(stochastic) * self.config.objective.timestep_fraction, 9)))  # round: 50 * 0.58 is 28.999999999999996
         return stochastic[:n]
 
