@@ -255,6 +255,8 @@ def rollout(
             initial_noise = adapter.initial_noise(batch, generator)
     elif initial_noise.shape[0] != batch:
         raise ValueError(f"initial_noise has {initial_noise.shape[0]} rows, expected P*G = {batch}")
+    elif share_initial_noise:
+        raise ValueError("pass share_initial_noise=True or initial_noise, not both (the given noise replaces the shared draw)")
 
     run = integrate(
         adapter,
@@ -311,6 +313,8 @@ def sample_ode(
     cond = adapter.encode(prompts, do_classifier_free_guidance=guidance_scale > 1.0)
     cond = cond.repeat_interleave(group_size) if group_size > 1 else cond
     x = adapter.initial_noise(batch, generator) if initial_noise is None else initial_noise
+    if x.shape[0] != batch:
+        raise ValueError(f"initial_noise has {x.shape[0]} rows, expected {len(prompts)} prompts x group_size {group_size} = {batch}")
     run = integrate(
         adapter,
         x,

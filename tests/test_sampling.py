@@ -173,3 +173,13 @@ def test_trajectory_select_takes_indices_or_a_bool_mask():
         assert sub.latents[:, 0, 0].tolist() == [2.0, 3.0] and sub.sigmas.shape == (K + 1,)
     with pytest.raises(ValueError, match=r"bool mask must be \[4\]"):
         traj.select(torch.tensor([True, False]))
+
+
+def test_initial_noise_of_the_wrong_size_or_beside_shared_noise_is_refused(adapter):
+    """sample_ode took initial noise of any row count; rollout silently ignored share_initial_noise beside it."""
+    noise = adapter.initial_noise(3, _gen(0))
+    with pytest.raises(ValueError, match="initial_noise has 3 rows, expected 2 prompts x group_size 2 = 4"):
+        sample_ode(adapter, PROMPTS[:2], num_steps=2, group_size=2, initial_noise=noise, decode=False)
+    with pytest.raises(ValueError, match="not both"):
+        rollout(adapter, PROMPTS[:1], group_size=3, num_steps=2, kernel="flow_sde", schedule=0.7, generator=_gen(1),
+                initial_noise=noise, share_initial_noise=True)
