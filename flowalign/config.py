@@ -99,7 +99,7 @@ class SamplingConfig:
     noise_kwargs: dict = field(default_factory=lambda: {"a": 0.7}, metadata={"help": "Keyword arguments of the noise schedule, e.g. {a: 0.7}."})
     group_size: int = field(default=4, metadata={"help": "Samples drawn per prompt (G); advantages are normalised within a group."})
     share_initial_noise: bool = field(default=False, metadata={"help": "All samples of a group start from the same x_T."})
-    log_prob_reduce: str = field(default="mean", metadata={"help": "Reduce the per-dimension Gaussian log-density by 'mean' or 'sum'."})
+    log_prob_reduce: str = field(default="mean", metadata={"help": "Reduce the per-dimension Gaussian log-density by 'mean' or 'sum'. 'sum' multiplies the float rounding of a recomputed log-prob by the latent size (2.4e-4 on a 1,024-dim latent when the update's micro-batches differ from the rollout's), beyond Flow-GRPO's clip_range 1e-4: use it with a larger clip."})
     micro_batch_size: Optional[int] = field(default=None, metadata={"help": "Rows per transformer/VAE call while sampling (memory only; results unchanged); null = all."})
     noise_seeding: str = field(
         default="process",

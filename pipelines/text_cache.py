@@ -79,7 +79,7 @@ class FrozenEncoderCache:
 
     def _lookup(self, original, prompt, num_images_per_prompt, max_sequence_length, device, dtype) -> Tensor:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        keys = [(p, int(max_sequence_length), str(device)) for p in prompts]
+        keys = [(p, int(max_sequence_length), str(device), str(dtype)) for p in prompts]  # dtype: a row in another one is another row
         missing = [k for k in dict.fromkeys(keys) if k not in self._rows]
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)

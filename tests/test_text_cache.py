@@ -134,3 +134,18 @@ def test_model_config_sets_the_cache_and_refuses_negative_sizes():
     assert build_adapter(ModelConfig(pretrained="tiny-sd3", t5_cache_size=0), torch.device("cpu")).t5_cache.max_prompts == 0
     with pytest.raises(ConfigError, match="model.t5_cache_size"):
         ModelConfig(pretrained="tiny-sd3", t5_cache_size=-1)
+
+
+def test_a_row_cached_in_one_dtype_is_not_served_in_another():
+    """The key held (prompt, length, device): a row encoded in fp32 was served to a bf16 call."""
+    calls = []
+
+    def encoder(prompt=None, num_images_per_prompt=1, max_sequence_length=8, device=None, dtype=None):
+        calls.append(dtype)
+        return torch.ones(len(prompt), 2, 3, dtype=dtype)
+
+    cache = FrozenEncoderCache()
+    a = cache._lookup(encoder, ["x"], 1, 8, "cpu", torch.float32)
+    b = cache._lookup(encoder, ["x"], 1, 8, "cpu", torch.bfloat16)
+    assert (a.dtype, b.dtype) == (torch.float32, torch.bfloat16) and calls == [torch.float32, torch.bfloat16]
+    assert cache._lookup(encoder, ["x"], 1, 8, "cpu", torch.bfloat16).dtype == torch.bfloat16 and len(calls) == 2
