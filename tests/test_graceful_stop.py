@@ -100,6 +100,24 @@ def test_online_stop_checkpoints_the_iteration_and_resume_equals_the_uninterrupt
     assert [r["reward/mean"] for r in runs["run"]] == [r["reward/mean"] for r in runs["full"]]  # the same rollouts
 
 
+def test_a_stop_in_the_last_iteration_skips_the_final_outputs_until_resume(tmp_path):
+    """A signal during the last iteration was accepted, then ignored: the run went on to the final evaluation (512
+    samples by default) with the signal handlers already restored. It now stops there too; --resume writes the rest."""
+    config = load_config(None, FAST + [f"train.output_dir={tmp_path / 'run'}"])
+    stopped = Trainer(config).setup()
+    _signal_during(stopped, 3)
+    with pytest.raises(TrainingStopped, match=r"after iteration 4 of 4; checkpoint .*iter_000004"):
+        stopped.train()
+    stopped.cleanup()
+    assert not (tmp_path / "run" / "pytorch_lora_weights.safetensors").exists()
+    resumed = Trainer(config, resume=True).setup()
+    assert resumed.iteration == 4
+    resumed.train()
+    resumed.cleanup()
+    assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
+    assert all(torch.equal(v, _lora(stopped)[k]) for k, v in _lora(resumed).items())
+
+
 def test_cli_exits_with_130_and_one_line(tmp_path, capsys, monkeypatch):
     real = Trainer.run_iteration
 

@@ -256,7 +256,7 @@ class Trainer(OptimizerViews):
                 checkpointed = (cfg.checkpoint_every > 0 and self.iteration % cfg.checkpoint_every == 0) or self.iteration == cfg.iterations
                 path = self.save_checkpoint() if checkpointed else None
                 signum = stop_everywhere(stop.signum, self._gather)
-                if signum is not None and self.iteration < cfg.iterations:
+                if signum is not None:  # the last iteration too: --resume then writes the final outputs (evaluation included)
                     path = path if checkpointed else self.save_checkpoint()
                     raise stop.stopped(signum, self.iteration, cfg.iterations, path)
         self.timings["train"] = time.perf_counter() - start
