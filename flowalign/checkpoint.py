@@ -35,10 +35,11 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from flowalign.errors import CheckpointError
+from flowalign.files import save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -225,11 +226,11 @@ def save_checkpoint(
             if name == "state" or not re.fullmatch(r"[A-Za-z0-9_]+", name):
                 raise CheckpointError(f"invalid tensor group name {name!r} (letters, digits, _; not 'state')")
             files[f"{name}.safetensors"] = tmp / f"{name}.safetensors"
-            save_file({k: v.detach().cpu().contiguous().clone() for k, v in group.items()}, files[f"{name}.safetensors"])
+            save_safetensors({k: v.detach().cpu().contiguous().clone() for k, v in group.items()}, files[f"{name}.safetensors"])
             _fault_point(f"after:{name}.safetensors", iteration)
         json_state, state_tensors = split_state(state)
         files["state.safetensors"] = tmp / "state.safetensors"
-        save_file(state_tensors, files["state.safetensors"])
+        save_safetensors(state_tensors, files["state.safetensors"])
         _fault_point("after:state.safetensors", iteration)
         files["state.json"] = tmp / "state.json"
         files["state.json"].write_text(json.dumps(json_state))
@@ -249,6 +250,8 @@ def save_checkpoint(
         _fault_point("before-rename", iteration)
         if final.exists():  # re-saving an iteration (e.g. after a resume): swap, then delete the old one
             old = root / f".old-{final.name}-{os.getpid()}"
+            if old.exists():  # left by an earlier process of the same pid (containers reuse them)
+                shutil.rmtree(old)
             os.replace(final, old)
         os.replace(tmp, final)
         _fsync_dir(root)
@@ -263,6 +266,17 @@ def save_checkpoint(
     prune_checkpoints(root, keep, newest=iteration)
     logger.info("saved checkpoint %s", final)
     return final
+
+
+def write_error(root: PathLike, iteration: int, exc: OSError) -> CheckpointError:
+    """The one-line error for a checkpoint that could not be written (disk full, quota, permissions): the
+    temporary folder is already gone, and the previous checkpoint, if any, is intact."""
+    root = Path(root)
+    previous = find_latest(root)
+    return CheckpointError(
+        f"could not write checkpoint {checkpoint_name(iteration)} in {root}: {exc.strerror or exc} (errno {exc.errno}); "
+        + (f"the previous checkpoint {previous.name} is intact, continue with --resume" if previous is not None else "no earlier checkpoint")
+    )
 
 
 def list_checkpoints(root: PathLike) -> list[tuple[int, Path]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 PathLike = Union[str, Path]
 
@@ -48,7 +48,26 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
         _fsync(path.parent)
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # e.g. a read-only folder: the error that matters is the one already raised
+            pass
+
+
+def save_safetensors(tensors: dict, path: PathLike, metadata: Optional[dict] = None) -> None:
+    """``safetensors.torch.save_file`` whose write failures are ``OSError`` s: safetensors raises its own
+    ``SafetensorError`` ("... No space left on device (os error 28)"), which handlers of disk errors miss."""
+    import re
+
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        found = re.search(r"os error (\d+)", str(exc))
+        code = int(found.group(1)) if found else 0
+        raise OSError(code, os.strerror(code) if code else " ".join(str(exc).split()), str(path)) from exc
 
 
 def write_text_atomic(path: PathLike, text: str, encoding: str = "utf-8") -> Path:

@@ -35,12 +35,12 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from flowalign.checkpoint import sha256_file
 from flowalign.errors import RolloutStoreError  # re-exported: `from flowalign.offline import RolloutStoreError` keeps working
-from flowalign.files import write_text_atomic
+from flowalign.files import save_safetensors, write_text_atomic
 from flowalign.objectives.base import OfflineBatch
 
 logger = logging.getLogger(__name__)
@@ -205,7 +205,7 @@ class RolloutWriter:
             else:
                 self._write_pngs(name, pixels, samples)
         tmp = self.root / "shards" / (name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "flowalign-rollouts", "version": str(STORE_VERSION), "index": str(index)})
+        save_safetensors(tensors, tmp, metadata={"format": "flowalign-rollouts", "version": str(STORE_VERSION), "index": str(index)})
         _fsync_path(tmp)
         final = self.root / "shards" / name
         os.replace(tmp, final)

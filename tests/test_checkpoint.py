@@ -115,17 +115,20 @@ def test_find_latest_skips_corrupt_checkpoint(tmp_path, caplog, damage):
 
 def test_failed_write_leaves_previous_checkpoints_and_no_temp(tmp_path, monkeypatch):
     good = ckpt.save_checkpoint(tmp_path, 1, {"lora": {"w": torch.ones(3)}}, {"it": 1})
-    calls = {"n": 0}
-    real_save = ckpt.save_file
+    import safetensors.torch
+    from safetensors import SafetensorError
 
-    def failing_save(tensors, path):
+    calls = {"n": 0}
+    real_save = safetensors.torch.save_file
+
+    def failing_save(tensors, path, metadata=None):  # what safetensors raises on a full disk
         calls["n"] += 1
         if calls["n"] == 2:
-            raise OSError("disk full")
-        real_save(tensors, path)
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        real_save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(ckpt, "save_file", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    with pytest.raises(OSError, match="No space left on device"):
         ckpt.save_checkpoint(tmp_path, 2, {"lora": {"w": torch.zeros(3)}, "ema": {"w": torch.zeros(3)}}, {"it": 2})
     assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]
     assert ckpt.find_latest(tmp_path) == good

@@ -177,16 +177,19 @@ def test_lora_for_another_architecture_is_refused_listing_the_keys(tmp_path, cap
 
 
 def test_disk_full_while_checkpointing_is_reported_and_the_previous_checkpoint_is_intact(tmp_path, capsys, monkeypatch):
-    real_save = ckpt.save_file
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    real_save = safetensors.torch.save_file
     calls = {"n": 0}
 
-    def filling_disk(tensors, path):
+    def filling_disk(tensors, path, metadata=None):
         calls["n"] += 1
-        if calls["n"] == 4:  # the second checkpoint's second file (lora, state | lora, *state*)
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        real_save(tensors, path)
+        if calls["n"] == 4:  # the second checkpoint's second file (lora, state | lora, *state*): as safetensors reports it
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        real_save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(ckpt, "save_file", filling_disk)
+    monkeypatch.setattr(safetensors.torch, "save_file", filling_disk)
     run = tmp_path / "run"
     assert cli.main(["train", *_sets(run, "train.iterations=3", "train.checkpoint_every=1")]) == 1
     err = _one_line(capsys)
@@ -195,7 +198,7 @@ def test_disk_full_while_checkpointing_is_reported_and_the_previous_checkpoint_i
     root = run / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["iter_000001"]  # no temp folder left
     assert ckpt.load_checkpoint(root / "iter_000001").iteration == 1
-    monkeypatch.setattr(ckpt, "save_file", real_save)
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
     assert cli.main(["train", "--resume", str(run)]) == 0  # continues from it once there is room
     assert json.loads((root / "iter_000003" / "manifest.json").read_text())["iteration"] == 3
 
@@ -220,3 +223,31 @@ def test_full_disk_while_logging_exits_1_with_one_line_and_resumes(tmp_path, cap
     assert cli.main(["train", "--resume", str(run)]) == 0
     with open(run / "metrics.csv", newline="") as fh:
         assert [r["iteration"] for r in csv.DictReader(fh)] == ["1", "2", "3"]
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+    """A read-only or full output folder raised a bare OSError through the CLI: a traceback and exit 1."""
+    from flowalign import files
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(files, "write_text_atomic", read_only)  # config.yaml, the first file a run writes
+    assert cli.main(["train", *_sets(tmp_path / "run")]) == 2
+    err = _one_line(capsys)
+    assert "could not read or write" in err and "config.yaml: Read-only file system (errno 30)" in err
+
+
+def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_again(tmp_path, capsys):
+    """Killed before its first checkpoint, a run could neither be resumed ("no valid checkpoint") nor rerun ("already
+    holds a run ... pass --resume"). --resume now starts it again from iteration 0."""
+    run = tmp_path / "run"
+    trainer = Trainer(load_config(TINY_RECIPE, FAST + [f"train.output_dir={run}"])).setup()  # writes config.yaml
+    trainer.cleanup()  # ... and dies before any checkpoint
+    assert (run / "config.yaml").is_file() and not (run / "checkpoints").exists()
+    assert cli.main(["train", *_sets(run)]) == 2
+    assert "pass --resume to continue it" in _one_line(capsys)
+    assert cli.main(["train", "--resume", *_sets(run)]) == 0
+    assert (run / "pytorch_lora_weights.safetensors").is_file()
+    assert cli.main(["train", "--resume", str(tmp_path / "nothing")]) == 2  # no run there at all: still refused
+    assert "no such run folder" in _one_line(capsys)

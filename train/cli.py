@@ -40,7 +40,17 @@ EXIT_USAGE = 2
 EXIT_FAILURE = 1  # training started and failed (non-finite losses, a reward raising, a checkpoint that cannot be written)
 
 
+def _write_errors() -> tuple:
+    """What a full disk or a read-only folder raises (safetensors has its own error type)."""
+    from safetensors import SafetensorError
+
+    return (OSError, SafetensorError)
+
+
 def _error(command: str, exc: BaseException, status: int = EXIT_USAGE) -> int:
+    if isinstance(exc, OSError) and not isinstance(exc, FlowalignError) and exc.strerror:  # "could not write PATH: reason"
+        where = f" {exc.filename}" if exc.filename else ""
+        exc = f"could not read or write{where}: {exc.strerror} (errno {exc.errno})"
     message = " ".join(str(exc).split())  # one line
     print(f"flowalign {command}: error: {message}", file=sys.stderr)
     return status
@@ -55,7 +65,8 @@ def _stopped(command: str, exc: TrainingStopped, main_process: bool = True) -> i
 
 def _aborted(command: str, exc: Aborted) -> int:
     """Report a run aborted by a second signal (one line); returns ``128 + signum`` (143 for SIGTERM)."""
-    print(f"flowalign {command}: {exc} (the last checkpoint written stays; continue with --resume)", file=sys.stderr)
+    print(f"flowalign {command}: {exc} (continue with --resume: from the last checkpoint written, or from the start if there is none)",
+          file=sys.stderr)
     return 128 + exc.signum
 
 
@@ -146,7 +157,7 @@ def run_train(args: argparse.Namespace) -> int:
         config = _train_config(args)
         trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite)
         trainer.setup()
-    except FlowalignError as exc:  # bad input: nothing was written
+    except (FlowalignError, *_write_errors()) as exc:  # bad input, or an output folder that cannot be written
         if trainer is not None:
             trainer.cleanup()
         return _error("train", exc)
@@ -156,7 +167,7 @@ def run_train(args: argparse.Namespace) -> int:
         return _stopped("train", exc, trainer.accelerator.is_main_process)
     except Aborted as exc:  # a second signal: no checkpoint of this iteration
         return _aborted("train", exc)
-    except FlowalignError as exc:
+    except (FlowalignError, *_write_errors()) as exc:  # a disk that filled up mid-run included: --resume continues
         return _error("train", exc, EXIT_FAILURE)
     finally:
         trainer.cleanup()
@@ -176,6 +187,8 @@ def run_generate(args: argparse.Namespace) -> int:
         path = generate(load_generate_config(args.config, list(args.overrides)))
     except (FlowalignError, FileNotFoundError) as exc:
         return _error("generate", exc)
+    except _write_errors() as exc:  # the store keeps its finished shards: rerun to finish it
+        return _error("generate", exc, EXIT_FAILURE)
     print(f"wrote {path}")
     return 0
 
@@ -187,7 +200,7 @@ def run_offline(args: argparse.Namespace) -> int:
     try:
         config = load_offline_config(args.config, list(args.overrides))
         trainer = OfflineTrainer(config, resume=args.resume, overwrite=args.overwrite).setup()
-    except (FlowalignError, FileNotFoundError) as exc:  # bad input: nothing was written
+    except (FlowalignError, *_write_errors()) as exc:  # bad input, or an output folder that cannot be written
         return _error("offline", exc)
     try:
         history = trainer.train()
@@ -196,7 +209,7 @@ def run_offline(args: argparse.Namespace) -> int:
         return _stopped("offline", exc)
     except Aborted as exc:
         return _aborted("offline", exc)
-    except FlowalignError as exc:
+    except (FlowalignError, *_write_errors()) as exc:
         return _error("offline", exc, EXIT_FAILURE)
     finally:
         trainer.close()

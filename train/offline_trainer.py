@@ -245,9 +245,12 @@ class OfflineTrainer(OptimizerViews):
         latest = None
         if self.resume:
             latest = ckpt.find_latest(self.run_dir / "checkpoints")
-            if latest is None:
+            if latest is None and not (self.run_dir / "offline_config.yaml").is_file():
                 raise CheckpointError(f"--resume: no valid checkpoint under {self.run_dir / 'checkpoints'}")
-        clear = prepare_offline_dir(self.run_dir, self.resume, self.overwrite)
+            if latest is None:  # stopped before its first checkpoint: nothing trained is lost, start it again
+                logger.warning("--resume: %s holds an offline run stopped before its first checkpoint: starting it again from "
+                               "step 0", self.run_dir)
+        clear = prepare_offline_dir(self.run_dir, latest is not None, self.overwrite or self.resume)
         self._check_store()
         self.generator = torch.Generator().manual_seed(cfg.seed)  # sigma / noise draws of the objective
         # the kwargs were checked when the config was built (_check_objective_kwargs); get_objective raises ConfigError itself
@@ -417,8 +420,11 @@ class OfflineTrainer(OptimizerViews):
         tensors.update(optim_tensors)
         state = {"step": self.step, "nfe": self.nfe, "seconds": self.seconds, **optim_state, "schedule_steps": self.optim.cfg.iterations,
                  "rng": ckpt.capture_rng({"objective": self.generator}), "store_fingerprint": self.store.fingerprint}
-        path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, tensors, state, keep=self.config.keep_checkpoints,
-                                    config_hash=offline_config_hash(self.config))
+        try:
+            path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, tensors, state, keep=self.config.keep_checkpoints,
+                                        config_hash=offline_config_hash(self.config))
+        except OSError as exc:  # disk full, quota, permissions: the temporary folder is already removed
+            raise ckpt.write_error(self.run_dir / "checkpoints", self.step, exc) from exc
         self._saved_step = self.step
         return path
 

@@ -65,12 +65,14 @@ def _run_config(run_dir: Path) -> tuple[bool, Optional[FlowalignConfig], str]:
         return True, None, ""
 
 
-def find_resume_checkpoint(resume: Union[bool, str, Path], run_dir: Path) -> Path:
+def find_resume_checkpoint(resume: Union[bool, str, Path], run_dir: Path) -> Optional[Path]:
     """The checkpoint to resume from: ``resume`` itself when it is a checkpoint folder, else the
-    newest valid one under ``<resume or run_dir>/checkpoints``.
+    newest valid one under ``<resume or run_dir>/checkpoints``; None (with a warning) for a run folder
+    that holds no checkpoint yet (stopped before its first one: nothing trained is lost, so it starts
+    again from iteration 0 rather than sending the user from --resume to --overwrite and back).
 
     Raises:
-        CheckpointError: no valid checkpoint there.
+        CheckpointError: no valid checkpoint there, and no run either.
     """
     if isinstance(resume, (str, Path)):
         if not Path(resume).is_dir():
@@ -80,5 +82,9 @@ def find_resume_checkpoint(resume: Union[bool, str, Path], run_dir: Path) -> Pat
         run_dir = Path(resume)
     found = ckpt.find_latest(run_dir / "checkpoints")
     if found is None:
+        if _run_config(run_dir)[0]:
+            logger.warning("--resume: %s holds a run stopped before its first checkpoint: starting it again from iteration 0",
+                           run_dir)
+            return None
         raise CheckpointError(f"--resume: no valid checkpoint under {run_dir / 'checkpoints'}")
     return found

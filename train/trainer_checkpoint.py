@@ -55,12 +55,7 @@ def save_trainer_checkpoint(trainer) -> Optional[Path]:
             path = ckpt.save_checkpoint(root, trainer.iteration, tensors, state, config_hash=config_hash(trainer.config),
                                         keep=trainer.config.train.keep_checkpoints)
         except OSError as exc:  # disk full, quota, permissions: the temporary folder is already removed
-            previous = ckpt.find_latest(root)
-            raise CheckpointError(
-                f"could not write checkpoint {ckpt.checkpoint_name(trainer.iteration)} in {root}: {exc.strerror or exc} "
-                f"(errno {exc.errno}); " + (f"the previous checkpoint {previous.name} is intact, continue with --resume"
-                                            if previous is not None else "no earlier checkpoint")
-            ) from exc
+            raise ckpt.write_error(root, trainer.iteration, exc) from exc
     trainer.accelerator.wait_for_everyone()
     return path
 
