@@ -511,6 +511,9 @@ def _score_each(reward: Callable, name: str, images: Tensor, prompts: list[str],
                           reward=name, prompts=prompts) from batch_error
     for i, error in errors:
         logger.warning("reward %r failed on prompt %r: %s: %s", name, prompts[i], type(error).__name__, error)
+    if not errors:  # every sample scored alone: the run goes on at one call per sample, which it should say
+        logger.warning("reward %r failed on a batch of %d but scored each sample alone (%s: %s): scored one by one",
+                       name, batch, type(batch_error).__name__, batch_error)
     device = next((s.device for s in scores if not torch.isnan(s).all()), torch.device("cpu"))
     stitched = _stitch_details(details)
     stitched.update({"scored_one_by_one": True, "batch_error": f"{type(batch_error).__name__}: {batch_error}"})

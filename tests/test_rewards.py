@@ -360,12 +360,14 @@ def test_wrong_length_under_both_policies():
     assert torch.isnan(out.scores).all()
 
 
-def test_batch_only_failure():
+def test_batch_only_failure(caplog):
     reward = _failing_reward("batch_only")
     x = _images(3)
     with pytest.raises(RewardError, match="each prompt alone succeeded"):
         call_reward(reward, x, PROMPTS)
-    out = call_reward(reward, x, PROMPTS, on_error="drop")
+    with caplog.at_level("WARNING"):
+        out = call_reward(reward, x, PROMPTS, on_error="drop")
+    assert "failed on a batch of 3 but scored each sample alone" in caplog.text  # it said nothing: one call per sample
     assert out.num_dropped == 0 and out.details["scored_one_by_one"]
     assert torch.allclose(out.scores, x.flatten(1).mean(1))
 
