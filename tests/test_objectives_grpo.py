@@ -108,6 +108,21 @@ def test_kl_zero_at_reference_positive_after_change_and_hand_value():
     assert m["kl/ref"] == pytest.approx(sum(kls) / len(kls), rel=1e-4)
     assert m["loss/total"] == pytest.approx(m["loss/policy"] + 0.5 * m["kl/ref"], rel=1e-5)
 
+    # kl_form="per_time": Flow-GRPO's released code divides by sigma_t^2 (its std_dev_t), not the step's variance
+    # sigma_t^2 |dt|: each row's KL times |dt| = sigma - sigma_next
+    per_time = FlowGRPO(kl_beta=0.5, kl_form="per_time").loss(batch, policy, reference)[1]
+    with torch.no_grad():
+        by_hand = []
+        for i in range(len(batch.sigma)):
+            c_v, std = _flow_sde_coeffs(float(batch.sigma[i]), float(batch.sigma_next[i]), 0.7)
+            dt = float(batch.sigma[i]) - float(batch.sigma_next[i])
+            sigma_t = std / dt ** 0.5  # the code's std_dev_t = a sqrt(s / (1 - s)), without sqrt(-dt)
+            by_hand.append(float((c_v * (lin(batch.x[i]) - ref_lin(batch.x[i]))) .pow(2).mean() / (2 * sigma_t**2)))
+    assert per_time["kl/ref"] == pytest.approx(sum(by_hand) / len(by_hand), rel=1e-4)
+    assert per_time["kl/ref"] < m["kl/ref"]
+    with pytest.raises(ValueError, match="kl_form"):
+        FlowGRPO(kl_form="paper")
+
 
 def test_mean_kl_rows_and_deterministic_rows():
     mean = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
