@@ -251,3 +251,33 @@ def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_again(tmp
     assert (run / "pytorch_lora_weights.safetensors").is_file()
     assert cli.main(["train", "--resume", str(tmp_path / "nothing")]) == 2  # no run there at all: still refused
     assert "no such run folder" in _one_line(capsys)
+
+
+def test_overwrite_and_resume_never_delete_files_a_run_did_not_write(tmp_path, capsys):
+    """--overwrite removed the whole output folder once its config.yaml looked like a run's (any ML project's
+    config.yaml with model: / train: sections); --resume on a folder whose only checkpoint is corrupt cleared it too."""
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "main.py").write_text("print('mine')\n")
+    (project / "config.yaml").write_text("model: {arch: resnet50}\ntrain: {epochs: 90}\n")
+    assert cli.main(["train", *_sets(project), "--overwrite"]) == 2
+    assert "holds files a run does not write (src)" in _one_line(capsys)
+    assert (project / "src" / "main.py").read_text() == "print('mine')\n"
+
+    run = tmp_path / "run"
+    assert cli.main(["train", *_sets(run)]) == 0
+    (run / "my_analysis.txt").write_text("notes")
+    assert cli.main(["train", *_sets(run), "--overwrite"]) == 2  # a run folder with a user's file beside it
+    assert "(my_analysis.txt)" in _one_line(capsys)
+    newest = ckpt.find_latest(run / "checkpoints")
+    for old in ckpt.list_checkpoints(run / "checkpoints"):  # every checkpoint corrupt: nothing valid to resume
+        lora_file = old[1] / "lora.safetensors"
+        data = bytearray(lora_file.read_bytes())
+        data[-1] ^= 0xFF
+        lora_file.write_bytes(bytes(data))
+    assert cli.main(["train", "--resume", *_sets(run)]) == 2
+    assert "no valid checkpoint" in _one_line(capsys)
+    assert newest.is_dir() and (run / "my_analysis.txt").is_file() and (run / "pytorch_lora_weights.safetensors").is_file()
+    (run / "my_analysis.txt").unlink()
+    assert cli.main(["train", *_sets(run), "--overwrite"]) == 0  # only the run's files: replaced
+    capsys.readouterr()

@@ -238,3 +238,24 @@ def test_config_prints_offline_and_generate_recipes_that_read_back(kind, recipe,
     assert all(f.metadata["help"] in text for f in dataclasses.fields(expected))
     (tmp_path / "printed.yaml").write_text(text)
     assert to_dict(load(tmp_path / "printed.yaml")) == to_dict(expected)
+
+
+def test_offline_overwrite_refuses_a_folder_with_files_an_offline_run_does_not_write(tmp_path):
+    """Any folder holding an offline_config.yaml (even an empty one) was cleared whole by --overwrite."""
+    from flowalign.errors import ConfigError
+    from flowalign.train.offline_trainer import prepare_offline_dir
+    from flowalign.train.run_dir import OFFLINE_RUN_ENTRIES, clear_run_dir
+
+    folder = tmp_path / "off"
+    (folder / "src").mkdir(parents=True)
+    (folder / "src" / "a.py").write_text("x = 1\n")
+    (folder / "offline_config.yaml").write_text("")
+    with pytest.raises(ConfigError, match=r"holds files a run does not write \(src\)"):
+        prepare_offline_dir(folder, resume=False, overwrite=True)
+    (folder / "src" / "a.py").unlink()
+    (folder / "src").rmdir()
+    (folder / "metrics.csv").write_text("step\n1\n")
+    (folder / ".metrics.csv.tmp").write_text("torn")
+    assert prepare_offline_dir(folder, resume=False, overwrite=True) is True
+    clear_run_dir(folder, OFFLINE_RUN_ENTRIES)
+    assert folder.is_dir() and not any(folder.iterdir())

@@ -242,9 +242,10 @@ def test_output_dir_guard(tmp_path):
     with pytest.raises(ConfigError, match="already holds a different run"):
         prepare_run_dir(tmp_path / "old", cfg, resume=False, overwrite=False)
     assert prepare_run_dir(tmp_path / "old", cfg, resume=False, overwrite=True) is True
+    (tmp_path / "run" / "checkpoints" / "iter_000001").mkdir(parents=True)  # a checkpoint, but not a valid one
     with pytest.raises(CheckpointError, match="no valid checkpoint"):
         Trainer(cfg, resume=True).setup()
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml"]  # nothing written
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints", "config.yaml"]  # nothing written
 
 
 def test_fill_dropped_keeps_group_means():

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -154,12 +153,15 @@ def prepare_offline_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
     Raises:
         ConfigError: ``run_dir`` holds a run (or foreign files) and neither resume nor overwrite.
     """
+    from flowalign.train.run_dir import OFFLINE_RUN_ENTRIES, refuse_foreign
+
     if resume or not run_dir.exists() or not any(run_dir.iterdir()):
         return False
     if not (run_dir / "offline_config.yaml").is_file():
         raise ConfigError(f"output_dir {run_dir} is not empty and holds no flowalign offline run; choose another output_dir")
     if not overwrite:
         raise ConfigError(f"output_dir {run_dir} already holds an offline run; pass --resume to continue it or --overwrite to replace it")
+    refuse_foreign(run_dir, OFFLINE_RUN_ENTRIES, key="output_dir")  # --overwrite deletes an offline run's files only
     return True
 
 
@@ -244,8 +246,10 @@ class OfflineTrainer(OptimizerViews):
         cfg = self.config
         latest = None
         if self.resume:
+            from flowalign.train.run_dir import never_checkpointed
+
             latest = ckpt.find_latest(self.run_dir / "checkpoints")
-            if latest is None and not (self.run_dir / "offline_config.yaml").is_file():
+            if latest is None and not ((self.run_dir / "offline_config.yaml").is_file() and never_checkpointed(self.run_dir)):
                 raise CheckpointError(f"--resume: no valid checkpoint under {self.run_dir / 'checkpoints'}")
             if latest is None:  # stopped before its first checkpoint: nothing trained is lost, start it again
                 logger.warning("--resume: %s holds an offline run stopped before its first checkpoint: starting it again from "
@@ -282,7 +286,9 @@ class OfflineTrainer(OptimizerViews):
             self._load(latest)
             self._saved_step = self.step
         if clear:
-            shutil.rmtree(self.run_dir)
+            from flowalign.train.run_dir import OFFLINE_RUN_ENTRIES, clear_run_dir
+
+            clear_run_dir(self.run_dir, OFFLINE_RUN_ENTRIES)  # an offline run's own files only
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "offline_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self.run_log = RunLogger(self.run_dir, cfg.log_with, to_dict(cfg), key="step", resumed_at=self.step if latest is not None else None)

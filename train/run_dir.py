@@ -12,6 +12,53 @@ from flowalign.errors import CheckpointError, ConfigError
 logger = logging.getLogger(__name__)
 
 
+# what an online run writes into its folder: --overwrite deletes these and nothing else
+RUN_ENTRIES = frozenset({
+    "config.yaml", "checkpoints", "logs", "samples", "metrics.csv", "reward_curve.png", "before_after.png",
+    "heldout_accuracy.png", "report.md", "report.json", "eval_base.json", "eval_aligned.json",
+    "pytorch_lora_weights.safetensors", "noise_table.json",
+})
+# what an offline run writes
+OFFLINE_RUN_ENTRIES = frozenset({
+    "offline_config.yaml", "checkpoints", "logs", "metrics.csv", "training_curve.png", "pytorch_lora_weights.safetensors",
+})
+
+
+def _is_temporary(name: str) -> bool:
+    """A hidden temporary file or folder of an interrupted atomic write (``.x.123.tmp.png``, ``.metrics.csv.tmp``)."""
+    return name.startswith(".") and ".tmp" in name
+
+
+def foreign_entries(run_dir: Path, known: frozenset = RUN_ENTRIES) -> list[str]:
+    """Names in ``run_dir`` that a run does not write (sorted): a folder holding any is never cleared."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p.name for p in run_dir.iterdir() if p.name not in known and not _is_temporary(p.name))
+
+
+def clear_run_dir(run_dir: Path, known: frozenset = RUN_ENTRIES) -> None:
+    """Delete what a run wrote into ``run_dir`` (``known`` names and interrupted temporary files), never
+    anything else: ``--overwrite`` used to delete the whole folder."""
+    import shutil
+
+    for path in list(run_dir.iterdir()) if run_dir.is_dir() else []:
+        if path.name in known or _is_temporary(path.name):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+def refuse_foreign(run_dir: Path, known: frozenset = RUN_ENTRIES, key: str = "train.output_dir") -> None:
+    """ConfigError when ``run_dir`` holds entries a run does not write (they would be kept, but a folder
+    mixing a run with other files is not one to clear or to write a run into)."""
+    foreign = foreign_entries(run_dir, known)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" (+{len(foreign) - 5} more)" if len(foreign) > 5 else "")
+        raise ConfigError(f"{key} {run_dir} holds files a run does not write ({shown}): choose another {key.split('.')[-1]}, "
+                          "or move them out first")
+
+
 def prepare_run_dir(run_dir: Path, config: FlowalignConfig, resume: bool, overwrite: bool) -> bool:
     """Check that a run may start in ``run_dir``; return True when an old run must be cleared first.
 
@@ -35,6 +82,7 @@ def prepare_run_dir(run_dir: Path, config: FlowalignConfig, resume: bool, overwr
         same = previous is not None and config_hash(previous) == config_hash(config)
         what = "a run of the same config" if same else "a different run"
         raise ConfigError(f"train.output_dir {run_dir} already holds {what}; pass --resume to continue it or --overwrite to replace it")
+    refuse_foreign(run_dir)  # --overwrite deletes a run's files only, and only from a folder holding nothing else
     return True
 
 
@@ -82,9 +130,15 @@ def find_resume_checkpoint(resume: Union[bool, str, Path], run_dir: Path) -> Opt
         run_dir = Path(resume)
     found = ckpt.find_latest(run_dir / "checkpoints")
     if found is None:
-        if _run_config(run_dir)[0]:
+        if never_checkpointed(run_dir) and _run_config(run_dir)[0]:
             logger.warning("--resume: %s holds a run stopped before its first checkpoint: starting it again from iteration 0",
                            run_dir)
             return None
         raise CheckpointError(f"--resume: no valid checkpoint under {run_dir / 'checkpoints'}")
     return found
+
+
+def never_checkpointed(run_dir: Path) -> bool:
+    """True for a run folder with no checkpoint folder at all (valid or not) and no final LoRA: a run stopped
+    before its first checkpoint, which loses nothing trained by starting again."""
+    return not ckpt.list_checkpoints(run_dir / "checkpoints") and not (run_dir / "pytorch_lora_weights.safetensors").exists()

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -59,7 +58,7 @@ from flowalign.train import runtime
 from flowalign.train.dense_setup import calibrated_schedule, save_run_noise_table
 from flowalign.train.graceful_stop import GracefulStop, stop_everywhere
 from flowalign.train.lora_optimizer import OptimizerViews
-from flowalign.train.run_dir import find_resume_checkpoint, prepare_run_dir
+from flowalign.train.run_dir import clear_run_dir, find_resume_checkpoint, prepare_run_dir
 from flowalign.train.run_log import RunLogger
 
 logger = logging.getLogger(__name__)
@@ -207,7 +206,7 @@ class Trainer(OptimizerViews):
             self._load_checkpoint(resume_path)
         if self.accelerator.is_main_process:
             if clear:
-                shutil.rmtree(self.run_dir)
+                clear_run_dir(self.run_dir)  # the run's own files only (prepare_run_dir refused a folder holding others)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir)
             if noise_table is not None:
