@@ -326,9 +326,20 @@ def verify_checkpoint(path: PathLike) -> dict:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} is not valid JSON ({exc.msg})") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is not a JSON object")
     if manifest.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path}: format {manifest.get('format')!r}, this flowalign reads {FORMAT_VERSION}")
-    for name, meta in manifest["files"].items():
+    files, groups = manifest.get("files"), manifest.get("tensor_groups")
+    if not (isinstance(files, dict) and isinstance(groups, list) and isinstance(manifest.get("iteration"), int)
+            and all(isinstance(m, dict) and isinstance(m.get("size"), int) and isinstance(m.get("sha256"), str) for m in files.values())):
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} lacks files / tensor_groups / iteration in the expected form")
+    # exactly the files this checkpoint loads, each a plain name inside its folder: a manifest cannot point outside it
+    # nor leave a loaded file unchecked
+    expected = {f"{g}.safetensors" for g in groups if isinstance(g, str) and re.fullmatch(r"[A-Za-z0-9_]+", g)}
+    if len(expected) != len(groups) or set(files) != expected | {"state.json", "state.safetensors"}:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} lists {sorted(files)}, not its tensor groups' files and the state")
+    for name, meta in files.items():
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"checkpoint {path}: file {name} is missing")

@@ -91,6 +91,14 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def _is_shard_entry(entry: Any) -> bool:
+    """A manifest line as the writer writes it; its shard is named by its index, so it cannot point outside ``shards/``."""
+    return (isinstance(entry, dict) and type(entry.get("index")) is int and entry["index"] >= 0
+            and entry.get("shard") == shard_name(entry["index"]) and isinstance(entry.get("sha256"), str)
+            and type(entry.get("num_samples")) is int and isinstance(entry.get("samples"), list)
+            and isinstance(entry.get("latent_shape"), list) and all(type(d) is int for d in entry["latent_shape"]))
+
+
 def _read_manifest(path: Path, repair: bool) -> list[dict]:
     """Parse manifest lines. A torn last line (killed mid-append) is truncated when ``repair``."""
     if not path.exists():
@@ -117,6 +125,9 @@ def _read_manifest(path: Path, repair: bool) -> list[dict]:
                     raise RolloutStoreError(f"{path}: the last line is incomplete (generation was interrupted); rerun the same "
                                             "`flowalign generate` to repair and finish the store")
                 raise RolloutStoreError(f"{path}: line {number} is not valid JSON (corrupt manifest)")
+            if not _is_shard_entry(entry):
+                raise RolloutStoreError(f"{path}: line {number} is not a shard entry (index, shard = shard-NNNNN.safetensors of "
+                                        "that index, sha256, num_samples, latent_shape, samples): corrupt or hand-edited manifest")
             lines.append(entry)
             good_end = end
         offset = end
