@@ -58,6 +58,10 @@ class SDEStep:
     mean: Tensor
     std: Tensor
 
+    def __iter__(self):
+        """``x_next, mean, std = sde.step(...)`` (DESIGN §4's ``(x_next, mean, std)``) as well as ``out.mean``."""
+        return iter((self.prev_sample, self.mean, self.std))
+
 
 # --------------------------------------------------------------------------------------------
 # input handling

@@ -275,3 +275,11 @@ def test_is_stochastic_masks_over_a_schedule():
 def test_is_stochastic_refuses_non_finite_inputs_naming_them():
     with pytest.raises(ValueError, match="noise_level must be finite, got \\[nan\\]"):
         sde.is_stochastic("flow_sde", 0.5, 0.4, float("nan"))
+
+
+def test_a_step_unpacks_as_x_next_mean_std():
+    """DESIGN §4's kernels return (x_next, mean, std): SDEStep unpacks so, and keeps its attribute names."""
+    x, v = torch.randn(2, 3), torch.randn(2, 3)
+    out = sde.step("flow_sde", x, v, 0.8, 0.6, 0.7, noise=torch.zeros(2, 3))
+    x_next, mean, std = out
+    assert x_next is out.prev_sample and mean is out.mean and std is out.std
