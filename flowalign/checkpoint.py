@@ -39,7 +39,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from flowalign.errors import CheckpointError
-from flowalign.files import save_safetensors
+from flowalign.files import fsync_path, save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -162,22 +162,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def checkpoint_name(iteration: int) -> str:
     """Folder name of the checkpoint taken after ``iteration`` (sorts in step order)."""
     return f"iter_{iteration:06d}"
@@ -242,11 +226,11 @@ def save_checkpoint(
             "files": {name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for name, p in files.items()},
         }
         for p in files.values():
-            _fsync_file(p)
+            fsync_path(p)
         _fault_point("before-manifest", iteration)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _fsync_file(tmp / MANIFEST)
-        _fsync_dir(tmp)
+        fsync_path(tmp / MANIFEST)
+        fsync_path(tmp)
         _fault_point("before-rename", iteration)
         if final.exists():  # re-saving an iteration (e.g. after a resume): swap, then delete the old one
             old = root / f".old-{final.name}-{os.getpid()}"
@@ -254,7 +238,7 @@ def save_checkpoint(
                 shutil.rmtree(old)
             os.replace(final, old)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_path(root)
         _fault_point("after-rename", iteration)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

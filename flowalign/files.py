@@ -15,16 +15,21 @@ from typing import Iterator, Optional, Union
 PathLike = Union[str, Path]
 
 
-def _fsync(path: Path) -> None:
-    """Flush ``path`` (a file or a folder) to disk; folders cannot be opened on every OS."""
+def fsync_path(path: PathLike) -> None:
+    """Flush ``path`` (a file or a folder) to disk. A file's errors are raised (a failed flush is a failed
+    write); a folder that cannot be opened or flushed is skipped (Windows, some filesystems)."""
+    folder = os.path.isdir(path)
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. folders on Windows
-        return
+    except OSError:
+        if folder:  # pragma: no cover - e.g. folders on Windows
+            return
+        raise
     try:
         os.fsync(fd)
-    except OSError:  # pragma: no cover - filesystems without fsync on folders
-        pass
+    except OSError:
+        if not folder:
+            raise
     finally:
         os.close(fd)
 
@@ -44,9 +49,9 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
         yield tmp
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
-        _fsync(path.parent)
+        fsync_path(path.parent)
     finally:
         try:
             tmp.unlink(missing_ok=True)
@@ -102,9 +107,9 @@ def atomic_file_in(directory: PathLike, name: str) -> Iterator[Path]:
         if not written.is_file():
             raise FileNotFoundError(f"the writer did not create {name} in {tmp}")
         os.chmod(written, 0o666 & ~_umask())
-        _fsync(written)
+        fsync_path(written)
         os.replace(written, directory / name)
-        _fsync(directory)
+        fsync_path(directory)
     finally:
         for leftover in tmp.iterdir():
             leftover.unlink()

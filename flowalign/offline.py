@@ -40,7 +40,7 @@ from torch import Tensor
 
 from flowalign.checkpoint import sha256_file
 from flowalign.errors import RolloutStoreError  # re-exported: `from flowalign.offline import RolloutStoreError` keeps working
-from flowalign.files import save_safetensors, write_text_atomic
+from flowalign.files import fsync_path, save_safetensors, write_text_atomic
 from flowalign.objectives.base import OfflineBatch
 
 logger = logging.getLogger(__name__)
@@ -75,16 +75,6 @@ def sample_seed(base_seed: int, prompt_index: int, member: int, samples_per_prom
     Depends only on the sample's place in the store, so a resumed run redraws the same samples.
     """
     return base_seed + prompt_index * samples_per_prompt + member
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - directories on some filesystems
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -217,10 +207,10 @@ class RolloutWriter:
                 self._write_pngs(name, pixels, samples)
         tmp = self.root / "shards" / (name + ".tmp")
         save_safetensors(tensors, tmp, metadata={"format": "flowalign-rollouts", "version": str(STORE_VERSION), "index": str(index)})
-        _fsync_path(tmp)
+        fsync_path(tmp)
         final = self.root / "shards" / name
         os.replace(tmp, final)
-        _fsync_path(final.parent)
+        fsync_path(final.parent)
         entry = {
             "shard": name,
             "index": index,
