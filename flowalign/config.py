@@ -378,7 +378,7 @@ def _check_some_step_is_stochastic(sampling: SamplingConfig) -> None:
     paid for and nothing trained. (Sliding and random windows move; the trainer warns on an iteration without one.)"""
     import torch
 
-    from flowalign.sde import WindowSchedule, make_schedule
+    from flowalign.sde import WindowSchedule, is_stochastic, make_schedule
 
     if not isinstance(sampling.noise_kwargs, dict):
         return
@@ -386,10 +386,8 @@ def _check_some_step_is_stochastic(sampling: SamplingConfig) -> None:
     if isinstance(schedule, WindowSchedule) and schedule.mode != "fixed":
         return
     levels = schedule.levels(sampling.num_steps, 0, torch.Generator().manual_seed(0))
-    carries = levels > 0
-    if sampling.kernel == "cps":
-        carries[-1] = False  # the last CPS step is deterministic
-    if not bool(carries.any()):
+    sigmas = torch.linspace(1.0, 0.0, sampling.num_steps + 1)  # the model's shifted sigmas differ, but fall to 0 alike
+    if not bool(is_stochastic(sampling.kernel, sigmas[:-1], sigmas[1:], levels).any()):
         where = " (CPS's last step has no noise: std = sigma_next * sin(a*pi/2) = 0)" if sampling.kernel == "cps" and bool((levels > 0).any()) else ""
         raise ConfigError(f"sampling.noise_schedule={sampling.noise_schedule!r} with noise_kwargs={sampling.noise_kwargs} leaves no "
                           f"stochastic step of the {sampling.num_steps} for kernel {sampling.kernel!r}{where}: nothing could be trained")
