@@ -350,7 +350,8 @@ class FlowalignConfig:
         if self.sampling.kernel == "ode" and not _trains_on_forward_process(self.objective.name):
             raise ConfigError(f"sampling.kernel='ode' draws no noise, so no step of objective {self.objective.name!r} can be trained; "
                               "use flow_sde, dance_sde or cps, or a forward-process objective (nft, awm)")
-        if self.sampling.kernel != "ode" and not _trains_on_forward_process(self.objective.name):
+        table_decides = self.objective.name in ("dense_grpo", "tp_grpo") and bool(self.dense.noise_table_file)  # replaces the schedule
+        if self.sampling.kernel != "ode" and not _trains_on_forward_process(self.objective.name) and not table_decides:
             _check_some_step_is_stochastic(self.sampling)
         if self.train.old_policy_rate > 0 and not _trains_on_forward_process(self.objective.name):
             raise ConfigError(

@@ -276,3 +276,6 @@ def test_a_schedule_without_any_stochastic_step_is_a_config_error():
         C.load_config(None, ["sampling.noise_kwargs={a: 0.0}"])
     assert C.load_config(None, cps_last[:2] + ["sampling.noise_kwargs={a: 0.7, start: 2, size: 2}", "sampling.num_steps=4"])
     assert C.load_config(None, cps_last[:3] + ["objective.name=nft", "sampling.num_steps=4"])  # forward-process: no log-probs
+    # a DenseGRPO noise table file replaces the schedule: its a: 0 is not what samples
+    assert C.load_config(None, ["sampling.noise_kwargs={a: 0}", "objective.name=dense_grpo", "dense.noise_table_file=/tmp/x.json",
+                                "dense.calibration_rounds=0"])
