@@ -111,6 +111,6 @@ def atomic_file_in(directory: PathLike, name: str) -> Iterator[Path]:
         os.replace(written, directory / name)
         fsync_path(directory)
     finally:
-        for leftover in tmp.iterdir():
-            leftover.unlink()
-        tmp.rmdir()
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)  # never hides the error that brought us here

@@ -488,13 +488,10 @@ def save_noise_table(path: Union[str, Path], levels: Union[Sequence[float], Tens
     values = torch.as_tensor(levels, dtype=torch.float32).flatten().tolist()
     if not values or not all(math.isfinite(v) and v >= 0 for v in values):
         raise ValueError(f"noise table levels must be finite and >= 0, got {values}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from flowalign.files import write_text_atomic
+
     doc = {"format": NOISE_TABLE_FORMAT, "version": NOISE_TABLE_VERSION, "num_steps": len(values), "levels": values, "meta": dict(meta or {})}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, json.dumps(doc, indent=2, sort_keys=False) + "\n")
 
 
 def load_noise_table(path: Union[str, Path]) -> tuple[Tensor, dict[str, Any]]:

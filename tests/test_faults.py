@@ -279,5 +279,26 @@ def test_overwrite_and_resume_never_delete_files_a_run_did_not_write(tmp_path, c
     assert "no valid checkpoint" in _one_line(capsys)
     assert newest.is_dir() and (run / "my_analysis.txt").is_file() and (run / "pytorch_lora_weights.safetensors").is_file()
     (run / "my_analysis.txt").unlink()
+    (run / ".DS_Store").write_text("finder")  # what an OS drops into a browsed folder: kept, and no reason to refuse
     assert cli.main(["train", *_sets(run), "--overwrite"]) == 0  # only the run's files: replaced
+    assert (run / ".DS_Store").is_file()
+    (run / ".tmp_cache").mkdir()  # a user's hidden folder is not one of flowalign's temporary names
+    assert cli.main(["train", *_sets(run), "--overwrite"]) == 2
+    assert "(.tmp_cache)" in _one_line(capsys)
     capsys.readouterr()
+
+
+def test_a_trainer_resuming_another_folder_never_clears_its_own_output(tmp_path):
+    """Trainer(cfg, resume=OTHER) with OTHER a never-checkpointed run restarted by clearing cfg's output_dir: a
+    finished run there lost its checkpoints and LoRA. Only the output folder itself may restart."""
+    from flowalign.errors import CheckpointError
+
+    run = tmp_path / "run"
+    assert cli.main(["train", *_sets(run)]) == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.yaml").write_text((run / "config.yaml").read_text())
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(CheckpointError, match="no valid checkpoint"):
+        Trainer(load_config(TINY_RECIPE, FAST + [f"train.output_dir={run}"]), resume=str(other)).setup()
+    assert sorted(p.name for p in run.iterdir()) == before and (run / "pytorch_lora_weights.safetensors").is_file()

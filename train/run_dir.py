@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Optional, Union
 
@@ -24,16 +25,25 @@ OFFLINE_RUN_ENTRIES = frozenset({
 })
 
 
+# the temporary names of an interrupted atomic write: flowalign.files (".report.123.tmp.md", ".pytorch_lora_weights.123.tmp")
+# and metrics.csv's rewrite (".metrics.csv.tmp")
+_TEMPORARY = re.compile(r"\.[^/]+\.\d+\.tmp(\.[A-Za-z0-9]+)?|\.metrics\.csv\.tmp")
+# what operating systems and tools drop into any folder someone browses: neither a run's nor a reason to refuse one
+_SYSTEM_FILES = re.compile(r"\.DS_Store|Thumbs\.db|desktop\.ini|\.ipynb_checkpoints|\.nfs.*")
+
+
 def _is_temporary(name: str) -> bool:
-    """A hidden temporary file or folder of an interrupted atomic write (``.x.123.tmp.png``, ``.metrics.csv.tmp``)."""
-    return name.startswith(".") and ".tmp" in name
+    """A hidden temporary file or folder of an interrupted atomic write, by the exact names flowalign writes."""
+    return _TEMPORARY.fullmatch(name) is not None
 
 
 def foreign_entries(run_dir: Path, known: frozenset = RUN_ENTRIES) -> list[str]:
-    """Names in ``run_dir`` that a run does not write (sorted): a folder holding any is never cleared."""
+    """Names in ``run_dir`` that a run does not write (sorted; system files such as ``.DS_Store`` aside): a
+    folder holding any is never cleared."""
     if not run_dir.is_dir():
         return []
-    return sorted(p.name for p in run_dir.iterdir() if p.name not in known and not _is_temporary(p.name))
+    return sorted(p.name for p in run_dir.iterdir()
+                  if p.name not in known and not _is_temporary(p.name) and not _SYSTEM_FILES.fullmatch(p.name))
 
 
 def clear_run_dir(run_dir: Path, known: frozenset = RUN_ENTRIES) -> None:
@@ -122,6 +132,7 @@ def find_resume_checkpoint(resume: Union[bool, str, Path], run_dir: Path) -> Opt
     Raises:
         CheckpointError: no valid checkpoint there, and no run either.
     """
+    output_dir = run_dir
     if isinstance(resume, (str, Path)):
         if not Path(resume).is_dir():
             raise CheckpointError(f"--resume {resume}: no such run folder or checkpoint folder")
@@ -130,7 +141,8 @@ def find_resume_checkpoint(resume: Union[bool, str, Path], run_dir: Path) -> Opt
         run_dir = Path(resume)
     found = ckpt.find_latest(run_dir / "checkpoints")
     if found is None:
-        if never_checkpointed(run_dir) and _run_config(run_dir)[0]:
+        # only the run this call would write into restarts (a Trainer resuming another folder must not clear its own)
+        if Path(run_dir).resolve() == Path(output_dir).resolve() and never_checkpointed(run_dir) and _run_config(run_dir)[0]:
             logger.warning("--resume: %s holds a run stopped before its first checkpoint: starting it again from iteration 0",
                            run_dir)
             return None

@@ -175,7 +175,7 @@ class Trainer(OptimizerViews):
         cfg = self.config
         resume_path = find_resume_checkpoint(self.resume, self.run_dir) if self.resume else None
         # --resume of a run without a checkpoint starts it again (its folder is cleared, as --overwrite does)
-        clear = prepare_run_dir(self.run_dir, cfg, resume=resume_path is not None, overwrite=self.overwrite or bool(self.resume))
+        clear = prepare_run_dir(self.run_dir, cfg, resume=resume_path is not None, overwrite=self.overwrite or (bool(self.resume) and resume_path is None))
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.accelerator.wait_for_everyone()  # every process checked the run dir before the main one writes
         self.device = self.accelerator.device
