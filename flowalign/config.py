@@ -350,7 +350,7 @@ class FlowalignConfig:
         if self.sampling.kernel == "ode" and not _trains_on_forward_process(self.objective.name):
             raise ConfigError(f"sampling.kernel='ode' draws no noise, so no step of objective {self.objective.name!r} can be trained; "
                               "use flow_sde, dance_sde or cps, or a forward-process objective (nft, awm)")
-        table_decides = self.objective.name in ("dense_grpo", "tp_grpo") and bool(self.dense.noise_table_file)  # replaces the schedule
+        table_decides = self.objective.name in DENSE_OBJECTIVES and bool(self.dense.noise_table_file)  # replaces the schedule
         if self.sampling.kernel != "ode" and not _trains_on_forward_process(self.objective.name) and not table_decides:
             _check_some_step_is_stochastic(self.sampling)
         if self.train.old_policy_rate > 0 and not _trains_on_forward_process(self.objective.name):
@@ -672,6 +672,8 @@ def save_config(config: FlowalignConfig, path: Union[str, Path]) -> Path:
     return write_text_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
+# objectives with per-step advantages from flowalign.step_rewards (they read the dense section, and its noise table)
+DENSE_OBJECTIVES = ("dense_grpo", "tp_grpo")
 # model keys that change no sample, only memory (left out of config hashes and rollout-store settings)
 MODEL_MEMORY_KNOBS = ("t5_cache_size",)
 # fields that do not change what a run computes (so resuming with them changed is the same run)

@@ -77,10 +77,6 @@ def sample_seed(base_seed: int, prompt_index: int, member: int, samples_per_prom
     return base_seed + prompt_index * samples_per_prompt + member
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
 def _is_shard_entry(entry: Any) -> bool:
     """A manifest line as the writer writes it; its shard is named by its index, so it cannot point outside ``shards/``."""
     return (isinstance(entry, dict) and type(entry.get("index")) is int and entry["index"] >= 0
@@ -144,7 +140,7 @@ class RolloutWriter:
                 keys = sorted(k for k in set(old.get("settings", {})) | set(meta["settings"]) if old.get("settings", {}).get(k) != meta["settings"].get(k))
                 raise RolloutStoreError(f"{self.root}: store was written with other settings (differs in {keys or ['version']}); use a new folder")
         else:
-            _write_json_atomic(meta_path, meta)
+            write_text_atomic(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
         self.settings = meta["settings"]
         self._recover()
 

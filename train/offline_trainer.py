@@ -37,6 +37,7 @@ from flowalign import checkpoint as ckpt
 from flowalign import lora as lora_lib
 from flowalign.config import LOG_BACKENDS, MODEL_MEMORY_KNOBS, LoraConfig, ModelConfig, apply_overrides, build_dataclass, to_dict
 from flowalign.errors import ConfigError
+from flowalign.files import write_text_atomic
 from flowalign.lr_schedule import LR_SCHEDULES
 from flowalign.objectives.base import OfflineBatch
 from flowalign.offline import RolloutStore
@@ -290,7 +291,7 @@ class OfflineTrainer(OptimizerViews):
 
             clear_run_dir(self.run_dir, OFFLINE_RUN_ENTRIES)  # an offline run's own files only
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "offline_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_text_atomic(self.run_dir / "offline_config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))  # as config.yaml
         self.run_log = RunLogger(self.run_dir, cfg.log_with, to_dict(cfg), key="step", resumed_at=self.step if latest is not None else None)
         return self
 

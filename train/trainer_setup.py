@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from flowalign import lora as lora_lib
-from flowalign.config import FlowalignConfig
+from flowalign.config import DENSE_OBJECTIVES, FlowalignConfig
 from flowalign.errors import ConfigError
 from flowalign.train import runtime
 from flowalign.train.lora_optimizer import LoraOptimizer
@@ -29,7 +29,6 @@ from flowalign.train.update_conditioning import UpdateConditioning
 
 logger = logging.getLogger(__name__)
 
-DENSE_OBJECTIVES = ("dense_grpo", "tp_grpo")  # per-step advantages from flowalign.step_rewards
 # prompts used when train.prompts is null (the tiny random pipeline ignores their meaning)
 DEMO_PROMPTS = ["a red square", "a blue circle", "a green triangle", "a yellow star", "two red circles",
                 "a white square on the left", "a black circle", "a purple triangle"]
