@@ -130,3 +130,61 @@ def test_a_resumed_run_purges_the_tensorboard_steps_it_replays(tmp_path):
     events.Reload()
     scalars = events.Scalars("reward/mean")
     assert [(e.step, e.value) for e in scalars] == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]
+
+
+class _FakeWandb:
+    """Stands in for the optional ``wandb`` package: records each ``init``'s keyword arguments."""
+
+    def __init__(self):
+        self.inits = []
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        fake = self
+
+        class Run:
+            def log(self, metrics, step):
+                fake.logged = (metrics, step)
+
+            def finish(self):
+                pass
+
+        return Run()
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch):
+    import sys
+
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    return fake
+
+
+def test_a_resumed_run_continues_its_wandb_run_and_a_fresh_one_opens_a_new_run(tmp_path, fake_wandb):
+    first = RunLogger(tmp_path / "a", ["wandb"])
+    first.log({"reward/mean": 0.5}, 1)
+    first.close()
+    resumed = RunLogger(tmp_path / "a", ["wandb"], resumed_at=1)
+    resumed.close()
+    other = RunLogger(tmp_path / "b", ["wandb"])
+    other.close()
+    ids = [kwargs["id"] for kwargs in fake_wandb.inits]
+    assert ids[0] == ids[1] and ids[2] != ids[0]
+    assert all(kwargs["resume"] == "allow" for kwargs in fake_wandb.inits)
+    assert fake_wandb.logged == ({"reward/mean": 0.5}, 1)
+
+
+def test_a_restarted_run_in_the_same_folder_opens_a_new_wandb_run(tmp_path, fake_wandb):
+    """Not resumed (a fresh start after --overwrite kept logs/ by accident): a new run, not the old one's."""
+    RunLogger(tmp_path, ["wandb"]).close()
+    RunLogger(tmp_path, ["wandb"]).close()
+    assert fake_wandb.inits[0]["id"] != fake_wandb.inits[1]["id"]
+
+
+def test_a_garbled_wandb_id_file_gives_a_new_run_with_a_warning(tmp_path, fake_wandb, caplog):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / run_log.WANDB_ID_FILE).write_text("../../etc\n")
+    with caplog.at_level("WARNING"):
+        RunLogger(tmp_path, ["wandb"], resumed_at=3).close()
+    assert fake_wandb.inits[0]["id"] != "../../etc" and "no wandb run id" in caplog.text

@@ -3,11 +3,17 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
+import re
+import uuid
 from pathlib import Path
 from typing import Optional, Sequence
 
 from flowalign.errors import RunLogError
+from flowalign.files import write_text_atomic
+
+logger = logging.getLogger(__name__)
 
 
 def write_metrics_row(path: Path, metrics: dict, step: int, key: str = "iteration") -> None:
@@ -76,6 +82,28 @@ def _append_row(path: Path, row: dict, step: int, key: str) -> bool:
     return True
 
 
+WANDB_ID_FILE = "wandb_run_id.txt"
+
+
+def wandb_run_id(log_dir: Path, resumed: bool) -> str:
+    """The wandb run id of the run logging to ``log_dir``: a resumed run continues the run its first start
+    opened (``logs/wandb_run_id.txt``) instead of opening a new one; a fresh run draws a new id and records it.
+
+    wandb drops the steps a resumed run replays (those up to the last one it logged before the stop), which
+    ``metrics.csv`` and TensorBoard replace instead.
+    """
+    path = log_dir / WANDB_ID_FILE
+    if resumed and path.is_file():
+        recorded = path.read_text(encoding="utf-8").strip()
+        if re.fullmatch(r"[a-z0-9]{8,64}", recorded):
+            return recorded
+        logger.warning("%s holds no wandb run id (%r): this resumed run opens a new wandb run", path, recorded[:80])
+    run_id = uuid.uuid4().hex
+    log_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, run_id + "\n")
+    return run_id
+
+
 class RunLogger:
     """Per-step metrics of the main process: ``metrics.csv`` plus TensorBoard / wandb.
 
@@ -102,7 +130,9 @@ class RunLogger:
         if "wandb" in log_with:
             import wandb  # optional dependency: pip install 'flowalign-rl[wandb]'
 
-            self.trackers.append(wandb.init(project="flowalign", dir=str(log_dir), config=run_config or {}))
+            run_id = wandb_run_id(log_dir, resumed=resumed_at is not None)
+            self.trackers.append(wandb.init(project="flowalign", dir=str(log_dir), config=run_config or {},
+                                            id=run_id, resume="allow"))
 
     def log(self, metrics: dict, step: int) -> None:
         """Append a ``metrics.csv`` row (replacing rows from ``step`` on, replayed after a resume) and log to trackers.
