@@ -329,3 +329,15 @@ def test_tp_grpo_defaults():
     obj = get_objective("tp_grpo")
     assert obj.clip_range == 1e-5 and obj.default_kernel == "cps" and obj.default_noise_level == 0.7
     assert get_objective("dense_grpo").clip_range == 1e-4
+
+
+def test_the_calibration_shards_cover_every_sample_once():
+    from flowalign.train.dense_setup import calibration_shard
+
+    for samples, world in [(5, 2), (96, 8), (3, 4), (1, 1)]:
+        shards = [calibration_shard(samples, rank, world) for rank in range(world)]
+        assert sorted(i for shard in shards for i in shard) == list(range(samples))
+        assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    assert calibration_shard(3, 3, 4) == []
+    with pytest.raises(ValueError, match="rank"):
+        calibration_shard(4, 2, 2)

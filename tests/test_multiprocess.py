@@ -143,3 +143,54 @@ def test_a_step_every_process_skipped_is_skipped_everywhere(tmp_path):
     fields = dict(item.split("=") for item in line.split()[1:])
     assert (fields["steps"], fields["taken"]) == ("2", "2") and float(fields["moved_all_nan"]) == 0.0
     assert float(fields["moved_one"]) > 0
+
+
+CALIBRATION_SCRIPT = '''
+import sys
+import torch
+from flowalign.config import load_config
+from flowalign.train import dense_setup
+from flowalign.train.trainer import Trainer
+
+seen = []
+gather = dense_setup.gather_rows
+def recording_gather(acc, rows):
+    out = gather(acc, rows)
+    seen.append((rows.shape[0], out.shape[0], out))
+    return out
+dense_setup.gather_rows = recording_gather
+
+cfg = load_config(sys.argv[1], sys.argv[2:])
+trainer = Trainer(cfg).setup()
+acc = trainer.accelerator
+levels = trainer.schedule.levels(cfg.sampling.num_steps)
+every_gains = torch.cat([out for _, _, out in seen])
+total = acc.gather(every_gains.sum().reshape(1)).tolist()
+print(f"RESULT rank={acc.process_index} local={[n for n, _, _ in seen]} gathered={[m for _, m, _ in seen]} "
+      f"levels={[round(x, 6) for x in levels.tolist()]} gains_sum_everywhere={total}")
+acc.end_training()
+'''
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
+def test_dense_calibration_splits_its_rollouts_over_the_processes_and_both_get_the_same_table(tmp_path):
+    """5 calibration samples on 2 processes: process 0 rolls out 3 and process 1 2 per round (they used to roll out all 5
+    each), both see all 5 rows of step gains and end with the same table."""
+    script = tmp_path / "calibrate.py"
+    script.write_text(CALIBRATION_SCRIPT)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    settings = SETTINGS + ["objective.name=dense_grpo", "dense.estimator=tweedie", "dense.calibration_rounds=2",
+                           "dense.calibration_samples=5", "dense.eps1=100", "sampling.num_steps=3", f"train.output_dir={tmp_path / 'run'}"]
+    done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(script), str(TINY_RECIPE), *settings],
+                          capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = sorted(line for line in done.stdout.splitlines() if line.startswith("RESULT"))
+    assert len(results) == 2, done.stdout
+    fields = [dict(item.split("=", 1) for item in line.split(" ", 1)[1].replace(", ", ",").split()) for line in results]
+    assert fields[0]["local"] == "[3,3]" and fields[1]["local"] == "[2,2]"
+    assert fields[0]["gathered"] == fields[1]["gathered"] == "[5,5]"
+    assert fields[0]["levels"] == fields[1]["levels"]
+    # eps1=100: every step's counts are "balanced", so each of the 2 rounds raises every level by eps2 = 0.01 from 0.7
+    assert fields[0]["levels"] == "[0.72,0.72,0.72]"
+    sums = fields[0]["gains_sum_everywhere"].strip("[]").split(",")
+    assert sums[0] == sums[1]  # the gathered gains are the same rows on both processes

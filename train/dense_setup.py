@@ -3,7 +3,7 @@ saved with the run (``<run>/noise_table.json``)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
@@ -20,7 +20,9 @@ def calibrated_schedule(trainer: "Trainer", resumed: bool):
 
     Computed once before training from the training prompts; a resumed run reuses
     ``<run>/noise_table.json``, and an existing ``dense.noise_table_file`` wins (``new_levels``
-    is then None: nothing to save).
+    is then None: nothing to save). With several processes each rolls out its share of every round's
+    ``dense.calibration_samples`` (:func:`calibration_shard`) and all gather the step gains, so the work is
+    split and every process ends with the same table.
     """
     from flowalign import sde
     from flowalign.step_rewards import calibrate_noise_table_for, load_noise_table
@@ -32,6 +34,12 @@ def calibrated_schedule(trainer: "Trainer", resumed: bool):
     if resumed and (trainer.run_dir / "noise_table.json").is_file():
         return sde.table(load_noise_table(trainer.run_dir / "noise_table.json")[0]), None
     records = trainer.sampler.records[: max(1, min(len(trainer.sampler.records), d.calibration_samples))]
+    acc = trainer.accelerator
+    rank, world = acc.process_index, acc.num_processes
+    gains_fn = None
+    if world > 1:  # each process rolls out its share of every round's samples; all see every gain
+        gains_fn = sharded_gains_fn(trainer, records, calibration_shard(d.calibration_samples, rank, world),
+                                    lambda rows: gather_rows(acc, rows))
     with runtime.rewards_on_device(trainer.rewards.values(), trainer.device, cfg.train.offload_rewards):
         levels = calibrate_noise_table_for(
             trainer.adapter, [r.prompt for r in records], trainer.mixed_reward(),
@@ -40,8 +48,50 @@ def calibrated_schedule(trainer: "Trainer", resumed: bool):
             eps1=d.eps1, eps2=d.eps2, max_level=d.max_level, kernel=s.kernel, guidance_scale=s.guidance_scale,
             estimator=d.estimator, stride=d.stride, max_batch=d.max_batch, micro_batch_size=s.micro_batch_size,
             generator=torch.Generator().manual_seed(cfg.train.seed + 2), metadata=[dict(r.metadata) for r in records],
+            gains_fn=gains_fn,
         )
     return sde.table(levels), levels
+
+
+def calibration_shard(samples: int, rank: int, world: int) -> list[int]:
+    """The calibration rollouts process ``rank`` of ``world`` draws each round: the round's sample indices
+    ``rank, rank + world, ...`` below ``samples`` (sample ``i`` is prompt ``i mod len(prompts)``, as in one process)."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"need 0 <= rank < world, got rank={rank}, world={world}")
+    return list(range(rank, samples, world))
+
+
+def gather_rows(accelerator, rows: Tensor) -> Tensor:
+    """Every process's ``rows`` ``[n_p, K]`` (``n_p`` may differ, 0 included), concatenated in process order,
+    on every process (on the CPU)."""
+    counts = [int(n) for n in accelerator.gather(torch.tensor([rows.shape[0]], device=accelerator.device)).tolist()]
+    padded = accelerator.pad_across_processes(rows.to(accelerator.device).contiguous(), dim=0)
+    gathered = accelerator.gather(padded).cpu()
+    width = max(counts)
+    return torch.cat([gathered[p * width: p * width + n] for p, n in enumerate(counts)])
+
+
+def sharded_gains_fn(trainer: "Trainer", records, shard: list[int], gather: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """``gains_fn(levels)`` for one process of a multi-process calibration: rolls out the ``shard`` samples of
+    each round (its own noise stream, seeded like the process's rollouts) and returns every process's step gains
+    (``gather``), so all processes move the table by the same counts and keep the same schedule."""
+    from flowalign.step_rewards import rollout_gains_fn
+    from flowalign.train.trainer import PROCESS_SEED_STRIDE
+
+    cfg = trainer.config
+    d, s = cfg.dense, cfg.sampling
+    if not shard:  # fewer samples than processes: this one only gathers
+        return lambda levels: gather(torch.zeros(0, torch.as_tensor(levels).numel()))
+    picked = [records[i % len(records)] for i in shard]
+    reward = trainer.mixed_reward()
+    local = rollout_gains_fn(
+        trainer.adapter, [r.prompt for r in picked], reward, samples=len(picked), kernel=s.kernel,
+        guidance_scale=s.guidance_scale, estimator=d.estimator, stride=d.stride, max_batch=d.max_batch,
+        micro_batch_size=s.micro_batch_size,
+        generator=torch.Generator().manual_seed(cfg.train.seed + 2 + trainer.accelerator.process_index * PROCESS_SEED_STRIDE),
+        metadata=[dict(r.metadata) for r in picked], on_error=getattr(reward, "on_error", "raise"),
+    )
+    return lambda levels: gather(local(levels))
 
 
 def save_run_noise_table(run_dir: Path, levels: Tensor, cfg: FlowalignConfig) -> None:
