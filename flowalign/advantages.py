@@ -34,18 +34,24 @@ def _normalise_columns(values: Tensor, group_ids: Tensor, std: str, eps: float, 
         raise ValueError(f"std={std!r}; choose one of {STD_MODES}")
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    values = values.float()
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        raise ValueError(f"rewards hold {int((~finite).sum())} non-finite value(s) of {values.numel()}: a NaN marks a dropped "
+                         "sample (call_reward's on_error='drop'); use kept_group_advantages, which leaves those out")
+    # fp64 inside (fp32 on MPS, which has no fp64): squares of large rewards stay finite, and means of equal values exact
+    work = torch.float32 if values.device.type == "mps" else torch.float64
+    values = values.to(work)
     B, M = values.shape
     idx, G = _group_index(group_ids, B, values.device)
     col = idx[:, None].expand(B, M)  # [B, M]
-    count = torch.bincount(idx, minlength=G).float()[:, None]  # [G, 1]
-    mean = torch.zeros(G, M, device=values.device).scatter_add_(0, col, values) / count  # [G, M]
+    count = torch.bincount(idx, minlength=G).to(work)[:, None]  # [G, 1]
+    mean = torch.zeros(G, M, dtype=work, device=values.device).scatter_add_(0, col, values) / count  # [G, M]
     dev = values - mean[idx]  # [B, M]
-    g_max = torch.full((G, M), -torch.inf, device=values.device).scatter_reduce(0, col, values, "amax")
-    g_min = torch.full((G, M), torch.inf, device=values.device).scatter_reduce(0, col, values, "amin")
+    g_max = torch.full((G, M), -torch.inf, dtype=work, device=values.device).scatter_reduce(0, col, values, "amax")
+    g_min = torch.full((G, M), torch.inf, dtype=work, device=values.device).scatter_reduce(0, col, values, "amin")
     dev = torch.where((g_max == g_min)[idx], torch.zeros_like(dev), dev)  # all-equal group -> exactly 0
     if std == "group":
-        var = torch.zeros(G, M, device=values.device).scatter_add_(0, col, dev**2) / count
+        var = torch.zeros(G, M, dtype=work, device=values.device).scatter_add_(0, col, dev**2) / count
         scale = var.sqrt()[idx] + eps  # [B, M]
     elif std == "global":
         scale = values.std(dim=0, unbiased=False, keepdim=True) + eps  # [1, M]
@@ -54,7 +60,7 @@ def _normalise_columns(values: Tensor, group_ids: Tensor, std: str, eps: float, 
     adv = dev / torch.where(scale > 0, scale, torch.ones_like(scale))  # eps = 0 and a flat group: 0, not 0/0
     if clip is not None:
         adv = adv.clamp(-clip, clip)
-    return adv
+    return adv.float()
 
 
 def group_advantages(
@@ -72,11 +78,31 @@ def group_advantages(
 
     Returns:
         ``[B]`` fp32 advantages; exactly 0 for samples of a group whose rewards are all equal.
+
+    Raises:
+        ValueError: a reward is NaN or infinite (for dropped samples use :func:`kept_group_advantages`).
     """
     rewards = torch.as_tensor(rewards)
     if rewards.ndim != 1:
         raise ValueError(f"rewards must be [B], got shape {tuple(rewards.shape)}")
     return _normalise_columns(rewards[:, None], group_ids, std, eps, clip)[:, 0]
+
+
+def kept_group_advantages(rewards: Tensor, group_ids: Tensor, std: str = "group", eps: float = 1e-4,
+                          clip: Optional[float] = None) -> Tensor:
+    """:func:`group_advantages` over the kept samples only: a dropped sample (NaN reward, as
+    ``call_reward(..., on_error="drop")`` returns it) gets advantage 0 and is left out of its group's
+    mean and std (and of the batch's, for ``std="global"``). ``[B]`` fp32."""
+    rewards = torch.as_tensor(rewards)
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards must be [B], got shape {tuple(rewards.shape)}")
+    if bool(torch.isinf(rewards).any()):
+        raise ValueError("rewards hold inf: only NaN marks a dropped sample")
+    kept = ~rewards.isnan()
+    adv = torch.zeros(rewards.shape[0], dtype=torch.float32, device=rewards.device)
+    if kept.any():
+        adv[kept] = group_advantages(rewards[kept], torch.as_tensor(group_ids, device=rewards.device)[kept], std=std, eps=eps, clip=clip)
+    return adv
 
 
 def per_step_advantages(

@@ -321,7 +321,8 @@ def calibrate_noise_table(
 
     For each timestep k, count positive and negative step gains over N calibration rollouts:
     psi_k <- psi_k + eps2 where |#pos_k - #neg_k| <= eps1 (balanced: room to explore more),
-    psi_k <- psi_k - eps2 otherwise; clamped to [0, max_level].
+    psi_k <- psi_k - eps2 otherwise; clamped to [0, max_level] (a level below eps2/2 after the
+    update, i.e. one decremented to 0 up to float round-off, is exactly 0).
 
     Args:
         levels: ``[K]`` current noise levels psi.
@@ -340,6 +341,9 @@ def calibrate_noise_table(
     n_neg = (gains < 0).sum(dim=0)  # [K]
     balanced = (n_pos - n_neg).abs() <= eps1  # [K]
     new = levels + torch.where(balanced, eps2, -eps2)
+    # a level decremented to "0" by float steps lands near 1e-7, not 0: a step that stays stochastic with a
+    # vanishing std (log-probs of ~1e5 per 1e-4 of mean). An increment always leaves >= eps2, so below eps2/2 is 0.
+    new = torch.where(new < eps2 / 2, torch.zeros_like(new), new)
     return new.clamp(min=0.0, max=max_level)
 
 

@@ -307,7 +307,8 @@ def log_prob(x_next: Tensor, mean: Tensor, std: Tensor | float, reduce: str = "m
     std32 = torch.as_tensor(std, dtype=torch.float32, device=x32.device)
     live = std32 > 0
     safe = torch.where(live, std32, torch.ones_like(std32))  # keeps gradients finite where std = 0
-    lp = -((x32 - mu32) ** 2) / (2 * safe**2) - torch.log(safe) - 0.5 * math.log(2 * math.pi)
+    z = (x32 - mu32) / safe  # not (x - mu)² / std²: std² underflows to 0 for std below ~1e-19 (0/0 = NaN)
+    lp = -0.5 * z**2 - torch.log(safe) - 0.5 * math.log(2 * math.pi)
     lp = torch.where(live, lp, torch.zeros_like(lp))  # [B, *latent]
     lp = lp.reshape(lp.shape[0], -1)  # [B, D]: per row, even for [B] latents
     return lp.mean(dim=1) if reduce == "mean" else lp.sum(dim=1)

@@ -106,3 +106,32 @@ def test_bad_inputs():
         group_advantages(torch.zeros(3), torch.zeros(2))
     with pytest.raises(ValueError, match=r"\[B, K\]"):
         per_step_advantages(torch.zeros(3), torch.zeros(3))
+
+
+def test_non_finite_rewards_are_refused_and_kept_group_advantages_leaves_dropped_ones_out():
+    g = torch.tensor([0, 0, 1, 1])
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="non-finite"):
+            group_advantages(torch.tensor([1.0, bad, 0.0, 2.0]), g)
+        with pytest.raises(ValueError, match="non-finite"):
+            group_advantages(torch.tensor([1.0, bad, 0.0, 2.0]), g, std="global")
+    from flowalign.advantages import kept_group_advantages
+
+    adv = kept_group_advantages(torch.tensor([1.0, float("nan"), 0.0, 2.0, 5.0]), torch.tensor([0, 0, 1, 1, 0]))
+    # group 0 keeps rewards 1 and 5 (mean 3, std 2), group 1 keeps 0 and 2 (mean 1, std 1); the NaN row gets 0
+    assert torch.allclose(adv, torch.tensor([-2 / (2 + 1e-4), 0.0, -1 / (1 + 1e-4), 1 / (1 + 1e-4), 2 / (2 + 1e-4)]))
+    # global std over the kept rows only: std of [1, 5, 0, 2] = sqrt(3.5)
+    adv = kept_group_advantages(torch.tensor([1.0, float("nan"), 0.0, 2.0, 5.0]), torch.tensor([0, 0, 1, 1, 0]), std="global")
+    scale = 3.5 ** 0.5 + 1e-4
+    assert torch.allclose(adv, torch.tensor([-2 / scale, 0.0, -1 / scale, 1 / scale, 2 / scale]))
+    with pytest.raises(ValueError, match="inf"):
+        kept_group_advantages(torch.tensor([1.0, float("inf")]), torch.tensor([0, 0]))
+
+
+def test_huge_rewards_normalise_like_small_ones():
+    """1e20 squared overflows fp32: the group's std came out inf and both advantages 0."""
+    g = torch.tensor([0, 0, 1, 1])
+    adv = group_advantages(torch.tensor([0.0, 1e20, 0.0, 1.0]), g, eps=0.0)
+    assert torch.equal(adv, torch.tensor([-1.0, 1.0, -1.0, 1.0]))
+    adv = group_advantages(torch.tensor([0.0, 1e39, 0.0, 1.0], dtype=torch.float64), g, eps=0.0)
+    assert torch.equal(adv, torch.tensor([-1.0, 1.0, -1.0, 1.0])) and adv.dtype == torch.float32

@@ -292,3 +292,12 @@ def test_offline_loss_draws_from_its_generator_and_checks_its_input():
     for bad in [(0.5, 0.5), (-0.1, 1.0), (0.2, 1.1)]:
         with pytest.raises(ValueError, match="sigma_range"):
             get_objective("awm", sigma_range=bad)
+
+
+def test_a_tied_fp64_group_has_exactly_zero_offline_advantage():
+    """Three fp64 rewards of 0.1: r - mean is -1.4e-17, not 0, and the tied rows counted as informative."""
+    from flowalign.objectives.awm import offline_group_advantages
+
+    adv = offline_group_advantages(torch.tensor([[0.1, 0.1, 0.1], [0.0, 0.5, 1.0]], dtype=torch.float64))
+    assert torch.equal(adv[0], torch.zeros(3, dtype=torch.float64))
+    assert adv[1, 0] < 0 < adv[1, 2]

@@ -341,3 +341,13 @@ def test_the_calibration_shards_cover_every_sample_once():
     assert calibration_shard(3, 3, 4) == []
     with pytest.raises(ValueError, match="rank"):
         calibration_shard(4, 2, 2)
+
+
+def test_a_level_decremented_to_zero_is_zero_not_float_round_off():
+    """0.7 - 70 x 0.01 in fp32 steps is 3.7e-7: a step left stochastic with a vanishing std."""
+    gains = torch.ones(8, 1)  # never balanced: -eps2 each round
+    assert dense.calibrate_noise(lambda levels: gains, torch.tensor([0.7]), rounds=70).item() == 0.0
+    assert dense.calibrate_noise(lambda levels: gains, torch.tensor([0.3]), rounds=30).item() == 0.0
+    assert not bool(sde.is_stochastic("flow_sde", 0.5, 0.4, dense.calibrate_noise(lambda levels: gains, torch.tensor([0.7]), rounds=70)))
+    # increments still count from a level below eps2 / 2
+    assert dense.calibrate_noise_table(torch.tensor([0.003]), torch.zeros(4, 1), eps1=2, eps2=0.01).item() == pytest.approx(0.013)

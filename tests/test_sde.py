@@ -283,3 +283,14 @@ def test_a_step_unpacks_as_x_next_mean_std():
     out = sde.step("flow_sde", x, v, 0.8, 0.6, 0.7, noise=torch.zeros(2, 3))
     x_next, mean, std = out
     assert x_next is out.prev_sample and mean is out.mean and std is out.std
+
+
+def test_log_prob_of_a_tiny_std_is_the_density_not_nan():
+    """std = 1e-24: std² underflows fp32 to 0 and (x - mu)² / (2 std²) was 0/0."""
+    got = sde.log_prob(torch.zeros(1, 1), torch.zeros(1, 1), 1e-24)
+    assert torch.allclose(got, torch.tensor([-math.log(1e-24) - 0.5 * math.log(2 * math.pi)]))
+    x, v = torch.zeros(2, 4), torch.ones(2, 4)
+    out = sde.step("flow_sde", x, v, 0.5, 0.4, 1e-24, noise=torch.randn(2, 4, generator=torch.Generator().manual_seed(0)))
+    reference = torch.distributions.Normal(out.mean.double(), out.std.double()).log_prob(out.prev_sample.double()).mean(dim=1)
+    assert torch.isfinite(sde.log_prob(out.prev_sample, out.mean, out.std)).all()
+    assert torch.allclose(sde.log_prob(out.prev_sample, out.mean, out.std).double(), reference, rtol=1e-5)

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from flowalign import lora as lora_lib
+from flowalign.advantages import kept_group_advantages
 from flowalign.config import FlowalignConfig, save_config, to_dict
 from flowalign.train import final_outputs, trainer_checkpoint, trainer_setup
 from flowalign.train import forward_process as fp
@@ -87,18 +88,6 @@ def fill_dropped(rewards: Tensor, group_ids: Tensor) -> Tensor:
         kept = rewards[in_group & ~nan]
         rewards[in_group & nan] = kept.mean() if kept.numel() else 0.0
     return rewards
-
-
-def kept_group_advantages(rewards: Tensor, group_ids: Tensor, **kwargs) -> Tensor:
-    """``group_advantages`` over the kept samples only: a dropped (NaN) reward gets advantage 0 and is
-    left out of its group's mean and std, as the dense objectives do (``kwargs``: std, eps, clip)."""
-    from flowalign.advantages import group_advantages
-
-    kept = ~rewards.isnan()
-    adv = torch.zeros(rewards.shape[0], dtype=torch.float32)
-    if kept.any():
-        adv[kept] = group_advantages(rewards[kept], group_ids[kept], **kwargs)
-    return adv
 
 
 def make_step_batch(batch: Batch, index: Tensor, k: int, log_prob_reduce: str, device: torch.device):

@@ -103,7 +103,9 @@ def offline_group_advantages(rewards: Tensor, eps: float = 1e-4) -> Tensor:
     if rewards.ndim != 2 or rewards.shape[1] < 2:
         raise ValueError(f"rewards must be [P, k] with k >= 2, got {tuple(rewards.shape)}")
     r = rewards.double()
-    centred = r - r.mean(dim=1, keepdim=True)
+    centred = r - r.mean(dim=1, keepdim=True)  # not exactly 0 for a tied group of fp64 values such as 0.1
+    tied = r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)
+    centred = torch.where(tied, torch.zeros_like(centred), centred)
     return centred / (r.std(dim=1, unbiased=False, keepdim=True) + eps)
 
 
