@@ -397,12 +397,15 @@ def _check_some_step_is_stochastic(sampling: SamplingConfig) -> None:
 def _check_online_objective(name: str) -> None:
     """ConfigError, before any model loads, for an objective name that is not registered or that
     ``flowalign train`` does not run (an offline one, or one with its own loop)."""
-    from flowalign.objectives import OFFLINE_TRAINER, ONLINE_TRAINER, available_objectives, trained_by
+    from flowalign.objectives import OBJECTIVES, OFFLINE_TRAINER, ONLINE_TRAINER, available_objectives, resolve_objective, trained_by
 
-    online = [n for n in available_objectives() if ONLINE_TRAINER in trained_by(n)]
-    if name not in available_objectives():
+    online = sorted(n for n in OBJECTIVES if ONLINE_TRAINER in trained_by(n))
+    if name not in OBJECTIVES and ":" not in name and "." not in name and name not in available_objectives():
         raise ConfigError(f"unknown objective {name!r}; available: {online} (offline: "
-                          f"{[n for n in available_objectives() if OFFLINE_TRAINER in trained_by(n)]})")
+                          f"{sorted(n for n in OBJECTIVES if OFFLINE_TRAINER in trained_by(n))}), or a dotted path "
+                          "'package.module:Class', or an entry point of group 'flowalign.objectives'")
+    resolve_objective(name)  # a dotted path or an entry point: imported here (its own error says what failed)
+    online = sorted(n for n in OBJECTIVES if ONLINE_TRAINER in trained_by(n))
     if ONLINE_TRAINER not in trained_by(name):
         runner = trained_by(name)[0]
         hint = " from a rollout store that `flowalign generate` writes (train/configs/toy_gdro.yaml)" if runner == OFFLINE_TRAINER else ""

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from flowalign.errors import ConfigError, FlowalignError, RewardError
+from flowalign.plugins import entry_points, import_object, load_entry_point
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ def as_reward_output(value: Any) -> RewardOutput:
 
 
 def _entry_points() -> list[importlib.metadata.EntryPoint]:
-    return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    return entry_points(ENTRY_POINT_GROUP)
 
 
 def _lazy_available(target: str) -> bool:
@@ -220,33 +221,7 @@ def available_rewards() -> list[str]:
 
 def _import_object(path: str) -> Any:
     """Import ``"pkg.mod:Attr.sub"`` or ``"pkg.mod.Attr"``; ConfigError naming the path otherwise."""
-    if ":" in path:
-        module_name, _, attr_path = path.partition(":")
-        candidates = [(module_name, attr_path)]
-    else:
-        parts = path.split(".")
-        candidates = [(".".join(parts[:i]), ".".join(parts[i:])) for i in range(len(parts) - 1, 0, -1)]
-    for module_name, attr_path in candidates:
-        if not module_name or not attr_path:
-            continue
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            # Only "this module does not exist" moves on to the next split; a missing dependency
-            # inside an existing module is a real error and is reported as such.
-            if exc.name is not None and (module_name == exc.name or module_name.startswith(exc.name + ".")):
-                continue
-            raise ConfigError(f"importing reward {path!r} failed: {exc}") from exc
-        except Exception as exc:
-            raise ConfigError(f"importing reward {path!r} failed: {type(exc).__name__}: {exc}") from exc
-        obj: Any = module
-        try:
-            for attr in attr_path.split("."):
-                obj = getattr(obj, attr)
-        except AttributeError as exc:
-            raise ConfigError(f"reward {path!r}: module {module_name!r} has no attribute {attr_path!r}") from exc
-        return obj
-    raise ConfigError(f"reward {path!r}: no importable module in this dotted path")
+    return import_object(path, "reward")
 
 
 def _unknown_reward(spec: str) -> ConfigError:
@@ -265,12 +240,9 @@ def _resolve(spec: str) -> Any:
     if spec in LAZY_REWARDS:
         obj = _import_object(LAZY_REWARDS[spec])
         return REWARDS.get(spec, obj)  # the module may have registered a factory under the name
-    for ep in _entry_points():
-        if ep.name == spec:
-            try:
-                return ep.load()
-            except Exception as exc:
-                raise ConfigError(f"loading reward entry point {spec!r} = {ep.value!r} failed: {type(exc).__name__}: {exc}") from exc
+    found = load_entry_point(ENTRY_POINT_GROUP, spec, "reward")
+    if found is not None:
+        return found
     if ":" in spec or "." in spec:
         return _import_object(spec)
     raise _unknown_reward(spec)

@@ -64,7 +64,7 @@ class OfflineConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(pretrained="toy"), metadata={"help": "The pipeline the store was generated with."})
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(rank=8, alpha=16.0), metadata={"help": "LoRA settings."})
     store: str = field(default="runs/rollouts_toy", metadata={"help": "Rollout store folder written by `flowalign generate`."})
-    objective: str = field(default="gdro", metadata={"help": f"One of {OFFLINE_OBJECTIVES}."})
+    objective: str = field(default="gdro", metadata={"help": f"One of {OFFLINE_OBJECTIVES}, or your own: a dotted path 'package.module:Class' or a 'flowalign.objectives' entry point."})
     objective_kwargs: dict = field(default_factory=dict, metadata={"help": "Objective arguments, e.g. {beta: 6, tau: 0.05, gamma: 1.0}."})
     k: Optional[int] = field(default=None, metadata={"help": "Samples per group; null = the store's samples_per_prompt."})
     reward: Optional[str] = field(default=None, metadata={"help": "Stored reward used as the explicit reward; null = the only one, or 'total'."})
@@ -88,7 +88,7 @@ class OfflineConfig:
     progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar over the optimizer steps."})
 
     def __post_init__(self):
-        _check(self.objective in OFFLINE_OBJECTIVES, f"objective={self.objective!r} is not one of {list(OFFLINE_OBJECTIVES)}")
+        _check_offline_objective(self.objective)
         _check(self.k is None or self.k >= 2, f"k must be null or >= 2, got {self.k}")
         for name in ("groups_per_batch", "epochs", "keep_checkpoints", "max_nonfinite_steps"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
@@ -101,6 +101,22 @@ class OfflineConfig:
         for backend in self.log_with:
             _check(backend in LOG_BACKENDS, f"log_with entry {backend!r} is not one of {list(LOG_BACKENDS)}")
         _check_objective_kwargs(self.objective, self.objective_kwargs)
+
+
+def _check_offline_objective(name: str) -> None:
+    """ConfigError unless ``name`` is a built-in offline objective or one of the user's (a dotted path or an
+    entry point, :func:`flowalign.objectives.resolve_objective`) whose class says ``trained_by`` ``flowalign offline``."""
+    if name in OFFLINE_OBJECTIVES:
+        return
+    from flowalign.objectives import OFFLINE_TRAINER, available_objectives, resolve_objective, trained_by
+
+    _check(":" in name or "." in name or name in available_objectives(),
+           f"objective={name!r} is not one of {list(OFFLINE_OBJECTIVES)}, a dotted path 'package.module:Class' or an entry point "
+           "of group 'flowalign.objectives'")
+    resolve_objective(name)
+    _check(OFFLINE_TRAINER in trained_by(name), f"objective {name!r} is not trained by `{OFFLINE_TRAINER}` (its class's trained_by "
+                                               f"is {trained_by(name)}); set trained_by = \"{OFFLINE_TRAINER}\" on a class whose loss takes an "
+                                               "OfflineBatch")
 
 
 def _check_objective_kwargs(objective: str, kwargs: dict) -> None:
@@ -242,7 +258,7 @@ class OfflineTrainer(OptimizerViews):
         Nothing is written (and an ``--overwrite``-n run is not cleared) until every part is built.
         """
         from flowalign.errors import CheckpointError
-        from flowalign.objectives import get_objective
+        from flowalign.objectives import get_objective, takes_keyword
 
         cfg = self.config
         latest = None
@@ -259,7 +275,8 @@ class OfflineTrainer(OptimizerViews):
         self._check_store()
         self.generator = torch.Generator().manual_seed(cfg.seed)  # sigma / noise draws of the objective
         # the kwargs were checked when the config was built (_check_objective_kwargs); get_objective raises ConfigError itself
-        self.objective = get_objective(cfg.objective, generator=self.generator, **cfg.objective_kwargs)
+        extra = {"generator": self.generator} if takes_keyword(cfg.objective, "generator") else {}
+        self.objective = get_objective(cfg.objective, **extra, **cfg.objective_kwargs)
         torch.manual_seed(cfg.seed)  # LoRA init (peft draws from the global RNG)
         self.device = torch.device(cfg.device)
         if self.adapter is None:
@@ -497,6 +514,8 @@ class OfflineTrainer(OptimizerViews):
         if self.config.objective == "awm":
             panels = [("loss", ["loss"]), ("likelihood ratio to the base (mean)", ["awm/ratio_mean"]),
                       ("clipped fraction", ["awm/clipfrac"]), ("velocity gap to the base", ["kl/ref"])]
+        elif self.config.objective not in OFFLINE_OBJECTIVES:  # the user's own: its loss
+            panels = [("loss", ["loss"])]
         else:
             prefix = "gdro" if self.config.objective == "gdro" else "dpo"
             panels = [("loss", ["loss"]),

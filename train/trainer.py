@@ -503,6 +503,7 @@ class Trainer(OptimizerViews):
             policy, reference = self.velocity_fns(self.conditioning.policy(batch, index),
                                                   self.conditioning.reference(batch, index) if needs_reference else None)
             loss, metrics = self.objective.loss(rows, policy, reference)
+        metrics = {"loss/total": float(loss.detach()), **metrics}  # an objective of the user's need not report its loss
         return metrics if self.optim.backward(loss * scale, f"at step {k}") else {}
 
     # ================================================================= logging / eval

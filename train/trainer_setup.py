@@ -166,12 +166,18 @@ def build_objective(config: FlowalignConfig) -> ObjectiveParts:
     """The objective from ``objective.*`` and the noise schedule from ``sampling.*`` (or
     ``dense.noise_table_file``). Raises ConfigError for an unknown objective or bad arguments."""
     from flowalign import sde
-    from flowalign.objectives import get_objective
+    from flowalign.objectives import get_objective, resolve_objective, takes_keyword
 
     ocfg = config.objective
     # clip_range / kl_beta only when set: an unset key keeps the objective's own default (AWM clips at 1.0, TP-GRPO at 1e-5)
     chosen = {key: getattr(ocfg, key) for key in ("clip_range", "kl_beta") if getattr(ocfg, key) is not None}
-    objective = get_objective(ocfg.name, adv_clip=ocfg.adv_clip, **chosen, **ocfg.kwargs)
+    refused = [key for key in chosen if not takes_keyword(resolve_objective(ocfg.name), key)]
+    if refused:
+        raise ConfigError(f"objective {ocfg.name!r} takes no {' / '.join(refused)}, which the recipe sets: set "
+                          f"{', '.join(f'objective.{key}=null' for key in refused)}")
+    if takes_keyword(ocfg.name, "adv_clip"):  # always set (default 5); an objective of the user's may not take it
+        chosen["adv_clip"] = ocfg.adv_clip
+    objective = get_objective(ocfg.name, **chosen, **ocfg.kwargs)
     if getattr(objective, "needs_ema", False) and not config.train.ema:
         raise ConfigError(f"objective {ocfg.name!r} with ema_beta > 0 penalises the distance to the EMA of the LoRA: set train.ema=true "
                           "(train.ema_decay sets how fast it follows)")

@@ -81,6 +81,14 @@ class Objective(Protocol):
         trained_by: what runs the objective (one name, or a tuple of them: awm runs in both
             trainers), :data:`ONLINE_TRAINER` when absent; ``flowalign train`` refuses, on load, an
             objective it does not run (gdro / diffusion_dpo: :data:`OFFLINE_TRAINER`).
+
+    Construction: ``flowalign train`` builds the class with ``objective.kwargs`` plus ``clip_range`` /
+    ``kl_beta`` when the recipe sets them and ``adv_clip`` when the constructor takes it;
+    ``flowalign offline`` with ``objective_kwargs`` and ``generator`` (a ``torch.Generator``).
+    Metrics: ``loss`` returns slash-named floats that are averaged over micro-batches and logged
+    (``metrics.csv``, TensorBoard); the trainer adds ``loss/total`` (the returned loss) unless the
+    objective reports it. Objectives of your own: see :mod:`flowalign.objectives` (dotted path or
+    entry point in a recipe, no edit here).
     """
 
     name: str

@@ -1,0 +1,118 @@
+"""Objectives of the user's own, named in a recipe by a dotted path or an entry point (flowalign.objectives.resolve_objective):
+no edit of the library, a run that used one resumes with it, and the trainer logs its loss."""
+from __future__ import annotations
+
+import csv
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+
+from flowalign.config import load_config
+from flowalign.errors import ConfigError
+from flowalign.objectives import OBJECTIVES, available_objectives, get_objective, resolve_objective
+from flowalign.train import cli
+
+# REINFORCE on the recorded transitions: no clip, no reference, no adv_clip argument, no loss/total metric
+REINFORCE_SOURCE = """
+    import torch
+    from flowalign import sde
+
+
+    class Reinforce:
+        needs_reference = False
+
+        def __init__(self, scale: float = 1.0):
+            self.scale = scale
+
+        def loss(self, batch, policy, reference):
+            v = policy(batch.x, batch.sigma)
+            out = sde.step(batch.kernel, batch.x, v, batch.sigma, batch.sigma_next, batch.noise_level)
+            logp = sde.log_prob(batch.x_next, out.mean, out.std, reduce=batch.log_prob_reduce)
+            return -(self.scale * batch.advantages * logp).mean(), {"policy/logp_mean": float(logp.detach().mean())}
+
+
+    class NotAnObjective:
+        pass
+"""
+
+SETTINGS = ["sampling.num_steps=3", "sampling.guidance_scale=1.0", "sampling.group_size=2", "train.prompts_per_iter=2",
+            "train.micro_batch_size=4", "train.grad_accum=3", "lora.rank=2", "lora.alpha=4", "train.progress=false",
+            "train.log_with=[]", "train.eval_every=-1", "train.checkpoint_every=1"]
+
+
+@pytest.fixture
+def plugin_module(tmp_path, monkeypatch):
+    name = f"fa_obj_{uuid.uuid4().hex[:10]}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(REINFORCE_SOURCE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    sys.modules.pop(name, None)
+    for key in [k for k in OBJECTIVES if k.startswith(name)]:
+        OBJECTIVES.pop(key)
+
+
+TINY_RECIPE = Path(__file__).resolve().parents[1] / "train" / "configs" / "tiny_grpo.yaml"
+
+
+def _train(run, *extra):
+    args = ["train", "--config", str(TINY_RECIPE)]
+    for item in SETTINGS + [f"train.output_dir={run}", *extra]:
+        args += ["--set", item]
+    return args
+
+
+def test_a_dotted_path_objective_trains_logs_its_loss_and_resumes(tmp_path, plugin_module):
+    name = f"{plugin_module}:Reinforce"
+    run = tmp_path / "run"
+    assert cli.main(_train(run, f"objective.name={name}", "objective.kwargs={scale: 2.0}", "train.iterations=1",
+                           "objective.clip_range=null", "objective.kl_beta=null")) == 0
+    with open(run / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 1 and float(rows[0]["loss/total"]) == float(rows[0]["loss/total"])  # logged by the trainer, finite
+    assert "policy/logp_mean" in rows[0]
+    OBJECTIVES.pop(name)  # a fresh process: the resumed run imports it again from its config.yaml
+    assert cli.main(["train", "--resume", str(run), "--set", "train.iterations=2"]) == 0
+    with open(run / "metrics.csv", newline="") as fh:
+        assert [int(r["iteration"]) for r in csv.DictReader(fh)] == [1, 2]
+    assert get_objective(name, scale=3.0).scale == 3.0 and OBJECTIVES[name].name == name
+
+
+def test_recipe_keys_the_objective_does_not_take_are_named(tmp_path, plugin_module, capsys):
+    """The tiny recipe sets objective.clip_range and kl_beta, which Reinforce does not take."""
+    assert cli.main(_train(tmp_path / "run", f"objective.name={plugin_module}:Reinforce", "train.iterations=1")) == 2
+    assert "set objective.clip_range=null, objective.kl_beta=null" in capsys.readouterr().err
+
+
+def test_bad_objective_names_say_what_is_wrong(tmp_path, plugin_module):
+    with pytest.raises(ConfigError, match="not a class with a loss"):
+        load_config(None, [f"objective.name={plugin_module}:NotAnObjective"])
+    with pytest.raises(ConfigError, match="has no attribute 'Missing'"):
+        load_config(None, [f"objective.name={plugin_module}:Missing"])
+    with pytest.raises(ConfigError, match="no importable module"):
+        load_config(None, ["objective.name=fa_nowhere_zz.mod:Thing"])
+    with pytest.raises(ConfigError, match=r"unknown objective 'reinforce'.*dotted path"):
+        load_config(None, ["objective.name=reinforce"])
+
+
+def test_an_entry_point_objective_is_listed_and_selectable(tmp_path, plugin_module, monkeypatch):
+    dist_info = tmp_path / f"{plugin_module}-0.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {plugin_module}\nVersion: 0.1\n")
+    ep_name = f"{plugin_module}_reinforce"
+    (dist_info / "entry_points.txt").write_text(f"[flowalign.objectives]\n{ep_name} = {plugin_module}:Reinforce\n")
+    try:
+        assert ep_name in available_objectives()
+        cfg = load_config(None, [f"objective.name={ep_name}"])
+        assert cfg.objective.name == ep_name and resolve_objective(ep_name) == ep_name
+    finally:
+        OBJECTIVES.pop(ep_name, None)
+
+
+def test_an_offline_objective_of_the_users_must_say_it_is_trained_offline(tmp_path, plugin_module):
+    from flowalign.train.offline_trainer import load_offline_config
+
+    with pytest.raises(ConfigError, match="not trained by `flowalign offline`"):
+        load_offline_config(None, [f"objective={plugin_module}:Reinforce", "store=x"])
