@@ -28,10 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import logging
+
 import yaml
 
 from flowalign.errors import ConfigError
 from flowalign.lr_schedule import LR_SCHEDULES
+
+logger = logging.getLogger(__name__)
 
 try:  # the `dense:` section is owned by flowalign/step_rewards.py (DenseGRPO / TP-GRPO settings)
     from flowalign.step_rewards import DenseConfig
@@ -637,25 +641,101 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
+def packaged_recipe_dir() -> Path:
+    """The shipped recipes (``train/configs`` of the repository, ``flowalign/train/configs`` when installed)."""
+    import flowalign.train
+
+    return Path(flowalign.train.__file__).resolve().parent / "configs"
+
+
+def resolve_recipe(path: Union[str, Path], relative_to: Optional[Path] = None) -> Path:
+    """The recipe file ``path`` names: the path itself (relative to ``relative_to`` first, when given) or,
+    when there is none, the shipped one: ``train/configs/X.yaml`` and ``train/accelerate/X.yaml`` from any
+    folder (an installed flowalign has no ``train/`` beside the user), and a bare name ``X`` or ``X.yaml``
+    (``toy_dense_grpo``). Returns ``path`` unchanged when nothing matches (the caller reports it missing)."""
+    path = Path(path)
+    if relative_to is not None and not path.is_absolute() and (relative_to / path).is_file():
+        return relative_to / path
+    if path.is_file():
+        return path
+    shipped = packaged_recipe_dir()
+    parts = path.parts
+    if len(parts) == 3 and parts[0] == "train" and parts[1] in ("configs", "accelerate"):
+        candidate = shipped.parent / parts[1] / parts[2]
+        return candidate if candidate.is_file() else path
+    if len(parts) == 1:
+        for candidate in (shipped / parts[0], shipped / f"{parts[0]}.yaml"):
+            if candidate.is_file():
+                return candidate
+    return path
+
+
+def read_recipe(path: Union[str, Path], what: str = "train", _chain: tuple = ()) -> dict[str, Any]:
+    """The settings of the recipe YAML ``path`` (:func:`resolve_recipe`) as a mapping.
+
+    A recipe may start from another: ``base: toy_grpo`` (a shipped recipe's name, or a path relative to
+    the recipe's folder) reads that one first and lays this file's keys over it (mappings merge key by
+    key, every other value, lists included, replaces), so a recipe holds only what it changes.
+
+    Raises:
+        ConfigError: missing or unreadable file, invalid YAML, a top level that is not a mapping, a
+            ``base`` that is missing or names a recipe of its own chain.
+    """
+    label = "config file" if what == "train" else f"{what} config"
+    resolved = resolve_recipe(path, relative_to=_chain[-1].parent if _chain else None)
+    if not resolved.is_file():
+        raise ConfigError(f"config file not found: {path}" if what == "train" else f"{what} config {str(path)!r} does not exist")
+    try:
+        data = load_yaml(resolved.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{label} {resolved} is not valid YAML{where}: {_yaml_problem(exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{label} {resolved} cannot be read: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label} {resolved} must hold a mapping of sections, got {type(data).__name__}")
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{label} {resolved}: base must name a recipe (a shipped name such as toy_grpo, or a path), got {base!r}")
+    chain = (*_chain, resolved.resolve())
+    base_path = resolve_recipe(base, relative_to=resolved.parent)
+    if base_path.is_file() and base_path.resolve() in chain:
+        raise ConfigError(f"{label} {resolved}: base {base!r} starts a loop ({' -> '.join(str(c) for c in chain)} -> {base_path})")
+    if not base_path.is_file():
+        raise ConfigError(f"{label} {resolved}: base {base!r} is neither a file next to it nor a shipped recipe "
+                          f"({', '.join(sorted(p.stem for p in packaged_recipe_dir().glob('*.yaml')))})")
+    return _merged(read_recipe(base_path, what, chain), data)
+
+
+def _merged(base: dict, top: dict) -> dict:
+    """``top`` laid over ``base``: nested mappings merge key by key; any other value of ``top`` replaces."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
+    return out
+
+
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> FlowalignConfig:
-    """Read a YAML recipe (or the defaults when ``path`` is None), apply overrides, validate.
+    """Read a YAML recipe (:func:`read_recipe`: a file, a shipped recipe's name, ``base:`` chains) or the
+    defaults when ``path`` is None, apply overrides, validate.
+
+    A recipe file that sets no ``model.pretrained`` (and no ``base``) gets a warning: the built-in
+    default is ``tiny-sd3``, a random test pipeline, not the toy that ``flowalign train`` aligns.
 
     Raises:
         ConfigError: missing/unreadable file, invalid YAML, unknown key, wrong type, bad value.
     """
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = load_yaml(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"config file {path} is not valid YAML{where}: {_yaml_problem(exc)}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+        data = read_recipe(path, "train")
+        model = data.get("model")
+        if not (isinstance(model, dict) and "pretrained" in model) and not any(o.startswith("model.pretrained=") for o in overrides or []):
+            logger.warning("%s sets no model.pretrained: the built-in default %r is a random test pipeline. A recipe is a whole "
+                           "file (start from `flowalign config > mine.yaml`), or starts from a shipped one with `base: toy_grpo`",
+                           path, ModelConfig().pretrained)
     return config_from_dict(apply_overrides(data, list(overrides or [])))
 
 

@@ -18,6 +18,7 @@ from flowalign.rewards.base import (
     available_rewards,
     call_reward,
     check_reward_inputs,
+    check_reward_spec,
     load_reward,
     register_reward,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "available_rewards",
     "call_reward",
     "check_reward_inputs",
+    "check_reward_spec",
     "load_reward",
     "register_reward",
 ]

@@ -278,18 +278,40 @@ def _is_scoring_function(fn: Callable, name: str, kwargs: dict[str, Any]) -> boo
         raise ConfigError(f"reward {name!r} cannot be called with arguments {sorted(kwargs)} ({why}as a factory: {exc})") from None
 
 
+def _check_constructor_arguments(obj: Any, name: str, kwargs: dict[str, Any]) -> None:
+    try:
+        inspect.signature(obj).bind(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"reward {name!r} cannot be built with arguments {sorted(kwargs)}: {exc}") from exc
+    except ValueError:
+        pass  # no signature available (builtins); let the call decide
+
+
+def check_reward_spec(spec: str, **kwargs: Any) -> None:
+    """What :func:`load_reward` would refuse about ``spec`` and ``kwargs`` without building the reward (no model
+    loads): an unknown name, a failed import, arguments the class or factory does not take.
+
+    Raises:
+        ConfigError: as :func:`load_reward` does for those.
+    """
+    name = spec.strip()
+    if not name:
+        raise _unknown_reward(spec)
+    obj = _resolve(name)
+    if isinstance(obj, Reward):
+        if kwargs:
+            raise ConfigError(f"reward {name!r} is an instance; it takes no arguments (got {sorted(kwargs)})")
+    elif isinstance(obj, type) or not _is_scoring_function(obj, name, kwargs):
+        _check_constructor_arguments(obj, name, kwargs)
+
+
 def _build(obj: Any, name: str, kwargs: dict[str, Any]) -> Reward:
     if isinstance(obj, Reward):
         if kwargs:
             raise ConfigError(f"reward {name!r} is an instance; it takes no arguments (got {sorted(kwargs)})")
         return obj
     if isinstance(obj, type) or not _is_scoring_function(obj, name, kwargs):
-        try:
-            inspect.signature(obj).bind(**kwargs)
-        except TypeError as exc:
-            raise ConfigError(f"reward {name!r} cannot be built with arguments {sorted(kwargs)}: {exc}") from exc
-        except ValueError:
-            pass  # no signature available (builtins); let the call decide
+        _check_constructor_arguments(obj, name, kwargs)
         try:
             built = obj(**kwargs)
         except FlowalignError:

@@ -161,3 +161,21 @@ def test_config_refuses_bad_keys_in_one_line(capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.strip() == "flowalign config: error: unknown config key 'train.lrr'; did you mean 'train.lr'?"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rewards.0.name=fa_nowhere_zz.mod:Thing", "no importable module"),
+    ("rewards.0.kwargs.partial_wieght=1", "unexpected keyword argument 'partial_wieght'"),
+    ("objective.kwargs.clip=1", "unexpected keyword argument 'clip'"),
+])
+def test_config_refuses_what_train_would_refuse(override, message, capsys):
+    """`flowalign config` used to print these recipes, which `flowalign train` then refused."""
+    assert cli.main(["config", "--set", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("flowalign config: error: ") and message in err
+
+
+def test_config_prints_a_recipe_whose_reward_is_not_installed_with_a_warning(capsys):
+    assert cli.main(["config", "--set", "rewards.0.name=brigthness"]) == 0
+    out = capsys.readouterr()
+    assert "\"name\": \"brigthness\"" in out.out and "reward 'brigthness' is not installed here" in out.err

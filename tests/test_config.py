@@ -279,3 +279,55 @@ def test_a_schedule_without_any_stochastic_step_is_a_config_error():
     # a DenseGRPO noise table file replaces the schedule: its a: 0 is not what samples
     assert C.load_config(None, ["sampling.noise_kwargs={a: 0}", "objective.name=dense_grpo", "dense.noise_table_file=/tmp/x.json",
                                 "dense.calibration_rounds=0"])
+
+
+def test_a_recipe_can_start_from_a_shipped_one_and_change_only_a_few_keys(tmp_path):
+    from flowalign.config import read_recipe
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: toy_grpo\ntrain:\n  lr: 1.0e-4\nrewards:\n  - {name: brightness, weight: 1.0}\n")
+    cfg = C.load_config(mine)
+    toy = C.load_config("toy_grpo")
+    assert cfg.model.pretrained == toy.model.pretrained == "toy"  # kept from the base
+    assert cfg.train.lr == 1e-4 and cfg.train.iterations == toy.train.iterations  # a section merges key by key
+    assert [r.name for r in cfg.rewards] == ["brightness"]  # a list replaces
+    # a base next to the recipe, two levels deep, with overrides on top
+    (tmp_path / "mid.yaml").write_text("base: mine.yaml\ntrain: {iterations: 3}\n")
+    cfg = C.load_config(tmp_path / "mid.yaml", ["train.seed=7"])
+    assert (cfg.train.iterations, cfg.train.lr, cfg.train.seed, cfg.model.pretrained) == (3, 1e-4, 7, "toy")
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="starts a loop"):
+        read_recipe(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: toy_grpoo\n")
+    with pytest.raises(ConfigError, match="neither a file next to it nor a shipped recipe.*toy_grpo"):
+        C.load_config(tmp_path / "c.yaml")
+
+
+def test_shipped_recipes_are_found_by_name_and_by_their_repository_path_from_any_folder(tmp_path, monkeypatch):
+    from flowalign.config import packaged_recipe_dir, resolve_recipe
+
+    monkeypatch.chdir(tmp_path)  # where an installed flowalign's user stands: no train/ here
+    assert resolve_recipe("toy_nft") == packaged_recipe_dir() / "toy_nft.yaml"
+    assert resolve_recipe("toy_nft.yaml") == packaged_recipe_dir() / "toy_nft.yaml"
+    assert resolve_recipe("train/configs/toy_gdro.yaml") == packaged_recipe_dir() / "toy_gdro.yaml"
+    assert resolve_recipe("train/accelerate/cpu.yaml") == packaged_recipe_dir().parent / "accelerate" / "cpu.yaml"
+    assert C.load_config("train/configs/toy_nft.yaml").objective.name == "nft"
+    (tmp_path / "toy_nft.yaml").write_text("train: {lr: 0.25}\nmodel: {pretrained: tiny-sd3}\n")
+    assert C.load_config("toy_nft.yaml").train.lr == 0.25  # a file of the user's wins over a shipped name
+    with pytest.raises(ConfigError, match="config file not found: nope"):
+        C.load_config("nope")
+
+
+def test_a_recipe_without_a_model_warns_that_the_default_is_a_random_test_model(tmp_path, caplog):
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("train: {lr: 1.0e-4}\n")
+    with caplog.at_level("WARNING"):
+        assert C.load_config(partial).model.pretrained == "tiny-sd3"
+    assert "sets no model.pretrained" in caplog.text and "base: toy_grpo" in caplog.text
+    caplog.clear()
+    (tmp_path / "based.yaml").write_text("base: toy_grpo\n")
+    with caplog.at_level("WARNING"):
+        C.load_config(tmp_path / "based.yaml")
+        C.load_config(partial, ["model.pretrained=toy"])
+    assert "sets no model.pretrained" not in caplog.text

@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_config(args: argparse.Namespace) -> int:
     """``flowalign config``: print the resolved recipe (every key with its help) as YAML; returns the exit status."""
     from flowalign.config import describe_config, load_config
+    from flowalign.rewards import available_rewards, check_reward_spec
     from flowalign.train.generate import load_generate_config
     from flowalign.train.offline_trainer import load_offline_config
 
@@ -126,6 +127,15 @@ def run_config(args: argparse.Namespace) -> int:
             config = load_generate_config(args.config, list(args.overrides))
         else:
             config = load_config(args.config or DEFAULT_RECIPE, list(args.overrides))
+            from flowalign.train.trainer_setup import build_objective
+
+            build_objective(config)  # what `flowalign train` refuses before loading a model: the objective's arguments
+        for reward in getattr(config, "rewards", None) or []:  # and the rewards' names and arguments
+            if reward.name in available_rewards() or ":" in reward.name or "." in reward.name:
+                check_reward_spec(reward.name, **reward.kwargs)
+            else:  # a plugin of another machine (the SD3.5 recipes' geneval): print the recipe, say so
+                sys.stderr.write(f"flowalign config: warning: reward {reward.name!r} is not installed here "
+                                 f"(available: {', '.join(available_rewards())}): train would refuse this recipe here\n")
     except (FlowalignError, FileNotFoundError) as exc:
         return _error("config", exc)
     sys.stdout.write(describe_config(config))

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-import yaml
 from torch import Tensor
 
 from flowalign import sde
-from flowalign.config import KERNELS, MODEL_MEMORY_KNOBS, ModelConfig, RewardConfig, apply_overrides, build_dataclass, load_yaml, to_dict
+from flowalign.config import KERNELS, MODEL_MEMORY_KNOBS, ModelConfig, RewardConfig, apply_overrides, build_dataclass, to_dict
 from flowalign.errors import ConfigError
 from flowalign.offline import SampleFn, ScoreFn, fill_store
 
@@ -71,21 +70,11 @@ class GenerateConfig:
 
 
 def read_yaml_mapping(path: Union[str, Path], what: str) -> dict[str, Any]:
-    """The top-level mapping of the YAML file ``path``; :class:`ConfigError` (one line) if missing or invalid."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} config {str(path)!r} does not exist")
-    try:
-        data = load_yaml(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
-        raise ConfigError(f"{what} config {path} is not valid YAML{where}: {problem}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{what} config {path} cannot be read: {exc}") from None
-    _check(isinstance(data, dict), f"{path}: top level must be a mapping of {what} settings, got {type(data).__name__}")
-    return data
+    """The top-level mapping of the YAML file ``path`` (:func:`flowalign.config.read_recipe`: a shipped recipe's
+    name works, and ``base:`` chains); :class:`ConfigError` (one line) if missing or invalid."""
+    from flowalign.config import read_recipe
+
+    return read_recipe(path, what)
 
 
 def load_generate_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> GenerateConfig:
