@@ -14,3 +14,10 @@ Beside it: ``flowalign.pipelines`` (adapters over diffusers pipelines, the toy m
 ``flowalign.rewards`` (the reward protocol, registry and plugins) and ``flowalign.train``
 (trainers, the ``flowalign`` command, recipes). See DESIGN.md for the architecture.
 """
+
+from importlib import metadata as _metadata
+
+try:
+    __version__ = _metadata.version("flowalign-rl")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0+unknown"

@@ -64,6 +64,10 @@ def test_wheel_installs_and_imports_in_a_scratch_venv(wheel, tmp_path):
         "    assert pathlib.Path(mod.__file__).is_relative_to(site), (name, mod.__file__)\n"
         "from flowalign.assets import asset_path\n"
         "print(asset_path())\n"
+        "import flowalign\n"
+        "assert flowalign.__version__ == '0.1.0', flowalign.__version__\n"
+        "from flowalign.config import load_config, resolve_recipe\n"
+        "assert resolve_recipe('toy_nft').is_relative_to(site) and load_config('train/configs/toy_nft.yaml').objective.name == 'nft'\n"
     )
     result = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
@@ -86,3 +90,25 @@ def test_make_install_refuses_before_touching_a_full_disk(tmp_path):
     assert not (tmp_path / ".venv").exists()
     dry = subprocess.run(["make", "-n", "install"], cwd=tmp_path, capture_output=True, text=True)
     assert dry.returncode == 0 and "-m venv" in dry.stdout
+
+
+@pytest.mark.skipif(not (REPO / ".git").exists() or shutil.which("git") is None, reason="builds from the git working tree")
+def test_the_sdist_carries_what_its_tests_and_docs_need(tmp_path):
+    """The tests import bench/ scripts and the docs cite DESIGN.md: an sdist without them failed its own tests."""
+    import tarfile
+
+    # a copy of the working tree without build leftovers (a stale egg-info's SOURCES.txt would fill the sdist)
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True, capture_output=True, text=True).stdout.split()
+    tree = tmp_path / "tree"
+    for rel in files:
+        if (REPO / rel).is_file():
+            (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, tree / rel)
+    subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "-o", str(tmp_path), str(tree)],
+                   check=True, capture_output=True, env={**os.environ, "PIP_NO_INDEX": "1"})
+    (sdist,) = tmp_path.glob("flowalign_rl-*.tar.gz")
+    names = {name.split("/", 1)[1] for name in tarfile.open(sdist).getnames() if "/" in name}
+    for needed in ("DESIGN.md", "Makefile", ".ci/run", "bench/heldout_curve.py", "bench/README.md", "tests/test_bench_heldout_plot.py",
+                   "assets/toy/model_index.json", "train/configs/toy_grpo.yaml"):
+        assert needed in names, needed
+    assert not any("__pycache__" in name for name in names)

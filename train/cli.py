@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+import flowalign
 from flowalign.errors import Aborted, FlowalignError, TrainingStopped
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``flowalign`` argument parser: train, eval, generate, offline, config."""
     parser = argparse.ArgumentParser(prog="flowalign", description="RL alignment of diffusion / flow-matching generators.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {flowalign.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{train,eval,generate,offline,config}")
 
     train = sub.add_parser("train", help="train a LoRA with an online RL recipe (default: the toy recipe)",
