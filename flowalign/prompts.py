@@ -54,7 +54,9 @@ def load_prompts(path: Union[str, Path]) -> list[PromptRecord]:
             JSON, a JSON line that is not an object, a missing / empty / non-string ``"prompt"``,
             or a file without any prompt. The message names the file and the line.
     """
-    path = Path(path)
+    from flowalign.assets import resolve_asset
+
+    path = resolve_asset(path)  # "assets/prompts/..." from any folder with an installed flowalign
     suffix = path.suffix.lower()
     if suffix not in PROMPT_FILE_SUFFIXES:
         raise PromptFileError(f"{path}: unsupported prompt file type {suffix or '(none)'!r}; use .txt or .jsonl", path=path)

@@ -110,7 +110,9 @@ def load_adapter(
     _import_families()
     pipeline = pipeline_or_path
     if isinstance(pipeline_or_path, (str, Path)):
-        path = Path(pipeline_or_path)
+        from flowalign.assets import resolve_asset
+
+        path = resolve_asset(pipeline_or_path)  # "assets/toy" from any folder with an installed flowalign
         if not path.is_dir():
             raise FileNotFoundError(f"{str(path)!r} is not a local diffusers pipeline folder (load_adapter loads local folders only; `model.pretrained` in a recipe also takes hub ids)")
         from diffusers import DiffusionPipeline

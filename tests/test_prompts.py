@@ -246,3 +246,15 @@ def test_state_dict_mismatch(change):
 def test_sampler_config_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         PromptSampler(**kwargs)
+
+
+def test_repository_asset_paths_work_from_any_folder(tmp_path, monkeypatch):
+    """An installed flowalign has no assets/ beside the user: the docs' relative paths fall back to the shipped files."""
+    from flowalign.assets import asset_path, resolve_asset
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_asset("assets/prompts/shapes_heldout.jsonl") == asset_path("prompts", "shapes_heldout.jsonl")
+    assert len(load_prompts("assets/prompts/shapes_heldout.jsonl")) == len(load_prompts(asset_path("prompts", "shapes_heldout.jsonl")))
+    (tmp_path / "assets" / "prompts").mkdir(parents=True)
+    (tmp_path / "assets" / "prompts" / "shapes_heldout.jsonl").write_text('{"prompt": "a red square"}\n')
+    assert [r.prompt for r in load_prompts("assets/prompts/shapes_heldout.jsonl")] == ["a red square"]  # the user's own file wins

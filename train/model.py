@@ -19,14 +19,9 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the hub spe
 
 def resolve_path(path: Union[str, Path]) -> Path:
     """A path as given, or, when it does not exist and starts with ``assets/``, the packaged asset."""
-    path = Path(path)
-    if not path.exists() and path.parts and path.parts[0] == "assets":
-        from flowalign.assets import ASSETS_DIR
+    from flowalign.assets import resolve_asset
 
-        packaged = ASSETS_DIR.joinpath(*path.parts[1:])
-        if packaged.exists():
-            return packaged
-    return path
+    return resolve_asset(path)
 
 
 def dtype_kwarg(dtype: torch.dtype) -> dict:
