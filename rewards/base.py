@@ -120,10 +120,16 @@ class Reward:
         raise NotImplementedError
 
     def __call__(self, images: Tensor, prompts: list[str], metadata: Optional[list[dict[str, Any]]] = None) -> RewardOutput:
-        """:meth:`score` after :func:`check_reward_inputs` (RewardError for uint8 or 0..255 images, a wrong shape,
-        a prompt count that differs from the batch): a direct call gets the checks ``call_reward`` makes."""
-        metadata = check_reward_inputs(images, prompts, metadata, name=reward_name(self))
-        return self.score(images, prompts, metadata)
+        """:meth:`score` between the checks ``call_reward`` makes: :func:`check_reward_inputs` before it (RewardError for
+        uint8 or 0..255 images, a wrong shape, a prompt count that differs from the batch), and after it RewardError
+        unless it returned ``B`` scores. NaN / inf scores come back as they are: ``call_reward`` applies the
+        ``on_error`` policy (``raise`` or ``drop``) to them."""
+        name = reward_name(self)
+        metadata = check_reward_inputs(images, prompts, metadata, name=name)
+        try:
+            return _checked_output(self.score(images, prompts, metadata), images.shape[0])
+        except _MalformedOutput as exc:
+            raise _MalformedOutput(exc.detail, reward=name) from None  # call_reward's on_error still applies
 
     def to(self, device: Union[torch.device, str]) -> "Reward":
         """Move the reward's models to ``device`` and compute there from now on; returns self."""
@@ -402,8 +408,12 @@ def check_reward_inputs(images: Tensor, prompts: Sequence[str], metadata: Option
     return [dict(m) for m in metadata]
 
 
-class _MalformedOutput(Exception):
-    """A reward returned something other than ``B`` scores."""
+class _MalformedOutput(RewardError):
+    """A reward returned something other than ``B`` scores (``detail`` says what, without the reward's name)."""
+
+    def __init__(self, detail: str, reward: Optional[str] = None):
+        super().__init__(f"reward {reward!r} {detail}" if reward else detail, reward=reward)
+        self.detail = detail
 
 
 def _checked_output(value: Any, batch: int) -> RewardOutput:
@@ -447,11 +457,13 @@ def call_reward(reward: Callable, images: Tensor, prompts: Sequence[str],
     batch = len(prompts)
     try:
         out = _checked_output(reward(images, prompts, metadata), batch)
+    except _MalformedOutput as exc:  # from here or from Reward.__call__'s own check
+        if on_error == "raise":
+            raise RewardError(f"reward {name!r} {exc.detail}; prompts: {_quote(prompts)}", reward=name, prompts=prompts) from None
+        out = _score_each(reward, name, images, prompts, metadata, exc, on_error)
     except RewardError:
         raise  # a nested call_reward (MultiReward component) under "raise" already decided
     except Exception as exc:  # noqa: BLE001 - every failure of user code goes through the policy
-        if isinstance(exc, _MalformedOutput) and on_error == "raise":
-            raise RewardError(f"reward {name!r} {exc}; prompts: {_quote(prompts)}", reward=name, prompts=prompts) from None
         out = _score_each(reward, name, images, prompts, metadata, exc, on_error)
 
     scores = out.scores
@@ -486,6 +498,8 @@ def _score_each(reward: Callable, name: str, images: Tensor, prompts: list[str],
                 scores.append(out.scores)
                 details.append(out.details)
                 continue
+            except _MalformedOutput as exc:
+                error = exc
             except RewardError:
                 raise
             except Exception as exc:  # noqa: BLE001

@@ -590,3 +590,18 @@ def test_one_by_one_rescoring_keeps_each_samples_details():
     assert out.details["binary"][[0, 2]].tolist() == (m[[0, 2]] > 0.5).float().tolist() and torch.isnan(out.details["binary"][1])
     assert out.details["label"] == ["A", None, "C"]
     assert "note" not in out.details and out.details["scored_one_by_one"]  # not per-sample: left out
+
+
+def test_a_direct_call_checks_the_number_of_scores_and_leaves_nan_to_the_policy():
+    from flowalign.errors import RewardError
+
+    short = load_reward(lambda images, prompts, metadata: [0.1, 0.2, 0.3])
+    with pytest.raises(RewardError, match=r"returned scores of shape \[3\] for 4 prompts"):
+        short(_images(4), ["a"] * 4)
+    column = load_reward(lambda images, prompts, metadata: torch.zeros(4, 1))
+    with pytest.raises(RewardError, match=r"shape \[4, 1\]"):
+        column(_images(4), ["a"] * 4)
+    nan = load_reward(lambda images, prompts, metadata: torch.tensor([0.5, float("nan")]))
+    assert torch.isnan(nan(_images(2), ["a", "b"]).scores[1])  # call_reward's on_error decides
+    with pytest.raises(RewardError, match="non-finite"):
+        call_reward(nan, _images(2), ["a", "b"])
