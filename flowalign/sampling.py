@@ -94,6 +94,7 @@ def integrate(
     record_x0: bool = True,
     micro_batch_size: Optional[int] = None,
     drift_fn: Optional[Callable[..., Tensor]] = None,
+    on_step: Optional[Callable[[int], None]] = None,
 ) -> Integration:
     """Run ``K = len(sigmas) - 1`` transitions from ``x`` at ``sigmas[0]`` (the core of :func:`rollout`).
 
@@ -111,6 +112,7 @@ def integrate(
             ``drift_fn(x0_hat, std, generator) -> [B, *latent]``, called at each stochastic step
             before its kernel noise is drawn; the drift moves the sample, not the recorded
             log-density's mean (:func:`flowalign.sde.step`).
+        on_step: called with ``k`` after transition ``k`` (a progress bar).
     """
     num_steps = sigmas.shape[0] - 1
     if levels is None:
@@ -155,6 +157,8 @@ def integrate(
                 out.x0_preds[:, k] = x - s * v.to(x.dtype)
         x = step.prev_sample
         out.nfe += cfg_factor * batch
+        if on_step is not None:
+            on_step(k)
     out.final = x
     return out
 
@@ -200,6 +204,7 @@ def rollout(
     micro_batch_size: Optional[int] = None,
     cond=None,
     drift=None,
+    on_step: Optional[Callable[[int], None]] = None,
 ) -> Trajectory:
     """Sample ``group_size`` trajectories per prompt and record them (DESIGN.md §5).
 
@@ -226,6 +231,7 @@ def rollout(
         drift: a :class:`flowalign.guidance.RewardDrift` (Euphonium's process-reward guidance of
             the stochastic steps) or None. Its random draws (SPSA directions) come from
             ``generator`` at each stochastic step, before that step's kernel noise.
+        on_step: called with ``k`` after denoising step ``k`` of the batch (a progress bar).
 
     Returns:
         a :class:`flowalign.trajectory.Trajectory` with ``B = P·G`` rows.
@@ -272,6 +278,7 @@ def rollout(
         record_x0=record_x0,
         micro_batch_size=micro_batch_size,
         drift_fn=guidance.bind(drift, [p for p in prompts for _ in range(group_size)], sample_metadata),
+        on_step=on_step,
     )
     images = _decode(adapter, run.final, micro_batch_size) if decode else None
     group_ids = torch.arange(num_prompts, device=run.final.device).repeat_interleave(group_size)

@@ -183,3 +183,26 @@ def test_initial_noise_of_the_wrong_size_or_beside_shared_noise_is_refused(adapt
     with pytest.raises(ValueError, match="not both"):
         rollout(adapter, PROMPTS[:1], group_size=3, num_steps=2, kernel="flow_sde", schedule=0.7, generator=_gen(1),
                 initial_noise=noise, share_initial_noise=True)
+
+
+def test_on_step_reports_every_denoising_step_and_changes_nothing(adapter):
+    seen = []
+    traj = rollout(adapter, ["a", "b"], group_size=2, num_steps=4, kernel="flow_sde", schedule=0.7, generator=_gen(3),
+                   micro_batch_size=2, on_step=seen.append)
+    plain = rollout(adapter, ["a", "b"], group_size=2, num_steps=4, kernel="flow_sde", schedule=0.7, generator=_gen(3),
+                    micro_batch_size=2)
+    assert seen == [0, 1, 2, 3]
+    assert torch.equal(traj.latents, plain.latents)
+
+
+def test_training_shows_a_rollout_bar(tmp_path, capsys):
+    """DESIGN.md §9: progress for the rollout, reward and update phases (the rollout had none)."""
+    from pathlib import Path
+
+    from flowalign.train import cli
+
+    recipe = Path(__file__).resolve().parents[1] / "train" / "configs" / "tiny_grpo.yaml"
+    assert cli.main(["train", "--config", str(recipe), "--set", "train.iterations=1", "--set", "train.eval_every=-1",
+                     "--set", "train.progress=true", "--set", f"train.output_dir={tmp_path}"]) == 0
+    err = capsys.readouterr().err
+    assert "[1/1] rollout" in err and "step/s" in err and "[1/1] update" in err

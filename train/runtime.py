@@ -84,21 +84,22 @@ def cat_trajectories(trajs: Sequence[Any]) -> Any:
 
 @torch.no_grad()
 def rollout_groups(adapter, records: Sequence[Any], cond, sampling_cfg, schedule, generator: torch.Generator, iteration: int,
-                   seed: int, first_group: int, drift=None):
+                   seed: int, first_group: int, drift=None, on_step=None):
     """Roll out one process's prompt ``records`` (``group_size`` samples each) with ``sampling_cfg``'s settings.
 
     ``sampling.noise_seeding: process`` draws every noise from this process's ``generator``; ``group``
     rolls each group out from its own stream (:func:`group_generator` at global index ``first_group + j``)
     with the iteration's noise levels drawn from :func:`iteration_generator`, so the samples do not
     depend on the number of processes. ``cond`` is the records' encoding (one row per record).
-    ``drift`` is the process-reward guidance (:class:`flowalign.guidance.RewardDrift`) or None.
+    ``drift`` is the process-reward guidance (:class:`flowalign.guidance.RewardDrift`) or None; ``on_step(k)``
+    is called after each denoising step of each batch rolled out (``num_steps`` calls, or that per group).
     """
     from flowalign import sampling, sde
 
     s = sampling_cfg
     kwargs = dict(group_size=s.group_size, num_steps=s.num_steps, kernel=s.kernel, guidance_scale=s.guidance_scale,
                   share_initial_noise=s.share_initial_noise, log_prob_reduce=s.log_prob_reduce, record_x0=False,
-                  iteration=iteration, micro_batch_size=s.micro_batch_size, drift=drift)
+                  iteration=iteration, micro_batch_size=s.micro_batch_size, drift=drift, on_step=on_step)
     if s.noise_seeding == "process":
         return sampling.rollout(adapter, [r.prompt for r in records], schedule=schedule, generator=generator, cond=cond,
                                 metadata=[dict(r.metadata) for r in records], **kwargs)

@@ -268,11 +268,14 @@ class Trainer(OptimizerViews):
         records = self.sampler.next_batch()
         prompts = [r.prompt for r in records]
         t0 = time.perf_counter()
+        bar = self._bar("rollout", total=s.num_steps * (len(records) if s.noise_seeding == "group" else 1), unit="step")
         with self._sampling_policy():
             cond = self.adapter.encode(prompts, do_classifier_free_guidance=s.guidance_scale > 1.0)
             traj = runtime.rollout_groups(self.adapter, records, cond, s, self.schedule, self.generator, self.iteration,
                                           self.config.train.seed, first_group=self.accelerator.process_index * len(records),
-                                          drift=self.drift)
+                                          drift=self.drift, on_step=None if bar is None else lambda k: bar.update(1))
+        if bar is not None:
+            bar.close()
         t1 = time.perf_counter()
         rewards, keep, metrics = self.score(traj)
         if self.drift is not None:
@@ -510,6 +513,14 @@ class Trainer(OptimizerViews):
 
     def _progress(self, desc: str) -> bool:
         return self.config.train.progress and self.accelerator.is_main_process
+
+    def _bar(self, desc: str, total: int, unit: str):
+        """A tqdm bar for a phase that is not a loop of its own (the rollout's denoising steps), or None."""
+        if not self._progress(desc):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=f"[{self.iteration + 1}/{self.config.train.iterations}] {desc}", unit=unit, leave=False)
 
     def _tqdm(self, iterable, desc: str):
         if not self._progress(desc):
