@@ -171,6 +171,34 @@ def multi_reward_advantages(
     return total.clamp(-clip, clip) if clip is not None else total
 
 
+def kept_multi_reward_advantages(
+    rewards: Mapping[str, Tensor],
+    group_ids: Tensor,
+    weights: Mapping[str, float],
+    std: str = "group",
+    eps: float = 1e-4,
+    clip: Optional[float] = None,
+) -> Tensor:
+    """:func:`multi_reward_advantages` over the kept samples only: a sample whose reward is NaN under any of the
+    rewards (dropped) gets advantage 0 and is left out of every reward's group mean and std. ``[B]`` fp32.
+
+    A = clip(sum_m w_m · group_advantages(r_m over the kept samples)).
+    """
+    names = list(rewards)
+    if not names:
+        raise ValueError("rewards is empty")
+    stacked = torch.stack([torch.as_tensor(rewards[n]).float() for n in names], dim=1)  # [B, M]
+    if bool(torch.isinf(stacked).any()):
+        raise ValueError("rewards hold inf: only NaN marks a dropped sample")
+    kept = ~stacked.isnan().any(dim=1)
+    adv = torch.zeros(stacked.shape[0], dtype=torch.float32, device=stacked.device)
+    if kept.any():
+        group_ids = torch.as_tensor(group_ids, device=stacked.device)
+        adv[kept] = multi_reward_advantages(stacked[kept], group_ids[kept], weights=[float(weights.get(n, 1.0)) for n in names],
+                                            std=std, eps=eps, clip=clip)
+    return adv
+
+
 def nonzero_mask(advantages: Tensor) -> Tensor:
     """``[B]`` bool: True for samples with any non-zero advantage (others are dropped from the update).
 

@@ -213,6 +213,7 @@ class ObjectiveConfig:
     adv_clip: float = field(default=5.0, metadata={"help": "Clip advantages to [-adv_clip, adv_clip]."})
     adv_std: str = field(default="group", metadata={"help": "Divide group-centred rewards by the 'group' std (Flow-GRPO), the 'global' std of the batch, or not at all ('none': Dr. GRPO, arXiv:2503.20783, so a group's weight follows its reward spread)."})
     adv_eps: float = field(default=1e-4, metadata={"help": "Added to the std when normalising advantages."})
+    reward_mix: str = field(default="reward", metadata={"help": "How several rewards combine: 'reward' (group advantages of their weighted sum) or 'advantage' (the weighted sum of each reward's own group advantages, so each counts on its own scale; flowalign.advantages.multi_reward_advantages). Per-sample objectives only."})
     timestep_fraction: float = field(default=1.0, metadata={"help": "Fraction of the stochastic steps trained on (the first ones)."})
     cfg_in_training: bool = field(default=True, metadata={"help": "Apply CFG in the policy/reference velocity during the update (as while sampling); false needs guidance_scale 1 or a forward-process objective (nft, awm)."})
     kwargs: dict = field(default_factory=dict, metadata={"help": "Extra keyword arguments of the objective."})
@@ -223,6 +224,7 @@ class ObjectiveConfig:
         _check(self.adv_clip > 0, f"objective.adv_clip must be > 0, got {self.adv_clip}")
         _choice("objective.adv_std", self.adv_std, ("group", "global", "none"))
         _check(self.adv_eps >= 0, f"objective.adv_eps must be >= 0, got {self.adv_eps}")
+        _choice("objective.reward_mix", self.reward_mix, ("reward", "advantage"))
         _check(0.0 < self.timestep_fraction <= 1.0, f"objective.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
         _check(isinstance(self.kwargs, dict), f"objective.kwargs must be a mapping, got {type(self.kwargs).__name__}")
         typed = sorted(set(self.kwargs) & ({f.name for f in dataclasses.fields(self)} - {"name", "kwargs"}))
@@ -351,6 +353,9 @@ class FlowalignConfig:
             f"(prompts_per_iter {self.train.prompts_per_iter} x group_size {self.sampling.group_size} = {per_iter})",
         )
         _check_online_objective(self.objective.name)
+        if self.objective.reward_mix == "advantage" and self.objective.name in DENSE_OBJECTIVES:
+            raise ConfigError(f"objective.reward_mix='advantage' mixes per-sample advantages; {self.objective.name!r} takes per-step "
+                              "advantages of the weighted reward sum: use reward_mix='reward'")
         if self.sampling.kernel == "ode" and not _trains_on_forward_process(self.objective.name):
             raise ConfigError(f"sampling.kernel='ode' draws no noise, so no step of objective {self.objective.name!r} can be trained; "
                               "use flow_sde, dance_sde or cps, or a forward-process objective (nft, awm)")
@@ -766,7 +771,7 @@ _HASH_EXCLUDE = {("train", "iterations"), ("train", "output_dir"), ("train", "ch
                  ("train", "gradient_checkpointing"), ("train", "offload_rewards"),
                  *(("model", key) for key in MODEL_MEMORY_KNOBS)}
 # fields left out of the hash while at these values (their defaults), so runs from before they existed resume
-_HASH_OMIT_AT = {("sampling", "noise_seeding"): "process", ("train", "mixed_precision"): "no",
+_HASH_OMIT_AT = {("sampling", "noise_seeding"): "process", ("objective", "reward_mix"): "reward", ("train", "mixed_precision"): "no",
                  ("train", "lr_schedule"): "constant", ("train", "lr_warmup"): 0, ("train", "lr_min_ratio"): 0.0}
 
 

@@ -562,7 +562,7 @@ class MultiReward(Reward):
     as one component drops.
 
     - ``mode="reward"``: ``scores = sum_i w_i r_i``, the usual mixture of rewards.
-    - ``mode="advantage"`` (Python API only: ``flowalign train`` always mixes the rewards' weighted sum):
+    - ``mode="advantage"`` (in a recipe: ``objective.reward_mix: advantage``):
       normalise each component over its group and sum the
       normalised advantages, e.g. ``flowalign.advantages.multi_reward_advantages(
       details["components"], group_ids, weights=details["weights"])`` or ``multi.combine``;

@@ -135,3 +135,19 @@ def test_huge_rewards_normalise_like_small_ones():
     assert torch.equal(adv, torch.tensor([-1.0, 1.0, -1.0, 1.0]))
     adv = group_advantages(torch.tensor([0.0, 1e39, 0.0, 1.0], dtype=torch.float64), g, eps=0.0)
     assert torch.equal(adv, torch.tensor([-1.0, 1.0, -1.0, 1.0])) and adv.dtype == torch.float32
+
+
+def test_kept_multi_reward_advantages_normalise_each_reward_over_the_kept_samples():
+    from flowalign.advantages import kept_multi_reward_advantages, multi_reward_advantages
+
+    g = torch.tensor([0, 0, 0, 1, 1])
+    a = torch.tensor([1.0, 3.0, float("nan"), 0.0, 10.0])
+    b = torch.tensor([100.0, 300.0, 5.0, 7.0, 7.0])
+    adv = kept_multi_reward_advantages({"a": a, "b": b}, g, {"a": 1.0, "b": 0.5}, eps=0.0)
+    # row 2 is dropped everywhere; group 0 keeps rows 0, 1: a -> [-1, 1], b -> [-1, 1]; group 1: a -> [-1, 1], b ties -> 0
+    assert torch.allclose(adv, torch.tensor([-1.5, 1.5, 0.0, -1.0, 1.0]))
+    kept = torch.tensor([0, 1, 3, 4])
+    reference = multi_reward_advantages({"a": a[kept], "b": b[kept]}, g[kept], weights={"a": 1.0, "b": 0.5}, eps=0.0)
+    assert torch.allclose(adv[kept], reference)
+    assert torch.allclose(kept_multi_reward_advantages({"a": a, "b": b}, g, {"a": 1.0, "b": 0.5}, eps=0.0, clip=1.2)[:2],
+                          torch.tensor([-1.2, 1.2]))

@@ -52,9 +52,11 @@ def _tree(run: Path) -> list[str]:
                                    ["sampling.drift_reward=brightness", "sampling.drift_gradient=spsa", "sampling.drift_spsa_sigma=0.5"],
                                    ["objective.name=dense_grpo", "objective.adv_std=global"],
                                    ["objective.name=tp_grpo", "dense.balance=true"],
-                                   ["objective.name=nft", "objective.kwargs={num_timesteps: 2}", "sampling.kernel=ode"]],
+                                   ["objective.name=nft", "objective.kwargs={num_timesteps: 2}", "sampling.kernel=ode"],
+                                   ["objective.reward_mix=advantage", "objective.adv_std=global",
+                                    "rewards=[{name: brightness, weight: 1.0}, {name: jpeg_compressibility, weight: 0.5}]"]],
                          ids=["transformer", "with_text_encoders", "dynamic_sampling", "global_std", "guided_drift_spsa",
-                              "dense_global_std", "tp_grpo_balance", "nft_forward_draws"])
+                              "dense_global_std", "tp_grpo_balance", "nft_forward_draws", "advantage_mix_global_std"])
 def test_two_processes_match_one_process(tmp_path, extra):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     two = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "flowalign.train.cli", *_args(tmp_path / "two", extra)],

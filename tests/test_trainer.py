@@ -478,3 +478,28 @@ def test_a_reward_dropped_on_every_sample_stops_the_run_instead_of_ending_as_a_s
     with pytest.raises(RewardError, match="dropped in 2 iterations in a row"):
         trainer.run_iteration()
     trainer.cleanup()
+
+
+def test_reward_mix_advantage_sums_each_rewards_own_group_advantages(tmp_path):
+    """objective.reward_mix: advantage (DESIGN.md §3: MultiReward mixes on rewards or on advantages)."""
+    rewards = "rewards=[{name: brightness, weight: 1.0}, {name: jpeg_compressibility, weight: 0.5}]"
+    trainer = _trainer(tmp_path, rewards, "objective.reward_mix=advantage")
+    batch = trainer.collect()
+    images, groups = batch.traj.images, batch.traj.group_ids.tolist()
+    scores = {"brightness": load_reward("brightness")(images, batch.traj.prompts).scores.double(),
+              "jpeg_compressibility": load_reward("jpeg_compressibility")(images, batch.traj.prompts).scores.double()}
+    expected = torch.zeros(len(groups), dtype=torch.float64)
+    for name, weight in (("brightness", 1.0), ("jpeg_compressibility", 0.5)):  # by hand: each reward normalised in each group
+        r = scores[name]
+        for g in set(groups):
+            rows = [i for i, x in enumerate(groups) if x == g]
+            mean = sum(r[i] for i in rows) / len(rows)
+            std = (sum((r[i] - mean) ** 2 for i in rows) / len(rows)) ** 0.5
+            for i in rows:
+                expected[i] += weight * (r[i] - mean) / (std + 1e-4)
+    assert torch.allclose(batch.advantages.double(), expected.clamp(-5, 5), atol=1e-4)
+    summed = trainer.advantages(scores["brightness"].float() + 0.5 * scores["jpeg_compressibility"].float(), batch.traj.group_ids,
+                                torch.ones(len(groups), dtype=torch.bool))[0]
+    assert not torch.allclose(summed, batch.advantages, atol=1e-3)  # the default mix gives other advantages
+    with pytest.raises(ConfigError, match="reward_mix"):
+        _config(tmp_path, "objective.name=dense_grpo", "objective.reward_mix=advantage")

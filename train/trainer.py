@@ -147,6 +147,7 @@ class Trainer(OptimizerViews):
         self.run_dir = Path(config.train.output_dir)
         self.iteration = 0
         self._all_dropped_in_row = 0  # iterations in a row whose every reward was dropped (_check_all_dropped)
+        self._reward_components: dict = {}  # the last score() call's scores per reward (objective.reward_mix: advantage)
         self.run_log: Optional[RunLogger] = None  # main process only
         self.text_modules: dict = {}  # text encoders with LoRA (lora.train_text_encoder), filled by setup
         self.timings: dict[str, float] = {}  # wall seconds per phase of this session (setup, calibration, train, ...)
@@ -278,12 +279,13 @@ class Trainer(OptimizerViews):
             bar.close()
         t1 = time.perf_counter()
         rewards, keep, metrics = self.score(traj)
+        components = self._reward_components
         if self.drift is not None:
             stats = self.drift.pop_stats()  # this process's rollouts: logged over every process's
             metrics.update(runtime.combine_process_metrics(stats) if self.accelerator.num_processes > 1 else stats)
         t2 = time.perf_counter()
         traj.rewards = rewards
-        advantages, keep, adv_metrics = self.advantages(rewards, traj.group_ids, keep, traj=traj, cond=cond)
+        advantages, keep, adv_metrics = self.advantages(rewards, traj.group_ids, keep, traj=traj, cond=cond, components=components)
         traj.advantages = advantages
         metrics.update(adv_metrics)
         metrics.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "nfe": self._sum_over_processes(traj.nfe)})
@@ -304,6 +306,7 @@ class Trainer(OptimizerViews):
         total = torch.zeros(traj.batch_size)
         keep = torch.ones(traj.batch_size, dtype=torch.bool)
         metrics: dict = {}
+        self._reward_components = {}  # each reward's scores [B] (NaN where dropped), for objective.reward_mix: advantage
         for rcfg in self._tqdm(self.config.rewards, "reward"):
             reward = self.rewards[rcfg.name]
             with runtime.reward_device(reward, self.device, self.config.train.offload_rewards):
@@ -311,6 +314,7 @@ class Trainer(OptimizerViews):
             scores = out.scores.detach().float().cpu()
             keep &= out.keep.cpu()
             total += rcfg.weight * scores  # NaN where dropped
+            self._reward_components[rcfg.name] = scores
             gathered = self._gather(scores)
             metrics[f"reward/{rcfg.name}/mean"] = float(gathered.nanmean())
             finite = gathered[~gathered.isnan()]
@@ -336,8 +340,10 @@ class Trainer(OptimizerViews):
             raise RewardError(f"every sample's reward was dropped in {self._all_dropped_in_row} iterations in a row "
                               f"(train.max_nonfinite_steps={limit}; rewards: {names}): see the warnings above for why")
 
-    def advantages(self, rewards: Tensor, group_ids: Tensor, keep: Tensor, traj=None, cond=None) -> tuple[Tensor, Tensor, dict]:
-        """Advantages ``[B]`` (group-normalised outcome) or ``[B, K]`` (dense objectives, from
+    def advantages(self, rewards: Tensor, group_ids: Tensor, keep: Tensor, traj=None, cond=None,
+                   components: Optional[dict] = None) -> tuple[Tensor, Tensor, dict]:
+        """Advantages ``[B]`` (group-normalised outcome; with ``objective.reward_mix: advantage`` the weighted sum
+        of each reward's own, from ``components``, its scores by name) or ``[B, K]`` (dense objectives, from
         ``flowalign.step_rewards.dense_step_advantages``); samples with a dropped reward or only
         zero advantages are masked out, and with ``train.oversample > 1`` those past the first
         ``prompts_per_iter`` groups with a kept sample over all processes."""
@@ -357,6 +363,17 @@ class Trainer(OptimizerViews):
             if self.accelerator.num_processes > 1:  # the dense/* diagnostics over every process's samples
                 metrics = runtime.combine_process_metrics(metrics, sum_keys=("dense/nfe", "dense/dropped"))
                 metrics["dense/nfe_per_sample"] = metrics["dense/nfe"] / (traj.batch_size * self.accelerator.num_processes)
+        elif ocfg.reward_mix == "advantage" and components:
+            from flowalign.advantages import kept_multi_reward_advantages
+
+            weights = {r.name: r.weight for r in self.config.rewards}
+            if ocfg.adv_std == "global" and self.accelerator.num_processes > 1:
+                gathered = {name: self._gather_batch(scores, group_ids) for name, scores in components.items()}
+                all_g, mine = next(iter(gathered.values()))[1:]
+                adv = kept_multi_reward_advantages({n: g[0] for n, g in gathered.items()}, all_g, weights, std="global",
+                                                   eps=ocfg.adv_eps, clip=ocfg.adv_clip)[mine]
+            else:
+                adv = kept_multi_reward_advantages(components, group_ids, weights, std=ocfg.adv_std, eps=ocfg.adv_eps, clip=ocfg.adv_clip)
         elif ocfg.adv_std == "global" and self.accelerator.num_processes > 1:
             # the std runs over every process's samples: normalise the gathered batch, keep our rows
             all_r, all_g, mine = self._gather_batch(rewards, group_ids)
