@@ -168,9 +168,18 @@ class RewardConfig:
     weight: float = field(default=1.0, metadata={"help": "Weight of this reward in the mix."})
     kwargs: dict = field(default_factory=dict, metadata={"help": "Keyword arguments passed to the reward's constructor."})
     on_error: str = field(default="raise", metadata={"help": "When the reward fails or returns NaN: 'raise' or 'drop' the sample with a warning."})
+    label: Optional[str] = field(default=None, metadata={"help": "The run's name for this entry in logs and metrics (reward/<label>/mean); null = name. Lets one reward appear twice with other kwargs."})
+
+    @property
+    def key(self) -> str:
+        """The entry's name in the run: ``label``, else ``name``."""
+        return self.label or self.name
 
     def __post_init__(self):
         _check(bool(self.name), "rewards[].name must not be empty")
+        _check(self.label is None or (isinstance(self.label, str) and self.label.strip() == self.label and self.label != ""
+                                      and "/" not in self.label),
+               f"rewards[{self.name}].label must be null or a non-empty name without '/' or surrounding spaces, got {self.label!r}")
         _choice("rewards[].on_error", self.on_error, ("raise", "drop"))
         _check(self.weight == self.weight, f"rewards[{self.name}].weight must be a number, got {self.weight}")
 
@@ -344,8 +353,9 @@ class FlowalignConfig:
 
     def __post_init__(self):
         _check(len(self.rewards) >= 1, "rewards must list at least one reward, got []")
-        names = [r.name for r in self.rewards]
-        _check(len(set(names)) == len(names), f"rewards lists a name twice: {names}")
+        names = [r.key for r in self.rewards]
+        _check(len(set(names)) == len(names), f"rewards lists a name twice: {names}; give one entry a label "
+                                              "(rewards[].label) to use a reward twice with other kwargs")
         per_iter = self.train.prompts_per_iter * self.sampling.group_size
         _check(
             self.train.micro_batch_size <= per_iter,
@@ -824,6 +834,9 @@ def config_hash(config: FlowalignConfig) -> str:
     for (section, key), value in _HASH_OMIT_AT.items():
         if data[section].get(key) == value:
             data[section].pop(key)
+    for entry in data["rewards"]:  # the same for keys of a reward entry
+        if entry.get("label") is None:
+            entry.pop("label", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -144,7 +144,7 @@ def _as_reward(reward: Any, reward_configs: Optional[Sequence[Any]] = None):
         return reward
     from flowalign.rewards import MultiReward
 
-    specs = {getattr(c, "name", None): c for c in (reward_configs or [])}
+    specs = {getattr(c, "key", getattr(c, "name", None)): c for c in (reward_configs or [])}
     mix = {}
     for name, r in reward.items():
         c = specs.get(name)

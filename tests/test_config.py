@@ -331,3 +331,17 @@ def test_a_recipe_without_a_model_warns_that_the_default_is_a_random_test_model(
         C.load_config(tmp_path / "based.yaml")
         C.load_config(partial, ["model.pretrained=toy"])
     assert "sets no model.pretrained" not in caplog.text
+
+
+def test_a_label_lets_one_reward_appear_twice_and_keeps_old_hashes():
+    twice = "rewards=[{name: shapes, kwargs: {score: binary}}, {name: shapes, label: shapes_partial, kwargs: {score: partial}}]"
+    cfg = C.load_config(None, [twice])
+    assert [r.key for r in cfg.rewards] == ["shapes", "shapes_partial"]
+    with pytest.raises(ConfigError, match="give one entry a label"):
+        C.load_config(None, ["rewards=[{name: shapes}, {name: shapes}]"])
+    for bad in ("a/b", " x", ""):
+        with pytest.raises(ConfigError, match="label"):
+            C.load_config(None, [f"rewards=[{{name: shapes, label: {bad!r}}}]"])
+    # new keys at their defaults (label, objective.reward_mix) leave the hash that older checkpoints carry: toy_grpo's,
+    # computed at commit 445bd1c before either existed
+    assert C.config_hash(C.load_config(C.packaged_recipe_dir() / "toy_grpo.yaml")) == "4c69ef0402ca238f"

@@ -503,3 +503,14 @@ def test_reward_mix_advantage_sums_each_rewards_own_group_advantages(tmp_path):
     assert not torch.allclose(summed, batch.advantages, atol=1e-3)  # the default mix gives other advantages
     with pytest.raises(ConfigError, match="reward_mix"):
         _config(tmp_path, "objective.name=dense_grpo", "objective.reward_mix=advantage")
+
+
+def test_one_reward_twice_under_labels_logs_both(tmp_path):
+    twice = "rewards=[{name: color_fraction, kwargs: {color: red}}, {name: color_fraction, label: blue, weight: 0.5, kwargs: {color: blue}}]"
+    trainer = _trainer(tmp_path, twice)
+    batch = trainer.collect()
+    red = load_reward("color_fraction", color="red")(batch.traj.images, batch.traj.prompts).scores
+    blue = load_reward("color_fraction", color="blue")(batch.traj.images, batch.traj.prompts).scores
+    assert batch.metrics["reward/color_fraction/mean"] == pytest.approx(float(red.mean()), abs=1e-6)
+    assert batch.metrics["reward/blue/mean"] == pytest.approx(float(blue.mean()), abs=1e-6)
+    assert torch.allclose(batch.traj.rewards, red + 0.5 * blue, atol=1e-6)

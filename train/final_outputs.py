@@ -67,7 +67,7 @@ def write_heldout_report(trainer) -> Path:
     from flowalign.report import heldout_report
 
     cfg = trainer.config
-    name = cfg.rewards[0].name
+    name = cfg.rewards[0].key
     reward = trainer.rewards[name]
     if hasattr(reward, "to"):
         reward.to(trainer.device)

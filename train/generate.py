@@ -65,8 +65,10 @@ class GenerateConfig:
         _check(self.batch_size >= 1 and self.prompts_per_shard >= 1, f"batch_size and prompts_per_shard must be >= 1, got {self.batch_size}, {self.prompts_per_shard}")
         _check(self.num_prompts is None or self.num_prompts >= 1, f"num_prompts must be null or >= 1, got {self.num_prompts}")
         _check(self.image_format in ("none", "png", "tensor"), f"image_format={self.image_format!r} is not one of ['none', 'png', 'tensor']")
-        names = [r.name for r in self.rewards]
-        _check(len(names) >= 1 and len(set(names)) == len(names), f"rewards must list distinct names, got {names}")
+        names = [r.key for r in self.rewards]
+        _check(len(names) >= 1 and len(set(names)) == len(names), f"rewards must list distinct names, got {names} (a label, "
+                                                                  "rewards[].label, lets one reward appear twice)")
+        _check("total" not in names, "a reward named 'total' would be shadowed by the store's weighted total: give it a label")
 
 
 def read_yaml_mapping(path: Union[str, Path], what: str) -> dict[str, Any]:
@@ -148,7 +150,7 @@ def adapter_sample_fn(
 
 
 def reward_score_fn(rewards: list[RewardConfig], device: str = "cpu") -> ScoreFn:
-    """``(images, prompts, metadata) -> {name: scores}`` for every reward, + the weighted ``"total"`` (what
+    """``(images, prompts, metadata) -> {name: scores}`` for every reward (its label when set), + the weighted ``"total"`` (what
     offline runs train on by default) when there are several or the one reward's weight is not 1 (a
     negative weight, a penalty, must reverse the ranking as it does online).
 
@@ -164,12 +166,12 @@ def reward_score_fn(rewards: list[RewardConfig], device: str = "cpu") -> ScoreFn
         out = {}
         for cfg, reward in loaded:
             checked = call_reward(reward, images.to(device), prompts, metadata, on_error=cfg.on_error)
-            out[cfg.name] = checked.scores.float().cpu()
+            out[cfg.key] = checked.scores.float().cpu()
             partial = checked.details.get("partial")
             if isinstance(partial, Tensor) and partial.shape == checked.scores.shape:
-                out[f"{cfg.name}/partial"] = partial.float().cpu()  # verifiers: fraction of constraints met
+                out[f"{cfg.key}/partial"] = partial.float().cpu()  # verifiers: fraction of constraints met
         if len(loaded) > 1 or loaded[0][0].weight != 1.0:
-            out["total"] = sum(cfg.weight * out[cfg.name] for cfg, _ in loaded)
+            out["total"] = sum(cfg.weight * out[cfg.key] for cfg, _ in loaded)
         return out
 
     return score
@@ -197,7 +199,9 @@ def run_generate(cfg: GenerateConfig, sample_fn: Optional[SampleFn] = None, scor
         score_fn = reward_score_fn(cfg.rewards, cfg.device)
     settings = {
         "model": {k: v for k, v in to_dict(cfg.model).items() if k not in MODEL_MEMORY_KNOBS}, "lora": cfg.lora, "model_hash": model_hash, "sampler": sampler,
-        "rewards": [to_dict(r) for r in cfg.rewards], "prompts_file": str(cfg.prompts),
+        # an unset label is left out, so a store begun before labels existed is finished by the same settings
+        "rewards": [{k: v for k, v in to_dict(r).items() if not (k == "label" and v is None)} for r in cfg.rewards],
+        "prompts_file": str(cfg.prompts),
     }
     store = fill_store(
         cfg.output_dir, prompts, cfg.samples_per_prompt, sample_fn, score_fn, settings=settings, base_seed=cfg.seed,

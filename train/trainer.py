@@ -220,7 +220,7 @@ class Trainer(OptimizerViews):
         """The configured rewards as one reward (their weighted sum)."""
         from flowalign.rewards import MultiReward
 
-        return MultiReward({r.name: (self.rewards[r.name], r.weight, r.on_error) for r in self.config.rewards})
+        return MultiReward({r.key: (self.rewards[r.key], r.weight, r.on_error) for r in self.config.rewards})
 
     # ================================================================= train
 
@@ -308,18 +308,18 @@ class Trainer(OptimizerViews):
         metrics: dict = {}
         self._reward_components = {}  # each reward's scores [B] (NaN where dropped), for objective.reward_mix: advantage
         for rcfg in self._tqdm(self.config.rewards, "reward"):
-            reward = self.rewards[rcfg.name]
+            reward = self.rewards[rcfg.key]
             with runtime.reward_device(reward, self.device, self.config.train.offload_rewards):
                 out = call_reward(reward, traj.images, traj.prompts, traj.metadata or None, on_error=rcfg.on_error)
             scores = out.scores.detach().float().cpu()
             keep &= out.keep.cpu()
             total += rcfg.weight * scores  # NaN where dropped
-            self._reward_components[rcfg.name] = scores
+            self._reward_components[rcfg.key] = scores
             gathered = self._gather(scores)
-            metrics[f"reward/{rcfg.name}/mean"] = float(gathered.nanmean())
+            metrics[f"reward/{rcfg.key}/mean"] = float(gathered.nanmean())
             finite = gathered[~gathered.isnan()]
-            metrics[f"reward/{rcfg.name}/std"] = float(finite.std()) if finite.numel() > 1 else 0.0
-            metrics[f"reward/{rcfg.name}/dropped"] = self._sum_over_processes(out.num_dropped)
+            metrics[f"reward/{rcfg.key}/std"] = float(finite.std()) if finite.numel() > 1 else 0.0
+            metrics[f"reward/{rcfg.key}/dropped"] = self._sum_over_processes(out.num_dropped)
         gathered = self._gather(total)
         self._check_all_dropped(bool(gathered.isnan().all()))
         gathered = gathered[~gathered.isnan()]
@@ -336,7 +336,7 @@ class Trainer(OptimizerViews):
         if self._all_dropped_in_row >= limit:
             from flowalign.errors import RewardError
 
-            names = ", ".join(r.name for r in self.config.rewards)
+            names = ", ".join(r.key for r in self.config.rewards)
             raise RewardError(f"every sample's reward was dropped in {self._all_dropped_in_row} iterations in a row "
                               f"(train.max_nonfinite_steps={limit}; rewards: {names}): see the warnings above for why")
 
@@ -366,7 +366,7 @@ class Trainer(OptimizerViews):
         elif ocfg.reward_mix == "advantage" and components:
             from flowalign.advantages import kept_multi_reward_advantages
 
-            weights = {r.name: r.weight for r in self.config.rewards}
+            weights = {r.key: r.weight for r in self.config.rewards}
             if ocfg.adv_std == "global" and self.accelerator.num_processes > 1:
                 gathered = {name: self._gather_batch(scores, group_ids) for name, scores in components.items()}
                 all_g, mine = next(iter(gathered.values()))[1:]
@@ -588,9 +588,9 @@ class Trainer(OptimizerViews):
             images = sampling.sample_ode(self.adapter, prompts, num_steps=s.eval_num_steps, guidance_scale=s.guidance_scale, generator=generator)
         metrics = {}
         for rcfg in self.config.rewards:
-            with runtime.reward_device(self.rewards[rcfg.name], self.device, self.config.train.offload_rewards):
-                out = call_reward(self.rewards[rcfg.name], images, prompts, [dict(r.metadata) for r in self.eval_records], on_error="drop")
-            metrics[f"eval/{rcfg.name}/mean"] = float(out.scores.float().nanmean())
+            with runtime.reward_device(self.rewards[rcfg.key], self.device, self.config.train.offload_rewards):
+                out = call_reward(self.rewards[rcfg.key], images, prompts, [dict(r.metadata) for r in self.eval_records], on_error="drop")
+            metrics[f"eval/{rcfg.key}/mean"] = float(out.scores.float().nanmean())
         if self.accelerator.is_main_process:
             name = tag or f"iter_{self.iteration:06d}"
             image_grid(images.cpu(), self.run_dir / "samples" / f"{name}.png", nrow=4, captions=prompts)

@@ -102,7 +102,7 @@ def build_rewards(config: FlowalignConfig, device: torch.device) -> dict[str, An
     with ``train.offload_rewards``). Raises RewardError / ConfigError for an unknown one."""
     from flowalign.rewards import load_reward
 
-    rewards = {r.name: load_reward(r.name, **r.kwargs) for r in config.rewards}
+    rewards = {r.key: load_reward(r.name, **r.kwargs) for r in config.rewards}
     for reward in rewards.values():
         if hasattr(reward, "to"):
             reward.offload() if config.train.offload_rewards and hasattr(reward, "offload") else reward.to(device)
