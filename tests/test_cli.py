@@ -179,3 +179,10 @@ def test_config_prints_a_recipe_whose_reward_is_not_installed_with_a_warning(cap
     assert cli.main(["config", "--set", "rewards.0.name=brigthness"]) == 0
     out = capsys.readouterr()
     assert "\"name\": \"brigthness\"" in out.out and "reward 'brigthness' is not installed here" in out.err
+
+
+def test_too_few_final_eval_samples_name_the_key_and_the_minimum(tmp_path, capsys):
+    assert cli.main(["train", "--set", "train.final_eval_samples=8", "--set", f"train.output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "train.final_eval_samples=8 is below the 320 prompts of train.eval_prompts" in err and ">= 320" in err
+    assert not (tmp_path / "run").exists()

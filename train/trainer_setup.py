@@ -89,10 +89,10 @@ def build_prompt_data(config: FlowalignConfig, accelerator) -> PromptData:
     records = load_prompts(resolve_path(cfg.prompts)) if cfg.prompts else [PromptRecord(p) for p in DEMO_PROMPTS]
     sampler = PromptSampler(records, prompts_drawn_per_process(cfg, world), seed=cfg.seed, num_shards=world, shard_index=accelerator.process_index)
     eval_records = load_prompts(resolve_path(cfg.eval_prompts)) if cfg.eval_prompts else records
-    if cfg.eval_prompts and cfg.final_eval_samples > 0:
-        from flowalign.evaluation import sample_indices
-
-        sample_indices(len(eval_records), cfg.final_eval_samples)  # the held-out report's check, before any training
+    if cfg.eval_prompts and 0 < cfg.final_eval_samples < len(eval_records):  # the held-out report's check, before any training
+        raise ConfigError(f"train.final_eval_samples={cfg.final_eval_samples} is below the {len(eval_records)} prompts of "
+                          f"train.eval_prompts ({cfg.eval_prompts}): the held-out report evaluates every prompt at least once; "
+                          f"set it to 0 (no report) or >= {len(eval_records)}")
     return PromptData(sampler=sampler, eval_records=eval_records[: cfg.eval_num_prompts],
                       heldout_records=eval_records if cfg.eval_prompts else None)
 
