@@ -435,7 +435,7 @@ def _quote(prompts: Sequence[str], limit: int = 3) -> str:
 
 
 def call_reward(reward: Callable, images: Tensor, prompts: Sequence[str],
-                metadata: Optional[Sequence[Mapping]] = None, on_error: str = "raise") -> CheckedRewardOutput:
+                metadata: Optional[Sequence[Mapping]] = None, on_error: str = "raise", name: Optional[str] = None) -> CheckedRewardOutput:
     """Score a batch with ``reward``, checking inputs and outputs and applying the failure policy.
 
     When the batched call raises or returns a malformed result, each sample is scored alone to
@@ -443,7 +443,8 @@ def call_reward(reward: Callable, images: Tensor, prompts: Sequence[str],
     ``RewardError`` naming the reward and the prompt(s); under ``"drop"`` those samples get
     ``keep=False`` and a NaN score, and a warning with the count is logged. A ``RewardError``
     raised by the reward itself (e.g. a ``MultiReward`` component under ``"raise"``) is never
-    dropped: it propagates.
+    dropped: it propagates. ``name`` is the reward's name in messages (default: its own, ``reward_name``;
+    a mixture passes the component's key, a run the entry's label).
 
     Returns:
         ``CheckedRewardOutput`` with float32 ``scores [B]`` (on the reward's output device),
@@ -451,7 +452,7 @@ def call_reward(reward: Callable, images: Tensor, prompts: Sequence[str],
     """
     if on_error not in ON_ERROR_POLICIES:
         raise ConfigError(f"on_error must be one of {ON_ERROR_POLICIES}, got {on_error!r}")
-    name = reward_name(reward)
+    name = name or reward_name(reward)
     metadata = check_reward_inputs(images, prompts, metadata, name=name)
     prompts = list(prompts)
     batch = len(prompts)
@@ -636,7 +637,7 @@ class MultiReward(Reward):
         components: dict[str, Tensor] = {}
         per_reward: dict[str, dict[str, Any]] = {}
         for key, reward in self.rewards.items():
-            out = call_reward(reward, images, prompts, metadata, on_error=self.policies[key])
+            out = call_reward(reward, images, prompts, metadata, on_error=self.policies[key], name=key)
             components[key] = out.scores.to(images.device)  # [B], NaN where dropped
             per_reward[key] = out.details
         details = {"components": components, "weights": dict(self.weights), "mode": self.mode, "per_reward": per_reward}

@@ -452,7 +452,7 @@ def test_multireward_component_failures():
     nan_reward = _failing_reward("nan")
     multi = MultiReward({"ok": ("brightness", 1.0), "flaky": (nan_reward, 1.0)})
     assert multi.on_error == "raise"
-    with pytest.raises(RewardError, match="nan_reward.*'bad'"):
+    with pytest.raises(RewardError, match="reward 'flaky'.*'bad'"):
         call_reward(multi, _images(3), PROMPTS)
     multi_drop = MultiReward({"ok": ("brightness", 1.0), "flaky": (nan_reward, 1.0)}, on_error="drop")
     out = call_reward(multi_drop, _images(3), PROMPTS, on_error=multi_drop.on_error)
@@ -605,3 +605,12 @@ def test_a_direct_call_checks_the_number_of_scores_and_leaves_nan_to_the_policy(
     assert torch.isnan(nan(_images(2), ["a", "b"]).scores[1])  # call_reward's on_error decides
     with pytest.raises(RewardError, match="non-finite"):
         call_reward(nan, _images(2), ["a", "b"])
+
+
+def test_a_mixture_names_a_failing_component_by_its_key():
+    def broken(images, prompts, metadata):
+        raise RuntimeError("no model")
+
+    mix = MultiReward({"aesthetic": (broken, 1.0), "bright": ("brightness", 1.0)})
+    with pytest.raises(RewardError, match="reward 'aesthetic' failed"):
+        call_reward(mix, _images(2), ["a", "b"])

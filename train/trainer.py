@@ -310,7 +310,7 @@ class Trainer(OptimizerViews):
         for rcfg in self._tqdm(self.config.rewards, "reward"):
             reward = self.rewards[rcfg.key]
             with runtime.reward_device(reward, self.device, self.config.train.offload_rewards):
-                out = call_reward(reward, traj.images, traj.prompts, traj.metadata or None, on_error=rcfg.on_error)
+                out = call_reward(reward, traj.images, traj.prompts, traj.metadata or None, on_error=rcfg.on_error, name=rcfg.key)
             scores = out.scores.detach().float().cpu()
             keep &= out.keep.cpu()
             total += rcfg.weight * scores  # NaN where dropped
