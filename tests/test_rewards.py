@@ -464,7 +464,7 @@ def test_multireward_component_failures():
     assert out.keep.tolist() == [True, False, True]
     assert torch.isnan(out.details["components"]["flaky"][1]) and torch.isfinite(out.details["components"]["ok"]).all()
     strict = MultiReward({"raising": (_failing_reward("raise"), 1.0), "flaky": (nan_reward, 1.0, "drop")})
-    with pytest.raises(RewardError, match="raise_reward"):
+    with pytest.raises(RewardError, match="reward 'raising' failed"):
         call_reward(strict, _images(3), PROMPTS, on_error=strict.on_error)
 
 
