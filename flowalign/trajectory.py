@@ -92,6 +92,57 @@ class Trajectory:
                 out[f.name] = value
         return replace(self, **out)
 
+    def trainable_steps(self) -> list[int]:
+        """The step indices ``k`` that injected noise (``stochastic_mask``): the transitions a policy-gradient
+        objective can train on (a deterministic step has no log-density)."""
+        return [int(k) for k in torch.nonzero(self.stochastic_mask.cpu()).flatten()]
+
+    def step_batch(self, k: int, advantages: Optional[Tensor] = None, index: Optional[Tensor] = None,
+                   log_prob_reduce: str = "mean", device: Optional[torch.device | str] = None):
+        """The recorded transitions ``x_k -> x_{k+1}`` of samples ``index`` (default: all) as a
+        :class:`flowalign.objectives.StepBatch`, the batch an objective's ``loss`` takes.
+
+        Args:
+            k: step index in ``[0, K)``; see :meth:`trainable_steps`.
+            advantages: ``[B]`` per-sample or ``[B, K]`` per-step advantages of all B samples (default:
+                ``self.advantages``).
+            index: ``[n]`` rows to take (a long tensor or list), default every sample.
+            log_prob_reduce: how the sampler reduced the recorded log-probs (``rollout``'s argument).
+            device: where the batch's tensors go (default: where they are).
+
+        Example (a hand-written update; ``policy`` binds the adapter and the samples' conditioning)::
+
+            for k in traj.trainable_steps():
+                loss, metrics = objective.loss(traj.step_batch(k, adv), policy, None)
+        """
+        from flowalign.objectives.base import StepBatch
+
+        if not 0 <= k < self.num_steps:
+            raise ValueError(f"step k={k} is outside [0, {self.num_steps})")
+        adv = self.advantages if advantages is None else torch.as_tensor(advantages)
+        if adv is None:
+            raise ValueError("no advantages: pass them, or set traj.advantages")
+        if adv.shape[0] != self.batch_size or adv.ndim not in (1, 2) or (adv.ndim == 2 and adv.shape[1] != self.num_steps):
+            raise ValueError(f"advantages must be [B]={self.batch_size} or [B, K]=[{self.batch_size}, {self.num_steps}], "
+                             f"got {tuple(adv.shape)}")
+        rows = torch.arange(self.batch_size) if index is None else torch.as_tensor(index, dtype=torch.long)
+        n = rows.numel()
+        move = (lambda t: t.to(device)) if device is not None else (lambda t: t)
+        r = rows.to(self.latents.device)
+        adv_rows = rows.to(adv.device)
+        return StepBatch(
+            x=move(self.latents[r, k]),
+            x_next=move(self.latents[r, k + 1]),
+            sigma=move(self.sigmas[k].expand(n)),
+            sigma_next=move(self.sigmas[k + 1].expand(n)),
+            noise_level=move(self.noise_levels[k].expand(n)),
+            old_log_prob=move(self.log_probs[rows.to(self.log_probs.device), k]),
+            advantages=move(adv[adv_rows, k] if adv.ndim == 2 else adv[adv_rows]),
+            kernel=self.kernel,
+            step_index=move(torch.full((n,), k, dtype=torch.long)),
+            log_prob_reduce=log_prob_reduce,
+        )
+
     def to(self, device: torch.device | str) -> "Trajectory":
         """Move every tensor to ``device``."""
         return replace(

@@ -91,23 +91,9 @@ def fill_dropped(rewards: Tensor, group_ids: Tensor) -> Tensor:
 
 
 def make_step_batch(batch: Batch, index: Tensor, k: int, log_prob_reduce: str, device: torch.device):
-    """The transitions ``x_k -> x_{k+1}`` of samples ``index`` as a ``StepBatch`` on ``device``."""
-    from flowalign.objectives import StepBatch
-
-    traj, n = batch.traj, index.numel()
-    adv = batch.advantages[index, k] if batch.advantages.ndim == 2 else batch.advantages[index]  # [n]
-    return StepBatch(
-        x=traj.latents[index, k].to(device),
-        x_next=traj.latents[index, k + 1].to(device),
-        sigma=traj.sigmas[k].expand(n).to(device),
-        sigma_next=traj.sigmas[k + 1].expand(n).to(device),
-        noise_level=traj.noise_levels[k].expand(n).to(device),
-        old_log_prob=traj.log_probs[index, k].to(device),
-        advantages=adv.to(device),
-        kernel=traj.kernel,
-        step_index=torch.full((n,), k, dtype=torch.long, device=device),
-        log_prob_reduce=log_prob_reduce,
-    )
+    """The transitions ``x_k -> x_{k+1}`` of samples ``index`` as a ``StepBatch`` on ``device``
+    (:meth:`flowalign.trajectory.Trajectory.step_batch` with the batch's advantages)."""
+    return batch.traj.step_batch(k, batch.advantages, index=index, log_prob_reduce=log_prob_reduce, device=device)
 
 
 def velocity_fns(adapter, cond, guidance_scale: float, with_reference: bool, reference_cond=None):
