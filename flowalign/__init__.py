@@ -21,3 +21,17 @@ try:
     __version__ = _metadata.version("flowalign-rl")
 except _metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
     __version__ = "0+unknown"
+
+_SUBMODULES = ("advantages", "checkpoint", "config", "corrected", "dense", "errors", "evaluation", "files", "guidance", "lora",
+               "lr_schedule", "objectives", "offline", "pipelines", "plots", "plugins", "prompts", "report", "rewards", "sampling",
+               "sde", "step_rewards", "trajectory", "train")
+__all__ = ["__version__", *_SUBMODULES]
+
+
+def __getattr__(name: str):
+    """``flowalign.sde`` etc. without an import of each: submodules load on first use (PEP 562)."""
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -112,3 +112,13 @@ def test_the_sdist_carries_what_its_tests_and_docs_need(tmp_path):
                    "assets/toy/model_index.json", "train/configs/toy_grpo.yaml"):
         assert needed in names, needed
     assert not any("__pycache__" in name for name in names)
+
+
+def test_every_submodule_is_reachable_from_the_package():
+    """``import flowalign; flowalign.sde.step(...)`` (it raised AttributeError without an import of each submodule)."""
+    code = ("import flowalign, pkgutil\n"
+            "core = {m.name for m in pkgutil.iter_modules(flowalign.__path__)} | {'pipelines', 'rewards', 'train'}\n"
+            "assert core == set(flowalign._SUBMODULES), sorted(core ^ set(flowalign._SUBMODULES))\n"
+            "assert callable(flowalign.sde.step) and callable(flowalign.rewards.load_reward)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
