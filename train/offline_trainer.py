@@ -170,9 +170,9 @@ def prepare_offline_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
     Raises:
         ConfigError: ``run_dir`` holds a run (or foreign files) and neither resume nor overwrite.
     """
-    from flowalign.train.run_dir import OFFLINE_RUN_ENTRIES, refuse_foreign
+    from flowalign.train.run_dir import OFFLINE_RUN_ENTRIES, is_empty, refuse_foreign
 
-    if resume or not run_dir.exists() or not any(run_dir.iterdir()):
+    if resume or is_empty(run_dir):
         return False
     if not (run_dir / "offline_config.yaml").is_file():
         raise ConfigError(f"output_dir {run_dir} is not empty and holds no flowalign offline run; choose another output_dir")
@@ -214,6 +214,7 @@ class OfflineTrainer(OptimizerViews):
         self._saved_step = -1
         self.text_modules: dict = {}  # text encoders with LoRA (lora.train_text_encoder), filled by setup
         self.run_log: Optional[RunLogger] = None  # metrics.csv + trackers, opened by setup
+        self._lock = None  # the run folder's lock, taken by setup
 
     def _check_store(self) -> None:
         """Store-dependent settings (k, reward) checked before the model is built."""
@@ -257,6 +258,22 @@ class OfflineTrainer(OptimizerViews):
 
         Nothing is written (and an ``--overwrite``-n run is not cleared) until every part is built.
         """
+        from flowalign.train.run_lock import lock_run_dir
+
+        # one run per folder (train/run_lock.py); --resume of a missing folder fails in _setup
+        self._lock = None if self.resume and not self.run_dir.exists() else lock_run_dir(self.run_dir)
+        try:
+            return self._setup()
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release(remove_if_unused=True)  # a run that stopped at setup leaves no folder behind
+            self._lock = None
+
+    def _setup(self) -> "OfflineTrainer":
         from flowalign.errors import CheckpointError
         from flowalign.objectives import get_objective, takes_keyword
 
@@ -524,10 +541,12 @@ class OfflineTrainer(OptimizerViews):
         return metric_panels(csv_path, self.run_dir / "training_curve.png", panels, x="step")
 
     def close(self) -> None:
-        """Flush and close the trackers (``save_final`` does it; call it after a failed run)."""
+        """Flush and close the trackers and let the run folder go (``save_final`` closes the trackers; call it after a
+        failed run)."""
         if self.run_log is not None:
             self.run_log.close()
             self.run_log = None
+        self._release_lock()
 
 
 def main(argv: Optional[list[str]] = None) -> int:

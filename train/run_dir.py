@@ -9,6 +9,7 @@ from typing import Optional, Union
 from flowalign import checkpoint as ckpt
 from flowalign.config import FlowalignConfig, config_diff, config_hash, load_config
 from flowalign.errors import CheckpointError, ConfigError
+from flowalign.train.run_lock import LOCK_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +39,17 @@ def _is_temporary(name: str) -> bool:
 
 
 def foreign_entries(run_dir: Path, known: frozenset = RUN_ENTRIES) -> list[str]:
-    """Names in ``run_dir`` that a run does not write (sorted; system files such as ``.DS_Store`` aside): a
-    folder holding any is never cleared."""
+    """Names in ``run_dir`` that a run does not write (sorted; system files such as ``.DS_Store`` and the run
+    lock aside): a folder holding any is never cleared."""
     if not run_dir.is_dir():
         return []
     return sorted(p.name for p in run_dir.iterdir()
-                  if p.name not in known and not _is_temporary(p.name) and not _SYSTEM_FILES.fullmatch(p.name))
+                  if p.name not in known and p.name != LOCK_NAME and not _is_temporary(p.name) and not _SYSTEM_FILES.fullmatch(p.name))
+
+
+def is_empty(run_dir: Path) -> bool:
+    """``run_dir`` is missing or holds nothing but the run lock (which the starting run itself took)."""
+    return not run_dir.exists() or all(p.name == LOCK_NAME for p in run_dir.iterdir())
 
 
 def clear_run_dir(run_dir: Path, known: frozenset = RUN_ENTRIES) -> None:
@@ -83,7 +89,7 @@ def prepare_run_dir(run_dir: Path, config: FlowalignConfig, resume: bool, overwr
             if changed:
                 logger.warning("resuming %s with changed settings: %s", run_dir, ", ".join(changed))
         return False
-    if not run_dir.exists() or not any(run_dir.iterdir()):
+    if is_empty(run_dir):
         return False
     is_run, previous, why = _run_config(run_dir)
     if not is_run:  # --overwrite must never delete a folder that is not a run (its rmtree takes everything)

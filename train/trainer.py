@@ -61,6 +61,7 @@ from flowalign.train.graceful_stop import GracefulStop, stop_everywhere
 from flowalign.train.lora_optimizer import OptimizerViews
 from flowalign.train.run_dir import clear_run_dir, find_resume_checkpoint, prepare_run_dir
 from flowalign.train.run_log import RunLogger
+from flowalign.train.run_lock import lock_run_dir
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ class Trainer(OptimizerViews):
         self._all_dropped_in_row = 0  # iterations in a row whose every reward was dropped (_check_all_dropped)
         self._reward_components: dict = {}  # the last score() call's scores per reward (objective.reward_mix: advantage)
         self.run_log: Optional[RunLogger] = None  # main process only
+        self._lock = None  # the run folder's lock (train/run_lock.py), taken by setup
         self.text_modules: dict = {}  # text encoders with LoRA (lora.train_text_encoder), filled by setup
         self.timings: dict[str, float] = {}  # wall seconds per phase of this session (setup, calibration, train, ...)
 
@@ -145,6 +147,17 @@ class Trainer(OptimizerViews):
 
         Nothing is written (and an ``--overwrite``-n run is not cleared) until all parts are built.
         """
+        # one run per folder: a second one stops here (train/run_lock.py); --resume of a missing folder fails in _setup
+        self._lock = None if self.resume and not self.run_dir.exists() else lock_run_dir(self.run_dir)
+        try:
+            return self._setup()
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release(remove_if_unused=True)  # bad input writes nothing, not even the folder
+                self._lock = None
+            raise
+
+    def _setup(self) -> "Trainer":
         from accelerate import Accelerator
 
         start = time.perf_counter()
@@ -605,9 +618,12 @@ class Trainer(OptimizerViews):
         return final_outputs.write_heldout_report(self)
 
     def cleanup(self) -> None:
-        """Close trackers and release the process group."""
+        """Close trackers, release the process group and the run folder's lock."""
         if self.run_log is not None:
             self.run_log.close()
+        if self._lock is not None:
+            self._lock.release(remove_if_unused=True)  # a run that stopped at setup leaves no folder behind
+            self._lock = None
         if hasattr(self, "accelerator"):
             self.accelerator.end_training()  # also destroys the process group
             if self.accelerator.num_processes > 1 and not torch.distributed.is_initialized():

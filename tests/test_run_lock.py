@@ -1,0 +1,78 @@
+"""One run per output folder at a time (train/run_lock.py)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from flowalign.errors import ConfigError
+from flowalign.train import cli
+from flowalign.train.run_dir import foreign_entries, is_empty
+from flowalign.train.run_lock import LOCK_NAME, RunLock
+
+TINY_RECIPE = Path(__file__).resolve().parents[1] / "train" / "configs" / "tiny_grpo.yaml"
+HOLD = textwrap.dedent("""
+    import sys, time
+    from flowalign.train.run_lock import RunLock
+    lock = RunLock(sys.argv[1]).acquire()
+    print("locked", flush=True)
+    time.sleep(60)
+""")
+
+
+@pytest.fixture
+def other_process_holds(tmp_path):
+    """Another process holding the lock on tmp_path / 'run' (as a second, running flowalign would)."""
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert holder.stdout.readline().strip() == "locked"
+    yield run, holder.pid
+    holder.kill()
+    holder.wait()
+
+
+def test_a_second_run_on_a_locked_folder_stops_before_writing(other_process_holds, capsys):
+    run, pid = other_process_holds
+    args = ["train", "--config", str(TINY_RECIPE), "--set", f"train.output_dir={run}", "--set", "train.iterations=1", "--overwrite"]
+    assert cli.main(args) == 2
+    assert f"in use by another flowalign run (pid {pid})" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME]  # the holder's, untouched
+
+
+def test_the_lock_goes_with_its_process_and_a_run_then_starts(tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.run([sys.executable, "-c", HOLD.replace("time.sleep(60)", "import os; os._exit(0)"), str(run)],
+                            capture_output=True, text=True)
+    assert holder.returncode == 0  # exited without releasing: the kernel released it
+    assert (run / LOCK_NAME).is_file()  # a killed holder leaves the file, not the lock
+    assert is_empty(run) and foreign_entries(run) == []  # and the file neither fills a folder nor is foreign
+    lock = RunLock(run).acquire()
+    lock.release()
+    assert not (run / LOCK_NAME).exists()  # a released lock takes its file along
+
+
+def test_bad_input_leaves_no_folder_and_a_finished_run_frees_its_folder(tmp_path, capsys):
+    run = tmp_path / "run"
+    bad = ["train", "--config", str(TINY_RECIPE), "--set", f"train.output_dir={run}", "--set", "rewards=[{name: brigthness}]"]
+    assert cli.main(bad) == 2 and not run.exists()
+    good = ["train", "--config", str(TINY_RECIPE), "--set", f"train.output_dir={run}", "--set", "train.iterations=1",
+            "--set", "train.progress=false", "--set", "train.log_with=[]"]
+    assert cli.main(good) == 0
+    assert not (run / LOCK_NAME).exists()  # the finished run let the folder go
+    (run / LOCK_NAME).write_text("12345\n")  # as a killed run leaves it
+    assert cli.main(good + ["--overwrite"]) == 0  # a stale lock file neither blocks nor makes the folder foreign
+    assert (run / "pytorch_lora_weights.safetensors").is_file() and not (run / LOCK_NAME).exists()
+
+
+def test_a_locked_folder_refuses_the_offline_trainer_too(other_process_holds):
+    from flowalign.train.offline_trainer import OfflineTrainer, load_offline_config
+
+    run, pid = other_process_holds
+    cfg = load_offline_config(None, [f"output_dir={run}", f"store={run.parent / 'store'}"])
+    with pytest.raises(ConfigError, match=f"pid {pid}"):
+        OfflineTrainer(cfg).setup()
