@@ -91,7 +91,7 @@ def evaluate_heldout(trainer: Trainer, records: list, num_samples: int):
 
     cfg = trainer.config
     with trainer.ema.applied() if trainer.ema is not None else nullcontext():  # the weights a run saves and reports
-        return evaluate(trainer.adapter, records, trainer.rewards[cfg.rewards[0].name], num_samples=num_samples,
+        return evaluate(trainer.adapter, records, trainer.rewards[cfg.rewards[0].key], num_samples=num_samples,
                         num_steps=cfg.sampling.eval_num_steps, guidance_scale=cfg.sampling.guidance_scale, seed=0,
                         batch_size=160, keep_images=0, progress=False)
 

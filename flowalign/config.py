@@ -690,8 +690,8 @@ def read_recipe(path: Union[str, Path], what: str = "train", _chain: tuple = ())
     """The settings of the recipe YAML ``path`` (:func:`resolve_recipe`) as a mapping.
 
     A recipe may start from another: ``base: toy_grpo`` (a shipped recipe's name, or a path relative to
-    the recipe's folder) reads that one first and lays this file's keys over it (mappings merge key by
-    key, every other value, lists included, replaces), so a recipe holds only what it changes.
+    the recipe's folder) reads that one first and lays this file's keys over it (:func:`_merged`: sections
+    merge key by key; values, lists and ``*kwargs`` mappings replace), so a recipe holds only what it changes.
 
     Raises:
         ConfigError: missing or unreadable file, invalid YAML, a top level that is not a mapping, a
@@ -727,10 +727,17 @@ def read_recipe(path: Union[str, Path], what: str = "train", _chain: tuple = ())
 
 
 def _merged(base: dict, top: dict) -> dict:
-    """``top`` laid over ``base``: nested mappings merge key by key; any other value of ``top`` replaces."""
+    """``top`` laid over ``base``: sections merge key by key; any other value of ``top`` replaces, and so does a
+    free-form argument mapping (a key ending in ``kwargs``: a new noise schedule or objective takes only its own
+    arguments, not the base's); an empty section (YAML null) changes nothing."""
     out = copy.deepcopy(base)
     for key, value in top.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
+        if value is None and isinstance(out.get(key), dict):
+            continue  # `model:` with only comments under it
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and not str(key).endswith("kwargs"):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
     return out
 
 

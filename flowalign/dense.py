@@ -321,7 +321,7 @@ def calibrate_noise_table(
 
     For each timestep k, count positive and negative step gains over N calibration rollouts:
     psi_k <- psi_k + eps2 where |#pos_k - #neg_k| <= eps1 (balanced: room to explore more),
-    psi_k <- psi_k - eps2 otherwise; clamped to [0, max_level] (a level below eps2/2 after the
+    psi_k <- psi_k - eps2 otherwise; clamped to [0, max_level] (a level within eps2/1000 of 0 after the
     update, i.e. one decremented to 0 up to float round-off, is exactly 0).
 
     Args:
@@ -342,8 +342,8 @@ def calibrate_noise_table(
     balanced = (n_pos - n_neg).abs() <= eps1  # [K]
     new = levels + torch.where(balanced, eps2, -eps2)
     # a level decremented to "0" by float steps lands near 1e-7, not 0: a step that stays stochastic with a
-    # vanishing std (log-probs of ~1e5 per 1e-4 of mean). An increment always leaves >= eps2, so below eps2/2 is 0.
-    new = torch.where(new < eps2 / 2, torch.zeros_like(new), new)
+    # vanishing std (log-probs of ~1e5 per 1e-4 of mean). Round-off of K steps is ~K·1e-7; a real level is not that small.
+    new = torch.where(new.abs() < eps2 * 1e-3, torch.zeros_like(new), new)
     return new.clamp(min=0.0, max=max_level)
 
 

@@ -389,7 +389,8 @@ def write_report(
         f"LoRA rank {_get(config_dict, 'lora.rank', '?')}" + (" (transformer and text encoders)" if _get(config_dict, "lora.train_text_encoder", False) is True else "")
         + f", {_get(config_dict, 'train.iterations', '?')} iterations, "
         f"lr {_get(config_dict, 'train.lr', '?')}, seed {_get(config_dict, 'train.seed', '?')}" + _ema_note(config_dict),
-        "- **rewards**: " + ", ".join(f"`{r.get('name')}` × {r.get('weight', 1.0)}" for r in config_dict.get("rewards", []) if isinstance(r, Mapping)),
+        "- **rewards**: " + ", ".join(f"`{r.get('name')}`" + (f" as `{r['label']}`" if r.get("label") else "") + f" × {r.get('weight', 1.0)}"
+                                      for r in config_dict.get("rewards", []) if isinstance(r, Mapping)),
         f"- **evaluation**: {aligned.num_samples} samples ({_per_prompt_note(aligned)}, "
         f"{settings.get('num_prompts', '?')} prompts from `{settings.get('prompts_file', _get(config_dict, 'train.eval_prompts', '?'))}`), "
         f"ODE {settings.get('num_steps', '?')} steps, guidance {settings.get('guidance_scale', '?')}, seeds {aligned.seeds[0]}…{aligned.seeds[-1]}; "

@@ -514,12 +514,16 @@ def _score_each(reward: Callable, name: str, images: Tensor, prompts: list[str],
         if errors:
             i, error = errors[0]
             raise RewardError(f"reward {name!r} failed on prompt {prompts[i]!r} (sample {i} of {batch}): "
-                              f"{type(error).__name__}: {error}", reward=name, prompts=[prompts[i]]) from error
+                              + (error.detail if isinstance(error, _MalformedOutput) else f"{type(error).__name__}: {error}"),
+                              reward=name, prompts=[prompts[i]]) from error
         raise RewardError(f"reward {name!r} failed on a batch of {batch} prompts although each prompt alone "
                           f"succeeded: {type(batch_error).__name__}: {batch_error}; prompts: {_quote(prompts)}",
                           reward=name, prompts=prompts) from batch_error
     for i, error in errors:
-        logger.warning("reward %r failed on prompt %r: %s: %s", name, prompts[i], type(error).__name__, error)
+        if isinstance(error, _MalformedOutput):
+            logger.warning("reward %r failed on prompt %r: %s", name, prompts[i], error.detail)
+        else:
+            logger.warning("reward %r failed on prompt %r: %s: %s", name, prompts[i], type(error).__name__, error)
     if not errors:  # every sample scored alone: the run goes on at one call per sample, which it should say
         logger.warning("reward %r failed on a batch of %d but scored each sample alone (%s: %s): scored one by one",
                        name, batch, type(batch_error).__name__, batch_error)

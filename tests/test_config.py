@@ -345,3 +345,11 @@ def test_a_label_lets_one_reward_appear_twice_and_keeps_old_hashes():
     # new keys at their defaults (label, objective.reward_mix) leave the hash that older checkpoints carry: toy_grpo's,
     # computed at commit 445bd1c before either existed
     assert C.config_hash(C.load_config(C.packaged_recipe_dir() / "toy_grpo.yaml")) == "4c69ef0402ca238f"
+
+
+def test_base_kwargs_mappings_replace_and_empty_sections_keep_the_base(tmp_path):
+    (tmp_path / "const.yaml").write_text("base: toy_grpo\nsampling: {noise_schedule: constant, noise_kwargs: {a: 0.5}}\n")
+    cfg = C.load_config(tmp_path / "const.yaml")
+    assert cfg.sampling.noise_kwargs == {"a": 0.5} and cfg.sampling.group_size == 8  # not the window's start / size
+    (tmp_path / "empty.yaml").write_text("base: toy_grpo\nmodel:\n  # nothing changed here\n")
+    assert C.load_config(tmp_path / "empty.yaml").model.pretrained == "toy"

@@ -351,3 +351,9 @@ def test_a_level_decremented_to_zero_is_zero_not_float_round_off():
     assert not bool(sde.is_stochastic("flow_sde", 0.5, 0.4, dense.calibrate_noise(lambda levels: gains, torch.tensor([0.7]), rounds=70)))
     # increments still count from a level below eps2 / 2
     assert dense.calibrate_noise_table(torch.tensor([0.003]), torch.zeros(4, 1), eps1=2, eps2=0.01).item() == pytest.approx(0.013)
+
+
+def test_the_zero_snap_takes_round_off_only():
+    """A level of 0.012 decremented by 0.01 is 0.002, a real level (it was snapped to 0 when the snap took anything < eps2/2)."""
+    out = dense.calibrate_noise_table(torch.tensor([0.012, 0.7, 0.0049]), torch.ones(4, 3), eps1=0, eps2=0.01)
+    assert out.tolist() == pytest.approx([0.002, 0.69, 0.0], abs=1e-7)

@@ -443,3 +443,10 @@ def test_atomic_path_replaces_on_success_and_keeps_the_old_file_on_error(tmp_pat
     with atomic_path(target) as tmp:
         tmp.write_text("new")
     assert target.read_text() == "new" and sorted(p.name for p in target.parent.iterdir()) == ["figure.png"]
+
+
+def test_report_names_a_labelled_reward_by_its_label_too(tmp_path):
+    base = _result([1, 0, 0, 0, 0, 0, 0, 0, 1, 0], [0.5] * 10)
+    two = dict(CONFIG, rewards=[{"name": "shapes", "weight": 1.0}, {"name": "shapes", "label": "partial", "weight": 0.5}])
+    text = write_report(tmp_path, base=base, aligned=base, config_dict=two, timings={}).read_text()
+    assert "`shapes` × 1.0, `shapes` as `partial` × 0.5" in text
