@@ -25,7 +25,8 @@ except _metadata.PackageNotFoundError:  # a source tree on sys.path, not install
 _SUBMODULES = ("advantages", "checkpoint", "config", "corrected", "dense", "errors", "evaluation", "files", "guidance", "lora",
                "lr_schedule", "objectives", "offline", "pipelines", "plots", "plugins", "prompts", "report", "rewards", "sampling",
                "sde", "step_rewards", "trajectory", "train")
-__all__ = ["__version__", *_SUBMODULES]
+# `from flowalign import *` takes the pure-math core only (the trainers pull in accelerate, tensorboard, ...)
+__all__ = ["__version__", "advantages", "dense", "objectives", "sampling", "sde", "step_rewards", "trajectory"]
 
 
 def __getattr__(name: str):

@@ -364,13 +364,13 @@ class FlowalignConfig:
             f"(prompts_per_iter {self.train.prompts_per_iter} x group_size {self.sampling.group_size} = {per_iter})",
         )
         _check_online_objective(self.objective.name)
-        if self.objective.reward_mix == "advantage" and self.objective.name in DENSE_OBJECTIVES:
+        if self.objective.reward_mix == "advantage" and dense_method(self.objective.name):
             raise ConfigError(f"objective.reward_mix='advantage' mixes per-sample advantages; {self.objective.name!r} takes per-step "
                               "advantages of the weighted reward sum: use reward_mix='reward'")
         if self.sampling.kernel == "ode" and not _trains_on_forward_process(self.objective.name):
             raise ConfigError(f"sampling.kernel='ode' draws no noise, so no step of objective {self.objective.name!r} can be trained; "
                               "use flow_sde, dance_sde or cps, or a forward-process objective (nft, awm)")
-        table_decides = self.objective.name in DENSE_OBJECTIVES and bool(self.dense.noise_table_file)  # replaces the schedule
+        table_decides = dense_method(self.objective.name) is not None and bool(self.dense.noise_table_file)  # replaces the schedule
         if self.sampling.kernel != "ode" and not _trains_on_forward_process(self.objective.name) and not table_decides:
             _check_some_step_is_stochastic(self.sampling)
         if self.train.old_policy_rate > 0 and not _trains_on_forward_process(self.objective.name):
@@ -780,6 +780,16 @@ def save_config(config: FlowalignConfig, path: Union[str, Path]) -> Path:
 
 # objectives with per-step advantages from flowalign.step_rewards (they read the dense section, and its noise table)
 DENSE_OBJECTIVES = ("dense_grpo", "tp_grpo")
+
+
+def dense_method(objective: str) -> Optional[str]:
+    """``"dense_grpo"`` / ``"tp_grpo"`` when ``objective`` trains on per-step advantages (one of those, or an objective
+    of the user's whose class says ``dense_method``, e.g. a subclass of either), else None."""
+    if objective in DENSE_OBJECTIVES:
+        return objective
+    from flowalign.objectives import OBJECTIVES
+
+    return getattr(OBJECTIVES.get(objective), "dense_method", None)
 # model keys that change no sample, only memory (left out of config hashes and rollout-store settings)
 MODEL_MEMORY_KNOBS = ("t5_cache_size",)
 # fields that do not change what a run computes (so resuming with them changed is the same run)

@@ -347,7 +347,9 @@ def dense_step_advantages(adapter, traj, cond, reward, cfg, gather: Optional[Cal
     start = time.perf_counter()
     d = _dense_config(cfg)
     ocfg = cfg.objective
-    method = ocfg.name
+    from flowalign.config import dense_method
+
+    method = dense_method(ocfg.name) or ocfg.name
     if method not in METHODS:
         raise ConfigError(f"objective.name={method!r} has no per-step advantages; use one of {list(METHODS)}")
     on_error = _dropped_sample_policy(cfg)

@@ -116,3 +116,30 @@ def test_an_offline_objective_of_the_users_must_say_it_is_trained_offline(tmp_pa
 
     with pytest.raises(ConfigError, match="not trained by `flowalign offline`"):
         load_offline_config(None, [f"objective={plugin_module}:Reinforce", "store=x"])
+
+
+SUBCLASS_SOURCE = """
+    from flowalign.objectives.dense_grpo import DenseGRPO
+
+
+    class MyDense(DenseGRPO):
+        pass
+"""
+
+
+def test_a_subclass_of_dense_grpo_trains_on_per_step_advantages(tmp_path, monkeypatch):
+    from flowalign.train.trainer import Trainer
+
+    name = f"fa_dense_{uuid.uuid4().hex[:10]}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(SUBCLASS_SOURCE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        overrides = SETTINGS + [f"objective.name={name}:MyDense", "dense.estimator=tweedie", f"train.output_dir={tmp_path / 'run'}"]
+        trainer = Trainer(load_config(TINY_RECIPE, overrides)).setup()
+        assert trainer.dense
+        batch = trainer.collect()
+        assert batch.advantages.shape == (4, 3)  # [B, K]: DenseGRPO's per-step advantages
+        trainer.cleanup()
+    finally:
+        sys.modules.pop(name, None)
+        OBJECTIVES.pop(f"{name}:MyDense", None)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from flowalign import lora as lora_lib
-from flowalign.config import DENSE_OBJECTIVES, FlowalignConfig
+from flowalign.config import FlowalignConfig, dense_method
 from flowalign.errors import ConfigError
 from flowalign.train import runtime
 from flowalign.train.lora_optimizer import LoraOptimizer
@@ -181,7 +181,7 @@ def build_objective(config: FlowalignConfig) -> ObjectiveParts:
     if getattr(objective, "needs_ema", False) and not config.train.ema:
         raise ConfigError(f"objective {ocfg.name!r} with ema_beta > 0 penalises the distance to the EMA of the LoRA: set train.ema=true "
                           "(train.ema_decay sets how fast it follows)")
-    dense = ocfg.name in DENSE_OBJECTIVES
+    dense = dense_method(ocfg.name) is not None
     table_file = config.dense.noise_table_file if dense else None
     if table_file and (Path(table_file).is_file() or config.dense.calibration_rounds == 0):
         from flowalign.step_rewards import noise_schedule_for

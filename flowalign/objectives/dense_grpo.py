@@ -28,6 +28,7 @@ class DenseGRPO(FlowGRPO):
     """
 
     name = "dense_grpo"
+    dense_method = "dense_grpo"  # the trainer computes per-step advantages this way (a subclass of the user's inherits it)
     default_kernel = "flow_sde"
     default_schedule = "table"
     advantage_fn = "flowalign.dense:dense_advantages"

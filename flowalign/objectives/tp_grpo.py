@@ -31,6 +31,8 @@ class TPGRPO(FlowGRPO):
         kl_beta, adv_clip, kl_form: as :class:`~flowalign.objectives.grpo.FlowGRPO`.
     """
 
+    dense_method = "tp_grpo"  # per-step turning-point advantages (a subclass of the user's inherits it)
+
     name = "tp_grpo"
     default_kernel = "cps"
     default_noise_level = 0.7
