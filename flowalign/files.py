@@ -83,6 +83,15 @@ def write_text_atomic(path: PathLike, text: str, encoding: str = "utf-8") -> Pat
 
 
 def _umask() -> int:
+    """The process's umask, read without changing it where the system allows (Linux: ``/proc/self/status``);
+    elsewhere set and restored at once (a race only with another thread creating files in that instant)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -386,3 +386,21 @@ def test_the_lora_file_is_replaced_whole_and_readable_by_others(pipe, tmp_path, 
         lora.save_lora_weights(pipe, tmp_path, state)
     assert path.read_bytes() == before  # the earlier file, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_the_umask_is_read_without_being_changed(monkeypatch):
+    """files._umask used to set the umask to 0 for an instant (a race with any thread creating files then)."""
+    import os
+
+    from flowalign import files
+
+    expected = os.umask(0o027)
+    os.umask(0o027)
+    try:
+        calls = []
+        real = os.umask
+        monkeypatch.setattr(files.os, "umask", lambda m: calls.append(m) or real(m))
+        assert files._umask() == 0o027
+        assert calls == [] or not os.path.exists("/proc/self/status")  # Linux reads it from /proc
+    finally:
+        os.umask(expected)
