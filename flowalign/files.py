@@ -7,6 +7,7 @@ a format from the extension (matplotlib's ``savefig``, PIL's ``save``) still do.
 """
 from __future__ import annotations
 
+import itertools
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,15 @@ def fsync_path(path: PathLike) -> None:
         os.close(fd)
 
 
+_WRITES = itertools.count()
+
+
+def _unique() -> str:
+    """Digits no other write of this process or of another running process uses: the pid, then a per-process
+    counter (six digits), so two threads writing the same file do not share a temporary name."""
+    return f"{os.getpid()}{next(_WRITES) % 10**6:06d}"
+
+
 @contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path to write ``path``'s new content to; on a clean exit it replaces ``path``.
@@ -46,7 +56,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.{_unique()}.tmp{path.suffix}")
     try:
         yield tmp
         fsync_path(tmp)
@@ -108,7 +118,7 @@ def atomic_file_in(directory: PathLike, name: str) -> Iterator[Path]:
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{Path(name).stem}.{os.getpid()}.tmp"
+    tmp = directory / f".{Path(name).stem}.{_unique()}.tmp"
     tmp.mkdir(exist_ok=True)
     try:
         yield tmp

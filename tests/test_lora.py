@@ -404,3 +404,29 @@ def test_the_umask_is_read_without_being_changed(monkeypatch):
         assert calls == [] or not os.path.exists("/proc/self/status")  # Linux reads it from /proc
     finally:
         os.umask(expected)
+
+
+def test_concurrent_atomic_writes_of_one_file_from_threads_do_not_collide(tmp_path):
+    """Temporary names carried the pid only: two threads writing the same file shared one temporary path."""
+    import threading
+
+    from flowalign import files
+
+    seen = []
+    barrier = threading.Barrier(2)
+
+    def write(text):
+        with files.atomic_path(tmp_path / "out.txt") as tmp:
+            seen.append(tmp.name)
+            barrier.wait(timeout=10)
+            tmp.write_text(text)
+
+    threads = [threading.Thread(target=write, args=(t,)) for t in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(seen)) == 2 and (tmp_path / "out.txt").read_text() in ("a", "b")
+    from flowalign.train.run_dir import _is_temporary
+
+    assert all(_is_temporary(name) for name in seen)  # --overwrite still recognises them as a run's temporaries
