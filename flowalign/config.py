@@ -266,6 +266,7 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the LoRA gradient norm to this value (0 = no clipping)."})
     ema: bool = field(default=False, metadata={"help": "Keep an exponential moving average of the LoRA weights (saved and used for eval)."})
     ema_decay: float = field(default=0.9, metadata={"help": "EMA decay per optimizer step (train.ema_schedule: constant)."})
+    ema_every: int = field(default=1, metadata={"help": "Update the EMA every n-th optimizer step (Flow-GRPO's EMAModuleWrapper update_step_interval: 8)."})
     ema_schedule: str = field(
         default="constant",
         metadata={"help": "constant: decay train.ema_decay at every step; power: EDM2's power-function average, decay "
@@ -325,6 +326,7 @@ class TrainConfig:
         _check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
         _check(self.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0, got {self.max_grad_norm}")
         _check(0.0 < self.ema_decay < 1.0, f"train.ema_decay must be in (0, 1), got {self.ema_decay}")
+        _check(self.ema_every >= 1, f"train.ema_every must be >= 1, got {self.ema_every}")
         _choice("train.ema_schedule", self.ema_schedule, EMA_SCHEDULES)
         _check(self.ema_power >= 0, f"train.ema_power must be >= 0, got {self.ema_power}")
         _check(self.old_policy_rate >= 0, f"train.old_policy_rate must be >= 0 (0 = on-policy sampling), got {self.old_policy_rate}")
@@ -799,7 +801,7 @@ _HASH_EXCLUDE = {("train", "iterations"), ("train", "output_dir"), ("train", "ch
                  ("train", "gradient_checkpointing"), ("train", "offload_rewards"),
                  *(("model", key) for key in MODEL_MEMORY_KNOBS)}
 # fields left out of the hash while at these values (their defaults), so runs from before they existed resume
-_HASH_OMIT_AT = {("sampling", "noise_seeding"): "process", ("objective", "reward_mix"): "reward", ("train", "mixed_precision"): "no",
+_HASH_OMIT_AT = {("sampling", "noise_seeding"): "process", ("objective", "reward_mix"): "reward", ("train", "ema_every"): 1, ("train", "mixed_precision"): "no",
                  ("train", "lr_schedule"): "constant", ("train", "lr_warmup"): 0, ("train", "lr_min_ratio"): 0.0}
 
 

@@ -353,3 +353,17 @@ def test_base_kwargs_mappings_replace_and_empty_sections_keep_the_base(tmp_path)
     assert cfg.sampling.noise_kwargs == {"a": 0.5} and cfg.sampling.group_size == 8  # not the window's start / size
     (tmp_path / "empty.yaml").write_text("base: toy_grpo\nmodel:\n  # nothing changed here\n")
     assert C.load_config(tmp_path / "empty.yaml").model.pretrained == "toy"
+
+
+@pytest.mark.parametrize("recipe, steps_per_iteration", [("sd35m_grpo_geneval", 2), ("sd35m_dense_grpo_geneval", 1),
+                                                         ("sd35m_tp_grpo_geneval", 2)])
+def test_the_sd35m_recipes_take_the_papers_optimizer_steps_per_iteration_on_8_processes(recipe, steps_per_iteration):
+    """Flow-GRPO's code: 2 optimizer steps per epoch of 1152 samples; DenseGRPO App. A: batch 144 x accumulation 8 = 1152 per step."""
+    cfg = C.load_config(recipe)
+    samples_per_process = cfg.train.prompts_per_iter // 8 * cfg.sampling.group_size
+    stochastic = cfg.sampling.num_steps - (1 if cfg.sampling.kernel == "cps" else 0)  # CPS's last step is deterministic
+    trained_steps = int(round(stochastic * cfg.objective.timestep_fraction, 9))  # as Trainer._trained_steps counts them
+    micro_batches = samples_per_process // cfg.train.micro_batch_size * trained_steps
+    assert samples_per_process % cfg.train.micro_batch_size == 0
+    assert micro_batches == steps_per_iteration * cfg.train.grad_accum
+    assert cfg.train.ema and cfg.train.ema_every == 8

@@ -213,3 +213,18 @@ def test_a_process_without_micro_batches_steps_in_fp16_and_untouched_parameters_
     assert stats["steps"] == 1 and b.grad is None
     assert torch.equal(b.detach(), torch.ones(2))  # untouched: no decay, no step
     assert torch.allclose(a.detach(), torch.full((3,), 1 - 0.1 * 0.1 - 0.1))  # decoupled decay, then Adam's first step -lr·sign
+
+
+def test_ema_every_updates_the_average_on_every_nth_step_only():
+    """Flow-GRPO's EMAModuleWrapper(decay=0.9, update_step_interval=8): the shadow moves at steps 8, 16, ... (by hand)."""
+    opt, a, b = _optim(ema=True, ema_decay=0.5, ema_every=3)
+    shadow = a.detach().clone()
+    for iteration in range(7):
+        opt.set_lr(iteration)
+        assert opt.backward((a * torch.arange(1.0, 4.0)).sum() + b.square().sum(), "here")
+        opt.step(opt.new_stats())
+        if (iteration + 1) % 3 == 0:
+            shadow = 0.5 * shadow + 0.5 * a.detach()
+        assert torch.allclose(opt.ema.shadow[0], shadow), iteration
+    with pytest.raises(Exception, match="ema_every"):
+        TrainConfig(ema_every=0)
