@@ -186,3 +186,14 @@ def test_too_few_final_eval_samples_name_the_key_and_the_minimum(tmp_path, capsy
     err = capsys.readouterr().err
     assert "train.final_eval_samples=8 is below the 320 prompts of train.eval_prompts" in err and ">= 320" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_config_list_names_every_shipped_recipe_and_launch_config(capsys):
+    from flowalign.config import packaged_recipe_dir, resolve_recipe
+
+    assert cli.main(["config", "--list"]) == 0
+    out = capsys.readouterr().out
+    names = [line.split()[0] for line in out.splitlines() if line.startswith("  ")]
+    recipes = sorted(p.stem for p in packaged_recipe_dir().glob("*.yaml"))
+    assert set(recipes) <= set(names) and {"cpu", "ddp", "fsdp", "deepspeed_zero2"} <= set(names)
+    assert all(resolve_recipe(name) == packaged_recipe_dir() / f"{name}.yaml" for name in recipes)  # each listed name loads

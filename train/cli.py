@@ -112,7 +112,29 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a config value (repeatable)")
     config.add_argument("--for", dest="kind", choices=("train", "offline", "generate"), default="train",
                         help="which command's keys: train (default), offline or generate")
+    config.add_argument("--list", action="store_true",
+                        help="list the shipped recipes (what --config NAME and base: NAME find) and launch configs, then exit")
     return parser
+
+
+def list_recipes() -> str:
+    """The shipped recipes and launch configs, one line each: name, then the first line of its header comment."""
+    from flowalign.config import packaged_recipe_dir
+
+    def first_comment(path: Path) -> str:
+        for line in path.read_text().splitlines():
+            if line.startswith("#") and line.strip("# ").strip():
+                return line.strip("# ").strip()
+        return ""
+
+    recipes = sorted(packaged_recipe_dir().glob("*.yaml"))
+    launch = sorted((packaged_recipe_dir().parent / "accelerate").glob("*.yaml"))
+    width = max(len(p.stem) for p in recipes + launch)
+    lines = [f"recipes ({packaged_recipe_dir()}; --config NAME or base: NAME):"]
+    lines += [f"  {p.stem:<{width}}  {first_comment(p)}" for p in recipes]
+    lines += [f"launch configs ({launch[0].parent if launch else ''}; accelerate launch --config_file PATH):"]
+    lines += [f"  {p.stem:<{width}}  {first_comment(p)}" for p in launch]
+    return "\n".join(lines) + "\n"
 
 
 def run_config(args: argparse.Namespace) -> int:
@@ -122,6 +144,9 @@ def run_config(args: argparse.Namespace) -> int:
     from flowalign.train.generate import load_generate_config
     from flowalign.train.offline_trainer import load_offline_config
 
+    if args.list:
+        sys.stdout.write(list_recipes())
+        return 0
     try:
         if args.kind == "offline":
             config = load_offline_config(args.config, list(args.overrides))
