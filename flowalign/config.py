@@ -197,7 +197,7 @@ class LoraConfig:
     dropout: float = field(default=0.0, metadata={"help": "LoRA dropout probability."})
     train_text_encoder: bool = field(default=False, metadata={"help": "Also train LoRA on the adapter's text encoders (SD3: the CLIP pair); the LoRA file then holds text_encoder. / text_encoder_2. keys as well."})
     text_encoder_target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Text-encoder module names to adapt; null = the adapter's defaults (CLIP: q/k/v/out_proj)."})
-    text_encoder_lr: Optional[float] = field(default=None, metadata={"help": "Learning rate of the text-encoder LoRA (diffusers' --text_encoder_lr); null = train.lr. Follows train.lr_schedule."})
+    text_encoder_lr: Optional[float] = field(default=None, metadata={"help": "Learning rate of the text-encoder LoRA (diffusers' --text_encoder_lr); null = the run's lr (train.lr; lr in an offline recipe). Follows its lr schedule."})
 
     def __post_init__(self):
         _check(self.rank >= 1, f"lora.rank must be >= 1, got {self.rank}")

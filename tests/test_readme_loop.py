@@ -55,3 +55,14 @@ def test_step_batch_is_the_recorded_transition():
         traj.step_batch(4, per_step)
     with pytest.raises(ValueError, match="advantages must be"):
         traj.step_batch(0, torch.zeros(3))
+
+
+def test_the_readme_parts_snippet_runs_as_written():
+    text = README.read_text()
+    start = text.index("The parts are usable alone")
+    code = re.search(r"```python\n(.*?)```", text[start:], re.S).group(1)
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102 - the README's own code
+    assert scope["traj"].log_probs.shape == (4, 10)
+    assert scope["out"].prev_sample.shape == scope["x"].shape
+    assert scope["mask"].shape == (4, 10) and scope["step_rewards"].shape == (4, 10)
