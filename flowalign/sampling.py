@@ -65,8 +65,11 @@ def _chunks(batch: int, micro_batch_size: Optional[int]) -> list[slice]:
     return [slice(i, min(i + micro_batch_size, batch)) for i in range(0, batch, micro_batch_size)]
 
 
-def _levels(schedule: Union[Schedule, float, None], num_steps: int, iteration: int, generator: Optional[torch.Generator]) -> Tensor:
-    """``[K]`` fp32 noise levels from a schedule object, a constant float, or None (all 0)."""
+def noise_levels(schedule: Union[Schedule, float, None], num_steps: int, iteration: int = 0,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+    """``[K]`` fp32 noise levels from a schedule object, a constant float, or None (all 0): what :func:`rollout`
+    draws first from ``generator`` (a random window's position), before any noise; a sampler of its own (a
+    tree's segments) draws them the same way."""
     if schedule is None:
         return torch.zeros(num_steps)
     if isinstance(schedule, (int, float)):
@@ -245,7 +248,7 @@ def rollout(
     sample_metadata = _expand_metadata(metadata, num_prompts, group_size)
 
     sigmas = adapter.sigmas(num_steps).to(torch.float32).cpu()  # [K+1]
-    levels = _levels(schedule, num_steps, iteration, generator)  # [K]
+    levels = noise_levels(schedule, num_steps, iteration, generator)  # [K]
     mask = sde.is_stochastic(kernel, sigmas[:-1], sigmas[1:], levels)  # [K] bool
 
     if cond is None:
@@ -297,6 +300,7 @@ def rollout(
         guidance_scale=float(guidance_scale),
         metadata=sample_metadata,
         nfe=run.nfe,
+        log_prob_reduce=log_prob_reduce,
     )
 
 

@@ -39,6 +39,8 @@ class Trajectory:
         guidance_scale: CFG scale used while sampling.
         metadata: one dict per sample (prompt spec, seed, ...), passed to rewards.
         nfe: number of transformer evaluations spent on this batch (CFG counts double).
+        log_prob_reduce: how ``log_probs`` were reduced over latent dims (``"mean"`` or ``"sum"``): their
+            scale, which a softmax over path log-probs (BranchGRPO / TreeGRPO) depends on.
     """
 
     prompts: list[str]
@@ -58,6 +60,7 @@ class Trajectory:
     guidance_scale: float = 1.0
     metadata: list[dict[str, Any]] = field(default_factory=list)
     nfe: int = 0
+    log_prob_reduce: str = "mean"
 
     @property
     def batch_size(self) -> int:
@@ -98,7 +101,7 @@ class Trajectory:
         return [int(k) for k in torch.nonzero(self.stochastic_mask.cpu()).flatten()]
 
     def step_batch(self, k: int, advantages: Optional[Tensor] = None, index: Optional[Tensor] = None,
-                   log_prob_reduce: str = "mean", device: Optional[torch.device | str] = None):
+                   log_prob_reduce: Optional[str] = None, device: Optional[torch.device | str] = None):
         """The recorded transitions ``x_k -> x_{k+1}`` of samples ``index`` (default: all) as a
         :class:`flowalign.objectives.StepBatch`, the batch an objective's ``loss`` takes.
 
@@ -107,7 +110,7 @@ class Trajectory:
             advantages: ``[B]`` per-sample or ``[B, K]`` per-step advantages of all B samples (default:
                 ``self.advantages``).
             index: ``[n]`` rows to take (a long tensor or list), default every sample.
-            log_prob_reduce: how the sampler reduced the recorded log-probs (``rollout``'s argument).
+            log_prob_reduce: how the sampler reduced the recorded log-probs (default: ``self.log_prob_reduce``).
             device: where the batch's tensors go (default: where they are).
 
         Example (a hand-written update; ``policy`` binds the adapter and the samples' conditioning)::
@@ -140,7 +143,7 @@ class Trajectory:
             advantages=move(adv[adv_rows, k] if adv.ndim == 2 else adv[adv_rows]),
             kernel=self.kernel,
             step_index=move(torch.full((n,), k, dtype=torch.long)),
-            log_prob_reduce=log_prob_reduce,
+            log_prob_reduce=log_prob_reduce or self.log_prob_reduce,
         )
 
     def to(self, device: torch.device | str) -> "Trajectory":

@@ -66,3 +66,19 @@ def test_the_readme_parts_snippet_runs_as_written():
     assert scope["traj"].log_probs.shape == (4, 10)
     assert scope["out"].prev_sample.shape == scope["x"].shape
     assert scope["mask"].shape == (4, 10) and scope["step_rewards"].shape == (4, 10)
+
+
+def test_a_trajectory_knows_how_its_log_probs_were_reduced():
+    """A softmax over path log-probs (BranchGRPO / TreeGRPO) depends on their scale: the trajectory records it, and
+    step_batch and cat_trajectories keep it."""
+    from flowalign import sampling, sde
+    from flowalign.pipelines import load_adapter
+    from flowalign.pipelines.testing import tiny_sd3_pipeline
+    from flowalign.train.runtime import cat_trajectories
+
+    adapter = load_adapter(tiny_sd3_pipeline())
+    runs = [sampling.rollout(adapter, ["a"], group_size=2, num_steps=3, kernel="flow_sde", schedule=sde.constant(0.7),
+                             log_prob_reduce="sum", generator=torch.Generator().manual_seed(seed)) for seed in (0, 1)]
+    assert runs[0].log_prob_reduce == "sum" and runs[0].step_batch(0, torch.zeros(2)).log_prob_reduce == "sum"
+    assert cat_trajectories(runs).log_prob_reduce == "sum"
+    assert torch.equal(sampling.noise_levels(sde.constant(0.7), 3), torch.full((3,), 0.7))

@@ -59,7 +59,7 @@ def cat_trajectories(trajs: Sequence[Any]) -> Any:
     ``stochastic_mask``) taken from the first, ``nfe`` summed.
     """
     first = trajs[0]
-    shared = {"sigmas", "noise_levels", "stochastic_mask", "kernel", "guidance_scale"}
+    shared = {"sigmas", "noise_levels", "stochastic_mask", "kernel", "guidance_scale", "log_prob_reduce"}
     values: dict = {}
     offset, group_ids = 0, []
     for t in trajs:

@@ -45,7 +45,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -89,6 +89,15 @@ def fill_dropped(rewards: Tensor, group_ids: Tensor) -> Tensor:
         kept = rewards[in_group & ~nan]
         rewards[in_group & nan] = kept.mean() if kept.numel() else 0.0
     return rewards
+
+
+class PlanItem(NamedTuple):
+    """One micro-batch of an update: the batch's ``rows`` (sample indices) at one ``step`` (a denoising step k, or a
+    forward-process draw j). A named pair, so that a later plan over rows that mix steps (tree edges: ``step=None``,
+    DESIGN.md §5) extends it instead of changing what every caller unpacks."""
+
+    rows: Tensor
+    step: Optional[int]
 
 
 def make_step_batch(batch: Batch, index: Tensor, k: int, log_prob_reduce: str, device: torch.device):
@@ -409,14 +418,14 @@ class Trainer(OptimizerViews):
         n = max(1, int(round(len(stochastic) * self.config.objective.timestep_fraction, 9)))  # round: 50 * 0.58 is 28.999999999999996
         return stochastic[:n]
 
-    def _plan(self, batch: Batch) -> list[tuple[Tensor, int]]:
-        """Micro-batches ``(sample indices, step)`` of one inner epoch: shuffled samples, chunk-major
+    def _plan(self, batch: Batch) -> list["PlanItem"]:
+        """Micro-batches ``PlanItem(rows, step)`` of one inner epoch: shuffled samples, chunk-major
         (forward-process objectives: ``(sample indices, draw j)`` for j < objective.num_timesteps)."""
         kept = torch.nonzero(batch.keep).flatten()
         order = kept[torch.randperm(kept.numel(), generator=self.generator)]
         size = self.config.train.micro_batch_size
         steps = list(range(self.objective.num_timesteps)) if self.forward_process else self._trained_steps(batch.traj)
-        return [(order[i:i + size], k) for i in range(0, order.numel(), size) for k in steps]
+        return [PlanItem(order[i:i + size], k) for i in range(0, order.numel(), size) for k in steps]
 
     def velocity_fns(self, cond, reference_cond=None):
         """``policy(x, sigma)`` (LoRA on, with grad) and ``reference`` (LoRA off, no grad; None when
