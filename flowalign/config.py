@@ -734,7 +734,7 @@ def _merged(base: dict, top: dict) -> dict:
     arguments, not the base's); an empty section (YAML null) changes nothing."""
     out = copy.deepcopy(base)
     for key, value in top.items():
-        if value is None and isinstance(out.get(key), dict):
+        if value is None and isinstance(out.get(key), dict) and not str(key).endswith("kwargs"):
             continue  # `model:` with only comments under it
         if isinstance(value, dict) and isinstance(out.get(key), dict) and not str(key).endswith("kwargs"):
             out[key] = _merged(out[key], value)

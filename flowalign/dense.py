@@ -321,8 +321,8 @@ def calibrate_noise_table(
 
     For each timestep k, count positive and negative step gains over N calibration rollouts:
     psi_k <- psi_k + eps2 where |#pos_k - #neg_k| <= eps1 (balanced: room to explore more),
-    psi_k <- psi_k - eps2 otherwise; clamped to [0, max_level] (a level within eps2/1000 of 0 after the
-    update, i.e. one decremented to 0 up to float round-off, is exactly 0).
+    psi_k <- psi_k - eps2 otherwise; clamped to [0, max_level] (a level within max(eps2/1000, 1e-5) of 0
+    after the update, i.e. one decremented to 0 up to float round-off, is exactly 0).
 
     Args:
         levels: ``[K]`` current noise levels psi.
@@ -342,8 +342,9 @@ def calibrate_noise_table(
     balanced = (n_pos - n_neg).abs() <= eps1  # [K]
     new = levels + torch.where(balanced, eps2, -eps2)
     # a level decremented to "0" by float steps lands near 1e-7, not 0: a step that stays stochastic with a
-    # vanishing std (log-probs of ~1e5 per 1e-4 of mean). Round-off of K steps is ~K·1e-7; a real level is not that small.
-    new = torch.where(new.abs() < eps2 * 1e-3, torch.zeros_like(new), new)
+    # vanishing std (log-probs of ~1e5 per 1e-4 of mean). fp32 round-off of n steps is ~n·1e-7·level (700 steps of 0.001
+    # from 0.7 leave 5e-6); a real level is not that small.
+    new = torch.where(new.abs() < max(eps2 * 1e-3, 1e-5), torch.zeros_like(new), new)
     return new.clamp(min=0.0, max=max_level)
 
 

@@ -191,7 +191,9 @@ def _ema_note(config_dict: Mapping) -> str:
         return ""
     if _get(config_dict, "train.ema_schedule", "constant") == "power":
         return f"; evaluated and saved: the power-function EMA of the LoRA (gamma {_get(config_dict, 'train.ema_power', '?')})"
-    return f"; evaluated and saved: the EMA of the LoRA (decay {_get(config_dict, 'train.ema_decay', '?')})"
+    every = _get(config_dict, "train.ema_every", 1)
+    return (f"; evaluated and saved: the EMA of the LoRA (decay {_get(config_dict, 'train.ema_decay', '?')}"
+            + (f", updated every {every} optimizer steps" if every not in (1, "?") else "") + ")")
 
 
 def _drift_note(config_dict: Mapping) -> str:

@@ -367,3 +367,9 @@ def test_the_sd35m_recipes_take_the_papers_optimizer_steps_per_iteration_on_8_pr
     assert samples_per_process % cfg.train.micro_batch_size == 0
     assert micro_batches == steps_per_iteration * cfg.train.grad_accum
     assert cfg.train.ema and cfg.train.ema_every == 8
+
+
+def test_a_null_kwargs_over_a_base_is_refused_not_silently_inherited(tmp_path):
+    (tmp_path / "c.yaml").write_text("base: toy_grpo\nsampling: {noise_schedule: constant, noise_kwargs: null}\n")
+    with pytest.raises(ConfigError, match="noise_kwargs"):
+        C.load_config(tmp_path / "c.yaml")

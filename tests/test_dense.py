@@ -357,3 +357,9 @@ def test_the_zero_snap_takes_round_off_only():
     """A level of 0.012 decremented by 0.01 is 0.002, a real level (it was snapped to 0 when the snap took anything < eps2/2)."""
     out = dense.calibrate_noise_table(torch.tensor([0.012, 0.7, 0.0049]), torch.ones(4, 3), eps1=0, eps2=0.01)
     assert out.tolist() == pytest.approx([0.002, 0.69, 0.0], abs=1e-7)
+
+
+def test_many_small_decrements_to_zero_end_at_zero():
+    gains = torch.ones(8, 1)
+    assert dense.calibrate_noise(lambda levels: gains, torch.tensor([0.7]), rounds=700, eps2=0.001).item() == 0.0
+    assert dense.calibrate_noise(lambda levels: gains, torch.tensor([1.0]), rounds=1000, eps2=0.001).item() == 0.0

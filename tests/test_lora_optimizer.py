@@ -228,3 +228,17 @@ def test_ema_every_updates_the_average_on_every_nth_step_only():
         assert torch.allclose(opt.ema.shadow[0], shadow), iteration
     with pytest.raises(Exception, match="ema_every"):
         TrainConfig(ema_every=0)
+
+
+def test_the_power_ema_counts_its_own_updates_under_ema_every():
+    """ema_every=3 with the power schedule: the first update (step 3) copies the weights, as power_ema_decay(1) = 0 says;
+    it used to take decay(3) and keep the untrained LoRA in the average."""
+    opt, a, b = _optim(ema=True, ema_schedule="power", ema_power=0.0, ema_every=3)
+    seen = []
+    for iteration in range(6):
+        opt.set_lr(iteration)
+        assert opt.backward((a * torch.arange(1.0, 4.0)).sum() + b.square().sum(), "here")
+        opt.step(opt.new_stats())
+        if (iteration + 1) % 3 == 0:
+            seen.append(a.detach().clone())
+            assert torch.allclose(opt.ema.shadow[0], torch.stack(seen).mean(0), atol=1e-6), iteration  # gamma 0: the plain mean

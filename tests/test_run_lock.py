@@ -76,3 +76,40 @@ def test_a_locked_folder_refuses_the_offline_trainer_too(other_process_holds):
     cfg = load_offline_config(None, [f"output_dir={run}", f"store={run.parent / 'store'}"])
     with pytest.raises(ConfigError, match=f"pid {pid}"):
         OfflineTrainer(cfg).setup()
+
+
+def _other_process_can_lock(run) -> bool:
+    probe = subprocess.run([sys.executable, "-c", HOLD.replace("time.sleep(60)", "pass"), str(run)], capture_output=True, text=True)
+    return probe.returncode == 0
+
+
+def test_trainers_of_one_process_share_the_lock_until_the_last_lets_go(tmp_path):
+    run = tmp_path / "run"
+    first, second = RunLock(run).acquire(), RunLock(run).acquire()
+    first.release()
+    assert (run / LOCK_NAME).is_file() and not _other_process_can_lock(run)  # the second still runs there
+    second.release()
+    assert not (run / LOCK_NAME).exists() and _other_process_can_lock(run)
+
+
+def test_bad_input_into_a_new_nested_folder_leaves_none_of_it(tmp_path):
+    run = tmp_path / "a" / "b" / "run"
+    bad = ["train", "--config", str(TINY_RECIPE), "--set", f"train.output_dir={run}", "--set", "rewards=[{name: brigthness}]"]
+    assert cli.main(bad) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resuming_another_run_into_a_new_folder_locks_the_new_folder(tmp_path):
+    from flowalign.config import load_config
+    from flowalign.train.trainer import Trainer
+
+    settings = ["train.iterations=1", "train.progress=false", "train.log_with=[]", "train.eval_every=-1", "train.checkpoint_every=1"]
+    assert cli.main(["train", "--config", str(TINY_RECIPE), *sum([["--set", s] for s in settings], []),
+                     "--set", f"train.output_dir={tmp_path / 'old'}"]) == 0
+    cfg = load_config(TINY_RECIPE, settings + ["train.iterations=2", f"train.output_dir={tmp_path / 'new'}"])
+    trainer = Trainer(cfg, resume=str(tmp_path / "old")).setup()
+    try:
+        assert trainer._lock is not None and not _other_process_can_lock(tmp_path / "new")
+    finally:
+        trainer.cleanup()
+    assert _other_process_can_lock(tmp_path / "new")

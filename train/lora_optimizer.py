@@ -144,9 +144,10 @@ class LoraOptimizer:
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_taken += 1
         self.skipped_steps_in_row = 0
-        if self.ema is not None and self.steps_taken % getattr(self.cfg, "ema_every", 1) == 0:
-            power = self.cfg.ema_schedule == "power"
-            self.ema.update(lora_lib.power_ema_decay(self.steps_taken, self.cfg.ema_power) if power else None)
+        every = getattr(self.cfg, "ema_every", 1)
+        if self.ema is not None and self.steps_taken % every == 0:
+            power = self.cfg.ema_schedule == "power"  # its t counts the EMA's own updates (the first one copies the weights)
+            self.ema.update(lora_lib.power_ema_decay(self.steps_taken // every, self.cfg.ema_power) if power else None)
         stats["steps"] += 1
         stats["grad_norm"].append(norm)
 

@@ -258,10 +258,10 @@ class OfflineTrainer(OptimizerViews):
 
         Nothing is written (and an ``--overwrite``-n run is not cleared) until every part is built.
         """
-        from flowalign.train.run_lock import lock_run_dir
+        from flowalign.train.run_lock import lock_run_dir, resumes_missing_folder
 
         # one run per folder (train/run_lock.py); --resume of a missing folder fails in _setup
-        self._lock = None if self.resume and not self.run_dir.exists() else lock_run_dir(self.run_dir)
+        self._lock = None if resumes_missing_folder(self.resume, self.run_dir) else lock_run_dir(self.run_dir)
         try:
             return self._setup()
         except BaseException:

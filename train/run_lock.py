@@ -4,8 +4,10 @@ Two ``flowalign train --overwrite`` started on the same ``train.output_dir`` (tw
 scheduler retrying a job) would clear and write each other's files. The first to start takes
 ``<run>/.flowalign.lock`` (``fcntl.flock``: released by the kernel when the process ends, however it
 ends, so a killed run leaves no stale lock, only the file, which the next run reuses); the second stops
-before writing anything, naming the holder's pid. A run that ends normally removes the file. Only the launching process (rank 0) locks; on systems without ``fcntl`` (Windows) there
-is no lock.
+before writing anything, naming the holder's pid. A run that ends normally removes the file. Only the
+launching process (rank 0) locks; on systems without ``fcntl`` (Windows) there is no lock. Within one
+process, trainers on the same folder (a script resuming its own run) share the lock: it is released when
+the last of them lets go.
 """
 from __future__ import annotations
 
@@ -19,7 +21,18 @@ from flowalign.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".flowalign.lock"
-_HELD: dict[Path, "RunLock"] = {}  # folders this process holds: a second Trainer on one of them (resume in a script) shares it
+
+
+class _Held:
+    """This process's lock on one folder: the open locked file and how many RunLocks use it."""
+
+    def __init__(self, handle, created: list[Path]):
+        self.handle = handle
+        self.created = created  # folders the first acquire created, deepest first
+        self.users = 1
+
+
+_HELD: dict[Path, _Held] = {}
 
 
 def launching_process() -> bool:
@@ -27,30 +40,36 @@ def launching_process() -> bool:
     return int(os.environ.get("RANK", "0") or 0) == 0
 
 
-class RunLock:
-    """The lock on ``run_dir`` (see the module docstring); ``release`` is idempotent.
+def _missing_parents(folder: Path) -> list[Path]:
+    """``folder`` and those of its ancestors that do not exist yet, deepest first."""
+    missing = []
+    for path in [folder, *folder.parents]:
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
 
-    Attributes:
-        created_dir: the folder did not exist and the lock created it (``release(remove_if_unused=True)``
-            removes it again when the run wrote nothing into it).
-    """
+
+class RunLock:
+    """The lock on ``run_dir`` (see the module docstring); ``release`` is idempotent."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_NAME
-        self.created_dir = False
-        self._handle = None
+        self._key: Optional[Path] = None
 
     def acquire(self) -> "RunLock":
-        """Take the lock; ConfigError naming the other run's pid when it holds it."""
+        """Take the lock (or share this process's); ConfigError naming the other run's pid when another holds it."""
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows
             return self
         key = self.run_dir.resolve()
         if key in _HELD:  # this process already runs there (a Trainer it built earlier): not another run
+            _HELD[key].users += 1
+            self._key = key
             return self
-        self.created_dir = not self.run_dir.exists()
+        created = _missing_parents(self.run_dir.absolute())
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(5):
             handle = open(self.path, "a+")
@@ -74,31 +93,46 @@ class RunLock:
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
         handle.flush()
-        self._handle = handle
-        _HELD[key] = self
+        _HELD[key] = _Held(handle, created)
+        self._key = key
         return self
 
     def release(self, remove_if_unused: bool = False) -> None:
-        """Let the folder go. With ``remove_if_unused``, a folder the lock created and the run left empty (a run
-        that stopped at setup) is removed, so bad input still writes nothing."""
-        if self._handle is None:
+        """Let the folder go (the lock itself goes with the last user in this process). With ``remove_if_unused``,
+        the folders the lock created are removed again when the run left them empty (a run that stopped at
+        setup), so bad input still writes nothing."""
+        if self._key is None:
             return
-        _HELD.pop(self.run_dir.resolve(), None)
+        held, key, self._key = _HELD.get(self._key), self._key, None
+        if held is None:
+            return
+        held.users -= 1
+        if held.users > 0:
+            return
+        del _HELD[key]
         try:
             import fcntl
 
             self.path.unlink(missing_ok=True)  # while still held: a run folder keeps no lock file once its run ends
-            fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(held.handle.fileno(), fcntl.LOCK_UN)
         except OSError as exc:
             logger.debug("releasing the lock on %s: %s", self.run_dir, exc)
         finally:
-            self._handle.close()
-            self._handle = None
-        if remove_if_unused and self.created_dir:
-            try:
-                self.run_dir.rmdir()  # only if empty: the run wrote nothing
-            except OSError:
-                pass
+            held.handle.close()
+        if remove_if_unused:
+            for folder in held.created:  # deepest first; stops at the first that is not empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+
+
+def resumes_missing_folder(resume, run_dir: Path) -> bool:
+    """``--resume`` of the output folder itself when it does not exist: setup reports that, so no lock (whose
+    folder would exist by then) is taken. Resuming another run into a new folder locks the new folder."""
+    if not resume or run_dir.exists():
+        return False
+    return resume is True or Path(resume).absolute() == run_dir.absolute()
 
 
 def lock_run_dir(run_dir: Path) -> Optional[RunLock]:

@@ -61,7 +61,7 @@ from flowalign.train.graceful_stop import GracefulStop, stop_everywhere
 from flowalign.train.lora_optimizer import OptimizerViews
 from flowalign.train.run_dir import clear_run_dir, find_resume_checkpoint, prepare_run_dir
 from flowalign.train.run_log import RunLogger
-from flowalign.train.run_lock import lock_run_dir
+from flowalign.train.run_lock import lock_run_dir, resumes_missing_folder
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class Trainer(OptimizerViews):
         Nothing is written (and an ``--overwrite``-n run is not cleared) until all parts are built.
         """
         # one run per folder: a second one stops here (train/run_lock.py); --resume of a missing folder fails in _setup
-        self._lock = None if self.resume and not self.run_dir.exists() else lock_run_dir(self.run_dir)
+        self._lock = None if resumes_missing_folder(self.resume, self.run_dir) else lock_run_dir(self.run_dir)
         try:
             return self._setup()
         except BaseException:
