@@ -96,13 +96,7 @@ def kept_group_advantages(rewards: Tensor, group_ids: Tensor, std: str = "group"
     rewards = torch.as_tensor(rewards)
     if rewards.ndim != 1:
         raise ValueError(f"rewards must be [B], got shape {tuple(rewards.shape)}")
-    if bool(torch.isinf(rewards).any()):
-        raise ValueError("rewards hold inf: only NaN marks a dropped sample")
-    kept = ~rewards.isnan()
-    adv = torch.zeros(rewards.shape[0], dtype=torch.float32, device=rewards.device)
-    if kept.any():
-        adv[kept] = group_advantages(rewards[kept], torch.as_tensor(group_ids, device=rewards.device)[kept], std=std, eps=eps, clip=clip)
-    return adv
+    return kept_multi_reward_advantages({"reward": rewards}, group_ids, {"reward": 1.0}, std=std, eps=eps, clip=clip)
 
 
 def per_step_advantages(

@@ -421,8 +421,8 @@ def _check_online_objective(name: str) -> None:
     ``flowalign train`` does not run (an offline one, or one with its own loop)."""
     from flowalign.objectives import OBJECTIVES, OFFLINE_TRAINER, ONLINE_TRAINER, available_objectives, resolve_objective, trained_by
 
-    online = sorted(n for n in OBJECTIVES if ONLINE_TRAINER in trained_by(n))
     if name not in OBJECTIVES and ":" not in name and "." not in name and name not in available_objectives():
+        online = sorted(n for n in OBJECTIVES if ONLINE_TRAINER in trained_by(n))
         raise ConfigError(f"unknown objective {name!r}; available: {online} (offline: "
                           f"{sorted(n for n in OBJECTIVES if OFFLINE_TRAINER in trained_by(n))}), or a dotted path "
                           "'package.module:Class', or an entry point of group 'flowalign.objectives'")
@@ -780,15 +780,9 @@ def save_config(config: FlowalignConfig, path: Union[str, Path]) -> Path:
     return write_text_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
-# objectives with per-step advantages from flowalign.step_rewards (they read the dense section, and its noise table)
-DENSE_OBJECTIVES = ("dense_grpo", "tp_grpo")
-
-
 def dense_method(objective: str) -> Optional[str]:
-    """``"dense_grpo"`` / ``"tp_grpo"`` when ``objective`` trains on per-step advantages (one of those, or an objective
-    of the user's whose class says ``dense_method``, e.g. a subclass of either), else None."""
-    if objective in DENSE_OBJECTIVES:
-        return objective
+    """``"dense_grpo"`` / ``"tp_grpo"`` when ``objective`` trains on per-step advantages (its class's ``dense_method``:
+    those two, and an objective of the user's that subclasses either), else None."""
     from flowalign.objectives import OBJECTIVES
 
     return getattr(OBJECTIVES.get(objective), "dense_method", None)

@@ -284,13 +284,22 @@ def _is_scoring_function(fn: Callable, name: str, kwargs: dict[str, Any]) -> boo
         raise ConfigError(f"reward {name!r} cannot be called with arguments {sorted(kwargs)} ({why}as a factory: {exc})") from None
 
 
-def _check_constructor_arguments(obj: Any, name: str, kwargs: dict[str, Any]) -> None:
+def _check_arguments(obj: Any, name: str, kwargs: dict[str, Any]) -> bool:
+    """ConfigError for ``kwargs`` that ``obj`` cannot take; returns whether ``obj`` is built with them (a class or a
+    factory) rather than holding them for every call (a scoring function) or taking none (a Reward instance)."""
+    if isinstance(obj, Reward):
+        if kwargs:
+            raise ConfigError(f"reward {name!r} is an instance; it takes no arguments (got {sorted(kwargs)})")
+        return False
+    if not (isinstance(obj, type) or not _is_scoring_function(obj, name, kwargs)):
+        return False
     try:
         inspect.signature(obj).bind(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"reward {name!r} cannot be built with arguments {sorted(kwargs)}: {exc}") from exc
     except ValueError:
         pass  # no signature available (builtins); let the call decide
+    return True
 
 
 def check_reward_spec(spec: str, **kwargs: Any) -> None:
@@ -303,21 +312,14 @@ def check_reward_spec(spec: str, **kwargs: Any) -> None:
     name = spec.strip()
     if not name:
         raise _unknown_reward(spec)
-    obj = _resolve(name)
-    if isinstance(obj, Reward):
-        if kwargs:
-            raise ConfigError(f"reward {name!r} is an instance; it takes no arguments (got {sorted(kwargs)})")
-    elif isinstance(obj, type) or not _is_scoring_function(obj, name, kwargs):
-        _check_constructor_arguments(obj, name, kwargs)
+    _check_arguments(_resolve(name), name, kwargs)
 
 
 def _build(obj: Any, name: str, kwargs: dict[str, Any]) -> Reward:
+    constructed = _check_arguments(obj, name, kwargs)
     if isinstance(obj, Reward):
-        if kwargs:
-            raise ConfigError(f"reward {name!r} is an instance; it takes no arguments (got {sorted(kwargs)})")
         return obj
-    if isinstance(obj, type) or not _is_scoring_function(obj, name, kwargs):
-        _check_constructor_arguments(obj, name, kwargs)
+    if constructed:
         try:
             built = obj(**kwargs)
         except FlowalignError:

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from flowalign import lora as lora_lib
-from flowalign.advantages import kept_group_advantages
+from flowalign.advantages import kept_multi_reward_advantages
 from flowalign.config import FlowalignConfig, save_config, to_dict
 from flowalign.train import final_outputs, trainer_checkpoint, trainer_setup
 from flowalign.train import forward_process as fp
@@ -143,7 +143,6 @@ class Trainer(OptimizerViews):
         self.run_dir = Path(config.train.output_dir)
         self.iteration = 0
         self._all_dropped_in_row = 0  # iterations in a row whose every reward was dropped (_check_all_dropped)
-        self._reward_components: dict = {}  # the last score() call's scores per reward (objective.reward_mix: advantage)
         self.run_log: Optional[RunLogger] = None  # main process only
         self._lock = None  # the run folder's lock (train/run_lock.py), taken by setup
         self.text_modules: dict = {}  # text encoders with LoRA (lora.train_text_encoder), filled by setup
@@ -286,8 +285,7 @@ class Trainer(OptimizerViews):
         if bar is not None:
             bar.close()
         t1 = time.perf_counter()
-        rewards, keep, metrics = self.score(traj)
-        components = self._reward_components
+        rewards, keep, metrics, components = self.score(traj)
         if self.drift is not None:
             stats = self.drift.pop_stats()  # this process's rollouts: logged over every process's
             metrics.update(runtime.combine_process_metrics(stats) if self.accelerator.num_processes > 1 else stats)
@@ -307,14 +305,15 @@ class Trainer(OptimizerViews):
         return self.optim.old_policy.applied() if self.optim.old_policy is not None else nullcontext()
 
 
-    def score(self, traj) -> tuple[Tensor, Tensor, dict]:
-        """Weighted sum of the configured rewards ``[B]``, the kept-samples mask and reward metrics."""
+    def score(self, traj) -> tuple[Tensor, Tensor, dict, dict]:
+        """Weighted sum of the configured rewards ``[B]``, the kept-samples mask, reward metrics and each reward's
+        scores by key (NaN where dropped)."""
         from flowalign.rewards import call_reward
 
         total = torch.zeros(traj.batch_size)
         keep = torch.ones(traj.batch_size, dtype=torch.bool)
         metrics: dict = {}
-        self._reward_components = {}  # each reward's scores [B] (NaN where dropped), for objective.reward_mix: advantage
+        components: dict = {}  # each reward's scores [B] (NaN where dropped), for objective.reward_mix: advantage
         for rcfg in self._tqdm(self.config.rewards, "reward"):
             reward = self.rewards[rcfg.key]
             with runtime.reward_device(reward, self.device, self.config.train.offload_rewards):
@@ -322,7 +321,7 @@ class Trainer(OptimizerViews):
             scores = out.scores.detach().float().cpu()
             keep &= out.keep.cpu()
             total += rcfg.weight * scores  # NaN where dropped
-            self._reward_components[rcfg.key] = scores
+            components[rcfg.key] = scores
             gathered = self._gather(scores)
             metrics[f"reward/{rcfg.key}/mean"] = float(gathered.nanmean())
             finite = gathered[~gathered.isnan()]
@@ -333,7 +332,7 @@ class Trainer(OptimizerViews):
         gathered = gathered[~gathered.isnan()]
         metrics["reward/mean"] = float(gathered.mean()) if gathered.numel() else math.nan
         metrics["reward/std"] = float(gathered.std()) if gathered.numel() > 1 else 0.0
-        return total, keep, metrics
+        return total, keep, metrics, components
 
     def _check_all_dropped(self, all_dropped: bool) -> None:
         """Stop with a RewardError after ``train.max_nonfinite_steps`` iterations in a row whose every sample's
@@ -371,23 +370,19 @@ class Trainer(OptimizerViews):
             if self.accelerator.num_processes > 1:  # the dense/* diagnostics over every process's samples
                 metrics = runtime.combine_process_metrics(metrics, sum_keys=("dense/nfe", "dense/dropped"))
                 metrics["dense/nfe_per_sample"] = metrics["dense/nfe"] / (traj.batch_size * self.accelerator.num_processes)
-        elif ocfg.reward_mix == "advantage" and components:
-            from flowalign.advantages import kept_multi_reward_advantages
-
-            weights = {r.key: r.weight for r in self.config.rewards}
-            if ocfg.adv_std == "global" and self.accelerator.num_processes > 1:
-                gathered = {name: self._gather_batch(scores, group_ids) for name, scores in components.items()}
-                all_g, mine = next(iter(gathered.values()))[1:]
-                adv = kept_multi_reward_advantages({n: g[0] for n, g in gathered.items()}, all_g, weights, std="global",
-                                                   eps=ocfg.adv_eps, clip=ocfg.adv_clip)[mine]
-            else:
-                adv = kept_multi_reward_advantages(components, group_ids, weights, std=ocfg.adv_std, eps=ocfg.adv_eps, clip=ocfg.adv_clip)
-        elif ocfg.adv_std == "global" and self.accelerator.num_processes > 1:
-            # the std runs over every process's samples: normalise the gathered batch, keep our rows
-            all_r, all_g, mine = self._gather_batch(rewards, group_ids)
-            adv = kept_group_advantages(all_r, all_g, std="global", eps=ocfg.adv_eps, clip=ocfg.adv_clip)[mine]
         else:
-            adv = kept_group_advantages(rewards, group_ids, std=ocfg.adv_std, eps=ocfg.adv_eps, clip=ocfg.adv_clip)
+            # one reward (the weighted sum), or each reward on its own scale (objective.reward_mix: advantage)
+            if ocfg.reward_mix == "advantage" and components:
+                values, weights = components, {r.key: r.weight for r in self.config.rewards}
+            else:
+                values, weights = {"total": rewards}, {"total": 1.0}
+            ids, mine = group_ids, slice(None)
+            if ocfg.adv_std == "global" and self.accelerator.num_processes > 1:
+                # the std runs over every process's samples: normalise the gathered batch, keep our rows
+                gathered = {name: self._gather_batch(v, group_ids) for name, v in values.items()}
+                ids, mine = next(iter(gathered.values()))[1:]
+                values = {name: g[0] for name, g in gathered.items()}
+            adv = kept_multi_reward_advantages(values, ids, weights, std=ocfg.adv_std, eps=ocfg.adv_eps, clip=ocfg.adv_clip)[mine]
         keep = keep & nonzero_mask(adv)
         if self.config.train.oversample > 1.0:
             # DAPO's dynamic sampling: the first prompts_per_iter groups with a signal over every process's groups, in the
