@@ -258,20 +258,10 @@ class OfflineTrainer(OptimizerViews):
 
         Nothing is written (and an ``--overwrite``-n run is not cleared) until every part is built.
         """
-        from flowalign.train.run_lock import lock_run_dir, resumes_missing_folder
+        from flowalign.train.run_lock import setup_lock
 
-        # one run per folder (train/run_lock.py); --resume of a missing folder fails in _setup
-        self._lock = None if resumes_missing_folder(self.resume, self.run_dir) else lock_run_dir(self.run_dir)
-        try:
+        with setup_lock(self.run_dir, self.resume) as self._lock:  # one run per folder (train/run_lock.py)
             return self._setup()
-        except BaseException:
-            self._release_lock()
-            raise
-
-    def _release_lock(self) -> None:
-        if self._lock is not None:
-            self._lock.release(remove_if_unused=True)  # a run that stopped at setup leaves no folder behind
-            self._lock = None
 
     def _setup(self) -> "OfflineTrainer":
         from flowalign.errors import CheckpointError
@@ -546,7 +536,9 @@ class OfflineTrainer(OptimizerViews):
         if self.run_log is not None:
             self.run_log.close()
             self.run_log = None
-        self._release_lock()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from flowalign.errors import ConfigError
 
@@ -138,3 +139,17 @@ def resumes_missing_folder(resume, run_dir: Path) -> bool:
 def lock_run_dir(run_dir: Path) -> Optional[RunLock]:
     """The launching process's lock on ``run_dir`` (None on the other processes)."""
     return RunLock(run_dir).acquire() if launching_process() else None
+
+
+@contextmanager
+def setup_lock(run_dir: Path, resume) -> Iterator[Optional[RunLock]]:
+    """The run folder's lock for a trainer's setup (None on other processes, and for ``--resume`` of a folder that
+    does not exist, which setup reports): released, with the folders it created, when setup fails; kept on success
+    until the trainer's cleanup releases it."""
+    lock = None if resumes_missing_folder(resume, run_dir) else lock_run_dir(run_dir)
+    try:
+        yield lock
+    except BaseException:
+        if lock is not None:
+            lock.release(remove_if_unused=True)  # bad input writes nothing, not even the folder
+        raise

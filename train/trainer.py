@@ -61,7 +61,7 @@ from flowalign.train.graceful_stop import GracefulStop, stop_everywhere
 from flowalign.train.lora_optimizer import OptimizerViews
 from flowalign.train.run_dir import clear_run_dir, find_resume_checkpoint, prepare_run_dir
 from flowalign.train.run_log import RunLogger
-from flowalign.train.run_lock import lock_run_dir, resumes_missing_folder
+from flowalign.train.run_lock import setup_lock
 
 logger = logging.getLogger(__name__)
 
@@ -155,15 +155,8 @@ class Trainer(OptimizerViews):
 
         Nothing is written (and an ``--overwrite``-n run is not cleared) until all parts are built.
         """
-        # one run per folder: a second one stops here (train/run_lock.py); --resume of a missing folder fails in _setup
-        self._lock = None if resumes_missing_folder(self.resume, self.run_dir) else lock_run_dir(self.run_dir)
-        try:
+        with setup_lock(self.run_dir, self.resume) as self._lock:  # one run per folder: a second one stops here
             return self._setup()
-        except BaseException:
-            if self._lock is not None:
-                self._lock.release(remove_if_unused=True)  # bad input writes nothing, not even the folder
-                self._lock = None
-            raise
 
     def _setup(self) -> "Trainer":
         from accelerate import Accelerator
