@@ -168,8 +168,10 @@ acc = trainer.accelerator
 levels = trainer.schedule.levels(cfg.sampling.num_steps)
 every_gains = torch.cat([out for _, _, out in seen])
 total = acc.gather(every_gains.sum().reshape(1)).tolist()
-print(f"RESULT rank={acc.process_index} local={[n for n, _, _ in seen]} gathered={[m for _, m, _ in seen]} "
-      f"levels={[round(x, 6) for x in levels.tolist()]} gains_sum_everywhere={total}")
+# one file per process: two processes printing to one pipe can interleave their lines
+with open(f"result_{acc.process_index}.txt", "w") as fh:
+    fh.write(f"RESULT rank={acc.process_index} local={[n for n, _, _ in seen]} gathered={[m for _, m, _ in seen]} "
+             f"levels={[round(x, 6) for x in levels.tolist()]} gains_sum_everywhere={total}\n")
 acc.end_training()
 '''
 
@@ -186,8 +188,7 @@ def test_dense_calibration_splits_its_rollouts_over_the_processes_and_both_get_t
     done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(script), str(TINY_RECIPE), *settings],
                           capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = sorted(line for line in done.stdout.splitlines() if line.startswith("RESULT"))
-    assert len(results) == 2, done.stdout
+    results = [(tmp_path / f"result_{rank}.txt").read_text().strip() for rank in (0, 1)]
     fields = [dict(item.split("=", 1) for item in line.split(" ", 1)[1].replace(", ", ",").split()) for line in results]
     assert fields[0]["local"] == "[3,3]" and fields[1]["local"] == "[2,2]"
     assert fields[0]["gathered"] == fields[1]["gathered"] == "[5,5]"
