@@ -171,7 +171,7 @@ total = acc.gather(every_gains.sum().reshape(1)).tolist()
 # one file per process: two processes printing to one pipe can interleave their lines
 with open(f"result_{acc.process_index}.txt", "w") as fh:
     fh.write(f"RESULT rank={acc.process_index} local={[n for n, _, _ in seen]} gathered={[m for _, m, _ in seen]} "
-             f"levels={[round(x, 6) for x in levels.tolist()]} gains_sum_everywhere={total}\n")
+             f"levels={[round(x, 6) for x in levels.tolist()]} gains_sum_everywhere={total}\\n")
 acc.end_training()
 '''
 
