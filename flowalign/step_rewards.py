@@ -460,6 +460,7 @@ def calibrate_noise_table_for(
     metadata: Optional[Sequence[Mapping]] = None,
     gains_fn: Optional[Callable[[Tensor], Tensor]] = None,
     on_error: Optional[str] = None,
+    gather: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Tensor:
     """DenseGRPO's reward-aware noise calibration on a pipeline (arXiv 2601.20218) -> ``levels[K]``.
 
@@ -469,15 +470,22 @@ def calibrate_noise_table_for(
     ``len(initial_levels)``. ``gains_fn`` replaces the rollout loop (:func:`rollout_gains_fn`).
     ``on_error`` (default: the reward's own ``on_error``, else ``"raise"``) is the dropped-sample policy:
     under ``"drop"`` a sample whose reward fails is left out of that round's gains, as in training.
+    ``gather`` (several processes): each process rolls out its own ``samples`` (0 allowed) and
+    ``gather(gains) -> every process's gains`` joins them each round, so every process moves the same table.
     """
     levels = torch.as_tensor(initial_levels, dtype=torch.float32).flatten()
     if levels.numel() < 1 or bool((levels < 0).any()):
         raise ValueError(f"initial_levels must be a non-empty list of levels >= 0, got {levels.tolist()}")
+    if gains_fn is None and gather is not None and samples < 1:  # fewer samples than processes: this one only gathers
+        gains_fn = lambda levels: torch.zeros(0, torch.as_tensor(levels).numel())  # noqa: E731
     if gains_fn is None:
         gains_fn = rollout_gains_fn(adapter, prompts, reward, samples=samples, kernel=kernel, guidance_scale=guidance_scale,
                                     estimator=estimator, stride=stride, max_batch=max_batch, micro_batch_size=micro_batch_size,
                                     generator=generator, metadata=metadata,
                                     on_error=on_error or getattr(reward, "on_error", "raise"))
+    if gather is not None:
+        local = gains_fn
+        gains_fn = lambda levels: gather(local(levels))  # noqa: E731
     table = dense.calibrate_noise(gains_fn, levels, rounds, eps1=eps1, eps2=eps2, max_level=max_level)
     logger.info("calibrated noise table after %d rounds: %s", rounds, [round(x, 4) for x in table.tolist()])
     return table

@@ -3,7 +3,7 @@ saved with the run (``<run>/noise_table.json``)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -33,22 +33,22 @@ def calibrated_schedule(trainer: "Trainer", resumed: bool):
         return trainer.schedule, None
     if resumed and (trainer.run_dir / "noise_table.json").is_file():
         return sde.table(load_noise_table(trainer.run_dir / "noise_table.json")[0]), None
+    from flowalign.train.trainer import PROCESS_SEED_STRIDE
+
     records = trainer.sampler.records[: max(1, min(len(trainer.sampler.records), d.calibration_samples))]
     acc = trainer.accelerator
-    rank, world = acc.process_index, acc.num_processes
-    gains_fn = None
-    if world > 1:  # each process rolls out its share of every round's samples; all see every gain
-        gains_fn = sharded_gains_fn(trainer, records, calibration_shard(d.calibration_samples, rank, world),
-                                    lambda rows: gather_rows(acc, rows))
+    # this process's share of every round's samples (all of them on one process); sample i is prompt i mod len(records)
+    picked = [records[i % len(records)] for i in calibration_shard(d.calibration_samples, acc.process_index, acc.num_processes)]
     with runtime.rewards_on_device(trainer.rewards.values(), trainer.device, cfg.train.offload_rewards):
         levels = calibrate_noise_table_for(
-            trainer.adapter, [r.prompt for r in records], trainer.mixed_reward(),
-            rounds=d.calibration_rounds, samples=d.calibration_samples,
+            trainer.adapter, [r.prompt for r in picked], trainer.mixed_reward(),
+            rounds=d.calibration_rounds, samples=len(picked),
             initial_levels=trainer.schedule.levels(s.num_steps, 0, torch.Generator().manual_seed(cfg.train.seed)),
             eps1=d.eps1, eps2=d.eps2, max_level=d.max_level, kernel=s.kernel, guidance_scale=s.guidance_scale,
             estimator=d.estimator, stride=d.stride, max_batch=d.max_batch, micro_batch_size=s.micro_batch_size,
-            generator=torch.Generator().manual_seed(cfg.train.seed + 2), metadata=[dict(r.metadata) for r in records],
-            gains_fn=gains_fn,
+            generator=torch.Generator().manual_seed(cfg.train.seed + 2 + acc.process_index * PROCESS_SEED_STRIDE),
+            metadata=[dict(r.metadata) for r in picked],
+            gather=(lambda rows: gather_rows(acc, rows)) if acc.num_processes > 1 else None,
         )
     return sde.table(levels), levels
 
@@ -69,29 +69,6 @@ def gather_rows(accelerator, rows: Tensor) -> Tensor:
     gathered = accelerator.gather(padded).cpu()
     width = max(counts)
     return torch.cat([gathered[p * width: p * width + n] for p, n in enumerate(counts)])
-
-
-def sharded_gains_fn(trainer: "Trainer", records, shard: list[int], gather: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    """``gains_fn(levels)`` for one process of a multi-process calibration: rolls out the ``shard`` samples of
-    each round (its own noise stream, seeded like the process's rollouts) and returns every process's step gains
-    (``gather``), so all processes move the table by the same counts and keep the same schedule."""
-    from flowalign.step_rewards import rollout_gains_fn
-    from flowalign.train.trainer import PROCESS_SEED_STRIDE
-
-    cfg = trainer.config
-    d, s = cfg.dense, cfg.sampling
-    if not shard:  # fewer samples than processes: this one only gathers
-        return lambda levels: gather(torch.zeros(0, torch.as_tensor(levels).numel()))
-    picked = [records[i % len(records)] for i in shard]
-    reward = trainer.mixed_reward()
-    local = rollout_gains_fn(
-        trainer.adapter, [r.prompt for r in picked], reward, samples=len(picked), kernel=s.kernel,
-        guidance_scale=s.guidance_scale, estimator=d.estimator, stride=d.stride, max_batch=d.max_batch,
-        micro_batch_size=s.micro_batch_size,
-        generator=torch.Generator().manual_seed(cfg.train.seed + 2 + trainer.accelerator.process_index * PROCESS_SEED_STRIDE),
-        metadata=[dict(r.metadata) for r in picked], on_error=getattr(reward, "on_error", "raise"),
-    )
-    return lambda levels: gather(local(levels))
 
 
 def save_run_noise_table(run_dir: Path, levels: Tensor, cfg: FlowalignConfig) -> None:
