@@ -197,3 +197,54 @@ def test_dense_calibration_splits_its_rollouts_over_the_processes_and_both_get_t
     assert fields[0]["levels"] == "[0.72,0.72,0.72]"
     sums = fields[0]["gains_sum_everywhere"].strip("[]").split(",")
     assert sums[0] == sums[1]  # the gathered gains are the same rows on both processes
+
+
+FAILING_REWARD = '''
+import os
+import torch
+
+calls = 0
+
+def fails_on_rank_1(images, prompts, metadata):
+    """Mean brightness, except that process 1's second call raises (a reward service dropping out mid-run)."""
+    global calls
+    calls += 1
+    if int(os.environ.get("RANK", "0")) == 1 and calls == 2:
+        raise RuntimeError("reward service down on rank 1")
+    return images.mean(dim=(1, 2, 3))
+'''
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
+def test_one_process_failing_mid_run_stops_the_whole_launch(tmp_path):
+    """Process 1's reward raises in iteration 2 while process 0 goes on to the gather of the rewards: the launch
+    ends (non-zero, naming the error) instead of leaving process 0 waiting in the collective until gloo's
+    30-minute timeout; torchrun stops the surviving process once one fails."""
+    (tmp_path / "rank_reward.py").write_text(FAILING_REWARD)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(tmp_path))
+    args = _args(tmp_path / "run", ["train.iterations=3", 'rewards=[{name: "rank_reward:fails_on_rank_1", weight: 1.0}]'])
+    done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "flowalign.train.cli", *args],
+                          capture_output=True, text=True, env=env, timeout=180, cwd=tmp_path)
+    assert done.returncode != 0
+    assert "reward service down on rank 1" in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "run" / "pytorch_lora_weights.safetensors").exists()  # no result from a failed run
+    assert ckpt.find_latest(tmp_path / "run" / "checkpoints") is not None  # iteration 1's checkpoint survives for --resume
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
+def test_a_launch_into_a_locked_run_folder_stops_every_process(tmp_path):
+    """Another run holds the folder's lock: process 0 refuses before the process group forms, and the launch ends
+    (non-zero, naming the holder) instead of process 1 waiting at the first barrier."""
+    from flowalign.train.run_lock import RunLock
+
+    run = tmp_path / "run"
+    holder = RunLock(run).acquire()  # this test process plays the other run
+    try:
+        env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "flowalign.train.cli",
+                               *_args(run, []), "--overwrite"], capture_output=True, text=True, env=env, timeout=180, cwd=tmp_path)
+    finally:
+        holder.release()
+    assert done.returncode != 0
+    assert f"pid {os.getpid()}" in done.stderr, done.stderr[-3000:]
+    assert sorted(p.name for p in run.iterdir()) == []  # nothing written (the lock file went with its holder)
