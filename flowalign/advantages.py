@@ -243,3 +243,24 @@ def zero_variance_fraction(rewards: Tensor, group_ids: Tensor) -> float:
     g_max = torch.full((G,), -torch.inf, device=rewards.device).scatter_reduce(0, idx, rewards, "amax")
     g_min = torch.full((G,), torch.inf, device=rewards.device).scatter_reduce(0, idx, rewards, "amin")
     return float((g_max == g_min).float().mean())
+
+
+def mean_group_std(rewards: Tensor, group_ids: Tensor) -> float:
+    """Mean over groups of the population std of each group's rewards (NaN = dropped, left out; a group with
+    one kept sample has std 0; a group with none is skipped; NaN when no group has a kept sample).
+
+    The spread GRPO learns from: ``reward/std`` over the whole batch mostly measures how prompts differ.
+    """
+    rewards = torch.as_tensor(rewards).double()
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards must be [B], got shape {tuple(rewards.shape)}")
+    idx, G = _group_index(group_ids, rewards.shape[0], rewards.device)
+    kept = torch.isfinite(rewards)
+    if G == 0 or not bool(kept.any()):
+        return float("nan")
+    values = torch.where(kept, rewards, torch.zeros_like(rewards))
+    count = torch.zeros(G, dtype=torch.float64).scatter_add_(0, idx, kept.double())
+    mean = torch.zeros(G, dtype=torch.float64).scatter_add_(0, idx, values) / count.clamp(min=1)
+    sq = torch.where(kept, (rewards - mean[idx]) ** 2, torch.zeros_like(rewards))
+    var = torch.zeros(G, dtype=torch.float64).scatter_add_(0, idx, sq) / count.clamp(min=1)
+    return float(var.sqrt()[count > 0].mean())

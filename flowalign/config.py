@@ -291,8 +291,9 @@ class TrainConfig:
     eval_every: int = field(default=0, metadata={"help": "Write an eval image grid every N iterations (0 = only at the end, -1 = never)."})
     ref_kl_every: int = field(
         default=1,
-        metadata={"help": "With objective.kl_beta = 0, log the diagnostic kl/ref (one policy + one reference forward on a "
-                          "micro-batch) every N iterations, starting with the first (0 = never). It changes no weights."},
+        metadata={"help": "With objective.kl_beta = 0, log the diagnostic kl/ref (a policy and a reference forward of the first "
+                          "micro-batch's rows at every trained step, before the update: what the objective's KL term would "
+                          "average) every N iterations, starting with the first (0 = never). It changes no weights."},
     )
     eval_prompts: Optional[str] = field(default=None, metadata={"help": "Held-out prompt file for evaluation; null = the first training prompts."})
     eval_num_prompts: int = field(default=8, metadata={"help": "Prompts in an eval grid."})

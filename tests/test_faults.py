@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import errno
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -112,10 +113,12 @@ def test_all_equal_rewards_give_zero_advantages_and_the_step_does_nothing(tmp_pa
     before = [p.detach().clone() for p in trainer.params]
     metrics = trainer.run_iteration()
     assert metrics["frac_zero_std_groups"] == 1.0
-    assert metrics["advantages/abs_mean"] == 0.0  # (r - mean) / (0 + eps): exactly 0, no division by zero
+    # (r - mean) / (0 + eps) is exactly 0 (no division by zero): no row has an advantage to train on
     assert metrics["samples/kept_frac"] == 0.0 and metrics["optim/steps"] == 0.0
+    assert math.isnan(metrics["advantages/abs_mean"])  # a mean over no trained row, not a 0 that reads as a measurement
+    assert metrics["reward/group_std_mean"] == 0.0 and "grad_norm" not in metrics  # no step, so no norm
     assert all(torch.equal(a, p) for a, p in zip(before, trainer.params))  # no AdamW step (not even weight decay)
-    assert all(torch.isfinite(torch.tensor(v)) for k, v in metrics.items() if not k.startswith("time/"))
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in metrics.items() if not k.startswith("time/") and k != "advantages/abs_mean")
 
 
 def test_nan_losses_abort_through_the_cli_with_exit_1(tmp_path, capsys, monkeypatch):

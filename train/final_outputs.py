@@ -7,12 +7,14 @@ with the EMA weights when ``train.ema`` is on and the peft config (rank, alpha) 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
 from flowalign import lora as lora_lib
+from flowalign.files import atomic_path
 
 logger = logging.getLogger("flowalign.train.trainer")
 
@@ -26,8 +28,14 @@ def write_final_outputs(trainer) -> Optional[Path]:
         states = {name: lora_lib.get_lora_state_dict(module) for name, module in trainer.lora_modules.items()}
     if trainer.accelerator.is_main_process:
         path = save_lora_file(trainer, states)
-        if trainer.config.train.eval_every >= 0:
-            trainer.run_log.log_scalars(trainer.evaluate(tag="final"), trainer.iteration)
+        every = trainer.config.train.eval_every
+        if every > 0 and trainer.iteration % every == 0 and (trainer.run_dir / "samples" / f"iter_{trainer.iteration:06d}.png").is_file():
+            # the loop evaluated these weights at this iteration already (same prompts, noise and weights): its grid
+            # is the final one, and its eval/* are in the last row
+            with atomic_path(trainer.run_dir / "samples" / "final.png") as tmp:
+                shutil.copyfile(trainer.run_dir / "samples" / f"iter_{trainer.iteration:06d}.png", tmp)
+        elif every >= 0:  # into the last iteration's row, so metrics.csv and reward_curve.png have it too
+            trainer.run_log.add_to_last_row(trainer.evaluate(tag="final"), trainer.iteration)
         if (trainer.run_dir / "metrics.csv").is_file():
             from flowalign.plots import reward_curve
 

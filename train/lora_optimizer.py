@@ -71,6 +71,7 @@ class LoraOptimizer:
         self.nonfinite_in_row = 0  # consecutive micro-batches with a non-finite loss
         self.skipped_steps_in_row = 0  # consecutive optimizer steps skipped for a non-finite gradient norm
         self.iteration = 0  # 0-based, set by set_lr at the start of each update; messages print it 1-based (as metrics.csv)
+        self.skipped_microbatches = 0  # non-finite losses skipped since the last new_stats (this process's)
 
     # ----------------------------------------------------------------------------- learning rate
 
@@ -90,6 +91,7 @@ class LoraOptimizer:
         counted instead. Returns whether it was applied."""
         if not torch.isfinite(loss):
             self.count_nonfinite(f"loss {float(loss.detach())} {what}")
+            self.skipped_microbatches += 1
             return False
         self.nonfinite_in_row = 0
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -160,16 +162,24 @@ class LoraOptimizer:
         self.old_policy.update(decay)
         return decay
 
-    @staticmethod
-    def new_stats() -> dict:
-        """An empty ``stats`` for :meth:`step`."""
+    def new_stats(self) -> dict:
+        """An empty ``stats`` for :meth:`step` (and the skipped micro-batch count starts again)."""
+        self.skipped_microbatches = 0
         return {"steps": 0, "skipped": 0, "grad_norm": []}
 
     def metrics(self, stats: dict) -> dict[str, float]:
-        """One update's optimizer metrics (slash names, as logged)."""
+        """One update's optimizer metrics (slash names, as logged): ``grad_norm`` (mean before clipping over the
+        applied steps; absent when none was applied, rather than a 0 that drags curves down), ``optim/steps`` (applied
+        this update), ``optim/global_step`` (applied since the run began: the x-axis of runs with another
+        ``grad_accum`` / ``inner_epochs``), ``optim/skipped_nonfinite`` (steps skipped for a non-finite gradient norm),
+        ``optim/skipped_microbatches`` (micro-batches skipped for a non-finite loss, over every process), ``optim/lr``."""
         norms = stats["grad_norm"]
-        out = {"grad_norm": sum(norms) / len(norms) if norms else 0.0, "optim/steps": float(stats["steps"]),
-               "optim/skipped_nonfinite": float(stats["skipped"]), "optim/lr": self.optimizer.param_groups[0]["lr"]}
+        skipped = self.gather(torch.tensor([float(self.skipped_microbatches)])).sum()
+        out = {"optim/steps": float(stats["steps"]), "optim/global_step": float(self.steps_taken),
+               "optim/skipped_nonfinite": float(stats["skipped"]), "optim/skipped_microbatches": float(skipped),
+               "optim/lr": self.optimizer.param_groups[0]["lr"]}
+        if norms:
+            out["grad_norm"] = sum(norms) / len(norms)
         if len(self.optimizer.param_groups) > 1:  # the text encoders' LoRA (lora.text_encoder_lr)
             out["optim/lr_text_encoder"] = self.optimizer.param_groups[1]["lr"]
         return out

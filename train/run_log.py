@@ -148,6 +148,23 @@ class RunLogger:
                               "with --resume") from exc
         self.log_scalars(metrics, step)
 
+    def add_to_last_row(self, metrics: dict, step: int) -> None:
+        """Add ``metrics`` to the CSV row of ``step`` when it is the file's last row (else write a row of them),
+        and send them to the trackers: a final evaluation after the last iteration's row was written."""
+        import csv
+
+        row: dict = {}
+        if self.path.is_file():
+            with open(self.path, newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if _whole(r, self.key)]
+            if rows and int(float(rows[-1][self.key])) == step:
+                row = {k: v for k, v in rows[-1].items() if k != self.key and v != ""}
+        try:
+            write_metrics_row(self.path, {**row, **metrics}, step, key=self.key)
+        except OSError as exc:
+            raise RunLogError(f"could not write step {step} to {self.path}: {exc.strerror or exc} (errno {exc.errno})") from exc
+        self.log_scalars(metrics, step)
+
     def log_scalars(self, metrics: dict, step: int) -> None:
         """Send ``metrics`` to the trackers only (no CSV row)."""
         for tracker in self.trackers:

@@ -147,6 +147,8 @@ class Trainer(OptimizerViews):
         self._lock = None  # the run folder's lock (train/run_lock.py), taken by setup
         self.text_modules: dict = {}  # text encoders with LoRA (lora.train_text_encoder), filled by setup
         self.timings: dict[str, float] = {}  # wall seconds per phase of this session (setup, calibration, train, ...)
+        self.train_seconds_before = 0.0  # training wall seconds of earlier sessions up to the resumed checkpoint
+        self._train_start: Optional[float] = None  # perf_counter() when this session's training loop began
 
     # ================================================================= setup
 
@@ -233,7 +235,7 @@ class Trainer(OptimizerViews):
         """
         cfg = self.config.train
         metrics: dict = {}
-        start = time.perf_counter()
+        self._train_start = time.perf_counter()
         with GracefulStop("iteration") as stop:
             while self.iteration < cfg.iterations:
                 metrics = self.run_iteration()
@@ -249,9 +251,14 @@ class Trainer(OptimizerViews):
                 if signum is not None:  # the last iteration too: --resume then writes the final outputs (evaluation included)
                     path = path if checkpointed else self.save_checkpoint()
                     raise stop.stopped(signum, self.iteration, cfg.iterations, path)
-        self.timings["train"] = time.perf_counter() - start
+        self.timings["train"] = self.train_seconds()  # every session's, so a resumed run reports the whole run's
         self.save_final()
         return metrics
+
+    def train_seconds(self) -> float:
+        """Wall seconds spent in the training loop so far, earlier sessions (up to the checkpoint resumed) included."""
+        running = time.perf_counter() - self._train_start if self._train_start is not None else 0.0
+        return self.train_seconds_before + running
 
     def run_iteration(self) -> dict:
         """Rollout, rewards, advantages and the update for one iteration; return its metrics."""
@@ -347,7 +354,7 @@ class Trainer(OptimizerViews):
         ``flowalign.step_rewards.dense_step_advantages``); samples with a dropped reward or only
         zero advantages are masked out, and with ``train.oversample > 1`` those past the first
         ``prompts_per_iter`` groups with a kept sample over all processes."""
-        from flowalign.advantages import first_informative_groups, nonzero_mask, zero_variance_fraction
+        from flowalign.advantages import first_informative_groups, mean_group_std, nonzero_mask, zero_variance_fraction
 
         ocfg = self.config.objective
         group_ids = group_ids.cpu()
@@ -385,10 +392,14 @@ class Trainer(OptimizerViews):
             chosen = first_informative_groups(self._gather(keep.float()).bool(), all_g, self.config.train.prompts_per_iter)
             keep = chosen[self._own_rows(keep.shape[0])]
             metrics["samples/groups_trained"] = float(all_g[chosen].unique().numel())
+        all_ids = self._gather_group_ids(group_ids)
+        trained = self._gather(keep.float()).bool()
         metrics.update({  # over every process's samples (the main process logs them)
-            "frac_zero_std_groups": zero_variance_fraction(self._gather(fill_dropped(rewards, group_ids)), self._gather_group_ids(group_ids)),
-            "samples/kept_frac": float(self._gather(keep.float()).mean()),
-            "advantages/abs_mean": float(self._gather(adv.abs().float()).mean()),
+            "frac_zero_std_groups": zero_variance_fraction(self._gather(fill_dropped(rewards, group_ids)), all_ids),
+            "reward/group_std_mean": mean_group_std(self._gather(rewards.float()), all_ids),  # the spread GRPO learns from
+            "samples/kept_frac": float(trained.float().mean()),
+            # over the trained rows (dropped, flat-group and oversampled-out rows have no advantage to speak of)
+            "advantages/abs_mean": float(self._gather(adv.abs().float())[trained].mean()) if bool(trained.any()) else float("nan"),
         })
         return adv, keep, metrics
 
@@ -422,7 +433,8 @@ class Trainer(OptimizerViews):
         return velocity_fns(self.adapter, cond, self._train_guidance(), getattr(self.objective, "needs_reference", False), reference_cond)
 
     def update(self, batch: Batch) -> dict:
-        """``inner_epochs`` passes of micro-batches with gradient accumulation; return mean metrics."""
+        """``inner_epochs`` passes of micro-batches with gradient accumulation; return the metrics: each
+        micro-batch metric averaged over the rows of every micro-batch (of every process), and the optimizer's."""
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
@@ -437,7 +449,12 @@ class Trainer(OptimizerViews):
                 self._prepare_forward_draws(batch, plan, optimizer_steps=self.config.train.inner_epochs * math.ceil(num_slots / accum))
             every = self.config.train.ref_kl_every
             if epoch == 0 and plan and not getattr(self.objective, "needs_reference", False) and every > 0 and self.iteration % every == 0:
-                sums["kl/ref"], counts["kl/ref"] = self._reference_kl(batch, *plan[0]), 1
+                # the first micro-batch's rows at every trained step (the plan is chunk-major): the quantity the
+                # objective's own kl/ref averages when kl_beta > 0, on fewer rows
+                first = [item for item in plan if torch.equal(item.rows, plan[0].rows)]
+                rows = sum(item.rows.numel() for item in first)
+                sums["kl/ref"] = sum(self._reference_kl(batch, *item) * item.rows.numel() for item in first)
+                counts["kl/ref"] = rows
             for i in self._tqdm(range(num_slots), "update"):
                 group_start = (i // accum) * accum
                 group_end = min(group_start + accum, num_slots)
@@ -445,9 +462,9 @@ class Trainer(OptimizerViews):
                     index, k = plan[i]
                     # this micro-batch's share of the rows of its accumulation group over all processes
                     step_metrics = self._micro_step(batch, index, k, scale=index.numel() / float(sizes[:, group_start:group_end].sum()))
-                    for key, value in step_metrics.items():
-                        sums[key] = sums.get(key, 0.0) + value
-                        counts[key] = counts.get(key, 0) + 1
+                    for key, value in step_metrics.items():  # weighted by rows: a short last chunk counts for its rows
+                        sums[key] = sums.get(key, 0.0) + value * index.numel()
+                        counts[key] = counts.get(key, 0) + index.numel()
                 if i == group_end - 1:
                     self.optim.step(stats)
         if self.accelerator.num_processes > 1:
@@ -498,7 +515,8 @@ class Trainer(OptimizerViews):
     @torch.no_grad()
     def _reference_kl(self, batch: Batch, index: Tensor, k: int) -> float:
         """Diagnostic KL to the reference (LoRA off) on one micro-batch, for objectives that do not
-        compute it (kl_beta = 0): mean over rows of (mean_theta - mean_ref)^2 / (2 std^2)
+        compute it (kl_beta = 0): mean over rows of (mean_theta - mean_ref)^2 / (2 std^2), times
+        |sigma - sigma_next| under the objective's ``kl_form: per_time``, as its own penalty would weigh it
         (forward-process objectives: mean ||v_theta - v_ref||^2 at their noised rows)."""
         from flowalign.objectives.grpo import mean_kl, transition_mean
 
@@ -509,7 +527,10 @@ class Trainer(OptimizerViews):
             return fp.reference_gap(rows, policy, reference)
         mean, std = transition_mean(rows, policy)
         mean_ref, _ = transition_mean(rows, reference)
-        return float(mean_kl(mean, mean_ref, std).mean())
+        kl = mean_kl(mean, mean_ref, std)
+        if getattr(self.objective, "kl_form", "transition") == "per_time":
+            kl = kl * (rows.sigma.float() - rows.sigma_next.float()).abs().to(kl.device)
+        return float(kl.mean())
 
     def _micro_step(self, batch: Batch, index: Tensor, k: int, scale: float) -> dict:
         """Forward + backward of one micro-batch; a non-finite loss is skipped (and counted)."""

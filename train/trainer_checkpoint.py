@@ -38,6 +38,7 @@ def trainer_state(trainer) -> tuple[dict, dict]:
         "torch_rngs": trainer._gather(torch.get_rng_state()[None]),
         "sampler": trainer.sampler.state_dict(),
         "all_dropped_in_row": trainer._all_dropped_in_row,  # iterations in a row whose every reward was dropped
+        "train_seconds": trainer.train_seconds(),  # the report's train time covers every session of a resumed run
         **optim_state,
     }
     if torch.cuda.is_available() and trainer.device.type == "cuda":  # the CUDA generator of each process's own device
@@ -82,4 +83,5 @@ def restore_trainer_checkpoint(trainer, path: Path) -> None:
         torch.cuda.set_rng_state(state["cuda_rngs"][rank].to(torch.uint8).clone(), trainer.device)
     trainer.iteration = int(state["iteration"])
     trainer._all_dropped_in_row = int(state.get("all_dropped_in_row", 0))  # absent from checkpoints before it
+    trainer.train_seconds_before = float(state.get("train_seconds", 0.0))
     logger.info("resumed from %s at iteration %d", path, trainer.iteration)

@@ -196,7 +196,8 @@ class GDRO:
             "gdro/listwise": listwise.mean().item(),
             "gdro/fm_top": fm_top.mean().item(),
             "gdro/implicit_reward_mean": scores.mean().item(),
-            "gdro/implicit_acc": ((s_top > s_bottom)[distinct].float().mean().item() if distinct.any() else 0.0),
+            # no group to rank: undefined, not 0% (a 0 reads as a model that ranks every pair the wrong way)
+            "gdro/implicit_acc": ((s_top > s_bottom)[distinct].float().mean().item() if distinct.any() else float("nan")),
             "gdro/frac_tied_groups": 1.0 - distinct.float().mean().item(),
             "gdro/sigma_mean": sigma.float().mean().item(),
         }
