@@ -142,7 +142,10 @@ def restore_rng(state: dict, generators: Optional[dict[str, torch.Generator]] = 
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in state["cuda"]])
+        # the devices this machine has (a run resumed on fewer visible GPUs than it was saved with: set_rng_state_all
+        # raised IndexError for the missing ones; each process's own device is restored by its trainer)
+        for index, device_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state.to(torch.uint8), index)
     for name, g in (generators or {}).items():
         if name not in state["generators"]:
             raise CheckpointError(f"checkpoint has no state for generator '{name}' (has {sorted(state['generators'])})")

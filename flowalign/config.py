@@ -311,6 +311,12 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute the transformer's activations in the backward pass (memory; same results)."})
     offload_rewards: bool = field(default=False, metadata={"help": "Keep reward models on the CPU between reward calls (Reward.to / Reward.offload; memory; same results)."})
+    process_group_timeout_min: float = field(
+        default=120.0,
+        metadata={"help": "Minutes a process waits in a collective (several processes) before the launch fails. The main "
+                          "process alone writes the held-out report while the others wait: torch's NCCL default of 10 "
+                          "minutes is shorter than a GenEval-sized report on one GPU."},
+    )
 
     def __post_init__(self):
         for name in ("prompts_per_iter", "iterations", "inner_epochs", "micro_batch_size", "grad_accum", "keep_checkpoints", "max_nonfinite_steps", "eval_num_prompts"):
@@ -326,6 +332,7 @@ class TrainConfig:
         _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
         _check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
         _check(self.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        _check(self.process_group_timeout_min > 0, f"train.process_group_timeout_min must be > 0, got {self.process_group_timeout_min}")
         _check(0.0 < self.ema_decay < 1.0, f"train.ema_decay must be in (0, 1), got {self.ema_decay}")
         _check(self.ema_every >= 1, f"train.ema_every must be >= 1, got {self.ema_every}")
         _choice("train.ema_schedule", self.ema_schedule, EMA_SCHEDULES)
@@ -793,7 +800,7 @@ MODEL_MEMORY_KNOBS = ("t5_cache_size",)
 _HASH_EXCLUDE = {("train", "iterations"), ("train", "output_dir"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
                  ("train", "log_with"), ("train", "progress"), ("train", "eval_every"), ("train", "final_eval_samples"),
                  ("train", "ref_kl_every"),
-                 ("train", "gradient_checkpointing"), ("train", "offload_rewards"),
+                 ("train", "gradient_checkpointing"), ("train", "offload_rewards"), ("train", "process_group_timeout_min"),
                  *(("model", key) for key in MODEL_MEMORY_KNOBS)}
 # fields left out of the hash while at these values (their defaults), so runs from before they existed resume
 _HASH_OMIT_AT = {("sampling", "noise_seeding"): "process", ("objective", "reward_mix"): "reward", ("train", "ema_every"): 1, ("train", "mixed_precision"): "no",

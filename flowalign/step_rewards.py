@@ -164,7 +164,8 @@ def bind_reward(reward: Any, prompts: Sequence[str], metadata: Optional[Sequence
 
     def reward_fn(images: Tensor, index: Tensor) -> Tensor:
         idx = index.tolist()
-        out = call_reward(reward, images, [prompts[i] for i in idx], [metadata[i] for i in idx], on_error=on_error)
+        with torch.no_grad():  # step rewards are scores, never differentiated
+            out = call_reward(reward, images, [prompts[i] for i in idx], [metadata[i] for i in idx], on_error=on_error)
         return out.scores.float()
 
     return reward_fn
@@ -430,7 +431,8 @@ def rollout_gains_fn(
         traj = sampling.rollout(adapter, batch_prompts, num_steps=levels.numel(), kernel=kernel, schedule=sde.table(levels),
                                 guidance_scale=guidance_scale, generator=generator, metadata=batch_meta, cond=cond,
                                 micro_batch_size=micro_batch_size, record_x0=estimator == "tweedie")
-        traj.rewards = call_reward(reward, traj.images, traj.prompts, traj.metadata, on_error=on_error).scores.float().cpu()
+        with torch.no_grad():
+            traj.rewards = call_reward(reward, traj.images, traj.prompts, traj.metadata, on_error=on_error).scores.float().cpu()
         R, _ = estimate_step_rewards(adapter, traj, cond, reward, estimator=estimator, stride=stride,
                                      guidance_scale=guidance_scale, max_batch=max_batch, on_error=on_error)
         R = R[torch.isfinite(R).all(dim=1)]

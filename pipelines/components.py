@@ -44,8 +44,9 @@ CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 
 @contextlib.contextmanager
 def _seeded(seed: int) -> Iterator[None]:
-    """Run a block with ``torch.manual_seed(seed)`` without touching the caller's RNG state."""
-    with torch.random.fork_rng(devices=[]):
+    """Run a block with ``torch.manual_seed(seed)`` without touching the caller's RNG state (CPU and every CUDA
+    device: manual_seed reseeds those too)."""
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
         torch.manual_seed(seed)
         yield
 

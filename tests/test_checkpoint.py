@@ -80,6 +80,25 @@ def test_rng_round_trip_through_checkpoint(tmp_path):
     assert got[2:] == expected[2:]
 
 
+def test_cuda_rng_states_restore_onto_the_devices_this_machine_has(monkeypatch):
+    """A checkpoint saved with 2 visible GPUs resumed where 1 is visible: device 0 gets its state, device 1's is
+    ignored (set_rng_state_all raised IndexError for the missing device). Simulated: no GPU here."""
+    restored = []
+    state = ckpt.capture_rng()
+    state["cuda"] = [torch.full((16,), 1, dtype=torch.uint8), torch.full((16,), 2, dtype=torch.uint8)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((int(s[0]), device)))
+
+    def set_all(states):  # what torch does with more states than devices: default_generators[1] does not exist
+        if len(states) > torch.cuda.device_count():
+            raise IndexError("tuple index out of range")
+
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_all)
+    ckpt.restore_rng(state)
+    assert restored == [(1, 0)]
+
+
 def test_keep_last_k_and_find_latest(tmp_path):
     for it in (2, 4, 6, 8):
         ckpt.save_checkpoint(tmp_path, it, {"lora": {"w": torch.full((2,), float(it))}}, {"it": it}, keep=2)

@@ -248,3 +248,43 @@ def test_a_launch_into_a_locked_run_folder_stops_every_process(tmp_path):
     assert done.returncode != 0
     assert f"pid {os.getpid()}" in done.stderr, done.stderr[-3000:]
     assert sorted(p.name for p in run.iterdir()) == []  # nothing written (the lock file went with its holder)
+
+
+SLOW_REPORT_SCRIPT = '''
+import sys
+import time
+from flowalign.config import load_config
+from flowalign.train import final_outputs
+from flowalign.train.trainer import Trainer
+
+save = final_outputs.save_lora_file
+def slow_save(trainer, states):  # the main process's final outputs take 8 s (a held-out report on one GPU takes hours)
+    time.sleep(8)
+    return save(trainer, states)
+final_outputs.save_lora_file = slow_save
+
+trainer = Trainer(load_config(sys.argv[1], sys.argv[2:])).setup()
+try:
+    trainer.train()
+finally:
+    trainer.cleanup()
+'''
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
+@pytest.mark.parametrize("timeout_min", [0.05, 1.0])
+def test_the_other_processes_wait_for_the_main_ones_final_outputs_as_long_as_the_timeout_says(tmp_path, timeout_min):
+    """Only the main process writes the final outputs (the held-out report) while the others wait at a barrier, which
+    fails after the process group's timeout (torch's NCCL default: 10 minutes, shorter than a GenEval-sized report).
+    train.process_group_timeout_min reaches the process group: 3 s fails against 8 s of final outputs, 1 minute waits."""
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_REPORT_SCRIPT)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    settings = SETTINGS + ["train.iterations=1", f"train.process_group_timeout_min={timeout_min}", f"train.output_dir={tmp_path / 'run'}"]
+    done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(script), str(TINY_RECIPE), *settings],
+                          capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
+    if timeout_min < 0.1:
+        assert done.returncode != 0 and "timed out" in done.stderr.lower(), done.stderr[-3000:]
+    else:
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()

@@ -149,6 +149,11 @@ def adapter_sample_fn(
     return sample
 
 
+def _on_device(reward, device):
+    """``reward`` moved to ``device`` when it can move (``Reward.to``), else as it is."""
+    return reward.to(device) if callable(getattr(reward, "to", None)) else reward
+
+
 def reward_score_fn(rewards: list[RewardConfig], device: str = "cpu") -> ScoreFn:
     """``(images, prompts, metadata) -> {name: scores}`` for every reward (its label when set), + the weighted ``"total"`` (what
     offline runs train on by default) when there are several or the one reward's weight is not 1 (a
@@ -160,12 +165,14 @@ def reward_score_fn(rewards: list[RewardConfig], device: str = "cpu") -> ScoreFn
     """
     from flowalign.rewards import call_reward, load_reward
 
-    loaded = [(cfg, load_reward(cfg.name, **cfg.kwargs)) for cfg in rewards]
+    # on the device the images are scored on (a reward model left on the CPU got CUDA images); plain callables have no .to
+    loaded = [(cfg, _on_device(load_reward(cfg.name, **cfg.kwargs), device)) for cfg in rewards]
 
     def score(images: Tensor, prompts: list[str], metadata: list[dict]) -> dict[str, Tensor]:
         out = {}
         for cfg, reward in loaded:
-            checked = call_reward(reward, images.to(device), prompts, metadata, on_error=cfg.on_error)
+            with torch.no_grad():  # scores only: a reward model with trainable parameters would record its graph
+                checked = call_reward(reward, images.to(device), prompts, metadata, on_error=cfg.on_error)
             out[cfg.key] = checked.scores.float().cpu()
             partial = checked.details.get("partial")
             if isinstance(partial, Tensor) and partial.shape == checked.scores.shape:

@@ -136,6 +136,17 @@ def combine_process_metrics(metrics: dict, sum_keys: Sequence[str] = ()) -> dict
     return {key: (sum(v) if key in sum_keys else sum(v) / len(v)) for key, v in _values_per_key(metrics).items()}
 
 
+def make_accelerator(timeout_min: float):
+    """The run's ``accelerate.Accelerator`` (CPU when no GPU is visible), its process group (several processes) waiting
+    ``timeout_min`` minutes in a collective before failing (``train.process_group_timeout_min``)."""
+    from datetime import timedelta
+
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_min))])
+
+
 def slot_sizes(plan_rows: list[int], accelerator) -> Tensor:
     """``[world, S]`` rows of every process's micro-batches (0 for the empty slots of shorter plans)."""
     world = accelerator.num_processes

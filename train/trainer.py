@@ -161,14 +161,12 @@ class Trainer(OptimizerViews):
             return self._setup()
 
     def _setup(self) -> "Trainer":
-        from accelerate import Accelerator
-
         start = time.perf_counter()
         cfg = self.config
         resume_path = find_resume_checkpoint(self.resume, self.run_dir) if self.resume else None
         # --resume of a run without a checkpoint starts it again (its folder is cleared, as --overwrite does)
         clear = prepare_run_dir(self.run_dir, cfg, resume=resume_path is not None, overwrite=self.overwrite or (bool(self.resume) and resume_path is None))
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.accelerator = runtime.make_accelerator(cfg.train.process_group_timeout_min)
         self.accelerator.wait_for_everyone()  # every process checked the run dir before the main one writes
         self.device = self.accelerator.device
         trainer_setup.warn_about_launch(self.accelerator, cfg)
@@ -316,7 +314,8 @@ class Trainer(OptimizerViews):
         components: dict = {}  # each reward's scores [B] (NaN where dropped), for objective.reward_mix: advantage
         for rcfg in self._tqdm(self.config.rewards, "reward"):
             reward = self.rewards[rcfg.key]
-            with runtime.reward_device(reward, self.device, self.config.train.offload_rewards):
+            # no autograd: a reward model whose parameters require grad would record its whole graph
+            with runtime.reward_device(reward, self.device, self.config.train.offload_rewards), torch.no_grad():
                 out = call_reward(reward, traj.images, traj.prompts, traj.metadata or None, on_error=rcfg.on_error, name=rcfg.key)
             scores = out.scores.detach().float().cpu()
             keep &= out.keep.cpu()
@@ -602,10 +601,11 @@ class Trainer(OptimizerViews):
         prompts = [r.prompt for r in self.eval_records]
         generator = torch.Generator().manual_seed(self.config.train.seed + 1)  # same noise at every eval
         with self.ema.applied() if self.ema is not None else nullcontext():
-            images = sampling.sample_ode(self.adapter, prompts, num_steps=s.eval_num_steps, guidance_scale=s.guidance_scale, generator=generator)
+            images = sampling.sample_ode(self.adapter, prompts, num_steps=s.eval_num_steps, guidance_scale=s.guidance_scale, generator=generator,
+                                         micro_batch_size=s.micro_batch_size)  # in chunks, as the rollouts (memory)
         metrics = {}
         for rcfg in self.config.rewards:
-            with runtime.reward_device(self.rewards[rcfg.key], self.device, self.config.train.offload_rewards):
+            with runtime.reward_device(self.rewards[rcfg.key], self.device, self.config.train.offload_rewards), torch.no_grad():
                 out = call_reward(self.rewards[rcfg.key], images, prompts, [dict(r.metadata) for r in self.eval_records], on_error="drop")
             metrics[f"eval/{rcfg.key}/mean"] = float(out.scores.float().nanmean())
         if self.accelerator.is_main_process:

@@ -65,16 +65,16 @@ def restore_trainer_checkpoint(trainer, path: Path) -> None:
     """Load checkpoint ``path`` into a set-up trainer (refused when its config hash differs, or when
     it was written by another number of processes)."""
     loaded = ckpt.load_checkpoint(path, expected_config_hash=config_hash(trainer.config))
+    state = loaded.state
+    generators, world = state["generators"], trainer.accelerator.num_processes
+    if generators.shape[0] != world:  # before anything is restored
+        raise CheckpointError(f"checkpoint {path} was written by {generators.shape[0]} processes, this run has {world}; "
+                              "resume with the same number of processes")
     lora_lib.set_lora_state_dict(trainer.adapter.trainable_module, loaded.tensors["lora"])
     lora_lib.load_text_lora_tensors(trainer.text_modules, loaded.tensors, path)
-    state = loaded.state
     trainer.optim.load(loaded.tensors, state, path)
     trainer.sampler.load_state_dict(state["sampler"])
     ckpt.restore_rng(state["rng"])
-    generators, world = state["generators"], trainer.accelerator.num_processes
-    if generators.shape[0] != world:
-        raise CheckpointError(f"checkpoint {path} was written by {generators.shape[0]} processes, this run has {world}; "
-                              "resume with the same number of processes")
     rank = trainer.accelerator.process_index
     trainer.generator.set_state(generators[rank].to(torch.uint8).clone())  # a row view is refused
     if "torch_rngs" in state:  # checkpoints from before it restore process 0's global RNG everywhere

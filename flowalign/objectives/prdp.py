@@ -87,11 +87,12 @@ def prdp_loss(
         log-ratio was outside the range, i.e. where the gradient is cut).
     """
     P, K = log_ratio_a.shape
-    mask = torch.ones(K, dtype=torch.bool, device=log_ratio_a.device) if step_mask is None else step_mask.bool()
-    k_eff = int(mask.sum())
+    given = torch.ones(K, dtype=torch.bool) if step_mask is None else step_mask.bool()
+    k_eff = int(given.sum())
+    mask = given.to(log_ratio_a.device)  # on the log-ratios' device (Trajectory.stochastic_mask lives on the CPU: CUDA & CPU raised)
     if k_eff == 0:
         raise ValueError("prdp_loss: step_mask selects no step")
-    m = mask.to(device=log_ratio_a.device, dtype=log_ratio_a.dtype)  # [K], wherever the mask was built
+    m = mask.to(dtype=log_ratio_a.dtype)  # [K]
     target = (reward_a - reward_b).float()  # [P]
     eps = float("inf") if clip_range is None else clip_range
     delta = (log_ratio_a - log_ratio_b) * m  # [P, K]
