@@ -295,6 +295,11 @@ class TrainConfig:
                           "micro-batch's rows at every trained step, before the update: what the objective's KL term would "
                           "average) every N iterations, starting with the first (0 = never). It changes no weights."},
     )
+    report_target_points: Optional[float] = field(
+        default=None,
+        metadata={"help": "A held-out accuracy gain (percentage points) the run report checks: it says met / not met and draws "
+                          "the line on heldout_accuracy.png (the toy main job: 15); null = no target."},
+    )
     eval_prompts: Optional[str] = field(default=None, metadata={"help": "Held-out prompt file for evaluation; null = the first training prompts."})
     eval_num_prompts: int = field(default=8, metadata={"help": "Prompts in an eval grid."})
     final_eval_samples: int = field(
@@ -800,7 +805,7 @@ MODEL_MEMORY_KNOBS = ("t5_cache_size",)
 _HASH_EXCLUDE = {("train", "iterations"), ("train", "output_dir"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
                  ("train", "log_with"), ("train", "progress"), ("train", "eval_every"), ("train", "final_eval_samples"),
                  ("train", "ref_kl_every"),
-                 ("train", "gradient_checkpointing"), ("train", "offload_rewards"), ("train", "process_group_timeout_min"),
+                 ("train", "gradient_checkpointing"), ("train", "offload_rewards"), ("train", "process_group_timeout_min"), ("train", "report_target_points"),
                  *(("model", key) for key in MODEL_MEMORY_KNOBS)}
 # fields left out of the hash while at these values (their defaults), so runs from before they existed resume
 _HASH_OMIT_AT = {("sampling", "noise_seeding"): "process", ("objective", "reward_mix"): "reward", ("train", "ema_every"): 1, ("train", "mixed_precision"): "no",

@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["before_after_grid", "grid_size", "heldout_report", "write_before_after", "summarize_metrics", "write_report", "TARGET_GAIN_POINTS"]
 
 PathLike = Union[str, Path]
-TARGET_GAIN_POINTS = 15.0  # the toy job's acceptance bar: held-out accuracy +15 points
+TARGET_GAIN_POINTS = 15.0  # the toy main job's acceptance bar (train.report_target_points in toy_grpo.yaml): +15 points
 
 # before/after grid layout (pixels)
 LABEL_WIDTH = 64
@@ -349,7 +349,7 @@ def write_report(
     timings: Mapping[str, float],
     metrics_csv: Optional[PathLike] = None,
     command: Optional[str] = None,
-    target_gain_points: float = TARGET_GAIN_POINTS,
+    target_gain_points: Optional[float] = None,
 ) -> Path:
     """Write ``report.md``, ``report.json``, ``eval_base.json`` and ``eval_aligned.json`` in ``run_dir``.
 
@@ -359,7 +359,8 @@ def write_report(
         timings: wall seconds per phase, e.g. ``{"base eval": 50.2, "train": 1800.0, "aligned eval": 51.0}``.
         metrics_csv: the trainer's ``metrics.csv`` (default: ``run_dir/metrics.csv`` when present).
         command: the command line (default: ``config_dict["command"]``, else this process's argv).
-        target_gain_points: the accuracy gain (percentage points) the report checks for.
+        target_gain_points: an accuracy gain (percentage points) the report checks for (``train.report_target_points``):
+            it says met / not met and draws the line on the bar chart; None (default): no target.
     Returns the path of ``report.md``.
     """
     run_dir = Path(run_dir)
@@ -374,7 +375,7 @@ def write_report(
 
     overall = comparison.rows[ALL]
     gain = 100 * overall["delta"]
-    met = meets_target(gain, target_gain_points)
+    met = None if target_gain_points is None else meets_target(gain, target_gain_points)
     mean_base, mean_aligned = category_mean(base.categories), category_mean(aligned.categories)
     settings = aligned.settings
     kernel = _get(config_dict, "sampling.kernel", "?")
@@ -401,8 +402,8 @@ def write_report(
         "## Result",
         "",
         f"Held-out accuracy **{_pct(base.accuracy)} → {_pct(aligned.accuracy)}** "
-        f"(**{_pts(overall['delta'])} points**, 95% CI {_pts_ci(overall['delta_low'], overall['delta_high'])}); "
-        f"target ≥ +{target_gain_points:g} points: **{'met' if met else 'NOT met'}**.",
+        f"(**{_pts(overall['delta'])} points**, 95% CI {_pts_ci(overall['delta_low'], overall['delta_high'])})"
+        + ("." if target_gain_points is None else f"; target ≥ +{target_gain_points:g} points: **{'met' if met else 'NOT met'}**."),
         "",
         comparison.table(),
         "",
@@ -475,6 +476,7 @@ def heldout_report(
     metrics_csv: Optional[PathLike] = None,
     command: Optional[str] = None,
     progress: bool = True,
+    target_gain_points: Optional[float] = None,
 ) -> Path:
     """Evaluate base and aligned on the held-out ``records``, draw ``before_after.png``, write the report.
 
@@ -484,6 +486,7 @@ def heldout_report(
     weights applied; default: as is). A ``base`` evaluated earlier (e.g. before training) is
     reused; it must have the same settings. ``num_samples`` / ``samples_per_prompt`` default to
     whole passes over the prompts reaching 512 samples. Eval wall times are added to ``timings``.
+    ``target_gain_points``: see :func:`write_report`.
     """
     from flowalign.lora import lora_disabled
 
@@ -508,4 +511,5 @@ def heldout_report(
         write_before_after(run_dir / "before_after.png", base, aligned, columns)
     else:
         logger.warning("the base evaluation kept no images of the grid samples; before_after.png not written")
-    return write_report(run_dir, base=base, aligned=aligned, config_dict=config_dict, timings=timings, metrics_csv=metrics_csv, command=command)
+    return write_report(run_dir, base=base, aligned=aligned, config_dict=config_dict, timings=timings, metrics_csv=metrics_csv, command=command,
+                        target_gain_points=target_gain_points)

@@ -54,7 +54,8 @@ def test_report_holds_the_table_rows_headline_and_json(tmp_path):
     _write_metrics(tmp_path / "metrics.csv")
     (tmp_path / "before_after.png").write_bytes(b"png")
     timings = {"base eval": 30.0, "train": 1500.0, "aligned eval": 31.0}
-    path = write_report(tmp_path, base=base, aligned=aligned, config_dict=CONFIG, timings=timings, command="flowalign train")
+    path = write_report(tmp_path, base=base, aligned=aligned, config_dict=CONFIG, timings=timings, command="flowalign train",
+                        target_gain_points=15)
     text = path.read_text()
     assert path == tmp_path / "report.md"
     lo, hi = wilson_interval(3, 4)
@@ -83,8 +84,12 @@ def test_report_holds_the_table_rows_headline_and_json(tmp_path):
 def test_report_says_when_the_target_is_missed(tmp_path):
     base = _result([1, 0, 0, 0, 0, 0, 0, 0, 1, 0], [0.5] * 10)
     aligned = _result([1, 1, 0, 0, 0, 0, 0, 0, 1, 0], [0.5] * 10)  # +10 points
+    text = write_report(tmp_path, base=base, aligned=aligned, config_dict=CONFIG, timings={"train": 1.0}, target_gain_points=15).read_text()
+    assert "+10.0 points" in text and "target ≥ +15 points: **NOT met**" in text and "(no metrics.csv)" in text
+    # without a target (train.report_target_points unset, any run but the toy's): no verdict, no line
     text = write_report(tmp_path, base=base, aligned=aligned, config_dict=CONFIG, timings={"train": 1.0}).read_text()
-    assert "+10.0 points" in text and "**NOT met**" in text and "(no metrics.csv)" in text
+    assert "+10.0 points**, 95% CI" in text and "target" not in text and "met**" not in text
+    assert json.loads((tmp_path / "report.json").read_text())["target_met"] is None
     assert "LoRA rank 16, " in text  # transformer only
     both = dict(CONFIG, lora={"rank": 8, "train_text_encoder": True})
     text = write_report(tmp_path, base=base, aligned=aligned, config_dict=both, timings={}).read_text()
@@ -401,7 +406,7 @@ def test_category_bars_values_by_hand_and_the_report_figure(tmp_path):
 def test_a_model_whose_every_sample_was_dropped_reads_as_a_dash_not_nan(tmp_path):
     base = _result([1, 0, 0, 0, 0, 0, 0, 0, 1, 0], [0.5] * 10)
     aligned = _result([float("nan")] * 10, [float("nan")] * 10)  # every score dropped (on_error: drop)
-    text = write_report(tmp_path, base=base, aligned=aligned, config_dict=CONFIG, timings={}).read_text()
+    text = write_report(tmp_path, base=base, aligned=aligned, config_dict=CONFIG, timings={}, target_gain_points=15).read_text()
     assert "nan" not in text.lower().replace("nanmean", "")
     assert "Held-out accuracy **20.0% → –** (**– points**, 95% CI –)" in text and "**NOT met**" in text
 

@@ -86,7 +86,7 @@ def write_heldout_report(trainer) -> Path:
         num_steps=cfg.sampling.eval_num_steps, guidance_scale=cfg.sampling.guidance_scale,
         batch_size=cfg.sampling.micro_batch_size or 32, aligned_context=(trainer.ema.applied if trainer.ema is not None else None),
         base_context=lambda: lora_lib.lora_disabled(*trainer.lora_modules.values()),
-        metrics_csv=trainer.run_dir / "metrics.csv", progress=cfg.train.progress,
+        metrics_csv=trainer.run_dir / "metrics.csv", progress=cfg.train.progress, target_gain_points=cfg.train.report_target_points,
     )
     trainer.timings["held-out eval"] = time.perf_counter() - start  # base + aligned (each in report.md)
     return path
