@@ -78,6 +78,16 @@ class ModelConfig:
     dtype: str = field(default="float32", metadata={"help": f"Weights dtype of the frozen pipeline, one of {DTYPES}. LoRA weights stay fp32."})
     revision: Optional[str] = field(default=None, metadata={"help": "Hub revision of `pretrained` (ignored for folders and builtins)."})
     resolution: Optional[int] = field(default=None, metadata={"help": "Square image side in pixels for rollouts; null = the pipeline's default."})
+    adapter: Optional[str] = field(
+        default=None,
+        metadata={"help": "The adapter (flowalign.pipelines): a registered family ('sd3'), an entry point of group "
+                          "'flowalign.adapters' or a dotted path 'package.module:Class'; null = chosen by the pipeline's class."},
+    )
+    adapter_kwargs: dict = field(
+        default_factory=dict,
+        metadata={"help": "Extra keyword arguments of the adapter (e.g. a video family's frame count). The SD3 adapter's "
+                          "settings below go only to adapters that take them."},
+    )
     t5_cache_size: int = field(
         default=64,
         metadata={"help": "Prompts whose frozen T5 features the adapter keeps in memory (0 = off): the update's re-encoding "
@@ -808,7 +818,7 @@ _HASH_EXCLUDE = {("train", "iterations"), ("train", "output_dir"), ("train", "ch
                  ("train", "gradient_checkpointing"), ("train", "offload_rewards"), ("train", "process_group_timeout_min"), ("train", "report_target_points"),
                  *(("model", key) for key in MODEL_MEMORY_KNOBS)}
 # fields left out of the hash while at these values (their defaults), so runs from before they existed resume
-_HASH_OMIT_AT = {("sampling", "noise_seeding"): "process", ("objective", "reward_mix"): "reward", ("train", "ema_every"): 1, ("train", "mixed_precision"): "no",
+_HASH_OMIT_AT = {("model", "adapter"): None, ("model", "adapter_kwargs"): {}, ("sampling", "noise_seeding"): "process", ("objective", "reward_mix"): "reward", ("train", "ema_every"): 1, ("train", "mixed_precision"): "no",
                  ("train", "lr_schedule"): "constant", ("train", "lr_warmup"): 0, ("train", "lr_min_ratio"): 0.0}
 
 

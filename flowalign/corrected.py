@@ -55,9 +55,13 @@ def corrected_score(reward: Tensor, quality: Tensor, q0: float = 0.0, c: float =
 
 
 def image_statistics(images: Tensor, bins: int = 4) -> Tensor:
-    """Low-level statistics of images ``[B, 3, H, W]`` in [0, 1] -> ``[B, len(FEATURES)]`` fp32."""
+    """Low-level statistics of images ``[B, 3, H, W]`` in [0, 1] -> ``[B, len(FEATURES)]`` fp32; of videos
+    ``[B, F, 3, H, W]``, each frame's statistics averaged over the frames."""
+    if images.dim() == 5 and images.shape[2] == 3:
+        B, F = images.shape[:2]
+        return image_statistics(images.reshape(B * F, *images.shape[2:]), bins).reshape(B, F, -1).mean(dim=1)
     if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+        raise ValueError(f"images must be [B, 3, H, W] (or videos [B, F, 3, H, W]), got {tuple(images.shape)}")
     x = images.float().clamp(0, 1)
     B = x.shape[0]
     luma = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]  # [B, H, W]

@@ -4,8 +4,8 @@ Layout of a store folder::
 
     store.json                 settings of the generation (fixed for the store's life)
     manifest.jsonl             one JSON line per finished shard (see below)
-    shards/shard-00000.safetensors   "latents" [N, *latent] (+ "images" uint8 [N,3,H,W] optional)
-    images/shard-00000/        optional PNGs, <prompt_index>_<member>.png
+    shards/shard-00000.safetensors   "latents" [N, *latent] (+ "images" uint8 [N,3,H,W], videos [N,F,3,H,W], optional)
+    images/shard-00000/        optional PNGs, <prompt_index>_<member>.png (a video: its frames left to right)
 
 A shard holds whole prompt groups (``prompts_per_shard`` prompts x ``samples_per_prompt``), so a
 group never spans shards. Its manifest line::
@@ -182,7 +182,7 @@ class RolloutWriter:
         Args:
             latents: ``[N, *latent]`` final latents.
             samples: ``N`` JSON-able records (prompt, prompt_index, member, seed, rewards, ...).
-            images: ``[N, 3, H, W]`` in [0, 1], needed unless ``image_format == "none"``.
+            images: ``[N, 3, H, W]`` (videos ``[N, F, 3, H, W]``) in [0, 1], needed unless ``image_format == "none"``.
             extra: fields copied into the manifest line (sampler settings, model hash).
         """
         if index in self.entries:
@@ -196,7 +196,7 @@ class RolloutWriter:
         if image_format != "none":
             if images is None:
                 raise ValueError(f"image_format={image_format!r} needs images")
-            pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().contiguous()  # [N,3,H,W]
+            pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().contiguous()  # [N,(F,)3,H,W]
             if image_format == "tensor":
                 tensors["images"] = pixels
             else:
@@ -227,6 +227,10 @@ class RolloutWriter:
     def _write_pngs(self, name: str, pixels: Tensor, samples: list[dict]) -> None:
         from PIL import Image
 
+        from flowalign.plots import frame_strip
+
+        if pixels.ndim == 5:  # videos: every frame, left to right
+            pixels = frame_strip(pixels, max_frames=pixels.shape[1]).contiguous()
         folder = self.root / "images" / Path(name).stem
         tmp = folder.with_name(folder.name + ".tmp")
         tmp.mkdir(parents=True, exist_ok=True)

@@ -173,19 +173,37 @@ def category_bars(rows: Mapping[str, Mapping[str, Any]], out_png: PathLike, targ
     return _save_figure(fig, out_png)
 
 
+def frame_strip(images: torch.Tensor, max_frames: int = 4) -> torch.Tensor:
+    """Videos ``[N, F, 3, H, W]`` as images ``[N, 3, H, f·W]``: ``f = min(F, max_frames)`` frames evenly spaced from the
+    first to the last, left to right; images ``[N, 3, H, W]`` come back as they are. How grids show a video."""
+    if images.ndim == 4:
+        return images
+    if images.ndim != 5 or images.shape[2] != 3:
+        raise ValueError(f"videos must be [N, F, 3, H, W], got shape {tuple(images.shape)}")
+    if max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    count = images.shape[1]
+    picked = torch.linspace(0, count - 1, min(count, max_frames)).round().long().unique()  # [f], first and last included
+    frames = images[:, picked]  # [N, f, 3, H, W]
+    return frames.permute(0, 2, 3, 1, 4).reshape(images.shape[0], 3, images.shape[3], -1)  # [N, 3, H, f·W]
+
+
 def image_grid(images: torch.Tensor, out_png: PathLike, nrow: int = 4, captions: Optional[Sequence[str]] = None,
                pad: int = 2, caption_height: int = 12, upscale: Optional[int] = None) -> Path:
-    """Write ``images`` (``[N, 3, H, W]`` floats in [0, 1]) as a grid of ``nrow`` per row.
+    """Write ``images`` (``[N, 3, H, W]`` floats in [0, 1]; videos ``[N, F, 3, H, W]`` as :func:`frame_strip`s) as a
+    grid of ``nrow`` per row.
 
     Captions (one per image, cut to the cell width) are drawn in a strip under each cell. Small
     images are enlarged by an integer factor ``upscale`` (nearest neighbour; default: the
     smallest factor making cells at least 128 px wide). Returns the path written.
     """
+    if images.ndim == 5:
+        images = frame_strip(images)
     if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be [N, 3, H, W], got shape {tuple(images.shape)}")
+        raise ValueError(f"images must be [N, 3, H, W] (or videos [N, F, 3, H, W]), got shape {tuple(images.shape)}")
     if captions is not None and len(captions) != images.shape[0]:
         raise ValueError(f"{len(captions)} captions for {images.shape[0]} images")
-    factor = upscale if upscale is not None else max(1, math.ceil(128 / images.shape[-1]))
+    factor = upscale if upscale is not None else max(1, math.ceil(128 / images.shape[-2]))  # by the height: strips are wide
     if factor > 1:
         images = images.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
     n, _, h, w = images.shape

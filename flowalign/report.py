@@ -123,16 +123,19 @@ def before_after_grid(base_images: Tensor, aligned_images: Tensor, prompts: Sequ
     """Write a 2-row grid: base samples on top, aligned samples (same prompts and seeds) below.
 
     Args:
-        base_images, aligned_images: ``[N, 3, H, W]`` floats in [0, 1], column ``j`` from the
-            same prompt and initial noise.
+        base_images, aligned_images: ``[N, 3, H, W]`` floats in [0, 1] (videos ``[N, F, 3, H, W]``: a strip of
+            frames per cell, :func:`flowalign.plots.frame_strip`), column ``j`` from the same prompt and initial noise.
         prompts: ``N`` captions, written (wrapped, up to ``CAPTION_LINES`` lines) under the columns.
         scale: nearest-neighbour upscale factor (4: 32x32 samples become 128x128 cells).
     Returns the path written; its size is :func:`grid_size`.
     """
     from PIL import Image, ImageDraw
 
+    from flowalign.plots import frame_strip
+
     if base_images.shape != aligned_images.shape:
         raise ValueError(f"base and aligned images differ in shape: {tuple(base_images.shape)} vs {tuple(aligned_images.shape)}")
+    base_images, aligned_images = frame_strip(base_images), frame_strip(aligned_images)
     if len(prompts) != base_images.shape[0]:
         raise ValueError(f"{len(prompts)} prompts for {base_images.shape[0]} image columns")
     if scale < 1:

@@ -16,7 +16,9 @@ from .base import ADAPTERS, PIPELINE_CLASSES, Adapter, Conditioning, register_ad
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Adapter", "Conditioning", "load_adapter", "register_adapter", "known_families"]
+__all__ = ["Adapter", "Conditioning", "load_adapter", "register_adapter", "resolve_adapter", "known_families", "ENTRY_POINT_GROUP"]
+
+ENTRY_POINT_GROUP = "flowalign.adapters"  # adapters of other packages: [project.entry-points."flowalign.adapters"]
 
 # Family modules that register adapters on import (missing ones are skipped).
 _FAMILY_MODULES = ("sd3", "flux", "wan", "qwenimage", "toy")
@@ -39,11 +41,43 @@ def known_families() -> dict[str, str]:
     return dict(sorted(PIPELINE_CLASSES.items()))
 
 
+def resolve_adapter(name: str) -> str:
+    """Make the adapter ``name`` available to :func:`load_adapter` and return its family name.
+
+    ``name`` is a registered family (``"sd3"``), an entry point of group :data:`ENTRY_POINT_GROUP`, or a dotted path
+    ``"pkg.mod:Class"`` (imported; a class its module already registered keeps that family name, any other class is
+    registered under ``name``). What a recipe's ``model.adapter`` names, so that a new model family (a video
+    pipeline, say) trains from the command line without changes here.
+
+    Raises:
+        ConfigError: none of these, an import that fails, or an object that is not a class.
+    """
+    from flowalign.errors import ConfigError
+    from flowalign.plugins import import_object, load_entry_point
+
+    _import_families()
+    if name in ADAPTERS:
+        return name
+    found = load_entry_point(ENTRY_POINT_GROUP, name, "adapter")
+    if found is None and (":" in name or "." in name):
+        found = import_object(name, "adapter")
+    if found is None:
+        raise ConfigError(f"unknown adapter {name!r}; registered: {sorted(ADAPTERS)}, or a dotted path 'package.module:Class', "
+                          f"or an entry point of group {ENTRY_POINT_GROUP!r}")
+    if not isinstance(found, type):
+        raise ConfigError(f"adapter {name!r} is {found!r}, not a class taking (pipeline, **kwargs) (flowalign.pipelines.base.Adapter)")
+    registered = [family for family, cls in ADAPTERS.items() if cls is found]
+    if registered:  # its module registered it (@register_adapter) when the import ran
+        return registered[0]
+    ADAPTERS[name] = found
+    return name
+
+
 # components a family can run without, passed as None when a folder lacks them (SD3 / SD3.5 without T5)
 DROPPABLE_COMPONENTS = {"StableDiffusion3Pipeline": ("text_encoder_3", "tokenizer_3")}
 
 
-def folder_load_kwargs(path: Union[str, Path]) -> dict:
+def folder_load_kwargs(path: Union[str, Path], family: Optional[str] = None) -> dict:
     """Check a local pipeline folder against its ``model_index.json`` before loading anything, and return
     the ``from_pretrained`` kwargs it needs.
 
@@ -51,6 +85,8 @@ def folder_load_kwargs(path: Union[str, Path]) -> dict:
     * a droppable component (SD3's T5: ``text_encoder_3``, ``tokenizer_3``) that the index leaves out
       or null, or whose folder is missing, is passed as None, with a warning;
     * any other component the index names but the folder lacks is a ``ConfigError`` naming it.
+
+    With ``family`` (an adapter chosen by name, ``model.adapter``) a pipeline class no family claims is accepted.
     """
     import json
 
@@ -66,9 +102,10 @@ def folder_load_kwargs(path: Union[str, Path]) -> dict:
         raise ConfigError(f"{index_file} is not valid JSON: {exc}") from None
     _import_families()
     cls = index.get("_class_name") if isinstance(index, dict) else None
-    if cls not in PIPELINE_CLASSES:
+    if cls not in PIPELINE_CLASSES and family is None:
         known = ", ".join(sorted(PIPELINE_CLASSES))
-        raise ConfigError(f"{str(path)!r} holds a {cls!r} pipeline; flowalign has adapters for: {known}")
+        raise ConfigError(f"{str(path)!r} holds a {cls!r} pipeline; flowalign has adapters for: {known} (another adapter: "
+                          "model.adapter, a dotted path 'package.module:Class' or an entry point)")
     droppable = DROPPABLE_COMPONENTS.get(cls, ())
     kwargs, dropped, missing = {}, [], []
     for name, entry in index.items():
@@ -117,7 +154,7 @@ def load_adapter(
             raise FileNotFoundError(f"{str(path)!r} is not a local diffusers pipeline folder (load_adapter loads local folders only; `model.pretrained` in a recipe also takes hub ids)")
         from diffusers import DiffusionPipeline
 
-        pipeline = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **{**folder_load_kwargs(path), **(pipeline_kwargs or {})})
+        pipeline = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **{**folder_load_kwargs(path, family), **(pipeline_kwargs or {})})
         from .toy import apply_toy_meta
 
         kwargs = {**apply_toy_meta(pipeline, path), **kwargs}  # a toy folder's recommended settings; the caller's win

@@ -81,6 +81,7 @@ class EvalOptions:
     device: str = "cpu"
     dtype: str = "float32"
     resolution: Optional[int] = None
+    adapter: Optional[str] = None  # a registered family, an entry point or a dotted path (default: by the pipeline's class)
     on_error: str = "raise"
     progress: bool = True
     corrected_by: Optional[str] = None  # quality reward for the corrected score (None = no corrected table)
@@ -110,6 +111,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--device", default=d.device, help="torch device (default: %(default)s)")
     parser.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"], help="pipeline dtype (default: %(default)s)")
     parser.add_argument("--resolution", type=int, default=None, help="square image side in pixels (default: the pipeline's)")
+    parser.add_argument("--adapter", default=None, help="the adapter: a registered family, an entry point of group 'flowalign.adapters' "
+                                                        "or a dotted path 'package.module:Class' (default: chosen by the pipeline's class)")
     parser.add_argument("--on-error", default=d.on_error, choices=["raise", "drop"], help="reward failures: raise or drop the sample")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     parser.add_argument("--corrected-by", nargs="?", const=DEFAULT_QUALITY, default=None, metavar="QUALITY",
@@ -318,7 +321,8 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
     from flowalign.train.model import build_adapter
 
     try:
-        adapter = build_adapter(ModelConfig(pretrained=options.model, dtype=options.dtype, resolution=options.resolution), torch.device(options.device))
+        adapter = build_adapter(ModelConfig(pretrained=options.model, dtype=options.dtype, resolution=options.resolution, adapter=options.adapter),
+                                torch.device(options.device))
     except ConfigError as exc:  # the trainer's wording names the recipe key; here it is the flag
         raise ConfigError(str(exc).replace("model.pretrained=", "--model ").replace("model.resolution=", "--resolution ")) from None
     if hasattr(reward, "to"):

@@ -32,11 +32,27 @@ def dtype_kwarg(dtype: torch.dtype) -> dict:
     return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
 
 
+def _accepted(family, pipeline_class: str, kwargs: dict) -> dict:
+    """The ``kwargs`` the adapter's constructor takes (all of them when it takes ``**kwargs``, or no adapter is known)."""
+    import inspect
+
+    from flowalign.pipelines.base import ADAPTERS, PIPELINE_CLASSES
+
+    cls = ADAPTERS.get(family or PIPELINE_CLASSES.get(pipeline_class, ""))
+    if cls is None:
+        return kwargs
+    params = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
 def build_adapter(model_cfg, device: torch.device):
     """The pipeline named by ``model.pretrained`` wrapped in its adapter, frozen, on ``device``."""
-    from flowalign.pipelines import load_adapter
+    from flowalign.pipelines import load_adapter, resolve_adapter
     from flowalign.pipelines.toy import apply_toy_meta
 
+    family = resolve_adapter(model_cfg.adapter) if model_cfg.adapter else None
     dtype = DTYPES[model_cfg.dtype]
     if model_cfg.pretrained == "tiny-sd3":
         from flowalign.pipelines.testing import tiny_sd3_pipeline
@@ -53,7 +69,7 @@ def build_adapter(model_cfg, device: torch.device):
             from flowalign.pipelines import folder_load_kwargs
 
             pipeline = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, revision=model_cfg.revision,
-                                                         **folder_load_kwargs(path), **dtype_kwarg(dtype))
+                                                         **folder_load_kwargs(path, family), **dtype_kwarg(dtype))
         elif HUB_ID.fullmatch(source):  # e.g. stabilityai/stable-diffusion-3.5-medium: the hub cache, downloading if allowed
             try:
                 pipeline = DiffusionPipeline.from_pretrained(source, revision=model_cfg.revision, **dtype_kwarg(dtype))
@@ -74,8 +90,13 @@ def build_adapter(model_cfg, device: torch.device):
     if model_cfg.resolution:
         kwargs.update(height=model_cfg.resolution, width=model_cfg.resolution)
     kwargs["t5_cache_size"] = model_cfg.t5_cache_size
+    kwargs = _accepted(family, type(pipeline).__name__, kwargs)  # SD3's settings only to adapters that take them
+    if model_cfg.resolution and "height" not in kwargs:
+        raise ConfigError(f"model.resolution={model_cfg.resolution}: the adapter {model_cfg.adapter or type(pipeline).__name__!r} takes "
+                          "no height / width; set its size in model.adapter_kwargs")
+    kwargs.update(model_cfg.adapter_kwargs)
     try:
-        adapter = load_adapter(pipeline, **kwargs)
+        adapter = load_adapter(pipeline, family=family, **kwargs)
     except ValueError as exc:  # a size the model cannot make (the adapter knows the multiple: VAE factor x patch size)
         if not model_cfg.resolution:
             raise
