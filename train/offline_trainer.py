@@ -498,12 +498,10 @@ class OfflineTrainer(OptimizerViews):
         ``training_curve.png`` (loss and the objective's ranking metrics per step) to ``output_dir``,
         and close the trackers."""
         state = lora_lib.get_lora_state_dict(self.adapter.trainable_module)
-        if not self.text_modules:
-            path = lora_lib.save_lora_weights(self.adapter.pipeline, self.run_dir, state)
-        else:
-            text = {name: (lora_lib.get_lora_state_dict(m), lora_lib.lora_metadata(m)) for name, m in self.text_modules.items()}
-            path = self.adapter.save_lora(self.run_dir, state, metadata=lora_lib.lora_metadata(self.adapter.trainable_module),
-                                          text_encoder_states=text)
+        text = {name: (lora_lib.get_lora_state_dict(m), lora_lib.lora_metadata(m)) for name, m in self.text_modules.items()}
+        # through the adapter, as the online trainer saves (a family may write its own keys)
+        path = self.adapter.save_lora(self.run_dir, state, metadata=lora_lib.lora_metadata(self.adapter.trainable_module),
+                                      **({"text_encoder_states": text} if text else {}))
         self.write_training_curve()
         self.close()
         return path
