@@ -195,15 +195,16 @@ def image_grid(images: torch.Tensor, out_png: PathLike, nrow: int = 4, captions:
 
     Captions (one per image, cut to the cell width) are drawn in a strip under each cell. Small
     images are enlarged by an integer factor ``upscale`` (nearest neighbour; default: the
-    smallest factor making cells at least 128 px wide). Returns the path written.
+    smallest factor making cells (a video's frames) at least 128 px wide). Returns the path written.
     """
+    frame_width = images.shape[-1]  # of one frame: a video's strip is several wide
     if images.ndim == 5:
         images = frame_strip(images)
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be [N, 3, H, W] (or videos [N, F, 3, H, W]), got shape {tuple(images.shape)}")
     if captions is not None and len(captions) != images.shape[0]:
         raise ValueError(f"{len(captions)} captions for {images.shape[0]} images")
-    factor = upscale if upscale is not None else max(1, math.ceil(128 / images.shape[-2]))  # by the height: strips are wide
+    factor = upscale if upscale is not None else max(1, math.ceil(128 / frame_width))
     if factor > 1:
         images = images.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
     n, _, h, w = images.shape
