@@ -326,6 +326,12 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute the transformer's activations in the backward pass (memory; same results)."})
     offload_rewards: bool = field(default=False, metadata={"help": "Keep reward models on the CPU between reward calls (Reward.to / Reward.offload; memory; same results)."})
+    deterministic: bool = field(
+        default=False,
+        metadata={"help": "On GPUs: deterministic kernels (torch.use_deterministic_algorithms, warn-only, and cuBLAS's fixed "
+                          "workspace), so a resumed run repeats an uninterrupted one as it does on CPUs; slower. CPU runs are "
+                          "deterministic without it."},
+    )
     process_group_timeout_min: float = field(
         default=120.0,
         metadata={"help": "Minutes a process waits in a collective (several processes) before the launch fails. The main "
@@ -815,7 +821,7 @@ MODEL_MEMORY_KNOBS = ("t5_cache_size",)
 _HASH_EXCLUDE = {("train", "iterations"), ("train", "output_dir"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
                  ("train", "log_with"), ("train", "progress"), ("train", "eval_every"), ("train", "final_eval_samples"),
                  ("train", "ref_kl_every"),
-                 ("train", "gradient_checkpointing"), ("train", "offload_rewards"), ("train", "process_group_timeout_min"), ("train", "report_target_points"),
+                 ("train", "gradient_checkpointing"), ("train", "offload_rewards"), ("train", "process_group_timeout_min"), ("train", "report_target_points"), ("train", "deterministic"),
                  *(("model", key) for key in MODEL_MEMORY_KNOBS)}
 # fields left out of the hash while at these values (their defaults), so runs from before they existed resume
 _HASH_OMIT_AT = {("model", "adapter"): None, ("model", "adapter_kwargs"): {}, ("sampling", "noise_seeding"): "process", ("objective", "reward_mix"): "reward", ("train", "ema_every"): 1, ("train", "mixed_precision"): "no",

@@ -4,7 +4,8 @@
 * ``flowalign generate`` moves reward models to the scoring device (they stayed on the CPU with CUDA images);
 * ``prdp_loss`` takes a step mask on another device than its log-ratios (``Trajectory.stochastic_mask`` is a CPU
   tensor: CUDA & CPU raised), simulated with the ``meta`` device;
-* the in-training evaluation samples in ``sampling.micro_batch_size`` chunks, as rollouts do (memory).
+* the in-training evaluation samples in ``sampling.micro_batch_size`` chunks, as rollouts do (memory);
+* ``train.deterministic`` turns on deterministic kernels (bit-exact resume on GPUs).
 """
 from __future__ import annotations
 
@@ -90,3 +91,18 @@ def test_the_eval_grid_samples_in_micro_batches(tmp_path, monkeypatch):
     finally:
         trainer.cleanup()
     assert sizes and max(sizes) <= 2  # 3 prompts in chunks of 2 (guidance 1: one row per sample)
+
+
+def test_train_deterministic_turns_on_deterministic_kernels(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "unset")  # recorded, so the test leaves the environment as it found it
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        trainer = Trainer(load_config(None, [*TINY, "train.deterministic=true", f"train.output_dir={tmp_path / 'run'}"])).setup()
+        trainer.cleanup()
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        import os
+
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(before)

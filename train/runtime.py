@@ -136,6 +136,16 @@ def combine_process_metrics(metrics: dict, sum_keys: Sequence[str] = ()) -> dict
     return {key: (sum(v) if key in sum_keys else sum(v) / len(v)) for key, v in _values_per_key(metrics).items()}
 
 
+def deterministic_kernels() -> None:
+    """``train.deterministic``: deterministic GPU kernels (torch warns where an op has none) and cuBLAS's fixed workspace
+    (``CUBLAS_WORKSPACE_CONFIG``, read when cuBLAS starts, so set before the first matmul on the GPU unless already set)."""
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
 def make_accelerator(timeout_min: float):
     """The run's ``accelerate.Accelerator`` (CPU when no GPU is visible), its process group (several processes) waiting
     ``timeout_min`` minutes in a collective before failing (``train.process_group_timeout_min``)."""

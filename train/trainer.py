@@ -170,6 +170,8 @@ class Trainer(OptimizerViews):
         self.accelerator.wait_for_everyone()  # every process checked the run dir before the main one writes
         self.device = self.accelerator.device
         trainer_setup.warn_about_launch(self.accelerator, cfg)
+        if cfg.train.deterministic:
+            runtime.deterministic_kernels()
         torch.manual_seed(cfg.train.seed)
         # rollout noise, shuffles, schedules: one stream per process (process 0 uses the seed itself)
         self.generator = torch.Generator().manual_seed(cfg.train.seed + PROCESS_SEED_STRIDE * self.accelerator.process_index)
