@@ -251,16 +251,17 @@ def mean_group_std(rewards: Tensor, group_ids: Tensor) -> float:
 
     The spread GRPO learns from: ``reward/std`` over the whole batch mostly measures how prompts differ.
     """
-    rewards = torch.as_tensor(rewards).double()
+    rewards = torch.as_tensor(rewards).detach().cpu().double()  # a logged figure: on the CPU in fp64, from any device
     if rewards.ndim != 1:
         raise ValueError(f"rewards must be [B], got shape {tuple(rewards.shape)}")
-    idx, G = _group_index(group_ids, rewards.shape[0], rewards.device)
+    idx, G = _group_index(torch.as_tensor(group_ids).cpu(), rewards.shape[0], rewards.device)
     kept = torch.isfinite(rewards)
     if G == 0 or not bool(kept.any()):
         return float("nan")
     values = torch.where(kept, rewards, torch.zeros_like(rewards))
-    count = torch.zeros(G, dtype=torch.float64).scatter_add_(0, idx, kept.double())
-    mean = torch.zeros(G, dtype=torch.float64).scatter_add_(0, idx, values) / count.clamp(min=1)
+    zeros = torch.zeros(G, dtype=torch.float64, device=rewards.device)
+    count = zeros.scatter_add(0, idx, kept.double())
+    mean = zeros.scatter_add(0, idx, values) / count.clamp(min=1)
     sq = torch.where(kept, (rewards - mean[idx]) ** 2, torch.zeros_like(rewards))
-    var = torch.zeros(G, dtype=torch.float64).scatter_add_(0, idx, sq) / count.clamp(min=1)
+    var = zeros.scatter_add(0, idx, sq) / count.clamp(min=1)
     return float(var.sqrt()[count > 0].mean())

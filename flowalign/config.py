@@ -328,9 +328,9 @@ class TrainConfig:
     offload_rewards: bool = field(default=False, metadata={"help": "Keep reward models on the CPU between reward calls (Reward.to / Reward.offload; memory; same results)."})
     deterministic: bool = field(
         default=False,
-        metadata={"help": "On GPUs: deterministic kernels (torch.use_deterministic_algorithms, warn-only, and cuBLAS's fixed "
-                          "workspace), so a resumed run repeats an uninterrupted one as it does on CPUs; slower. CPU runs are "
-                          "deterministic without it."},
+        metadata={"help": "On GPUs: deterministic kernels only (torch.use_deterministic_algorithms: an op without one raises, "
+                          "naming it) and cuBLAS's fixed workspace, so a resumed run repeats an uninterrupted one as it does on "
+                          "CPUs; slower. CPU runs are deterministic without it."},
     )
     process_group_timeout_min: float = field(
         default=120.0,

@@ -668,8 +668,7 @@ def evaluate(
             noise = torch.cat([adapter.initial_noise(1, torch.Generator().manual_seed(seeds[i])) for i in rows])  # [b, *latent]
             fingerprints.append(noise.detach().double().flatten(1).sum(1).cpu())  # [b]
             batch_images = sample_ode(adapter, prompts, num_steps=num_steps, guidance_scale=guidance_scale, initial_noise=noise)  # [b, 3, H, W]
-            with torch.no_grad():  # scores only (a reward model with trainable parameters would record its graph)
-                out = call_reward(reward, batch_images, prompts, metadata, on_error=on_error)
+            out = call_reward(reward, batch_images, prompts, metadata, on_error=on_error)
             scores.append(out.scores.detach().float().cpu())
             # a batch whose every sample was dropped has no details: NaN / "dropped" rows, so one bad batch
             # does not switch the whole evaluation to the score threshold

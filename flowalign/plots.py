@@ -175,7 +175,8 @@ def category_bars(rows: Mapping[str, Mapping[str, Any]], out_png: PathLike, targ
 
 def frame_strip(images: torch.Tensor, max_frames: int = 4) -> torch.Tensor:
     """Videos ``[N, F, 3, H, W]`` as images ``[N, 3, H, f·W]``: ``f = min(F, max_frames)`` frames evenly spaced from the
-    first to the last, left to right; images ``[N, 3, H, W]`` come back as they are. How grids show a video."""
+    first to the last (the first alone when ``f = 1``), left to right; images ``[N, 3, H, W]`` come back as they are.
+    How grids show a video."""
     if images.ndim == 4:
         return images
     if images.ndim != 5 or images.shape[2] != 3:

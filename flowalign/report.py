@@ -11,7 +11,7 @@ directory:
   and the prompts alignment helped and hurt most (:func:`prompt_section`;
   :func:`flowalign.evaluation.prompt_changes`);
 - ``heldout_accuracy.png``: the held-out table as grouped bars, base vs aligned per category with
-  95% whiskers and the target line (:func:`flowalign.plots.category_bars`);
+  95% whiskers and, with a target (``train.report_target_points``), its line (:func:`flowalign.plots.category_bars`);
 - ``report.json``: the same numbers for scripts (``bench/toy_alignment.py`` reads it), every prompt's change included;
 - ``eval_base.json`` / ``eval_aligned.json``: both evaluations with their per-sample results.
 
@@ -42,10 +42,9 @@ from flowalign.plots import category_bars, read_metrics
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["before_after_grid", "grid_size", "heldout_report", "write_before_after", "summarize_metrics", "write_report", "TARGET_GAIN_POINTS"]
+__all__ = ["before_after_grid", "grid_size", "heldout_report", "write_before_after", "summarize_metrics", "write_report"]
 
 PathLike = Union[str, Path]
-TARGET_GAIN_POINTS = 15.0  # the toy main job's acceptance bar (train.report_target_points in toy_grpo.yaml): +15 points
 
 # before/after grid layout (pixels)
 LABEL_WIDTH = 64

@@ -45,12 +45,12 @@ def resolve_adapter(name: str) -> str:
     """Make the adapter ``name`` available to :func:`load_adapter` and return its family name.
 
     ``name`` is a registered family (``"sd3"``), an entry point of group :data:`ENTRY_POINT_GROUP`, or a dotted path
-    ``"pkg.mod:Class"`` (imported; a class its module already registered keeps that family name, any other class is
-    registered under ``name``). What a recipe's ``model.adapter`` names, so that a new model family (a video
+    ``"pkg.mod:Class"`` (imported; a class or factory ``(pipeline, **kwargs) -> adapter`` that its module already
+    registered keeps that family name, any other is registered under ``name``). What a recipe's ``model.adapter`` names, so that a new model family (a video
     pipeline, say) trains from the command line without changes here.
 
     Raises:
-        ConfigError: none of these, an import that fails, or an object that is not a class.
+        ConfigError: none of these, an import that fails, or an object that cannot be called.
     """
     from flowalign.errors import ConfigError
     from flowalign.plugins import import_object, load_entry_point
@@ -64,8 +64,8 @@ def resolve_adapter(name: str) -> str:
     if found is None:
         raise ConfigError(f"unknown adapter {name!r}; registered: {sorted(ADAPTERS)}, or a dotted path 'package.module:Class', "
                           f"or an entry point of group {ENTRY_POINT_GROUP!r}")
-    if not isinstance(found, type):
-        raise ConfigError(f"adapter {name!r} is {found!r}, not a class taking (pipeline, **kwargs) (flowalign.pipelines.base.Adapter)")
+    if not callable(found):
+        raise ConfigError(f"adapter {name!r} is {found!r}, not a class or factory taking (pipeline, **kwargs) (flowalign.pipelines.base.Adapter)")
     registered = [family for family, cls in ADAPTERS.items() if cls is found]
     if registered:  # its module registered it (@register_adapter) when the import ran
         return registered[0]

@@ -122,3 +122,27 @@ def test_the_trainer_runs_with_an_adapter_named_in_the_recipe(strict_module, tmp
     finally:
         trainer.cleanup()
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_flowalign_eval_takes_the_adapter_and_its_settings(strict_module, tmp_path, capsys, monkeypatch):
+    from flowalign.train import eval_cli
+    from flowalign.train import model as model_lib
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red square\na blue circle\n")
+    built = []
+    real = model_lib.build_adapter
+
+    def recording(model_cfg, device):  # the model settings eval builds its adapter from
+        built.append(model_cfg)
+        return real(model_cfg, device)
+
+    monkeypatch.setattr(model_lib, "build_adapter", recording)
+    argv = ["--model", "tiny-sd3", "--prompts", str(prompts), "--reward", "brightness", "--num-samples", "2", "--steps", "2",
+            "--guidance", "1", "--no-progress", "--adapter", strict_module]
+    assert eval_cli.main([*argv, "--adapter-kwargs", '{"marker": 5}']) == 0
+    assert built[-1].adapter == strict_module and built[-1].adapter_kwargs == {"marker": 5}
+    assert eval_cli.main([*argv, "--adapter-kwargs", "[1, 2]"]) == 2
+    assert "--adapter-kwargs must be a JSON object" in capsys.readouterr().err
+    assert eval_cli.main([*argv, "--resolution", "32"]) == 2
+    assert "set its size in --adapter-kwargs" in capsys.readouterr().err

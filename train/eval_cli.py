@@ -82,6 +82,7 @@ class EvalOptions:
     dtype: str = "float32"
     resolution: Optional[int] = None
     adapter: Optional[str] = None  # a registered family, an entry point or a dotted path (default: by the pipeline's class)
+    adapter_kwargs: Optional[str] = None  # the adapter's own settings as a JSON object (model.adapter_kwargs of a recipe)
     on_error: str = "raise"
     progress: bool = True
     corrected_by: Optional[str] = None  # quality reward for the corrected score (None = no corrected table)
@@ -113,6 +114,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--resolution", type=int, default=None, help="square image side in pixels (default: the pipeline's)")
     parser.add_argument("--adapter", default=None, help="the adapter: a registered family, an entry point of group 'flowalign.adapters' "
                                                         "or a dotted path 'package.module:Class' (default: chosen by the pipeline's class)")
+    parser.add_argument("--adapter-kwargs", default=None, metavar="JSON", help="the adapter's own settings as a JSON object, "
+                                                                             "e.g. '{\"num_frames\": 17}' (a recipe's model.adapter_kwargs)")
     parser.add_argument("--on-error", default=d.on_error, choices=["raise", "drop"], help="reward failures: raise or drop the sample")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     parser.add_argument("--corrected-by", nargs="?", const=DEFAULT_QUALITY, default=None, metavar="QUALITY",
@@ -221,6 +224,19 @@ def _options(args: Union[argparse.Namespace, EvalOptions, dict]) -> EvalOptions:
     return options
 
 
+def _adapter_kwargs(text: Optional[str]) -> dict:
+    """``--adapter-kwargs`` as a dict (``{}`` when unset); ConfigError for anything but a JSON object."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"--adapter-kwargs must be a JSON object, got {text!r} ({exc})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--adapter-kwargs must be a JSON object, got {text!r}")
+    return value
+
+
 def _check_numbers(options: EvalOptions) -> None:
     """One-line ConfigErrors, before anything loads, for settings training would refuse too."""
     if not (math.isfinite(options.guidance) and options.guidance >= 1.0):
@@ -321,10 +337,11 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
     from flowalign.train.model import build_adapter
 
     try:
-        adapter = build_adapter(ModelConfig(pretrained=options.model, dtype=options.dtype, resolution=options.resolution, adapter=options.adapter),
-                                torch.device(options.device))
+        adapter = build_adapter(ModelConfig(pretrained=options.model, dtype=options.dtype, resolution=options.resolution, adapter=options.adapter,
+                                            adapter_kwargs=_adapter_kwargs(options.adapter_kwargs)), torch.device(options.device))
     except ConfigError as exc:  # the trainer's wording names the recipe key; here it is the flag
-        raise ConfigError(str(exc).replace("model.pretrained=", "--model ").replace("model.resolution=", "--resolution ")) from None
+        raise ConfigError(str(exc).replace("model.pretrained=", "--model ").replace("model.resolution=", "--resolution ")
+                          .replace("model.adapter_kwargs", "--adapter-kwargs")) from None
     if hasattr(reward, "to"):
         reward.to(options.device)
     result = evaluate(

@@ -150,8 +150,10 @@ def adapter_sample_fn(
 
 
 def _on_device(reward, device):
-    """``reward`` moved to ``device`` when it can move (``Reward.to``), else as it is."""
-    return reward.to(device) if callable(getattr(reward, "to", None)) else reward
+    """``reward``, moved to ``device`` when it can move (``Reward.to``; a plugin's in-place ``to`` may return None)."""
+    if callable(getattr(reward, "to", None)):
+        reward.to(device)
+    return reward
 
 
 def reward_score_fn(rewards: list[RewardConfig], device: str = "cpu") -> ScoreFn:

@@ -137,12 +137,14 @@ def combine_process_metrics(metrics: dict, sum_keys: Sequence[str] = ()) -> dict
 
 
 def deterministic_kernels() -> None:
-    """``train.deterministic``: deterministic GPU kernels (torch warns where an op has none) and cuBLAS's fixed workspace
-    (``CUBLAS_WORKSPACE_CONFIG``, read when cuBLAS starts, so set before the first matmul on the GPU unless already set)."""
+    """``train.deterministic``: deterministic GPU kernels only (an op without one raises, naming it: in warn-only mode
+    torch would keep e.g. the split-key attention backward and resume would drift) and cuBLAS's fixed workspace
+    (``CUBLAS_WORKSPACE_CONFIG``, read when cuBLAS starts: it takes effect when set before the process's first GPU matmul,
+    so a script that already ran one should set it itself). Stays on for the rest of the process."""
     import os
 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
 
 

@@ -385,15 +385,14 @@ class Trainer(OptimizerViews):
                 values = {name: g[0] for name, g in gathered.items()}
             adv = kept_multi_reward_advantages(values, ids, weights, std=ocfg.adv_std, eps=ocfg.adv_eps, clip=ocfg.adv_clip)[mine]
         keep = keep & nonzero_mask(adv)
+        all_ids = self._gather_group_ids(group_ids)  # every process's rows, in process order
         if self.config.train.oversample > 1.0:
             # DAPO's dynamic sampling: the first prompts_per_iter groups with a signal over every process's groups, in the
             # order one process would roll them out (the sampler splits its window in process order), so the trained rows
             # do not depend on the process count
-            all_g = self._gather_group_ids(group_ids)
-            chosen = first_informative_groups(self._gather(keep.float()).bool(), all_g, self.config.train.prompts_per_iter)
+            chosen = first_informative_groups(self._gather(keep.float()).bool(), all_ids, self.config.train.prompts_per_iter)
             keep = chosen[self._own_rows(keep.shape[0])]
-            metrics["samples/groups_trained"] = float(all_g[chosen].unique().numel())
-        all_ids = self._gather_group_ids(group_ids)
+            metrics["samples/groups_trained"] = float(all_ids[chosen].unique().numel())
         trained = self._gather(keep.float()).bool()
         metrics.update({  # over every process's samples (the main process logs them)
             "frac_zero_std_groups": zero_variance_fraction(self._gather(fill_dropped(rewards, group_ids)), all_ids),
@@ -519,7 +518,7 @@ class Trainer(OptimizerViews):
         compute it (kl_beta = 0): mean over rows of (mean_theta - mean_ref)^2 / (2 std^2), times
         |sigma - sigma_next| under the objective's ``kl_form: per_time``, as its own penalty would weigh it
         (forward-process objectives: mean ||v_theta - v_ref||^2 at their noised rows)."""
-        from flowalign.objectives.grpo import mean_kl, transition_mean
+        from flowalign.objectives.grpo import kl_in_form, mean_kl, transition_mean
 
         policy, reference = velocity_fns(self.adapter, self.conditioning.policy(batch, index, requires_grad=False), self._train_guidance(),
                                          True, self.conditioning.reference(batch, index))
@@ -528,10 +527,7 @@ class Trainer(OptimizerViews):
             return fp.reference_gap(rows, policy, reference)
         mean, std = transition_mean(rows, policy)
         mean_ref, _ = transition_mean(rows, reference)
-        kl = mean_kl(mean, mean_ref, std)
-        if getattr(self.objective, "kl_form", "transition") == "per_time":
-            kl = kl * (rows.sigma.float() - rows.sigma_next.float()).abs().to(kl.device)
-        return float(kl.mean())
+        return float(kl_in_form(mean_kl(mean, mean_ref, std), rows, getattr(self.objective, "kl_form", "transition")).mean())
 
     def _micro_step(self, batch: Batch, index: Tensor, k: int, scale: float) -> dict:
         """Forward + backward of one micro-batch; a non-finite loss is skipped (and counted)."""
@@ -607,7 +603,7 @@ class Trainer(OptimizerViews):
                                          micro_batch_size=s.micro_batch_size)  # in chunks, as the rollouts (memory)
         metrics = {}
         for rcfg in self.config.rewards:
-            with runtime.reward_device(self.rewards[rcfg.key], self.device, self.config.train.offload_rewards), torch.no_grad():
+            with runtime.reward_device(self.rewards[rcfg.key], self.device, self.config.train.offload_rewards):
                 out = call_reward(self.rewards[rcfg.key], images, prompts, [dict(r.metadata) for r in self.eval_records], on_error="drop")
             metrics[f"eval/{rcfg.key}/mean"] = float(out.scores.float().nanmean())
         if self.accelerator.is_main_process:

@@ -58,6 +58,14 @@ def clipped_policy_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tens
     return loss, metrics
 
 
+def kl_in_form(kl: Tensor, batch: StepBatch, kl_form: str) -> Tensor:
+    """Per-row transition KLs ``[B]`` as the penalty weighs them: as they are (``"transition"``), or times the step's
+    length ``|σ_t - σ_{t+1}|`` (``"per_time"``); see :class:`FlowGRPO`'s ``kl_form``."""
+    if kl_form == "per_time":
+        return kl * (batch.sigma.float() - batch.sigma_next.float()).abs().to(kl.device)
+    return kl
+
+
 def mean_kl(mean: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
     """KL between two Gaussian transitions with the same std, averaged over latent dims (Flow-GRPO
     arXiv 2505.05470 Eq. 6: KL(N(mu, s²) || N(mu_ref, s²)) = (mu - mu_ref)² / (2 s²)).
@@ -137,10 +145,7 @@ class FlowGRPO:
                 raise ValueError("kl_beta > 0 needs a reference velocity function")
             with torch.no_grad():
                 mean_ref, _ = transition_mean(batch, reference)
-            kl = mean_kl(mean, mean_ref, std)  # [B]
-            if self.kl_form == "per_time":
-                kl = kl * (batch.sigma.float() - batch.sigma_next.float()).abs().to(kl.device)
-            kl = kl.mean()
+            kl = kl_in_form(mean_kl(mean, mean_ref, std), batch, self.kl_form).mean()
             loss = loss + self.kl_beta * kl
             metrics["kl/ref"] = float(kl.detach())
         metrics["loss/total"] = float(loss.detach())
