@@ -35,6 +35,15 @@ def load_entry_point(group: str, name: str, kind: str) -> Any:
     return None
 
 
+def find_plugin(name: str, group: str, kind: str) -> Any:
+    """The object of entry point ``name`` in ``group``, else of the dotted path ``name``; None when ``name`` is neither
+    (a plain word no distribution declares). Import failures raise ConfigError naming ``kind``."""
+    found = load_entry_point(group, name, kind)
+    if found is None and (":" in name or "." in name):
+        found = import_object(name, kind)
+    return found
+
+
 def import_object(path: str, kind: str) -> Any:
     """Import ``"pkg.mod:Attr.sub"`` or ``"pkg.mod.Attr"``; ConfigError naming the path (and ``kind``) otherwise."""
     if ":" in path:

@@ -53,14 +53,12 @@ def resolve_adapter(name: str) -> str:
         ConfigError: none of these, an import that fails, or an object that cannot be called.
     """
     from flowalign.errors import ConfigError
-    from flowalign.plugins import import_object, load_entry_point
+    from flowalign.plugins import find_plugin
 
     _import_families()
     if name in ADAPTERS:
         return name
-    found = load_entry_point(ENTRY_POINT_GROUP, name, "adapter")
-    if found is None and (":" in name or "." in name):
-        found = import_object(name, "adapter")
+    found = find_plugin(name, ENTRY_POINT_GROUP, "adapter")
     if found is None:
         raise ConfigError(f"unknown adapter {name!r}; registered: {sorted(ADAPTERS)}, or a dotted path 'package.module:Class', "
                           f"or an entry point of group {ENTRY_POINT_GROUP!r}")

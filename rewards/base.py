@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from flowalign.errors import ConfigError, FlowalignError, RewardError
-from flowalign.plugins import entry_points, import_object, load_entry_point
+from flowalign.plugins import entry_points, find_plugin, import_object
 
 logger = logging.getLogger(__name__)
 
@@ -246,12 +246,10 @@ def _resolve(spec: str) -> Any:
     if spec in LAZY_REWARDS:
         obj = _import_object(LAZY_REWARDS[spec])
         return REWARDS.get(spec, obj)  # the module may have registered a factory under the name
-    found = load_entry_point(ENTRY_POINT_GROUP, spec, "reward")
-    if found is not None:
-        return found
-    if ":" in spec or "." in spec:
-        return _import_object(spec)
-    raise _unknown_reward(spec)
+    found = find_plugin(spec, ENTRY_POINT_GROUP, "reward")
+    if found is None:
+        raise _unknown_reward(spec)
+    return found
 
 
 def _is_scoring_function(fn: Callable, name: str, kwargs: dict[str, Any]) -> bool:

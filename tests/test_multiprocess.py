@@ -272,21 +272,20 @@ finally:
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
-@pytest.mark.parametrize("timeout_min", [0.05, 1.0])
-def test_the_other_processes_wait_for_the_main_ones_final_outputs_as_long_as_the_timeout_says(tmp_path, timeout_min):
+def test_the_other_processes_wait_for_the_main_ones_final_outputs_as_long_as_the_timeout_says(tmp_path):
     """Only the main process writes the final outputs (the held-out report) while the others wait at a barrier, which
     fails after the process group's timeout (torch's NCCL default: 10 minutes, shorter than a GenEval-sized report).
-    train.process_group_timeout_min reaches the process group: 3 s fails against 8 s of final outputs, 1 minute waits."""
+    train.process_group_timeout_min reaches the process group: 3 s fails at that barrier against 8 s of final outputs
+    (with gloo's own 30-minute default the run waited and succeeded). The default of 120 minutes waits like every
+    other 2-process test here."""
+    timeout_min = 0.05
     script = tmp_path / "slow.py"
     script.write_text(SLOW_REPORT_SCRIPT)
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     settings = SETTINGS + ["train.iterations=1", f"train.process_group_timeout_min={timeout_min}", f"train.output_dir={tmp_path / 'run'}"]
     done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(script), str(TINY_RECIPE), *settings],
                           capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
-    if timeout_min < 0.1:  # it timed out at the end: training and its last checkpoint done, the slow LoRA file never written
-        assert done.returncode != 0 and "timed out" in done.stderr.lower(), done.stderr[-3000:]
-        assert ckpt.find_latest(tmp_path / "run" / "checkpoints") is not None
-        assert not (tmp_path / "run" / "pytorch_lora_weights.safetensors").exists()
-    else:  # (gloo's own default, 30 minutes, waits too: this half checks that a longer setting is not cut short)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
+    # it timed out at the end: training and its last checkpoint done, the slow LoRA file never written
+    assert done.returncode != 0 and "timed out" in done.stderr.lower(), done.stderr[-3000:]
+    assert ckpt.find_latest(tmp_path / "run" / "checkpoints") is not None
+    assert not (tmp_path / "run" / "pytorch_lora_weights.safetensors").exists()

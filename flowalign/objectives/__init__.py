@@ -17,7 +17,7 @@ import inspect
 import pkgutil
 
 from flowalign.errors import ConfigError
-from flowalign.plugins import entry_points, import_object, load_entry_point
+from flowalign.plugins import entry_points, find_plugin
 from flowalign.objectives.base import OBJECTIVES, OFFLINE_TRAINER, ONLINE_TRAINER, Objective, OfflineBatch, StepBatch, register_objective, trained_by
 
 # the online per-transition family first (dense_grpo / tp_grpo subclass grpo), then every other module
@@ -50,9 +50,7 @@ def resolve_objective(name: str) -> str:
     """
     if name in OBJECTIVES:
         return name
-    found = load_entry_point(ENTRY_POINT_GROUP, name, "objective")
-    if found is None and (":" in name or "." in name):
-        found = import_object(name, "objective")
+    found = find_plugin(name, ENTRY_POINT_GROUP, "objective")
     if found is None:
         raise ConfigError(f"unknown objective {name!r}; available: {available_objectives()}, or a dotted path "
                           f"'package.module:Class', or an entry point of group {ENTRY_POINT_GROUP!r}")
