@@ -97,9 +97,13 @@ def test_train_deterministic_turns_on_deterministic_kernels(tmp_path, monkeypatc
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
     before = torch.are_deterministic_algorithms_enabled()
     try:
-        trainer = Trainer(load_config(None, [*TINY, "train.deterministic=true", f"train.output_dir={tmp_path / 'run'}"])).setup()
-        trainer.cleanup()
-        assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+        trainer = Trainer(load_config(None, [*TINY, "train.deterministic=true", "train.iterations=1", "train.eval_every=-1",
+                                             f"train.output_dir={tmp_path / 'run'}"])).setup()
+        try:
+            assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+            trainer.train()  # every op of an iteration has a deterministic kernel here (strict mode raises otherwise)
+        finally:
+            trainer.cleanup()
         import os
 
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"

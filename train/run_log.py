@@ -151,8 +151,6 @@ class RunLogger:
     def add_to_last_row(self, metrics: dict, step: int) -> None:
         """Add ``metrics`` to the CSV row of ``step`` when it is the file's last row (else write a row of them),
         and send them to the trackers: a final evaluation after the last iteration's row was written."""
-        import csv
-
         row: dict = {}
         if self.path.is_file():
             with open(self.path, newline="") as fh:
