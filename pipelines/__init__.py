@@ -46,8 +46,8 @@ def resolve_adapter(name: str) -> str:
 
     ``name`` is a registered family (``"sd3"``), an entry point of group :data:`ENTRY_POINT_GROUP`, or a dotted path
     ``"pkg.mod:Class"`` (imported; a class or factory ``(pipeline, **kwargs) -> adapter`` that its module already
-    registered keeps that family name, any other is registered under ``name``). What a recipe's ``model.adapter`` names, so that a new model family (a video
-    pipeline, say) trains from the command line without changes here.
+    registered keeps that family name, any other is registered under ``name``). What a recipe's ``model.adapter``
+    names, so that a new model family (a video pipeline, say) trains from the command line without changes here.
 
     Raises:
         ConfigError: none of these, an import that fails, or an object that cannot be called.

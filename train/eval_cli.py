@@ -342,8 +342,9 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
     except ConfigError as exc:  # the trainer's wording names the recipe key; here it is the flag
         raise ConfigError(str(exc).replace("model.pretrained=", "--model ").replace("model.resolution=", "--resolution ")
                           .replace("model.adapter_kwargs", "--adapter-kwargs")) from None
-    if hasattr(reward, "to"):
-        reward.to(options.device)
+    from flowalign.train.runtime import to_device
+
+    to_device(reward, options.device)
     result = evaluate(
         adapter, records, tap if tap is not None else reward, num_samples=num_samples, samples_per_prompt=spp, num_steps=options.steps,
         guidance_scale=options.guidance, seed=options.seed, batch_size=options.batch_size, lora=options.lora,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from flowalign import lora as lora_lib
+from flowalign.train import runtime
 from flowalign.files import atomic_path
 
 logger = logging.getLogger("flowalign.train.trainer")
@@ -77,8 +78,7 @@ def write_heldout_report(trainer) -> Path:
     cfg = trainer.config
     name = cfg.rewards[0].key
     reward = trainer.rewards[name]
-    if hasattr(reward, "to"):
-        reward.to(trainer.device)
+    runtime.to_device(reward, trainer.device)
     start = time.perf_counter()
     path = heldout_report(
         trainer.run_dir, trainer.adapter, trainer.heldout_records, reward,

@@ -149,13 +149,6 @@ def adapter_sample_fn(
     return sample
 
 
-def _on_device(reward, device):
-    """``reward``, moved to ``device`` when it can move (``Reward.to``; a plugin's in-place ``to`` may return None)."""
-    if callable(getattr(reward, "to", None)):
-        reward.to(device)
-    return reward
-
-
 def reward_score_fn(rewards: list[RewardConfig], device: str = "cpu") -> ScoreFn:
     """``(images, prompts, metadata) -> {name: scores}`` for every reward (its label when set), + the weighted ``"total"`` (what
     offline runs train on by default) when there are several or the one reward's weight is not 1 (a
@@ -166,9 +159,10 @@ def reward_score_fn(rewards: list[RewardConfig], device: str = "cpu") -> ScoreFn
     binary scores tie (select it with the offline recipe's ``reward:``).
     """
     from flowalign.rewards import call_reward, load_reward
+    from flowalign.train.runtime import to_device
 
     # on the device the images are scored on (a reward model left on the CPU got CUDA images); plain callables have no .to
-    loaded = [(cfg, _on_device(load_reward(cfg.name, **cfg.kwargs), device)) for cfg in rewards]
+    loaded = [(cfg, to_device(load_reward(cfg.name, **cfg.kwargs), device)) for cfg in rewards]
 
     def score(images: Tensor, prompts: list[str], metadata: list[dict]) -> dict[str, Tensor]:
         out = {}

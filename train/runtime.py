@@ -210,6 +210,14 @@ def autocast_adapter(adapter, mixed_precision: str):
     return AutocastAdapter(adapter, AUTOCAST_DTYPES[mixed_precision])
 
 
+def to_device(reward, device):
+    """``reward``, moved to ``device`` when it can move (``Reward.to``; plain callables have no ``to``, and a plugin's
+    in-place ``to`` may return None, so the reward itself is returned)."""
+    if callable(getattr(reward, "to", None)):
+        reward.to(device)
+    return reward
+
+
 def reward_device(reward, device: Optional[torch.device], offload: bool):
     """Context for one reward call: move the reward to ``device`` first and, when ``offload``,
     back to the CPU afterwards (``Reward.to`` / ``Reward.offload``; no-ops for plain callables)."""

@@ -128,9 +128,7 @@ def build_drift_reward(config: FlowalignConfig, device: torch.device):
         guidance.resolve_gradient(reward, s.drift_gradient)  # the check RewardDrift makes, before the model is built
     except ValueError:
         raise ConfigError(f"sampling.drift_reward={s.drift_reward!r} is not differentiable: use sampling.drift_gradient=spsa (or auto)") from None
-    if hasattr(reward, "to"):
-        reward.to(device)
-    return reward
+    return runtime.to_device(reward, device)
 
 
 def build_drift(config: FlowalignConfig, adapter, reward):
