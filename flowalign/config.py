@@ -335,8 +335,8 @@ class TrainConfig:
     process_group_timeout_min: float = field(
         default=120.0,
         metadata={"help": "Minutes a process waits in a collective (several processes) before the launch fails. The main "
-                          "process alone writes the held-out report while the others wait: torch's NCCL default of 10 "
-                          "minutes is shorter than a GenEval-sized report on one GPU."},
+                          "process writes the final outputs while the others wait, and the held-out report's share of "
+                          "the slowest process bounds the others' wait: torch's NCCL default of 10 minutes can be too short."},
     )
 
     def __post_init__(self):

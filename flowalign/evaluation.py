@@ -30,7 +30,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -58,6 +58,7 @@ __all__ = [
     "pass_at_k",
     "pick_samples",
     "sample_indices",
+    "shard_rows",
     "wilson_interval",
 ]
 
@@ -600,6 +601,49 @@ def _load_lora(adapter, lora: Union[str, Path]):
     return name
 
 
+@dataclass
+class _Part:
+    """One process's share of an evaluation: per-sample outcomes of the sample indices ``rows``.
+    A list is None when the reward did not give that detail for some batch (then the merged
+    evaluation has none either); ``images`` maps sample index to image."""
+
+    rows: list[int]
+    scores: list[float]
+    partial: Optional[list[float]]
+    verdicts: Optional[list[float]]
+    tags: list[str]
+    fingerprints: list[float]
+    failures: Optional[list[str]]
+    images: dict[int, Tensor]
+
+
+def shard_rows(num_samples: int, shard: Optional[tuple[int, int]]) -> list[int]:
+    """The sample indices process ``index`` of ``count`` evaluates: ``index, index + count, ...``
+    (strided, so every process gets about as many samples of each prompt and category)."""
+    if shard is None:
+        return list(range(num_samples))
+    index, count = int(shard[0]), int(shard[1])
+    if count < 1 or not 0 <= index < count:
+        raise ConfigError(f"shard must be (index, count) with 0 <= index < count, got {shard}")
+    return list(range(index, num_samples, count))
+
+
+def _merge_parts(parts: Sequence[_Part], n: int) -> _Part:
+    """The parts of every process as one part over samples ``0 .. n-1`` (each index exactly once)."""
+    order = sorted((r, k, j) for k, part in enumerate(parts) for j, r in enumerate(part.rows))
+    if [r for r, _, _ in order] != list(range(n)):
+        raise RuntimeError(f"the processes' evaluation parts do not cover samples 0..{n - 1} exactly once")
+
+    def pick(name: str) -> Optional[list]:
+        if any(getattr(part, name) is None for part in parts if part.rows):
+            return None
+        return [getattr(parts[k], name)[j] for _, k, j in order]
+
+    images = {i: img for part in parts for i, img in part.images.items()}
+    return _Part(rows=list(range(n)), scores=pick("scores"), partial=pick("partial"), verdicts=pick("verdicts"), tags=pick("tags"),
+                 fingerprints=pick("fingerprints"), failures=pick("failures"), images=images)
+
+
 @torch.no_grad()
 def evaluate(
     adapter,
@@ -617,6 +661,8 @@ def evaluate(
     on_error: str = "raise",
     keep_images: Union[int, Sequence[int], None] = 16,
     progress: bool = True,
+    shard: Optional[tuple[int, int]] = None,
+    gather: Optional[Callable[[Any], list]] = None,
 ) -> EvalResult:
     """Sample, score and aggregate a prompt set (see the module docstring for the sampling rule).
 
@@ -638,6 +684,13 @@ def evaluate(
         keep_images: keep the images of the first ``k`` samples (int), of the given sample
             indices (sequence), or of none (None / 0).
         progress: show a tqdm bar.
+        shard: ``(index, count)``: this process samples and scores only the indices
+            :func:`shard_rows` gives it (every ``count``-th sample from ``index``), then ``gather``
+            collects every process's share, so each process returns the whole evaluation. A sample
+            depends on its index only, so the result is the one of a single process (up to the float
+            rounding of other batch compositions).
+        gather: with ``shard``: takes this process's share and returns every process's shares, e.g.
+            ``lambda part: accelerate.utils.gather_object([part])`` (called once, by every process).
     """
     from tqdm.auto import tqdm
 
@@ -649,30 +702,34 @@ def evaluate(
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if num_steps < 1:
         raise ConfigError(f"num_steps must be >= 1, got {num_steps}")
+    if shard is not None and int(shard[1]) > 1 and gather is None:
+        raise ConfigError(f"evaluate(shard={shard}) needs gather, which collects the other processes' shares")
     prompts_all, metadata_all = _records(records)
     index = sample_indices(len(prompts_all), num_samples, samples_per_prompt)
     n = len(index)
     seeds = [int(seed) + i for i in range(n)]
     keep_set = set(range(min(int(keep_images), n))) if isinstance(keep_images, int) else set(keep_images or ())
+    my_rows = shard_rows(n, shard)
 
     start = time.perf_counter()
     lora_name = _load_lora(adapter, lora) if lora is not None else None
     try:
         scores, partial, verdicts, tags, fingerprints, failures, images = [], [], [], [], [], [], {}
         has_partial = has_failure = has_verdict = True
-        bar = tqdm(total=n, desc="eval", unit="sample", disable=not progress, leave=False)
-        for lo in range(0, n, batch_size):
-            rows = list(range(lo, min(lo + batch_size, n)))
+        bar = tqdm(total=len(my_rows), desc="eval", unit="sample", disable=not progress, leave=False)
+        for lo in range(0, len(my_rows), batch_size):
+            rows = my_rows[lo:lo + batch_size]
             prompts = [prompts_all[index[i]] for i in rows]
             metadata = [dict(metadata_all[index[i]]) for i in rows]
             noise = torch.cat([adapter.initial_noise(1, torch.Generator().manual_seed(seeds[i])) for i in rows])  # [b, *latent]
-            fingerprints.append(noise.detach().double().flatten(1).sum(1).cpu())  # [b]
+            fingerprints += noise.detach().double().flatten(1).sum(1).cpu().tolist()  # [b]
             batch_images = sample_ode(adapter, prompts, num_steps=num_steps, guidance_scale=guidance_scale, initial_noise=noise)  # [b, 3, H, W]
             out = call_reward(reward, batch_images, prompts, metadata, on_error=on_error)
-            scores.append(out.scores.detach().float().cpu())
+            batch_scores = out.scores.detach().float().cpu()  # [b]
+            scores += batch_scores.tolist()
             # a batch whose every sample was dropped has no details: NaN / "dropped" rows, so one bad batch
             # does not switch the whole evaluation to the score threshold
-            dropped = torch.isnan(scores[-1])  # [b]: a reward that raised, or returned a non-finite score, under "drop"
+            dropped = torch.isnan(batch_scores)  # [b]: a reward that raised, or returned a non-finite score, under "drop"
             all_dropped = bool(dropped.all())
             nan_rows = torch.full((len(rows),), float("nan"))
             p = _per_sample(out.details.get("partial"), len(rows), "partial")
@@ -680,13 +737,13 @@ def evaluate(
             p = None if p is None else torch.where(dropped, nan_rows, p)  # a dropped sample's details do not count
             has_partial = has_partial and p is not None
             if p is not None:
-                partial.append(p)
+                partial += p.tolist()
             v = _per_sample(out.details.get("binary"), len(rows), "binary")
             v = nan_rows if v is None and all_dropped else v
             v = None if v is None else torch.where(dropped, nan_rows, v)
             has_verdict = has_verdict and v is not None
             if v is not None:
-                verdicts.append(v)
+                verdicts += v.tolist()
             labels = out.details.get("failure")
             labels = [None] * len(rows) if labels is None and all_dropped else labels
             if labels is not None and len(labels) != len(rows):
@@ -706,11 +763,16 @@ def evaluate(
     finally:
         if lora_name is not None:
             adapter.pipeline.delete_adapters(lora_name)
+    part = _Part(rows=my_rows, scores=scores, partial=partial if has_partial else None, verdicts=verdicts if has_verdict else None,
+                 tags=tags, fingerprints=fingerprints, failures=failures if has_failure else None, images=images)
+    if shard is not None and int(shard[1]) > 1:
+        logger.info("evaluation share %d of %d: sampled %d of the %d samples", int(shard[0]), int(shard[1]), len(my_rows), n)
+        part = _merge_parts(gather(part), n)
     wall = time.perf_counter() - start
 
-    scores_t = torch.cat(scores)  # [N]
-    partial_t = torch.cat(partial) if has_partial and partial else None  # [N]
-    verdicts_t = torch.cat(verdicts) if has_verdict and verdicts else None  # [N]
+    scores_t = torch.tensor(part.scores, dtype=torch.float32)  # [N]
+    partial_t = torch.tensor(part.partial, dtype=torch.float32) if part.partial is not None and n else None  # [N]
+    verdicts_t = torch.tensor(part.verdicts, dtype=torch.float32) if part.verdicts is not None and n else None  # [N]
     settings = {
         "reward": reward_name(reward), "num_samples": n, "samples_per_prompt": samples_per_prompt, "num_prompts": len(prompts_all),
         "num_steps": num_steps, "guidance_scale": float(guidance_scale), "seed": int(seed), "threshold": threshold,
@@ -718,9 +780,11 @@ def evaluate(
         "lora": None if lora is None else str(lora), "sampler": "ode",
     }
     result = EvalResult(
-        prompts=[prompts_all[r] for r in index], tags=tags, seeds=seeds, record_index=index, scores=scores_t, partial=partial_t,
-        noise_fingerprints=torch.cat(fingerprints), categories=aggregate(tags, scores_t, partial_t, threshold, verdicts=verdicts_t),
-        settings=settings, images=images, wall_time=wall, failures=failures if has_failure and failures else None, verdicts=verdicts_t,
+        prompts=[prompts_all[r] for r in index], tags=part.tags, seeds=seeds, record_index=index, scores=scores_t, partial=partial_t,
+        noise_fingerprints=torch.tensor(part.fingerprints, dtype=torch.float64),
+        categories=aggregate(part.tags, scores_t, partial_t, threshold, verdicts=verdicts_t),
+        settings=settings, images=part.images, wall_time=wall, failures=part.failures if part.failures and n else None,
+        verdicts=verdicts_t,
     )
     logger.info("evaluated %d samples in %.1fs: accuracy %.1f%%", n, wall, 100 * result.accuracy)
     return result

@@ -479,7 +479,9 @@ def heldout_report(
     command: Optional[str] = None,
     progress: bool = True,
     target_gain_points: Optional[float] = None,
-) -> Path:
+    shard: Optional[tuple[int, int]] = None,
+    gather: Optional[Callable[[Any], list]] = None,
+) -> Optional[Path]:
     """Evaluate base and aligned on the held-out ``records``, draw ``before_after.png``, write the report.
 
     The trainer's end of run in one call. The adapter holds the trained LoRA; the base model is
@@ -489,6 +491,11 @@ def heldout_report(
     reused; it must have the same settings. ``num_samples`` / ``samples_per_prompt`` default to
     whole passes over the prompts reaching 512 samples. Eval wall times are added to ``timings``.
     ``target_gain_points``: see :func:`write_report`.
+
+    Several processes split the samples: every process calls this with ``shard=(index, count)``
+    and ``gather`` (see :func:`flowalign.evaluation.evaluate`), each samples its share of both
+    evaluations, and process 0 alone writes the files and returns the report's path (the others
+    return None). The report is the one a single process writes, up to float rounding.
     """
     from flowalign.lora import lora_disabled
 
@@ -498,7 +505,7 @@ def heldout_report(
     samples_per_prompt = 1 if samples_per_prompt is None else samples_per_prompt
     columns = pick_samples(records, num_samples, samples_per_prompt, per_category=2)
     kw = dict(num_samples=num_samples, samples_per_prompt=samples_per_prompt, num_steps=num_steps, guidance_scale=guidance_scale,
-              seed=seed, batch_size=batch_size, keep_images=columns, progress=progress)
+              seed=seed, batch_size=batch_size, keep_images=columns, progress=progress, shard=shard, gather=gather)
     timings = dict(timings)
     if base is None:
         start = time.perf_counter()
@@ -509,6 +516,8 @@ def heldout_report(
     with (aligned_context or nullcontext)():
         aligned = evaluate(adapter, records, reward, **kw)
     timings["aligned eval"] = time.perf_counter() - start
+    if shard is not None and int(shard[0]) != 0:
+        return None
     if set(columns) <= set(base.images):
         write_before_after(run_dir / "before_after.png", base, aligned, columns)
     else:

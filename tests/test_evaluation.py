@@ -515,3 +515,58 @@ def test_eval_samples_with_the_models_recommended_steps_and_guidance(tmp_path):
     assert (_options({"model": str(tmp_path)}).steps, _options({"model": str(tmp_path)}).guidance) == (7, 2.0)
     assert (_options({"model": "tiny-sd3"}).steps, _options({"model": "tiny-sd3"}).guidance) == (40, 4.5)
     assert (_options(EvalOptions(model="toy", steps=3, guidance=1.0)).steps, _options({"model": "toy", "guidance": 1.0}).guidance) == (3, 1.0)
+
+
+class _Share(Exception):
+    """Carries one process's share out of ``evaluate`` (the test plays every process in turn)."""
+
+    def __init__(self, part):
+        super().__init__("share")
+        self.part = part
+
+
+def _shares(adapter, reward, count: int, **kw) -> list:
+    """What ``gather`` would return on ``count`` processes: each process's share, computed in turn."""
+    def stop(part):
+        raise _Share(part)
+
+    parts = []
+    for index in range(count):
+        with pytest.raises(_Share) as caught:
+            evaluate(adapter, RECORDS, reward, shard=(index, count), gather=stop, **kw)
+        parts.append(caught.value.part)
+    return parts
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_an_evaluation_split_over_processes_is_the_single_process_one(adapter, count):
+    """Each process samples every count-th sample (the noise of sample i depends on i only), then the shares are
+    gathered: every per-sample list, kept image and category equals the one-process evaluation's, also with a
+    reward that drops a sample and with a process whose share is a single batch of 1 (7 samples over 3)."""
+    kw = dict(num_samples=7, num_steps=1, guidance_scale=1.0, seed=5, progress=False, on_error="drop", batch_size=2,
+              keep_images=[0, 4, 5])
+    cut = float(evaluate(adapter, RECORDS[:3], GradedVerifier(0.0), **{**kw, "on_error": "raise", "keep_images": 0}).scores.median())
+    reward = NaNScoreVerifier(cut)
+    one = evaluate(adapter, RECORDS, reward, **kw)
+    parts = _shares(adapter, reward, count, **kw)
+    assert [p.rows for p in parts] == [list(range(k, 7, count)) for k in range(count)]
+    split = evaluate(adapter, RECORDS, reward, shard=(1, count), gather=lambda part: parts, **kw)
+    assert split.prompts == one.prompts and split.tags == one.tags and split.seeds == one.seeds
+    assert torch.equal(split.noise_fingerprints, one.noise_fingerprints)
+    for name in ("scores", "partial", "verdicts"):  # float rounding of other batch compositions: to the ulp or so
+        torch.testing.assert_close(getattr(split, name), getattr(one, name), equal_nan=True, rtol=1e-5, atol=1e-6)
+    assert split.failures == one.failures and "dropped" in one.failures
+    assert sorted(split.images) == [0, 4, 5] and all(torch.allclose(split.images[i], one.images[i], atol=1e-5) for i in (0, 4, 5))
+    assert {k: v.correct for k, v in split.categories.items()} == {k: v.correct for k, v in one.categories.items()}
+    assert split.categories["all"].dropped == one.categories["all"].dropped == 1
+
+
+def test_a_split_evaluation_refuses_shares_that_do_not_cover_every_sample_once(adapter):
+    kw = dict(num_samples=4, num_steps=1, guidance_scale=1.0, seed=0, progress=False, keep_images=0)
+    parts = _shares(adapter, TagBrightness(0.5), 2, **kw)
+    with pytest.raises(RuntimeError, match="exactly once"):
+        evaluate(adapter, RECORDS, TagBrightness(0.5), shard=(0, 2), gather=lambda part: [parts[0], parts[0]], **kw)
+    with pytest.raises(ConfigError, match="needs gather"):
+        evaluate(adapter, RECORDS, TagBrightness(0.5), shard=(0, 2), **kw)
+    with pytest.raises(ConfigError, match="0 <= index < count"):
+        evaluate(adapter, RECORDS, TagBrightness(0.5), shard=(2, 2), gather=lambda part: [part], **kw)

@@ -15,6 +15,7 @@ while training on half the prompts (what a process without the gradient all-redu
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -47,17 +48,26 @@ def _tree(run: Path) -> list[str]:
     return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and "samples" not in p.parts)
 
 
+HELDOUT = Path(__file__).resolve().parents[1] / "assets" / "prompts" / "shapes_heldout.jsonl"
+# a held-out report of 7 samples (4 + 3 over two processes) on the first 5 held-out prompts, written to {tmp}/heldout.jsonl
+REPORT = ["train.eval_prompts={tmp}/heldout.jsonl", "train.final_eval_samples=7", "sampling.micro_batch_size=2"]
+
+
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
-@pytest.mark.parametrize("extra", [[], ["lora.train_text_encoder=true"], ["train.oversample=1.5"], ["objective.adv_std=global"],
+@pytest.mark.parametrize("extra", [REPORT, ["lora.train_text_encoder=true"], ["train.oversample=1.5"], ["objective.adv_std=global"],
                                    ["sampling.drift_reward=brightness", "sampling.drift_gradient=spsa", "sampling.drift_spsa_sigma=0.5"],
                                    ["objective.name=dense_grpo", "objective.adv_std=global"],
                                    ["objective.name=tp_grpo", "dense.balance=true"],
                                    ["objective.name=nft", "objective.kwargs={num_timesteps: 2}", "sampling.kernel=ode"],
                                    ["objective.reward_mix=advantage", "objective.adv_std=global",
                                     "rewards=[{name: brightness, weight: 1.0}, {name: jpeg_compressibility, weight: 0.5}]"]],
-                         ids=["transformer", "with_text_encoders", "dynamic_sampling", "global_std", "guided_drift_spsa",
+                         ids=["transformer_heldout_report", "with_text_encoders", "dynamic_sampling", "global_std", "guided_drift_spsa",
                               "dense_global_std", "tp_grpo_balance", "nft_forward_draws", "advantage_mix_global_std"])
 def test_two_processes_match_one_process(tmp_path, extra):
+    report = extra == REPORT
+    if report:
+        (tmp_path / "heldout.jsonl").write_text("".join(HELDOUT.read_text().splitlines(keepends=True)[:5]))
+        extra = [e.format(tmp=tmp_path) for e in extra]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     two = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "flowalign.train.cli", *_args(tmp_path / "two", extra)],
                          capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
@@ -96,6 +106,16 @@ def test_two_processes_match_one_process(tmp_path, extra):
         for key in ("drift/moved_frac", "drift/score"):  # the guidance's stats too, where it steers
             if key in a:
                 assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-3, abs=1e-6), key
+    if report:  # the held-out report's samples were split over the processes: the same samples, scores, report
+        for name in ("eval_base.json", "eval_aligned.json"):
+            a, b = (json.loads((tmp_path / run / name).read_text())["samples"] for run in ("one", "two"))
+            assert a["prompt"] == b["prompt"] and a["seed"] == b["seed"] == list(range(7))
+            assert a["noise_fingerprint"] == b["noise_fingerprint"]
+            assert b["score"] == pytest.approx(a["score"], rel=1e-5, abs=1e-6), name  # rounding (batches of other rows)
+        for k, share in ((0, 4), (1, 3)):  # base and aligned: each process sampled its share
+            assert two.stderr.count(f"evaluation share {k} of 2: sampled {share} of the 7 samples") == 2, two.stderr[-3000:]
+        report = (tmp_path / "two" / "report.md").read_text()
+        assert "7 samples" in report and report.count("| **all** | 7 |") == 1, report[:2000]
     state = ckpt.load_checkpoint(ckpt.find_latest(tmp_path / "two" / "checkpoints")).state
     assert state["generators"].shape[0] == 2  # every process's shuffle stream, saved by the main process
     assert state["torch_rngs"].shape[0] == 2  # and every process's global torch RNG (LoRA dropout draws from it)
@@ -273,7 +293,7 @@ finally:
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
 def test_the_other_processes_wait_for_the_main_ones_final_outputs_as_long_as_the_timeout_says(tmp_path):
-    """Only the main process writes the final outputs (the held-out report) while the others wait at a barrier, which
+    """Only the main process writes the final outputs (the LoRA file, grids, plots) while the others wait at a barrier, which
     fails after the process group's timeout (torch's NCCL default: 10 minutes, shorter than a GenEval-sized report).
     train.process_group_timeout_min reaches the process group: 3 s fails at that barrier against 8 s of final outputs
     (with gloo's own 30-minute default the run waited and succeeded). The default of 120 minutes waits like every

@@ -1,5 +1,6 @@
 """What an online run writes when it ends (DESIGN.md §9): the LoRA file, the final eval grid,
-``reward_curve.png`` and the held-out report (``report.md``, ``before_after.png``), main process only.
+``reward_curve.png`` and the held-out report (``report.md``, ``before_after.png``). Only the main
+process writes; the held-out report's samples are split over every process.
 
 ``pytorch_lora_weights.safetensors`` is diffusers' file (``pipe.load_lora_weights(run_dir)``),
 with the EMA weights when ``train.ema`` is on and the peft config (rank, alpha) in its header.
@@ -22,7 +23,8 @@ logger = logging.getLogger("flowalign.train.trainer")
 
 def write_final_outputs(trainer) -> Optional[Path]:
     """``pytorch_lora_weights.safetensors`` (EMA weights when enabled), eval grid, reward curve
-    and, when ``train.eval_prompts`` is set, the held-out report (main process only)."""
+    (main process only) and, when ``train.eval_prompts`` is set, the held-out report (every process
+    samples its share, the main one writes)."""
     path = None
     start = time.perf_counter()
     with trainer.ema.applied() if trainer.ema is not None else nullcontext():
@@ -42,12 +44,12 @@ def write_final_outputs(trainer) -> Optional[Path]:
 
             reward_curve(trainer.run_dir / "metrics.csv", trainer.run_dir / "reward_curve.png")
         trainer.timings["save"] = time.perf_counter() - start
-        if trainer.config.train.eval_prompts and trainer.config.train.final_eval_samples > 0:
-            trainer.heldout_report()  # write_heldout_report, through the trainer (a subclass may change it)
-        else:
-            if not remove_stale_report(trainer.run_dir):
-                logger.info("no held-out report: %s", "train.final_eval_samples=0" if trainer.config.train.eval_prompts
-                            else "train.eval_prompts is not set")
+    if trainer.config.train.eval_prompts and trainer.config.train.final_eval_samples > 0:
+        trainer.heldout_report()  # every process samples its share, the main one writes (write_heldout_report, via the trainer)
+    elif trainer.accelerator.is_main_process and not remove_stale_report(trainer.run_dir):
+        logger.info("no held-out report: %s", "train.final_eval_samples=0" if trainer.config.train.eval_prompts
+                    else "train.eval_prompts is not set")
+    if trainer.accelerator.is_main_process:
         logger.info("wall time per phase: %s", ", ".join(f"{k} {v:.1f}s" for k, v in trainer.timings.items()))
     trainer.accelerator.wait_for_everyone()
     return path
@@ -69,9 +71,13 @@ def remove_stale_report(run_dir: Path) -> list[Path]:
     return removed
 
 
-def write_heldout_report(trainer) -> Path:
+def write_heldout_report(trainer) -> Optional[Path]:
     """Base (LoRA off) vs aligned (EMA weights when enabled) on ``train.eval_prompts`` with the
-    first configured reward: ``report.md``/``report.json``, ``before_after.png``, ``eval_*.json``."""
+    first configured reward: ``report.md``/``report.json``, ``before_after.png``, ``eval_*.json``.
+
+    Called by every process: each samples every ``num_processes``-th sample of both evaluations
+    (:func:`flowalign.evaluation.evaluate`'s ``shard``), the shares are gathered, and the main
+    process writes the files and returns their path (the others return None)."""
     from flowalign.config import to_dict
     from flowalign.report import heldout_report
 
@@ -86,10 +92,19 @@ def write_heldout_report(trainer) -> Path:
         num_steps=cfg.sampling.eval_num_steps, guidance_scale=cfg.sampling.guidance_scale,
         batch_size=cfg.sampling.micro_batch_size or 32, aligned_context=(trainer.ema.applied if trainer.ema is not None else None),
         base_context=lambda: lora_lib.lora_disabled(*trainer.lora_modules.values()),
-        metrics_csv=trainer.run_dir / "metrics.csv", progress=cfg.train.progress, target_gain_points=cfg.train.report_target_points,
+        metrics_csv=trainer.run_dir / "metrics.csv", progress=cfg.train.progress and trainer.accelerator.is_main_process,
+        target_gain_points=cfg.train.report_target_points,
+        shard=(trainer.accelerator.process_index, trainer.accelerator.num_processes), gather=gather_shares,
     )
     trainer.timings["held-out eval"] = time.perf_counter() - start  # base + aligned (each in report.md)
     return path
+
+
+def gather_shares(part) -> list:
+    """Every process's share of a split evaluation, in process order (one process: ``[part]``)."""
+    from accelerate.utils import gather_object
+
+    return gather_object([part])
 
 
 def save_lora_file(trainer, states: dict) -> Path:

@@ -629,7 +629,7 @@ class Trainer(OptimizerViews):
         and, when ``train.eval_prompts`` is set, the held-out report (train/final_outputs.py)."""
         return final_outputs.write_final_outputs(self)
 
-    def heldout_report(self) -> Path:
+    def heldout_report(self) -> Optional[Path]:
         """Base (LoRA off) vs aligned on ``train.eval_prompts``: ``report.md``, ``before_after.png`` (train/final_outputs.py)."""
         return final_outputs.write_heldout_report(self)
 
