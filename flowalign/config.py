@@ -44,6 +44,7 @@ except ImportError:  # pragma: no cover - only while step_rewards.py is not in t
 
 
 KERNELS = ("ode", "flow_sde", "dance_sde", "cps")
+LOG_PROB_FORMS = ("gaussian", "squared_error")  # flowalign.sde.LOG_PROB_FORMS (config does not import torch)
 # top-level keys of the other commands' recipes: a training recipe error names the command the file is for
 OTHER_COMMANDS_KEYS = {
     **{key: "`flowalign offline`" for key in ("store", "objective_kwargs", "groups_per_batch", "epochs", "k", "max_steps", "reward", "lr")},
@@ -113,7 +114,10 @@ class SamplingConfig:
     noise_kwargs: dict = field(default_factory=lambda: {"a": 0.7}, metadata={"help": "Keyword arguments of the noise schedule, e.g. {a: 0.7}."})
     group_size: int = field(default=4, metadata={"help": "Samples drawn per prompt (G); advantages are normalised within a group."})
     share_initial_noise: bool = field(default=False, metadata={"help": "All samples of a group start from the same x_T."})
-    log_prob_reduce: str = field(default="mean", metadata={"help": "Reduce the per-dimension Gaussian log-density by 'mean' or 'sum'. 'sum' multiplies the float rounding of a recomputed log-prob by the latent size (2.4e-4 on a 1,024-dim latent when the update's micro-batches differ from the rollout's), beyond Flow-GRPO's clip_range 1e-4: use it with a larger clip."})
+    log_prob_reduce: str = field(default="mean", metadata={"help": "Reduce the per-dimension log-density by 'mean' or 'sum'. 'sum' multiplies the float rounding of a recomputed log-prob by the latent size (2.4e-4 on a 1,024-dim latent when the update's micro-batches differ from the rollout's), beyond Flow-GRPO's clip_range 1e-4; at real latent sizes (65k dims for SD3.5 at 512 px, 2M for Wan) an fp32 sum cannot resolve a log-ratio at all (errors of 1e-3 to 0.5 measured), so use 'mean' there."})
+    log_prob_form: str = field(default="gaussian", metadata={"help": "What the recorded and recomputed log-probs measure: 'gaussian' "
+                                 "(the transition's log-density) or 'squared_error' (-(x' - mean)², the CPS reference code's surrogate, used "
+                                 "by Flow-CPS and TP-GRPO: its ratio stays near 1 on CPS's low-noise steps; flowalign.sde.log_prob)."})
     micro_batch_size: Optional[int] = field(default=None, metadata={"help": "Rows per transformer/VAE call while sampling (memory only; results unchanged); null = all."})
     noise_seeding: str = field(
         default="process",
@@ -141,6 +145,7 @@ class SamplingConfig:
         _choice("sampling.kernel", self.kernel, KERNELS)
         _check(self.group_size >= 2, f"sampling.group_size must be >= 2 for group-normalised advantages, got {self.group_size}")
         _choice("sampling.log_prob_reduce", self.log_prob_reduce, ("mean", "sum"))
+        _choice("sampling.log_prob_form", self.log_prob_form, LOG_PROB_FORMS)
         _check(self.micro_batch_size is None or self.micro_batch_size >= 1, f"sampling.micro_batch_size must be null or >= 1, got {self.micro_batch_size}")
         _choice("sampling.noise_seeding", self.noise_seeding, ("process", "group"))
         _choice("sampling.drift_mode", self.drift_mode, DRIFT_MODES)
@@ -824,7 +829,7 @@ _HASH_EXCLUDE = {("train", "iterations"), ("train", "output_dir"), ("train", "ch
                  ("train", "gradient_checkpointing"), ("train", "offload_rewards"), ("train", "process_group_timeout_min"), ("train", "report_target_points"), ("train", "deterministic"),
                  *(("model", key) for key in MODEL_MEMORY_KNOBS)}
 # fields left out of the hash while at these values (their defaults), so runs from before they existed resume
-_HASH_OMIT_AT = {("model", "adapter"): None, ("model", "adapter_kwargs"): {}, ("sampling", "noise_seeding"): "process", ("objective", "reward_mix"): "reward", ("train", "ema_every"): 1, ("train", "mixed_precision"): "no",
+_HASH_OMIT_AT = {("sampling", "log_prob_form"): "gaussian", ("model", "adapter"): None, ("model", "adapter_kwargs"): {}, ("sampling", "noise_seeding"): "process", ("objective", "reward_mix"): "reward", ("train", "ema_every"): 1, ("train", "mixed_precision"): "no",
                  ("train", "lr_schedule"): "constant", ("train", "lr_warmup"): 0, ("train", "lr_min_ratio"): 0.0}
 
 

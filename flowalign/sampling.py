@@ -93,6 +93,7 @@ def integrate(
     guidance_scale: float = 1.0,
     generator: Optional[torch.Generator] = None,
     log_prob_reduce: str = "mean",
+    log_prob_form: str = "gaussian",
     record: bool = True,
     record_x0: bool = True,
     micro_batch_size: Optional[int] = None,
@@ -155,7 +156,8 @@ def integrate(
             std = step.std.reshape(-1)  # [B] or [1]
             out.stds[:, k] = std
             if bool((std > 0).any()):
-                out.log_probs[:, k] = sde.log_prob(step.prev_sample, step.mean, step.std, reduce=log_prob_reduce)
+                out.log_probs[:, k] = sde.log_prob(step.prev_sample, step.mean, step.std, reduce=log_prob_reduce,
+                                                      form=log_prob_form)
             if record_x0:
                 out.x0_preds[:, k] = x - s * v.to(x.dtype)
         x = step.prev_sample
@@ -199,6 +201,7 @@ def rollout(
     generator: Optional[torch.Generator] = None,
     share_initial_noise: bool = False,
     log_prob_reduce: str = "mean",
+    log_prob_form: str = "gaussian",
     record_x0: bool = True,
     decode: bool = True,
     iteration: int = 0,
@@ -223,6 +226,8 @@ def rollout(
         generator: source of every random draw (see the module docstring for the order).
         share_initial_noise: one initial noise per prompt, shared by its group.
         log_prob_reduce: ``"mean"`` or ``"sum"`` over latent dimensions.
+        log_prob_form: ``"gaussian"`` (the transition's log-density) or ``"squared_error"``
+            (``-(x' - mean)²``, the CPS reference code's surrogate; :func:`flowalign.sde.log_prob`).
         record_x0: record ``x0_hat = x - sigma·v`` per step.
         decode: decode the final latents to images in [0, 1].
         iteration: training iteration, passed to the schedule (sliding windows).
@@ -277,6 +282,7 @@ def rollout(
         guidance_scale=guidance_scale,
         generator=generator,
         log_prob_reduce=log_prob_reduce,
+        log_prob_form=log_prob_form,
         record=True,
         record_x0=record_x0,
         micro_batch_size=micro_batch_size,
@@ -301,6 +307,7 @@ def rollout(
         metadata=sample_metadata,
         nfe=run.nfe,
         log_prob_reduce=log_prob_reduce,
+        log_prob_form=log_prob_form,
     )
 
 

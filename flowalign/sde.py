@@ -283,16 +283,30 @@ def reward_drift(grad: Tensor, std: Tensor | float, scale: float, mode: str = "n
     return scale * std32 * unit
 
 
-def log_prob(x_next: Tensor, mean: Tensor, std: Tensor | float, reduce: str = "mean") -> Tensor:
+LOG_PROB_FORMS = ("gaussian", "squared_error")
+
+
+def log_prob(x_next: Tensor, mean: Tensor, std: Tensor | float, reduce: str = "mean", form: str = "gaussian") -> Tensor:
     """Gaussian log-density of ``x_next`` under N(mean, std²), reduced over non-batch dims, fp32.
 
-    log N(x; mu, std) = -(x - mu)² / (2·std²) - log(std) - ½·log(2·pi)   (per element)
+    form "gaussian" (default):    log N(x; mu, std) = -(x - mu)² / (2·std²) - log(std) - ½·log(2·pi)   (per element)
+    form "squared_error":         -(x - mu)²                                                           (per element)
+
+    ``"squared_error"`` is the surrogate that the CPS reference code uses (Flow-GRPO's ``cps``
+    branch, on which Flow-CPS and TP-GRPO's launches build): the Gaussian's quadratic term
+    without ``1/(2·std²)`` and the constants. Its log-ratio ``-(x - mu_new)² + (x - mu_old)²``
+    does not blow up on low-noise steps, where CPS's std ``s'·sin(a·pi/2)`` is tiny (0.0079 at
+    s' = 0.0089, SD3.5's last stochastic step of 10): there a velocity change ``dv`` moves the
+    Gaussian log-ratio by ~``(0.27·dv / std)²``, so bf16 rounding alone leaves every row
+    outside a 1e-5 clip. It is not a density (no normalisation), so its scale differs from the
+    Gaussian's and a clip range tuned for one form is not the other's.
 
     Args:
         x_next: ``[B, *latent]`` the sample actually drawn.
         mean: ``[B, *latent]`` kernel mean (under the policy being evaluated).
         std: broadcastable to ``x_next`` (``[B, 1, ..., 1]``, 0-d or float).
         reduce: ``"mean"`` (default, Flow-GRPO / DanceGRPO convention) or ``"sum"`` over latent dims.
+        form: ``"gaussian"`` or ``"squared_error"`` (above).
 
     Returns:
         ``[B]`` fp32. Elements with ``std == 0`` (deterministic steps) contribute 0, so a fully
@@ -301,14 +315,19 @@ def log_prob(x_next: Tensor, mean: Tensor, std: Tensor | float, reduce: str = "m
     """
     if reduce not in ("mean", "sum"):
         raise ValueError(f"reduce={reduce!r}; choose 'mean' or 'sum'")
+    if form not in LOG_PROB_FORMS:
+        raise ValueError(f"form={form!r}; choose one of {LOG_PROB_FORMS}")
     if x_next.shape != mean.shape:
         raise ValueError(f"x_next {tuple(x_next.shape)} and mean {tuple(mean.shape)} must have the same shape")
     x32, mu32 = x_next.float(), mean.float()
     std32 = torch.as_tensor(std, dtype=torch.float32, device=x32.device)
     live = std32 > 0
     safe = torch.where(live, std32, torch.ones_like(std32))  # keeps gradients finite where std = 0
-    z = (x32 - mu32) / safe  # not (x - mu)² / std²: std² underflows to 0 for std below ~1e-19 (0/0 = NaN)
-    lp = -0.5 * z**2 - torch.log(safe) - 0.5 * math.log(2 * math.pi)
+    if form == "squared_error":
+        lp = -((x32 - mu32) ** 2)
+    else:
+        z = (x32 - mu32) / safe  # not (x - mu)² / std²: std² underflows to 0 for std below ~1e-19 (0/0 = NaN)
+        lp = -0.5 * z**2 - torch.log(safe) - 0.5 * math.log(2 * math.pi)
     lp = torch.where(live, lp, torch.zeros_like(lp))  # [B, *latent]
     lp = lp.reshape(lp.shape[0], -1)  # [B, D]: per row, even for [B] latents
     return lp.mean(dim=1) if reduce == "mean" else lp.sum(dim=1)

@@ -41,6 +41,8 @@ class Trajectory:
         nfe: number of transformer evaluations spent on this batch (CFG counts double).
         log_prob_reduce: how ``log_probs`` were reduced over latent dims (``"mean"`` or ``"sum"``): their
             scale, which a softmax over path log-probs (BranchGRPO / TreeGRPO) depends on.
+        log_prob_form: ``"gaussian"`` or ``"squared_error"``: what ``log_probs`` measure
+            (:func:`flowalign.sde.log_prob`); an objective recomputes them in the same form.
     """
 
     prompts: list[str]
@@ -61,6 +63,7 @@ class Trajectory:
     metadata: list[dict[str, Any]] = field(default_factory=list)
     nfe: int = 0
     log_prob_reduce: str = "mean"
+    log_prob_form: str = "gaussian"
 
     @property
     def batch_size(self) -> int:
@@ -101,7 +104,8 @@ class Trajectory:
         return [int(k) for k in torch.nonzero(self.stochastic_mask.cpu()).flatten()]
 
     def step_batch(self, k: int, advantages: Optional[Tensor] = None, index: Optional[Tensor] = None,
-                   log_prob_reduce: Optional[str] = None, device: Optional[torch.device | str] = None):
+                   log_prob_reduce: Optional[str] = None, device: Optional[torch.device | str] = None,
+                   log_prob_form: Optional[str] = None):
         """The recorded transitions ``x_k -> x_{k+1}`` of samples ``index`` (default: all) as a
         :class:`flowalign.objectives.StepBatch`, the batch an objective's ``loss`` takes.
 
@@ -111,6 +115,7 @@ class Trajectory:
                 ``self.advantages``).
             index: ``[n]`` rows to take (a long tensor or list), default every sample.
             log_prob_reduce: how the sampler reduced the recorded log-probs (default: ``self.log_prob_reduce``).
+            log_prob_form: the recorded log-probs' form (default: ``self.log_prob_form``).
             device: where the batch's tensors go (default: where they are).
 
         Example (a hand-written update; ``policy`` binds the adapter and the samples' conditioning)::
@@ -144,6 +149,7 @@ class Trajectory:
             kernel=self.kernel,
             step_index=move(torch.full((n,), k, dtype=torch.long)),
             log_prob_reduce=log_prob_reduce or self.log_prob_reduce,
+            log_prob_form=log_prob_form or self.log_prob_form,
         )
 
     def to(self, device: torch.device | str) -> "Trajectory":

@@ -59,7 +59,7 @@ def cat_trajectories(trajs: Sequence[Any]) -> Any:
     ``stochastic_mask``) taken from the first, ``nfe`` summed.
     """
     first = trajs[0]
-    shared = {"sigmas", "noise_levels", "stochastic_mask", "kernel", "guidance_scale", "log_prob_reduce"}
+    shared = {"sigmas", "noise_levels", "stochastic_mask", "kernel", "guidance_scale", "log_prob_reduce", "log_prob_form"}
     values: dict = {}
     offset, group_ids = 0, []
     for t in trajs:
@@ -98,7 +98,7 @@ def rollout_groups(adapter, records: Sequence[Any], cond, sampling_cfg, schedule
 
     s = sampling_cfg
     kwargs = dict(group_size=s.group_size, num_steps=s.num_steps, kernel=s.kernel, guidance_scale=s.guidance_scale,
-                  share_initial_noise=s.share_initial_noise, log_prob_reduce=s.log_prob_reduce, record_x0=False,
+                  share_initial_noise=s.share_initial_noise, log_prob_reduce=s.log_prob_reduce, log_prob_form=s.log_prob_form, record_x0=False,
                   iteration=iteration, micro_batch_size=s.micro_batch_size, drift=drift, on_step=on_step)
     if s.noise_seeding == "process":
         return sampling.rollout(adapter, [r.prompt for r in records], schedule=schedule, generator=generator, cond=cond,

@@ -100,10 +100,11 @@ class PlanItem(NamedTuple):
     step: Optional[int]
 
 
-def make_step_batch(batch: Batch, index: Tensor, k: int, log_prob_reduce: str, device: torch.device):
+def make_step_batch(batch: Batch, index: Tensor, k: int, log_prob_reduce: str, device: torch.device, log_prob_form: str = "gaussian"):
     """The transitions ``x_k -> x_{k+1}`` of samples ``index`` as a ``StepBatch`` on ``device``
     (:meth:`flowalign.trajectory.Trajectory.step_batch` with the batch's advantages)."""
-    return batch.traj.step_batch(k, batch.advantages, index=index, log_prob_reduce=log_prob_reduce, device=device)
+    return batch.traj.step_batch(k, batch.advantages, index=index, log_prob_reduce=log_prob_reduce, device=device,
+                                 log_prob_form=log_prob_form)
 
 
 def velocity_fns(adapter, cond, guidance_scale: float, with_reference: bool, reference_cond=None):
@@ -185,6 +186,7 @@ class Trainer(OptimizerViews):
         self._draws: Optional[fp.ForwardDraws] = None  # forward-process objectives' re-noising draws of an iteration
         model = trainer_setup.build_model(cfg, self.adapter, self.device, self.accelerator, self._gather, self._train_guidance())
         self.adapter, self.text_modules, self.conditioning, self.optim = model.adapter, model.text_modules, model.conditioning, model.optim
+        trainer_setup.warn_about_log_prob_sum(cfg, self.adapter, self.accelerator)
         if self.accelerator.process_index > 0:  # the LoRA init above drew the same numbers everywhere; from here on
             # (LoRA dropout masks) each process draws its own (process 0 keeps the seed's stream: 1-process runs unchanged)
             torch.manual_seed(cfg.train.seed + PROCESS_SEED_STRIDE * self.accelerator.process_index)
@@ -502,7 +504,7 @@ class Trainer(OptimizerViews):
             if for_loss and getattr(self.objective, "needs_ema", False):
                 rows.v_ema = self._ema_velocity(batch, index, rows)
             return rows
-        return make_step_batch(batch, index, k, self.config.sampling.log_prob_reduce, self.device)
+        return make_step_batch(batch, index, k, self.config.sampling.log_prob_reduce, self.device, self.config.sampling.log_prob_form)
 
     @torch.no_grad()
     def _ema_velocity(self, batch: Batch, index: Tensor, rows) -> Tensor:

@@ -7,6 +7,7 @@
     build_rewards          the reward plugins, on the device (or offloaded)
     build_objective        the objective and the sampler's noise schedule
     build_model            adapter + LoRA (transformer, text encoders), update conditioning, optimizer
+    warn_about_log_prob_sum   a summed log-prob over a latent too large for fp32 to resolve its ratio
 """
 from __future__ import annotations
 
@@ -45,6 +46,21 @@ def warn_about_launch(accelerator, config: FlowalignConfig) -> None:
     if accelerator.mixed_precision not in ("no", None) and config.train.mixed_precision == "no":
         logger.warning("the launcher asks for mixed_precision=%s, which the trainer does not apply; "
                        "set train.mixed_precision=%s to autocast the transformer", accelerator.mixed_precision, accelerator.mixed_precision)
+
+
+# latent size above which an fp32 sum of per-dimension log-probs cannot resolve a PPO ratio (its rounding,
+# ~1e-7 of |sum| ~ D, passes clip ranges of 1e-4 near D = 1e3 already; measured 1e-3 at 65k dims, 0.5 at 2M)
+SUM_LOG_PROB_MAX_DIMS = 4096
+
+
+def warn_about_log_prob_sum(config: FlowalignConfig, adapter, accelerator) -> None:
+    """Warn when ``sampling.log_prob_reduce: sum`` meets a latent too large for fp32 sums to resolve a log-ratio."""
+    if config.sampling.log_prob_reduce != "sum" or not accelerator.is_main_process:
+        return
+    dims = adapter.initial_noise(1, torch.Generator().manual_seed(0)).numel()
+    if dims > SUM_LOG_PROB_MAX_DIMS:
+        logger.warning("sampling.log_prob_reduce=sum over %d latent dims: the fp32 rounding of the summed log-probs is far above "
+                       "any clip range (about 1e-7 x %d per log-prob), so ratios are mostly rounding; use 'mean' (Flow-GRPO's)", dims, dims)
 
 
 @dataclass

@@ -38,6 +38,7 @@ class StepBatch:
         kernel: transition kernel name, as in ``flowalign.sde.step``.
         step_index: ``[B]`` long, index k of the step (for logging / per-step weights), optional.
         log_prob_reduce: ``"mean"`` or ``"sum"`` over latent dims, as the sampler recorded it.
+        log_prob_form: ``"gaussian"`` or ``"squared_error"``, as the sampler recorded it.
     """
 
     x: Tensor
@@ -50,6 +51,7 @@ class StepBatch:
     kernel: str = "flow_sde"
     step_index: Optional[Tensor] = None
     log_prob_reduce: str = "mean"
+    log_prob_form: str = "gaussian"
 
 
 @dataclass

@@ -134,7 +134,7 @@ class FlowGRPO:
             raise ValueError(f"StepBatch.advantages must be [B] (one per transition), got {tuple(batch.advantages.shape)}")
         # 1. policy log-prob of the recorded transition
         mean, std = transition_mean(batch, policy)
-        logp = sde.log_prob(batch.x_next, mean, std, reduce=batch.log_prob_reduce)  # [B]
+        logp = sde.log_prob(batch.x_next, mean, std, reduce=batch.log_prob_reduce, form=batch.log_prob_form)  # [B]
         # 2. clipped surrogate on clamped advantages
         adv = torch.clamp(batch.advantages.float(), -self.adv_clip, self.adv_clip)  # [B]
         loss, metrics = clipped_policy_loss(logp, batch.old_log_prob.float(), adv, self.clip_range)

@@ -46,6 +46,7 @@ class PairBatch:
         step_mask: ``[K]`` bool, steps to train on (stochastic steps); all when None.
         kernel: transition kernel name as in ``flowalign.sde.step``.
         log_prob_reduce: ``"mean"`` or ``"sum"``, as the sampler recorded the log-probs.
+        log_prob_form: ``"gaussian"`` or ``"squared_error"``, as the sampler recorded them.
     """
 
     x: Tensor
@@ -58,6 +59,7 @@ class PairBatch:
     step_mask: Optional[Tensor] = None
     kernel: str = "flow_sde"
     log_prob_reduce: str = "mean"
+    log_prob_form: str = "gaussian"
 
 
 def prdp_loss(
@@ -123,7 +125,7 @@ def _policy_log_probs(batch: PairBatch, fn: VelocityFn) -> Tensor:
     level = batch.noise_level.repeat(P * 2)
     v = fn(x, sigma)
     out = sde.step(batch.kernel, x, v, sigma, sigma_next, level, noise=torch.zeros_like(x))
-    return sde.log_prob(x_next, out.mean, out.std, reduce=batch.log_prob_reduce).view(P, 2, K)
+    return sde.log_prob(x_next, out.mean, out.std, reduce=batch.log_prob_reduce, form=batch.log_prob_form).view(P, 2, K)
 
 
 @register_objective("prdp")
