@@ -110,3 +110,25 @@ def test_a_summed_log_prob_over_a_real_latent_warns(caplog):
         caplog.clear()
         warn_about_log_prob_sum(config.load_config(None, [f"sampling.log_prob_reduce={reduce}"]), _BigLatent(), _Main())
         assert ("65536 latent dims" in caplog.text) == warned, caplog.text
+
+
+def test_the_clip_fraction_is_logged_per_trained_step(tmp_path):
+    """policy/clip_frac/step_KK is each trained step's own clip fraction; their mean, weighted by rows (every step
+    trains the same rows here), is policy/clip_frac. Two optimizer steps per iteration make the second half clip."""
+    from flowalign.train.trainer import Trainer
+
+    recipe = config.load_config("tiny_grpo", ["sampling.num_steps=3", "train.iterations=1", "train.prompts_per_iter=2",
+                                              "sampling.group_size=2", "train.micro_batch_size=4", "train.grad_accum=1",
+                                              "train.lr=1e-1", "objective.clip_range=1e-6",
+                                              "train.final_eval_samples=0", "train.eval_every=-1", "train.log_with=[]",
+                                              "train.progress=false", f"train.output_dir={tmp_path / 'run'}"])
+    trainer = Trainer(recipe).setup()
+    try:
+        metrics = trainer.update(trainer.collect())
+    finally:
+        trainer.cleanup()
+    per_step = {k: v for k, v in metrics.items() if k.startswith("policy/clip_frac/step_")}
+    assert sorted(per_step) == ["policy/clip_frac/step_00", "policy/clip_frac/step_01", "policy/clip_frac/step_02"]
+    assert per_step["policy/clip_frac/step_00"] == 0.0  # before the first optimizer step: on-policy
+    assert per_step["policy/clip_frac/step_02"] > 0.0  # after two steps of lr 0.1: off-policy beyond the clip
+    assert metrics["policy/clip_frac"] == pytest.approx(sum(per_step.values()) / 3)

@@ -464,6 +464,9 @@ class Trainer(OptimizerViews):
                     index, k = plan[i]
                     # this micro-batch's share of the rows of its accumulation group over all processes
                     step_metrics = self._micro_step(batch, index, k, scale=index.numel() / float(sizes[:, group_start:group_end].sum()))
+                    if "policy/clip_frac" in step_metrics and not self.forward_process:  # which steps clip: a low-noise
+                        # step whose ratio moves with float rounding alone shows here first (flowalign.sde.log_prob)
+                        step_metrics[f"policy/clip_frac/step_{k:02d}"] = step_metrics["policy/clip_frac"]
                     for key, value in step_metrics.items():  # weighted by rows: a short last chunk counts for its rows
                         sums[key] = sums.get(key, 0.0) + value * index.numel()
                         counts[key] = counts.get(key, 0) + index.numel()
