@@ -26,7 +26,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import logging
 
@@ -44,6 +44,7 @@ except ImportError:  # pragma: no cover - only while step_rewards.py is not in t
 
 
 KERNELS = ("ode", "flow_sde", "dance_sde", "cps")
+MAX_STEPS = 1000  # denoising steps per sample: far beyond any flow-matching recipe (the schedules allocate per step)
 LOG_PROB_FORMS = ("gaussian", "squared_error")  # flowalign.sde.LOG_PROB_FORMS (config does not import torch)
 # top-level keys of the other commands' recipes: a training recipe error names the command the file is for
 OTHER_COMMANDS_KEYS = {
@@ -139,7 +140,8 @@ class SamplingConfig:
     drift_spsa_pairs: int = field(default=1, metadata={"help": "SPSA antithetic pairs per sample and step (each costs a decode and a reward call of 2B rows)."})
 
     def __post_init__(self):
-        _check(self.num_steps >= 1, f"sampling.num_steps must be >= 1, got {self.num_steps}")
+        _check(1 <= self.num_steps <= MAX_STEPS, f"sampling.num_steps must be in [1, {MAX_STEPS}], got {self.num_steps}")
+        _check(self.eval_num_steps <= MAX_STEPS, f"sampling.eval_num_steps must be <= {MAX_STEPS}, got {self.eval_num_steps}")
         _check(self.eval_num_steps >= 1, f"sampling.eval_num_steps must be >= 1, got {self.eval_num_steps}")
         _check(self.guidance_scale >= 1.0, f"sampling.guidance_scale must be >= 1 (1 = no CFG), got {self.guidance_scale}")
         _choice("sampling.kernel", self.kernel, KERNELS)
@@ -390,6 +392,8 @@ class FlowalignConfig:
 
     def __post_init__(self):
         _check(len(self.rewards) >= 1, "rewards must list at least one reward, got []")
+        _check(any(r.weight != 0 for r in self.rewards), "every reward's weight is 0: the mixed reward would be constant and "
+                                                          "nothing would train; give at least one reward a non-zero weight")
         names = [r.key for r in self.rewards]
         _check(len(set(names)) == len(names), f"rewards lists a name twice: {names}; give one entry a label "
                                               "(rewards[].label) to use a reward twice with other kwargs")
@@ -738,13 +742,17 @@ def read_recipe(path: Union[str, Path], what: str = "train", _chain: tuple = ())
     if not resolved.is_file():
         raise ConfigError(f"config file not found: {path}" if what == "train" else f"{what} config {str(path)!r} does not exist")
     try:
-        data = load_yaml(resolved.read_text()) or {}
+        text = resolved.read_text()
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{label} {resolved} is not valid YAML{where}: {_yaml_problem(exc)}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{label} {resolved} cannot be read: {exc}") from None
+    if data is None:  # an empty file (or only comments) is a mistake: it would silently train the defaults
+        raise ConfigError(f"{label} {resolved} is empty; write the keys it changes under `base: toy_grpo`, or start from "
+                          f"`flowalign config > mine.yaml`")
     if not isinstance(data, dict):
         raise ConfigError(f"{label} {resolved} must hold a mapping of sections, got {type(data).__name__}")
     if "base" not in data:
@@ -787,6 +795,10 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
     Raises:
         ConfigError: missing/unreadable file, invalid YAML, unknown key, wrong type, bad value.
     """
+    if isinstance(path, Mapping):
+        raise ConfigError("load_config takes a recipe path or name; build a config from a dict with config_from_dict(data)")
+    if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides or []):
+        raise ConfigError(f"overrides must be a list of 'section.key=value' strings, got {overrides!r}")
     data: dict = {}
     if path is not None:
         data = read_recipe(path, "train")

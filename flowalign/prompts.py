@@ -58,6 +58,8 @@ def load_prompts(path: Union[str, Path]) -> list[PromptRecord]:
 
     path = resolve_asset(path)  # "assets/prompts/..." from any folder with an installed flowalign
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise PromptFileError(f"{path}: is a folder; give a .txt or .jsonl prompt file", path=path)
     if suffix not in PROMPT_FILE_SUFFIXES:
         raise PromptFileError(f"{path}: unsupported prompt file type {suffix or '(none)'!r}; use .txt or .jsonl", path=path)
     if not path.exists():
@@ -98,6 +100,10 @@ def _parse_txt_line(text: str, path: Path, number: int) -> Optional[PromptRecord
     prompt = text.strip()
     if not prompt or prompt.startswith("#"):
         return None
+    if prompt.startswith("{") and prompt.endswith("}") and '"prompt"' in prompt:
+        # a JSONL record in a .txt file would become the prompt text itself, braces and all
+        raise PromptFileError(f"{path}:{number}: this line is a JSON prompt record, but a .txt file holds one plain prompt "
+                              f"per line; rename the file to .jsonl", path=path, line=number)
     _check_prompt(prompt, path, number)
     return PromptRecord(prompt=prompt, metadata={}, line=number)
 

@@ -154,7 +154,12 @@ REWARDS: dict[str, Callable[..., Reward]] = {}
 def register_reward(name: str) -> Callable:
     """Decorator registering a reward class (or factory, or scoring function) under ``name``."""
 
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"register_reward needs a non-empty string name, got {name!r}")
+
     def wrap(obj):
+        if name in REWARDS and REWARDS[name] is not obj:
+            logger.warning("register_reward(%r) replaces the reward registered under that name (%r)", name, REWARDS[name])
         REWARDS[name] = obj
         if isinstance(obj, type):
             obj.name = name
@@ -422,11 +427,21 @@ def _checked_output(value: Any, batch: int) -> RewardOutput:
     except TypeError as exc:
         raise _MalformedOutput(str(exc)) from exc
     scores = out.scores
+    if scores.is_complex():
+        raise _MalformedOutput(f"returned complex scores ({scores.dtype}); scores must be real numbers")
     if scores.dim() != 1 or scores.shape[0] != batch:
         raise _MalformedOutput(f"returned scores of shape {list(scores.shape)} for {batch} prompts (expected [{batch}])")
     if not scores.is_floating_point():
         scores = scores.float()
     return RewardOutput(scores=scores.to(torch.float32), details=out.details)
+
+
+def _fingerprint(images: Tensor) -> tuple[int, str]:
+    """A cheap check that a reward left ``images`` as they were: the tensor's version counter (bumped
+    by every in-place torch op through any view) and its sum accumulated in fp64 (for writes that
+    bypass torch, e.g. through ``.numpy()``); no copy of the images is made."""
+    with torch.no_grad():
+        return images._version, repr(float(images.detach().sum(dtype=torch.float64)))  # repr: nan == nan
 
 
 def _quote(prompts: Sequence[str], limit: int = 3) -> str:
@@ -456,6 +471,7 @@ def call_reward(reward: Callable, images: Tensor, prompts: Sequence[str],
     metadata = check_reward_inputs(images, prompts, metadata, name=name)
     prompts = list(prompts)
     batch = len(prompts)
+    before = _fingerprint(images)
     try:
         out = _checked_output(reward(images, prompts, metadata), batch)
     except _MalformedOutput as exc:  # from here or from Reward.__call__'s own check
@@ -467,6 +483,9 @@ def call_reward(reward: Callable, images: Tensor, prompts: Sequence[str],
     except Exception as exc:  # noqa: BLE001 - every failure of user code goes through the policy
         out = _score_each(reward, name, images, prompts, metadata, exc, on_error)
 
+    if _fingerprint(images) != before:  # the next reward (and the report, the store) would see the changed images
+        raise RewardError(f"reward {name!r} modified the images it was given in place; copy them first "
+                          f"(images.clone()) or use out-of-place operations", reward=name, prompts=prompts)
     scores = out.scores
     finite = torch.isfinite(scores.detach())
     if on_error == "raise" and not bool(finite.all()):

@@ -305,3 +305,31 @@ def test_a_trainer_resuming_another_folder_never_clears_its_own_output(tmp_path)
     with pytest.raises(CheckpointError, match="no valid checkpoint"):
         Trainer(load_config(TINY_RECIPE, FAST + [f"train.output_dir={run}"]), resume=str(other)).setup()
     assert sorted(p.name for p in run.iterdir()) == before and (run / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("reward", ["{name: test_faulty, kwargs: {mode: constant}}", "{name: test_faulty, kwargs: {mode: short}, on_error: drop}"],
+                         ids=["constant", "every_sample_dropped"])
+def test_a_run_in_which_nothing_trains_fails_at_the_end_instead_of_passing(tmp_path, reward):
+    """A constant reward, or one whose every sample is dropped in fewer iterations than max_nonfinite_steps, used to
+    end with exit 0 and an untouched LoRA written as the result."""
+    trainer = _trainer(tmp_path, f"rewards=[{reward}]", "train.iterations=2")
+    try:
+        with pytest.raises(RewardError, match="nothing trained: in all 2 iterations"):
+            trainer.train()
+    finally:
+        trainer.cleanup()
+    assert not (tmp_path / "pytorch_lora_weights.safetensors").exists()
+
+
+@register_reward("test_huge")
+def _huge(images, prompts, metadata):
+    return torch.full((len(prompts),), 3e38)
+
+
+def test_a_weighted_reward_sum_that_overflows_names_the_reward(tmp_path):
+    trainer = _trainer(tmp_path, "rewards=[{name: brightness, on_error: drop}, {name: test_huge, weight: 10.0}]")
+    try:
+        with pytest.raises(RewardError, match="overflows float32 at reward 'test_huge' \\(weight 10.0"):
+            trainer.run_iteration()
+    finally:
+        trainer.cleanup()

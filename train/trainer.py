@@ -144,6 +144,7 @@ class Trainer(OptimizerViews):
         self.run_dir = Path(config.train.output_dir)
         self.iteration = 0
         self._all_dropped_in_row = 0  # iterations in a row whose every reward was dropped (_check_all_dropped)
+        self._untrained_iterations = 0  # iterations of this session with no row to train (flat or dropped groups)
         self.run_log: Optional[RunLogger] = None  # main process only
         self._lock = None  # the run folder's lock (train/run_lock.py), taken by setup
         self.text_modules: dict = {}  # text encoders with LoRA (lora.train_text_encoder), filled by setup
@@ -238,6 +239,7 @@ class Trainer(OptimizerViews):
         cfg = self.config.train
         metrics: dict = {}
         self._train_start = time.perf_counter()
+        first, self._untrained_iterations = self.iteration, 0
         with GracefulStop("iteration") as stop:
             while self.iteration < cfg.iterations:
                 metrics = self.run_iteration()
@@ -253,6 +255,13 @@ class Trainer(OptimizerViews):
                 if signum is not None:  # the last iteration too: --resume then writes the final outputs (evaluation included)
                     path = path if checkpointed else self.save_checkpoint()
                     raise stop.stopped(signum, self.iteration, cfg.iterations, path)
+        ran = self.iteration - first
+        if ran > 0 and self._untrained_iterations >= ran:  # a constant reward, or one whose every sample was dropped
+            from flowalign.errors import RewardError
+
+            raise RewardError(f"nothing trained: in all {ran} iterations every group's rewards were equal or dropped (rewards: "
+                              f"{', '.join(r.key for r in self.config.rewards)}), so the LoRA is unchanged and no LoRA file or "
+                              f"report is written; see reward/*/std and frac_zero_std_groups in metrics.csv")
         self.timings["train"] = self.train_seconds()  # every session's, so a resumed run reports the whole run's
         self.save_final()
         return metrics
@@ -323,7 +332,14 @@ class Trainer(OptimizerViews):
                 out = call_reward(reward, traj.images, traj.prompts, traj.metadata or None, on_error=rcfg.on_error, name=rcfg.key)
             scores = out.scores.detach().float().cpu()
             keep &= out.keep.cpu()
+            was_finite = torch.isfinite(total)  # not where an earlier reward dropped the sample
             total += rcfg.weight * scores  # NaN where dropped
+            overflow = was_finite & torch.isfinite(scores) & ~torch.isfinite(total)
+            if bool(overflow.any()):
+                from flowalign.errors import RewardError
+
+                raise RewardError(f"the weighted reward sum overflows float32 at reward {rcfg.key!r} (weight {rcfg.weight}, scores up "
+                                  f"to {float(scores[overflow].abs().max()):.3g}); rescale the reward or its weight", reward=rcfg.key)
             components[rcfg.key] = scores
             gathered = self._gather(scores)
             metrics[f"reward/{rcfg.key}/mean"] = float(gathered.nanmean())
@@ -396,6 +412,11 @@ class Trainer(OptimizerViews):
             keep = chosen[self._own_rows(keep.shape[0])]
             metrics["samples/groups_trained"] = float(all_ids[chosen].unique().numel())
         trained = self._gather(keep.float()).bool()
+        if not bool(trained.any()):
+            self._untrained_iterations += 1
+            if self.accelerator.is_main_process:
+                logger.warning("iteration %d trains no sample: every group's rewards are equal (or dropped), so every advantage is 0",
+                               self.iteration + 1)
         metrics.update({  # over every process's samples (the main process logs them)
             "frac_zero_std_groups": zero_variance_fraction(self._gather(fill_dropped(rewards, group_ids)), all_ids),
             "reward/group_std_mean": mean_group_std(self._gather(rewards.float()), all_ids),  # the spread GRPO learns from

@@ -1,0 +1,92 @@
+"""Bad input found by a careless-user review: each used to pass silently or fail with a message that did not say
+what to fix (rewards that change their input images, complex scores, registry names, config and prompt-file
+mistakes)."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from flowalign.config import load_config
+from flowalign.errors import ConfigError, PromptFileError, RewardError
+from flowalign.prompts import load_prompts
+from flowalign.rewards import call_reward
+from flowalign.rewards.base import REWARDS, register_reward
+
+IMAGES = torch.rand(2, 3, 8, 8)
+
+
+def _zero_in_place(images, prompts, metadata):
+    images.zero_()
+    return torch.zeros(len(prompts))
+
+
+def _write_through_numpy(images, prompts, metadata):
+    images.numpy()[:] = 0.5
+    return torch.zeros(len(prompts))
+
+
+def _clamped_copy(images, prompts, metadata):
+    return images.clamp(0.2, 0.8).mean(dim=(1, 2, 3))  # out of place: fine
+
+
+@pytest.mark.parametrize("fn", [_zero_in_place, _write_through_numpy])
+@pytest.mark.parametrize("on_error", ["raise", "drop"])
+def test_a_reward_that_changes_its_images_in_place_is_named(fn, on_error):
+    """The next reward of a mix (and the report, the rollout store) would see the changed images."""
+    with pytest.raises(RewardError, match=f"reward '{fn.__name__}' modified the images it was given in place"):
+        call_reward(fn, IMAGES.clone(), ["a", "b"], on_error=on_error)
+    images = IMAGES.clone()
+    call_reward(_clamped_copy, images, ["a", "b"])
+    assert torch.equal(images, IMAGES)
+
+
+def test_complex_scores_are_refused_not_truncated():
+    with pytest.raises(RewardError, match="complex scores"):
+        call_reward(lambda images, prompts, metadata: torch.ones(2, dtype=torch.complex64) * 1j, IMAGES, ["a", "b"])
+
+
+def test_register_reward_needs_a_string_and_says_when_it_replaces_one(caplog):
+    with pytest.raises(ConfigError, match="non-empty string name"):
+        register_reward(123)
+    before = REWARDS.get("test_bad_input_twice")
+    try:
+        register_reward("test_bad_input_twice")(_clamped_copy)
+        with caplog.at_level(logging.WARNING):
+            register_reward("test_bad_input_twice")(_zero_in_place)
+        assert "replaces the reward registered under that name" in caplog.text
+    finally:
+        REWARDS.pop("test_bad_input_twice", None) if before is None else REWARDS.__setitem__("test_bad_input_twice", before)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((None, "train.lr=1e-3"), "overrides must be a list"),
+    ((None, [5]), "overrides must be a list"),
+    (({"train": {"lr": 1e-3}}, None), "config_from_dict"),
+    ((None, ["sampling.num_steps=1000000000000"]), r"sampling.num_steps must be in \[1, 1000\]"),
+    ((None, ["sampling.eval_num_steps=5000"]), "sampling.eval_num_steps must be <= 1000"),
+    ((None, ["rewards.0.weight=0"]), "every reward's weight is 0"),
+])
+def test_load_config_refuses_what_would_fail_later_or_train_nothing(args, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(*args)
+
+
+def test_an_empty_recipe_file_is_refused(tmp_path):
+    recipe = tmp_path / "empty.yaml"
+    recipe.write_text("# nothing here yet\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_config(recipe)
+
+
+def test_prompt_files_a_folder_and_jsonl_in_a_txt_file(tmp_path):
+    with pytest.raises(PromptFileError, match="is a folder"):
+        load_prompts(tmp_path)
+    wrong = tmp_path / "prompts.txt"
+    wrong.write_text('a plain prompt\n{"prompt": "a red circle", "tag": "colors"}\n')
+    with pytest.raises(PromptFileError, match=r"prompts.txt:2: this line is a JSON prompt record.*rename the file to .jsonl"):
+        load_prompts(wrong)
+    fine = tmp_path / "fine.txt"
+    fine.write_text("a {curly} prompt\n")  # braces alone are a prompt like any other
+    assert [r.prompt for r in load_prompts(fine)] == ["a {curly} prompt"]
