@@ -90,3 +90,55 @@ def test_prompt_files_a_folder_and_jsonl_in_a_txt_file(tmp_path):
     fine = tmp_path / "fine.txt"
     fine.write_text("a {curly} prompt\n")  # braces alone are a prompt like any other
     assert [r.prompt for r in load_prompts(fine)] == ["a {curly} prompt"]
+
+
+def test_resuming_with_a_setting_that_changes_the_run_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    from flowalign.errors import CheckpointError
+    from flowalign.train import trainer_setup
+    from flowalign.train.trainer import Trainer
+
+    settings = ["sampling.num_steps=2", "train.iterations=1", "train.prompts_per_iter=2", "sampling.group_size=2",
+                "train.micro_batch_size=4", "train.grad_accum=2", "train.final_eval_samples=0", "train.eval_every=-1",
+                "train.log_with=[]", "train.progress=false", f"train.output_dir={tmp_path}"]
+    trainer = Trainer(load_config("tiny_grpo", settings)).setup()
+    try:
+        trainer.train()
+    finally:
+        trainer.cleanup()
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was built before the changed config was refused")
+
+    monkeypatch.setattr(trainer_setup, "build_model", must_not_load)
+    changed = load_config("tiny_grpo", settings + ["train.iterations=2", "sampling.group_size=4", "train.micro_batch_size=8"])
+    with pytest.raises(CheckpointError, match=r"config hash .* the settings that differ: sampling.group_size, train.iterations, "
+                                               r"train.micro_batch_size"):
+        Trainer(changed, resume=True).setup()
+
+
+def test_adapter_kwargs_the_adapter_does_not_take_are_refused_before_the_weights_load(monkeypatch):
+    import diffusers
+
+    from flowalign.config import ModelConfig
+    from flowalign.train.model import build_adapter
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded before the bad adapter_kwargs were refused")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", must_not_load)
+    with pytest.raises(ConfigError, match="model.adapter_kwargs: the adapter SD3Adapter takes no 'num_frames'; it takes .*t5_cache_size"):
+        build_adapter(ModelConfig(pretrained="toy", adapter_kwargs={"num_frames": 3}), torch.device("cpu"))
+
+
+def test_device_names_are_checked_before_a_model_loads(capsys):
+    from flowalign.train import eval_cli
+    from flowalign.train.runtime import check_device
+
+    assert check_device("cpu", "--device") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="--device='banana' is not a torch device"):
+        check_device("banana", "--device")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"device='cuda:0': torch sees 0 CUDA device\(s\) here"):
+            check_device("cuda:0", "device")
+        assert eval_cli.main(["--device", "cuda"]) == 2
+        assert "torch sees 0 CUDA device(s)" in capsys.readouterr().err

@@ -239,6 +239,9 @@ def _adapter_kwargs(text: Optional[str]) -> dict:
 
 def _check_numbers(options: EvalOptions) -> None:
     """One-line ConfigErrors, before anything loads, for settings training would refuse too."""
+    from flowalign.train.runtime import check_device
+
+    check_device(options.device, "--device")
     if not (math.isfinite(options.guidance) and options.guidance >= 1.0):
         raise ConfigError(f"--guidance must be a finite number >= 1 (1 = no classifier-free guidance), got {options.guidance}")
     for flag, value in (("--steps", options.steps), ("--batch-size", options.batch_size)):

@@ -195,6 +195,9 @@ def run_generate(cfg: GenerateConfig, sample_fn: Optional[SampleFn] = None, scor
     sampler = {"num_steps": cfg.num_steps, "guidance_scale": cfg.guidance_scale, "kernel": cfg.kernel, "noise_level": cfg.noise_level}
     model_hash = "custom-sample-fn"
     if sample_fn is None:
+        from flowalign.train.runtime import check_device
+
+        check_device(cfg.device, "device")
         adapter = load_model_adapter(cfg.model, cfg.lora, cfg.device)
         model_hash = model_fingerprint(adapter.trainable_module, cfg.lora)
         sample_fn = adapter_sample_fn(adapter, cfg.num_steps, cfg.guidance_scale, cfg.kernel, cfg.noise_level, cfg.batch_size)

@@ -47,12 +47,46 @@ def _accepted(family, pipeline_class: str, kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if k in params}
 
 
+def _pipeline_class_of(model_cfg) -> str:
+    """The pipeline class a ``model.pretrained`` will load, known without loading it (a builtin, or a folder's
+    ``model_index.json``), else ``""`` (a hub id: known once loaded)."""
+    import json
+
+    if model_cfg.pretrained == "tiny-sd3":
+        return "StableDiffusion3Pipeline"
+    path = resolve_path("assets/toy" if model_cfg.pretrained == "toy" else model_cfg.pretrained)
+    try:
+        return str(json.loads((path / "model_index.json").read_text()).get("_class_name", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def check_adapter_kwargs(family, pipeline_class: str, adapter_kwargs: dict) -> None:
+    """Refuse ``model.adapter_kwargs`` the adapter's constructor does not take (before the weights load)."""
+    import inspect
+
+    from flowalign.pipelines.base import ADAPTERS, PIPELINE_CLASSES
+
+    cls = ADAPTERS.get(family or PIPELINE_CLASSES.get(pipeline_class, ""))
+    if cls is None or not adapter_kwargs:
+        return
+    params = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [name for name, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]  # not the pipeline
+    unknown = sorted(set(adapter_kwargs) - set(accepted))
+    if unknown:
+        raise ConfigError(f"model.adapter_kwargs: the adapter {cls.__name__} takes no {', '.join(map(repr, unknown))}; "
+                          f"it takes {', '.join(accepted) or 'nothing'}")
+
+
 def build_adapter(model_cfg, device: torch.device):
     """The pipeline named by ``model.pretrained`` wrapped in its adapter, frozen, on ``device``."""
     from flowalign.pipelines import load_adapter, resolve_adapter
     from flowalign.pipelines.toy import apply_toy_meta
 
     family = resolve_adapter(model_cfg.adapter) if model_cfg.adapter else None
+    check_adapter_kwargs(family, _pipeline_class_of(model_cfg), model_cfg.adapter_kwargs)
     dtype = DTYPES[model_cfg.dtype]
     if model_cfg.pretrained == "tiny-sd3":
         from flowalign.pipelines.testing import tiny_sd3_pipeline
@@ -95,6 +129,7 @@ def build_adapter(model_cfg, device: torch.device):
         raise ConfigError(f"model.resolution={model_cfg.resolution}: the adapter {model_cfg.adapter or type(pipeline).__name__!r} takes "
                           "no height / width; set its size in model.adapter_kwargs")
     kwargs.update(model_cfg.adapter_kwargs)
+    check_adapter_kwargs(family, type(pipeline).__name__, model_cfg.adapter_kwargs)  # a hub model: its class is known now
     try:
         adapter = load_adapter(pipeline, family=family, **kwargs)
     except ValueError as exc:  # a size the model cannot make (the adapter knows the multiple: VAE factor x patch size)

@@ -85,7 +85,15 @@ def prepare_run_dir(run_dir: Path, config: FlowalignConfig, resume: bool, overwr
     """
     if resume:
         if (run_dir / "config.yaml").is_file():
-            changed = config_diff(load_config(run_dir / "config.yaml"), config)
+            previous = load_config(run_dir / "config.yaml")
+            changed = config_diff(previous, config)
+            if config_hash(previous) != config_hash(config):  # before the model loads (the checkpoint would refuse it after)
+                from flowalign.errors import CheckpointError
+
+                raise CheckpointError(f"cannot resume {run_dir}: it was trained with config hash {config_hash(previous)}, this "
+                                      f"config's is {config_hash(config)}; the settings that differ: {', '.join(changed)}. --resume "
+                                      f"may change only what does not change the computation (train.iterations, logging, "
+                                      f"checkpointing); pass --overwrite or another train.output_dir to start over")
             if changed:
                 logger.warning("resuming %s with changed settings: %s", run_dir, ", ".join(changed))
         return False

@@ -210,6 +210,23 @@ def autocast_adapter(adapter, mixed_precision: str):
     return AutocastAdapter(adapter, AUTOCAST_DTYPES[mixed_precision])
 
 
+def check_device(value: str, what: str) -> torch.device:
+    """``torch.device(value)``, or a one-line ConfigError naming ``what`` (a flag or config key) when it is no
+    device name or names an accelerator this machine lacks (before any model loads)."""
+    from flowalign.errors import ConfigError
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{what}={value!r} is not a torch device (cpu, cuda, cuda:1, mps): {exc}") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"{what}={value!r}: torch sees {torch.cuda.device_count()} CUDA device(s) here"
+                          f"{'' if torch.cuda.is_available() else ' (no CUDA driver or a CPU build of torch)'}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{what}={value!r}: MPS is not available here")
+    return device
+
+
 def to_device(reward, device):
     """``reward``, moved to ``device`` when it can move (``Reward.to``; plain callables have no ``to``, and a plugin's
     in-place ``to`` may return None, so the reward itself is returned)."""
