@@ -361,6 +361,30 @@ def _expected_lora_shape(layer: nn.Module, kind: str) -> Optional[tuple[int, int
     return dims.get(kind)
 
 
+def read_lora_file(path: Union[str, Path]) -> tuple[Path, dict[str, tuple], dict[str, str]]:
+    """``(file, {key: shape}, header metadata)`` of a LoRA safetensors file, or of the
+    ``pytorch_lora_weights.safetensors`` in a folder; reads the header only, so a CLI can refuse a
+    wrong path before any model loads.
+
+    Raises:
+        LoraMismatchError: no such file (naming the ``.safetensors`` files a folder holds instead,
+            e.g. a checkpoint's ``lora.safetensors``), or a file that is not readable safetensors.
+    """
+    given = Path(path)
+    file = given / LORA_WEIGHT_NAME if given.is_dir() else given
+    if not file.is_file():
+        others = sorted(p.name for p in given.glob("*.safetensors")) if given.is_dir() else []
+        hint = f"; the folder holds {', '.join(others)}: pass that file itself" if others else ""
+        raise LoraMismatchError(f"LoRA file not found: {file}{hint}")
+    try:
+        with safe_open(str(file), framework="pt") as fh:
+            shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+            header = fh.metadata() or {}
+    except Exception as exc:  # noqa: BLE001 - safetensors' SafetensorError (bad header, truncated copy), OSError
+        raise LoraMismatchError(f"{file} is not a readable safetensors LoRA file ({type(exc).__name__}: {exc})") from None
+    return file, shapes, header
+
+
 def check_lora_file(path: Union[str, Path], module: Union[nn.Module, Mapping[str, nn.Module]], prefix: str = "transformer") -> dict[str, tuple]:
     """Check every key of a diffusers LoRA file against ``module``; return ``{key: shape}``.
 
@@ -379,17 +403,7 @@ def check_lora_file(path: Union[str, Path], module: Union[nn.Module, Mapping[str
             keys whose shapes do not fit.
     """
     modules = dict(module) if isinstance(module, Mapping) else {prefix: module}
-    path = Path(path)
-    if path.is_dir():
-        path = path / LORA_WEIGHT_NAME
-    if not path.is_file():
-        raise LoraMismatchError(f"LoRA file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-            header = fh.metadata() or {}
-    except Exception as exc:  # noqa: BLE001 - safetensors' SafetensorError (bad header, truncated copy), OSError
-        raise LoraMismatchError(f"{path} is not a readable safetensors LoRA file ({type(exc).__name__}: {exc})") from None
+    path, shapes, header = read_lora_file(path)
     layers = {name: dict(m.named_modules()) for name, m in modules.items()}
     unknown, bad_shape, present = [], [], set()
     for key, shape in shapes.items():

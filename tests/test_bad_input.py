@@ -142,3 +142,31 @@ def test_device_names_are_checked_before_a_model_loads(capsys):
             check_device("cuda:0", "device")
         assert eval_cli.main(["--device", "cuda"]) == 2
         assert "torch sees 0 CUDA device(s)" in capsys.readouterr().err
+
+
+def test_lora_paths_are_read_before_a_model_loads(tmp_path, capsys):
+    from flowalign.errors import LoraMismatchError
+    from flowalign.lora import read_lora_file
+    from flowalign.train import eval_cli
+
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "lora.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(LoraMismatchError, match="the folder holds lora.safetensors: pass that file itself"):
+        read_lora_file(checkpoint)
+    with pytest.raises(LoraMismatchError, match="is not a readable safetensors LoRA file"):
+        read_lora_file(checkpoint / "lora.safetensors")
+    assert eval_cli.main(["--lora", str(checkpoint), "--model", str(tmp_path / "no_such_model")]) == 2  # the LoRA is read first
+    assert "pass that file itself" in capsys.readouterr().err
+
+
+def test_an_output_dir_that_is_a_file_is_named(tmp_path):
+    from flowalign.train.generate import load_generate_config, run_generate
+    from flowalign.train.trainer import Trainer
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        Trainer(load_config("tiny_grpo", [f"train.output_dir={afile}"])).setup()
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        run_generate(load_generate_config("toy_generate", [f"output_dir={afile}"]))

@@ -312,6 +312,10 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
     _check_numbers(options)
     if options.lora is not None and not Path(options.lora).exists():
         raise ConfigError(f"--lora {options.lora!r} does not exist (give pytorch_lora_weights.safetensors or its folder)")
+    if options.lora is not None:
+        from flowalign.lora import read_lora_file
+
+        read_lora_file(options.lora)  # a folder without the file, or not safetensors: before the model loads
     reference = load_reference(options.compare) if options.compare is not None else None
     from flowalign.train.model import resolve_path
 

@@ -188,8 +188,15 @@ def run_generate(cfg: GenerateConfig, sample_fn: Optional[SampleFn] = None, scor
     from flowalign.prompts import load_prompts
     from flowalign.train.model import resolve_path
 
+    from flowalign.errors import ConfigError
+
+    if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        raise ConfigError(f"output_dir {cfg.output_dir} is a file, not a folder for the rollout store")
     records = load_prompts(resolve_path(cfg.prompts))  # assets/... falls back to the packaged copy, as train and eval do
     if cfg.num_prompts is not None:
+        if cfg.num_prompts > len(records):
+            logger.warning("num_prompts=%d, but %s holds %d prompts: generating for those %d", cfg.num_prompts, cfg.prompts,
+                           len(records), len(records))
         records = records[: cfg.num_prompts]
     prompts = [{"prompt": r.prompt, **r.metadata} for r in records]
     sampler = {"num_steps": cfg.num_steps, "guidance_scale": cfg.guidance_scale, "kernel": cfg.kernel, "noise_level": cfg.noise_level}
@@ -198,6 +205,10 @@ def run_generate(cfg: GenerateConfig, sample_fn: Optional[SampleFn] = None, scor
         from flowalign.train.runtime import check_device
 
         check_device(cfg.device, "device")
+        if cfg.lora is not None:
+            from flowalign.lora import read_lora_file
+
+            read_lora_file(cfg.lora)  # missing or unreadable: before the model loads
         adapter = load_model_adapter(cfg.model, cfg.lora, cfg.device)
         model_hash = model_fingerprint(adapter.trainable_module, cfg.lora)
         sample_fn = adapter_sample_fn(adapter, cfg.num_steps, cfg.guidance_scale, cfg.kernel, cfg.noise_level, cfg.batch_size)

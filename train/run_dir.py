@@ -83,13 +83,13 @@ def prepare_run_dir(run_dir: Path, config: FlowalignConfig, resume: bool, overwr
     Raises:
         ConfigError: ``run_dir`` holds a run (or foreign files) and neither resume nor overwrite.
     """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"train.output_dir {run_dir} is a file, not a folder; choose another output_dir")
     if resume:
         if (run_dir / "config.yaml").is_file():
             previous = load_config(run_dir / "config.yaml")
             changed = config_diff(previous, config)
             if config_hash(previous) != config_hash(config):  # before the model loads (the checkpoint would refuse it after)
-                from flowalign.errors import CheckpointError
-
                 raise CheckpointError(f"cannot resume {run_dir}: it was trained with config hash {config_hash(previous)}, this "
                                       f"config's is {config_hash(config)}; the settings that differ: {', '.join(changed)}. --resume "
                                       f"may change only what does not change the computation (train.iterations, logging, "

@@ -70,6 +70,8 @@ class RunLock:
             _HELD[key].users += 1
             self._key = key
             return self
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError(f"train.output_dir {self.run_dir} is a file, not a folder; choose another output_dir")
         created = _missing_parents(self.run_dir.absolute())
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(5):
