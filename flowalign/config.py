@@ -621,6 +621,10 @@ def apply_overrides(data: dict, overrides: list[str], schema: Optional[type] = N
         section = key.split(".")[0]
         if section in defaults and data.get(section) is None:  # --set rewards.0.weight=2 on a recipe without rewards (or "rewards:" empty)
             data[section] = defaults[section]
+        if "." in key and section in defaults and type(data.get(section)) is not type(defaults[section]):
+            # the recipe's section is broken (sampling: 5), not the override into it
+            raise ConfigError(f"the recipe's {section!r} must be a {'mapping of keys' if isinstance(defaults[section], dict) else 'list'}, "
+                              f"got {type(data[section]).__name__} ({data[section]!r}); fix the recipe before overriding {key}")
         text = raw.strip()
         if _is_text_field(schema or FlowalignConfig, key) and text[:1] not in ("'", '"') and text not in _YAML_NULLS:
             # a text field (str or Optional[str]) keeps its text: output_dir=2024-06-01, off, 0755, "exp #2", @home

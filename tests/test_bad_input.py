@@ -170,3 +170,10 @@ def test_an_output_dir_that_is_a_file_is_named(tmp_path):
         Trainer(load_config("tiny_grpo", [f"train.output_dir={afile}"])).setup()
     with pytest.raises(ConfigError, match="is a file, not a folder"):
         run_generate(load_generate_config("toy_generate", [f"output_dir={afile}"]))
+
+
+def test_a_broken_recipe_section_is_blamed_not_the_override_into_it(tmp_path):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("base: toy_grpo\nsampling: 5\n")
+    with pytest.raises(ConfigError, match=r"the recipe's 'sampling' must be a mapping of keys, got int \(5\)"):
+        load_config(recipe, ["sampling.group_size=2"])

@@ -36,9 +36,10 @@ def _accepted(family, pipeline_class: str, kwargs: dict) -> dict:
     """The ``kwargs`` the adapter's constructor takes (all of them when it takes ``**kwargs``, or no adapter is known)."""
     import inspect
 
-    from flowalign.pipelines.base import ADAPTERS, PIPELINE_CLASSES
+    from flowalign.pipelines import known_families
+    from flowalign.pipelines.base import ADAPTERS
 
-    cls = ADAPTERS.get(family or PIPELINE_CLASSES.get(pipeline_class, ""))
+    cls = ADAPTERS.get(family or known_families().get(pipeline_class, ""))  # known_families imports the built-in ones
     if cls is None:
         return kwargs
     params = inspect.signature(cls).parameters
@@ -65,10 +66,13 @@ def check_adapter_kwargs(family, pipeline_class: str, adapter_kwargs: dict) -> N
     """Refuse ``model.adapter_kwargs`` the adapter's constructor does not take (before the weights load)."""
     import inspect
 
-    from flowalign.pipelines.base import ADAPTERS, PIPELINE_CLASSES
+    from flowalign.pipelines import known_families
+    from flowalign.pipelines.base import ADAPTERS
 
-    cls = ADAPTERS.get(family or PIPELINE_CLASSES.get(pipeline_class, ""))
-    if cls is None or not adapter_kwargs:
+    if not adapter_kwargs:
+        return
+    cls = ADAPTERS.get(family or known_families().get(pipeline_class, ""))  # known_families imports the built-in ones
+    if cls is None:
         return
     params = inspect.signature(cls).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
