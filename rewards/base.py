@@ -119,6 +119,11 @@ class Reward:
         """
         raise NotImplementedError
 
+    def check_prompts(self, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> None:
+        """Optional: raise ``ConfigError`` for prompts this reward can never score (a verifier's
+        grammar), so a run refuses them before any model loads rather than after its first
+        rollout. The default accepts every prompt. See :func:`check_reward_prompts`."""
+
     def __call__(self, images: Tensor, prompts: list[str], metadata: Optional[list[dict[str, Any]]] = None) -> RewardOutput:
         """:meth:`score` between the checks ``call_reward`` makes: :func:`check_reward_inputs` before it (RewardError for
         uint8 or 0..255 images, a wrong shape, a prompt count that differs from the batch), and after it RewardError
@@ -434,6 +439,30 @@ def _checked_output(value: Any, batch: int) -> RewardOutput:
     if not scores.is_floating_point():
         scores = scores.float()
     return RewardOutput(scores=scores.to(torch.float32), details=out.details)
+
+
+def check_reward_prompts(reward: Callable, records: Sequence[Any], name: Optional[str] = None, what: str = "prompts") -> None:
+    """Call ``reward.check_prompts(prompts, metadata)`` on ``records`` (``PromptRecord`` s, ``{"prompt", ...}``
+    dicts or strings) when the reward has that method (plain callables and most rewards do not), naming
+    the reward and ``what`` in its ConfigError."""
+    check = getattr(reward, "check_prompts", None)
+    if check is None or not records:
+        return
+    prompts, metadata = [], []
+    for r in records:
+        if isinstance(r, str):
+            prompts.append(r)
+            metadata.append({})
+        elif isinstance(r, Mapping):
+            prompts.append(str(r["prompt"]))
+            metadata.append({k: v for k, v in r.items() if k != "prompt"})
+        else:
+            prompts.append(r.prompt)
+            metadata.append(dict(r.metadata))
+    try:
+        check(prompts, metadata)
+    except ConfigError as exc:
+        raise ConfigError(f"reward {name or reward_name(reward)!r} cannot score the {what}: {exc}") from None
 
 
 def _fingerprint(images: Tensor) -> tuple[int, str]:

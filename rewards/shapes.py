@@ -320,6 +320,20 @@ class ShapesReward(Reward):
         self.exclusive = bool(exclusive)
         self.graded = bool(graded)
 
+    def check_prompts(self, prompts, metadata) -> None:
+        """Every prompt needs an ``include`` spec in its metadata or a caption of the toy grammar
+        (:func:`flowalign.rewards.shapes_scenes.parse_prompt`)."""
+        bad = []
+        for prompt, meta in zip(prompts, metadata):
+            try:
+                scene_spec(prompt, meta)
+            except ValueError:
+                bad.append(prompt)
+        if bad:
+            shown = ", ".join(repr(p) for p in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise ConfigError(f"{len(bad)} of {len(prompts)} prompts are outside the shapes caption grammar and carry no "
+                              f"'include' spec: {shown}")
+
     def score(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"shapes reward expects images [B, 3, H, W], got shape {tuple(images.shape)}")

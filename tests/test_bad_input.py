@@ -177,3 +177,27 @@ def test_a_broken_recipe_section_is_blamed_not_the_override_into_it(tmp_path):
     recipe.write_text("base: toy_grpo\nsampling: 5\n")
     with pytest.raises(ConfigError, match=r"the recipe's 'sampling' must be a mapping of keys, got int \(5\)"):
         load_config(recipe, ["sampling.group_size=2"])
+
+
+def test_prompts_outside_a_verifiers_grammar_are_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """The shapes verifier used to fail only after the model loaded and the first batch was sampled."""
+    from flowalign.rewards import load_reward
+    from flowalign.rewards.base import check_reward_prompts
+    from flowalign.train import eval_cli, trainer_setup
+    from flowalign.train.trainer import Trainer
+
+    shapes = load_reward("shapes")
+    check_reward_prompts(shapes, ["a red square", {"prompt": "a cat", "include": [{"shape": "circle", "count": 1}]}])  # a spec: fine
+    check_reward_prompts(load_reward("brightness"), ["a photo of a cat"])  # a reward without a grammar accepts anything
+    prompts = tmp_path / "cats.txt"
+    prompts.write_text("a red square\na photo of a cat\nthree dogs\n")
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was built before the prompts were refused")
+
+    monkeypatch.setattr(trainer_setup, "build_model", must_not_load)
+    with pytest.raises(ConfigError, match=r"reward 'shapes' cannot score the training prompts \(train.prompts\): 2 of 3 prompts "
+                                          r"are outside the shapes caption grammar.*'a photo of a cat', 'three dogs'"):
+        Trainer(load_config("toy_grpo", [f"train.prompts={prompts}", f"train.output_dir={tmp_path / 'run'}"])).setup()
+    assert eval_cli.main(["--prompts", str(prompts), "--model", str(tmp_path / "no_such_model")]) == 2  # prompts checked first
+    assert "cannot score the prompts of" in capsys.readouterr().err

@@ -321,6 +321,9 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
 
     records = load_prompts(resolve_path(options.prompts))  # assets/...: the packaged copy where the path is not here
     reward = load_reward(options.reward)
+    from flowalign.rewards.base import check_reward_prompts
+
+    check_reward_prompts(reward, records, options.reward, f"prompts of {options.prompts}")  # a verifier's grammar, before the model loads
     tap = None
     if options.corrected_by is not None:
         from flowalign.corrected import QualityTap

@@ -182,6 +182,7 @@ class Trainer(OptimizerViews):
         self.sampler, self.eval_records, self.heldout_records = data.sampler, data.eval_records, data.heldout_records
         self.rewards = trainer_setup.build_rewards(cfg, self.device)
         drift_reward = trainer_setup.build_drift_reward(cfg, self.device)
+        trainer_setup.check_reward_prompts(cfg, self.rewards, drift_reward, data)
         parts = trainer_setup.build_objective(cfg)
         self.objective, self.dense, self.forward_process, self.schedule = parts.objective, parts.dense, parts.forward_process, parts.schedule
         self._draws: Optional[fp.ForwardDraws] = None  # forward-process objectives' re-noising draws of an iteration

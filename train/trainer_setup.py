@@ -6,6 +6,7 @@
     build_prompt_data      training prompts (sharded per process), eval and held-out prompts
     build_rewards          the reward plugins, on the device (or offloaded)
     build_objective        the objective and the sampler's noise schedule
+    check_reward_prompts   each reward refuses prompts it can never score (a verifier's grammar)
     build_model            adapter + LoRA (transformer, text encoders), update conditioning, optimizer
     warn_about_log_prob_sum   a summed log-prob over a latent too large for fp32 to resolve its ratio
 """
@@ -123,6 +124,21 @@ def build_rewards(config: FlowalignConfig, device: torch.device) -> dict[str, An
         if hasattr(reward, "to"):
             reward.offload() if config.train.offload_rewards and hasattr(reward, "offload") else reward.to(device)
     return rewards
+
+
+def check_reward_prompts(config: FlowalignConfig, rewards: dict, drift_reward, data: "PromptData") -> None:
+    """Let each reward refuse prompts it can never score (``Reward.check_prompts``: a verifier's grammar) before
+    the model loads: every reward the training and eval prompts, the first one (the report's) the held-out
+    prompts, the drift reward the training prompts."""
+    from flowalign.rewards.base import check_reward_prompts as check
+
+    for i, rcfg in enumerate(config.rewards):
+        check(rewards[rcfg.key], data.sampler.records, rcfg.key, "training prompts (train.prompts)")
+        check(rewards[rcfg.key], data.eval_records, rcfg.key, "eval prompts (train.eval_prompts)")
+        if i == 0 and data.heldout_records:
+            check(rewards[rcfg.key], data.heldout_records, rcfg.key, "held-out prompts (train.eval_prompts)")
+    if drift_reward is not None:
+        check(drift_reward, data.sampler.records, config.sampling.drift_reward, "training prompts (sampling.drift_reward)")
 
 
 def build_drift_reward(config: FlowalignConfig, device: torch.device):
