@@ -111,9 +111,9 @@ def test_autocast_runs_the_transformer_in_half_and_the_log_prob_math_in_fp32(tmp
     layer.register_forward_hook(lambda m, i, o: seen["linear"].add(o.dtype))
     real_log_prob = sde.log_prob
 
-    def spy_log_prob(x_next, mean, std, reduce="mean"):
+    def spy_log_prob(x_next, mean, std, reduce="mean", form="gaussian"):
         seen["log_prob"].update({x_next.dtype, mean.dtype, torch.as_tensor(std).dtype})
-        out = real_log_prob(x_next, mean, std, reduce=reduce)
+        out = real_log_prob(x_next, mean, std, reduce=reduce, form=form)
         seen["log_prob"].add(out.dtype)
         return out
 

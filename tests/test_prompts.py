@@ -76,7 +76,7 @@ def test_missing_file_and_directory(tmp_path):
         load_prompts(tmp_path / "nope.txt")
     assert info.value.path == tmp_path / "nope.txt" and info.value.line is None
     (tmp_path / "dir.jsonl").mkdir()
-    with pytest.raises(PromptFileError, match="not a file"):
+    with pytest.raises(PromptFileError, match="is a folder; give a .txt or .jsonl prompt file"):
         load_prompts(tmp_path / "dir.jsonl")
 
 

@@ -313,7 +313,7 @@ def test_final_heldout_report_is_written_with_phase_times(tmp_path):
                                [("a white square", "bright"), ("a yellow star", "bright"), ("a black circle", "dark"), ("a blue night", "dark")]))
     run = tmp_path / "run"
     trainer = Trainer(_config(run, "train.iterations=2", f"train.prompts={prompts}", f"train.eval_prompts={prompts}", "train.final_eval_samples=8",
-                              "rewards=[{name: test_tag_brightness}, {name: brightness, weight: 0.0}]", "train.prompts_per_iter=2",
+                              "rewards=[{name: test_tag_brightness}, {name: brightness, weight: 0.1}]", "train.prompts_per_iter=2",
                               "train.micro_batch_size=8", "sampling.num_steps=3", "sampling.eval_num_steps=3", "lora.rank=2"))
     trainer.setup()
     trainer.train()
@@ -332,7 +332,7 @@ def test_final_heldout_report_is_written_with_phase_times(tmp_path):
 
     # extended by a third iteration without a new report: the old one (about the 2-iteration LoRA) must not stay
     extended = Trainer(_config(run, "train.iterations=3", f"train.prompts={prompts}", f"train.eval_prompts={prompts}",
-                               "train.final_eval_samples=0", "rewards=[{name: test_tag_brightness}, {name: brightness, weight: 0.0}]",
+                               "train.final_eval_samples=0", "rewards=[{name: test_tag_brightness}, {name: brightness, weight: 0.1}]",
                                "train.prompts_per_iter=2", "train.micro_batch_size=8", "sampling.num_steps=3",
                                "sampling.eval_num_steps=3", "lora.rank=2"), resume=True)
     extended.setup()
