@@ -346,21 +346,30 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
 
     from flowalign.train.model import build_adapter
 
+    accelerator, device = _launch(options, tap)
     try:
         adapter = build_adapter(ModelConfig(pretrained=options.model, dtype=options.dtype, resolution=options.resolution, adapter=options.adapter,
-                                            adapter_kwargs=_adapter_kwargs(options.adapter_kwargs)), torch.device(options.device))
+                                            adapter_kwargs=_adapter_kwargs(options.adapter_kwargs)), device)
     except ConfigError as exc:  # the trainer's wording names the recipe key; here it is the flag
         raise ConfigError(str(exc).replace("model.pretrained=", "--model ").replace("model.resolution=", "--resolution ")
                           .replace("model.adapter_kwargs", "--adapter-kwargs")) from None
     from flowalign.train.runtime import to_device
 
-    to_device(reward, options.device)
+    to_device(reward, device)
+    shard = None if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+    main_process = accelerator is None or accelerator.is_main_process
+    from flowalign.train.final_outputs import gather_shares
+
     result = evaluate(
         adapter, records, tap if tap is not None else reward, num_samples=num_samples, samples_per_prompt=spp, num_steps=options.steps,
         guidance_scale=options.guidance, seed=options.seed, batch_size=options.batch_size, lora=options.lora,
-        on_error=options.on_error, keep_images=0, progress=options.progress,
+        on_error=options.on_error, keep_images=0, progress=options.progress and main_process, shard=shard, gather=gather_shares,
     )
-    result.settings.update({"model": options.model, "prompts_file": str(options.prompts), "device": options.device, "dtype": options.dtype})
+    result.settings.update({"model": options.model, "prompts_file": str(options.prompts), "device": options.device, "dtype": options.dtype,
+                            "processes": 1 if accelerator is None else accelerator.num_processes})
+    if accelerator is not None:
+        accelerator.end_training()  # every process has the whole result; the process group is released
+    result.main_process = main_process
     result.corrected = None
     if tap is not None:
         from flowalign.corrected import corrected_summary
@@ -379,7 +388,7 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
                                                        figure=COMPARE_FIGURE if options.out is not None else None)
         except ConfigError as exc:  # the samples are drawn: write them (below) before refusing the comparison
             refused = exc
-    if options.out is not None:
+    if options.out is not None and main_process:
         out = Path(options.out)
         out.mkdir(parents=True, exist_ok=True)
         data = result.to_dict()
@@ -403,6 +412,26 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
     return result
 
 
+def _launch(options: EvalOptions, tap) -> tuple:
+    """``(accelerator or None, device)``. Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) every
+    process samples every N-th sample (``evaluate``'s ``shard``) on its own device and the main one writes; a
+    single process uses ``--device``."""
+    import os
+
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None, torch.device(options.device)
+    if tap is not None:
+        raise ConfigError("--corrected-by runs in one process; launch flowalign eval without torchrun for it")
+    from flowalign.train.runtime import make_accelerator
+
+    accelerator = make_accelerator(timeout_min=120.0)
+    if torch.device(options.device).type != accelerator.device.type:
+        raise ConfigError(f"--device {options.device}: this launch's processes run on {accelerator.device.type} (one device each)")
+    return accelerator, accelerator.device
+
+
 def _corrected_table(result, options: EvalOptions) -> str:
     from flowalign.corrected import corrected_table
 
@@ -417,6 +446,8 @@ def main_eval(args: Union[argparse.Namespace, EvalOptions]) -> int:
         message = " ".join(str(exc).split())
         print(f"flowalign eval: error: {message}", file=sys.stderr)
         return 2
+    if not getattr(result, "main_process", True):  # another process of a launch: the main one prints and writes
+        return 0
     print(result.table())
     if getattr(result, "corrected", None) is not None:
         print()
