@@ -801,7 +801,10 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
     """
     if isinstance(path, Mapping):
         raise ConfigError("load_config takes a recipe path or name; build a config from a dict with config_from_dict(data)")
-    if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides or []):
+    if isinstance(overrides, str):
+        raise ConfigError(f"overrides must be a list of 'section.key=value' strings, got the string {overrides!r}")
+    overrides = list(overrides or [])  # a generator is read once
+    if not all(isinstance(o, str) for o in overrides):
         raise ConfigError(f"overrides must be a list of 'section.key=value' strings, got {overrides!r}")
     data: dict = {}
     if path is not None:

@@ -111,8 +111,8 @@ def test_resuming_with_a_setting_that_changes_the_run_is_refused_before_the_mode
 
     monkeypatch.setattr(trainer_setup, "build_model", must_not_load)
     changed = load_config("tiny_grpo", settings + ["train.iterations=2", "sampling.group_size=4", "train.micro_batch_size=8"])
-    with pytest.raises(CheckpointError, match=r"config hash .* the settings that differ: sampling.group_size, train.iterations, "
-                                               r"train.micro_batch_size"):
+    with pytest.raises(CheckpointError, match=r"config hash .* the settings that change the run: sampling.group_size, "
+                                               r"train.micro_batch_size\. --resume"):
         Trainer(changed, resume=True).setup()
 
 
@@ -201,3 +201,60 @@ def test_prompts_outside_a_verifiers_grammar_are_refused_before_the_model_loads(
         Trainer(load_config("toy_grpo", [f"train.prompts={prompts}", f"train.output_dir={tmp_path / 'run'}"])).setup()
     assert eval_cli.main(["--prompts", str(prompts), "--model", str(tmp_path / "no_such_model")]) == 2  # prompts checked first
     assert "cannot score the prompts of" in capsys.readouterr().err
+
+
+def test_the_image_check_takes_inference_tensors_strided_batches_and_never_sums():
+    """The first version read the version counter of inference tensors (which have none: RuntimeError) and summed the
+    batch in fp64 (a full copy; no fp64 on MPS; a sum whose rounding depends on the thread count)."""
+    with torch.inference_mode():
+        made = torch.rand(2, 3, 8, 8)
+    assert call_reward(_clamped_copy, made, ["a", "b"]).scores.shape == (2,)
+    strided = torch.rand(3, 8, 8, 2).permute(3, 0, 1, 2)  # not contiguous: the version counter still guards it
+    call_reward(_clamped_copy, strided, ["a", "b"])
+    with pytest.raises(RewardError, match="modified the images"):
+        call_reward(_zero_in_place, torch.rand(3, 8, 8, 2).permute(3, 0, 1, 2), ["a", "b"])
+    threads = torch.get_num_threads()
+
+    def changes_threads(images, prompts, metadata):
+        torch.set_num_threads(1 if threads > 1 else 2)
+        return images.mean(dim=(1, 2, 3))
+
+    try:
+        call_reward(changes_threads, torch.distributions.Beta(0.5, 0.5).sample((4, 3, 64, 64)), list("abcd"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_overrides_may_come_from_a_generator():
+    assert load_config(None, (item for item in ["train.lr=0.123"])).train.lr == 0.123
+
+
+def test_prompts_outside_the_grammar_are_left_to_on_error_drop(tmp_path, monkeypatch):
+    from flowalign.train import trainer_setup
+    from flowalign.train.trainer import Trainer
+
+    prompts = tmp_path / "cats.txt"
+    prompts.write_text("a red square\na photo of a cat\n")
+    built = []
+    monkeypatch.setattr(trainer_setup, "build_model", lambda *args, **kwargs: built.append(1) or (_ for _ in ()).throw(RuntimeError("stop")))
+    with pytest.raises(RuntimeError, match="stop"):  # past the prompt check: those samples will be dropped
+        Trainer(load_config("toy_grpo", [f"train.prompts={prompts}", "rewards=[{name: shapes, on_error: drop}]",
+                                         f"train.output_dir={tmp_path / 'run'}"])).setup()
+    assert built == [1]
+
+
+def test_an_adapter_whose_pipeline_argument_is_positional_only_keeps_its_keywords():
+    from flowalign.pipelines.base import ADAPTERS
+    from flowalign.train.model import check_adapter_kwargs
+
+    class Mine:
+        def __init__(self, pipeline, /, *, num_frames: int = 17):
+            pass
+
+    ADAPTERS["test_positional_only"] = Mine
+    try:
+        check_adapter_kwargs("test_positional_only", "", {"num_frames": 9})
+        with pytest.raises(ConfigError, match="takes no 'height'; it takes num_frames"):
+            check_adapter_kwargs("test_positional_only", "", {"height": 9})
+    finally:
+        ADAPTERS.pop("test_positional_only")

@@ -333,3 +333,33 @@ def test_a_weighted_reward_sum_that_overflows_names_the_reward(tmp_path):
             trainer.run_iteration()
     finally:
         trainer.cleanup()
+
+
+@register_reward("test_flat_after_first")
+class FlatAfterFirst(Reward):
+    """Brightness on its first call in a process, then a constant: a verifier that saturates late in training."""
+
+    calls = 0
+
+    def score(self, images, prompts, metadata):
+        FlatAfterFirst.calls += 1
+        scores = images.mean(dim=(1, 2, 3)).float()
+        return RewardOutput(scores=scores if FlatAfterFirst.calls == 1 else torch.full_like(scores, 1.0))
+
+
+def test_a_resumed_session_whose_iterations_are_all_flat_still_writes_its_outputs(tmp_path):
+    """The nothing-trained check is about a run's own LoRA: earlier sessions trained a resumed one."""
+    first = _trainer(tmp_path, "rewards=[{name: test_flat_after_first}]", "train.iterations=1", "train.checkpoint_every=1")
+    FlatAfterFirst.calls = 0
+    try:
+        first.train()
+    finally:
+        first.cleanup()
+    (tmp_path / "pytorch_lora_weights.safetensors").unlink()
+    resumed = Trainer(load_config(None, FAST + [f"train.output_dir={tmp_path}", "rewards=[{name: test_flat_after_first}]",
+                                                "train.iterations=2", "train.checkpoint_every=1"]), resume=True).setup()
+    try:
+        resumed.train()  # its one iteration is flat (every group's rewards equal): no error
+    finally:
+        resumed.cleanup()
+    assert resumed.iteration == 2 and (tmp_path / "pytorch_lora_weights.safetensors").is_file()

@@ -323,7 +323,8 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
     reward = load_reward(options.reward)
     from flowalign.rewards.base import check_reward_prompts
 
-    check_reward_prompts(reward, records, options.reward, f"prompts of {options.prompts}")  # a verifier's grammar, before the model loads
+    if options.on_error == "raise":  # a verifier's grammar, before the model loads (under drop such samples are dropped)
+        check_reward_prompts(reward, records, options.reward, f"prompts of {options.prompts}")
     tap = None
     if options.corrected_by is not None:
         from flowalign.corrected import QualityTap

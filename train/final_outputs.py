@@ -45,7 +45,9 @@ def write_final_outputs(trainer) -> Optional[Path]:
             reward_curve(trainer.run_dir / "metrics.csv", trainer.run_dir / "reward_curve.png")
         trainer.timings["save"] = time.perf_counter() - start
     if trainer.config.train.eval_prompts and trainer.config.train.final_eval_samples > 0:
-        trainer.heldout_report()  # every process samples its share, the main one writes (write_heldout_report, via the trainer)
+        # every process calls it (each samples its share, the main one writes: write_heldout_report); a subclass's
+        # override runs on every process too
+        trainer.heldout_report()
     elif trainer.accelerator.is_main_process and not remove_stale_report(trainer.run_dir):
         logger.info("no held-out report: %s", "train.final_eval_samples=0" if trainer.config.train.eval_prompts
                     else "train.eval_prompts is not set")

@@ -77,7 +77,8 @@ def check_adapter_kwargs(family, pipeline_class: str, adapter_kwargs: dict) -> N
     params = inspect.signature(cls).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    accepted = [name for name, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]  # not the pipeline
+    pipeline_arg = next(iter(params))  # the first parameter takes the pipeline, whatever its kind
+    accepted = [name for name, p in params.items() if name != pipeline_arg and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
     unknown = sorted(set(adapter_kwargs) - set(accepted))
     if unknown:
         raise ConfigError(f"model.adapter_kwargs: the adapter {cls.__name__} takes no {', '.join(map(repr, unknown))}; "

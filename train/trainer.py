@@ -257,7 +257,8 @@ class Trainer(OptimizerViews):
                     path = path if checkpointed else self.save_checkpoint()
                     raise stop.stopped(signum, self.iteration, cfg.iterations, path)
         ran = self.iteration - first
-        if ran > 0 and self._untrained_iterations >= ran:  # a constant reward, or one whose every sample was dropped
+        # a constant reward, or one whose every sample was dropped; a resumed run's LoRA was trained by earlier sessions
+        if first == 0 and ran > 0 and self._untrained_iterations >= ran:
             from flowalign.errors import RewardError
 
             raise RewardError(f"nothing trained: in all {ran} iterations every group's rewards were equal or dropped (rewards: "
