@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from flowalign.errors import ConfigError
+from flowalign.prompts import split_records
 
 logger = logging.getLogger(__name__)
 
@@ -554,7 +555,7 @@ def pick_samples(records: Sequence[Any], num_samples: Optional[int] = None, samp
     be passed as ``keep_images`` to both the base and the aligned evaluation. Categories are in
     sorted order; within one, samples are in index order.
     """
-    prompts, metadata = _records(records)
+    prompts, metadata = split_records(records)
     index = sample_indices(len(prompts), num_samples, samples_per_prompt)
     chosen: dict[str, list[int]] = {}
     seen: set[int] = set()
@@ -565,22 +566,6 @@ def pick_samples(records: Sequence[Any], num_samples: Optional[int] = None, samp
         seen.add(r)
         chosen[tag].append(i)
     return [i for tag in sorted(chosen) for i in chosen[tag]]
-
-
-def _records(records: Sequence[Any]) -> tuple[list[str], list[dict]]:
-    """``(prompts, metadata)`` from PromptRecords, ``{"prompt": ...}`` dicts or plain strings."""
-    prompts, metadata = [], []
-    for r in records:
-        if isinstance(r, str):
-            prompts.append(r)
-            metadata.append({})
-        elif isinstance(r, dict):
-            prompts.append(r["prompt"])
-            metadata.append({k: v for k, v in r.items() if k != "prompt"})
-        else:
-            prompts.append(r.prompt)
-            metadata.append(dict(r.metadata))
-    return prompts, metadata
 
 
 def _per_sample(value: Any, batch: int, name: str) -> Optional[Tensor]:
@@ -704,7 +689,7 @@ def evaluate(
         raise ConfigError(f"num_steps must be >= 1, got {num_steps}")
     if shard is not None and int(shard[1]) > 1 and gather is None:
         raise ConfigError(f"evaluate(shard={shard}) needs gather, which collects the other processes' shares")
-    prompts_all, metadata_all = _records(records)
+    prompts_all, metadata_all = split_records(records)
     index = sample_indices(len(prompts_all), num_samples, samples_per_prompt)
     n = len(index)
     seeds = [int(seed) + i for i in range(n)]

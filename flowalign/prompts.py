@@ -46,6 +46,22 @@ class PromptRecord:
     line: int = 0
 
 
+def split_records(records: Sequence[Any]) -> tuple[list[str], list[dict]]:
+    """``(prompts, metadata)`` from ``PromptRecord`` s, ``{"prompt": ..., **metadata}`` mappings or plain strings."""
+    prompts, metadata = [], []
+    for r in records:
+        if isinstance(r, str):
+            prompts.append(r)
+            metadata.append({})
+        elif isinstance(r, dict):
+            prompts.append(r["prompt"])
+            metadata.append({k: v for k, v in r.items() if k != "prompt"})
+        else:
+            prompts.append(r.prompt)
+            metadata.append(dict(r.metadata))
+    return prompts, metadata
+
+
 def load_prompts(path: Union[str, Path]) -> list[PromptRecord]:
     """Read a ``.txt`` or ``.jsonl`` prompt file (see the module docstring for the formats).
 

@@ -450,20 +450,12 @@ def check_reward_prompts(reward: Callable, records: Sequence[Any], name: Optiona
     """Call ``reward.check_prompts(prompts, metadata)`` on ``records`` (``PromptRecord`` s, ``{"prompt", ...}``
     dicts or strings) when the reward has that method (plain callables and most rewards do not), naming
     the reward and ``what`` in its ConfigError."""
+    from flowalign.prompts import split_records
+
     check = getattr(reward, "check_prompts", None)
     if check is None or not records:
         return
-    prompts, metadata = [], []
-    for r in records:
-        if isinstance(r, str):
-            prompts.append(r)
-            metadata.append({})
-        elif isinstance(r, Mapping):
-            prompts.append(str(r["prompt"]))
-            metadata.append({k: v for k, v in r.items() if k != "prompt"})
-        else:
-            prompts.append(r.prompt)
-            metadata.append(dict(r.metadata))
+    prompts, metadata = split_records(records)
     try:
         check(prompts, metadata)
     except ConfigError as exc:
