@@ -437,6 +437,8 @@ def _checked_output(value: Any, batch: int) -> RewardOutput:
     except TypeError as exc:
         raise _MalformedOutput(str(exc)) from exc
     scores = out.scores
+    if scores.device.type == "meta":
+        raise _MalformedOutput("returned scores on the 'meta' device (shapes without values)")
     if scores.is_complex():
         raise _MalformedOutput(f"returned complex scores ({scores.dtype}); scores must be real numbers")
     if scores.dim() != 1 or scores.shape[0] != batch:

@@ -258,3 +258,22 @@ def test_an_adapter_whose_pipeline_argument_is_positional_only_keeps_its_keyword
             check_adapter_kwargs("test_positional_only", "", {"height": 9})
     finally:
         ADAPTERS.pop("test_positional_only")
+
+
+def test_a_resolution_the_model_cannot_make_is_refused_before_the_weights_load(monkeypatch):
+    import diffusers
+
+    from flowalign.config import ModelConfig
+    from flowalign.train.model import build_adapter
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded before the resolution was refused")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", must_not_load)
+    with pytest.raises(ConfigError, match=r"model.resolution=65: must be a multiple of 4 \(VAE factor x patch size"):
+        build_adapter(ModelConfig(pretrained="toy", resolution=65), torch.device("cpu"))
+
+
+def test_scores_without_values_are_refused():
+    with pytest.raises(RewardError, match="'meta' device"):
+        call_reward(lambda images, prompts, metadata: torch.zeros(2, device="meta"), IMAGES, ["a", "b"])

@@ -62,6 +62,26 @@ def _pipeline_class_of(model_cfg) -> str:
         return ""
 
 
+def check_resolution(model_cfg) -> None:
+    """Refuse a ``model.resolution`` that is not a multiple of the VAE factor x the transformer's patch size,
+    read from a local folder's ``vae/config.json`` and ``transformer/config.json`` before the weights load
+    (SD3 / FLUX-style folders; any other layout is left to the adapter, which checks after loading)."""
+    import json
+
+    if not model_cfg.resolution or model_cfg.pretrained == "tiny-sd3":
+        return
+    path = resolve_path("assets/toy" if model_cfg.pretrained == "toy" else model_cfg.pretrained)
+    try:
+        vae = json.loads((path / "vae" / "config.json").read_text())
+        patch = int(json.loads((path / "transformer" / "config.json").read_text()).get("patch_size", 1))
+        multiple = 2 ** (len(vae["block_out_channels"]) - 1) * patch
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if model_cfg.resolution % multiple:
+        raise ConfigError(f"model.resolution={model_cfg.resolution}: must be a multiple of {multiple} (VAE factor x patch size "
+                          f"of {path})")
+
+
 def check_adapter_kwargs(family, pipeline_class: str, adapter_kwargs: dict) -> None:
     """Refuse ``model.adapter_kwargs`` the adapter's constructor does not take (before the weights load)."""
     import inspect
@@ -92,6 +112,7 @@ def build_adapter(model_cfg, device: torch.device):
 
     family = resolve_adapter(model_cfg.adapter) if model_cfg.adapter else None
     check_adapter_kwargs(family, _pipeline_class_of(model_cfg), model_cfg.adapter_kwargs)
+    check_resolution(model_cfg)
     dtype = DTYPES[model_cfg.dtype]
     if model_cfg.pretrained == "tiny-sd3":
         from flowalign.pipelines.testing import tiny_sd3_pipeline
