@@ -359,7 +359,7 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
     to_device(reward, device)
     shard = None if accelerator is None else (accelerator.process_index, accelerator.num_processes)
     main_process = accelerator is None or accelerator.is_main_process
-    from flowalign.train.final_outputs import gather_shares
+    from flowalign.train.runtime import gather_shares
 
     result = evaluate(
         adapter, records, tap if tap is not None else reward, num_samples=num_samples, samples_per_prompt=spp, num_steps=options.steps,

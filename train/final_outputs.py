@@ -96,17 +96,10 @@ def write_heldout_report(trainer) -> Optional[Path]:
         base_context=lambda: lora_lib.lora_disabled(*trainer.lora_modules.values()),
         metrics_csv=trainer.run_dir / "metrics.csv", progress=cfg.train.progress and trainer.accelerator.is_main_process,
         target_gain_points=cfg.train.report_target_points,
-        shard=(trainer.accelerator.process_index, trainer.accelerator.num_processes), gather=gather_shares,
+        shard=(trainer.accelerator.process_index, trainer.accelerator.num_processes), gather=runtime.gather_shares,
     )
     trainer.timings["held-out eval"] = time.perf_counter() - start  # base + aligned (each in report.md)
     return path
-
-
-def gather_shares(part) -> list:
-    """Every process's share of a split evaluation, in process order (one process: ``[part]``)."""
-    from accelerate.utils import gather_object
-
-    return gather_object([part])
 
 
 def save_lora_file(trainer, states: dict) -> Path:

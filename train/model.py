@@ -32,14 +32,25 @@ def dtype_kwarg(dtype: torch.dtype) -> dict:
     return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
 
 
+def _adapter_class(family, pipeline_class: str):
+    """The adapter class of ``family`` (``model.adapter``), else the one registered for ``pipeline_class``, or None."""
+    from flowalign.pipelines import known_families
+    from flowalign.pipelines.base import ADAPTERS
+
+    return ADAPTERS.get(family or known_families().get(pipeline_class, ""))  # known_families imports the built-in ones
+
+
+def _local_source(model_cfg) -> Path:
+    """Where ``model.pretrained`` points on disk (``toy``: the shipped ``assets/toy``); a hub id gives a path that
+    does not exist."""
+    return resolve_path("assets/toy" if model_cfg.pretrained == "toy" else model_cfg.pretrained)
+
+
 def _accepted(family, pipeline_class: str, kwargs: dict) -> dict:
     """The ``kwargs`` the adapter's constructor takes (all of them when it takes ``**kwargs``, or no adapter is known)."""
     import inspect
 
-    from flowalign.pipelines import known_families
-    from flowalign.pipelines.base import ADAPTERS
-
-    cls = ADAPTERS.get(family or known_families().get(pipeline_class, ""))  # known_families imports the built-in ones
+    cls = _adapter_class(family, pipeline_class)
     if cls is None:
         return kwargs
     params = inspect.signature(cls).parameters
@@ -55,7 +66,7 @@ def _pipeline_class_of(model_cfg) -> str:
 
     if model_cfg.pretrained == "tiny-sd3":
         return "StableDiffusion3Pipeline"
-    path = resolve_path("assets/toy" if model_cfg.pretrained == "toy" else model_cfg.pretrained)
+    path = _local_source(model_cfg)
     try:
         return str(json.loads((path / "model_index.json").read_text()).get("_class_name", ""))
     except (OSError, ValueError, AttributeError):
@@ -70,7 +81,7 @@ def check_resolution(model_cfg) -> None:
 
     if not model_cfg.resolution or model_cfg.pretrained == "tiny-sd3":
         return
-    path = resolve_path("assets/toy" if model_cfg.pretrained == "toy" else model_cfg.pretrained)
+    path = _local_source(model_cfg)
     try:
         vae = json.loads((path / "vae" / "config.json").read_text())
         patch = int(json.loads((path / "transformer" / "config.json").read_text()).get("patch_size", 1))
@@ -86,12 +97,9 @@ def check_adapter_kwargs(family, pipeline_class: str, adapter_kwargs: dict) -> N
     """Refuse ``model.adapter_kwargs`` the adapter's constructor does not take (before the weights load)."""
     import inspect
 
-    from flowalign.pipelines import known_families
-    from flowalign.pipelines.base import ADAPTERS
-
     if not adapter_kwargs:
         return
-    cls = ADAPTERS.get(family or known_families().get(pipeline_class, ""))  # known_families imports the built-in ones
+    cls = _adapter_class(family, pipeline_class)
     if cls is None:
         return
     params = inspect.signature(cls).parameters

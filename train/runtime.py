@@ -159,6 +159,14 @@ def make_accelerator(timeout_min: float):
     return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_min))])
 
 
+def gather_shares(part) -> list:
+    """Every process's share of a split evaluation (``flowalign.evaluation.evaluate``'s ``gather``), in process
+    order (one process: ``[part]``)."""
+    from accelerate.utils import gather_object
+
+    return gather_object([part])
+
+
 def slot_sizes(plan_rows: list[int], accelerator) -> Tensor:
     """``[world, S]`` rows of every process's micro-batches (0 for the empty slots of shorter plans)."""
     world = accelerator.num_processes
