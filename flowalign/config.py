@@ -746,8 +746,7 @@ def read_recipe(path: Union[str, Path], what: str = "train", _chain: tuple = ())
     if not resolved.is_file():
         raise ConfigError(f"config file not found: {path}" if what == "train" else f"{what} config {str(path)!r} does not exist")
     try:
-        text = resolved.read_text()
-        data = load_yaml(text)
+        data = load_yaml(resolved.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

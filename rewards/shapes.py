@@ -44,7 +44,7 @@ from torch import Tensor
 
 from flowalign.errors import ConfigError
 
-from .base import Reward, RewardOutput, register_reward
+from .base import Reward, RewardOutput, _quote, register_reward
 from .shapes_scenes import BACKGROUND, PALETTE, SIZE, Spec, parse_prompt
 
 POSITION_THRESHOLD = 0.1  # GenEval's margin, as a fraction of the two boxes' sizes
@@ -330,9 +330,8 @@ class ShapesReward(Reward):
             except ValueError:
                 bad.append(prompt)
         if bad:
-            shown = ", ".join(repr(p) for p in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
             raise ConfigError(f"{len(bad)} of {len(prompts)} prompts are outside the shapes caption grammar and carry no "
-                              f"'include' spec: {shown}")
+                              f"'include' spec: {_quote(bad)}")
 
     def score(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
         if images.ndim != 4 or images.shape[1] != 3:

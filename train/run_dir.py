@@ -10,7 +10,7 @@ from flowalign import checkpoint as ckpt
 from flowalign.config import _HASH_EXCLUDE as HASH_EXCLUDE
 from flowalign.config import FlowalignConfig, config_diff, config_hash, load_config
 from flowalign.errors import CheckpointError, ConfigError
-from flowalign.train.run_lock import LOCK_NAME
+from flowalign.train.run_lock import LOCK_NAME, refuse_file
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,7 @@ def prepare_run_dir(run_dir: Path, config: FlowalignConfig, resume: bool, overwr
     Raises:
         ConfigError: ``run_dir`` holds a run (or foreign files) and neither resume nor overwrite.
     """
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"train.output_dir {run_dir} is a file, not a folder; choose another output_dir")
+    refuse_file(run_dir)
     if resume:
         if (run_dir / "config.yaml").is_file():
             previous = load_config(run_dir / "config.yaml")

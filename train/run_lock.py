@@ -70,8 +70,7 @@ class RunLock:
             _HELD[key].users += 1
             self._key = key
             return self
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise ConfigError(f"train.output_dir {self.run_dir} is a file, not a folder; choose another output_dir")
+        refuse_file(self.run_dir)
         created = _missing_parents(self.run_dir.absolute())
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(5):
@@ -128,6 +127,13 @@ class RunLock:
                     folder.rmdir()
                 except OSError:
                     break
+
+
+def refuse_file(run_dir: Path) -> None:
+    """ConfigError when ``train.output_dir`` names a file (checked by the lock on the launching process and by
+    ``prepare_run_dir`` on every process)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"train.output_dir {run_dir} is a file, not a folder; choose another output_dir")
 
 
 def resumes_missing_folder(resume, run_dir: Path) -> bool:
