@@ -204,16 +204,19 @@ def nonzero_mask(advantages: Tensor) -> Tensor:
     return (advantages != 0).flatten(1).any(dim=1)
 
 
-def first_informative_groups(keep: Tensor, group_ids: Tensor, max_groups: int) -> Tensor:
-    """``keep [B]`` limited to the first ``max_groups`` groups, in order of first appearance, that
-    have a kept sample: DAPO's dynamic sampling (Yu et al., arXiv 2503.14476, §3.2) over a batch drawn
-    larger than the update needs, so that the update sees up to ``max_groups`` groups with a learning
-    signal however many groups came out all equal.
+def first_informative_groups(keep: Tensor, group_ids: Tensor, max_groups: int, rank: Optional[Tensor] = None) -> Tensor:
+    """``keep [B]`` limited to the first ``max_groups`` groups, in order of first appearance (or of
+    ``rank``), that have a kept sample: DAPO's dynamic sampling (Yu et al., arXiv 2503.14476, §3.2)
+    over a batch drawn larger than the update needs, so that the update sees up to ``max_groups``
+    groups with a learning signal however many groups came out all equal.
 
     Args:
         keep: ``[B]`` bool, a sample's reward is kept and its advantage non-zero (the trainer's mask).
         group_ids: ``[B]`` group of each sample (any ids; a group is identified by its id).
         max_groups: groups to keep at most (>= 0).
+        rank: ``[B]`` integer draw position of each row's group (the same for a group's rows); groups
+            are taken by their lowest rank instead of their first row. The trainer ranks groups in the
+            order one process would draw them, whatever order the processes' rows were gathered in.
     """
     keep = torch.as_tensor(keep, dtype=torch.bool)
     if keep.ndim != 1:
@@ -225,11 +228,46 @@ def first_informative_groups(keep: Tensor, group_ids: Tensor, max_groups: int) -
     if G == 0:
         return keep.clone()
     has_kept = torch.zeros(G, dtype=torch.bool, device=keep.device).index_put_((idx,), keep, accumulate=True)  # [G]
-    first_row = torch.full((G,), batch, device=keep.device).scatter_reduce(0, idx, torch.arange(batch, device=keep.device), "amin")
-    in_order = torch.argsort(first_row)  # groups by first appearance
+    if rank is None:
+        position = torch.arange(batch, device=keep.device)
+    else:
+        position = torch.as_tensor(rank, device=keep.device).long()
+        if position.shape != (batch,):
+            raise ValueError(f"rank must be [B]={batch}, got shape {tuple(position.shape)}")
+    first_row = torch.full((G,), torch.iinfo(torch.int64).max, device=keep.device).scatter_reduce(0, idx, position, "amin")
+    in_order = torch.argsort(first_row, stable=True)  # groups by first appearance (lowest rank)
     chosen = torch.zeros(G, dtype=torch.bool, device=keep.device)
     chosen[in_order[has_kept[in_order]][:max_groups]] = True
     return keep & chosen[idx]
+
+
+def groups_with_spread(values: Union[Tensor, Mapping[str, Tensor]], group_ids: Tensor, keep: Optional[Tensor] = None) -> int:
+    """Number of groups whose kept, finite values are not all equal: the groups a group-relative
+    advantage can learn from. DAPO's sample-until-full (the trainer's ``train.max_sampling_rounds``)
+    counts them to decide whether to roll out more prompts.
+
+    Args:
+        values: ``[B]`` rewards, or ``{name: [B]}`` several rewards (a group counts when any of them
+            differs within it: ``objective.reward_mix: advantage`` normalises each on its own).
+        group_ids: ``[B]`` group of each sample (any ids).
+        keep: ``[B]`` bool, samples to consider (None = every sample); NaN values never count.
+    """
+    columns = list(values.values()) if isinstance(values, Mapping) else [values]
+    if not columns:
+        return 0
+    batch = torch.as_tensor(columns[0]).shape[0]
+    idx, G = _group_index(group_ids, batch, torch.device("cpu"))
+    keep = torch.ones(batch, dtype=torch.bool) if keep is None else torch.as_tensor(keep, dtype=torch.bool).cpu()
+    spread = torch.zeros(G, dtype=torch.bool)
+    for column in columns:
+        v = torch.as_tensor(column).double().cpu()
+        if v.shape != (batch,):
+            raise ValueError(f"values must all be [B]={batch}, got shape {tuple(v.shape)}")
+        ok = keep & torch.isfinite(v)
+        hi = torch.full((G,), -torch.inf, dtype=torch.float64).scatter_reduce(0, idx[ok], v[ok], "amax")
+        lo = torch.full((G,), torch.inf, dtype=torch.float64).scatter_reduce(0, idx[ok], v[ok], "amin")
+        spread |= hi > lo
+    return int(spread.sum())
 
 
 def zero_variance_fraction(rewards: Tensor, group_ids: Tensor) -> float:

@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover - only while step_rewards.py is not in t
 
 KERNELS = ("ode", "flow_sde", "dance_sde", "cps")
 MAX_STEPS = 1000  # denoising steps per sample: far beyond any flow-matching recipe (the schedules allocate per step)
+MAX_SAMPLING_ROUNDS = 64  # train.max_sampling_rounds: DAPO caps its generation batches the same way (max_num_gen_batches)
 LOG_PROB_FORMS = ("gaussian", "squared_error")  # flowalign.sde.LOG_PROB_FORMS (config does not import torch)
 # top-level keys of the other commands' recipes: a training recipe error names the command the file is for
 OTHER_COMMANDS_KEYS = {
@@ -267,7 +268,14 @@ class TrainConfig:
         default=1.0,
         metadata={"help": "Roll out and score oversample times as many prompts per iteration (per process: ceil(oversample * prompts_per_iter "
                           "/ processes)) and train on the first prompts_per_iter of their groups (over all processes) with a non-zero advantage (DAPO's dynamic "
-                          "sampling, arXiv:2503.14476, in one pass instead of drawing until the batch is full); 1 = train on every group drawn."},
+                          "sampling, arXiv:2503.14476, in one pass; train.max_sampling_rounds draws until the batch is full); 1 = train on every group drawn."},
+    )
+    max_sampling_rounds: int = field(
+        default=1,
+        metadata={"help": "DAPO's sample-until-full: while fewer than prompts_per_iter of an iteration's groups (over all processes) have "
+                          "rewards that differ, roll out and score the next window of prompts (oversample x prompts_per_iter of them) "
+                          "and add its groups, up to this many windows per iteration; the update trains the first prompts_per_iter "
+                          "groups with a non-zero advantage in the order drawn. 1 = one window (no extra rounds)."},
     )
     iterations: int = field(default=100, metadata={"help": "Rollout + update iterations."})
     inner_epochs: int = field(default=1, metadata={"help": "Passes over each iteration's samples."})
@@ -351,6 +359,8 @@ class TrainConfig:
             value = getattr(self, name)
             _check(value >= 1, f"train.{name} must be >= 1, got {value}")
         _check(self.oversample >= 1.0, f"train.oversample must be >= 1 (1 = no oversampling), got {self.oversample}")
+        _check(1 <= self.max_sampling_rounds <= MAX_SAMPLING_ROUNDS,
+               f"train.max_sampling_rounds must be in [1, {MAX_SAMPLING_ROUNDS}] (1 = one window of prompts per iteration), got {self.max_sampling_rounds}")
         _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         _check(self.adam_eps > 0, f"train.adam_eps must be > 0, got {self.adam_eps}")
         _choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
@@ -848,7 +858,8 @@ _HASH_EXCLUDE = {("train", "iterations"), ("train", "output_dir"), ("train", "ch
                  *(("model", key) for key in MODEL_MEMORY_KNOBS)}
 # fields left out of the hash while at these values (their defaults), so runs from before they existed resume
 _HASH_OMIT_AT = {("sampling", "log_prob_form"): "gaussian", ("model", "adapter"): None, ("model", "adapter_kwargs"): {}, ("sampling", "noise_seeding"): "process", ("objective", "reward_mix"): "reward", ("train", "ema_every"): 1, ("train", "mixed_precision"): "no",
-                 ("train", "lr_schedule"): "constant", ("train", "lr_warmup"): 0, ("train", "lr_min_ratio"): 0.0}
+                 ("train", "lr_schedule"): "constant", ("train", "lr_warmup"): 0, ("train", "lr_min_ratio"): 0.0,
+                 ("train", "max_sampling_rounds"): 1}
 
 
 def describe_config(config: Any) -> str:

@@ -382,6 +382,7 @@ def write_report(
     settings = aligned.settings
     kernel = _get(config_dict, "sampling.kernel", "?")
     oversample = _get(config_dict, "train.oversample", 1.0)
+    rounds = _get(config_dict, "train.max_sampling_rounds", 1)
     lines = [f"# flowalign run report: {run_dir.name}", ""]
     lines += [
         f"- **command**: `{command}`",
@@ -390,7 +391,8 @@ def write_report(
         + ("" if kernel == "ode"  # the ODE draws no noise: its schedule is moot
            else f" (noise {_get(config_dict, 'sampling.noise_schedule', '?')} {_get(config_dict, 'sampling.noise_kwargs', '')})") + ", "
         f"{_get(config_dict, 'sampling.num_steps', '?')} steps, group size {_get(config_dict, 'sampling.group_size', '?')}"
-        + (f" (dynamic sampling from {oversample:g}x the prompts)" if oversample != 1.0 else "") + _drift_note(config_dict) + ", "
+        + (f" (dynamic sampling from {oversample:g}x the prompts)" if oversample != 1.0 else "")
+        + (f" (sampled until full: up to {rounds} windows of prompts)" if rounds != 1 else "") + _drift_note(config_dict) + ", "
         f"LoRA rank {_get(config_dict, 'lora.rank', '?')}" + (" (transformer and text encoders)" if _get(config_dict, "lora.train_text_encoder", False) is True else "")
         + f", {_get(config_dict, 'train.iterations', '?')} iterations, "
         f"lr {_get(config_dict, 'train.lr', '?')}, seed {_get(config_dict, 'train.seed', '?')}" + _ema_note(config_dict),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, Union, runtime_checkable
+from typing import Any, Callable, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +54,18 @@ class Conditioning:
 
         part = lambda d: None if d is None else {k: take(v) for k, v in d.items()}  # noqa: E731
         return Conditioning(cond=part(self.cond), uncond=part(self.uncond), extra=dict(self.extra))
+
+    @staticmethod
+    def cat(parts: Sequence["Conditioning"]) -> "Conditioning":
+        """The rows of ``parts`` one after another (the same keys in each; ``extra`` from the first)."""
+        if not parts:
+            raise ValueError("Conditioning.cat needs at least one part")
+        first = parts[0]
+        if any(set(p.cond) != set(first.cond) or (p.uncond is None) != (first.uncond is None) for p in parts):
+            raise ValueError("Conditioning.cat: the parts hold different keys (or CFG in some only)")
+        join = lambda name: None if getattr(first, name) is None else {  # noqa: E731
+            k: torch.cat([getattr(p, name)[k] for p in parts]) for k in getattr(first, name)}
+        return Conditioning(cond=join("cond"), uncond=join("uncond"), extra=dict(first.extra))
 
     def repeat_interleave(self, repeats: int) -> "Conditioning":
         """Repeat each prompt ``repeats`` times in a row (prompt p -> rows p*G ... p*G+G-1)."""

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from flowalign.advantages import first_informative_groups
+from flowalign.advantages import first_informative_groups, groups_with_spread
 from flowalign.config import load_config
 from flowalign.errors import ConfigError
 from flowalign.rewards import register_reward
@@ -110,3 +110,142 @@ def test_an_oversample_that_does_not_split_over_the_processes_is_refused(tmp_pat
         build_prompt_data(load_config(None, base + ["train.oversample=1.25"]), two)
     assert build_prompt_data(load_config(None, base + ["train.oversample=1.5"]), two).sampler is not None
     assert build_prompt_data(load_config(None, base + ["train.oversample=1.25"]), SimpleNamespace(num_processes=1, process_index=0))
+
+
+# ---------------------------------------------------------------- sample-until-full (train.max_sampling_rounds)
+
+def test_groups_with_spread_hand_worked():
+    rewards = torch.tensor([0.5, 0.5, 0.2, 0.9, 1.0, float("nan"), 0.3, 0.3])
+    groups = torch.tensor([7, 7, 2, 2, 4, 4, 1, 1])  # 7: flat, 2: spread, 4: one finite value, 1: flat
+    assert groups_with_spread(rewards, groups) == 1
+    assert groups_with_spread(rewards, groups, keep=torch.tensor([1, 1, 1, 0, 1, 1, 1, 1], dtype=torch.bool)) == 0
+    other = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # a second reward with a spread in group 7 only
+    assert groups_with_spread({"a": rewards, "b": other}, groups) == 2
+    assert groups_with_spread({}, groups) == 0
+    with pytest.raises(ValueError, match="values must all be"):
+        groups_with_spread({"a": rewards, "b": other[:4]}, groups)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_groups_with_spread_matches_brute_force(seed):
+    gen = torch.Generator().manual_seed(seed)
+    batch = int(torch.randint(1, 30, (1,), generator=gen))
+    groups = torch.randint(0, 6, (batch,), generator=gen)
+    rewards = torch.randint(0, 3, (batch,), generator=gen).float()  # few values: many flat groups
+    rewards[torch.rand(batch, generator=gen) < 0.15] = float("nan")
+    keep = torch.rand(batch, generator=gen) < 0.8
+    expect = sum(len({float(r) for r, g, k in zip(rewards, groups, keep) if g == h and k and r == r}) > 1 for h in set(groups.tolist()))
+    assert groups_with_spread(rewards, groups, keep) == expect
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_first_informative_groups_by_rank_matches_brute_force_on_sorted_rows(seed):
+    gen = torch.Generator().manual_seed(seed)
+    num_groups, size = int(torch.randint(1, 8, (1,), generator=gen)), 3
+    group_rank = torch.randperm(num_groups, generator=gen)  # draw position of each group
+    rows = torch.randperm(num_groups * size, generator=gen)  # rows gathered in some other order
+    groups = (torch.arange(num_groups).repeat_interleave(size))[rows] * 10 + 5  # arbitrary ids
+    rank = group_rank[(groups - 5) // 10]
+    keep = torch.rand(groups.shape[0], generator=gen) < 0.4
+    max_groups = int(torch.randint(0, 5, (1,), generator=gen))
+    order = torch.argsort(rank, stable=True)  # the rows in draw order, where first appearance is the rank
+    expect = torch.zeros_like(keep)
+    expect[order] = torch.tensor(_brute_force(keep[order].tolist(), groups[order].tolist(), max_groups), dtype=torch.bool)
+    assert torch.equal(first_informative_groups(keep, groups, max_groups, rank=rank), expect)
+    with pytest.raises(ValueError, match="rank must be"):
+        first_informative_groups(keep, groups, max_groups, rank=rank[:1])
+
+
+def test_conditioning_cat():
+    from flowalign.pipelines.base import Conditioning
+
+    a = Conditioning(cond={"h": torch.zeros(2, 3), "p": torch.zeros(2, 1)}, uncond={"h": torch.ones(2, 3), "p": torch.ones(2, 1)}, extra={"x": 1})
+    b = Conditioning(cond={"h": torch.full((1, 3), 2.0), "p": torch.full((1, 1), 2.0)}, uncond={"h": torch.full((1, 3), 3.0), "p": torch.full((1, 1), 3.0)})
+    joined = Conditioning.cat([a, b])
+    assert joined.batch_size == 3 and joined.extra == {"x": 1}
+    assert joined.cond["h"][:, 0].tolist() == [0, 0, 2] and joined.uncond["p"][:, 0].tolist() == [1, 1, 3]
+    with pytest.raises(ValueError, match="different keys"):
+        Conditioning.cat([a, Conditioning(cond={"h": torch.zeros(1, 3)})])
+    with pytest.raises(ValueError, match="at least one"):
+        Conditioning.cat([])
+
+
+def test_max_sampling_rounds_is_checked():
+    with pytest.raises(ConfigError, match=r"train.max_sampling_rounds must be in \[1, 64\]"):
+        load_config(None, ["train.max_sampling_rounds=0"])
+
+
+def _until_full_trainer(tmp_path, prompts: list[str], rounds: int, per_iter: int = 2):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    config = load_config(None, [
+        "sampling.num_steps=3", "sampling.guidance_scale=1.0", "sampling.group_size=4", f"train.prompts_per_iter={per_iter}",
+        "train.micro_batch_size=8", f"train.max_sampling_rounds={rounds}", f"train.prompts={path}", "rewards=[{name: test_flat_for_red}]",
+        "lora.rank=2", "objective.kl_beta=0.0", "train.progress=false", "train.log_with=[]", "train.eval_every=-1",
+        "train.checkpoint_every=0", f"train.output_dir={tmp_path / 'run'}",
+    ])
+    return Trainer(config).setup()
+
+
+def test_sample_until_full_draws_windows_until_enough_groups_have_a_signal(tmp_path):
+    """4 of 6 prompts are flat ("red"): each window of 2 prompts is drawn in the sampler's shuffled order; the
+    trainer keeps drawing windows until 2 groups have a signal (or 3 windows), and trains the first 2 of them."""
+    prompts = ["a red square", "a red circle", "a red star", "a red cross", "a blue circle", "a green triangle"]
+    trainer = _until_full_trainer(tmp_path, prompts, rounds=3)
+    seen_rounds, drawn_windows = [], 0
+    try:
+        for _ in range(4):
+            batch = trainer.collect()
+            group_of = batch.traj.group_ids.cpu()
+            red = torch.tensor(["red" in p for p in batch.traj.prompts])
+            windows = batch.traj.batch_size // (2 * 4)
+            # the stopping rule by hand: signal groups (in draw order) after each window of 2 prompts
+            signal_after = [sum("red" not in p for p in batch.traj.prompts[:8 * (w + 1):4]) for w in range(windows)]
+            assert windows == next((w + 1 for w, n in enumerate(signal_after) if n >= 2), 3)
+            assert all(n < 2 for n in signal_after[:-1])
+            assert batch.metrics["samples/sampling_rounds"] == windows
+            signal_groups = list(dict.fromkeys(group_of[~red].tolist()))
+            assert torch.equal(batch.keep, torch.tensor([g in signal_groups[:2] for g in group_of.tolist()]))
+            assert not batch.keep[red].any()
+            # each window is a fresh draw of the sampler (prompts of a window are the next ones in its order)
+            drawn_windows += windows
+            assert trainer.sampler.iteration == drawn_windows
+            assert batch.cond.batch_size == batch.traj.batch_size and len(set(group_of.tolist())) == 2 * windows
+            seen_rounds.append(windows)
+            trainer.update(batch)
+            trainer.iteration += 1
+    finally:
+        trainer.cleanup()
+    assert max(seen_rounds) > 1  # the test exercised extra rounds
+
+
+def test_sample_until_full_stops_at_the_cap_when_no_group_has_a_signal(tmp_path):
+    trainer = _until_full_trainer(tmp_path, ["a red square", "a red circle", "a red star"], rounds=3)
+    try:
+        batch = trainer.collect()
+        assert batch.metrics["samples/sampling_rounds"] == 3 and batch.traj.batch_size == 3 * 2 * 4
+        assert not batch.keep.any() and batch.metrics["samples/kept_frac"] == 0.0
+        assert trainer.sampler.iteration == 3
+    finally:
+        trainer.cleanup()
+
+
+def test_one_round_is_the_default_and_logs_no_round_count(tmp_path):
+    trainer = _until_full_trainer(tmp_path, ["a red square", "a red circle", "a red star"], rounds=1)
+    try:
+        batch = trainer.collect()
+        assert batch.traj.batch_size == 2 * 4 and "samples/sampling_rounds" not in batch.metrics
+    finally:
+        trainer.cleanup()
+
+
+def test_draw_rank_orders_groups_round_after_round_then_by_process():
+    """Process 1 of 2, 2 groups per process and round: its round-0 groups are the 3rd and 4th drawn (process 0 has
+    the 1st and 2nd), its round-1 groups the 7th and 8th."""
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(accelerator=SimpleNamespace(num_processes=2, process_index=1), _gather=lambda t: t)
+    local = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    assert Trainer._draw_rank(fake, local, 2).tolist() == [2, 2, 3, 3, 6, 6, 7, 7]
+    fake.accelerator.process_index = 0
+    assert Trainer._draw_rank(fake, local, 2).tolist() == [0, 0, 1, 1, 4, 4, 5, 5]

@@ -51,6 +51,20 @@ def _tree(run: Path) -> list[str]:
 HELDOUT = Path(__file__).resolve().parents[1] / "assets" / "prompts" / "shapes_heldout.jsonl"
 # a held-out report of 7 samples (4 + 3 over two processes) on the first 5 held-out prompts, written to {tmp}/heldout.jsonl
 REPORT = ["train.eval_prompts={tmp}/heldout.jsonl", "train.final_eval_samples=7", "sampling.micro_batch_size=2"]
+# DAPO's sample-until-full with a reward that is flat for the 2 red demo prompts of 8: an iteration whose first window of
+# 4 prompts (2 per process) holds one needs a second window, and then has 5-6 groups with a signal, of which the first 4
+# in draw order train (a window's process 0 groups, then process 1's); the module is written to {tmp} (on sys.path)
+UNTIL_FULL = ["train.max_sampling_rounds=4", "rewards=[{name: 'flat_red:FlatForRed'}]"]
+FLAT_RED = """import torch
+from flowalign.rewards.base import Reward, RewardOutput
+
+
+class FlatForRed(Reward):
+    def score(self, images, prompts, metadata):
+        luma = images.mean(dim=(1, 2, 3))
+        flat = torch.tensor(["red" in p for p in prompts])
+        return RewardOutput(scores=torch.where(flat, torch.full_like(luma, 0.5), luma))
+"""
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
@@ -60,14 +74,18 @@ REPORT = ["train.eval_prompts={tmp}/heldout.jsonl", "train.final_eval_samples=7"
                                    ["objective.name=tp_grpo", "dense.balance=true"],
                                    ["objective.name=nft", "objective.kwargs={num_timesteps: 2}", "sampling.kernel=ode"],
                                    ["objective.reward_mix=advantage", "objective.adv_std=global",
-                                    "rewards=[{name: brightness, weight: 1.0}, {name: jpeg_compressibility, weight: 0.5}]"]],
+                                    "rewards=[{name: brightness, weight: 1.0}, {name: jpeg_compressibility, weight: 0.5}]"], UNTIL_FULL],
                          ids=["transformer_heldout_report", "with_text_encoders", "dynamic_sampling", "global_std", "guided_drift_spsa",
-                              "dense_global_std", "tp_grpo_balance", "nft_forward_draws", "advantage_mix_global_std"])
-def test_two_processes_match_one_process(tmp_path, extra):
+                              "dense_global_std", "tp_grpo_balance", "nft_forward_draws", "advantage_mix_global_std",
+                              "sample_until_full"])
+def test_two_processes_match_one_process(tmp_path, monkeypatch, extra):
     report = extra == REPORT
     if report:
         (tmp_path / "heldout.jsonl").write_text("".join(HELDOUT.read_text().splitlines(keepends=True)[:5]))
         extra = [e.format(tmp=tmp_path) for e in extra]
+    if extra == UNTIL_FULL:  # the processes run in tmp_path (on their sys.path with -m); this one needs it added
+        (tmp_path / "flat_red.py").write_text(FLAT_RED)
+        monkeypatch.syspath_prepend(str(tmp_path))
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     two = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "flowalign.train.cli", *_args(tmp_path / "two", extra)],
                          capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
@@ -95,7 +113,8 @@ def test_two_processes_match_one_process(tmp_path, extra):
     if any(e.startswith("sampling.drift_reward") for e in extra):  # the guidance did steer (SPSA from each group's stream)
         assert all(float(r["drift/moved_frac"]) > 0 for r in rows["one"] + rows["two"])
     for a, b in zip(rows["one"], rows["two"]):  # same samples, and gradients of the same scale (summed, not averaged)
-        if a["iteration"] == "1":  # the same (zero-initialised) LoRA samples the same trajectories: bit-equal rewards
+        if a["iteration"] == "1" and extra != UNTIL_FULL:  # the same (zero-initialised) LoRA samples the same trajectories: bit-equal
+            # rewards (several windows are gathered process-major, so their mean sums the same rewards in another order)
             assert a["reward/mean"] == b["reward/mean"]
         else:  # sampled by LoRAs that differ by float rounding (see the docstring): a float32 ulp or so (seen: 3e-8)
             assert float(a["reward/mean"]) == pytest.approx(float(b["reward/mean"]), rel=1e-6, abs=0)
@@ -103,6 +122,9 @@ def test_two_processes_match_one_process(tmp_path, extra):
         assert a["nfe"] == b["nfe"] and a.get("dense/nfe") == b.get("dense/nfe")  # counts summed over the processes
         for key in ("frac_zero_std_groups", "samples/kept_frac", "advantages/abs_mean"):  # over every process's samples
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-3, abs=1e-7), key  # (dense: rewards of ODE completions)
+        if extra == UNTIL_FULL:  # the same windows drawn, the same groups trained
+            assert a["samples/sampling_rounds"] == b["samples/sampling_rounds"]
+            assert float(a["samples/groups_trained"]) == 4.0
         for key in ("drift/moved_frac", "drift/score"):  # the guidance's stats too, where it steers
             if key in a:
                 assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-3, abs=1e-6), key

@@ -306,6 +306,9 @@ def test_report_names_dynamic_sampling_only_when_on(tmp_path):
     drawn = dict(CONFIG, train=dict(CONFIG.get("train", {}), oversample=1.5))
     text = write_report(tmp_path, base=base, aligned=base, config_dict=drawn, timings={}).read_text()
     assert f"{group} (dynamic sampling from 1.5x the prompts), LoRA rank" in text
+    full = dict(CONFIG, train=dict(CONFIG.get("train", {}), max_sampling_rounds=4))
+    text = write_report(tmp_path, base=base, aligned=base, config_dict=full, timings={}).read_text()
+    assert f"{group} (sampled until full: up to 4 windows of prompts), LoRA rank" in text
 
 
 def test_report_says_when_rollouts_were_guided(tmp_path):

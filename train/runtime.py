@@ -84,7 +84,7 @@ def cat_trajectories(trajs: Sequence[Any]) -> Any:
 
 @torch.no_grad()
 def rollout_groups(adapter, records: Sequence[Any], cond, sampling_cfg, schedule, generator: torch.Generator, iteration: int,
-                   seed: int, first_group: int, drift=None, on_step=None):
+                   seed: int, first_group: int, drift=None, on_step=None, levels=None):
     """Roll out one process's prompt ``records`` (``group_size`` samples each) with ``sampling_cfg``'s settings.
 
     ``sampling.noise_seeding: process`` draws every noise from this process's ``generator``; ``group``
@@ -93,6 +93,8 @@ def rollout_groups(adapter, records: Sequence[Any], cond, sampling_cfg, schedule
     depend on the number of processes. ``cond`` is the records' encoding (one row per record).
     ``drift`` is the process-reward guidance (:class:`flowalign.guidance.RewardDrift`) or None; ``on_step(k)``
     is called after each denoising step of each batch rolled out (``num_steps`` calls, or that per group).
+    ``levels`` (``[K]``) replaces the schedule's noise levels (a later sampling round of the same iteration
+    reuses the first's, so that the rounds' trajectories concatenate).
     """
     from flowalign import sampling, sde
 
@@ -101,9 +103,11 @@ def rollout_groups(adapter, records: Sequence[Any], cond, sampling_cfg, schedule
                   share_initial_noise=s.share_initial_noise, log_prob_reduce=s.log_prob_reduce, log_prob_form=s.log_prob_form, record_x0=False,
                   iteration=iteration, micro_batch_size=s.micro_batch_size, drift=drift, on_step=on_step)
     if s.noise_seeding == "process":
-        return sampling.rollout(adapter, [r.prompt for r in records], schedule=schedule, generator=generator, cond=cond,
-                                metadata=[dict(r.metadata) for r in records], **kwargs)
-    levels = sde.table(schedule.levels(s.num_steps, iteration=iteration, generator=iteration_generator(seed, iteration)))
+        return sampling.rollout(adapter, [r.prompt for r in records], schedule=schedule if levels is None else sde.table(levels),
+                                generator=generator, cond=cond, metadata=[dict(r.metadata) for r in records], **kwargs)
+    if levels is None:
+        levels = schedule.levels(s.num_steps, iteration=iteration, generator=iteration_generator(seed, iteration))
+    levels = sde.table(levels)
     return cat_trajectories([
         sampling.rollout(adapter, [r.prompt], schedule=levels, cond=cond.select([j]), metadata=[dict(r.metadata)],
                          generator=group_generator(seed, iteration, first_group + j), **kwargs)

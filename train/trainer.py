@@ -8,7 +8,9 @@ One iteration::
                             sampling.drift_reward steered by Euphonium's guided drift, flowalign.guidance)
       -> rewards            flowalign.rewards.call_reward      (tqdm "reward", failure policy)
       -> advantages         flowalign.advantages.group_advantages, drop all-zero samples (with train.oversample > 1:
-                            train on the first prompts_per_iter groups with a signal, first_informative_groups)
+                            train on the first prompts_per_iter groups with a signal, first_informative_groups;
+                            train.max_sampling_rounds > 1 first draws, rolls out and scores more windows of prompts
+                            while fewer groups than that have a signal: DAPO's sample-until-full)
       -> inner epochs       shuffle samples; micro-batches of (samples, one trained step);
                             objective.loss(StepBatch, policy, reference); accumulate, clip, step
                             (tqdm "update"); forward-process objectives (nft, awm) instead get
@@ -51,7 +53,7 @@ import torch
 from torch import Tensor
 
 from flowalign import lora as lora_lib
-from flowalign.advantages import kept_multi_reward_advantages
+from flowalign.advantages import groups_with_spread, kept_multi_reward_advantages
 from flowalign.config import FlowalignConfig, save_config, to_dict
 from flowalign.train import final_outputs, trainer_checkpoint, trainer_setup
 from flowalign.train import forward_process as fp
@@ -77,6 +79,32 @@ class Batch:
     advantages: Tensor  # [B] outcome advantages, or [B, K] per-step ones (dense objectives)
     keep: Tensor  # [B] bool: reward kept and advantage non-zero
     metrics: dict
+
+
+class _Round(NamedTuple):
+    """One window of prompts rolled out and scored (DAPO's sample-until-full draws several per iteration)."""
+
+    traj: Any
+    cond: Any  # one row per prompt
+    rewards: Tensor
+    keep: Tensor
+    components: dict
+    dropped: dict
+    groups: int  # prompts (groups) of this process in the window
+
+
+def _join_rounds(rounds: list[_Round]) -> tuple[Any, Any, Tensor, Tensor, dict]:
+    """The rounds' trajectory (group ids numbered round after round), conditioning, rewards, kept mask and
+    per-reward scores, concatenated in the order drawn."""
+    if len(rounds) == 1:
+        r = rounds[0]
+        return r.traj, r.cond, r.rewards, r.keep, r.components
+    from flowalign.pipelines.base import Conditioning
+
+    traj = runtime.cat_trajectories([r.traj for r in rounds])
+    components = {key: torch.cat([r.components[key] for r in rounds]) for key in rounds[0].components}
+    return (traj, Conditioning.cat([r.cond for r in rounds]), torch.cat([r.rewards for r in rounds]),
+            torch.cat([r.keep for r in rounds]), components)
 
 
 def fill_dropped(rewards: Tensor, group_ids: Tensor) -> Tensor:
@@ -284,33 +312,68 @@ class Trainer(OptimizerViews):
         return metrics
 
     def collect(self) -> Batch:
-        """Draw this process's prompts, roll them out (with the sampling policy), score them and compute advantages."""
-        s = self.config.sampling
-        records = self.sampler.next_batch()
-        prompts = [r.prompt for r in records]
-        t0 = time.perf_counter()
-        bar = self._bar("rollout", total=s.num_steps * (len(records) if s.noise_seeding == "group" else 1), unit="step")
-        with self._sampling_policy():
-            cond = self.adapter.encode(prompts, do_classifier_free_guidance=s.guidance_scale > 1.0)
-            traj = runtime.rollout_groups(self.adapter, records, cond, s, self.schedule, self.generator, self.iteration,
-                                          self.config.train.seed, first_group=self.accelerator.process_index * len(records),
-                                          drift=self.drift, on_step=None if bar is None else lambda k: bar.update(1))
-        if bar is not None:
-            bar.close()
-        t1 = time.perf_counter()
-        rewards, keep, metrics, components = self.score(traj)
+        """Draw this process's prompts, roll them out (with the sampling policy), score them and compute advantages.
+
+        With ``train.max_sampling_rounds > 1`` (DAPO's sample-until-full) it draws, rolls out and scores further
+        windows of prompts while fewer than ``prompts_per_iter`` groups over all processes have rewards that
+        differ; :meth:`advantages` then trains the first ``prompts_per_iter`` groups with a signal, in the order
+        one process would have drawn them.
+        """
+        s, cfg = self.config.sampling, self.config.train
+        rounds: list[_Round] = []
+        timing = {"time/rollout": 0.0, "time/reward": 0.0}
+        with_signal = 0
+        while True:
+            records = self.sampler.next_batch()
+            t0 = time.perf_counter()
+            # later rounds reuse the first round's noise levels (a random window is drawn once per iteration)
+            traj, cond = self._roll_out(records, len(rounds), rounds[0].traj.noise_levels if rounds else None)
+            t1 = time.perf_counter()
+            total, keep, components, dropped = self._score_rewards(traj)
+            timing["time/rollout"] += t1 - t0
+            timing["time/reward"] += time.perf_counter() - t1
+            rounds.append(_Round(traj, cond, total, keep, components, dropped, len(records)))
+            if len(rounds) == cfg.max_sampling_rounds:
+                break
+            values = components if self.config.objective.reward_mix == "advantage" else total
+            with_signal += int(self._sum_over_processes(groups_with_spread(values, traj.group_ids.cpu(), keep)))
+            if with_signal >= cfg.prompts_per_iter:
+                break
+            logger.debug("iteration %d: %d of %d groups with a reward spread after %d rounds: drawing more prompts",
+                         self.iteration + 1, with_signal, cfg.prompts_per_iter, len(rounds))
+        traj, cond, rewards, keep, components = _join_rounds(rounds)
+        metrics = self._reward_metrics(rewards, components, {k: sum(r.dropped[k] for r in rounds) for k in components})
         if self.drift is not None:
             stats = self.drift.pop_stats()  # this process's rollouts: logged over every process's
             metrics.update(runtime.combine_process_metrics(stats) if self.accelerator.num_processes > 1 else stats)
-        t2 = time.perf_counter()
         traj.rewards = rewards
-        advantages, keep, adv_metrics = self.advantages(rewards, traj.group_ids, keep, traj=traj, cond=cond, components=components)
+        advantages, keep, adv_metrics = self.advantages(rewards, traj.group_ids, keep, traj=traj, cond=cond, components=components,
+                                                        groups_per_round=rounds[0].groups)
         traj.advantages = advantages
         metrics.update(adv_metrics)
-        metrics.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "nfe": self._sum_over_processes(traj.nfe)})
+        metrics.update({**timing, "nfe": self._sum_over_processes(traj.nfe)})
+        if cfg.max_sampling_rounds > 1:
+            metrics["samples/sampling_rounds"] = float(len(rounds))
         if not self.config.objective.cfg_in_training and cond.uncond is not None:
             cond = type(cond)(cond=cond.cond, uncond=None, extra=cond.extra)
         return Batch(traj=traj, cond=cond.repeat_interleave(s.group_size), advantages=advantages, keep=keep, metrics=metrics)
+
+    def _roll_out(self, records: list, round_index: int, levels: Optional[Tensor] = None):
+        """Encode ``records`` and roll out their groups (round ``round_index`` of the iteration; ``levels`` fixes the
+        noise levels of a later round to the first's): the trajectory and the records' conditioning (one row each)."""
+        s = self.config.sampling
+        bar = self._bar("rollout" if round_index == 0 else f"rollout (round {round_index + 1})",
+                        total=s.num_steps * (len(records) if s.noise_seeding == "group" else 1), unit="step")
+        # global group index of this process's first group: rounds follow each other, processes within a round
+        first_group = (round_index * self.accelerator.num_processes + self.accelerator.process_index) * len(records)
+        with self._sampling_policy():
+            cond = self.adapter.encode([r.prompt for r in records], do_classifier_free_guidance=s.guidance_scale > 1.0)
+            traj = runtime.rollout_groups(self.adapter, records, cond, s, self.schedule, self.generator, self.iteration,
+                                          self.config.train.seed, first_group=first_group, drift=self.drift, levels=levels,
+                                          on_step=None if bar is None else lambda k: bar.update(1))
+        if bar is not None:
+            bar.close()
+        return traj, cond
 
     def _sampling_policy(self):
         """Context in which the LoRA holds the sampling policy's weights: the soft-updated old policy
@@ -321,12 +384,18 @@ class Trainer(OptimizerViews):
     def score(self, traj) -> tuple[Tensor, Tensor, dict, dict]:
         """Weighted sum of the configured rewards ``[B]``, the kept-samples mask, reward metrics and each reward's
         scores by key (NaN where dropped)."""
+        total, keep, components, dropped = self._score_rewards(traj)
+        return total, keep, self._reward_metrics(total, components, dropped), components
+
+    def _score_rewards(self, traj) -> tuple[Tensor, Tensor, dict, dict]:
+        """This process's weighted reward sum ``[B]`` (NaN where dropped), kept mask, each reward's scores and
+        dropped-sample count by key."""
         from flowalign.rewards import call_reward
 
         total = torch.zeros(traj.batch_size)
         keep = torch.ones(traj.batch_size, dtype=torch.bool)
-        metrics: dict = {}
         components: dict = {}  # each reward's scores [B] (NaN where dropped), for objective.reward_mix: advantage
+        dropped: dict = {}
         for rcfg in self._tqdm(self.config.rewards, "reward"):
             reward = self.rewards[rcfg.key]
             # no autograd: a reward model whose parameters require grad would record its whole graph
@@ -343,17 +412,25 @@ class Trainer(OptimizerViews):
                 raise RewardError(f"the weighted reward sum overflows float32 at reward {rcfg.key!r} (weight {rcfg.weight}, scores up "
                                   f"to {float(scores[overflow].abs().max()):.3g}); rescale the reward or its weight", reward=rcfg.key)
             components[rcfg.key] = scores
+            dropped[rcfg.key] = out.num_dropped
+        return total, keep, components, dropped
+
+    def _reward_metrics(self, total: Tensor, components: dict, dropped: dict) -> dict:
+        """``reward/*`` over every process's samples; stops the run after too many iterations in a row with every
+        reward dropped (:meth:`_check_all_dropped`)."""
+        metrics: dict = {}
+        for key, scores in components.items():
             gathered = self._gather(scores)
-            metrics[f"reward/{rcfg.key}/mean"] = float(gathered.nanmean())
+            metrics[f"reward/{key}/mean"] = float(gathered.nanmean())
             finite = gathered[~gathered.isnan()]
-            metrics[f"reward/{rcfg.key}/std"] = float(finite.std()) if finite.numel() > 1 else 0.0
-            metrics[f"reward/{rcfg.key}/dropped"] = self._sum_over_processes(out.num_dropped)
+            metrics[f"reward/{key}/std"] = float(finite.std()) if finite.numel() > 1 else 0.0
+            metrics[f"reward/{key}/dropped"] = self._sum_over_processes(dropped[key])
         gathered = self._gather(total)
         self._check_all_dropped(bool(gathered.isnan().all()))
         gathered = gathered[~gathered.isnan()]
         metrics["reward/mean"] = float(gathered.mean()) if gathered.numel() else math.nan
         metrics["reward/std"] = float(gathered.std()) if gathered.numel() > 1 else 0.0
-        return total, keep, metrics, components
+        return metrics
 
     def _check_all_dropped(self, all_dropped: bool) -> None:
         """Stop with a RewardError after ``train.max_nonfinite_steps`` iterations in a row whose every sample's
@@ -369,12 +446,13 @@ class Trainer(OptimizerViews):
                               f"(train.max_nonfinite_steps={limit}; rewards: {names}): see the warnings above for why")
 
     def advantages(self, rewards: Tensor, group_ids: Tensor, keep: Tensor, traj=None, cond=None,
-                   components: Optional[dict] = None) -> tuple[Tensor, Tensor, dict]:
+                   components: Optional[dict] = None, groups_per_round: Optional[int] = None) -> tuple[Tensor, Tensor, dict]:
         """Advantages ``[B]`` (group-normalised outcome; with ``objective.reward_mix: advantage`` the weighted sum
         of each reward's own, from ``components``, its scores by name) or ``[B, K]`` (dense objectives, from
         ``flowalign.step_rewards.dense_step_advantages``); samples with a dropped reward or only
-        zero advantages are masked out, and with ``train.oversample > 1`` those past the first
-        ``prompts_per_iter`` groups with a kept sample over all processes."""
+        zero advantages are masked out, and with ``train.oversample > 1`` (or more than one sampling round:
+        ``group_ids`` numbered round after round, ``groups_per_round`` of them per process and round) those past
+        the first ``prompts_per_iter`` groups with a kept sample over all processes, in the order drawn."""
         from flowalign.advantages import first_informative_groups, mean_group_std, nonzero_mask, zero_variance_fraction
 
         ocfg = self.config.objective
@@ -406,11 +484,14 @@ class Trainer(OptimizerViews):
             adv = kept_multi_reward_advantages(values, ids, weights, std=ocfg.adv_std, eps=ocfg.adv_eps, clip=ocfg.adv_clip)[mine]
         keep = keep & nonzero_mask(adv)
         all_ids = self._gather_group_ids(group_ids)  # every process's rows, in process order
-        if self.config.train.oversample > 1.0:
+        num_groups = int(group_ids.unique().numel())
+        per_round = groups_per_round or num_groups
+        if self.config.train.oversample > 1.0 or num_groups > per_round:
             # DAPO's dynamic sampling: the first prompts_per_iter groups with a signal over every process's groups, in the
-            # order one process would roll them out (the sampler splits its window in process order), so the trained rows
-            # do not depend on the process count
-            chosen = first_informative_groups(self._gather(keep.float()).bool(), all_ids, self.config.train.prompts_per_iter)
+            # order one process would roll them out (the sampler splits each window in process order; windows follow each
+            # other), so the trained rows do not depend on the process count
+            rank = self._draw_rank(group_ids, per_round)
+            chosen = first_informative_groups(self._gather(keep.float()).bool(), all_ids, self.config.train.prompts_per_iter, rank=rank)
             keep = chosen[self._own_rows(keep.shape[0])]
             metrics["samples/groups_trained"] = float(all_ids[chosen].unique().numel())
         trained = self._gather(keep.float()).bool()
@@ -603,6 +684,15 @@ class Trainer(OptimizerViews):
     def _gather_group_ids(self, group_ids: Tensor) -> Tensor:
         """Every process's ``group_ids`` in process order, made distinct across processes."""
         return self._gather(group_ids + 10**9 * self.accelerator.process_index)
+
+    def _draw_rank(self, group_ids: Tensor, groups_per_round: int) -> Tensor:
+        """Every process's rows' group position in the order one process would draw them: round after round, each
+        round's window split over the processes in process order (``group_ids``: this process's, numbered round
+        after round, ``groups_per_round`` per round)."""
+        local = group_ids.cpu().long()
+        round_index, within = local // groups_per_round, local % groups_per_round
+        rank = (round_index * self.accelerator.num_processes + self.accelerator.process_index) * groups_per_round + within
+        return self._gather(rank)
 
     def _sum_over_processes(self, value: float) -> float:
         """A count (NFE, dropped samples) summed over every process."""
