@@ -903,6 +903,11 @@ def _helped_fields(item: Any) -> list[str]:
 def config_hash(config: FlowalignConfig) -> str:
     """sha256 (16 hex digits) of the settings that define a run's trajectory (not its length/logging;
     its length too under a decaying ``train.lr_schedule``, whose horizon it is)."""
+    return hashlib.sha256(json.dumps(_hashed_settings(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _hashed_settings(config: FlowalignConfig) -> dict:
+    """The config as a dict of the settings :func:`config_hash` covers."""
     data = to_dict(config)
     decays = data["train"].get("lr_schedule", "constant") != "constant"  # a decay's horizon is the run length
     for section, key in _HASH_EXCLUDE:
@@ -914,11 +919,12 @@ def config_hash(config: FlowalignConfig) -> str:
     for entry in data["rewards"]:  # the same for keys of a reward entry
         if entry.get("label") is None:
             entry.pop("label", None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return data
 
 
-def config_diff(a: FlowalignConfig, b: FlowalignConfig) -> list[str]:
-    """Dotted keys whose values differ between ``a`` and ``b`` (for resume warnings)."""
+def config_diff(a: FlowalignConfig, b: FlowalignConfig, hashed_only: bool = False) -> list[str]:
+    """Dotted keys whose values differ between ``a`` and ``b`` (for resume warnings); with ``hashed_only``
+    only those :func:`config_hash` covers, the settings that change what a run computes."""
 
     def flat(d: Any, prefix: str = "") -> dict:
         if isinstance(d, dict):
@@ -928,5 +934,6 @@ def config_diff(a: FlowalignConfig, b: FlowalignConfig) -> list[str]:
             return out
         return {prefix: d}
 
-    fa, fb = flat(to_dict(a)), flat(to_dict(b))
+    view = _hashed_settings if hashed_only else to_dict
+    fa, fb = flat(view(a)), flat(view(b))
     return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))

@@ -53,6 +53,18 @@ def test_config_hash_ignores_run_length_but_not_the_math():
     assert C.config_diff(base, C.load_config(None, ["train.lr=1.0e-5"])) == ["train.lr"]
 
 
+def test_config_diff_hashed_only_names_the_settings_that_change_the_run():
+    base = C.load_config(None)
+    longer = C.load_config(None, ["train.iterations=999", "train.lr=1.0e-5", "train.log_with=[]"])
+    assert C.config_diff(base, longer) == ["train.iterations", "train.log_with", "train.lr"]
+    assert C.config_diff(base, longer, hashed_only=True) == ["train.lr"]
+    # a decaying schedule's horizon is the run length: there train.iterations changes the run
+    decaying = C.load_config(None, ["train.lr_schedule=cosine"])
+    assert C.config_diff(decaying, C.load_config(None, ["train.lr_schedule=cosine", "train.iterations=999"]), hashed_only=True) == ["train.iterations"]
+    # a key hashed only away from its default (older runs lacked it) counts when it moves
+    assert C.config_diff(base, C.load_config(None, ["train.max_sampling_rounds=2"]), hashed_only=True) == ["train.max_sampling_rounds"]
+
+
 @pytest.mark.parametrize(
     "data, message",
     [

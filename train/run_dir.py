@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Optional, Union
 
 from flowalign import checkpoint as ckpt
-from flowalign.config import _HASH_EXCLUDE as HASH_EXCLUDE
 from flowalign.config import FlowalignConfig, config_diff, config_hash, load_config
 from flowalign.errors import CheckpointError, ConfigError
 from flowalign.train.run_lock import LOCK_NAME, refuse_file
@@ -90,8 +89,7 @@ def prepare_run_dir(run_dir: Path, config: FlowalignConfig, resume: bool, overwr
             previous = load_config(run_dir / "config.yaml")
             changed = config_diff(previous, config)
             if config_hash(previous) != config_hash(config):  # before the model loads (the checkpoint would refuse it after)
-                free = {".".join(key) for key in HASH_EXCLUDE}
-                blamed = [k for k in changed if k not in free] or changed  # (a decaying lr schedule hashes train.iterations)
+                blamed = config_diff(previous, config, hashed_only=True) or changed
                 raise CheckpointError(f"cannot resume {run_dir}: it was trained with config hash {config_hash(previous)}, this "
                                       f"config's is {config_hash(config)}; the settings that change the run: {', '.join(blamed)}. "
                                       f"--resume may change only what does not change the computation (such as train.iterations "
