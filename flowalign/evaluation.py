@@ -613,6 +613,25 @@ def shard_rows(num_samples: int, shard: Optional[tuple[int, int]]) -> list[int]:
     return list(range(index, num_samples, count))
 
 
+def merge_shares(parts: Sequence[tuple[Sequence[int], Sequence[float]]], n: int) -> Tensor:
+    """``[n]`` per-sample values from every process's ``(sample indices, values)`` share of a split
+    evaluation (:func:`shard_rows`), each index exactly once: what ``flowalign eval --corrected-by``
+    gathers of its quality scores."""
+    merged = torch.full((n,), float("nan"))
+    seen = torch.zeros(n, dtype=torch.bool)
+    for rows, values in parts:
+        rows = torch.as_tensor(list(rows), dtype=torch.long)
+        values = torch.as_tensor(list(values), dtype=torch.float32)
+        if rows.numel() != values.numel():
+            raise ValueError(f"a share has {rows.numel()} sample indices for {values.numel()} values")
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n or bool(seen[rows].any()) or rows.unique().numel() != rows.numel()):
+            raise RuntimeError(f"the processes' shares do not cover samples 0..{n - 1} exactly once")
+        merged[rows], seen[rows] = values, True
+    if not bool(seen.all()):
+        raise RuntimeError(f"the processes' shares do not cover samples 0..{n - 1} exactly once")
+    return merged
+
+
 def _merge_parts(parts: Sequence[_Part], n: int) -> _Part:
     """The parts of every process as one part over samples ``0 .. n-1`` (each index exactly once)."""
     order = sorted((r, k, j) for k, part in enumerate(parts) for j, r in enumerate(part.rows))

@@ -570,3 +570,20 @@ def test_a_split_evaluation_refuses_shares_that_do_not_cover_every_sample_once(a
         evaluate(adapter, RECORDS, TagBrightness(0.5), shard=(0, 2), **kw)
     with pytest.raises(ConfigError, match="0 <= index < count"):
         evaluate(adapter, RECORDS, TagBrightness(0.5), shard=(2, 2), gather=lambda part: [part], **kw)
+
+
+def test_merge_shares_puts_every_process_value_at_its_sample_index():
+    from flowalign.evaluation import merge_shares, shard_rows
+
+    # 7 samples over 3 processes: rows 0,3,6 / 1,4 / 2,5, each process's values in its own row order
+    parts = [(shard_rows(7, (k, 3)), [10.0 * r for r in shard_rows(7, (k, 3))]) for k in range(3)]
+    assert merge_shares(parts, 7).tolist() == [0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0]
+    assert merge_shares([([], [])], 0).numel() == 0
+    with pytest.raises(RuntimeError, match="exactly once"):
+        merge_shares(parts[:2], 7)  # sample 2 and 5 missing
+    with pytest.raises(RuntimeError, match="exactly once"):
+        merge_shares(parts + [([3], [1.0])], 7)  # sample 3 twice
+    with pytest.raises(RuntimeError, match="exactly once"):
+        merge_shares([([0, 7], [1.0, 2.0])], 7)  # out of range
+    with pytest.raises(ValueError, match="2 sample indices for 1 values"):
+        merge_shares([([0, 1], [1.0])], 2)

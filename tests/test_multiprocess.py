@@ -336,10 +336,10 @@ def test_the_other_processes_wait_for_the_main_ones_final_outputs_as_long_as_the
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
 def test_flowalign_eval_splits_its_samples_over_a_launch(tmp_path):
     """``torchrun ... flowalign eval``: each process samples every other sample, the main one prints and writes the
-    same eval.json as one process (to float rounding)."""
+    same eval.json as one process (to float rounding), the ``--corrected-by`` quality of every sample included."""
     (tmp_path / "heldout.jsonl").write_text("".join(HELDOUT.read_text().splitlines(keepends=True)[:5]))
     args = ["eval", "--model", "tiny-sd3", "--prompts", str(tmp_path / "heldout.jsonl"), "--reward", "brightness", "--steps", "2",
-            "--guidance", "1.0", "--num-samples", "7", "--batch-size", "2", "--no-progress"]
+            "--guidance", "1.0", "--num-samples", "7", "--batch-size", "2", "--no-progress", "--corrected-by"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     two = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "flowalign.train.cli", *args, "--out",
                           str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
@@ -347,8 +347,12 @@ def test_flowalign_eval_splits_its_samples_over_a_launch(tmp_path):
     assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0
     for k, share in ((0, 4), (1, 3)):
         assert f"evaluation share {k} of 2: sampled {share} of the 7 samples" in two.stderr, two.stderr[-3000:]
-    assert two.stdout.count("| **all** | 7 |") == 1  # the main process alone prints the table
+    assert two.stdout.count("| **all** | 7 |") == 2  # the main process alone prints the tables (accuracy, corrected score)
     one, split = (json.loads((tmp_path / run / "eval.json").read_text()) for run in ("one", "two"))
     assert split["settings"]["processes"] == 2 and one["settings"]["processes"] == 1
     assert split["samples"]["prompt"] == one["samples"]["prompt"] and split["samples"]["noise_fingerprint"] == one["samples"]["noise_fingerprint"]
     assert split["samples"]["score"] == pytest.approx(one["samples"]["score"], rel=1e-5, abs=1e-6)
+    quality = one["corrected"]["quality_scores"]
+    assert len(quality) == 7 and len(set(quality)) > 1  # per sample, in sample order (not all alike)
+    assert split["corrected"]["quality_scores"] == pytest.approx(quality, rel=1e-5, abs=1e-6)
+    assert split["corrected"]["categories"]["all"]["count"] == 7

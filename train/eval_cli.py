@@ -347,7 +347,7 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
 
     from flowalign.train.model import build_adapter
 
-    accelerator, device = _launch(options, tap)
+    accelerator, device = _launch(options)
     try:
         adapter = build_adapter(ModelConfig(pretrained=options.model, dtype=options.dtype, resolution=options.resolution, adapter=options.adapter,
                                             adapter_kwargs=_adapter_kwargs(options.adapter_kwargs)), device)
@@ -368,6 +368,12 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
     )
     result.settings.update({"model": options.model, "prompts_file": str(options.prompts), "device": options.device, "dtype": options.dtype,
                             "processes": 1 if accelerator is None else accelerator.num_processes})
+    if tap is not None:  # the quality of every sample in order: this process's share of them, then every process's
+        quality = torch.cat(tap.qualities) if tap.qualities else torch.zeros(0)
+        if accelerator is not None:
+            from flowalign.evaluation import merge_shares, shard_rows
+
+            quality = merge_shares(gather_shares((shard_rows(len(indices), shard), quality.tolist())), len(indices))
     if accelerator is not None:
         accelerator.end_training()  # every process has the whole result; the process group is released
     result.main_process = main_process
@@ -375,7 +381,6 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
     if tap is not None:
         from flowalign.corrected import corrected_summary
 
-        quality = torch.cat(tap.qualities)  # [N], one per sample in order
         result.corrected = {
             "quality": options.corrected_by, "q0": options.corrected_q0, "c": options.corrected_c, "reference": options.corrected_reference,
             "categories": corrected_summary(result.tags, result.scores, quality, options.corrected_q0, options.corrected_c),
@@ -413,7 +418,7 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
     return result
 
 
-def _launch(options: EvalOptions, tap) -> tuple:
+def _launch(options: EvalOptions) -> tuple:
     """``(accelerator or None, device)``. Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) every
     process samples every N-th sample (``evaluate``'s ``shard``) on its own device and the main one writes; a
     single process uses ``--device``."""
@@ -423,8 +428,6 @@ def _launch(options: EvalOptions, tap) -> tuple:
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None, torch.device(options.device)
-    if tap is not None:
-        raise ConfigError("--corrected-by runs in one process; launch flowalign eval without torchrun for it")
     from flowalign.train.runtime import make_accelerator
 
     accelerator = make_accelerator(timeout_min=120.0)
