@@ -239,13 +239,13 @@ def test_one_round_is_the_default_and_logs_no_round_count(tmp_path):
         trainer.cleanup()
 
 
-def test_draw_rank_orders_groups_round_after_round_then_by_process():
+def test_global_group_index_orders_groups_round_after_round_then_by_process():
     """Process 1 of 2, 2 groups per process and round: its round-0 groups are the 3rd and 4th drawn (process 0 has
-    the 1st and 2nd), its round-1 groups the 7th and 8th."""
-    from types import SimpleNamespace
+    the 1st and 2nd), its round-1 groups the 7th and 8th; one process numbers its groups as they come."""
+    from flowalign.train.runtime import global_group_index
 
-    fake = SimpleNamespace(accelerator=SimpleNamespace(num_processes=2, process_index=1), _gather=lambda t: t)
     local = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    assert Trainer._draw_rank(fake, local, 2).tolist() == [2, 2, 3, 3, 6, 6, 7, 7]
-    fake.accelerator.process_index = 0
-    assert Trainer._draw_rank(fake, local, 2).tolist() == [0, 0, 1, 1, 4, 4, 5, 5]
+    assert global_group_index(local, 2, 1, 2).tolist() == [2, 2, 3, 3, 6, 6, 7, 7]
+    assert global_group_index(local, 2, 0, 2).tolist() == [0, 0, 1, 1, 4, 4, 5, 5]
+    assert global_group_index(local, 2, 0, 1).tolist() == local.tolist()
+    assert [global_group_index(g, 3, 2, 3) for g in range(6)] == [6, 7, 8, 15, 16, 17]  # ints too (the noise streams' index)

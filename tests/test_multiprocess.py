@@ -54,7 +54,9 @@ REPORT = ["train.eval_prompts={tmp}/heldout.jsonl", "train.final_eval_samples=7"
 # DAPO's sample-until-full with a reward that is flat for the 2 red demo prompts of 8: an iteration whose first window of
 # 4 prompts (2 per process) holds one needs a second window, and then has 5-6 groups with a signal, of which the first 4
 # in draw order train (a window's process 0 groups, then process 1's); the module is written to {tmp} (on sys.path)
-UNTIL_FULL = ["train.max_sampling_rounds=4", "rewards=[{name: 'flat_red:FlatForRed'}]"]
+# DiffusionNFT's forward-process draws are seeded per group too: a later window's groups must get their own streams
+UNTIL_FULL = ["train.max_sampling_rounds=4", "rewards=[{name: 'flat_red:FlatForRed'}]",
+              "objective.name=nft", "objective.kwargs={num_timesteps: 2}", "sampling.kernel=ode"]
 FLAT_RED = """import torch
 from flowalign.rewards.base import Reward, RewardOutput
 

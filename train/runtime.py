@@ -83,6 +83,15 @@ def cat_trajectories(trajs: Sequence[Any]) -> Any:
 
 
 @torch.no_grad()
+def global_group_index(local, groups_per_round: int, process_index: int, num_processes: int):
+    """The index one process would give a group (int or tensor ``local``: this process's group ids, numbered
+    round after round, ``groups_per_round`` per round): the sampler splits each round's window over the
+    processes in process order, and the rounds follow each other. Seeds each group's noise streams
+    (``noise_seeding: group``) and orders DAPO's group choice, so neither depends on the process count."""
+    round_index, within = local // groups_per_round, local % groups_per_round
+    return (round_index * num_processes + process_index) * groups_per_round + within
+
+
 def rollout_groups(adapter, records: Sequence[Any], cond, sampling_cfg, schedule, generator: torch.Generator, iteration: int,
                    seed: int, first_group: int, drift=None, on_step=None, levels=None):
     """Roll out one process's prompt ``records`` (``group_size`` samples each) with ``sampling_cfg``'s settings.

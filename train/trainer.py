@@ -364,8 +364,7 @@ class Trainer(OptimizerViews):
         s = self.config.sampling
         bar = self._bar("rollout" if round_index == 0 else f"rollout (round {round_index + 1})",
                         total=s.num_steps * (len(records) if s.noise_seeding == "group" else 1), unit="step")
-        # global group index of this process's first group: rounds follow each other, processes within a round
-        first_group = (round_index * self.accelerator.num_processes + self.accelerator.process_index) * len(records)
+        first_group = self._global_group(round_index * len(records), len(records))  # this process's first group of the round
         with self._sampling_policy():
             cond = self.adapter.encode([r.prompt for r in records], do_classifier_free_guidance=s.guidance_scale > 1.0)
             traj = runtime.rollout_groups(self.adapter, records, cond, s, self.schedule, self.generator, self.iteration,
@@ -593,9 +592,9 @@ class Trainer(OptimizerViews):
         update (more than one optimizer step, or a lagging old policy)."""
         group_generator = None
         if self.config.sampling.noise_seeding == "group":  # each group's draws from its own stream: layout-invariant
-            first = self.accelerator.process_index * trainer_setup.prompts_drawn_per_process(self.config.train, self.accelerator.num_processes)
+            per_round = trainer_setup.prompts_drawn_per_process(self.config.train, self.accelerator.num_processes)
             seed, iteration = self.config.train.seed, self.iteration
-            group_generator = lambda g: runtime.forward_generator(seed, iteration, first + g)  # noqa: E731
+            group_generator = lambda g: runtime.forward_generator(seed, iteration, self._global_group(g, per_round))  # noqa: E731
         self._draws = fp.draw(batch.traj, self.objective, self.config.objective.timestep_fraction, self.generator, group_generator)
         if optimizer_steps > 1 or self.optim.old_policy is not None:
             with self._sampling_policy():  # batch.cond is the rollout's encoding, by the same weights
@@ -685,14 +684,15 @@ class Trainer(OptimizerViews):
         """Every process's ``group_ids`` in process order, made distinct across processes."""
         return self._gather(group_ids + 10**9 * self.accelerator.process_index)
 
+    def _global_group(self, local, groups_per_round: int):
+        """:func:`runtime.global_group_index` of this process's group id(s) ``local``."""
+        return runtime.global_group_index(local, groups_per_round, self.accelerator.process_index, self.accelerator.num_processes)
+
     def _draw_rank(self, group_ids: Tensor, groups_per_round: int) -> Tensor:
         """Every process's rows' group position in the order one process would draw them: round after round, each
         round's window split over the processes in process order (``group_ids``: this process's, numbered round
         after round, ``groups_per_round`` per round)."""
-        local = group_ids.cpu().long()
-        round_index, within = local // groups_per_round, local % groups_per_round
-        rank = (round_index * self.accelerator.num_processes + self.accelerator.process_index) * groups_per_round + within
-        return self._gather(rank)
+        return self._gather(self._global_group(group_ids.cpu().long(), groups_per_round))
 
     def _sum_over_processes(self, value: float) -> float:
         """A count (NFE, dropped samples) summed over every process."""
