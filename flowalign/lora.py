@@ -299,11 +299,14 @@ def lora_metadata(module: nn.Module) -> Optional[dict]:
     restores the same ``alpha / r`` scale (without it diffusers assumes alpha = r). ``lora_dropout``
     is written as 0: dropout is a training-time regulariser, not part of the weights, and diffusers
     creates a loaded LoRA's dropout in train mode, so a non-zero value would randomise every image.
+    Sets (peft keeps ``target_modules`` as one) become sorted lists, so the file's bytes do not depend
+    on Python's string hash seed.
     """
     config = getattr(module, "peft_config", {}).get(ADAPTER_NAME)
     if config is None:
         return None
-    return {**config.to_dict(), "lora_dropout": 0.0}
+    data = {key: sorted(value, key=str) if isinstance(value, (set, frozenset)) else value for key, value in config.to_dict().items()}
+    return {**data, "lora_dropout": 0.0}
 
 
 def save_lora_weights(pipeline, directory: Union[str, Path], state: dict[str, Tensor], metadata: Optional[dict] = None) -> Path:

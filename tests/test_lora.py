@@ -430,3 +430,33 @@ def test_concurrent_atomic_writes_of_one_file_from_threads_do_not_collide(tmp_pa
     from flowalign.train.run_dir import _is_temporary
 
     assert all(_is_temporary(name) for name in seen)  # --overwrite still recognises them as a run's temporaries
+
+
+LORA_METADATA_SCRIPT = """
+import json, sys
+import torch
+from flowalign import lora
+module = torch.nn.Sequential()
+for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+    module.add_module(name, torch.nn.Linear(4, 4))
+lora.add_lora(module, rank=2, alpha=4.0, target_modules=["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"])
+sys.stdout.write(json.dumps(lora.lora_metadata(module), sort_keys=True))
+"""
+
+
+def test_lora_metadata_lists_targets_sorted_whatever_the_hash_seed():
+    """peft keeps target_modules as a set, whose order follows Python's string hash seed; the LoRA file's header
+    (and so its bytes) must not."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    outputs = []
+    for hash_seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        done = subprocess.run([sys.executable, "-c", LORA_METADATA_SCRIPT], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(done.stdout)
+    assert outputs[0] == outputs[1]
+    assert json.loads(outputs[0])["target_modules"] == ["add_k_proj", "add_q_proj", "add_v_proj", "to_k", "to_q", "to_v"]
