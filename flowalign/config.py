@@ -212,7 +212,7 @@ class LoraConfig:
     alpha: float = field(default=64.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
     target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Module names to adapt; null = the adapter's defaults."})
     init: str = field(default="gaussian", metadata={"help": "peft init_lora_weights: 'gaussian' or 'default' (both start with a zero update)."})
-    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout probability."})
+    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout probability, active only in the update's gradient forward. Online: forward-process objectives (nft, awm) only (a step objective's ratio would be randomised); offline: any."})
     train_text_encoder: bool = field(default=False, metadata={"help": "Also train LoRA on the adapter's text encoders (SD3: the CLIP pair); the LoRA file then holds text_encoder. / text_encoder_2. keys as well."})
     text_encoder_target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Text-encoder module names to adapt; null = the adapter's defaults (CLIP: q/k/v/out_proj)."})
     text_encoder_lr: Optional[float] = field(default=None, metadata={"help": "Learning rate of the text-encoder LoRA (diffusers' --text_encoder_lr); null = the run's lr (train.lr; lr in an offline recipe). Follows its lr schedule."})
@@ -235,18 +235,20 @@ class ObjectiveConfig:
     """The policy loss (flowalign.objectives) and its advantages (flowalign.advantages)."""
 
     name: str = field(default="grpo", metadata={"help": "Registered objective name (grpo, dense_grpo, ...)."})
-    clip_range: Optional[float] = field(default=None, metadata={"help": "PPO ratio clip epsilon; null = the objective's own default (grpo, dense_grpo, nft: 1e-4; tp_grpo: 1e-5; awm: 1.0)."})
-    kl_beta: Optional[float] = field(default=None, metadata={"help": "Weight of the KL to the reference (LoRA disabled); 0 skips the reference pass; null = the objective's own default (0 for every built-in one)."})
+    clip_range: Optional[float] = field(default=None, metadata={"help": "PPO ratio clip epsilon; null = the objective's own default (grpo, dense_grpo: 1e-4; tp_grpo: 1e-5; awm: 1.0). nft has no ratio (its trust region is objective.kwargs.beta) and ignores it."})
+    kl_beta: Optional[float] = field(default=None, metadata={"help": "Weight of the KL to the reference (LoRA disabled) in the loss; 0 leaves the reference out of the loss (the diagnostic kl/ref still runs every train.ref_kl_every iterations; 0 there skips it); null = the objective's own default (0 for every built-in one)."})
     adv_clip: float = field(default=5.0, metadata={"help": "Clip advantages to [-adv_clip, adv_clip]."})
     adv_std: str = field(default="group", metadata={"help": "Divide group-centred rewards by the 'group' std (Flow-GRPO), the 'global' std of the batch, or not at all ('none': Dr. GRPO, arXiv:2503.20783, so a group's weight follows its reward spread)."})
     adv_eps: float = field(default=1e-4, metadata={"help": "Added to the std when normalising advantages."})
     reward_mix: str = field(default="reward", metadata={"help": "How several rewards combine: 'reward' (group advantages of their weighted sum) or 'advantage' (the weighted sum of each reward's own group advantages, so each counts on its own scale; flowalign.advantages.multi_reward_advantages). Per-sample objectives only."})
-    timestep_fraction: float = field(default=1.0, metadata={"help": "Fraction of the stochastic steps trained on (the first ones)."})
+    timestep_fraction: float = field(default=1.0, metadata={"help": "Fraction of the steps trained on, the first ones: step objectives train max(1, floor(fraction x stochastic steps)) of the rollout's stochastic steps; forward-process objectives (nft, awm) draw their sigmas from the first ceil(fraction x num_steps) of the sampler's grid."})
     cfg_in_training: bool = field(default=True, metadata={"help": "Apply CFG in the policy/reference velocity during the update (as while sampling); false needs guidance_scale 1 or a forward-process objective (nft, awm)."})
     kwargs: dict = field(default_factory=dict, metadata={"help": "Extra keyword arguments of the objective."})
 
     def __post_init__(self):
         _check(self.clip_range is None or self.clip_range > 0, f"objective.clip_range must be null or > 0, got {self.clip_range}")
+        _check(self.clip_range is None or self.name != "nft", f"objective.clip_range={self.clip_range} has no effect with nft (it has no ratio "
+                                                               "to clip; its trust region is objective.kwargs.beta): remove it")
         _check(self.kl_beta is None or self.kl_beta >= 0, f"objective.kl_beta must be null or >= 0, got {self.kl_beta}")
         _check(self.adv_clip > 0, f"objective.adv_clip must be > 0, got {self.adv_clip}")
         _choice("objective.adv_std", self.adv_std, ("group", "global", "none"))
@@ -267,7 +269,7 @@ class TrainConfig:
     oversample: float = field(
         default=1.0,
         metadata={"help": "Roll out and score oversample times as many prompts per iteration (per process: ceil(oversample * prompts_per_iter "
-                          "/ processes)) and train on the first prompts_per_iter of their groups (over all processes) with a non-zero advantage (DAPO's dynamic "
+                          "/ processes); on several processes that must not round, else setup refuses it) and train on the first prompts_per_iter of their groups (over all processes) with a non-zero advantage (DAPO's dynamic "
                           "sampling, arXiv:2503.14476, in one pass; train.max_sampling_rounds draws until the batch is full); 1 = train on every group drawn."},
     )
     max_sampling_rounds: int = field(
@@ -279,8 +281,8 @@ class TrainConfig:
     )
     iterations: int = field(default=100, metadata={"help": "Rollout + update iterations."})
     inner_epochs: int = field(default=1, metadata={"help": "Passes over each iteration's samples."})
-    micro_batch_size: int = field(default=4, metadata={"help": "Samples per forward pass (each micro-batch is one trained step of these samples)."})
-    grad_accum: int = field(default=1, metadata={"help": "Micro-batches whose gradients are summed per optimizer step (a remainder at the end of an epoch is stepped too)."})
+    micro_batch_size: int = field(default=4, metadata={"help": "Samples per forward pass of the update, per process (each micro-batch is one trained step of these samples)."})
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches (of one process) whose gradients are summed per optimizer step (a remainder at the end of an epoch is stepped too); the optimizer steps per iteration therefore depend on the process count unless one step takes the whole iteration."})
     lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate (the peak, under a schedule)."})
     lr_schedule: str = field(default="constant", metadata={"help": "Learning-rate schedule over iterations: constant, linear or cosine (flowalign.lr_schedule)."})
     lr_warmup: int = field(default=0, metadata={"help": "Iterations of linear warmup before the schedule (0 = none)."})
@@ -290,13 +292,13 @@ class TrainConfig:
     adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the LoRA gradient norm to this value (0 = no clipping)."})
     ema: bool = field(default=False, metadata={"help": "Keep an exponential moving average of the LoRA weights (saved and used for eval)."})
-    ema_decay: float = field(default=0.9, metadata={"help": "EMA decay per optimizer step (train.ema_schedule: constant)."})
+    ema_decay: float = field(default=0.9, metadata={"help": "EMA decay per EMA update, i.e. every train.ema_every optimizer steps (train.ema_schedule: constant)."})
     ema_every: int = field(default=1, metadata={"help": "Update the EMA every n-th optimizer step (Flow-GRPO's EMAModuleWrapper update_step_interval: 8)."})
     ema_schedule: str = field(
         default="constant",
-        metadata={"help": "constant: decay train.ema_decay at every step; power: EDM2's power-function average, decay "
-                          "(1 - 1/t)^(ema_power + 1) at optimizer step t = 1, 2, ..., which weights step i's LoRA about "
-                          "in proportion to i^ema_power (0 = the plain mean of every step's weights; larger = more recent)."})
+        metadata={"help": "constant: decay train.ema_decay at every EMA update (every train.ema_every optimizer steps); power: EDM2's power-function average, decay "
+                          "(1 - 1/t)^(ema_power + 1) at EMA update t = 1, 2, ..., which weights update i's LoRA about "
+                          "in proportion to i^ema_power (0 = the plain mean of every update's weights; larger = more recent)."})
     ema_power: float = field(default=0.0, metadata={"help": "The power-function EMA's exponent gamma >= 0 (train.ema_schedule: power)."})
     old_policy_rate: float = field(
         default=0.0,
@@ -311,7 +313,7 @@ class TrainConfig:
     output_dir: str = field(default="runs/toy_grpo", metadata={"help": "Run directory: config.yaml, metrics.csv, checkpoints/, the final LoRA."})
     checkpoint_every: int = field(default=10, metadata={"help": "Write a checkpoint every N iterations and after the last one (0 = only after the last one)."})
     keep_checkpoints: int = field(default=2, metadata={"help": "Keep the last K checkpoints."})
-    log_with: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": f"Trackers besides metrics.csv, from {LOG_BACKENDS}."})
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": f"Trackers besides metrics.csv (always written), from {LOG_BACKENDS}; 'csv' names that file and adds nothing."})
     max_nonfinite_steps: int = field(default=5, metadata={"help": "Abort after this many consecutive micro-batches with a NaN/inf loss, optimizer steps with a NaN/inf gradient norm (each is skipped), or iterations whose every reward was dropped."})
     eval_every: int = field(default=0, metadata={"help": "Write an eval image grid every N iterations (0 = only at the end, -1 = never)."})
     ref_kl_every: int = field(

@@ -72,7 +72,7 @@ class DenseConfig:
     """
 
     estimator: str = field(default="ode", metadata={"help": f"How R_k is estimated, one of {ESTIMATORS}: full ODE completion, ODE completion on every `stride`-th sigma, or the one-step x0 prediction (Tweedie)."})
-    stride: int = field(default=1, metadata={"help": "Sigma stride λ of the ODE completion (1 = every sigma; 'ode_stride' needs >= 2)."})
+    stride: int = field(default=1, metadata={"help": "Sigma stride λ of the ODE completion of estimator 'ode_stride' (>= 2 there; the other estimators take 1)."})
     credit: str = field(default="gain", metadata={"help": f"Credit assignment of the step rewards, one of {CREDITS}: the step reward itself, sum-form return sum_j>=k gamma^(j-k) r_j, or min-form value min_j>=k r_j."})
     gamma: float = field(default=1.0, metadata={"help": "Discount of the sum-form return (credit='sum')."})
     balance: bool = field(default=False, metadata={"help": "TP-GRPO: keep equally many positive and negative turning-point replacements."})
@@ -92,6 +92,9 @@ class DenseConfig:
             raise ConfigError(f"dense.credit={self.credit!r} is not one of {list(CREDITS)}")
         if self.stride < 1 or (self.estimator == "ode_stride" and self.stride < 2):
             raise ConfigError(f"dense.stride must be >= 1 (>= 2 for estimator 'ode_stride'), got {self.stride}")
+        if self.stride > 1 and self.estimator != "ode_stride":
+            raise ConfigError(f"dense.stride={self.stride} needs dense.estimator=ode_stride (the strided ODE completion); "
+                              f"estimator {self.estimator!r} completes on every sigma")
         if not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"dense.gamma must be in [0, 1], got {self.gamma}")
         if self.max_batch is not None and self.max_batch < 1:

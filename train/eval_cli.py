@@ -100,7 +100,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--prompts", default=d.prompts, help="prompt file, .txt or .jsonl with a 'tag' per record (default: %(default)s)")
     parser.add_argument("--reward", default=d.reward, help="reward name, entry point or 'pkg.module:Class' (default: %(default)s)")
     parser.add_argument("--num-samples", type=int, default=None,
-                        help=f"total samples, cycling over the prompts (default: whole passes until >= {DEFAULT_MIN_SAMPLES})")
+                        help=f"total samples, cycling over the prompts; at least one per prompt (default: whole passes until >= {DEFAULT_MIN_SAMPLES})")
     parser.add_argument("--samples-per-prompt", type=int, default=None, help="consecutive samples per prompt visit (default 1, or the passes above)")
     parser.add_argument("--steps", type=int, default=None,
                         help=f"ODE sampling steps (default: the model's recommended count, as the trainer's report uses: 10 for the toy; else {FALLBACK_STEPS})")

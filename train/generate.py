@@ -40,7 +40,7 @@ class GenerateConfig:
 
     model: ModelConfig = field(default_factory=lambda: ModelConfig(pretrained="toy"), metadata={"help": "The pipeline to sample."})
     lora: Optional[str] = field(default=None, metadata={"help": "LoRA weights (pytorch_lora_weights.safetensors or its folder) loaded before sampling; null = base model."})
-    rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig(name="shapes")], metadata={"help": "Rewards to score every sample with; all are stored, plus 'total' (weighted sum) when there are several."})
+    rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig(name="shapes")], metadata={"help": "Rewards to score every sample with; all are stored (a verifier's details['partial'] too, as '<name>/partial'), plus 'total' (the weighted sum) when there are several or one's weight is not 1."})
     prompts: str = field(default="assets/prompts/shapes_train.jsonl", metadata={"help": "Prompt file (.txt or .jsonl)."})
     num_prompts: Optional[int] = field(default=None, metadata={"help": "Use only the first N prompts; null = all."})
     samples_per_prompt: int = field(default=6, metadata={"help": "Samples per prompt (G); GDRO groups use k <= G of them."})
