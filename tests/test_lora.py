@@ -446,17 +446,17 @@ sys.stdout.write(json.dumps(lora.lora_metadata(module), sort_keys=True))
 
 def test_lora_metadata_lists_targets_sorted_whatever_the_hash_seed():
     """peft keeps target_modules as a set, whose order follows Python's string hash seed; the LoRA file's header
-    (and so its bytes) must not."""
+    (and so its bytes) must not: this process (a random hash seed) and one with another seed agree."""
     import json
     import os
     import subprocess
     import sys
 
-    outputs = []
-    for hash_seed in ("1", "2"):
-        env = dict(os.environ, PYTHONHASHSEED=hash_seed, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-        done = subprocess.run([sys.executable, "-c", LORA_METADATA_SCRIPT], capture_output=True, text=True, env=env, timeout=120)
-        assert done.returncode == 0, done.stderr[-2000:]
-        outputs.append(done.stdout)
-    assert outputs[0] == outputs[1]
-    assert json.loads(outputs[0])["target_modules"] == ["add_k_proj", "add_q_proj", "add_v_proj", "to_k", "to_q", "to_v"]
+    env = dict(os.environ, PYTHONHASHSEED=str(1 + hash("seed") % 1000), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    done = subprocess.run([sys.executable, "-c", LORA_METADATA_SCRIPT], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    namespace: dict = {}
+    script = LORA_METADATA_SCRIPT.replace("sys.stdout.write(", "result = (")
+    exec(compile(script, "lora_metadata_script", "exec"), namespace)
+    assert done.stdout == namespace["result"]
+    assert json.loads(done.stdout)["target_modules"] == ["add_k_proj", "add_q_proj", "add_v_proj", "to_k", "to_q", "to_v"]
