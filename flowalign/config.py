@@ -247,8 +247,6 @@ class ObjectiveConfig:
 
     def __post_init__(self):
         _check(self.clip_range is None or self.clip_range > 0, f"objective.clip_range must be null or > 0, got {self.clip_range}")
-        _check(self.clip_range is None or self.name != "nft", f"objective.clip_range={self.clip_range} has no effect with nft (it has no ratio "
-                                                               "to clip; its trust region is objective.kwargs.beta): remove it")
         _check(self.kl_beta is None or self.kl_beta >= 0, f"objective.kl_beta must be null or >= 0, got {self.kl_beta}")
         _check(self.adv_clip > 0, f"objective.adv_clip must be > 0, got {self.adv_clip}")
         _choice("objective.adv_std", self.adv_std, ("group", "global", "none"))

@@ -74,7 +74,6 @@ def test_config_diff_hashed_only_names_the_settings_that_change_the_run():
         ({"train": {"lr": -1.0}}, "train.lr must be > 0, got -1.0"),
         ("train: {lr: .inf}\n", "train.lr must be a finite number, got inf"),
         ("train: {oversample: .inf}\n", "train.oversample must be a finite number, got inf"),
-        ("objective: {name: nft, clip_range: 0.5}\n", "objective.clip_range=0.5 has no effect with nft"),
         ("dense: {estimator: ode, stride: 2}\n", "dense.stride=2 needs dense.estimator=ode_stride"),
         ("dense: {estimator: tweedie, stride: 3}\n", "dense.stride=3 needs dense.estimator=ode_stride"),
         ("sampling: {guidance_scale: .nan}\n", "sampling.guidance_scale must be a finite number, got nan"),

@@ -175,12 +175,12 @@ def test_max_sampling_rounds_is_checked():
         load_config(None, ["train.max_sampling_rounds=0"])
 
 
-def _until_full_trainer(tmp_path, prompts: list[str], rounds: int, per_iter: int = 2):
+def _until_full_trainer(tmp_path, prompts: list[str], rounds: int, per_iter: int = 2, extra: tuple = ("rewards=[{name: test_flat_for_red}]",)):
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     config = load_config(None, [
         "sampling.num_steps=3", "sampling.guidance_scale=1.0", "sampling.group_size=4", f"train.prompts_per_iter={per_iter}",
-        "train.micro_batch_size=8", f"train.max_sampling_rounds={rounds}", f"train.prompts={path}", "rewards=[{name: test_flat_for_red}]",
+        "train.micro_batch_size=8", f"train.max_sampling_rounds={rounds}", f"train.prompts={path}", *extra,
         "lora.rank=2", "objective.kl_beta=0.0", "train.progress=false", "train.log_with=[]", "train.eval_every=-1",
         "train.checkpoint_every=0", f"train.output_dir={tmp_path / 'run'}",
     ])
@@ -249,3 +249,53 @@ def test_global_group_index_orders_groups_round_after_round_then_by_process():
     assert global_group_index(local, 2, 0, 2).tolist() == [0, 0, 1, 1, 4, 4, 5, 5]
     assert global_group_index(local, 2, 0, 1).tolist() == local.tolist()
     assert [global_group_index(g, 3, 2, 3) for g in range(6)] == [6, 7, 8, 15, 16, 17]  # ints too (the noise streams' index)
+
+
+def test_draw_order_hand_worked():
+    from flowalign.train.runtime import draw_order
+
+    # gathered process-major: process 0's groups drawn 1st (round 0) and 5th (round 1), process 1's 3rd and 7th
+    rank = torch.tensor([0, 0, 4, 4, 2, 2, 6, 6])
+    order, position = draw_order(rank)
+    assert order.tolist() == [0, 1, 4, 5, 2, 3, 6, 7]
+    assert position.tolist() == [0, 1, 4, 5, 2, 3, 6, 7] and position[4:].tolist() == [2, 3, 6, 7]  # process 1's rows
+
+
+def test_tp_grpo_balance_over_gathered_windows_matches_one_process_in_draw_order():
+    """TP-GRPO's balancing keeps turning points by row position among ties, so over several sampling windows the
+    two-process batch (gathered process-major) gives one process's advantages only once put in draw order."""
+    from flowalign.step_rewards import step_advantages
+    from flowalign.train.runtime import draw_order, global_group_index
+
+    K, G, per_round, differs = 4, 2, 1, 0
+    for seed in range(30):
+        gen = torch.Generator().manual_seed(seed)
+        # one process's batch: 4 windows of 2 groups (one per process), drawn in order g = 0..7, 2 rows each; discrete rewards
+        R_one = torch.randint(0, 3, (8 * G, K + 1), generator=gen).float() / 2
+        ids_one = torch.arange(8).repeat_interleave(G)
+        # two processes: process p holds the groups g with g % 2 == p (1 per round), gathered process-major
+        rows = [r for p in range(2) for r in range(8 * G) if int(ids_one[r]) % 2 == p]
+        local = torch.tensor([int(ids_one[r]) // 2 for r in rows])  # each process's group ids, round after round
+        proc = torch.tensor([int(ids_one[r]) % 2 for r in rows])
+        rank = torch.stack([global_group_index(l, per_round, int(p), 2) for l, p in zip(local, proc)])
+        assert torch.equal(rank, ids_one[rows])  # the draw rank is the one-process group index
+        kw = dict(method="tp_grpo", balance=True)
+        expect = step_advantages(R_one, ids_one, **kw)[rows]
+        order, position = draw_order(rank)
+        got = step_advantages(R_one[rows][order], rank[order], **kw)[position]
+        assert torch.equal(got, expect), seed
+        differs += not torch.equal(step_advantages(R_one[rows], rank, **kw), expect)  # process order instead
+    assert differs > 0  # the order does matter for some batches
+
+
+def test_a_weight_0_reward_does_not_count_as_a_signal_in_the_stop_rule(tmp_path):
+    """objective.reward_mix: advantage with a logged-only reward (weight 0) that varies in every group: the groups
+    still have no signal to train on, so every window is drawn."""
+    rewards = "rewards=[{name: test_flat_for_red, weight: 1.0}, {name: brightness, weight: 0.0}]"
+    trainer = _until_full_trainer(tmp_path, ["a red square", "a red circle", "a red star"], rounds=3,
+                                  extra=(rewards, "objective.reward_mix=advantage"))
+    try:
+        batch = trainer.collect()
+        assert batch.metrics["samples/sampling_rounds"] == 3 and not batch.keep.any()
+    finally:
+        trainer.cleanup()

@@ -92,6 +92,16 @@ def global_group_index(local, groups_per_round: int, process_index: int, num_pro
     return (round_index * num_processes + process_index) * groups_per_round + within
 
 
+def draw_order(rank: Tensor) -> tuple[Tensor, Tensor]:
+    """``(order, position)`` for gathered rows whose groups have draw ranks ``rank [N]``
+    (:func:`global_group_index`): ``rows[order]`` lists them in the order one process would draw them
+    (a group's rows keep their order), and ``position[i]`` is where gathered row ``i`` went."""
+    order = torch.argsort(torch.as_tensor(rank), stable=True)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel())
+    return order, position
+
+
 def rollout_groups(adapter, records: Sequence[Any], cond, sampling_cfg, schedule, generator: torch.Generator, iteration: int,
                    seed: int, first_group: int, drift=None, on_step=None, levels=None):
     """Roll out one process's prompt ``records`` (``group_size`` samples each) with ``sampling_cfg``'s settings.

@@ -335,7 +335,9 @@ class Trainer(OptimizerViews):
             rounds.append(_Round(traj, cond, total, keep, components, dropped, len(records)))
             if len(rounds) == cfg.max_sampling_rounds:
                 break
-            values = components if self.config.objective.reward_mix == "advantage" else total
+            weights = {r.key: r.weight for r in self.config.rewards}  # a weight-0 reward (logged only) gives no signal
+            values = ({k: v for k, v in components.items() if weights[k] != 0} if self.config.objective.reward_mix == "advantage"
+                      else total)
             with_signal += int(self._sum_over_processes(groups_with_spread(values, traj.group_ids.cpu(), keep)))
             if with_signal >= cfg.prompts_per_iter:
                 break
@@ -457,11 +459,14 @@ class Trainer(OptimizerViews):
         ocfg = self.config.objective
         group_ids = group_ids.cpu()
         metrics: dict = {}
+        num_groups = int(group_ids.unique().numel())
+        per_round = groups_per_round or num_groups
         if self.dense:
             from flowalign.step_rewards import dense_step_advantages
 
-            # advantages over every process's rows (a global std, TP-GRPO's balancing), so they do not depend on the process count
-            gather = self._gather_batch if self.accelerator.num_processes > 1 else None
+            # advantages over every process's rows in draw order (a global std, TP-GRPO's balancing), so they do not depend
+            # on the process count
+            gather = (lambda v, ids: self._gather_batch(v, ids, per_round)) if self.accelerator.num_processes > 1 else None
             with runtime.rewards_on_device(self.rewards.values(), self.device, self.config.train.offload_rewards):
                 adv, metrics = dense_step_advantages(self.adapter, traj, cond, self.rewards, self.config, gather=gather)
             adv = adv.cpu()
@@ -477,14 +482,12 @@ class Trainer(OptimizerViews):
             ids, mine = group_ids, slice(None)
             if ocfg.adv_std == "global" and self.accelerator.num_processes > 1:
                 # the std runs over every process's samples: normalise the gathered batch, keep our rows
-                gathered = {name: self._gather_batch(v, group_ids) for name, v in values.items()}
+                gathered = {name: self._gather_batch(v, group_ids, per_round) for name, v in values.items()}
                 ids, mine = next(iter(gathered.values()))[1:]
                 values = {name: g[0] for name, g in gathered.items()}
             adv = kept_multi_reward_advantages(values, ids, weights, std=ocfg.adv_std, eps=ocfg.adv_eps, clip=ocfg.adv_clip)[mine]
         keep = keep & nonzero_mask(adv)
         all_ids = self._gather_group_ids(group_ids)  # every process's rows, in process order
-        num_groups = int(group_ids.unique().numel())
-        per_round = groups_per_round or num_groups
         if self.config.train.oversample > 1.0 or num_groups > per_round:
             # DAPO's dynamic sampling: the first prompts_per_iter groups with a signal over every process's groups, in the
             # order one process would roll them out (the sampler splits each window in process order; windows follow each
@@ -698,9 +701,18 @@ class Trainer(OptimizerViews):
         """A count (NFE, dropped samples) summed over every process."""
         return float(self._gather(torch.tensor([float(value)])).sum())
 
-    def _gather_batch(self, values: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, slice]:
-        """Every process's ``values`` and (distinct) ``group_ids``, and the slice of this process's rows."""
-        return self._gather(values), self._gather_group_ids(group_ids), self._own_rows(values.shape[0])
+    def _gather_batch(self, values: Tensor, group_ids: Tensor, groups_per_round: Optional[int] = None) -> tuple[Tensor, Tensor, Any]:
+        """Every process's ``values`` and (distinct) ``group_ids``, and the index of this process's rows in them.
+
+        With ``groups_per_round`` (this process's groups per sampling round) the rows come in the order one process
+        would draw them (:meth:`_draw_rank`), so that a computation over the gathered batch whose result depends on
+        row order (TP-GRPO's balancing breaks ties by position) does not depend on the process count; with one round
+        that is the process order itself."""
+        gathered, ids, own = self._gather(values), self._gather_group_ids(group_ids), self._own_rows(values.shape[0])
+        if groups_per_round is None:
+            return gathered, ids, own
+        order, position = runtime.draw_order(self._draw_rank(group_ids, groups_per_round))
+        return gathered[order], ids[order], position[own]
 
     def _own_rows(self, rows: int) -> slice:
         """This process's rows of a gathered tensor whose processes each gave ``rows``."""

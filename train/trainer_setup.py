@@ -258,10 +258,11 @@ def build_model(config: FlowalignConfig, adapter, device: torch.device, accelera
                                            lcfg.init, lcfg.dropout)
     text_modules, text_params = lora_lib.add_text_lora(adapter, lcfg) if lcfg.train_text_encoder else ({}, [])
     cache = getattr(adapter, "t5_cache", None)
-    needed = prompts_drawn_per_process(config.train, accelerator.num_processes) + 1  # + the negative prompt
+    # + the negative prompt; sample-until-full may draw max_sampling_rounds windows
+    needed = prompts_drawn_per_process(config.train, accelerator.num_processes) * config.train.max_sampling_rounds + 1
     if text_modules and cache is not None and 0 < cache.max_prompts < needed:
-        logger.warning("model.t5_cache_size=%d holds fewer than an iteration's %d prompts (with the negative): the update will "
-                       "recompute T5 rows it dropped; raise it to at least %d", cache.max_prompts, needed, needed)
+        logger.warning("model.t5_cache_size=%d holds fewer than an iteration's %d prompts at most (with the negative): the update "
+                       "will recompute T5 rows it dropped; raise it to at least %d", cache.max_prompts, needed, needed)
     if config.train.gradient_checkpointing:
         if not getattr(module, "_supports_gradient_checkpointing", False):
             raise ConfigError(f"train.gradient_checkpointing=true but {type(module).__name__} does not support gradient checkpointing")
