@@ -82,7 +82,6 @@ def cat_trajectories(trajs: Sequence[Any]) -> Any:
     return type(first)(**values)
 
 
-@torch.no_grad()
 def global_group_index(local, groups_per_round: int, process_index: int, num_processes: int):
     """The index one process would give a group (int or tensor ``local``: this process's group ids, numbered
     round after round, ``groups_per_round`` per round): the sampler splits each round's window over the
@@ -102,6 +101,7 @@ def draw_order(rank: Tensor) -> tuple[Tensor, Tensor]:
     return order, position
 
 
+@torch.no_grad()
 def rollout_groups(adapter, records: Sequence[Any], cond, sampling_cfg, schedule, generator: torch.Generator, iteration: int,
                    seed: int, first_group: int, drift=None, on_step=None, levels=None):
     """Roll out one process's prompt ``records`` (``group_size`` samples each) with ``sampling_cfg``'s settings.

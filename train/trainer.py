@@ -323,6 +323,7 @@ class Trainer(OptimizerViews):
         rounds: list[_Round] = []
         timing = {"time/rollout": 0.0, "time/reward": 0.0}
         with_signal = 0
+        weights = {r.key: r.weight for r in self.config.rewards}  # a weight-0 reward (logged only) gives no signal
         while True:
             records = self.sampler.next_batch()
             t0 = time.perf_counter()
@@ -335,7 +336,6 @@ class Trainer(OptimizerViews):
             rounds.append(_Round(traj, cond, total, keep, components, dropped, len(records)))
             if len(rounds) == cfg.max_sampling_rounds:
                 break
-            weights = {r.key: r.weight for r in self.config.rewards}  # a weight-0 reward (logged only) gives no signal
             values = ({k: v for k, v in components.items() if weights[k] != 0} if self.config.objective.reward_mix == "advantage"
                       else total)
             with_signal += int(self._sum_over_processes(groups_with_spread(values, traj.group_ids.cpu(), keep)))
