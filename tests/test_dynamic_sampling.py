@@ -299,3 +299,19 @@ def test_a_weight_0_reward_does_not_count_as_a_signal_in_the_stop_rule(tmp_path)
         assert batch.metrics["samples/sampling_rounds"] == 3 and not batch.keep.any()
     finally:
         trainer.cleanup()
+
+
+def test_sample_until_full_warns_when_its_windows_can_repeat_prompts(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from flowalign.train.trainer_setup import build_prompt_data
+
+    path = tmp_path / "p.txt"
+    path.write_text("".join(f"prompt {i}\n" for i in range(10)))
+    one = SimpleNamespace(num_processes=1, process_index=0)
+    base = [f"train.output_dir={tmp_path}", f"train.prompts={path}", "train.prompts_per_iter=4"]
+    with caplog.at_level("WARNING", logger="flowalign.train.trainer_setup"):
+        build_prompt_data(load_config(None, base + ["train.max_sampling_rounds=2"]), one)  # 8 of 10: no repeat
+        assert "draw a prompt again" not in caplog.text
+        build_prompt_data(load_config(None, base + ["train.max_sampling_rounds=3"]), one)  # 12 of 10
+    assert "train.max_sampling_rounds=3 may draw up to 12 prompts in an iteration from a set of 10" in caplog.text

@@ -105,6 +105,10 @@ def build_prompt_data(config: FlowalignConfig, accelerator) -> PromptData:
                           f"({cfg.oversample * cfg.prompts_per_iter:g}) / {world} is a whole number")
     records = load_prompts(resolve_path(cfg.prompts)) if cfg.prompts else [PromptRecord(p) for p in DEMO_PROMPTS]
     sampler = PromptSampler(records, prompts_drawn_per_process(cfg, world), seed=cfg.seed, num_shards=world, shard_index=accelerator.process_index)
+    most = alone * cfg.max_sampling_rounds  # sample-until-full's windows of one iteration
+    if cfg.max_sampling_rounds > 1 and alone <= len(records) < most and accelerator.process_index == 0:
+        logger.warning("train.max_sampling_rounds=%d may draw up to %d prompts in an iteration from a set of %d: a later window can "
+                       "draw a prompt again (a group that was flat will likely be flat again)", cfg.max_sampling_rounds, most, len(records))
     eval_records = load_prompts(resolve_path(cfg.eval_prompts)) if cfg.eval_prompts else records
     if cfg.eval_prompts and 0 < cfg.final_eval_samples < len(eval_records):  # the held-out report's check, before any training
         raise ConfigError(f"train.final_eval_samples={cfg.final_eval_samples} is below the {len(eval_records)} prompts of "
