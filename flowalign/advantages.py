@@ -28,6 +28,14 @@ def _group_index(group_ids: Tensor, batch: int, device: torch.device) -> tuple[T
     return inverse, int(inverse.max()) + 1 if batch else 0
 
 
+def _group_extremes(values: Tensor, idx: Tensor, G: int) -> tuple[Tensor, Tensor]:
+    """Per-group max and min ``[G]`` of ``values [n]`` whose rows belong to groups ``idx [n]`` (in 0..G-1);
+    ``-inf`` / ``inf`` for a group without a row."""
+    hi = torch.full((G,), -torch.inf, dtype=values.dtype, device=values.device).scatter_reduce(0, idx, values, "amax")
+    lo = torch.full((G,), torch.inf, dtype=values.dtype, device=values.device).scatter_reduce(0, idx, values, "amin")
+    return hi, lo
+
+
 def _normalise_columns(values: Tensor, group_ids: Tensor, std: str, eps: float, clip: Optional[float]) -> Tensor:
     """Group-normalise every column of ``values[B, M]`` independently -> ``[B, M]``."""
     if std not in STD_MODES:
@@ -264,8 +272,7 @@ def groups_with_spread(values: Union[Tensor, Mapping[str, Tensor]], group_ids: T
         if v.shape != (batch,):
             raise ValueError(f"values must all be [B]={batch}, got shape {tuple(v.shape)}")
         ok = keep & torch.isfinite(v)
-        hi = torch.full((G,), -torch.inf, dtype=torch.float64).scatter_reduce(0, idx[ok], v[ok], "amax")
-        lo = torch.full((G,), torch.inf, dtype=torch.float64).scatter_reduce(0, idx[ok], v[ok], "amin")
+        hi, lo = _group_extremes(v[ok], idx[ok], G)
         spread |= hi > lo
     return int(spread.sum())
 
@@ -278,8 +285,7 @@ def zero_variance_fraction(rewards: Tensor, group_ids: Tensor) -> float:
     idx, G = _group_index(group_ids, rewards.shape[0], rewards.device)
     if G == 0:
         return 0.0
-    g_max = torch.full((G,), -torch.inf, device=rewards.device).scatter_reduce(0, idx, rewards, "amax")
-    g_min = torch.full((G,), torch.inf, device=rewards.device).scatter_reduce(0, idx, rewards, "amin")
+    g_max, g_min = _group_extremes(rewards, idx, G)
     return float((g_max == g_min).float().mean())
 
 

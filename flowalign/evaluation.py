@@ -617,31 +617,34 @@ def merge_shares(parts: Sequence[tuple[Sequence[int], Sequence[float]]], n: int)
     """``[n]`` per-sample values from every process's ``(sample indices, values)`` share of a split
     evaluation (:func:`shard_rows`), each index exactly once: what ``flowalign eval --corrected-by``
     gathers of its quality scores."""
-    merged = torch.full((n,), float("nan"))
-    seen = torch.zeros(n, dtype=torch.bool)
+    parts = [(list(rows), list(values)) for rows, values in parts]
     for rows, values in parts:
-        rows = torch.as_tensor(list(rows), dtype=torch.long)
-        values = torch.as_tensor(list(values), dtype=torch.float32)
-        if rows.numel() != values.numel():
-            raise ValueError(f"a share has {rows.numel()} sample indices for {values.numel()} values")
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n or bool(seen[rows].any()) or rows.unique().numel() != rows.numel()):
-            raise RuntimeError(f"the processes' shares do not cover samples 0..{n - 1} exactly once")
-        merged[rows], seen[rows] = values, True
-    if not bool(seen.all()):
-        raise RuntimeError(f"the processes' shares do not cover samples 0..{n - 1} exactly once")
-    return merged
+        if len(rows) != len(values):
+            raise ValueError(f"a share has {len(rows)} sample indices for {len(values)} values")
+    order = _share_order([rows for rows, _ in parts], n)
+    return torch.tensor([float(parts[k][1][j]) for k, j in order], dtype=torch.float32)
+
+
+def _share_order(rows_per_part: Sequence[Sequence[int]], n: int) -> list[tuple[int, int]]:
+    """``(part, position)`` of samples ``0 .. n-1`` in order, from each part's sample indices.
+
+    Raises:
+        RuntimeError: the parts do not cover samples ``0 .. n-1`` exactly once.
+    """
+    order = sorted((r, k, j) for k, rows in enumerate(rows_per_part) for j, r in enumerate(rows))
+    if [r for r, _, _ in order] != list(range(n)):
+        raise RuntimeError(f"the processes' evaluation shares do not cover samples 0..{n - 1} exactly once")
+    return [(k, j) for _, k, j in order]
 
 
 def _merge_parts(parts: Sequence[_Part], n: int) -> _Part:
     """The parts of every process as one part over samples ``0 .. n-1`` (each index exactly once)."""
-    order = sorted((r, k, j) for k, part in enumerate(parts) for j, r in enumerate(part.rows))
-    if [r for r, _, _ in order] != list(range(n)):
-        raise RuntimeError(f"the processes' evaluation parts do not cover samples 0..{n - 1} exactly once")
+    order = _share_order([part.rows for part in parts], n)
 
     def pick(name: str) -> Optional[list]:
         if any(getattr(part, name) is None for part in parts if part.rows):
             return None
-        return [getattr(parts[k], name)[j] for _, k, j in order]
+        return [getattr(parts[k], name)[j] for k, j in order]
 
     images = {i: img for part in parts for i, img in part.images.items()}
     return _Part(rows=list(range(n)), scores=pick("scores"), partial=pick("partial"), verdicts=pick("verdicts"), tags=pick("tags"),

@@ -461,12 +461,15 @@ class Trainer(OptimizerViews):
         metrics: dict = {}
         num_groups = int(group_ids.unique().numel())
         per_round = groups_per_round or num_groups
+        select = self.config.train.oversample > 1.0 or num_groups > per_round  # DAPO's group choice (below)
+        gathers = self.accelerator.num_processes > 1 and (self.dense or ocfg.adv_std == "global")
+        rank = self._draw_rank(group_ids, per_round) if select or gathers else None  # every process's rows' draw positions
         if self.dense:
             from flowalign.step_rewards import dense_step_advantages
 
             # advantages over every process's rows in draw order (a global std, TP-GRPO's balancing), so they do not depend
             # on the process count
-            gather = (lambda v, ids: self._gather_batch(v, ids, per_round)) if self.accelerator.num_processes > 1 else None
+            gather = (lambda v, ids: self._gather_batch(v, ids, rank)) if self.accelerator.num_processes > 1 else None
             with runtime.rewards_on_device(self.rewards.values(), self.device, self.config.train.offload_rewards):
                 adv, metrics = dense_step_advantages(self.adapter, traj, cond, self.rewards, self.config, gather=gather)
             adv = adv.cpu()
@@ -482,17 +485,16 @@ class Trainer(OptimizerViews):
             ids, mine = group_ids, slice(None)
             if ocfg.adv_std == "global" and self.accelerator.num_processes > 1:
                 # the std runs over every process's samples: normalise the gathered batch, keep our rows
-                gathered = {name: self._gather_batch(v, group_ids, per_round) for name, v in values.items()}
+                gathered = {name: self._gather_batch(v, group_ids, rank) for name, v in values.items()}
                 ids, mine = next(iter(gathered.values()))[1:]
                 values = {name: g[0] for name, g in gathered.items()}
             adv = kept_multi_reward_advantages(values, ids, weights, std=ocfg.adv_std, eps=ocfg.adv_eps, clip=ocfg.adv_clip)[mine]
         keep = keep & nonzero_mask(adv)
         all_ids = self._gather_group_ids(group_ids)  # every process's rows, in process order
-        if self.config.train.oversample > 1.0 or num_groups > per_round:
+        if select:
             # DAPO's dynamic sampling: the first prompts_per_iter groups with a signal over every process's groups, in the
             # order one process would roll them out (the sampler splits each window in process order; windows follow each
             # other), so the trained rows do not depend on the process count
-            rank = self._draw_rank(group_ids, per_round)
             chosen = first_informative_groups(self._gather(keep.float()).bool(), all_ids, self.config.train.prompts_per_iter, rank=rank)
             keep = chosen[self._own_rows(keep.shape[0])]
             metrics["samples/groups_trained"] = float(all_ids[chosen].unique().numel())
@@ -701,17 +703,17 @@ class Trainer(OptimizerViews):
         """A count (NFE, dropped samples) summed over every process."""
         return float(self._gather(torch.tensor([float(value)])).sum())
 
-    def _gather_batch(self, values: Tensor, group_ids: Tensor, groups_per_round: Optional[int] = None) -> tuple[Tensor, Tensor, Any]:
+    def _gather_batch(self, values: Tensor, group_ids: Tensor, rank: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Any]:
         """Every process's ``values`` and (distinct) ``group_ids``, and the index of this process's rows in them.
 
-        With ``groups_per_round`` (this process's groups per sampling round) the rows come in the order one process
-        would draw them (:meth:`_draw_rank`), so that a computation over the gathered batch whose result depends on
-        row order (TP-GRPO's balancing breaks ties by position) does not depend on the process count; with one round
-        that is the process order itself."""
+        With ``rank`` (every process's rows' draw positions, :meth:`_draw_rank`) the rows come in the order one process
+        would draw them, so that a computation over the gathered batch whose result depends on row order (TP-GRPO's
+        balancing breaks ties by position) does not depend on the process count; with one round that is the process
+        order itself."""
         gathered, ids, own = self._gather(values), self._gather_group_ids(group_ids), self._own_rows(values.shape[0])
-        if groups_per_round is None:
+        if rank is None:
             return gathered, ids, own
-        order, position = runtime.draw_order(self._draw_rank(group_ids, groups_per_round))
+        order, position = runtime.draw_order(rank)
         return gathered[order], ids[order], position[own]
 
     def _own_rows(self, rows: int) -> slice:
