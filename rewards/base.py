@@ -54,6 +54,7 @@ LAZY_REWARDS: dict[str, str] = {
     "brightness": "flowalign.rewards.builtin:Brightness",
     "color_fraction": "flowalign.rewards.builtin:ColorFraction",
     "shapes": "flowalign.rewards.shapes:ShapesReward",
+    "ocr": "flowalign.rewards.ocr:OCRReward",
     "image_stats_quality": "flowalign.corrected:ImageStatsQuality",
 }
 

@@ -1,0 +1,173 @@
+"""OCR reward for visual text rendering (Flow-GRPO's text task), on the PP-OCR models that
+``rapidocr-onnxruntime`` ships (DESIGN.md §3).
+
+The prompt asks for a text in double quotes (``'a neon sign that says "Open 24 hours"'``; or
+``metadata["text"]``). The reward reads the image with PP-OCRv4 (detection + recognition, no
+angle classifier) and compares what it read with the target, both normalised (whitespace
+removed, lower case)::
+
+    read    = "".join(lines whose confidence >= min_confidence)          (in reading order)
+    d       = 0                        if target is a substring of read
+            = Levenshtein(read, target) otherwise
+    score   = 1 - min(d, len(target)) / len(target)                       in [0, 1]
+
+so a fully rendered text scores 1 whatever else the image shows, a blank image 0, and a
+misspelling loses ``1 / len(target)`` per edit (Flow-GRPO's ``OcrScorer``, with PaddleOCR
+replaced by the same models in ONNX). Videos ``[B, T, 3, H, W]`` score the mean over every
+``frame_stride``-th frame.
+
+An OCR failure raises (``call_reward``'s ``on_error`` then raises or drops the sample) instead
+of scoring 0: a crash is not a bad rendering.
+
+    pip install 'flowalign-rl[ocr]'     # rapidocr-onnxruntime (onnxruntime, opencv-python)
+    rewards: [{name: ocr}]
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flowalign.errors import ConfigError
+from flowalign.rewards.base import Reward, RewardOutput, _quote, register_reward
+
+QUOTED = re.compile(r'"([^"]*)"|\u201c([^\u201d]*)\u201d')  # "text" or “text”: the first pair in the prompt
+
+
+def target_text(prompt: str, metadata: Optional[Mapping[str, Any]] = None) -> str:
+    """The text an image for ``prompt`` must show: ``metadata["text"]`` when given, else the first
+    double-quoted span of the prompt (straight or curly quotes). ValueError when there is none."""
+    if metadata and metadata.get("text") is not None:
+        return str(metadata["text"])
+    match = QUOTED.search(prompt)
+    if match is None:
+        raise ValueError(f"no quoted text in prompt {prompt!r}")
+    return match.group(1) if match.group(1) is not None else match.group(2)
+
+
+def normalize(text: str) -> str:
+    """Whitespace removed, lower case: what the score compares (OCR splits and joins words freely)."""
+    return re.sub(r"\s+", "", text).lower()
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: the fewest single-character insertions, deletions and substitutions
+    turning ``a`` into ``b`` (dynamic programming over prefixes, O(len(a) len(b)))."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))  # distances from a[:0] to every prefix of b
+    for i, ca in enumerate(a, start=1):
+        current = [i]
+        for j, cb in enumerate(b, start=1):
+            current.append(min(previous[j] + 1,  # delete ca
+                               current[j - 1] + 1,  # insert cb
+                               previous[j - 1] + (ca != cb)))  # substitute (free when equal)
+        previous = current
+    return previous[-1]
+
+
+def text_distance(read: str, target: str) -> int:
+    """``d`` of the module docstring on normalised strings: 0 when ``target`` occurs in ``read``,
+    else their edit distance, capped at ``len(target)``."""
+    if target in read:
+        return 0
+    return min(edit_distance(read, target), len(target))
+
+
+def text_score(read: str, target: str) -> float:
+    """``1 - d / len(target)`` for raw strings (normalised here); ValueError for an empty target."""
+    read, target = normalize(read), normalize(target)
+    if not target:
+        raise ValueError("the target text is empty once whitespace is removed")
+    return 1.0 - text_distance(read, target) / len(target)
+
+
+def to_bgr_uint8(image: Tensor) -> np.ndarray:
+    """``[3, H, W]`` float in [0, 1] -> ``[H, W, 3]`` uint8 in OpenCV's BGR order (what rapidocr
+    expects of an array)."""
+    rgb = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return np.ascontiguousarray(rgb[..., ::-1])
+
+
+@register_reward("ocr")
+class OCRReward(Reward):
+    """Text-rendering reward: 1 - normalised edit distance between the OCR'd text and the prompt's
+    quoted text (module docstring).
+
+    Args:
+        device: where the score tensors go (the OCR runs in onnxruntime on the CPU unless
+            ``engine_kwargs`` asks for CUDA, e.g. ``{det_use_cuda: true, rec_use_cuda: true}``
+            with ``onnxruntime-gpu``).
+        min_confidence: recognised lines under this confidence are ignored (Flow-GRPO keeps
+            every line: 0).
+        frame_stride: videos score every ``frame_stride``-th frame.
+        num_threads: onnxruntime threads per model (default: ``torch.get_num_threads()``).
+        engine_kwargs: further ``rapidocr_onnxruntime.RapidOCR`` settings (its config keys,
+            e.g. ``det_box_thresh``, ``rec_model_path``).
+
+    ``details``: ``read`` (the normalised text read, per sample; videos: per frame),
+    ``target`` (normalised) and ``distance`` (``[B]``; videos: the mean over frames).
+    """
+
+    differentiable = False
+
+    def __init__(self, device: Optional[torch.device | str] = None, min_confidence: float = 0.0, frame_stride: int = 4,
+                 num_threads: Optional[int] = None, engine_kwargs: Optional[Mapping[str, Any]] = None):
+        super().__init__(device)
+        if not 0.0 <= float(min_confidence) <= 1.0:
+            raise ConfigError(f"ocr reward min_confidence must be in [0, 1], got {min_confidence}")
+        if isinstance(frame_stride, bool) or not isinstance(frame_stride, int) or frame_stride < 1:
+            raise ConfigError(f"ocr reward frame_stride must be a positive int, got {frame_stride!r}")
+        try:
+            from rapidocr_onnxruntime import RapidOCR
+        except ImportError as exc:
+            raise ConfigError("the ocr reward needs rapidocr-onnxruntime (PP-OCR models in ONNX): "
+                              "pip install 'flowalign-rl[ocr]'") from exc
+        self.min_confidence = float(min_confidence)
+        self.frame_stride = frame_stride
+        threads = int(num_threads) if num_threads is not None else torch.get_num_threads()
+        settings = {"text_score": self.min_confidence, "use_cls": False, "print_verbose": False,
+                    "det_intra_op_num_threads": threads, "rec_intra_op_num_threads": threads, "cls_intra_op_num_threads": threads,
+                    **dict(engine_kwargs or {})}
+        self.engine = RapidOCR(**settings)
+
+    def check_prompts(self, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> None:
+        """Every prompt needs a non-empty quoted text (or ``metadata["text"]``)."""
+        bad = []
+        for i, prompt in enumerate(prompts):
+            try:
+                if not normalize(target_text(prompt, metadata[i] if i < len(metadata) else None)):
+                    bad.append(prompt)
+            except ValueError:
+                bad.append(prompt)
+        if bad:
+            raise ConfigError(f"the ocr reward needs the text to render in double quotes (or a 'text' field in the prompt file): "
+                              f"{len(bad)} of {len(prompts)} prompts have none: {_quote(bad)}")
+
+    def read(self, image: Tensor) -> str:
+        """The normalised text PP-OCR reads in one ``[3, H, W]`` image, lines in reading order."""
+        result, _ = self.engine(to_bgr_uint8(image))
+        lines = [text for _, text, confidence in (result or []) if float(confidence) >= self.min_confidence]
+        return normalize("".join(lines))
+
+    def score(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
+        if images.ndim not in (4, 5) or images.shape[-3] != 3:
+            raise ValueError(f"ocr reward expects images [B, 3, H, W] or videos [B, T, 3, H, W], got shape {tuple(images.shape)}")
+        scores, distances, reads, targets = [], [], [], []
+        for i, prompt in enumerate(prompts):
+            target = normalize(target_text(prompt, metadata[i] if i < len(metadata) else None))
+            if not target:
+                raise ValueError(f"the quoted text of prompt {prompt!r} is empty")
+            frames = images[i][:: self.frame_stride] if images.ndim == 5 else images[i][None]
+            read = [self.read(frame) for frame in frames]
+            d = [text_distance(r, target) for r in read]
+            scores.append(sum(1.0 - x / len(target) for x in d) / len(d))
+            distances.append(sum(d) / len(d))
+            reads.append(read if images.ndim == 5 else read[0])
+            targets.append(target)
+        return RewardOutput(scores=torch.tensor(scores, dtype=torch.float32, device=self.device),
+                            details={"read": reads, "target": targets,
+                                     "distance": torch.tensor(distances, dtype=torch.float32, device=self.device)})
