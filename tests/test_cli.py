@@ -131,7 +131,7 @@ def test_default_recipe_is_the_toy_recipe():
 
 
 ONLINE_RECIPES = ["tiny_grpo.yaml", "toy_grpo.yaml", "toy_dense_grpo.yaml", "toy_tp_grpo.yaml", "toy_nft.yaml", "toy_awm.yaml",
-                  "sd35m_grpo_geneval.yaml", "sd35m_dense_grpo_geneval.yaml", "sd35m_tp_grpo_geneval.yaml"]
+                  "sd35m_grpo_geneval.yaml", "sd35m_dense_grpo_geneval.yaml", "sd35m_tp_grpo_geneval.yaml", "sd35m_grpo_ocr.yaml"]
 
 
 @pytest.mark.parametrize("recipe", ONLINE_RECIPES)

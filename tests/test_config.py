@@ -370,7 +370,7 @@ def test_base_kwargs_mappings_replace_and_empty_sections_keep_the_base(tmp_path)
 
 
 @pytest.mark.parametrize("recipe, steps_per_iteration", [("sd35m_grpo_geneval", 2), ("sd35m_dense_grpo_geneval", 1),
-                                                         ("sd35m_tp_grpo_geneval", 2)])
+                                                         ("sd35m_tp_grpo_geneval", 2), ("sd35m_grpo_ocr", 2)])
 def test_the_sd35m_recipes_take_the_papers_optimizer_steps_per_iteration_on_8_processes(recipe, steps_per_iteration):
     """Flow-GRPO's code: 2 optimizer steps per epoch of 1152 samples; DenseGRPO App. A: batch 144 x accumulation 8 = 1152 per step."""
     cfg = C.load_config(recipe)
