@@ -111,3 +111,18 @@ def test_the_trainer_refuses_prompts_the_ocr_reward_cannot_score(tmp_path):
                                                        "rewards=[{name: ocr}]", "train.log_with=[]", "train.progress=false"])
     with pytest.raises(ConfigError, match="a cat on a sofa"):
         Trainer(cfg).setup()
+
+
+def test_bench_script_prints_speed_and_the_blur_curve(tmp_path):
+    import sys
+
+    sys.path.insert(0, "bench")
+    try:
+        import ocr_reward as bench
+    finally:
+        sys.path.remove("bench")
+    result = bench.main(["--blurs", "0", "8", "--output", str(tmp_path / "ocr.json")])
+    assert result["by_blur_radius"][0.0]["mean_score"] == 1.0  # sharp text: every phrase read
+    assert result["by_blur_radius"][8.0]["mean_score"] == 0.0  # blurred away: nothing read
+    assert result["typo"]["scores"] == pytest.approx(result["typo"]["expected_if_read_as_drawn"])
+    assert set(result["seconds_per_image"]) == {1, 2} and (tmp_path / "ocr.json").is_file()
