@@ -109,7 +109,9 @@ class OCRReward(Reward):
             e.g. ``det_box_thresh``, ``rec_model_path``).
 
     ``details``: ``read`` (the normalised text read, per sample; videos: per frame),
-    ``target`` (normalised) and ``distance`` (``[B]``; videos: the mean over frames).
+    ``target`` (normalised), ``distance`` (``[B]``; videos: the mean over frames) and ``binary``
+    (``[B]``: 1 where the whole text was read, in every scored frame of a video), which
+    ``flowalign eval`` and the run report count as accuracy; their mean score is Flow-GRPO's metric.
     """
 
     differentiable = False
@@ -156,7 +158,7 @@ class OCRReward(Reward):
     def score(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
         if images.ndim not in (4, 5) or images.shape[-3] != 3:
             raise ValueError(f"ocr reward expects images [B, 3, H, W] or videos [B, T, 3, H, W], got shape {tuple(images.shape)}")
-        scores, distances, reads, targets = [], [], [], []
+        scores, distances, exact, reads, targets = [], [], [], [], []
         for i, prompt in enumerate(prompts):
             target = normalize(target_text(prompt, metadata[i] if i < len(metadata) else None))
             if not target:
@@ -166,8 +168,10 @@ class OCRReward(Reward):
             d = [text_distance(r, target) for r in read]
             scores.append(sum(1.0 - x / len(target) for x in d) / len(d))
             distances.append(sum(d) / len(d))
+            exact.append(float(max(d) == 0))
             reads.append(read if images.ndim == 5 else read[0])
             targets.append(target)
         return RewardOutput(scores=torch.tensor(scores, dtype=torch.float32, device=self.device),
                             details={"read": reads, "target": targets,
-                                     "distance": torch.tensor(distances, dtype=torch.float32, device=self.device)})
+                                     "distance": torch.tensor(distances, dtype=torch.float32, device=self.device),
+                                     "binary": torch.tensor(exact, dtype=torch.float32, device=self.device)})

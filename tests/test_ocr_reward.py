@@ -76,6 +76,7 @@ def test_real_ocr_reads_rendered_text_and_scores_it(reward):
     assert out.details["read"][0] == "flowalign" and out.details["read"][2] == ""
     assert out.scores.tolist() == pytest.approx([1.0, 1 - 1 / 9, 0.0, 1.0])  # a missing letter costs 1/9; blank: 0
     assert out.details["distance"].tolist() == [0.0, 1.0, 9.0, 0.0]
+    assert out.details["binary"].tolist() == [1.0, 0.0, 0.0, 1.0]  # the whole text read: what evaluation counts as correct
     assert out.details["target"] == ["flowalign"] * 3 + ["reward"]
 
 
@@ -87,8 +88,10 @@ def test_videos_score_the_mean_over_strided_frames(reward):
     assert out.scores.tolist() == pytest.approx([1.0])
     out = reward(frames[None], ['"abc"'])  # stride 4: frame 0 alone
     assert out.details["read"][0] == ["abc"]
+    assert out.details["binary"].tolist() == [1.0]
     out = ocr.OCRReward(frame_stride=1, num_threads=1)(frames[None], ['"abc"'])
     assert out.scores.tolist() == pytest.approx([(1 + 0 + 1 + 0) / 4])
+    assert out.details["binary"].tolist() == [0.0]  # a frame without the text: not all read
 
 
 def test_prompts_without_text_are_refused_before_training(reward):
