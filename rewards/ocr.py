@@ -1,10 +1,10 @@
 """OCR reward for visual text rendering (Flow-GRPO's text task), on the PP-OCR models that
 ``rapidocr-onnxruntime`` ships (DESIGN.md §3).
 
-The prompt asks for a text in double quotes (``'a neon sign that says "Open 24 hours"'``; or
-``metadata["text"]``). The reward reads the image with PP-OCRv4 (detection + recognition, no
-angle classifier) and compares what it read with the target, both normalised (whitespace
-removed, lower case)::
+The prompt asks for a text in double quotes (``'a neon sign that says "Open 24 hours"'``); a
+``text`` field in the prompt file's metadata, when present, is the target instead. The reward
+reads the image with PP-OCR (detection + recognition, no angle classifier) and compares what it
+read with the target, both normalised (Unicode NFKC, whitespace removed, case-folded)::
 
     read    = "".join(lines whose confidence >= min_confidence)          (in reading order)
     d       = 0                        if target is a substring of read
@@ -12,19 +12,32 @@ removed, lower case)::
     score   = 1 - min(d, len(target)) / len(target)                       in [0, 1]
 
 so a fully rendered text scores 1 whatever else the image shows, a blank image 0, and a
-misspelling loses ``1 / len(target)`` per edit (Flow-GRPO's ``OcrScorer``, with PaddleOCR
-replaced by the same models in ONNX). Videos ``[B, T, 3, H, W]`` score the mean over every
-``frame_stride``-th frame.
+misspelling loses ``1 / len(target)`` per edit. This is Flow-GRPO's ``OcrScorer``
+(``flow_grpo/ocr.py``) with these differences:
 
-An OCR failure raises (``call_reward``'s ``on_error`` then raises or drops the sample) instead
-of scoring 0: a crash is not a bad rendering.
+* the OCR: rapidocr's ONNX PP-OCRv4 detector and recogniser (``ch_``: Chinese and English,
+  detection on images scaled to a 736-pixel short side, box threshold 0.5, unclip ratio 1.6,
+  dilation on) where ``PaddleOCR(lang="en")`` loads English PP-OCRv3 detection and PP-OCRv4
+  recognition (960-pixel long side, 0.6, 1.5, no dilation). Readings of the same image can
+  differ; ``engine_kwargs`` sets rapidocr's keys (``det_box_thresh``, ``det_unclip_ratio``,
+  ``det_donot_use_dilation``, ``det_limit_type``, ``det_limit_side_len``, model paths);
+* ``min_confidence`` 0.5 is PaddleOCR's ``drop_score``, which its ``ocr()`` applies before
+  Flow-GRPO's own ``> 0`` test;
+* images reach the OCR in OpenCV's BGR order, as both libraries read arrays;
+* an OCR failure raises (``call_reward``'s ``on_error`` then raises or drops the sample)
+  instead of scoring 0: a crash is not a bad rendering;
+* videos ``[B, T, 3, H, W]`` score the mean over every ``frame_stride``-th frame, each frame
+  scored as an image (Flow-GRPO's video scorer drops the substring rule and averages only the
+  frames that score above 0).
 
     pip install 'flowalign-rl[ocr]'     # rapidocr-onnxruntime (onnxruntime, opencv-python)
     rewards: [{name: ocr}]
 """
 from __future__ import annotations
 
+import os
 import re
+import unicodedata
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
@@ -49,8 +62,9 @@ def target_text(prompt: str, metadata: Optional[Mapping[str, Any]] = None) -> st
 
 
 def normalize(text: str) -> str:
-    """Whitespace removed, lower case: what the score compares (OCR splits and joins words freely)."""
-    return re.sub(r"\s+", "", text).lower()
+    """NFKC (full-width and compatibility forms to their plain letters), whitespace removed, case-folded:
+    what the score compares (OCR splits and joins words freely)."""
+    return re.sub(r"\s+", "", unicodedata.normalize("NFKC", text)).casefold()
 
 
 def edit_distance(a: str, b: str) -> int:
@@ -101,10 +115,11 @@ class OCRReward(Reward):
         device: where the score tensors go (the OCR runs in onnxruntime on the CPU unless
             ``engine_kwargs`` asks for CUDA, e.g. ``{det_use_cuda: true, rec_use_cuda: true}``
             with ``onnxruntime-gpu``).
-        min_confidence: recognised lines under this confidence are ignored (Flow-GRPO keeps
-            every line: 0).
+        min_confidence: recognised lines under this confidence are ignored (0.5: PaddleOCR's
+            ``drop_score``, under Flow-GRPO's reward).
         frame_stride: videos score every ``frame_stride``-th frame.
-        num_threads: onnxruntime threads per model (default: ``torch.get_num_threads()``).
+        num_threads: onnxruntime threads per model (default: ``torch.get_num_threads()``; at
+            most the machine's CPU count).
         engine_kwargs: further ``rapidocr_onnxruntime.RapidOCR`` settings (its config keys,
             e.g. ``det_box_thresh``, ``rec_model_path``).
 
@@ -116,7 +131,7 @@ class OCRReward(Reward):
 
     differentiable = False
 
-    def __init__(self, device: Optional[torch.device | str] = None, min_confidence: float = 0.0, frame_stride: int = 4,
+    def __init__(self, device: Optional[torch.device | str] = None, min_confidence: float = 0.5, frame_stride: int = 4,
                  num_threads: Optional[int] = None, engine_kwargs: Optional[Mapping[str, Any]] = None):
         super().__init__(device)
         if not 0.0 <= float(min_confidence) <= 1.0:
@@ -131,9 +146,11 @@ class OCRReward(Reward):
         self.min_confidence = float(min_confidence)
         self.frame_stride = frame_stride
         threads = int(num_threads) if num_threads is not None else torch.get_num_threads()
+        if threads < 1:
+            raise ConfigError(f"ocr reward num_threads must be >= 1, got {num_threads}")
+        # the global key reaches all three models' sessions (rapidocr ignores a count over the CPU count)
         settings = {"text_score": self.min_confidence, "use_cls": False, "print_verbose": False,
-                    "det_intra_op_num_threads": threads, "rec_intra_op_num_threads": threads, "cls_intra_op_num_threads": threads,
-                    **dict(engine_kwargs or {})}
+                    "intra_op_num_threads": min(threads, os.cpu_count() or 1), **dict(engine_kwargs or {})}
         self.engine = RapidOCR(**settings)
 
     def check_prompts(self, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> None:

@@ -64,8 +64,32 @@ def _render(text: str, size=(256, 96), font_size=36, color=(0, 0, 0), background
 
 @pytest.fixture(scope="module")
 def reward():
-    torch.set_num_threads(1)
-    return load_reward("ocr")  # DESIGN.md's example: a registered name, imported on first use
+    return load_reward("ocr", num_threads=1)  # DESIGN.md's example: a registered name, imported on first use
+
+
+def _session_threads(engine) -> list[int]:
+    """intra-op threads of the detector's, recogniser's and classifier's onnxruntime sessions (rapidocr 1.4 internals)."""
+    sessions = (engine.text_det.infer, engine.text_rec.session, engine.text_cls.infer)
+    return [s.session.get_session_options().intra_op_num_threads for s in sessions]
+
+
+def test_num_threads_reaches_every_onnxruntime_session(reward):
+    assert _session_threads(reward.engine) == [1, 1, 1]  # (0 = onnxruntime's default: every core)
+    assert _session_threads(ocr.OCRReward(num_threads=2).engine) == [2, 2, 2]
+
+
+def test_images_reach_the_ocr_as_bgr_uint8():
+    image = torch.zeros(3, 2, 2)
+    image[0, 0, 0] = 1.0  # a pure red pixel (RGB)
+    image[2, 1, 1] = 0.5  # a half blue one
+    bgr = ocr.to_bgr_uint8(image)
+    assert bgr.dtype == np.uint8 and bgr.shape == (2, 2, 3) and bgr.flags["C_CONTIGUOUS"]
+    assert bgr[0, 0].tolist() == [0, 0, 255] and bgr[1, 1].tolist() == [128, 0, 0]
+
+
+def test_normalize_folds_width_case_and_spaces():
+    assert ocr.normalize("\uff2f\uff50\uff45\uff4e  24\tHours") == "open24hours"  # full-width letters (NFKC), tabs
+    assert ocr.text_score("OPEN24HOURS", "\uff2f\uff50\uff45\uff4e 24 hours") == 1.0
 
 
 def test_real_ocr_reads_rendered_text_and_scores_it(reward):
@@ -82,7 +106,7 @@ def test_real_ocr_reads_rendered_text_and_scores_it(reward):
 
 def test_videos_score_the_mean_over_strided_frames(reward):
     frames = torch.stack([_render("abc"), torch.ones(3, 96, 256), _render("abc"), _render("xyz")])  # [T=4, 3, H, W]
-    reward_every_2 = ocr.OCRReward(frame_stride=2, num_threads=1)
+    reward_every_2 = ocr.OCRReward(frame_stride=2, num_threads=1)  # every 2nd frame
     out = reward_every_2(frames[None], ['"abc"'])
     assert out.details["read"][0] == ["abc", "abc"]  # frames 0 and 2
     assert out.scores.tolist() == pytest.approx([1.0])
@@ -102,6 +126,8 @@ def test_prompts_without_text_are_refused_before_training(reward):
         ocr.OCRReward(frame_stride=0)
     with pytest.raises(ConfigError, match="min_confidence"):
         ocr.OCRReward(min_confidence=2.0)
+    with pytest.raises(ConfigError, match="num_threads"):
+        ocr.OCRReward(num_threads=0)
 
 
 def test_the_trainer_refuses_prompts_the_ocr_reward_cannot_score(tmp_path):
@@ -118,12 +144,14 @@ def test_the_trainer_refuses_prompts_the_ocr_reward_cannot_score(tmp_path):
 
 def test_bench_script_prints_speed_and_the_blur_curve(tmp_path):
     import sys
+    from pathlib import Path
 
-    sys.path.insert(0, "bench")
+    bench_dir = str(Path(__file__).resolve().parents[1] / "bench")
+    sys.path.insert(0, bench_dir)
     try:
         import ocr_reward as bench
     finally:
-        sys.path.remove("bench")
+        sys.path.remove(bench_dir)
     result = bench.main(["--blurs", "0", "8", "--output", str(tmp_path / "ocr.json")])
     assert result["by_blur_radius"][0.0]["mean_score"] == 1.0  # sharp text: every phrase read
     assert result["by_blur_radius"][8.0]["mean_score"] == 0.0  # blurred away: nothing read
