@@ -95,7 +95,7 @@ destroy = dist.destroy_process_group
 dist.destroy_process_group = lambda *args, **kwargs: None  # every run of this launch keeps the first run's process group
 for name, args in json.loads(open(sys.argv[1]).read()):
     if os.environ["RANK"] == "0":
-        print(f"CASE {name}", flush=True)
+        print(f"=== flowalign test case {name}", flush=True)
     if cli.main(args) != 0:
         raise SystemExit(f"case {name} failed")
 destroy()
@@ -114,7 +114,7 @@ def batched_launch(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "driver.py", "cases.json"],
                           capture_output=True, text=True, env=ENV, timeout=600, cwd=root)
     assert done.returncode == 0, done.stderr[-3000:]
-    parts = done.stdout.split("CASE ")[1:]
+    parts = done.stdout.split("=== flowalign test case ")[1:]
     return root, {part.split("\n", 1)[0]: part for part in parts}
 
 
