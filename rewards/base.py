@@ -55,6 +55,7 @@ LAZY_REWARDS: dict[str, str] = {
     "color_fraction": "flowalign.rewards.builtin:ColorFraction",
     "shapes": "flowalign.rewards.shapes:ShapesReward",
     "ocr": "flowalign.rewards.ocr:OCRReward",
+    "remote": "flowalign.rewards.remote:RemoteReward",
     "image_stats_quality": "flowalign.corrected:ImageStatsQuality",
 }
 

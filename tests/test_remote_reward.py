@@ -1,0 +1,149 @@
+"""Rewards over HTTP: a flowalign reward server in a thread, the ``remote`` reward as its client."""
+from __future__ import annotations
+
+import json
+import math
+import threading
+import urllib.request
+
+import pytest
+import torch
+
+from flowalign.errors import ConfigError, RewardError
+from flowalign.rewards import call_reward, load_reward
+from flowalign.rewards import remote
+from flowalign.rewards.base import Reward, RewardOutput
+
+
+class Flaky(Reward):
+    """Mean brightness with details; NaN for prompts saying "nan", raises for prompts saying "boom"."""
+
+    def score(self, images, prompts, metadata):
+        if any("boom" in p for p in prompts):
+            raise RuntimeError("model crashed on boom")
+        luma = images.flatten(1).mean(1)
+        luma = torch.where(torch.tensor(["nan" in p for p in prompts]), torch.full_like(luma, math.nan), luma)
+        return RewardOutput(scores=luma, details={"binary": (luma > 0.5).float(), "tag": [m.get("tag", "-") for m in metadata],
+                                                  "first_pixel": images[:, 0, 0, 0]})
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = remote.make_server(Flaky(), port=0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_request_round_trip_is_exact_in_float32_and_rounds_to_1_255_in_uint8():
+    images = torch.rand(3, 3, 5, 4, generator=torch.Generator().manual_seed(0))
+    prompts, metadata = ["a", "b \u00e9", "c"], [{"tag": "x"}, {}, {"include": [{"shape": "circle"}]}]
+    got, p, m = remote.decode_request(remote.encode_request(images, prompts, metadata, "float32"))
+    assert torch.equal(got, images) and p == prompts and m == metadata
+    got, _, _ = remote.decode_request(remote.encode_request(images, prompts, metadata))
+    assert torch.equal(got, torch.round(images * 255) / 255)  # uint8 on the wire
+    view = images.transpose(2, 3)  # not contiguous (a decoded batch often is not)
+    for dtype in remote.DTYPES:
+        assert remote.decode_request(remote.encode_request(view, prompts, metadata, dtype))[0].shape == view.shape
+    video = torch.rand(2, 3, 3, 4, 4)
+    assert remote.decode_request(remote.encode_request(video, ["a", "b"], [{}, {}]))[0].shape == (2, 3, 3, 4, 4)
+    with pytest.raises(ValueError, match="not a flowalign reward request"):
+        remote.decode_request(b"\x00" * 16)
+
+
+def test_remote_scores_equal_the_local_reward_on_the_same_pixels(server):
+    images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    prompts, metadata = ["p0", "p1", "p2", "p3"], [{"tag": "t0"}, {}, {"tag": "t2"}, {}]
+    client = load_reward("remote", url=server)
+    out = call_reward(client, images, prompts, metadata, on_error="raise", name="remote")
+    on_wire = torch.round(images * 255) / 255
+    local = Flaky()(on_wire, prompts, metadata)
+    assert torch.allclose(out.scores, local.scores, rtol=0, atol=1e-7)
+    assert torch.equal(out.details["binary"], local.details["binary"])  # numeric lists come back as tensors
+    assert out.details["tag"] == ["t0", "-", "t2", "-"]
+    assert torch.equal(out.details["first_pixel"], on_wire[:, 0, 0, 0])
+    exact = load_reward("remote", url=server, dtype="float32")(images, prompts, metadata)
+    assert torch.allclose(exact.scores, images.flatten(1).mean(1), rtol=0, atol=1e-7)
+
+
+def test_nan_scores_come_back_as_nan_and_on_error_drop_drops_them(server):
+    images = torch.full((2, 3, 4, 4), 0.75)
+    out = call_reward(load_reward("remote", url=server), images, ["ok", "nan"], None, on_error="drop", name="remote")
+    assert out.keep.tolist() == [True, False] and out.scores[0] == pytest.approx(0.75, abs=1 / 255)
+
+
+def test_a_failing_server_side_reward_raises_its_message_without_retrying(server, caplog):
+    client = load_reward("remote", url=server, retries=3, retry_wait=10.0)  # a retry would take 10 s
+    with pytest.raises(RewardError, match=r"HTTP 500: RuntimeError: model crashed on boom"):
+        client(torch.zeros(1, 3, 4, 4), ["boom"])
+    assert "retrying" not in caplog.text
+
+
+def test_an_unreachable_server_is_retried_then_named(caplog):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = load_reward("remote", url=f"http://127.0.0.1:{port}", retries=2, retry_wait=0.0, timeout=5)
+    with pytest.raises(RewardError, match=rf"127.0.0.1:{port} unreachable after 3 attempts"):
+        client(torch.zeros(1, 3, 4, 4), ["x"])
+    assert caplog.text.count("retrying") == 2
+
+
+def test_health_bad_paths_and_malformed_bodies(server):
+    assert json.loads(urllib.request.urlopen(server + "/health", timeout=10).read()) == {"ok": True}
+    request = urllib.request.Request(server + "/score", data=b"junk", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=10)
+    assert err.value.code == 500 and "not a flowalign reward request" in json.loads(err.value.read())["error"]
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ConfigError, match="http"):
+        remote.RemoteReward(url="127.0.0.1:8765")
+    with pytest.raises(ConfigError, match="dtype"):
+        remote.RemoteReward(url="http://x", dtype="float16")
+    with pytest.raises(ConfigError, match="retries"):
+        remote.RemoteReward(url="http://x", retries=-1)
+
+
+def test_a_training_run_scores_its_rollouts_on_a_server(tmp_path):
+    """A built-in reward behind the command-line server (a real process), a tiny training run as its client."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from flowalign.train import cli
+
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "flowalign.rewards.remote", "--reward", "brightness", "--port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.2)
+        args = ["train", "--config", "train/configs/tiny_grpo.yaml"]
+        for item in ["sampling.num_steps=2", "sampling.group_size=2", "train.prompts_per_iter=2", "train.iterations=1",
+                     "train.micro_batch_size=4", "train.grad_accum=1",
+                     f"rewards=[{{name: remote, kwargs: {{url: '{url}'}}}}]", "train.log_with=[csv]", "train.progress=false",
+                     "train.eval_every=-1", f"train.output_dir={tmp_path / 'run'}"]:
+            args += ["--set", item]
+        assert cli.main(args) == 0
+        rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+        header, row = rows[0].split(","), rows[1].split(",")
+        assert 0.0 < float(row[header.index("reward/mean")]) < 1.0  # mean brightness, scored by the server
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
