@@ -242,6 +242,20 @@ def available_rewards() -> list[str]:
     return sorted(names)
 
 
+def describe_rewards() -> list[tuple[str, str]]:
+    """``(name, summary)`` for every name :func:`available_rewards` lists: the first line of the reward's
+    docstring, or why it cannot be imported (a broken plugin is listed, not fatal)."""
+    rows = []
+    for name in available_rewards():
+        try:
+            obj = _resolve(name)
+            doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
+            rows.append((name, doc[0] if doc else ""))
+        except Exception as exc:  # noqa: BLE001 (listing must survive any plugin)
+            rows.append((name, f"(cannot import: {' '.join(str(exc).split())[:160]})"))
+    return rows
+
+
 def _import_object(path: str) -> Any:
     """Import ``"pkg.mod:Attr.sub"`` or ``"pkg.mod.Attr"``; ConfigError naming the path otherwise."""
     return import_object(path, "reward")

@@ -108,8 +108,9 @@ def to_bgr_uint8(image: Tensor) -> np.ndarray:
 
 @register_reward("ocr")
 class OCRReward(Reward):
-    """Text-rendering reward: 1 - normalised edit distance between the OCR'd text and the prompt's
-    quoted text (module docstring).
+    """Text rendering: 1 - edit distance of PP-OCR's reading to the prompt's quoted text, over its length.
+
+    The module docstring gives the formula and how it differs from Flow-GRPO's scorer.
 
     Args:
         device: where the score tensors go (the OCR runs in onnxruntime on the CPU unless

@@ -5,7 +5,9 @@ mmdetection, a VLM judge behind vLLM), which is why Flow-GRPO and DDPO call them
 both ends are flowalign:
 
     # in the reward's environment (any reward load_reward accepts, with its kwargs as JSON):
-    python -m flowalign.rewards.remote --reward shapes --kwargs '{"score": "partial"}' --port 8765
+    flowalign reward serve shapes --kwargs '{"score": "partial"}' --port 8765
+    # (or, where only the reward's dependencies and flowalign's core are installed:
+    #  python -m flowalign.rewards.remote --reward shapes --kwargs '{"score": "partial"}' --port 8765)
 
     # in the training config:
     rewards: [{name: remote, kwargs: {url: "http://127.0.0.1:8765"}}]
@@ -111,7 +113,9 @@ def _details_from_json(details: dict[str, Any], batch: int) -> dict[str, Any]:
 
 @register_reward("remote")
 class RemoteReward(Reward):
-    """A reward scored by a ``python -m flowalign.rewards.remote`` server (module docstring).
+    """A reward scored over HTTP by ``flowalign reward serve NAME`` in another environment or machine.
+
+    The module docstring gives the wire format and the failure rules.
 
     Args:
         url: the server, e.g. ``http://127.0.0.1:8765``.

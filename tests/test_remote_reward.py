@@ -111,29 +111,21 @@ def test_bad_settings_are_refused():
 
 
 def test_a_training_run_scores_its_rollouts_on_a_server(tmp_path):
-    """A built-in reward behind the command-line server (a real process), a tiny training run as its client."""
+    """``flowalign reward serve`` (a real process, on a free port it prints) serving a built-in reward, a tiny
+    training run as its client."""
     import os
     import subprocess
     import sys
-    import time
 
     from flowalign.train import cli
 
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "flowalign.rewards.remote", "--reward", "brightness", "--port", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "flowalign.train.cli", "reward", "serve", "brightness", "--port", "0"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.2)
+        line = proc.stdout.readline()  # "serving reward 'brightness' on http://127.0.0.1:PORT (...)"
+        url = line.split(" on ", 1)[1].split()[0]
+        assert json.loads(urllib.request.urlopen(url + "/health", timeout=30).read()) == {"ok": True}
         args = ["train", "--config", "train/configs/tiny_grpo.yaml"]
         for item in ["sampling.num_steps=2", "sampling.group_size=2", "train.prompts_per_iter=2", "train.iterations=1",
                      "train.micro_batch_size=4", "train.grad_accum=1",
@@ -147,3 +139,16 @@ def test_a_training_run_scores_its_rollouts_on_a_server(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_reward_list_and_serve_errors(capsys):
+    from flowalign.train import cli
+
+    assert cli.main(["reward", "list"]) == 0
+    listed = dict(line.split(None, 1) for line in capsys.readouterr().out.strip().splitlines())
+    assert {"ocr", "remote", "shapes", "brightness"} <= set(listed)
+    assert listed["remote"].startswith("A reward scored over HTTP") and listed["ocr"].startswith("Text rendering:")
+    assert cli.main(["reward", "serve", "brightnes"]) == 2
+    assert "Did you mean 'brightness'" in capsys.readouterr().err
+    assert cli.main(["reward", "serve", "brightness", "--kwargs", "{bad"]) == 2
+    assert "--kwargs is not JSON" in capsys.readouterr().err

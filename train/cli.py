@@ -6,6 +6,9 @@
     flowalign offline --config F [--set key=value ...] [--resume] [--overwrite]
     flowalign config [--for train|offline|generate] [--config F] [--set key=value ...]
                               (the resolved recipe, every key with its help)
+    flowalign reward list     (every reward a recipe can name, with its summary)
+    flowalign reward serve NAME [--kwargs JSON] [--host H] [--port P]
+                              (score requests of the ``remote`` reward with NAME: flowalign.rewards.remote)
 
 ``flowalign train`` with no ``--config`` runs the default recipe ``train/configs/toy_grpo.yaml``.
 ``--resume`` continues the run in the config's ``train.output_dir`` from its newest valid
@@ -76,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowalign", description="RL alignment of diffusion / flow-matching generators.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"%(prog)s {flowalign.__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,generate,offline,config}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,generate,offline,config,reward}")
 
     train = sub.add_parser("train", help="train a LoRA with an online RL recipe (default: the toy recipe)",
                            description=f"Train with a recipe YAML (default: {DEFAULT_RECIPE.name}).")
@@ -114,7 +117,50 @@ def build_parser() -> argparse.ArgumentParser:
                         help="which command's keys: train (default), offline or generate")
     config.add_argument("--list", action="store_true",
                         help="list the shipped recipes (what --config NAME and base: NAME find) and launch configs, then exit")
+    reward = sub.add_parser("reward", help="list the rewards, or serve one over HTTP for the `remote` reward",
+                            description="`list`: every reward name a recipe can use (built-ins, plugins' entry points). "
+                                        "`serve NAME`: score the `remote` reward's requests with NAME in this environment.")
+    actions = reward.add_subparsers(dest="action", metavar="{list,serve}", required=True)
+    actions.add_parser("list", help="every reward name a recipe can use, with its summary")
+    serve = actions.add_parser("serve", help="serve a reward over HTTP (client: rewards: [{name: remote, kwargs: {url: ...}}])")
+    serve.add_argument("name", help="a reward name, an entry point or package.module:Class")
+    serve.add_argument("--kwargs", default="{}", help="the reward's keyword arguments as a JSON object")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8765, help="port to listen on (0: a free one, printed)")
     return parser
+
+
+def run_reward(args: argparse.Namespace) -> int:
+    from flowalign.errors import ConfigError
+    from flowalign.rewards import load_reward
+    from flowalign.rewards.base import describe_rewards
+
+    if args.action == "list":
+        rows = describe_rewards()
+        width = max(len(name) for name, _ in rows)
+        sys.stdout.write("".join(f"{name:<{width}}  {summary}\n" for name, summary in rows))
+        return 0
+    from flowalign.rewards.remote import make_server
+
+    try:
+        kwargs = json.loads(args.kwargs)
+        if not isinstance(kwargs, dict):
+            raise ConfigError(f"--kwargs must be a JSON object, got {args.kwargs!r}")
+        server = make_server(load_reward(args.name, **kwargs), args.host, args.port)
+    except json.JSONDecodeError as exc:
+        return _error("reward serve", ConfigError(f"--kwargs is not JSON: {exc}"))
+    except (FlowalignError, TypeError, OSError) as exc:
+        return _error("reward serve", exc)
+    host, port = server.server_address[:2]
+    print(f"serving reward {args.name!r} on http://{host}:{port} (rewards: [{{name: remote, kwargs: {{url: \"http://{host}:{port}\"}}}}])",
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
 
 
 def list_recipes() -> str:
@@ -275,6 +321,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run_offline(args)
     if args.command == "config":
         return run_config(args)
+    if args.command == "reward":
+        return run_reward(args)
     return run_generate(args)
 
 
