@@ -152,3 +152,20 @@ def test_reward_list_and_serve_errors(capsys):
     assert "Did you mean 'brightness'" in capsys.readouterr().err
     assert cli.main(["reward", "serve", "brightness", "--kwargs", "{bad"]) == 2
     assert "--kwargs is not JSON" in capsys.readouterr().err
+
+
+def test_flowalign_eval_scores_with_a_served_reward(server, tmp_path, capsys):
+    """``flowalign eval --reward remote --reward-kwargs '{"url": ...}'``: the same scores as the reward evaluated here,
+    up to the wire's 1/255 rounding; a bad --reward-kwargs exits 2 before any model loads."""
+    from flowalign.train import cli
+
+    (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
+    common = ["eval", "--model", "tiny-sd3", "--prompts", str(tmp_path / "p.txt"), "--steps", "2", "--guidance", "1.0",
+              "--num-samples", "4", "--no-progress"]
+    assert cli.main([*common, "--reward", "remote", "--reward-kwargs", json.dumps({"url": server}), "--out", str(tmp_path / "r")]) == 0
+    assert cli.main([*common, "--reward", "tests.test_remote_reward:Flaky", "--out", str(tmp_path / "l")]) == 0
+    served, local = (json.loads((tmp_path / d / "eval.json").read_text())["samples"]["score"] for d in ("r", "l"))
+    assert served == pytest.approx(local, abs=1 / 255) and len(set(served)) > 1
+    capsys.readouterr()
+    assert cli.main([*common, "--reward", "remote", "--reward-kwargs", "[1]"]) == 2
+    assert "--reward-kwargs must be a JSON object" in capsys.readouterr().err

@@ -70,6 +70,7 @@ class EvalOptions:
     model: str = "toy"  # a local diffusers folder, or a builtin: 'toy' (assets/toy), 'tiny-sd3'
     prompts: str = "assets/prompts/shapes_heldout.jsonl"
     reward: str = "shapes"  # registered name, entry point or 'pkg.module:Class'
+    reward_kwargs: Optional[str] = None  # the reward's keyword arguments as a JSON object (a recipe's rewards[i].kwargs)
     lora: Optional[str] = None  # pytorch_lora_weights.safetensors or the folder holding it
     num_samples: Optional[int] = None  # default: ceil(512 / P) passes over the P prompts
     samples_per_prompt: Optional[int] = None
@@ -99,6 +100,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--lora", default=None, help="LoRA file or folder (pytorch_lora_weights.safetensors) to evaluate; default: the base model")
     parser.add_argument("--prompts", default=d.prompts, help="prompt file, .txt or .jsonl with a 'tag' per record (default: %(default)s)")
     parser.add_argument("--reward", default=d.reward, help="reward name, entry point or 'pkg.module:Class' (default: %(default)s)")
+    parser.add_argument("--reward-kwargs", default=None, metavar="JSON", help="the reward's keyword arguments as a JSON object, "
+                                                                            "e.g. '{\"url\": \"http://127.0.0.1:8765\"}' for --reward remote "
+                                                                            "(a recipe's rewards[i].kwargs)")
     parser.add_argument("--num-samples", type=int, default=None,
                         help=f"total samples, cycling over the prompts; at least one per prompt (default: whole passes until >= {DEFAULT_MIN_SAMPLES})")
     parser.add_argument("--samples-per-prompt", type=int, default=None, help="consecutive samples per prompt visit (default 1, or the passes above)")
@@ -224,16 +228,17 @@ def _options(args: Union[argparse.Namespace, EvalOptions, dict]) -> EvalOptions:
     return options
 
 
-def _adapter_kwargs(text: Optional[str]) -> dict:
-    """``--adapter-kwargs`` as a dict (``{}`` when unset); ConfigError for anything but a JSON object."""
+def _json_object(text: Optional[str], flag: str = "--adapter-kwargs") -> dict:
+    """``--adapter-kwargs`` (or another ``flag``'s JSON) as a dict (``{}`` when unset); ConfigError for anything but a
+    JSON object."""
     if not text:
         return {}
     try:
         value = json.loads(text)
     except ValueError as exc:
-        raise ConfigError(f"--adapter-kwargs must be a JSON object, got {text!r} ({exc})") from None
+        raise ConfigError(f"{flag} must be a JSON object, got {text!r} ({exc})") from None
     if not isinstance(value, dict):
-        raise ConfigError(f"--adapter-kwargs must be a JSON object, got {text!r}")
+        raise ConfigError(f"{flag} must be a JSON object, got {text!r}")
     return value
 
 
@@ -320,7 +325,7 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
     from flowalign.train.model import resolve_path
 
     records = load_prompts(resolve_path(options.prompts))  # assets/...: the packaged copy where the path is not here
-    reward = load_reward(options.reward)
+    reward = load_reward(options.reward, **_json_object(options.reward_kwargs, "--reward-kwargs"))
     from flowalign.rewards.base import check_reward_prompts
 
     if options.on_error == "raise":  # a verifier's grammar, before the model loads (under drop such samples are dropped)
@@ -350,7 +355,7 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
     accelerator, device = _launch(options)
     try:
         adapter = build_adapter(ModelConfig(pretrained=options.model, dtype=options.dtype, resolution=options.resolution, adapter=options.adapter,
-                                            adapter_kwargs=_adapter_kwargs(options.adapter_kwargs)), device)
+                                            adapter_kwargs=_json_object(options.adapter_kwargs)), device)
     except ConfigError as exc:  # the trainer's wording names the recipe key; here it is the flag
         raise ConfigError(str(exc).replace("model.pretrained=", "--model ").replace("model.resolution=", "--resolution ")
                           .replace("model.adapter_kwargs", "--adapter-kwargs")) from None
