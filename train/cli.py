@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_reward(args: argparse.Namespace) -> int:
+    """``flowalign reward list``: every reward name with its summary; ``flowalign reward serve NAME``: an HTTP server
+    for the ``remote`` reward (flowalign.rewards.remote), until Ctrl-C."""
     from flowalign.errors import ConfigError
     from flowalign.rewards import load_reward
     from flowalign.rewards.base import describe_rewards
