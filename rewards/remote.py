@@ -6,8 +6,6 @@ both ends are flowalign:
 
     # in the reward's environment (any reward load_reward accepts, with its kwargs as JSON):
     flowalign reward serve shapes --kwargs '{"score": "partial"}' --port 8765
-    # (or, where only the reward's dependencies and flowalign's core are installed:
-    #  python -m flowalign.rewards.remote --reward shapes --kwargs '{"score": "partial"}' --port 8765)
 
     # in the training config:
     rewards: [{name: remote, kwargs: {url: "http://127.0.0.1:8765"}}]
@@ -26,7 +24,6 @@ server's NaN) are NaN here, so ``on_error: drop`` drops those samples.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -211,25 +208,15 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 8765) -> ThreadingH
     return ThreadingHTTPServer((host, port), Handler)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    """``python -m flowalign.rewards.remote --reward NAME [--kwargs JSON] [--host H] [--port P]``."""
-    parser = argparse.ArgumentParser(prog="python -m flowalign.rewards.remote", description="Serve a flowalign reward over HTTP.")
-    parser.add_argument("--reward", required=True, help="a reward load_reward accepts: a name, an entry point or pkg.mod:Class")
-    parser.add_argument("--kwargs", default="{}", help="the reward's keyword arguments as a JSON object")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=8765)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    reward = load_reward(args.reward, **json.loads(args.kwargs))
-    server = make_server(reward, args.host, args.port)
-    logger.info("serving reward %r on http://%s:%d/score", args.reward, *server.server_address[:2])
+def serve(spec: str, kwargs: Optional[dict] = None, host: str = "127.0.0.1", port: int = 8765, announce=print) -> None:
+    """Load the reward ``spec`` (with ``kwargs``) and serve it (:func:`make_server`) until Ctrl-C; ``announce`` gets one
+    line naming the URL (port 0: the port taken) and the recipe entry that uses it. ``flowalign reward serve`` runs this."""
+    server = make_server(load_reward(spec, **(kwargs or {})), host, port)
+    host, port = server.server_address[:2]
+    announce(f"serving reward {spec!r} on http://{host}:{port} (rewards: [{{name: remote, kwargs: {{url: \"http://{host}:{port}\"}}}}])")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
-
-
-if __name__ == "__main__":
-    main()

@@ -142,26 +142,17 @@ def run_reward(args: argparse.Namespace) -> int:
         width = max(len(name) for name, _ in rows)
         sys.stdout.write("".join(f"{name:<{width}}  {summary}\n" for name, summary in rows))
         return 0
-    from flowalign.rewards.remote import make_server
+    from flowalign.rewards.remote import serve
 
     try:
         kwargs = json.loads(args.kwargs)
         if not isinstance(kwargs, dict):
             raise ConfigError(f"--kwargs must be a JSON object, got {args.kwargs!r}")
-        server = make_server(load_reward(args.name, **kwargs), args.host, args.port)
+        serve(args.name, kwargs, args.host, args.port, announce=lambda line: print(line, flush=True))
     except json.JSONDecodeError as exc:
         return _error("reward serve", ConfigError(f"--kwargs is not JSON: {exc}"))
     except (FlowalignError, TypeError, OSError) as exc:
         return _error("reward serve", exc)
-    host, port = server.server_address[:2]
-    print(f"serving reward {args.name!r} on http://{host}:{port} (rewards: [{{name: remote, kwargs: {{url: \"http://{host}:{port}\"}}}}])",
-          flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
     return 0
 
 
