@@ -251,7 +251,7 @@ def describe_rewards() -> list[tuple[str, str]]:
             obj = _resolve(name)
             doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
             rows.append((name, doc[0] if doc else ""))
-        except Exception as exc:  # noqa: BLE001 (listing must survive any plugin)
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 (listing must survive any plugin, even one calling exit)
             rows.append((name, f"(cannot import: {' '.join(str(exc).split())[:160]})"))
     return rows
 

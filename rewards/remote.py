@@ -6,6 +6,7 @@ both ends are flowalign:
 
     # in the reward's environment (any reward load_reward accepts, with its kwargs as JSON):
     flowalign reward serve shapes --kwargs '{"score": "partial"}' --port 8765
+    # (python -m flowalign.rewards.remote shapes ... is the same command)
 
     # in the training config:
     rewards: [{name: remote, kwargs: {url: "http://127.0.0.1:8765"}}]
@@ -17,19 +18,31 @@ JSON ``{"scores": [B numbers or null], "details": {...}}``, or ``{"error": "..."
 uint8 is what reward models read anyway (and 4x smaller); a score computed from uint8 images equals
 the local reward's score on the same images rounded to 1/255.
 
-A reward that fails on the server (it raised, or returned a malformed result) comes back as the
-server's message, a ``RewardError`` that the run's ``on_error`` handles; an unreachable server is
-retried ``retries`` times, ``retry_wait`` seconds apart, before it raises. Scores of ``null`` (the
-server's NaN) are NaN here, so ``on_error: drop`` drops those samples.
+Failures. A reward that fails on the server (it raised, or returned a malformed result: HTTP 500), or
+an answer that is not a list of scores, is a failure of that batch, which the run's ``on_error``
+handles like a local reward's (``drop``: each sample is asked again alone and the failing ones are
+dropped). A server that cannot be reached (refused or reset connections, a dropped answer) is
+tried ``retries`` more times, ``retry_wait`` seconds apart, then raises ``RewardError``, which
+stops the run whatever ``on_error`` says: dropping every sample would train on nothing. No answer
+within ``timeout`` seconds raises at once (the server may still be working on it: a resent
+request would queue behind it). Batches go in requests of at most ``max_batch`` samples; a
+request over 1 GiB is refused before it is sent. Scores of ``null`` (the server's NaN) are NaN
+here, so ``on_error: drop`` drops those samples. Details: a list of ``B`` numbers comes back as a
+float32 tensor (``binary``, ``partial`` as evaluation reads them); anything else as JSON gives it.
+The client ignores ``http_proxy`` for loopback addresses.
 """
 from __future__ import annotations
 
+import http.client
+import ipaddress
 import json
 import logging
 import math
+import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
@@ -54,7 +67,8 @@ def encode_request(images: Tensor, prompts: list[str], metadata: list[dict[str, 
         raise ConfigError(f"remote reward dtype must be one of {list(DTYPES)}, got {dtype!r}")
     pixels = images.detach().float().clamp(0, 1).cpu()
     pixels = ((pixels * 255).round().to(torch.uint8) if dtype == "uint8" else pixels).contiguous()  # views (decoded latents) too
-    return save_safetensors({"images": pixels}, metadata={"prompts": json.dumps(prompts), "metadata": json.dumps(metadata)})
+    return save_safetensors({"images": pixels}, metadata={"prompts": json.dumps(prompts),
+                                                           "metadata": json.dumps(metadata, default=_jsonable)})
 
 
 def decode_request(body: bytes) -> tuple[Tensor, list[str], list[dict[str, Any]]]:
@@ -71,7 +85,9 @@ def decode_request(body: bytes) -> tuple[Tensor, list[str], list[dict[str, Any]]
         raise ValueError("prompts must be a list of strings")
     if not isinstance(metadata, list) or not all(isinstance(m, dict) for m in metadata):
         raise ValueError("metadata must be a list of objects")
-    images = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    if images.dtype not in (torch.uint8, torch.float32):
+        raise ValueError(f"images must be uint8 or float32, got {images.dtype}")
+    images = images.float() / 255 if images.dtype == torch.uint8 else images
     return images, prompts, metadata
 
 
@@ -92,19 +108,40 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def score_request(reward, body: bytes) -> dict[str, Any]:
-    """What the server answers to one request body: ``{"scores", "details"}`` of ``reward`` on its images."""
-    images, prompts, metadata = decode_request(body)
-    out = reward(images, prompts, metadata)
-    return {"scores": _jsonable(out.scores.float()), "details": _jsonable(dict(out.details or {}))}
-
-
 def _details_from_json(details: dict[str, Any], batch: int) -> dict[str, Any]:
     """Per-sample numeric lists back as float32 tensors (evaluation reads ``binary`` / ``partial`` as tensors)."""
     out = {}
     for key, value in details.items():
         numeric = isinstance(value, list) and len(value) == batch and all(isinstance(v, (int, float)) or v is None for v in value)
         out[key] = torch.tensor([math.nan if v is None else float(v) for v in value], dtype=torch.float32) if numeric else value
+    return out
+
+
+class RemoteScoringError(RuntimeError):
+    """The server answered, but with a failure of this batch (HTTP 500: its reward raised) or no list of scores:
+    ``call_reward``'s ``on_error`` handles it like a local reward's exception."""
+
+
+def _is_loopback(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _cat_details(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Chunks' details joined per key: tensors concatenated, lists chained, a key missing from a chunk left out."""
+    keys = [k for k in parts[0] if all(k in part for part in parts)]
+    out = {}
+    for key in keys:
+        values = [part[key] for part in parts]
+        if all(isinstance(v, Tensor) for v in values):
+            out[key] = torch.cat(values)
+        elif all(isinstance(v, list) for v in values):
+            out[key] = [x for v in values for x in v]
     return out
 
 
@@ -116,18 +153,20 @@ class RemoteReward(Reward):
 
     Args:
         url: the server, e.g. ``http://127.0.0.1:8765``.
-        timeout: seconds to wait for one answer (a reward model on a busy GPU can be slow).
-        retries: further attempts after a connection failure or timeout (not after the server's
-            own error answer, which would fail again).
+        timeout: seconds to wait for one answer (a reward model on a busy GPU can be slow, and requests of
+            several training processes queue on the server).
+        retries: further attempts after a refused, reset or dropped connection (not after the server's own
+            error answer, which would fail again, nor after ``timeout``).
         retry_wait: seconds between attempts.
         dtype: ``uint8`` (default) or ``float32`` images on the wire.
+        max_batch: samples per request (a batch is sent in chunks).
         device: where the score tensors go.
     """
 
     differentiable = False
 
     def __init__(self, url: str, timeout: float = 600.0, retries: int = 2, retry_wait: float = 5.0, dtype: str = "uint8",
-                 device: Optional[torch.device | str] = None):
+                 max_batch: int = 32, device: Optional[torch.device | str] = None):
         super().__init__(device)
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ConfigError(f"remote reward url must start with http:// or https://, got {url!r}")
@@ -135,37 +174,63 @@ class RemoteReward(Reward):
             raise ConfigError(f"remote reward dtype must be one of {list(DTYPES)}, got {dtype!r}")
         if not timeout > 0 or (isinstance(retries, bool) or not isinstance(retries, int) or retries < 0) or retry_wait < 0:
             raise ConfigError(f"remote reward needs timeout > 0, retries >= 0 and retry_wait >= 0, got {timeout}, {retries!r}, {retry_wait}")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ConfigError(f"remote reward max_batch must be a positive int, got {max_batch!r}")
         self.url, self.timeout, self.retries, self.retry_wait, self.dtype = url.rstrip("/"), float(timeout), retries, float(retry_wait), dtype
+        self.max_batch = max_batch
+        handlers = [urllib.request.ProxyHandler({})] if _is_loopback(self.url) else []
+        self._opener = urllib.request.build_opener(*handlers)
 
-    def _post(self, body: bytes) -> dict[str, Any]:
+    def _post(self, body: bytes) -> Any:
+        if len(body) > MAX_REQUEST_BYTES:
+            raise RewardError(f"a request of {len(body) / 2**20:.0f} MiB to {self.url} is over the server's limit of "
+                              f"{MAX_REQUEST_BYTES / 2**20:.0f} MiB: lower the remote reward's max_batch (now {self.max_batch})")
         request = urllib.request.Request(self.url + "/score", data=body, method="POST",
                                          headers={"Content-Type": "application/octet-stream"})
         for attempt in range(self.retries + 1):
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as answer:
-                    return json.loads(answer.read())
-            except urllib.error.HTTPError as exc:  # the server answered: its reward failed, do not retry
+                with self._opener.open(request, timeout=self.timeout) as answer:
+                    raw = answer.read()
+                break
+            except urllib.error.HTTPError as exc:  # the server answered
                 try:
                     message = json.loads(exc.read()).get("error", "")
                 except Exception:  # noqa: BLE001
                     message = ""
+                if exc.code == 500:  # its reward failed on this batch: on_error decides
+                    raise RemoteScoringError(f"reward server {self.url}: {message or exc.reason}") from None
                 raise RewardError(f"reward server {self.url} answered HTTP {exc.code}: {message or exc.reason}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+            except (TimeoutError, socket.timeout) as exc:  # the server may still be working on it: do not resend
+                raise RewardError(f"reward server {self.url} gave no answer within {self.timeout:g} s (the remote reward's timeout)") from exc
+            except (urllib.error.URLError, ConnectionError, http.client.HTTPException) as exc:
+                reason = getattr(exc, "reason", exc)
+                if isinstance(reason, (TimeoutError, socket.timeout)):  # connecting timed out: nobody took the request
+                    reason = f"no connection within {self.timeout:g} s"
                 if attempt == self.retries:
-                    raise RewardError(f"reward server {self.url} unreachable after {self.retries + 1} attempts: "
-                                      f"{getattr(exc, 'reason', exc)}") from None
-                logger.warning("reward server %s: %s; retrying in %.0f s", self.url, getattr(exc, "reason", exc), self.retry_wait)
+                    raise RewardError(f"reward server {self.url} unreachable after {self.retries + 1} attempts: {reason}") from None
+                logger.warning("reward server %s: %s; retrying in %.0f s", self.url, reason, self.retry_wait)
                 time.sleep(self.retry_wait)
-        raise AssertionError("unreachable")
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise RemoteScoringError(f"reward server {self.url} answered something that is not JSON: {raw[:200]!r}") from None
 
-    def score(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
+    def _score_chunk(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> tuple[Tensor, dict]:
         answer = self._post(encode_request(images, prompts, metadata, self.dtype))
         scores = answer.get("scores") if isinstance(answer, dict) else None
-        if not isinstance(scores, list) or not all(isinstance(s, (int, float)) or s is None for s in scores):
-            raise RewardError(f"reward server {self.url} answered without a list of scores: {str(answer)[:200]}")
-        values = torch.tensor([math.nan if s is None else float(s) for s in scores], dtype=torch.float32, device=self.device)
+        if not isinstance(scores, list) or not all(isinstance(x, (int, float)) or x is None for x in scores):
+            raise RemoteScoringError(f"reward server {self.url} answered without a list of scores: {str(answer)[:200]}")
+        if len(scores) != len(prompts):
+            raise RemoteScoringError(f"reward server {self.url} answered {len(scores)} scores for {len(prompts)} samples")
+        values = torch.tensor([math.nan if x is None else float(x) for x in scores], dtype=torch.float32)
         details = answer.get("details") or {}
-        return RewardOutput(scores=values, details=_details_from_json(details if isinstance(details, dict) else {}, len(prompts)))
+        return values, _details_from_json(details if isinstance(details, dict) else {}, len(prompts))
+
+    def score(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
+        parts = [self._score_chunk(images[i:i + self.max_batch], prompts[i:i + self.max_batch], metadata[i:i + self.max_batch])
+                 for i in range(0, len(prompts), self.max_batch)]
+        scores = torch.cat([values for values, _ in parts]).to(self.device) if parts else torch.zeros(0, device=self.device)
+        return RewardOutput(scores=scores, details=_cat_details([d for _, d in parts]) if parts else {})
 
 
 def make_server(reward, host: str = "127.0.0.1", port: int = 8765) -> ThreadingHTTPServer:
@@ -176,6 +241,8 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 8765) -> ThreadingH
     lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = 300  # seconds a client may take to send its request (a stalled one frees its thread)
+
         def _answer(self, code: int, payload: dict) -> None:
             body = json.dumps(payload).encode()
             self.send_response(code)
@@ -190,15 +257,24 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 8765) -> ThreadingH
         def do_POST(self):  # noqa: N802
             if self.path != "/score":
                 return self._answer(404, {"error": f"no {self.path}"})
-            length = int(self.headers.get("Content-Length") or 0)
-            if not 0 < length <= MAX_REQUEST_BYTES:
+            try:
+                length = int(self.headers.get("Content-Length") or -1)
+            except ValueError:
+                return self._answer(400, {"error": "Content-Length is not a number"})
+            if length < 0:
+                return self._answer(411, {"error": "a request needs a Content-Length"})
+            if length > MAX_REQUEST_BYTES:
                 return self._answer(413, {"error": f"request of {length} bytes (at most {MAX_REQUEST_BYTES})"})
             body = self.rfile.read(length)
             try:
+                images, prompts, metadata = decode_request(body)
+            except ValueError as exc:  # the client's fault, not the reward's
+                return self._answer(400, {"error": str(exc)})
+            try:
                 with lock:
-                    payload = score_request(reward, body)
-                self._answer(200, payload)
-            except Exception as exc:  # noqa: BLE001 (the client raises it as a RewardError)
+                    out = reward(images, prompts, metadata)
+                self._answer(200, {"scores": _jsonable(out.scores.float()), "details": _jsonable(dict(out.details or {}))})
+            except Exception as exc:  # noqa: BLE001 (the client hands it to the run's on_error)
                 logger.exception("scoring failed")
                 self._answer(500, {"error": f"{type(exc).__name__}: {exc}"})
 
@@ -208,15 +284,25 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 8765) -> ThreadingH
     return ThreadingHTTPServer((host, port), Handler)
 
 
-def serve(spec: str, kwargs: Optional[dict] = None, host: str = "127.0.0.1", port: int = 8765, announce=print) -> None:
-    """Load the reward ``spec`` (with ``kwargs``) and serve it (:func:`make_server`) until Ctrl-C; ``announce`` gets one
-    line naming the URL (port 0: the port taken) and the recipe entry that uses it. ``flowalign reward serve`` runs this."""
-    server = make_server(load_reward(spec, **(kwargs or {})), host, port)
-    host, port = server.server_address[:2]
-    announce(f"serving reward {spec!r} on http://{host}:{port} (rewards: [{{name: remote, kwargs: {{url: \"http://{host}:{port}\"}}}}])")
+def serve(server: ThreadingHTTPServer) -> None:
+    """Run ``server`` (:func:`make_server`) until Ctrl-C, then close it."""
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+
+
+def server_url(server: ThreadingHTTPServer) -> str:
+    """The URL a client uses: the bound address, or this machine's name when it listens on every interface."""
+    host, port = server.server_address[:2]
+    return f"http://{socket.gethostname() if host in ('0.0.0.0', '') else host}:{port}"
+
+
+if __name__ == "__main__":  # python -m flowalign.rewards.remote NAME [...]: the same as flowalign reward serve NAME [...]
+    import sys
+
+    from flowalign.train.cli import main
+
+    sys.exit(main(["reward", "serve", *sys.argv[1:]]))

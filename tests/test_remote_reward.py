@@ -46,9 +46,14 @@ def test_request_round_trip_is_exact_in_float32_and_rounds_to_1_255_in_uint8():
     assert torch.equal(got, torch.round(images * 255) / 255)  # uint8 on the wire
     view = images.transpose(2, 3)  # not contiguous (a decoded batch often is not)
     for dtype in remote.DTYPES:
-        assert remote.decode_request(remote.encode_request(view, prompts, metadata, dtype))[0].shape == view.shape
+        got = remote.decode_request(remote.encode_request(view, prompts, metadata, dtype))[0]
+        assert torch.allclose(got, view, rtol=0, atol=0.5 / 255)
     video = torch.rand(2, 3, 3, 4, 4)
-    assert remote.decode_request(remote.encode_request(video, ["a", "b"], [{}, {}]))[0].shape == (2, 3, 3, 4, 4)
+    assert torch.equal(remote.decode_request(remote.encode_request(video, ["a", "b"], [{}, {}], "float32"))[0], video)
+    import numpy as np  # metadata a plugin built in Python: numpy values travel as JSON numbers
+
+    assert remote.decode_request(remote.encode_request(images[:1], ["a"], [{"k": np.float32(0.5), "v": np.arange(2)}]))[2] == [
+        {"k": 0.5, "v": [0, 1]}]
     with pytest.raises(ValueError, match="not a flowalign reward request"):
         remote.decode_request(b"\x00" * 16)
 
@@ -74,11 +79,72 @@ def test_nan_scores_come_back_as_nan_and_on_error_drop_drops_them(server):
     assert out.keep.tolist() == [True, False] and out.scores[0] == pytest.approx(0.75, abs=1 / 255)
 
 
-def test_a_failing_server_side_reward_raises_its_message_without_retrying(server, caplog):
+def test_a_failing_server_side_reward_is_a_failure_of_its_batch_that_on_error_handles(server, caplog):
     client = load_reward("remote", url=server, retries=3, retry_wait=10.0)  # a retry would take 10 s
-    with pytest.raises(RewardError, match=r"HTTP 500: RuntimeError: model crashed on boom"):
+    with pytest.raises(remote.RemoteScoringError, match=r"RuntimeError: model crashed on boom"):
         client(torch.zeros(1, 3, 4, 4), ["boom"])
     assert "retrying" not in caplog.text
+    with pytest.raises(RewardError, match="model crashed on boom"):  # on_error: raise names the reward and prompt
+        call_reward(client, torch.zeros(2, 3, 4, 4), ["ok", "boom"], None, on_error="raise", name="remote")
+    out = call_reward(client, torch.full((3, 3, 4, 4), 0.5), ["ok", "boom", "fine"], None, on_error="drop", name="remote")
+    assert out.keep.tolist() == [True, False, True]  # each sample asked again alone: only the failing one dropped
+    assert out.scores[0] == pytest.approx(0.5, abs=1 / 255) and out.scores[2] == pytest.approx(0.5, abs=1 / 255)
+
+
+class Slow(Reward):
+    """Counts its calls; sleeps ``delay`` s in each."""
+
+    def __init__(self, delay=0.0):
+        super().__init__()
+        self.delay, self.calls = delay, []
+
+    def score(self, images, prompts, metadata):
+        import time
+
+        self.calls.append(len(prompts))
+        time.sleep(self.delay)
+        return RewardOutput(scores=images.flatten(1).mean(1), details={"n": torch.arange(len(prompts)).float(), "p": list(prompts)})
+
+
+def _serve(reward):
+    srv = remote.make_server(reward, port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.server_address[1]}"
+
+
+def test_batches_go_in_chunks_of_max_batch_and_their_details_join():
+    reward = Slow()
+    srv, url = _serve(reward)
+    try:
+        out = load_reward("remote", url=url, max_batch=3)(torch.rand(7, 3, 4, 4), [f"p{i}" for i in range(7)])
+    finally:
+        srv.shutdown(), srv.server_close()
+    assert reward.calls == [3, 3, 1]
+    assert out.details["n"].tolist() == [0, 1, 2, 0, 1, 2, 0] and out.details["p"] == [f"p{i}" for i in range(7)]
+
+
+def test_no_answer_within_the_timeout_raises_without_resending():
+    reward = Slow(delay=1.5)
+    srv, url = _serve(reward)
+    try:
+        with pytest.raises(RewardError, match=r"no answer within 0.5 s"):
+            load_reward("remote", url=url, timeout=0.5, retries=3, retry_wait=0.0)(torch.rand(1, 3, 4, 4), ["x"])
+    finally:
+        srv.shutdown(), srv.server_close()
+    assert reward.calls == [1]  # asked once: a resent request would queue behind the one still being scored
+
+
+def test_oversized_requests_are_refused_before_sending(server, monkeypatch):
+    monkeypatch.setattr(remote, "MAX_REQUEST_BYTES", 1000)
+    with pytest.raises(RewardError, match="lower the remote reward's max_batch"):
+        load_reward("remote", url=server)(torch.rand(2, 3, 16, 16), ["a", "b"])
+
+
+def test_loopback_servers_are_reached_past_a_proxy_setting(server, monkeypatch):
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # a proxy nobody runs
+    monkeypatch.setenv("no_proxy", "")
+    out = load_reward("remote", url=server, retries=0)(torch.full((1, 3, 4, 4), 0.25), ["x"])
+    assert out.scores.tolist() == pytest.approx([0.25], abs=1 / 255)
 
 
 def test_an_unreachable_server_is_retried_then_named(caplog):
@@ -94,11 +160,24 @@ def test_an_unreachable_server_is_retried_then_named(caplog):
 
 
 def test_health_bad_paths_and_malformed_bodies(server):
-    assert json.loads(urllib.request.urlopen(server + "/health", timeout=10).read()) == {"ok": True}
-    request = urllib.request.Request(server + "/score", data=b"junk", method="POST")
-    with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(request, timeout=10)
-    assert err.value.code == 500 and "not a flowalign reward request" in json.loads(err.value.read())["error"]
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    assert json.loads(opener.open(server + "/health", timeout=10).read()) == {"ok": True}
+
+    def post(body: bytes) -> tuple[int, str]:
+        try:
+            opener.open(urllib.request.Request(server + "/score", data=body, method="POST"), timeout=10)
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())["error"]
+        return 200, ""
+
+    code, error = post(b"junk")
+    assert code == 400 and "not a flowalign reward request" in error  # the client's fault: not a reward failure
+    from safetensors.torch import save
+
+    code, error = post(save({"images": torch.rand(1, 3, 4, 4, dtype=torch.float64)}, metadata={"prompts": '["a"]', "metadata": "[{}]"}))
+    assert code == 400 and "uint8 or float32" in error
+    code, error = post(save({"images": torch.rand(2, 3, 4, 4)}, metadata={"prompts": '["a"]', "metadata": "[{}]"}))
+    assert code == 500 and "prompt" in error  # the reward's input check: 2 images, 1 prompt
 
 
 def test_bad_settings_are_refused():
@@ -167,6 +246,11 @@ def test_flowalign_eval_scores_with_a_served_reward(server, tmp_path, capsys):
     assert cli.main([*common, "--reward", "tests.test_remote_reward:Flaky", "--out", str(tmp_path / "l")]) == 0
     served, local = (json.loads((tmp_path / d / "eval.json").read_text())["samples"]["score"] for d in ("r", "l"))
     assert served == pytest.approx(local, abs=1 / 255) and len(set(served)) > 1
+    assert json.loads((tmp_path / "r" / "eval.json").read_text())["settings"]["reward_kwargs"] == {"url": server}
     capsys.readouterr()
     assert cli.main([*common, "--reward", "remote", "--reward-kwargs", "[1]"]) == 2
     assert "--reward-kwargs must be a JSON object" in capsys.readouterr().err
+    # --compare refuses an evaluation scored with other reward settings (another server, another score mode)
+    assert cli.main([*common, "--reward", "remote", "--reward-kwargs", json.dumps({"url": server, "dtype": "float32"}),
+                     "--compare", str(tmp_path / "r")]) == 2
+    assert "reward_kwargs" in capsys.readouterr().err

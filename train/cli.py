@@ -142,17 +142,22 @@ def run_reward(args: argparse.Namespace) -> int:
         width = max(len(name) for name, _ in rows)
         sys.stdout.write("".join(f"{name:<{width}}  {summary}\n" for name, summary in rows))
         return 0
-    from flowalign.rewards.remote import serve
+    from flowalign.rewards.remote import make_server, serve, server_url
 
     try:
         kwargs = json.loads(args.kwargs)
         if not isinstance(kwargs, dict):
             raise ConfigError(f"--kwargs must be a JSON object, got {args.kwargs!r}")
-        serve(args.name, kwargs, args.host, args.port, announce=lambda line: print(line, flush=True))
+        server = make_server(load_reward(args.name, **kwargs), args.host, args.port)
     except json.JSONDecodeError as exc:
         return _error("reward serve", ConfigError(f"--kwargs is not JSON: {exc}"))
-    except (FlowalignError, TypeError, OSError) as exc:
+    except OSError as exc:  # the address: in use, not this machine's, not resolvable
+        return _error("reward serve", ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"))
+    except (FlowalignError, TypeError) as exc:
         return _error("reward serve", exc)
+    url = server_url(server)
+    print(f"serving reward {args.name!r} on {url} (rewards: [{{name: remote, kwargs: {{url: \"{url}\"}}}}])", flush=True)
+    serve(server)
     return 0
 
 

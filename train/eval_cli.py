@@ -155,7 +155,8 @@ def load_reference(path: str):
 
 def check_reference(reference, reference_name: str, **asked) -> None:
     """Refuse a ``--compare`` reference sampled or scored differently: each of ``asked`` (``num_steps``,
-    ``guidance_scale``, ``samples``, ``seed``, ``reward``, ``correct_when``; None = unknown, not checked)
+    ``guidance_scale``, ``samples``, ``seed``, ``reward``, ``reward_kwargs``, ``correct_when``; None = unknown, not
+    checked: evaluations written before a setting was recorded)
     must equal the reference's.
 
     Raises:
@@ -163,7 +164,8 @@ def check_reference(reference, reference_name: str, **asked) -> None:
     """
     had = {"num_steps": reference.settings.get("num_steps"), "guidance_scale": reference.settings.get("guidance_scale"),
            "samples": reference.num_samples, "seed": reference.seeds[0] if reference.seeds else None,
-           "reward": reference.settings.get("reward"), "correct_when": reference.settings.get("correct_when")}
+           "reward": reference.settings.get("reward"), "reward_kwargs": reference.settings.get("reward_kwargs"),
+           "correct_when": reference.settings.get("correct_when")}
     for key, value in asked.items():
         if value is not None and had[key] is not None and had[key] != value:
             raise ConfigError(f"--compare {reference_name}: it was sampled with {key}={had[key]}, this evaluation with {key}={value}")
@@ -179,7 +181,8 @@ def compare_reference(reference, result, reference_name: str):
     from flowalign.evaluation import compare
 
     check_reference(reference, reference_name, num_steps=result.settings.get("num_steps"), guidance_scale=result.settings.get("guidance_scale"),
-                    reward=result.settings.get("reward"), correct_when=result.settings.get("correct_when"))
+                    reward=result.settings.get("reward"), reward_kwargs=result.settings.get("reward_kwargs"),
+                    correct_when=result.settings.get("correct_when"))
     try:
         return compare(reference, result)
     except ValueError as exc:
@@ -325,7 +328,8 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
     from flowalign.train.model import resolve_path
 
     records = load_prompts(resolve_path(options.prompts))  # assets/...: the packaged copy where the path is not here
-    reward = load_reward(options.reward, **_json_object(options.reward_kwargs, "--reward-kwargs"))
+    reward_kwargs = _json_object(options.reward_kwargs, "--reward-kwargs")
+    reward = load_reward(options.reward, **reward_kwargs)
     from flowalign.rewards.base import check_reward_prompts
 
     if options.on_error == "raise":  # a verifier's grammar, before the model loads (under drop such samples are dropped)
@@ -348,7 +352,7 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
         from flowalign.rewards.base import reward_name
 
         check_reference(reference, options.compare, num_steps=options.steps, guidance_scale=options.guidance, samples=len(indices),
-                        seed=options.seed, reward=reward_name(tap if tap is not None else reward))
+                        seed=options.seed, reward=reward_name(tap if tap is not None else reward), reward_kwargs=reward_kwargs)
 
     from flowalign.train.model import build_adapter
 
@@ -372,6 +376,7 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
         on_error=options.on_error, keep_images=0, progress=options.progress and main_process, shard=shard, gather=gather_shares,
     )
     result.settings.update({"model": options.model, "prompts_file": str(options.prompts), "device": options.device, "dtype": options.dtype,
+                            "reward_kwargs": reward_kwargs,
                             "processes": 1 if accelerator is None else accelerator.num_processes})
     if tap is not None:  # the quality of every sample in order: this process's share of them, then every process's
         quality = torch.cat(tap.qualities) if tap.qualities else torch.zeros(0)
