@@ -83,6 +83,14 @@ def edit_distance(a: str, b: str) -> int:
     return previous[-1]
 
 
+def normalized_target(prompt: str, metadata: Optional[Mapping[str, Any]] = None) -> str:
+    """:func:`target_text`, normalised; ValueError when the prompt has none or it is empty."""
+    target = normalize(target_text(prompt, metadata))
+    if not target:
+        raise ValueError(f"the text to render of prompt {prompt!r} is empty")
+    return target
+
+
 def text_distance(read: str, target: str) -> int:
     """``d`` of the module docstring on normalised strings: 0 when ``target`` occurs in ``read``,
     else their edit distance, capped at ``len(target)``."""
@@ -159,8 +167,7 @@ class OCRReward(Reward):
         bad = []
         for i, prompt in enumerate(prompts):
             try:
-                if not normalize(target_text(prompt, metadata[i] if i < len(metadata) else None)):
-                    bad.append(prompt)
+                normalized_target(prompt, metadata[i] if i < len(metadata) else None)
             except ValueError:
                 bad.append(prompt)
         if bad:
@@ -178,9 +185,7 @@ class OCRReward(Reward):
             raise ValueError(f"ocr reward expects images [B, 3, H, W] or videos [B, T, 3, H, W], got shape {tuple(images.shape)}")
         scores, distances, exact, reads, targets = [], [], [], [], []
         for i, prompt in enumerate(prompts):
-            target = normalize(target_text(prompt, metadata[i] if i < len(metadata) else None))
-            if not target:
-                raise ValueError(f"the quoted text of prompt {prompt!r} is empty")
+            target = normalized_target(prompt, metadata[i] if i < len(metadata) else None)
             frames = images[i][:: self.frame_stride] if images.ndim == 5 else images[i][None]
             read = [self.read(frame) for frame in frames]
             d = [text_distance(r, target) for r in read]

@@ -14,7 +14,8 @@ both ends are flowalign:
 The wire format is safe to parse (no pickle). A request is one safetensors file: tensor ``images``
 (``[B, 3, H, W]`` or ``[B, T, 3, H, W]``, uint8 by default, or float32 in [0, 1] with
 ``dtype: float32``), and in its string metadata ``prompts`` and ``metadata`` as JSON. The answer is
-JSON ``{"scores": [B numbers or null], "details": {...}}``, or ``{"error": "..."}`` with HTTP 500.
+JSON ``{"scores": [B numbers or null], "details": {...}}``, or ``{"error": "..."}`` with HTTP 500 (the
+reward failed) or 400 / 411 / 413 (a malformed, unsized or oversized request).
 uint8 is what reward models read anyway (and 4x smaller); a score computed from uint8 images equals
 the local reward's score on the same images rounded to 1/255.
 
@@ -200,11 +201,11 @@ class RemoteReward(Reward):
                 if exc.code == 500:  # its reward failed on this batch: on_error decides
                     raise RemoteScoringError(f"reward server {self.url}: {message or exc.reason}") from None
                 raise RewardError(f"reward server {self.url} answered HTTP {exc.code}: {message or exc.reason}") from None
-            except (TimeoutError, socket.timeout) as exc:  # the server may still be working on it: do not resend
+            except TimeoutError as exc:  # (socket.timeout) the server may still be working on it: do not resend
                 raise RewardError(f"reward server {self.url} gave no answer within {self.timeout:g} s (the remote reward's timeout)") from exc
             except (urllib.error.URLError, ConnectionError, http.client.HTTPException) as exc:
                 reason = getattr(exc, "reason", exc)
-                if isinstance(reason, (TimeoutError, socket.timeout)):  # connecting timed out: nobody took the request
+                if isinstance(reason, TimeoutError):  # connecting timed out: nobody took the request
                     reason = f"no connection within {self.timeout:g} s"
                 if attempt == self.retries:
                     raise RewardError(f"reward server {self.url} unreachable after {self.retries + 1} attempts: {reason}") from None
