@@ -149,9 +149,10 @@ class OCRReward(Reward):
             raise ConfigError(f"ocr reward frame_stride must be a positive int, got {frame_stride!r}")
         try:
             from rapidocr_onnxruntime import RapidOCR
-        except ImportError as exc:
-            raise ConfigError("the ocr reward needs rapidocr-onnxruntime (PP-OCR models in ONNX): "
-                              "pip install 'flowalign-rl[ocr]'") from exc
+        except ImportError as exc:  # not installed, or opencv without its system libraries (libGL on minimal images)
+            raise ConfigError(f"the ocr reward needs rapidocr-onnxruntime (PP-OCR models in ONNX): pip install 'flowalign-rl[ocr]'; "
+                              f"importing it failed with: {exc} (opencv's system libraries on a minimal Linux image: "
+                              f"apt-get install libgl1 libglib2.0-0)") from exc
         self.min_confidence = float(min_confidence)
         self.frame_stride = frame_stride
         threads = int(num_threads) if num_threads is not None else torch.get_num_threads()

@@ -130,6 +130,21 @@ def test_prompts_without_text_are_refused_before_training(reward):
         ocr.OCRReward(num_threads=0)
 
 
+def test_a_missing_rapidocr_names_the_extra_and_the_import_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_rapidocr(name, *args, **kwargs):
+        if name.startswith("rapidocr_onnxruntime"):
+            raise ImportError("libGL.so.1: cannot open shared object file")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_rapidocr)
+    with pytest.raises(ConfigError, match=r"flowalign-rl\[ocr\].*libGL.so.1.*apt-get install libgl1"):
+        ocr.OCRReward()
+
+
 def test_the_trainer_refuses_prompts_the_ocr_reward_cannot_score(tmp_path):
     from flowalign.config import load_config
     from flowalign.train.trainer import Trainer
