@@ -109,13 +109,19 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _is_numbers(value: Any) -> bool:
+    """A JSON list of numbers and nulls (the wire's NaN)."""
+    return isinstance(value, list) and all(isinstance(v, (int, float)) or v is None for v in value)
+
+
+def _floats(values: list) -> Tensor:
+    """:func:`_is_numbers`' list as float32, null as NaN."""
+    return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32)
+
+
 def _details_from_json(details: dict[str, Any], batch: int) -> dict[str, Any]:
     """Per-sample numeric lists back as float32 tensors (evaluation reads ``binary`` / ``partial`` as tensors)."""
-    out = {}
-    for key, value in details.items():
-        numeric = isinstance(value, list) and len(value) == batch and all(isinstance(v, (int, float)) or v is None for v in value)
-        out[key] = torch.tensor([math.nan if v is None else float(v) for v in value], dtype=torch.float32) if numeric else value
-    return out
+    return {key: _floats(value) if _is_numbers(value) and len(value) == batch else value for key, value in details.items()}
 
 
 class RemoteScoringError(RuntimeError):
@@ -219,13 +225,12 @@ class RemoteReward(Reward):
     def _score_chunk(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> tuple[Tensor, dict]:
         answer = self._post(encode_request(images, prompts, metadata, self.dtype))
         scores = answer.get("scores") if isinstance(answer, dict) else None
-        if not isinstance(scores, list) or not all(isinstance(x, (int, float)) or x is None for x in scores):
+        if not _is_numbers(scores):
             raise RemoteScoringError(f"reward server {self.url} answered without a list of scores: {str(answer)[:200]}")
         if len(scores) != len(prompts):
             raise RemoteScoringError(f"reward server {self.url} answered {len(scores)} scores for {len(prompts)} samples")
-        values = torch.tensor([math.nan if x is None else float(x) for x in scores], dtype=torch.float32)
         details = answer.get("details") or {}
-        return values, _details_from_json(details if isinstance(details, dict) else {}, len(prompts))
+        return _floats(scores), _details_from_json(details if isinstance(details, dict) else {}, len(prompts))
 
     def score(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
         parts = [self._score_chunk(images[i:i + self.max_batch], prompts[i:i + self.max_batch], metadata[i:i + self.max_batch])

@@ -34,6 +34,7 @@ SETTINGS = ["sampling.num_steps=2", "sampling.guidance_scale=1.0", "sampling.gro
             "train.prompts_per_iter=4", "train.micro_batch_size=2", "train.grad_accum=8", "train.iterations=2",
             "train.lr=3e-2", "lora.rank=2", "lora.alpha=4", "objective.kl_beta=0.04", "train.eval_every=-1",
             "train.log_with=[]", "train.progress=false", "train.checkpoint_every=1", "train.keep_checkpoints=3"]
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")  # every launch's environment
 TOLERANCE = 1e-3  # ||LoRA(2) - LoRA(1)||_F / ||LoRA(1)||_F per component after 2 AdamW steps of lr 3e-2 (measured <= 1.1e-4)
 
 
@@ -100,7 +101,6 @@ for name, args in json.loads(open(sys.argv[1]).read()):
         raise SystemExit(f"case {name} failed")
 destroy()
 '''
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
 @pytest.fixture(scope="module")
@@ -225,9 +225,8 @@ def test_a_step_every_process_skipped_is_skipped_everywhere(tmp_path):
     gradients, moving the weights by momentum); a step where only one process has a loss still steps."""
     script = tmp_path / "step.py"
     script.write_text(STEP_SCRIPT)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(script)], capture_output=True, text=True,
-                          env=env, timeout=240, cwd=tmp_path)
+                          env=ENV, timeout=240, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT"))
     fields = dict(item.split("=") for item in line.split()[1:])
@@ -270,11 +269,10 @@ def test_dense_calibration_splits_its_rollouts_over_the_processes_and_both_get_t
     each), both see all 5 rows of step gains and end with the same table."""
     script = tmp_path / "calibrate.py"
     script.write_text(CALIBRATION_SCRIPT)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     settings = SETTINGS + ["objective.name=dense_grpo", "dense.estimator=tweedie", "dense.calibration_rounds=2",
                            "dense.calibration_samples=5", "dense.eps1=100", "sampling.num_steps=3", f"train.output_dir={tmp_path / 'run'}"]
     done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(script), str(TINY_RECIPE), *settings],
-                          capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
+                          capture_output=True, text=True, env=ENV, timeout=240, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     results = [(tmp_path / f"result_{rank}.txt").read_text().strip() for rank in (0, 1)]
     fields = [dict(item.split("=", 1) for item in line.split(" ", 1)[1].replace(", ", ",").split()) for line in results]
@@ -309,7 +307,7 @@ def test_one_process_failing_mid_run_stops_the_whole_launch(tmp_path):
     ends (non-zero, naming the error) instead of leaving process 0 waiting in the collective until gloo's
     30-minute timeout; torchrun stops the surviving process once one fails."""
     (tmp_path / "rank_reward.py").write_text(FAILING_REWARD)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(tmp_path))
+    env = dict(ENV, PYTHONPATH=str(tmp_path))
     args = _args(tmp_path / "run", ["train.iterations=3", 'rewards=[{name: "rank_reward:fails_on_rank_1", weight: 1.0}]'])
     done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "flowalign.train.cli", *args],
                           capture_output=True, text=True, env=env, timeout=180, cwd=tmp_path)
@@ -328,9 +326,8 @@ def test_a_launch_into_a_locked_run_folder_stops_every_process(tmp_path):
     run = tmp_path / "run"
     holder = RunLock(run).acquire()  # this test process plays the other run
     try:
-        env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
         done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "flowalign.train.cli",
-                               *_args(run, []), "--overwrite"], capture_output=True, text=True, env=env, timeout=180, cwd=tmp_path)
+                               *_args(run, []), "--overwrite"], capture_output=True, text=True, env=ENV, timeout=180, cwd=tmp_path)
     finally:
         holder.release()
     assert done.returncode != 0
@@ -369,10 +366,9 @@ def test_the_other_processes_wait_for_the_main_ones_final_outputs_as_long_as_the
     timeout_min = 0.05
     script = tmp_path / "slow.py"
     script.write_text(SLOW_REPORT_SCRIPT)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     settings = SETTINGS + ["train.iterations=1", f"train.process_group_timeout_min={timeout_min}", f"train.output_dir={tmp_path / 'run'}"]
     done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(script), str(TINY_RECIPE), *settings],
-                          capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
+                          capture_output=True, text=True, env=ENV, timeout=240, cwd=tmp_path)
     # it timed out at the end: training and its last checkpoint done, the slow LoRA file never written
     assert done.returncode != 0 and "timed out" in done.stderr.lower(), done.stderr[-3000:]
     assert ckpt.find_latest(tmp_path / "run" / "checkpoints") is not None
@@ -386,9 +382,8 @@ def test_flowalign_eval_splits_its_samples_over_a_launch(tmp_path):
     (tmp_path / "heldout.jsonl").write_text("".join(HELDOUT.read_text().splitlines(keepends=True)[:5]))
     args = ["eval", "--model", "tiny-sd3", "--prompts", str(tmp_path / "heldout.jsonl"), "--reward", "brightness", "--steps", "2",
             "--guidance", "1.0", "--num-samples", "7", "--batch-size", "2", "--no-progress", "--corrected-by"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     two = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "flowalign.train.cli", *args, "--out",
-                          str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
+                          str(tmp_path / "two")], capture_output=True, text=True, env=ENV, timeout=240, cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0
     for k, share in ((0, 4), (1, 3)):

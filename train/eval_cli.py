@@ -231,9 +231,9 @@ def _options(args: Union[argparse.Namespace, EvalOptions, dict]) -> EvalOptions:
     return options
 
 
-def _json_object(text: Optional[str], flag: str = "--adapter-kwargs") -> dict:
-    """``--adapter-kwargs`` (or another ``flag``'s JSON) as a dict (``{}`` when unset); ConfigError for anything but a
-    JSON object."""
+def _json_object(text: Optional[str], flag: str) -> dict:
+    """A JSON-object flag's value (``--adapter-kwargs``, ``--reward-kwargs``) as a dict (``{}`` when unset); ConfigError
+    naming ``flag`` for anything but a JSON object."""
     if not text:
         return {}
     try:
@@ -359,7 +359,7 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
     accelerator, device = _launch(options)
     try:
         adapter = build_adapter(ModelConfig(pretrained=options.model, dtype=options.dtype, resolution=options.resolution, adapter=options.adapter,
-                                            adapter_kwargs=_json_object(options.adapter_kwargs)), device)
+                                            adapter_kwargs=_json_object(options.adapter_kwargs, "--adapter-kwargs")), device)
     except ConfigError as exc:  # the trainer's wording names the recipe key; here it is the flag
         raise ConfigError(str(exc).replace("model.pretrained=", "--model ").replace("model.resolution=", "--resolution ")
                           .replace("model.adapter_kwargs", "--adapter-kwargs")) from None
