@@ -416,6 +416,47 @@ def washed_renditions(images: np.ndarray, fraction: float, alpha: float, seed: i
     return np.clip(np.rint(out), 0, 255).astype(np.uint8), washed
 
 
+def split_renditions(images: np.ndarray, fraction: float, width: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scenes of which a random ``fraction`` has every object cut in two: a straight band of
+    background colour, ``width`` pixels wide and anti-aliased, crosses each object (a 4-connected
+    component of non-background pixels) through its centroid at a random angle.
+
+    Torn or scratched scans come under the same captions as intact ones, and a model pretrained
+    on them draws either. The cut leaves two halves that the ``shapes`` verifier sees as wrong
+    shapes or too many objects (measured: 87% of cut ground-truth training scenes fail at
+    ``width`` 1.5). Unlike :func:`washed_renditions` the cut keeps every colour at full
+    contrast, so a cut scene says as much about its caption as an intact one, and classifier-free
+    guidance has no reason to prefer the intact rendition: a defect the same for every caption that
+    reward alignment on the training captions can remove for the held-out ones too (DESIGN.md
+    §10). Deterministic in ``seed``; returns the images (a new array) and the boolean mask of the
+    cut ones.
+    """
+    from scipy import ndimage
+
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"split fraction must be in [0, 1], got {fraction}")
+    if not width > 0.0:
+        raise ValueError(f"split width must be positive, got {width}")
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images [N, H, W, 3], got shape {tuple(images.shape)}")
+    rng = np.random.default_rng(seed)
+    cut = rng.random(len(images)) < fraction
+    b = np.asarray(BACKGROUND, np.float32)
+    out = images.copy()
+    ys, xs = np.mgrid[0 : images.shape[1], 0 : images.shape[2]] + 0.5  # pixel centres
+    for i in np.flatnonzero(cut):
+        image = images[i].astype(np.float32)
+        components, n = ndimage.label(np.abs(image - b).sum(-1) > 0)
+        for k in range(1, n + 1):
+            cy, cx = np.argwhere(components == k).mean(0) + 0.5
+            angle = rng.uniform(0.0, np.pi)
+            distance = np.abs((xs - cx) * np.sin(angle) - (ys - cy) * np.cos(angle))
+            coverage = np.clip(width / 2 + 0.5 - distance, 0.0, 1.0)[..., None]  # 1 inside the band, linear over its edge pixel
+            image = image * (1 - coverage) + b * coverage
+        out[i] = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    return out, cut
+
+
 def parse_color_pairs(text: str) -> tuple[tuple[str, str], ...]:
     """``"blue:cyan,red:purple"`` -> ``(("blue", "cyan"), ("red", "purple"))``, checked: known,
     distinct colours, each in at most one pair. The empty string gives ``()``."""

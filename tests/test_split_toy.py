@@ -1,0 +1,89 @@
+"""Cut-in-two renditions in the toy's pretraining data (``split_renditions``, ``--split-fraction``)."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from flowalign.pipelines import toy
+from flowalign.rewards import shapes_scenes as S
+from flowalign.rewards.shapes import detect, evaluate
+
+
+def _brute_force_cut(image: np.ndarray, centroids: list[tuple[float, float]], angles: list[float], width: float) -> np.ndarray:
+    """Pixel by pixel: each pixel centre's distance to each cut line, coverage 1 inside half the width, linear over one pixel."""
+    out = image.astype(np.float64)
+    h, w = image.shape[:2]
+    for (cy, cx), angle in zip(centroids, angles):
+        for y in range(h):
+            for x in range(w):
+                distance = abs((x + 0.5 - cx) * math.sin(angle) - (y + 0.5 - cy) * math.cos(angle))
+                c = min(max(width / 2 + 0.5 - distance, 0.0), 1.0)
+                out[y, x] = out[y, x] * (1 - c) + np.asarray(S.BACKGROUND) * c
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def test_split_renditions_cut_each_object_through_its_centroid_as_a_brute_force_reference_does():
+    spec = S.parse_prompt("a red square and a blue circle")
+    scene = S.render_spec(spec, np.random.default_rng(3))
+    images = np.stack([scene] * 6)
+    out, mask = S.split_renditions(images, 0.5, 1.5, seed=2)
+    # the same draws, in the documented order: which scenes, then one angle per object of each cut scene
+    rng = np.random.default_rng(2)
+    expected_mask = rng.random(6) < 0.5
+    assert np.array_equal(mask, expected_mask) and 0 < mask.sum() < 6
+    background = np.asarray(S.BACKGROUND)
+    objects = np.argwhere(np.abs(scene.astype(int) - background).sum(-1) > 0)
+    # two objects, told apart by which side of the image they lie (the layout keeps them apart)
+    from scipy import ndimage
+
+    labels, n = ndimage.label(np.abs(scene.astype(int) - background).sum(-1) > 0)
+    assert n == 2 and len(objects) == (labels > 0).sum()
+    centroids = [tuple(np.argwhere(labels == k).mean(0) + 0.5) for k in (1, 2)]
+    for i in range(6):
+        if not mask[i]:
+            assert np.array_equal(out[i], images[i])
+            continue
+        angles = [rng.uniform(0.0, np.pi) for _ in range(2)]
+        assert np.array_equal(out[i], _brute_force_cut(scene, centroids, angles, 1.5)), i
+        # each object lost its centre pixel to the background
+        for cy, cx in centroids:
+            assert tuple(out[i][int(cy), int(cx)]) == S.BACKGROUND
+    assert out is not images and np.array_equal(images[0], scene)  # the input is untouched
+
+
+def test_the_verifier_fails_most_cut_scenes_and_passes_every_intact_one():
+    images, specs = S.training_scenes(4, 120)
+    cut, mask = S.split_renditions(images, 0.5, 1.5, seed=1)
+    verdicts = np.array([evaluate(detect(image.astype(np.float32)), spec)[0] for image, spec in zip(cut, specs)])
+    assert verdicts[~mask].all()
+    assert 20 < mask.sum() < 100 and verdicts[mask].mean() < 0.3  # 87% of cut scenes fail on 600 scenes
+
+
+def test_split_renditions_are_deterministic_and_check_their_arguments():
+    images, _ = S.training_scenes(5, 40)
+    a, ma = S.split_renditions(images, 0.3, 1.5, seed=9)
+    b, mb = S.split_renditions(images, 0.3, 1.5, seed=9)
+    assert np.array_equal(a, b) and np.array_equal(ma, mb)
+    none, m0 = S.split_renditions(images, 0.0, 1.5, seed=9)
+    assert not m0.any() and np.array_equal(none, images)
+    with pytest.raises(ValueError, match="split fraction"):
+        S.split_renditions(images, 1.2, 1.5, seed=0)
+    with pytest.raises(ValueError, match="split width"):
+        S.split_renditions(images, 0.5, 0.0, seed=0)
+    with pytest.raises(ValueError, match="uint8 images"):
+        S.split_renditions(images[0], 0.5, 1.5, seed=0)
+    with pytest.raises(ValueError, match="split_fraction"):
+        toy.ToyBuildConfig(split_fraction=2.0)
+
+
+def test_build_cuts_the_configured_fraction_and_the_cli_passes_the_flags(tmp_path, toy_smoke):
+    rc = toy.main(["build", "--out", str(tmp_path / "m"), "--n-scenes", "40", "--dit-steps", "1", "--dit-batch", "4", "--vae-steps", "1",
+                   "--eval-samples", "0", "--split-fraction", "0.5", "--split-width", "2.0", "--summary", str(tmp_path / "s.json"),
+                   "--dit-layers", str(toy_smoke["dit_layers"])])
+    assert rc == 0
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["config"]["split_fraction"] == 0.5 and summary["config"]["split_width"] == 2.0
+    assert 10 <= summary["split_scenes"] <= 30
