@@ -25,6 +25,9 @@ Stages (one deterministic seed drives them all):
    With ``split_fraction > 0`` that fraction of scenes has every object cut in two by a band of
    background colour ``split_width`` pixels wide (:func:`flowalign.rewards.shapes_scenes.split_renditions`):
    a defect the same for every caption that keeps full contrast, so guidance does not hide it.
+   With ``watermark_fraction > 0`` that fraction of scenes is stamped with the same diagonal
+   stripes at ``watermark_opacity`` (:func:`flowalign.rewards.shapes_scenes.watermarked_renditions`),
+   like stock-photo watermarks in web data.
 2. **VAE**: a small ``AutoencoderKL`` (32x32x3 -> 16x16x4, SD3 layout: no quant convs) trained
    with L1 + MSE reconstruction and a small KL term; its ``shift_factor``/``scaling_factor``
    are set from the latents' mean and std so the transformer sees unit-variance latents.
@@ -115,6 +118,8 @@ class ToyBuildConfig:
     washed_alpha: float = 0.25  # contrast kept by a washed scene (the verifier needs >= 0.5)
     split_fraction: float = 0.0  # fraction of training scenes whose every object is cut in two (split_renditions)
     split_width: float = 1.5  # width in pixels of the background-coloured cut
+    watermark_fraction: float = 0.0  # fraction of training scenes stamped with diagonal stripes (watermarked_renditions)
+    watermark_opacity: float = 0.7  # the stamp's opacity
     init_from: Optional[str] = None  # continue pretraining this toy folder (its VAE, text encoders, transformer)
     shift: float = 1.5
     guidance_scale: float = 4.5
@@ -134,6 +139,8 @@ class ToyBuildConfig:
             raise ValueError(f"washed_fraction and washed_alpha must be in [0, 1], got {self.washed_fraction}, {self.washed_alpha}")
         if not 0.0 <= self.split_fraction <= 1.0 or not self.split_width > 0.0:
             raise ValueError(f"split_fraction must be in [0, 1] and split_width positive, got {self.split_fraction}, {self.split_width}")
+        if not 0.0 <= self.watermark_fraction <= 1.0 or not 0.0 <= self.watermark_opacity <= 1.0:
+            raise ValueError(f"watermark_fraction and watermark_opacity must be in [0, 1], got {self.watermark_fraction}, {self.watermark_opacity}")
         if self.init_from is not None:
             default = ToyBuildConfig()
             changed = [k for k in ARCHITECTURE_FIELDS if getattr(self, k) != getattr(default, k)]
@@ -440,6 +447,7 @@ def build(out_dir: str | Path, cfg: Optional[ToyBuildConfig] = None) -> dict[str
         training_scenes,
         uncaptioned_heldout,
         washed_renditions,
+        watermarked_renditions,
     )
 
     cfg = cfg or ToyBuildConfig()
@@ -453,6 +461,7 @@ def build(out_dir: str | Path, cfg: Optional[ToyBuildConfig] = None) -> dict[str
     images_u8, specs = training_scenes(cfg.seed + (1 if cfg.init_from else 0), cfg.n_scenes, include_heldout=cfg.pretrain_heldout)
     images_u8, washed = washed_renditions(images_u8, cfg.washed_fraction, cfg.washed_alpha, cfg.seed + 5)
     images_u8, split = split_renditions(images_u8, cfg.split_fraction, cfg.split_width, cfg.seed + 7)
+    images_u8, stamped = watermarked_renditions(images_u8, cfg.watermark_fraction, cfg.watermark_opacity, cfg.seed + 9)
     images = _to_unit(images_u8)
     captions, n_noisy = noisy_captions(specs, cfg.caption_noise, cfg.seed + 11)
     captions, n_synonyms = synonym_captions(captions, parse_color_pairs(cfg.color_synonyms), cfg.synonym_rate, cfg.seed + 13)
@@ -465,7 +474,8 @@ def build(out_dir: str | Path, cfg: Optional[ToyBuildConfig] = None) -> dict[str
     threads = torch.get_num_threads()
     torch.set_num_threads(min(threads, cfg.threads))
     summary: dict[str, Any] = {"config": asdict(cfg), "clip_max_length": max_length, "t5_tokens": T5_TOKENS, "noisy_captions": n_noisy, "synonym_captions": n_synonyms,
-                               "washed_scenes": int(washed.sum()), "split_scenes": int(split.sum())}
+                               "washed_scenes": int(washed.sum()), "split_scenes": int(split.sum()),
+                               "watermarked_scenes": int(stamped.sum())}
     shift, guidance = cfg.shift, cfg.guidance_scale
     if cfg.init_from:
         pipe = load_toy_pipeline(cfg.init_from)
@@ -630,7 +640,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name in ("seed", "n_scenes", "vae_steps", "dit_steps", "dit_batch", "dit_layers", "dit_heads", "threads", "eval_every", "eval_samples"):
         b.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("shift", "guidance_scale", "dit_lr", "caption_noise", "synonym_rate", "washed_fraction", "washed_alpha",
-                 "split_fraction", "split_width"):
+                 "split_fraction", "split_width", "watermark_fraction", "watermark_opacity"):
         b.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     b.add_argument("--clip-hidden", default=",".join(map(str, d.clip_hidden)), type=_int_pair,
                    help="hidden sizes of the two CLIP text encoders, e.g. 24,24 (the shipped toy: 16,16)")

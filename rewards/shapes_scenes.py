@@ -457,6 +457,48 @@ def split_renditions(images: np.ndarray, fraction: float, width: float, seed: in
     return out, cut
 
 
+WATERMARK_GRAY = 110  # the watermark's ink (unexplained by any palette colour, so the verifier sees it)
+
+
+def watermark_coverage(size: int = SIZE, period: float = 10.0, width: float = 2.0) -> np.ndarray:
+    """Coverage ``[size, size]`` in 0..1 of the toy's watermark: diagonal stripes (along ``x + y``)
+    ``width`` pixels wide every ``period`` pixels of ``x + y``, anti-aliased over one pixel; the
+    same pattern in every watermarked scene, as a stock-photo site stamps every image alike."""
+    ys, xs = np.mgrid[0:size, 0:size] + 0.5
+    phase = (xs + ys) % period
+    distance = np.minimum(phase, period - phase) / np.sqrt(2.0)  # pixel centre to the nearest stripe's centre line
+    return np.clip(width / 2 + 0.5 - distance, 0.0, 1.0)
+
+
+def watermarked_renditions(images: np.ndarray, fraction: float, opacity: float, seed: int, period: float = 10.0,
+                           width: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """Scenes of which a random ``fraction`` carries a watermark: each pixel ``p`` becomes
+    ``p (1 - o c) + g o c`` with ``c`` = :func:`watermark_coverage`, ``o`` = ``opacity`` and the
+    ink ``g`` = :data:`WATERMARK_GRAY`.
+
+    Web images come stamped with stock-photo watermarks under the same captions as clean ones,
+    and a model pretrained on them draws the stamp too. The stripes cross every object, and the
+    ``shapes`` verifier does not count a shape cut by unexplained ink (measured on 300 training
+    scenes: 90% of stamped scenes fail at opacity 0.7, 77% after the toy VAE's round trip). The
+    stamp keeps every colour and shape, so a stamped scene says as much about its caption as a
+    clean one and classifier-free guidance has no reason to prefer either: a defect the same
+    for every caption that reward alignment on the training captions can remove for the held-out
+    ones too (DESIGN.md §10). Deterministic in ``seed``; returns the images (a new array) and the
+    boolean mask of the stamped ones.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"watermark fraction must be in [0, 1], got {fraction}")
+    if not 0.0 <= opacity <= 1.0:
+        raise ValueError(f"watermark opacity must be in [0, 1], got {opacity}")
+    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"expected square uint8 images [N, H, H, 3], got shape {tuple(images.shape)}")
+    stamped = np.random.default_rng(seed).random(len(images)) < fraction
+    c = (opacity * watermark_coverage(images.shape[1], period, width))[..., None]
+    out = images.copy()
+    out[stamped] = np.clip(np.rint(images[stamped].astype(np.float32) * (1 - c) + np.float32(WATERMARK_GRAY) * c), 0, 255).astype(np.uint8)
+    return out, stamped
+
+
 def parse_color_pairs(text: str) -> tuple[tuple[str, str], ...]:
     """``"blue:cyan,red:purple"`` -> ``(("blue", "cyan"), ("red", "purple"))``, checked: known,
     distinct colours, each in at most one pair. The empty string gives ``()``."""

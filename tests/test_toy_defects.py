@@ -1,4 +1,4 @@
-"""Cut-in-two renditions in the toy's pretraining data (``split_renditions``, ``--split-fraction``)."""
+"""Defects in the toy's pretraining data: cut-in-two renditions (``split_renditions``) and watermarks (``watermarked_renditions``)."""
 from __future__ import annotations
 
 import json
@@ -79,11 +79,41 @@ def test_split_renditions_are_deterministic_and_check_their_arguments():
         toy.ToyBuildConfig(split_fraction=2.0)
 
 
-def test_build_cuts_the_configured_fraction_and_the_cli_passes_the_flags(tmp_path, toy_smoke):
+def test_build_applies_the_configured_defects_and_the_cli_passes_the_flags(tmp_path, toy_smoke):
     rc = toy.main(["build", "--out", str(tmp_path / "m"), "--n-scenes", "40", "--dit-steps", "1", "--dit-batch", "4", "--vae-steps", "1",
-                   "--eval-samples", "0", "--split-fraction", "0.5", "--split-width", "2.0", "--summary", str(tmp_path / "s.json"),
+                   "--eval-samples", "0", "--split-fraction", "0.5", "--split-width", "2.0",
+                   "--watermark-fraction", "0.25", "--watermark-opacity", "0.5", "--summary", str(tmp_path / "s.json"),
                    "--dit-layers", str(toy_smoke["dit_layers"])])
     assert rc == 0
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["config"]["split_fraction"] == 0.5 and summary["config"]["split_width"] == 2.0
     assert 10 <= summary["split_scenes"] <= 30
+    assert summary["config"]["watermark_fraction"] == 0.25 and summary["config"]["watermark_opacity"] == 0.5
+    assert 3 <= summary["watermarked_scenes"] <= 18
+
+
+def test_watermark_coverage_matches_the_distance_to_the_nearest_stripe_by_brute_force():
+    coverage = S.watermark_coverage(32, period=10.0, width=2.0)
+    for y in range(32):
+        for x in range(32):
+            # stripes are the lines x + y = 10 k; a pixel centre's distance to line k is |x + y + 1 - 10 k| / sqrt(2)
+            d = min(abs(x + y + 1 - 10 * k) for k in range(8)) / math.sqrt(2)
+            assert coverage[y, x] == pytest.approx(min(max(1.5 - d, 0.0), 1.0), abs=1e-12)
+    assert coverage[0, 9] == 1.0 and coverage[0, 4] == 0.0  # x + y + 1 = 10 on a stripe; 5 halfway between two
+
+
+def test_watermarked_renditions_stamp_the_chosen_scenes_alike_and_leave_the_rest():
+    images, specs = S.training_scenes(6, 80)
+    out, mask = S.watermarked_renditions(images, 0.5, 0.7, seed=4)
+    assert np.array_equal(mask, np.random.default_rng(4).random(80) < 0.5)
+    c = 0.7 * S.watermark_coverage(32)[..., None]
+    expected = np.clip(np.rint(images[mask].astype(np.float64) * (1 - c) + S.WATERMARK_GRAY * c), 0, 255)
+    assert np.array_equal(out[mask], expected.astype(np.uint8)) and np.array_equal(out[~mask], images[~mask])
+    verdicts = np.array([evaluate(detect(image.astype(np.float32)), spec)[0] for image, spec in zip(out, specs)])
+    assert verdicts[~mask].all() and verdicts[mask].mean() < 0.25
+    with pytest.raises(ValueError, match="watermark fraction"):
+        S.watermarked_renditions(images, -0.1, 0.7, seed=0)
+    with pytest.raises(ValueError, match="watermark opacity"):
+        S.watermarked_renditions(images, 0.5, 1.7, seed=0)
+    with pytest.raises(ValueError, match="watermark_fraction"):
+        toy.ToyBuildConfig(watermark_fraction=1.5)
