@@ -239,12 +239,17 @@ class RemoteReward(Reward):
         return RewardOutput(scores=scores, details=_cat_details([d for _, d in parts]) if parts else {})
 
 
-def make_server(reward, host: str = "127.0.0.1", port: int = 8765) -> ThreadingHTTPServer:
+def make_server(reward, host: str = "127.0.0.1", port: int = 8765, max_pending: int = 4) -> ThreadingHTTPServer:
     """An HTTP server scoring ``POST /score`` requests with ``reward`` (``serve_forever()`` runs it;
     port 0 picks a free one: ``server.server_address``). ``GET /health`` answers ``{"ok": true}``. Requests
-    (one per training process and batch) are read concurrently and scored one at a time: a reward model
-    need not be thread-safe."""
+    (one per training process and batch) are scored one at a time: a reward model need not be thread-safe.
+    At most ``max_pending`` request bodies are held at once (read, queued or being scored), so the server
+    holds at most ``max_pending`` GiB of requests however many processes send; a further request waits,
+    unread, for a slot. ``host`` may be an IPv6 address (``::1``, ``::``)."""
+    if max_pending < 1:
+        raise ConfigError(f"max_pending must be at least 1, got {max_pending}")
     lock = threading.Lock()
+    pending = threading.BoundedSemaphore(max_pending)
 
     class Handler(BaseHTTPRequestHandler):
         timeout = 300  # seconds a client may take to send its request (a stalled one frees its thread)
@@ -271,23 +276,32 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 8765) -> ThreadingH
                 return self._answer(411, {"error": "a request needs a Content-Length"})
             if length > MAX_REQUEST_BYTES:
                 return self._answer(413, {"error": f"request of {length} bytes (at most {MAX_REQUEST_BYTES})"})
-            body = self.rfile.read(length)
-            try:
-                images, prompts, metadata = decode_request(body)
-            except ValueError as exc:  # the client's fault, not the reward's
-                return self._answer(400, {"error": str(exc)})
-            try:
-                with lock:
-                    out = reward(images, prompts, metadata)
-                self._answer(200, {"scores": _jsonable(out.scores.float()), "details": _jsonable(dict(out.details or {}))})
-            except Exception as exc:  # noqa: BLE001 (the client hands it to the run's on_error)
-                logger.exception("scoring failed")
-                self._answer(500, {"error": f"{type(exc).__name__}: {exc}"})
+            with pending:  # the body is read only once a slot is free
+                body = self.rfile.read(length)
+                try:
+                    images, prompts, metadata = decode_request(body)
+                except ValueError as exc:  # the client's fault, not the reward's
+                    return self._answer(400, {"error": str(exc)})
+                del body
+                try:
+                    with lock:
+                        out = reward(images, prompts, metadata)
+                    answer = {"scores": _jsonable(out.scores.float()), "details": _jsonable(dict(out.details or {}))}
+                except Exception as exc:  # noqa: BLE001 (the client hands it to the run's on_error)
+                    logger.exception("scoring failed")
+                    return self._answer(500, {"error": f"{type(exc).__name__}: {exc}"})
+                del images
+            self._answer(200, answer)
 
         def log_message(self, fmt, *args):
             logger.debug("%s " + fmt, self.address_string(), *args)
 
-    return ThreadingHTTPServer((host, port), Handler)
+    server_class = _IPv6Server if ":" in host else ThreadingHTTPServer
+    return server_class((host, port), Handler)
+
+
+class _IPv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
 
 
 def serve(server: ThreadingHTTPServer) -> None:
@@ -303,7 +317,9 @@ def serve(server: ThreadingHTTPServer) -> None:
 def server_url(server: ThreadingHTTPServer) -> str:
     """The URL a client uses: the bound address, or this machine's name when it listens on every interface."""
     host, port = server.server_address[:2]
-    return f"http://{socket.gethostname() if host in ('0.0.0.0', '') else host}:{port}"
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 if __name__ == "__main__":  # python -m flowalign.rewards.remote NAME [...]: the same as flowalign reward serve NAME [...]

@@ -180,6 +180,70 @@ def test_health_bad_paths_and_malformed_bodies(server):
     assert code == 500 and "prompt" in error  # the reward's input check: 2 images, 1 prompt
 
 
+class Gate(Reward):
+    """Scores once ``release`` is set; counts its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.release, self.calls = threading.Event(), 0
+
+    def score(self, images, prompts, metadata):
+        self.release.wait(30)
+        self.calls += 1
+        return RewardOutput(scores=images.flatten(1).mean(1))
+
+
+def test_at_most_max_pending_request_bodies_are_held_and_the_rest_wait_unread(monkeypatch):
+    decoded = []
+    decode = remote.decode_request
+    monkeypatch.setattr(remote, "decode_request", lambda body: decoded.append(len(body)) or decode(body))
+    reward = Gate()
+    srv = remote.make_server(reward, port=0, max_pending=2)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    client = load_reward("remote", url=url, timeout=60)
+    results = [None] * 4
+
+    def ask(i):
+        results[i] = client(torch.full((1, 3, 4, 4), i / 4), [f"p{i}"]).scores.tolist()
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for _ in range(100):  # the first two requests are read (one scoring, one queued behind it)
+            if len(decoded) >= 2:
+                break
+            threading.Event().wait(0.05)
+        threading.Event().wait(0.5)  # time for a third to be read, if the limit did not hold
+        assert len(decoded) == 2 and reward.calls == 0
+        reward.release.set()
+        for t in threads:
+            t.join(30)
+    finally:
+        reward.release.set()
+        srv.shutdown(), srv.server_close()
+    assert len(decoded) == 4 and reward.calls == 4
+    assert results == [[pytest.approx(i / 4, abs=1 / 255)] for i in range(4)]
+    with pytest.raises(ConfigError, match="max_pending"):
+        remote.make_server(reward, port=0, max_pending=0)
+
+
+def test_a_server_on_an_ipv6_address_is_reached_by_the_client():
+    try:
+        srv = remote.make_server(Slow(), host="::1", port=0)
+    except OSError as exc:  # a machine without IPv6
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = remote.server_url(srv)
+        assert url == f"http://[::1]:{srv.server_address[1]}"
+        out = load_reward("remote", url=url)(torch.full((2, 3, 4, 4), 0.5), ["a", "b"])
+    finally:
+        srv.shutdown(), srv.server_close()
+    assert out.scores.tolist() == [pytest.approx(0.5, abs=1 / 255)] * 2
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ConfigError, match="http"):
         remote.RemoteReward(url="127.0.0.1:8765")
@@ -232,6 +296,8 @@ def test_reward_list_and_serve_errors(capsys):
     assert "Did you mean 'brightness'" in capsys.readouterr().err
     assert cli.main(["reward", "serve", "brightness", "--kwargs", "{bad"]) == 2
     assert "--kwargs is not JSON" in capsys.readouterr().err
+    assert cli.main(["reward", "serve", "brightness", "--port", "0", "--max-pending", "0"]) == 2
+    assert "max_pending must be at least 1" in capsys.readouterr().err
 
 
 def test_flowalign_eval_scores_with_a_served_reward(server, tmp_path, capsys):

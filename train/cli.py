@@ -7,7 +7,7 @@
     flowalign config [--for train|offline|generate] [--config F] [--set key=value ...]
                               (the resolved recipe, every key with its help)
     flowalign reward list     (every reward a recipe can name, with its summary)
-    flowalign reward serve NAME [--kwargs JSON] [--host H] [--port P]
+    flowalign reward serve NAME [--kwargs JSON] [--host H] [--port P] [--max-pending N]
                               (score requests of the ``remote`` reward with NAME: flowalign.rewards.remote)
 
 ``flowalign train`` with no ``--config`` runs the default recipe ``train/configs/toy_grpo.yaml``.
@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kwargs", default="{}", help="the reward's keyword arguments as a JSON object")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=8765, help="port to listen on (0: a free one, printed)")
+    serve.add_argument("--max-pending", type=int, default=4,
+                       help="request bodies held at once, each up to 1 GiB (more requests wait unread)")
     return parser
 
 
@@ -148,7 +150,7 @@ def run_reward(args: argparse.Namespace) -> int:
         kwargs = json.loads(args.kwargs)
         if not isinstance(kwargs, dict):
             raise ConfigError(f"--kwargs must be a JSON object, got {args.kwargs!r}")
-        server = make_server(load_reward(args.name, **kwargs), args.host, args.port)
+        server = make_server(load_reward(args.name, **kwargs), args.host, args.port, args.max_pending)
     except json.JSONDecodeError as exc:
         return _error("reward serve", ConfigError(f"--kwargs is not JSON: {exc}"))
     except OSError as exc:  # the address: in use, not this machine's, not resolvable
