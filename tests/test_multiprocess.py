@@ -84,6 +84,7 @@ CASES = {"transformer_heldout_report": REPORT, "with_text_encoders": ["lora.trai
 # test suite's longest. The report's case keeps a launch of its own: the real ``torchrun -m flowalign.train.cli``,
 # whose clean exit (the process group released, the summary printed once) it checks.
 BATCH_DRIVER = '''
+import gc
 import json
 import os
 import sys
@@ -100,6 +101,7 @@ for name, args in json.loads(open(sys.argv[1]).read()):
     if cli.main(args) != 0:
         raise SystemExit(f"case {name} failed")
 destroy()
+gc.collect()  # as flowalign.train.runtime.release_process_group does
 '''
 
 
@@ -198,6 +200,7 @@ import torch
 from accelerate import Accelerator
 from flowalign.config import TrainConfig
 from flowalign.train.lora_optimizer import LoraOptimizer
+from flowalign.train.runtime import release_process_group
 
 acc = Accelerator(cpu=True)
 p = torch.nn.Parameter(torch.ones(4))
@@ -215,8 +218,37 @@ if acc.process_index == 0:
 opt.step(stats)
 if acc.is_main_process:
     print(f"RESULT steps={stats['steps']} taken={opt.steps_taken} moved_all_nan={moved_all_nan} moved_one={float((p.detach() - before).abs().max())}")
-acc.end_training()
+release_process_group(acc)  # end_training() alone aborted at exit in 1 of 3 launches
 '''
+
+
+def test_release_process_group_ends_training_then_collects_reference_cycles():
+    """What the step script's clean exit rests on: the process group is released, then cycles left behind are
+    collected while the interpreter is whole (not during its finalization, where gloo's teardown aborted)."""
+    import gc
+    import weakref
+
+    from flowalign.train.runtime import release_process_group
+
+    class Node:
+        pass
+
+    events = []
+
+    class FakeAccelerator:
+        def end_training(self):
+            events.append(("end_training", probe() is not None))
+
+    cycle = Node()
+    cycle.self = cycle
+    probe = weakref.ref(cycle)
+    del cycle
+    gc.disable()  # no automatic collection may free the cycle before the call does
+    try:
+        release_process_group(FakeAccelerator())
+    finally:
+        gc.enable()
+    assert events == [("end_training", True)] and probe() is None
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
@@ -259,7 +291,7 @@ total = acc.gather(every_gains.sum().reshape(1)).tolist()
 with open(f"result_{acc.process_index}.txt", "w") as fh:
     fh.write(f"RESULT rank={acc.process_index} local={[n for n, _, _ in seen]} gathered={[m for _, m, _ in seen]} "
              f"levels={[round(x, 6) for x in levels.tolist()]} gains_sum_everywhere={total}\\n")
-acc.end_training()
+trainer.cleanup()
 '''
 
 

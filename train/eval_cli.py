@@ -368,7 +368,7 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
     to_device(reward, device)
     shard = None if accelerator is None else (accelerator.process_index, accelerator.num_processes)
     main_process = accelerator is None or accelerator.is_main_process
-    from flowalign.train.runtime import gather_shares
+    from flowalign.train.runtime import gather_shares, release_process_group
 
     result = evaluate(
         adapter, records, tap if tap is not None else reward, num_samples=num_samples, samples_per_prompt=spp, num_steps=options.steps,
@@ -385,7 +385,7 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
 
             quality = merge_shares(gather_shares((shard_rows(len(indices), shard), quality.tolist())), len(indices))
     if accelerator is not None:
-        accelerator.end_training()  # every process has the whole result; the process group is released
+        release_process_group(accelerator)  # every process has the whole result; the process group is released
     result.main_process = main_process
     result.corrected = None
     if tap is not None:

@@ -773,7 +773,7 @@ class Trainer(OptimizerViews):
             self._lock.release(remove_if_unused=True)  # a run that stopped at setup leaves no folder behind
             self._lock = None
         if hasattr(self, "accelerator"):
-            self.accelerator.end_training()  # also destroys the process group
+            runtime.release_process_group(self.accelerator)  # also destroys the process group
             if self.accelerator.num_processes > 1 and not torch.distributed.is_initialized():
                 logger.info("process %d of %d: process group destroyed", self.accelerator.process_index, self.accelerator.num_processes)
 
