@@ -188,8 +188,9 @@ def release_process_group(accelerator) -> None:
 
     Without the collection, a 2-process gloo launch that ended right after an optimizer step (gradients
     all-reduced, then ``end_training()``) aborted at interpreter exit with "terminate called without an
-    active exception" (SIGABRT, after every result was written) in 10 of 30 launches on this CPU; with it,
-    0 of 30 (session 36, tests/test_multiprocess.py's step script). Objects in reference cycles left from
+    active exception" (SIGABRT, after every result was written) in 14 of 50 launches on this CPU; with it,
+    0 of 50 (session 36, tests/test_multiprocess.py's step script). The trainer's own launch did not abort
+    (0 of 8 in the same hour). Objects in reference cycles left from
     the collectives were then destroyed during finalization, which torch's gloo teardown does not survive
     (pytorch/pytorch#190489 reports the same abort). A barrier before ``end_training()`` did not help
     (3 of 30)."""
