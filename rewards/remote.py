@@ -35,6 +35,7 @@ The client ignores ``http_proxy`` for loopback addresses.
 from __future__ import annotations
 
 import http.client
+import io
 import ipaddress
 import json
 import logging
@@ -72,8 +73,10 @@ def encode_request(images: Tensor, prompts: list[str], metadata: list[dict[str, 
                                                            "metadata": json.dumps(metadata, default=_jsonable)})
 
 
-def decode_request(body: bytes) -> tuple[Tensor, list[str], list[dict[str, Any]]]:
-    """``(images float32 in [0, 1], prompts, metadata)`` from :func:`encode_request`'s bytes; ValueError if malformed."""
+def decode_request(body: bytes, as_float: bool = True) -> tuple[Tensor, list[str], list[dict[str, Any]]]:
+    """``(images, prompts, metadata)`` from :func:`encode_request`'s bytes; ValueError if malformed. The images
+    are float32 in [0, 1], or, with ``as_float=False``, as they travelled (uint8 stays uint8: 4x smaller while a
+    request waits; :func:`pixels_as_float` converts them)."""
     try:
         tensors = load_safetensors(body)
         header_len = int.from_bytes(body[:8], "little")
@@ -88,8 +91,12 @@ def decode_request(body: bytes) -> tuple[Tensor, list[str], list[dict[str, Any]]
         raise ValueError("metadata must be a list of objects")
     if images.dtype not in (torch.uint8, torch.float32):
         raise ValueError(f"images must be uint8 or float32, got {images.dtype}")
-    images = images.float() / 255 if images.dtype == torch.uint8 else images
-    return images, prompts, metadata
+    return (pixels_as_float(images) if as_float else images), prompts, metadata
+
+
+def pixels_as_float(images: Tensor) -> Tensor:
+    """float32 pixels in [0, 1] from a request's uint8 (``x / 255``) or float32 images."""
+    return images.float() / 255 if images.dtype == torch.uint8 else images
 
 
 def _jsonable(value: Any) -> Any:
@@ -192,9 +199,10 @@ class RemoteReward(Reward):
         if len(body) > MAX_REQUEST_BYTES:
             raise RewardError(f"a request of {len(body) / 2**20:.0f} MiB to {self.url} is over the server's limit of "
                               f"{MAX_REQUEST_BYTES / 2**20:.0f} MiB: lower the remote reward's max_batch (now {self.max_batch})")
-        request = urllib.request.Request(self.url + "/score", data=body, method="POST",
-                                         headers={"Content-Type": "application/octet-stream"})
         for attempt in range(self.retries + 1):
+            sent = io.BytesIO(body)  # how far it was read tells a refused connection from a request the server holds
+            request = urllib.request.Request(self.url + "/score", data=sent, method="POST",
+                                             headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(body))})
             try:
                 with self._opener.open(request, timeout=self.timeout) as answer:
                     raw = answer.read()
@@ -211,6 +219,9 @@ class RemoteReward(Reward):
                 raise RewardError(f"reward server {self.url} gave no answer within {self.timeout:g} s (the remote reward's timeout)") from exc
             except (urllib.error.URLError, ConnectionError, http.client.HTTPException) as exc:
                 reason = getattr(exc, "reason", exc)
+                if isinstance(reason, TimeoutError) and sent.tell() > 0:  # connected, but the body was not taken in time
+                    raise RewardError(f"reward server {self.url} did not take the request within {self.timeout:g} s (the remote "
+                                      "reward's timeout; a busy server reads at most its --max-pending requests at once)") from None
                 if isinstance(reason, TimeoutError):  # connecting timed out: nobody took the request
                     reason = f"no connection within {self.timeout:g} s"
                 if attempt == self.retries:
@@ -239,28 +250,51 @@ class RemoteReward(Reward):
         return RewardOutput(scores=scores, details=_cat_details([d for _, d in parts]) if parts else {})
 
 
-def make_server(reward, host: str = "127.0.0.1", port: int = 8765, max_pending: int = 4) -> ThreadingHTTPServer:
+def make_server(reward, host: str = "127.0.0.1", port: int = 8765, max_pending: int = 4, read_timeout: float = 300.0) -> ThreadingHTTPServer:
     """An HTTP server scoring ``POST /score`` requests with ``reward`` (``serve_forever()`` runs it;
     port 0 picks a free one: ``server.server_address``). ``GET /health`` answers ``{"ok": true}``. Requests
     (one per training process and batch) are scored one at a time: a reward model need not be thread-safe.
-    At most ``max_pending`` request bodies are held at once (read, queued or being scored), so the server
-    holds at most ``max_pending`` GiB of requests however many processes send; a further request waits,
-    unread, for a slot. ``host`` may be an IPv6 address (``::1``, ``::``)."""
-    if max_pending < 1:
-        raise ConfigError(f"max_pending must be at least 1, got {max_pending}")
+    At most ``max_pending`` requests are held at once (being read, queued or scored; a queued one keeps its
+    pixels as they travelled, uint8 by default, until its turn), so the server holds about ``max_pending`` times
+    a request's size (at most 1 GiB each) however many processes send; a further request waits, unread, for a
+    slot (its client's ``timeout`` counts the wait). A client gets ``read_timeout`` seconds in all to send its
+    body once it holds a slot, so a stalled or trickling one cannot keep it (it gets HTTP 408). ``host`` may be an IPv6 address (``::1``, ``::``,
+    with or without brackets)."""
+    if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+        raise ConfigError(f"max_pending must be an int of at least 1, got {max_pending!r}")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     lock = threading.Lock()
     pending = threading.BoundedSemaphore(max_pending)
 
     class Handler(BaseHTTPRequestHandler):
-        timeout = 300  # seconds a client may take to send its request (a stalled one frees its thread)
+        timeout = read_timeout  # seconds a client may take to send its request (a stalled one frees its thread and its slot)
 
         def _answer(self, code: int, payload: dict) -> None:
             body = json.dumps(payload).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout) before the answer
+                logger.warning("client %s left before its HTTP %d answer", self.address_string(), code)
+
+        def _read_body(self, length: int) -> Optional[bytes]:
+            """The body, or None when the client takes over ``timeout`` seconds in all or disconnects."""
+            deadline, parts, got = time.monotonic() + self.timeout, [], 0
+            while got < length:
+                if time.monotonic() > deadline:
+                    return None
+                try:
+                    part = self.rfile.read1(min(length - got, 1 << 20))
+                except (TimeoutError, ConnectionError):
+                    return None
+                if not part:
+                    return None
+                parts.append(part)
+                got += len(part)
+            return b"".join(parts)
 
         def do_GET(self):  # noqa: N802 (http.server's naming)
             self._answer(200, {"ok": True}) if self.path == "/health" else self._answer(404, {"error": f"no {self.path}"})
@@ -277,15 +311,18 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 8765, max_pending: 
             if length > MAX_REQUEST_BYTES:
                 return self._answer(413, {"error": f"request of {length} bytes (at most {MAX_REQUEST_BYTES})"})
             with pending:  # the body is read only once a slot is free
-                body = self.rfile.read(length)
+                body = self._read_body(length)
+                if body is None:
+                    self.close_connection = True
+                    return self._answer(408, {"error": f"the request's {length} bytes did not arrive within {self.timeout} s"})
                 try:
-                    images, prompts, metadata = decode_request(body)
+                    images, prompts, metadata = decode_request(body, as_float=False)
                 except ValueError as exc:  # the client's fault, not the reward's
                     return self._answer(400, {"error": str(exc)})
                 del body
                 try:
                     with lock:
-                        out = reward(images, prompts, metadata)
+                        out = reward(pixels_as_float(images), prompts, metadata)
                     answer = {"scores": _jsonable(out.scores.float()), "details": _jsonable(dict(out.details or {}))}
                 except Exception as exc:  # noqa: BLE001 (the client hands it to the run's on_error)
                     logger.exception("scoring failed")

@@ -419,7 +419,8 @@ def washed_renditions(images: np.ndarray, fraction: float, alpha: float, seed: i
 def split_renditions(images: np.ndarray, fraction: float, width: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Scenes of which a random ``fraction`` has every object cut in two: a straight band of
     background colour, ``width`` pixels wide and anti-aliased, crosses each object (a 4-connected
-    component of non-background pixels) through its centroid at a random angle.
+    component of non-background pixels, its anti-aliased edge included) through its centroid at a random
+    angle, and stops at the object's edge (it cuts no other object).
 
     Torn or scratched scans come under the same captions as intact ones, and a model pretrained
     on them draws either. The cut leaves two halves that the ``shapes`` verifier sees as wrong
@@ -451,7 +452,8 @@ def split_renditions(images: np.ndarray, fraction: float, width: float, seed: in
             cy, cx = np.argwhere(components == k).mean(0) + 0.5
             angle = rng.uniform(0.0, np.pi)
             distance = np.abs((xs - cx) * np.sin(angle) - (ys - cy) * np.cos(angle))
-            coverage = np.clip(width / 2 + 0.5 - distance, 0.0, 1.0)[..., None]  # 1 inside the band, linear over its edge pixel
+            coverage = np.clip(width / 2 + 0.5 - distance, 0.0, 1.0)  # 1 inside the band, linear over its edge pixel
+            coverage = np.where(components == k, coverage, 0.0)[..., None]  # this object only: a band cuts no other
             image = image * (1 - coverage) + b * coverage
         out[i] = np.clip(np.rint(image), 0, 255).astype(np.uint8)
     return out, cut

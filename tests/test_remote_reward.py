@@ -181,13 +181,14 @@ def test_health_bad_paths_and_malformed_bodies(server):
 
 
 class Gate(Reward):
-    """Scores once ``release`` is set; counts its calls."""
+    """Scores once ``release`` is set (``entered`` tells that a call is waiting); counts its calls."""
 
     def __init__(self):
         super().__init__()
-        self.release, self.calls = threading.Event(), 0
+        self.release, self.entered, self.calls = threading.Event(), threading.Event(), 0
 
     def score(self, images, prompts, metadata):
+        self.entered.set()
         self.release.wait(30)
         self.calls += 1
         return RewardOutput(scores=images.flatten(1).mean(1))
@@ -196,7 +197,7 @@ class Gate(Reward):
 def test_at_most_max_pending_request_bodies_are_held_and_the_rest_wait_unread(monkeypatch):
     decoded = []
     decode = remote.decode_request
-    monkeypatch.setattr(remote, "decode_request", lambda body: decoded.append(len(body)) or decode(body))
+    monkeypatch.setattr(remote, "decode_request", lambda body, **kw: decoded.append(len(body)) or decode(body, **kw))
     reward = Gate()
     srv = remote.make_server(reward, port=0, max_pending=2)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -229,9 +230,73 @@ def test_at_most_max_pending_request_bodies_are_held_and_the_rest_wait_unread(mo
         remote.make_server(reward, port=0, max_pending=0)
 
 
+def test_a_request_the_busy_server_does_not_take_in_time_is_not_resent():
+    """Only slot busy: a body too big for the sockets' buffers cannot be sent, and the client's timeout ends it with
+    its own message (it used to read as "no connection" and be sent again, queueing a second copy)."""
+    reward = Gate()
+    srv = remote.make_server(reward, port=0, max_pending=1)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    first = threading.Thread(target=lambda: load_reward("remote", url=url, timeout=60)(torch.rand(1, 3, 4, 4), ["a"]))
+    try:
+        first.start()
+        assert reward.entered.wait(10)  # the first request holds the slot (its reward waits at the gate)
+        big = torch.rand(1, 3, 2600, 2600, generator=torch.Generator().manual_seed(0))  # 20 MB of uint8
+        with pytest.raises(RewardError, match=r"did not take the request within 1 s"):
+            load_reward("remote", url=url, timeout=1, retries=2, retry_wait=0.0)(big, ["b"])
+    finally:
+        reward.release.set()
+        first.join(30)
+        srv.shutdown(), srv.server_close()
+    assert reward.calls == 1
+
+
+def test_a_client_that_trickles_its_body_loses_its_slot_after_the_read_timeout():
+    import socket
+    import time
+
+    srv = remote.make_server(Slow(), port=0, max_pending=1, read_timeout=1.0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    sock = socket.create_connection(("127.0.0.1", port))
+    stop = threading.Event()
+
+    def trickle():  # one byte every 0.2 s of a 1000-byte body: never done, never silent for a whole socket timeout
+        sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+        while not stop.is_set():
+            try:
+                sock.sendall(b"x")
+            except OSError:
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    try:
+        thread.start()
+        threading.Event().wait(0.3)  # it holds the only slot
+        start = time.monotonic()
+        out = load_reward("remote", url=f"http://127.0.0.1:{port}", timeout=10)(torch.full((1, 3, 4, 4), 0.5), ["x"])
+        waited = time.monotonic() - start
+        answer = sock.recv(4096).decode(errors="replace")
+    finally:
+        stop.set()
+        sock.close()
+        srv.shutdown(), srv.server_close()
+    assert out.scores.tolist() == [pytest.approx(0.5, abs=1 / 255)]
+    assert 0.5 < waited < 5 and " 408 " in answer.split("\r\n")[0]
+
+
+def test_queued_requests_keep_their_uint8_pixels_until_scored():
+    images = torch.rand(2, 3, 4, 4)
+    raw, _, _ = remote.decode_request(remote.encode_request(images, ["a", "b"], [{}, {}]), as_float=False)
+    assert raw.dtype == torch.uint8 and torch.equal(remote.pixels_as_float(raw), torch.round(images * 255) / 255)
+    exact, _, _ = remote.decode_request(remote.encode_request(images, ["a", "b"], [{}, {}], "float32"), as_float=False)
+    assert exact.dtype == torch.float32 and remote.pixels_as_float(exact) is exact
+
+
 def test_a_server_on_an_ipv6_address_is_reached_by_the_client():
     try:
-        srv = remote.make_server(Slow(), host="::1", port=0)
+        srv = remote.make_server(Slow(), host="[::1]", port=0)  # brackets, as in a URL, are fine
     except OSError as exc:  # a machine without IPv6
         pytest.skip(f"no IPv6 loopback here: {exc}")
     threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -297,7 +362,7 @@ def test_reward_list_and_serve_errors(capsys):
     assert cli.main(["reward", "serve", "brightness", "--kwargs", "{bad"]) == 2
     assert "--kwargs is not JSON" in capsys.readouterr().err
     assert cli.main(["reward", "serve", "brightness", "--port", "0", "--max-pending", "0"]) == 2
-    assert "max_pending must be at least 1" in capsys.readouterr().err
+    assert "--max-pending must be at least 1" in capsys.readouterr().err
 
 
 def test_flowalign_eval_scores_with_a_served_reward(server, tmp_path, capsys):

@@ -12,16 +12,16 @@ from flowalign.rewards import shapes_scenes as S
 from flowalign.rewards.shapes import detect, evaluate
 
 
-def _brute_force_cut(image: np.ndarray, centroids: list[tuple[float, float]], angles: list[float], width: float) -> np.ndarray:
-    """Pixel by pixel: each pixel centre's distance to each cut line, coverage 1 inside half the width, linear over one pixel."""
+def _brute_force_cut(image: np.ndarray, objects: list[set], centroids: list[tuple[float, float]], angles: list[float],
+                     width: float) -> np.ndarray:
+    """Pixel by pixel: within each object's own pixels, each pixel centre's distance to its cut line, coverage 1 inside
+    half the width, linear over one pixel."""
     out = image.astype(np.float64)
-    h, w = image.shape[:2]
-    for (cy, cx), angle in zip(centroids, angles):
-        for y in range(h):
-            for x in range(w):
-                distance = abs((x + 0.5 - cx) * math.sin(angle) - (y + 0.5 - cy) * math.cos(angle))
-                c = min(max(width / 2 + 0.5 - distance, 0.0), 1.0)
-                out[y, x] = out[y, x] * (1 - c) + np.asarray(S.BACKGROUND) * c
+    for pixels, (cy, cx), angle in zip(objects, centroids, angles):
+        for y, x in pixels:
+            distance = abs((x + 0.5 - cx) * math.sin(angle) - (y + 0.5 - cy) * math.cos(angle))
+            c = min(max(width / 2 + 0.5 - distance, 0.0), 1.0)
+            out[y, x] = out[y, x] * (1 - c) + np.asarray(S.BACKGROUND) * c
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
@@ -42,12 +42,13 @@ def test_split_renditions_cut_each_object_through_its_centroid_as_a_brute_force_
     labels, n = ndimage.label(np.abs(scene.astype(int) - background).sum(-1) > 0)
     assert n == 2 and len(objects) == (labels > 0).sum()
     centroids = [tuple(np.argwhere(labels == k).mean(0) + 0.5) for k in (1, 2)]
+    objects = [{tuple(q) for q in np.argwhere(labels == k)} for k in (1, 2)]
     for i in range(6):
         if not mask[i]:
             assert np.array_equal(out[i], images[i])
             continue
         angles = [rng.uniform(0.0, np.pi) for _ in range(2)]
-        assert np.array_equal(out[i], _brute_force_cut(scene, centroids, angles, 1.5)), i
+        assert np.array_equal(out[i], _brute_force_cut(scene, objects, centroids, angles, 1.5)), i
         # each object lost its centre pixel to the background
         for cy, cx in centroids:
             assert tuple(out[i][int(cy), int(cx)]) == S.BACKGROUND

@@ -146,6 +146,8 @@ def run_reward(args: argparse.Namespace) -> int:
         return 0
     from flowalign.rewards.remote import make_server, serve, server_url
 
+    if args.max_pending < 1:  # before the reward model loads
+        return _error("reward serve", ConfigError(f"--max-pending must be at least 1, got {args.max_pending}"))
     try:
         kwargs = json.loads(args.kwargs)
         if not isinstance(kwargs, dict):
