@@ -55,7 +55,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from flowalign.errors import ConfigError, RewardError
-from flowalign.rewards.base import Reward, RewardOutput, load_reward, register_reward
+from flowalign.rewards.base import Reward, RewardOutput, register_reward
 
 logger = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 1 << 30  # the server refuses larger bodies (1 GiB: 128 videos of 81 frames at 480 x 832 in uint8 do not fit)

@@ -263,7 +263,7 @@ def test_a_generate_or_offline_recipe_given_to_train_names_its_command():
 
     root = Path(__file__).resolve().parents[1] / "train" / "configs"
     for name, command in [("toy_gdro.yaml", "flowalign offline"), ("toy_generate.yaml", "flowalign generate")]:
-        with pytest.raises(ConfigError, match=f"recipes: run that command with this file") as info:
+        with pytest.raises(ConfigError, match="recipes: run that command with this file") as info:
             C.load_config(root / name)
         assert command in str(info.value)
     # the hint table names real keys of those commands, none of the training recipe's sections

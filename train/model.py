@@ -10,7 +10,7 @@ from typing import Union
 import torch
 
 from flowalign.errors import ConfigError
-from flowalign.pipelines.toy import META_FILE as TOY_META_FILE  # recommended settings next to a toy folder
+from flowalign.pipelines.toy import META_FILE as TOY_META_FILE  # noqa: F401 (re-exported: recommended settings next to a toy folder)
 
 TINY_T5_TOKENS = 32  # T5 tokens (characters) of the builtin tiny pipeline: short attention (77 CLIP + 32)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
