@@ -250,6 +250,12 @@ class RemoteReward(Reward):
         return RewardOutput(scores=scores, details=_cat_details([d for _, d in parts]) if parts else {})
 
 
+def check_max_pending(max_pending: int) -> None:
+    """Refuse a ``max_pending`` (:func:`make_server`) that is not a positive int."""
+    if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+        raise ConfigError(f"max_pending must be an int of at least 1, got {max_pending!r}")
+
+
 def make_server(reward, host: str = "127.0.0.1", port: int = 8765, max_pending: int = 4, read_timeout: float = 300.0) -> ThreadingHTTPServer:
     """An HTTP server scoring ``POST /score`` requests with ``reward`` (``serve_forever()`` runs it;
     port 0 picks a free one: ``server.server_address``). ``GET /health`` answers ``{"ok": true}``. Requests
@@ -258,10 +264,9 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 8765, max_pending: 
     pixels as they travelled, uint8 by default, until its turn), so the server holds about ``max_pending`` times
     a request's size (at most 1 GiB each) however many processes send; a further request waits, unread, for a
     slot (its client's ``timeout`` counts the wait). A client gets ``read_timeout`` seconds in all to send its
-    body once it holds a slot, so a stalled or trickling one cannot keep it (it gets HTTP 408). ``host`` may be an IPv6 address (``::1``, ``::``,
-    with or without brackets)."""
-    if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
-        raise ConfigError(f"max_pending must be an int of at least 1, got {max_pending!r}")
+    body once it holds a slot, so a stalled or trickling one cannot keep it (it gets HTTP 408). ``host`` may be
+    an IPv6 address (``::1``, ``::``, with or without brackets)."""
+    check_max_pending(max_pending)
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     lock = threading.Lock()
     pending = threading.BoundedSemaphore(max_pending)

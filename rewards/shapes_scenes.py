@@ -391,6 +391,16 @@ def noisy_captions(specs: Sequence[Spec], noise: float, seed: int) -> tuple[list
     return captions, replaced
 
 
+def _chosen_scenes(images: np.ndarray, fraction: float, defect: str, rng: np.random.Generator) -> np.ndarray:
+    """The boolean mask of the scenes a pretraining defect touches (each with probability ``fraction``, drawn
+    from ``rng``), after checking the fraction and that ``images`` are ``[N, H, W, 3]``."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"{defect} fraction must be in [0, 1], got {fraction}")
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images [N, H, W, 3], got shape {tuple(images.shape)}")
+    return rng.random(len(images)) < fraction
+
+
 def washed_renditions(images: np.ndarray, fraction: float, alpha: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Scenes of which a random ``fraction`` is washed out: each pixel ``p`` of a chosen scene
     becomes ``b + alpha (p - b)`` (``b`` the background), rounded to ``uint8``.
@@ -403,13 +413,9 @@ def washed_renditions(images: np.ndarray, fraction: float, alpha: float, seed: i
     (DESIGN.md §10). Deterministic in ``seed``; returns the images (a new array) and the boolean
     mask of the washed ones.
     """
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"washed fraction must be in [0, 1], got {fraction}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"washed alpha must be in [0, 1], got {alpha}")
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected uint8 images [N, H, W, 3], got shape {tuple(images.shape)}")
-    washed = np.random.default_rng(seed).random(len(images)) < fraction
+    washed = _chosen_scenes(images, fraction, "washed", np.random.default_rng(seed))
     out = images.astype(np.float32)
     b = np.asarray(BACKGROUND, np.float32)
     out[washed] = b + alpha * (out[washed] - b)
@@ -434,14 +440,10 @@ def split_renditions(images: np.ndarray, fraction: float, width: float, seed: in
     """
     from scipy import ndimage
 
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"split fraction must be in [0, 1], got {fraction}")
     if not width > 0.0:
         raise ValueError(f"split width must be positive, got {width}")
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected uint8 images [N, H, W, 3], got shape {tuple(images.shape)}")
     rng = np.random.default_rng(seed)
-    cut = rng.random(len(images)) < fraction
+    cut = _chosen_scenes(images, fraction, "split", rng)
     b = np.asarray(BACKGROUND, np.float32)
     out = images.copy()
     ys, xs = np.mgrid[0 : images.shape[1], 0 : images.shape[2]] + 0.5  # pixel centres
@@ -488,13 +490,11 @@ def watermarked_renditions(images: np.ndarray, fraction: float, opacity: float, 
     ones too (DESIGN.md §10). Deterministic in ``seed``; returns the images (a new array) and the
     boolean mask of the stamped ones.
     """
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"watermark fraction must be in [0, 1], got {fraction}")
     if not 0.0 <= opacity <= 1.0:
         raise ValueError(f"watermark opacity must be in [0, 1], got {opacity}")
-    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
+    stamped = _chosen_scenes(images, fraction, "watermark", np.random.default_rng(seed))
+    if images.shape[1] != images.shape[2]:
         raise ValueError(f"expected square uint8 images [N, H, H, 3], got shape {tuple(images.shape)}")
-    stamped = np.random.default_rng(seed).random(len(images)) < fraction
     c = (opacity * watermark_coverage(images.shape[1], period, width))[..., None]
     out = images.copy()
     out[stamped] = np.clip(np.rint(images[stamped].astype(np.float32) * (1 - c) + np.float32(WATERMARK_GRAY) * c), 0, 255).astype(np.uint8)

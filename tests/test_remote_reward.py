@@ -362,7 +362,7 @@ def test_reward_list_and_serve_errors(capsys):
     assert cli.main(["reward", "serve", "brightness", "--kwargs", "{bad"]) == 2
     assert "--kwargs is not JSON" in capsys.readouterr().err
     assert cli.main(["reward", "serve", "brightness", "--port", "0", "--max-pending", "0"]) == 2
-    assert "--max-pending must be at least 1" in capsys.readouterr().err
+    assert "max_pending must be an int of at least 1" in capsys.readouterr().err
 
 
 def test_flowalign_eval_scores_with_a_served_reward(server, tmp_path, capsys):

@@ -144,11 +144,10 @@ def run_reward(args: argparse.Namespace) -> int:
         width = max(len(name) for name, _ in rows)
         sys.stdout.write("".join(f"{name:<{width}}  {summary}\n" for name, summary in rows))
         return 0
-    from flowalign.rewards.remote import make_server, serve, server_url
+    from flowalign.rewards.remote import check_max_pending, make_server, serve, server_url
 
-    if args.max_pending < 1:  # before the reward model loads
-        return _error("reward serve", ConfigError(f"--max-pending must be at least 1, got {args.max_pending}"))
     try:
+        check_max_pending(args.max_pending)  # before the reward model loads
         kwargs = json.loads(args.kwargs)
         if not isinstance(kwargs, dict):
             raise ConfigError(f"--kwargs must be a JSON object, got {args.kwargs!r}")
