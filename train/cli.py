@@ -145,15 +145,12 @@ def run_reward(args: argparse.Namespace) -> int:
         sys.stdout.write("".join(f"{name:<{width}}  {summary}\n" for name, summary in rows))
         return 0
     from flowalign.rewards.remote import check_max_pending, make_server, serve, server_url
+    from flowalign.train.eval_cli import json_object_arg
 
     try:
         check_max_pending(args.max_pending)  # before the reward model loads
-        kwargs = json.loads(args.kwargs)
-        if not isinstance(kwargs, dict):
-            raise ConfigError(f"--kwargs must be a JSON object, got {args.kwargs!r}")
+        kwargs = json_object_arg(args.kwargs, "--kwargs")
         server = make_server(load_reward(args.name, **kwargs), args.host, args.port, args.max_pending)
-    except json.JSONDecodeError as exc:
-        return _error("reward serve", ConfigError(f"--kwargs is not JSON: {exc}"))
     except OSError as exc:  # the address: in use, not this machine's, not resolvable
         return _error("reward serve", ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"))
     except (FlowalignError, TypeError) as exc:

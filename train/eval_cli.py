@@ -231,15 +231,15 @@ def _options(args: Union[argparse.Namespace, EvalOptions, dict]) -> EvalOptions:
     return options
 
 
-def _json_object(text: Optional[str], flag: str) -> dict:
-    """A JSON-object flag's value (``--adapter-kwargs``, ``--reward-kwargs``) as a dict (``{}`` when unset); ConfigError
-    naming ``flag`` for anything but a JSON object."""
+def json_object_arg(text: Optional[str], flag: str) -> dict:
+    """A JSON-object flag's value (``--adapter-kwargs``, ``--reward-kwargs``, ``flowalign reward serve --kwargs``) as a
+    dict (``{}`` when unset); ConfigError naming ``flag`` for anything but a JSON object."""
     if not text:
         return {}
     try:
         value = json.loads(text)
     except ValueError as exc:
-        raise ConfigError(f"{flag} must be a JSON object, got {text!r} ({exc})") from None
+        raise ConfigError(f"{flag} is not JSON ({exc}): it must be a JSON object, got {text!r}") from None
     if not isinstance(value, dict):
         raise ConfigError(f"{flag} must be a JSON object, got {text!r}")
     return value
@@ -328,7 +328,7 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
     from flowalign.train.model import resolve_path
 
     records = load_prompts(resolve_path(options.prompts))  # assets/...: the packaged copy where the path is not here
-    reward_kwargs = _json_object(options.reward_kwargs, "--reward-kwargs")
+    reward_kwargs = json_object_arg(options.reward_kwargs, "--reward-kwargs")
     reward = load_reward(options.reward, **reward_kwargs)
     from flowalign.rewards.base import check_reward_prompts
 
@@ -359,7 +359,7 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
     accelerator, device = _launch(options)
     try:
         adapter = build_adapter(ModelConfig(pretrained=options.model, dtype=options.dtype, resolution=options.resolution, adapter=options.adapter,
-                                            adapter_kwargs=_json_object(options.adapter_kwargs, "--adapter-kwargs")), device)
+                                            adapter_kwargs=json_object_arg(options.adapter_kwargs, "--adapter-kwargs")), device)
     except ConfigError as exc:  # the trainer's wording names the recipe key; here it is the flag
         raise ConfigError(str(exc).replace("model.pretrained=", "--model ").replace("model.resolution=", "--resolution ")
                           .replace("model.adapter_kwargs", "--adapter-kwargs")) from None
