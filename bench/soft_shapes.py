@@ -42,10 +42,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from scipy import ndimage  # noqa: E402
 
-from flowalign.rewards.shapes import classify_shape, evaluate, scene_pixels, segment_with_alpha, soft_fill  # noqa: E402
-from flowalign.rewards.shapes_scenes import (COLORS, PALETTE, SHAPES, SIZE, TAGS, Spec, load_prompts,  # noqa: E402
+from flowalign.rewards.shapes import detect_with_masks, evaluate, scene_pixels  # noqa: E402
+from flowalign.rewards.shapes_scenes import (COLORS, SHAPES, SIZE, TAGS, Spec, load_prompts,  # noqa: E402
                                              parse_prompt, render_spec, sample_specs, split_renditions,
                                              watermarked_renditions)
 
@@ -73,38 +72,11 @@ def pair_index(color: str, shape: str) -> int:
 # ----------------------------------------------------------------------------- labels from the verifier
 
 
-def verifier_objects(image: np.ndarray, min_area: int = 10, max_area: int = 400, min_clean: float = 0.8) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """:func:`flowalign.rewards.shapes.detect` with the same thresholds and the same calls
-    (``segment_with_alpha``, 4-connected ``ndimage.label`` per colour, ``soft_fill``,
-    ``classify_shape``, the ``max_area`` / ``min_clean`` rules), also returning each object's
-    boolean ``mask`` and the verifier's per-pixel labels (``-1`` background, ``-2`` unexplained,
-    else the colour index).
-
-    ``image`` is float ``[32, 32, 3]`` in 0..255 (as :func:`scene_pixels` gives). Objects are sorted
-    largest first like ``detect``'s.
-    """
-    labels, alpha = segment_with_alpha(image)
-    objects = []
-    for k, color in enumerate(PALETTE):
-        comp, n = ndimage.label(labels == k)
-        for i in range(1, n + 1):
-            mask = comp == i
-            area = int(mask.sum())
-            if area < min_area:
-                continue
-            region = ndimage.binary_dilation(mask) & ((labels == k) | (labels == -1))
-            shape, _ = classify_shape(mask, soft_fill(alpha[..., k], region))
-            ys, xs = np.nonzero(mask)
-            window = labels[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1]
-            in_box = mask[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1]
-            clean = float((in_box | (window == -1)).mean())
-            if area > max_area or clean < min_clean:
-                shape = "other"
-            box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
-            objects.append({"shape": shape, "color": color, "area": area, "box": box,
-                            "center": ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), "mask": mask})
-    objects.sort(key=lambda o: -o["area"])
-    return objects, labels
+def verifier_objects(image: np.ndarray) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """The verifier's objects in ``image`` (float ``[32, 32, 3]`` in 0..255, as :func:`scene_pixels` gives),
+    each with its boolean ``mask``, largest first, and its per-pixel labels (``-1`` background, ``-2``
+    unexplained, else the colour index): :func:`flowalign.rewards.shapes.detect_with_masks`."""
+    return detect_with_masks(image)
 
 
 def _gaussian(cx: float, cy: float, size: int = SIZE, sigma: float = CENTRE_SIGMA) -> np.ndarray:

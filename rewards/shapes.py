@@ -126,6 +126,15 @@ def detect(image: np.ndarray, min_area: int = 10, max_area: int = 400, min_clean
     whose bounding box is less than ``min_clean`` made of itself and background (a shape is
     drawn on a plain background; a smear over noise is not a shape).
     """
+    objects, _ = detect_with_masks(image, min_area, max_area, min_clean)
+    for obj in objects:
+        del obj["mask"]
+    return objects
+
+
+def detect_with_masks(image: np.ndarray, min_area: int = 10, max_area: int = 400, min_clean: float = 0.8) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """:func:`detect`'s objects, each with its boolean pixel ``"mask"``, and the per-pixel labels of
+    :func:`segment` (colour index, -1 background, -2 unexplained) they were found in."""
     labels, alpha = segment_with_alpha(image)
     names = list(PALETTE)
     objects = []
@@ -145,9 +154,9 @@ def detect(image: np.ndarray, min_area: int = 10, max_area: int = 400, min_clean
             if area > max_area or clean < min_clean:
                 shape = "other"
             box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
-            objects.append({"shape": shape, "color": color, "area": area, "box": box, "center": ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), "clean": clean, **feats})
+            objects.append({"shape": shape, "color": color, "area": area, "box": box, "center": ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), "clean": clean, **feats, "mask": mask})
     objects.sort(key=lambda o: -o["area"])
-    return objects
+    return objects, labels
 
 
 def relative_position(a: dict[str, Any], b: dict[str, Any]) -> set[str]:

@@ -25,7 +25,7 @@ def test_verifier_objects_are_detect_with_masks():
         assert [(o["shape"], o["color"], o["box"]) for o in mine] == [(o["shape"], o["color"], o["box"]) for o in theirs]
         for o in mine:
             assert o["mask"].sum() == o["area"]
-            assert (labels[o["mask"]] == list(ss.PALETTE).index(o["color"])).all()
+            assert (labels[o["mask"]] == list(S.PALETTE).index(o["color"])).all()
 
 
 def test_labels_give_each_accepted_object_unit_density_mass():
