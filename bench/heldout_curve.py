@@ -190,7 +190,8 @@ def plot(results: dict, path: Path, highlight: tuple[str, ...] = MAIN_RECIPE) ->
 
 def main(argv: Optional[list[str]] = None, parents: tuple = (), configure=None) -> dict:
     """Run one variant. A probe script adds its own flags with ``parents`` (argparse parent parsers, so that
-    ``--help`` lists them) and reads them with ``configure(args)``, called after parsing."""
+    ``--help`` lists them) and reads them with ``configure(args)``, called after parsing; their values are stored
+    with the curve under ``probe``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=list(parents))
     parser.add_argument("--name", required=True, help="key of this variant in the results file")
     parser.add_argument("--config", type=Path, default=DEFAULT_RECIPE)
@@ -212,9 +213,13 @@ def main(argv: Optional[list[str]] = None, parents: tuple = (), configure=None) 
     config_name = (str(Path(args.config).resolve().relative_to(ROOT)) if Path(args.config).resolve().is_relative_to(ROOT)
                    else str(args.config))
 
+    # a probe's own flags (its parent parsers' arguments), stored with the curve: the recipe overrides alone do not say what ran
+    probe = {a.dest: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
+             for parent in parents for a in parent._actions if a.dest != "help" for v in [getattr(args, a.dest)]}
+
     def save(curve: dict) -> dict:
         """Store ``curve`` as variant ``--name`` (re-reading the file: other variants may have landed meanwhile)."""
-        curve.update({"config": config_name, "torch_threads": args.threads, "machine": platform.platform()})
+        curve.update({"config": config_name, "torch_threads": args.threads, "machine": platform.platform(), **({"probe": probe} if probe else {})})
         results = json.loads(args.output.read_text()) if args.output.exists() else {}
         results.setdefault("what", "held-out (and training-prompt) accuracy during training; bench/heldout_curve.py "
                                    "(complete: false = the run stopped before its last iteration)")

@@ -20,8 +20,8 @@ surrogate's dense pixel gradient (the policy gradient's norm is about 0.008 here
 
 Measured (session 37, seed 0 unless named; held-out accuracy at 25 / 50 iterations; the default recipe: 38.1 / 39.5%,
 seed 1 33.4 / 37.3%, seed 2 35.7 / 36.9%): AlignProp alone, 32 samples per iteration, 3 s per iteration, 31.6-34.4%
-(product and mean surrogates); hybrid w = 1e-3 38.1 / 34.4%, w = 3e-4 40.4 / 41.2% (seed 1 34.2 / 37.5%), w = 1e-4
-37.3 / 38.3%. The same plateau (``bench/README.md``).
+(product and mean surrogates); hybrid w = 1e-3 38.1 / 34.4%, w = 3e-4 40.4 / 41.2% (seed 1 34.2 / 37.5%, seed 2 34.0 /
+34.8%: 37.8% at 50 over seeds 0-2, the default's 37.9%), w = 1e-4 37.3 / 38.3%. The same plateau (``bench/README.md``).
 
     python bench/probe_alignprop.py --name ap_soft_product_seed0 --reward-mode product --iterations 50 --eval-every 25
     python bench/probe_alignprop.py --name te_hybrid_ap3e-4_product_seed0 --reward-mode product --hybrid 3e-4 \\
@@ -56,6 +56,7 @@ class AlignPropTrainer(Trainer):
             else:
                 import soft_shapes
                 fn = soft_shapes.SoftShapesReward(mode=self.reward_mode)
+                fn.detector.to(self.device)  # the decoded images live on the training device
                 self._reward = fn
         return self._reward
 

@@ -1,4 +1,5 @@
 """bench/heldout_curve.py: the figure (both panels drawn from stored curves) and the per-interval training diagnostics."""
+import json
 import sys
 from pathlib import Path
 
@@ -63,3 +64,21 @@ def test_probe_replay_help_lists_its_own_flags_and_its_flags_reach_the_trainer(c
     with pytest.raises(Parsed):
         probe_replay.main(["--name", "x", "--weight", "0.25", "--rows", "7", "--iterations", "3"])
     assert probe_replay.ReplayTrainer.weight == 0.25 and probe_replay.ReplayTrainer.rows == 7
+
+
+def test_a_probes_own_flags_are_stored_with_its_curve(tmp_path, monkeypatch):
+    """The stored ``overrides`` are the recipe's only: a probe's flags (weights, modes) are kept under ``probe``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--hybrid", type=float, default=0.0)
+    parser.add_argument("--reward-mode", default="mean")
+    curve = {"points": [{"iteration": 0, "heldout": {"all": 0.25}}], "iteration_s_mean": 1.0}
+    monkeypatch.setattr(heldout_curve, "run_curve", lambda *a, **k: dict(curve))
+    monkeypatch.setattr(heldout_curve, "plot", lambda *a, **k: None)
+    out = tmp_path / "curves.json"
+    heldout_curve.main(["--name", "p", "--hybrid", "3e-4", "--reward-mode", "product", "--output", str(out)], parents=(parser,))
+    heldout_curve.main(["--name", "plain", "--output", str(out)])
+    stored = json.loads(out.read_text())["variants"]
+    assert stored["p"]["probe"] == {"hybrid": 3e-4, "reward_mode": "product"}
+    assert "probe" not in stored["plain"]

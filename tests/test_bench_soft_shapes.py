@@ -15,17 +15,20 @@ from flowalign.rewards import shapes_scenes as S  # noqa: E402
 from flowalign.rewards.shapes import detect  # noqa: E402
 
 
-def test_verifier_objects_are_detect_with_masks():
+def test_verifier_objects_carry_each_objects_own_pixels():
     rng = np.random.default_rng(0)
-    specs = S.sample_specs(rng, 40)
-    for spec in specs:
+    for spec in S.sample_specs(rng, 40):
         image = S.render_spec(spec, rng).astype(np.float32)
-        mine, labels = ss.verifier_objects(image)
-        theirs = detect(image)
-        assert [(o["shape"], o["color"], o["box"]) for o in mine] == [(o["shape"], o["color"], o["box"]) for o in theirs]
-        for o in mine:
-            assert o["mask"].sum() == o["area"]
-            assert (labels[o["mask"]] == list(S.PALETTE).index(o["color"])).all()
+        objects, labels = ss.verifier_objects(image)
+        assert [o["shape"] for o in objects] == [o["shape"] for o in detect(image)]
+        taken = np.zeros(labels.shape, bool)
+        for o in objects:
+            mask = o["mask"]
+            assert mask.sum() == o["area"] and not (mask & taken).any()  # one object's pixels, no other's
+            taken |= mask
+            assert (labels[mask] == list(S.PALETTE).index(o["color"])).all()
+            ys, xs = np.nonzero(mask)
+            assert o["box"] == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
 
 
 def test_labels_give_each_accepted_object_unit_density_mass():
@@ -76,6 +79,36 @@ def test_terms_by_hand():
     assert terms[-1] == pytest.approx(expected, rel=1e-4)
     swapped = S.make_spec("position", ["circle", "triangle"], relation="right of")
     assert float(reward.terms(probs, centre, swapped)[-1]) < 1e-5
+
+
+def _position_term(reward, relation, circle_box):
+    probs, centre = _maps([("green", "circle", *circle_box), ("red", "triangle", 13, 13, 19, 19)])  # triangle centred at (16, 16)
+    return float(reward.terms(probs, centre, S.make_spec("position", ["circle", "triangle"], relation=relation))[-1])
+
+
+def test_position_terms_follow_the_verifiers_axes_and_its_60_degree_cone():
+    reward = ss.SoftShapesReward(detector=torch.nn.Identity())
+    # image y grows downwards: a circle centred 10 px higher (y = 6) is "above" the triangle, not "below"
+    assert _position_term(reward, "above", (13, 3, 19, 9)) > 0.99 > 0.01 > _position_term(reward, "below", (13, 3, 19, 9))
+    assert _position_term(reward, "below", (13, 23, 19, 29)) > 0.99 > 0.01 > _position_term(reward, "above", (13, 23, 19, 29))
+    # 8 px left and 4 px up (27 degrees off the axis): left of; 4 px left and 8 px up (63 degrees): not, softly
+    # (sigmoid(sqrt(3) 4 - sqrt(8^2 + 0.25)) = 0.25); 2 px left and 10 px up (79 degrees): not
+    assert _position_term(reward, "left of", (5, 9, 11, 15)) > 0.99
+    assert _position_term(reward, "left of", (9, 5, 15, 11)) < 0.5
+    assert _position_term(reward, "left of", (11, 3, 17, 9)) < 0.01
+
+
+def test_counting_excludes_one_more_object():
+    reward = ss.SoftShapesReward(detector=torch.nn.Identity(), mode="product")
+    spec = S.make_spec("counting", ["square"], ["red", None], count=2)  # include 2 red squares, exclude 3
+    two = _maps([("red", "square", 2, 2, 8, 8), ("red", "square", 20, 2, 26, 8)])
+    three = _maps([("red", "square", 2, 2, 8, 8), ("red", "square", 20, 2, 26, 8), ("red", "square", 2, 20, 8, 26)])
+    assert [float(t) for t in reward.terms(*two, spec)] == pytest.approx([1.0, 1.0, 1.0], abs=1e-5)
+    assert float(reward.terms(*three, spec)[-1]) == pytest.approx(math.exp(-1.0 / (2 * reward.count_width**2)), abs=1e-5)
+    # exact counts: two red squares and a blue one pass the verifier, so the any-colour term stays one-sided
+    exact = ss.SoftShapesReward(detector=torch.nn.Identity(), exact_counts=True)
+    extra_blue = _maps([("red", "square", 2, 2, 8, 8), ("red", "square", 20, 2, 26, 8), ("blue", "square", 2, 20, 8, 26)])
+    assert [float(t) for t in exact.terms(*extra_blue, spec)] == pytest.approx([1.0, 1.0], abs=1e-5)
 
 
 @pytest.mark.skipif(not ss.DEFAULT_WEIGHTS.is_file(), reason="needs bench/results/soft_shapes/detector.safetensors")
