@@ -21,7 +21,8 @@ surrogate's dense pixel gradient (the policy gradient's norm is about 0.008 here
 Measured (session 37, seed 0 unless named; held-out accuracy at 25 / 50 iterations; the default recipe: 38.1 / 39.5%,
 seed 1 33.4 / 37.3%, seed 2 35.7 / 36.9%): AlignProp alone, 32 samples per iteration, 3 s per iteration, 31.6-34.4%
 (product and mean surrogates); hybrid w = 1e-3 38.1 / 34.4%, w = 3e-4 40.4 / 41.2% (seed 1 34.2 / 37.5%, seed 2 34.0 /
-34.8%: 37.8% at 50 over seeds 0-2, the default's 37.9%), w = 1e-4 37.3 / 38.3%. The same plateau (``bench/README.md``).
+34.8%: 37.8% at 50 over seeds 0-2, the default's 37.9%), w = 1e-4 37.3 / 38.3%; paired (``--paired``), w = 3e-4
+38.3 / 38.7% (seed 0) and 35.9 / 37.1% (seed 1). The same plateau (``bench/README.md``).
 
     python bench/probe_alignprop.py --name ap_soft_product_seed0 --reward-mode product --iterations 50 --eval-every 25
     python bench/probe_alignprop.py --name te_hybrid_ap3e-4_product_seed0 --reward-mode product --hybrid 3e-4 \\
@@ -44,6 +45,7 @@ class AlignPropTrainer(Trainer):
     reward_name = "soft_shapes"
     reward_mode = "mean"
     hybrid = 0.0
+    paired = False
     _reward = None
     _verifier = None
 
@@ -67,16 +69,21 @@ class AlignPropTrainer(Trainer):
         with torch.no_grad():
             return self._verifier(images.detach(), prompts, None).scores.float()
 
-    def alignprop_loss(self) -> tuple:
-        """``(-mean surrogate reward, metrics)`` of ``prompts_per_iter x per_prompt`` fresh noise-free samples
-        of the next training prompts, with the graph from step ``grad_from`` on."""
+    def alignprop_loss(self, batch_prompts=None) -> tuple:
+        """``(-mean surrogate reward, metrics)`` of ``per_prompt`` fresh noise-free samples of each of the next
+        training prompts (or, with ``paired``, of each distinct prompt of ``batch_prompts``, the GRPO batch's, with
+        noise from a generator of its own), with the graph from step ``grad_from`` on."""
         s = self.config.sampling
-        records = self.sampler.next_batch()
-        prompts = [r.prompt for r in records for _ in range(self.per_prompt)]
+        if self.paired and batch_prompts is not None:  # leaves the sampler's and the rollouts' streams as the default run's
+            distinct = list(dict.fromkeys(batch_prompts))
+            generator = torch.Generator().manual_seed(10_000_019 * (self.config.train.seed + 1) + self.iteration)
+        else:
+            distinct, generator = [r.prompt for r in self.sampler.next_batch()], self.generator
+        prompts = [p for p in distinct for _ in range(self.per_prompt)]
         cond = self.conditioning.encode_rows(prompts, requires_grad=True)
         sigmas = self.adapter.sigmas(s.num_steps).to(self.device)
-        k0 = self.grad_from if self.grad_from >= 0 else int(torch.randint(0, s.num_steps, (1,), generator=self.generator))
-        x = self.adapter.initial_noise(len(prompts), generator=self.generator)
+        k0 = self.grad_from if self.grad_from >= 0 else int(torch.randint(0, s.num_steps, (1,), generator=generator))
+        x = self.adapter.initial_noise(len(prompts), generator=generator)
         for k in range(s.num_steps):
             with torch.set_grad_enabled(k >= k0):
                 v = self.adapter.velocity(x, sigmas[k], cond, guidance_scale=s.guidance_scale)
@@ -102,7 +109,7 @@ class AlignPropTrainer(Trainer):
         return metrics
 
     def update(self, batch) -> dict:
-        loss, metrics = self.alignprop_loss()
+        loss, metrics = self.alignprop_loss(batch.traj.prompts)
         self.optim.backward(self.hybrid * loss, "alignprop")
         metrics.update(super().update(batch))
         return metrics
@@ -114,6 +121,9 @@ def main(argv=None):
     parser.add_argument("--grad-from", type=int, default=0, help="first step with gradient (-1: uniform per iteration)")
     parser.add_argument("--reward", choices=("soft_shapes", "color"), default="soft_shapes")
     parser.add_argument("--reward-mode", choices=("mean", "product"), default="mean")
+    parser.add_argument("--paired", action="store_true",
+                        help="with --hybrid: the AlignProp term samples the GRPO batch's own prompts with noise of its own, so the "
+                             "prompt and rollout streams stay the default run's")
     parser.add_argument("--hybrid", type=float, default=0.0,
                         help="> 0: the recipe's own iteration (Flow-GRPO) plus this weight x the AlignProp loss in its optimizer step")
 
@@ -123,6 +133,7 @@ def main(argv=None):
         AlignPropTrainer.reward_name = args.reward
         AlignPropTrainer.reward_mode = args.reward_mode
         AlignPropTrainer.hybrid = args.hybrid
+        AlignPropTrainer.paired = args.paired
 
     heldout_curve.Trainer = AlignPropTrainer
     keys = heldout_curve.TRAINING_DIAGNOSTICS + ("surrogate/mean", "alignprop/verifier", "alignprop/grad_from")
