@@ -43,6 +43,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from flowalign.rewards.base import Reward, RewardOutput  # noqa: E402
 from flowalign.rewards.shapes import detect_with_masks, evaluate, scene_pixels  # noqa: E402
 from flowalign.rewards.shapes_scenes import (COLORS, SHAPES, SIZE, TAGS, Spec, load_prompts,  # noqa: E402
                                              parse_prompt, render_spec, sample_specs, split_renditions,
@@ -726,3 +727,21 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+class SoftShapesProcessReward(Reward):
+    """:class:`SoftShapesReward` behind flowalign's reward protocol (``differentiable = True``), so that a
+    recipe can name it, e.g. as Euphonium's process reward: ``sampling.drift_reward=soft_shapes:SoftShapesProcessReward``
+    (with ``bench/`` on ``sys.path``, as when a bench script runs). Keyword arguments go to :class:`SoftShapesReward`;
+    its detector moves with ``to(device)`` (it is the one module attribute)."""
+
+    name = "soft_shapes"
+    differentiable = True
+
+    def __init__(self, device=None, **kwargs):
+        super().__init__(device)
+        self.soft = SoftShapesReward(**kwargs)
+        self.detector = self.soft.detector.to(self.device)
+
+    def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
+        return RewardOutput(scores=self.soft(images, list(prompts)), details={})

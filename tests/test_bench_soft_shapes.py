@@ -126,3 +126,19 @@ def test_shipped_detector_prefers_a_scene_under_its_own_prompt_and_has_a_gradien
     assert x.grad is not None and torch.isfinite(x.grad).all() and float(x.grad.abs().sum()) > 0
     with pytest.raises(ValueError, match="prompts"):
         reward(images[:2], ["a red square"])
+
+
+@pytest.mark.skipif(not ss.DEFAULT_WEIGHTS.is_file(), reason="needs bench/results/soft_shapes/detector.safetensors")
+def test_process_reward_plugin_is_the_soft_reward_behind_the_protocol():
+    from flowalign.rewards import load_reward
+
+    reward = load_reward("soft_shapes:SoftShapesProcessReward", mode="product")  # bench/ is on sys.path here
+    assert reward.differentiable
+    rng = np.random.default_rng(3)
+    specs = S.sample_specs(rng, 4)
+    images = (torch.tensor(np.stack([S.render_spec(s, rng) for s in specs])).permute(0, 3, 1, 2).float() / 255.0).requires_grad_(True)
+    prompts = [s["prompt"] for s in specs]
+    out = reward(images, prompts)
+    assert torch.allclose(out.scores, ss.SoftShapesReward(reward.detector, mode="product")(images, prompts))
+    out.scores.sum().backward()
+    assert float(images.grad.abs().sum()) > 0
