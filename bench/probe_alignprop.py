@@ -20,7 +20,7 @@ surrogate's dense pixel gradient (the policy gradient's norm is about 0.008 here
 
 Measured (session 37, seed 0 unless named; held-out accuracy at 25 / 50 iterations; the default recipe: 38.1 / 39.5%,
 seed 1 33.4 / 37.3%, seed 2 35.7 / 36.9%): AlignProp alone, 32 samples per iteration, 3 s per iteration, 31.6-34.4%
-(product and mean surrogates); hybrid w = 1e-3 38.1 / 34.4%, w = 3e-4 40.4 / 41.2% (seed 1 34.2 / 37.5%, seed 2 34.0 /
+(product and mean surrogates, 4 jitters, random truncation); hybrid w = 1e-3 38.1 / 34.4%, w = 3e-4 40.4 / 41.2% (seed 1 34.2 / 37.5%, seed 2 34.0 /
 34.8%: 37.8% at 50 over seeds 0-2, the default's 37.9%), w = 1e-4 37.3 / 38.3%; paired (``--paired``), w = 3e-4
 38.3 / 38.7% (seed 0) and 35.9 / 37.1% (seed 1). The same plateau (``bench/README.md``).
 
@@ -46,6 +46,7 @@ class AlignPropTrainer(Trainer):
     reward_mode = "mean"
     hybrid = 0.0
     paired = False
+    n_aug = 0
     _reward = None
     _verifier = None
 
@@ -57,7 +58,7 @@ class AlignPropTrainer(Trainer):
                 self._reward = lambda images, prompts: fn(images, prompts, None).scores
             else:
                 import soft_shapes
-                fn = soft_shapes.SoftShapesReward(mode=self.reward_mode)
+                fn = soft_shapes.SoftShapesReward(mode=self.reward_mode, n_aug=self.n_aug)
                 fn.detector.to(self.device)  # the decoded images live on the training device
                 self._reward = fn
         return self._reward
@@ -121,6 +122,7 @@ def main(argv=None):
     parser.add_argument("--grad-from", type=int, default=0, help="first step with gradient (-1: uniform per iteration)")
     parser.add_argument("--reward", choices=("soft_shapes", "color"), default="soft_shapes")
     parser.add_argument("--reward-mode", choices=("mean", "product"), default="mean")
+    parser.add_argument("--n-aug", type=int, default=0, help="average the surrogate over this many jitters (shift + noise; 0 = off)")
     parser.add_argument("--paired", action="store_true",
                         help="with --hybrid: the AlignProp term samples the GRPO batch's own prompts with noise of its own, so the "
                              "prompt and rollout streams stay the default run's")
@@ -134,6 +136,7 @@ def main(argv=None):
         AlignPropTrainer.reward_mode = args.reward_mode
         AlignPropTrainer.hybrid = args.hybrid
         AlignPropTrainer.paired = args.paired
+        AlignPropTrainer.n_aug = args.n_aug
 
     heldout_curve.Trainer = AlignPropTrainer
     keys = heldout_curve.TRAINING_DIAGNOSTICS + ("surrogate/mean", "alignprop/verifier", "alignprop/grad_from")
