@@ -36,6 +36,7 @@ import time
 import torch
 
 import heldout_curve
+from flowalign import sde
 from flowalign.train.trainer import Trainer
 
 
@@ -51,16 +52,15 @@ class AlignPropTrainer(Trainer):
     _verifier = None
 
     def _differentiable_reward(self):
+        """The ascended reward, a differentiable flowalign reward on the training device."""
         if self._reward is None:
             if self.reward_name == "color":
                 from flowalign.rewards.builtin import ColorFraction
-                fn = ColorFraction(color="red", soft=True)
-                self._reward = lambda images, prompts: fn(images, prompts, None).scores
+                self._reward = ColorFraction(color="red", soft=True)
             else:
                 import soft_shapes
-                fn = soft_shapes.SoftShapesReward(mode=self.reward_mode, n_aug=self.n_aug)
-                fn.detector.to(self.device)  # the decoded images live on the training device
-                self._reward = fn
+                self._reward = soft_shapes.SoftShapesProcessReward(mode=self.reward_mode, n_aug=self.n_aug)
+            self._reward.to(self.device)  # the decoded images live there
         return self._reward
 
     def _verify(self, images, prompts):
@@ -88,9 +88,9 @@ class AlignPropTrainer(Trainer):
         for k in range(s.num_steps):
             with torch.set_grad_enabled(k >= k0):
                 v = self.adapter.velocity(x, sigmas[k], cond, guidance_scale=s.guidance_scale)
-            x = x + (sigmas[k + 1] - sigmas[k]) * v
+            x = sde.step("ode", x, v, sigmas[k], sigmas[k + 1], 0.0).prev_sample  # the evaluation's Euler step
         images = self.adapter.decode(x, requires_grad=True)
-        reward = self._differentiable_reward()(images, prompts)
+        reward = self._differentiable_reward()(images, prompts).scores
         metrics = {"alignprop/verifier": float(self._verify(images, prompts).mean()), "surrogate/mean": float(reward.detach().mean()),
                    "alignprop/grad_from": float(k0)}
         return -reward.mean(), metrics

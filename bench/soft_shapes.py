@@ -44,7 +44,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from flowalign.rewards.base import Reward, RewardOutput  # noqa: E402
-from flowalign.rewards.shapes import detect_with_masks, evaluate, scene_pixels  # noqa: E402
+from flowalign.rewards.shapes import detect, detect_with_masks, evaluate, scene_pixels  # noqa: E402
 from flowalign.rewards.shapes_scenes import (COLORS, SHAPES, SIZE, TAGS, Spec, load_prompts,  # noqa: E402
                                              parse_prompt, render_spec, sample_specs, split_renditions,
                                              watermarked_renditions)
@@ -350,6 +350,24 @@ class SoftShapesReward:
         return torch.stack(scores)
 
 
+class SoftShapesProcessReward(Reward):
+    """:class:`SoftShapesReward` behind flowalign's reward protocol (``differentiable = True``), so that a
+    recipe can name it, e.g. as Euphonium's process reward: ``sampling.drift_reward=soft_shapes:SoftShapesProcessReward``
+    (with ``bench/`` on ``sys.path``, as when a bench script runs). Keyword arguments go to :class:`SoftShapesReward`;
+    its detector moves with ``to(device)`` (it is the one module attribute)."""
+
+    name = "soft_shapes"
+    differentiable = True
+
+    def __init__(self, device=None, **kwargs):
+        super().__init__(device)
+        self.soft = SoftShapesReward(**kwargs)
+        self.detector = self.soft.detector.to(self.device)
+
+    def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
+        return RewardOutput(scores=self.soft(images, list(prompts)), details={})
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -558,8 +576,6 @@ def detector_metrics(model: ShapeDetector, images: np.ndarray, seg: np.ndarray, 
 
 def verifier_scores(images_u8: np.ndarray, specs: list[Spec]) -> tuple[np.ndarray, np.ndarray]:
     """The verifier's 1/0 verdict and partial score on ``uint8`` images (its own ``detect`` + ``evaluate``)."""
-    from flowalign.rewards.shapes import detect
-
     v, p = [], []
     for img, spec in zip(images_u8, specs):
         ok, frac = evaluate(detect(img.astype(np.float32)), spec)
@@ -728,20 +744,3 @@ def main(argv: Optional[list[str]] = None) -> int:
 if __name__ == "__main__":
     raise SystemExit(main())
 
-
-class SoftShapesProcessReward(Reward):
-    """:class:`SoftShapesReward` behind flowalign's reward protocol (``differentiable = True``), so that a
-    recipe can name it, e.g. as Euphonium's process reward: ``sampling.drift_reward=soft_shapes:SoftShapesProcessReward``
-    (with ``bench/`` on ``sys.path``, as when a bench script runs). Keyword arguments go to :class:`SoftShapesReward`;
-    its detector moves with ``to(device)`` (it is the one module attribute)."""
-
-    name = "soft_shapes"
-    differentiable = True
-
-    def __init__(self, device=None, **kwargs):
-        super().__init__(device)
-        self.soft = SoftShapesReward(**kwargs)
-        self.detector = self.soft.detector.to(self.device)
-
-    def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
-        return RewardOutput(scores=self.soft(images, list(prompts)), details={})
