@@ -161,11 +161,11 @@ def test_two_processes_match_one_process(tmp_path, monkeypatch, request, case):
     if any(e.startswith("sampling.drift_reward") for e in extra):  # the guidance did steer (SPSA from each group's stream)
         assert all(float(r["drift/moved_frac"]) > 0 for r in rows["one"] + rows["two"])
     for a, b in zip(rows["one"], rows["two"]):  # same samples, and gradients of the same scale (summed, not averaged)
-        if a["iteration"] == "1" and extra != UNTIL_FULL:  # the same (zero-initialised) LoRA samples the same trajectories: bit-equal
-            # rewards (several windows are gathered process-major, so their mean sums the same rewards in another order)
-            assert a["reward/mean"] == b["reward/mean"]
-        else:  # sampled by LoRAs that differ by float rounding (see the docstring): a float32 ulp or so (seen: 3e-8)
-            assert float(a["reward/mean"]) == pytest.approx(float(b["reward/mean"]), rel=1e-6, abs=0)
+        # the same trajectories (iteration 1: the same zero-initialised LoRA; later: LoRAs that differ by float rounding,
+        # see the docstring), up to a float32 ulp or so: a process decodes half the batch, and the VAE decoder's oneDNN
+        # convolutions pick their kernels by batch size on some CPUs (AMD EPYC: rel. 1.7e-7 at iteration 1; other
+        # noise or prompts would move the mean by 1e-3 or more)
+        assert float(a["reward/mean"]) == pytest.approx(float(b["reward/mean"]), rel=1e-6, abs=0)
         assert abs(float(a["grad_norm"]) / float(b["grad_norm"]) - 1) < 1e-4, (a["grad_norm"], b["grad_norm"])
         assert a["nfe"] == b["nfe"] and a.get("dense/nfe") == b.get("dense/nfe")  # counts summed over the processes
         for key in ("frac_zero_std_groups", "samples/kept_frac", "advantages/abs_mean"):  # over every process's samples
