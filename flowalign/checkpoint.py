@@ -6,6 +6,9 @@ A checkpoint is a folder ``<root>/iter_000012/`` holding
 * ``state.json`` + ``state.safetensors``: every other piece of state (optimizer, RNGs, prompt
   sampler, counters) as JSON, with its tensors moved into the safetensors file and referenced
   by key (see :func:`split_state`),
+* optional exports (``save_checkpoint(..., export=...)``): files for use outside a resume, such as the
+  trainers' ``pytorch_lora_weights.safetensors``, which ``pipe.load_lora_weights(checkpoint_dir)`` and
+  ``flowalign eval --lora checkpoint_dir`` load; checked like the rest, never read by a resume,
 * ``manifest.json`` last: format, iteration, config hash and the size and sha256 of every file.
 
 It is written into a temporary folder in the same parent, every file and the folder are
@@ -31,7 +34,7 @@ import shutil
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import numpy as np
 import torch
@@ -46,6 +49,7 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _NAME_RE = re.compile(r"^iter_(\d+)$")
+_EXPORT_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # a plain file name inside the checkpoint's folder
 PathLike = Union[str, Path]
 FAULT_ENV = "FLOWALIGN_CHECKPOINT_FAULT"
 
@@ -188,6 +192,7 @@ def save_checkpoint(
     state: dict,
     config_hash: Optional[str] = None,
     keep: Optional[int] = None,
+    export: Optional[Callable[[Path], Iterable[Union[str, Path]]]] = None,
 ) -> Path:
     """Atomically write checkpoint ``root/iter_{iteration:06d}`` and keep only the last ``keep``.
 
@@ -198,6 +203,9 @@ def save_checkpoint(
         state: nested JSON-able state that may contain tensors (optimizer, RNG, counters).
         config_hash: hash of the run's config (checked on resume).
         keep: number of checkpoints to keep (older ones are deleted); None keeps all.
+        export: writes further files into the (temporary) checkpoint folder it is given and returns their
+            names, e.g. a diffusers LoRA file; they are renamed into place with the rest and listed in the
+            manifest, which :func:`verify_checkpoint` checks, but :func:`load_checkpoint` does not read them.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -215,6 +223,14 @@ def save_checkpoint(
             files[f"{name}.safetensors"] = tmp / f"{name}.safetensors"
             save_safetensors({k: v.detach().cpu().contiguous().clone() for k, v in group.items()}, files[f"{name}.safetensors"])
             _fault_point(f"after:{name}.safetensors", iteration)
+        exports = []
+        for name in (export(tmp) if export is not None else ()):
+            name = Path(name).name if Path(name).parent in (Path("."), tmp) else str(name)  # a file right in the folder
+            if not _EXPORT_RE.fullmatch(name) or name in files or name in ("state.json", "state.safetensors", MANIFEST) \
+                    or not (tmp / name).is_file():
+                raise CheckpointError(f"export {name!r}: not a file of its own written into the checkpoint folder")
+            files[name] = tmp / name
+            exports.append(name)
         json_state, state_tensors = split_state(state)
         files["state.safetensors"] = tmp / "state.safetensors"
         save_safetensors(state_tensors, files["state.safetensors"])
@@ -226,6 +242,7 @@ def save_checkpoint(
             "iteration": iteration,
             "config_hash": config_hash,
             "tensor_groups": sorted(tensors),
+            "exports": sorted(exports),
             "files": {name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for name, p in files.items()},
         }
         for p in files.values():
@@ -317,15 +334,16 @@ def verify_checkpoint(path: PathLike) -> dict:
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} is not a JSON object")
     if manifest.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path}: format {manifest.get('format')!r}, this flowalign reads {FORMAT_VERSION}")
-    files, groups = manifest.get("files"), manifest.get("tensor_groups")
+    files, groups, exports = manifest.get("files"), manifest.get("tensor_groups"), manifest.get("exports", [])
     if not (isinstance(files, dict) and isinstance(groups, list) and isinstance(manifest.get("iteration"), int)
+            and isinstance(exports, list) and all(isinstance(e, str) and _EXPORT_RE.fullmatch(e) for e in exports)
             and all(isinstance(m, dict) and isinstance(m.get("size"), int) and isinstance(m.get("sha256"), str) for m in files.values())):
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} lacks files / tensor_groups / iteration in the expected form")
     # exactly the files this checkpoint loads, each a plain name inside its folder: a manifest cannot point outside it
     # nor leave a loaded file unchecked
     expected = {f"{g}.safetensors" for g in groups if isinstance(g, str) and re.fullmatch(r"[A-Za-z0-9_]+", g)}
-    if len(expected) != len(groups) or set(files) != expected | {"state.json", "state.safetensors"}:
-        raise CheckpointError(f"checkpoint {path}: {MANIFEST} lists {sorted(files)}, not its tensor groups' files and the state")
+    if len(expected) != len(groups) or set(files) != expected | {"state.json", "state.safetensors"} | set(exports):
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} lists {sorted(files)}, not its tensor groups' files, exports and the state")
     for name, meta in files.items():
         file = path / name
         if not file.is_file():

@@ -370,14 +370,17 @@ def read_lora_file(path: Union[str, Path]) -> tuple[Path, dict[str, tuple], dict
     wrong path before any model loads.
 
     Raises:
-        LoraMismatchError: no such file (naming the ``.safetensors`` files a folder holds instead,
-            e.g. a checkpoint's ``lora.safetensors``), or a file that is not readable safetensors.
+        LoraMismatchError: no such file (naming the ``.safetensors`` files a folder holds instead; for an old
+            checkpoint without the file, how to get one), or a file that is not readable safetensors.
     """
     given = Path(path)
     file = given / LORA_WEIGHT_NAME if given.is_dir() else given
     if not file.is_file():
         others = sorted(p.name for p in given.glob("*.safetensors")) if given.is_dir() else []
         hint = f"; the folder holds {', '.join(others)}: pass that file itself" if others else ""
+        if (given / "manifest.json").is_file():  # a checkpoint from before checkpoints held the diffusers file
+            hint = ("; this checkpoint predates checkpoints carrying it (its lora.safetensors is resume state, without "
+                    "diffusers' key prefixes): resume the run (flowalign train --resume) to write one")
         raise LoraMismatchError(f"LoRA file not found: {file}{hint}")
     try:
         with safe_open(str(file), framework="pt") as fh:

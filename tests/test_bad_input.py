@@ -158,6 +158,9 @@ def test_lora_paths_are_read_before_a_model_loads(tmp_path, capsys):
         read_lora_file(checkpoint / "lora.safetensors")
     assert eval_cli.main(["--lora", str(checkpoint), "--model", str(tmp_path / "no_such_model")]) == 2  # the LoRA is read first
     assert "pass that file itself" in capsys.readouterr().err
+    (checkpoint / "manifest.json").write_text("{}")  # a checkpoint from before checkpoints carried the diffusers file
+    with pytest.raises(LoraMismatchError, match=r"this checkpoint predates .* resume the run \(flowalign train --resume\)"):
+        read_lora_file(checkpoint)
 
 
 def test_an_output_dir_that_is_a_file_is_named(tmp_path):

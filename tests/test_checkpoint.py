@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,3 +207,35 @@ def test_no_pickle_in_checkpoint(tmp_path):
     path = ckpt.save_checkpoint(tmp_path, 1, {}, {"optimizer": opt.state_dict(), "rng": ckpt.capture_rng()})
     assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "state.json", "state.safetensors"]
     json.loads((path / "state.json").read_text())  # plain JSON
+
+
+def test_exports_are_written_listed_and_checked_but_not_loaded(tmp_path):
+    def export(folder):
+        (folder / "pytorch_lora_weights.safetensors").write_bytes(b"diffusers file")
+        return ["pytorch_lora_weights.safetensors"]
+
+    path = ckpt.save_checkpoint(tmp_path, 1, {"lora": {"w": torch.ones(2)}}, {"it": 1}, export=export)
+    manifest = ckpt.verify_checkpoint(path)
+    assert manifest["exports"] == ["pytorch_lora_weights.safetensors"]
+    assert manifest["files"]["pytorch_lora_weights.safetensors"]["size"] == len(b"diffusers file")
+    loaded = ckpt.load_checkpoint(path)
+    assert set(loaded.tensors) == {"lora"} and loaded.state == {"it": 1}  # resume state only
+    (path / "pytorch_lora_weights.safetensors").write_bytes(b"diffusers filE")
+    with pytest.raises(CheckpointError, match="pytorch_lora_weights.safetensors does not match its sha256"):
+        ckpt.verify_checkpoint(path)
+    (path / "pytorch_lora_weights.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="pytorch_lora_weights.safetensors is missing"):
+        ckpt.verify_checkpoint(path)
+    assert ckpt.find_latest(tmp_path) is None  # its only checkpoint no longer verifies
+
+
+@pytest.mark.parametrize("name", ["lora.safetensors", "state.json", "../outside.bin", "never_written.bin"])
+def test_an_export_may_not_shadow_or_escape_the_checkpoint(tmp_path, name):
+    def export(folder):
+        if name != "never_written.bin":
+            (folder / Path(name).name).write_bytes(b"x")
+        return [name]
+
+    with pytest.raises(CheckpointError, match="not a file of its own"):
+        ckpt.save_checkpoint(tmp_path, 1, {"lora": {"w": torch.ones(2)}}, {"it": 1}, export=export)
+    assert ckpt.list_checkpoints(tmp_path) == [] and not list(tmp_path.glob(".tmp-*"))  # nothing left behind

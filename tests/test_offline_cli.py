@@ -124,7 +124,9 @@ def test_offline_trains_then_refuses_resumes_and_overwrites(tiny_store, tmp_path
     assert weights and all("lora" in k for k in weights)
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in weights.items())  # trained away from B = 0
     assert len((run / "metrics.csv").read_text().splitlines()) == 3
-    assert (run / "checkpoints" / "iter_000002").is_dir()  # the end of a run is a checkpoint
+    assert (run / "checkpoints" / "iter_000002").is_dir()  # the end of a run is a checkpoint, with the run's LoRA file
+    exported = load_file(str(run / "checkpoints" / "iter_000002" / "pytorch_lora_weights.safetensors"))
+    assert exported.keys() == weights.keys() and all(torch.equal(exported[k], weights[k]) for k in weights)
     stamp = lora_file.stat().st_mtime_ns
 
     assert cli.main(["offline", "--config", str(config)]) == 2

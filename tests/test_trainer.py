@@ -176,6 +176,40 @@ def test_resume_after_two_of_four_iterations_is_bit_identical(tmp_path):
     assert (tmp_path / "full" / "samples" / "iter_000004.png").is_file()
 
 
+def test_each_checkpoint_holds_the_diffusers_lora_file_of_its_iteration(tmp_path):
+    """A run stopped early is usable without a resume: ``checkpoints/iter_*/pytorch_lora_weights.safetensors`` is what
+    the run would have saved then (EMA weights, as the final file), listed and checked in the manifest, and plain
+    diffusers and ``flowalign eval --lora`` load the folder."""
+    from safetensors.torch import load_file
+
+    from flowalign import checkpoint as ckpt
+    from flowalign.lora import check_lora_file, lora_components
+
+    _, trainer = _lora_after(tmp_path, 4)
+    run = trainer.run_dir
+    final = load_file(run / "pytorch_lora_weights.safetensors")
+    raw = {f"transformer.{k}": v for k, v in lora_lib.get_lora_state_dict(trainer.adapter.trainable_module).items()}
+    assert final.keys() == raw.keys() and any(not torch.equal(final[k], raw[k]) for k in final)  # EMA != raw weights
+    exported = {it: load_file(run / "checkpoints" / f"iter_{it:06d}" / "pytorch_lora_weights.safetensors") for it in (2, 4)}
+    assert exported[4].keys() == final.keys() and all(torch.equal(exported[4][k], final[k]) for k in final)
+    assert any(not torch.equal(exported[2][k], final[k]) for k in final)  # iteration 2's own weights
+    manifest = ckpt.verify_checkpoint(run / "checkpoints" / "iter_000002")
+    assert manifest["exports"] == ["pytorch_lora_weights.safetensors"]
+    check_lora_file(run / "checkpoints" / "iter_000002", lora_components(trainer.adapter.pipeline))  # eval --lora's check
+
+    def ode(adapter):
+        return sampling.sample_ode(adapter, ["a red square"], num_steps=4, generator=torch.Generator().manual_seed(5), decode=False)
+
+    fresh = tiny_sd3_pipeline(seed=0)
+    base = ode(load_adapter(fresh, max_sequence_length=TINY_T5_TOKENS))
+    fresh.load_lora_weights(str(run / "checkpoints" / "iter_000002"))
+    assert (ode(load_adapter(fresh, max_sequence_length=TINY_T5_TOKENS)) - base).abs().max() > 1e-4  # it loaded weights
+    target = run / "checkpoints" / "iter_000004" / "pytorch_lora_weights.safetensors"
+    target.write_bytes(target.read_bytes()[:-8] + bytes(8))  # an altered export fails verification like any file
+    with pytest.raises(CheckpointError, match="pytorch_lora_weights.safetensors does not match its sha256"):
+        ckpt.verify_checkpoint(target.parent)
+
+
 def test_nonfinite_losses_are_skipped_then_abort(tmp_path, monkeypatch):
     trainer = _trainer(tmp_path, "train.max_nonfinite_steps=3", "train.prompts_per_iter=2", "train.micro_batch_size=8")
     before = lora_lib.get_lora_state_dict(trainer.adapter.trainable_module)

@@ -51,11 +51,14 @@ def test_a_checkpoint_manifest_cannot_load_files_outside_its_folder_or_unlisted(
     path = ckpt.save_checkpoint(tmp_path / "ck", 1, {"lora": {"w": torch.zeros(1)}}, {"it": 1})
     good = json.loads((path / ckpt.MANIFEST).read_text())
     _edit_manifest(path, files={}, tensor_groups=["../../evil"])
-    with pytest.raises(CheckpointError, match="not its tensor groups' files and the state"):
+    with pytest.raises(CheckpointError, match="not its tensor groups' files, exports and the state"):
         ckpt.load_checkpoint(path)
     evil = {"size": (tmp_path / "evil.safetensors").stat().st_size, "sha256": ckpt.sha256_file(tmp_path / "evil.safetensors")}
     _edit_manifest(path, files={**good["files"], "../../evil.safetensors": evil}, tensor_groups=["lora"])
     with pytest.raises(CheckpointError, match="not its tensor groups' files"):
+        ckpt.load_checkpoint(path)
+    _edit_manifest(path, files={**good["files"], "../../evil.safetensors": evil}, exports=["../../evil.safetensors"])
+    with pytest.raises(CheckpointError, match="lacks files / tensor_groups / iteration in the expected form"):  # exports too
         ckpt.load_checkpoint(path)
     _edit_manifest(path, **good)
     assert torch.equal(ckpt.load_checkpoint(path).tensors["lora"]["w"], torch.zeros(1))

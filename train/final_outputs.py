@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
 from flowalign import lora as lora_lib
 from flowalign.train import runtime
+from flowalign.train.lora_export import lora_states, save_lora_file
 from flowalign.files import atomic_path
 
 logger = logging.getLogger("flowalign.train.trainer")
@@ -27,10 +27,8 @@ def write_final_outputs(trainer) -> Optional[Path]:
     samples its share, the main one writes)."""
     path = None
     start = time.perf_counter()
-    with trainer.ema.applied() if trainer.ema is not None else nullcontext():
-        states = {name: lora_lib.get_lora_state_dict(module) for name, module in trainer.lora_modules.items()}
     if trainer.accelerator.is_main_process:
-        path = save_lora_file(trainer, states)
+        path = save_lora_file(trainer.adapter, trainer.lora_modules, trainer.run_dir, lora_states(trainer.lora_modules, trainer.ema))
         every = trainer.config.train.eval_every
         if every > 0 and trainer.iteration % every == 0 and (trainer.run_dir / "samples" / f"iter_{trainer.iteration:06d}.png").is_file():
             # the loop evaluated these weights at this iteration already (same prompts, noise and weights): its grid
@@ -100,11 +98,3 @@ def write_heldout_report(trainer) -> Optional[Path]:
     )
     trainer.timings["held-out eval"] = time.perf_counter() - start  # base + aligned (each in report.md)
     return path
-
-
-def save_lora_file(trainer, states: dict) -> Path:
-    """``states``: ``{component: LoRA state}`` (``transformer`` and any text encoders)."""
-    # the peft config (lora_alpha, r) goes into the file header so loaders restore alpha / r
-    text = {name: (states[name], lora_lib.lora_metadata(module)) for name, module in trainer.text_modules.items()}
-    return trainer.adapter.save_lora(trainer.run_dir, states["transformer"], metadata=lora_lib.lora_metadata(trainer.adapter.trainable_module),
-                                     **({"text_encoder_states": text} if text else {}))

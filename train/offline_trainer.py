@@ -42,6 +42,7 @@ from flowalign.lr_schedule import LR_SCHEDULES
 from flowalign.objectives.base import OfflineBatch
 from flowalign.offline import RolloutStore
 from flowalign.train.graceful_stop import GracefulStop
+from flowalign.train.lora_export import checkpoint_export, save_lora_file
 from flowalign.train.lora_optimizer import LoraOptimizer, OptimizerViews
 from flowalign.train.run_log import RunLogger
 from flowalign.train.update_conditioning import UpdateConditioning
@@ -320,6 +321,11 @@ class OfflineTrainer(OptimizerViews):
         return self
 
     @property
+    def lora_modules(self) -> dict:
+        """``{component: module}`` of every module with trained LoRA (``transformer`` first)."""
+        return {"transformer": self.adapter.trainable_module, **self.text_modules}
+
+    @property
     def total_steps(self) -> int:
         """Optimizer steps of the whole run: ``epochs * ceil(groups / groups_per_batch)``, capped by ``max_steps``."""
         per_epoch = -(-self.store.num_groups(self.k, self.reward) // self.config.groups_per_batch)
@@ -444,7 +450,8 @@ class OfflineTrainer(OptimizerViews):
     # ------------------------------------------------------------------ save / resume
 
     def save_checkpoint(self) -> Path:
-        """Atomic checkpoint of the LoRA (and text-encoder LoRA), optimizer, RNG and counters."""
+        """Atomic checkpoint of the LoRA (and text-encoder LoRA), optimizer, RNG and counters, with the
+        ``pytorch_lora_weights.safetensors`` the run would save now (:mod:`flowalign.train.lora_export`)."""
         tensors = {"lora": lora_lib.get_lora_state_dict(self.adapter.trainable_module)}
         tensors.update(lora_lib.text_lora_tensors(self.text_modules))
         optim_tensors, optim_state = self.optim.state()
@@ -453,7 +460,8 @@ class OfflineTrainer(OptimizerViews):
                  "rng": ckpt.capture_rng({"objective": self.generator}), "store_fingerprint": self.store.fingerprint}
         try:
             path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, tensors, state, keep=self.config.keep_checkpoints,
-                                        config_hash=offline_config_hash(self.config))
+                                        config_hash=offline_config_hash(self.config),
+                                        export=checkpoint_export(self.adapter, self.lora_modules))
         except OSError as exc:  # disk full, quota, permissions: the temporary folder is already removed
             raise ckpt.write_error(self.run_dir / "checkpoints", self.step, exc) from exc
         self._saved_step = self.step
@@ -497,11 +505,7 @@ class OfflineTrainer(OptimizerViews):
         LoRA under ``text_encoder.`` / ``text_encoder_2.`` keys when trained) and
         ``training_curve.png`` (loss and the objective's ranking metrics per step) to ``output_dir``,
         and close the trackers."""
-        state = lora_lib.get_lora_state_dict(self.adapter.trainable_module)
-        text = {name: (lora_lib.get_lora_state_dict(m), lora_lib.lora_metadata(m)) for name, m in self.text_modules.items()}
-        # through the adapter, as the online trainer saves (a family may write its own keys)
-        path = self.adapter.save_lora(self.run_dir, state, metadata=lora_lib.lora_metadata(self.adapter.trainable_module),
-                                      **({"text_encoder_states": text} if text else {}))
+        path = save_lora_file(self.adapter, self.lora_modules, self.run_dir)  # as the online trainer saves
         self.write_training_curve()
         self.close()
         return path

@@ -18,6 +18,7 @@ from flowalign import checkpoint as ckpt
 from flowalign import lora as lora_lib
 from flowalign.config import config_hash
 from flowalign.errors import CheckpointError
+from flowalign.train.lora_export import checkpoint_export
 
 logger = logging.getLogger("flowalign.train.trainer")
 
@@ -47,14 +48,16 @@ def trainer_state(trainer) -> tuple[dict, dict]:
 
 
 def save_trainer_checkpoint(trainer) -> Optional[Path]:
-    """Atomically write ``checkpoints/iter_XXXXXX`` (main process), keeping the last K."""
+    """Atomically write ``checkpoints/iter_XXXXXX`` (main process), keeping the last K; with the run's
+    ``pytorch_lora_weights.safetensors`` as it would be saved now (:mod:`flowalign.train.lora_export`)."""
     tensors, state = trainer_state(trainer)
     path = None
     if trainer.accelerator.is_main_process:
         root = trainer.run_dir / "checkpoints"
         try:
             path = ckpt.save_checkpoint(root, trainer.iteration, tensors, state, config_hash=config_hash(trainer.config),
-                                        keep=trainer.config.train.keep_checkpoints)
+                                        keep=trainer.config.train.keep_checkpoints,
+                                        export=checkpoint_export(trainer.adapter, trainer.lora_modules, trainer.ema))
         except OSError as exc:  # disk full, quota, permissions: the temporary folder is already removed
             raise ckpt.write_error(root, trainer.iteration, exc) from exc
     trainer.accelerator.wait_for_everyone()
