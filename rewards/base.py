@@ -461,7 +461,42 @@ def _checked_output(value: Any, batch: int) -> RewardOutput:
         raise _MalformedOutput(f"returned scores of shape {list(scores.shape)} for {batch} prompts (expected [{batch}])")
     if not scores.is_floating_point():
         scores = scores.float()
+    _check_details(out.details, batch)
     return RewardOutput(scores=scores.to(torch.float32), details=out.details)
+
+
+# the details evaluation reads (RewardOutput's docstring): one value per sample each
+NUMERIC_DETAILS = ("binary", "partial")
+LABEL_DETAILS = ("tag", "failure")
+
+
+def _check_details(details: Any, batch: int) -> None:
+    """Refuse details that evaluation would fail on after a whole run: not a dict, or a ``binary`` / ``partial`` /
+    ``tag`` / ``failure`` entry without one value per sample (``binary`` 0 or 1, ``partial`` finite, labels strings).
+    Other keys are the reward's own and pass unchecked."""
+    if not isinstance(details, Mapping):
+        raise _MalformedOutput(f"returned details of type {type(details).__name__} (expected a dict)")
+    for key in NUMERIC_DETAILS:
+        value = details.get(key)
+        if value is None:
+            continue
+        try:
+            values = torch.as_tensor(value.detach() if isinstance(value, Tensor) else value).to("cpu", torch.float64).flatten()
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise _MalformedOutput(f"returned details[{key!r}] that are not numbers ({type(exc).__name__}: {exc})") from None
+        if values.numel() != batch:
+            raise _MalformedOutput(f"returned details[{key!r}] with {values.numel()} values for {batch} prompts")
+        if key == "binary" and not bool(((values == 0) | (values == 1)).all()):
+            raise _MalformedOutput(f"returned details['binary'] with values other than 0 and 1: {sorted(set(values.tolist()))[:5]}")
+        if key == "partial" and not bool(torch.isfinite(values).all()):
+            raise _MalformedOutput("returned non-finite details['partial']")
+    for key in LABEL_DETAILS:
+        value = details.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str) or not isinstance(value, Sequence) or len(value) != batch or not all(isinstance(v, str) for v in value):
+            shown = f"{len(value)} entries" if isinstance(value, Sequence) and not isinstance(value, str) else type(value).__name__
+            raise _MalformedOutput(f"returned details[{key!r}] as {shown}; expected {batch} strings, one per prompt")
 
 
 def check_reward_prompts(reward: Callable, records: Sequence[Any], name: Optional[str] = None, what: str = "prompts") -> None:

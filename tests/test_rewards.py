@@ -607,6 +607,29 @@ def test_a_direct_call_checks_the_number_of_scores_and_leaves_nan_to_the_policy(
         call_reward(nan, _images(2), ["a", "b"])
 
 
+@pytest.mark.parametrize("details, message", [
+    ({"binary": torch.ones(5)}, r"details\['binary'\] with 5 values for 4 prompts"),
+    ({"binary": ["yes"] * 4}, r"details\['binary'\] that are not numbers"),
+    ({"binary": torch.full((4,), 0.5)}, r"details\['binary'\] with values other than 0 and 1"),
+    ({"partial": [0.1, float("nan"), 0.2, 0.3]}, r"non-finite details\['partial'\]"),
+    ({"tag": "colors"}, r"details\['tag'\] as str; expected 4 strings"),
+    ({"failure": ["correct"] * 3}, r"details\['failure'\] as 3 entries; expected 4 strings"),
+    ([1, 2], r"details of type list"),
+])
+def test_details_that_evaluation_reads_are_checked_where_the_reward_is_called(details, message):
+    """A reward's ``binary`` / ``partial`` / ``tag`` / ``failure`` details are checked like its scores, so a malformed one
+    fails at the first call naming the reward, not in the held-out report after a whole run."""
+    from flowalign.errors import RewardError
+
+    reward = load_reward(lambda images, prompts, metadata: RewardOutput(scores=torch.zeros(len(prompts)), details=details))
+    with pytest.raises(RewardError, match=message):
+        call_reward(reward, _images(4), ["a"] * 4)
+    fine = load_reward(lambda images, prompts, metadata: RewardOutput(
+        scores=torch.zeros(len(prompts)), details={"binary": [True, False, 1, 0.0], "partial": np.array([0.5] * 4),
+                                                   "tag": ["t"] * 4, "failure": ["correct"] * 4, "objects": "anything"}))
+    assert call_reward(fine, _images(4), ["a"] * 4).details["tag"] == ["t"] * 4
+
+
 def test_a_mixture_names_a_failing_component_by_its_key():
     def broken(images, prompts, metadata):
         raise RuntimeError("no model")
