@@ -35,7 +35,7 @@ count constraint partial credit ``found / count`` (two of "three green triangles
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ from torch import Tensor
 from flowalign.errors import ConfigError
 
 from .base import Reward, RewardOutput, _quote, register_reward
-from .shapes_scenes import BACKGROUND, PALETTE, SIZE, Spec, parse_prompt
+from .shapes_scenes import BACKGROUND, COLORS, PALETTE, RELATIONS, SHAPES, SIZE, Spec, parse_prompt
 
 POSITION_THRESHOLD = 0.1  # GenEval's margin, as a fraction of the two boxes' sizes
 SCORE_MODES = ("binary", "partial", "mix")  # ShapesReward(score=...)
@@ -275,9 +275,53 @@ def scene_pixels(images: Tensor) -> np.ndarray:
     return (x.permute(0, 2, 3, 1).numpy() * 255.0).astype(np.float32)
 
 
+INCLUDE_KEYS = ("shape", "color", "count", "position")
+EXCLUDE_KEYS = ("shape", "color", "count")
+
+
+def check_spec(spec: Any) -> None:
+    """Raise ``ValueError`` naming what is wrong unless ``spec`` is a ShapesEval spec this verifier can check:
+    ``include`` a list of objects ``{"shape", "color"?, "count"?, "position"?}`` (a shape of ``SHAPES``, a colour of
+    ``COLORS``, a count >= 1, a position ``[relation, j]`` relative to an earlier entry ``j``), ``exclude`` (optional)
+    such objects without a position, ``tag`` (optional) a string. A misspelt key or value would otherwise be ignored
+    (``"colour"``: no colour constraint) or never match (``"cirle"``: every sample fails) without a word."""
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"the spec must be a JSON object, got {type(spec).__name__}")
+    if not isinstance(spec.get("tag", ""), str):
+        raise ValueError(f"'tag' must be a string, got {spec['tag']!r}")
+    for part, keys in (("include", INCLUDE_KEYS), ("exclude", EXCLUDE_KEYS)):
+        entries = spec.get(part, [])
+        if not isinstance(entries, list):
+            raise ValueError(f"{part!r} must be a list of objects, got {type(entries).__name__}")
+        for i, entry in enumerate(entries):
+            where = f"{part}[{i}]"
+            if not isinstance(entry, Mapping):
+                raise ValueError(f"{where} must be an object, got {type(entry).__name__}")
+            unknown = sorted(set(entry) - set(keys))
+            if unknown:
+                raise ValueError(f"{where} has unknown key(s) {unknown}; an object takes {list(keys)}")
+            if entry.get("shape") not in SHAPES:
+                raise ValueError(f"{where}: 'shape' must be one of {list(SHAPES)}, got {entry.get('shape')!r}")
+            if "color" in entry and entry["color"] not in COLORS:
+                raise ValueError(f"{where}: 'color' must be one of {list(COLORS)}, got {entry['color']!r}")
+            count = entry.get("count", 1)
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(f"{where}: 'count' must be an integer >= 1, got {count!r}")
+            if "position" in entry:
+                position = entry["position"]
+                if not (isinstance(position, (list, tuple)) and len(position) == 2 and position[0] in RELATIONS
+                        and isinstance(position[1], int) and not isinstance(position[1], bool) and 0 <= position[1] < i):
+                    raise ValueError(f"{where}: 'position' must be [relation, j] with a relation of {list(RELATIONS)} and j the "
+                                     f"index of an earlier include entry, got {position!r}")
+
+
 def scene_spec(prompt: str, meta: Optional[dict[str, Any]]) -> Spec:
-    """The spec a sample is checked against: its metadata when it holds ``include``, else the parsed prompt."""
-    return meta if meta and "include" in meta else parse_prompt(prompt)
+    """The spec a sample is checked against: its metadata when it holds ``include`` (checked by :func:`check_spec`),
+    else the parsed prompt."""
+    if meta and "include" in meta:
+        check_spec(meta)
+        return meta
+    return parse_prompt(prompt)
 
 
 def _caption_tag(prompt: str) -> str:
@@ -332,12 +376,21 @@ class ShapesReward(Reward):
     def check_prompts(self, prompts, metadata) -> None:
         """Every prompt needs an ``include`` spec in its metadata or a caption of the toy grammar
         (:func:`flowalign.rewards.shapes_scenes.parse_prompt`)."""
-        bad = []
+        bad, malformed = [], []
         for prompt, meta in zip(prompts, metadata):
+            if meta and "include" in meta:
+                try:
+                    check_spec(meta)
+                except ValueError as exc:
+                    malformed.append(f"{prompt!r}: {exc}")
+                continue
             try:
-                scene_spec(prompt, meta)
+                parse_prompt(prompt)
             except ValueError:
                 bad.append(prompt)
+        if malformed:
+            raise ConfigError(f"{len(malformed)} of {len(prompts)} prompts carry a spec the shapes verifier cannot check; first: "
+                              f"{malformed[0]}")
         if bad:
             raise ConfigError(f"{len(bad)} of {len(prompts)} prompts are outside the shapes caption grammar and carry no "
                               f"'include' spec: {_quote(bad)}")

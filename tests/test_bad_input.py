@@ -206,6 +206,36 @@ def test_prompts_outside_a_verifiers_grammar_are_refused_before_the_model_loads(
     assert "cannot score the prompts of" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("include, message", [
+    ([{"shape": "cirle"}], r"include\[0\]: 'shape' must be one of \['circle', 'square', 'triangle'\], got 'cirle'"),
+    ([{"shape": "circle", "colour": "red"}], r"include\[0\] has unknown key\(s\) \['colour'\]"),
+    ([{"class": "circle"}], r"include\[0\] has unknown key\(s\) \['class'\]"),
+    ("oops", r"'include' must be a list of objects, got str"),
+    ([{"shape": "circle", "color": "teal"}], r"'color' must be one of"),
+    ([{"shape": "circle", "count": 0}], r"'count' must be an integer >= 1, got 0"),
+    ([{"shape": "circle", "position": ["left of", 0]}], r"'position' must be \[relation, j\]"),  # no earlier entry
+    ([{"shape": "circle"}, {"shape": "square", "position": ["beside", 0]}], r"include\[1\]: 'position' must be"),
+])
+def test_a_prompt_files_shapes_spec_is_checked_before_the_model_loads(tmp_path, monkeypatch, include, message):
+    """A misspelt spec used to pass: ``"cirle"`` failed every sample, ``"colour"`` dropped the colour constraint, and
+    ``"class"`` or a string ``include`` crashed inside the verifier after the model had loaded and sampled."""
+    import json
+
+    from flowalign.rewards.shapes import ShapesReward
+    from flowalign.train import trainer_setup
+    from flowalign.train.trainer import Trainer
+
+    record = {"prompt": "a red circle", "tag": "colors", "include": include}
+    with pytest.raises(ValueError, match=message):
+        ShapesReward().score(torch.zeros(1, 3, 32, 32), ["a red circle"], [record])
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a blue square", "include": [{"shape": "square", "color": "blue"}]}) + "\n"
+                       + json.dumps(record) + "\n")
+    monkeypatch.setattr(trainer_setup, "build_model", lambda *a, **k: pytest.fail("the model was built before the spec was refused"))
+    with pytest.raises(ConfigError, match=r"1 of 2 prompts carry a spec the shapes verifier cannot check; first: 'a red circle': .*" + message):
+        Trainer(load_config("toy_grpo", [f"train.prompts={prompts}", f"train.output_dir={tmp_path / 'run'}"])).setup()
+
+
 def test_the_image_check_takes_inference_tensors_strided_batches_and_never_sums():
     """The first version read the version counter of inference tensors (which have none: RuntimeError) and summed the
     batch in fp64 (a full copy; no fp64 on MPS; a sum whose rounding depends on the thread count)."""
