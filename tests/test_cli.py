@@ -56,6 +56,23 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args,
     assert not run.exists()
 
 
+def test_a_tracker_that_is_not_installed_is_refused_before_anything_is_built(tmp_path, capsys, monkeypatch):
+    """``train.log_with: [wandb]`` without wandb failed with a raw ModuleNotFoundError after the model was built, and
+    left config.yaml behind, so the next start asked for --resume."""
+    import importlib.util
+
+    from flowalign.train import trainer_setup
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    monkeypatch.setattr(trainer_setup, "build_model", lambda *a, **k: pytest.fail("the model was built"))
+    run = tmp_path / "run"
+    assert cli.main(["train", *_sets(run), "--set", "train.log_with=[tensorboard, wandb]"]) == 2
+    assert ("train.log_with names 'wandb', but the wandb package is not installed here (pip install 'flowalign-rl[wandb]')"
+            in _one_error_line(capsys))
+    assert not run.exists()
+
+
 def test_train_then_refuse_then_resume_then_overwrite(tmp_path, capsys):
     run = tmp_path / "run"
     assert cli.main(["train", *_sets(run, "train.iterations=2")]) == 0

@@ -111,6 +111,17 @@ def _offline_yaml(tmp_path, store, run) -> Path:
     return path
 
 
+def test_offline_refuses_a_tracker_that_is_not_installed_before_writing(tiny_store, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    run = tmp_path / "run"
+    assert cli.main(["offline", "--config", str(_offline_yaml(tmp_path, tiny_store, run)), "--set", "log_with=[wandb]"]) == 2
+    assert "log_with names 'wandb', but the wandb package is not installed here" in _one_error_line(capsys)
+    assert not run.exists()
+
+
 def test_offline_trains_then_refuses_resumes_and_overwrites(tiny_store, tmp_path, capsys):
     run = tmp_path / "run"
     config = _offline_yaml(tmp_path, tiny_store, run)

@@ -44,7 +44,7 @@ from flowalign.offline import RolloutStore
 from flowalign.train.graceful_stop import GracefulStop
 from flowalign.train.lora_export import checkpoint_export, save_lora_file
 from flowalign.train.lora_optimizer import LoraOptimizer, OptimizerViews
-from flowalign.train.run_log import RunLogger
+from flowalign.train.run_log import RunLogger, check_trackers
 from flowalign.train.update_conditioning import UpdateConditioning
 
 logger = logging.getLogger(__name__)
@@ -280,6 +280,7 @@ class OfflineTrainer(OptimizerViews):
                 logger.warning("--resume: %s holds an offline run stopped before its first checkpoint: starting it again from "
                                "step 0", self.run_dir)
         clear = prepare_offline_dir(self.run_dir, latest is not None, self.overwrite or self.resume)
+        check_trackers(cfg.log_with, key="log_with")
         self._check_store()
         self.generator = torch.Generator().manual_seed(cfg.seed)  # sigma / noise draws of the objective
         # the kwargs were checked when the config was built (_check_objective_kwargs); get_objective raises ConfigError itself

@@ -104,6 +104,20 @@ def wandb_run_id(log_dir: Path, resumed: bool) -> str:
     return run_id
 
 
+def check_trackers(log_with: Sequence[str], key: str = "train.log_with") -> None:
+    """Refuse (ConfigError) a tracker whose package is not installed, before a run builds its model or writes a file:
+    ``wandb`` is optional (``pip install 'flowalign-rl[wandb]'``)."""
+    import importlib.util
+
+    from flowalign.errors import ConfigError
+
+    for backend, module in (("wandb", "wandb"), ("tensorboard", "tensorboard")):
+        if backend in log_with and importlib.util.find_spec(module) is None:
+            extra = " (pip install 'flowalign-rl[wandb]')" if backend == "wandb" else ""
+            raise ConfigError(f"{key} names {backend!r}, but the {module} package is not installed here{extra}; "
+                              f"install it or leave {backend!r} out of {key}")
+
+
 class RunLogger:
     """Per-step metrics of the main process: ``metrics.csv`` plus TensorBoard / wandb.
 

@@ -62,7 +62,7 @@ from flowalign.train.dense_setup import calibrated_schedule, save_run_noise_tabl
 from flowalign.train.graceful_stop import GracefulStop, stop_everywhere
 from flowalign.train.lora_optimizer import OptimizerViews
 from flowalign.train.run_dir import clear_run_dir, find_resume_checkpoint, prepare_run_dir
-from flowalign.train.run_log import RunLogger
+from flowalign.train.run_log import RunLogger, check_trackers
 from flowalign.train.run_lock import setup_lock
 
 logger = logging.getLogger(__name__)
@@ -200,6 +200,7 @@ class Trainer(OptimizerViews):
         self.accelerator.wait_for_everyone()  # every process checked the run dir before the main one writes
         self.device = self.accelerator.device
         trainer_setup.warn_about_launch(self.accelerator, cfg)
+        check_trackers(cfg.train.log_with)
         if cfg.train.deterministic:
             runtime.deterministic_kernels()
         torch.manual_seed(cfg.train.seed)
