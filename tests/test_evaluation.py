@@ -314,6 +314,21 @@ def test_cli_errors_exit_2_with_one_line(capsys, tmp_path, lora_dir):
     assert "does not fit the model" in err
 
 
+def test_an_unusable_out_folder_is_refused_before_sampling(capsys, tmp_path, monkeypatch):
+    """``--out`` naming a file (or a path under one) failed with a raw FileExistsError after the whole evaluation."""
+    from flowalign import evaluation
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in RECORDS[:3]) + "\n")
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("sampled before --out was checked"))
+    (tmp_path / "afile").write_text("x")
+    base = ["--model", "tiny-sd3", "--prompts", str(prompts), "--reward", "brightness", "--num-samples", "2", "--steps", "1", "--no-progress"]
+    assert "--out '" + str(tmp_path / "afile") + "' is a file, not a folder" in _one_line_error(capsys, base + ["--out", str(tmp_path / "afile")])
+    err = _one_line_error(capsys, base + ["--out", str(tmp_path / "afile" / "deeper" / "eval")])
+    assert f"{tmp_path / 'afile'} is a file, so the folder cannot be made" in err
+    assert not (tmp_path / "afile").is_dir()
+
+
 def test_cli_run_writes_json_and_markdown(capsys, tmp_path):
     from flowalign.train.eval_cli import EvalOptions, main, run_eval
 

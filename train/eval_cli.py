@@ -135,6 +135,23 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
+def check_out_folder(out: str) -> None:
+    """ConfigError, before anything is sampled, when ``--out`` could not take ``eval.json``: a file, a path under a
+    file, or a folder (or its nearest existing parent) this process may not write into."""
+    import os
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {out!r} is a file, not a folder for eval.json / eval.md")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out!r}: {existing} is a file, so the folder cannot be made")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out!r}: {existing} is not writable here")
+
+
 def load_reference(path: str):
     """The :class:`flowalign.evaluation.EvalResult` of ``--compare`` (``eval.json`` or the folder holding it).
 
@@ -318,6 +335,8 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
 
     options = _options(args)
     _check_numbers(options)
+    if options.out is not None:
+        check_out_folder(options.out)
     if options.lora is not None and not Path(options.lora).exists():
         raise ConfigError(f"--lora {options.lora!r} does not exist (give pytorch_lora_weights.safetensors or its folder)")
     if options.lora is not None:
