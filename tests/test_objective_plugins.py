@@ -36,6 +36,20 @@ REINFORCE_SOURCE = """
 
     class NotAnObjective:
         pass
+
+
+    class BadReturn(Reinforce):
+        def __init__(self, scale: float = 1.0, mode: str = "tensor"):
+            super().__init__(scale)
+            self.mode = mode
+
+        def loss(self, batch, policy, reference):
+            loss, metrics = super().loss(batch, policy, reference)
+            if self.mode == "tensor":
+                return loss
+            if self.mode == "per_row":
+                return loss * torch.ones(len(batch.x)), metrics
+            return loss, {"policy/note": "text"}
 """
 
 SETTINGS = ["sampling.num_steps=3", "sampling.guidance_scale=1.0", "sampling.group_size=2", "train.prompts_per_iter=2",
@@ -78,6 +92,21 @@ def test_a_dotted_path_objective_trains_logs_its_loss_and_resumes(tmp_path, plug
     with open(run / "metrics.csv", newline="") as fh:
         assert [int(r["iteration"]) for r in csv.DictReader(fh)] == [1, 2]
     assert get_objective(name, scale=3.0).scale == 3.0 and OBJECTIVES[name].name == name
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("tensor", "loss() must return (loss, metrics), got Tensor"),
+    ("per_row", "the loss must be a floating tensor with one element, got a torch.float32 tensor of shape [4]"),
+    ("text_metric", "metric 'policy/note' must map a name to a number, got str"),
+])
+def test_an_objective_that_breaks_the_loss_protocol_is_named(tmp_path, plugin_module, capsys, mode, message):
+    """A custom objective returning the loss alone, a per-row loss or a text metric failed with a raw TypeError /
+    ValueError inside the trainer's micro-step."""
+    args = _train(tmp_path / "run", f"objective.name={plugin_module}:BadReturn", f"objective.kwargs={{mode: {mode}}}",
+                  "train.iterations=1", "objective.clip_range=null", "objective.kl_beta=null")
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"objective '{plugin_module}:BadReturn': {message}" in err[0], err
 
 
 def test_recipe_keys_the_objective_does_not_take_are_named(tmp_path, plugin_module, capsys):

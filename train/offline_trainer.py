@@ -39,7 +39,7 @@ from flowalign.config import LOG_BACKENDS, MODEL_MEMORY_KNOBS, LoraConfig, Model
 from flowalign.errors import ConfigError
 from flowalign.files import write_text_atomic
 from flowalign.lr_schedule import LR_SCHEDULES
-from flowalign.objectives.base import OfflineBatch
+from flowalign.objectives.base import OfflineBatch, checked_loss
 from flowalign.offline import RolloutStore
 from flowalign.train.graceful_stop import GracefulStop
 from flowalign.train.lora_export import checkpoint_export, save_lora_file
@@ -376,7 +376,7 @@ class OfflineTrainer(OptimizerViews):
         self.optim.set_lr(self.step)
         with lora_lib.lora_dropout_active(self.adapter.trainable_module, *self.text_modules.values()):  # lora.dropout acts in the gradient forward only
             policy, reference = self.velocity_fns(prompts)
-            loss, metrics = self.objective.loss(batch, policy, reference)
+            loss, metrics = checked_loss(self.objective.loss(batch, policy, reference), self.config.objective)
         stats = self.optim.new_stats()
         self.optim.optimizer.zero_grad(set_to_none=True)
         if self.optim.backward(loss, f"({self.config.objective})"):  # a non-finite loss is skipped and counted

@@ -55,6 +55,7 @@ from torch import Tensor
 from flowalign import lora as lora_lib
 from flowalign.advantages import groups_with_spread, kept_multi_reward_advantages
 from flowalign.config import FlowalignConfig, save_config, to_dict
+from flowalign.objectives.base import checked_loss
 from flowalign.train import final_outputs, trainer_checkpoint, trainer_setup
 from flowalign.train import forward_process as fp
 from flowalign.train import runtime
@@ -650,7 +651,7 @@ class Trainer(OptimizerViews):
         with lora_lib.lora_dropout_active(*self.lora_modules.values()):  # lora.dropout acts in this forward only
             policy, reference = self.velocity_fns(self.conditioning.policy(batch, index),
                                                   self.conditioning.reference(batch, index) if needs_reference else None)
-            loss, metrics = self.objective.loss(rows, policy, reference)
+            loss, metrics = checked_loss(self.objective.loss(rows, policy, reference), self.config.objective.name)
         metrics = {"loss/total": float(loss.detach()), **metrics}  # an objective of the user's need not report its loss
         return metrics if self.optim.backward(loss * scale, f"at step {k}") else {}
 

@@ -16,10 +16,13 @@ Objectives never touch files, devices or processes: that keeps them testable wit
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol
+from typing import Any, Callable, Mapping, Optional, Protocol
 
 from torch import Tensor
+
+from flowalign.errors import ConfigError
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -132,3 +135,30 @@ def register_objective(name: str):
         return cls
 
     return wrap
+
+
+def checked_loss(result: Any, name: str) -> tuple[Tensor, dict[str, float]]:
+    """An objective's ``loss(...)`` result as ``(loss, metrics)``, checked so that a plugin that breaks the
+    protocol fails with one line naming it instead of a traceback inside the trainer: ``loss`` a floating tensor
+    with one element, ``metrics`` a mapping of names to numbers (0-d tensors become floats).
+
+    Raises:
+        ConfigError: naming objective ``name`` and what it returned.
+    """
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise ConfigError(f"objective {name!r}: loss() must return (loss, metrics), got {type(result).__name__}"
+                          + (f" of length {len(result)}" if isinstance(result, tuple) else ""))
+    loss, metrics = result
+    if not isinstance(loss, Tensor) or not loss.is_floating_point() or loss.numel() != 1:
+        shown = f"a {loss.dtype} tensor of shape {list(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+        raise ConfigError(f"objective {name!r}: the loss must be a floating tensor with one element, got {shown}")
+    if not isinstance(metrics, Mapping):
+        raise ConfigError(f"objective {name!r}: metrics must be a dict of name -> number, got {type(metrics).__name__}")
+    checked: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, Tensor) and value.numel() == 1:
+            value = float(value.detach())
+        if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigError(f"objective {name!r}: metric {key!r} must map a name to a number, got {type(value).__name__}")
+        checked[key] = float(value)
+    return loss.reshape(()), checked
