@@ -163,6 +163,19 @@ def test_lora_paths_are_read_before_a_model_loads(tmp_path, capsys):
         read_lora_file(checkpoint)
 
 
+def test_generate_refuses_a_folder_that_holds_other_files(tmp_path):
+    """``flowalign generate`` wrote its store.json, shards/ and manifest.jsonl into any folder, a training run's included."""
+    from flowalign.train.generate import load_generate_config, run_generate
+
+    run = tmp_path / "a_training_run"
+    run.mkdir()
+    (run / "config.yaml").write_text("train: {}\n")
+    (run / "metrics.csv").write_text("iteration\n")
+    with pytest.raises(ConfigError, match=r"output_dir .* holds files a rollout store does not write \(config.yaml, metrics.csv\)"):
+        run_generate(load_generate_config("toy_generate", [f"output_dir={run}"]))
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.csv"]  # nothing written
+
+
 def test_an_output_dir_that_is_a_file_is_named(tmp_path):
     from flowalign.train.generate import load_generate_config, run_generate
     from flowalign.train.trainer import Trainer

@@ -180,6 +180,18 @@ def reward_score_fn(rewards: list[RewardConfig], device: str = "cpu") -> ScoreFn
     return score
 
 
+# what a rollout store writes at its root (flowalign.offline): a folder holding anything else is not one to fill
+STORE_ENTRIES = frozenset({"store.json", "manifest.jsonl", "shards", "images"})
+
+
+def refuse_foreign_store_dir(folder: Path) -> None:
+    """ConfigError when ``folder`` holds entries a rollout store does not write (a training run, a user's files): the
+    store's files would be mixed into them. An empty or missing folder starts a store; a store's own is finished."""
+    from flowalign.train.run_dir import refuse_foreign
+
+    refuse_foreign(folder, STORE_ENTRIES, key="output_dir", what="a rollout store")
+
+
 def run_generate(cfg: GenerateConfig, sample_fn: Optional[SampleFn] = None, score_fn: Optional[ScoreFn] = None) -> Path:
     """Fill (or finish) the rollout store ``cfg.output_dir``; returns its path.
 
@@ -192,6 +204,7 @@ def run_generate(cfg: GenerateConfig, sample_fn: Optional[SampleFn] = None, scor
 
     if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
         raise ConfigError(f"output_dir {cfg.output_dir} is a file, not a folder for the rollout store")
+    refuse_foreign_store_dir(Path(cfg.output_dir))
     records = load_prompts(resolve_path(cfg.prompts))  # assets/... falls back to the packaged copy, as train and eval do
     if cfg.num_prompts is not None:
         if cfg.num_prompts > len(records):

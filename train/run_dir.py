@@ -65,13 +65,13 @@ def clear_run_dir(run_dir: Path, known: frozenset = RUN_ENTRIES) -> None:
                 path.unlink()
 
 
-def refuse_foreign(run_dir: Path, known: frozenset = RUN_ENTRIES, key: str = "train.output_dir") -> None:
-    """ConfigError when ``run_dir`` holds entries a run does not write (they would be kept, but a folder
+def refuse_foreign(run_dir: Path, known: frozenset = RUN_ENTRIES, key: str = "train.output_dir", what: str = "a run") -> None:
+    """ConfigError when ``run_dir`` holds entries ``what`` does not write (they would be kept, but a folder
     mixing a run with other files is not one to clear or to write a run into)."""
     foreign = foreign_entries(run_dir, known)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" (+{len(foreign) - 5} more)" if len(foreign) > 5 else "")
-        raise ConfigError(f"{key} {run_dir} holds files a run does not write ({shown}): choose another {key.split('.')[-1]}, "
+        raise ConfigError(f"{key} {run_dir} holds files {what} does not write ({shown}): choose another {key.split('.')[-1]}, "
                           "or move them out first")
 
 
