@@ -87,6 +87,12 @@ def test_train_then_refuse_then_resume_then_overwrite(tmp_path, capsys):
     assert "already holds a different run" in _one_error_line(capsys)
     assert (run / "metrics.csv").read_text() == before
 
+    # a checkpoint past train.iterations trains nothing: refused (it used to print "done: 1 iterations")
+    lora = (run / "pytorch_lora_weights.safetensors").read_bytes()
+    assert cli.main(["train", "--resume", str(run), "--set", "train.iterations=1"]) == 2
+    assert "is at iteration 2, past train.iterations=1; set train.iterations to 2 or more" in _one_error_line(capsys)
+    assert (run / "pytorch_lora_weights.safetensors").read_bytes() == lora and (run / "metrics.csv").read_text() == before
+
     # --resume DIR reads DIR/config.yaml; --set extends the run to 3 iterations
     assert cli.main(["train", "--resume", str(run), "--set", "train.iterations=3"]) == 0
     with open(run / "metrics.csv", newline="") as fh:

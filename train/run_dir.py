@@ -165,6 +165,16 @@ def find_resume_checkpoint(resume: Union[bool, str, Path], run_dir: Path) -> Opt
     return found
 
 
+def refuse_past_the_end(checkpoint: Path, iterations: int) -> None:
+    """ConfigError when ``checkpoint`` is past ``train.iterations``: the resumed run would train nothing and report
+    ``iterations`` done while the LoRA is the checkpoint's (a checkpoint at exactly ``iterations`` is a finished run,
+    whose end --resume writes again)."""
+    done = ckpt.verify_checkpoint(checkpoint)["iteration"]
+    if done > iterations:
+        raise ConfigError(f"--resume: {checkpoint} is at iteration {done}, past train.iterations={iterations}; set "
+                          f"train.iterations to {done} or more to continue it (or resume an earlier checkpoint)")
+
+
 def never_checkpointed(run_dir: Path) -> bool:
     """True for a run folder with no checkpoint folder at all (valid or not) and no final LoRA: a run stopped
     before its first checkpoint, which loses nothing trained by starting again."""

@@ -62,7 +62,7 @@ from flowalign.train import runtime
 from flowalign.train.dense_setup import calibrated_schedule, save_run_noise_table
 from flowalign.train.graceful_stop import GracefulStop, stop_everywhere
 from flowalign.train.lora_optimizer import OptimizerViews
-from flowalign.train.run_dir import clear_run_dir, find_resume_checkpoint, prepare_run_dir
+from flowalign.train.run_dir import clear_run_dir, find_resume_checkpoint, prepare_run_dir, refuse_past_the_end
 from flowalign.train.run_log import RunLogger, check_trackers
 from flowalign.train.run_lock import setup_lock
 
@@ -195,6 +195,8 @@ class Trainer(OptimizerViews):
         start = time.perf_counter()
         cfg = self.config
         resume_path = find_resume_checkpoint(self.resume, self.run_dir) if self.resume else None
+        if resume_path is not None:
+            refuse_past_the_end(resume_path, cfg.train.iterations)
         # --resume of a run without a checkpoint starts it again (its folder is cleared, as --overwrite does)
         clear = prepare_run_dir(self.run_dir, cfg, resume=resume_path is not None, overwrite=self.overwrite or (bool(self.resume) and resume_path is None))
         self.accelerator = runtime.make_accelerator(cfg.train.process_group_timeout_min)
