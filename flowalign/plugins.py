@@ -72,4 +72,21 @@ def import_object(path: str, kind: str) -> Any:
         except AttributeError as exc:
             raise ConfigError(f"{kind} {path!r}: module {module_name!r} has no attribute {attr_path!r}") from exc
         return obj
-    raise ConfigError(f"{kind} {path!r}: no importable module in this dotted path")
+    tried = [module_name for module_name, attr_path in candidates if module_name and attr_path]
+    raise ConfigError(f"{kind} {path!r}: no importable module in this dotted path (tried {', '.join(map(repr, tried))})"
+                      + _import_hint(tried))
+
+
+def _import_hint(modules: list) -> str:
+    """Why a module of the user's is not found: the current folder is not on the import path of a console script."""
+    import sys
+    from pathlib import Path
+
+    for module in modules:
+        top = module.split(".")[0]
+        here = Path.cwd()
+        if ((here / f"{top}.py").is_file() or (here / top / "__init__.py").is_file()) and not any(
+                Path(p or ".").resolve() == here.resolve() for p in sys.path):
+            return (f"; {top} is in the current folder, which this command does not import from: run it with PYTHONPATH=. "
+                    "(or install the package that holds it)")
+    return "; install the package that provides it, or put its folder on PYTHONPATH"

@@ -217,8 +217,22 @@ def test_dotted_path_errors(temp_module):
     good = temp_module(CONST_SOURCE)
     with pytest.raises(ConfigError, match="has no attribute 'Nope'"):
         load_reward(f"{good}:Nope")
-    with pytest.raises(ConfigError, match="no importable module"):
+    with pytest.raises(ConfigError, match=r"no importable module in this dotted path \(tried 'fa_no_such_pkg_q.sub', 'fa_no_such_pkg_q'\); "
+                                          "install the package that provides it, or put its folder on PYTHONPATH"):
         load_reward("fa_no_such_pkg_q.sub.Thing")
+
+
+def test_a_module_in_the_current_folder_that_is_not_importable_gets_a_pythonpath_hint(tmp_path, monkeypatch):
+    """The console script does not import from the working directory: myrew.py beside the user was 'no importable module'."""
+    import sys
+
+    name = f"fa_here_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(CONST_SOURCE))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    with pytest.raises(ConfigError, match=f"{name} is in the current folder, which this command does not import from: run it with "
+                                          "PYTHONPATH=."):
+        load_reward(f"{name}:Const")
 
 
 def test_unknown_name_lists_available_and_suggests():
