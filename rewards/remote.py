@@ -184,6 +184,12 @@ class RemoteReward(Reward):
         super().__init__(device)
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ConfigError(f"remote reward url must start with http:// or https://, got {url!r}")
+        try:
+            urllib.parse.urlsplit(url).port  # "Port out of range 0-65535", "Port could not be cast to integer value"
+        except ValueError as exc:
+            raise ConfigError(f"remote reward url {url!r}: {exc}") from None
+        if not urllib.parse.urlsplit(url).hostname:
+            raise ConfigError(f"remote reward url {url!r} names no host")
         if dtype not in DTYPES:
             raise ConfigError(f"remote reward dtype must be one of {list(DTYPES)}, got {dtype!r}")
         if not timeout > 0 or (isinstance(retries, bool) or not isinstance(retries, int) or retries < 0) or retry_wait < 0:

@@ -316,6 +316,21 @@ def test_bad_settings_are_refused():
         remote.RemoteReward(url="http://x", dtype="float16")
     with pytest.raises(ConfigError, match="retries"):
         remote.RemoteReward(url="http://x", retries=-1)
+    with pytest.raises(ConfigError, match=r"url 'http://127.0.0.1:99999': Port out of range"):  # was "Connection refused"
+        remote.RemoteReward(url="http://127.0.0.1:99999")
+    with pytest.raises(ConfigError, match="names no host"):
+        remote.RemoteReward(url="http://:8765")
+
+
+@pytest.mark.parametrize("port", ["99999", "-1"])
+def test_serve_refuses_a_port_out_of_range_before_loading_the_reward(port, capsys, monkeypatch):
+    """``--port 99999`` was a raw OverflowError traceback from bind()."""
+    from flowalign.train import cli
+
+    monkeypatch.setattr("flowalign.rewards.load_reward", lambda *a, **k: pytest.fail("loaded the reward"))
+    assert cli.main(["reward", "serve", "brightness", "--port", port]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--port must be in 0..65535 (0: a free one), got {port}" in err
 
 
 def test_a_training_run_scores_its_rollouts_on_a_server(tmp_path):

@@ -149,6 +149,8 @@ def run_reward(args: argparse.Namespace) -> int:
 
     try:
         check_max_pending(args.max_pending)  # before the reward model loads
+        if not 0 <= args.port <= 65535:
+            raise ConfigError(f"--port must be in 0..65535 (0: a free one), got {args.port}")
         kwargs = json_object_arg(args.kwargs, "--kwargs")
         server = make_server(load_reward(args.name, **kwargs), args.host, args.port, args.max_pending)
     except OSError as exc:  # the address: in use, not this machine's, not resolvable
