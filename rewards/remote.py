@@ -184,11 +184,12 @@ class RemoteReward(Reward):
         super().__init__(device)
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ConfigError(f"remote reward url must start with http:// or https://, got {url!r}")
+        parts = urllib.parse.urlsplit(url)
         try:
-            urllib.parse.urlsplit(url).port  # "Port out of range 0-65535", "Port could not be cast to integer value"
+            _ = parts.port  # ValueError: "Port out of range 0-65535", "Port could not be cast to integer value"
         except ValueError as exc:
             raise ConfigError(f"remote reward url {url!r}: {exc}") from None
-        if not urllib.parse.urlsplit(url).hostname:
+        if not parts.hostname:
             raise ConfigError(f"remote reward url {url!r} names no host")
         if dtype not in DTYPES:
             raise ConfigError(f"remote reward dtype must be one of {list(DTYPES)}, got {dtype!r}")
