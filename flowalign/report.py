@@ -342,6 +342,18 @@ def meets_target(gain_points: float, target_points: float) -> bool:
     return round(gain_points, 9) >= target_points
 
 
+def _target_caveat(met: bool, delta_low: float, delta_high: float, target_points: float) -> str:
+    """How sure the verdict on the target is: the verdict reads the gain's point estimate, and a 95% CI that
+    reaches the other side of the target (a small evaluation, a gain near it) says so."""
+    if not (math.isfinite(delta_low) and math.isfinite(delta_high)):
+        return ""
+    if met and 100 * delta_low < target_points:
+        return f" by the point estimate (its 95% CI reaches down to {100 * delta_low:+.1f}: more samples would settle it)"
+    if not met and 100 * delta_high >= target_points:
+        return f" by the point estimate (its 95% CI reaches up to {100 * delta_high:+.1f})"
+    return ""
+
+
 def write_report(
     run_dir: PathLike,
     *,
@@ -407,7 +419,8 @@ def write_report(
         "",
         f"Held-out accuracy **{_pct(base.accuracy)} → {_pct(aligned.accuracy)}** "
         f"(**{_pts(overall['delta'])} points**, 95% CI {_pts_ci(overall['delta_low'], overall['delta_high'])})"
-        + ("." if target_gain_points is None else f"; target ≥ +{target_gain_points:g} points: **{'met' if met else 'NOT met'}**."),
+        + ("." if target_gain_points is None else f"; target ≥ +{target_gain_points:g} points: **{'met' if met else 'NOT met'}**"
+           + _target_caveat(met, overall["delta_low"], overall["delta_high"], target_gain_points) + "."),
         "",
         comparison.table(),
         "",

@@ -64,6 +64,7 @@ def test_report_holds_the_table_rows_headline_and_json(tmp_path):
     assert "| position | 2 | 50.0% " in text and "| 100.0% " in text
     assert "| **all** | 10 | 20.0% " in text
     assert "20.0% → 70.0%" in text and "+50.0 points" in text and "**met**" in text
+    assert "**met** by the point estimate (its 95% CI reaches down to " in text  # 10 samples: a wide interval
     # category mean: base (1/4 + 0/4 + 1/2) / 3 = 25%, aligned (3/4 + 2/4 + 2/2) / 3 = 75%
     assert "Category mean (each category weighted equally, GenEval's overall score): 25.0% → 75.0% (+50.0 points)" in text
     assert "`flowalign train`" in text and "`grpo`" in text and "`toy`" in text and "`shapes` × 1.0" in text
@@ -86,6 +87,7 @@ def test_report_says_when_the_target_is_missed(tmp_path):
     aligned = _result([1, 1, 0, 0, 0, 0, 0, 0, 1, 0], [0.5] * 10)  # +10 points
     text = write_report(tmp_path, base=base, aligned=aligned, config_dict=CONFIG, timings={"train": 1.0}, target_gain_points=15).read_text()
     assert "+10.0 points" in text and "target ≥ +15 points: **NOT met**" in text and "(no metrics.csv)" in text
+    assert "**NOT met** by the point estimate (its 95% CI reaches up to " in text
     # without a target (train.report_target_points unset, any run but the toy's): no verdict, no line
     text = write_report(tmp_path, base=base, aligned=aligned, config_dict=CONFIG, timings={"train": 1.0}).read_text()
     assert "+10.0 points**, 95% CI" in text and "target" not in text and "met**" not in text
@@ -458,3 +460,14 @@ def test_report_names_a_labelled_reward_by_its_label_too(tmp_path):
     two = dict(CONFIG, rewards=[{"name": "shapes", "weight": 1.0}, {"name": "shapes", "label": "partial", "weight": 0.5}])
     text = write_report(tmp_path, base=base, aligned=base, config_dict=two, timings={}).read_text()
     assert "`shapes` × 1.0, `shapes` as `partial` × 0.5" in text
+
+
+def test_the_target_verdict_says_when_its_interval_reaches_the_other_side():
+    from flowalign.report import _target_caveat
+
+    assert _target_caveat(True, 0.16, 0.30, 15) == ""  # the whole interval clears +15
+    assert _target_caveat(True, 0.149, 0.30, 15).startswith(" by the point estimate (its 95% CI reaches down to +14.9")
+    assert _target_caveat(False, 0.02, 0.149, 15) == ""  # the whole interval is short of it
+    assert _target_caveat(False, 0.02, 0.15, 15) == " by the point estimate (its 95% CI reaches up to +15.0)"
+    assert _target_caveat(False, float("nan"), float("nan"), 15) == ""  # no gain to judge
+
