@@ -472,7 +472,8 @@ LABEL_DETAILS = ("tag", "failure")
 
 def _check_details(details: Any, batch: int) -> None:
     """Refuse details that evaluation would fail on after a whole run: not a dict, or a ``binary`` / ``partial`` /
-    ``tag`` / ``failure`` entry without one value per sample (``binary`` 0 or 1, ``partial`` finite, labels strings).
+    ``tag`` / ``failure`` entry without one value per sample (``binary`` 0 or 1, ``partial`` a number, NaN allowed in
+    both for a sample the reward could not judge; labels strings).
     Other keys are the reward's own and pass unchecked."""
     if not isinstance(details, Mapping):
         raise _MalformedOutput(f"returned details of type {type(details).__name__} (expected a dict)")
@@ -486,10 +487,11 @@ def _check_details(details: Any, batch: int) -> None:
             raise _MalformedOutput(f"returned details[{key!r}] that are not numbers ({type(exc).__name__}: {exc})") from None
         if values.numel() != batch:
             raise _MalformedOutput(f"returned details[{key!r}] with {values.numel()} values for {batch} prompts")
-        if key == "binary" and not bool(((values == 0) | (values == 1)).all()):
-            raise _MalformedOutput(f"returned details['binary'] with values other than 0 and 1: {sorted(set(values.tolist()))[:5]}")
-        if key == "partial" and not bool(torch.isfinite(values).all()):
-            raise _MalformedOutput("returned non-finite details['partial']")
+        # NaN marks a sample the reward could not judge, as the merged details of dropped samples do
+        if key == "binary" and not bool(((values == 0) | (values == 1) | values.isnan()).all()):
+            raise _MalformedOutput(f"returned details['binary'] with values other than 0, 1 (or NaN): {sorted(set(values.tolist()))[:5]}")
+        if key == "partial" and bool(values.isinf().any()):
+            raise _MalformedOutput("returned infinite details['partial']")
     for key in LABEL_DETAILS:
         value = details.get(key)
         if value is None:

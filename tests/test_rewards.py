@@ -624,8 +624,8 @@ def test_a_direct_call_checks_the_number_of_scores_and_leaves_nan_to_the_policy(
 @pytest.mark.parametrize("details, message", [
     ({"binary": torch.ones(5)}, r"details\['binary'\] with 5 values for 4 prompts"),
     ({"binary": ["yes"] * 4}, r"details\['binary'\] that are not numbers"),
-    ({"binary": torch.full((4,), 0.5)}, r"details\['binary'\] with values other than 0 and 1"),
-    ({"partial": [0.1, float("nan"), 0.2, 0.3]}, r"non-finite details\['partial'\]"),
+    ({"binary": torch.full((4,), 0.5)}, r"details\['binary'\] with values other than 0, 1 \(or NaN\)"),
+    ({"partial": [0.1, float("inf"), 0.2, 0.3]}, r"infinite details\['partial'\]"),
     ({"tag": "colors"}, r"details\['tag'\] as str; expected 4 strings"),
     ({"failure": ["correct"] * 3}, r"details\['failure'\] as 3 entries; expected 4 strings"),
     ([1, 2], r"details of type list"),
@@ -639,7 +639,7 @@ def test_details_that_evaluation_reads_are_checked_where_the_reward_is_called(de
     with pytest.raises(RewardError, match=message):
         call_reward(reward, _images(4), ["a"] * 4)
     fine = load_reward(lambda images, prompts, metadata: RewardOutput(
-        scores=torch.zeros(len(prompts)), details={"binary": [True, False, 1, 0.0], "partial": np.array([0.5] * 4),
+        scores=torch.zeros(len(prompts)), details={"binary": [True, False, 1, float("nan")], "partial": np.array([0.5] * 3 + [np.nan]),
                                                    "tag": ["t"] * 4, "failure": ["correct"] * 4, "objects": "anything"}))
     assert call_reward(fine, _images(4), ["a"] * 4).details["tag"] == ["t"] * 4
 
