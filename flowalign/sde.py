@@ -304,7 +304,8 @@ def log_prob(x_next: Tensor, mean: Tensor, std: Tensor | float, reduce: str = "m
     Args:
         x_next: ``[B, *latent]`` the sample actually drawn.
         mean: ``[B, *latent]`` kernel mean (under the policy being evaluated).
-        std: broadcastable to ``x_next`` (``[B, 1, ..., 1]``, 0-d or float).
+        std: broadcastable to ``x_next`` (``[B, 1, ..., 1]``, 0-d or float); a ``[B]`` tensor is taken per
+            sample (as ``[B, 1, ..., 1]``), never broadcast over the last latent dim. Negative or NaN: ValueError.
         reduce: ``"mean"`` (default, Flow-GRPO / DanceGRPO convention) or ``"sum"`` over latent dims.
         form: ``"gaussian"`` or ``"squared_error"`` (above).
 
@@ -321,6 +322,10 @@ def log_prob(x_next: Tensor, mean: Tensor, std: Tensor | float, reduce: str = "m
         raise ValueError(f"x_next {tuple(x_next.shape)} and mean {tuple(mean.shape)} must have the same shape")
     x32, mu32 = x_next.float(), mean.float()
     std32 = torch.as_tensor(std, dtype=torch.float32, device=x32.device)
+    if std32.dim() == 1 and x32.dim() > 1 and std32.shape[0] == x32.shape[0]:  # per sample, not per last-dim entry
+        std32 = std32.reshape(-1, *([1] * (x32.dim() - 1)))
+    if bool((std32.isnan() | (std32 < 0)).any()):
+        raise ValueError("std must be >= 0 and not NaN (0 marks a deterministic step)")
     live = std32 > 0
     safe = torch.where(live, std32, torch.ones_like(std32))  # keeps gradients finite where std = 0
     if form == "squared_error":

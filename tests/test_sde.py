@@ -294,3 +294,19 @@ def test_log_prob_of_a_tiny_std_is_the_density_not_nan():
     reference = torch.distributions.Normal(out.mean.double(), out.std.double()).log_prob(out.prev_sample.double()).mean(dim=1)
     assert torch.isfinite(sde.log_prob(out.prev_sample, out.mean, out.std)).all()
     assert torch.allclose(sde.log_prob(out.prev_sample, out.mean, out.std).double(), reference, rtol=1e-5)
+
+
+def test_log_prob_takes_a_per_sample_std_per_sample_and_refuses_a_negative_or_nan_one():
+    """A ``[B]`` std (``SDEStep.std.flatten()``) was broadcast over the last latent dim: wrong values when that dim
+    equals B, a RuntimeError otherwise; a negative or NaN std gave log-prob 0, as if the step were deterministic."""
+    x, mu = torch.randn(2, 2), torch.zeros(2, 2)  # last dim == B: the silent case
+    std = torch.tensor([0.5, 2.0])
+    expected = torch.distributions.Normal(mu, std[:, None]).log_prob(x).mean(dim=1)
+    assert torch.allclose(sde.log_prob(x, mu, std), expected, atol=1e-6)
+    assert torch.allclose(sde.log_prob(x, mu, std[:, None]), expected, atol=1e-6)
+    lat = torch.randn(3, 4, 2, 2)
+    per_sample = torch.tensor([0.3, 0.0, 1.1])
+    assert torch.allclose(sde.log_prob(lat, lat * 0, per_sample), sde.log_prob(lat, lat * 0, per_sample.view(3, 1, 1, 1)))
+    for bad in (torch.tensor([0.5, -0.1]), torch.tensor([0.5, float("nan")]), -1.0):
+        with pytest.raises(ValueError, match="std must be >= 0 and not NaN"):
+            sde.log_prob(x, mu, bad)
