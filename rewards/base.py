@@ -726,8 +726,9 @@ class MultiReward(Reward):
         """Build from a config's ``rewards``.
 
         Accepts ``{spec: weight}``, ``{spec: {"weight": w, "on_error": p, **kwargs}}``, or a list of
-        entries with ``name``, ``weight``, ``kwargs`` and ``on_error`` (mappings or objects such as
-        ``flowalign.config.RewardConfig``).
+        entries with ``name``, ``weight``, ``kwargs``, ``on_error`` and ``label`` (mappings or objects such as
+        ``flowalign.config.RewardConfig``); an entry is keyed by its ``label`` when it has one (one reward twice,
+        e.g. with other kwargs), else by its ``name``.
         """
         rewards: dict[str, tuple[Reward, float, str]] = {}
         if isinstance(config, Mapping):
@@ -745,9 +746,10 @@ class MultiReward(Reward):
                 name = get("name")
                 if not isinstance(name, str) or not name:
                     raise ConfigError(f"MultiReward.from_config: each entry needs a 'name', got {entry!r}")
-                if name in rewards:
-                    raise ConfigError(f"MultiReward.from_config: reward {name!r} listed twice")
-                rewards[name] = (load_reward(name, **dict(get("kwargs") or {})), get("weight", 1.0), get("on_error") or on_error)
+                key = get("label") or name
+                if key in rewards:
+                    raise ConfigError(f"MultiReward.from_config: reward {key!r} listed twice; give one of them a 'label'")
+                rewards[key] = (load_reward(name, **dict(get("kwargs") or {})), get("weight", 1.0), get("on_error") or on_error)
         return cls(rewards, mode=mode, on_error=on_error)
 
     def score(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:

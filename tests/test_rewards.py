@@ -494,8 +494,14 @@ def test_multireward_from_list_config():
     x = _images(2)
     expected = 2.0 * Brightness()(x, ["a", "b"]).scores + 0.5 * ColorFraction(color="blue")(x, ["a", "b"]).scores
     assert torch.allclose(multi(x, ["a", "b"]).scores, expected)
-    with pytest.raises(ConfigError, match="listed twice"):
+    with pytest.raises(ConfigError, match="listed twice; give one of them a 'label'"):
         MultiReward.from_config([{"name": "brightness"}, {"name": "brightness"}])
+    # one reward twice under labels (the README's recipe form), as the trainer keys them
+    twice = MultiReward.from_config([RewardConfig(name="color_fraction", label="blue", kwargs={"color": "blue"}),
+                                     {"name": "color_fraction", "label": "red", "weight": 0.5, "kwargs": {"color": "red"}}])
+    assert twice.weights == {"blue": 1.0, "red": 0.5} and twice.rewards["red"].color == (1.0, 0.0, 0.0)
+    expected = ColorFraction(color="blue")(x, ["a", "b"]).scores + 0.5 * ColorFraction(color="red")(x, ["a", "b"]).scores
+    assert torch.allclose(twice(x, ["a", "b"]).scores, expected)
 
 
 @pytest.mark.parametrize(
