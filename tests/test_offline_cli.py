@@ -122,6 +122,19 @@ def test_offline_refuses_a_tracker_that_is_not_installed_before_writing(tiny_sto
     assert not run.exists()
 
 
+def test_an_offline_run_whose_every_step_was_skipped_fails(tiny_store, tmp_path, capsys, monkeypatch):
+    """Every loss NaN, fewer in a row than max_nonfinite_steps: it said 'done' and wrote an untrained LoRA."""
+    from flowalign.objectives.gdro import GDRO
+
+    real = GDRO.loss
+    monkeypatch.setattr(GDRO, "loss", lambda self, *a: (lambda loss, m: (loss * float("nan"), m))(*real(self, *a)))
+    run = tmp_path / "run"
+    assert cli.main(["offline", "--config", str(_offline_yaml(tmp_path, tiny_store, run)), "--set", "max_nonfinite_steps=10",
+                     "--set", "progress=false"]) == 1
+    assert "nothing trained: in all 2 steps every optimizer step was skipped as non-finite" in _one_error_line(capsys)
+    assert not (run / "pytorch_lora_weights.safetensors").exists()
+
+
 def test_offline_trains_then_refuses_resumes_and_overwrites(tiny_store, tmp_path, capsys):
     run = tmp_path / "run"
     config = _offline_yaml(tmp_path, tiny_store, run)

@@ -228,6 +228,17 @@ def test_nonfinite_losses_are_skipped_then_abort(tmp_path, monkeypatch):
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was applied
 
 
+def test_a_run_whose_every_step_was_skipped_is_not_a_success(tmp_path, monkeypatch):
+    """Every loss NaN, but fewer in a row than max_nonfinite_steps: the run ended 'done', exit 0, with the untrained LoRA."""
+    trainer = _trainer(tmp_path, "train.max_nonfinite_steps=100", "train.iterations=2", "train.prompts_per_iter=2",
+                       "train.micro_batch_size=8", "train.eval_every=-1")
+    real_loss = trainer.objective.loss
+    monkeypatch.setattr(trainer.objective, "loss", lambda *a: (lambda loss, m: (loss * float("nan"), m))(*real_loss(*a)))
+    with pytest.raises(NonFiniteLossError, match=r"nothing trained: in all 2 iterations every optimizer step was skipped"):
+        trainer.train()
+    assert not (trainer.run_dir / "pytorch_lora_weights.safetensors").exists()
+
+
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     """Micro-batches scaled by 1/n and summed give the gradient of the loss over all rows at once."""
     trainer = _trainer(tmp_path, "train.prompts_per_iter=2", "train.micro_batch_size=3", "objective.kl_beta=0.04", "sampling.num_steps=3")

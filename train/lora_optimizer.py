@@ -258,3 +258,14 @@ class OptimizerViews:
     def optimizer(self) -> torch.optim.Optimizer:
         """The AdamW over every trained LoRA parameter (one parameter group per learning rate)."""
         return self.optim.optimizer
+
+
+def nothing_stepped(span: str, columns: str = "loss/total and grad_norm"):
+    """The error for a run whose every optimizer step was skipped (non-finite losses or gradients, each streak shorter
+    than ``max_nonfinite_steps``): its LoRA is the untrained one, so it must not end as a success."""
+    from flowalign.errors import NonFiniteLossError
+
+    return NonFiniteLossError(f"nothing trained: in all {span} every optimizer step was skipped as non-finite (see {columns} in "
+                              "metrics.csv), so the LoRA is unchanged and no LoRA file or report is written; check the "
+                              "objective's settings (a NaN argument?) and lower lr")
+

@@ -43,7 +43,7 @@ from flowalign.objectives.base import OfflineBatch, checked_loss
 from flowalign.offline import RolloutStore
 from flowalign.train.graceful_stop import GracefulStop
 from flowalign.train.lora_export import checkpoint_export, save_lora_file
-from flowalign.train.lora_optimizer import LoraOptimizer, OptimizerViews
+from flowalign.train.lora_optimizer import LoraOptimizer, OptimizerViews, nothing_stepped
 from flowalign.train.run_log import RunLogger, check_trackers
 from flowalign.train.update_conditioning import UpdateConditioning
 
@@ -446,6 +446,8 @@ class OfflineTrainer(OptimizerViews):
                 bar.close()
         if self.step > self._saved_step:  # the end of a run is always resumable (e.g. with more epochs)
             self.save_checkpoint()
+        if history and self.optim.steps_taken == 0:  # every step skipped as non-finite, each streak under the limit
+            raise nothing_stepped(f"{self.step} steps", columns="loss and grad_norm")
         return history
 
     # ------------------------------------------------------------------ save / resume

@@ -61,7 +61,7 @@ from flowalign.train import forward_process as fp
 from flowalign.train import runtime
 from flowalign.train.dense_setup import calibrated_schedule, save_run_noise_table
 from flowalign.train.graceful_stop import GracefulStop, stop_everywhere
-from flowalign.train.lora_optimizer import OptimizerViews
+from flowalign.train.lora_optimizer import OptimizerViews, nothing_stepped
 from flowalign.train.run_dir import clear_run_dir, find_resume_checkpoint, prepare_run_dir, refuse_past_the_end
 from flowalign.train.run_log import RunLogger, check_trackers
 from flowalign.train.run_lock import setup_lock
@@ -296,6 +296,8 @@ class Trainer(OptimizerViews):
             raise RewardError(f"nothing trained: in all {ran} iterations every group's rewards were equal or dropped (rewards: "
                               f"{', '.join(r.key for r in self.config.rewards)}), so the LoRA is unchanged and no LoRA file or "
                               f"report is written; see reward/*/std and frac_zero_std_groups in metrics.csv")
+        if ran > 0 and self.optim.steps_taken == 0:  # every step skipped as non-finite, each streak under the limit
+            raise nothing_stepped(f"{self.iteration} iterations")
         self.timings["train"] = self.train_seconds()  # every session's, so a resumed run reports the whole run's
         self.save_final()
         return metrics
