@@ -3,6 +3,7 @@ resume, overwrite; bad input -> one line, exit 2, nothing written), the offline 
 schema-aware `--set` defaults and the public config builder."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,21 @@ def test_an_offline_run_whose_every_step_was_skipped_fails(tiny_store, tmp_path,
                      "--set", "progress=false"]) == 1
     assert "nothing trained: in all 2 steps every optimizer step was skipped as non-finite" in _one_error_line(capsys)
     assert not (run / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_a_store_without_a_complete_group_is_named_as_such(tiny_store, tmp_path, capsys):
+    """Every group holding a dropped reward was reported as 'lr_warmup=0 must be below the run's 0 steps'."""
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    lines = [json.loads(line) for line in (store / "manifest.jsonl").read_text().splitlines()]
+    for entry in lines:  # one sample of each prompt dropped (stored as null), as on_error: drop writes it
+        entry["samples"][0]["rewards"]["brightness"] = None
+    (store / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    run = tmp_path / "run"
+    assert cli.main(["offline", "--config", str(_offline_yaml(tmp_path, store, run))]) == 2
+    assert "holds no group of k=3 samples of one prompt whose 'brightness' rewards are all finite" in _one_error_line(capsys)
 
 
 def test_offline_trains_then_refuses_resumes_and_overwrites(tiny_store, tmp_path, capsys):

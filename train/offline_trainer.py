@@ -233,6 +233,9 @@ class OfflineTrainer(OptimizerViews):
             self.reward = self.store.resolve_reward(cfg.reward)  # the explicit reward the run trains on
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if self.store.num_groups(self.k, self.reward) == 0:  # before the schedule's checks, which would blame the step count
+            raise ConfigError(f"store {cfg.store} holds no group of k={self.k} samples of one prompt whose {self.reward!r} "
+                              "rewards are all finite (samples dropped under on_error: drop have none); lower k or regenerate")
 
     def _check_generating_model(self) -> None:
         """Compare the model with the one that generated the store (its fingerprint, when the store was drawn
