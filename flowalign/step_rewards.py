@@ -219,8 +219,9 @@ def estimate_step_rewards(
         guidance_scale: CFG scale of the completions; default ``traj.guidance_scale``.
         max_batch: most rows per velocity / decode / reward call (None: all).
         on_error: reward failure policy (``"raise"`` or ``"drop"``: that sample's R is NaN).
-        reuse_deterministic: with the ODE estimator and ``stride == 1``, take ``R_{k-1} = R_k``
-            when step k was deterministic instead of recomputing the same completion.
+        reuse_deterministic: with the ODE estimator, ``stride == 1`` and the rollout's own guidance, take
+            ``R_{k-1} = R_k`` when step k was deterministic instead of recomputing the same completion (under
+            another guidance the completion from ``x_{k-1}`` does not pass through the rollout's ``x_k``).
         store_gains: also set ``traj.step_rewards`` to the gains ``R_k - R_{k-1}`` ``[B, K]``.
 
     Returns:
@@ -244,7 +245,7 @@ def estimate_step_rewards(
         R, rows = dense.tweedie_rewards(velocity_fn, decode_fn, reward_fn, traj.latents, traj.sigmas,
                                         max_batch=max_batch, x0_preds=x0, final_rewards=final)
     else:
-        copy = reuse_deterministic and stride == 1
+        copy = reuse_deterministic and stride == 1 and w == float(traj.guidance_scale)
         starts = _needed_starts(traj.stochastic_mask, K) + [K] if copy else None
         R, rows = dense.ode_completion_rewards(velocity_fn, decode_fn, reward_fn, traj.latents, traj.sigmas, stride=stride,
                                                steps=starts, max_batch=max_batch, final_rewards=final)

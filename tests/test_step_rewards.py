@@ -166,6 +166,12 @@ def test_deterministic_steps_share_their_completion(adapter, reward):
     assert torch.equal(R_reuse[:, 0], R_reuse[:, 1]) and torch.equal(R_reuse[:, 2], R_reuse[:, K])
     gains = dense.step_gains(R_reuse)
     assert (gains[:, [0, 2, 3]] == 0).all() and (gains[:, 1] != 0).any()
+    # completions under another guidance than the rollout's do not pass through its deterministic steps: recomputed
+    cond_cfg = adapter.encode(PROMPTS, do_classifier_free_guidance=True)
+    R_other, n_other = sr.estimate_step_rewards(adapter, traj, cond_cfg, reward, guidance_scale=3.0)
+    R_other_all, _ = sr.estimate_step_rewards(adapter, traj, cond_cfg, reward, guidance_scale=3.0, reuse_deterministic=False)
+    assert n_other == 2 * B * K * (K + 1) // 2 and torch.allclose(R_other, R_other_all, atol=1e-6)
+    assert not torch.allclose(R_other[:, 0], R_other[:, 1], atol=1e-6)  # the copy would have made them equal
 
 
 def test_store_gains_and_drop_policy(adapter, traj_cfg, cond_cfg):
