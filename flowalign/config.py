@@ -170,7 +170,11 @@ class SamplingConfig:
         if not isinstance(self.noise_kwargs, dict):
             return  # the type check names it
         try:
-            make_schedule(self.noise_schedule, **self.noise_kwargs).levels(self.num_steps, 0, torch.Generator().manual_seed(0))
+            levels = make_schedule(self.noise_schedule, **self.noise_kwargs).levels(self.num_steps, 0, torch.Generator().manual_seed(0))
+            levels = torch.as_tensor(levels, dtype=torch.float64)
+            if self.kernel == "cps" and bool((levels > 1).any()):  # the kernel's own check fires only at the first step
+                raise ValueError(f"kernel 'cps' takes noise levels in [0, 1] (a fraction of a right angle), got up to "
+                                 f"{float(levels.max()):g}")
         except ConfigError as exc:
             raise ConfigError(f"sampling.noise_schedule: {exc}") from None
         except (ValueError, TypeError) as exc:

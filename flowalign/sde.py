@@ -438,8 +438,8 @@ class TableSchedule:
 
     def __post_init__(self):
         self.table = torch.as_tensor(self.table, dtype=torch.float32).flatten()
-        if bool((self.table < 0).any()):
-            raise ValueError(f"noise table entries must be >= 0, got {self.table.tolist()}")
+        if bool((self.table.isnan() | (self.table < 0) | self.table.isinf()).any()):
+            raise ValueError(f"noise table entries must be finite and >= 0, got {self.table.tolist()}")
 
     def levels(self, num_steps: int, iteration: int = 0, generator: Optional[torch.Generator] = None) -> Tensor:
         """The table itself; ``num_steps`` must equal its length."""

@@ -244,6 +244,21 @@ def test_a_noise_schedule_that_cannot_run_is_a_config_error_at_load(kwargs, matc
                                 "sampling.num_steps=10"]).sampling.noise_kwargs["start"] == 7
 
 
+def test_noise_levels_out_of_the_kernels_range_are_config_errors_at_load():
+    """CPS levels above 1 and NaN table entries passed the config and crashed at the first rollout step; generate had
+    by then written store.json, so the corrected rerun was refused as another store's settings."""
+    from flowalign.train.generate import load_generate_config
+
+    with pytest.raises(ConfigError, match=r"kernel 'cps' takes noise levels in \[0, 1\] .*got up to 2"):
+        C.load_config(None, ["sampling.kernel=cps", "sampling.noise_schedule=constant", "sampling.noise_kwargs={a: 2.0}"])
+    assert C.load_config(None, ["sampling.kernel=cps", "sampling.noise_schedule=constant", "sampling.noise_kwargs={a: 1.0}"])
+    assert C.load_config(None, ["sampling.noise_schedule=constant", "sampling.noise_kwargs={a: 2.0}"])  # flow_sde takes it
+    with pytest.raises(ConfigError, match="noise table entries must be finite and >= 0"):
+        C.load_config(None, ["sampling.noise_schedule=table", "sampling.noise_kwargs={levels: [0.5, .nan, 0.5]}", "sampling.num_steps=3"])
+    with pytest.raises(ConfigError, match=r"kernel 'cps' takes noise_level in \[0, 1\]"):
+        load_generate_config("toy_generate", ["kernel=cps", "noise_level=2"])
+
+
 def test_list_entries_are_named_the_way_set_addresses_them_and_missing_lists_start_from_the_default():
     # errors used rewards[0].kwarg, which --set refuses; a list the recipe lacks was built as a dict
     with pytest.raises(ConfigError, match=r"unknown config key 'rewards\.0\.kwarg'; did you mean 'rewards\.0\.kwargs'"):

@@ -61,7 +61,9 @@ class GenerateConfig:
         _check(self.num_steps >= 1, f"num_steps must be >= 1, got {self.num_steps}")
         _check(self.guidance_scale >= 1.0, f"guidance_scale must be >= 1, got {self.guidance_scale}")
         _check(self.kernel in KERNELS, f"kernel={self.kernel!r} is not one of {list(KERNELS)}")
-        _check(self.noise_level >= 0, f"noise_level must be >= 0, got {self.noise_level}")
+        _check(self.noise_level >= 0, f"noise_level must be >= 0, got {self.noise_level}")  # NaN fails too
+        _check(self.kernel != "cps" or self.noise_level <= 1,
+               f"kernel 'cps' takes noise_level in [0, 1] (a fraction of a right angle), got {self.noise_level}")
         _check(self.batch_size >= 1 and self.prompts_per_shard >= 1, f"batch_size and prompts_per_shard must be >= 1, got {self.batch_size}, {self.prompts_per_shard}")
         _check(self.num_prompts is None or self.num_prompts >= 1, f"num_prompts must be null or >= 1, got {self.num_prompts}")
         _check(self.image_format in ("none", "png", "tensor"), f"image_format={self.image_format!r} is not one of ['none', 'png', 'tensor']")
