@@ -172,3 +172,31 @@ def test_a_subclass_of_dense_grpo_trains_on_per_step_advantages(tmp_path, monkey
     finally:
         sys.modules.pop(name, None)
         OBJECTIVES.pop(f"{name}:MyDense", None)
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("nft", {"adaptive_weight": "off_please"}, "adaptive_weight must be true or false, got 'off_please'"),
+    ("gdro", {"per_sample_sigma": "false"}, "per_sample_sigma must be true or false, got 'false'"),
+    ("awm", {"num_timesteps": 2.7}, "num_timesteps must be an integer, got 2.7"),
+    ("grpo", {"clip_range": float("nan")}, "clip_range must be a number, got NaN"),
+    ("gdro", {"beta": float("nan")}, "beta must be a number, got NaN"),
+])
+def test_objective_arguments_python_would_coerce_silently_are_refused(name, kwargs, message):
+    """bool('false') is True, int(2.7) is 2 and NaN passes every 'x <= 0' check: each used to train on another setting."""
+    with pytest.raises(ConfigError, match=f"objective '{name}': {message}"):
+        get_objective(name, **kwargs)
+
+
+def test_an_objective_argument_of_the_wrong_kind_stops_train_before_the_model(tmp_path, capsys, monkeypatch):
+    from flowalign.train import trainer_setup
+
+    monkeypatch.setattr(trainer_setup, "build_model", lambda *a, **k: pytest.fail("the model was built"))
+    args = _train(tmp_path / "run", "objective.name=nft", "sampling.kernel=ode", "objective.kwargs={adaptive_weight: 'off'}",
+                  "objective.clip_range=null")
+    assert cli.main(args) == 2
+    assert "objective 'nft': adaptive_weight must be true or false, got 'off'" in capsys.readouterr().err
+
+
+def test_numbers_and_bools_of_the_right_kind_still_pass():
+    assert get_objective("grpo", clip_range=1).clip_range == 1  # an int for a float
+    assert get_objective("nft", adaptive_weight=False, beta=2).adaptive_weight is False

@@ -81,7 +81,37 @@ def get_objective(name: str, **kwargs):
             constructor does not take or refuses.
     """
     resolve_objective(name)
+    check_argument_types(OBJECTIVES[name], kwargs, f"objective {name!r}")
     try:
         return OBJECTIVES[name](**kwargs)
     except (TypeError, ValueError) as err:  # an unknown keyword, or a value the constructor refuses
         raise ConfigError(f"bad arguments {kwargs} for objective {name!r}: {err}") from None
+
+
+def check_argument_types(cls, kwargs: dict, what: str) -> None:
+    """ConfigError for a value that does not fit its constructor annotation, which Python would take silently: a
+    string for a ``bool`` (``bool("off")`` is True), a fraction for an ``int`` (2.7 truncated), NaN for a ``float``
+    (it passes every ``x <= 0`` check). Parameters without such a plain annotation are the constructor's to check."""
+    import math
+    import typing
+
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # noqa: BLE001 - annotations that do not resolve (a plugin's forward references): nothing to check
+        return
+    for key, value in kwargs.items():
+        hint = hints.get(key)
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            continue
+        plain = next((a for a in args if a is not type(None)), None) if len(args) == 2 and type(None) in args else hint
+        if plain is bool and not isinstance(value, bool):
+            raise ConfigError(f"{what}: {key} must be true or false, got {value!r}")
+        if plain is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{what}: {key} must be an integer, got {value!r}")
+        if plain is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{what}: {key} must be a number, got {value!r}")
+            if math.isnan(value):
+                raise ConfigError(f"{what}: {key} must be a number, got NaN")
+
