@@ -391,11 +391,14 @@ def test_cli_compare_sets_an_evaluation_against_an_earlier_one(capsys, tmp_path,
     err = _one_line_error(capsys, [*argv(reward="jpeg_compressibility"), "--compare", str(tmp_path / "base")])  # another scale
     assert "reward=brightness" in err and "reward=jpeg_compressibility" in err
     assert "no eval.json there" in _one_line_error(capsys, [*common, "--compare", str(tmp_path / "nowhere")])
-    # other prompts, same counts: found only after sampling, so the new samples are written first, then refused
+    # the same 12 samples spread 4 per prompt instead of cycling: other prompts at the same indices, refused before sampling
+    err = _one_line_error(capsys, [*common, "--samples-per-prompt", "4", "--compare", str(tmp_path / "base"), "--out", str(tmp_path / "spp")])
+    assert "samples_per_prompt=4, so the same sample indices hold other prompts" in err and not (tmp_path / "spp").exists()
+    # other prompts, same counts: refused before sampling too (it used to sample and write eval.json first)
     prompts.write_text("\n".join(json.dumps(r) for r in RECORDS[1:4]) + "\n")
     err = _one_line_error(capsys, [*common, "--compare", str(tmp_path / "base"), "--out", str(tmp_path / "other")])
-    assert "differ in prompts or seeds" in err and (tmp_path / "other" / "eval.json").is_file()
-    assert not (tmp_path / "other" / "compare.png").exists()
+    assert f"its sample 0 is {RECORDS[0]['prompt']!r}, this evaluation's is {RECORDS[1]['prompt']!r}" in err
+    assert not (tmp_path / "other").exists()
     (tmp_path / "bad.json").write_text("{}")
     assert "is not a flowalign eval.json" in _one_line_error(capsys, [*common, "--compare", str(tmp_path / "bad.json")])
 

@@ -188,6 +188,26 @@ def check_reference(reference, reference_name: str, **asked) -> None:
             raise ConfigError(f"--compare {reference_name}: it was sampled with {key}={had[key]}, this evaluation with {key}={value}")
 
 
+def check_reference_prompts(reference, reference_name: str, prompts: list, samples_per_prompt: Optional[int]) -> None:
+    """Refuse, before sampling, a ``--compare`` reference whose samples drew other prompts than this evaluation
+    will (another prompt file, or the same file spread by another ``--samples-per-prompt``).
+
+    Raises:
+        ConfigError: naming ``samples_per_prompt`` when that is what differs, else the prompts.
+    """
+    if list(reference.prompts) == list(prompts):
+        return
+    had = reference.settings.get("samples_per_prompt")
+    if had is not None and samples_per_prompt is not None and had != samples_per_prompt:
+        raise ConfigError(f"--compare {reference_name}: it was sampled with samples_per_prompt={had}, this evaluation with "
+                          f"samples_per_prompt={samples_per_prompt}, so the same sample indices hold other prompts")
+    theirs = list(reference.prompts)
+    first = next((i for i, (a, b) in enumerate(zip(theirs, prompts)) if a != b), min(len(theirs), len(prompts)))
+    shown = lambda seq: repr(seq[first]) if first < len(seq) else "missing"  # noqa: E731
+    raise ConfigError(f"--compare {reference_name}: its sample {first} is {shown(theirs)}, this evaluation's is "
+                      f"{shown(prompts)}: evaluate both on the same prompt file")
+
+
 def compare_reference(reference, result, reference_name: str):
     """:func:`flowalign.evaluation.compare` of ``reference`` (as base) and ``result`` (as aligned),
     after :func:`check_reference` on the steps, guidance, reward and what counts as correct.
@@ -372,6 +392,7 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
 
         check_reference(reference, options.compare, num_steps=options.steps, guidance_scale=options.guidance, samples=len(indices),
                         seed=options.seed, reward=reward_name(tap if tap is not None else reward), reward_kwargs=reward_kwargs)
+        check_reference_prompts(reference, options.compare, [records[i].prompt for i in indices], spp)
 
     from flowalign.train.model import build_adapter
 
