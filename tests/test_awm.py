@@ -301,3 +301,19 @@ def test_a_tied_fp64_group_has_exactly_zero_offline_advantage():
     adv = offline_group_advantages(torch.tensor([[0.1, 0.1, 0.1], [0.0, 0.5, 1.0]], dtype=torch.float64))
     assert torch.equal(adv[0], torch.zeros(3, dtype=torch.float64))
     assert adv[1, 0] < 0 < adv[1, 2]
+
+
+def test_more_forward_draws_than_the_sigma_grid_holds_is_refused_at_setup():
+    """toy_awm draws 3 sigmas from ceil(0.3 x num_steps) of the rollout's: with 6 steps only 2, which failed at the first
+    update (ValueError after a rollout)."""
+    from flowalign.config import load_config
+    from flowalign.errors import ConfigError
+    from flowalign.train.forward_process import grid_size
+    from flowalign.train.trainer_setup import build_objective
+
+    assert [grid_size(k, 0.3) for k in (6, 7, 10)] == [2, 3, 3]  # ceil(1.8), ceil(2.1), ceil(3.0)
+    with pytest.raises(ConfigError, match=r"num_timesteps=3 distinct sigmas per sample from the first 2 of the rollout's 6"):
+        build_objective(load_config("toy_awm", ["sampling.num_steps=6"]))
+    assert build_objective(load_config("toy_awm", ["sampling.num_steps=7"])).forward_process
+    # uniform sampling draws from the grid's range, any number of times
+    assert build_objective(load_config("toy_awm", ["sampling.num_steps=6", "objective.kwargs.sigma_sampling=uniform"])).forward_process

@@ -38,8 +38,12 @@ def sigma_grid(traj, timestep_fraction: float) -> Tensor:
     """The rollout's own noise levels ``sigma_0..sigma_{K-1}`` (sigma_K = 0 excluded), the first
     ``ceil(timestep_fraction·K)`` of them (the high-noise end, where the layout is decided)."""
     grid = traj.sigmas[:-1].float().cpu()  # [K]
-    n = max(1, math.ceil(round(timestep_fraction * grid.numel(), 9)))  # round: 0.7 * 10 is 7.000000000000001
-    return grid[:n]
+    return grid[:grid_size(grid.numel(), timestep_fraction)]
+
+
+def grid_size(num_steps: int, timestep_fraction: float) -> int:
+    """How many of a ``num_steps`` rollout's sigmas :func:`sigma_grid` keeps: ``max(1, ceil(timestep_fraction·K))``."""
+    return max(1, math.ceil(round(timestep_fraction * num_steps, 9)))  # round: 0.7 * 10 is 7.000000000000001
 
 
 def draw(traj, objective, timestep_fraction: float, generator: torch.Generator,

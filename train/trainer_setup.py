@@ -216,6 +216,8 @@ def build_objective(config: FlowalignConfig) -> ObjectiveParts:
     if getattr(objective, "needs_ema", False) and not config.train.ema:
         raise ConfigError(f"objective {ocfg.name!r} with ema_beta > 0 penalises the distance to the EMA of the LoRA: set train.ema=true "
                           "(train.ema_decay sets how fast it follows)")
+    if getattr(objective, "forward_process", False) and getattr(objective, "sigma_sampling", "grid") == "grid":
+        check_forward_grid(objective, config)
     dense = dense_method(ocfg.name) is not None
     table_file = config.dense.noise_table_file if dense else None
     if table_file and (Path(table_file).is_file() or config.dense.calibration_rounds == 0):
@@ -226,6 +228,20 @@ def build_objective(config: FlowalignConfig) -> ObjectiveParts:
         schedule = sde.make_schedule(config.sampling.noise_schedule, **config.sampling.noise_kwargs)
     return ObjectiveParts(objective=objective, dense=dense, forward_process=bool(getattr(objective, "forward_process", False)),
                           schedule=schedule)
+
+
+def check_forward_grid(objective, config: FlowalignConfig) -> None:
+    """ConfigError when a forward-process objective (nft, awm) draws more distinct sigmas per sample
+    (``num_timesteps``) than its grid holds: the first ``ceil(objective.timestep_fraction · sampling.num_steps)``
+    of the rollout's sigmas (train/forward_process.py); it failed at the first update, after a rollout."""
+    from flowalign.train.forward_process import grid_size
+
+    steps, fraction = config.sampling.num_steps, config.objective.timestep_fraction
+    grid, num = grid_size(steps, fraction), getattr(objective, "num_timesteps", 1)
+    if isinstance(num, int) and num > grid:
+        raise ConfigError(f"objective {config.objective.name!r} draws num_timesteps={num} distinct sigmas per sample from the first "
+                          f"{grid} of the rollout's {steps} (objective.timestep_fraction={fraction:g} x sampling.num_steps={steps}, "
+                          "rounded up): lower num_timesteps, or raise timestep_fraction or num_steps")
 
 
 @dataclass
