@@ -337,3 +337,20 @@ def test_dpo_best_worst_picks_among_tied_best_at_random():
     state = untied.generator.get_state()
     assert [t.tolist() for t in untied._pair_index(torch.tensor([[0.2, 0.9, 0.1]]))] == [[1], [2]]
     assert torch.equal(untied.generator.get_state(), state)  # no ties: nothing drawn
+
+
+@pytest.mark.parametrize("name", ["gdro", "diffusion_dpo", "awm"])
+def test_every_offline_objective_refuses_non_finite_explicit_rewards(name):
+    """GDRO raised, Diffusion-DPO dropped the NaN's pairs without a word and AWM returned a NaN loss."""
+    import torch
+
+    from flowalign.objectives import get_objective
+    from flowalign.objectives.base import OfflineBatch
+
+    objective = get_objective(name)
+    x0 = torch.randn(1, 4, 2, 4, 4)
+    rewards = torch.tensor([[0.1, float("nan"), 0.5, 0.9]])
+    batch = OfflineBatch(x0=x0, rewards=rewards, cond_index=torch.zeros(1, dtype=torch.long))
+    velocity = lambda x, s: torch.zeros_like(x)  # noqa: E731
+    with pytest.raises(ValueError, match=f"{name} got non-finite explicit rewards"):
+        objective.loss(batch, velocity, velocity)

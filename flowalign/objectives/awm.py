@@ -102,6 +102,8 @@ def offline_group_advantages(rewards: Tensor, eps: float = 1e-4) -> Tensor:
     A group whose rewards are all equal gets exactly 0 (its std is 0 and so is every ``r - mean``)."""
     if rewards.ndim != 2 or rewards.shape[1] < 2:
         raise ValueError(f"rewards must be [P, k] with k >= 2, got {tuple(rewards.shape)}")
+    if not torch.isfinite(rewards).all():  # as gdro and diffusion_dpo: a NaN would make the whole loss NaN
+        raise ValueError("awm got non-finite explicit rewards")
     r = rewards.double()
     centred = r - r.mean(dim=1, keepdim=True)  # not exactly 0 for a tied group of fp64 values such as 0.1
     tied = r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)

@@ -185,6 +185,8 @@ class DiffusionDPO:
         if reference is None:
             raise ValueError("diffusion_dpo needs a reference velocity function, got None")
         x0, rewards = batch.x0, batch.rewards.float()  # [P, k, *latent], [P, k]
+        if not torch.isfinite(rewards).all():  # a NaN loses every comparison: its pairs would vanish without a word
+            raise ValueError("diffusion_dpo got non-finite explicit rewards")
         P, k = rewards.shape
         if k < 2:
             raise ValueError(f"diffusion_dpo needs groups of k >= 2 samples, got k={k}")
