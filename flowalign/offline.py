@@ -514,7 +514,7 @@ def fill_store(
 
         remaining = sum(len(specs[i * prompts_per_shard : (i + 1) * prompts_per_shard]) for i in todo) * samples_per_prompt
         bar = tqdm(total=remaining, desc="generate", unit="sample")
-    sums: dict[str, float] = {}
+    sums: dict[str, tuple[float, int]] = {}  # per reward: sum and count of its scored (non-NaN) values
     done = 0
     try:
         for index in todo:
@@ -537,10 +537,12 @@ def fill_store(
             writer.write_shard(index, latents, records, images, image_format, extra)
             done += len(records)
             if bar is not None:
-                for name, values in scores.items():
-                    sums[name] = sums.get(name, 0.0) + float(torch.as_tensor(values).float().nansum())
+                for name, values in scores.items():  # the mean over scored samples: a dropped (NaN) one is not a 0
+                    values = torch.as_tensor(values).float()
+                    total, count = sums.get(name, (0.0, 0))
+                    sums[name] = (total + float(values.nansum()), count + int((~values.isnan()).sum()))
                 bar.update(len(records))
-                bar.set_postfix({name: f"{total / done:.3f}" for name, total in sorted(sums.items())[:3]})
+                bar.set_postfix({name: f"{total / count:.3f}" if count else "nan" for name, (total, count) in sorted(sums.items())[:3]})
     finally:
         if bar is not None:
             bar.close()

@@ -681,3 +681,14 @@ def test_offline_resume_refuses_a_store_whose_content_changed(tiny_store, tmp_pa
         OfflineTrainer(config, resume=True).setup()
     manifest.write_text("".join(lines))  # the content it was trained on: resumes
     assert OfflineTrainer(config, resume=True).setup().step == 1
+
+
+def test_the_progress_bar_averages_a_reward_over_its_scored_samples(tmp_path, capsys):
+    """A dropped (NaN) score counted as 0 in the bar's running mean: 'flaky=0.454' where the kept samples averaged 0.9."""
+    def flaky(images, prompts, metadata):
+        return {"flaky": torch.tensor([float("nan") if p.endswith(("0", "2")) else 0.9 for p in prompts])}
+
+    fill_store(tmp_path / "store", PROMPTS[:4], G, sample_fn, flaky, settings={"model_hash": "abc"}, base_seed=7,
+               prompts_per_shard=4, progress=True)
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "flaky=0.900" in bar, bar
