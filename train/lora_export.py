@@ -17,6 +17,12 @@ from torch import Tensor, nn
 from flowalign import lora as lora_lib
 
 
+def trained_modules(adapter, text_modules: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
+    """``{component: module}`` of every module with trained LoRA: the adapter's transformer first, then the text
+    encoders (``lora.train_text_encoder``); both trainers' ``lora_modules``."""
+    return {"transformer": adapter.trainable_module, **text_modules}
+
+
 def lora_states(lora_modules: Mapping[str, nn.Module], ema=None) -> dict[str, dict[str, Tensor]]:
     """``{component: LoRA state}`` of ``lora_modules`` (``transformer`` and any text encoders), with the
     weights of ``ema`` (a :class:`flowalign.lora.LoraEMA`-like object with ``applied()``) when given."""

@@ -42,7 +42,7 @@ from flowalign.lr_schedule import LR_SCHEDULES
 from flowalign.objectives.base import OfflineBatch, checked_loss
 from flowalign.offline import RolloutStore
 from flowalign.train.graceful_stop import GracefulStop
-from flowalign.train.lora_export import checkpoint_export, save_lora_file
+from flowalign.train.lora_export import checkpoint_export, save_lora_file, trained_modules
 from flowalign.train.lora_optimizer import LoraOptimizer, OptimizerViews, nothing_stepped
 from flowalign.train.run_log import RunLogger, check_trackers
 from flowalign.train.update_conditioning import UpdateConditioning
@@ -327,7 +327,7 @@ class OfflineTrainer(OptimizerViews):
     @property
     def lora_modules(self) -> dict:
         """``{component: module}`` of every module with trained LoRA (``transformer`` first)."""
-        return {"transformer": self.adapter.trainable_module, **self.text_modules}
+        return trained_modules(self.adapter, self.text_modules)
 
     @property
     def total_steps(self) -> int:

@@ -61,6 +61,7 @@ from flowalign.train import forward_process as fp
 from flowalign.train import runtime
 from flowalign.train.dense_setup import calibrated_schedule, save_run_noise_table
 from flowalign.train.graceful_stop import GracefulStop, stop_everywhere
+from flowalign.train.lora_export import trained_modules
 from flowalign.train.lora_optimizer import OptimizerViews, nothing_stepped
 from flowalign.train.run_dir import clear_run_dir, find_resume_checkpoint, prepare_run_dir, refuse_past_the_end
 from flowalign.train.run_log import RunLogger, check_trackers
@@ -252,7 +253,7 @@ class Trainer(OptimizerViews):
     @property
     def lora_modules(self) -> dict:
         """``{component: module}`` of every module with trained LoRA (``transformer`` first)."""
-        return {"transformer": self.adapter.trainable_module, **self.text_modules}
+        return trained_modules(self.adapter, self.text_modules)
 
     def mixed_reward(self):
         """The configured rewards as one reward (their weighted sum)."""
