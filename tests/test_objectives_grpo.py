@@ -124,6 +124,35 @@ def test_kl_zero_at_reference_positive_after_change_and_hand_value():
         FlowGRPO(kl_form="paper")
 
 
+def test_per_time_kl_under_cps_is_the_released_cps_branch():
+    """Flow-GRPO's ``cps`` branch returns ``std_dev_t = s' sin(a pi / 2)``, the step's full std, and its KL divides by
+    that squared: ``kl_form="per_time"`` must equal ``"transition"`` there (times |dt| would weaken it 4-25x)."""
+    lin, policy = _linear_policy(1)
+    ref_lin, reference = _linear_policy(2)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, D, generator=g)
+    sigma = torch.tensor([0.9, 0.7, 0.5, 0.3])
+    sigma_next = sigma - 0.2
+    level = torch.full((4,), 0.7)
+    with torch.no_grad():
+        out = sde.step("cps", x, policy(x, sigma), sigma, sigma_next, level, generator=g)
+        old = sde.log_prob(out.prev_sample, out.mean, out.std)
+    batch = StepBatch(x=x, x_next=out.prev_sample, sigma=sigma, sigma_next=sigma_next, noise_level=level,
+                      old_log_prob=old, advantages=torch.zeros(4), kernel="cps")
+    with torch.no_grad():
+        by_hand = []
+        for i in range(4):
+            s, s1 = float(sigma[i]), float(sigma_next[i])
+            std_dev_t = s1 * math.sin(0.7 * math.pi / 2)
+            # released cps mean: (1 - s') x0_hat + sqrt(s'^2 - std^2) x1_hat, x0_hat = x - s v, x1_hat = x + (1 - s) v
+            c_v = -(1 - s1) * s + math.sqrt(s1**2 - std_dev_t**2) * (1 - s)  # d mean / d v
+            dmean = c_v * (lin(x[i]) - ref_lin(x[i]))
+            by_hand.append(float(dmean.pow(2).mean() / (2 * std_dev_t**2)))
+    for form in ("per_time", "transition"):
+        m = FlowGRPO(kl_beta=0.5, kl_form=form).loss(batch, policy, reference)[1]
+        assert m["kl/ref"] == pytest.approx(sum(by_hand) / 4, rel=1e-4), form
+
+
 def test_mean_kl_rows_and_deterministic_rows():
     mean = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
     ref = torch.tensor([[0.0, 0.0], [1.0, 1.0]])

@@ -58,10 +58,17 @@ def clipped_policy_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tens
     return loss, metrics
 
 
+# Kernels whose released code returns a ``std_dev_t`` without the step's ``sqrt(|dt|)`` (Flow-GRPO's "sde" branch);
+# its KL ``(mu - mu_ref)² / (2 std_dev_t²)`` is then the transition KL times ``|dt|``. Flow-GRPO's "cps" branch and
+# DanceGRPO return the step's full std, so for them ``"per_time"`` is the transition KL itself.
+PER_TIME_KERNELS = ("flow_sde",)
+
+
 def kl_in_form(kl: Tensor, batch: StepBatch, kl_form: str) -> Tensor:
-    """Per-row transition KLs ``[B]`` as the penalty weighs them: as they are (``"transition"``), or times the step's
-    length ``|σ_t - σ_{t+1}|`` (``"per_time"``); see :class:`FlowGRPO`'s ``kl_form``."""
-    if kl_form == "per_time":
+    """Per-row transition KLs ``[B]`` as the penalty weighs them: as they are (``"transition"``), or as the released
+    code divides them (``"per_time"``): times the step's length ``|σ_t - σ_{t+1}|`` for ``flow_sde``, unchanged for
+    ``cps`` and ``dance_sde``, whose released ``std_dev_t`` is already the step's std; see :class:`FlowGRPO`'s ``kl_form``."""
+    if kl_form == "per_time" and batch.kernel in PER_TIME_KERNELS:
         return kl * (batch.sigma.float() - batch.sigma_next.float()).abs().to(kl.device)
     return kl
 
@@ -106,9 +113,10 @@ class FlowGRPO:
         kl_form: ``"transition"`` (default): the KL of the two Gaussian transitions, divided by the
             step's variance ``std² = σ_t²·|Δt|`` (the paper's Eq.); ``"per_time"``: times ``|Δt| =
             sigma - sigma_next``, i.e. divided by ``σ_t²`` alone, as Flow-GRPO's released code computes it
-            (``std_dev_t`` without ``sqrt(-dt)``). Published ``kl_beta`` values (0.04 for GenEval) were
-            tuned with ``"per_time"``: with ``"transition"`` the same beta weighs the KL 1/|Δt| times
-            more (4–28x on SD3.5's 10 shifted steps).
+            for ``flow_sde`` (``std_dev_t`` without ``sqrt(-dt)``). Published ``kl_beta`` values (0.04 for GenEval)
+            were tuned with ``"per_time"``: with ``"transition"`` the same beta weighs the KL 1/|Δt| times
+            more (4–28x on SD3.5's 10 shifted steps). For ``cps`` and ``dance_sde`` the released code's
+            ``std_dev_t`` is the step's own std, so ``"per_time"`` equals ``"transition"`` there.
     """
 
     name = "grpo"
