@@ -72,9 +72,11 @@ def turning_points(R: Tensor, balance: bool = False) -> tuple[Tensor, Tensor]:
     A turning point's reward becomes the aggregated long-term reward R_K - R_{k-1}; other steps keep
     r_k. The replacement always has the sign of r_k (it is r_k + (R_K - R_k), both of that sign).
 
-    ``balance=True`` (the authors' balanced bonus): over the whole batch, if there are P > 0
-    positive and N > 0 negative replacements, keep the min(P, N) largest |R_K - R_{k-1}| of each
-    sign (ties: the earlier row-major position wins); the others revert to ordinary steps.
+    ``balance=True`` (the authors' balanced bonus, as their launch scripts run it: ``use_balanced_bonus``
+    with ``use_delta_global``): over the whole batch, if there are P > 0 positive and N > 0 negative
+    replacements, keep the min(P, N) of each sign whose row has the largest overall change
+    |R_K - R_0| (ties, such as two turning points of one row: the earlier row-major position wins);
+    the others revert to ordinary steps. A replacement's sign is always its row's trend sign(R_K - R_0).
 
     Returns:
         ``(mask[B, K] bool, rewards[B, K] fp32)``.
@@ -90,12 +92,12 @@ def turning_points(R: Tensor, balance: bool = False) -> tuple[Tensor, Tensor]:
     mask[:, 1:] = (sign_r[:, :-1] * g < 0) & (sign_r[:, 1:] * g > 0) & consistent[:, 1:]
     long_term = R[:, -1:] - R[:, :-1]  # [B, K]: R_K - R_{k-1}
     if balance:
-        mask = _balance(mask, long_term)
+        mask = _balance(mask, (R[:, -1:] - R[:, :1]).expand_as(long_term))
     return mask, torch.where(mask, long_term, r)
 
 
 def _balance(mask: Tensor, value: Tensor) -> Tensor:
-    """Keep equally many positive and negative turning points, the largest |value| of each."""
+    """Keep equally many positive and negative turning points (the sign of ``value``), the largest |value| of each."""
     flat_mask, flat_val = mask.flatten(), value.flatten()
     pos = (flat_mask & (flat_val > 0)).nonzero().flatten()
     neg = (flat_mask & (flat_val < 0)).nonzero().flatten()

@@ -75,7 +75,7 @@ class DenseConfig:
     stride: int = field(default=1, metadata={"help": "Sigma stride λ of the ODE completion of estimator 'ode_stride' (>= 2 there; the other estimators take 1)."})
     credit: str = field(default="gain", metadata={"help": f"Credit assignment of the step rewards, one of {CREDITS}: the step reward itself, sum-form return sum_j>=k gamma^(j-k) r_j, or min-form value min_j>=k r_j."})
     gamma: float = field(default=1.0, metadata={"help": "Discount of the sum-form return (credit='sum')."})
-    balance: bool = field(default=False, metadata={"help": "TP-GRPO: keep equally many positive and negative turning-point replacements."})
+    balance: bool = field(default=False, metadata={"help": "TP-GRPO: keep equally many positive and negative turning-point replacements, those of the rows with the largest |R_K - R_0| (the authors' use_delta_global)."})
     max_batch: Optional[int] = field(default=None, metadata={"help": "Rows per transformer / VAE / reward call of the estimator (memory only); null = all at once."})
     reuse_deterministic: bool = field(default=True, metadata={"help": "With stride 1, copy R_k into R_{k-1} when step k was deterministic instead of recomputing it (same value, fewer NFE)."})
     noise_table_file: Optional[str] = field(default=None, metadata={"help": "JSON noise table (flowalign.step_rewards.save_noise_table) used as sampling noise levels; overrides sampling.noise_schedule."})

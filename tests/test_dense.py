@@ -96,6 +96,19 @@ def test_turning_points_balance():
     assert mo.tolist() == m[[0, 1, 3]].tolist()
 
 
+def test_turning_points_balance_ranks_by_the_rows_overall_change():
+    """The authors' balancing (use_delta_global) ranks a turning point by its row's |R_K - R_0|, not by its
+    replacement |R_K - R_{k-1}|: row 0's step-2 turning point has the larger replacement (1.6) but the smaller
+    overall change (0.6), so row 1's step-1 turning point (1.0, 1.0) is the positive one kept."""
+    R = torch.tensor([[0, -1, 0.5, 0.6], [0, 0.5, 0.6, 1.0], [0, -0.5, -0.6, -1.0]])
+    m, r = dense.turning_points(R)
+    assert m.tolist() == [[False, True, False], [True, False, False], [True, False, False]]
+    assert r[0, 1].item() == pytest.approx(1.6) and r[1, 0].item() == pytest.approx(1.0)
+    mb, rb = dense.turning_points(R, balance=True)
+    assert mb.tolist() == [[False, False, False], [True, False, False], [True, False, False]]
+    assert torch.allclose(rb, torch.tensor([[-1, 1.5, 0.1], [1.0, 0.1, 0.4], [-1.0, -0.1, -0.4]]))
+
+
 def test_turning_points_rejects_bad_R():
     with pytest.raises(ValueError, match=r"\[B, K\+1\]"):
         dense.turning_points(torch.zeros(3))

@@ -271,7 +271,7 @@ def test_tp_grpo_balance_over_gathered_windows_matches_one_process_in_draw_order
     for seed in range(30):
         gen = torch.Generator().manual_seed(seed)
         # one process's batch: 4 windows of 2 groups (one per process), drawn in order g = 0..7, 2 rows each; discrete rewards
-        R_one = torch.randint(0, 3, (8 * G, K + 1), generator=gen).float() / 2
+        R_one = torch.randint(0, 4, (8 * G, K + 1), generator=gen).float() / 2
         ids_one = torch.arange(8).repeat_interleave(G)
         # two processes: process p holds the groups g with g % 2 == p (1 per round), gathered process-major
         rows = [r for p in range(2) for r in range(8 * G) if int(ids_one[r]) % 2 == p]
