@@ -83,7 +83,7 @@ class DenseConfig:
     calibration_samples: int = field(default=64, metadata={"help": "Rollouts per calibration round (N in DenseGRPO's counts)."})
     eps1: float = field(default=2.0, metadata={"help": "DenseGRPO calibration: a step is balanced when |#positive - #negative gains| <= eps1."})
     eps2: float = field(default=0.01, metadata={"help": "DenseGRPO calibration: noise-level increment (balanced) or decrement (unbalanced) per round."})
-    max_level: Optional[float] = field(default=None, metadata={"help": "Upper bound of a calibrated noise level; null = none."})
+    max_level: Optional[float] = field(default=None, metadata={"help": "Upper bound of a calibrated noise level; null = none (1 under sampling.kernel=cps, whose level is an angle fraction)."})
 
     def __post_init__(self):
         if self.estimator not in ESTIMATORS:
@@ -478,6 +478,8 @@ def calibrate_noise_table_for(
     under ``"drop"`` a sample whose reward fails is left out of that round's gains, as in training.
     ``gather`` (several processes): each process rolls out its own ``samples`` (0 allowed) and
     ``gather(gains) -> every process's gains`` joins them each round, so every process moves the same table.
+    Under ``kernel="cps"`` the levels are capped at 1 (and at ``max_level`` when lower): a step whose gains stay
+    balanced, such as CPS's deterministic last step (all gains 0), climbs by ``eps2`` every round.
     """
     levels = torch.as_tensor(initial_levels, dtype=torch.float32).flatten()
     if levels.numel() < 1 or bool((levels < 0).any()):
@@ -492,6 +494,8 @@ def calibrate_noise_table_for(
     if gather is not None:
         local = gains_fn
         gains_fn = lambda levels: gather(local(levels))  # noqa: E731
+    if kernel == "cps":  # a CPS level is an angle fraction: above 1 the rollout refuses it
+        max_level = 1.0 if max_level is None else min(max_level, 1.0)
     table = dense.calibrate_noise(gains_fn, levels, rounds, eps1=eps1, eps2=eps2, max_level=max_level)
     logger.info("calibrated noise table after %d rounds: %s", rounds, [round(x, 4) for x in table.tolist()])
     return table

@@ -263,6 +263,18 @@ def test_calibration_driver_follows_synthetic_gains():
     assert [s.tolist() for s in seen] == [pytest.approx(v) for v in ([0.5] * 3, [0.55, 0.45, 0.55], [0.6, 0.4, 0.6])]
 
 
+def test_calibration_caps_cps_levels_at_one():
+    """CPS's last step is deterministic (std = s' sin(a pi/2) = 0 at s' = 0): its gains are all 0, which counts as
+    balanced, so its level climbs eps2 a round; a CPS level above 1 is refused by the rollout, so the table stops at 1."""
+    zero_last = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    kw = dict(rounds=4, samples=2, initial_levels=[0.97, 0.97], eps1=0, eps2=0.02, gains_fn=lambda levels: zero_last)
+    assert sr.calibrate_noise_table_for(None, [], None, kernel="cps", **kw).tolist() == pytest.approx([1.0, 1.0])
+    assert sr.calibrate_noise_table_for(None, [], None, kernel="cps", max_level=0.99, **kw).tolist() == pytest.approx([0.99, 0.99])
+    assert sr.calibrate_noise_table_for(None, [], None, kernel="flow_sde", **kw).tolist() == pytest.approx([1.05, 1.05])
+    table = sr.calibrate_noise_table_for(None, [], None, kernel="cps", **kw)
+    sde.step("cps", torch.zeros(1, 2), torch.zeros(1, 2), 0.5, 0.3, float(table.max()))  # accepted by the kernel
+
+
 def test_rollout_gains_fn_matches_rollout_plus_estimator(adapter, reward):
     levels = torch.tensor([0.8, 0.4, 0.0])
     gains_fn = sr.rollout_gains_fn(adapter, PROMPTS, reward, samples=3, generator=torch.Generator().manual_seed(5))
