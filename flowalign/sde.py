@@ -26,7 +26,8 @@ Boundary steps (decided once, here):
   exactly on x0-hat) and is excluded from training by design.
 * Deterministic steps (``std == 0``: the ODE kernel, noise level 0, the last CPS step) have no
   density; :func:`log_prob` returns 0 for such rows (as ``Trajectory.log_probs`` records) and
-  :func:`is_stochastic` tells the sampler which steps to mark trainable.
+  :func:`is_stochastic` tells the sampler which steps to mark trainable. Their mean is the Euler step
+  taken as :func:`ode_kernel` takes it, so it equals the ODE step bit for bit in any dtype.
 """
 from __future__ import annotations
 
@@ -224,6 +225,10 @@ def step(
     else:
         mean, std = cps_kernel(x32, v32, s, s_next, level)
     std = torch.broadcast_to(std, (x.shape[0],) + (1,) * (x.ndim - 1))  # [B, 1, ..., 1]
+    if kind != "ode" and bool((std == 0).any()):
+        # a zero-noise row is the Euler step mathematically; take it as ode_kernel does, so in fp16 / bf16 it is the
+        # ODE step (and diffusers') bit for bit, not the same sum rounded in fp32
+        mean = torch.where(std == 0, ode_kernel(x32, v, s, s_next)[0], mean)
 
     if kind == "ode" or not bool((std > 0).any()):
         prev = mean  # deterministic: no draw, so the caller's RNG stream is not consumed

@@ -62,6 +62,30 @@ def test_noise_level_zero_equals_ode(kind):
         assert torch.all(out.std == 0)
 
 
+@pytest.mark.parametrize("kind", STOCHASTIC)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_zero_noise_rows_are_the_ode_step_bit_for_bit_in_half_precision(kind, dtype):
+    """Level-0 rows (window schedules' ODE steps, zero table entries) and CPS's last step take the Euler step as the
+    ODE kernel and diffusers do (dt·v in v's dtype), so a half-precision rollout through them equals the ODE one;
+    a noisy row in the same batch keeps its kernel."""
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(6)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 4, 8, 8, generator=g).to(dtype)
+    level = torch.tensor([0.0, 0.0, 0.7])
+    for i in range(6):
+        v = torch.randn(3, 4, 8, 8, generator=g).to(dtype)
+        s, s_next = float(sched.sigmas[i]), float(sched.sigmas[i + 1])
+        ref = sched.step(v, sched.timesteps[i], x).prev_sample
+        sched._step_index = None  # each call steps from timestep i again
+        out = sde.step(kind, x, v, s, s_next, level, noise=torch.randn(3, 4, 8, 8, generator=g))
+        assert torch.equal(out.prev_sample[:2], ref[:2]), (kind, i)
+        assert torch.equal(out.prev_sample[:2], sde.step("ode", x, v, s, s_next).prev_sample[:2])
+        noisy = sde.step(kind, x[2:], v[2:], s, s_next, 0.7, noise=out.prev_sample.new_zeros(1, 4, 8, 8).float())
+        assert torch.equal(out.mean[2:], noisy.mean), (kind, i)
+        x = out.prev_sample
+
+
 def test_kernel_formulas_hand_computed():
     # one element, s = 0.5, s' = 0.25, dt = -0.25, x = 1, v = 2
     x, v = torch.tensor([[1.0]]), torch.tensor([[2.0]])
