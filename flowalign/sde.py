@@ -245,6 +245,15 @@ def step(
 DRIFT_MODES = ("normalized", "tilted")
 
 
+def per_sample_std(std: Tensor | float, x: Tensor) -> Tensor:
+    """``std`` as fp32 on ``x``'s device, broadcastable to ``x``: a ``[B]`` tensor (one std per sample, as
+    ``SDEStep.std.flatten()`` gives) becomes ``[B, 1, ..., 1]`` instead of broadcasting over ``x``'s last dim."""
+    std32 = torch.as_tensor(std, dtype=torch.float32, device=x.device)
+    if std32.dim() == 1 and x.dim() > 1 and std32.shape[0] == x.shape[0]:
+        std32 = std32.reshape(-1, *([1] * (x.dim() - 1)))
+    return std32
+
+
 def reward_drift(grad: Tensor, std: Tensor | float, scale: float, mode: str = "normalized") -> Tensor:
     """Guided drift of a stochastic step from a process-reward gradient (Euphonium, arXiv 2602.04928).
 
@@ -266,7 +275,7 @@ def reward_drift(grad: Tensor, std: Tensor | float, scale: float, mode: str = "n
 
     Args:
         grad: ``[B, *latent]`` gradient of the process reward (e.g. w.r.t. the step's x0-prediction).
-        std: the kernel's std, ``[B, 1, ..., 1]`` or a float (:attr:`SDEStep.std`).
+        std: the kernel's std, ``[B, 1, ..., 1]``, ``[B]`` (per sample) or a float (:attr:`SDEStep.std`).
         scale: ``>= 0``; 0 gives a zero drift.
         mode: ``"normalized"`` or ``"tilted"``.
 
@@ -280,7 +289,7 @@ def reward_drift(grad: Tensor, std: Tensor | float, scale: float, mode: str = "n
     g = grad.float()
     finite_rows = torch.isfinite(g.reshape(g.shape[0], -1)).all(dim=1).reshape(-1, *([1] * (g.ndim - 1)))
     g = torch.where(finite_rows, g, torch.zeros_like(g))  # a row whose gradient is NaN / inf is not moved
-    std32 = torch.as_tensor(std, dtype=torch.float32, device=g.device)
+    std32 = per_sample_std(std, g)
     if mode == "tilted":
         return scale * std32**2 * g
     rms = g.reshape(g.shape[0], -1).pow(2).mean(dim=1).sqrt().reshape(-1, *([1] * (g.ndim - 1)))  # [B, 1, ..., 1] (per row, even for [B])
@@ -326,9 +335,7 @@ def log_prob(x_next: Tensor, mean: Tensor, std: Tensor | float, reduce: str = "m
     if x_next.shape != mean.shape:
         raise ValueError(f"x_next {tuple(x_next.shape)} and mean {tuple(mean.shape)} must have the same shape")
     x32, mu32 = x_next.float(), mean.float()
-    std32 = torch.as_tensor(std, dtype=torch.float32, device=x32.device)
-    if std32.dim() == 1 and x32.dim() > 1 and std32.shape[0] == x32.shape[0]:  # per sample, not per last-dim entry
-        std32 = std32.reshape(-1, *([1] * (x32.dim() - 1)))
+    std32 = per_sample_std(std, x32)
     if bool((std32.isnan() | (std32 < 0)).any()):
         raise ValueError("std must be >= 0 and not NaN (0 marks a deterministic step)")
     live = std32 > 0

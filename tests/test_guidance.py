@@ -51,6 +51,14 @@ def test_normalized_drift_moves_scale_noise_stds_along_the_gradient():
     torch.testing.assert_close(sde.reward_drift(100 * grad, std, scale=0.6), drift)  # the reward's units drop out
 
 
+@pytest.mark.parametrize("mode", ["normalized", "tilted"])
+def test_reward_drift_takes_a_b_std_per_sample_even_when_the_last_dim_is_b(mode):
+    torch.manual_seed(0)
+    grad = torch.randn(3, 2, 3)  # last dim 3 == B
+    std = torch.tensor([0.5, 1.0, 2.0])
+    assert torch.equal(sde.reward_drift(grad, std, 0.6, mode), sde.reward_drift(grad, std.reshape(3, 1, 1), 0.6, mode))
+
+
 def test_reward_drift_rejects_bad_arguments():
     with pytest.raises(ValueError, match="mode"):
         sde.reward_drift(torch.ones(1, 2), 1.0, scale=1.0, mode="bogus")

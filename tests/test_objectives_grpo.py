@@ -161,6 +161,15 @@ def test_mean_kl_rows_and_deterministic_rows():
     assert kl.tolist() == pytest.approx([(1 / 8 + 4 / 8) / 2, 0.0])
 
 
+def test_mean_kl_takes_a_b_std_per_sample_even_when_the_last_dim_is_b():
+    torch.manual_seed(0)
+    mean, ref = torch.randn(4, 2, 4, 4), torch.randn(4, 2, 4, 4)  # last dim 4 == B
+    std = torch.tensor([0.1, 0.2, 0.4, 0.8])
+    by_hand = [float(((mean[i] - ref[i]) ** 2).mean() / (2 * float(std[i]) ** 2)) for i in range(4)]
+    assert mean_kl(mean, ref, std).tolist() == pytest.approx(by_hand, rel=1e-5)
+    assert torch.equal(mean_kl(mean, ref, std), mean_kl(mean, ref, std.reshape(4, 1, 1, 1)))
+
+
 def test_advantages_are_clamped():
     lin, policy = _linear_policy(2)
     batch = _batch(policy)

@@ -79,7 +79,8 @@ def mean_kl(mean: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
 
     Args:
         mean, mean_ref: ``[B, *latent]`` kernel means under the policy and the reference.
-        std: broadcastable to ``mean`` (``[B, 1, ..., 1]`` from :func:`flowalign.sde.step`).
+        std: broadcastable to ``mean`` (``[B, 1, ..., 1]`` from :func:`flowalign.sde.step`); a ``[B]`` tensor
+            is taken per sample (:func:`flowalign.sde.per_sample_std`).
 
     Returns:
         ``[B]`` per-row KL, mean over latent dims; 0 for rows with ``std == 0`` (deterministic steps
@@ -87,7 +88,7 @@ def mean_kl(mean: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
     """
     if mean.shape != mean_ref.shape:
         raise ValueError(f"mean {tuple(mean.shape)} and mean_ref {tuple(mean_ref.shape)} must match")
-    std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
+    std = sde.per_sample_std(std, mean)
     live = std > 0
     safe = torch.where(live, std, torch.ones_like(std))
     kl = (mean.float() - mean_ref.float()) ** 2 / (2 * safe**2)  # [B, *latent]
