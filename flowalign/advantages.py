@@ -36,6 +36,12 @@ def _group_extremes(values: Tensor, idx: Tensor, G: int) -> tuple[Tensor, Tensor
     return hi, lo
 
 
+def _as_float(values) -> Tensor:
+    """``values`` as a floating tensor, fp64 kept (fp32 rounding would tie rewards that differ below its resolution)."""
+    t = torch.as_tensor(values)
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _normalise_columns(values: Tensor, group_ids: Tensor, std: str, eps: float, clip: Optional[float]) -> Tensor:
     """Group-normalise every column of ``values[B, M]`` independently -> ``[B, M]``."""
     if std not in STD_MODES:
@@ -153,7 +159,7 @@ def multi_reward_advantages(
         names = list(rewards)
         if not names:
             raise ValueError("rewards is empty")
-        stacked = torch.stack([torch.as_tensor(rewards[n]).float() for n in names], dim=1)  # [B, M]
+        stacked = torch.stack([_as_float(rewards[n]) for n in names], dim=1)  # [B, M]
         if isinstance(weights, Mapping):
             unknown = set(weights) - set(names)
             if unknown:
@@ -162,7 +168,7 @@ def multi_reward_advantages(
         else:
             w = [1.0] * len(names) if weights is None else [float(x) for x in weights]
     else:
-        stacked = torch.as_tensor(rewards).float()
+        stacked = _as_float(rewards)
         if stacked.ndim != 2:
             raise ValueError(f"rewards must be a dict of [B] or a [B, M] tensor, got shape {tuple(stacked.shape)}")
         w = [1.0] * stacked.shape[1] if weights is None else [float(x) for x in weights]
@@ -189,7 +195,7 @@ def kept_multi_reward_advantages(
     names = list(rewards)
     if not names:
         raise ValueError("rewards is empty")
-    stacked = torch.stack([torch.as_tensor(rewards[n]).float() for n in names], dim=1)  # [B, M]
+    stacked = torch.stack([_as_float(rewards[n]) for n in names], dim=1)  # [B, M]
     if bool(torch.isinf(stacked).any()):
         raise ValueError("rewards hold inf: only NaN marks a dropped sample")
     kept = ~stacked.isnan().any(dim=1)

@@ -151,3 +151,16 @@ def test_kept_multi_reward_advantages_normalise_each_reward_over_the_kept_sample
     assert torch.allclose(adv[kept], reference)
     assert torch.allclose(kept_multi_reward_advantages({"a": a, "b": b}, g, {"a": 1.0, "b": 0.5}, eps=0.0, clip=1.2)[:2],
                           torch.tensor([-1.2, 1.2]))
+
+
+def test_kept_and_multi_reward_advantages_keep_fp64_rewards_as_group_advantages_does():
+    """Rewards that differ below fp32's resolution (1e8 + 2) must not be tied by the kept / multi-reward paths."""
+    from flowalign.advantages import kept_group_advantages, multi_reward_advantages
+
+    r = torch.tensor([1e8, 1e8 + 2, 1e8 + 4], dtype=torch.float64)
+    ids = torch.zeros(3, dtype=torch.long)
+    expect = group_advantages(r, ids)
+    assert expect.tolist() == pytest.approx([-1.2247, 0.0, 1.2247], abs=1e-3)
+    assert torch.equal(kept_group_advantages(r, ids), expect)
+    assert torch.equal(multi_reward_advantages({"a": r}, ids), expect)
+    assert torch.equal(multi_reward_advantages(r[:, None], ids), expect)
