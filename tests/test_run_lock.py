@@ -113,3 +113,39 @@ def test_resuming_another_run_into_a_new_folder_locks_the_new_folder(tmp_path):
     finally:
         trainer.cleanup()
     assert _other_process_can_lock(tmp_path / "new")
+
+
+def _generate_config(store, prompts):
+    from flowalign.config import ModelConfig, RewardConfig
+    from flowalign.train.generate import GenerateConfig
+
+    return GenerateConfig(model=ModelConfig(pretrained="tiny-sd3"), rewards=[RewardConfig(name="brightness")], prompts=str(prompts),
+                          samples_per_prompt=2, num_steps=2, guidance_scale=1.0, prompts_per_shard=1, output_dir=str(store),
+                          image_format="none")
+
+
+def test_generate_locks_its_store_while_it_fills_and_a_locked_store_refuses_it(other_process_holds, tmp_path):
+    """Two generate runs on one store folder listed shards twice in its manifest, and the store stayed unreadable."""
+    import torch
+
+    from flowalign.train.generate import run_generate
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    held = []
+
+    def sample(prompts_, seeds):
+        held.append(not _other_process_can_lock(store))  # another run cannot start here while this one fills
+        return torch.zeros(len(prompts_), 4, 2, 2), None
+
+    def score(images, prompts_, metadata):
+        return {"brightness": torch.zeros(len(prompts_))}
+
+    store = tmp_path / "store"
+    run_generate(_generate_config(store, prompts), sample_fn=sample, score_fn=score)
+    assert held and all(held)
+    assert not (store / LOCK_NAME).exists()  # a finished generate lets the folder go
+    locked, pid = other_process_holds
+    with pytest.raises(ConfigError, match=f"in use by another flowalign run \\(pid {pid}\\)"):
+        run_generate(_generate_config(locked, prompts), sample_fn=sample, score_fn=score)
+    assert sorted(p.name for p in locked.iterdir()) == [LOCK_NAME]  # nothing written beside the holder's lock

@@ -197,16 +197,34 @@ def refuse_foreign_store_dir(folder: Path) -> None:
 def run_generate(cfg: GenerateConfig, sample_fn: Optional[SampleFn] = None, score_fn: Optional[ScoreFn] = None) -> Path:
     """Fill (or finish) the rollout store ``cfg.output_dir``; returns its path.
 
-    ``sample_fn`` / ``score_fn`` replace the configured model / rewards (tests, custom samplers).
+    ``sample_fn`` / ``score_fn`` replace the configured model / rewards (tests, custom samplers). The folder is
+    locked while it fills (``train/run_lock.py``): a second run on it stops at once, naming the first one's pid.
     """
-    from flowalign.prompts import load_prompts
-    from flowalign.train.model import resolve_path
-
     from flowalign.errors import ConfigError
 
     if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
         raise ConfigError(f"output_dir {cfg.output_dir} is a file, not a folder for the rollout store")
     refuse_foreign_store_dir(Path(cfg.output_dir))
+    from flowalign.train.run_lock import lock_run_dir
+
+    # one writer per store: two generate runs on one folder would list shards twice in its manifest for good
+    lock = lock_run_dir(Path(cfg.output_dir))
+    try:
+        out = _fill_locked(cfg, sample_fn, score_fn)
+    except BaseException:
+        if lock is not None:
+            lock.release(remove_if_unused=True)  # bad input writes nothing, not even the folder
+        raise
+    if lock is not None:
+        lock.release()
+    return out
+
+
+def _fill_locked(cfg: GenerateConfig, sample_fn: Optional[SampleFn], score_fn: Optional[ScoreFn]) -> Path:
+    """:func:`run_generate`'s work, under the store folder's lock."""
+    from flowalign.prompts import load_prompts
+    from flowalign.train.model import resolve_path
+
     records = load_prompts(resolve_path(cfg.prompts))  # assets/... falls back to the packaged copy, as train and eval do
     if cfg.num_prompts is not None:
         if cfg.num_prompts > len(records):
