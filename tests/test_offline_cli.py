@@ -185,6 +185,13 @@ def test_offline_trains_then_refuses_resumes_and_overwrites(tiny_store, tmp_path
     assert "2/4" in captured.err and "4/4" in captured.err  # the bar starts at the resumed step
     assert len((run / "metrics.csv").read_text().splitlines()) == 5
 
+    # a checkpoint past the run's end trains nothing: refused (it printed "done: 4 steps" and rewrote the config)
+    before, stamp = (run / "offline_config.yaml").read_text(), lora_file.stat().st_mtime_ns
+    assert cli.main(["offline", "--config", str(config), "--resume", "--set", "epochs=2", "--set", "max_steps=3"]) == 2
+    assert ("is at step 4, past the run's 3 steps (epochs x batches, capped by max_steps); raise epochs or max_steps so the "
+            "run has 4 steps or more") in _one_error_line(capsys)
+    assert (run / "offline_config.yaml").read_text() == before and lora_file.stat().st_mtime_ns == stamp
+
     assert cli.main(["offline", "--config", str(config), "--overwrite", "--set", "max_steps=1"]) == 0
     assert "done: 1 steps" in capsys.readouterr().out
     assert len((run / "metrics.csv").read_text().splitlines()) == 2

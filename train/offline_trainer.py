@@ -285,6 +285,11 @@ class OfflineTrainer(OptimizerViews):
         clear = prepare_offline_dir(self.run_dir, latest is not None, self.overwrite or self.resume)
         check_trackers(cfg.log_with, key="log_with")
         self._check_store()
+        if latest is not None:
+            from flowalign.train.run_dir import refuse_past_the_end
+
+            refuse_past_the_end(latest, self.total_steps, unit="step", limit="the run's {n} steps (epochs x batches, capped by max_steps)",
+                                fix="raise epochs or max_steps so the run has {done} steps or more")
         self.generator = torch.Generator().manual_seed(cfg.seed)  # sigma / noise draws of the objective
         # the kwargs were checked when the config was built (_check_objective_kwargs); get_objective raises ConfigError itself
         extra = {"generator": self.generator} if takes_keyword(cfg.objective, "generator") else {}

@@ -166,17 +166,18 @@ def find_resume_checkpoint(resume: Union[bool, str, Path], run_dir: Path) -> Opt
     return found
 
 
-def refuse_past_the_end(checkpoint: Path, iterations: int) -> None:
-    """ConfigError when ``checkpoint`` is past ``train.iterations``: the resumed run would train nothing and report
-    ``iterations`` done while the LoRA is the checkpoint's (a checkpoint at exactly ``iterations`` is a finished run,
-    whose end --resume writes again)."""
+def refuse_past_the_end(checkpoint: Path, iterations: int, unit: str = "iteration", limit: str = "train.iterations={n}",
+                        fix: str = "set train.iterations to {done} or more") -> None:
+    """ConfigError when ``checkpoint`` is past ``train.iterations`` (an offline run: its steps, ``unit="step"``): the
+    resumed run would train nothing and report ``iterations`` done while the LoRA is the checkpoint's (a checkpoint at
+    exactly ``iterations`` is a finished run, whose end --resume writes again). ``limit`` and ``fix`` word the message."""
     try:  # the manifest alone (find_latest verified it, load_checkpoint verifies it again): no second sha256 pass
         done = json.loads((checkpoint / ckpt.MANIFEST).read_text())["iteration"]
     except (OSError, ValueError, KeyError, TypeError):
         return  # a damaged manifest: load_checkpoint names what is wrong
     if isinstance(done, int) and done > iterations:
-        raise ConfigError(f"--resume: {checkpoint} is at iteration {done}, past train.iterations={iterations}; set "
-                          f"train.iterations to {done} or more to continue it (or resume an earlier checkpoint)")
+        raise ConfigError(f"--resume: {checkpoint} is at {unit} {done}, past {limit.format(n=iterations)}; "
+                          f"{fix.format(done=done)} to continue it (or resume an earlier checkpoint)")
 
 
 def never_checkpointed(run_dir: Path) -> bool:
