@@ -42,6 +42,7 @@ from flowalign.checkpoint import sha256_file
 from flowalign.errors import RolloutStoreError  # re-exported: `from flowalign.offline import RolloutStoreError` keeps working
 from flowalign.files import fsync_path, save_safetensors, write_text_atomic
 from flowalign.objectives.base import OfflineBatch
+from flowalign.prompts import prompts_digest
 
 logger = logging.getLogger(__name__)
 
@@ -489,7 +490,7 @@ def fill_store(
         raise ValueError(f"samples_per_prompt and prompts_per_shard must be >= 1, got {samples_per_prompt}, {prompts_per_shard}")
     specs = [p if isinstance(p, dict) else {"prompt": p} for p in prompts]
     # the whole specs: a resume after the prompt file's constraints (include, tag, ...) changed is another store
-    prompt_digest = hashlib.sha256(json.dumps(specs, sort_keys=True, default=str).encode()).hexdigest()
+    prompt_digest = prompts_digest(specs)
     legacy_digest = hashlib.sha256(json.dumps([s["prompt"] for s in specs]).encode()).hexdigest()  # stores before 2026-12-06
     store_json = Path(root) / "store.json"
     if store_json.is_file() and json.loads(store_json.read_text()).get("settings", {}).get("prompts_sha256") == legacy_digest:

@@ -18,6 +18,7 @@ exactly one process, and the sampler's state is the same on every process.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -44,6 +45,14 @@ class PromptRecord:
     prompt: str
     metadata: dict[str, Any] = field(default_factory=dict)
     line: int = 0
+
+
+def prompts_digest(records: Sequence[Any]) -> str:
+    """sha256 of the prompts in order, each with its metadata (``{"prompt": ..., **metadata}`` as canonical JSON):
+    what a run or a rollout store trained on, so a resume notices an edited prompt file."""
+    prompts, metadata = split_records(records)
+    specs = [{"prompt": p, **m} for p, m in zip(prompts, metadata)]
+    return hashlib.sha256(json.dumps(specs, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def split_records(records: Sequence[Any]) -> tuple[list[str], list[dict]]:
@@ -254,16 +263,23 @@ class PromptSampler:
     def __next__(self) -> list[PromptRecord]:
         return self.next_batch()
 
+    def _digest(self) -> str:
+        if getattr(self, "_prompts_sha256", None) is None:  # the records are fixed: hashed once
+            self._prompts_sha256 = prompts_digest(self.records)
+        return self._prompts_sha256
+
     def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable position in the stream (identical on every process)."""
+        """JSON-serialisable position in the stream (identical on every process), with the prompts' digest."""
         return {"seed": self.seed, "shuffle": self.shuffle, "num_prompts": len(self.records), "epoch": self.epoch,
-                "offset": self.offset, "iteration": self.iteration, "global_batch_size": self.global_batch_size}
+                "offset": self.offset, "iteration": self.iteration, "global_batch_size": self.global_batch_size,
+                "prompts_sha256": self._digest()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``; the next batches are exactly those the saved sampler would draw.
 
         Raises ``CheckpointError`` when the prompt count, seed or shuffling differ (the stream
-        would differ). A different ``batch_size`` / ``num_shards`` continues the same stream.
+        would differ), or the prompts themselves (:func:`prompts_digest`; states saved before it
+        was recorded are not checked). A different ``batch_size`` / ``num_shards`` continues the same stream.
         """
         missing = {"seed", "shuffle", "num_prompts", "epoch", "offset"} - set(state)
         if missing:
@@ -271,6 +287,9 @@ class PromptSampler:
         for key, mine in (("num_prompts", len(self.records)), ("seed", self.seed), ("shuffle", self.shuffle)):
             if state[key] != mine:
                 raise CheckpointError(f"PromptSampler state has {key}={state[key]!r} but this sampler has {key}={mine!r}")
+        if "prompts_sha256" in state and state["prompts_sha256"] != self._digest():
+            raise CheckpointError("the prompts differ from those this run was trained on (same count; other texts, "
+                                  "constraints or order): resume with the prompt file the run started with")
         if not 0 <= int(state["offset"]) < len(self.records) or int(state["epoch"]) < 0:
             raise CheckpointError(f"PromptSampler state out of range: epoch={state['epoch']!r}, offset={state['offset']!r}")
         if state.get("global_batch_size", self.global_batch_size) != self.global_batch_size:

@@ -73,6 +73,20 @@ def test_a_tracker_that_is_not_installed_is_refused_before_anything_is_built(tmp
     assert not run.exists()
 
 
+def test_resume_refuses_a_prompt_file_edited_since_the_checkpoint(tmp_path, capsys):
+    """Only the prompt file's path is in the config hash: shuffling its lines (same count) between stop and --resume
+    used to resume silently on other prompts."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\ntwo green triangles\n")
+    run = tmp_path / "run"
+    assert cli.main(["train", *_sets(run, "train.iterations=1", f"train.prompts={prompts}")]) == 0
+    capsys.readouterr()
+    prompts.write_text("two green triangles\na blue square\na red circle\n")
+    assert cli.main(["train", "--resume", str(run), "--set", "train.iterations=2"]) != 0
+    assert "prompts differ from those this run was trained on" in capsys.readouterr().err
+    assert [r["iteration"] for r in csv.DictReader(open(run / "metrics.csv", newline=""))] == ["1"]
+
+
 def test_train_then_refuse_then_resume_then_overwrite(tmp_path, capsys):
     run = tmp_path / "run"
     assert cli.main(["train", *_sets(run, "train.iterations=2")]) == 0

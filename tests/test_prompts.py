@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flowalign.errors import CheckpointError, ConfigError, PromptFileError
-from flowalign.prompts import PromptRecord, PromptSampler, load_prompts
+from flowalign.prompts import PromptRecord, PromptSampler, load_prompts, prompts_digest
 
 
 def _write(tmp_path, name, content):
@@ -232,6 +232,21 @@ def test_state_dict_mismatch(change):
     sampler = PromptSampler([f"p{i}" for i in range(9)], batch_size=2, seed=2)
     with pytest.raises(CheckpointError):
         sampler.load_state_dict({**sampler.state_dict(), **change})
+
+
+def test_state_dict_refuses_edited_prompts_of_the_same_count():
+    """A prompt file edited between stop and --resume (same line count) used to resume silently on other prompts."""
+    records = [PromptRecord(f"p{i}", {"include": [{"shape": "circle", "count": i + 1}]}) for i in range(5)]
+    state = PromptSampler(records, batch_size=2, seed=2).state_dict()
+    PromptSampler(list(records), batch_size=2, seed=2).load_state_dict(state)  # the same prompts: resumes
+    for edited in (records[::-1],  # reordered
+                   [*records[:4], PromptRecord("p9", records[4].metadata)],  # a text changed
+                   [*records[:4], PromptRecord("p4", {"include": [{"shape": "square", "count": 5}]})]):  # a constraint
+        with pytest.raises(CheckpointError, match="prompts differ from those this run was trained on"):
+            PromptSampler(edited, batch_size=2, seed=2).load_state_dict(state)
+    legacy = {k: v for k, v in state.items() if k != "prompts_sha256"}  # a checkpoint from before the digest
+    PromptSampler(records[::-1], batch_size=2, seed=2).load_state_dict(legacy)
+    assert prompts_digest(records) == prompts_digest([{"prompt": r.prompt, **r.metadata} for r in records])
 
 
 @pytest.mark.parametrize(
