@@ -87,6 +87,24 @@ def test_resume_refuses_a_prompt_file_edited_since_the_checkpoint(tmp_path, caps
     assert [r["iteration"] for r in csv.DictReader(open(run / "metrics.csv", newline=""))] == ["1"]
 
 
+def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    """A Ctrl-C during the final evaluation / report (the longest phase of make demo) printed a KeyboardInterrupt
+    traceback; the folder's lock must still be let go."""
+    from flowalign.train.run_lock import LOCK_NAME
+    from flowalign.train.trainer import Trainer
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "train", interrupted)
+    run = tmp_path / "run"
+    assert cli.main(["train", *_sets(run, "train.iterations=1")]) == 130
+    assert capsys.readouterr().err.strip() == ("flowalign train: interrupted (Ctrl-C); continue with --resume: from the last "
+                                               "checkpoint written (a finished run's writes its outputs again), or from the start "
+                                               "if there is none")
+    assert not (run / LOCK_NAME).exists()
+
+
 def test_train_then_refuse_then_resume_then_overwrite(tmp_path, capsys):
     run = tmp_path / "run"
     assert cli.main(["train", *_sets(run, "train.iterations=2")]) == 0

@@ -311,6 +311,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop's graceful stop: setup, the final evaluation and report
+        print(f"flowalign {args.command}: interrupted (Ctrl-C); {INTERRUPTED_HINT.get(args.command, 'nothing to continue')}",
+              file=sys.stderr)
+        return 130
+
+
+# what a Ctrl-C outside the training loop leaves (every file is written atomically)
+INTERRUPTED_HINT = {
+    "train": "continue with --resume: from the last checkpoint written (a finished run's writes its outputs again), "
+             "or from the start if there is none",
+    "offline": "continue with --resume: from the last checkpoint written (a finished run's writes its outputs again), "
+               "or from the start if there is none",
+    "generate": "rerun the same command to finish the store (its finished shards are kept)",
+}
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run ``args.command``; returns its exit status."""
     if args.command == "train":
         return run_train(args)
     if args.command == "eval":
