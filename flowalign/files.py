@@ -69,20 +69,48 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
             pass
 
 
-def save_safetensors(tensors: dict, path: PathLike, metadata: Optional[dict] = None) -> None:
-    """``safetensors.torch.save_file`` whose write failures are ``OSError`` s: safetensors raises its own
-    ``SafetensorError`` ("... No space left on device (os error 28)"), which handlers of disk errors miss."""
-    import re
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header written canonically (keys sorted, no spaces, padded with
+    spaces to 8 bytes as the format asks). safetensors writes the ``__metadata__`` keys in a hash order that
+    changes from process to process, so equal tensors and metadata gave files, and sha256 fingerprints, that differ."""
+    import json
 
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
+
+
+def canonicalise_safetensors_file(path: PathLike) -> None:
+    """Rewrite ``path`` (a safetensors file being written, not yet in place) with :func:`canonical_safetensors`."""
+    path = Path(path)
+    data = path.read_bytes()
+    canonical = canonical_safetensors(data)
+    if canonical != data:
+        path.write_bytes(canonical)
+
+
+def save_safetensors(tensors: dict, path: PathLike, metadata: Optional[dict] = None) -> None:
+    """``safetensors.torch.save_file`` with a canonical header (:func:`canonical_safetensors`: the same tensors and
+    metadata give the same bytes) and the usual permissions of a new file (``0o666`` less the umask; safetensors
+    writes ``0o600``, which kept a shared rollout store or checkpoint from the other users of a group). Write
+    failures are ``OSError`` s: safetensors raises its own ``SafetensorError`` ("... No space left on device
+    (os error 28)"), which handlers of disk errors miss."""
     from safetensors import SafetensorError
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     try:
-        save_file(tensors, str(path), metadata=metadata)
+        data = canonical_safetensors(save(tensors, metadata=metadata))
     except SafetensorError as exc:
-        found = re.search(r"os error (\d+)", str(exc))
-        code = int(found.group(1)) if found else 0
-        raise OSError(code, os.strerror(code) if code else " ".join(str(exc).split()), str(path)) from exc
+        raise OSError(0, " ".join(str(exc).split()), str(path)) from exc
+    _write_file(path, data)
+
+
+def _write_file(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path``; ``open`` creates the file with ``0o666`` less the umask."""
+    with open(path, "wb") as fh:
+        fh.write(data)
 
 
 def write_text_atomic(path: PathLike, text: str, encoding: str = "utf-8") -> Path:
@@ -125,6 +153,8 @@ def atomic_file_in(directory: PathLike, name: str) -> Iterator[Path]:
         written = tmp / name
         if not written.is_file():
             raise FileNotFoundError(f"the writer did not create {name} in {tmp}")
+        if written.suffix == ".safetensors":
+            canonicalise_safetensors_file(written)
         os.chmod(written, 0o666 & ~_umask())
         fsync_path(written)
         os.replace(written, directory / name)

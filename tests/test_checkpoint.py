@@ -135,19 +135,18 @@ def test_find_latest_skips_corrupt_checkpoint(tmp_path, caplog, damage):
 
 def test_failed_write_leaves_previous_checkpoints_and_no_temp(tmp_path, monkeypatch):
     good = ckpt.save_checkpoint(tmp_path, 1, {"lora": {"w": torch.ones(3)}}, {"it": 1})
-    import safetensors.torch
-    from safetensors import SafetensorError
+    from flowalign import files
 
     calls = {"n": 0}
-    real_save = safetensors.torch.save_file
+    real_write = files._write_file
 
-    def failing_save(tensors, path, metadata=None):  # what safetensors raises on a full disk
+    def failing_write(path, data):  # a full disk
         calls["n"] += 1
         if calls["n"] == 2:
-            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-        real_save(tensors, path, metadata=metadata)
+            raise OSError(28, "No space left on device", str(path))
+        real_write(path, data)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    monkeypatch.setattr(files, "_write_file", failing_write)
     with pytest.raises(OSError, match="No space left on device"):
         ckpt.save_checkpoint(tmp_path, 2, {"lora": {"w": torch.zeros(3)}, "ema": {"w": torch.zeros(3)}}, {"it": 2})
     assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]
@@ -239,3 +238,38 @@ def test_an_export_may_not_shadow_or_escape_the_checkpoint(tmp_path, name):
     with pytest.raises(CheckpointError, match="not a file of its own"):
         ckpt.save_checkpoint(tmp_path, 1, {"lora": {"w": torch.ones(2)}}, {"it": 1}, export=export)
     assert ckpt.list_checkpoints(tmp_path) == [] and not list(tmp_path.glob(".tmp-*"))  # nothing left behind
+
+
+WRITE_WITH_METADATA = """
+import sys, torch
+from flowalign.files import save_safetensors
+meta = {k: str(i) for i, k in enumerate(["format", "version", "index", "alpha", "beta", "gamma", "delta", "epsilon"])}
+save_safetensors({"b": torch.arange(6.0), "a": torch.ones(2, 3, dtype=torch.bfloat16)}, sys.argv[1], metadata=meta)
+"""
+
+
+def test_safetensors_files_are_byte_identical_across_processes_and_readable_by_others(tmp_path):
+    """safetensors writes __metadata__ keys in a per-process hash order and files 0o600: a regenerated rollout store's
+    shards (the same tensors) got other sha256 fingerprints, and a shared store or checkpoint was unreadable to others."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, safe_open
+
+    paths = [tmp_path / f"w{i}.safetensors" for i in range(3)]
+    old = os.umask(0o022)
+    try:
+        for path in paths:
+            subprocess.run([sys.executable, "-c", WRITE_WITH_METADATA, str(path)], check=True)
+    finally:
+        os.umask(old)
+    data = [p.read_bytes() for p in paths]
+    assert data[0] == data[1] == data[2]
+    n = int.from_bytes(data[0][:8], "little")
+    header = data[0][8:8 + n]
+    assert n % 8 == 0 and header.rstrip(b" ") == json.dumps(json.loads(header), sort_keys=True, separators=(",", ":")).encode()
+    assert torch.equal(load_file(str(paths[0]))["b"], torch.arange(6.0))
+    with safe_open(str(paths[0]), "pt") as fh:
+        assert fh.metadata()["epsilon"] == "7"
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in paths)

@@ -180,19 +180,18 @@ def test_lora_for_another_architecture_is_refused_listing_the_keys(tmp_path, cap
 
 
 def test_disk_full_while_checkpointing_is_reported_and_the_previous_checkpoint_is_intact(tmp_path, capsys, monkeypatch):
-    import safetensors.torch
-    from safetensors import SafetensorError
+    from flowalign import files
 
-    real_save = safetensors.torch.save_file
+    real_write = files._write_file
     calls = {"n": 0}
 
-    def filling_disk(tensors, path, metadata=None):
+    def filling_disk(path, data):
         calls["n"] += 1
-        if calls["n"] == 4:  # the second checkpoint's second file (lora, state | lora, *state*): as safetensors reports it
-            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-        real_save(tensors, path, metadata=metadata)
+        if calls["n"] == 4:  # the second checkpoint's second tensor file (lora, state | lora, *state*)
+            raise OSError(28, "No space left on device", str(path))
+        real_write(path, data)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", filling_disk)
+    monkeypatch.setattr(files, "_write_file", filling_disk)
     run = tmp_path / "run"
     assert cli.main(["train", *_sets(run, "train.iterations=3", "train.checkpoint_every=1")]) == 1
     err = _one_line(capsys)
@@ -201,7 +200,7 @@ def test_disk_full_while_checkpointing_is_reported_and_the_previous_checkpoint_i
     root = run / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["iter_000001"]  # no temp folder left
     assert ckpt.load_checkpoint(root / "iter_000001").iteration == 1
-    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    monkeypatch.setattr(files, "_write_file", real_write)
     assert cli.main(["train", "--resume", str(run)]) == 0  # continues from it once there is room
     assert json.loads((root / "iter_000003" / "manifest.json").read_text())["iteration"] == 3
 

@@ -95,6 +95,9 @@ def test_online_stop_checkpoints_the_iteration_and_resume_equals_the_uninterrupt
     resumed.cleanup()
     a, b = _lora(full), _lora(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a) and any(a[k].abs().max() > 0 for k in a if "lora_B" in k)
+    for name in ("pytorch_lora_weights.safetensors", "checkpoints/iter_000004/pytorch_lora_weights.safetensors",
+                 "checkpoints/iter_000004/lora.safetensors"):  # byte for byte too: canonical safetensors headers
+        assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "run" / name).read_bytes(), name
     runs = {name: _rows(tmp_path / name / "metrics.csv") for name in ("full", "run")}
     assert [r["iteration"] for r in runs["run"]] == ["1", "2", "3", "4"]  # each iteration once, across the stop
     assert [r["reward/mean"] for r in runs["run"]] == [r["reward/mean"] for r in runs["full"]]  # the same rollouts
