@@ -46,6 +46,7 @@ def test_no_command_prints_help_and_exits_2(capsys):
         (["--set", "rewards=[{name: no_such_reward}]"], "no_such_reward"),
         (["--set", "objective.name=no_such_objective"], "unknown objective 'no_such_objective'"),
         (["--set", "train.prompts=missing_prompts.txt"], "missing_prompts.txt"),
+        (["--resume", "--overwrite"], "--resume continues the run in the output folder and --overwrite replaces it: pass one"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, message):

@@ -206,6 +206,7 @@ def test_offline_trains_then_refuses_resumes_and_overwrites(tiny_store, tmp_path
         (["--set", "objetive=gdro"], "did you mean 'objective'"),
         (["--set", "objective_kwargs.tau=-1"], "tau must be > 0"),
         (["--resume"], "no valid checkpoint under"),
+        (["--resume", "--overwrite"], "--resume continues the run in the output folder and --overwrite replaces it"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_store, tmp_path, capsys, extra, message):

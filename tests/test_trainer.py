@@ -559,3 +559,31 @@ def test_one_reward_twice_under_labels_logs_both(tmp_path):
     assert batch.metrics["reward/color_fraction/mean"] == pytest.approx(float(red.mean()), abs=1e-6)
     assert batch.metrics["reward/blue/mean"] == pytest.approx(float(blue.mean()), abs=1e-6)
     assert torch.allclose(batch.traj.rewards, red + 0.5 * blue, atol=1e-6)
+
+
+def test_setup_seeds_python_and_numpy_from_the_run_seed(tmp_path):
+    """Only torch was seeded: a reward or objective plugin drawing from random / numpy differed between two fresh
+    runs with one seed (resumes restored them, so only fresh runs drifted)."""
+    import random
+
+    import numpy as np
+
+    from flowalign.train.runtime import seed_global_rngs
+
+    draws = []
+    for _ in range(2):
+        random.seed(None)
+        np.random.seed(None)
+        seed_global_rngs(7)
+        draws.append((random.random(), float(np.random.rand()), float(torch.rand(1))))
+    assert draws[0] == draws[1]
+    seed_global_rngs(2**40 + 7)  # numpy takes it mod 2**32
+    assert float(np.random.rand()) == draws[0][1]
+    after_setup = []
+    for name in ("a", "b"):
+        random.seed(None)
+        np.random.seed(None)
+        trainer = _trainer(tmp_path / name)
+        after_setup.append((random.random(), float(np.random.rand())))
+        trainer.cleanup()
+    assert after_setup[0] == after_setup[1]

@@ -231,11 +231,16 @@ def _train_config(args: argparse.Namespace):
     return load_config(path, overrides)
 
 
+CONTRADICTORY_FLAGS = "--resume continues the run in the output folder and --overwrite replaces it: pass one of them"
+
+
 def run_train(args: argparse.Namespace) -> int:
     """``flowalign train``: set up, train and write the run's outputs; returns the exit status (2 bad input, 1 failure)."""
     from flowalign.train.trainer import Trainer
 
     trainer = None
+    if args.resume and args.overwrite:
+        return _error("train", CONTRADICTORY_FLAGS)
     try:
         config = _train_config(args)
         trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite)
@@ -280,6 +285,8 @@ def run_offline(args: argparse.Namespace) -> int:
     """``flowalign offline``: train a LoRA from a rollout store; returns the exit status (2 bad input, 1 failure)."""
     from flowalign.train.offline_trainer import OfflineTrainer, load_offline_config
 
+    if args.resume and args.overwrite:
+        return _error("offline", CONTRADICTORY_FLAGS)
     try:
         config = load_offline_config(args.config, list(args.overrides))
         trainer = OfflineTrainer(config, resume=args.resume, overwrite=args.overwrite).setup()

@@ -294,7 +294,9 @@ class OfflineTrainer(OptimizerViews):
         # the kwargs were checked when the config was built (_check_objective_kwargs); get_objective raises ConfigError itself
         extra = {"generator": self.generator} if takes_keyword(cfg.objective, "generator") else {}
         self.objective = get_objective(cfg.objective, **extra, **cfg.objective_kwargs)
-        torch.manual_seed(cfg.seed)  # LoRA init (peft draws from the global RNG)
+        from flowalign.train.runtime import seed_global_rngs
+
+        seed_global_rngs(cfg.seed)  # LoRA init (peft draws from torch's global RNG); Python's and numpy's for plugins
         self.device = torch.device(cfg.device)
         if self.adapter is None:
             from flowalign.train.model import build_adapter

@@ -33,6 +33,19 @@ FORWARD_STREAM = 1_299_709
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def seed_global_rngs(seed: int) -> None:
+    """Seed torch's, Python's and numpy's global RNGs from ``seed`` (numpy takes it mod 2**32): flowalign draws from
+    its own generators, but LoRA init (peft) uses torch's, and a user's reward or objective may use the others,
+    which two fresh runs with one seed should then draw alike (checkpoints save and restore all three)."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 def group_generator(seed: int, iteration: int, group_index: int) -> torch.Generator:
     """CPU generator of the group at global position ``group_index`` of ``iteration``."""
     value = ((seed * 1_000_003 + iteration) * 1_000_003 + group_index + GROUP_STREAM) % SEED_MOD

@@ -207,7 +207,7 @@ class Trainer(OptimizerViews):
         check_trackers(cfg.train.log_with)
         if cfg.train.deterministic:
             runtime.deterministic_kernels()
-        torch.manual_seed(cfg.train.seed)
+        runtime.seed_global_rngs(cfg.train.seed)
         # rollout noise, shuffles, schedules: one stream per process (process 0 uses the seed itself)
         self.generator = torch.Generator().manual_seed(cfg.train.seed + PROCESS_SEED_STRIDE * self.accelerator.process_index)
         # cheap checks (prompts, rewards, objective) before the model is built
@@ -224,7 +224,7 @@ class Trainer(OptimizerViews):
         trainer_setup.warn_about_log_prob_sum(cfg, self.adapter, self.accelerator)
         if self.accelerator.process_index > 0:  # the LoRA init above drew the same numbers everywhere; from here on
             # (LoRA dropout masks) each process draws its own (process 0 keeps the seed's stream: 1-process runs unchanged)
-            torch.manual_seed(cfg.train.seed + PROCESS_SEED_STRIDE * self.accelerator.process_index)
+            runtime.seed_global_rngs(cfg.train.seed + PROCESS_SEED_STRIDE * self.accelerator.process_index)
         self.drift = trainer_setup.build_drift(cfg, self.adapter, drift_reward)  # Euphonium's guided rollouts, or None
         noise_table = None
         if self.dense and cfg.dense.calibration_rounds > 0:
