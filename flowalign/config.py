@@ -329,6 +329,12 @@ class TrainConfig:
         metadata={"help": "A held-out accuracy gain (percentage points) the run report checks: it says met / not met and draws "
                           "the line on heldout_accuracy.png (the toy main job: 15); null = no target."},
     )
+    report_reward: Optional[str] = field(
+        default=None,
+        metadata={"help": "The reward (rewards[].label, else its name) whose verdict the held-out report measures: a sample is "
+                          "correct when its details['binary'] is 1, or, for a reward without verdicts, when its score is >= 0.5; "
+                          "null = the first of rewards."},
+    )
     eval_prompts: Optional[str] = field(default=None, metadata={"help": "Held-out prompt file for evaluation; null = the first training prompts."})
     eval_num_prompts: int = field(default=8, metadata={"help": "Prompts in an eval grid."})
     final_eval_samples: int = field(
@@ -409,8 +415,11 @@ class FlowalignConfig:
         _check(any(r.weight != 0 for r in self.rewards), "every reward's weight is 0: the mixed reward would be constant and "
                                                           "nothing would train; give at least one reward a non-zero weight")
         names = [r.key for r in self.rewards]
-        _check(len(set(names)) == len(names), f"rewards lists a name twice: {names}; give one entry a label "
-                                              "(rewards[].label) to use a reward twice with other kwargs")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        _check(not twice, f"rewards name {twice} twice (each entry's label, else its name): give one of those entries a label "
+                          "(rewards[].label) no other entry uses, to use a reward twice with other kwargs")
+        _check(self.train.report_reward is None or self.train.report_reward in names,
+               f"train.report_reward={self.train.report_reward!r} is none of the rewards {names} (labels, else names)")
         per_iter = self.train.prompts_per_iter * self.sampling.group_size
         _check(
             self.train.micro_batch_size <= per_iter,
@@ -859,6 +868,7 @@ _HASH_EXCLUDE = {("train", "iterations"), ("train", "output_dir"), ("train", "ch
                  ("train", "log_with"), ("train", "progress"), ("train", "eval_every"), ("train", "final_eval_samples"),
                  ("train", "ref_kl_every"),
                  ("train", "gradient_checkpointing"), ("train", "offload_rewards"), ("train", "process_group_timeout_min"), ("train", "report_target_points"), ("train", "deterministic"),
+                 ("train", "report_reward"),
                  *(("model", key) for key in MODEL_MEMORY_KNOBS)}
 # fields left out of the hash while at these values (their defaults), so runs from before they existed resume
 _HASH_OMIT_AT = {("sampling", "log_prob_form"): "gaussian", ("model", "adapter"): None, ("model", "adapter_kwargs"): {}, ("sampling", "noise_seeding"): "process", ("objective", "reward_mix"): "reward", ("train", "ema_every"): 1, ("train", "mixed_precision"): "no",

@@ -409,7 +409,7 @@ def write_report(
         + f", {_get(config_dict, 'train.iterations', '?')} iterations, "
         f"lr {_get(config_dict, 'train.lr', '?')}, seed {_get(config_dict, 'train.seed', '?')}" + _ema_note(config_dict),
         "- **rewards**: " + ", ".join(f"`{r.get('name')}`" + (f" as `{r['label']}`" if r.get("label") else "") + f" × {r.get('weight', 1.0)}"
-                                      for r in config_dict.get("rewards", []) if isinstance(r, Mapping)),
+                                      for r in config_dict.get("rewards", []) if isinstance(r, Mapping)) + _verdict_note(config_dict),
         f"- **evaluation**: {aligned.num_samples} samples ({_per_prompt_note(aligned)}, "
         f"{settings.get('num_prompts', '?')} prompts from `{settings.get('prompts_file', _get(config_dict, 'train.eval_prompts', '?'))}`), "
         f"ODE {settings.get('num_steps', '?')} steps, guidance {settings.get('guidance_scale', '?')}, seeds {aligned.seeds[0]}…{aligned.seeds[-1]}; "
@@ -471,6 +471,16 @@ def write_report(
     path = write_text_atomic(run_dir / "report.md", "\n".join(lines))
     logger.info("wrote %s: held-out accuracy %.1f%% -> %.1f%% (%+.1f points)", path, 100 * base.accuracy, 100 * aligned.accuracy, gain)
     return path
+
+
+def _verdict_note(config_dict: Mapping[str, Any]) -> str:
+    """Which reward's verdict the accuracy counts (``train.report_reward``, else the first reward)."""
+    entries = [r for r in config_dict.get("rewards", []) if isinstance(r, Mapping)]
+    name = _get(config_dict, "train.report_reward", None) or (entries[0].get("label") or entries[0].get("name") if entries else None)
+    if not name:
+        return ""
+    return (f"; accuracy counts `{name}`'s verdict (`details['binary']`, or a score >= 0.5 for a reward without verdicts;"
+            " `train.report_reward`)")
 
 
 def heldout_report(

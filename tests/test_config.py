@@ -83,7 +83,9 @@ def test_config_diff_hashed_only_names_the_settings_that_change_the_run():
         ({"train": {"ema": "on"}}, "train.ema must be true or false, got 'on'"),
         ({"objective": {"timestep_fraction": 1.5}}, "objective.timestep_fraction must be in (0, 1], got 1.5"),
         ({"rewards": {"name": "x"}}, "rewards must be a list"),
-        ({"rewards": [{"name": "a"}, {"name": "a"}]}, "rewards lists a name twice"),
+        ({"rewards": [{"name": "a"}, {"name": "a"}]}, "rewards name ['a'] twice"),
+        ({"rewards": [{"name": "shapes"}, {"name": "brightness", "label": "shapes"}]}, "rewards name ['shapes'] twice (each entry's label"),
+        ({"train": {"report_reward": "shapes"}}, "train.report_reward='shapes' is none of the rewards ['brightness']"),
         ({"train": {"micro_batch_size": 64, "prompts_per_iter": 2}, "sampling": {"group_size": 4}}, "exceeds the samples per iteration (prompts_per_iter 2 x group_size 4 = 8)"),
         ({"objective": {"cfg_in_training": False}, "sampling": {"guidance_scale": 4.5}},
          "objective.cfg_in_training=false with sampling.guidance_scale=4.5 > 1: rollouts record the log-probs of the guided transitions"),
@@ -366,7 +368,7 @@ def test_a_label_lets_one_reward_appear_twice_and_keeps_old_hashes():
     twice = "rewards=[{name: shapes, kwargs: {score: binary}}, {name: shapes, label: shapes_partial, kwargs: {score: partial}}]"
     cfg = C.load_config(None, [twice])
     assert [r.key for r in cfg.rewards] == ["shapes", "shapes_partial"]
-    with pytest.raises(ConfigError, match="give one entry a label"):
+    with pytest.raises(ConfigError, match="give one of those entries a label"):
         C.load_config(None, ["rewards=[{name: shapes}, {name: shapes}]"])
     for bad in ("a/b", " x", ""):
         with pytest.raises(ConfigError, match="label"):

@@ -119,6 +119,38 @@ def test_report_names_the_noise_schedule_only_for_a_stochastic_kernel(tmp_path):
     assert "- **method**: `awm`, kernel `ode`, 10 steps" in text and "noise constant" not in text
 
 
+def test_report_names_the_reward_whose_verdict_it_counts(tmp_path):
+    """With several rewards the accuracy counted the first one's verdict and never said so."""
+    base = _result([1, 0, 0, 0, 0, 0, 0, 0, 1, 0], [0.5] * 10)
+    text = write_report(tmp_path, base=base, aligned=base, config_dict=CONFIG, timings={}).read_text()
+    assert "; accuracy counts `shapes`'s verdict (`details['binary']`, or a score >= 0.5" in text
+    mixed = dict(CONFIG, rewards=[{"name": "pkg.mod:Redness", "label": "red", "weight": 0.5}, {"name": "shapes", "weight": 1.0}])
+    assert "accuracy counts `red`'s verdict" in write_report(tmp_path, base=base, aligned=base, config_dict=mixed, timings={}).read_text()
+    chosen = dict(mixed, train=dict(CONFIG["train"], report_reward="shapes"))
+    assert "accuracy counts `shapes`'s verdict" in write_report(tmp_path, base=base, aligned=base, config_dict=chosen, timings={}).read_text()
+
+
+def test_final_report_scores_with_train_report_reward(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from flowalign import report
+    from flowalign.config import load_config
+    from flowalign.train import final_outputs
+
+    seen = {}
+    monkeypatch.setattr(report, "heldout_report", lambda run_dir, adapter, records, reward, **kw: seen.setdefault("reward", reward))
+    rewards = "rewards=[{name: brightness}, {name: color_fraction, label: colour}]"
+    for extra, expect in (([], "bright"), (["train.report_reward=colour"], "colour")):
+        cfg = load_config(None, [rewards, *extra])
+        trainer = SimpleNamespace(config=cfg, rewards={"brightness": "bright", "colour": "colour"}, device="cpu", run_dir=tmp_path,
+                                  adapter=None, heldout_records=[], timings={}, ema=None, lora_modules={},
+                                  accelerator=SimpleNamespace(is_main_process=True, process_index=0, num_processes=1))
+        monkeypatch.setattr(final_outputs.runtime, "to_device", lambda reward, device: None)
+        seen.clear()
+        final_outputs.write_heldout_report(trainer)
+        assert seen["reward"] == expect
+
+
 def test_report_refuses_evaluations_with_different_seeds(tmp_path):
     base = _result([0] * 10, [0.1] * 10)
     aligned = _result([1] * 10, [0.9] * 10)

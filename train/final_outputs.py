@@ -73,7 +73,7 @@ def remove_stale_report(run_dir: Path) -> list[Path]:
 
 def write_heldout_report(trainer) -> Optional[Path]:
     """Base (LoRA off) vs aligned (EMA weights when enabled) on ``train.eval_prompts`` with the
-    first configured reward: ``report.md``/``report.json``, ``before_after.png``, ``eval_*.json``.
+    reward ``train.report_reward`` (default: the first configured one): ``report.md``/``report.json``, ``before_after.png``, ``eval_*.json``.
 
     Called by every process: each samples every ``num_processes``-th sample of both evaluations
     (:func:`flowalign.evaluation.evaluate`'s ``shard``), the shares are gathered, and the main
@@ -82,7 +82,7 @@ def write_heldout_report(trainer) -> Optional[Path]:
     from flowalign.report import heldout_report
 
     cfg = trainer.config
-    name = cfg.rewards[0].key
+    name = cfg.train.report_reward or cfg.rewards[0].key
     reward = trainer.rewards[name]
     runtime.to_device(reward, trainer.device)
     start = time.perf_counter()
