@@ -259,6 +259,8 @@ def test_noise_levels_out_of_the_kernels_range_are_config_errors_at_load():
         C.load_config(None, ["sampling.noise_schedule=table", "sampling.noise_kwargs={levels: [0.5, .nan, 0.5]}", "sampling.num_steps=3"])
     with pytest.raises(ConfigError, match=r"kernel 'cps' takes noise_level in \[0, 1\]"):
         load_generate_config("toy_generate", ["kernel=cps", "noise_level=2"])
+    with pytest.raises(ConfigError, match="a reward keyed 'total' .* give that entry another label"):
+        load_generate_config("toy_generate", ["rewards=[{name: brightness, label: total}]"])
 
 
 def test_list_entries_are_named_the_way_set_addresses_them_and_missing_lists_start_from_the_default():

@@ -70,7 +70,8 @@ class GenerateConfig:
         names = [r.key for r in self.rewards]
         _check(len(names) >= 1 and len(set(names)) == len(names), f"rewards must list distinct names, got {names} (a label, "
                                                                   "rewards[].label, lets one reward appear twice)")
-        _check("total" not in names, "a reward named 'total' would be shadowed by the store's weighted total: give it a label")
+        _check("total" not in names, "a reward keyed 'total' (its label, else its name) would be shadowed by the store's weighted "
+                                     "total: give that entry another label")
 
 
 def read_yaml_mapping(path: Union[str, Path], what: str) -> dict[str, Any]:
