@@ -515,6 +515,8 @@ def check_reward_prompts(reward: Callable, records: Sequence[Any], name: Optiona
         check(prompts, metadata)
     except ConfigError as exc:
         raise ConfigError(f"reward {name or reward_name(reward)!r} cannot score the {what}: {exc}") from None
+    except Exception as exc:  # a plugin's check that raises ValueError, KeyError, ...: the same one-line refusal
+        raise ConfigError(f"reward {name or reward_name(reward)!r} cannot score the {what}: {type(exc).__name__}: {exc}") from exc
 
 
 def _fingerprint(images: Tensor) -> tuple[Optional[int], Optional[Tensor]]:

@@ -195,6 +195,22 @@ def test_a_broken_recipe_section_is_blamed_not_the_override_into_it(tmp_path):
         load_config(recipe, ["sampling.group_size=2"])
 
 
+def test_a_plugin_check_prompts_raising_any_error_is_one_config_error_naming_the_reward():
+    """A plugin's check_prompts raising ValueError gave a traceback and exit 1 instead of the one-line exit-2 refusal."""
+    from flowalign.errors import ConfigError
+    from flowalign.rewards.base import check_reward_prompts
+
+    class Picky:
+        def __call__(self, images, prompts, metadata=None):
+            return [0.0] * len(prompts)
+
+        def check_prompts(self, prompts, metadata):
+            raise ValueError(f"no quoted text in {prompts[0]!r}")
+
+    with pytest.raises(ConfigError, match="reward 'picky' cannot score the prompts: ValueError: no quoted text in 'a cat'"):
+        check_reward_prompts(Picky(), ["a cat"], name="picky")
+
+
 def test_prompts_outside_a_verifiers_grammar_are_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
     """The shapes verifier used to fail only after the model loaded and the first batch was sampled."""
     from flowalign.rewards import load_reward
