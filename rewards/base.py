@@ -198,6 +198,22 @@ class FunctionReward(Reward):
     def score(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
         return as_reward_output(self.fn(images, prompts, metadata, **self.kwargs))
 
+    def to(self, device: Union[torch.device, str]) -> "FunctionReward":
+        """Move the wrapped scorer's models too: its own ``to(device)`` when it has one (a scoring class of a plugin),
+        else its ``nn.Module`` attributes; an ``nn.Module`` scorer moves as the wrapper's attribute. ``offload`` follows."""
+        fn = self.fn
+        if not isinstance(fn, nn.Module):
+            mover = getattr(fn, "to", None)
+            if callable(mover) and not isinstance(fn, type):
+                moved = mover(torch.device(device))
+                if moved is not None and callable(moved):
+                    self.fn = moved
+            else:
+                for value in getattr(fn, "__dict__", {}).values():
+                    if isinstance(value, nn.Module):
+                        value.to(device)
+        return super().to(device)
+
 
 def as_reward_output(value: Any) -> RewardOutput:
     """Normalise what a reward returned to a ``RewardOutput`` (scores as a float tensor)."""

@@ -403,6 +403,38 @@ def test_differentiable_reward_keeps_gradients_through_call_reward():
     assert torch.allclose(x.grad[:, 2], torch.full_like(x.grad[:, 2], 0.114 / hw))
 
 
+def test_to_and_offload_reach_a_plain_scoring_class_and_its_models():
+    """train.offload_rewards did nothing for a plugin scorer that is a plain class holding a model."""
+    class RecordingModel(torch.nn.Linear):
+        def to(self, device):  # records the moves (a CPU-only machine has nowhere real to move to and back)
+            self.moves = getattr(self, "moves", []) + [str(device)]
+            return self
+
+    class WithTo:  # a plain class with its own to()
+        def __init__(self):
+            self.model, self.moves = RecordingModel(3, 1), []
+
+        def to(self, device):
+            self.moves.append(str(device))
+            return self
+
+        def __call__(self, images, prompts, metadata=None):
+            return torch.zeros(len(prompts))
+
+    class ModelOnly(WithTo):  # a plain class without to(): its module attributes move
+        to = None
+
+    with_to, model_only = FunctionReward(WithTo()), FunctionReward(ModelOnly())
+    for reward in (with_to, model_only):
+        reward.to("meta")
+        assert reward.device == torch.device("meta")
+        reward.offload()
+        assert reward.device == torch.device("cpu")
+    assert with_to.fn.moves == ["meta", "cpu"]  # its own to(), which moves what it holds
+    assert model_only.fn.model.moves == ["meta", "cpu"]
+    FunctionReward(lambda images, prompts, metadata=None: torch.zeros(len(prompts))).to("meta")  # a function: only the device
+
+
 def test_to_and_offload_move_modules():
     class WithModel(Reward):
         def __init__(self):
