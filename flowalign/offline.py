@@ -135,11 +135,17 @@ class RolloutWriter:
         (self.root / "shards").mkdir(parents=True, exist_ok=True)
         meta = {"version": STORE_VERSION, "settings": json.loads(json.dumps(settings))}
         meta_path = self.root / META_FILE
+        manifest = self.root / MANIFEST_FILE
+        no_shard_yet = not manifest.exists() or not manifest.read_text().strip()
         if meta_path.exists():
             old = json.loads(meta_path.read_text())
             if old != meta:
                 keys = sorted(k for k in set(old.get("settings", {})) | set(meta["settings"]) if old.get("settings", {}).get(k) != meta["settings"].get(k))
-                raise RolloutStoreError(f"{self.root}: store was written with other settings (differs in {keys or ['version']}); use a new folder")
+                if not no_shard_yet:
+                    raise RolloutStoreError(f"{self.root}: store was written with other settings (differs in {keys or ['version']}); use a new folder")
+                # a run that failed before its first shard (a reward that refused the prompts) fixed nothing yet
+                logger.warning("%s holds no shard yet: starting it with the new settings (they differ in %s)", self.root, keys)
+                write_text_atomic(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
         else:
             write_text_atomic(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
         self.settings = meta["settings"]

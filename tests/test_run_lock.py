@@ -1,6 +1,7 @@
 """One run per output folder at a time (train/run_lock.py)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -149,3 +150,41 @@ def test_generate_locks_its_store_while_it_fills_and_a_locked_store_refuses_it(o
     with pytest.raises(ConfigError, match=f"in use by another flowalign run \\(pid {pid}\\)"):
         run_generate(_generate_config(locked, prompts), sample_fn=sample, score_fn=score)
     assert sorted(p.name for p in locked.iterdir()) == [LOCK_NAME]  # nothing written beside the holder's lock
+
+
+def test_generate_checks_the_rewards_prompts_before_the_model_and_a_shardless_store_takes_new_settings(tmp_path, monkeypatch):
+    """generate sampled a shard before the reward refused the prompts, and its store.json then refused the corrected
+    reward for good ("written with other settings") although no shard existed."""
+    import torch
+
+    from flowalign.config import RewardConfig
+    from flowalign.train import generate
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of a cat\n")
+    monkeypatch.setattr(generate, "load_model_adapter", lambda *a, **k: pytest.fail("the model was loaded"))
+    cfg = _generate_config(tmp_path / "store", prompts)
+    cfg.rewards = [RewardConfig(name="shapes")]
+    with pytest.raises(ConfigError, match="reward 'shapes' cannot score the prompts"):
+        generate.run_generate(cfg)
+    assert not (tmp_path / "store").exists()  # nothing written, not even the folder
+
+    store = tmp_path / "store2"
+    first = _generate_config(store, prompts)
+
+    def sample(prompts_, seeds):
+        raise RuntimeError("interrupted before the first shard")
+
+    with pytest.raises(RuntimeError):
+        generate.run_generate(first, sample_fn=sample, score_fn=lambda *a: {})
+    manifest = store / "manifest.jsonl"
+    assert (store / "store.json").is_file() and (not manifest.exists() or not manifest.read_text().strip())
+    second = _generate_config(store, prompts)
+    second.num_steps = 3  # other settings: accepted while the store holds no shard
+    generate.run_generate(second, sample_fn=lambda p, s: (torch.zeros(len(p), 4, 2, 2), None),
+                          score_fn=lambda images, p, m: {"brightness": torch.zeros(len(p))})
+    assert json.loads((store / "store.json").read_text())["settings"]["sampler"]["num_steps"] == 3
+    third = _generate_config(store, prompts)  # now it holds shards: other settings are refused as before
+    with pytest.raises(Exception, match="store was written with other settings"):
+        generate.run_generate(third, sample_fn=lambda p, s: (torch.zeros(len(p), 4, 2, 2), None),
+                              score_fn=lambda images, p, m: {"brightness": torch.zeros(len(p))})

@@ -14,7 +14,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -152,20 +152,24 @@ def adapter_sample_fn(
     return sample
 
 
-def reward_score_fn(rewards: list[RewardConfig], device: str = "cpu") -> ScoreFn:
+def reward_score_fn(rewards: list[RewardConfig], device: str = "cpu", records: Optional[Sequence[Any]] = None) -> ScoreFn:
     """``(images, prompts, metadata) -> {name: scores}`` for every reward (its label when set), + the weighted ``"total"`` (what
     offline runs train on by default) when there are several or the one reward's weight is not 1 (a
     negative weight, a penalty, must reverse the ranking as it does online).
 
     A reward that reports a per-sample ``details["partial"]`` (the shapes verifier's fraction of
     constraints met) also gets ``"<name>/partial"``: a denser ranking signal for GDRO groups whose
-    binary scores tie (select it with the offline recipe's ``reward:``).
+    binary scores tie (select it with the offline recipe's ``reward:``). ``records`` (the prompts to be scored) are
+    checked by each reward's ``check_prompts`` here, before any model samples them.
     """
     from flowalign.rewards import call_reward, load_reward
+    from flowalign.rewards.base import check_reward_prompts
     from flowalign.train.runtime import to_device
 
     # on the device the images are scored on (a reward model left on the CPU got CUDA images); plain callables have no .to
     loaded = [(cfg, to_device(load_reward(cfg.name, **cfg.kwargs), device)) for cfg in rewards]
+    for cfg, reward in loaded if records else ():
+        check_reward_prompts(reward, records, name=cfg.key)
 
     def score(images: Tensor, prompts: list[str], metadata: list[dict]) -> dict[str, Tensor]:
         out = {}
@@ -234,6 +238,11 @@ def _fill_locked(cfg: GenerateConfig, sample_fn: Optional[SampleFn], score_fn: O
         records = records[: cfg.num_prompts]
     prompts = [{"prompt": r.prompt, **r.metadata} for r in records]
     sampler = {"num_steps": cfg.num_steps, "guidance_scale": cfg.guidance_scale, "kernel": cfg.kernel, "noise_level": cfg.noise_level}
+    if score_fn is None:  # the rewards load and check the prompts before the model does
+        from flowalign.train.runtime import check_device
+
+        check_device(cfg.device, "device")
+        score_fn = reward_score_fn(cfg.rewards, cfg.device, records=records)
     model_hash = "custom-sample-fn"
     if sample_fn is None:
         from flowalign.train.runtime import check_device
@@ -246,8 +255,6 @@ def _fill_locked(cfg: GenerateConfig, sample_fn: Optional[SampleFn], score_fn: O
         adapter = load_model_adapter(cfg.model, cfg.lora, cfg.device)
         model_hash = model_fingerprint(adapter.trainable_module, cfg.lora)
         sample_fn = adapter_sample_fn(adapter, cfg.num_steps, cfg.guidance_scale, cfg.kernel, cfg.noise_level, cfg.batch_size)
-    if score_fn is None:
-        score_fn = reward_score_fn(cfg.rewards, cfg.device)
     settings = {
         "model": {k: v for k, v in to_dict(cfg.model).items() if k not in MODEL_MEMORY_KNOBS}, "lora": cfg.lora, "model_hash": model_hash, "sampler": sampler,
         # an unset label is left out, so a store begun before labels existed is finished by the same settings
