@@ -60,6 +60,7 @@ from flowalign.rewards.base import Reward, RewardOutput, register_reward
 logger = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 1 << 30  # the server refuses larger bodies (1 GiB: 128 videos of 81 frames at 480 x 832 in uint8 do not fit)
 DTYPES = ("uint8", "float32")
+CHECK_TIMEOUT = 10.0  # seconds the prompt check before a run waits for the server
 
 
 def encode_request(images: Tensor, prompts: list[str], metadata: list[dict[str, Any]], dtype: str = "uint8") -> bytes:
@@ -240,6 +241,35 @@ class RemoteReward(Reward):
         except ValueError:
             raise RemoteScoringError(f"reward server {self.url} answered something that is not JSON: {raw[:200]!r}") from None
 
+    def check_prompts(self, prompts: list[str], metadata: list[dict[str, Any]]) -> None:
+        """Before any model loads: the server answers (``POST /check``, at most ``CHECK_TIMEOUT`` s, no retry) and its
+        reward's own ``check_prompts`` accepts the prompts. ConfigError (one line) otherwise; a server without
+        ``/check`` (an older flowalign) is asked ``GET /health`` instead."""
+        body = json.dumps({"prompts": list(prompts), "metadata": [dict(m) for m in metadata]}, default=str).encode()
+        request = urllib.request.Request(self.url + "/check", data=body, method="POST", headers={"Content-Type": "application/json"})
+        timeout = min(self.timeout, CHECK_TIMEOUT)
+        try:
+            with self._opener.open(request, timeout=timeout) as answer:
+                answer.read()
+        except urllib.error.HTTPError as exc:
+            try:
+                message = json.loads(exc.read()).get("error", "")
+            except Exception:  # noqa: BLE001
+                message = ""
+            if exc.code == 422:
+                raise ConfigError(f"reward server {self.url}: {message}") from None
+            if exc.code != 404:
+                raise ConfigError(f"reward server {self.url} answered HTTP {exc.code} to its prompt check: {message or exc.reason}") from None
+            try:  # an older server: it answers, which is what can be checked
+                with self._opener.open(self.url + "/health", timeout=timeout) as answer:
+                    answer.read()
+            except (urllib.error.URLError, ConnectionError, http.client.HTTPException, TimeoutError) as exc:
+                raise ConfigError(f"reward server {self.url} does not answer GET /health: {getattr(exc, 'reason', exc)}") from None
+        except (urllib.error.URLError, ConnectionError, http.client.HTTPException, TimeoutError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ConfigError(f"reward server {self.url} is unreachable ({reason}): start it first, e.g. `flowalign reward serve "
+                              f"NAME --port {urllib.parse.urlsplit(self.url).port or 80}`, or fix the remote reward's url") from None
+
     def _score_chunk(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> tuple[Tensor, dict]:
         answer = self._post(encode_request(images, prompts, metadata, self.dtype))
         scores = answer.get("scores") if isinstance(answer, dict) else None
@@ -265,7 +295,8 @@ def check_max_pending(max_pending: int) -> None:
 
 def make_server(reward, host: str = "127.0.0.1", port: int = 8765, max_pending: int = 4, read_timeout: float = 300.0) -> ThreadingHTTPServer:
     """An HTTP server scoring ``POST /score`` requests with ``reward`` (``serve_forever()`` runs it;
-    port 0 picks a free one: ``server.server_address``). ``GET /health`` answers ``{"ok": true}``. Requests
+    port 0 picks a free one: ``server.server_address``). ``GET /health`` answers ``{"ok": true}``; ``POST /check``
+    runs the reward's ``check_prompts`` (what :meth:`RemoteReward.check_prompts` asks before a run loads its model). Requests
     (one per training process and batch) are scored one at a time: a reward model need not be thread-safe.
     At most ``max_pending`` requests are held at once (being read, queued or scored; a queued one keeps its
     pixels as they travelled, uint8 by default, until its turn), so the server holds about ``max_pending`` times
@@ -311,8 +342,26 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 8765, max_pending: 
         def do_GET(self):  # noqa: N802 (http.server's naming)
             self._answer(200, {"ok": True}) if self.path == "/health" else self._answer(404, {"error": f"no {self.path}"})
 
+        def _check(self, body: bytes) -> None:
+            """``POST /check``: the served reward's ``check_prompts`` on JSON ``{"prompts", "metadata"}`` (422 with its
+            one-line refusal; 200 when it accepts them or has no check)."""
+            from .base import check_reward_prompts
+
+            try:
+                request = json.loads(body)
+                prompts, metadata = list(request["prompts"]), list(request.get("metadata") or [{}] * len(request["prompts"]))
+                records = [{**dict(m), "prompt": p} for p, m in zip(prompts, metadata)]
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                return self._answer(400, {"error": f"a prompt check is JSON {{'prompts': [...], 'metadata': [...]}}: {exc}"})
+            try:
+                with lock:
+                    check_reward_prompts(reward, records, name=getattr(reward, "name", None))
+            except ConfigError as exc:
+                return self._answer(422, {"error": str(exc)})
+            self._answer(200, {"ok": True})
+
         def do_POST(self):  # noqa: N802
-            if self.path != "/score":
+            if self.path not in ("/score", "/check"):
                 return self._answer(404, {"error": f"no {self.path}"})
             try:
                 length = int(self.headers.get("Content-Length") or -1)
@@ -327,6 +376,8 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 8765, max_pending: 
                 if body is None:
                     self.close_connection = True
                     return self._answer(408, {"error": f"the request's {length} bytes did not arrive within {self.timeout} s"})
+                if self.path == "/check":
+                    return self._check(body)
                 try:
                     images, prompts, metadata = decode_request(body, as_float=False)
                 except ValueError as exc:  # the client's fault, not the reward's

@@ -159,6 +159,31 @@ def test_an_unreachable_server_is_retried_then_named(caplog):
     assert caplog.text.count("retrying") == 2
 
 
+def test_the_prompt_check_reaches_the_server_and_its_rewards_check_before_any_model():
+    """An unreachable server was found only after the model loaded and a whole rollout ran (19 s on the toy), and a
+    served verifier could not refuse prompts outside its grammar before sampling."""
+    import socket
+
+    from flowalign.rewards.base import check_reward_prompts
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down = load_reward("remote", url=f"http://127.0.0.1:{port}", retries=5, retry_wait=30.0)
+    with pytest.raises(ConfigError, match=rf"reward server http://127.0.0.1:{port} is unreachable .*flowalign reward serve NAME --port {port}"):
+        check_reward_prompts(down, ["a red square"], name="remote")  # no retry, no 30 s wait
+    srv = remote.make_server(load_reward("shapes"), port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        served = load_reward("remote", url=f"http://127.0.0.1:{srv.server_address[1]}")
+        check_reward_prompts(served, ["a red square", {"prompt": "a cat", "include": [{"shape": "circle", "count": 1}]}])
+        with pytest.raises(ConfigError, match="reward 'remote' cannot score the prompts: reward server .*'a photo of a cat'"):
+            check_reward_prompts(served, ["a red square", "a photo of a cat"], name="remote")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_health_bad_paths_and_malformed_bodies(server):
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     assert json.loads(opener.open(server + "/health", timeout=10).read()) == {"ok": True}
