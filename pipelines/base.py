@@ -102,7 +102,8 @@ class Adapter(Protocol):
         """Standard normal latents of the pipeline's default resolution, ``[B, *latent_shape]``."""
 
     def decode(self, latents: Tensor, requires_grad: bool = False) -> Tensor:
-        """Decode latents to images (or videos) in [0, 1], float32; ``requires_grad=True`` keeps the
+        """Decode latents to images ``[B, 3, H, W]`` or videos ``[B, F, 3, H, W]`` (frames first, then RGB: not the
+        ``[B, C, F, H, W]`` of video latents; what rewards take) in [0, 1], float32; ``requires_grad=True`` keeps the
         graph to ``latents`` (process-reward guidance with a differentiable reward)."""
 
     @property

@@ -432,7 +432,8 @@ def check_reward_inputs(images: Tensor, prompts: Sequence[str], metadata: Option
     channel_axis = {4: 1, 5: 2}.get(images.dim())
     if channel_axis is None or images.shape[channel_axis] != 3:
         raise RewardError(
-            f"reward {name!r}: images must have shape [B,3,H,W] or [B,F,3,H,W], got {list(images.shape)}", reward=name
+            f"reward {name!r}: images must have shape [B,3,H,W] or [B,F,3,H,W], got {list(images.shape)} (an adapter's decode "
+            "returns videos frames first, [B,F,3,H,W], not the [B,C,F,H,W] of video latents)", reward=name
         )
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
         raise RewardError(f"reward {name!r}: prompts must be a list of strings", reward=name)
