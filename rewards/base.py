@@ -287,7 +287,24 @@ def _unknown_reward(spec: str) -> ConfigError:
     )
 
 
+_WARNED_SHADOWED: set[str] = set()
+
+
+def _warn_if_shadowed(spec: str) -> None:
+    """Warn (once per name) when an installed entry point has a built-in reward's name: the built-in wins."""
+    if spec in _WARNED_SHADOWED:
+        return
+    for ep in _entry_points():
+        if ep.name == spec:
+            _WARNED_SHADOWED.add(spec)
+            logger.warning("entry point %r = %r (group %s) has a built-in reward's name and is not used: the built-in %r is; "
+                           "name it by its dotted path %r, or declare it under another name", spec, ep.value, ENTRY_POINT_GROUP,
+                           spec, ep.value)
+
+
 def _resolve(spec: str) -> Any:
+    if spec in REWARDS or spec in LAZY_REWARDS:
+        _warn_if_shadowed(spec)
     if spec in REWARDS:
         return REWARDS[spec]
     if spec in LAZY_REWARDS:

@@ -270,6 +270,23 @@ def test_entry_point_from_a_real_dist_info(tmp_path, monkeypatch):
         sys.modules.pop(package, None)
 
 
+def test_an_entry_point_with_a_builtin_name_is_named_in_a_warning(tmp_path, monkeypatch, caplog):
+    """An installed entry point called 'brightness' was silently ignored in favour of the built-in."""
+    package = f"fa_ep_{uuid.uuid4().hex[:8]}"
+    dist_info = tmp_path / f"{package}-0.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1\n")
+    (dist_info / "entry_points.txt").write_text(f"[flowalign.rewards]\nbrightness = {package}:Mine\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(reward_base, "_WARNED_SHADOWED", set())
+    with caplog.at_level("WARNING"):
+        reward = load_reward("brightness")
+        load_reward("brightness")
+    assert type(reward).__module__.startswith("flowalign.rewards")  # the built-in
+    assert caplog.text.count(f"entry point 'brightness' = '{package}:Mine'") == 1  # once
+    assert f"name it by its dotted path '{package}:Mine'" in caplog.text
+
+
 def test_lazy_builtin_not_imported_until_used(temp_module, monkeypatch):
     module = temp_module(CONST_SOURCE)
     monkeypatch.setitem(reward_base.LAZY_REWARDS, "lazy_const_test", f"{module}:ConstReward")
