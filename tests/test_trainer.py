@@ -587,3 +587,19 @@ def test_setup_seeds_python_and_numpy_from_the_run_seed(tmp_path):
         after_setup.append((random.random(), float(np.random.rand())))
         trainer.cleanup()
     assert after_setup[0] == after_setup[1]
+
+
+def test_extending_a_finished_run_says_its_final_lora_is_the_earlier_ends(tmp_path, caplog):
+    """An extension interrupted before its end left the root LoRA and report of the earlier end with no word of it."""
+    run = tmp_path / "run"
+    first = _trainer(run, "train.iterations=1", "sampling.num_steps=2")
+    first.train()
+    first.cleanup()
+    with caplog.at_level("WARNING"):
+        again = _trainer(run, "train.iterations=1", "sampling.num_steps=2", resume=True)  # the same end: nothing to say
+        again.cleanup()
+        assert "an earlier end's" not in caplog.text
+        longer = _trainer(run, "train.iterations=2", "sampling.num_steps=2", resume=True)
+        longer.cleanup()
+    assert "pytorch_lora_weights.safetensors (and report, if any) are an earlier end's; this run replaces them when it " \
+           "reaches iteration 2" in caplog.text

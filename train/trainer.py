@@ -233,6 +233,10 @@ class Trainer(OptimizerViews):
             self.timings["calibration"] = time.perf_counter() - t0
         if resume_path is not None:
             self._load_checkpoint(resume_path)
+            if self.accelerator.is_main_process and self.iteration < cfg.train.iterations and (self.run_dir / "pytorch_lora_weights.safetensors").is_file():
+                logger.warning("%s: its pytorch_lora_weights.safetensors (and report, if any) are an earlier end's; this run replaces "
+                               "them when it reaches iteration %d (until then the newest LoRA is in checkpoints/)", self.run_dir,
+                               cfg.train.iterations)
         if self.accelerator.is_main_process:
             if clear:
                 clear_run_dir(self.run_dir)  # the run's own files only (prepare_run_dir refused a folder holding others)
