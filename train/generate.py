@@ -229,6 +229,7 @@ def _fill_locked(cfg: GenerateConfig, sample_fn: Optional[SampleFn], score_fn: O
     """:func:`run_generate`'s work, under the store folder's lock."""
     from flowalign.prompts import load_prompts
     from flowalign.train.model import resolve_path
+    from flowalign.train.runtime import check_device
 
     records = load_prompts(resolve_path(cfg.prompts))  # assets/... falls back to the packaged copy, as train and eval do
     if cfg.num_prompts is not None:
@@ -238,20 +239,16 @@ def _fill_locked(cfg: GenerateConfig, sample_fn: Optional[SampleFn], score_fn: O
         records = records[: cfg.num_prompts]
     prompts = [{"prompt": r.prompt, **r.metadata} for r in records]
     sampler = {"num_steps": cfg.num_steps, "guidance_scale": cfg.guidance_scale, "kernel": cfg.kernel, "noise_level": cfg.noise_level}
-    if score_fn is None:  # the rewards load and check the prompts before the model does
-        from flowalign.train.runtime import check_device
-
+    if sample_fn is None or score_fn is None:
         check_device(cfg.device, "device")
+    if sample_fn is None and cfg.lora is not None:
+        from flowalign.lora import read_lora_file
+
+        read_lora_file(cfg.lora)  # missing or unreadable: before the rewards and the model load
+    if score_fn is None:  # the rewards load and check the prompts before the model does
         score_fn = reward_score_fn(cfg.rewards, cfg.device, records=records)
     model_hash = "custom-sample-fn"
     if sample_fn is None:
-        from flowalign.train.runtime import check_device
-
-        check_device(cfg.device, "device")
-        if cfg.lora is not None:
-            from flowalign.lora import read_lora_file
-
-            read_lora_file(cfg.lora)  # missing or unreadable: before the model loads
         adapter = load_model_adapter(cfg.model, cfg.lora, cfg.device)
         model_hash = model_fingerprint(adapter.trainable_module, cfg.lora)
         sample_fn = adapter_sample_fn(adapter, cfg.num_steps, cfg.guidance_scale, cfg.kernel, cfg.noise_level, cfg.batch_size)
