@@ -23,6 +23,7 @@ shows which failures alignment fixes and which correct samples it breaks.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -188,6 +189,7 @@ def aggregate(tags: Sequence[str], scores: Tensor, partial: Optional[Tensor], th
     partial = None if partial is None else partial.detach().double().cpu()  # [N]
     if len(tags) != scores.numel():
         raise ValueError(f"{len(tags)} tags for {scores.numel()} scores")
+    check_tags(tags)
     is_correct = correct_mask(scores, verdicts, threshold)  # [N]
     groups: dict[str, list[int]] = {}
     for i, tag in enumerate(tags):
@@ -213,16 +215,29 @@ def aggregate(tags: Sequence[str], scores: Tensor, partial: Optional[Tensor], th
     return out
 
 
-def category_mean(categories: Mapping[str, CategoryStats]) -> float:
+def check_tags(tags: Sequence[Any]) -> None:
+    """ValueError when a sample's category is named ``"all"``: that name is the overall row's."""
+    if ALL in tags:
+        raise ValueError(f"a prompt's category (tag) is {ALL!r}, the name of the overall row: rename that tag")
+
+
+def category_mean(categories: Mapping[str, CategoryStats], names: Optional[Sequence[str]] = None) -> float:
     """Mean accuracy over the categories, each weighted equally (``"all"`` left out).
 
     GenEval's overall score is this mean over its tasks; the ``"all"`` row weights categories
     by their sample counts instead, and the two differ when a prompt set is sampled unevenly
     (e.g. 512 samples, one per line, of a file with 64 lines per category). Categories with no
-    scored sample are skipped; NaN when none is left.
+    scored sample are skipped; NaN when none is left. ``names`` limits the mean to those categories
+    (two evaluations compared over the categories both scored: :func:`common_categories`).
     """
-    values = [c.accuracy for name, c in categories.items() if name != ALL and c.count > 0]
+    values = [c.accuracy for name, c in categories.items() if name != ALL and c.count > 0 and (names is None or name in names)]
     return sum(values) / len(values) if values else math.nan
+
+
+def common_categories(*results: Mapping[str, CategoryStats]) -> list[str]:
+    """The categories (``"all"`` aside) with a scored sample in every one of ``results``' category tables."""
+    names = [name for name in results[0] if name != ALL]
+    return [name for name in names if all(name in r and r[name].count > 0 for r in results)]
 
 
 @dataclass
@@ -406,6 +421,7 @@ def compare(base: EvalResult, aligned: EvalResult, z: float = Z95, check_noise: 
         bad = int(torch.nonzero(~torch.isclose(base.noise_fingerprints, aligned.noise_fingerprints, rtol=1e-6, atol=1e-6))[0])
         raise ValueError(f"base and aligned evaluations drew different initial noise (first at sample {bad}); "
                          "were they run on different devices or latent shapes?")
+    base, aligned = align_tags(base, aligned)
     rows = {}
     for name in aligned.categories:
         if name not in base.categories:
@@ -415,6 +431,31 @@ def compare(base: EvalResult, aligned: EvalResult, z: float = Z95, check_noise: 
         rows[name] = {"base": b, "aligned": a, "delta": a.accuracy - b.accuracy, "delta_low": low, "delta_high": high,
                       "delta_partial": a.mean_partial - b.mean_partial}
     return Comparison(rows=rows)
+
+
+def align_tags(base: EvalResult, aligned: EvalResult) -> tuple[EvalResult, EvalResult]:
+    """``base`` and ``aligned`` with one category per sample: where one files a sample as ``"untagged"`` (a dropped
+    sample whose category only the reward names) the other's category is used, and the categories are recounted.
+
+    Raises:
+        ValueError: a sample is filed under two named categories (prompt files that tag the same prompts otherwise).
+    """
+    if base.tags == aligned.tags or len(base.tags) != len(aligned.tags):
+        return base, aligned
+    tags = []
+    for i, (b, a) in enumerate(zip(base.tags, aligned.tags)):
+        if b != a and UNTAGGED not in (a, b):
+            raise ValueError(f"base and aligned evaluations file sample {i} ({base.prompts[i]!r}) under other categories "
+                             f"({b!r} vs {a!r}): evaluate both with the same prompt file")
+        tags.append(a if b == UNTAGGED else b)
+    return _retagged(base, tags), _retagged(aligned, tags)
+
+
+def _retagged(result: EvalResult, tags: list[str]) -> EvalResult:
+    if result.tags == tags:
+        return result
+    categories = aggregate(tags, result.scores, result.partial, result.settings.get("threshold", 0.5), verdicts=result.verdicts)
+    return dataclasses.replace(result, tags=tags, categories=categories)
 
 
 def _label_order(labels: Sequence[str]) -> list[str]:
@@ -712,6 +753,10 @@ def evaluate(
     if shard is not None and int(shard[1]) > 1 and gather is None:
         raise ConfigError(f"evaluate(shard={shard}) needs gather, which collects the other processes' shares")
     prompts_all, metadata_all = split_records(records)
+    try:
+        check_tags([m.get("tag") for m in metadata_all])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None  # before anything is sampled
     index = sample_indices(len(prompts_all), num_samples, samples_per_prompt)
     n = len(index)
     seeds = [int(seed) + i for i in range(n)]
@@ -760,8 +805,10 @@ def evaluate(
                 failures += [DROPPED if label is None or bool(dropped[j]) else str(label) for j, label in enumerate(labels)]
             detail_tags = out.details.get("tag")
             for j, m in enumerate(metadata):
-                tag = m.get("tag", detail_tags[j] if detail_tags is not None else None)
-                tags.append(UNTAGGED if tag is None else str(tag))
+                tag = m.get("tag")
+                if tag is None and detail_tags is not None and not bool(dropped[j]):  # a dropped sample's details do not count
+                    tag = detail_tags[j]
+                tags.append(None if tag is None else str(tag))  # None: filled below from the record's other samples
             for j, i in enumerate(rows):
                 if i in keep_set:
                     images[i] = batch_images[j].detach().float().cpu()
@@ -776,6 +823,11 @@ def evaluate(
         logger.info("evaluation share %d of %d: sampled %d of the %d samples", int(shard[0]), int(shard[1]), len(my_rows), n)
         part = _merge_parts(gather(part), n)
     wall = time.perf_counter() - start
+    named = {}  # a dropped sample whose category only the reward names takes another sample's of its record
+    for i, tag in enumerate(part.tags):
+        if tag is not None:
+            named.setdefault(index[i], tag)
+    part.tags = [named.get(index[i], UNTAGGED) if tag is None else tag for i, tag in enumerate(part.tags)]
 
     scores_t = torch.tensor(part.scores, dtype=torch.float32)  # [N]
     partial_t = torch.tensor(part.partial, dtype=torch.float32) if part.partial is not None and n else None  # [N]

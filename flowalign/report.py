@@ -36,7 +36,7 @@ from typing import Any, Callable, ContextManager, Mapping, Optional, Sequence, U
 import torch
 from torch import Tensor
 
-from flowalign.evaluation import ALL, EvalResult, _pct, _pts, _pts_ci, category_mean, compare, evaluate, failure_counts, failure_transitions, pick_samples, prompt_changes
+from flowalign.evaluation import ALL, EvalResult, _pct, _pts, _pts_ci, align_tags, category_mean, common_categories, compare, evaluate, failure_counts, failure_transitions, pick_samples, prompt_changes
 from flowalign.files import atomic_path, write_text_atomic
 from flowalign.plots import category_bars, read_metrics
 
@@ -284,6 +284,7 @@ def failure_tables(base: EvalResult, aligned: EvalResult) -> Optional[dict[str, 
     (``details["failure"]``; :func:`flowalign.evaluation.failure_counts` / ``failure_transitions``), else None."""
     if base.failures is None or aligned.failures is None:
         return None
+    base, aligned = align_tags(base, aligned)
     return {"base": failure_counts(base.tags, base.failures), "aligned": failure_counts(aligned.tags, aligned.failures),
             "transitions": failure_transitions(base.failures, aligned.failures)}
 
@@ -297,7 +298,7 @@ def failure_section(tables: Optional[Mapping[str, Mapping[str, Mapping[str, int]
     labels = list(moves)
     lines = ["## Failure modes", "", "Why samples fail, as the reward labels them; each cell is base → aligned (same prompts and seeds).", "",
              "| category | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
-    for tag in after:
+    for tag in [*sorted((set(before) | set(after)) - {ALL}), ALL]:  # a category only one side has shows as 0 there
         name = f"**{tag}**" if tag == ALL else tag
         lines.append(f"| {name} | " + " | ".join(f"{before.get(tag, {}).get(x, 0)} → {after[tag].get(x, 0)}" for x in labels) + " |")
     lines += ["", "Base outcome (rows) → aligned outcome (columns) of the same samples:", "",
@@ -380,6 +381,7 @@ def write_report(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     comparison = compare(base, aligned)
+    base, aligned = align_tags(base, aligned)  # as compare counted them
     category_bars(comparison.rows, run_dir / "heldout_accuracy.png", target_points=target_gain_points, overall=ALL)
     if command is None:
         command = config_dict.get("command") or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
@@ -390,7 +392,8 @@ def write_report(
     overall = comparison.rows[ALL]
     gain = 100 * overall["delta"]
     met = None if target_gain_points is None else meets_target(gain, target_gain_points)
-    mean_base, mean_aligned = category_mean(base.categories), category_mean(aligned.categories)
+    both = common_categories(base.categories, aligned.categories)  # a category all dropped in one run: out of both means
+    mean_base, mean_aligned = category_mean(base.categories, both), category_mean(aligned.categories, both)
     settings = aligned.settings
     kernel = _get(config_dict, "sampling.kernel", "?")
     oversample = _get(config_dict, "train.oversample", 1.0)

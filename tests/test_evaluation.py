@@ -605,3 +605,72 @@ def test_merge_shares_puts_every_process_value_at_its_sample_index():
         merge_shares([([0, 7], [1.0, 2.0])], 7)  # out of range
     with pytest.raises(ValueError, match="2 sample indices for 1 values"):
         merge_shares([([0, 1], [1.0])], 2)
+
+
+class PromptTagPicky(GradedVerifier):
+    """Categories from the reward (details["tag"], from the prompt text), not the metadata; raises the first time it
+    sees "a green triangle" only (the record's later samples are scored)."""
+
+    def score(self, images, prompts, metadata):
+        if "a green triangle" in prompts and not getattr(self, "raised", False):
+            self.raised = True
+            raise ValueError("not in the grammar")
+        out = super().score(images, prompts, metadata)
+        out.details["tag"] = ["colors" if p.startswith(("a red", "a green")) else "other" for p in prompts]
+        return out
+
+
+def test_a_dropped_sample_whose_category_the_reward_names_keeps_its_records_category(adapter):
+    """A dropped sample's category came from its (absent) details, so it was filed under a made-up 'untagged' row."""
+    kw = dict(num_samples=8, num_steps=1, guidance_scale=1.0, seed=0, progress=False, on_error="drop", batch_size=1)
+    plain = [r["prompt"] for r in RECORDS]  # no metadata tags: only the reward names categories
+    result = evaluate(adapter, plain, PromptTagPicky(0.5), **kw)
+    assert torch.isnan(result.scores[3]) and not torch.isnan(result.scores[7])  # sample 3 dropped, 7 (same record) scored
+    assert result.tags == ["colors", "other", "other", "colors"] * 2  # sample 3 takes sample 7's category
+    assert "untagged" not in result.categories and result.categories["colors"].dropped == 1
+    alone = evaluate(adapter, plain, PromptTagPicky(0.5), **{**kw, "num_samples": 4})  # its record has no other sample
+    assert alone.tags[3] == "untagged"
+
+
+def _tagged_result(tags, correct, failures=None):
+    scores = torch.tensor(correct, dtype=torch.float32)
+    n = len(tags)
+    return EvalResult(prompts=[f"p{i}" for i in range(n)], tags=list(tags), seeds=list(range(n)), record_index=list(range(n)),
+                      scores=scores, partial=None, noise_fingerprints=torch.zeros(n, dtype=torch.float64),
+                      categories=aggregate(tags, scores, None), settings={"num_steps": 1, "guidance_scale": 1.0}, failures=failures)
+
+
+def test_compare_refuses_other_categories_and_takes_the_named_one_over_untagged():
+    """--compare of evaluations whose prompt files tag the same prompts otherwise lost categories silently."""
+    from flowalign.report import failure_section, failure_tables
+
+    base = _tagged_result(["colors", "colors", "counting", "counting"], [1, 0, 1, 0], ["correct", "color", "correct", "count"])
+    retagged = _tagged_result(["single", "single", "single", "single"], [1, 0, 1, 0], ["correct", "color", "correct", "count"])
+    with pytest.raises(ValueError, match=r"file sample 0 \('p0'\) under other categories \('colors' vs 'single'\)"):
+        compare(base, retagged)
+    dropped = _tagged_result(["colors", "colors", "counting", "untagged"], [1, 1, 1, float("nan")],
+                             ["correct", "correct", "correct", "dropped"])
+    rows = compare(base, dropped).rows
+    assert set(rows) == {"colors", "counting", "all"}
+    assert (rows["counting"]["base"].count, rows["counting"]["aligned"].count, rows["counting"]["aligned"].dropped) == (2, 1, 1)
+    lines = "\n".join(failure_section(failure_tables(base, dropped)))
+    assert "| counting | 1 → 1 |" in lines and "untagged" not in lines
+
+
+def test_a_category_named_all_is_refused():
+    """A tag 'all' overwrote the overall row (category mean 0.0 instead of 0.5) and was counted twice in failure tables."""
+    with pytest.raises(ValueError, match="'all', the name of the overall row"):
+        aggregate(["all", "all", "x"], torch.tensor([1.0, 1.0, 0.0]), None)
+    with pytest.raises(ConfigError, match="'all', the name of the overall row"):
+        evaluate(None, [{"prompt": "a red square", "tag": "all"}], TagBrightness(), num_samples=1, num_steps=1)
+
+
+def test_the_reports_category_mean_compares_the_categories_both_runs_scored():
+    from flowalign.evaluation import common_categories
+
+    base = _tagged_result(["a", "a", "b", "b"], [1, 1, 0, 0])
+    aligned = _tagged_result(["a", "a", "b", "b"], [1, 1, float("nan"), float("nan")])  # b all dropped
+    both = common_categories(base.categories, aligned.categories)
+    assert both == ["a"]
+    assert category_mean(base.categories, both) == category_mean(aligned.categories, both) == 1.0
+    assert category_mean(base.categories) == 0.5  # without the common set: an average over other categories

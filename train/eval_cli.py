@@ -235,7 +235,7 @@ def comparison_markdown(reference, result, reference_name: str, comparison=None,
     Raises:
         ConfigError: the two evaluations drew different samples or used other steps / guidance.
     """
-    from flowalign.evaluation import ALL, prompt_changes
+    from flowalign.evaluation import ALL, align_tags, prompt_changes
     from flowalign.report import failure_section, failure_tables, prompt_section
 
     if comparison is None:
@@ -248,7 +248,8 @@ def comparison_markdown(reference, result, reference_name: str, comparison=None,
     if figure is not None:
         lines += [f"![accuracy per category, reference vs this evaluation]({figure})", ""]
     lines += failure_section(failure_tables(reference, result))
-    lines += prompt_section(prompt_changes(result.prompts, result.tags, reference.correct().tolist(), result.correct().tolist()), full_list=None)
+    tags = align_tags(reference, result)[1].tags  # as compare counted them
+    lines += prompt_section(prompt_changes(result.prompts, tags, reference.correct().tolist(), result.correct().tolist()), full_list=None)
     return "\n".join(lines)
 
 
