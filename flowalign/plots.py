@@ -137,8 +137,14 @@ def category_bar_values(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]
 
     base, base_err = side("base")
     aligned, aligned_err = side("aligned")
-    return {"names": names, "count": [int(rows[name]["aligned"].count) for name in names], "base": base, "base_err": base_err,
+    return {"names": names, "count": [int(rows[name]["aligned"].count) for name in names],
+            "base_count": [int(rows[name]["base"].count) for name in names], "base": base, "base_err": base_err,
             "aligned": aligned, "aligned_err": aligned_err, "delta": aligned - base}
+
+
+def count_label(base_count: int, aligned_count: int) -> str:
+    """The ``n=`` under a pair of bars: one count, or ``base/aligned`` when drops made them differ (as the tables show)."""
+    return f"n={aligned_count}" if base_count == aligned_count else f"n={base_count}/{aligned_count}"
 
 
 def category_bars(rows: Mapping[str, Mapping[str, Any]], out_png: PathLike, target_points: Optional[float] = None,
@@ -158,15 +164,20 @@ def category_bars(rows: Mapping[str, Mapping[str, Any]], out_png: PathLike, targ
     ax.bar(x - width / 2, values["base"], width, yerr=values["base_err"], capsize=3, color="#9e9e9e", label=labels[0])
     ax.bar(x + width / 2, values["aligned"], width, yerr=values["aligned_err"], capsize=3, color="#1f77b4", label=labels[1])
     for i, delta in enumerate(values["delta"]):
-        top = max(values["base"][i] + values["base_err"][1, i], values["aligned"][i] + values["aligned_err"][1, i])
-        ax.text(x[i], top + 2, f"{delta:+.1f}", ha="center", va="bottom", fontsize=8)
+        top = np.nan_to_num(max(values["base"][i] + values["base_err"][1, i], values["aligned"][i] + values["aligned_err"][1, i]))
+        ax.text(x[i], top + 2, f"{delta:+.1f}" if np.isfinite(delta) else "–", ha="center", va="bottom", fontsize=8)
+    top_of_axis = 112.0
     if target_points is not None and overall in names:
         i = names.index(overall)
-        ax.hlines(values["base"][i] + target_points, x[i] - 1.2 * width, x[i] + 1.2 * width, colors="#d62728", linestyles="--",
-                  label=f"base + {target_points:g} points")
-    ax.set_xticks(x, [f"{name}\n(n={n})" for name, n in zip(names, values["count"])], fontsize=8)
+        line = values["base"][i] + target_points
+        if np.isfinite(line):
+            # above 100% no accuracy can meet it: the line sits at the top of the chart, its label says where it is
+            shown = min(line, top_of_axis - 1.0)
+            ax.hlines(shown, x[i] - 1.2 * width, x[i] + 1.2 * width, colors="#d62728", linestyles="--",
+                      label=f"base + {target_points:g} points" + (f" (= {line:.0f}%, off the chart)" if line > shown else ""))
+    ax.set_xticks(x, [f"{name}\n({count_label(b, a)})" for name, b, a in zip(names, values["base_count"], values["count"])], fontsize=8)
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 112)
+    ax.set_ylim(0, top_of_axis)
     ax.set_title(f"{title} (gain in points above each pair)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")

@@ -440,6 +440,28 @@ def test_category_bars_values_by_hand_and_the_report_figure(tmp_path):
         assert image.width >= 500 and image.height == 400
 
 
+def test_category_bars_label_both_counts_a_dropped_gain_and_an_unreachable_target(tmp_path, monkeypatch):
+    """The bars said n=<aligned count> where the tables say base/aligned, '+nan' over an all-dropped pair, and drew a
+    base + target line above 112% off the chart while the legend still named it."""
+    import matplotlib.axes
+
+    from flowalign.evaluation import compare
+    from flowalign.plots import category_bar_values, category_bars, count_label
+
+    base = _result([1, 1, 1, 1, 1, 1, 1, 1, 1, 1], [0.5] * 10)  # 100%: base + 15 is 115%
+    aligned = _result([1, 1, 1, 1, float("nan"), float("nan"), float("nan"), float("nan"), 1, 0], [0.5] * 10)  # counting dropped
+    rows = compare(base, aligned).rows
+    values = category_bar_values(rows)
+    assert [count_label(b, a) for b, a in zip(values["base_count"], values["count"])] == ["n=4", "n=4/0", "n=2", "n=10/6"]
+    texts, lines = [], []
+    real_text, real_hlines = matplotlib.axes.Axes.text, matplotlib.axes.Axes.hlines
+    monkeypatch.setattr(matplotlib.axes.Axes, "text", lambda self, x, y, s, *a, **k: texts.append(s) or real_text(self, x, y, s, *a, **k))
+    monkeypatch.setattr(matplotlib.axes.Axes, "hlines", lambda self, y, *a, **k: lines.append((y, k.get("label"))) or real_hlines(self, y, *a, **k))
+    category_bars(rows, tmp_path / "bars.png", target_points=15)
+    assert texts == ["+0.0", "–", "-50.0", "-16.7"]
+    assert lines == [(111.0, "base + 15 points (= 115%, off the chart)")]
+
+
 def test_a_model_whose_every_sample_was_dropped_reads_as_a_dash_not_nan(tmp_path):
     base = _result([1, 0, 0, 0, 0, 0, 0, 0, 1, 0], [0.5] * 10)
     aligned = _result([float("nan")] * 10, [float("nan")] * 10)  # every score dropped (on_error: drop)
