@@ -93,8 +93,8 @@ def add_text_lora(adapter, cfg) -> tuple[dict[str, nn.Module], list[nn.Parameter
     ``lora.train_text_encoder``: ``({component name: encoder}, their LoRA parameters)``.
 
     Raises:
-        ConfigError: the adapter has no text encoders that take LoRA, or
-            ``cfg.text_encoder_target_modules`` match nothing in one of them.
+        ConfigError: the adapter has no text encoders that take LoRA, ``cfg.text_encoder_target_modules``
+            match nothing in one of them, or name none of the adapter's default targets (diffusers could not load the file).
     """
     from flowalign.errors import ConfigError
 
@@ -103,6 +103,12 @@ def add_text_lora(adapter, cfg) -> tuple[dict[str, nn.Module], list[nn.Parameter
         raise ConfigError(f"lora.train_text_encoder=true but the {type(adapter).__name__} adapter has no text encoders "
                           "that take LoRA (text_lora_modules is empty)")
     targets = cfg.text_encoder_target_modules or adapter.text_lora_target_modules
+    defaults = list(adapter.text_lora_target_modules)
+    if not {t.rsplit(".", 1)[-1] for t in targets} & {t.rsplit(".", 1)[-1] for t in defaults}:
+        # diffusers' load_lora_weights tells a text-encoder LoRA's key format from those layers: without one of them the
+        # run's pytorch_lora_weights.safetensors would not load ("Could not automatically infer state dict type")
+        raise ConfigError(f"lora.text_encoder_target_modules={list(targets)} names none of {defaults}: diffusers could not load "
+                          "the run's LoRA file (it reads a text-encoder LoRA's format from those layers); add one of them")
     params: list[nn.Parameter] = []
     for name, module in modules.items():
         try:

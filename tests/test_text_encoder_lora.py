@@ -258,5 +258,9 @@ def test_bad_text_encoder_settings_are_refused(tmp_path):
     adapter = NoTextLora(tiny_sd3_pipeline(seed=0), max_sequence_length=TINY_T5_TOKENS)
     with pytest.raises(ConfigError, match="no text encoders"):
         _trainer(tmp_path, adapter=adapter)
-    with pytest.raises(ConfigError, match=r"text_encoder_target_modules=\['nonexistent_proj'\] match nothing in text_encoder"):
-        _trainer(tmp_path / "b", "lora.text_encoder_target_modules=[nonexistent_proj]")
+    with pytest.raises(ConfigError, match=r"text_encoder_target_modules=\['layers.99.self_attn.q_proj'\] match nothing in text_encoder"):
+        _trainer(tmp_path / "b", "lora.text_encoder_target_modules=[layers.99.self_attn.q_proj]")
+    # without q/k/v/out_proj diffusers cannot tell the file's text-encoder format: the run's LoRA would not load
+    with pytest.raises(ConfigError, match=r"text_encoder_target_modules=\['fc1', 'fc2'\] names none of \['q_proj', 'k_proj', "
+                                          r"'v_proj', 'out_proj'\]: diffusers could not load the run's LoRA file"):
+        _trainer(tmp_path / "c", "lora.text_encoder_target_modules=[fc1, fc2]")
