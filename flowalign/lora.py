@@ -397,6 +397,19 @@ def read_lora_file(path: Union[str, Path]) -> tuple[Path, dict[str, tuple], dict
     return file, shapes, header
 
 
+# diffusers' own text-encoder key form (``convert_state_dict_to_diffusers``, DreamBooth / SDXL scripts), which
+# load_lora_weights converts to peft's: ``<layer>.lora_linear_layer.down.weight`` is ``<layer>.lora_A.weight``
+DIFFUSERS_KEY_FORMS = ((".lora_linear_layer.down.", ".lora_A."), (".lora_linear_layer.up.", ".lora_B."))
+
+
+def _peft_form(key: str) -> str:
+    """``key`` in peft's form (``.lora_A.`` / ``.lora_B.``) when it is in diffusers' (:data:`DIFFUSERS_KEY_FORMS`)."""
+    for theirs, ours in DIFFUSERS_KEY_FORMS:
+        if theirs in key:
+            return key.replace(theirs, ours)
+    return key
+
+
 def check_lora_file(path: Union[str, Path], module: Union[nn.Module, Mapping[str, nn.Module]], prefix: str = "transformer") -> dict[str, tuple]:
     """Check every key of a diffusers LoRA file against ``module``; return ``{key: shape}``.
 
@@ -420,7 +433,7 @@ def check_lora_file(path: Union[str, Path], module: Union[nn.Module, Mapping[str
     unknown, bad_shape, present = [], [], set()
     for key, shape in shapes.items():
         owner = next((name for name in modules if key.startswith(name + ".")), None)  # "text_encoder_2." never starts with "text_encoder."
-        base, _, kind = (key[len(owner) + 1:] if owner else "").rpartition(".lora_")
+        base, _, kind = _peft_form(key[len(owner) + 1:] if owner else "").rpartition(".lora_")
         layer = layers[owner].get(base.replace(f".{ADAPTER_NAME}", "")) if owner else None
         expected = _expected_lora_shape(getattr(layer, "base_layer", layer), kind) if layer is not None else None
         if expected is None:

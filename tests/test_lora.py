@@ -231,6 +231,35 @@ def test_a_file_with_text_encoder_lora_is_checked_and_loaded(pipe, tmp_path, cap
         lora.check_lora_file(tmp_path / "bad.safetensors", lora.lora_components(tiny_sd3_pipeline(seed=0)))
 
 
+def test_a_file_with_diffusers_form_text_encoder_keys_is_checked_and_loaded(pipe, tmp_path):
+    """Text-encoder keys in diffusers' own form (convert_state_dict_to_diffusers: lora_linear_layer.up / .down, as the
+    DreamBooth SDXL scripts write them) load in plain diffusers but were refused by flowalign eval / generate."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    params = lora.add_lora(pipe.transformer, rank=4, alpha=8, target_modules=TARGETS)
+    text_params = lora.add_lora(pipe.text_encoder_2, rank=2, alpha=4, target_modules=CLIP_TARGETS)
+    _perturb(params)
+    _perturb(text_params, scale=0.5, seed=5)
+    expected = _latents(pipe)
+    text_state = convert_state_dict_to_diffusers(lora.get_lora_state_dict(pipe.text_encoder_2))
+    assert any(".lora_linear_layer.down." in k for k in text_state)
+    type(pipe).save_lora_weights(
+        tmp_path, transformer_lora_layers=lora.get_lora_state_dict(pipe.transformer), text_encoder_2_lora_layers=text_state,
+        transformer_lora_adapter_metadata=lora.lora_metadata(pipe.transformer),
+        text_encoder_2_lora_adapter_metadata=lora.lora_metadata(pipe.text_encoder_2), safe_serialization=True,
+    )
+    fresh = tiny_sd3_pipeline(seed=0)
+    fresh.set_progress_bar_config(disable=True)
+    shapes = lora.check_lora_file(tmp_path, lora.lora_components(fresh))
+    assert any(".lora_linear_layer.up." in k for k in shapes)  # named as the file names them
+    lora.load_lora_into_pipeline(fresh, tmp_path)
+    assert (_latents(fresh) - expected).abs().max() <= 1e-4
+    key = next(k for k in text_state if k.endswith("q_proj.lora_linear_layer.down.weight"))
+    save_file({f"text_encoder_2.{key}": torch.zeros(2, 3)}, tmp_path / "bad.safetensors")  # the shape check applies to them too
+    with pytest.raises(LoraMismatchError, match="1 with wrong shapes: text_encoder_2.*lora_linear_layer.down.weight \\[2, 3\\]"):
+        lora.check_lora_file(tmp_path / "bad.safetensors", lora.lora_components(tiny_sd3_pipeline(seed=0)))
+
+
 def test_soft_update_decay_is_diffusionnft_schedule():
     # preset 1: 0.001 per step up to 0.5; preset 2: 0 for 75 steps, then 0.0075 per step up to 0.999
     assert [lora.soft_update_decay(s, 0.001, 0.5) for s in (0, 100, 499, 500, 10_000)] == pytest.approx([0.0, 0.1, 0.499, 0.5, 0.5])
