@@ -302,7 +302,9 @@ def lora_metadata(module: nn.Module) -> Optional[dict]:
     """The peft ``LoraConfig`` of ``module`` as a dict (rank, alpha, targets), or None without LoRA.
 
     Stored in the safetensors header by ``save_lora_weights`` so that ``load_lora_weights``
-    restores the same ``alpha / r`` scale (without it diffusers assumes alpha = r). ``lora_dropout``
+    restores the same ``alpha / r`` scale (without it diffusers assumes alpha = r). Only :data:`PORTABLE_LORA_FIELDS`
+    are written (r, alpha and targets always, the others when not peft's defaults), so a peft of another version, which
+    refuses unknown fields, still builds the config. ``lora_dropout``
     is written as 0: dropout is a training-time regulariser, not part of the weights, and diffusers
     creates a loaded LoRA's dropout in train mode, so a non-zero value would randomise every image.
     Sets (peft keeps ``target_modules`` as one) become sorted lists, so the file's bytes do not depend
@@ -311,8 +313,20 @@ def lora_metadata(module: nn.Module) -> Optional[dict]:
     config = getattr(module, "peft_config", {}).get(ADAPTER_NAME)
     if config is None:
         return None
+    from peft import LoraConfig
+
+    defaults = LoraConfig().to_dict()
     data = {key: sorted(value, key=str) if isinstance(value, (set, frozenset)) else value for key, value in config.to_dict().items()}
-    return {**data, "lora_dropout": 0.0}
+    # a portable subset: diffusers builds LoraConfig(**header), and a peft of another version refuses fields it does not
+    # know (this peft writes ~45); what shapes the loaded weights, always the three that define them, the rest when set
+    portable = {key: value for key, value in data.items()
+                if key in PORTABLE_LORA_FIELDS and (key in ("r", "lora_alpha", "target_modules") or value != defaults.get(key))}
+    return {**portable, "lora_dropout": 0.0}
+
+
+# LoraConfig fields a LoRA file's header keeps (lora_metadata): those that change the loaded weights' effect
+PORTABLE_LORA_FIELDS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_dora", "use_rslora", "lora_bias",
+                        "bias", "fan_in_fan_out")
 
 
 def save_lora_weights(pipeline, directory: Union[str, Path], state: dict[str, Tensor], metadata: Optional[dict] = None) -> Path:

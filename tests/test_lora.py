@@ -489,3 +489,28 @@ def test_lora_metadata_lists_targets_sorted_whatever_the_hash_seed():
     exec(compile(script, "lora_metadata_script", "exec"), namespace)
     assert done.stdout == namespace["result"]
     assert json.loads(done.stdout)["target_modules"] == ["add_k_proj", "add_q_proj", "add_v_proj", "to_k", "to_q", "to_v"]
+
+
+def test_the_lora_header_holds_only_portable_fields_and_still_restores_the_scale(pipe, tmp_path):
+    """The header held all ~45 fields of this peft's LoraConfig; diffusers builds LoraConfig(**header), so a peft
+    of another version (which refuses fields it does not know) could not load the file."""
+    import json
+
+    from peft import LoraConfig
+    from safetensors import safe_open
+
+    params = lora.add_lora(pipe.transformer, rank=4, alpha=16, target_modules=TARGETS)
+    _perturb(params)
+    expected = _latents(pipe)
+    lora.save_lora_weights(pipe, tmp_path, lora.get_lora_state_dict(pipe.transformer))
+    with safe_open(str(tmp_path / "pytorch_lora_weights.safetensors"), "pt") as fh:
+        header = json.loads(fh.metadata()["lora_adapter_metadata"])
+    meta = {k[len("transformer."):]: v for k, v in header.items()}
+    assert set(meta) == {"r", "lora_alpha", "target_modules", "lora_dropout"}  # all others at peft's defaults
+    assert (meta["r"], meta["lora_alpha"], sorted(meta["target_modules"])) == (4, 16, sorted(TARGETS))
+    assert set(meta) <= set(lora.PORTABLE_LORA_FIELDS) | {"lora_dropout"}
+    LoraConfig(**meta)  # what diffusers builds from it
+    fresh = tiny_sd3_pipeline(seed=0)
+    fresh.set_progress_bar_config(disable=True)
+    lora.load_lora_into_pipeline(fresh, tmp_path)
+    assert (_latents(fresh) - expected).abs().max() <= 1e-4  # alpha / r = 4 restored
