@@ -514,3 +514,20 @@ def test_the_lora_header_holds_only_portable_fields_and_still_restores_the_scale
     fresh.set_progress_bar_config(disable=True)
     lora.load_lora_into_pipeline(fresh, tmp_path)
     assert (_latents(fresh) - expected).abs().max() <= 1e-4  # alpha / r = 4 restored
+
+
+def test_a_lora_loaded_into_a_bf16_pipeline_acts_as_it_did_in_training(tmp_path):
+    """Training keeps LoRA weights in fp32 on a bf16 model; diffusers loads them in bf16, so flowalign eval --lora moved
+    bf16 samples away from those the run trained and reported. load_lora_into_pipeline keeps them in fp32."""
+    trained = tiny_sd3_pipeline(seed=0).to(torch.bfloat16)
+    trained.set_progress_bar_config(disable=True)
+    params = lora.add_lora(trained.transformer, rank=4, alpha=8, target_modules=TARGETS)
+    assert all(p.dtype == torch.float32 for p in params)
+    _perturb(params, scale=0.05)
+    expected = _latents(trained).float()
+    lora.save_lora_weights(trained, tmp_path, lora.get_lora_state_dict(trained.transformer))
+    fresh = tiny_sd3_pipeline(seed=0).to(torch.bfloat16)
+    fresh.set_progress_bar_config(disable=True)
+    lora.load_lora_into_pipeline(fresh, tmp_path)
+    assert all(p.dtype == torch.float32 for n, p in fresh.transformer.named_parameters() if "lora_" in n)
+    assert torch.equal(_latents(fresh).float(), expected)
