@@ -166,7 +166,10 @@ def test_two_processes_match_one_process(tmp_path, monkeypatch, request, case):
         # convolutions pick their kernels by batch size on some CPUs (AMD EPYC: rel. 1.7e-7 at iteration 1; other
         # noise or prompts would move the mean by 1e-3 or more)
         assert float(a["reward/mean"]) == pytest.approx(float(b["reward/mean"]), rel=1e-6, abs=0)
-        assert abs(float(a["grad_norm"]) / float(b["grad_norm"]) - 1) < 1e-4, (a["grad_norm"], b["grad_norm"])
+        # the same scale: a gradient averaged instead of summed over the processes is off by 2x. Not tighter than 1e-3:
+        # dense objectives normalise step gains of ODE completions whose decodes round by batch size (above), and under
+        # the full suite this host measured 1.2e-4 (dense_global_std, tp_grpo_balance; alone they pass at < 1e-4)
+        assert abs(float(a["grad_norm"]) / float(b["grad_norm"]) - 1) < 1e-3, (a["grad_norm"], b["grad_norm"])
         assert a["nfe"] == b["nfe"] and a.get("dense/nfe") == b.get("dense/nfe")  # counts summed over the processes
         for key in ("frac_zero_std_groups", "samples/kept_frac", "advantages/abs_mean"):  # over every process's samples
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-3, abs=1e-7), key  # (dense: rewards of ODE completions)
