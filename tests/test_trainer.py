@@ -603,3 +603,14 @@ def test_extending_a_finished_run_says_its_final_lora_is_the_earlier_ends(tmp_pa
         longer.cleanup()
     assert "pytorch_lora_weights.safetensors (and report, if any) are an earlier end's; this run replaces them when it " \
            "reaches iteration 2" in caplog.text
+
+
+def test_a_float16_model_trains_with_loss_scaling(tmp_path):
+    trainer = _trainer(tmp_path, "model.dtype=float16", "sampling.num_steps=2")
+    try:
+        assert trainer.optim.scaler is not None  # its gradients pass fp16 activations (see test_lora_optimizer)
+    finally:
+        trainer.cleanup()
+    fp32 = _trainer(tmp_path / "b", "sampling.num_steps=2")
+    assert fp32.optim.scaler is None
+    fp32.cleanup()

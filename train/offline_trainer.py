@@ -318,7 +318,7 @@ class OfflineTrainer(OptimizerViews):
         if cfg.lr_warmup >= total:
             raise ConfigError(f"lr_warmup={cfg.lr_warmup} must be below the run's {total} steps")
         self.optim = LoraOptimizer(groups, optimizer_settings(cfg, total), _SingleProcess(), self.device.type, gather=lambda t: t,
-                                   prefix="", unit="step")
+                                   prefix="", unit="step", model_dtype=next(module.parameters()).dtype)
         if latest is not None:
             self._load(latest)
             self._saved_step = self.step

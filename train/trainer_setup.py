@@ -293,5 +293,5 @@ def build_model(config: FlowalignConfig, adapter, device: torch.device, accelera
     groups = [{"params": transformer_params, "lr_ratio": 1.0}]
     if text_params:
         groups.append({"params": text_params, "lr_ratio": (lcfg.text_encoder_lr or config.train.lr) / config.train.lr})
-    optim = LoraOptimizer(groups, config.train, accelerator, device.type, gather)
+    optim = LoraOptimizer(groups, config.train, accelerator, device.type, gather, model_dtype=next(module.parameters()).dtype)
     return ModelParts(adapter=adapter, text_modules=text_modules, conditioning=conditioning, optim=optim)
