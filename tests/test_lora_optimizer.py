@@ -33,6 +33,18 @@ def test_an_fp16_model_gets_loss_scaling_so_small_gradients_do_not_underflow():
     assert grads[torch.float16] == pytest.approx(1e-8 * 3**0.5, rel=1e-2)
 
 
+def test_a_step_that_overflows_the_weights_stops_naming_the_learning_rate():
+    """A finite gradient with a huge lr made the LoRA inf; the run then failed at the next rollout as 'reward: images
+    contain NaN or inf', naming neither the LoRA nor the learning rate."""
+    opt, a, b = _optim(lr=1e39)  # Adam's first step moves by about lr: beyond fp32's range
+    opt.set_lr(0)
+    stats = opt.new_stats()
+    opt.backward((2 * a).sum() + (3 * b).sum(), "here")
+    with pytest.raises(NonFiniteLossError, match=r"iteration 1: the LoRA weights are NaN / inf after an optimizer step .* lower "
+                                                 r"train.lr or set train.max_grad_norm"):
+        opt.step(stats)
+
+
 def test_one_step_is_adamw_with_each_groups_lr_ratio():
     opt, a, b = _optim()
     opt.set_lr(0)

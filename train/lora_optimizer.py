@@ -147,6 +147,11 @@ class LoraOptimizer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if not all(bool(torch.isfinite(p).all()) for p in self.params):  # a finite step that overflowed the weights
+            raise NonFiniteLossError(
+                f"{self.unit} {self.iteration + 1}: the LoRA weights are NaN / inf after an optimizer step (gradient norm "
+                f"{norm:.3g}, lr {self.optimizer.param_groups[0]['lr']:.3g}): the update diverged; lower {self.prefix}lr or set "
+                f"{self.prefix}max_grad_norm (the last checkpoint holds finite weights)")
         self.steps_taken += 1
         self.skipped_steps_in_row = 0
         every = getattr(self.cfg, "ema_every", 1)
