@@ -36,10 +36,12 @@ def test_an_fp16_model_gets_loss_scaling_so_small_gradients_do_not_underflow():
 def test_a_step_that_overflows_the_weights_stops_naming_the_learning_rate():
     """A finite gradient with a huge lr made the LoRA inf; the run then failed at the next rollout as 'reward: images
     contain NaN or inf', naming neither the LoRA nor the learning rate."""
-    opt, a, b = _optim(lr=1e39)  # Adam's first step moves by about lr: beyond fp32's range
+    opt, a, b = _optim(lr=3e37)  # Adam's first step moves each weight by about lr, here past fp32's largest value
+    with torch.no_grad():
+        a.fill_(3.3e38)
     opt.set_lr(0)
     stats = opt.new_stats()
-    opt.backward((2 * a).sum() + (3 * b).sum(), "here")
+    opt.backward(-(2 * (a - a.detach())).sum() - (3 * b).sum(), "here")  # a finite loss (0 for a) and gradient (-2)
     with pytest.raises(NonFiniteLossError, match=r"iteration 1: the LoRA weights are NaN / inf after an optimizer step .* lower "
                                                  r"train.lr or set train.max_grad_norm"):
         opt.step(stats)
