@@ -253,3 +253,14 @@ def test_config_list_names_every_shipped_recipe_and_launch_config(capsys):
     recipes = sorted(p.stem for p in packaged_recipe_dir().glob("*.yaml"))
     assert set(recipes) <= set(names) and {"cpu", "ddp", "fsdp", "deepspeed_zero2"} <= set(names)
     assert all(resolve_recipe(name) == packaged_recipe_dir() / f"{name}.yaml" for name in recipes)  # each listed name loads
+
+
+@pytest.mark.parametrize("command", ["generate", "offline"])
+def test_one_process_commands_refuse_a_multi_process_launch(command, tmp_path, capsys, monkeypatch):
+    """Under torchrun every process of generate wrote the same store (its manifest listed shards twice, for good)
+    and every process of offline raced on one run folder."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main([command, "--set", f"output_dir={tmp_path / 'out'}"]) == 2
+    assert capsys.readouterr().err.strip() == (f"flowalign {command}: error: flowalign {command} runs in one process, but this "
+                                               "launch started 2 (WORLD_SIZE=2): run it without torchrun / accelerate launch")
+    assert not (tmp_path / "out").exists()

@@ -31,9 +31,30 @@ def test_first_signal_asks_second_aborts_and_handlers_come_back():
         assert stop.signum is None
         signal.raise_signal(signal.SIGTERM)
         assert stop.signum == signal.SIGTERM  # asked, nothing raised
-        with pytest.raises(KeyboardInterrupt, match="second SIGINT"):
-            signal.raise_signal(signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt, match="second SIGTERM"):
+            signal.raise_signal(signal.SIGTERM)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_launchers_sigterm_right_after_ctrl_c_is_the_same_stop(monkeypatch):
+    """Ctrl-C reaches every worker of a torchrun / accelerate launch, and the launcher then SIGTERMs them: that was
+    taken as a second signal, so a multi-process run aborted without its checkpoint."""
+    from flowalign.train import graceful_stop
+
+    clock = [100.0]
+    monkeypatch.setattr(graceful_stop.time, "monotonic", lambda: clock[0])
+    with GracefulStop() as stop:
+        signal.raise_signal(signal.SIGINT)
+        clock[0] += 1.0
+        signal.raise_signal(signal.SIGTERM)  # the launcher's, a second later: ignored
+        assert stop.signum == signal.SIGINT
+        clock[0] += graceful_stop.LAUNCHER_FORWARD_SECONDS
+        with pytest.raises(KeyboardInterrupt, match="second SIGTERM"):  # much later: a real second signal
+            signal.raise_signal(signal.SIGTERM)
+    with GracefulStop() as stop:
+        signal.raise_signal(signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt, match="second SIGINT"):  # Ctrl-C twice, however fast: abort
+            signal.raise_signal(signal.SIGINT)
 
 
 def test_outside_the_main_thread_nothing_is_installed():

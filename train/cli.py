@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -267,9 +268,23 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _single_process(command: str) -> Optional[int]:
+    """The exit status refusing a multi-process launch (WORLD_SIZE > 1) of a one-process command, else None: each
+    process would write the same store or run folder (a store's manifest listed shards twice, for good)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return None
+    return _error(command, f"flowalign {command} runs in one process, but this launch started {world} (WORLD_SIZE={world}): "
+                           "run it without torchrun / accelerate launch")
+
+
 def run_generate(args: argparse.Namespace) -> int:
     """``flowalign generate``: fill (or finish) a rollout store; returns the exit status."""
     from flowalign.train.generate import load_generate_config, run_generate as generate
+
+    refused = _single_process("generate")
+    if refused is not None:
+        return refused
 
     try:
         path = generate(load_generate_config(args.config, list(args.overrides)))
@@ -285,6 +300,9 @@ def run_offline(args: argparse.Namespace) -> int:
     """``flowalign offline``: train a LoRA from a rollout store; returns the exit status (2 bad input, 1 failure)."""
     from flowalign.train.offline_trainer import OfflineTrainer, load_offline_config
 
+    refused = _single_process("offline")
+    if refused is not None:
+        return refused
     if args.resume and args.overwrite:
         return _error("offline", CONTRADICTORY_FLAGS)
     try:

@@ -3,7 +3,9 @@
 The first SIGINT / SIGTERM only asks the loop to stop: the trainer finishes the iteration (or
 offline step) it is in, writes a checkpoint and raises ``flowalign.errors.TrainingStopped``, so ``--resume``
 continues exactly where it stopped and nothing already computed is lost. A second signal aborts at
-once (``KeyboardInterrupt``), leaving the last periodic checkpoint.
+once (``KeyboardInterrupt``), leaving the last periodic checkpoint; a signal of the other kind within
+``LAUNCHER_FORWARD_SECONDS`` of the first (Ctrl-C reaches every worker of a torchrun / accelerate launch,
+whose launcher then sends SIGTERM) is the same stop.
 
 Handlers are installed only in the main thread (Python delivers signals there) and restored on
 exit. With several processes every process checks the flag of all of them at each boundary
@@ -14,6 +16,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Callable, Optional
 
@@ -24,6 +27,8 @@ from flowalign.errors import Aborted, TrainingStopped
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# a stop signal of the other kind this soon after the first is the launcher passing the same stop on
+LAUNCHER_FORWARD_SECONDS = 5.0
 
 
 class GracefulStop:
@@ -63,8 +68,15 @@ class GracefulStop:
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         if self.signum is not None:
+            if signum != self.signum and time.monotonic() - self._first_at < LAUNCHER_FORWARD_SECONDS:
+                # Ctrl-C in a terminal reaches every worker of a torchrun / accelerate launch, and the launcher then
+                # SIGTERMs them: the same stop, not a second one
+                logger.info("%s right after %s: taken as the launcher forwarding the same stop", signal.Signals(signum).name,
+                            signal.Signals(self.signum).name)
+                return
             raise Aborted(f"second {signal.Signals(signum).name}: aborting without a checkpoint", signum)
         self.signum = signum
+        self._first_at = time.monotonic()
         logger.warning("%s: stopping after this %s with a checkpoint (resume with --resume); send it again to abort now",
                        signal.Signals(signum).name, self.unit)
 
