@@ -28,8 +28,8 @@ def test_an_fp16_model_gets_loss_scaling_so_small_gradients_do_not_underflow():
         x = torch.full((3,), 1e-4, dtype=torch.float16)  # an fp16 activation
         opt.backward((x * a.half()).float().sum() * 1e-4, "here")  # d loss / d a = 1e-8, below fp16's smallest subnormal
         opt.step(stats)
-        grads[dtype] = stats["grad_norm"][0]
-    assert grads[None] == 0.0  # unscaled: underflowed
+        grads[dtype] = stats["grad_norm"][0] if stats["grad_norm"] else stats.get("zero") and 0.0
+    assert grads[None] == 0.0  # unscaled: underflowed to an all-zero gradient (so no step)
     assert grads[torch.float16] == pytest.approx(1e-8 * 3**0.5, rel=1e-2)
 
 
@@ -45,6 +45,25 @@ def test_a_step_that_overflows_the_weights_stops_naming_the_learning_rate():
     with pytest.raises(NonFiniteLossError, match=r"iteration 1: the LoRA weights are NaN / inf after an optimizer step .* lower "
                                                  r"train.lr or set train.max_grad_norm"):
         opt.step(stats)
+
+
+@pytest.mark.parametrize("precision", ["no", "fp16"])
+def test_an_all_zero_gradient_takes_no_step(precision):
+    """A batch whose groups are all tied gives zero gradients; AdamW still moved the LoRA by weight decay and its old
+    momentum (offline: ~80% of a real step). No signal, no step."""
+    opt, a, b = _optim(weight_decay=0.1, mixed_precision=precision)
+    opt.set_lr(0)
+    stats = opt.new_stats()
+    opt.backward((2 * a).sum() + (3 * b).sum(), "here")
+    opt.step(stats)  # a real step: momentum now
+    before = a.detach().clone(), b.detach().clone()
+    opt.backward(0.0 * ((2 * a).sum() + (3 * b).sum()), "here")  # tied: zero gradient
+    opt.step(stats)
+    assert torch.equal(a.detach(), before[0]) and torch.equal(b.detach(), before[1])
+    assert stats["steps"] == 1 and stats["zero"] == 1 and opt.steps_taken == 1
+    opt.backward((2 * a).sum() + (3 * b).sum(), "here")  # and training goes on (the fp16 scaler too)
+    opt.step(stats)
+    assert stats["steps"] == 2 and not torch.equal(a.detach(), before[0])
 
 
 def test_one_step_is_adamw_with_each_groups_lr_ratio():

@@ -141,6 +141,12 @@ class LoraOptimizer:
                 return  # not a failure (a real NaN keeps halving it, and counts once it is below 1)
             self.count_nonfinite(f"gradient norm {norm}", step=True)
             return
+        if norm == 0.0:  # no signal (every group's rewards tied): no step, or weight decay and old momentum would move the LoRA
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.update()
+            stats["zero"] = stats.get("zero", 0) + 1
+            return
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -270,10 +276,11 @@ class OptimizerViews:
 
 def nothing_stepped(span: str, columns: str = "loss/total and grad_norm"):
     """The error for a run whose every optimizer step was skipped (non-finite losses or gradients, each streak shorter
-    than ``max_nonfinite_steps``): its LoRA is the untrained one, so it must not end as a success."""
+    than ``max_nonfinite_steps``, or all-zero gradients): its LoRA is the untrained one, so it must not end as a success."""
     from flowalign.errors import NonFiniteLossError
 
-    return NonFiniteLossError(f"nothing trained: in all {span} every optimizer step was skipped as non-finite (see {columns} in "
-                              "metrics.csv), so the LoRA is unchanged and no LoRA file or report is written; check the "
-                              "objective's settings (a NaN argument?) and lower lr")
+    return NonFiniteLossError(f"nothing trained: in all {span} every optimizer step was skipped, as non-finite or with an all-zero "
+                              f"gradient (every group's rewards tied: nothing to learn; see {columns} in metrics.csv), so the LoRA "
+                              "is unchanged and no LoRA file or report is written; check the rewards, the objective's settings "
+                              "(a NaN argument?) and lower lr")
 
