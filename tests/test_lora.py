@@ -196,23 +196,32 @@ def test_a_lora_file_without_alpha_in_its_header_warns(pipe, tmp_path, caplog):
 CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
+def _text_lora_pipeline(pipe) -> torch.Tensor:
+    """LoRA on the transformer and on text_encoder_2, perturbed away from 0; returns the pipeline's latents then."""
+    _perturb(lora.add_lora(pipe.transformer, rank=4, alpha=8, target_modules=TARGETS))
+    _perturb(lora.add_lora(pipe.text_encoder_2, rank=2, alpha=4, target_modules=CLIP_TARGETS), scale=0.5, seed=5)
+    return _latents(pipe)
+
+
+def _save_with_text_lora(pipe, directory, convert=lambda state: state) -> dict:
+    """Write both LoRAs with diffusers' save_lora_weights (text keys through ``convert``); returns the text state."""
+    text_state = convert(lora.get_lora_state_dict(pipe.text_encoder_2))
+    type(pipe).save_lora_weights(
+        directory, transformer_lora_layers=lora.get_lora_state_dict(pipe.transformer), text_encoder_2_lora_layers=text_state,
+        transformer_lora_adapter_metadata=lora.lora_metadata(pipe.transformer),
+        text_encoder_2_lora_adapter_metadata=lora.lora_metadata(pipe.text_encoder_2), safe_serialization=True,
+    )
+    return text_state
+
+
 def test_a_file_with_text_encoder_lora_is_checked_and_loaded(pipe, tmp_path, caplog):
     """Files that also train the CLIP encoders (diffusers DreamBooth --train_text_encoder) carry
     ``text_encoder.`` / ``text_encoder_2.`` keys: they are checked against those encoders and the
     loaded pipeline reproduces the trained one's samples."""
-    params = lora.add_lora(pipe.transformer, rank=4, alpha=8, target_modules=TARGETS)
-    text_params = lora.add_lora(pipe.text_encoder_2, rank=2, alpha=4, target_modules=CLIP_TARGETS)
-    _perturb(params)
-    _perturb(text_params, scale=0.5, seed=5)
-    expected = _latents(pipe)
+    expected = _text_lora_pipeline(pipe)
     with lora.lora_disabled(pipe.transformer):
         assert (_latents(pipe) - expected).abs().max() > 1e-3  # the text LoRA alone moves the samples
-    text_state = lora.get_lora_state_dict(pipe.text_encoder_2)
-    type(pipe).save_lora_weights(
-        tmp_path, transformer_lora_layers=lora.get_lora_state_dict(pipe.transformer), text_encoder_2_lora_layers=text_state,
-        transformer_lora_adapter_metadata=lora.lora_metadata(pipe.transformer),
-        text_encoder_2_lora_adapter_metadata=lora.lora_metadata(pipe.text_encoder_2), safe_serialization=True,
-    )
+    text_state = _save_with_text_lora(pipe, tmp_path)
     fresh = tiny_sd3_pipeline(seed=0)
     fresh.set_progress_bar_config(disable=True)
     with caplog.at_level("WARNING", logger="flowalign.lora"):
@@ -236,18 +245,9 @@ def test_a_file_with_diffusers_form_text_encoder_keys_is_checked_and_loaded(pipe
     DreamBooth SDXL scripts write them) load in plain diffusers but were refused by flowalign eval / generate."""
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    params = lora.add_lora(pipe.transformer, rank=4, alpha=8, target_modules=TARGETS)
-    text_params = lora.add_lora(pipe.text_encoder_2, rank=2, alpha=4, target_modules=CLIP_TARGETS)
-    _perturb(params)
-    _perturb(text_params, scale=0.5, seed=5)
-    expected = _latents(pipe)
-    text_state = convert_state_dict_to_diffusers(lora.get_lora_state_dict(pipe.text_encoder_2))
+    expected = _text_lora_pipeline(pipe)
+    text_state = _save_with_text_lora(pipe, tmp_path, convert=convert_state_dict_to_diffusers)
     assert any(".lora_linear_layer.down." in k for k in text_state)
-    type(pipe).save_lora_weights(
-        tmp_path, transformer_lora_layers=lora.get_lora_state_dict(pipe.transformer), text_encoder_2_lora_layers=text_state,
-        transformer_lora_adapter_metadata=lora.lora_metadata(pipe.transformer),
-        text_encoder_2_lora_adapter_metadata=lora.lora_metadata(pipe.text_encoder_2), safe_serialization=True,
-    )
     fresh = tiny_sd3_pipeline(seed=0)
     fresh.set_progress_bar_config(disable=True)
     shapes = lora.check_lora_file(tmp_path, lora.lora_components(fresh))
