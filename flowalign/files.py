@@ -94,17 +94,12 @@ def canonicalise_safetensors_file(path: PathLike) -> None:
 def save_safetensors(tensors: dict, path: PathLike, metadata: Optional[dict] = None) -> None:
     """``safetensors.torch.save_file`` with a canonical header (:func:`canonical_safetensors`: the same tensors and
     metadata give the same bytes) and the usual permissions of a new file (``0o666`` less the umask; safetensors
-    writes ``0o600``, which kept a shared rollout store or checkpoint from the other users of a group). Write
-    failures are ``OSError`` s: safetensors raises its own ``SafetensorError`` ("... No space left on device
-    (os error 28)"), which handlers of disk errors miss."""
-    from safetensors import SafetensorError
+    writes ``0o600``, which kept a shared rollout store or checkpoint from the other users of a group). The bytes
+    are written by Python, so a full disk is the ``OSError`` handlers of disk errors expect (safetensors' own
+    writer raised ``SafetensorError``)."""
     from safetensors.torch import save
 
-    try:
-        data = canonical_safetensors(save(tensors, metadata=metadata))
-    except SafetensorError as exc:
-        raise OSError(0, " ".join(str(exc).split()), str(path)) from exc
-    _write_file(path, data)
+    _write_file(path, canonical_safetensors(save(tensors, metadata=metadata)))
 
 
 def _write_file(path: PathLike, data: bytes) -> None:

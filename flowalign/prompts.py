@@ -218,6 +218,7 @@ class PromptSampler:
         self.offset = 0  # next position inside that epoch's permutation
         self.iteration = 0
         self._cached: tuple[int, list[int]] = (-1, [])
+        self._prompts_sha256: Optional[str] = None  # prompts_digest(records), computed once when first asked
         if self.global_batch_size > len(self.records):
             logger.warning("PromptSampler: %d prompts per iteration from a set of %d; prompts repeat within an iteration",
                            self.global_batch_size, len(self.records))
@@ -264,7 +265,7 @@ class PromptSampler:
         return self.next_batch()
 
     def _digest(self) -> str:
-        if getattr(self, "_prompts_sha256", None) is None:  # the records are fixed: hashed once
+        if self._prompts_sha256 is None:  # the records are fixed: hashed once
             self._prompts_sha256 = prompts_digest(self.records)
         return self._prompts_sha256
 

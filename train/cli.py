@@ -345,13 +345,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 # what a Ctrl-C outside the training loop leaves (every file is written atomically)
-INTERRUPTED_HINT = {
-    "train": "continue with --resume: from the last checkpoint written (a finished run's writes its outputs again), "
-             "or from the start if there is none",
-    "offline": "continue with --resume: from the last checkpoint written (a finished run's writes its outputs again), "
-               "or from the start if there is none",
-    "generate": "rerun the same command to finish the store (its finished shards are kept)",
-}
+_RESUME_HINT = ("continue with --resume: from the last checkpoint written (a finished run's writes its outputs again), "
+                "or from the start if there is none")
+INTERRUPTED_HINT = {"train": _RESUME_HINT, "offline": _RESUME_HINT,
+                    "generate": "rerun the same command to finish the store (its finished shards are kept)"}
 
 
 def _dispatch(args: argparse.Namespace) -> int:

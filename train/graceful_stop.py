@@ -48,6 +48,7 @@ class GracefulStop:
         self.unit = unit
         self.signals = signals
         self.signum: Optional[int] = None
+        self._first_at = 0.0  # time.monotonic() of the first signal
         self._previous: dict = {}
 
     def __enter__(self) -> "GracefulStop":

@@ -153,7 +153,7 @@ class LoraOptimizer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if not all(bool(torch.isfinite(p).all()) for p in self.params):  # a finite step that overflowed the weights
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all()):  # a finite step that overflowed them (one sync)
             raise NonFiniteLossError(
                 f"{self.unit} {self.iteration + 1}: the LoRA weights are NaN / inf after an optimizer step (gradient norm "
                 f"{norm:.3g}, lr {self.optimizer.param_groups[0]['lr']:.3g}): the update diverged; lower {self.prefix}lr or set "
