@@ -264,3 +264,15 @@ def test_one_process_commands_refuse_a_multi_process_launch(command, tmp_path, c
     assert capsys.readouterr().err.strip() == (f"flowalign {command}: error: flowalign {command} runs in one process, but this "
                                                "launch started 2 (WORLD_SIZE=2): run it without torchrun / accelerate launch")
     assert not (tmp_path / "out").exists()
+
+
+def test_processes_other_than_the_launching_one_log_warnings_only(monkeypatch):
+    """Setup INFO lines ("using the 'sd3' adapter", "LoRA r=...") repeated once per process of a launch."""
+    import logging
+
+    monkeypatch.delenv("RANK", raising=False)
+    assert cli.log_level(False) == logging.INFO and cli.log_level(True) == logging.DEBUG
+    monkeypatch.setenv("RANK", "1")
+    assert cli.log_level(False) == logging.WARNING and cli.log_level(True) == logging.DEBUG
+    monkeypatch.setenv("RANK", "0")
+    assert cli.log_level(False) == logging.INFO

@@ -326,11 +326,19 @@ def run_offline(args: argparse.Namespace) -> int:
     return 0
 
 
+def log_level(verbose: bool) -> int:
+    """DEBUG with ``-v``; else INFO on the launching process and WARNING on the others of a multi-process launch,
+    whose setup lines would repeat once per process."""
+    if verbose:
+        return logging.DEBUG
+    return logging.INFO if int(os.environ.get("RANK", "0") or 0) == 0 else logging.WARNING
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``flowalign`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=log_level(args.verbose), format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("diffusers", "transformers", "accelerate", "PIL", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command is None:
