@@ -128,7 +128,8 @@ def test_two_processes_match_one_process(tmp_path, monkeypatch, request, case):
     if report:
         (tmp_path / "heldout.jsonl").write_text("".join(HELDOUT.read_text().splitlines(keepends=True)[:5]))
         extra = [e.format(tmp=tmp_path) for e in extra]
-        two = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "flowalign.train.cli",
+        # -v: the per-process lines checked below are INFO, which processes other than the launching one log only with -v
+        two = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "flowalign.train.cli", "-v",
                               *_args(tmp_path / "two", extra)], capture_output=True, text=True, env=ENV, timeout=240, cwd=tmp_path)
         assert two.returncode == 0, two.stderr[-3000:]
         two_dir, stdout = tmp_path / "two", two.stdout
@@ -418,7 +419,7 @@ def test_flowalign_eval_splits_its_samples_over_a_launch(tmp_path):
     (tmp_path / "heldout.jsonl").write_text("".join(HELDOUT.read_text().splitlines(keepends=True)[:5]))
     args = ["eval", "--model", "tiny-sd3", "--prompts", str(tmp_path / "heldout.jsonl"), "--reward", "brightness", "--steps", "2",
             "--guidance", "1.0", "--num-samples", "7", "--batch-size", "2", "--no-progress", "--corrected-by"]
-    two = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "flowalign.train.cli", *args, "--out",
+    two = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "flowalign.train.cli", "-v", *args, "--out",
                           str(tmp_path / "two")], capture_output=True, text=True, env=ENV, timeout=240, cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0
