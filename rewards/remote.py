@@ -160,6 +160,14 @@ def _cat_details(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _error_of(answer: urllib.error.HTTPError) -> str:
+    """The ``"error"`` of a server's JSON error answer, or "" when it gave none."""
+    try:
+        return str(json.loads(answer.read()).get("error", ""))
+    except Exception:  # noqa: BLE001 - not JSON, not a mapping, an unreadable body
+        return ""
+
+
 @register_reward("remote")
 class RemoteReward(Reward):
     """A reward scored over HTTP by ``flowalign reward serve NAME`` in another environment or machine.
@@ -216,10 +224,7 @@ class RemoteReward(Reward):
                     raw = answer.read()
                 break
             except urllib.error.HTTPError as exc:  # the server answered
-                try:
-                    message = json.loads(exc.read()).get("error", "")
-                except Exception:  # noqa: BLE001
-                    message = ""
+                message = _error_of(exc)
                 if exc.code == 500:  # its reward failed on this batch: on_error decides
                     raise RemoteScoringError(f"reward server {self.url}: {message or exc.reason}") from None
                 raise RewardError(f"reward server {self.url} answered HTTP {exc.code}: {message or exc.reason}") from None
@@ -252,10 +257,7 @@ class RemoteReward(Reward):
             with self._opener.open(request, timeout=timeout) as answer:
                 answer.read()
         except urllib.error.HTTPError as exc:
-            try:
-                message = json.loads(exc.read()).get("error", "")
-            except Exception:  # noqa: BLE001
-                message = ""
+            message = _error_of(exc)
             if exc.code == 422:
                 raise ConfigError(f"reward server {self.url}: {message}") from None
             if exc.code != 404:
