@@ -329,9 +329,11 @@ def run_offline(args: argparse.Namespace) -> int:
 def log_level(verbose: bool) -> int:
     """DEBUG with ``-v``; else INFO on the launching process and WARNING on the others of a multi-process launch,
     whose setup lines would repeat once per process."""
+    from flowalign.train.run_lock import launching_process
+
     if verbose:
         return logging.DEBUG
-    return logging.INFO if int(os.environ.get("RANK", "0") or 0) == 0 else logging.WARNING
+    return logging.INFO if launching_process() else logging.WARNING
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
