@@ -180,7 +180,8 @@ def category_bars(rows: Mapping[str, Mapping[str, Any]], out_png: PathLike, targ
     ax.set_ylim(0, top_of_axis)
     ax.set_title(f"{title} (gain in points above each pair)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    # outside the axes, right of them: inside, it covered the first pair's bars or gain label when those are high
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return _save_figure(fig, out_png)
 
 

@@ -525,3 +525,28 @@ def test_the_target_verdict_says_when_its_interval_reaches_the_other_side():
     assert _target_caveat(False, 0.02, 0.15, 15) == " by the point estimate (its 95% CI reaches up to +15.0)"
     assert _target_caveat(False, float("nan"), float("nan"), 15) == ""  # no gain to judge
 
+
+
+def test_category_bars_legend_covers_no_bar_and_no_gain_label(tmp_path, monkeypatch):
+    """The legend sat inside the axes' upper left, over the first pair's gain label when that pair's bars are high."""
+    import flowalign.plots as plots
+    from flowalign.evaluation import compare
+
+    base = _result([1, 1, 1, 1, 1, 1, 1, 1, 1, 0], [0.5] * 10)  # colours 4/4: the first pair's label sits near the top
+    rows = compare(base, base).rows
+    seen = {}
+    real_save = plots._save_figure
+
+    def keep_boxes(fig, out_png):
+        fig.tight_layout()
+        renderer = fig.canvas.get_renderer()
+        ax = fig.axes[0]
+        seen["legend"] = ax.get_legend().get_window_extent(renderer)
+        seen["others"] = [t.get_window_extent(renderer) for t in ax.texts] + [p.get_window_extent(renderer) for p in ax.patches]
+        seen["figure"] = fig.bbox
+        return real_save(fig, out_png)
+
+    monkeypatch.setattr(plots, "_save_figure", keep_boxes)
+    plots.category_bars(rows, tmp_path / "bars.png", target_points=15)
+    assert seen["others"] and not any(seen["legend"].overlaps(box) for box in seen["others"])
+    assert seen["figure"].contains(seen["legend"].x1 - 1, seen["legend"].y0 + 1)  # and it is still on the figure
