@@ -134,7 +134,7 @@ class Reward:
         name = reward_name(self)
         metadata = check_reward_inputs(images, prompts, metadata, name=name)
         try:
-            return _checked_output(self.score(images, prompts, metadata), images.shape[0])
+            return _checked_output(self.score(images, prompts, metadata), images.shape[0], name)
         except _MalformedOutput as exc:
             raise _MalformedOutput(exc.detail, reward=name) from None  # call_reward's on_error still applies
 
@@ -227,7 +227,7 @@ def as_reward_output(value: Any) -> RewardOutput:
     if isinstance(value, Tensor):
         scores = value
     elif isinstance(value, (np.ndarray, list, tuple)):
-        scores = torch.as_tensor(np.asarray(value, dtype=np.float32))
+        scores = torch.as_tensor(np.asarray(value, dtype=np.float64))  # call_reward casts to float32 after checking it
     else:
         raise TypeError(f"expected a RewardOutput, a tensor or an array of scores, got {type(value).__name__}")
     return RewardOutput(scores=scores, details=details)
@@ -481,7 +481,31 @@ class _MalformedOutput(RewardError):
         self.detail = detail
 
 
-def _checked_output(value: Any, batch: int) -> RewardOutput:
+_WARNED_FLOAT32_MERGES: set[str] = set()
+
+
+def float32_merges(scores: Tensor) -> int:
+    """How many distinct finite ``scores`` become equal to another when cast to float32 (0 for float32 or
+    narrower scores): a reward offset by 1e7 has a float32 spacing of 1 there, so its groups tie."""
+    if scores.dtype != torch.float64 or scores.numel() < 2:
+        return 0
+    finite = scores[torch.isfinite(scores)]
+    return int(torch.unique(finite).numel() - torch.unique(finite.float()).numel())
+
+
+def _warn_float32_merges(scores: Tensor, name: Optional[str]) -> None:
+    merged = float32_merges(scores)
+    if merged and name not in _WARNED_FLOAT32_MERGES:
+        _WARNED_FLOAT32_MERGES.add(name)
+        finite = scores[torch.isfinite(scores)]
+        scale = float(finite.abs().max())
+        logger.warning("reward %r: %d of a batch's distinct float64 scores become equal in float32, which rewards are kept in "
+                       "(scores up to %.3g, where float32's spacing is %.3g): subtract a constant or rescale the scores "
+                       "(advantages only see differences within a group)", name, merged, scale,
+                       float(torch.finfo(torch.float32).eps) * scale)
+
+
+def _checked_output(value: Any, batch: int, name: Optional[str] = None) -> RewardOutput:
     try:
         out = as_reward_output(value)
     except TypeError as exc:
@@ -495,6 +519,7 @@ def _checked_output(value: Any, batch: int) -> RewardOutput:
         raise _MalformedOutput(f"returned scores of shape {list(scores.shape)} for {batch} prompts (expected [{batch}])")
     if not scores.is_floating_point():
         scores = scores.float()
+    _warn_float32_merges(scores.detach(), name)
     _check_details(out.details, batch)
     return RewardOutput(scores=scores.to(torch.float32), details=out.details)
 
@@ -603,7 +628,7 @@ def call_reward(reward: Callable, images: Tensor, prompts: Sequence[str],
     batch = len(prompts)
     before = _fingerprint(images)
     try:
-        out = _checked_output(reward(images, prompts, metadata), batch)
+        out = _checked_output(reward(images, prompts, metadata), batch, name)
     except _MalformedOutput as exc:  # from here or from Reward.__call__'s own check
         if on_error == "raise":
             raise RewardError(f"reward {name!r} {exc.detail}; prompts: {_quote(prompts)}", reward=name, prompts=prompts) from None

@@ -706,3 +706,26 @@ def test_a_mixture_names_a_failing_component_by_its_key():
     mix = MultiReward({"aesthetic": (broken, 1.0), "bright": ("brightness", 1.0)})
     with pytest.raises(RewardError, match="reward 'aesthetic' failed"):
         call_reward(mix, _images(2), ["a", "b"])
+
+
+def test_float64_scores_that_float32_merges_are_named_in_one_warning(monkeypatch, caplog):
+    """Rewards are kept in float32: scores 1e8 + 0.25 * i are four values in float64 and one in float32, so every group
+    tied and nothing trained, silently. A plain list of floats was even rounded before any check could see it."""
+    monkeypatch.setattr(reward_base, "_WARNED_FLOAT32_MERGES", set())
+    assert reward_base.float32_merges(torch.tensor([1e8, 1e8 + 0.25, 1e8 + 0.5, 1e8 + 0.75], dtype=torch.float64)) == 3
+    assert reward_base.float32_merges(torch.tensor([0.1, 0.1 + 1e-6, float("nan")], dtype=torch.float64)) == 0
+    assert reward_base.float32_merges(torch.tensor([1e7, 1e7 + 0.25], dtype=torch.float32)) == 0
+    images = torch.rand(4, 3, 8, 8)
+    def offset_scores(images, prompts, metadata=None):
+        return [1e8 + 0.25 * i for i in range(len(prompts))]
+
+    offset = load_reward(offset_scores)
+    small = load_reward(lambda images, prompts, metadata=None: [0.25 * i for i in range(len(prompts))])
+    with caplog.at_level(logging.WARNING, logger="flowalign.rewards.base"):
+        call_reward(small, images, ["a"] * 4)
+        assert not caplog.records
+        for _ in range(3):
+            out = call_reward(offset, images, ["a"] * 4)
+    assert out.scores.dtype == torch.float32
+    merged = [r.getMessage() for r in caplog.records if "float32" in r.getMessage()]
+    assert len(merged) == 1 and "'offset_scores'" in merged[0] and "3 of a batch's distinct float64 scores" in merged[0], merged
