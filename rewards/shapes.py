@@ -26,7 +26,8 @@ the detected objects, ``details["failure"]`` why a sample fails (:func:`failure_
 ``empty``, ``malformed``, ``shape_count``, ``color``, ``position``; the run report tabulates it).
 ``ShapesReward(score="partial")`` scores the fraction instead and
 ``score="mix"`` scores ``(1 - w) binary + w partial`` (``w = partial_weight <= 0.5``): a denser
-training signal (failed samples that get closer score higher) whose ``score >= 0.5`` is still
+training signal (failed samples that meet more constraints score higher; a count is met or not, so two of "three
+circles" earn what none do, and an empty scene meets "fewer than four": ``graded=True`` prices the count) whose ``score >= 0.5`` is still
 exactly the binary verdict (a failed sample has ``partial < 1``, so its score is below ``w``),
 so an evaluation thresholding at 0.5 (``flowalign.evaluation``) measures binary accuracy.
 ``ShapesReward(exclusive=True)`` adds "nothing unrequested is drawn" to the partial fraction
@@ -35,6 +36,7 @@ count constraint partial credit ``found / count`` (two of "three green triangles
 """
 from __future__ import annotations
 
+import difflib
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -42,7 +44,7 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 
-from flowalign.errors import ConfigError
+from flowalign.errors import ConfigError, RewardError
 
 from .base import Reward, RewardOutput, _quote, register_reward
 from .shapes_scenes import BACKGROUND, COLORS, PALETTE, RELATIONS, SHAPES, SIZE, Spec, parse_prompt
@@ -79,15 +81,21 @@ def segment_with_alpha(image: np.ndarray, alpha_min: float = 0.5, residual_max: 
     return np.where((labels == -2) & ((explained & (a < alpha_min)) | faint), -1, labels), alpha
 
 
-def soft_fill(alpha: np.ndarray, region: np.ndarray) -> float:
-    """Coverage-weighted fill of a shape's bounding box: ``sum(alpha) / (w * h)`` with the soft
-    width ``w = sum_x max_y alpha`` and height ``h = sum_y max_x alpha`` over ``region``.
+def soft_fill(alpha: np.ndarray, region: np.ndarray, mask: Optional[np.ndarray] = None) -> float:
+    """Coverage-weighted fill of a shape's bounding box: ``sum(a) / (w * h)`` with the soft
+    width ``w = sum_x max_y a`` and height ``h = sum_y max_x a`` over ``region``, where ``a`` is the
+    colour coverage ``alpha`` divided by the object's own colour strength (the 95th percentile of
+    ``alpha`` over its ``mask``, when given) and clipped to 0..1.
 
-    Uses the colour coverage ``alpha`` (0..1) instead of a thresholded mask, so it does not
-    depend on how a small or blurry shape falls on the pixel grid: about 1 for a square,
-    pi/4 = 0.785 for a disc, 1/2 for a triangle.
+    Uses the colour coverage instead of a thresholded mask, so it does not depend on how a small
+    or blurry shape falls on the pixel grid: about 1 for a square, pi/4 = 0.785 for a disc, 1/2 for
+    a triangle. The strength division keeps a faded or over-bright render's fill: without it a
+    disc drawn at 90% contrast measured as a square, and a brighter one too.
     """
-    a = np.where(region, np.clip(alpha, 0.0, 1.0), 0.0)
+    a = np.clip(alpha, 0.0, None)
+    if mask is not None and mask.any():
+        a = a / max(float(np.percentile(a[mask], 95)), 1e-6)
+    a = np.where(region, np.clip(a, 0.0, 1.0), 0.0)
     w, h = a.max(axis=0).sum(), a.max(axis=1).sum()
     return float(a.sum() / max(w * h, 1e-6))
 
@@ -118,21 +126,22 @@ def classify_shape(mask: np.ndarray, fill_soft: Optional[float] = None) -> tuple
     return ("circle" if 0.6 <= fill and abs(asym) <= 0.15 else "other"), feats
 
 
-def detect(image: np.ndarray, min_area: int = 10, max_area: int = 400, min_clean: float = 0.8) -> list[dict[str, Any]]:
+def detect(image: np.ndarray, min_area: int = 10, max_side: int = 20, min_clean: float = 0.8) -> list[dict[str, Any]]:
     """Objects in one image (float ``[H, W, 3]`` in 0..255), largest first.
 
     Each object: ``{"shape", "color", "area", "box": (x0, y0, x1, y1), "center": (x, y)}``;
-    ``shape`` is ``"other"`` for a blob that is no clean shape: over ``max_area`` pixels, or
+    ``shape`` is ``"other"`` for a blob that is no clean shape: wider or taller than ``max_side`` pixels
+    (whatever its shape: an area limit let a triangle twice a disc's width pass; the world draws 7-13 px objects), or
     whose bounding box is less than ``min_clean`` made of itself and background (a shape is
     drawn on a plain background; a smear over noise is not a shape).
     """
-    objects, _ = detect_with_masks(image, min_area, max_area, min_clean)
+    objects, _ = detect_with_masks(image, min_area, max_side, min_clean)
     for obj in objects:
         del obj["mask"]
     return objects
 
 
-def detect_with_masks(image: np.ndarray, min_area: int = 10, max_area: int = 400, min_clean: float = 0.8) -> tuple[list[dict[str, Any]], np.ndarray]:
+def detect_with_masks(image: np.ndarray, min_area: int = 10, max_side: int = 20, min_clean: float = 0.8) -> tuple[list[dict[str, Any]], np.ndarray]:
     """:func:`detect`'s objects, each with its boolean pixel ``"mask"``, and the per-pixel labels of
     :func:`segment` (colour index, -1 background, -2 unexplained) they were found in."""
     labels, alpha = segment_with_alpha(image)
@@ -146,12 +155,12 @@ def detect_with_masks(image: np.ndarray, min_area: int = 10, max_area: int = 400
             if area < min_area:
                 continue
             region = ndimage.binary_dilation(mask) & ((labels == k) | (labels == -1))
-            shape, feats = classify_shape(mask, soft_fill(alpha[..., k], region))
+            shape, feats = classify_shape(mask, soft_fill(alpha[..., k], region, mask))
             ys, xs = np.nonzero(mask)
             window = labels[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
             in_box = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
             clean = float((in_box | (window == -1)).mean())
-            if area > max_area or clean < min_clean:
+            if max(ys.max() - ys.min(), xs.max() - xs.min()) + 1 > max_side or clean < min_clean:
                 shape = "other"
             box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
             objects.append({"shape": shape, "color": color, "area": area, "box": box, "center": ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), "clean": clean, **feats, "mask": mask})
@@ -275,6 +284,7 @@ def scene_pixels(images: Tensor) -> np.ndarray:
     return (x.permute(0, 2, 3, 1).numpy() * 255.0).astype(np.float32)
 
 
+SPEC_KEYS = ("include", "exclude", "tag")
 INCLUDE_KEYS = ("shape", "color", "count", "position")
 EXCLUDE_KEYS = ("shape", "color", "count")
 
@@ -287,6 +297,12 @@ def check_spec(spec: Any) -> None:
     (``"colour"``: no colour constraint) or never match (``"cirle"``: every sample fails) without a word."""
     if not isinstance(spec, Mapping):
         raise ValueError(f"the spec must be a JSON object, got {type(spec).__name__}")
+    for key in spec:  # other keys are the prompt record's own fields; a near miss of ours is a typo that drops a constraint
+        near = difflib.get_close_matches(str(key), SPEC_KEYS, n=1, cutoff=0.75)
+        if key not in SPEC_KEYS and near:
+            raise ValueError(f"unknown key {key!r}; did you mean {near[0]!r}? (a spec takes {list(SPEC_KEYS)})")
+    if "include" not in spec:
+        raise ValueError("the spec has no 'include' list (GenEval's specs name what to draw; an 'exclude' alone is not one)")
     if not isinstance(spec.get("tag", ""), str):
         raise ValueError(f"'tag' must be a string, got {spec['tag']!r}")
     for part, keys in (("include", INCLUDE_KEYS), ("exclude", EXCLUDE_KEYS)):
@@ -313,12 +329,27 @@ def check_spec(spec: Any) -> None:
                         and isinstance(position[1], int) and not isinstance(position[1], bool) and 0 <= position[1] < i):
                     raise ValueError(f"{where}: 'position' must be [relation, j] with a relation of {list(RELATIONS)} and j the "
                                      f"index of an earlier include entry, got {position!r}")
+    if not spec["include"]:
+        raise ValueError("'include' is empty: every image, noise included, would meet the spec")
+    for i, entry in enumerate(spec.get("exclude", [])):
+        needed = [req for req in spec["include"] if _matching([{"shape": req["shape"], "color": req.get("color")}], entry)]
+        most = max((int(req.get("count", 1)) for req in needed), default=0)
+        if most >= int(entry.get("count", 1)):
+            raise ValueError(f"exclude[{i}] forbids {entry.get('count', 1)} or more of what an include entry asks {most} of: no image "
+                             "can meet the spec")
+
+
+def carries_spec(meta: Optional[Mapping[str, Any]]) -> bool:
+    """Whether a prompt's metadata holds a spec (``include`` or ``exclude``, or a near miss of either, which
+    :func:`check_spec` then names) rather than leaving the verifier to parse the caption."""
+    return bool(meta) and any(key in ("include", "exclude") or difflib.get_close_matches(str(key), ("include", "exclude"), n=1, cutoff=0.75)
+                              for key in meta)
 
 
 def scene_spec(prompt: str, meta: Optional[dict[str, Any]]) -> Spec:
-    """The spec a sample is checked against: its metadata when it holds ``include`` (checked by :func:`check_spec`),
-    else the parsed prompt."""
-    if meta and "include" in meta:
+    """The spec a sample is checked against: its metadata when it holds ``include`` (checked by :func:`check_spec`;
+    an ``exclude`` without one is refused), else the parsed prompt."""
+    if carries_spec(meta):
         check_spec(meta)
         return meta
     return parse_prompt(prompt)
@@ -376,9 +407,11 @@ class ShapesReward(Reward):
     def check_prompts(self, prompts, metadata) -> None:
         """Every prompt needs an ``include`` spec in its metadata or a caption of the toy grammar
         (:func:`flowalign.rewards.shapes_scenes.parse_prompt`)."""
+        if len(metadata) != len(prompts):
+            raise ConfigError(f"shapes reward: {len(metadata)} metadata entries for {len(prompts)} prompts")
         bad, malformed = [], []
         for prompt, meta in zip(prompts, metadata):
-            if meta and "include" in meta:
+            if carries_spec(meta):
                 try:
                     check_spec(meta)
                 except ValueError as exc:
@@ -397,9 +430,10 @@ class ShapesReward(Reward):
 
     def score(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"shapes reward expects images [B, 3, H, W], got shape {tuple(images.shape)}")
+            raise RewardError(f"reward {self.name!r} scores images [B, 3, H, W], got shape {list(images.shape)}"
+                              + (" (videos: score a frame, or use a reward that reads videos)" if images.ndim == 5 else ""), reward=self.name)
         if len(prompts) != images.shape[0]:
-            raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
+            raise RewardError(f"got {images.shape[0]} images but {len(prompts)} prompts", reward=self.name)
         arr = scene_pixels(images)
         scores, partial, tags, found, failures = [], [], [], [], []
         for i, prompt in enumerate(prompts):
