@@ -515,7 +515,9 @@ def build(out_dir: str | Path, cfg: Optional[ToyBuildConfig] = None) -> dict[str
 
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    meta = {"max_sequence_length": T5_TOKENS, "guidance_scale": guidance, "shift": shift, "num_inference_steps": 10, "height": 32, "width": 32, "seed": cfg.seed}
+    summary["built_with"] = build_environment(min(threads, cfg.threads))
+    meta = {"max_sequence_length": T5_TOKENS, "guidance_scale": guidance, "shift": shift, "num_inference_steps": 10, "height": 32, "width": 32, "seed": cfg.seed,
+            "built_with": summary["built_with"]}
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     summary["params"] = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("transformer", "vae", "text_encoder", "text_encoder_2")}
     summary["build_seconds"] = time.time() - t_start
@@ -612,6 +614,25 @@ def evaluate_toy(folder: str | Path, guidance_scales: tuple[float, ...] = (1.0, 
     out["file_bytes"] = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(files)}
     out["params"] = {n: sum(p.numel() for p in getattr(pipe, n).parameters()) for n in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")}
     return out
+
+
+def build_environment(threads: int) -> dict[str, Any]:
+    """What a build's weights depend on besides its seed and flags: the library versions, the torch ``threads`` it ran and the
+    source commit (``None`` outside a git checkout). The same values rebuild the same bits; other torch versions
+    round differently and train to other weights."""
+    import platform
+    import subprocess
+
+    import diffusers
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "numpy": np.__version__, "python": platform.python_version(), "threads": threads, "commit": commit}
 
 
 def load_toy_meta(folder: str | Path) -> dict[str, Any]:

@@ -92,6 +92,11 @@ def test_smoke_build_loads_and_is_deterministic(tmp_path, toy_smoke):
     c = load_file(tmp_path / "c" / "transformer/diffusion_pytorch_model.safetensors")
     assert not all(torch.equal(a[k], c[k]) for k in a)
     assert other["clip_max_length"] == summaries[0]["clip_max_length"]
+    # what the bits depend on besides seed and flags is recorded, in the summary and next to the weights
+    built_with = summaries[0]["built_with"]
+    assert built_with["torch"] == torch.__version__ and built_with["threads"] == min(torch.get_num_threads(), toy.ToyBuildConfig().threads)
+    assert set(built_with) == {"torch", "diffusers", "transformers", "numpy", "python", "threads", "commit"}
+    assert toy.load_toy_meta(tmp_path / "a")["built_with"] == built_with
     p = StableDiffusion3Pipeline.from_pretrained(tmp_path / "a", local_files_only=True)
     p.set_progress_bar_config(disable=True)
     out = toy.sample(p, ["a red circle", "two squares"], seed=0, steps=2, guidance_scale=2.0)
