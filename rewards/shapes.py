@@ -8,7 +8,8 @@ Pipeline per image (32x32, or any size: padded to a square with the background, 
    foreground when its ``alpha >= 0.5`` and its residual is small. Projecting on the
    background-colour line makes anti-aliased or blurry edges keep their colour.
 2. **Connected components** per colour (4-connectivity); components under ``min_area`` pixels
-   are dropped as noise.
+   are dropped as noise, and a component that is no clean shape is split at its necks when
+   every part is one (:func:`split_touching`: touching discs of one colour are two discs).
 3. **Shape classification** of each component from its mask: an upright triangle has most of
    its mass in the lower half of its bounding box (``asym = (bottom - top) / area`` about 0.5,
    0 for circles and squares); a square fills its box (``fill`` about 1) where a circle fills
@@ -143,29 +144,62 @@ def detect(image: np.ndarray, min_area: int = 10, max_side: int = 20, min_clean:
 
 def detect_with_masks(image: np.ndarray, min_area: int = 10, max_side: int = 20, min_clean: float = 0.8) -> tuple[list[dict[str, Any]], np.ndarray]:
     """:func:`detect`'s objects, each with its boolean pixel ``"mask"``, and the per-pixel labels of
-    :func:`segment` (colour index, -1 background, -2 unexplained) they were found in."""
+    :func:`segment` (colour index, -1 background, -2 unexplained) they were found in.
+
+    A component that is no clean shape is tried as touching objects of one colour (:func:`split_touching`):
+    its parts replace it when every part is a clean shape of at least ``min_area`` pixels (two discs whose
+    edges meet are two discs, as GenEval's instance detector sees them; two squares side by side make a
+    rectangle, which no split can tell from one)."""
     labels, alpha = segment_with_alpha(image)
     names = list(PALETTE)
     objects = []
     for k, color in enumerate(names):
         comp, n = ndimage.label(labels == k)
         for i in range(1, n + 1):
-            mask = comp == i
-            area = int(mask.sum())
-            if area < min_area:
+            blob = comp == i
+            if int(blob.sum()) < min_area:
                 continue
-            region = ndimage.binary_dilation(mask) & ((labels == k) | (labels == -1))
-            shape, feats = classify_shape(mask, soft_fill(alpha[..., k], region, mask))
-            ys, xs = np.nonzero(mask)
-            window = labels[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
-            in_box = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
-            clean = float((in_box | (window == -1)).mean())
-            if max(ys.max() - ys.min(), xs.max() - xs.min()) + 1 > max_side or clean < min_clean:
-                shape = "other"
-            box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
-            objects.append({"shape": shape, "color": color, "area": area, "box": box, "center": ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), "clean": clean, **feats, "mask": mask})
+            whole = _describe(blob, blob, k, color, labels, alpha, max_side, min_clean)
+            if whole["shape"] == "other":
+                parts = [_describe(part, blob, k, color, labels, alpha, max_side, min_clean) for part in split_touching(blob)]
+                if len(parts) > 1 and all(p["shape"] != "other" and p["area"] >= min_area for p in parts):
+                    objects.extend(parts)
+                    continue
+            objects.append(whole)
     objects.sort(key=lambda o: -o["area"])
     return objects, labels
+
+
+def split_touching(mask: np.ndarray, max_erosion: int = 2) -> list[np.ndarray]:
+    """Split a component at its necks: erode it until it falls apart (at most ``max_erosion`` times, 4-connected),
+    then give every pixel to the nearest core. Returns the parts' masks (``[mask]`` when it never falls apart)."""
+    for times in range(1, max_erosion + 1):
+        core = ndimage.binary_erosion(mask, iterations=times)
+        seeds, n = ndimage.label(core)
+        if n == 0:
+            break
+        if n >= 2:
+            _, (iy, ix) = ndimage.distance_transform_edt(seeds == 0, return_indices=True)
+            owner = np.where(mask, seeds[iy, ix], 0)
+            return [owner == j for j in range(1, n + 1)]
+    return [mask]
+
+
+def _describe(mask: np.ndarray, blob: np.ndarray, k: int, color: str, labels: np.ndarray, alpha: np.ndarray, max_side: int,
+              min_clean: float) -> dict[str, Any]:
+    """One object of colour ``k``: ``mask`` is its pixels, ``blob`` the component it is (part of); the rest of the
+    blob counts as clean surroundings but not as the object's coverage."""
+    area = int(mask.sum())
+    region = ndimage.binary_dilation(mask) & (((labels == k) & ~(blob & ~mask)) | (labels == -1))
+    shape, feats = classify_shape(mask, soft_fill(alpha[..., k], region, mask))
+    ys, xs = np.nonzero(mask)
+    window = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
+    clean = float((blob[window] | (labels[window] == -1)).mean())
+    if max(ys.max() - ys.min(), xs.max() - xs.min()) + 1 > max_side or clean < min_clean:
+        shape = "other"
+    box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+    return {"shape": shape, "color": color, "area": area, "box": box, "center": ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), "clean": clean,
+            **feats, "mask": mask}
 
 
 def relative_position(a: dict[str, Any], b: dict[str, Any]) -> set[str]:

@@ -8,7 +8,8 @@ import torch
 from flowalign.errors import ConfigError, RewardError
 from flowalign.rewards import load_reward
 from flowalign.rewards import shapes_scenes as S
-from flowalign.rewards.shapes import FAILURE_MODES, ShapesReward, classify_shape, detect, evaluate, failure_mode, relative_position, soft_fill
+from flowalign.rewards.shapes import (FAILURE_MODES, ShapesReward, classify_shape, detect, evaluate, failure_mode, relative_position, soft_fill,
+                                       split_touching)
 
 
 def _all() -> list[dict]:
@@ -455,3 +456,23 @@ def test_check_prompts_refuses_a_metadata_list_of_another_length():
 def test_videos_are_a_reward_error_naming_the_layout():
     with pytest.raises(RewardError, match=r"scores images \[B, 3, H, W\].*videos"):
         ShapesReward()(torch.rand(1, 2, 3, 32, 32), ["a red circle"])
+
+
+def test_touching_discs_and_triangles_of_one_colour_are_separate_objects():
+    """One connected component per colour made two discs whose anti-aliased edges meet one shapeless blob, so "two
+    green circles" failed where GenEval's instance detector sees two; side-by-side squares stay one rectangle."""
+    reward = ShapesReward()
+    for shape, caption in (("circle", "two green circles"), ("triangle", "two green triangles")):
+        for size in (7.0, 9.0, 11.0):
+            image = S.render([{"shape": shape, "color": "green", "size": size, "center": (16 - size / 2, 16.0)},
+                              {"shape": shape, "color": "green", "size": size, "center": (16 + size / 2, 16.0)}])
+            objects = detect(image.astype(np.float32))
+            assert [o["shape"] for o in objects] == [shape, shape], (shape, size)
+            assert sorted(o["center"][0] for o in objects)[0] < 16 < sorted(o["center"][0] for o in objects)[1]
+            assert reward(_images(image[None]), [caption]).scores.tolist() == [1.0]
+    squares = S.render([{"shape": "square", "color": "green", "size": 10.0, "center": (16 - 4.4, 16.0)},
+                        {"shape": "square", "color": "green", "size": 10.0, "center": (16 + 4.4, 16.0)}])
+    assert [o["shape"] for o in detect(squares.astype(np.float32))] == ["other"]
+    one = np.zeros((12, 12), bool)
+    one[2:10, 2:10] = True  # no neck: never split
+    assert len(split_touching(one)) == 1
