@@ -642,6 +642,31 @@ def load_toy_meta(folder: str | Path) -> dict[str, Any]:
     return json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
 
 
+BUILD_FLAG_HELP = {
+    "seed": "seed of every draw: scenes, captions, initialisation, batches",
+    "n_scenes": "procedurally drawn training scenes",
+    "vae_steps": "VAE training steps",
+    "dit_steps": "transformer (flow matching) training steps",
+    "dit_batch": "transformer batch size",
+    "dit_layers": "transformer blocks",
+    "dit_heads": "attention heads per block",
+    "threads": "torch threads (1 avoids oversubscribing a shared CPU; other counts round differently)",
+    "eval_every": "log the loss and, with --eval-samples above 0, held-out accuracy every this many transformer steps",
+    "eval_samples": "samples of each held-out evaluation (0: none)",
+    "shift": "the flow-matching scheduler's timestep shift, stored as the toy's recommended setting",
+    "guidance_scale": "the CFG scale stored as the toy's recommended setting",
+    "dit_lr": "transformer learning rate",
+    "caption_noise": "fraction of training captions with one attribute wrong (web alt-text-like noise)",
+    "synonym_rate": "with --color-synonyms: probability that a paired colour is named by its partner",
+    "washed_fraction": "fraction of training scenes washed out towards the background",
+    "washed_alpha": "contrast a washed scene keeps (the verifier needs >= 0.5)",
+    "split_fraction": "fraction of training scenes whose every object is cut in two",
+    "split_width": "width in pixels of that background-coloured cut",
+    "watermark_fraction": "fraction of training scenes stamped with diagonal stripes",
+    "watermark_opacity": "the stamp's opacity",
+}
+
+
 def _int_pair(text: str) -> tuple[int, int]:
     """``"24,24"`` -> ``(24, 24)`` (argparse type for ``--clip-hidden``)."""
     parts = [p.strip() for p in str(text).split(",")]
@@ -659,10 +684,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     b.add_argument("--out", default="assets/toy")
     b.add_argument("--summary", default=None, help="write the build summary JSON here")
     for name in ("seed", "n_scenes", "vae_steps", "dit_steps", "dit_batch", "dit_layers", "dit_heads", "threads", "eval_every", "eval_samples"):
-        b.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+        b.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name), help=f"{BUILD_FLAG_HELP[name]} (default: %(default)s)")
     for name in ("shift", "guidance_scale", "dit_lr", "caption_noise", "synonym_rate", "washed_fraction", "washed_alpha",
                  "split_fraction", "split_width", "watermark_fraction", "watermark_opacity"):
-        b.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+        b.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name), help=f"{BUILD_FLAG_HELP[name]} (default: %(default)s)")
     b.add_argument("--clip-hidden", default=",".join(map(str, d.clip_hidden)), type=_int_pair,
                    help="hidden sizes of the two CLIP text encoders, e.g. 24,24 (the shipped toy: 16,16)")
     b.add_argument("--color-synonyms", default=d.color_synonyms,

@@ -220,7 +220,7 @@ def test_config_refuses_bad_keys_in_one_line(capsys):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("rewards.0.name=fa_nowhere_zz.mod:Thing", "no importable module"),
+    ("rewards.0.name=json:no_such_scorer", "json"),  # the module is installed, the name in it is not
     ("rewards.0.kwargs.partial_wieght=1", "unexpected keyword argument 'partial_wieght'"),
     ("objective.kwargs.clip=1", "unexpected keyword argument 'clip'"),
 ])
@@ -231,10 +231,13 @@ def test_config_refuses_what_train_would_refuse(override, message, capsys):
     assert len(err.splitlines()) == 1 and err.startswith("flowalign config: error: ") and message in err
 
 
-def test_config_prints_a_recipe_whose_reward_is_not_installed_with_a_warning(capsys):
-    assert cli.main(["config", "--set", "rewards.0.name=brigthness"]) == 0
+@pytest.mark.parametrize("name", ["brigthness", "fa_nowhere_zz.mod:Thing", "fa_nowhere_zz.mod.Thing"])
+def test_config_prints_a_recipe_whose_reward_is_not_installed_with_a_warning(name, capsys):
+    """A plugin of another machine, by name or by a dotted path into its package (the dotted path was an error, so a
+    recipe written for a GPU box could not be printed on a laptop)."""
+    assert cli.main(["config", "--set", f"rewards.0.name={name}"]) == 0
     out = capsys.readouterr()
-    assert "\"name\": \"brigthness\"" in out.out and "reward 'brigthness' is not installed here" in out.err
+    assert f"\"name\": \"{name}\"" in out.out and f"reward {name!r} is not installed here" in out.err
 
 
 def test_too_few_final_eval_samples_name_the_key_and_the_minimum(tmp_path, capsys):

@@ -205,9 +205,9 @@ def run_config(args: argparse.Namespace) -> int:
 
             build_objective(config)  # what `flowalign train` refuses before loading a model: the objective's arguments
         for reward in getattr(config, "rewards", None) or []:  # and the rewards' names and arguments
-            if reward.name in available_rewards() or ":" in reward.name or "." in reward.name:
+            if reward.name in available_rewards() or (("." in reward.name or ":" in reward.name) and _importable(reward.name)):
                 check_reward_spec(reward.name, **reward.kwargs)
-            else:  # a plugin of another machine (the SD3.5 recipes' geneval): print the recipe, say so
+            else:  # a plugin of another machine (the SD3.5 recipes' geneval, a dotted path to its package): print the recipe, say so
                 sys.stderr.write(f"flowalign config: warning: reward {reward.name!r} is not installed here "
                                  f"(available: {', '.join(available_rewards())}): train would refuse this recipe here\n")
     except (FlowalignError, FileNotFoundError) as exc:
@@ -233,6 +233,17 @@ def _train_config(args: argparse.Namespace):
 
 
 CONTRADICTORY_FLAGS = "--resume continues the run in the output folder and --overwrite replaces it: pass one of them"
+
+
+def _importable(dotted: str) -> bool:
+    """Whether the module of a dotted reward path (``pkg.mod:Name`` or ``pkg.mod.Name``) is installed here."""
+    import importlib.util
+
+    module = dotted.split(":", 1)[0] if ":" in dotted else dotted.rsplit(".", 1)[0]
+    try:
+        return bool(module) and importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package that is not installed
+        return False
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -4,8 +4,10 @@
         --reward shapes --num-samples 512 --seed 0 --out runs/toy_grpo/eval
 
 Steps and guidance default to the model's recommended settings (the toy's ``flowalign_toy.json``:
-10 steps, guidance 4.5, as the trainer's held-out report uses), so the command above reproduces
-``runs/toy_grpo/report.md``'s aligned accuracy; a model without them samples 40 steps at guidance 4.5.
+10 steps, guidance 4.5; the toy recipes set the same as ``sampling.eval_num_steps`` / ``guidance_scale``,
+which the trainer's held-out report uses), so the command above reproduces ``runs/toy_grpo/report.md``'s
+aligned accuracy; a model without them samples 40 steps at guidance 4.5. A recipe of your own reports at
+its ``sampling.eval_num_steps`` (40 unless set): pass ``--steps`` to match it.
 
 Prints the per-category table (:meth:`flowalign.evaluation.EvalResult.table`) and writes
 ``eval.json`` and ``eval.md`` to ``--out``. Sampling is the noise-free Euler ODE with per-sample
@@ -107,7 +109,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help=f"total samples, cycling over the prompts; at least one per prompt (default: whole passes until >= {DEFAULT_MIN_SAMPLES})")
     parser.add_argument("--samples-per-prompt", type=int, default=None, help="consecutive samples per prompt visit (default 1, or the passes above)")
     parser.add_argument("--steps", type=int, default=None,
-                        help=f"ODE sampling steps (default: the model's recommended count, as the trainer's report uses: 10 for the toy; else {FALLBACK_STEPS})")
+                        help=f"ODE sampling steps (default: the model's recommended count: 10 for the toy, as the toy recipes' "
+                             f"sampling.eval_num_steps, which the trainer's report uses; else {FALLBACK_STEPS})")
     parser.add_argument("--guidance", type=float, default=None,
                         help=f"CFG scale, 1 = off (default: the model's recommended scale: 4.5 for the toy; else {FALLBACK_GUIDANCE})")
     parser.add_argument("--seed", type=int, default=d.seed, help="sample i starts from the noise of seed + i (default: %(default)s)")

@@ -36,7 +36,7 @@ steps (``train/runtime.py``), so the pipeline's modules are never wrapped: FSDP 
 run like DDP. With ``sampling.noise_seeding: group`` a run gives the same LoRA (up to float
 reduction order) on any number of processes when each optimizer step covers the same rows there:
 ``grad_accum`` counts a process's micro-batches, so that holds when one step takes the whole
-iteration (the default recipes) and not when, say, ``grad_accum: 1`` makes 2 processes take half
+iteration (the toy recipes and ``sd35m_dense_grpo_geneval``) and not when, say, ``grad_accum: 1`` makes 2 processes take half
 the steps of 1. ``train.oversample`` must split evenly over the processes (checked at setup).
 """
 from __future__ import annotations
