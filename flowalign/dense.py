@@ -322,7 +322,8 @@ def calibrate_noise_table(
     """One round of DenseGRPO's reward-aware exploration calibration (arXiv 2601.20218).
 
     For each timestep k, count positive and negative step gains over N calibration rollouts:
-    psi_k <- psi_k + eps2 where |#pos_k - #neg_k| <= eps1 (balanced: room to explore more),
+    psi_k <- psi_k + eps2 where |#pos_k - #neg_k| <= eps1 (balanced: room to explore more; the paper's
+    ``|#pos - #neg| < 2`` on integer counts is ``eps1 = 1``, the default 2 one count looser),
     psi_k <- psi_k - eps2 otherwise; clamped to [0, max_level] (a level within max(eps2/1000, 1e-5) of 0
     after the update, i.e. one decremented to 0 up to float round-off, is exactly 0).
 

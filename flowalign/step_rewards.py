@@ -81,7 +81,9 @@ class DenseConfig:
     noise_table_file: Optional[str] = field(default=None, metadata={"help": "JSON noise table (flowalign.step_rewards.save_noise_table) used as sampling noise levels; overrides sampling.noise_schedule."})
     calibration_rounds: int = field(default=0, metadata={"help": "DenseGRPO: rounds of noise-table calibration before training (0 = none; use noise_table_file or sampling.noise_kwargs)."})
     calibration_samples: int = field(default=64, metadata={"help": "Rollouts per calibration round (N in DenseGRPO's counts)."})
-    eps1: float = field(default=2.0, metadata={"help": "DenseGRPO calibration: a step is balanced when |#positive - #negative gains| <= eps1."})
+    eps1: float = field(default=2.0, metadata={"help": "DenseGRPO calibration: a step is balanced when |#positive - #negative gains| <= eps1 "
+                                                         "(the paper's Alg. 1, |#pos - #neg| < 2 on integer counts, is eps1 1; "
+                                                         "the default 2 is one count looser)."})
     eps2: float = field(default=0.01, metadata={"help": "DenseGRPO calibration: noise-level increment (balanced) or decrement (unbalanced) per round."})
     max_level: Optional[float] = field(default=None, metadata={"help": "Upper bound of a calibrated noise level; null = none (1 under sampling.kernel=cps, whose level is an angle fraction)."})
 
