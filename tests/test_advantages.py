@@ -164,3 +164,25 @@ def test_kept_and_multi_reward_advantages_keep_fp64_rewards_as_group_advantages_
     assert torch.equal(kept_group_advantages(r, ids), expect)
     assert torch.equal(multi_reward_advantages({"a": r}, ids), expect)
     assert torch.equal(multi_reward_advantages(r[:, None], ids), expect)
+
+
+def test_a_tied_float64_group_is_exactly_zero_and_not_kept_with_or_without_eps():
+    """0.1 is not exact in binary: a group of fp64 0.1s has a mean that rounds, so only the explicit tie rule gives 0
+    (without it: -1.4e-13 with eps 1e-4, which nonzero_mask keeps, and -1 for every member with eps 0)."""
+    rewards = torch.tensor([0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.0, 1.0], dtype=torch.float64)
+    gids = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1])
+    for eps in (1e-4, 0.0):
+        adv = group_advantages(rewards, gids, eps=eps)
+        assert torch.equal(adv[:6], torch.zeros(6)), eps
+        assert nonzero_mask(adv).tolist() == [False] * 6 + [True, True]
+
+
+def test_kept_multi_reward_advantages_weigh_a_reward_missing_from_weights_by_one_and_drop_a_nan_in_any_reward():
+    from flowalign.advantages import kept_multi_reward_advantages
+
+    g = torch.tensor([0, 0, 0])
+    x = torch.tensor([0.0, 1.0, 0.5])
+    y = torch.tensor([1.0, 0.0, float("nan")])  # a NaN in the second reward drops row 2 as one in the first does
+    adv = kept_multi_reward_advantages({"x": x, "y": y}, g, {"x": 2.0}, eps=0.0)
+    # kept rows 0, 1: x -> [-1, 1] (weight 2), y -> [1, -1] (weight 1, not named)
+    assert torch.allclose(adv, torch.tensor([-1.0, 1.0, 0.0]))

@@ -354,3 +354,34 @@ def test_every_offline_objective_refuses_non_finite_explicit_rewards(name):
     velocity = lambda x, s: torch.zeros_like(x)  # noqa: E731
     with pytest.raises(ValueError, match=f"{name} got non-finite explicit rewards"):
         objective.loss(batch, velocity, velocity)
+
+
+def test_a_ranked_group_with_ties_pairs_each_score_with_its_own_reward_whatever_the_tie_order():
+    """The tie shuffle permutes scores and targets together; permuting the targets alone paired the scores with other
+    members' rewards (rewards [1, 0, 0], scores [0, 2, -1]: 3.72 by hand, 0.98 / 3.72 / 4.30 from draw to draw)."""
+    torch.manual_seed(3)
+    x0 = torch.randn(2, 3, 6)
+    rewards = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.9, 0.2]])
+    sigma, noise = torch.rand(2, 1).expand(2, 3), torch.randn(2, 3, 6)
+    policy, reference = LinearVelocity(6, 1), LinearVelocity(6, 2)
+    scores = implicit_rewards(_row_errors(x0, sigma, noise, policy), _row_errors(x0, sigma, noise, reference), 6.0)
+    by_hand = gdro_listwise_loss(scores, rewards, 0.05).mean()
+    for seed in range(6):
+        loss, _ = GDRO(tau=0.05, gamma=0.0, generator=torch.Generator().manual_seed(seed)).loss(
+            OfflineBatch(x0, rewards), policy, reference, sigma=sigma, noise=noise)
+        assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5), seed
+
+
+def test_group_sigmas_and_noise_are_shared_within_a_group_and_cover_the_range():
+    from flowalign.objectives.diffusion_dpo import sample_group_noise, sample_sigmas
+
+    g = torch.Generator().manual_seed(0)
+    shared = sample_sigmas(400, 4, sigma_range=(0.2, 0.4), generator=g)
+    assert shared.shape == (400, 4) and torch.equal(shared, shared[:, :1].expand(400, 4))  # winner and loser at one sigma
+    assert shared.min() >= 0.2 and shared.max() < 0.4 and shared.min() < 0.21 and shared.max() > 0.39  # U(0.2, 0.4)
+    own = sample_sigmas(400, 4, per_sample=True, sigma_range=(0.2, 0.4), generator=g)
+    assert own.min() >= 0.2 and own.max() < 0.4 and bool((own[:, 1:] != own[:, :1]).any())
+    x0 = torch.zeros(5, 3, 2, 2)
+    noise = sample_group_noise(x0, generator=g)
+    assert torch.equal(noise, noise[:, :1].expand_as(noise)) and noise[:, 0].std() > 0.5
+    assert bool((sample_group_noise(x0, per_sample=True, generator=g)[:, 1:] != noise[:, :1]).any())
