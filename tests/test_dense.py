@@ -63,6 +63,10 @@ TP_CASES = [
     ([2, 3, 1, 1.5, 0], [0, 1, 0, 0], [1, -3, 0.5, -1.5]),
     # 13. K = 1: r = [1], e_1 = sign(R_1 - R_1) = 0 -> no turning point.
     ([0, 1], [0], [1]),
+    # 14. the trend is R_K - R_0, not the first gain: r = [2, -5, 1, 1], g = sign(-1 - 0) = -, e = [-, +, +, 0].
+    #     k=1: (+)(-) no. k=2: r_1 against, r_2 with, but r_2·e_2 = (-)(+) < 0 -> no. k=3: r_2 with g -> no.
+    #     k=4: r_4·g = (+)(-) < 0 -> no. (Read with g = sign(r_1) = +, step 3 would turn with R_4 - R_2 = 2.)
+    ([0, 2, -3, -2, -1], [0, 0, 0, 0], [2, -5, 1, 1]),
 ]
 
 

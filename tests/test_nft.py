@@ -36,6 +36,19 @@ def test_nft_loss_hand_worked_one_dimension():
     assert loss.item() == pytest.approx(0.75 * 0.75 + 0.25 * 0.45, abs=1e-6)
 
 
+def test_nft_adaptive_weight_is_the_mean_absolute_error_without_gradient_in_two_dimensions():
+    """In one dimension mean |d| and the RMS agree and a weight with or without gradient differ only in scale; two
+    dimensions tell them apart. r = 1, beta = 1, sigma = 1, x_s = 0: x0_hat = -v_theta = [1, 3], x0 = 0:
+    error mean(1, 9) = 5, weight mean(1, 3) = 2, loss 2.5 (RMS: 2.236); d loss / d v_theta = -x0_hat / 2 = [-0.5, -1.5]
+    with the weight held fixed (with its gradient: [0.125, -0.875])."""
+    v_theta = torch.tensor([[-1.0, -3.0]], requires_grad=True)
+    zero = torch.zeros(1, 2)
+    loss = nft_loss(v_theta, zero, zero, zero, torch.tensor([1.0]), torch.tensor([1.0]), beta=1.0, adaptive=True)
+    assert loss.item() == pytest.approx(2.5, abs=1e-6)
+    loss.sum().backward()
+    assert v_theta.grad.tolist() == [pytest.approx([-0.5, -1.5], abs=1e-6)]
+
+
 @pytest.mark.parametrize("r,beta", [(1.0, 1.0), (0.75, 1.0), (0.5, 0.5), (0.2, 0.5), (0.0, 2.0)])
 def test_nft_minimiser_is_a_bounded_move_towards_or_away_from_the_target(r, beta):
     """Brute force: gradient descent on a free v_theta reaches v_old + (2r - 1)(v - v_old)/beta."""

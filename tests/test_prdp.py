@@ -127,3 +127,24 @@ def test_online_helper_resamples_every_k_updates():
     assert [h["batch"] for h in history] == [0, 0, 0, 1, 1, 1, 2]
     with pytest.raises(ValueError, match="resample_every"):
         run_online_prdp(sample_fn, lambda b: {}, 1, 0)
+
+
+def test_a_step_mask_averages_over_the_counted_steps_only():
+    # steps 0 and 2 count (K_eff = 2); the middle one's huge log-ratios must not matter
+    la, lb = torch.tensor([[0.2, 0.5, -0.1]]), torch.tensor([[0.0, 9.0, 0.3]])
+    mask = torch.tensor([True, False, True])
+    r_a, r_b = torch.tensor([1.0]), torch.tensor([0.2])
+    per_step, _ = prdp_loss(la, lb, r_a, r_b, 0.5, None, per_step=True, step_mask=mask)
+    assert per_step.item() == pytest.approx((0.36 + 1.44) / 2, rel=1e-6)  # as test_hand_worked_per_step_no_clip, K = 2
+    full, _ = prdp_loss(la, lb, r_a, r_b, 0.5, None, per_step=False, step_mask=mask)
+    assert full.item() == pytest.approx(0.81, rel=1e-6)  # Δℓ sum over the counted steps -0.2, as the full-sum hand case
+
+
+@pytest.mark.parametrize("per_step", [False, True])
+def test_each_side_is_clipped_before_the_difference_and_the_larger_branch_wins(per_step):
+    # ℓa = 0.2, ℓb = 0.1, ε = 0.1, Δr = 1, β = 1, K = 1: unclipped Δℓ 0.1 -> (0.9)² = 0.81; each side clipped:
+    # 0.1 - 0.1 = 0 -> 1.0, the larger (clipping the difference instead keeps 0.1 -> 0.81)
+    loss, clipped = prdp_loss(torch.tensor([[0.2]]), torch.tensor([[0.1]]), torch.tensor([1.0]), torch.tensor([0.0]), 1.0, 0.1,
+                              per_step=per_step)
+    assert loss.item() == pytest.approx(1.0, rel=1e-6)
+    assert clipped.tolist() == [[True]]

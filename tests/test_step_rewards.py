@@ -201,6 +201,10 @@ def test_step_advantages_match_dense_and_hand_credit():
     # sum-form with gamma = 1 telescopes to R_K - R_{k-1}
     expect = per_step_advantages(R[:, -1:] - R[:, :-1], gid)
     assert torch.allclose(sr.step_advantages(R, gid, credit="sum", gamma=1.0), expect, atol=1e-5)
+    # sum-form with gamma 0.5 by hand: R = [[0, 1, 3], [0, 2, 2]] -> gains [[1, 2], [2, 0]] -> returns
+    # [[1 + 0.5·2, 2], [2 + 0.5·0, 0]] = [[2, 2], [2, 0]] -> minus the group mean [2, 1]: [[0, 1], [0, -1]]
+    R2 = torch.tensor([[0.0, 1.0, 3.0], [0.0, 2.0, 2.0]])
+    assert sr.step_advantages(R2, torch.tensor([0, 0]), credit="sum", gamma=0.5, std="none").tolist() == [[0.0, 1.0], [0.0, -1.0]]
     # min-form by hand on one row: gains [1, -2, 3, -1] -> V = [-2, -2, -1, -1]
     R1 = torch.tensor([[0.0, 1.0, -1.0, 2.0, 1.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
     adv = sr.step_advantages(R1, torch.tensor([0, 0]), credit="min", std="none")
