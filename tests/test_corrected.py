@@ -113,6 +113,7 @@ def test_corrected_summary_by_hand():
     half = 1.959964 * math.sqrt(((0.5 - 0.275) ** 2 + (0.05 - 0.275) ** 2) / 1) / math.sqrt(2)
     assert (a.corrected_low, a.corrected_high) == pytest.approx((0.275 - half, 0.275 + half), rel=1e-5)
     assert s["b"].count == 1 and s["b"].mean_corrected == pytest.approx(0.1) and s["b"].low_quality == 1
+    assert s["b"].mean_quality == pytest.approx(0.2) and s["all"].mean_quality == pytest.approx(0.5)  # the dropped q = 1 is out
     assert s["all"].count == 3 and s["all"].mean_corrected == pytest.approx((0.5 + 0.05 + 0.1) / 3)
     with pytest.raises(ValueError, match="must match"):
         corrected_summary(tags[:3], r, q)
@@ -235,3 +236,38 @@ def test_eval_corrected_bad_input_is_one_line_exit_2(tiny_eval, capsys, extra, m
     assert cli.main([*args, *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("flowalign eval: error:") and "\n" not in err and message in err
+
+
+def test_image_statistics_of_a_coloured_image_by_hand():
+    """The black / white image has no saturation and a Laplacian that any centre weight of 2 or 4 reads alike: a
+    coloured image with one bright pixel tells the formulas apart."""
+    img = torch.zeros(1, 3, 3, 3)
+    img[0, 0], img[0, 1], img[0, 2] = 0.5, 0.25, 0.25  # every pixel (0.5, 0.25, 0.25): saturation (0.5 - 0.25) / 0.5
+    img[0, :, 1, 1] = 1.0  # the centre pixel white: luma 1 among luma 0.299·0.5 + 0.587·0.25 + 0.114·0.25 = 0.32425
+    f = dict(zip(FEATURES, image_statistics(img)[0].tolist()))
+    assert f["saturation"] == pytest.approx(8 / 9 * 0.5)  # 8 coloured pixels at 0.5, the white one at 0
+    luma = 0.299 * 0.5 + 0.587 * 0.25 + 0.114 * 0.25
+    assert f["log_laplacian_energy"] == pytest.approx(math.log(1e-3 + 4 * (1 - luma)), abs=1e-6)  # one interior pixel
+
+
+def test_quality_is_exp_of_minus_half_the_mean_squared_excess_by_hand(monkeypatch):
+    import flowalign.corrected as corrected
+
+    features = torch.tensor([[4.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [1.0, -5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.5]])
+    monkeypatch.setattr(corrected, "image_statistics", lambda images, bins=4: features[: images.shape[0]])
+    quality = ImageStatsQuality(reference=torch.zeros(8, 3, 4, 4), tolerance=3.0)
+    quality.center, quality.scale = torch.zeros(8), torch.ones(8)
+    q = quality.score(torch.zeros(2, 3, 4, 4), ["a", "b"], [{}, {}]).scores
+    # excess max(0, |z| - 3): row 0 [1, 0, ...] -> d2 = 1/8; row 1 [0, 2, 0, ..., 0.5] -> d2 = (4 + 0.25) / 8
+    assert q.tolist() == pytest.approx([math.exp(-0.5 / 8), math.exp(-0.5 * 4.25 / 8)])
+
+
+def test_fit_takes_the_median_and_1_4826_mad_plus_a_floor_by_hand(monkeypatch):
+    import flowalign.corrected as corrected
+
+    column = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0, 2.0, 3.0, 3.0, 20.0])  # median 3, |f - 3| median 1
+    features = column[:, None].expand(9, len(FEATURES)).clone()
+    monkeypatch.setattr(corrected, "image_statistics", lambda images, bins=4: features)
+    quality = ImageStatsQuality(reference=torch.zeros(9, 3, 4, 4))
+    assert quality.center.tolist() == pytest.approx([3.0] * len(FEATURES))
+    assert quality.scale.tolist() == pytest.approx([1.4826 * 1.0 + 0.05 * 3.0 + 0.01] * len(FEATURES))
