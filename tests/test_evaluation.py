@@ -14,6 +14,7 @@ from flowalign.evaluation import (
     aggregate,
     category_mean,
     compare,
+    correct_mask,
     evaluate,
     mean_interval,
     newcombe_interval,
@@ -135,6 +136,9 @@ def test_aggregate_counts_by_hand_and_skips_dropped():
     assert (stats["c"].count, stats["c"].correct) == (1, 0)
     assert (stats["all"].count, stats["all"].correct) == (5, 3)
     assert (stats["all"].ci_low, stats["all"].ci_high) == pytest.approx(wilson_interval(3, 5))
+    assert stats["a"].mean_score == pytest.approx(1.0) and stats["all"].mean_score == pytest.approx(3 / 5)  # dropped: not a 0
+    # a score exactly at the threshold counts as correct (>=), one just below does not
+    assert correct_mask(torch.tensor([0.5, 0.4999, float("nan")]), None, threshold=0.5).tolist() == [True, False, False]
 
 
 def test_category_mean_weights_categories_equally_and_skips_empty_ones():
@@ -251,6 +255,11 @@ def test_compare_refuses_different_seeds_and_reports_deltas(adapter, threshold):
         assert (row["delta_low"], row["delta_high"]) == pytest.approx(
             newcombe_interval(row["aligned"].correct, row["aligned"].count, row["base"].correct, row["base"].count))
     assert "| **all** | 4 |" in comparison.table() and f"{100 * comparison.delta:+.1f}" in comparison.table()
+    better.partial = (a.partial + 0.25).clamp(max=1.0) if a.partial is not None else torch.full_like(a.scores, 0.75)
+    better.categories = aggregate(better.tags, better.scores, better.partial)
+    for name, row in compare(a, better).rows.items():  # aligned minus base, as delta
+        assert row["delta_partial"] == pytest.approx(better.categories[name].mean_partial - a.categories[name].mean_partial)
+        assert row["delta_partial"] > 0
 
 
 def test_json_round_trip_and_image_subset(adapter, threshold, tmp_path):

@@ -385,3 +385,15 @@ def test_group_sigmas_and_noise_are_shared_within_a_group_and_cover_the_range():
     noise = sample_group_noise(x0, generator=g)
     assert torch.equal(noise, noise[:, :1].expand_as(noise)) and noise[:, 0].std() > 0.5
     assert bool((sample_group_noise(x0, per_sample=True, generator=g)[:, 1:] != noise[:, :1]).any())
+
+
+def test_group_reward_norm_uses_the_population_std_by_hand():
+    # rewards [0, 1, 2]: mean 1, population std sqrt(2/3) -> targets [-1.2247, 0, 1.2247] (sample std: +-1)
+    torch.manual_seed(5)
+    x0, rewards = torch.randn(1, 3, 6), torch.tensor([[0.0, 1.0, 2.0]])
+    sigma, noise = torch.rand(1, 1).expand(1, 3), torch.randn(1, 3, 6)
+    policy, reference = LinearVelocity(6, 1), LinearVelocity(6, 2)
+    scores = implicit_rewards(_row_errors(x0, sigma, noise, policy), _row_errors(x0, sigma, noise, reference), 6.0)
+    targets = torch.tensor([[-1.0, 0.0, 1.0]]) / math.sqrt(2 / 3)
+    loss, _ = GDRO(tau=0.5, gamma=0.0, reward_norm="group").loss(OfflineBatch(x0, rewards), policy, reference, sigma=sigma, noise=noise)
+    assert loss.item() == pytest.approx(gdro_listwise_loss(scores, targets, 0.5).item(), rel=1e-5)

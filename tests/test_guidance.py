@@ -134,6 +134,11 @@ def test_spsa_rejects_bad_arguments_and_counts_nan_as_no_difference():
         guidance.spsa_gradient(lambda z: z.sum(), x, sigma=0.1)
     grad, _ = guidance.spsa_gradient(lambda z: torch.full((z.shape[0],), float("nan")), x, sigma=0.1)
     assert (grad == 0).all()
+    # an infinite score on one side (a -inf log-likelihood) is no difference either, not an infinite gradient
+    grad, mean = guidance.spsa_gradient(lambda z: torch.tensor([float("-inf"), 1.0, 2.0, 0.5]), x, sigma=0.1,
+                                        generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(grad).all() and (grad[0] == 0).all() and (grad[1] != 0).all()
+    assert mean.tolist() == pytest.approx([2.0, 0.75])  # the finite perturbed scores of each row
 
 
 def test_autograd_gradient_matches_the_analytic_one():

@@ -269,6 +269,8 @@ def test_window_random_start_uses_generator():
     again = [w.window_start(10, generator=torch.Generator().manual_seed(s)) for s in range(50)]
     assert draws == again
     assert min(draws) >= 0 and max(draws) <= 7 and len(set(draws)) > 3
+    many = {w.window_start(5, generator=torch.Generator().manual_seed(s)) for s in range(200)}
+    assert many == {0, 1, 2}  # every start of a 3-step window in 5 steps, the last one included
     lv = w.levels(10, generator=torch.Generator().manual_seed(0))
     first = int((lv > 0).nonzero()[0])
     assert lv[first : first + 3].tolist() == pytest.approx([0.7] * 3) and int((lv > 0).sum()) == 3
