@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -165,10 +166,17 @@ def test_resume_without_checkpoint_is_an_error(tmp_path, capsys):
 
 
 def test_eval_and_generate_are_wired(tmp_path, capsys):
+    """Each subcommand reaches its own code: its own error for a missing file, and eval scores a tiny model end to end
+    (an error line alone would pass for a stub)."""
     assert cli.main(["eval", "--model", "tiny-sd3", "--prompts", str(tmp_path / "missing.jsonl"), "--reward", "brightness"]) == 2
-    assert "flowalign eval: error:" in capsys.readouterr().err
+    assert f"flowalign eval: error: {tmp_path / 'missing.jsonl'}: prompt file not found" in capsys.readouterr().err
     assert cli.main(["generate", "--config", str(tmp_path / "missing.yaml")]) == 2
-    assert "flowalign generate: error:" in capsys.readouterr().err
+    assert f"flowalign generate: error: generate config '{tmp_path / 'missing.yaml'}' does not exist" in capsys.readouterr().err
+    (tmp_path / "p.txt").write_text("a red circle\ntwo squares\n")
+    assert cli.main(["eval", "--model", "tiny-sd3", "--prompts", str(tmp_path / "p.txt"), "--reward", "brightness", "--num-samples", "2",
+                     "--steps", "1", "--no-progress", "--out", str(tmp_path / "eval")]) == 0
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert result["num_samples"] == 2 and result["categories"]["all"]["count"] == 2 and 0 < result["categories"]["all"]["mean_score"] < 1
 
 
 def test_console_script_reports_config_errors(tmp_path):

@@ -235,6 +235,22 @@ def test_an_fp16_overflow_is_not_counted_as_a_failure():
     assert stats["steps"] == 1
 
 
+def test_the_loss_scale_is_part_of_the_checkpoint():
+    """A resumed fp16 run restarted its GradScaler at 65536 where the interrupted one had backed off: the resumed steps
+    skipped and scaled differently from an uninterrupted run's."""
+    for model_dtype, mixed in ((None, "fp16"), (torch.float16, "no")):
+        opt, a, _ = _optim(model_dtype=model_dtype, mixed_precision=mixed)
+        stats = opt.new_stats()
+        for _ in range(3):  # three overflows: 65536 -> 8192
+            opt.backward((a * 1e35).sum(), "here")
+            opt.step(stats)
+        assert stats["skipped"] == 3 and opt.scaler.get_scale() == 8192.0
+        restored, _, _ = _optim(model_dtype=model_dtype, mixed_precision=mixed)
+        assert restored.scaler.get_scale() == 65536.0
+        restored.load(*opt.state())
+        assert restored.scaler.get_scale() == 8192.0, (model_dtype, mixed)
+
+
 class _TwoProcesses:
     """Stands in for process 1 of 2: ``reduce`` adds process 0's contribution, given per call."""
 

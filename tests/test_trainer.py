@@ -614,3 +614,59 @@ def test_a_float16_model_trains_with_loss_scaling(tmp_path):
     fp32 = _trainer(tmp_path / "b", "sampling.num_steps=2")
     assert fp32.optim.scaler is None
     fp32.cleanup()
+
+
+def _ema_apart(trainer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Give the live LoRA weights and the EMA shadow different values; returns (live, shadow) copies."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in trainer.ema.params:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    trainer.ema.shadow = [torch.randn(s.shape, generator=g) * 0.1 for s in trainer.ema.shadow]
+    return [p.detach().clone() for p in trainer.ema.params], [s.clone() for s in trainer.ema.shadow]
+
+
+def _matches(params, values) -> bool:
+    return all(torch.equal(p.detach().float(), v.float()) for p, v in zip(params, values))
+
+
+def test_with_ema_the_in_training_eval_and_the_heldout_report_score_the_averaged_weights(tmp_path, monkeypatch):
+    """Both promise the EMA weights (report.md says "the EMA of the LoRA"); no test looked at which weights they ran."""
+    trainer = _trainer(tmp_path, "train.ema=true", "train.eval_prompts=assets/prompts/shapes_heldout.jsonl", "train.final_eval_samples=320")
+    try:
+        live, shadow = _ema_apart(trainer)
+        seen = {}
+
+        def fake_sample_ode(adapter, prompts, **kwargs):
+            seen["eval"] = _matches(trainer.ema.params, shadow)
+            return torch.zeros(len(prompts), 3, 32, 32)
+
+        monkeypatch.setattr("flowalign.sampling.sample_ode", fake_sample_ode)
+        trainer.evaluate(tag="check")
+        assert seen["eval"] and _matches(trainer.ema.params, live)  # the live weights are back afterwards
+
+        def fake_report(run_dir, adapter, records, reward, aligned_context=None, base_context=None, **kwargs):
+            with aligned_context():
+                seen["aligned"] = _matches(trainer.ema.params, shadow)
+            seen["after"] = _matches(trainer.ema.params, live)
+            return run_dir / "report.md"
+
+        monkeypatch.setattr("flowalign.report.heldout_report", fake_report)
+        trainer.heldout_report()
+        assert seen["aligned"] and seen["after"]
+    finally:
+        trainer.cleanup()
+
+
+def test_group_noise_streams_differ_by_seed_iteration_and_group_and_from_the_forward_streams():
+    """sampling.noise_seeding: group was only checked as 1 process == 2 processes, which a stream that ignored the
+    iteration or the group (the same noise for every group, every iteration) would also pass."""
+    from flowalign.train.runtime import forward_generator, group_generator, iteration_generator
+
+    def draw(gen):
+        return torch.randn(8, generator=gen)
+
+    keys = [(0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0), (0, 1, 1)]
+    draws = [draw(group_generator(*k)) for k in keys] + [draw(forward_generator(*k)) for k in keys] + [draw(iteration_generator(0, 0))]
+    assert all(not torch.equal(a, b) for i, a in enumerate(draws) for b in draws[i + 1:])
+    assert torch.equal(draw(group_generator(0, 1, 1)), draws[4])  # and each stream is reproducible
