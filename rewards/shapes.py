@@ -332,7 +332,7 @@ def check_spec(spec: Any) -> None:
     if not isinstance(spec, Mapping):
         raise ValueError(f"the spec must be a JSON object, got {type(spec).__name__}")
     for key in spec:  # other keys are the prompt record's own fields; a near miss of ours is a typo that drops a constraint
-        near = difflib.get_close_matches(str(key), SPEC_KEYS, n=1, cutoff=0.75)
+        near = difflib.get_close_matches(str(key), SPEC_KEYS, n=1, cutoff=0.8)
         if key not in SPEC_KEYS and near:
             raise ValueError(f"unknown key {key!r}; did you mean {near[0]!r}? (a spec takes {list(SPEC_KEYS)})")
     if "include" not in spec:
@@ -376,7 +376,7 @@ def check_spec(spec: Any) -> None:
 def carries_spec(meta: Optional[Mapping[str, Any]]) -> bool:
     """Whether a prompt's metadata holds a spec (``include`` or ``exclude``, or a near miss of either, which
     :func:`check_spec` then names) rather than leaving the verifier to parse the caption."""
-    return bool(meta) and any(key in ("include", "exclude") or difflib.get_close_matches(str(key), ("include", "exclude"), n=1, cutoff=0.75)
+    return bool(meta) and any(key in ("include", "exclude") or difflib.get_close_matches(str(key), ("include", "exclude"), n=1, cutoff=0.8)
                               for key in meta)
 
 

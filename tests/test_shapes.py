@@ -443,6 +443,8 @@ def test_specs_the_verifier_cannot_check_are_refused(meta, words):
         reward.check_prompts(["two circles"], [meta])
     with pytest.raises(ValueError, match=words):
         reward(torch.rand(1, 3, 32, 32), ["two circles"], [meta])
+    # a record's own field that merely resembles a spec key is not one: the caption is parsed
+    reward.check_prompts(["two circles"], [{"exclusive": True, "text": "x"}])
     # a coloured include does not contradict an exclude of another colour, nor an uncoloured include a coloured exclude
     reward.check_prompts(["x", "y"], [{"include": [{"shape": "circle", "color": "red", "count": 2}], "exclude": [{"shape": "circle", "color": "blue"}]},
                                       {"include": [{"shape": "circle", "count": 2}], "exclude": [{"shape": "circle", "color": "red"}]}])
