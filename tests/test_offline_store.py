@@ -705,3 +705,22 @@ def test_the_progress_bar_averages_a_reward_over_its_scored_samples(tmp_path, ca
                prompts_per_shard=4, progress=True)
     bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
     assert "flaky=0.900" in bar, bar
+
+
+def test_model_fingerprint_is_the_sha256_of_names_shapes_dtypes_and_bytes_by_hand(tmp_path):
+    """Stores record it and refuse another model's: its value must not drift when its computation is made faster."""
+    import hashlib
+
+    from flowalign.train.generate import model_fingerprint
+
+    module = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    digest = hashlib.sha256()
+    for name in ("bias", "weight"):
+        tensor = getattr(module, name).detach()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(bytes(tensor.view(torch.int16).numpy().tobytes()))
+    lora = tmp_path / "pytorch_lora_weights.safetensors"
+    lora.write_bytes(b"lora bytes")
+    assert model_fingerprint(module) == digest.hexdigest()
+    digest.update(b"lora bytes")
+    assert model_fingerprint(module, str(tmp_path)) == digest.hexdigest()

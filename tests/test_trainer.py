@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
+import re
 
 import pytest
 import torch
@@ -670,3 +672,24 @@ def test_group_noise_streams_differ_by_seed_iteration_and_group_and_from_the_for
     draws = [draw(group_generator(*k)) for k in keys] + [draw(forward_generator(*k)) for k in keys] + [draw(iteration_generator(0, 0))]
     assert all(not torch.equal(a, b) for i, a in enumerate(draws) for b in draws[i + 1:])
     assert torch.equal(draw(group_generator(0, 1, 1)), draws[4])  # and each stream is reproducible
+
+
+def test_pace_gives_seconds_per_iteration_and_the_time_left():
+    from flowalign.train.trainer import pace
+
+    assert pace(61.0, 10, 48) == "6.1 s/it, ETA 4m 53s"  # 6.1 s x 48 = 292.8 s
+    assert pace(3600.0, 4, 4500) == "900.0 s/it, ETA 1125h 00m"
+    assert pace(12.0, 4, 0) == "3.0 s/it, ETA 0m 00s"
+    assert pace(5.0, 0, 10) == ""
+
+
+def test_each_iteration_line_tells_the_pace_and_eta(tmp_path, caplog):
+    trainer = _trainer(tmp_path, "train.iterations=2")
+    try:
+        with caplog.at_level(logging.INFO, logger="flowalign.train.trainer"):
+            trainer.train()
+    finally:
+        trainer.cleanup()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("iteration ")]
+    assert len(lines) == 2 and all(re.search(r", \d+\.\d s/it, ETA \d+m \d\ds$", line) for line in lines), lines
+    assert lines[-1].endswith("ETA 0m 00s")

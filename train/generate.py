@@ -110,7 +110,7 @@ def model_fingerprint(module: torch.nn.Module, lora: Optional[str] = None) -> st
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())  # the buffer itself: no bytes copy
     if lora is not None:
         path = Path(lora)
         path = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path

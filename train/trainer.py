@@ -109,6 +109,18 @@ def _join_rounds(rounds: list[_Round]) -> tuple[Any, Any, Tensor, Tensor, dict]:
             torch.cat([r.keep for r in rounds]), components)
 
 
+def pace(elapsed_s: float, done: int, left: int) -> str:
+    """``"6.1 s/it, ETA 4m 53s"``: seconds per iteration over the ``done`` iterations of this session (evaluations and
+    checkpoints included) and the time the ``left`` ones would take at that pace; ``""`` before the first."""
+    if done <= 0:
+        return ""
+    per = elapsed_s / done
+    eta = round(per * left)
+    hours, rest = divmod(eta, 3600)
+    clock = f"{hours}h {rest // 60:02d}m" if hours else f"{rest // 60}m {rest % 60:02d}s"
+    return f"{per:.1f} s/it, ETA {clock}"
+
+
 def fill_dropped(rewards: Tensor, group_ids: Tensor) -> Tensor:
     """``rewards [B]`` with NaN (dropped) entries replaced by their group's mean over kept samples
     (0 for a group with none), so dropped samples leave the group's mean unchanged."""
@@ -278,6 +290,7 @@ class Trainer(OptimizerViews):
         metrics: dict = {}
         self._train_start = time.perf_counter()
         first, self._untrained_iterations = self.iteration, 0
+        self._first_iteration = first
         with GracefulStop("iteration") as stop:
             while self.iteration < cfg.iterations:
                 metrics = self.run_iteration()
@@ -687,8 +700,11 @@ class Trainer(OptimizerViews):
     def log(self, metrics: dict) -> None:
         """Append ``metrics`` of the current iteration to metrics.csv and the trackers (main process)."""
         if self.run_log is not None:
-            logger.info("iteration %d: %s", self.iteration, ", ".join(
-                f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k.startswith(("reward/mean", "kl", "loss/total"))))
+            shown = [f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k.startswith(("reward/mean", "kl", "loss/total"))]
+            if hasattr(self, "_train_start"):  # the whole run's pace, so a long recipe says when it will end
+                shown.append(pace(time.perf_counter() - self._train_start, self.iteration - self._first_iteration,
+                                  self.config.train.iterations - self.iteration))
+            logger.info("iteration %d: %s", self.iteration, ", ".join(s for s in shown if s))
             self.run_log.log(metrics, self.iteration)
 
     def _gather(self, tensor: Tensor) -> Tensor:
