@@ -2,6 +2,7 @@
 pipeline itself and hand loops, NFE counted at the transformer, per-step advantages, the trainer
 entry point, noise calibration and the noise-table file."""
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -253,7 +254,7 @@ def test_dense_config_checks():
 # ------------------------------------------------------------------ calibration and the table file
 
 
-def test_calibration_driver_follows_synthetic_gains():
+def test_calibration_driver_follows_synthetic_gains(caplog):
     # fake gains: step 0 balanced (2 up, 2 down), step 1 all positive, step 2 balanced within eps1=2 (3 up, 1 down)
     fake = torch.tensor([[1.0, 1.0, 1.0], [-1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [-1.0, 1.0, -1.0]])
     seen = []
@@ -262,8 +263,13 @@ def test_calibration_driver_follows_synthetic_gains():
         seen.append(levels.clone())
         return fake
 
-    table = sr.calibrate_noise_table_for(None, [], None, rounds=3, samples=4, initial_levels=[0.5, 0.5, 0.5], eps1=2, eps2=0.05, gains_fn=gains_fn)
+    with caplog.at_level(logging.INFO, logger="flowalign.step_rewards"):
+        table = sr.calibrate_noise_table_for(None, [], None, rounds=3, samples=4, initial_levels=[0.5, 0.5, 0.5], eps1=2, eps2=0.05,
+                                             gains_fn=gains_fn)
     assert table.tolist() == pytest.approx([0.65, 0.35, 0.65])
+    # the silent phase says how far it is, one line per round (SD3.5's recipe runs 20 rounds of 96 rollouts before training)
+    rounds = [r.getMessage() for r in caplog.records if r.getMessage().startswith("noise-table calibration: round")]
+    assert [m.split(" (")[0] for m in rounds] == [f"noise-table calibration: round {i} of 3" for i in (1, 2, 3)]
     assert [s.tolist() for s in seen] == [pytest.approx(v) for v in ([0.5] * 3, [0.55, 0.45, 0.55], [0.6, 0.4, 0.6])]
 
 
