@@ -193,6 +193,7 @@ class Trainer(OptimizerViews):
         self.timings: dict[str, float] = {}  # wall seconds per phase of this session (setup, calibration, train, ...)
         self.train_seconds_before = 0.0  # training wall seconds of earlier sessions up to the resumed checkpoint
         self._train_start: Optional[float] = None  # perf_counter() when this session's training loop began
+        self._first_iteration = 0  # the iteration this session's training loop began at (the log line's pace)
 
     # ================================================================= setup
 
@@ -701,7 +702,7 @@ class Trainer(OptimizerViews):
         """Append ``metrics`` of the current iteration to metrics.csv and the trackers (main process)."""
         if self.run_log is not None:
             shown = [f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k.startswith(("reward/mean", "kl", "loss/total"))]
-            if hasattr(self, "_train_start"):  # the whole run's pace, so a long recipe says when it will end
+            if self._train_start is not None:  # the whole run's pace, so a long recipe says when it will end
                 shown.append(pace(time.perf_counter() - self._train_start, self.iteration - self._first_iteration,
                                   self.config.train.iterations - self.iteration))
             logger.info("iteration %d: %s", self.iteration, ", ".join(s for s in shown if s))
