@@ -271,7 +271,8 @@ def _clean(value: Any) -> Any:
     return str(value)
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
+    """``"42.0 s"``, ``"4.9 min"`` or ``"1.25 h"`` (``"–"`` when not finite): the report's wall times and the training log's ETA."""
     if not math.isfinite(seconds):
         return "–"
     if seconds < 120:
@@ -445,8 +446,8 @@ def write_report(
         "| phase | time |",
         "|---|---:|",
     ]
-    lines += [f"| {phase} | {_duration(float(seconds))} |" for phase, seconds in timings.items()]
-    lines += [f"| **total** | {_duration(float(sum(timings.values())))} |", "", "## Figures", ""]
+    lines += [f"| {phase} | {duration_text(float(seconds))} |" for phase, seconds in timings.items()]
+    lines += [f"| **total** | {duration_text(float(sum(timings.values())))} |", "", "## Figures", ""]
     for name, caption in (("heldout_accuracy.png", "held-out accuracy per category, base vs aligned"), ("reward_curve.png", "training reward curve"),
                           ("before_after.png", "before / after (same prompts and seeds)")):
         lines.append(f"![{caption}]({name})" if (run_dir / name).is_file() else f"- {caption}: `{name}` not written")

@@ -110,15 +110,15 @@ def _join_rounds(rounds: list[_Round]) -> tuple[Any, Any, Tensor, Tensor, dict]:
 
 
 def pace(elapsed_s: float, done: int, left: int) -> str:
-    """``"6.1 s/it, ETA 4m 53s"``: seconds per iteration over the ``done`` iterations of this session (evaluations and
-    checkpoints included) and the time the ``left`` ones would take at that pace; ``""`` before the first."""
+    """``"6.1 s/it, ETA 4.9 min"``: seconds per iteration over the ``done`` iterations of this session (evaluations and
+    checkpoints included) and the time the ``left`` ones would take at that pace (:func:`flowalign.report.duration_text`,
+    as report.md's wall times); ``""`` before the first."""
+    from flowalign.report import duration_text
+
     if done <= 0:
         return ""
     per = elapsed_s / done
-    eta = round(per * left)
-    hours, rest = divmod(eta, 3600)
-    clock = f"{hours}h {rest // 60:02d}m" if hours else f"{rest // 60}m {rest % 60:02d}s"
-    return f"{per:.1f} s/it, ETA {clock}"
+    return f"{per:.1f} s/it, ETA {duration_text(per * left)}"
 
 
 def fill_dropped(rewards: Tensor, group_ids: Tensor) -> Tensor:
