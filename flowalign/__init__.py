@@ -8,7 +8,8 @@ The core (this package) is pure math and bookkeeping, testable without a model:
 * ``flowalign.advantages``: group-normalised advantages, per sample or per step;
 * ``flowalign.objectives``: one file per method (grpo, dense_grpo, tp_grpo, nft, gdro, ...);
 * ``flowalign.offline``: the rollout store offline objectives train from;
-* ``flowalign.evaluation`` / ``flowalign.report``: per-category held-out tables and figures.
+* ``flowalign.evaluation`` / ``flowalign.report``: per-category held-out tables and figures
+  (``flowalign.eval_journal``: the scored batches a killed evaluation resumes from).
 
 Beside it: ``flowalign.pipelines`` (adapters over diffusers pipelines, the toy model),
 ``flowalign.rewards`` (the reward protocol, registry and plugins) and ``flowalign.train``
@@ -22,7 +23,7 @@ try:
 except _metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
     __version__ = "0+unknown"
 
-_SUBMODULES = ("advantages", "checkpoint", "config", "corrected", "dense", "errors", "evaluation", "files", "guidance", "lora",
+_SUBMODULES = ("advantages", "checkpoint", "config", "corrected", "dense", "errors", "eval_journal", "evaluation", "files", "guidance", "lora",
                "lr_schedule", "objectives", "offline", "pipelines", "plots", "plugins", "prompts", "report", "rewards", "sampling",
                "sde", "step_rewards", "trajectory", "train")
 # `from flowalign import *` takes the pure-math core only (the trainers pull in accelerate, tensorboard, ...)

@@ -174,8 +174,9 @@ class QualityTap(Reward):
     """The target reward's output unchanged, with the quality of every scored image recorded.
 
     ``flowalign eval --corrected-by`` evaluates with this in place of the target reward, so
-    accuracy and categories stay the target's while ``qualities`` collects ``q`` for every
-    sample in call order (one call per batch). The target is called through ``call_reward``
+    accuracy and categories stay the target's while ``details["quality"]`` gives ``q`` of every
+    sample (``evaluate(extra_details=("quality",))`` keeps it per sample, across processes and a
+    resumed evaluation); ``qualities`` also collects it in call order (one call per batch). The target is called through ``call_reward``
     with ``on_error``: under ``"drop"`` a failing sample gets a NaN score here (and is then
     dropped by the evaluation) but still its quality, so ``qualities`` stays aligned with the
     samples; under ``"raise"`` the ``RewardError`` propagates.

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from flowalign.errors import ConfigError
+from flowalign.eval_journal import EvalBatch, EvalJournal
 from flowalign.prompts import split_records
 
 logger = logging.getLogger(__name__)
@@ -258,6 +259,7 @@ class EvalResult:
         wall_time: seconds spent sampling and scoring.
         failures: ``N`` labels from the reward's ``details["failure"]`` (why each sample fails,
             ``"correct"`` when it does not), or None when the reward gives none.
+        extra: ``{name: [N] float32}`` of the reward details ``evaluate(extra_details=...)`` kept.
     """
 
     prompts: list[str]
@@ -273,6 +275,7 @@ class EvalResult:
     wall_time: float = 0.0
     failures: Optional[list[str]] = None
     verdicts: Optional[Tensor] = None
+    extra: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:
@@ -331,6 +334,8 @@ class EvalResult:
                 "failure": self.failures,
                 "verdict": None if self.verdicts is None else [_json_number(v) for v in self.verdicts.tolist()],
             }
+            if self.extra:
+                out["samples"]["extra"] = {name: [_json_number(v) for v in values.tolist()] for name, values in self.extra.items()}
         return out
 
     def to_json(self, path: Optional[Union[str, Path]] = None, samples: bool = True) -> str:
@@ -360,6 +365,7 @@ class EvalResult:
             categories=categories, settings=dict(data.get("settings", {})), wall_time=float(data.get("wall_time", 0.0)),
             failures=None if s.get("failure") is None else [str(x) for x in s["failure"]],
             verdicts=None if s.get("verdict") is None else torch.tensor([nan(v) for v in s["verdict"]], dtype=torch.float32),
+            extra={name: torch.tensor([nan(v) for v in values], dtype=torch.float32) for name, values in s.get("extra", {}).items()},
         )
 
 
@@ -641,6 +647,7 @@ class _Part:
     fingerprints: list[float]
     failures: Optional[list[str]]
     images: dict[int, Tensor]
+    extra: dict[str, list[float]] = field(default_factory=dict)
 
 
 def shard_rows(num_samples: int, shard: Optional[tuple[int, int]]) -> list[int]:
@@ -652,18 +659,6 @@ def shard_rows(num_samples: int, shard: Optional[tuple[int, int]]) -> list[int]:
     if count < 1 or not 0 <= index < count:
         raise ConfigError(f"shard must be (index, count) with 0 <= index < count, got {shard}")
     return list(range(index, num_samples, count))
-
-
-def merge_shares(parts: Sequence[tuple[Sequence[int], Sequence[float]]], n: int) -> Tensor:
-    """``[n]`` per-sample values from every process's ``(sample indices, values)`` share of a split
-    evaluation (:func:`shard_rows`), each index exactly once: what ``flowalign eval --corrected-by``
-    gathers of its quality scores."""
-    parts = [(list(rows), list(values)) for rows, values in parts]
-    for rows, values in parts:
-        if len(rows) != len(values):
-            raise ValueError(f"a share has {len(rows)} sample indices for {len(values)} values")
-    order = _share_order([rows for rows, _ in parts], n)
-    return torch.tensor([float(parts[k][1][j]) for k, j in order], dtype=torch.float32)
 
 
 def _share_order(rows_per_part: Sequence[Sequence[int]], n: int) -> list[tuple[int, int]]:
@@ -688,8 +683,61 @@ def _merge_parts(parts: Sequence[_Part], n: int) -> _Part:
         return [getattr(parts[k], name)[j] for k, j in order]
 
     images = {i: img for part in parts for i, img in part.images.items()}
+    extra = {name: [parts[k].extra[name][j] for k, j in order] for name in parts[0].extra}
     return _Part(rows=list(range(n)), scores=pick("scores"), partial=pick("partial"), verdicts=pick("verdicts"), tags=pick("tags"),
-                 fingerprints=pick("fingerprints"), failures=pick("failures"), images=images)
+                 fingerprints=pick("fingerprints"), failures=pick("failures"), images=images, extra=extra)
+
+
+def _score_batch(adapter, reward, rows: list[int], prompts: list[str], metadata: list[dict], noise: Tensor, *, num_steps: int,
+                 guidance_scale: float, on_error: str, keep: set, extra_details: Sequence[str]) -> EvalBatch:
+    """Sample the ODE from ``noise`` (``[b, *latent]``) for the sample indices ``rows`` and score the images."""
+    from flowalign.rewards import call_reward
+    from flowalign.sampling import sample_ode
+
+    images = sample_ode(adapter, prompts, num_steps=num_steps, guidance_scale=guidance_scale, initial_noise=noise)  # [b, 3, H, W]
+    out = call_reward(reward, images, prompts, metadata, on_error=on_error)
+    scores = out.scores.detach().float().cpu()  # [b]
+    # a batch whose every sample was dropped has no details: NaN / "dropped" rows, so one bad batch
+    # does not switch the whole evaluation to the score threshold
+    dropped = torch.isnan(scores)  # [b]: a reward that raised, or returned a non-finite score, under "drop"
+    all_dropped = bool(dropped.all())
+    nan_rows = torch.full((len(rows),), float("nan"))
+
+    def per_sample(name: str) -> Optional[list[float]]:
+        v = _per_sample(out.details.get(name), len(rows), name)
+        v = nan_rows if v is None and all_dropped else v
+        return None if v is None else torch.where(dropped, nan_rows, v).tolist()  # a dropped sample's details do not count
+
+    labels = out.details.get("failure")
+    labels = [None] * len(rows) if labels is None and all_dropped else labels
+    if labels is not None and len(labels) != len(rows):
+        raise ValueError(f"reward details['failure'] has {len(labels)} labels for {len(rows)} samples")
+    failures = None if labels is None else [DROPPED if label is None or bool(dropped[j]) else str(label) for j, label in enumerate(labels)]
+    detail_tags = out.details.get("tag")
+    tags = []
+    for j, m in enumerate(metadata):
+        tag = m.get("tag")
+        if tag is None and detail_tags is not None and not bool(dropped[j]):  # a dropped sample's details do not count
+            tag = detail_tags[j]
+        tags.append(None if tag is None else str(tag))  # None: filled by evaluate from the record's other samples
+    extra = {}
+    for name in extra_details:
+        values = _per_sample(out.details.get(name), len(rows), name)
+        values = nan_rows if values is None and all_dropped else values
+        if values is None:
+            raise ValueError(f"evaluate(extra_details=...) keeps details[{name!r}], which the reward did not give")
+        extra[name] = values.tolist()
+    return EvalBatch(rows=list(rows), scores=scores.tolist(), fingerprints=noise.detach().double().flatten(1).sum(1).cpu().tolist(),
+                     tags=tags, partial=per_sample("partial"), verdicts=per_sample("binary"), failures=failures, extra=extra,
+                     images={i: images[j].detach().float().cpu() for j, i in enumerate(rows) if i in keep})
+
+
+def _check_resumed(batch: EvalBatch, noise: Tensor, journal: EvalJournal) -> None:
+    """ConfigError unless a journaled batch was drawn from exactly ``noise`` (the adapter's noise of its seeds)."""
+    fingerprints = noise.detach().double().flatten(1).sum(1).cpu().tolist()  # [b]
+    if fingerprints != batch.fingerprints:
+        raise ConfigError(f"{journal.folder}: the journaled samples {batch.rows[0]}..{batch.rows[-1]} were drawn from other initial "
+                          f"noise than this model gives for their seeds (another resolution or adapter); pass --restart to discard them")
 
 
 @torch.no_grad()
@@ -711,6 +759,8 @@ def evaluate(
     progress: bool = True,
     shard: Optional[tuple[int, int]] = None,
     gather: Optional[Callable[[Any], list]] = None,
+    journal: Optional[EvalJournal] = None,
+    extra_details: Sequence[str] = (),
 ) -> EvalResult:
     """Sample, score and aggregate a prompt set (see the module docstring for the sampling rule).
 
@@ -739,12 +789,16 @@ def evaluate(
             rounding of other batch compositions).
         gather: with ``shard``: takes this process's share and returns every process's shares, e.g.
             ``lambda part: accelerate.utils.gather_object([part])`` (called once, by every process).
+        journal: a :class:`flowalign.eval_journal.EvalJournal`: every scored batch is written to it at
+            once, and batches it already holds (same key, same sample indices) are read back instead of
+            sampled again, after checking their initial noise, so a killed evaluation resumes where it
+            stopped with the same result. The caller removes it once the result is saved.
+        extra_details: names of per-sample reward details (e.g. ``"quality"`` of
+            :class:`flowalign.corrected.QualityTap`) to keep as ``result.extra[name]`` (``[N]`` float32).
     """
     from tqdm.auto import tqdm
 
-    from flowalign.rewards import call_reward
     from flowalign.rewards.base import reward_name
-    from flowalign.sampling import sample_ode
 
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -764,61 +818,49 @@ def evaluate(
     my_rows = shard_rows(n, shard)
 
     start = time.perf_counter()
+    done = journal.load() if journal is not None else {}
+    resumed = 0
     lora_name = _load_lora(adapter, lora) if lora is not None else None
     try:
         scores, partial, verdicts, tags, fingerprints, failures, images = [], [], [], [], [], [], {}
+        extra: dict[str, list[float]] = {name: [] for name in extra_details}
         has_partial = has_failure = has_verdict = True
         bar = tqdm(total=len(my_rows), desc="eval", unit="sample", disable=not progress, leave=False)
         for lo in range(0, len(my_rows), batch_size):
             rows = my_rows[lo:lo + batch_size]
-            prompts = [prompts_all[index[i]] for i in rows]
-            metadata = [dict(metadata_all[index[i]]) for i in rows]
             noise = torch.cat([adapter.initial_noise(1, torch.Generator().manual_seed(seeds[i])) for i in rows])  # [b, *latent]
-            fingerprints += noise.detach().double().flatten(1).sum(1).cpu().tolist()  # [b]
-            batch_images = sample_ode(adapter, prompts, num_steps=num_steps, guidance_scale=guidance_scale, initial_noise=noise)  # [b, 3, H, W]
-            out = call_reward(reward, batch_images, prompts, metadata, on_error=on_error)
-            batch_scores = out.scores.detach().float().cpu()  # [b]
-            scores += batch_scores.tolist()
-            # a batch whose every sample was dropped has no details: NaN / "dropped" rows, so one bad batch
-            # does not switch the whole evaluation to the score threshold
-            dropped = torch.isnan(batch_scores)  # [b]: a reward that raised, or returned a non-finite score, under "drop"
-            all_dropped = bool(dropped.all())
-            nan_rows = torch.full((len(rows),), float("nan"))
-            p = _per_sample(out.details.get("partial"), len(rows), "partial")
-            p = nan_rows if p is None and all_dropped else p
-            p = None if p is None else torch.where(dropped, nan_rows, p)  # a dropped sample's details do not count
-            has_partial = has_partial and p is not None
-            if p is not None:
-                partial += p.tolist()
-            v = _per_sample(out.details.get("binary"), len(rows), "binary")
-            v = nan_rows if v is None and all_dropped else v
-            v = None if v is None else torch.where(dropped, nan_rows, v)
-            has_verdict = has_verdict and v is not None
-            if v is not None:
-                verdicts += v.tolist()
-            labels = out.details.get("failure")
-            labels = [None] * len(rows) if labels is None and all_dropped else labels
-            if labels is not None and len(labels) != len(rows):
-                raise ValueError(f"reward details['failure'] has {len(labels)} labels for {len(rows)} samples")
-            has_failure = has_failure and labels is not None
-            if labels is not None:
-                failures += [DROPPED if label is None or bool(dropped[j]) else str(label) for j, label in enumerate(labels)]
-            detail_tags = out.details.get("tag")
-            for j, m in enumerate(metadata):
-                tag = m.get("tag")
-                if tag is None and detail_tags is not None and not bool(dropped[j]):  # a dropped sample's details do not count
-                    tag = detail_tags[j]
-                tags.append(None if tag is None else str(tag))  # None: filled below from the record's other samples
-            for j, i in enumerate(rows):
-                if i in keep_set:
-                    images[i] = batch_images[j].detach().float().cpu()
+            batch = done.get(rows[0])
+            if batch is not None and batch.rows == rows:
+                _check_resumed(batch, noise, journal)
+                resumed += len(rows)
+            else:
+                prompts = [prompts_all[index[i]] for i in rows]
+                metadata = [dict(metadata_all[index[i]]) for i in rows]
+                batch = _score_batch(adapter, reward, rows, prompts, metadata, noise, num_steps=num_steps, guidance_scale=guidance_scale,
+                                     on_error=on_error, keep=keep_set, extra_details=extra_details)
+                if journal is not None:
+                    journal.save(batch)
+            scores += batch.scores
+            fingerprints += batch.fingerprints
+            tags += batch.tags
+            has_partial = has_partial and batch.partial is not None
+            partial += batch.partial or []
+            has_verdict = has_verdict and batch.verdicts is not None
+            verdicts += batch.verdicts or []
+            has_failure = has_failure and batch.failures is not None
+            failures += batch.failures or []
+            for name in extra_details:
+                extra[name] += batch.extra[name]
+            images.update(batch.images)
             bar.update(len(rows))
         bar.close()
     finally:
         if lora_name is not None:
             adapter.pipeline.delete_adapters(lora_name)
+    if resumed:
+        logger.info("resumed %d of %d samples from %s", resumed, len(my_rows), journal.folder)
     part = _Part(rows=my_rows, scores=scores, partial=partial if has_partial else None, verdicts=verdicts if has_verdict else None,
-                 tags=tags, fingerprints=fingerprints, failures=failures if has_failure else None, images=images)
+                 tags=tags, fingerprints=fingerprints, failures=failures if has_failure else None, images=images, extra=extra)
     if shard is not None and int(shard[1]) > 1:
         logger.info("evaluation share %d of %d: sampled %d of the %d samples", int(shard[0]), int(shard[1]), len(my_rows), n)
         part = _merge_parts(gather(part), n)
@@ -836,14 +878,14 @@ def evaluate(
         "reward": reward_name(reward), "num_samples": n, "samples_per_prompt": samples_per_prompt, "num_prompts": len(prompts_all),
         "num_steps": num_steps, "guidance_scale": float(guidance_scale), "seed": int(seed), "threshold": threshold,
         "correct_when": "details['binary'] == 1" if verdicts_t is not None else f"score >= {threshold}",
-        "lora": None if lora is None else str(lora), "sampler": "ode",
+        "lora": None if lora is None else str(lora), "sampler": "ode", "resumed_samples": resumed,
     }
     result = EvalResult(
         prompts=[prompts_all[r] for r in index], tags=part.tags, seeds=seeds, record_index=index, scores=scores_t, partial=partial_t,
         noise_fingerprints=torch.tensor(part.fingerprints, dtype=torch.float64),
         categories=aggregate(part.tags, scores_t, partial_t, threshold, verdicts=verdicts_t),
         settings=settings, images=part.images, wall_time=wall, failures=part.failures if part.failures and n else None,
-        verdicts=verdicts_t,
+        verdicts=verdicts_t, extra={name: torch.tensor(values, dtype=torch.float32) for name, values in part.extra.items()},
     )
     logger.info("evaluated %d samples in %.1fs: accuracy %.1f%%", n, wall, 100 * result.accuracy)
     return result

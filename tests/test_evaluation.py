@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 
 import pytest
@@ -599,23 +600,6 @@ def test_a_split_evaluation_refuses_shares_that_do_not_cover_every_sample_once(a
         evaluate(adapter, RECORDS, TagBrightness(0.5), shard=(2, 2), gather=lambda part: [part], **kw)
 
 
-def test_merge_shares_puts_every_process_value_at_its_sample_index():
-    from flowalign.evaluation import merge_shares, shard_rows
-
-    # 7 samples over 3 processes: rows 0,3,6 / 1,4 / 2,5, each process's values in its own row order
-    parts = [(shard_rows(7, (k, 3)), [10.0 * r for r in shard_rows(7, (k, 3))]) for k in range(3)]
-    assert merge_shares(parts, 7).tolist() == [0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0]
-    assert merge_shares([([], [])], 0).numel() == 0
-    with pytest.raises(RuntimeError, match="exactly once"):
-        merge_shares(parts[:2], 7)  # sample 2 and 5 missing
-    with pytest.raises(RuntimeError, match="exactly once"):
-        merge_shares(parts + [([3], [1.0])], 7)  # sample 3 twice
-    with pytest.raises(RuntimeError, match="exactly once"):
-        merge_shares([([0, 7], [1.0, 2.0])], 7)  # out of range
-    with pytest.raises(ValueError, match="2 sample indices for 1 values"):
-        merge_shares([([0, 1], [1.0])], 2)
-
-
 class PromptTagPicky(GradedVerifier):
     """Categories from the reward (details["tag"], from the prompt text), not the metadata; raises the first time it
     sees "a green triangle" only (the record's later samples are scored)."""
@@ -683,3 +667,149 @@ def test_the_reports_category_mean_compares_the_categories_both_runs_scored():
     assert both == ["a"]
     assert category_mean(base.categories, both) == category_mean(aligned.categories, both) == 1.0
     assert category_mean(base.categories) == 0.5  # without the common set: an average over other categories
+
+
+# ----------------------------------------------------------------------------------------------
+# A killed evaluation resumes from its journal (flowalign.eval_journal)
+# ----------------------------------------------------------------------------------------------
+
+
+class _Killed(BaseException):  # as KeyboardInterrupt: not a reward failure call_reward would report
+    pass
+
+
+class CountingVerifier(GradedVerifier):
+    """GradedVerifier with a per-sample quality detail that counts the samples it scored and, with ``kill_after``,
+    dies (as a killed process would stop) on the batch that would take it past that many samples."""
+
+    def __init__(self, threshold: float, kill_after: int = 10**9):
+        super().__init__(threshold)
+        self.kill_after, self.scored = kill_after, 0
+
+    def score(self, images, prompts, metadata):
+        if self.scored + len(prompts) > self.kill_after:
+            raise _Killed()
+        self.scored += len(prompts)
+        out = super().score(images, prompts, metadata)
+        out.details["partial"] = images.mean(dim=(1, 2, 3))
+        out.details["failure"] = ["correct" if b else "dark" for b in out.details["binary"].tolist()]
+        out.details["quality"] = images.std(dim=(1, 2, 3))
+        return out
+
+
+def _journal_kw(**extra):
+    return dict(num_samples=10, num_steps=1, guidance_scale=1.0, seed=4, progress=False, batch_size=3, keep_images=[1, 7],
+                extra_details=("quality",), **extra)
+
+
+def test_a_killed_evaluation_resumes_from_its_journal_with_the_uninterrupted_result(adapter, tmp_path, threshold):
+    """Every scored batch is on disk at once; the rerun reads them back, samples only the rest and returns what
+    one uninterrupted evaluation returns: scores, verdicts, partial, failures, tags, kept images and extra details."""
+    from flowalign.eval_journal import EvalJournal
+
+    whole = evaluate(adapter, RECORDS, CountingVerifier(threshold), **_journal_kw())
+    key = {"model": "tiny", "steps": 1}
+    with pytest.raises(_Killed):  # dies on the 3rd batch (samples 6..8), after 6 samples
+        evaluate(adapter, RECORDS, CountingVerifier(threshold, kill_after=7), journal=EvalJournal(tmp_path / "j", key), **_journal_kw())
+    files = sorted(p.name for p in (tmp_path / "j").iterdir())
+    assert files == ["share0of1_rows0000000.safetensors", "share0of1_rows0000003.safetensors"]
+    again = CountingVerifier(threshold)
+    resumed = evaluate(adapter, RECORDS, again, journal=EvalJournal(tmp_path / "j", key), **_journal_kw())
+    assert again.scored == 4  # samples 6..9 only
+    assert resumed.settings["resumed_samples"] == 6 and whole.settings["resumed_samples"] == 0
+    assert resumed.scores.tolist() == whole.scores.tolist() and resumed.verdicts.tolist() == whole.verdicts.tolist()
+    assert resumed.partial.tolist() == whole.partial.tolist() and resumed.failures == whole.failures
+    assert resumed.tags == whole.tags and resumed.noise_fingerprints.tolist() == whole.noise_fingerprints.tolist()
+    assert resumed.extra["quality"].tolist() == whole.extra["quality"].tolist() and whole.extra["quality"].shape == (10,)
+    assert sorted(resumed.images) == [1, 7] and torch.equal(resumed.images[1], whole.images[1])  # 1 from disk, 7 sampled
+    assert torch.equal(resumed.images[7], whole.images[7])
+    assert resumed.categories["all"].correct == whole.categories["all"].correct
+    assert 0 < whole.categories["all"].correct < 10  # a mixed outcome, so a wrong row would show
+    back = EvalResult.from_json(json.loads(resumed.to_json()))
+    assert back.extra["quality"].tolist() == resumed.extra["quality"].tolist()
+    # a batch cut differently (another batch size) is sampled again, not misread
+    other = CountingVerifier(threshold)
+    evaluate(adapter, RECORDS, other, journal=EvalJournal(tmp_path / "j", key), **{**_journal_kw(), "batch_size": 2})
+    assert other.scored == 10
+
+
+def test_a_journal_of_other_settings_is_refused_and_restart_discards_it(adapter, tmp_path, threshold):
+    from flowalign.eval_journal import EvalJournal
+
+    with pytest.raises(_Killed):
+        evaluate(adapter, RECORDS, CountingVerifier(threshold, kill_after=4), journal=EvalJournal(tmp_path / "j", {"steps": 1}),
+                 **_journal_kw())
+    with pytest.raises(ConfigError, match=r"other settings \(steps 1 -> 2\); pass --restart"):
+        evaluate(adapter, RECORDS, CountingVerifier(threshold), journal=EvalJournal(tmp_path / "j", {"steps": 2}), **_journal_kw())
+    fresh = CountingVerifier(threshold)
+    evaluate(adapter, RECORDS, fresh, journal=EvalJournal(tmp_path / "j", {"steps": 2}, restart=True), **_journal_kw())
+    assert fresh.scored == 10  # nothing read back
+    # a truncated batch file is named, not half-read
+    path = tmp_path / "j" / "share0of1_rows0000003.safetensors"
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(ConfigError, match="share0of1_rows0000003.safetensors is not a readable evaluation batch"):
+        EvalJournal(tmp_path / "j", {"steps": 2}).load()
+    # another process's share is not this one's
+    assert EvalJournal(tmp_path / "j", {"steps": 2}, share=(1, 2)).load() == {}
+
+
+def test_a_journaled_batch_drawn_from_other_noise_is_refused(adapter, tmp_path, threshold):
+    """Same key, but the model draws other initial noise for the seeds (here: another resolution): refused."""
+    from flowalign.eval_journal import EvalJournal
+
+    evaluate(adapter, RECORDS, CountingVerifier(threshold), journal=EvalJournal(tmp_path / "j", {}), **_journal_kw())
+    bigger = load_adapter(_pipe(sample_size=24))
+    assert bigger.initial_noise(1, torch.Generator().manual_seed(0)).shape != adapter.initial_noise(1, torch.Generator().manual_seed(0)).shape
+    with pytest.raises(ConfigError, match="drawn from other initial noise"):
+        evaluate(bigger, RECORDS, CountingVerifier(threshold), journal=EvalJournal(tmp_path / "j", {}), **_journal_kw())
+
+
+def test_eval_cli_resumes_a_killed_evaluation_and_removes_its_journal_when_done(tmp_path, monkeypatch, capsys):
+    """``flowalign eval --out``: the batches of a killed run are read back (the reward scores the rest only), the
+    result equals an uninterrupted run's, ``eval_partial`` is gone once ``eval.json`` is written, and another
+    ``--steps`` is refused unless ``--restart``."""
+    from flowalign.train.eval_cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
+    calls = []
+    import flowalign.rewards as rewards_mod
+
+    real = rewards_mod.call_reward
+
+    def counting(reward, images, prompts, *a, **k):
+        if len(calls) == int(os.environ.get("KILL_AT_CALL", "-1")):
+            raise _Killed()
+        calls.append(len(prompts))
+        return real(reward, images, prompts, *a, **k)
+
+    monkeypatch.setattr(rewards_mod, "call_reward", counting)
+    argv = ["--model", "tiny-sd3", "--prompts", str(prompts), "--reward", "brightness", "--num-samples", "10", "--steps", "1",
+            "--guidance", "1", "--batch-size", "4", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    whole = json.loads((tmp_path / "whole" / "eval.json").read_text())
+    assert not (tmp_path / "whole" / "eval_partial").exists()
+    calls.clear()
+    monkeypatch.setenv("KILL_AT_CALL", "2")
+    with pytest.raises(_Killed):
+        main([*argv, "--out", str(tmp_path / "cut")])
+    assert len(list((tmp_path / "cut" / "eval_partial").glob("*.safetensors"))) == 2 and not (tmp_path / "cut" / "eval.json").exists()
+    monkeypatch.delenv("KILL_AT_CALL")
+    calls.clear()
+    capsys.readouterr()
+    assert main([*argv, "--steps", "2", "--out", str(tmp_path / "cut")]) == 2
+    assert "holds a partial evaluation with other settings (steps 1 -> 2)" in " ".join(capsys.readouterr().err.split())
+    assert calls == []
+    assert main([*argv, "--out", str(tmp_path / "cut")]) == 0
+    assert calls == [2]  # samples 8 and 9
+    cut = json.loads((tmp_path / "cut" / "eval.json").read_text())
+    assert cut["samples"]["score"] == whole["samples"]["score"] and cut["settings"]["resumed_samples"] == 8
+    assert not (tmp_path / "cut" / "eval_partial").exists()
+    calls.clear()
+    monkeypatch.setenv("KILL_AT_CALL", "1")
+    with pytest.raises(_Killed):
+        main([*argv, "--out", str(tmp_path / "again")])
+    monkeypatch.delenv("KILL_AT_CALL")
+    calls.clear()
+    assert main([*argv, "--restart", "--out", str(tmp_path / "again")]) == 0
+    assert calls == [4, 4, 2]  # --restart: every batch sampled again

@@ -62,6 +62,7 @@ __all__ = ["EvalOptions", "add_eval_arguments", "main", "main_eval", "run_eval",
 DEFAULT_MIN_SAMPLES = 512  # default: whole passes over the prompt set until at least this many samples
 FALLBACK_STEPS, FALLBACK_GUIDANCE = 40, 4.5  # sampling defaults for a model without recommended settings
 DEFAULT_QUALITY = "image_stats_quality"  # flowalign.corrected.ImageStatsQuality
+JOURNAL_FOLDER = "eval_partial"  # under --out: the scored batches of an evaluation not yet finished
 COMPARE_FIGURE = "compare.png"  # --compare with --out: the per-category bars, reference vs this evaluation
 
 
@@ -93,6 +94,7 @@ class EvalOptions:
     corrected_c: float = 0.0
     corrected_reference: Optional[str] = None  # ImageStatsQuality reference statistics (JSON from .save())
     compare: Optional[str] = None  # an earlier eval.json (or its folder) to set this evaluation against
+    restart: bool = False  # discard the partial evaluation a killed run left in out/eval_partial instead of resuming it
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -135,7 +137,40 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--compare", default=None, metavar="EVAL_JSON",
                         help="an earlier eval.json (or its --out folder) of the same prompts, seeds and steps: "
                              "report the deltas per category, the failure modes and the prompts that moved most against it")
+    parser.add_argument("--restart", action="store_true",
+                        help=f"with --out: discard the partial evaluation a killed run left in OUT/{JOURNAL_FOLDER} "
+                             f"(by default the samples scored there are read back and the evaluation goes on from them)")
     return parser
+
+
+def journal_key(options: EvalOptions, sampled: list, reward_kwargs: dict, device) -> dict:
+    """What decides every sample's outcome, for :class:`flowalign.eval_journal.EvalJournal`: a partial evaluation
+    under any other value is refused. The model is named by its path and its files' sizes and modification times
+    (hashing SD3.5's 20 GB of weights would cost more than a batch), the LoRA and the sampled records by sha256."""
+    import hashlib
+
+    from flowalign.prompts import prompts_digest
+    from flowalign.train.model import resolve_path
+
+    model_path = resolve_path("assets/toy" if options.model == "toy" else options.model)
+    model_files = {}
+    if model_path.is_dir():
+        for f in sorted(model_path.rglob("*")):
+            if f.is_file():
+                st = f.stat()  # through a hub cache's symlinks to the blobs
+                model_files[str(f.relative_to(model_path))] = [st.st_size, st.st_mtime_ns]
+    lora_sha = None
+    if options.lora is not None:
+        lora = Path(options.lora)
+        lora_sha = hashlib.sha256((lora / "pytorch_lora_weights.safetensors" if lora.is_dir() else lora).read_bytes()).hexdigest()
+    return {
+        "model": options.model, "model_files": model_files, "dtype": options.dtype, "resolution": options.resolution,
+        "adapter": options.adapter, "adapter_kwargs": json_object_arg(options.adapter_kwargs, "--adapter-kwargs"),
+        "device_type": getattr(device, "type", str(device)), "lora_sha256": lora_sha, "prompts_sha256": prompts_digest(sampled),
+        "num_samples": len(sampled), "seed": options.seed, "steps": options.steps, "guidance": options.guidance,
+        "batch_size": options.batch_size, "reward": options.reward, "reward_kwargs": reward_kwargs, "on_error": options.on_error,
+        "corrected_by": options.corrected_by, "corrected_reference": options.corrected_reference,
+    }
 
 
 def check_out_folder(out: str) -> None:
@@ -350,8 +385,6 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
         ConfigError: unknown reward, missing model folder, bad counts.
         LoraMismatchError: the LoRA does not fit the model.
     """
-    import torch
-
     from flowalign.config import ModelConfig
     from flowalign.evaluation import evaluate
     from flowalign.prompts import load_prompts
@@ -414,20 +447,21 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
     main_process = accelerator is None or accelerator.is_main_process
     from flowalign.train.runtime import gather_shares, release_process_group
 
+    journal = None
+    if options.out is not None:  # every scored batch goes to out/eval_partial at once: a killed evaluation resumes from it
+        from flowalign.eval_journal import EvalJournal
+
+        key = journal_key(options, [records[i] for i in indices], reward_kwargs, device)
+        journal = EvalJournal(Path(options.out) / JOURNAL_FOLDER, key, share=shard or (0, 1), restart=options.restart)
     result = evaluate(
         adapter, records, tap if tap is not None else reward, num_samples=num_samples, samples_per_prompt=spp, num_steps=options.steps,
         guidance_scale=options.guidance, seed=options.seed, batch_size=options.batch_size, lora=options.lora,
         on_error=options.on_error, keep_images=0, progress=options.progress and main_process, shard=shard, gather=gather_shares,
+        journal=journal, extra_details=("quality",) if tap is not None else (),
     )
     result.settings.update({"model": options.model, "prompts_file": str(options.prompts), "device": options.device, "dtype": options.dtype,
                             "reward_kwargs": reward_kwargs,
                             "processes": 1 if accelerator is None else accelerator.num_processes})
-    if tap is not None:  # the quality of every sample in order: this process's share of them, then every process's
-        quality = torch.cat(tap.qualities) if tap.qualities else torch.zeros(0)
-        if accelerator is not None:
-            from flowalign.evaluation import merge_shares, shard_rows
-
-            quality = merge_shares(gather_shares((shard_rows(len(indices), shard), quality.tolist())), len(indices))
     if accelerator is not None:
         release_process_group(accelerator)  # every process has the whole result; the process group is released
     result.main_process = main_process
@@ -437,8 +471,8 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
 
         result.corrected = {
             "quality": options.corrected_by, "q0": options.corrected_q0, "c": options.corrected_c, "reference": options.corrected_reference,
-            "categories": corrected_summary(result.tags, result.scores, quality, options.corrected_q0, options.corrected_c),
-            "quality_scores": quality,
+            "categories": corrected_summary(result.tags, result.scores, result.extra["quality"], options.corrected_q0, options.corrected_c),
+            "quality_scores": result.extra["quality"],
         }
     result.comparison_md, comparison, refused = None, None, None
     if reference is not None:
@@ -467,6 +501,7 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
                   f"guidance {options.guidance}, seed {options.seed}, {result.wall_time:.1f} s\n\n")
         (out / "eval.md").write_text(header + result.table() + "\n" + (f"\n{_corrected_table(result, options)}\n" if tap is not None else "")
                                      + (f"\n{result.comparison_md}\n" if result.comparison_md else ""))
+        journal.remove()  # eval.json holds every sample now
     if refused is not None:
         raise refused
     return result
