@@ -510,6 +510,7 @@ def heldout_report(
     target_gain_points: Optional[float] = None,
     shard: Optional[tuple[int, int]] = None,
     gather: Optional[Callable[[Any], list]] = None,
+    journals: Optional[tuple[Any, Any]] = None,
 ) -> Optional[Path]:
     """Evaluate base and aligned on the held-out ``records``, draw ``before_after.png``, write the report.
 
@@ -525,6 +526,11 @@ def heldout_report(
     and ``gather`` (see :func:`flowalign.evaluation.evaluate`), each samples its share of both
     evaluations, and process 0 alone writes the files and returns the report's path (the others
     return None). The report is the one a single process writes, up to float rounding.
+
+    ``journals``: ``(base, aligned)`` :class:`flowalign.eval_journal.EvalJournal` s (the aligned one's key
+    must name the aligned weights): each evaluation resumes from the batches its journal holds, so a run
+    killed in its report samples only what it had not scored; process 0 removes both once the report is
+    written.
     """
     from flowalign.lora import lora_disabled
 
@@ -539,11 +545,11 @@ def heldout_report(
     if base is None:
         start = time.perf_counter()
         with (base_context or (lambda: lora_disabled(adapter.trainable_module)))():
-            base = evaluate(adapter, records, reward, **kw)
+            base = evaluate(adapter, records, reward, **kw, journal=None if journals is None else journals[0])
         timings["base eval"] = time.perf_counter() - start
     start = time.perf_counter()
     with (aligned_context or nullcontext)():
-        aligned = evaluate(adapter, records, reward, **kw)
+        aligned = evaluate(adapter, records, reward, **kw, journal=None if journals is None else journals[1])
     timings["aligned eval"] = time.perf_counter() - start
     if shard is not None and int(shard[0]) != 0:
         return None
@@ -551,5 +557,8 @@ def heldout_report(
         write_before_after(run_dir / "before_after.png", base, aligned, columns)
     else:
         logger.warning("the base evaluation kept no images of the grid samples; before_after.png not written")
-    return write_report(run_dir, base=base, aligned=aligned, config_dict=config_dict, timings=timings, metrics_csv=metrics_csv, command=command,
+    path = write_report(run_dir, base=base, aligned=aligned, config_dict=config_dict, timings=timings, metrics_csv=metrics_csv, command=command,
                         target_gain_points=target_gain_points)
+    for journal in journals or ():
+        journal.remove()  # eval_base.json / eval_aligned.json hold every sample now
+    return path

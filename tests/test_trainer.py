@@ -1,6 +1,7 @@
 """The Flow-GRPO recipe end to end on the tiny SD3 pipeline: KL, learning, saving, exact resume."""
 from __future__ import annotations
 
+import os
 import csv
 import logging
 import math
@@ -693,3 +694,66 @@ def test_each_iteration_line_tells_the_pace_and_eta(tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("iteration ")]
     assert len(lines) == 2 and all(re.search(r", \d+\.\d s/it, ETA \d+\.\d+ (s|min|h)$", line) for line in lines), lines
     assert lines[-1].endswith("ETA 0.0 s")
+
+
+class _Killed(BaseException):  # as KeyboardInterrupt: nothing in the library reports it as a reward failure
+    pass
+
+
+def test_a_run_killed_in_its_heldout_report_resumes_the_report_from_the_scored_batches(tmp_path, monkeypatch):
+    """The report's base and aligned evaluations journal every batch under run_dir/eval_partial: the resumed run
+    samples only the aligned batches it had not scored, writes the report, and removes the journals. The aligned
+    journal's key names the LoRA weights, the base one's does not."""
+    import json
+
+    from flowalign import evaluation
+    from flowalign.train import final_outputs
+
+    prompts = tmp_path / "heldout.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "tag": t}) + "\n" for p, t in
+                               [("a white square", "bright"), ("a yellow star", "bright"), ("a black circle", "dark"), ("a blue night", "dark")]))
+    run = tmp_path / "run"
+    args = ("train.iterations=1", f"train.prompts={prompts}", f"train.eval_prompts={prompts}", "train.final_eval_samples=8",
+            "rewards=[{name: test_tag_brightness}, {name: brightness, weight: 0.1}]", "train.prompts_per_iter=2", "train.micro_batch_size=8",
+            "sampling.micro_batch_size=2",
+            "sampling.num_steps=3", "sampling.eval_num_steps=3", "lora.rank=2", "train.checkpoint_every=1")
+    real, scored = evaluation._score_batch, []
+
+    def dying(adapter, reward, rows, *a, **k):
+        if len(scored) == int(os.environ.get("FLOWALIGN_TEST_KILL_AT", "-1")):
+            raise _Killed()
+        scored.append(list(rows))
+        return real(adapter, reward, rows, *a, **k)
+
+    monkeypatch.setattr(evaluation, "_score_batch", dying)
+    monkeypatch.setenv("FLOWALIGN_TEST_KILL_AT", "6")  # base: 4 batches of 2; aligned: dies on its 3rd
+    trainer = Trainer(_config(run, *args))
+    trainer.setup()
+    with pytest.raises(_Killed):
+        trainer.train()
+    trainer.cleanup()
+    assert not (run / "report.md").exists()
+    assert len(list((run / "eval_partial" / "base").glob("*.safetensors"))) == 4
+    assert len(list((run / "eval_partial" / "aligned").glob("*.safetensors"))) == 2
+    base_key, aligned_key = (j.key for j in final_outputs.report_journals(trainer, "test_tag_brightness"))
+    assert aligned_key.pop("lora_sha256") and base_key == aligned_key
+    monkeypatch.delenv("FLOWALIGN_TEST_KILL_AT")
+    scored.clear()
+    resumed = Trainer(_config(run, *args), resume=True)
+    resumed.setup()
+    resumed.train()
+    resumed.cleanup()
+    assert scored == [[4, 5], [6, 7]]  # the aligned batches the killed run had not scored
+    assert json.loads((run / "eval_base.json").read_text())["settings"]["resumed_samples"] == 8
+    assert json.loads((run / "eval_aligned.json").read_text())["settings"]["resumed_samples"] == 4
+    assert (run / "report.md").is_file() and not (run / "eval_partial").exists()
+    # weights trained further are another aligned model: its journal key differs, the base one's does not
+    again = Trainer(_config(tmp_path / "other", *args))
+    again.setup()
+    before = [j.key for j in final_outputs.report_journals(again, "test_tag_brightness")]
+    for p in again.lora_modules["transformer"].parameters():
+        if p.requires_grad:
+            p.data.add_(0.01)
+    after = [j.key for j in final_outputs.report_journals(again, "test_tag_brightness")]
+    again.cleanup()
+    assert before[0] == after[0] == base_key and before[1]["lora_sha256"] != after[1]["lora_sha256"]

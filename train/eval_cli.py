@@ -146,25 +146,18 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 def journal_key(options: EvalOptions, sampled: list, reward_kwargs: dict, device) -> dict:
     """What decides every sample's outcome, for :class:`flowalign.eval_journal.EvalJournal`: a partial evaluation
     under any other value is refused. The model is named by its path and its files' sizes and modification times
-    (hashing SD3.5's 20 GB of weights would cost more than a batch), the LoRA and the sampled records by sha256."""
+    (:func:`flowalign.train.model.model_files_signature`), the LoRA and the sampled records by sha256."""
     import hashlib
 
     from flowalign.prompts import prompts_digest
-    from flowalign.train.model import resolve_path
+    from flowalign.train.model import model_files_signature
 
-    model_path = resolve_path("assets/toy" if options.model == "toy" else options.model)
-    model_files = {}
-    if model_path.is_dir():
-        for f in sorted(model_path.rglob("*")):
-            if f.is_file():
-                st = f.stat()  # through a hub cache's symlinks to the blobs
-                model_files[str(f.relative_to(model_path))] = [st.st_size, st.st_mtime_ns]
     lora_sha = None
     if options.lora is not None:
         lora = Path(options.lora)
         lora_sha = hashlib.sha256((lora / "pytorch_lora_weights.safetensors" if lora.is_dir() else lora).read_bytes()).hexdigest()
     return {
-        "model": options.model, "model_files": model_files, "dtype": options.dtype, "resolution": options.resolution,
+        "model": options.model, "model_files": model_files_signature(options.model), "dtype": options.dtype, "resolution": options.resolution,
         "adapter": options.adapter, "adapter_kwargs": json_object_arg(options.adapter_kwargs, "--adapter-kwargs"),
         "device_type": getattr(device, "type", str(device)), "lora_sha256": lora_sha, "prompts_sha256": prompts_digest(sampled),
         "num_samples": len(sampled), "seed": options.seed, "steps": options.steps, "guidance": options.guidance,

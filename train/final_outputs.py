@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from flowalign import lora as lora_lib
 from flowalign.train import runtime
 from flowalign.train.lora_export import lora_states, save_lora_file
@@ -57,6 +59,37 @@ def write_final_outputs(trainer) -> Optional[Path]:
 
 # what the held-out report writes: a run that ends without a new report must not keep an earlier one's
 REPORT_FILES = ("report.md", "report.json", "eval_base.json", "eval_aligned.json", "before_after.png", "heldout_accuracy.png")
+REPORT_JOURNALS = "eval_partial"  # run_dir/eval_partial/{base,aligned}: the report's scored batches until report.md is written
+
+
+def report_journals(trainer, reward_key: str) -> tuple:
+    """``(base, aligned)`` :class:`flowalign.eval_journal.EvalJournal` s of the held-out report, under
+    ``run_dir/eval_partial``: a run killed while it evaluates resumes the report from the batches they hold. The
+    key holds what decides the samples (model, held-out prompts, sampling settings, the report's reward); the
+    aligned one also the sha256 of the evaluated LoRA weights (EMA when on), so weights trained further are
+    sampled again."""
+    import dataclasses
+    import hashlib
+
+    from flowalign.eval_journal import EvalJournal
+    from flowalign.prompts import prompts_digest
+    from flowalign.train.model import model_files_signature
+
+    cfg = trainer.config
+    reward = [dataclasses.asdict(r) for r in cfg.rewards if r.key == reward_key]
+    key = {"model": dataclasses.asdict(cfg.model), "model_files": model_files_signature(cfg.model.pretrained),
+           "prompts_sha256": prompts_digest(trainer.heldout_records), "reward": reward,
+           "samples": trainer.config.train.final_eval_samples, "steps": trainer.config.sampling.eval_num_steps,
+           "guidance": trainer.config.sampling.guidance_scale, "batch_size": trainer.config.sampling.micro_batch_size or 32}
+    digest = hashlib.sha256()
+    for component, state in sorted(lora_states(trainer.lora_modules, trainer.ema).items()):
+        for name, tensor in sorted(state.items()):
+            digest.update(f"{component}.{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    share = (trainer.accelerator.process_index, trainer.accelerator.num_processes)
+    folder = trainer.run_dir / REPORT_JOURNALS
+    return (EvalJournal(folder / "base", key, share=share),
+            EvalJournal(folder / "aligned", {**key, "lora_sha256": digest.hexdigest()}, share=share))
 
 
 def remove_stale_report(run_dir: Path) -> list[Path]:
@@ -65,6 +98,7 @@ def remove_stale_report(run_dir: Path) -> list[Path]:
     removed = [run_dir / name for name in REPORT_FILES if (run_dir / name).is_file()]
     for path in removed:
         path.unlink()
+    shutil.rmtree(run_dir / REPORT_JOURNALS, ignore_errors=True)  # a report killed before it was written
     if removed:
         logger.warning("no held-out report this time (train.eval_prompts unset or train.final_eval_samples=0): removed the "
                        "earlier one, which described the LoRA before this run (%s)", ", ".join(p.name for p in removed))
@@ -95,6 +129,9 @@ def write_heldout_report(trainer) -> Optional[Path]:
         metrics_csv=trainer.run_dir / "metrics.csv", progress=cfg.train.progress and trainer.accelerator.is_main_process,
         target_gain_points=cfg.train.report_target_points,
         shard=(trainer.accelerator.process_index, trainer.accelerator.num_processes), gather=runtime.gather_shares,
+        journals=report_journals(trainer, name),
     )
     trainer.timings["held-out eval"] = time.perf_counter() - start  # base + aligned (each in report.md)
+    if path is not None:  # the main process, report written: heldout_report removed both journals, here their folder
+        shutil.rmtree(trainer.run_dir / REPORT_JOURNALS, ignore_errors=True)
     return path
