@@ -26,7 +26,7 @@ class AnchorTrainer(Trainer):
         cond = self.conditioning.policy(batch, index)
         v = self.adapter.velocity(rows.x, rows.sigma, Conditioning(cond=cond.uncond), 1.0)
         with torch.no_grad(), lora_lib.lora_disabled(*self.lora_modules.values()):
-            ref = self.conditioning.reference(batch, index) or batch.cond.select(index.to(self.device))
+            ref = self.conditioning.reference(batch, index) or batch.cond_rows(index)
             v_ref = self.adapter.velocity(rows.x, rows.sigma, Conditioning(cond=ref.uncond), 1.0)
         gap = (v - v_ref).pow(2).mean()
         self.optim.backward(self.beta * gap * scale, f"anchor at step {k}")

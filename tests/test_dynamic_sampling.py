@@ -210,7 +210,11 @@ def test_sample_until_full_draws_windows_until_enough_groups_have_a_signal(tmp_p
             # each window is a fresh draw of the sampler (prompts of a window are the next ones in its order)
             drawn_windows += windows
             assert trainer.sampler.iteration == drawn_windows
-            assert batch.cond.batch_size == batch.traj.batch_size and len(set(group_of.tolist())) == 2 * windows
+            assert batch.cond.batch_size == len(set(group_of.tolist())) == 2 * windows  # one row per group of every window
+            # each sample's row is its own prompt's encoding, through the windows' joined group ids
+            fresh = trainer.adapter.encode(batch.traj.prompts, do_classifier_free_guidance=False)
+            rows = batch.cond_rows(torch.arange(batch.traj.batch_size))
+            assert all(torch.allclose(rows.cond[k], fresh.cond[k], atol=1e-5) for k in fresh.cond)
             seen_rounds.append(windows)
             trainer.update(batch)
             trainer.iteration += 1

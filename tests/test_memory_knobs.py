@@ -119,7 +119,7 @@ def test_autocast_runs_the_transformer_in_half_and_the_log_prob_math_in_fp32(tmp
 
     monkeypatch.setattr(sde, "log_prob", spy_log_prob)
     half, batch = _update_gradient(trainer)  # rollout and update both autocast
-    v = trainer.adapter.velocity(batch.traj.latents[:2, 0], 0.5, batch.cond.select(torch.tensor([0, 1])), 1.0)
+    v = trainer.adapter.velocity(batch.traj.latents[:2, 0], 0.5, batch.cond_rows(torch.tensor([0, 1])), 1.0)
     assert v.dtype == torch.float32
     assert trainer.adapter.autocast_dtype == dtype
     assert seen["linear"] == {dtype}  # the transformer's matmuls ran in half precision

@@ -181,7 +181,7 @@ def test_several_optimizer_steps_use_the_sampling_policy_as_old(tmp_path):
         for p, b in zip(trainer.params, lora_before):
             p.copy_(b)
         kept = torch.nonzero(batch.keep).flatten()[:3]
-        policy, _ = trainer.velocity_fns(batch.cond.select(kept))
+        policy, _ = trainer.velocity_fns(batch.cond_rows(kept))
         for j in range(2):
             fb = fp.make_forward_batch(batch.traj, batch.advantages, draws, kept, j, trainer.device)
             x_s = (1 - fb.sigma.view(-1, 1, 1, 1)) * fb.x0 + fb.sigma.view(-1, 1, 1, 1) * fb.noise
@@ -291,7 +291,7 @@ def test_old_policy_samples_the_rollouts_and_gives_v_old(tmp_path, monkeypatch):
     trainer._prepare_forward_draws(batch, plan, optimizer_steps=1)
     index, j = plan[0]
     rows = trainer._make_batch(batch, index, j)
-    cond = batch.cond.select(index)
+    cond = batch.cond_rows(index)
     with torch.no_grad():
         for p, old in zip(trainer.params, trainer.optim.old_policy.shadow):
             p.copy_(old)

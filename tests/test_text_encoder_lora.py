@@ -81,7 +81,7 @@ def test_update_and_reference_conditioning(tmp_path):
     batch = trainer.collect()
     index = torch.tensor([5, 0, 3, 6])  # rows of two prompts, out of order
     update = trainer.conditioning.policy(batch, index)
-    _assert_cond_close(update, batch.cond.select(index))
+    _assert_cond_close(update, batch.cond_rows(index))
     base = _fresh_adapter().encode([batch.traj.prompts[i] for i in index.tolist()], do_classifier_free_guidance=True)
     reference = trainer.conditioning.reference(batch, index)
     _assert_cond_close(reference, base)

@@ -256,7 +256,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     total = 0.0
     for index, k in plan:
         step = make_step_batch(batch, index, k, "mean", trainer.device)
-        policy, reference = trainer.velocity_fns(batch.cond.select(index))
+        policy, reference = trainer.velocity_fns(batch.cond_rows(index))
         loss, _ = trainer.objective.loss(step, policy, reference)
         total = total + loss / len(plan)
     total.backward()
@@ -757,3 +757,32 @@ def test_a_run_killed_in_its_heldout_report_resumes_the_report_from_the_scored_b
     after = [j.key for j in final_outputs.report_journals(again, "test_tag_brightness")]
     again.cleanup()
     assert before[0] == after[0] == base_key and before[1]["lora_sha256"] != after[1]["lora_sha256"]
+
+
+def test_the_batch_keeps_one_encoding_per_prompt_and_no_images(tmp_path):
+    """A group's samples share their prompt's encoding: the batch held it group_size times (5.9 GiB for SD3.5-M at
+    1,152 samples on one GPU) and every sample's fp32 image through the update. Each sample's row must still be
+    its own prompt's encoding, as a fresh encode of the prompts gives it."""
+    trainer = _trainer(tmp_path, "sampling.group_size=4", "train.prompts_per_iter=3", "train.micro_batch_size=6", "sampling.guidance_scale=3.0",
+                       "objective.cfg_in_training=true")
+    try:
+        seen = {}
+        real_update = trainer.update
+        trainer.update = lambda batch: seen.setdefault("images", batch.traj.images) or real_update(batch)
+        trainer.run_iteration()
+        assert "images" in seen and seen["images"] is None  # dropped before the update
+        batch = trainer.collect()
+        assert batch.traj.batch_size == 12 and batch.traj.images.shape[0] == 12  # collect itself keeps them for its caller
+        assert batch.cond.batch_size == 3
+        fresh = trainer.adapter.encode(batch.traj.prompts, do_classifier_free_guidance=trainer.config.sampling.guidance_scale > 1.0)
+        index = torch.tensor([11, 0, 5, 6, 3])
+        rows = batch.cond_rows(index)
+        for part in ("cond", "uncond"):
+            got, want = getattr(rows, part), getattr(fresh, part)
+            assert got is not None and want is not None  # CFG in training: the negative prompt rows too
+            for k in want or {}:
+                assert torch.allclose(got[k], want[k][index], atol=1e-5), (part, k)
+        assert len({batch.traj.prompts[i] for i in range(12)}) == 3
+        trainer.update(batch)  # the update runs on it
+    finally:
+        trainer.cleanup()

@@ -74,13 +74,24 @@ PROCESS_SEED_STRIDE = 1_000_003  # process p draws from seed + p * stride
 
 @dataclass
 class Batch:
-    """One iteration's rollouts with everything the update needs."""
+    """One iteration's rollouts with everything the update needs.
+
+    ``cond`` holds one row per group (prompt), in ``traj.group_ids`` order: a group's samples share their
+    prompt's encoding, so it is not repeated ``group_size`` times (for SD3.5 at 333 tokens of 4,096 features
+    a row is 2.7 MB in bf16). :meth:`cond_rows` gives samples' rows. :meth:`Trainer.run_iteration` drops
+    ``traj.images`` once :meth:`Trainer.collect` has scored them: the update needs none of them.
+    """
 
     traj: Any  # flowalign.trajectory.Trajectory
-    cond: Any  # flowalign.pipelines.base.Conditioning, one row per sample
+    cond: Any  # flowalign.pipelines.base.Conditioning, one row per group (traj.group_ids)
     advantages: Tensor  # [B] outcome advantages, or [B, K] per-step ones (dense objectives)
     keep: Tensor  # [B] bool: reward kept and advantage non-zero
     metrics: dict
+
+    def cond_rows(self, index: Tensor):
+        """The conditioning of samples ``index`` (one row each, on the conditioning's device)."""
+        group_ids = self.traj.group_ids
+        return self.cond.select(group_ids[index.to(group_ids.device)].to(next(iter(self.cond.cond.values())).device))
 
 
 class _Round(NamedTuple):
@@ -330,6 +341,7 @@ class Trainer(OptimizerViews):
         """Rollout, rewards, advantages and the update for one iteration; return its metrics."""
         start = time.perf_counter()
         batch = self.collect()
+        batch.traj.images = None  # scored: the update needs none (fp32, on the device: 3 MiB per 512 px sample)
         metrics = dict(batch.metrics)
         metrics.update(self.update(batch))
         metrics["time/iteration"] = time.perf_counter() - start
@@ -344,7 +356,7 @@ class Trainer(OptimizerViews):
         differ; :meth:`advantages` then trains the first ``prompts_per_iter`` groups with a signal, in the order
         one process would have drawn them.
         """
-        s, cfg = self.config.sampling, self.config.train
+        cfg = self.config.train
         rounds: list[_Round] = []
         timing = {"time/rollout": 0.0, "time/reward": 0.0}
         with_signal = 0
@@ -383,7 +395,7 @@ class Trainer(OptimizerViews):
             metrics["samples/sampling_rounds"] = float(len(rounds))
         if not self.config.objective.cfg_in_training and cond.uncond is not None:
             cond = type(cond)(cond=cond.cond, uncond=None, extra=cond.extra)
-        return Batch(traj=traj, cond=cond.repeat_interleave(s.group_size), advantages=advantages, keep=keep, metrics=metrics)
+        return Batch(traj=traj, cond=cond, advantages=advantages, keep=keep, metrics=metrics)
 
     def _roll_out(self, records: list, round_index: int, levels: Optional[Tensor] = None):
         """Encode ``records`` and roll out their groups (round ``round_index`` of the iteration; ``levels`` fixes the
@@ -629,7 +641,7 @@ class Trainer(OptimizerViews):
         if optimizer_steps > 1 or self.optim.old_policy is not None:
             with self._sampling_policy():  # batch.cond is the rollout's encoding, by the same weights
                 fp.old_velocities(batch.traj, batch.advantages, self._draws, plan,
-                                  lambda index: self.velocity_fns(batch.cond.select(index.to(self.device)))[0], self.device)
+                                  lambda index: self.velocity_fns(batch.cond_rows(index))[0], self.device)
 
     def _make_batch(self, batch: Batch, index: Tensor, k: int, for_loss: bool = True):
         """The objective's rows for micro-batch ``(index, k)``: a StepBatch of step k, or a ForwardBatch of draw k

@@ -24,8 +24,8 @@ from flowalign import lora as lora_lib
 
 
 class UpdateConditioning:
-    """Policy and reference conditioning of samples ``index`` of a batch (``batch.cond``: the
-    rollout's encoding, one row per sample; ``batch.traj.prompts``: one prompt per sample).
+    """Policy and reference conditioning of samples ``index`` of a batch (``batch.cond_rows(index)``:
+    the rollout's encoding of their prompts; ``batch.traj.prompts``: one prompt per sample).
 
     Args:
         adapter: the (possibly autocast-wrapped) adapter whose ``encode`` the rollouts used.
@@ -46,7 +46,7 @@ class UpdateConditioning:
         encoders (with gradient when ``requires_grad``). Before the first optimizer step of an
         iteration the two are equal, so the ratio starts at 1."""
         if not self.text_modules:
-            return batch.cond.select(index.to(self.device))
+            return batch.cond_rows(index)
         return self.encode_rows([batch.traj.prompts[i] for i in index.tolist()], requires_grad)
 
     def encode_rows(self, prompts: list[str], requires_grad: bool = True):
