@@ -154,7 +154,21 @@ def _chunks(n: int, max_batch: Optional[int]):
         yield slice(lo, min(lo + size, n))
 
 
-def _score(latents: Tensor, index: Tensor, decode_fn: DecodeFn, reward_fn: RewardFn, max_batch: Optional[int]) -> Tensor:
+class _Work:
+    """Rows done out of a known total (transformer rows, then decoded and scored rows), reported to
+    ``progress(done, total)`` after each chunk: what a progress bar over the step-reward phase shows."""
+
+    def __init__(self, progress: Optional[Callable[[int, int], None]], total: int):
+        self.progress, self.total, self.done = progress, int(total), 0
+
+    def add(self, rows: int) -> None:
+        self.done += int(rows)
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+def _score(latents: Tensor, index: Tensor, decode_fn: DecodeFn, reward_fn: RewardFn, max_batch: Optional[int],
+           work: Optional[_Work] = None) -> Tensor:
     """Decode and score ``latents[N]`` in chunks -> ``[N]`` fp32."""
     out = []
     for sl in _chunks(latents.shape[0], max_batch):
@@ -162,6 +176,8 @@ def _score(latents: Tensor, index: Tensor, decode_fn: DecodeFn, reward_fn: Rewar
         if scores.shape[0] != sl.stop - sl.start:
             raise ValueError(f"reward_fn returned {scores.shape[0]} scores for {sl.stop - sl.start} images")
         out.append(scores.to(latents.device))
+        if work is not None:
+            work.add(sl.stop - sl.start)
     return torch.cat(out) if out else torch.zeros(0, device=latents.device)
 
 
@@ -193,6 +209,7 @@ def ode_completion_rewards(
     steps: Optional[Sequence[int]] = None,
     max_batch: Optional[int] = None,
     final_rewards: Optional[Tensor] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> tuple[Tensor, int]:
     """R_k = reward of the deterministic (Euler ODE) completion from ``latents[:, k]``
     (DenseGRPO arXiv 2601.20218; TP-GRPO arXiv 2602.06422).
@@ -210,6 +227,8 @@ def ode_completion_rewards(
         max_batch: most rows per ``velocity_fn`` / ``decode_fn`` / ``reward_fn`` call (None: all).
         final_rewards: ``[B]`` rewards of the final samples if already known (R_K is then not
             re-scored); otherwise ``latents[:, K]`` is decoded and scored (no model call).
+        progress: called as ``progress(done, total)`` after each chunk, counting the rows passed to
+            ``velocity_fn`` and then the rows decoded and scored (for a progress bar).
 
     Returns:
         ``(R[B, K+1] fp32, nfe)`` with nfe = number of rows passed to ``velocity_fn`` (multiply by
@@ -224,6 +243,8 @@ def ode_completion_rewards(
     sig = sigmas.to(device)
 
     inner = [k for k in starts if k < K]  # completions that need model calls
+    rescored = K in starts and final_rewards is None
+    work = _Work(progress, B * (sum(-(-(K - k) // stride) for k in inner) + len(inner) + int(rescored)))  # ceil((K-k)/λ) calls from k
     if inner:
         start_of = torch.tensor(inner, device=device).repeat_interleave(B)  # [C], C = B·len(inner)
         sample_of = torch.arange(B, device=device).repeat(len(inner))  # [C]
@@ -241,8 +262,9 @@ def ode_completion_rewards(
                 v = velocity_fn(x[rows], s, sample_of[rows])
                 x[rows] = sde.step("ode", x[rows], v, sig[j], sig[nxt]).prev_sample
                 nfe += rows.numel()
+                work.add(rows.numel())
             pos[active] = nxt
-        scores = _score(x, sample_of, decode_fn, reward_fn, max_batch)  # [C]
+        scores = _score(x, sample_of, decode_fn, reward_fn, max_batch, work)  # [C]
         R[sample_of, start_of] = scores
     else:
         nfe = 0
@@ -250,7 +272,7 @@ def ode_completion_rewards(
         if final_rewards is not None:
             R[:, K] = torch.as_tensor(final_rewards, dtype=torch.float32, device=device).flatten()
         else:
-            R[:, K] = _score(latents[:, K], torch.arange(B, device=device), decode_fn, reward_fn, max_batch)
+            R[:, K] = _score(latents[:, K], torch.arange(B, device=device), decode_fn, reward_fn, max_batch, work)
     return R, nfe
 
 
@@ -265,6 +287,7 @@ def tweedie_rewards(
     max_batch: Optional[int] = None,
     x0_preds: Optional[Tensor] = None,
     final_rewards: Optional[Tensor] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> tuple[Tensor, int]:
     """One-step (Tweedie) estimate: R_k = reward(decode(x0_hat_k)), x0_hat_k = x_k - sigma_k·v(x_k, sigma_k).
 
@@ -285,6 +308,8 @@ def tweedie_rewards(
     R = torch.full((B, K + 1), float("nan"), device=device)
     inner = [k for k in starts if k < K]
     nfe = 0
+    rescored = K in starts and final_rewards is None
+    work = _Work(progress, B * (len(inner) * (1 if x0_preds is not None else 2) + int(rescored)))
     if inner:
         start_of = torch.tensor(inner, device=device).repeat_interleave(B)
         sample_of = torch.arange(B, device=device).repeat(len(inner))
@@ -302,12 +327,13 @@ def tweedie_rewards(
                 v = velocity_fn(x[sl], s[sl], sample_of[sl])
                 x0[sl] = x[sl] - s[sl].reshape(-1, *([1] * (x.ndim - 1))) * v
                 nfe += sl.stop - sl.start
-        R[sample_of, start_of] = _score(x0, sample_of, decode_fn, reward_fn, max_batch)
+                work.add(sl.stop - sl.start)
+        R[sample_of, start_of] = _score(x0, sample_of, decode_fn, reward_fn, max_batch, work)
     if K in starts:
         if final_rewards is not None:
             R[:, K] = torch.as_tensor(final_rewards, dtype=torch.float32, device=device).flatten()
         else:
-            R[:, K] = _score(latents[:, K], torch.arange(B, device=device), decode_fn, reward_fn, max_batch)
+            R[:, K] = _score(latents[:, K], torch.arange(B, device=device), decode_fn, reward_fn, max_batch, work)
     return R, nfe
 
 

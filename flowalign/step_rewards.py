@@ -202,6 +202,7 @@ def estimate_step_rewards(
     on_error: str = "raise",
     reuse_deterministic: bool = True,
     store_gains: bool = False,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> tuple[Tensor, int]:
     """Rewards ``R[B, K+1]`` of the intermediate latents of ``traj`` (DESIGN.md §6).
 
@@ -226,6 +227,7 @@ def estimate_step_rewards(
             ``R_{k-1} = R_k`` when step k was deterministic instead of recomputing the same completion (under
             another guidance the completion from ``x_{k-1}`` does not pass through the rollout's ``x_k``).
         store_gains: also set ``traj.step_rewards`` to the gains ``R_k - R_{k-1}`` ``[B, K]``.
+        progress: ``progress(done, total)`` after each chunk of rows (see :func:`flowalign.dense.ode_completion_rewards`).
 
     Returns:
         ``(R[B, K+1] fp32 on the CPU, nfe)``; nfe counts transformer rows, doubled with CFG.
@@ -246,12 +248,12 @@ def estimate_step_rewards(
     if estimator == "tweedie":
         x0 = traj.x0_preds if (traj.x0_preds is not None and w == float(traj.guidance_scale)) else None
         R, rows = dense.tweedie_rewards(velocity_fn, decode_fn, reward_fn, traj.latents, traj.sigmas,
-                                        max_batch=max_batch, x0_preds=x0, final_rewards=final)
+                                        max_batch=max_batch, x0_preds=x0, final_rewards=final, progress=progress)
     else:
         copy = reuse_deterministic and stride == 1 and w == float(traj.guidance_scale)
         starts = _needed_starts(traj.stochastic_mask, K) + [K] if copy else None
         R, rows = dense.ode_completion_rewards(velocity_fn, decode_fn, reward_fn, traj.latents, traj.sigmas, stride=stride,
-                                               steps=starts, max_batch=max_batch, final_rewards=final)
+                                               steps=starts, max_batch=max_batch, final_rewards=final, progress=progress)
         if copy:
             for j in range(K - 1, -1, -1):  # step j+1 deterministic: its completion is the one from j+1
                 if j not in starts:
@@ -329,7 +331,8 @@ def _dropped_sample_policy(cfg) -> str:
     return "drop" if any(getattr(r, "on_error", "raise") == "drop" for r in getattr(cfg, "rewards", None) or []) else "raise"
 
 
-def dense_step_advantages(adapter, traj, cond, reward, cfg, gather: Optional[Callable] = None) -> tuple[Tensor, dict[str, float]]:
+def dense_step_advantages(adapter, traj, cond, reward, cfg, gather: Optional[Callable] = None,
+                          progress: Optional[Callable[[int, int], None]] = None) -> tuple[Tensor, dict[str, float]]:
     """The trainer's entry point: per-step advantages ``[B, K]`` and metrics for one rollout batch.
 
     Call it after the outcome rewards are in ``traj.rewards``. ``cfg`` is the run's
@@ -342,6 +345,7 @@ def dense_step_advantages(adapter, traj, cond, reward, cfg, gather: Optional[Cal
     every process's rows, with group ids distinct across processes, and the slice of this process's rows:
     advantages are then computed over the whole batch (``objective.adv_std="global"`` normalises over it,
     and TP-GRPO's ``dense.balance`` balances over it), so they do not depend on the process count.
+    ``progress(done, total)``: the step-reward estimate's rows (:func:`estimate_step_rewards`), for a bar.
 
     Samples whose R has a NaN (a reward dropped under ``on_error="drop"``) get zero advantages and are
     left out of the group statistics; rows with all-zero advantages can be dropped with
@@ -364,7 +368,7 @@ def dense_step_advantages(adapter, traj, cond, reward, cfg, gather: Optional[Cal
     mixed = _as_reward(reward, getattr(cfg, "rewards", None))
     R, nfe = estimate_step_rewards(
         adapter, traj, cond, mixed, estimator=d.estimator, stride=d.stride, guidance_scale=cfg.sampling.guidance_scale,
-        max_batch=d.max_batch, on_error=on_error, reuse_deterministic=d.reuse_deterministic, store_gains=True,
+        max_batch=d.max_batch, on_error=on_error, reuse_deterministic=d.reuse_deterministic, store_gains=True, progress=progress,
     )
     B, K = traj.batch_size, traj.num_steps
     ok = torch.isfinite(R).all(dim=1)  # [B]

@@ -256,6 +256,40 @@ def test_tweedie_rewards_hand_and_recorded_x0():
     assert nfe2 == 0 and torch.allclose(R, R2, atol=1e-5)
 
 
+@pytest.mark.parametrize("estimator, kw", [
+    ("ode", {}), ("ode", {"stride": 2, "max_batch": 4}), ("ode", {"steps": [2, 5, K], "final_rewards": torch.tensor([7.0, 8.0, 9.0])}),
+    ("ode", {"steps": [0, 3]}), ("tweedie", {}), ("tweedie", {"max_batch": 2, "final_rewards": torch.tensor([1.0, 2.0, 3.0])}),
+    ("tweedie_x0", {}),
+])
+def test_progress_counts_every_transformer_and_scored_row_up_to_its_total(estimator, kw):
+    """The step-reward phase's bar: ``progress(done, total)`` rises after each chunk and ends at its total, which
+    is the rows the velocity, decode and reward calls actually took (counted here by wrapping them)."""
+    toy = Toy()
+    lat = _trajectory(toy)
+    sig = _sigmas()
+    counted, seen = {"rows": 0}, []
+
+    def velocity(x, s, idx):
+        counted["rows"] += x.shape[0]
+        return toy.velocity(x, s, idx)
+
+    def reward(images, idx):
+        counted["rows"] += images.shape[0]
+        return toy.reward(images, idx)
+
+    progress = lambda done, total: seen.append((done, total))  # noqa: E731
+    if estimator == "ode":
+        dense.ode_completion_rewards(velocity, toy.decode, reward, lat, sig, progress=progress, **kw)
+    elif estimator == "tweedie":
+        dense.tweedie_rewards(velocity, toy.decode, reward, lat, sig, progress=progress, **kw)
+    else:
+        x0 = torch.stack([lat[:, k] - sig[k] * toy.velocity(lat[:, k], sig[k].expand(B), torch.arange(B)) for k in range(K)], 1)
+        dense.tweedie_rewards(None, toy.decode, reward, lat, sig, x0_preds=x0, progress=progress)
+    totals = {t for _, t in seen}
+    assert len(totals) == 1 and seen[-1][0] == totals.pop() == counted["rows"] > 0
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen) and len(seen) >= 2
+
+
 # ------------------------------------------------------------------ calibration
 
 

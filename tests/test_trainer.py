@@ -331,7 +331,23 @@ def test_dense_objective_trains_on_per_step_advantages_with_a_calibrated_table(t
     # one DenseGRPO calibration round moves every level of the constant 0.7 by exactly +-eps2 = 0.01
     assert len(levels) == 4 and all(abs(abs(level - 0.7) - 0.01) < 1e-6 for level in levels)
     assert torch.allclose(trainer.schedule.levels(4), torch.tensor(levels))
+    bars = []
+
+    class Bar:  # the phases' bars as the trainer opens them (the test config hides real ones)
+        def __init__(self, desc, total, unit):
+            self.desc, self.total, self.n, self.closed = desc, total, 0, False
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            self.closed = True
+
+    trainer._bar = Bar
     batch = trainer.collect()
+    step_bar = next(bar for bar in bars if bar.desc == "step rewards")  # the phase had no bar of its own
+    assert step_bar.n == step_bar.total == 8 * 4 * 2 and step_bar.closed  # Tweedie: 8 samples x 4 steps, a transformer row and a scored one each
     assert batch.advantages.shape == (8, 4)
     index = torch.tensor([1, 5])
     step = make_step_batch(batch, index, 2, "mean", trainer.device)

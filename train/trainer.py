@@ -507,8 +507,18 @@ class Trainer(OptimizerViews):
             # advantages over every process's rows in draw order (a global std, TP-GRPO's balancing), so they do not depend
             # on the process count
             gather = (lambda v, ids: self._gather_batch(v, ids, rank)) if self.accelerator.num_processes > 1 else None
+            bar = {}
+
+            def progress(done: int, total: int) -> None:  # the phase's transformer rows, then its decoded and scored rows
+                if "bar" not in bar:
+                    bar["bar"] = self._bar("step rewards", total=total, unit="row")
+                if bar["bar"] is not None:
+                    bar["bar"].update(done - bar["bar"].n)
+
             with runtime.rewards_on_device(self.rewards.values(), self.device, self.config.train.offload_rewards):
-                adv, metrics = dense_step_advantages(self.adapter, traj, cond, self.rewards, self.config, gather=gather)
+                adv, metrics = dense_step_advantages(self.adapter, traj, cond, self.rewards, self.config, gather=gather, progress=progress)
+            if bar.get("bar") is not None:
+                bar["bar"].close()
             adv = adv.cpu()
             if self.accelerator.num_processes > 1:  # the dense/* diagnostics over every process's samples
                 metrics = runtime.combine_process_metrics(metrics, sum_keys=("dense/nfe", "dense/dropped"))
