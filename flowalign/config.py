@@ -318,6 +318,11 @@ class TrainConfig:
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": f"Trackers besides metrics.csv (always written), from {LOG_BACKENDS}; 'csv' names that file and adds nothing."})
     max_nonfinite_steps: int = field(default=5, metadata={"help": "Abort after this many consecutive micro-batches with a NaN/inf loss, optimizer steps with a NaN/inf gradient norm (each is skipped), or iterations whose every reward was dropped."})
     eval_every: int = field(default=0, metadata={"help": "Write an eval image grid every N iterations (0 = only at the end, -1 = never)."})
+    keep_eval_grids: int = field(
+        default=0,
+        metadata={"help": "Keep the first and the last K in-training eval grids (samples/iter_*.png), deleting the ones between as "
+                          "new ones come; 0 keeps every one (4,500 iterations at eval_every 20 write 225)."},
+    )
     ref_kl_every: int = field(
         default=1,
         metadata={"help": "With objective.kl_beta = 0, log the diagnostic kl/ref (a policy and a reference forward of the first "
@@ -368,6 +373,7 @@ class TrainConfig:
         for name in ("prompts_per_iter", "iterations", "inner_epochs", "micro_batch_size", "grad_accum", "keep_checkpoints", "max_nonfinite_steps", "eval_num_prompts"):
             value = getattr(self, name)
             _check(value >= 1, f"train.{name} must be >= 1, got {value}")
+        _check(self.keep_eval_grids >= 0, f"train.keep_eval_grids must be >= 0 (0 = keep every grid), got {self.keep_eval_grids}")
         _check(self.oversample >= 1.0, f"train.oversample must be >= 1 (1 = no oversampling), got {self.oversample}")
         _check(1 <= self.max_sampling_rounds <= MAX_SAMPLING_ROUNDS,
                f"train.max_sampling_rounds must be in [1, {MAX_SAMPLING_ROUNDS}] (1 = one window of prompts per iteration), got {self.max_sampling_rounds}")
@@ -868,7 +874,7 @@ _HASH_EXCLUDE = {("train", "iterations"), ("train", "output_dir"), ("train", "ch
                  ("train", "log_with"), ("train", "progress"), ("train", "eval_every"), ("train", "final_eval_samples"),
                  ("train", "ref_kl_every"),
                  ("train", "gradient_checkpointing"), ("train", "offload_rewards"), ("train", "process_group_timeout_min"), ("train", "report_target_points"), ("train", "deterministic"),
-                 ("train", "report_reward"),
+                 ("train", "report_reward"), ("train", "keep_eval_grids"),
                  *(("model", key) for key in MODEL_MEMORY_KNOBS)}
 # fields left out of the hash while at these values (their defaults), so runs from before they existed resume
 _HASH_OMIT_AT = {("sampling", "log_prob_form"): "gaussian", ("model", "adapter"): None, ("model", "adapter_kwargs"): {}, ("sampling", "noise_seeding"): "process", ("objective", "reward_mix"): "reward", ("train", "ema_every"): 1, ("train", "mixed_precision"): "no",

@@ -802,3 +802,25 @@ def test_the_batch_keeps_one_encoding_per_prompt_and_no_images(tmp_path):
         trainer.update(batch)  # the update runs on it
     finally:
         trainer.cleanup()
+
+
+def test_keep_eval_grids_keeps_the_first_and_the_last_k(tmp_path):
+    from flowalign.train.trainer import prune_eval_grids
+
+    for i in (20, 40, 60, 80, 100):
+        (tmp_path / f"iter_{i:06d}.png").write_bytes(b"png")
+    (tmp_path / "final.png").write_bytes(b"png")
+    assert [p.name for p in prune_eval_grids(tmp_path, 0)] == []  # 0 keeps every one
+    assert [p.name for p in prune_eval_grids(tmp_path, 2)] == ["iter_000040.png", "iter_000060.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final.png", "iter_000020.png", "iter_000080.png", "iter_000100.png"]
+    assert prune_eval_grids(tmp_path, 5) == []  # fewer than the first + 5
+    with pytest.raises(ConfigError, match="keep_eval_grids must be >= 0"):
+        _config(tmp_path, "train.keep_eval_grids=-1")
+
+
+def test_a_run_prunes_its_eval_grids_as_it_goes(tmp_path):
+    trainer = _trainer(tmp_path, "train.iterations=4", "train.eval_every=1", "train.keep_eval_grids=1", "train.prompts_per_iter=2",
+                       "train.micro_batch_size=8", "sampling.num_steps=2", "sampling.eval_num_steps=2")
+    trainer.train()
+    trainer.cleanup()
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["final.png", "iter_000001.png", "iter_000004.png"]

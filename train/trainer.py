@@ -120,6 +120,16 @@ def _join_rounds(rounds: list[_Round]) -> tuple[Any, Any, Tensor, Tensor, dict]:
             torch.cat([r.keep for r in rounds]), components)
 
 
+def prune_eval_grids(folder: Path, keep: int) -> list[Path]:
+    """Delete the in-training eval grids ``folder/iter_*.png`` but the first and the last ``keep`` (``train.keep_eval_grids``;
+    0 keeps every one); returns the deleted paths. The first shows the start, the last ones where the run is now."""
+    grids = sorted(folder.glob("iter_*.png"))
+    doomed = grids[1:-keep] if keep > 0 else []
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return doomed
+
+
 def pace(elapsed_s: float, done: int, left: int) -> str:
     """``"6.1 s/it, ETA 4.9 min"``: seconds per iteration over the ``done`` iterations of this session (evaluations and
     checkpoints included) and the time the ``left`` ones would take at that pace (:func:`flowalign.report.duration_text`,
@@ -791,6 +801,8 @@ class Trainer(OptimizerViews):
         if self.accelerator.is_main_process:
             name = tag or f"iter_{self.iteration:06d}"
             image_grid(images.cpu(), self.run_dir / "samples" / f"{name}.png", nrow=4, captions=prompts)
+            if tag is None:
+                prune_eval_grids(self.run_dir / "samples", self.config.train.keep_eval_grids)
         return metrics
 
     # ================================================================= save / resume
