@@ -289,6 +289,7 @@ class RolloutStore:
         if len(shapes) > 1:
             raise RolloutStoreError(f"{self.root}: shards have different latent shapes {sorted(shapes)}")
         self.latent_shape = shapes.pop() if shapes else None
+        self._verified: dict[str, tuple[int, int]] = {}  # shard name -> (size, mtime_ns) when its sha256 was last checked
 
     def __len__(self) -> int:
         return sum(e["num_samples"] for e in self.entries)
@@ -366,16 +367,10 @@ class RolloutStore:
             raise ValueError(f"reward={reward!r} is not in store {self.root}; it has {names}")
         return reward
 
-    def groups(self, k: Optional[int] = None, reward: Optional[str] = None) -> Iterator[StoreGroup]:
-        """Groups of ``k`` samples of one prompt, in store order.
-
-        A prompt with ``G`` samples gives ``G // k`` groups of consecutive members (``k``
-        defaults to ``G``); ``k > G`` raises. A group with a sample whose ``reward`` (default: any
-        reward) was dropped (``on_error: drop`` when generating: stored as null) is left out, with a warning.
-        """
-        unscored = 0
+    def _group_refs(self, k: Optional[int] = None, reward: Optional[str] = None) -> list["_GroupRef"]:
+        """Every group :meth:`groups` yields, from the manifest alone (no shard is read), in store order."""
+        refs, unscored = [], 0
         for entry in self.entries:
-            tensors = self.load_shard(entry)
             for prompt_index, samples in _by_prompt(entry).items():
                 size = len(samples) if k is None else k
                 if size > len(samples):
@@ -386,18 +381,64 @@ class RolloutStore:
                     if not _scored(chunk, reward):
                         unscored += 1
                         continue
-                    rows = torch.tensor([s["row"] for s in chunk])
-                    yield StoreGroup(
-                        prompt=chunk[0]["prompt"],
-                        prompt_index=prompt_index,
-                        x0=tensors["latents"][rows],
-                        rewards={n: torch.tensor([_nan_if_none(s["rewards"][n]) for s in chunk], dtype=torch.float32)
-                                 for n in chunk[0]["rewards"]},  # another reward than ``reward`` may have been dropped: NaN
-                        seeds=[s["seed"] for s in chunk],
-                        metadata=chunk[0].get("metadata", {}),
-                    )
+                    refs.append(_GroupRef(entry, prompt_index, chunk))
         if unscored:
             logger.warning("%s: left out %d group(s) with a sample whose reward was dropped when generating", self.root, unscored)
+        return refs
+
+    def _verified_path(self, entry: dict) -> Path:
+        """The shard's path, its sha256 and shapes checked the first time this store reads it (and again whenever its
+        size or modification time changed since): an epoch reads only the rows it trains on, not every shard again."""
+        name = entry["shard"]
+        path = self.root / "shards" / name
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise RolloutStoreError(f"{path}: shard listed in the manifest is missing", name) from None
+        stamp = (st.st_size, st.st_mtime_ns)
+        if self._verified.get(name) != stamp:
+            self.load_shard(entry)  # sha256 and shapes, or RolloutStoreError naming the shard
+            self._verified[name] = stamp
+        return path
+
+    def _read_groups(self, refs: Sequence["_GroupRef"]) -> list[StoreGroup]:
+        """The groups of ``refs`` with their latents, each shard opened once and only its needed rows read."""
+        from safetensors import safe_open
+
+        x0: dict[int, Tensor] = {}
+        by_shard: dict[str, list[int]] = {}
+        for i, ref in enumerate(refs):
+            by_shard.setdefault(ref.entry["shard"], []).append(i)
+        for members in by_shard.values():
+            entry = refs[members[0]].entry
+            path = self._verified_path(entry)
+            try:
+                with safe_open(str(path), framework="pt") as fh:
+                    latents = fh.get_slice("latents")
+                    for i in members:  # a group's members are consecutive rows: one read of their range each
+                        rows = [s["row"] for s in refs[i].chunk]
+                        lo = min(rows)
+                        x0[i] = latents[lo:max(rows) + 1][torch.tensor([r - lo for r in rows])]
+            except (SafetensorError, OSError) as exc:
+                raise RolloutStoreError(f"{path}: unreadable shard: {exc}", entry["shard"]) from None
+        return [ref.group(x0[i]) for i, ref in enumerate(refs)]
+
+    def groups(self, k: Optional[int] = None, reward: Optional[str] = None) -> Iterator[StoreGroup]:
+        """Groups of ``k`` samples of one prompt, in store order.
+
+        A prompt with ``G`` samples gives ``G // k`` groups of consecutive members (``k``
+        defaults to ``G``); ``k > G`` raises. A group with a sample whose ``reward`` (default: any
+        reward) was dropped (``on_error: drop`` when generating: stored as null) is left out, with a warning.
+        Shards are read one at a time.
+        """
+        refs = self._group_refs(k, reward)
+        start = 0
+        while start < len(refs):  # one shard's groups at a time
+            end = start + 1
+            while end < len(refs) and refs[end].entry is refs[start].entry:
+                end += 1
+            yield from self._read_groups(refs[start:end])
+            start = end
 
     def batches(
         self,
@@ -406,26 +447,54 @@ class RolloutStore:
         reward: Optional[str] = None,
         shuffle: bool = True,
         generator: Optional[torch.Generator] = None,
+        skip: int = 0,
     ) -> Iterator[tuple[OfflineBatch, list[StoreGroup]]]:
         """One epoch of :class:`OfflineBatch` es of ``groups_per_batch`` groups of ``k``.
 
         ``reward`` picks the explicit reward (default: ``"total"`` when stored, else the only
         main reward; ``"<name>/partial"`` entries are never picked by default).
         ``batch.cond_index`` is the position of each group in the returned group list.
+        The order is drawn from the manifest, and each batch reads only its own groups' rows, so an
+        epoch holds one batch of latents in memory, not the store; ``skip`` leaves out the first
+        ``skip`` batches of the epoch without reading them (a resumed run).
         """
         reward = self.resolve_reward(reward)
-        groups = list(self.groups(k, reward))  # a group whose other rewards were dropped still trains on this one
-        if not groups:
+        refs = self._group_refs(k, reward)  # a group whose other rewards were dropped still trains on this one
+        if not refs:
             raise RolloutStoreError(f"{self.root}: the store holds no complete group of k={k}")
-        order = torch.randperm(len(groups), generator=generator).tolist() if shuffle else list(range(len(groups)))
-        for start in range(0, len(order), groups_per_batch):
-            chosen = [groups[i] for i in order[start : start + groups_per_batch]]
+        order = torch.randperm(len(refs), generator=generator).tolist() if shuffle else list(range(len(refs)))
+        for number, start in enumerate(range(0, len(order), groups_per_batch)):
+            if number < skip:
+                continue
+            chosen = self._read_groups([refs[i] for i in order[start : start + groups_per_batch]])
             batch = OfflineBatch(
                 x0=torch.stack([g.x0 for g in chosen]),  # [P, k, *latent]
                 rewards=torch.stack([g.rewards[reward] for g in chosen]),  # [P, k]
                 cond_index=torch.arange(len(chosen)),
             )
             yield batch, chosen
+
+
+@dataclass
+class _GroupRef:
+    """Where one group's samples are: a shard's manifest entry and the group's sample records."""
+
+    entry: dict
+    prompt_index: int
+    chunk: list[dict]
+
+    def group(self, x0: Tensor) -> StoreGroup:
+        """The :class:`StoreGroup` with its latents ``x0`` ``[k, *latent]``."""
+        chunk = self.chunk
+        return StoreGroup(
+            prompt=chunk[0]["prompt"],
+            prompt_index=self.prompt_index,
+            x0=x0,
+            rewards={n: torch.tensor([_nan_if_none(s["rewards"][n]) for s in chunk], dtype=torch.float32)
+                     for n in chunk[0]["rewards"]},  # another reward than the trained one may have been dropped: NaN
+            seeds=[s["seed"] for s in chunk],
+            metadata=chunk[0].get("metadata", {}),
+        )
 
 
 def _by_prompt(entry: dict) -> dict[int, list[dict]]:

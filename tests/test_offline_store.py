@@ -396,17 +396,21 @@ def test_offline_trainer_resume_continues_bit_exactly(tiny_store, tmp_path):
 
     from flowalign.train.offline_trainer import OfflineTrainer
 
-    full = _offline_trainer(tiny_store, tmp_path / "full", lr=1e-3)
+    full = _offline_trainer(tiny_store, tmp_path / "full", lr=1e-3, epochs=2)
     full.train()
-    part = _offline_trainer(tiny_store, tmp_path / "part", lr=1e-3, max_steps=1, checkpoint_every=1)
+    part = _offline_trainer(tiny_store, tmp_path / "part", lr=1e-3, max_steps=3, checkpoint_every=1, epochs=2)
     part.train()
-    assert part.step == 1
+    assert part.step == 3
     config = part.config
     config.max_steps = None
     resumed = OfflineTrainer(config, resume=True).setup()
-    assert resumed.step == 1
+    assert resumed.step == 3
+    reads = []
+    real = resumed.store._read_groups
+    resumed.store._read_groups = lambda refs: reads.append(len(refs)) or real(refs)
     resumed.train()
-    assert resumed.step == full.step == 2
+    assert resumed.step == full.step == 4
+    assert reads == [2]  # the last step's 2 groups: the 3 steps done (over 2 epochs) are not read again
     a, b = get_lora_state_dict(full.adapter.trainable_module), get_lora_state_dict(resumed.adapter.trainable_module)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -724,3 +728,48 @@ def test_model_fingerprint_is_the_sha256_of_names_shapes_dtypes_and_bytes_by_han
     assert model_fingerprint(module) == digest.hexdigest()
     digest.update(b"lora bytes")
     assert model_fingerprint(module, str(tmp_path)) == digest.hexdigest()
+
+
+def test_an_epoch_reads_only_its_batches_rows_and_checks_each_shard_once(tmp_path, monkeypatch):
+    """batches() built every group of the store (every shard loaded and hashed) at the start of each epoch, so an
+    epoch held the whole store in memory and a resume re-read the skipped epochs. Now each batch reads its own rows;
+    the latents are the shards' own (read independently with load_shard), the order is unchanged, and a shard's
+    sha256 is checked once per store (again when the file changes, which is then refused)."""
+    from flowalign import offline
+
+    _fill(tmp_path / "s")
+    store = RolloutStore(tmp_path / "s")
+    by_hand = {}
+    for entry in store.entries:  # independent: whole shards, rows by the manifest
+        t = store.load_shard(entry)
+        for s in entry["samples"]:
+            by_hand[(s["prompt_index"], s["member"])] = t["latents"][s["row"]]
+    hashed = []
+    real = offline.sha256_file
+    monkeypatch.setattr(offline, "sha256_file", lambda path: hashed.append(path.name) or real(path))
+    fresh = RolloutStore(tmp_path / "s")
+    epochs = [list(fresh.batches(3, 4, reward="bright", generator=torch.Generator().manual_seed(e))) for e in range(2)]
+    assert sorted(hashed) == sorted(e["shard"] for e in fresh.entries)  # 6 shards, each hashed once over 2 epochs
+    for batches in epochs:
+        assert sum(len(groups) for _, groups in batches) == 12
+        for batch, groups in batches:
+            for j, g in enumerate(groups):
+                members = [by_hand[(g.prompt_index, m)] for m in range(3)]
+                assert torch.equal(batch.x0[j], torch.stack(members)) and torch.equal(g.x0, batch.x0[j])
+    # the order is the permutation of the store-order groups, as before
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(1)).tolist()
+    assert [g.prompt_index for _, groups in epochs[1] for g in groups] == order  # 12 prompts, one group of 3 each, in prompt order
+    # skip: the epoch's tail, the skipped batches not read
+    reads = []
+    monkeypatch.setattr(fresh, "_read_groups", lambda refs, real=fresh._read_groups: reads.append(len(refs)) or real(refs))
+    tail = list(fresh.batches(3, 4, reward="bright", generator=torch.Generator().manual_seed(1), skip=2))
+    assert reads == [4] and [g.prompt_index for g in tail[0][1]] == order[8:]
+    assert torch.equal(tail[0][0].x0, epochs[1][2][0].x0)
+    # a shard rewritten after its check is checked again, and refused
+    entry = fresh.entries[0]
+    path = tmp_path / "s" / "shards" / entry["shard"]
+    t = load_file(str(path))
+    t["latents"] = t["latents"] + 1
+    save_file(t, str(path))
+    with pytest.raises(RolloutStoreError, match="sha256 differs"):
+        list(fresh.batches(3, 12, reward="bright", shuffle=False))

@@ -405,19 +405,21 @@ class OfflineTrainer(OptimizerViews):
 
     # ------------------------------------------------------------------ loop
 
-    def _epoch_batches(self, epoch: int):
+    def _epoch_batches(self, epoch: int, skip: int = 0):
         order = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
-        return self.store.batches(self.k, self.config.groups_per_batch, self.reward, shuffle=True, generator=order)
+        return self.store.batches(self.k, self.config.groups_per_batch, self.reward, shuffle=True, generator=order, skip=skip)
 
     def _pending_batches(self):
         """``(epoch, batch, groups)`` of the steps still to run: the epochs' batches in their seeded
-        order, without the steps a resumed checkpoint already did, up to ``max_steps``."""
-        cfg, done = self.config, 0
+        order, without the steps a resumed checkpoint already did (not read: each epoch's order comes
+        from its own seed), up to ``max_steps``."""
+        cfg = self.config
+        per_epoch = -(-self.store.num_groups(self.k, self.reward) // cfg.groups_per_batch)
         for epoch in range(cfg.epochs):
-            for batch, groups in self._epoch_batches(epoch):
-                done += 1
-                if done <= self.step:  # replayed by a resume
-                    continue
+            skip = min(max(self.step - epoch * per_epoch, 0), per_epoch)  # batches of this epoch a resume already did
+            if skip == per_epoch:
+                continue
+            for batch, groups in self._epoch_batches(epoch, skip):
                 if cfg.max_steps is not None and self.step >= cfg.max_steps:
                     return
                 yield epoch, batch, groups
