@@ -102,9 +102,24 @@ def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(tmp_path, cap
     run = tmp_path / "run"
     assert cli.main(["train", *_sets(run, "train.iterations=1")]) == 130
     assert capsys.readouterr().err.strip() == ("flowalign train: interrupted (Ctrl-C); continue with --resume: from the last "
-                                               "checkpoint written (a finished run's writes its outputs again), or from the start "
-                                               "if there is none")
+                                               "checkpoint written (a finished run's writes its outputs again, its held-out report "
+                                               "from the batches already scored), or from the start if there is none")
     assert not (run / LOCK_NAME).exists()
+
+
+def test_ctrl_c_in_eval_names_what_it_can_go_on_from(tmp_path, capsys, monkeypatch):
+    """With --out the scored batches are kept (eval_partial); "nothing to continue" was wrong there."""
+    from flowalign.train import eval_cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eval_cli, "main_eval", interrupted)
+    assert cli.main(["eval", "--out", str(tmp_path / "ev")]) == 130
+    assert capsys.readouterr().err.strip() == ("flowalign eval: interrupted (Ctrl-C); rerun the same command to go on from the "
+                                               f"batches already scored (kept in {tmp_path / 'ev' / 'eval_partial'})")
+    assert cli.main(["eval"]) == 130
+    assert capsys.readouterr().err.strip() == "flowalign eval: interrupted (Ctrl-C); nothing to continue"
 
 
 def test_train_then_refuse_then_resume_then_overwrite(tmp_path, capsys):

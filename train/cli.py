@@ -360,16 +360,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return _dispatch(args)
     except KeyboardInterrupt:  # Ctrl-C outside a training loop's graceful stop: setup, the final evaluation and report
-        print(f"flowalign {args.command}: interrupted (Ctrl-C); {INTERRUPTED_HINT.get(args.command, 'nothing to continue')}",
-              file=sys.stderr)
+        print(f"flowalign {args.command}: interrupted (Ctrl-C); {interrupted_hint(args)}", file=sys.stderr)
         return 130
 
 
 # what a Ctrl-C outside the training loop leaves (every file is written atomically)
-_RESUME_HINT = ("continue with --resume: from the last checkpoint written (a finished run's writes its outputs again), "
-                "or from the start if there is none")
+_RESUME_HINT = ("continue with --resume: from the last checkpoint written (a finished run's writes its outputs again, its "
+                "held-out report from the batches already scored), or from the start if there is none")
 INTERRUPTED_HINT = {"train": _RESUME_HINT, "offline": _RESUME_HINT,
                     "generate": "rerun the same command to finish the store (its finished shards are kept)"}
+
+
+def interrupted_hint(args: argparse.Namespace) -> str:
+    """What the interrupted command left to continue from (:data:`INTERRUPTED_HINT`; ``eval`` with ``--out``: its journal)."""
+    if args.command == "eval" and getattr(args, "out", None):
+        return f"rerun the same command to go on from the batches already scored (kept in {Path(args.out) / 'eval_partial'})"
+    return INTERRUPTED_HINT.get(args.command, "nothing to continue")
 
 
 def _dispatch(args: argparse.Namespace) -> int:
