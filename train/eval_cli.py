@@ -38,6 +38,13 @@ drawn the same prompts, seeds and steps; anything else is refused::
     flowalign eval --out runs/base_eval                                   # the base model
     flowalign eval --lora runs/toy_gdro --compare runs/base_eval --out runs/gdro_eval
 
+With ``--out`` every scored batch is written to ``OUT/eval_partial`` at once
+(:class:`flowalign.eval_journal.EvalJournal`), so a killed or interrupted evaluation is resumed by
+running the same command again: the batches already scored are read back (after a check of their
+initial noise) and only the rest is sampled, with the result of an uninterrupted run. The folder is
+removed once ``eval.json`` is written. A partial evaluation under other settings (model files,
+LoRA, prompts, steps, guidance, seed, batch size, reward, ...) is refused; ``--restart`` discards it.
+
 Bad inputs (missing prompt file, unknown reward, missing model, LoRA for another architecture)
 end with one line on stderr and exit status 2.
 """
