@@ -88,13 +88,20 @@ class EvalJournal:
             key is refused by :meth:`load`.
         share: ``(index, count)`` of this process in a sharded evaluation (``(0, 1)``: one process).
         restart: delete this share's files instead of resuming from them.
+        on_mismatch: what :meth:`load` does with files of another key or unreadable ones: ``"refuse"``
+            (ConfigError; ``flowalign eval``, whose user decides with ``--restart``) or ``"discard"`` (delete
+            them with a warning and start over; the trainer's report, which has no one to ask).
     """
 
-    def __init__(self, folder: Union[str, Path], key: dict[str, Any], share: tuple[int, int] = (0, 1), restart: bool = False):
+    def __init__(self, folder: Union[str, Path], key: dict[str, Any], share: tuple[int, int] = (0, 1), restart: bool = False,
+                 on_mismatch: str = "refuse"):
+        if on_mismatch not in ("refuse", "discard"):
+            raise ValueError(f"on_mismatch must be 'refuse' or 'discard', got {on_mismatch!r}")
         self.folder = Path(folder)
         self.key = json.loads(json.dumps({"journal_version": JOURNAL_VERSION, **key}, sort_keys=True))  # as it reads back
         self.prefix = f"share{int(share[0])}of{int(share[1])}_rows"
         self.restart = restart
+        self.on_mismatch = on_mismatch
 
     def _files(self) -> list[Path]:
         return sorted(self.folder.glob(f"{self.prefix}*.safetensors")) if self.folder.is_dir() else []
@@ -103,17 +110,17 @@ class EvalJournal:
         """``{first sample index: EvalBatch}`` of this share's journaled batches (none after ``restart``).
 
         Raises:
-            ConfigError: a batch file was written under another key, or cannot be read.
+            ConfigError: (``on_mismatch="refuse"``) a batch file was written under another key, or cannot be read.
         """
         from safetensors import safe_open
 
         if self.restart:
-            for path in self._files():
-                path.unlink()
+            self._discard()
             self.restart = False
             return {}
         done: dict[int, EvalBatch] = {}
         for path in self._files():
+            problem = None
             try:
                 with safe_open(str(path), framework="pt") as fh:
                     metadata = fh.metadata() or {}
@@ -121,15 +128,26 @@ class EvalJournal:
                 key = json.loads(metadata["key"])
                 batch = EvalBatch.from_tensors(tensors, metadata)
             except Exception as exc:  # a truncated or foreign file is reported with its path
-                raise ConfigError(f"{path} is not a readable evaluation batch ({type(exc).__name__}: {exc}); "
-                                  f"delete {self.folder} or pass --restart") from None
-            if key != self.key:
-                differ = sorted(name for name in set(key) | set(self.key) if key.get(name) != self.key.get(name))
-                shown = ", ".join(f"{name} {key.get(name)!r} -> {self.key.get(name)!r}" for name in differ[:4])
-                raise ConfigError(f"{self.folder} holds a partial evaluation with other settings ({shown}); "
-                                  f"pass --restart to discard it, or another --out")
+                problem = (f"{path} is not a readable evaluation batch ({type(exc).__name__}: {exc})",
+                           f"delete {self.folder} or pass --restart")
+            else:
+                if key != self.key:
+                    differ = sorted(name for name in set(key) | set(self.key) if key.get(name) != self.key.get(name))
+                    shown = ", ".join(f"{name} {_short(key.get(name))} -> {_short(self.key.get(name))}" for name in differ[:4])
+                    problem = (f"{self.folder} holds a partial evaluation with other settings ({shown})",
+                               "pass --restart to discard it, or another --out")
+            if problem is not None:
+                if self.on_mismatch == "refuse":
+                    raise ConfigError(f"{problem[0]}; {problem[1]}")
+                logger.warning("%s: discarded, the evaluation starts over", problem[0])
+                self._discard()
+                return {}
             done[batch.rows[0]] = batch
         return done
+
+    def _discard(self) -> None:
+        for path in self._files():
+            path.unlink(missing_ok=True)
 
     def save(self, batch: EvalBatch) -> Path:
         """Write ``batch`` atomically; returns its file."""
@@ -144,3 +162,9 @@ class EvalJournal:
     def remove(self) -> None:
         """Delete the folder with every share's files (the evaluation is complete and written)."""
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _short(value: Any) -> str:
+    """A key's value for a message: its repr, long ones (a model's file list) cut to 80 characters."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -648,6 +648,7 @@ class _Part:
     failures: Optional[list[str]]
     images: dict[int, Tensor]
     extra: dict[str, list[float]] = field(default_factory=dict)
+    resumed: int = 0  # samples read back from a journal
 
 
 def shard_rows(num_samples: int, shard: Optional[tuple[int, int]]) -> list[int]:
@@ -685,7 +686,8 @@ def _merge_parts(parts: Sequence[_Part], n: int) -> _Part:
     images = {i: img for part in parts for i, img in part.images.items()}
     extra = {name: [parts[k].extra[name][j] for k, j in order] for name in parts[0].extra}
     return _Part(rows=list(range(n)), scores=pick("scores"), partial=pick("partial"), verdicts=pick("verdicts"), tags=pick("tags"),
-                 fingerprints=pick("fingerprints"), failures=pick("failures"), images=images, extra=extra)
+                 fingerprints=pick("fingerprints"), failures=pick("failures"), images=images, extra=extra,
+                 resumed=sum(part.resumed for part in parts))
 
 
 def _score_batch(adapter, reward, rows: list[int], prompts: list[str], metadata: list[dict], noise: Tensor, *, num_steps: int,
@@ -730,6 +732,15 @@ def _score_batch(adapter, reward, rows: list[int], prompts: list[str], metadata:
     return EvalBatch(rows=list(rows), scores=scores.tolist(), fingerprints=noise.detach().double().flatten(1).sum(1).cpu().tolist(),
                      tags=tags, partial=per_sample("partial"), verdicts=per_sample("binary"), failures=failures, extra=extra,
                      images={i: images[j].detach().float().cpu() for j, i in enumerate(rows) if i in keep})
+
+
+def _usable(batch: EvalBatch, rows: list[int], keep: set, on_error: str) -> bool:
+    """Whether a journaled batch stands for the batch of sample indices ``rows`` now: the same rows (another batch size
+    cuts them otherwise), the images now kept, and no dropped sample when failures now raise (a batch scored under
+    ``on_error="drop"`` without drops is the same under ``"raise"``; one with drops is scored again, and raises)."""
+    if batch.rows != rows or any(i in keep and i not in batch.images for i in rows):
+        return False
+    return on_error != "raise" or not any(math.isnan(v) for v in batch.scores)
 
 
 def _check_resumed(batch: EvalBatch, noise: Tensor, journal: EvalJournal) -> None:
@@ -790,9 +801,11 @@ def evaluate(
         gather: with ``shard``: takes this process's share and returns every process's shares, e.g.
             ``lambda part: accelerate.utils.gather_object([part])`` (called once, by every process).
         journal: a :class:`flowalign.eval_journal.EvalJournal`: every scored batch is written to it at
-            once, and batches it already holds (same key, same sample indices) are read back instead of
-            sampled again, after checking their initial noise, so a killed evaluation resumes where it
-            stopped with the same result. The caller removes it once the result is saved.
+            once, and batches it already holds (same key, same sample indices, the images now kept, and
+            no dropped sample when ``on_error="raise"``) are read back instead of sampled again, after
+            checking their initial noise, so a killed evaluation resumes where it stopped with the same
+            result (``settings["resumed_samples"]``: how many, over every process). The caller removes it
+            once the result is saved.
         extra_details: names of per-sample reward details (e.g. ``"quality"`` of
             :class:`flowalign.corrected.QualityTap`) to keep as ``result.extra[name]`` (``[N]`` float32).
     """
@@ -830,7 +843,7 @@ def evaluate(
             rows = my_rows[lo:lo + batch_size]
             noise = torch.cat([adapter.initial_noise(1, torch.Generator().manual_seed(seeds[i])) for i in rows])  # [b, *latent]
             batch = done.get(rows[0])
-            if batch is not None and batch.rows == rows:
+            if batch is not None and _usable(batch, rows, keep_set, on_error):
                 _check_resumed(batch, noise, journal)
                 resumed += len(rows)
             else:
@@ -860,7 +873,8 @@ def evaluate(
     if resumed:
         logger.info("resumed %d of %d samples from %s", resumed, len(my_rows), journal.folder)
     part = _Part(rows=my_rows, scores=scores, partial=partial if has_partial else None, verdicts=verdicts if has_verdict else None,
-                 tags=tags, fingerprints=fingerprints, failures=failures if has_failure else None, images=images, extra=extra)
+                 tags=tags, fingerprints=fingerprints, failures=failures if has_failure else None, images=images, extra=extra,
+                 resumed=resumed)
     if shard is not None and int(shard[1]) > 1:
         logger.info("evaluation share %d of %d: sampled %d of the %d samples", int(shard[0]), int(shard[1]), len(my_rows), n)
         part = _merge_parts(gather(part), n)
@@ -878,7 +892,7 @@ def evaluate(
         "reward": reward_name(reward), "num_samples": n, "samples_per_prompt": samples_per_prompt, "num_prompts": len(prompts_all),
         "num_steps": num_steps, "guidance_scale": float(guidance_scale), "seed": int(seed), "threshold": threshold,
         "correct_when": "details['binary'] == 1" if verdicts_t is not None else f"score >= {threshold}",
-        "lora": None if lora is None else str(lora), "sampler": "ode", "resumed_samples": resumed,
+        "lora": None if lora is None else str(lora), "sampler": "ode", "resumed_samples": part.resumed,
     }
     result = EvalResult(
         prompts=[prompts_all[r] for r in index], tags=part.tags, seeds=seeds, record_index=index, scores=scores_t, partial=partial_t,

@@ -263,7 +263,8 @@ class StoreGroup:
 
 
 class RolloutStore:
-    """Read a store folder (see module docstring); every shard is verified when it is read.
+    """Read a store folder (see module docstring); a shard is verified (sha256, shapes) when it is first read, and
+    again whenever its file changes.
 
     ``groups(k)`` yields :class:`StoreGroup` s; ``batches(...)`` yields ready
     :class:`~flowalign.objectives.base.OfflineBatch` es for GDRO / Diffusion-DPO.
@@ -289,7 +290,7 @@ class RolloutStore:
         if len(shapes) > 1:
             raise RolloutStoreError(f"{self.root}: shards have different latent shapes {sorted(shapes)}")
         self.latent_shape = shapes.pop() if shapes else None
-        self._verified: dict[str, tuple[int, int]] = {}  # shard name -> (size, mtime_ns) when its sha256 was last checked
+        self._verified: dict[str, tuple[int, ...]] = {}  # shard name -> its stat when its sha256 was last checked
 
     def __len__(self) -> int:
         return sum(e["num_samples"] for e in self.entries)
@@ -388,14 +389,15 @@ class RolloutStore:
 
     def _verified_path(self, entry: dict) -> Path:
         """The shard's path, its sha256 and shapes checked the first time this store reads it (and again whenever its
-        size or modification time changed since): an epoch reads only the rows it trains on, not every shard again."""
+        size, modification or change time or inode changed since): an epoch reads only the rows it trains on, not
+        every shard again."""
         name = entry["shard"]
         path = self.root / "shards" / name
         try:
             st = path.stat()
         except FileNotFoundError:
             raise RolloutStoreError(f"{path}: shard listed in the manifest is missing", name) from None
-        stamp = (st.st_size, st.st_mtime_ns)
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)  # ctime: a copy that restores the mtime changes it
         if self._verified.get(name) != stamp:
             self.load_shard(entry)  # sha256 and shapes, or RolloutStoreError naming the shard
             self._verified[name] = stamp

@@ -813,3 +813,97 @@ def test_eval_cli_resumes_a_killed_evaluation_and_removes_its_journal_when_done(
     calls.clear()
     assert main([*argv, "--restart", "--out", str(tmp_path / "again")]) == 0
     assert calls == [4, 4, 2]  # --restart: every batch sampled again
+    # the usual reruns after a crash change --on-error or --batch-size: neither is refused
+    for flags, expect, resumed in ((["--on-error", "drop"], [2], 8), (["--batch-size", "2"], [2, 2, 2, 2, 2], 0)):
+        calls.clear()
+        monkeypatch.setenv("KILL_AT_CALL", "2")
+        with pytest.raises(_Killed):
+            main([*argv, "--out", str(tmp_path / flags[0])])
+        monkeypatch.delenv("KILL_AT_CALL")
+        calls.clear()
+        assert main([*argv, *flags, "--out", str(tmp_path / flags[0])]) == 0
+        assert calls == expect  # --batch-size 2: no journaled batch holds the same samples, so all are sampled again
+        done = json.loads((tmp_path / flags[0] / "eval.json").read_text())
+        assert done["settings"]["resumed_samples"] == resumed
+        assert done["samples"]["score"] == pytest.approx(whole["samples"]["score"], abs=1e-6)  # another batch size: float rounding
+
+
+def test_a_journal_resumes_under_another_on_error_and_batch_size_where_the_samples_are_the_same(adapter, tmp_path, threshold):
+    """A journal written under on_error="drop" is read back under "drop"; under "raise" its batches with a dropped
+    sample are scored again (and raise), the others are read back. Another batch size reads back nothing (no batch
+    holds the same sample indices) but is not refused. A batch whose kept images are not journaled is sampled again."""
+    from flowalign.eval_journal import EvalJournal
+    from flowalign.errors import RewardError
+
+    kw = dict(num_samples=8, num_steps=1, guidance_scale=1.0, seed=0, progress=False, batch_size=2, keep_images=0)
+    cut = float(evaluate(adapter, RECORDS[:3], GradedVerifier(0.0), **{**kw, "on_error": "raise"}).scores.median())
+    dropped = evaluate(adapter, RECORDS, PickyVerifier(cut), on_error="drop", journal=EvalJournal(tmp_path / "j", {}), **kw)
+    assert [i for i, f in enumerate(dropped.failures) if f == "dropped"] == [3, 7]
+    again = evaluate(adapter, RECORDS, PickyVerifier(cut), on_error="drop", journal=EvalJournal(tmp_path / "j", {}), **kw)
+    assert again.settings["resumed_samples"] == 8 and again.failures == dropped.failures
+    seen = []
+
+    class Watching(PickyVerifier):
+        def score(self, images, prompts, metadata):
+            seen.extend(prompts)
+            return super().score(images, prompts, metadata)
+
+    with pytest.raises(RewardError, match="not in the grammar"):  # batches (2, 3) and (6, 7) hold a drop: scored again
+        evaluate(adapter, RECORDS, Watching(cut), on_error="raise", journal=EvalJournal(tmp_path / "j", {}), **kw)
+    assert set(seen) == {RECORDS[2]["prompt"], RECORDS[3]["prompt"]}  # samples 0, 1 were read back; 2, 3 scored (and raise)
+    kept = evaluate(adapter, RECORDS, PickyVerifier(cut), on_error="drop", journal=EvalJournal(tmp_path / "j", {}),
+                    **{**kw, "keep_images": [5]})  # batch (4, 5) was journaled without images
+    assert kept.settings["resumed_samples"] == 6 and sorted(kept.images) == [5]
+    other = evaluate(adapter, RECORDS, PickyVerifier(cut), on_error="drop", journal=EvalJournal(tmp_path / "j", {}),
+                     **{**kw, "batch_size": 4})
+    assert other.settings["resumed_samples"] == 0 and other.failures == dropped.failures
+
+
+def test_resumed_samples_counts_every_processes_share(adapter, tmp_path, threshold):
+    """Each process journals and reads back its own share; the merged result counts every process's resumed samples
+    (the main process wrote its own share's count as the total)."""
+    from flowalign.eval_journal import EvalJournal
+
+    kw = dict(num_samples=8, num_steps=1, guidance_scale=1.0, seed=0, progress=False, batch_size=2, keep_images=0)
+
+    def shares() -> list:
+        parts = []
+        for k in range(2):
+            with pytest.raises(_Share) as caught:
+                evaluate(adapter, RECORDS, GradedVerifier(threshold), shard=(k, 2), gather=_stop,
+                         journal=EvalJournal(tmp_path / "j", {}, share=(k, 2)), **kw)
+            parts.append(caught.value.part)
+        return parts
+
+    assert [p.resumed for p in shares()] == [0, 0]
+    again = shares()
+    merged = evaluate(adapter, RECORDS, GradedVerifier(threshold), shard=(0, 2), gather=lambda part: again,
+                      journal=EvalJournal(tmp_path / "j", {}, share=(0, 2)), **kw)
+    assert [p.resumed for p in again] == [4, 4] and merged.settings["resumed_samples"] == 8  # not this process's 4
+
+
+def _stop(part):
+    raise _Share(part)
+
+
+def test_the_model_signature_names_files_by_content_and_hub_blobs_by_their_hash(tmp_path):
+    """The toy read from the repo and from a copy (other mtimes) is the same model; a changed file is not; a hub
+    cache's file is named by its blob (the content hash the hub gives it); an uncached hub id gives {}."""
+    import shutil
+
+    from flowalign.train.model import model_files_signature
+
+    toy = model_files_signature("toy")
+    copy = tmp_path / "toy"
+    shutil.copytree(model_files_signature.__globals__["resolve_path"]("assets/toy"), copy, copy_function=shutil.copyfile)
+    assert model_files_signature(str(copy)) == toy and "model_index.json" in toy
+    (copy / "model_index.json").write_text((copy / "model_index.json").read_text() + " ")
+    assert model_files_signature(str(copy)) != toy
+    blob = tmp_path / "hub" / "blobs" / "0123abcd"
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(b"weights")
+    snap = tmp_path / "hub" / "snapshots" / "c0ffee"
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").symlink_to(blob)
+    assert model_files_signature(str(snap)) == {"model.safetensors": [7, "0123abcd"]}
+    assert model_files_signature("no-such-owner/no-such-model-xyz") == {}

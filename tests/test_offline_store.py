@@ -773,3 +773,21 @@ def test_an_epoch_reads_only_its_batches_rows_and_checks_each_shard_once(tmp_pat
     save_file(t, str(path))
     with pytest.raises(RolloutStoreError, match="sha256 differs"):
         list(fresh.batches(3, 12, reward="bright", shuffle=False))
+
+
+def test_a_shard_rewritten_with_its_size_and_mtime_restored_is_checked_again(tmp_path):
+    """rsync -a / cp -p restore the modification time: a same-size rewrite of a shard this store had checked was read
+    unverified. The change time (and the inode of a rename-replace) cannot be restored."""
+    _fill(tmp_path / "s")
+    store = RolloutStore(tmp_path / "s")
+    list(store.batches(3, 12, reward="bright", shuffle=False))  # every shard checked once
+    path = tmp_path / "s" / "shards" / store.entries[0]["shard"]
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-16:] = bytes(16)
+    time.sleep(0.01)
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    with pytest.raises(RolloutStoreError, match="sha256 differs"):
+        list(store.batches(3, 12, reward="bright", shuffle=False))

@@ -824,3 +824,85 @@ def test_a_run_prunes_its_eval_grids_as_it_goes(tmp_path):
     trainer.train()
     trainer.cleanup()
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["final.png", "iter_000001.png", "iter_000004.png"]
+
+
+def test_a_run_killed_in_its_report_then_extended_discards_the_aligned_journal_and_keeps_the_base_one(tmp_path, monkeypatch, caplog):
+    """The trainer has no --restart: a report journal under another key (an extended run's weights) is discarded with
+    a warning and sampled again, where it stopped the run at its very end. A memory knob (model.t5_cache_size) is not
+    in the key."""
+    import json
+    import logging
+
+    from flowalign import evaluation
+    from flowalign.train import final_outputs
+
+    prompts = tmp_path / "heldout.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "tag": t}) + "\n" for p, t in
+                               [("a white square", "bright"), ("a yellow star", "bright"), ("a black circle", "dark"), ("a blue night", "dark")]))
+    run = tmp_path / "run"
+    args = (f"train.prompts={prompts}", f"train.eval_prompts={prompts}", "train.final_eval_samples=8",
+            "rewards=[{name: test_tag_brightness}, {name: brightness, weight: 0.1}]", "train.prompts_per_iter=2", "train.micro_batch_size=8",
+            "sampling.micro_batch_size=2", "sampling.num_steps=3", "sampling.eval_num_steps=3", "lora.rank=2", "train.checkpoint_every=1")
+    real, scored = evaluation._score_batch, []
+
+    def dying(adapter, reward, rows, *a, **k):
+        if len(scored) == int(os.environ.get("FLOWALIGN_TEST_KILL_AT", "-1")):
+            raise _Killed()
+        scored.append(list(rows))
+        return real(adapter, reward, rows, *a, **k)
+
+    monkeypatch.setattr(evaluation, "_score_batch", dying)
+    monkeypatch.setenv("FLOWALIGN_TEST_KILL_AT", "6")
+    trainer = Trainer(_config(run, "train.iterations=1", *args))
+    trainer.setup()
+    with pytest.raises(_Killed):
+        trainer.train()
+    trainer.cleanup()
+    keys = [j.key for j in final_outputs.report_journals(trainer, "test_tag_brightness")]
+    monkeypatch.delenv("FLOWALIGN_TEST_KILL_AT")
+    scored.clear()
+    extended = Trainer(_config(run, "train.iterations=2", "model.t5_cache_size=8", *args), resume=True)
+    extended.setup()
+    with caplog.at_level(logging.WARNING, logger="flowalign.eval_journal"):
+        extended.train()
+    after = [j.key for j in final_outputs.report_journals(extended, "test_tag_brightness")]
+    extended.cleanup()
+    assert after[0] == keys[0] and after[1]["lora_sha256"] != keys[1]["lora_sha256"]
+    assert "holds a partial evaluation with other settings (lora_sha256" in caplog.text and "discarded" in caplog.text
+    assert json.loads((run / "eval_base.json").read_text())["settings"]["resumed_samples"] == 8  # the base: every sample read back
+    assert json.loads((run / "eval_aligned.json").read_text())["settings"]["resumed_samples"] == 0
+    assert scored == [[0, 1], [2, 3], [4, 5], [6, 7]]  # the aligned evaluation, sampled again for the new weights
+    assert (run / "report.md").is_file() and not (run / "eval_partial").exists()
+
+
+def test_the_report_journal_key_follows_what_decides_a_sample_only(tmp_path):
+    """In the key: model, reward, steps, guidance, device, precision, prompts. Not: the sample count and the batch size
+    (a batch is read back only for the same sample indices), memory knobs, the run length."""
+    from types import SimpleNamespace
+
+    from flowalign.train import final_outputs
+
+    def key(*overrides):
+        cfg = _config(tmp_path, *overrides)
+        trainer = SimpleNamespace(config=cfg, heldout_records=[{"prompt": "a red square", "tag": "colors"}], lora_modules={}, ema=None,
+                                  device="cpu", run_dir=tmp_path, accelerator=SimpleNamespace(process_index=0, num_processes=1))
+        return final_outputs.report_journals(trainer, cfg.rewards[0].key)[0].key
+
+    base = key()
+    for same in ("train.final_eval_samples=64", "sampling.micro_batch_size=3", "model.t5_cache_size=8", "train.iterations=99"):
+        assert key(same) == base, same
+    for other in ("sampling.eval_num_steps=7", "sampling.guidance_scale=2.0", "train.mixed_precision=bf16", "model.dtype=bfloat16",
+                  "rewards=[{name: color_fraction}]"):
+        assert key(other) != base, other
+
+
+def test_grid_pruning_after_a_resume_from_an_earlier_checkpoint_keeps_the_new_grids(tmp_path):
+    """Grids of the abandoned run's later iterations sorted last, so the resumed run's new grid was deleted at once."""
+    from flowalign.train.trainer import prune_eval_grids
+
+    for i in (20, 40, 100, 140, 160, 180, 200):
+        (tmp_path / f"iter_{i:06d}.png").write_bytes(b"png")
+    (tmp_path / "iter_000120.png").write_bytes(b"png")  # resumed at 100, evaluated at 120
+    assert [p.name for p in prune_eval_grids(tmp_path, 2, current=120)] == ["iter_000040.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_000020.png", "iter_000100.png", "iter_000120.png", "iter_000140.png",
+                                                         "iter_000160.png", "iter_000180.png", "iter_000200.png"]

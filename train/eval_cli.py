@@ -152,7 +152,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def journal_key(options: EvalOptions, sampled: list, reward_kwargs: dict, device) -> dict:
     """What decides every sample's outcome, for :class:`flowalign.eval_journal.EvalJournal`: a partial evaluation
-    under any other value is refused. The model is named by its path and its files' sizes and modification times
+    under any other value is refused. ``--batch-size`` and ``--on-error`` are not in it (a rerun after running out
+    of memory, or a failing reward, may change them): ``evaluate`` reads back only batches of the same sample indices,
+    and scores again a batch with dropped samples when failures now raise. The model is named by its path and its files' sizes and modification times
     (:func:`flowalign.train.model.model_files_signature`), the LoRA and the sampled records by sha256."""
     import hashlib
 
@@ -168,7 +170,7 @@ def journal_key(options: EvalOptions, sampled: list, reward_kwargs: dict, device
         "adapter": options.adapter, "adapter_kwargs": json_object_arg(options.adapter_kwargs, "--adapter-kwargs"),
         "device_type": getattr(device, "type", str(device)), "lora_sha256": lora_sha, "prompts_sha256": prompts_digest(sampled),
         "num_samples": len(sampled), "seed": options.seed, "steps": options.steps, "guidance": options.guidance,
-        "batch_size": options.batch_size, "reward": options.reward, "reward_kwargs": reward_kwargs, "on_error": options.on_error,
+        "reward": options.reward, "reward_kwargs": reward_kwargs,
         "corrected_by": options.corrected_by, "corrected_reference": options.corrected_reference,
     }
 

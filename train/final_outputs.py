@@ -66,8 +66,10 @@ def report_journals(trainer, reward_key: str) -> tuple:
     """``(base, aligned)`` :class:`flowalign.eval_journal.EvalJournal` s of the held-out report, under
     ``run_dir/eval_partial``: a run killed while it evaluates resumes the report from the batches they hold. The
     key holds what decides the samples (model, held-out prompts, sampling settings, the report's reward); the
-    aligned one also the sha256 of the evaluated LoRA weights (EMA when on), so weights trained further are
-    sampled again."""
+    aligned one also the sha256 of the evaluated LoRA weights (EMA when on). A journal under another key (weights
+    trained further by an extended run, another reward) is discarded with a warning and sampled again: a resumed run
+    has no ``--restart`` to ask for. The sample count and the batch size are not in it: a batch is read back only
+    for the same sample indices."""
     import dataclasses
     import hashlib
 
@@ -75,12 +77,14 @@ def report_journals(trainer, reward_key: str) -> tuple:
     from flowalign.prompts import prompts_digest
     from flowalign.train.model import model_files_signature
 
+    from flowalign.config import MODEL_MEMORY_KNOBS
+
     cfg = trainer.config
     reward = [dataclasses.asdict(r) for r in cfg.rewards if r.key == reward_key]
-    key = {"model": dataclasses.asdict(cfg.model), "model_files": model_files_signature(cfg.model.pretrained),
-           "prompts_sha256": prompts_digest(trainer.heldout_records), "reward": reward,
-           "samples": trainer.config.train.final_eval_samples, "steps": trainer.config.sampling.eval_num_steps,
-           "guidance": trainer.config.sampling.guidance_scale, "batch_size": trainer.config.sampling.micro_batch_size or 32}
+    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in MODEL_MEMORY_KNOBS}
+    key = {"model": model, "model_files": model_files_signature(cfg.model.pretrained, cfg.model.revision), "device_type": torch.device(trainer.device).type,
+           "mixed_precision": cfg.train.mixed_precision, "prompts_sha256": prompts_digest(trainer.heldout_records), "reward": reward,
+           "steps": cfg.sampling.eval_num_steps, "guidance": cfg.sampling.guidance_scale}
     digest = hashlib.sha256()
     for component, state in sorted(lora_states(trainer.lora_modules, trainer.ema).items()):
         for name, tensor in sorted(state.items()):
@@ -88,8 +92,8 @@ def report_journals(trainer, reward_key: str) -> tuple:
             digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
     share = (trainer.accelerator.process_index, trainer.accelerator.num_processes)
     folder = trainer.run_dir / REPORT_JOURNALS
-    return (EvalJournal(folder / "base", key, share=share),
-            EvalJournal(folder / "aligned", {**key, "lora_sha256": digest.hexdigest()}, share=share))
+    return (EvalJournal(folder / "base", key, share=share, on_mismatch="discard"),
+            EvalJournal(folder / "aligned", {**key, "lora_sha256": digest.hexdigest()}, share=share, on_mismatch="discard"))
 
 
 def remove_stale_report(run_dir: Path) -> list[Path]:

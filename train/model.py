@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -32,19 +32,39 @@ def dtype_kwarg(dtype: torch.dtype) -> dict:
     return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
 
 
-def model_files_signature(pretrained: str) -> dict[str, list[int]]:
-    """``{relative path: [size, mtime_ns]}`` of every file under a local model folder (``'toy'``: the shipped
-    ``assets/toy``), through a hub cache's symlinks to the blobs; ``{}`` for a builtin or a hub id without a local
-    folder. What a resumed evaluation checks the model by: hashing SD3.5's 20 GB of weights would cost more than a
-    batch, and a rebuilt or replaced model changes a size or a time."""
+HASHED_FILE_BYTES = 64 * 2**20  # model files up to this size are named by their sha256, bigger ones by size and mtime
+
+
+def model_files_signature(pretrained: str, revision: Optional[str] = None) -> dict[str, Any]:
+    """``{relative path: [size, identity]}`` of every file of a model, what a resumed evaluation checks the model by:
+    a file of up to 64 MiB by its sha256 (so the shipped toy reads the same from the repo and from the installed
+    package), a hub cache's file by its blob's name (the content hash the hub gives it), and a bigger local file by its
+    modification time (hashing SD3.5's 20 GB would cost more than a batch). A hub id is looked up in the local cache
+    (``snapshot`` names its commit); ``{}`` for a builtin, or a hub id that is not cached."""
+    from flowalign.checkpoint import sha256_file
+
     path = resolve_path("assets/toy" if pretrained == "toy" else pretrained)
+    out: dict[str, Any] = {}
+    if not path.is_dir() and HUB_ID.fullmatch(pretrained):
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(pretrained, revision=revision, local_files_only=True))
+            out["snapshot"] = path.name
+        except Exception:  # not cached (an offline machine that never downloaded it): the id alone
+            return {}
     if not path.is_dir():
         return {}
-    out = {}
     for f in sorted(path.rglob("*")):
         if f.is_file():
-            st = f.stat()
-            out[str(f.relative_to(path))] = [st.st_size, st.st_mtime_ns]
+            st = f.stat()  # through a hub cache's symlinks to the blobs
+            if f.is_symlink():
+                identity: Any = f.resolve().name
+            elif st.st_size <= HASHED_FILE_BYTES:
+                identity = sha256_file(f)
+            else:
+                identity = st.st_mtime_ns
+            out[str(f.relative_to(path))] = [st.st_size, identity]
     return out
 
 

@@ -120,10 +120,13 @@ def _join_rounds(rounds: list[_Round]) -> tuple[Any, Any, Tensor, Tensor, dict]:
             torch.cat([r.keep for r in rounds]), components)
 
 
-def prune_eval_grids(folder: Path, keep: int) -> list[Path]:
+def prune_eval_grids(folder: Path, keep: int, current: Optional[int] = None) -> list[Path]:
     """Delete the in-training eval grids ``folder/iter_*.png`` but the first and the last ``keep`` (``train.keep_eval_grids``;
-    0 keeps every one); returns the deleted paths. The first shows the start, the last ones where the run is now."""
-    grids = sorted(folder.glob("iter_*.png"))
+    0 keeps every one); returns the deleted paths. The first shows the start, the last ones where the run is now. With
+    ``current`` (the iteration just evaluated) only grids up to it count: a run resumed from an earlier checkpoint leaves
+    the abandoned run's later grids alone (its own overwrite them as it gets there) instead of keeping those as the last."""
+    grids = sorted(path for path in folder.glob("iter_*.png")
+                   if current is None or not path.stem[5:].isdigit() or int(path.stem[5:]) <= current)
     doomed = grids[1:-keep] if keep > 0 else []
     for path in doomed:
         path.unlink(missing_ok=True)
@@ -802,7 +805,7 @@ class Trainer(OptimizerViews):
             name = tag or f"iter_{self.iteration:06d}"
             image_grid(images.cpu(), self.run_dir / "samples" / f"{name}.png", nrow=4, captions=prompts)
             if tag is None:
-                prune_eval_grids(self.run_dir / "samples", self.config.train.keep_eval_grids)
+                prune_eval_grids(self.run_dir / "samples", self.config.train.keep_eval_grids, current=self.iteration)
         return metrics
 
     # ================================================================= save / resume
