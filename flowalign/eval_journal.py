@@ -8,10 +8,13 @@
 :func:`flowalign.evaluation.evaluate` (``journal=``) writes one safetensors file per batch as soon as
 it is scored, atomically, named by the process's share and the batch's first sample index
 (``share0of1_rows0000032.safetensors``). Each file carries the evaluation's *key* (everything that
-decides a sample's outcome: model, LoRA, prompts, seeds, steps, guidance, reward, batch size, ...)
-in its metadata, so a journal written under other settings is refused, naming the settings that
-differ, instead of mixing two evaluations. ``restart=True`` deletes that process's files first.
-Every process of a sharded evaluation writes and reads only its own share's files.
+decides a sample's outcome: model, LoRA, prompts, seeds, steps, guidance, reward, ...) in its
+metadata, so a journal written under other settings is never mixed with a new evaluation: it is
+refused, naming the settings that differ (``on_mismatch="refuse"``, ``flowalign eval``), or
+discarded with a warning (``"discard"``, the trainer's report). ``restart=True`` deletes that
+process's files first. Every process of a sharded evaluation writes and reads only its own share's
+files. The batch size is not part of the key: ``evaluate`` reads a batch back only for the same
+sample indices.
 """
 from __future__ import annotations
 
