@@ -43,7 +43,8 @@ With ``--out`` every scored batch is written to ``OUT/eval_partial`` at once
 running the same command again: the batches already scored are read back (after a check of their
 initial noise) and only the rest is sampled, with the result of an uninterrupted run. The folder is
 removed once ``eval.json`` is written. A partial evaluation under other settings (model files,
-LoRA, prompts, steps, guidance, seed, batch size, reward, ...) is refused; ``--restart`` discards it.
+LoRA, prompts, steps, guidance, seed, reward, ...) is refused; ``--restart`` discards it. Another
+``--batch-size`` or ``--on-error`` is not refused (see :func:`journal_key`).
 
 Bad inputs (missing prompt file, unknown reward, missing model, LoRA for another architecture)
 end with one line on stderr and exit status 2.
@@ -154,8 +155,8 @@ def journal_key(options: EvalOptions, sampled: list, reward_kwargs: dict, device
     """What decides every sample's outcome, for :class:`flowalign.eval_journal.EvalJournal`: a partial evaluation
     under any other value is refused. ``--batch-size`` and ``--on-error`` are not in it (a rerun after running out
     of memory, or a failing reward, may change them): ``evaluate`` reads back only batches of the same sample indices,
-    and scores again a batch with dropped samples when failures now raise. The model is named by its path and its files' sizes and modification times
-    (:func:`flowalign.train.model.model_files_signature`), the LoRA and the sampled records by sha256."""
+    and scores again a batch with dropped samples when failures now raise. The model is named by its path and its
+    files (:func:`flowalign.train.model.model_files_signature`), the LoRA and the sampled records by sha256."""
     import hashlib
 
     from flowalign.prompts import prompts_digest

@@ -73,17 +73,17 @@ def report_journals(trainer, reward_key: str) -> tuple:
     import dataclasses
     import hashlib
 
+    from flowalign.config import MODEL_MEMORY_KNOBS
     from flowalign.eval_journal import EvalJournal
     from flowalign.prompts import prompts_digest
     from flowalign.train.model import model_files_signature
 
-    from flowalign.config import MODEL_MEMORY_KNOBS
-
     cfg = trainer.config
     reward = [dataclasses.asdict(r) for r in cfg.rewards if r.key == reward_key]
     model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in MODEL_MEMORY_KNOBS}
-    key = {"model": model, "model_files": model_files_signature(cfg.model.pretrained, cfg.model.revision), "device_type": torch.device(trainer.device).type,
-           "mixed_precision": cfg.train.mixed_precision, "prompts_sha256": prompts_digest(trainer.heldout_records), "reward": reward,
+    key = {"model": model, "model_files": model_files_signature(cfg.model.pretrained, cfg.model.revision),
+           "device_type": torch.device(trainer.device).type, "mixed_precision": cfg.train.mixed_precision,
+           "prompts_sha256": prompts_digest(trainer.heldout_records), "reward": reward,
            "steps": cfg.sampling.eval_num_steps, "guidance": cfg.sampling.guidance_scale}
     digest = hashlib.sha256()
     for component, state in sorted(lora_states(trainer.lora_modules, trainer.ema).items()):
