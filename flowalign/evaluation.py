@@ -649,6 +649,7 @@ class _Part:
     images: dict[int, Tensor]
     extra: dict[str, list[float]] = field(default_factory=dict)
     resumed: int = 0  # samples read back from a journal
+    refused: Optional[str] = None  # why this process's journal was refused (every process raises it after the gather)
 
 
 def shard_rows(num_samples: int, shard: Optional[tuple[int, int]]) -> list[int]:
@@ -831,7 +832,15 @@ def evaluate(
     my_rows = shard_rows(n, shard)
 
     start = time.perf_counter()
-    done = journal.load() if journal is not None else {}
+    split = shard is not None and int(shard[1]) > 1
+    try:
+        done, refused = (journal.load() if journal is not None else {}), None
+    except ConfigError as exc:
+        if not split:
+            raise
+        # a journal only this process refuses (a foreign file in its share): every process must still reach the gather,
+        # where all of them raise it, instead of the others waiting there until the process group times out
+        done, refused, my_rows = {}, str(exc), []
     resumed = 0
     lora_name = _load_lora(adapter, lora) if lora is not None else None
     try:
@@ -874,10 +883,14 @@ def evaluate(
         logger.info("resumed %d of %d samples from %s", resumed, len(my_rows), journal.folder)
     part = _Part(rows=my_rows, scores=scores, partial=partial if has_partial else None, verdicts=verdicts if has_verdict else None,
                  tags=tags, fingerprints=fingerprints, failures=failures if has_failure else None, images=images, extra=extra,
-                 resumed=resumed)
-    if shard is not None and int(shard[1]) > 1:
+                 resumed=resumed, refused=refused)
+    if split:
         logger.info("evaluation share %d of %d: sampled %d of the %d samples", int(shard[0]), int(shard[1]), len(my_rows), n)
-        part = _merge_parts(gather(part), n)
+        parts = gather(part)
+        refusals = [p.refused for p in parts if p.refused is not None]
+        if refusals:
+            raise ConfigError(refusals[0])
+        part = _merge_parts(parts, n)
     wall = time.perf_counter() - start
     named = {}  # a dropped sample whose category only the reward names takes another sample's of its record
     for i, tag in enumerate(part.tags):

@@ -907,3 +907,34 @@ def test_the_model_signature_names_files_by_content_and_hub_blobs_by_their_hash(
     (snap / "model.safetensors").symlink_to(blob)
     assert model_files_signature(str(snap)) == {"model.safetensors": [7, "0123abcd"]}
     assert model_files_signature("no-such-owner/no-such-model-xyz") == {}
+
+
+def test_a_journal_only_one_process_refuses_fails_every_process_at_the_gather(adapter, tmp_path, threshold):
+    """The refusing process raised alone, before the gather, and the others waited in it until the process group
+    timed out. It now samples nothing, still reaches the gather, and every process raises its message there."""
+    from flowalign.eval_journal import EvalJournal
+
+    kw = dict(num_samples=8, num_steps=1, guidance_scale=1.0, seed=0, progress=False, batch_size=2, keep_images=0)
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "share0of2_rows0000000.safetensors").write_bytes(b"not a batch")
+    gathered = []
+
+    def gather_as(k):
+        def gather(part):
+            gathered.append((k, part.rows))
+            raise _Share(part)
+        return gather
+
+    parts = []
+    for k in range(2):
+        with pytest.raises(_Share) as caught:
+            evaluate(adapter, RECORDS, GradedVerifier(threshold), shard=(k, 2), gather=gather_as(k),
+                     journal=EvalJournal(tmp_path / "j", {}, share=(k, 2)), **kw)
+        parts.append(caught.value.part)
+    assert gathered == [(0, []), (1, [1, 3, 5, 7])]  # process 0 reached the gather without sampling
+    for k in range(2):
+        with pytest.raises(ConfigError, match="share0of2_rows0000000.safetensors is not a readable evaluation batch"):
+            evaluate(adapter, RECORDS, GradedVerifier(threshold), shard=(k, 2), gather=lambda part: parts,
+                     journal=EvalJournal(tmp_path / "j", {}, share=(k, 2)), **kw)
+    with pytest.raises(ConfigError, match="is not a readable evaluation batch"):  # one process: raised at once, as before
+        evaluate(adapter, RECORDS, GradedVerifier(threshold), journal=EvalJournal(tmp_path / "j", {}, share=(0, 2)), **kw)
