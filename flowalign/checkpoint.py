@@ -236,7 +236,7 @@ def save_checkpoint(
         save_safetensors(state_tensors, files["state.safetensors"])
         _fault_point("after:state.safetensors", iteration)
         files["state.json"] = tmp / "state.json"
-        files["state.json"].write_text(json.dumps(json_state))
+        files["state.json"].write_text(json.dumps(json_state), encoding="utf-8")
         manifest = {
             "format": FORMAT_VERSION,
             "iteration": iteration,
@@ -248,7 +248,7 @@ def save_checkpoint(
         for p in files.values():
             fsync_path(p)
         _fault_point("before-manifest", iteration)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         fsync_path(tmp / MANIFEST)
         fsync_path(tmp)
         _fault_point("before-rename", iteration)
@@ -327,7 +327,7 @@ def verify_checkpoint(path: PathLike) -> dict:
     if not manifest_path.is_file():
         raise CheckpointError(f"checkpoint {path} has no {MANIFEST} (partial write?)")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} is not valid JSON ({exc.msg})") from None
     if not isinstance(manifest, dict):
@@ -382,5 +382,5 @@ def load_checkpoint(path: PathLike, expected_config_hash: Optional[str] = None) 
             f"this run's is {expected_config_hash}"
         )
     tensors = {name: load_file(path / f"{name}.safetensors") for name in manifest["tensor_groups"]}
-    state = merge_state(json.loads((path / "state.json").read_text()), load_file(path / "state.safetensors"))
+    state = merge_state(json.loads((path / "state.json").read_text(encoding="utf-8")), load_file(path / "state.safetensors"))
     return Checkpoint(path=path, iteration=manifest["iteration"], config_hash=manifest.get("config_hash"), tensors=tensors, state=state)

@@ -775,7 +775,7 @@ def read_recipe(path: Union[str, Path], what: str = "train", _chain: tuple = ())
     if not resolved.is_file():
         raise ConfigError(f"config file not found: {path}" if what == "train" else f"{what} config {str(path)!r} does not exist")
     try:
-        data = load_yaml(resolved.read_text())
+        data = load_yaml(resolved.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

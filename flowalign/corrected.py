@@ -107,7 +107,7 @@ class ImageStatsQuality(Reward):
             raise ValueError(f"tolerance must be >= 0, got {tolerance}")
         self.tolerance = tolerance
         if isinstance(reference, (str, Path)):
-            data = json.loads(Path(reference).read_text())
+            data = json.loads(Path(reference).read_text(encoding="utf-8"))
             if data.get("features") != list(FEATURES):
                 raise ValueError(f"{reference}: reference statistics for features {data.get('features')}, expected {list(FEATURES)}")
             self.center, self.scale = torch.tensor(data["center"]), torch.tensor(data["scale"])
@@ -136,7 +136,7 @@ class ImageStatsQuality(Reward):
     def save(self, path: Union[str, Path]) -> Path:
         """Write the fitted feature centres and scales as JSON (``path`` is returned)."""
         path = Path(path)
-        path.write_text(json.dumps({"features": list(FEATURES), "center": self.center.tolist(), "scale": self.scale.tolist()}, indent=2))
+        path.write_text(json.dumps({"features": list(FEATURES), "center": self.center.tolist(), "scale": self.scale.tolist()}, indent=2), encoding="utf-8")
         return path
 
     def zscores(self, images: Tensor) -> Tensor:

@@ -350,7 +350,7 @@ class EvalResult:
     @classmethod
     def from_json(cls, source: Union[str, Path, dict]) -> "EvalResult":
         """Read back what :meth:`to_json` wrote (a path or the loaded dict); images are not stored."""
-        data = source if isinstance(source, dict) else json.loads(Path(source).read_text())
+        data = source if isinstance(source, dict) else json.loads(Path(source).read_text(encoding="utf-8"))
         if "samples" not in data:
             raise ValueError("this evaluation JSON was written without per-sample results (to_json(samples=False))")
         s = data["samples"]

@@ -136,9 +136,9 @@ class RolloutWriter:
         meta = {"version": STORE_VERSION, "settings": json.loads(json.dumps(settings))}
         meta_path = self.root / META_FILE
         manifest = self.root / MANIFEST_FILE
-        no_shard_yet = not manifest.exists() or not manifest.read_text().strip()
+        no_shard_yet = not manifest.exists() or not manifest.read_text(encoding="utf-8").strip()
         if meta_path.exists():
-            old = json.loads(meta_path.read_text())
+            old = json.loads(meta_path.read_text(encoding="utf-8"))
             if old != meta:
                 keys = sorted(k for k in set(old.get("settings", {})) | set(meta["settings"]) if old.get("settings", {}).get(k) != meta["settings"].get(k))
                 if not no_shard_yet:
@@ -224,7 +224,7 @@ class RolloutWriter:
             **(extra or {}),
             "samples": [{"row": row, **record} for row, record in enumerate(samples)],
         }
-        with open(self.root / MANIFEST_FILE, "a") as fh:
+        with open(self.root / MANIFEST_FILE, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry, sort_keys=True) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
@@ -275,7 +275,7 @@ class RolloutStore:
         meta_path = self.root / META_FILE
         if not meta_path.exists():
             raise RolloutStoreError(f"{self.root}: not a rollout store (no {META_FILE})")
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
         if meta.get("version") != STORE_VERSION:
             raise RolloutStoreError(f"{meta_path}: store version {meta.get('version')!r}, this flowalign reads {STORE_VERSION}")
         self.settings: dict[str, Any] = meta["settings"]
@@ -570,7 +570,7 @@ def fill_store(
     prompt_digest = prompts_digest(specs)
     legacy_digest = hashlib.sha256(json.dumps([s["prompt"] for s in specs]).encode()).hexdigest()  # stores before 2026-12-06
     store_json = Path(root) / "store.json"
-    if store_json.is_file() and json.loads(store_json.read_text()).get("settings", {}).get("prompts_sha256") == legacy_digest:
+    if store_json.is_file() and json.loads(store_json.read_text(encoding="utf-8")).get("settings", {}).get("prompts_sha256") == legacy_digest:
         logger.warning("%s: a store from before the prompts' constraints were hashed: resuming it checks the prompt texts only", root)
         prompt_digest = legacy_digest
     full_settings = {

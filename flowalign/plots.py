@@ -18,7 +18,7 @@ PathLike = Union[str, Path]
 
 def read_metrics(metrics_csv: PathLike) -> dict[str, list[float]]:
     """Columns of ``metrics.csv`` as float lists (empty cells -> NaN)."""
-    with open(metrics_csv, newline="") as fh:
+    with open(metrics_csv, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     columns: dict[str, list[float]] = {}
     for row in rows:

@@ -538,7 +538,7 @@ def load_noise_table(path: Union[str, Path]) -> tuple[Tensor, dict[str, Any]]:
     if not path.is_file():
         raise ConfigError(f"noise table file not found: {path}")
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"noise table {path} is not valid JSON (line {exc.lineno}): {exc.msg}") from None
     if not isinstance(doc, dict) or doc.get("format") != NOISE_TABLE_FORMAT:

@@ -607,7 +607,7 @@ def evaluate_toy(folder: str | Path, guidance_scales: tuple[float, ...] = (1.0, 
         save_grid(imgs, Path(grid_dir) / "heldout_grid.png")
         r = reward(imgs, [s["prompt"] for s in held[::5]], held[::5])
         lines = [f"{k}: {s['prompt']} -> {int(r.scores[k])} {r.details['objects'][k]}" for k, s in enumerate(held[::5])]
-        (Path(grid_dir) / "heldout_grid.txt").write_text("\n".join(lines) + "\n")
+        (Path(grid_dir) / "heldout_grid.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
         save_grid(sde_imgs[:64], Path(grid_dir) / "sde_groups_grid.png")
     files = [f for f in folder.rglob("*") if f.is_file()]
     out["folder_bytes"] = sum(f.stat().st_size for f in files)

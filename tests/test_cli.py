@@ -302,3 +302,21 @@ def test_processes_other_than_the_launching_one_log_warnings_only(monkeypatch):
     assert cli.log_level(False) == logging.WARNING and cli.log_level(True) == logging.DEBUG
     monkeypatch.setenv("RANK", "0")
     assert cli.log_level(False) == logging.INFO
+
+
+def test_an_ascii_locale_reads_the_shipped_recipes_and_prints_the_help(tmp_path):
+    """Files were read in the locale's encoding: under LC_ALL=C without UTF-8 mode, `flowalign config` died on the
+    "²" of a help text, `config --list` and the TP-GRPO / DenseGRPO recipes on their UTF-8 comments."""
+    import subprocess
+
+    code = ("import sys\n"
+            "from flowalign.train import cli\n"
+            "assert sys.stdout.encoding.lower() in ('ascii', 'ansi_x3.4-1968'), sys.stdout.encoding\n"
+            "for argv in (['config'], ['config', '--list'], ['config', '--config', 'train/configs/toy_dense_grpo.yaml'],\n"
+            "             ['config', '--config', 'train/configs/sd35m_tp_grpo_geneval.yaml']):\n"
+            "    assert cli.main(argv) == 0, argv\n")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "PYTHONIOENCODING": "",
+           "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")[-2000:]
+    assert b"Traceback" not in result.stderr

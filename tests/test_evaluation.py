@@ -938,3 +938,46 @@ def test_a_journal_only_one_process_refuses_fails_every_process_at_the_gather(ad
                      journal=EvalJournal(tmp_path / "j", {}, share=(k, 2)), **kw)
     with pytest.raises(ConfigError, match="is not a readable evaluation batch"):  # one process: raised at once, as before
         evaluate(adapter, RECORDS, GradedVerifier(threshold), journal=EvalJournal(tmp_path / "j", {}, share=(0, 2)), **kw)
+
+
+def test_an_eval_into_a_run_folder_leaves_the_reports_journal_alone(tmp_path):
+    """`flowalign eval --out RUN` removed RUN/eval_partial when it ended, which held the killed report's batches too."""
+    from flowalign.train.eval_cli import main
+    from flowalign.train.final_outputs import REPORT_JOURNALS
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
+    run = tmp_path / "run"
+    kept = run / REPORT_JOURNALS / "base" / "share0of1_rows0000000.safetensors"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"a report batch")
+    assert main(["--model", "tiny-sd3", "--prompts", str(prompts), "--reward", "brightness", "--num-samples", "4", "--steps", "1",
+                 "--guidance", "1", "--no-progress", "--out", str(run)]) == 0
+    assert kept.read_bytes() == b"a report batch" and (run / "eval.json").is_file() and not (run / "eval_partial").exists()
+
+
+def test_eval_reports_a_full_disk_in_one_line_with_what_it_kept(tmp_path, monkeypatch, capsys):
+    """Only bad input was one line; a disk that filled up printed a traceback (train, offline and generate catch it)."""
+    import errno
+
+    from flowalign.eval_journal import EvalJournal
+    from flowalign.train.eval_cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
+    real, saved = EvalJournal.save, []
+
+    def filling(self, batch):
+        if saved:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.folder / "x.safetensors"))
+        saved.append(batch.rows)
+        return real(self, batch)
+
+    monkeypatch.setattr(EvalJournal, "save", filling)
+    status = main(["--model", "tiny-sd3", "--prompts", str(prompts), "--reward", "brightness", "--num-samples", "8", "--steps", "1",
+                   "--guidance", "1", "--batch-size", "4", "--no-progress", "--out", str(tmp_path / "ev")])
+    err = capsys.readouterr().err.strip()
+    assert status == 1 and "\n" not in err and "Traceback" not in err
+    assert err.startswith("flowalign eval: error: could not read or write ") and "No space left on device (errno 28)" in err
+    assert err.endswith(f"rerun the same command to go on from the batches scored in {tmp_path / 'ev' / 'eval_partial'}")
+    assert len(list((tmp_path / "ev" / "eval_partial").glob("*.safetensors"))) == 1

@@ -717,7 +717,7 @@ class _Killed(BaseException):  # as KeyboardInterrupt: nothing in the library re
 
 
 def test_a_run_killed_in_its_heldout_report_resumes_the_report_from_the_scored_batches(tmp_path, monkeypatch):
-    """The report's base and aligned evaluations journal every batch under run_dir/eval_partial: the resumed run
+    """The report's base and aligned evaluations journal every batch under run_dir/report_partial: the resumed run
     samples only the aligned batches it had not scored, writes the report, and removes the journals. The aligned
     journal's key names the LoRA weights, the base one's does not."""
     import json
@@ -749,8 +749,8 @@ def test_a_run_killed_in_its_heldout_report_resumes_the_report_from_the_scored_b
         trainer.train()
     trainer.cleanup()
     assert not (run / "report.md").exists()
-    assert len(list((run / "eval_partial" / "base").glob("*.safetensors"))) == 4
-    assert len(list((run / "eval_partial" / "aligned").glob("*.safetensors"))) == 2
+    assert len(list((run / "report_partial" / "base").glob("*.safetensors"))) == 4
+    assert len(list((run / "report_partial" / "aligned").glob("*.safetensors"))) == 2
     base_key, aligned_key = (j.key for j in final_outputs.report_journals(trainer, "test_tag_brightness"))
     assert aligned_key.pop("lora_sha256") and base_key == aligned_key
     monkeypatch.delenv("FLOWALIGN_TEST_KILL_AT")
@@ -762,7 +762,7 @@ def test_a_run_killed_in_its_heldout_report_resumes_the_report_from_the_scored_b
     assert scored == [[4, 5], [6, 7]]  # the aligned batches the killed run had not scored
     assert json.loads((run / "eval_base.json").read_text())["settings"]["resumed_samples"] == 8
     assert json.loads((run / "eval_aligned.json").read_text())["settings"]["resumed_samples"] == 4
-    assert (run / "report.md").is_file() and not (run / "eval_partial").exists()
+    assert (run / "report.md").is_file() and not (run / "report_partial").exists()
     # weights trained further are another aligned model: its journal key differs, the base one's does not
     again = Trainer(_config(tmp_path / "other", *args))
     again.setup()
@@ -872,7 +872,7 @@ def test_a_run_killed_in_its_report_then_extended_discards_the_aligned_journal_a
     assert json.loads((run / "eval_base.json").read_text())["settings"]["resumed_samples"] == 8  # the base: every sample read back
     assert json.loads((run / "eval_aligned.json").read_text())["settings"]["resumed_samples"] == 0
     assert scored == [[0, 1], [2, 3], [4, 5], [6, 7]]  # the aligned evaluation, sampled again for the new weights
-    assert (run / "report.md").is_file() and not (run / "eval_partial").exists()
+    assert (run / "report.md").is_file() and not (run / "report_partial").exists()
 
 
 def test_the_report_journal_key_follows_what_decides_a_sample_only(tmp_path):

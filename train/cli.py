@@ -169,7 +169,7 @@ def list_recipes() -> str:
     from flowalign.config import packaged_recipe_dir
 
     def first_comment(path: Path) -> str:
-        for line in path.read_text().splitlines():
+        for line in path.read_text(encoding="utf-8").splitlines():
             if line.startswith("#") and line.strip("# ").strip():
                 return line.strip("# ").strip()
         return ""
@@ -349,6 +349,8 @@ def log_level(verbose: bool) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``flowalign`` console script; returns the exit status."""
+    if hasattr(sys.stdout, "reconfigure") and (sys.stdout.encoding or "").lower().replace("-", "") != "utf8":
+        sys.stdout.reconfigure(errors="backslashreplace")  # an ASCII locale: "σ²" in a help text prints as "σ\xb2", not a traceback
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=log_level(args.verbose), format="%(levelname)s %(name)s: %(message)s")
@@ -374,7 +376,9 @@ INTERRUPTED_HINT = {"train": _RESUME_HINT, "offline": _RESUME_HINT,
 def interrupted_hint(args: argparse.Namespace) -> str:
     """What the interrupted command left to continue from (:data:`INTERRUPTED_HINT`; ``eval`` with ``--out``: its journal)."""
     if args.command == "eval" and getattr(args, "out", None):
-        return f"rerun the same command to go on from the batches already scored (kept in {Path(args.out) / 'eval_partial'})"
+        from flowalign.train.eval_cli import JOURNAL_FOLDER
+
+        return f"rerun the same command to go on from the batches already scored (kept in {Path(args.out) / JOURNAL_FOLDER})"
     return INTERRUPTED_HINT.get(args.command, "nothing to continue")
 
 

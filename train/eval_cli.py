@@ -486,6 +486,8 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
         except ConfigError as exc:  # the samples are drawn: write them (below) before refusing the comparison
             refused = exc
     if options.out is not None and main_process:
+        from flowalign.files import write_text_atomic
+
         out = Path(options.out)
         out.mkdir(parents=True, exist_ok=True)
         data = result.to_dict()
@@ -493,7 +495,7 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
             data["corrected"] = {**{k: v for k, v in result.corrected.items() if k not in ("categories", "quality_scores")},
                                  "categories": {k: v.to_dict() for k, v in result.corrected["categories"].items()},
                                  "quality_scores": result.corrected["quality_scores"].tolist()}
-        (out / "eval.json").write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")  # EvalResult.from_json reads it
+        write_text_atomic(out / "eval.json", json.dumps(data, indent=1, allow_nan=False) + "\n")  # EvalResult.from_json reads it
         if comparison is not None:
             from flowalign.plots import category_bars
 
@@ -502,8 +504,8 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
         title = f"{options.model}" + (f" + LoRA {options.lora}" if options.lora else "") + f" on {options.prompts}"
         header = (f"# Evaluation: {title}\n\nreward `{options.reward}`, {result.num_samples} samples, {options.steps} ODE steps, "
                   f"guidance {options.guidance}, seed {options.seed}, {result.wall_time:.1f} s\n\n")
-        (out / "eval.md").write_text(header + result.table() + "\n" + (f"\n{_corrected_table(result, options)}\n" if tap is not None else "")
-                                     + (f"\n{result.comparison_md}\n" if result.comparison_md else ""))
+        write_text_atomic(out / "eval.md", header + result.table() + "\n" + (f"\n{_corrected_table(result, options)}\n" if tap is not None else "")
+                          + (f"\n{result.comparison_md}\n" if result.comparison_md else ""))
         journal.remove()  # eval.json holds every sample now
     if refused is not None:
         raise refused
@@ -536,12 +538,21 @@ def _corrected_table(result, options: EvalOptions) -> str:
 
 def main_eval(args: Union[argparse.Namespace, EvalOptions]) -> int:
     """Body of ``flowalign eval``: run, print the table; errors as one line on stderr, exit 2."""
+    from safetensors import SafetensorError
+
     try:
         result = run_eval(args)
     except (FlowalignError, FileNotFoundError) as exc:
         message = " ".join(str(exc).split())
         print(f"flowalign eval: error: {message}", file=sys.stderr)
         return 2
+    except (OSError, SafetensorError) as exc:  # a disk that filled up, a folder that cannot be written: the batches scored stay
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        reason = f"could not read or write{where}: {exc.strerror} (errno {exc.errno})" if getattr(exc, "strerror", None) else str(exc)
+        out = _options(args).out
+        hint = f"; rerun the same command to go on from the batches scored in {Path(out) / JOURNAL_FOLDER}" if out else ""
+        print(f"flowalign eval: error: {' '.join(reason.split())}{hint}", file=sys.stderr)
+        return 1
     if not getattr(result, "main_process", True):  # another process of a launch: the main one prints and writes
         return 0
     print(result.table())

@@ -59,12 +59,14 @@ def write_final_outputs(trainer) -> Optional[Path]:
 
 # what the held-out report writes: a run that ends without a new report must not keep an earlier one's
 REPORT_FILES = ("report.md", "report.json", "eval_base.json", "eval_aligned.json", "before_after.png", "heldout_accuracy.png")
-REPORT_JOURNALS = "eval_partial"  # run_dir/eval_partial/{base,aligned}: the report's scored batches until report.md is written
+# run_dir/report_partial/{base,aligned}: the report's scored batches until report.md is written (not eval_partial, which is
+# flowalign eval --out's and goes when that evaluation ends, also when its --out is the run folder)
+REPORT_JOURNALS = "report_partial"
 
 
 def report_journals(trainer, reward_key: str) -> tuple:
     """``(base, aligned)`` :class:`flowalign.eval_journal.EvalJournal` s of the held-out report, under
-    ``run_dir/eval_partial``: a run killed while it evaluates resumes the report from the batches they hold. The
+    ``run_dir/report_partial``: a run killed while it evaluates resumes the report from the batches they hold. The
     key holds what decides the samples (model, held-out prompts, sampling settings, the report's reward); the
     aligned one also the sha256 of the evaluated LoRA weights (EMA when on). A journal under another key (weights
     trained further by an extended run, another reward) is discarded with a warning and sampled again: a resumed run

@@ -104,7 +104,7 @@ def _pipeline_class_of(model_cfg) -> str:
         return "StableDiffusion3Pipeline"
     path = _local_source(model_cfg)
     try:
-        return str(json.loads((path / "model_index.json").read_text()).get("_class_name", ""))
+        return str(json.loads((path / "model_index.json").read_text(encoding="utf-8")).get("_class_name", ""))
     except (OSError, ValueError, AttributeError):
         return ""
 
@@ -119,8 +119,8 @@ def check_resolution(model_cfg) -> None:
         return
     path = _local_source(model_cfg)
     try:
-        vae = json.loads((path / "vae" / "config.json").read_text())
-        patch = int(json.loads((path / "transformer" / "config.json").read_text()).get("patch_size", 1))
+        vae = json.loads((path / "vae" / "config.json").read_text(encoding="utf-8"))
+        patch = int(json.loads((path / "transformer" / "config.json").read_text(encoding="utf-8")).get("patch_size", 1))
         multiple = 2 ** (len(vae["block_out_channels"]) - 1) * patch
     except (OSError, ValueError, KeyError, TypeError):
         return

@@ -126,7 +126,7 @@ def _run_config(run_dir: Path) -> tuple[bool, Optional[FlowalignConfig], str]:
     if not path.is_file():
         return False, None, "no config.yaml"
     try:
-        data = load_yaml(path.read_text())
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
         return False, None, f"its config.yaml cannot be read as YAML: {' '.join(str(exc).split())[:120]}"
     sections = {f.name for f in dataclasses.fields(FlowalignConfig)}
@@ -172,7 +172,7 @@ def refuse_past_the_end(checkpoint: Path, iterations: int, unit: str = "iteratio
     resumed run would train nothing and report ``iterations`` done while the LoRA is the checkpoint's (a checkpoint at
     exactly ``iterations`` is a finished run, whose end --resume writes again). ``limit`` and ``fix`` word the message."""
     try:  # the manifest alone (find_latest verified it, load_checkpoint verifies it again): no second sha256 pass
-        done = json.loads((checkpoint / ckpt.MANIFEST).read_text())["iteration"]
+        done = json.loads((checkpoint / ckpt.MANIFEST).read_text(encoding="utf-8"))["iteration"]
     except (OSError, ValueError, KeyError, TypeError):
         return  # a damaged manifest: load_checkpoint names what is wrong
     if isinstance(done, int) and done > iterations:

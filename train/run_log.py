@@ -34,13 +34,13 @@ def write_metrics_row(path: Path, metrics: dict, step: int, key: str = "iteratio
         return
     rows: list[dict] = []
     if path.is_file():
-        with open(path, newline="") as fh:
+        with open(path, newline="", encoding="utf-8") as fh:
             rows = [r for r in csv.DictReader(fh) if _whole(r, key) and int(float(r[key])) < step]
     rows.append(row)
     fields = [key] + sorted({k for r in rows for k in r} - {key})
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "w", newline="") as fh:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
@@ -77,7 +77,7 @@ def _append_row(path: Path, row: dict, step: int, key: str) -> bool:
             return False
     buffer = io.StringIO()
     csv.DictWriter(buffer, fieldnames=header).writerow(row)
-    with open(path, "a", newline="") as fh:
+    with open(path, "a", newline="", encoding="utf-8") as fh:
         fh.write(buffer.getvalue())  # one write of one line
     return True
 
@@ -167,7 +167,7 @@ class RunLogger:
         and send them to the trackers: a final evaluation after the last iteration's row was written."""
         row: dict = {}
         if self.path.is_file():
-            with open(self.path, newline="") as fh:
+            with open(self.path, newline="", encoding="utf-8") as fh:
                 rows = [r for r in csv.DictReader(fh) if _whole(r, self.key)]
             if rows and int(float(rows[-1][self.key])) == step:
                 row = {k: v for k, v in rows[-1].items() if k != self.key and v != ""}
