@@ -108,6 +108,17 @@ def _write_file(path: PathLike, data: bytes) -> None:
         fh.write(data)
 
 
+def refuse_dangling_link(path: PathLike, name: str) -> None:
+    """ConfigError when ``path`` (an output folder, named ``name`` in the message) is a symbolic link whose target
+    does not exist: creating the folder would fail with a bare "File exists", after the model had loaded."""
+    from flowalign.errors import ConfigError
+
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise ConfigError(f"{name} {path} is a symbolic link to {os.readlink(path)}, which does not exist; create the "
+                          f"target folder or choose another {name}")
+
+
 def write_text_atomic(path: PathLike, text: str, encoding: str = "utf-8") -> Path:
     """Write ``text`` to ``path`` atomically (see the module docstring); returns the path."""
     with atomic_path(path) as tmp:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from flowalign.errors import ConfigError
 from flowalign.train import cli
 
 TINY_RECIPE = Path(__file__).resolve().parents[1] / "train" / "configs" / "tiny_grpo.yaml"  # fast recipe (the default is the toy main job)
@@ -320,3 +321,23 @@ def test_an_ascii_locale_reads_the_shipped_recipes_and_prints_the_help(tmp_path)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, cwd=Path(__file__).resolve().parents[1], timeout=300)
     assert result.returncode == 0, result.stderr.decode(errors="replace")[-2000:]
     assert b"Traceback" not in result.stderr
+
+
+def test_an_output_folder_that_is_a_dangling_link_is_one_line_before_anything_loads(tmp_path, capsys, monkeypatch):
+    """A symbolic link to a missing folder gave "could not read or write PATH: File exists" (train, generate, offline)
+    and a traceback after the first batch (eval)."""
+    from flowalign.train import model as model_mod
+    from flowalign.train.offline_trainer import prepare_offline_dir
+
+    monkeypatch.setattr(model_mod, "build_adapter", lambda *a, **k: pytest.fail("the model loaded before the output folder was checked"))
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "nowhere")
+    expected = f"{link} is a symbolic link to {tmp_path / 'nowhere'}, which does not exist"
+    for argv in (["train", "--set", f"train.output_dir={link}"], ["eval", "--model", "tiny-sd3", "--out", str(link)],
+                 ["generate", "--config", "train/configs/toy_generate.yaml", "--set", f"output_dir={link}"]):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and expected in err, (argv, err)
+    with pytest.raises(ConfigError, match="is a symbolic link to .* which does not exist"):
+        prepare_offline_dir(link, resume=False, overwrite=False)
+    assert not (tmp_path / "nowhere").exists()

@@ -181,7 +181,10 @@ def check_out_folder(out: str) -> None:
     file, or a folder (or its nearest existing parent) this process may not write into."""
     import os
 
+    from flowalign.files import refuse_dangling_link
+
     path = Path(out)
+    refuse_dangling_link(path, "--out")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {out!r} is a file, not a folder for eval.json / eval.md")
     existing = path

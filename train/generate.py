@@ -207,6 +207,9 @@ def run_generate(cfg: GenerateConfig, sample_fn: Optional[SampleFn] = None, scor
     """
     from flowalign.errors import ConfigError
 
+    from flowalign.files import refuse_dangling_link
+
+    refuse_dangling_link(cfg.output_dir, "output_dir")
     if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
         raise ConfigError(f"output_dir {cfg.output_dir} is a file, not a folder for the rollout store")
     refuse_foreign_store_dir(Path(cfg.output_dir))

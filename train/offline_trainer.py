@@ -171,8 +171,10 @@ def prepare_offline_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
     Raises:
         ConfigError: ``run_dir`` holds a run (or foreign files) and neither resume nor overwrite.
     """
+    from flowalign.files import refuse_dangling_link
     from flowalign.train.run_dir import OFFLINE_RUN_ENTRIES, is_empty, refuse_foreign
 
+    refuse_dangling_link(run_dir, "output_dir")
     if resume or is_empty(run_dir):
         return False
     if not (run_dir / "offline_config.yaml").is_file():

@@ -132,6 +132,9 @@ class RunLock:
 def refuse_file(run_dir: Path) -> None:
     """ConfigError when ``train.output_dir`` names a file (checked by the lock on the launching process and by
     ``prepare_run_dir`` on every process)."""
+    from flowalign.files import refuse_dangling_link
+
+    refuse_dangling_link(run_dir, "train.output_dir")
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"train.output_dir {run_dir} is a file, not a folder; choose another output_dir")
 
