@@ -341,3 +341,22 @@ def test_an_output_folder_that_is_a_dangling_link_is_one_line_before_anything_lo
     with pytest.raises(ConfigError, match="is a symbolic link to .* which does not exist"):
         prepare_offline_dir(link, resume=False, overwrite=False)
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_sigterm_outside_the_training_loop_says_what_it_left_and_exits_143(tmp_path, capsys, monkeypatch):
+    """A scheduler's SIGTERM during setup, the final report or an evaluation ended the process with status 143 and
+    nothing printed (SIGINT printed the hint); the handler is restored afterwards."""
+    import signal as signals
+
+    from flowalign.train import eval_cli
+
+    def terminated(args):
+        os.kill(os.getpid(), signals.SIGTERM)
+        pytest.fail("SIGTERM did not interrupt the command")
+
+    monkeypatch.setattr(eval_cli, "main_eval", terminated)
+    before = signals.getsignal(signals.SIGTERM)
+    assert cli.main(["eval", "--out", str(tmp_path / "ev")]) == 143
+    assert capsys.readouterr().err.strip() == ("flowalign eval: terminated (SIGTERM); rerun the same command to go on from the "
+                                               f"batches already scored (kept in {tmp_path / 'ev' / 'eval_partial'})")
+    assert signals.getsignal(signals.SIGTERM) is before

@@ -27,6 +27,7 @@ process in accelerate 1.x).
 from __future__ import annotations
 
 import argparse
+import signal
 import json
 import logging
 import os
@@ -359,11 +360,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    previous = _terminate_as_interrupt()
     try:
         return _dispatch(args)
+    except _Terminated:  # SIGTERM (a scheduler, a launcher) outside a training loop's graceful stop, which handles its own
+        print(f"flowalign {args.command}: terminated (SIGTERM); {interrupted_hint(args)}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:  # Ctrl-C outside a training loop's graceful stop: setup, the final evaluation and report
         print(f"flowalign {args.command}: interrupted (Ctrl-C); {interrupted_hint(args)}", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, so it ends as a Ctrl-C does (files are written atomically) and says so."""
+
+
+def _terminate_as_interrupt():
+    """Make SIGTERM raise :class:`_Terminated` while a command runs; returns the handler to restore (None where signal
+    handlers cannot be set: not the main thread). A SIGTERM left to its default ended setup, the final report or an
+    evaluation with exit status 143 and nothing printed."""
+    def handler(signum, frame):
+        raise _Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread of the main interpreter
+        return None
 
 
 # what a Ctrl-C outside the training loop leaves (every file is written atomically)
