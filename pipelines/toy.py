@@ -677,7 +677,7 @@ def _int_pair(text: str) -> tuple[int, int]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """``python -m flowalign.pipelines.toy build | evaluate ...``; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m flowalign.pipelines.toy", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m flowalign.pipelines.toy", description=(__doc__ or "").split("\n\n")[0])  # python -OO drops docstrings
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="train the toy model and save it as a diffusers folder")
     d = ToyBuildConfig()

@@ -360,3 +360,36 @@ def test_sigterm_outside_the_training_loop_says_what_it_left_and_exits_143(tmp_p
     assert capsys.readouterr().err.strip() == ("flowalign eval: terminated (SIGTERM); rerun the same command to go on from the "
                                                f"batches already scored (kept in {tmp_path / 'ev' / 'eval_partial'})")
     assert signals.getsignal(signals.SIGTERM) is before
+
+
+def test_the_toy_builder_help_works_without_docstrings():
+    """python -OO drops docstrings: the builder's --help took its description from __doc__.split and raised."""
+    result = subprocess.run([sys.executable, "-OO", "-m", "flowalign.pipelines.toy", "--help"], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-1000:]
+    assert "build" in result.stdout and "evaluate" in result.stdout
+
+
+def test_a_run_folder_name_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    """Linux allows any bytes in a name; TensorBoard's writer died on them with a traceback, leaving config.yaml behind."""
+    bad = os.fsdecode(os.fsencode(str(tmp_path)) + b"/run\xff")
+    assert cli.main(["train", "--set", f"train.output_dir={bad}", "--set", "train.iterations=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "is not valid UTF-8" in err
+    assert not (Path(bad) / "config.yaml").exists()
+
+
+def test_an_eval_into_a_folder_of_another_evaluation_says_it_replaces_it(tmp_path, caplog):
+    import logging
+
+    from flowalign.train.eval_cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red square\na blue circle\n")
+    argv = ["--model", "tiny-sd3", "--prompts", str(prompts), "--reward", "brightness", "--num-samples", "2", "--steps", "1",
+            "--guidance", "1", "--no-progress", "--out", str(tmp_path / "ev")]
+    with caplog.at_level(logging.WARNING, logger="flowalign.train.eval_cli"):
+        assert main(argv) == 0 and main(argv) == 0  # the same evaluation again: replaced silently
+        assert "held another evaluation" not in caplog.text
+        assert main([*argv, "--steps", "2"]) == 0
+    assert "eval.json held another evaluation (num_steps 1 -> 2); it is replaced" in caplog.text

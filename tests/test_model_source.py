@@ -33,9 +33,16 @@ def test_a_hub_id_that_cannot_be_loaded_is_one_config_error(monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files,\nand couldn't find them in the cache")
 
     monkeypatch.setattr(DiffusionPipeline, "from_pretrained", staticmethod(offline))
-    with pytest.raises(ConfigError, match=r"model.pretrained='owner/model': no local folder .* hub \(OSError: We couldn't connect") as info:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    with pytest.raises(ConfigError, match=r"model.pretrained='owner/model': no local folder .* from the cache or the hub \(OSError: We couldn't connect") as info:
         model.build_adapter(ModelConfig(pretrained="owner/model"), torch.device("cpu"))
     assert "\n" not in str(info.value)
+    # offline mode is named (the hub was never asked), and a long reason is cut visibly
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", staticmethod(lambda source, **kw: (_ for _ in ()).throw(OSError("x" * 400))))
+    with pytest.raises(ConfigError, match=r"from the cache only \(HF_HUB_OFFLINE set\) \(OSError: x{299}…\)$"):
+        model.build_adapter(ModelConfig(pretrained="owner/model"), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("name", ["/no/such/folder", "./missing", "not-a-hub-id", "a/b/c"])

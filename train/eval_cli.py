@@ -492,6 +492,7 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
         from flowalign.files import write_text_atomic
 
         out = Path(options.out)
+        _warn_replaced(out / "eval.json", result.settings)
         out.mkdir(parents=True, exist_ok=True)
         data = result.to_dict()
         if result.corrected is not None:
@@ -513,6 +514,20 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
     if refused is not None:
         raise refused
     return result
+
+
+def _warn_replaced(path: Path, settings: dict) -> None:
+    """Warn when ``path`` (an earlier ``eval.json``) holds an evaluation under other settings, which this one replaces:
+    another model, LoRA, prompt file, reward or sampling (a rerun of the same evaluation replaces it silently)."""
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
+    except (OSError, ValueError, AttributeError):  # none, or not an evaluation: nothing to compare
+        return
+    names = ("model", "lora", "prompts_file", "reward", "reward_kwargs", "num_samples", "num_steps", "guidance_scale", "seed")
+    differ = [name for name in names if earlier.get(name) != settings.get(name)]
+    if differ:
+        shown = ", ".join(f"{name} {earlier.get(name)!r} -> {settings.get(name)!r}" for name in differ[:3])
+        logger.warning("%s held another evaluation (%s); it is replaced", path, shown)
 
 
 def _launch(options: EvalOptions) -> tuple:

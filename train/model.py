@@ -178,8 +178,14 @@ def build_adapter(model_cfg, device: torch.device):
             try:
                 pipeline = DiffusionPipeline.from_pretrained(source, revision=model_cfg.revision, **dtype_kwarg(dtype))
             except (OSError, ValueError) as exc:  # not cached and offline (HF_HUB_OFFLINE=1), gated, no such repo...
+                import os
+
+                reason = " ".join(str(exc).split())
+                reason = reason if len(reason) <= 300 else reason[:299] + "…"
+                offline = [name for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if os.environ.get(name, "").strip() not in ("", "0")]
+                where = f"from the cache only ({' and '.join(offline)} set)" if offline else "from the cache or the hub"
                 raise ConfigError(f"model.pretrained={source!r}: no local folder of that name, and the hub id could not be loaded "
-                                  f"from the cache or the hub ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})") from None
+                                  f"{where} ({type(exc).__name__}: {reason})") from None
         else:
             raise ConfigError(f"model.pretrained={model_cfg.pretrained!r} is not a local diffusers folder, a hub id (owner/name) "
                               "nor a builtin ('tiny-sd3', 'toy')")

@@ -85,6 +85,11 @@ def prepare_run_dir(run_dir: Path, config: FlowalignConfig, resume: bool, overwr
         ConfigError: ``run_dir`` holds a run (or foreign files) and neither resume nor overwrite.
     """
     refuse_file(run_dir)
+    try:
+        str(run_dir.absolute()).encode("utf-8")
+    except UnicodeEncodeError:  # bytes of another encoding in a Linux file name: TensorBoard's writer dies on them mid-setup
+        raise ConfigError(f"train.output_dir {str(run_dir)!r} is not valid UTF-8, which TensorBoard and the run's files need; "
+                          "rename the folder") from None
     if resume:
         if (run_dir / "config.yaml").is_file():
             previous = load_config(run_dir / "config.yaml")
