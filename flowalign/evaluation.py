@@ -847,7 +847,8 @@ def evaluate(
         scores, partial, verdicts, tags, fingerprints, failures, images = [], [], [], [], [], [], {}
         extra: dict[str, list[float]] = {name: [] for name in extra_details}
         has_partial = has_failure = has_verdict = True
-        bar = tqdm(total=len(my_rows), desc="eval", unit="sample", disable=not progress, leave=False)
+        # disable only when asked: left unset, tqdm's TQDM_DISABLE / TQDM_MININTERVAL environment settings apply (batch jobs)
+        bar = tqdm(total=len(my_rows), desc="eval", unit="sample", leave=False, **({} if progress else {"disable": True}))
         for lo in range(0, len(my_rows), batch_size):
             rows = my_rows[lo:lo + batch_size]
             noise = torch.cat([adapter.initial_noise(1, torch.Generator().manual_seed(seeds[i])) for i in rows])  # [b, *latent]

@@ -393,3 +393,17 @@ def test_an_eval_into_a_folder_of_another_evaluation_says_it_replaces_it(tmp_pat
         assert "held another evaluation" not in caplog.text
         assert main([*argv, "--steps", "2"]) == 0
     assert "eval.json held another evaluation (num_steps 1 -> 2); it is replaced" in caplog.text
+
+
+def test_tqdm_disable_in_the_environment_silences_the_bars_of_a_batch_job(tmp_path):
+    """A job logging to a file got every bar redraw in it; tqdm's own TQDM_DISABLE now applies to every bar (the
+    evaluation passed disable=False explicitly, which overrode it)."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red square\n")
+    command = [sys.executable, "-m", "flowalign.train.cli", "eval", "--model", "tiny-sd3", "--prompts", str(prompts), "--reward",
+               "brightness", "--num-samples", "2", "--steps", "1", "--guidance", "1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    shown = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    quiet = subprocess.run(command, capture_output=True, text=True, env={**env, "TQDM_DISABLE": "1"}, timeout=300)
+    assert shown.returncode == quiet.returncode == 0, (shown.stderr[-500:], quiet.stderr[-500:])
+    assert "eval: " in shown.stderr and "eval: " not in quiet.stderr and "\r" not in quiet.stderr
