@@ -712,6 +712,32 @@ def test_each_iteration_line_tells_the_pace_and_eta(tmp_path, caplog):
     assert lines[-1].endswith("ETA 0.0 s")
 
 
+def _report_run_that_dies(tmp_path, monkeypatch, at_batch: int):
+    """``(run folder, overrides, scored batches)`` of a tiny run whose held-out report (8 samples of 4 tagged prompts,
+    batches of 2) dies when it would score its ``at_batch``-th batch, until ``FLOWALIGN_TEST_KILL_AT`` is unset."""
+    import json
+
+    from flowalign import evaluation
+
+    prompts = tmp_path / "heldout.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "tag": t}) + "\n" for p, t in
+                               [("a white square", "bright"), ("a yellow star", "bright"), ("a black circle", "dark"), ("a blue night", "dark")]))
+    args = (f"train.prompts={prompts}", f"train.eval_prompts={prompts}", "train.final_eval_samples=8",
+            "rewards=[{name: test_tag_brightness}, {name: brightness, weight: 0.1}]", "train.prompts_per_iter=2", "train.micro_batch_size=8",
+            "sampling.micro_batch_size=2", "sampling.num_steps=3", "sampling.eval_num_steps=3", "lora.rank=2", "train.checkpoint_every=1")
+    real, scored = evaluation._score_batch, []
+
+    def dying(adapter, reward, rows, *a, **k):
+        if len(scored) == int(os.environ.get("FLOWALIGN_TEST_KILL_AT", "-1")):
+            raise _Killed()
+        scored.append(list(rows))
+        return real(adapter, reward, rows, *a, **k)
+
+    monkeypatch.setattr(evaluation, "_score_batch", dying)
+    monkeypatch.setenv("FLOWALIGN_TEST_KILL_AT", str(at_batch))
+    return tmp_path / "run", args, scored
+
+
 class _Killed(BaseException):  # as KeyboardInterrupt: nothing in the library reports it as a reward failure
     pass
 
@@ -722,27 +748,10 @@ def test_a_run_killed_in_its_heldout_report_resumes_the_report_from_the_scored_b
     journal's key names the LoRA weights, the base one's does not."""
     import json
 
-    from flowalign import evaluation
     from flowalign.train import final_outputs
 
-    prompts = tmp_path / "heldout.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p, "tag": t}) + "\n" for p, t in
-                               [("a white square", "bright"), ("a yellow star", "bright"), ("a black circle", "dark"), ("a blue night", "dark")]))
-    run = tmp_path / "run"
-    args = ("train.iterations=1", f"train.prompts={prompts}", f"train.eval_prompts={prompts}", "train.final_eval_samples=8",
-            "rewards=[{name: test_tag_brightness}, {name: brightness, weight: 0.1}]", "train.prompts_per_iter=2", "train.micro_batch_size=8",
-            "sampling.micro_batch_size=2",
-            "sampling.num_steps=3", "sampling.eval_num_steps=3", "lora.rank=2", "train.checkpoint_every=1")
-    real, scored = evaluation._score_batch, []
-
-    def dying(adapter, reward, rows, *a, **k):
-        if len(scored) == int(os.environ.get("FLOWALIGN_TEST_KILL_AT", "-1")):
-            raise _Killed()
-        scored.append(list(rows))
-        return real(adapter, reward, rows, *a, **k)
-
-    monkeypatch.setattr(evaluation, "_score_batch", dying)
-    monkeypatch.setenv("FLOWALIGN_TEST_KILL_AT", "6")  # base: 4 batches of 2; aligned: dies on its 3rd
+    run, args, scored = _report_run_that_dies(tmp_path, monkeypatch, at_batch=6)  # base: 4 batches of 2; aligned: dies on its 3rd
+    args = ("train.iterations=1", *args)
     trainer = Trainer(_config(run, *args))
     trainer.setup()
     with pytest.raises(_Killed):
@@ -833,26 +842,9 @@ def test_a_run_killed_in_its_report_then_extended_discards_the_aligned_journal_a
     import json
     import logging
 
-    from flowalign import evaluation
     from flowalign.train import final_outputs
 
-    prompts = tmp_path / "heldout.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p, "tag": t}) + "\n" for p, t in
-                               [("a white square", "bright"), ("a yellow star", "bright"), ("a black circle", "dark"), ("a blue night", "dark")]))
-    run = tmp_path / "run"
-    args = (f"train.prompts={prompts}", f"train.eval_prompts={prompts}", "train.final_eval_samples=8",
-            "rewards=[{name: test_tag_brightness}, {name: brightness, weight: 0.1}]", "train.prompts_per_iter=2", "train.micro_batch_size=8",
-            "sampling.micro_batch_size=2", "sampling.num_steps=3", "sampling.eval_num_steps=3", "lora.rank=2", "train.checkpoint_every=1")
-    real, scored = evaluation._score_batch, []
-
-    def dying(adapter, reward, rows, *a, **k):
-        if len(scored) == int(os.environ.get("FLOWALIGN_TEST_KILL_AT", "-1")):
-            raise _Killed()
-        scored.append(list(rows))
-        return real(adapter, reward, rows, *a, **k)
-
-    monkeypatch.setattr(evaluation, "_score_batch", dying)
-    monkeypatch.setenv("FLOWALIGN_TEST_KILL_AT", "6")
+    run, args, scored = _report_run_that_dies(tmp_path, monkeypatch, at_batch=6)
     trainer = Trainer(_config(run, "train.iterations=1", *args))
     trainer.setup()
     with pytest.raises(_Killed):
