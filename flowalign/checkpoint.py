@@ -169,6 +169,14 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def update_with_tensors(digest, named: Iterable[tuple[str, Tensor]]) -> None:
+    """Feed ``digest`` (a hashlib object) each ``(name, tensor)``'s name, shape, dtype and bytes, in the given order;
+    the buffer itself is read (no bytes copy)."""
+    for name, tensor in named:
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+
+
 def checkpoint_name(iteration: int) -> str:
     """Folder name of the checkpoint taken after ``iteration`` (sorts in step order)."""
     return f"iter_{iteration:06d}"

@@ -106,6 +106,15 @@ class TrainingStopped(FlowalignError, RuntimeError):
         return 128 + self.signum
 
 
+def one_line(exc: BaseException) -> str:
+    """The error as one line for a command's ``error:`` message. An ``OSError`` from the system (a full disk, a folder
+    that cannot be written: it carries ``strerror``) reads ``could not read or write PATH: reason (errno N)``."""
+    if isinstance(exc, OSError) and not isinstance(exc, FlowalignError) and exc.strerror:
+        where = f" {exc.filename}" if exc.filename else ""
+        return f"could not read or write{where}: {exc.strerror} (errno {exc.errno})"
+    return " ".join(str(exc).split())
+
+
 __all__ = [
     "FlowalignError",
     "ConfigError",
@@ -117,4 +126,5 @@ __all__ = [
     "NonFiniteLossError",
     "TrainingStopped",
     "RunLogError",
+    "one_line",
 ]

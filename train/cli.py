@@ -54,11 +54,9 @@ def _write_errors() -> tuple:
 
 
 def _error(command: str, exc: BaseException, status: int = EXIT_USAGE) -> int:
-    if isinstance(exc, OSError) and not isinstance(exc, FlowalignError) and exc.strerror:  # "could not write PATH: reason"
-        where = f" {exc.filename}" if exc.filename else ""
-        exc = f"could not read or write{where}: {exc.strerror} (errno {exc.errno})"
-    message = " ".join(str(exc).split())  # one line
-    print(f"flowalign {command}: error: {message}", file=sys.stderr)
+    from flowalign.errors import one_line
+
+    print(f"flowalign {command}: error: {one_line(exc)}", file=sys.stderr)
     return status
 
 

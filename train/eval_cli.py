@@ -157,15 +157,14 @@ def journal_key(options: EvalOptions, sampled: list, reward_kwargs: dict, device
     of memory, or a failing reward, may change them): ``evaluate`` reads back only batches of the same sample indices,
     and scores again a batch with dropped samples when failures now raise. The model is named by its path and its
     files (:func:`flowalign.train.model.model_files_signature`), the LoRA and the sampled records by sha256."""
-    import hashlib
-
+    from flowalign.checkpoint import sha256_file
     from flowalign.prompts import prompts_digest
     from flowalign.train.model import model_files_signature
 
     lora_sha = None
     if options.lora is not None:
         lora = Path(options.lora)
-        lora_sha = hashlib.sha256((lora / "pytorch_lora_weights.safetensors" if lora.is_dir() else lora).read_bytes()).hexdigest()
+        lora_sha = sha256_file(lora / "pytorch_lora_weights.safetensors" if lora.is_dir() else lora)
     return {
         "model": options.model, "model_files": model_files_signature(options.model), "dtype": options.dtype, "resolution": options.resolution,
         "adapter": options.adapter, "adapter_kwargs": json_object_arg(options.adapter_kwargs, "--adapter-kwargs"),
@@ -565,11 +564,11 @@ def main_eval(args: Union[argparse.Namespace, EvalOptions]) -> int:
         print(f"flowalign eval: error: {message}", file=sys.stderr)
         return 2
     except (OSError, SafetensorError) as exc:  # a disk that filled up, a folder that cannot be written: the batches scored stay
-        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
-        reason = f"could not read or write{where}: {exc.strerror} (errno {exc.errno})" if getattr(exc, "strerror", None) else str(exc)
+        from flowalign.errors import one_line
+
         out = _options(args).out
         hint = f"; rerun the same command to go on from the batches scored in {Path(out) / JOURNAL_FOLDER}" if out else ""
-        print(f"flowalign eval: error: {' '.join(reason.split())}{hint}", file=sys.stderr)
+        print(f"flowalign eval: error: {one_line(exc)}{hint}", file=sys.stderr)
         return 1
     if not getattr(result, "main_process", True):  # another process of a launch: the main one prints and writes
         return 0

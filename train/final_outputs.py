@@ -75,6 +75,7 @@ def report_journals(trainer, reward_key: str) -> tuple:
     import dataclasses
     import hashlib
 
+    from flowalign.checkpoint import update_with_tensors
     from flowalign.config import MODEL_MEMORY_KNOBS
     from flowalign.eval_journal import EvalJournal
     from flowalign.prompts import prompts_digest
@@ -88,10 +89,8 @@ def report_journals(trainer, reward_key: str) -> tuple:
            "prompts_sha256": prompts_digest(trainer.heldout_records), "reward": reward,
            "steps": cfg.sampling.eval_num_steps, "guidance": cfg.sampling.guidance_scale}
     digest = hashlib.sha256()
-    for component, state in sorted(lora_states(trainer.lora_modules, trainer.ema).items()):
-        for name, tensor in sorted(state.items()):
-            digest.update(f"{component}.{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    states = sorted(lora_states(trainer.lora_modules, trainer.ema).items())
+    update_with_tensors(digest, ((f"{component}.{name}", tensor) for component, state in states for name, tensor in sorted(state.items())))
     share = (trainer.accelerator.process_index, trainer.accelerator.num_processes)
     folder = trainer.run_dir / REPORT_JOURNALS
     return (EvalJournal(folder / "base", key, share=share, on_mismatch="discard"),

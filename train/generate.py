@@ -107,10 +107,10 @@ def load_model_adapter(model: ModelConfig, lora: Optional[str] = None, device: s
 
 def model_fingerprint(module: torch.nn.Module, lora: Optional[str] = None) -> str:
     """sha256 of the module's parameter names, shapes and bytes, plus the LoRA file's bytes."""
+    from flowalign.checkpoint import update_with_tensors
+
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())  # the buffer itself: no bytes copy
+    update_with_tensors(digest, sorted(module.state_dict().items()))
     if lora is not None:
         path = Path(lora)
         path = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
