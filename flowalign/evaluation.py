@@ -373,7 +373,10 @@ class EvalResult:
 class Comparison:
     """Base vs aligned per category: ``rows[tag] = {"base": CategoryStats, "aligned": ...,
     "delta": accuracy difference, "delta_low"/"delta_high": its 95% Newcombe interval,
-    "delta_partial": difference of mean partial scores}``."""
+    "delta_partial": difference of mean partial scores, "delta_score": mean of the paired score
+    differences (aligned − base, same prompt and noise; samples either dropped are left out),
+    "delta_score_low"/"delta_score_high": its 95% normal interval}``. The score rows are what a
+    continuous reward (no verdict, scores below the 0.5 threshold) moves."""
 
     rows: dict[str, dict[str, Any]]
 
@@ -385,8 +388,9 @@ class Comparison:
     def table(self) -> str:
         """Markdown table of both evaluations and the deltas (accuracy in percentage points)."""
         lines = [
-            "| category | n | base acc [95% CI] | aligned acc [95% CI] | Δ acc (pts) [95% CI] | base partial | aligned partial | Δ partial |",
-            "|---|---:|---|---|---|---:|---:|---:|",
+            "| category | n | base acc [95% CI] | aligned acc [95% CI] | Δ acc (pts) [95% CI] | base partial | aligned partial | Δ partial "
+            "| base score | aligned score | Δ score [95% CI] |",
+            "|---|---:|---|---|---|---:|---:|---:|---:|---:|---|",
         ]
         for name, row in self.rows.items():
             b, a = row["base"], row["aligned"]
@@ -395,7 +399,8 @@ class Comparison:
             lines.append(
                 f"| {label} | {n} | {_pct(b.accuracy)} {_pct_ci(b.ci_low, b.ci_high)} | {_pct(a.accuracy)} {_pct_ci(a.ci_low, a.ci_high)} | "
                 f"{_pts(row['delta'])} {_pts_ci(row['delta_low'], row['delta_high'])} | {_num(b.mean_partial)} | {_num(a.mean_partial)} | "
-                f"{_signed(row['delta_partial'])} |"
+                f"{_signed(row['delta_partial'])} | {_num(b.mean_score)} | {_num(a.mean_score)} | "
+                f"{_signed(row['delta_score'])} {_num_ci(row['delta_score_low'], row['delta_score_high'])} |"
             )
         return "\n".join(lines)
 
@@ -403,7 +408,8 @@ class Comparison:
         """Per category: base and aligned stats and the gain, JSON-safe."""
         return {
             name: {"base": row["base"].to_dict(), "aligned": row["aligned"].to_dict(),
-                   **{k: _json_number(row[k]) for k in ("delta", "delta_low", "delta_high", "delta_partial")}}
+                   **{k: _json_number(row[k]) for k in ("delta", "delta_low", "delta_high", "delta_partial", "delta_score",
+                                                        "delta_score_low", "delta_score_high")}}
             for name, row in self.rows.items()
         }
 
@@ -429,13 +435,17 @@ def compare(base: EvalResult, aligned: EvalResult, z: float = Z95, check_noise: 
                          "were they run on different devices or latent shapes?")
     base, aligned = align_tags(base, aligned)
     rows = {}
+    differences = aligned.scores.double() - base.scores.double()  # [N] paired: NaN where either was dropped
     for name in aligned.categories:
         if name not in base.categories:
             continue
         b, a = base.categories[name], aligned.categories[name]
         low, high = newcombe_interval(a.correct, a.count, b.correct, b.count, z)
+        mine = differences if name == ALL else differences[torch.tensor([t == name for t in aligned.tags], dtype=torch.bool)]
+        score_delta, score_low, score_high = mean_interval(mine[~torch.isnan(mine)], z)
         rows[name] = {"base": b, "aligned": a, "delta": a.accuracy - b.accuracy, "delta_low": low, "delta_high": high,
-                      "delta_partial": a.mean_partial - b.mean_partial}
+                      "delta_partial": a.mean_partial - b.mean_partial, "delta_score": score_delta, "delta_score_low": score_low,
+                      "delta_score_high": score_high}
     return Comparison(rows=rows)
 
 
@@ -946,6 +956,10 @@ def _pts_ci(lo: float, hi: float) -> str:
 
 def _num(v: float) -> str:
     return "–" if not math.isfinite(v) else f"{v:.3f}"
+
+
+def _num_ci(lo: float, hi: float) -> str:
+    return "–" if math.isnan(lo) or math.isnan(hi) else f"[{lo:+.3f}, {hi:+.3f}]"
 
 
 def _signed(v: float) -> str:

@@ -36,7 +36,7 @@ from typing import Any, Callable, ContextManager, Mapping, Optional, Sequence, U
 import torch
 from torch import Tensor
 
-from flowalign.evaluation import ALL, EvalResult, _pct, _pts, _pts_ci, align_tags, category_mean, common_categories, compare, evaluate, failure_counts, failure_transitions, pick_samples, prompt_changes
+from flowalign.evaluation import ALL, EvalResult, _num, _num_ci, _pct, _pts, _pts_ci, _signed, align_tags, category_mean, common_categories, compare, evaluate, failure_counts, failure_transitions, pick_samples, prompt_changes
 from flowalign.files import atomic_path, write_text_atomic
 from flowalign.plots import category_bars, read_metrics
 
@@ -424,7 +424,9 @@ def write_report(
         f"Held-out accuracy **{_pct(base.accuracy)} → {_pct(aligned.accuracy)}** "
         f"(**{_pts(overall['delta'])} points**, 95% CI {_pts_ci(overall['delta_low'], overall['delta_high'])})"
         + ("." if target_gain_points is None else f"; target ≥ +{target_gain_points:g} points: **{'met' if met else 'NOT met'}**"
-           + _target_caveat(met, overall["delta_low"], overall["delta_high"], target_gain_points) + "."),
+           + _target_caveat(met, overall["delta_low"], overall["delta_high"], target_gain_points) + ".")
+        + f" Mean score {_num(overall['base'].mean_score)} → {_num(overall['aligned'].mean_score)} "
+          f"({_signed(overall['delta_score'])}, 95% CI {_num_ci(overall['delta_score_low'], overall['delta_score_high'])}).",
         "",
         comparison.table(),
         "",
@@ -433,7 +435,8 @@ def write_report(
         "by their sample counts.",
         "",
         "Accuracy: fraction of samples the verifier accepts (95% Wilson interval); Δ: aligned − base in percentage points "
-        "(95% Newcombe interval, conservative for these paired samples); partial: mean graded score.",
+        "(95% Newcombe interval, conservative for these paired samples); partial: mean graded score; score: mean raw score, "
+        "Δ score: mean of the paired differences (same prompt and noise) with its 95% normal interval.",
         "",
     ]
     failures = failure_tables(base, aligned)
@@ -562,3 +565,4 @@ def heldout_report(
     for journal in journals or ():
         journal.remove()  # eval_base.json / eval_aligned.json hold every sample now
     return path
+

@@ -981,3 +981,30 @@ def test_eval_reports_a_full_disk_in_one_line_with_what_it_kept(tmp_path, monkey
     assert err.startswith("flowalign eval: error: could not read or write ") and "No space left on device (errno 28)" in err
     assert err.endswith(f"rerun the same command to go on from the batches scored in {tmp_path / 'ev' / 'eval_partial'}")
     assert len(list((tmp_path / "ev" / "eval_partial").glob("*.safetensors"))) == 1
+
+
+def test_compare_gives_the_paired_score_change_a_continuous_reward_moves(adapter):
+    """A reward without a verdict whose scores stay under 0.5 read "accuracy 0% -> 0% (+0.0)" in the comparison and the
+    report; the mean of the paired score differences (and its interval) is what moved. Checked by hand, dropped samples
+    left out of the pairs."""
+    from flowalign.evaluation import mean_interval
+
+    kw = dict(num_samples=8, num_steps=1, guidance_scale=1.0, seed=0, progress=False)
+    base = evaluate(adapter, RECORDS, TagBrightness(2.0), **kw)  # brightness never > 2: every score 0
+    base.scores = torch.linspace(0.05, 0.4, 8)
+    base.categories = aggregate(base.tags, base.scores, base.partial)
+    aligned = EvalResult.from_json(json.loads(base.to_json()))
+    aligned.scores = base.scores + torch.tensor([0.02, 0.04, 0.01, 0.03, 0.05, 0.02, float("nan"), 0.01])
+    aligned.categories = aggregate(aligned.tags, aligned.scores, aligned.partial)
+    rows = compare(base, aligned).rows
+    assert rows["all"]["delta"] == 0.0 and rows["all"]["aligned"].accuracy == 0.0
+    by_hand = [0.02, 0.04, 0.01, 0.03, 0.05, 0.02, 0.01]  # sample 6 was dropped by the aligned evaluation
+    mean = sum(by_hand) / 7
+    half = 1.959963984540054 * (sum((d - mean) ** 2 for d in by_hand) / 6) ** 0.5 / 7 ** 0.5
+    assert rows["all"]["delta_score"] == pytest.approx(mean, abs=1e-6)
+    assert (rows["all"]["delta_score_low"], rows["all"]["delta_score_high"]) == pytest.approx((mean - half, mean + half), abs=1e-6)
+    colors = [i for i, t in enumerate(base.tags) if t == "colors" and i != 6]
+    assert rows["colors"]["delta_score"] == pytest.approx(sum(by_hand[i if i < 6 else i - 1] for i in colors) / len(colors), abs=1e-6)
+    assert rows["colors"]["delta_score"] == pytest.approx(mean_interval(torch.tensor([by_hand[i if i < 6 else i - 1] for i in colors]))[0])
+    table = compare(base, aligned).table()
+    assert "| base score | aligned score | Δ score [95% CI] |" in table and f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]" in table

@@ -277,6 +277,8 @@ def test_heldout_report_with_a_trained_lora_end_to_end(tmp_path):
     assert (base.partial - aligned.partial).abs().max() > 1e-4  # the LoRA was off for base, on for aligned
     text = path.read_text()
     assert "| base eval |" in text and "| aligned eval |" in text and "| **all** | 3 |" in text
+    delta = float((aligned.scores.double() - base.scores.double()).mean())  # the paired score change, a continuous reward's signal
+    assert f"Mean score {float(base.scores.mean()):.3f} → {float(aligned.scores.mean()):.3f} ({delta:+.3f}, 95% CI [" in text
     assert "![before / after (same prompts and seeds)](before_after.png)" in text
     width, height = Image.open(tmp_path / "before_after.png").size
     assert width == PAD + LABEL_WIDTH + 3 * (128 + PAD)  # columns: 2 colors prompts + 1 counting prompt
