@@ -103,7 +103,7 @@ def test_online_stop_checkpoints_the_iteration_and_resume_equals_the_uninterrupt
     stopped = Trainer(config).setup()
     _signal_during(stopped, 1)
     handler = signal.getsignal(signal.SIGINT)  # pytest's (SIG_IGN in an xdist worker)
-    with pytest.raises(TrainingStopped, match=r"stopped by SIGINT after iteration 2 of 4; checkpoint .*iter_000002; continue with --resume") as info:
+    with pytest.raises(TrainingStopped, match=r"stopped by SIGINT after iteration 2 of 4; checkpoint .*iter_000002; continue with flowalign train --resume .*run$") as info:
         stopped.train()
     stopped.cleanup()
     assert (info.value.step, info.value.signum, info.value.checkpoint.name) == (2, signal.SIGINT, "iter_000002")
@@ -155,7 +155,7 @@ def test_cli_exits_with_130_and_one_line(tmp_path, capsys, monkeypatch):
     assert cli.main(["train", *overrides]) == 128 + signal.SIGTERM
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("flowalign train: stopped by SIGTERM after iteration 1 of 4; checkpoint ")
-    assert err[-1].endswith("continue with --resume")
+    assert err[-1].endswith(f"continue with flowalign train --resume {tmp_path / 'run'}")  # a bare --resume reads the default folder
     assert (tmp_path / "run" / "checkpoints" / "iter_000001").is_dir()
 
 

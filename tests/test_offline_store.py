@@ -11,6 +11,8 @@ import sys
 import textwrap
 import time
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -608,6 +610,13 @@ def test_offline_stop_on_a_signal_checkpoints_and_resume_equals_the_uninterrupte
     with pytest.raises(TrainingStopped, match=r"stopped by SIGINT after step 1 of 4; checkpoint .*iter_000001") as info:
         part.train(callback=send)
     assert info.value.step == 1 and info.value.exit_status == 130
+    # the message names the command that continues this run: its own saved config, not the default recipe's folder
+    saved = tmp_path / "part" / "offline_config.yaml"
+    assert str(info.value).endswith(f"continue with flowalign offline --config {saved} --resume")
+    from flowalign.train.offline_trainer import load_offline_config, offline_config_hash
+
+    assert offline_config_hash(load_offline_config(saved)) == offline_config_hash(part.config)
+    assert Path(load_offline_config(saved).output_dir) == tmp_path / "part"
     part.close()
     resumed = OfflineTrainer(part.config, resume=True).setup()
     assert resumed.step == 1

@@ -62,10 +62,12 @@ class GracefulStop:
             signal.signal(sig, handler)
         self._previous.clear()
 
-    def stopped(self, signum: int, step: int, total: int, checkpoint) -> TrainingStopped:
-        """The error to raise once ``step`` of ``total`` (in :attr:`unit`) is checkpointed at ``checkpoint``."""
+    def stopped(self, signum: int, step: int, total: int, checkpoint, resume: str = "--resume") -> TrainingStopped:
+        """The error to raise once ``step`` of ``total`` (in :attr:`unit`) is checkpointed at ``checkpoint``; ``resume`` is the
+        command that continues it (e.g. ``flowalign train --resume RUN_DIR``: a bare ``--resume`` reads the default
+        recipe's folder)."""
         return TrainingStopped(f"stopped by {signal.Signals(signum).name} after {self.unit} {step} of {total}; "
-                               f"checkpoint {checkpoint}; continue with --resume", step, signum, checkpoint)
+                               f"checkpoint {checkpoint}; continue with {resume}", step, signum, checkpoint)
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         if self.signum is not None:

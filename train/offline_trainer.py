@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -459,7 +460,8 @@ class OfflineTrainer(OptimizerViews):
                         self.save_checkpoint()
                     if stop.signum is not None and self.step < self.total_steps:
                         path = self.save_checkpoint() if self.step > self._saved_step else ckpt.find_latest(self.run_dir / "checkpoints")
-                        raise stop.stopped(stop.signum, self.step, self.total_steps, path)
+                        config = shlex.quote(str(self.run_dir / "offline_config.yaml"))
+                        raise stop.stopped(stop.signum, self.step, self.total_steps, path, resume=f"flowalign offline --config {config} --resume")
         finally:
             if bar is not None:
                 bar.close()

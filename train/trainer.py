@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shlex
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -330,7 +331,8 @@ class Trainer(OptimizerViews):
                 signum = stop_everywhere(stop.signum, self._gather)
                 if signum is not None:  # the last iteration too: --resume then writes the final outputs (evaluation included)
                     path = path if checkpointed else self.save_checkpoint()
-                    raise stop.stopped(signum, self.iteration, cfg.iterations, path)
+                    raise stop.stopped(signum, self.iteration, cfg.iterations, path,
+                                       resume=f"flowalign train --resume {shlex.quote(str(self.run_dir))}")
         ran = self.iteration - first
         # a constant reward, or one whose every sample was dropped; a resumed run's LoRA was trained by earlier sessions
         if first == 0 and ran > 0 and self._untrained_iterations >= ran:
