@@ -430,7 +430,9 @@ class FlowalignConfig:
         _check(
             self.train.micro_batch_size <= per_iter,
             f"train.micro_batch_size={self.train.micro_batch_size} exceeds the samples per iteration "
-            f"(prompts_per_iter {self.train.prompts_per_iter} x group_size {self.sampling.group_size} = {per_iter})",
+            f"(prompts_per_iter {self.train.prompts_per_iter} x group_size {self.sampling.group_size} = {per_iter}); set "
+            f"train.micro_batch_size={per_iter} too (a recipe whose micro-batch is every sample keeps one per trained step that way: "
+            f"lowering grad_accum instead would take more optimizer steps per iteration)",
         )
         _check_online_objective(self.objective.name)
         if self.objective.reward_mix == "advantage" and dense_method(self.objective.name):

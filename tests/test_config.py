@@ -86,7 +86,7 @@ def test_config_diff_hashed_only_names_the_settings_that_change_the_run():
         ({"rewards": [{"name": "a"}, {"name": "a"}]}, "rewards name ['a'] twice"),
         ({"rewards": [{"name": "shapes"}, {"name": "brightness", "label": "shapes"}]}, "rewards name ['shapes'] twice (each entry's label"),
         ({"train": {"report_reward": "shapes"}}, "train.report_reward='shapes' is none of the rewards ['brightness']"),
-        ({"train": {"micro_batch_size": 64, "prompts_per_iter": 2}, "sampling": {"group_size": 4}}, "exceeds the samples per iteration (prompts_per_iter 2 x group_size 4 = 8)"),
+        ({"train": {"micro_batch_size": 64, "prompts_per_iter": 2}, "sampling": {"group_size": 4}}, "exceeds the samples per iteration (prompts_per_iter 2 x group_size 4 = 8); set train.micro_batch_size=8 too"),
         ({"objective": {"cfg_in_training": False}, "sampling": {"guidance_scale": 4.5}},
          "objective.cfg_in_training=false with sampling.guidance_scale=4.5 > 1: rollouts record the log-probs of the guided transitions"),
         ("train: [1, 2", "is not valid YAML at line"),

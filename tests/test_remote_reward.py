@@ -393,7 +393,9 @@ def test_reward_list_and_serve_errors(capsys):
     from flowalign.train import cli
 
     assert cli.main(["reward", "list"]) == 0
-    listed = {(line.split(None, 1) + [""])[0]: (line.split(None, 1) + [""])[1] for line in capsys.readouterr().out.splitlines()}
+    out = capsys.readouterr().out
+    assert "Any importable 'package.module:Class'" in out  # a dotted-path reward is usable without being listed
+    listed = {(line.split(None, 1) + [""])[0]: (line.split(None, 1) + [""])[1] for line in out.split("\n\n")[0].splitlines()}
     # (other tests register rewards without a docstring: their summary is empty)
     assert {"ocr", "remote", "shapes", "brightness"} <= set(listed)
     assert listed["remote"].startswith("A reward scored over HTTP") and listed["ocr"].startswith("Text rendering:")

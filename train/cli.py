@@ -143,6 +143,8 @@ def run_reward(args: argparse.Namespace) -> int:
         rows = describe_rewards()
         width = max(len(name) for name, _ in rows)
         sys.stdout.write("".join(f"{name:<{width}}  {summary}\n" for name, summary in rows))
+        sys.stdout.write("\nAny importable 'package.module:Class' (or a function) is a reward too, without registering it; "
+                         "`flowalign config --set 'rewards=[{name: ...}]'` checks that it loads.\n")
         return 0
     from flowalign.rewards.remote import check_max_pending, make_server, serve, server_url
     from flowalign.train.eval_cli import json_object_arg
