@@ -119,7 +119,7 @@ def test_ctrl_c_stops_at_an_iteration_then_resume_is_bit_identical(reference, tm
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 128 + signum, err[-2000:]
     line = err.strip().splitlines()[-1]
-    assert line.startswith(f"flowalign train: stopped by {signal.Signals(signum).name} after iteration ") and line.endswith("--resume")
+    assert line.startswith(f"flowalign train: stopped by {signal.Signals(signum).name} after iteration ") and line.endswith(f"continue with flowalign train --resume {run}")
     stopped_at = len(_rows(run))
     assert 1 <= stopped_at < ITERATIONS and ckpt.list_checkpoints(run / "checkpoints")[-1][0] == stopped_at
     assert not (run / "pytorch_lora_weights.safetensors").exists()
