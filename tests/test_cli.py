@@ -261,7 +261,12 @@ def test_config_prints_a_recipe_whose_reward_is_not_installed_with_a_warning(nam
     recipe written for a GPU box could not be printed on a laptop)."""
     assert cli.main(["config", "--set", f"rewards.0.name={name}"]) == 0
     out = capsys.readouterr()
-    assert f"\"name\": \"{name}\"" in out.out and f"reward {name!r} is not installed here" in out.err
+    assert f"\"name\": \"{name}\"" in out.out and "train would refuse this recipe here" in out.err
+    if ":" in name or "." in name:  # the import's own reason, as train gives it: the modules tried, and PYTHONPATH
+        assert f"reward {name!r}: no importable module in this dotted path (tried 'fa_nowhere_zz.mod'" in out.err
+        assert "put its folder on PYTHONPATH" in out.err
+    else:
+        assert f"reward {name!r} is not installed here (available: " in out.err
 
 
 def test_too_few_final_eval_samples_name_the_key_and_the_minimum(tmp_path, capsys):

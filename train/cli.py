@@ -209,8 +209,7 @@ def run_config(args: argparse.Namespace) -> int:
             if reward.name in available_rewards() or (("." in reward.name or ":" in reward.name) and _importable(reward.name)):
                 check_reward_spec(reward.name, **reward.kwargs)
             else:  # a plugin of another machine (the SD3.5 recipes' geneval, a dotted path to its package): print the recipe, say so
-                sys.stderr.write(f"flowalign config: warning: reward {reward.name!r} is not installed here "
-                                 f"(available: {', '.join(available_rewards())}): train would refuse this recipe here\n")
+                sys.stderr.write(f"flowalign config: warning: {_not_here(reward.name)}: train would refuse this recipe here\n")
     except (FlowalignError, FileNotFoundError) as exc:
         return _error("config", exc)
     sys.stdout.write(describe_config(config))
@@ -234,6 +233,20 @@ def _train_config(args: argparse.Namespace):
 
 
 CONTRADICTORY_FLAGS = "--resume continues the run in the output folder and --overwrite replaces it: pass one of them"
+
+
+def _not_here(name: str) -> str:
+    """Why reward ``name`` cannot load here: for a dotted path, the import's own reason (what ``train`` would say: the
+    modules tried, and PYTHONPATH); for a name, the ones available."""
+    from flowalign.plugins import import_object
+    from flowalign.rewards import available_rewards
+
+    if ":" in name or "." in name:
+        try:
+            import_object(name, "reward")
+        except FlowalignError as exc:
+            return str(exc)
+    return f"reward {name!r} is not installed here (available: {', '.join(available_rewards())})"
 
 
 def _importable(dotted: str) -> bool:
