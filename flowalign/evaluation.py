@@ -701,6 +701,11 @@ def _merge_parts(parts: Sequence[_Part], n: int) -> _Part:
                  resumed=sum(part.resumed for part in parts))
 
 
+def noise_fingerprints(noise: Tensor) -> list[float]:
+    """Each sample's initial-noise fingerprint: the float64 sum of its ``noise[i]`` (``EvalResult.noise_fingerprints``)."""
+    return noise.detach().double().flatten(1).sum(1).cpu().tolist()
+
+
 def _score_batch(adapter, reward, rows: list[int], prompts: list[str], metadata: list[dict], noise: Tensor, *, num_steps: int,
                  guidance_scale: float, on_error: str, keep: set, extra_details: Sequence[str]) -> EvalBatch:
     """Sample the ODE from ``noise`` (``[b, *latent]``) for the sample indices ``rows`` and score the images."""
@@ -740,7 +745,7 @@ def _score_batch(adapter, reward, rows: list[int], prompts: list[str], metadata:
         if values is None:
             raise ValueError(f"evaluate(extra_details=...) keeps details[{name!r}], which the reward did not give")
         extra[name] = values.tolist()
-    return EvalBatch(rows=list(rows), scores=scores.tolist(), fingerprints=noise.detach().double().flatten(1).sum(1).cpu().tolist(),
+    return EvalBatch(rows=list(rows), scores=scores.tolist(), fingerprints=noise_fingerprints(noise),
                      tags=tags, partial=per_sample("partial"), verdicts=per_sample("binary"), failures=failures, extra=extra,
                      images={i: images[j].detach().float().cpu() for j, i in enumerate(rows) if i in keep})
 
@@ -756,8 +761,7 @@ def _usable(batch: EvalBatch, rows: list[int], keep: set, on_error: str) -> bool
 
 def _check_resumed(batch: EvalBatch, noise: Tensor, journal: EvalJournal) -> None:
     """ConfigError unless a journaled batch was drawn from exactly ``noise`` (the adapter's noise of its seeds)."""
-    fingerprints = noise.detach().double().flatten(1).sum(1).cpu().tolist()  # [b]
-    if fingerprints != batch.fingerprints:
+    if noise_fingerprints(noise) != batch.fingerprints:
         raise ConfigError(f"{journal.folder}: the journaled samples {batch.rows[0]}..{batch.rows[-1]} were drawn from other initial "
                           f"noise than this model gives for their seeds (another resolution or adapter); pass --restart to discard them")
 
