@@ -309,3 +309,49 @@ def test_offline_overwrite_refuses_a_folder_with_files_an_offline_run_does_not_w
     assert prepare_offline_dir(folder, resume=False, overwrite=True) is True
     clear_run_dir(folder, OFFLINE_RUN_ENTRIES)
     assert folder.is_dir() and not any(folder.iterdir())
+
+
+def test_offline_resume_dir_reads_the_runs_config_and_a_checkpoint_folder_resumes_from_it(tiny_store, tmp_path, capsys):
+    """`offline --resume` took no folder: the stop line had to spell `--config RUN/offline_config.yaml --resume`."""
+    run = tmp_path / "run"
+    assert cli.main(["offline", "--config", str(_offline_yaml(tmp_path, tiny_store, run)), "--set", "progress=false"]) == 0
+    capsys.readouterr()
+    (tmp_path / "off.yaml").unlink()  # the recipe is gone: the run folder's own offline_config.yaml is the one read
+    assert cli.main(["offline", "--resume", str(run), "--set", "epochs=2"]) == 0
+    assert "done: 4 steps" in capsys.readouterr().out
+    assert len((run / "metrics.csv").read_text().splitlines()) == 5
+    after_four = load_file(str(run / "pytorch_lora_weights.safetensors"))
+
+    # a checkpoint folder: continue from that checkpoint (step 2), not from the newest (step 4)
+    assert cli.main(["offline", "--resume", str(run / "checkpoints" / "iter_000002"), "--set", "epochs=2"]) == 0
+    assert "done: 4 steps" in capsys.readouterr().out
+    again = load_file(str(run / "pytorch_lora_weights.safetensors"))
+    assert again.keys() == after_four.keys() and all(torch.equal(again[k], after_four[k]) for k in again)  # steps 3-4 replayed exactly
+
+    assert cli.main(["offline", "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "--resume " + str(tmp_path / "nowhere") + ": no such run folder or checkpoint folder" in _one_error_line(capsys)
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    assert cli.main(["offline", "--resume", str(stray)]) == 2
+    assert "holds no offline_config.yaml, so it is not a flowalign offline run" in _one_error_line(capsys)
+
+
+def test_resume_names_the_command_of_a_run_of_the_other_kind(tiny_store, tmp_path, capsys):
+    """`offline --resume` on a train run blamed the config hash; `train --resume` on an offline run read the default recipe."""
+    offline_run = tmp_path / "offline_run"
+    assert cli.main(["offline", "--config", str(_offline_yaml(tmp_path, tiny_store, offline_run)), "--set", "max_steps=1"]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(offline_run)]) == 2
+    assert f"holds a `flowalign offline` run, not a train run: continue it with `flowalign offline --resume {offline_run}`" \
+        in _one_error_line(capsys, "train")
+
+    train_run = tmp_path / "train_run"
+    train_run.mkdir()
+    assert cli.main(["config", "--set", "model.pretrained=tiny-sd3"]) == 0
+    (train_run / "config.yaml").write_text(capsys.readouterr().out, encoding="utf-8")
+    (train_run / "checkpoints").mkdir()
+    for argv in (["offline", "--resume", str(train_run)],  # DIR: its offline_config.yaml would be read
+                 ["offline", "--config", str(tmp_path / "off.yaml"), "--resume", "--set", f"output_dir={train_run}"]):
+        assert cli.main(argv) == 2
+        assert f"holds a `flowalign train` run, not an offline one: continue it with `flowalign train --resume {train_run}`" \
+            in _one_error_line(capsys)

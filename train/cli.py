@@ -3,7 +3,7 @@
     flowalign train [--config F] [--set section.key=value ...] [--resume [DIR]] [--overwrite]
     flowalign eval ...        (see ``flowalign eval --help``)
     flowalign generate --config F [--set key=value ...]
-    flowalign offline --config F [--set key=value ...] [--resume] [--overwrite]
+    flowalign offline --config F [--set key=value ...] [--resume [DIR]] [--overwrite]
     flowalign config [--for train|offline|generate] [--config F] [--set key=value ...]
                               (the resolved recipe, every key with its help)
     flowalign reward list     (every reward a recipe can name, with its summary)
@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     offline.add_argument("--config", help="offline recipe YAML, e.g. train/configs/toy_gdro.yaml (default: the built-in defaults)")
     offline.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config value, e.g. --set objective_kwargs.beta=8 (repeatable)")
-    offline.add_argument("--resume", action="store_true", help="continue the run in output_dir from its newest checkpoint")
+    offline.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
+                         help="continue the run in output_dir, or in DIR (a run folder, whose offline_config.yaml is then the "
+                              "recipe, or a checkpoint folder), from its newest checkpoint")
     offline.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
     config = sub.add_parser("config", help="print a training recipe resolved, every key with its help (YAML that --config reads)",
                             description="Print the recipe (default: the toy recipe) with overrides applied and checked, as YAML "
@@ -216,14 +218,21 @@ def run_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resume_folder(resume) -> Optional[Path]:
+    """The run folder of ``--resume DIR`` (a checkpoint folder ``<run>/checkpoints/iter_N`` names its run); None for a
+    bare ``--resume``."""
+    if not isinstance(resume, str):
+        return None
+    folder = Path(resume)
+    return folder.parent.parent if (folder / "manifest.json").is_file() else folder
+
+
 def _train_config(args: argparse.Namespace):
     """The run's config: --config, else DIR/config.yaml when resuming DIR, else the toy recipe."""
     from flowalign.config import load_config
 
     path = args.config
-    resume_dir = Path(args.resume) if isinstance(args.resume, str) else None
-    if resume_dir is not None and (resume_dir / "manifest.json").is_file():  # a checkpoint folder: <run>/checkpoints/iter_N
-        resume_dir = resume_dir.parent.parent
+    resume_dir = _resume_folder(args.resume)
     if path is None:
         path = resume_dir / "config.yaml" if resume_dir is not None and (resume_dir / "config.yaml").is_file() else DEFAULT_RECIPE
     overrides = list(args.overrides)
@@ -321,9 +330,32 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _offline_config(args: argparse.Namespace):
+    """The offline run's config: --config, else DIR/offline_config.yaml when resuming DIR, else the built-in defaults;
+    ``--resume DIR`` sets ``output_dir`` to DIR."""
+    from flowalign.errors import CheckpointError, ConfigError
+    from flowalign.train.offline_trainer import load_offline_config
+    from flowalign.train.run_dir import refuse_other_kind
+
+    path = args.config
+    resume_dir = _resume_folder(args.resume)
+    overrides = list(args.overrides)
+    if resume_dir is not None:
+        if not resume_dir.is_dir():
+            raise CheckpointError(f"--resume {args.resume}: no such run folder or checkpoint folder")
+        if path is None:
+            refuse_other_kind(resume_dir, "offline")
+            if not (resume_dir / "offline_config.yaml").is_file():
+                raise ConfigError(f"--resume {args.resume}: {resume_dir} holds no offline_config.yaml, so it is not a "
+                                  "flowalign offline run (pass --config with the run's recipe)")
+            path = resume_dir / "offline_config.yaml"
+        overrides.append(f"output_dir={json.dumps(str(resume_dir))}")  # quoted, as for train
+    return load_offline_config(path, overrides)
+
+
 def run_offline(args: argparse.Namespace) -> int:
     """``flowalign offline``: train a LoRA from a rollout store; returns the exit status (2 bad input, 1 failure)."""
-    from flowalign.train.offline_trainer import OfflineTrainer, load_offline_config
+    from flowalign.train.offline_trainer import OfflineTrainer
 
     refused = _single_process("offline")
     if refused is not None:
@@ -331,8 +363,9 @@ def run_offline(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         return _error("offline", CONTRADICTORY_FLAGS)
     try:
-        config = load_offline_config(args.config, list(args.overrides))
-        trainer = OfflineTrainer(config, resume=args.resume, overwrite=args.overwrite).setup()
+        config = _offline_config(args)
+        checkpoint = isinstance(args.resume, str) and (Path(args.resume) / "manifest.json").is_file()
+        trainer = OfflineTrainer(config, resume=args.resume if checkpoint else bool(args.resume), overwrite=args.overwrite).setup()
     except (FlowalignError, *_write_errors()) as exc:  # bad input, or an output folder that cannot be written
         return _error("offline", exc)
     try:

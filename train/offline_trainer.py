@@ -206,12 +206,12 @@ class OfflineTrainer(OptimizerViews):
     """setup / train / save over a rollout store. ``adapter`` may be passed pre-built (tests, bench).
 
     Args:
-        resume: continue from the newest valid checkpoint in ``output_dir/checkpoints``
-            (:class:`CheckpointError` when there is none).
+        resume: True continues from the newest valid checkpoint in ``output_dir/checkpoints``
+            (:class:`CheckpointError` when there is none); a checkpoint folder continues from that one.
         overwrite: replace a run already in ``output_dir`` (cleared only once setup succeeded).
     """
 
-    def __init__(self, config: OfflineConfig, adapter=None, resume: bool = False, overwrite: bool = False):
+    def __init__(self, config: OfflineConfig, adapter=None, resume: Union[bool, str, Path] = False, overwrite: bool = False):
         self.config, self.adapter, self.resume, self.overwrite = config, adapter, resume, overwrite
         self.run_dir = Path(config.output_dir)
         self.step, self.nfe, self.seconds = 0, 0, 0.0
@@ -282,9 +282,13 @@ class OfflineTrainer(OptimizerViews):
         cfg = self.config
         latest = None
         if self.resume:
-            from flowalign.train.run_dir import never_checkpointed
+            from flowalign.train.run_dir import never_checkpointed, refuse_other_kind
 
-            latest = ckpt.find_latest(self.run_dir / "checkpoints")
+            refuse_other_kind(self.run_dir, "offline")
+            chosen = Path(self.resume) if isinstance(self.resume, (str, Path)) else None
+            if chosen is not None and not (chosen / ckpt.MANIFEST).is_file():
+                raise CheckpointError(f"resume={chosen}: not a checkpoint folder (pass True to resume output_dir's newest)")
+            latest = chosen if chosen is not None else ckpt.find_latest(self.run_dir / "checkpoints")
             if latest is None and not ((self.run_dir / "offline_config.yaml").is_file() and never_checkpointed(self.run_dir)):
                 raise CheckpointError(f"--resume: no valid checkpoint under {self.run_dir / 'checkpoints'}")
             if latest is None:  # stopped before its first checkpoint: nothing trained is lost, start it again
@@ -460,8 +464,8 @@ class OfflineTrainer(OptimizerViews):
                         self.save_checkpoint()
                     if stop.signum is not None and self.step < self.total_steps:
                         path = self.save_checkpoint() if self.step > self._saved_step else ckpt.find_latest(self.run_dir / "checkpoints")
-                        config = shlex.quote(str(self.run_dir / "offline_config.yaml"))
-                        raise stop.stopped(stop.signum, self.step, self.total_steps, path, resume=f"flowalign offline --config {config} --resume")
+                        raise stop.stopped(stop.signum, self.step, self.total_steps, path,
+                                           resume=f"flowalign offline --resume {shlex.quote(str(self.run_dir))}")
         finally:
             if bar is not None:
                 bar.close()

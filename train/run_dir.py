@@ -76,6 +76,20 @@ def refuse_foreign(run_dir: Path, known: frozenset = RUN_ENTRIES, key: str = "tr
                           "or move them out first")
 
 
+def refuse_other_kind(run_dir: Path, command: str) -> None:
+    """ConfigError when ``--resume`` of ``command`` (``"train"`` or ``"offline"``) points at a run of the other command,
+    naming the command that continues it (each would otherwise blame the config hash or the missing checkpoint)."""
+    import shlex
+
+    quoted = shlex.quote(str(run_dir))
+    if command == "offline" and (run_dir / "config.yaml").is_file() and not (run_dir / "offline_config.yaml").is_file():
+        raise ConfigError(f"{run_dir} holds a `flowalign train` run, not an offline one: continue it with "
+                          f"`flowalign train --resume {quoted}`")
+    if command == "train" and (run_dir / "offline_config.yaml").is_file() and not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} holds a `flowalign offline` run, not a train run: continue it with "
+                          f"`flowalign offline --resume {quoted}`")
+
+
 def prepare_run_dir(run_dir: Path, config: FlowalignConfig, resume: bool, overwrite: bool) -> bool:
     """Check that a run may start in ``run_dir``; return True when an old run must be cleared first.
 
@@ -91,6 +105,7 @@ def prepare_run_dir(run_dir: Path, config: FlowalignConfig, resume: bool, overwr
         raise ConfigError(f"train.output_dir {str(run_dir)!r} is not valid UTF-8, which TensorBoard and the run's files need; "
                           "rename the folder") from None
     if resume:
+        refuse_other_kind(run_dir, "train")
         if (run_dir / "config.yaml").is_file():
             previous = load_config(run_dir / "config.yaml")
             changed = config_diff(previous, config)
