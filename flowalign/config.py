@@ -775,7 +775,10 @@ def read_recipe(path: Union[str, Path], what: str = "train", _chain: tuple = ())
     label = "config file" if what == "train" else f"{what} config"
     resolved = resolve_recipe(path, relative_to=_chain[-1].parent if _chain else None)
     if not resolved.is_file():
-        raise ConfigError(f"config file not found: {path}" if what == "train" else f"{what} config {str(path)!r} does not exist")
+        from flowalign.files import relative_to_cwd
+
+        where = relative_to_cwd(resolved)
+        raise ConfigError(f"config file not found: {path}{where}" if what == "train" else f"{what} config {str(path)!r} does not exist{where}")
     try:
         data = load_yaml(resolved.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:

@@ -16,6 +16,12 @@ from typing import Iterator, Optional, Union
 PathLike = Union[str, Path]
 
 
+def relative_to_cwd(path: PathLike) -> str:
+    """``" (relative to the working directory D)"`` for a relative ``path``, else ``""``: the tail of a "not found"
+    message, since a relative path names a file only together with the folder the command ran in."""
+    return "" if Path(path).is_absolute() else f" (relative to the working directory {Path.cwd()})"
+
+
 def fsync_path(path: PathLike) -> None:
     """Flush ``path`` (a file or a folder) to disk. A file's errors are raised (a failed flush is a failed
     write); a folder that cannot be opened or flushed is skipped (Windows, some filesystems)."""

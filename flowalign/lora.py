@@ -401,7 +401,9 @@ def read_lora_file(path: Union[str, Path]) -> tuple[Path, dict[str, tuple], dict
         if (given / "manifest.json").is_file():  # a checkpoint from before checkpoints held the diffusers file
             hint = ("; this checkpoint predates checkpoints carrying it (its lora.safetensors is resume state, without "
                     "diffusers' key prefixes): resume the run (flowalign train --resume) to write one")
-        raise LoraMismatchError(f"LoRA file not found: {file}{hint}")
+        from flowalign.files import relative_to_cwd
+
+        raise LoraMismatchError(f"LoRA file not found: {file}{relative_to_cwd(file)}{hint}")
     try:
         with safe_open(str(file), framework="pt") as fh:
             shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}

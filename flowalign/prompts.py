@@ -88,7 +88,9 @@ def load_prompts(path: Union[str, Path]) -> list[PromptRecord]:
     if suffix not in PROMPT_FILE_SUFFIXES:
         raise PromptFileError(f"{path}: unsupported prompt file type {suffix or '(none)'!r}; use .txt or .jsonl", path=path)
     if not path.exists():
-        raise PromptFileError(f"{path}: prompt file not found", path=path)
+        from flowalign.files import relative_to_cwd
+
+        raise PromptFileError(f"{path}: prompt file not found{relative_to_cwd(path)}", path=path)
     if not path.is_file():
         raise PromptFileError(f"{path}: not a file", path=path)
     try:

@@ -80,6 +80,31 @@ def test_missing_file_and_directory(tmp_path):
         load_prompts(tmp_path / "dir.jsonl")
 
 
+def test_a_missing_relative_path_names_the_working_directory(tmp_path, monkeypatch, capsys):
+    """A relative path that is not there is a file relative to *some* folder: the messages named the path alone, so a
+    command run from the wrong folder read as a missing file."""
+    from flowalign.config import load_config
+    from flowalign.lora import read_lora_file
+    from flowalign.train import cli
+
+    monkeypatch.chdir(tmp_path)
+    where = f"(relative to the working directory {tmp_path})"
+    with pytest.raises(PromptFileError, match="not found") as info:
+        load_prompts("prompts/mine.jsonl")
+    assert str(info.value) == f"prompts/mine.jsonl: prompt file not found {where}"
+    with pytest.raises(ConfigError) as info:
+        load_config("configs/mine.yaml")
+    assert str(info.value) == f"config file not found: configs/mine.yaml {where}"
+    with pytest.raises(Exception, match="LoRA file not found") as info:
+        read_lora_file("runs/mine")
+    assert f"runs/mine {where}" in str(info.value)
+    assert cli.main(["eval", "--model", "tiny-sd3", "--prompts", "p.txt", "--lora", "runs/mine"]) == 2
+    assert f"--lora 'runs/mine' does not exist {where}" in capsys.readouterr().err
+    with pytest.raises(PromptFileError) as info:  # an absolute path says nothing more
+        load_prompts(tmp_path / "nope.txt")
+    assert str(info.value) == f"{tmp_path / 'nope.txt'}: prompt file not found"
+
+
 def test_error_line_attribute(tmp_path):
     with pytest.raises(PromptFileError) as info:
         load_prompts(_write(tmp_path, "p.jsonl", '{"prompt": "a"}\n{"prompt": "b"}\n{bad\n'))

@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from flowalign.errors import ConfigError, FlowalignError
+from flowalign.files import relative_to_cwd
 
 logger = logging.getLogger(__name__)
 
@@ -368,7 +369,7 @@ def load_quality(spec: str, reference: Optional[str] = None):
         if spec != DEFAULT_QUALITY:
             raise ConfigError(f"--corrected-reference only applies to --corrected-by {DEFAULT_QUALITY}, not {spec!r}")
         if not Path(reference).is_file():
-            raise ConfigError(f"--corrected-reference {reference!r} does not exist")
+            raise ConfigError(f"--corrected-reference {reference!r} does not exist{relative_to_cwd(reference)}")
         try:
             return load_reward(spec, reference=reference)
         except (ValueError, KeyError, OSError) as exc:
@@ -400,7 +401,8 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
     if options.out is not None:
         check_out_folder(options.out)
     if options.lora is not None and not Path(options.lora).exists():
-        raise ConfigError(f"--lora {options.lora!r} does not exist (give pytorch_lora_weights.safetensors or its folder)")
+        raise ConfigError(f"--lora {options.lora!r} does not exist{relative_to_cwd(options.lora)} (give "
+                          "pytorch_lora_weights.safetensors or its folder)")
     if options.lora is not None:
         from flowalign.lora import read_lora_file
 
