@@ -191,6 +191,7 @@ class RewardConfig:
     kwargs: dict = field(default_factory=dict, metadata={"help": "Keyword arguments passed to the reward's constructor."})
     on_error: str = field(default="raise", metadata={"help": "When the reward fails or returns NaN: 'raise' or 'drop' the sample with a warning."})
     label: Optional[str] = field(default=None, metadata={"help": "The run's name for this entry in logs and metrics (reward/<label>/mean); null = name. Lets one reward appear twice with other kwargs."})
+    batch_size: Optional[int] = field(default=None, metadata={"help": "Samples per call of the reward when it scores rollouts (train, generate; null: each process's whole batch at once). Bounds a reward model's peak memory; the scores are the same, so a run may resume with another value."})
 
     @property
     def key(self) -> str:
@@ -203,6 +204,9 @@ class RewardConfig:
                                       and "/" not in self.label),
                f"rewards[{self.name}].label must be null or a non-empty name without '/' or surrounding spaces, got {self.label!r}")
         _choice("rewards[].on_error", self.on_error, ("raise", "drop"))
+        _check(self.batch_size is None or (isinstance(self.batch_size, int) and not isinstance(self.batch_size, bool)
+                                           and self.batch_size >= 1),
+               f"rewards[{self.name}].batch_size must be null or an integer >= 1, got {self.batch_size!r}")
         _check(self.weight == self.weight, f"rewards[{self.name}].weight must be a number, got {self.weight}")
 
 
@@ -944,6 +948,7 @@ def _hashed_settings(config: FlowalignConfig) -> dict:
     for entry in data["rewards"]:  # the same for keys of a reward entry
         if entry.get("label") is None:
             entry.pop("label", None)
+        entry.pop("batch_size", None)  # how many samples a call scores, not what it scores
     return data
 
 

@@ -17,8 +17,10 @@ from flowalign.rewards.base import (
     as_reward_output,
     available_rewards,
     call_reward,
+    call_reward_batched,
     check_reward_inputs,
     check_reward_spec,
+    join_details,
     load_reward,
     register_reward,
 )
@@ -37,8 +39,10 @@ __all__ = [
     "as_reward_output",
     "available_rewards",
     "call_reward",
+    "call_reward_batched",
     "check_reward_inputs",
     "check_reward_spec",
+    "join_details",
     "load_reward",
     "register_reward",
 ]

@@ -657,6 +657,66 @@ def call_reward(reward: Callable, images: Tensor, prompts: Sequence[str],
     return CheckedRewardOutput(scores=scores, details=out.details, keep=keep, num_dropped=num_dropped)
 
 
+def call_reward_batched(reward: Callable, images: Tensor, prompts: Sequence[str], metadata: Optional[Sequence[Mapping]] = None,
+                        on_error: str = "raise", name: Optional[str] = None, batch_size: Optional[int] = None,
+                        progress: Optional[Callable[[int], None]] = None) -> CheckedRewardOutput:
+    """:func:`call_reward` on chunks of at most ``batch_size`` samples (None: the whole batch in one call), joined.
+
+    A reward model's peak memory follows the images it is given at once; chunking bounds it, and ``progress(n)`` is
+    called after each chunk with the ``n`` samples it scored (a bar that counts samples). Each chunk gets the failure
+    policy on its own; the joined output has every chunk's scores, keep mask and dropped count, and the details
+    :func:`join_details` can join.
+    """
+    batch = len(prompts)
+    if batch_size is None or batch_size >= batch:
+        out = call_reward(reward, images, prompts, metadata, on_error=on_error, name=name)
+        if progress is not None:
+            progress(batch)
+        return out
+    if batch_size < 1:
+        raise ConfigError(f"reward batch_size must be >= 1 or None, got {batch_size}")
+    parts: list[CheckedRewardOutput] = []
+    for start in range(0, batch, batch_size):
+        stop = min(start + batch_size, batch)
+        chunk_metadata = None if metadata is None else list(metadata)[start:stop]
+        parts.append(call_reward(reward, images[start:stop], list(prompts)[start:stop], chunk_metadata, on_error=on_error, name=name))
+        if progress is not None:
+            progress(stop - start)
+    device = parts[0].scores.device
+    sizes = [len(part.keep) for part in parts]
+    return CheckedRewardOutput(scores=torch.cat([part.scores.to(device) for part in parts]),
+                               details=join_details([part.details for part in parts], sizes),
+                               keep=torch.cat([part.keep for part in parts]), num_dropped=sum(part.num_dropped for part in parts))
+
+
+def join_details(parts: Sequence[Mapping[str, Any]], sizes: Sequence[int]) -> dict[str, Any]:
+    """The details of consecutive chunks of ``sizes[i]`` samples as one batch's.
+
+    Per key present in every chunk: tensors with one row per sample are concatenated, lists / tuples of one item per
+    sample chained, mappings joined key by key, and any other value kept when every chunk has the same (a reward's
+    constant, such as a mixture's weights). A key that fits none of these is left out.
+    """
+    out: dict[str, Any] = {}
+    for key in [k for k in parts[0] if all(k in part for part in parts)]:
+        values = [part[key] for part in parts]
+        if all(isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == n for v, n in zip(values, sizes)):
+            out[key] = torch.cat([v.to(values[0].device) for v in values])
+        elif all(isinstance(v, (list, tuple)) and len(v) == n for v, n in zip(values, sizes)):
+            out[key] = [x for v in values for x in v]
+        elif all(isinstance(v, Mapping) for v in values):
+            out[key] = join_details(values, sizes)
+        elif not any(isinstance(v, Tensor) for v in values) and all(_same(v, values[0]) for v in values[1:]):
+            out[key] = values[0]
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - a value whose == is not a truth value (arrays): not a constant
+        return False
+
+
 def _score_each(reward: Callable, name: str, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]],
                 batch_error: Exception, on_error: str) -> RewardOutput:
     """Score samples one by one after a failed batched call; NaN for those that fail alone."""

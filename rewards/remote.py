@@ -55,7 +55,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from flowalign.errors import ConfigError, RewardError
-from flowalign.rewards.base import Reward, RewardOutput, register_reward
+from flowalign.rewards.base import Reward, RewardOutput, join_details, register_reward
 
 logger = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 1 << 30  # the server refuses larger bodies (1 GiB: 128 videos of 81 frames at 480 x 832 in uint8 do not fit)
@@ -145,19 +145,6 @@ def _is_loopback(url: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _cat_details(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Chunks' details joined per key: tensors concatenated, lists chained, a key missing from a chunk left out."""
-    keys = [k for k in parts[0] if all(k in part for part in parts)]
-    out = {}
-    for key in keys:
-        values = [part[key] for part in parts]
-        if all(isinstance(v, Tensor) for v in values):
-            out[key] = torch.cat(values)
-        elif all(isinstance(v, list) for v in values):
-            out[key] = [x for v in values for x in v]
-    return out
 
 
 def _error_of(answer: urllib.error.HTTPError) -> str:
@@ -286,7 +273,8 @@ class RemoteReward(Reward):
         parts = [self._score_chunk(images[i:i + self.max_batch], prompts[i:i + self.max_batch], metadata[i:i + self.max_batch])
                  for i in range(0, len(prompts), self.max_batch)]
         scores = torch.cat([values for values, _ in parts]).to(self.device) if parts else torch.zeros(0, device=self.device)
-        return RewardOutput(scores=scores, details=_cat_details([d for _, d in parts]) if parts else {})
+        sizes = [len(values) for values, _ in parts]
+        return RewardOutput(scores=scores, details=join_details([d for _, d in parts], sizes) if parts else {})
 
 
 def check_max_pending(max_pending: int) -> None:

@@ -273,6 +273,22 @@ def test_generate_rerun_with_another_t5_cache_size_is_the_same_store(tiny_store,
     assert cli.main(["generate", "--config", str(gen), "--set", "model.t5_cache_size=0"]) == 0, capsys.readouterr().err
 
 
+def test_generate_scores_in_reward_batches_into_the_same_store(tiny_store, tmp_path, capsys):
+    """rewards[].batch_size chunks the scoring calls; the stored rewards are the whole batch's, and a finished store
+    reruns under another batch size (the chunking is not a setting of the store)."""
+    import shutil
+
+    store = tmp_path / "store"
+    gen = tmp_path / "gen.yaml"
+    gen.write_text((tiny_store.parent / "gen.yaml").read_text().replace(str(tiny_store), str(store)))
+    assert cli.main(["generate", "--config", str(gen), "--set", "rewards.0.batch_size=2"]) == 0, capsys.readouterr().err
+    ours = [json.loads(line) for line in (store / "manifest.jsonl").read_text().splitlines()]
+    theirs = [json.loads(line) for line in (tiny_store / "manifest.jsonl").read_text().splitlines()]
+    assert [[s["rewards"] for s in e["samples"]] for e in ours] == [[s["rewards"] for s in e["samples"]] for e in theirs]
+    assert cli.main(["generate", "--config", str(gen)]) == 0, capsys.readouterr().err
+    shutil.rmtree(store)
+
+
 @pytest.mark.parametrize("kind, recipe", [("offline", "toy_gdro.yaml"), ("offline", "toy_awm_offline.yaml"), ("generate", "toy_generate.yaml")])
 def test_config_prints_offline_and_generate_recipes_that_read_back(kind, recipe, tmp_path, capsys):
     import dataclasses

@@ -729,3 +729,38 @@ def test_float64_scores_that_float32_merges_are_named_in_one_warning(monkeypatch
     assert out.scores.dtype == torch.float32
     merged = [r.getMessage() for r in caplog.records if "float32" in r.getMessage()]
     assert len(merged) == 1 and "'offset_scores'" in merged[0] and "3 of a batch's distinct float64 scores" in merged[0], merged
+
+
+def test_call_reward_batched_joins_chunks_as_one_call():
+    """Chunks of at most batch_size samples: scores, keep mask, dropped count and details as the whole batch's."""
+    from flowalign.rewards import call_reward, call_reward_batched, join_details
+
+    calls = []
+
+    def reward(images, prompts, metadata):
+        calls.append(len(prompts))
+        scores = images.mean(dim=(1, 2, 3))
+        scores = torch.where(torch.tensor(["bad" in p for p in prompts]), torch.full_like(scores, float("nan")), scores)
+        return scores, {"per_sample": scores * 2, "tags": [m["tag"] for m in metadata], "scale": 2.0,
+                        "nested": {"twice": scores.clone()}, "summary": torch.tensor(1.0)}
+
+    images = torch.rand(7, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    prompts = ["a", "b", "bad c", "d", "e", "bad f", "g"]
+    metadata = [{"tag": f"t{i}"} for i in range(7)]
+    whole = call_reward(reward, images, prompts, metadata, on_error="drop")
+    calls.clear()
+    done = []
+    out = call_reward_batched(reward, images, prompts, metadata, on_error="drop", batch_size=3, progress=done.append)
+    assert calls == [3, 3, 1] and done == [3, 3, 1]
+    assert torch.equal(out.scores.isnan(), whole.scores.isnan()) and torch.allclose(out.scores.nan_to_num(), whole.scores.nan_to_num())
+    assert torch.equal(out.keep, whole.keep) and out.num_dropped == whole.num_dropped == 2
+    assert torch.allclose(out.details["per_sample"].nan_to_num(), whole.details["per_sample"].nan_to_num())
+    assert out.details["tags"] == [f"t{i}" for i in range(7)] and out.details["scale"] == 2.0
+    assert torch.allclose(out.details["nested"]["twice"].nan_to_num(), whole.scores.nan_to_num())
+    assert "summary" not in out.details  # one value per chunk, not per sample: not joinable
+    calls.clear()
+    assert torch.allclose(call_reward_batched(reward, images, prompts, metadata, on_error="drop", batch_size=7).scores.nan_to_num(),
+                          whole.scores.nan_to_num()) and calls == [7]  # one chunk: one call
+    with pytest.raises(RewardError, match="non-finite scores for 1 of 3 prompts"):  # each chunk under the policy
+        call_reward_batched(reward, images, prompts, metadata, on_error="raise", batch_size=3)
+    assert join_details([{"a": [1], "b": 1}, {"a": [2, 3], "b": 2}], [1, 2]) == {"a": [1, 2, 3]}  # differing constants: left out

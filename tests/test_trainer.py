@@ -898,3 +898,49 @@ def test_grid_pruning_after_a_resume_from_an_earlier_checkpoint_keeps_the_new_gr
     assert [p.name for p in prune_eval_grids(tmp_path, 2, current=120)] == ["iter_000040.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_000020.png", "iter_000100.png", "iter_000120.png", "iter_000140.png",
                                                          "iter_000160.png", "iter_000180.png", "iter_000200.png"]
+
+
+def test_reward_batch_size_scores_in_chunks_with_the_same_scores_and_a_bar_over_samples(tmp_path):
+    """rewards[].batch_size: a reward model saw each process's whole batch at once, and the "reward" bar counted rewards
+    (1 of 1), not samples."""
+    seen = []
+    brightness = load_reward("brightness")
+
+    def scoring(images, prompts, metadata=None):
+        seen.append(len(prompts))
+        return brightness(images, prompts)
+
+    def scores(run, *overrides):
+        trainer = _trainer(tmp_path / run, *overrides)
+        trainer.rewards = {key: scoring for key in trainer.rewards}
+        bars = []
+
+        class Bar:
+            def __init__(self, desc, total, unit):
+                self.desc, self.total, self.unit, self.n, self.closed = desc, total, unit, 0, False
+                bars.append(self)
+
+            def update(self, n):
+                self.n += n
+
+            def close(self):
+                self.closed = True
+
+        trainer._bar = Bar
+        seen.clear()
+        batch = trainer.collect()
+        trainer.cleanup()
+        bar = next(bar for bar in bars if bar.desc == "reward")
+        return batch.traj.rewards, list(seen), bar
+
+    whole, calls, bar = scores("whole")
+    assert calls == [16] and (bar.total, bar.n, bar.unit, bar.closed) == (16, 16, "sample", True)
+    chunked, calls, bar = scores("chunked", "rewards.0.batch_size=5")
+    assert calls == [5, 5, 5, 1] and (bar.total, bar.n) == (16, 16)
+    assert torch.equal(chunked, whole)  # the same samples, the same scores
+    from flowalign.config import config_hash
+
+    assert config_hash(_config(tmp_path, "rewards.0.batch_size=5")) == config_hash(_config(tmp_path))  # resumes either way
+    for bad in ("0", "-2", "true", "2.5"):
+        with pytest.raises(ConfigError, match=r"batch_size must be (null or )?an integer"):
+            _config(tmp_path, f"rewards.0.batch_size={bad}")

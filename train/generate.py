@@ -162,7 +162,7 @@ def reward_score_fn(rewards: list[RewardConfig], device: str = "cpu", records: O
     binary scores tie (select it with the offline recipe's ``reward:``). ``records`` (the prompts to be scored) are
     checked by each reward's ``check_prompts`` here, before any model samples them.
     """
-    from flowalign.rewards import call_reward, load_reward
+    from flowalign.rewards import call_reward_batched, load_reward
     from flowalign.rewards.base import check_reward_prompts
     from flowalign.train.runtime import to_device
 
@@ -175,7 +175,8 @@ def reward_score_fn(rewards: list[RewardConfig], device: str = "cpu", records: O
         out = {}
         for cfg, reward in loaded:
             with torch.no_grad():  # scores only: a reward model with trainable parameters would record its graph
-                checked = call_reward(reward, images.to(device), prompts, metadata, on_error=cfg.on_error)
+                checked = call_reward_batched(reward, images.to(device), prompts, metadata, on_error=cfg.on_error,
+                                              batch_size=cfg.batch_size)
             out[cfg.key] = checked.scores.float().cpu()
             partial = checked.details.get("partial")
             if isinstance(partial, Tensor) and partial.shape == checked.scores.shape:
@@ -258,7 +259,9 @@ def _fill_locked(cfg: GenerateConfig, sample_fn: Optional[SampleFn], score_fn: O
     settings = {
         "model": {k: v for k, v in to_dict(cfg.model).items() if k not in MODEL_MEMORY_KNOBS}, "lora": cfg.lora, "model_hash": model_hash, "sampler": sampler,
         # an unset label is left out, so a store begun before labels existed is finished by the same settings
-        "rewards": [{k: v for k, v in to_dict(r).items() if not (k == "label" and v is None)} for r in cfg.rewards],
+        # batch_size is how many samples a call scores, not what it scores: a store finished with another is the same store
+        "rewards": [{k: v for k, v in to_dict(r).items() if not (k == "label" and v is None) and k != "batch_size"}
+                    for r in cfg.rewards],
         "prompts_file": str(cfg.prompts),
     }
     store = fill_store(

@@ -6,7 +6,7 @@ One iteration::
       -> rollout            flowalign.sampling.rollout        (tqdm "rollout"; with train.old_policy_rate > 0
                             by DiffusionNFT's soft-updated old policy, LoraOptimizer.old_policy; with
                             sampling.drift_reward steered by Euphonium's guided drift, flowalign.guidance)
-      -> rewards            flowalign.rewards.call_reward      (tqdm "reward", failure policy)
+      -> rewards            flowalign.rewards.call_reward_batched (tqdm "reward" over samples, failure policy)
       -> advantages         flowalign.advantages.group_advantages, drop all-zero samples (with train.oversample > 1:
                             train on the first prompts_per_iter groups with a signal, first_informative_groups;
                             train.max_sampling_rounds > 1 first draws, rolls out and scores more windows of prompts
@@ -443,17 +443,19 @@ class Trainer(OptimizerViews):
     def _score_rewards(self, traj) -> tuple[Tensor, Tensor, dict, dict]:
         """This process's weighted reward sum ``[B]`` (NaN where dropped), kept mask, each reward's scores and
         dropped-sample count by key."""
-        from flowalign.rewards import call_reward
+        from flowalign.rewards import call_reward_batched
 
         total = torch.zeros(traj.batch_size)
         keep = torch.ones(traj.batch_size, dtype=torch.bool)
         components: dict = {}  # each reward's scores [B] (NaN where dropped), for objective.reward_mix: advantage
         dropped: dict = {}
-        for rcfg in self._tqdm(self.config.rewards, "reward"):
+        bar = self._bar("reward", total=len(self.config.rewards) * traj.batch_size, unit="sample")  # every reward's samples
+        for rcfg in self.config.rewards:
             reward = self.rewards[rcfg.key]
             # no autograd: a reward model whose parameters require grad would record its whole graph
             with runtime.reward_device(reward, self.device, self.config.train.offload_rewards), torch.no_grad():
-                out = call_reward(reward, traj.images, traj.prompts, traj.metadata or None, on_error=rcfg.on_error, name=rcfg.key)
+                out = call_reward_batched(reward, traj.images, traj.prompts, traj.metadata or None, on_error=rcfg.on_error,
+                                          name=rcfg.key, batch_size=rcfg.batch_size, progress=bar.update if bar is not None else None)
             scores = out.scores.detach().float().cpu()
             keep &= out.keep.cpu()
             was_finite = torch.isfinite(total)  # not where an earlier reward dropped the sample
@@ -466,6 +468,8 @@ class Trainer(OptimizerViews):
                                   f"to {float(scores[overflow].abs().max()):.3g}); rescale the reward or its weight", reward=rcfg.key)
             components[rcfg.key] = scores
             dropped[rcfg.key] = out.num_dropped
+        if bar is not None:
+            bar.close()
         return total, keep, components, dropped
 
     def _reward_metrics(self, total: Tensor, components: dict, dropped: dict) -> dict:
