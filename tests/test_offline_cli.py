@@ -371,3 +371,26 @@ def test_resume_names_the_command_of_a_run_of_the_other_kind(tiny_store, tmp_pat
         assert cli.main(argv) == 2
         assert f"holds a `flowalign train` run, not an offline one: continue it with `flowalign train --resume {train_run}`" \
             in _one_error_line(capsys)
+
+
+def test_steps_whose_groups_all_tie_are_counted_and_named(tiny_store, tmp_path, capsys, caplog):
+    """A batch of tied groups gives GDRO no ranking, so its step is not applied: the run said 'done: 2 steps' as if both
+    had trained, without a word."""
+    import logging
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    lines = [json.loads(line) for line in (store / "manifest.jsonl").read_text().splitlines()]
+    lines[0]["samples"] = [{**s, "rewards": {**s["rewards"], "brightness": 0.5}} for s in lines[0]["samples"]]  # group 0 tied
+    (store / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    run = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="flowalign.train.offline_trainer"):
+        assert cli.main(["offline", "--config", str(_offline_yaml(tmp_path, store, run)), "--set", "progress=false"]) == 0
+    assert "done: 2 steps (1 without signal, not applied)" in capsys.readouterr().out
+    assert "1 of the 2 steps run had no signal" in caplog.text and "tied rewards 'brightness'" in caplog.text
+    import csv
+
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert sorted(float(r["optim/skipped_zero"]) for r in rows) == [0.0, 1.0]
+    assert sorted(float(r["optim/steps"]) for r in rows) == [0.0, 1.0]

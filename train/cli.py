@@ -380,7 +380,8 @@ def run_offline(args: argparse.Namespace) -> int:
     finally:
         trainer.close()
     loss = f"; loss {history[-1]['loss']:.4g}" if history else ""
-    print(f"done: {trainer.step} steps, {trainer.nfe} NFE, {trainer.seconds:.1f} s{loss}; LoRA in {path}")
+    unapplied = f" ({trainer.unapplied_steps} without signal, not applied)" if trainer.unapplied_steps else ""
+    print(f"done: {trainer.step} steps{unapplied}, {trainer.nfe} NFE, {trainer.seconds:.1f} s{loss}; LoRA in {path}")
     return 0
 
 

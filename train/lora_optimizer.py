@@ -186,11 +186,13 @@ class LoraOptimizer:
         applied steps; absent when none was applied, rather than a 0 that drags curves down), ``optim/steps`` (applied
         this update), ``optim/global_step`` (applied since the run began: the x-axis of runs with another
         ``grad_accum`` / ``inner_epochs``), ``optim/skipped_nonfinite`` (steps skipped for a non-finite gradient norm),
-        ``optim/skipped_microbatches`` (micro-batches skipped for a non-finite loss, over every process), ``optim/lr``."""
+        ``optim/skipped_microbatches`` (micro-batches skipped for a non-finite loss, over every process), ``optim/skipped_zero``
+        (steps not applied for an all-zero gradient: no signal, e.g. every group's rewards tied), ``optim/lr``."""
         norms = stats["grad_norm"]
         skipped = self.gather(torch.tensor([float(self.skipped_microbatches)])).sum()
         out = {"optim/steps": float(stats["steps"]), "optim/global_step": float(self.steps_taken),
                "optim/skipped_nonfinite": float(stats["skipped"]), "optim/skipped_microbatches": float(skipped),
+               "optim/skipped_zero": float(stats.get("zero", 0)),
                "optim/lr": self.optimizer.param_groups[0]["lr"]}
         if norms:
             out["grad_norm"] = sum(norms) / len(norms)

@@ -216,6 +216,7 @@ class OfflineTrainer(OptimizerViews):
         self.run_dir = Path(config.output_dir)
         self.step, self.nfe, self.seconds = 0, 0, 0.0
         self._saved_step = -1
+        self.unapplied_steps = 0  # steps of the last train() call with an all-zero gradient (tied groups), not applied
         self.text_modules: dict = {}  # text encoders with LoRA (lora.train_text_encoder), filled by setup
         self.run_log: Optional[RunLogger] = None  # metrics.csv + trackers, opened by setup
         self._lock = None  # the run folder's lock, taken by setup
@@ -473,6 +474,12 @@ class OfflineTrainer(OptimizerViews):
             self.save_checkpoint()
         if history and self.optim.steps_taken == 0:  # every step skipped as non-finite, each streak under the limit
             raise nothing_stepped(f"{self.step} steps", columns="loss and grad_norm")
+        self.unapplied_steps = int(sum(m.get("optim/skipped_zero", 0.0) for m in history))
+        if self.unapplied_steps:
+            logger.warning("%d of the %d steps run had no signal (an all-zero gradient: with %s, every group of the batch had "
+                           "tied rewards %r) and were not applied; a denser reward (a verifier's '<name>/partial'), a larger "
+                           "k or more groups_per_batch give more steps a ranking", self.unapplied_steps, len(history),
+                           cfg.objective, self.reward)
         return history
 
     # ------------------------------------------------------------------ save / resume
