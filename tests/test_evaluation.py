@@ -1008,3 +1008,26 @@ def test_compare_gives_the_paired_score_change_a_continuous_reward_moves(adapter
     assert rows["colors"]["delta_score"] == pytest.approx(mean_interval(torch.tensor([by_hand[i if i < 6 else i - 1] for i in colors]))[0])
     table = compare(base, aligned).table()
     assert "| base score | aligned score | Δ score [95% CI] |" in table and f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]" in table
+
+
+def test_min_accuracy_gates_the_exit_status_after_everything_is_written(capsys, tmp_path):
+    """`flowalign eval --min-accuracy A`: a CI job or a sweep can stop on a model below A without parsing eval.json."""
+    from flowalign.train import cli
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in RECORDS[:2]) + "\n")
+    base = ["eval", "--model", "tiny-sd3", "--prompts", str(prompts), "--reward", "brightness", "--num-samples", "4",
+            "--steps", "2", "--no-progress"]
+    assert cli.main(base + ["--out", str(tmp_path / "low"), "--min-accuracy", "0"]) == 0
+    overall = json.loads((tmp_path / "low" / "eval.json").read_text())["categories"]["all"]
+    assert overall["accuracy"] < 0.5  # brightness of the random tiny model: below its threshold
+    capsys.readouterr()
+    assert cli.main(base + ["--out", str(tmp_path / "high"), "--min-accuracy", "0.5"]) == 3
+    captured = capsys.readouterr()
+    assert (f"accuracy {overall['accuracy']:.4f} ({overall['correct']}/{overall['count']}) is below --min-accuracy 0.5"
+            in captured.err)
+    assert (tmp_path / "high" / "eval.json").is_file() and "all" in captured.out  # the table printed, the files written
+    assert cli.main(base + ["--min-accuracy", str(overall["accuracy"])]) == 0  # at the threshold passes
+    capsys.readouterr()
+    assert cli.main(base + ["--min-accuracy", "1.5"]) == 2
+    assert "--min-accuracy must be a fraction in [0, 1], got 1.5" in capsys.readouterr().err

@@ -66,6 +66,8 @@ from flowalign.files import relative_to_cwd
 
 logger = logging.getLogger(__name__)
 
+EXIT_BELOW_THRESHOLD = 3  # --min-accuracy not reached (2: bad input, 1: a failure)
+
 __all__ = ["EvalOptions", "add_eval_arguments", "main", "main_eval", "run_eval", "load_quality", "load_reference", "check_reference", "compare_reference", "comparison_markdown", "DEFAULT_MIN_SAMPLES", "DEFAULT_QUALITY"]
 
 DEFAULT_MIN_SAMPLES = 512  # default: whole passes over the prompt set until at least this many samples
@@ -104,6 +106,7 @@ class EvalOptions:
     corrected_reference: Optional[str] = None  # ImageStatsQuality reference statistics (JSON from .save())
     compare: Optional[str] = None  # an earlier eval.json (or its folder) to set this evaluation against
     restart: bool = False  # discard the partial evaluation a killed run left in out/eval_partial instead of resuming it
+    min_accuracy: Optional[float] = None  # exit EXIT_BELOW_THRESHOLD when the overall accuracy is below it (a CI gate)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -146,6 +149,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--compare", default=None, metavar="EVAL_JSON",
                         help="an earlier eval.json (or its --out folder) of the same prompts, seeds and steps: "
                              "report the deltas per category, the failure modes and the prompts that moved most against it")
+    parser.add_argument("--min-accuracy", type=float, default=None, metavar="A",
+                        help=f"exit {EXIT_BELOW_THRESHOLD} (after printing and writing everything) when the overall accuracy, the "
+                             "table's 'all' row, is below A (a fraction in [0, 1]): a gate for CI and sweeps")
     parser.add_argument("--restart", action="store_true",
                         help=f"with --out: discard the partial evaluation a killed run left in OUT/{JOURNAL_FOLDER} "
                              f"(by default the samples scored there are read back and the evaluation goes on from them)")
@@ -339,6 +345,8 @@ def _check_numbers(options: EvalOptions) -> None:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     if options.seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {options.seed}")
+    if options.min_accuracy is not None and not 0.0 <= options.min_accuracy <= 1.0:
+        raise ConfigError(f"--min-accuracy must be a fraction in [0, 1], got {options.min_accuracy}")
 
 
 def _recommended_settings(model: str) -> dict:
@@ -581,9 +589,14 @@ def main_eval(args: Union[argparse.Namespace, EvalOptions]) -> int:
     if getattr(result, "comparison_md", None):
         print()
         print(result.comparison_md)
-    out = _options(args).out
-    if out is not None:
-        print(f"wrote {Path(out) / 'eval.json'} and {Path(out) / 'eval.md'}")
+    options = _options(args)
+    if options.out is not None:
+        print(f"wrote {Path(options.out) / 'eval.json'} and {Path(options.out) / 'eval.md'}")
+    overall = result.categories["all"]
+    if options.min_accuracy is not None and not overall.accuracy >= options.min_accuracy:  # NaN (nothing scored) fails too
+        print(f"flowalign eval: accuracy {overall.accuracy:.4f} ({overall.correct}/{overall.count}) is below --min-accuracy "
+              f"{options.min_accuracy:g}", file=sys.stderr)
+        return EXIT_BELOW_THRESHOLD
     return 0
 
 
