@@ -523,21 +523,22 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` and convert (int -> float, dict -> dataclass)."""
+def _coerce(value: Any, tp: Any, key: str, base: Any = None) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert (int -> float, dict -> dataclass; a dataclass's
+    missing keys from ``base`` when given, the section's own default in its parent)."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        return _coerce(value, inner[0], key, base)
     if dataclasses.is_dataclass(tp):
         if value is None:  # a section whose keys are all commented out ("train:" alone) holds the defaults
             value = {}
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping of {tp.__name__} fields, got {type(value).__name__} {value!r}")
-        return build_dataclass(tp, value, key)
+        return build_dataclass(tp, value, key, base=base if isinstance(base, tp) else None)
     if origin is list or tp is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {type(value).__name__} {value!r}")
@@ -575,18 +576,23 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported annotation {_type_name(tp)}")  # pragma: no cover
 
 
-def build_dataclass(cls: type, data: dict, prefix: str = "") -> Any:
+def build_dataclass(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
     """Instantiate dataclass ``cls`` from ``data`` (nested dicts -> nested dataclasses).
 
     Values are checked against the field annotations (int -> float allowed, dict -> dataclass);
     an unknown key raises :class:`ConfigError` with a did-you-mean; ``prefix`` names the section
     in messages (``"train"`` -> ``"train.lr"``). Any typed config (the training recipe,
     ``GenerateConfig``, ``OfflineConfig``) is read with it.
+
+    A key ``data`` leaves out takes ``base``'s value when ``base`` (an instance of ``cls``) is given, else the field's
+    default. A nested section given in part is completed from the section's default *in its parent*: an offline
+    recipe's ``model: {dtype: bfloat16}`` keeps ``OfflineConfig``'s ``pretrained: toy``, not ``ModelConfig``'s own.
     """
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or cls.__name__} must be a mapping of {cls.__name__} fields, got {type(data).__name__} {data!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(by_name)
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
@@ -596,11 +602,30 @@ def build_dataclass(cls: type, data: dict, prefix: str = "") -> Any:
             if not prefix and cls.__name__ == "FlowalignConfig" and key in OTHER_COMMANDS_KEYS:
                 hint += f" ('{key}' is a key of {OTHER_COMMANDS_KEYS[key]} recipes: run that command with this file)"
             raise ConfigError(f"unknown config key '{full}'{hint}")
-        kwargs[key] = _coerce(value, hints[key], full)
+        kwargs[key] = _coerce(value, hints[key], full, _section_default(by_name[key], base))
+    if base is not None:
+        kwargs.update({name: copy.deepcopy(getattr(base, name)) for name in names if name not in kwargs})
     try:
         return cls(**kwargs)
     except TypeError as exc:  # pragma: no cover - every field has a default
         raise ConfigError(f"{prefix or cls.__name__}: {exc}") from None
+
+
+def _section_default(f: dataclasses.Field, base: Any) -> Any:
+    """The default a partly given nested section completes from: ``base``'s section, else the field's default when it
+    is a dataclass instance other than its class's own defaults (``OfflineConfig.model``: ``pretrained: toy``); None
+    (the class's defaults) otherwise."""
+    if base is not None:
+        value = getattr(base, f.name)
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        value = f.default
+    if not dataclasses.is_dataclass(value) or isinstance(value, type):
+        return None
+    if base is None and value == type(value)():
+        return None
+    return value
 
 
 _build = build_dataclass  # the former private name, kept for existing imports

@@ -394,3 +394,24 @@ def test_steps_whose_groups_all_tie_are_counted_and_named(tiny_store, tmp_path, 
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert sorted(float(r["optim/skipped_zero"]) for r in rows) == [0.0, 1.0]
     assert sorted(float(r["optim/steps"]) for r in rows) == [0.0, 1.0]
+
+
+def test_a_partial_model_or_lora_section_keeps_the_commands_own_defaults(tmp_path):
+    """An offline / generate recipe writing part of `model:` or `lora:` got ModelConfig's and LoraConfig's own defaults
+    (tiny-sd3, a random test model; rank 32) instead of the command's documented ones (toy; rank 8, alpha 16)."""
+    from flowalign.config import build_dataclass
+    from flowalign.train.generate import GenerateConfig, load_generate_config
+    from flowalign.train.offline_trainer import load_offline_config
+
+    recipe = tmp_path / "partial.yaml"
+    recipe.write_text("model:\n  dtype: bfloat16\nlora:\n  dropout: 0.1\n")
+    offline = load_offline_config(recipe)
+    assert (offline.model.pretrained, offline.model.dtype) == ("toy", "bfloat16")
+    assert (offline.lora.rank, offline.lora.alpha, offline.lora.dropout) == (8, 16.0, 0.1)
+    recipe.write_text("model:\n  dtype: bfloat16\n")
+    generate = load_generate_config(recipe)
+    assert (generate.model.pretrained, generate.model.dtype) == (GenerateConfig().model.pretrained, "bfloat16") == ("toy", "bfloat16")
+    # the training recipe's sections are their classes' own defaults: unchanged
+    from flowalign.config import FlowalignConfig, ModelConfig
+
+    assert build_dataclass(FlowalignConfig, {"model": {"dtype": "bfloat16"}}).model == ModelConfig(dtype="bfloat16")
