@@ -79,7 +79,7 @@ class DenseConfig:
     balance: bool = field(default=False, metadata={"help": "TP-GRPO: keep equally many positive and negative turning-point replacements, those of the rows with the largest |R_K - R_0| (the authors' use_delta_global)."})
     max_batch: Optional[int] = field(default=None, metadata={"help": "Rows per transformer / VAE / reward call of the estimator (memory only); null = all at once."})
     reuse_deterministic: bool = field(default=True, metadata={"help": "With stride 1, copy R_k into R_{k-1} when step k was deterministic instead of recomputing it (same value, fewer NFE)."})
-    noise_table_file: Optional[str] = field(default=None, metadata={"help": "JSON noise table (flowalign.step_rewards.save_noise_table) used as sampling noise levels; overrides sampling.noise_schedule."})
+    noise_table_file: Optional[str] = field(default=None, metadata={"help": "JSON noise table (flowalign.step_rewards.save_noise_table) used as sampling noise levels by dense_grpo / tp_grpo, instead of sampling.noise_schedule. With calibration_rounds > 0 it is where the calibration is written, and an existing file is reused when its calibration settings match (else refused)."})
     calibration_rounds: int = field(default=0, metadata={"help": "DenseGRPO: rounds of noise-table calibration before training (0 = none; use noise_table_file or sampling.noise_kwargs)."})
     calibration_samples: int = field(default=64, metadata={"help": "Rollouts per calibration round (N in DenseGRPO's counts)."})
     eps1: float = field(default=2.0, metadata={"help": "DenseGRPO calibration: a step is balanced when |#positive - #negative gains| <= eps1 "
@@ -553,6 +553,34 @@ def load_noise_table(path: Union[str, Path]) -> tuple[Tensor, dict[str, Any]]:
     return torch.tensor(values, dtype=torch.float32), dict(doc.get("meta") or {})
 
 
+def calibration_meta(cfg) -> dict[str, Any]:
+    """The settings a calibrated noise table depends on, as its file's ``meta`` records them: the ``dense``
+    calibration keys, the sampler (kernel, steps, guidance, the initial level ``a``) and the model."""
+    d, s = _dense_config(cfg), cfg.sampling
+    kwargs = s.noise_kwargs if isinstance(getattr(s, "noise_kwargs", None), Mapping) else {}
+    return {"initial_level": float(kwargs.get("a", 0.7)), "rounds": d.calibration_rounds, "samples": d.calibration_samples,
+            "eps1": d.eps1, "eps2": d.eps2, "max_level": d.max_level, "kernel": s.kernel, "estimator": d.estimator,
+            "stride": d.stride, "num_steps": s.num_steps, "guidance_scale": getattr(s, "guidance_scale", None),
+            "model": getattr(getattr(cfg, "model", None), "pretrained", None)}
+
+
+def check_calibrated_table(path: Union[str, Path], cfg) -> None:
+    """ConfigError when ``dense.calibration_rounds > 0`` asks for a calibration and the existing table ``path`` was
+    calibrated under other settings (its ``meta``, :func:`calibration_meta`; keys an older file lacks are not
+    compared): the run would use the old table and ignore the settings asked for. A table without calibration
+    (``calibration_rounds: 0``) is used as it is."""
+    d = _dense_config(cfg)
+    if not d.calibration_rounds or not Path(path).is_file():
+        return
+    _, meta = load_noise_table(path)
+    now = calibration_meta(cfg)
+    changed = [f"{key} {meta[key]!r} -> {now[key]!r}" for key in now if key in meta and meta[key] != now[key]]
+    if changed:
+        raise ConfigError(f"dense.noise_table_file {path} was calibrated under other settings ({', '.join(changed)}); "
+                          "delete it (or name another file) to calibrate again, or set dense.calibration_rounds=0 to "
+                          "use it as it is")
+
+
 def noise_schedule_for(sampling_cfg, dense_cfg: Optional[DenseConfig] = None):
     """The sampling noise schedule of a run: ``sde.table`` of ``dense.noise_table_file`` when set,
     else ``sde.make_schedule(sampling.noise_schedule, **sampling.noise_kwargs)``."""
@@ -596,6 +624,8 @@ def prepare_noise_schedule(
     from flowalign import sde
 
     d, s = _dense_config(cfg), cfg.sampling
+    if d.noise_table_file:
+        check_calibrated_table(d.noise_table_file, cfg)
     candidates = [Path(d.noise_table_file)] if d.noise_table_file else []
     if run_dir is not None:
         candidates.append(Path(run_dir) / "noise_table.json")
@@ -618,8 +648,5 @@ def prepare_noise_schedule(
         on_error=_dropped_sample_policy(cfg),
     )
     if d.noise_table_file:
-        meta = {"initial_level": a, "rounds": d.calibration_rounds, "samples": d.calibration_samples, "eps1": d.eps1, "eps2": d.eps2,
-                "kernel": s.kernel, "estimator": d.estimator, "stride": d.stride, "num_steps": s.num_steps,
-                "model": getattr(getattr(cfg, "model", None), "pretrained", None)}
-        save_noise_table(d.noise_table_file, levels, meta)
+        save_noise_table(d.noise_table_file, levels, calibration_meta(cfg))
     return sde.table(levels), levels

@@ -373,6 +373,12 @@ def test_prepare_noise_schedule_calibrates_saves_and_reuses(adapter, reward, tmp
     # the file now exists: it is reused, nothing is calibrated (no reward call)
     _, again = sr.prepare_noise_schedule(adapter, PROMPTS, None, cfg)
     assert torch.equal(again, levels)
+    # ... but not under other calibration settings, which it would silently ignore: named, unless used as it is
+    cfg.dense = sr.DenseConfig(noise_table_file=str(table_file), calibration_rounds=2, calibration_samples=3, eps1=0, eps2=0.3)
+    with pytest.raises(ConfigError, match=r"calibrated under other settings \(rounds 1 -> 2, eps2 0.1 -> 0.3\); delete it"):
+        sr.prepare_noise_schedule(adapter, PROMPTS, None, cfg)
+    cfg.dense = sr.DenseConfig(noise_table_file=str(table_file), calibration_rounds=0)
+    assert torch.equal(sr.prepare_noise_schedule(adapter, PROMPTS, None, cfg)[1], levels)
     # a named table that does not exist, without calibration, is an error; no dense settings -> the sampling schedule
     cfg.dense = sr.DenseConfig(noise_table_file=str(tmp_path / "none.json"))
     with pytest.raises(ConfigError, match="does not exist"):

@@ -944,3 +944,23 @@ def test_reward_batch_size_scores_in_chunks_with_the_same_scores_and_a_bar_over_
     for bad in ("0", "-2", "true", "2.5"):
         with pytest.raises(ConfigError, match=r"batch_size must be (null or )?an integer"):
             _config(tmp_path, f"rewards.0.batch_size={bad}")
+
+
+def test_a_shared_noise_table_is_refused_under_other_calibration_settings_and_saved_with_the_run(tmp_path):
+    """dense.noise_table_file calibrated once was reused by a run asking for another calibration (other eps2, rounds),
+    which then trained on the old table without a word, and kept no copy of it in its own folder."""
+    import json
+
+    table = tmp_path / "shared_table.json"
+    dense = ["objective.name=dense_grpo", "dense.estimator=tweedie", "dense.calibration_samples=4", "sampling.num_steps=4",
+             "train.prompts_per_iter=2", "train.micro_batch_size=8", "train.grad_accum=4", f"dense.noise_table_file={table}"]
+    first = _trainer(tmp_path / "a", *dense, "dense.calibration_rounds=1")
+    first.cleanup()
+    levels = json.loads(table.read_text())["levels"]
+    assert json.loads((tmp_path / "a" / "noise_table.json").read_text())["levels"] == levels
+    with pytest.raises(ConfigError, match=r"calibrated under other settings \(rounds 1 -> 2, eps2 0.01 -> 0.3\)"):
+        _trainer(tmp_path / "b", *dense, "dense.calibration_rounds=2", "dense.eps2=0.3")
+    reused = _trainer(tmp_path / "c", *dense, "dense.calibration_rounds=1")  # the same settings: reused, and kept with the run
+    reused.cleanup()
+    assert json.loads((tmp_path / "c" / "noise_table.json").read_text())["levels"] == levels
+    assert reused.schedule.levels(4).tolist() == pytest.approx(levels)

@@ -19,8 +19,8 @@ def calibrated_schedule(trainer: "Trainer", resumed: bool):
     """DenseGRPO's calibrated noise table (``dense.calibration_rounds > 0``) as ``(schedule, new_levels)``.
 
     Computed once before training from the training prompts; a resumed run reuses
-    ``<run>/noise_table.json``, and an existing ``dense.noise_table_file`` wins (``new_levels``
-    is then None: nothing to save). With several processes each rolls out its share of every round's
+    ``<run>/noise_table.json`` (``new_levels`` is then None: nothing to save), and an existing
+    ``dense.noise_table_file`` calibrated under the same settings wins (its levels are saved with the run). With several processes each rolls out its share of every round's
     ``dense.calibration_samples`` (:func:`calibration_shard`) and all gather the step gains, so the work is
     split and every process ends with the same table.
     """
@@ -29,8 +29,8 @@ def calibrated_schedule(trainer: "Trainer", resumed: bool):
 
     cfg = trainer.config
     d, s = cfg.dense, cfg.sampling
-    if d.noise_table_file and Path(d.noise_table_file).is_file():
-        return trainer.schedule, None
+    if d.noise_table_file and Path(d.noise_table_file).is_file():  # checked against these settings when the run was set up
+        return trainer.schedule, load_noise_table(d.noise_table_file)[0]  # saved with the run: a resume needs no outside file
     if resumed and (trainer.run_dir / "noise_table.json").is_file():
         return sde.table(load_noise_table(trainer.run_dir / "noise_table.json")[0]), None
     from flowalign.train.trainer import PROCESS_SEED_STRIDE
@@ -75,9 +75,9 @@ def save_run_noise_table(run_dir: Path, levels: Tensor, cfg: FlowalignConfig) ->
     """Write a calibrated table to ``<run>/noise_table.json`` (and ``dense.noise_table_file`` when set)."""
     from flowalign.step_rewards import save_noise_table
 
-    d = cfg.dense
-    meta = {"rounds": d.calibration_rounds, "samples": d.calibration_samples, "eps1": d.eps1, "eps2": d.eps2,
-            "kernel": cfg.sampling.kernel, "model": cfg.model.pretrained}
+    from flowalign.step_rewards import calibration_meta
+
+    meta = calibration_meta(cfg)
     save_noise_table(run_dir / "noise_table.json", levels, meta)
-    if d.noise_table_file:
-        save_noise_table(d.noise_table_file, levels, meta)
+    if cfg.dense.noise_table_file and not Path(cfg.dense.noise_table_file).is_file():  # a table reused from it stays as it is
+        save_noise_table(cfg.dense.noise_table_file, levels, meta)
