@@ -349,7 +349,7 @@ class TrainConfig:
     final_eval_samples: int = field(
         default=512,
         metadata={"help": "Samples of the held-out report at the end of training (base vs aligned on train.eval_prompts, "
-                          "first reward; report.md, before_after.png); 0 = no report, else at least one per prompt of train.eval_prompts "
+                          "with train.report_reward, else the first reward; report.md, before_after.png); 0 = no report, else at least one per prompt of train.eval_prompts "
                           "(the shipped held-out file has 320). Needs train.eval_prompts."},
     )
     progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars for rollout, reward and update."})

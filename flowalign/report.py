@@ -514,6 +514,7 @@ def heldout_report(
     shard: Optional[tuple[int, int]] = None,
     gather: Optional[Callable[[Any], list]] = None,
     journals: Optional[tuple[Any, Any]] = None,
+    on_error: str = "raise",
 ) -> Optional[Path]:
     """Evaluate base and aligned on the held-out ``records``, draw ``before_after.png``, write the report.
 
@@ -523,7 +524,8 @@ def heldout_report(
     weights applied; default: as is). A ``base`` evaluated earlier (e.g. before training) is
     reused; it must have the same settings. ``num_samples`` / ``samples_per_prompt`` default to
     whole passes over the prompts reaching 512 samples. Eval wall times are added to ``timings``.
-    ``target_gain_points``: see :func:`write_report`.
+    ``target_gain_points``: see :func:`write_report`. ``on_error``: the reward's failure policy (``"drop"``: a sample
+    whose reward fails or is NaN is left out and counted in each category's ``dropped``).
 
     Several processes split the samples: every process calls this with ``shard=(index, count)``
     and ``gather`` (see :func:`flowalign.evaluation.evaluate`), each samples its share of both
@@ -543,7 +545,7 @@ def heldout_report(
     samples_per_prompt = 1 if samples_per_prompt is None else samples_per_prompt
     columns = pick_samples(records, num_samples, samples_per_prompt, per_category=2)
     kw = dict(num_samples=num_samples, samples_per_prompt=samples_per_prompt, num_steps=num_steps, guidance_scale=guidance_scale,
-              seed=seed, batch_size=batch_size, keep_images=columns, progress=progress, shard=shard, gather=gather)
+              seed=seed, batch_size=batch_size, keep_images=columns, progress=progress, shard=shard, gather=gather, on_error=on_error)
     timings = dict(timings)
     if base is None:
         start = time.perf_counter()

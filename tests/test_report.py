@@ -138,8 +138,8 @@ def test_final_report_scores_with_train_report_reward(tmp_path, monkeypatch):
     from flowalign.train import final_outputs
 
     seen = {}
-    monkeypatch.setattr(report, "heldout_report", lambda run_dir, adapter, records, reward, **kw: seen.setdefault("reward", reward))
-    rewards = "rewards=[{name: brightness}, {name: color_fraction, label: colour}]"
+    monkeypatch.setattr(report, "heldout_report", lambda run_dir, adapter, records, reward, **kw: seen.update(reward=reward, **kw))
+    rewards = "rewards=[{name: brightness}, {name: color_fraction, label: colour, on_error: drop}]"
     for extra, expect in (([], "bright"), (["train.report_reward=colour"], "colour")):
         cfg = load_config(None, [rewards, *extra])
         trainer = SimpleNamespace(config=cfg, rewards={"brightness": "bright", "colour": "colour"}, device="cpu", run_dir=tmp_path,
@@ -149,6 +149,36 @@ def test_final_report_scores_with_train_report_reward(tmp_path, monkeypatch):
         seen.clear()
         final_outputs.write_heldout_report(trainer)
         assert seen["reward"] == expect
+        assert seen["on_error"] == ("drop" if expect == "colour" else "raise")  # the entry's own policy (was: always raise)
+
+
+def test_the_held_out_prompts_are_checked_by_the_reward_the_report_uses(tmp_path):
+    """Setup checked the held-out prompts with rewards[0] whatever train.report_reward said: a run whose report scores
+    with a verifier that cannot read them trained to the end and then failed; one whose first reward was that verifier,
+    but whose report uses another, was refused for nothing."""
+    from types import SimpleNamespace
+
+    from flowalign.config import load_config
+    from flowalign.errors import ConfigError
+    from flowalign.prompts import load_prompts
+    from flowalign.rewards import load_reward
+    from flowalign.train.trainer_setup import check_reward_prompts
+
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("a photo of a cat\na bowl of soup\n")
+    data = SimpleNamespace(sampler=SimpleNamespace(records=load_prompts(tmp_path / "heldout.txt")[:0]),
+                           heldout_records=load_prompts(heldout))
+    rewards = {"brightness": load_reward("brightness"), "shapes": load_reward("shapes")}
+
+    def check(order, report_reward, on_error="raise"):
+        entries = [f"{{name: {name}, on_error: {on_error if name == 'shapes' else 'raise'}}}" for name in order]
+        cfg = load_config(None, [f"rewards=[{', '.join(entries)}]", f"train.report_reward={report_reward}"])
+        check_reward_prompts(cfg, rewards, None, data)
+
+    with pytest.raises(ConfigError, match="held-out prompts"):
+        check(["brightness", "shapes"], "shapes")  # the report's verifier cannot read them: refused before training
+    check(["shapes", "brightness"], "brightness")  # the report scores brightness, which reads anything
+    check(["brightness", "shapes"], "shapes", on_error="drop")  # the report drops what its reward cannot score
 
 
 def test_report_refuses_evaluations_with_different_seeds(tmp_path):

@@ -110,6 +110,12 @@ def remove_stale_report(run_dir: Path) -> list[Path]:
     return removed
 
 
+def report_entry(cfg):
+    """The ``rewards`` entry the held-out report scores with: ``train.report_reward``'s, else the first."""
+    name = cfg.train.report_reward or cfg.rewards[0].key
+    return next(r for r in cfg.rewards if r.key == name)
+
+
 def write_heldout_report(trainer) -> Optional[Path]:
     """Base (LoRA off) vs aligned (EMA weights when enabled) on ``train.eval_prompts`` with the
     reward ``train.report_reward`` (default: the first configured one): ``report.md``/``report.json``, ``before_after.png``, ``eval_*.json``.
@@ -121,7 +127,8 @@ def write_heldout_report(trainer) -> Optional[Path]:
     from flowalign.report import heldout_report
 
     cfg = trainer.config
-    name = cfg.train.report_reward or cfg.rewards[0].key
+    entry = report_entry(cfg)
+    name = entry.key
     reward = trainer.rewards[name]
     runtime.to_device(reward, trainer.device)
     start = time.perf_counter()
@@ -134,7 +141,7 @@ def write_heldout_report(trainer) -> Optional[Path]:
         metrics_csv=trainer.run_dir / "metrics.csv", progress=cfg.train.progress and trainer.accelerator.is_main_process,
         target_gain_points=cfg.train.report_target_points,
         shard=(trainer.accelerator.process_index, trainer.accelerator.num_processes), gather=runtime.gather_shares,
-        journals=report_journals(trainer, name),
+        journals=report_journals(trainer, name), on_error=entry.on_error,
     )
     trainer.timings["held-out eval"] = time.perf_counter() - start  # base + aligned (each in report.md)
     if path is not None:  # the main process, report written: heldout_report removed both journals, here their folder

@@ -133,15 +133,18 @@ def build_rewards(config: FlowalignConfig, device: torch.device) -> dict[str, An
 def check_reward_prompts(config: FlowalignConfig, rewards: dict, drift_reward, data: "PromptData") -> None:
     """Let each reward refuse prompts it can never score (``Reward.check_prompts``: a verifier's grammar) before
     the model loads: every reward with ``on_error: raise`` the training prompts (under ``drop`` such samples are
-    meant to be dropped), the first one the held-out prompts (the final report raises on a failed sample), the
-    drift reward the training prompts. The in-training eval drops failed samples, so its prompts are not checked."""
+    meant to be dropped), the report's (``train.report_reward``, else the first) the held-out prompts when it raises on
+    a failed sample, the drift reward the training prompts. The in-training eval drops failed samples, so its prompts
+    are not checked."""
     from flowalign.rewards.base import check_reward_prompts as check
+    from flowalign.train.final_outputs import report_entry
 
-    for i, rcfg in enumerate(config.rewards):
+    for rcfg in config.rewards:
         if rcfg.on_error == "raise":
             check(rewards[rcfg.key], data.sampler.records, rcfg.key, "training prompts (train.prompts)")
-        if i == 0 and data.heldout_records and config.train.final_eval_samples > 0:
-            check(rewards[rcfg.key], data.heldout_records, rcfg.key, "held-out prompts (train.eval_prompts)")
+    reported = report_entry(config)
+    if reported.on_error == "raise" and data.heldout_records and config.train.final_eval_samples > 0:
+        check(rewards[reported.key], data.heldout_records, reported.key, "held-out prompts (train.eval_prompts)")
     if drift_reward is not None:
         check(drift_reward, data.sampler.records, config.sampling.drift_reward, "training prompts (sampling.drift_reward)")
 
