@@ -34,6 +34,27 @@ REINFORCE_SOURCE = """
             return -(self.scale * batch.advantages * logp).mean(), {"policy/logp_mean": float(logp.detach().mean())}
 
 
+    class Adaptive(Reinforce):
+        # REINFORCE whose weight grows with each loss call: state that a resume must restore
+
+        def __init__(self, scale: float = 1.0):
+            super().__init__(scale)
+            self.calls = 0
+            self.weight = torch.ones(())
+
+        def loss(self, batch, policy, reference):
+            self.calls += 1
+            self.weight = self.weight * 1.5
+            loss, metrics = super().loss(batch, policy, reference)
+            return loss * self.weight, {**metrics, "mine/calls": float(self.calls)}
+
+        def state_dict(self):
+            return {"calls": self.calls, "weight": self.weight}
+
+        def load_state_dict(self, state):
+            self.calls, self.weight = state["calls"], state["weight"]
+
+
     class NotAnObjective:
         pass
 
@@ -200,3 +221,34 @@ def test_an_objective_argument_of_the_wrong_kind_stops_train_before_the_model(tm
 def test_numbers_and_bools_of_the_right_kind_still_pass():
     assert get_objective("grpo", clip_range=1).clip_range == 1  # an int for a float
     assert get_objective("nft", adaptive_weight=False, beta=2).adaptive_weight is False
+
+
+def test_an_objective_with_state_resumes_with_it(tmp_path, plugin_module):
+    """A checkpoint kept the LoRA, optimizer and RNGs but not the objective's own state: an adaptive coefficient or a
+    running baseline restarted on --resume, and the resumed run silently differed from one never stopped."""
+    import torch
+    from safetensors.torch import load_file
+
+    name = f"{plugin_module}:Adaptive"
+    common = [f"objective.name={name}", "objective.clip_range=null", "objective.kl_beta=null"]
+    assert cli.main(_train(tmp_path / "full", *common, "train.iterations=3")) == 0
+    assert cli.main(_train(tmp_path / "split", *common, "train.iterations=2")) == 0
+    OBJECTIVES.pop(name)  # a fresh process
+    assert cli.main(["train", "--resume", str(tmp_path / "split"), "--set", "train.iterations=3"]) == 0
+
+    def calls(run):
+        with open(run / "metrics.csv", newline="") as fh:
+            return [float(r["mine/calls"]) for r in csv.DictReader(fh)]
+
+    assert calls(tmp_path / "split") == calls(tmp_path / "full")
+    full = load_file(str(tmp_path / "full" / "pytorch_lora_weights.safetensors"))
+    split = load_file(str(tmp_path / "split" / "pytorch_lora_weights.safetensors"))
+    assert full.keys() == split.keys() and all(torch.equal(full[k], split[k]) for k in full)
+
+    # a checkpoint written without the objective's state (an objective that kept none then) is refused, not restarted
+    from flowalign.errors import CheckpointError
+    from flowalign.objectives.base import restore_objective_state
+
+    with pytest.raises(CheckpointError, match="holds no state of objective .* resuming would restart it"):
+        restore_objective_state(get_objective(name), None, tmp_path / "ckpt")
+    restore_objective_state(get_objective(f"{plugin_module}:Reinforce"), None, tmp_path / "ckpt")  # stateless: nothing to do

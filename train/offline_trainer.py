@@ -40,7 +40,7 @@ from flowalign.config import LOG_BACKENDS, MODEL_MEMORY_KNOBS, LoraConfig, Model
 from flowalign.errors import ConfigError
 from flowalign.files import write_text_atomic
 from flowalign.lr_schedule import LR_SCHEDULES
-from flowalign.objectives.base import OfflineBatch, checked_loss
+from flowalign.objectives.base import OfflineBatch, checked_loss, objective_state, restore_objective_state
 from flowalign.offline import RolloutStore
 from flowalign.train.graceful_stop import GracefulStop
 from flowalign.train.lora_export import checkpoint_export, save_lora_file, trained_modules
@@ -493,6 +493,9 @@ class OfflineTrainer(OptimizerViews):
         tensors.update(optim_tensors)
         state = {"step": self.step, "nfe": self.nfe, "seconds": self.seconds, **optim_state, "schedule_steps": self.optim.cfg.iterations,
                  "rng": ckpt.capture_rng({"objective": self.generator}), "store_fingerprint": self.store.fingerprint}
+        saved = objective_state(self.objective)
+        if saved is not None:  # a plugin objective's own state
+            state["objective"] = saved
         try:
             path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, tensors, state, keep=self.config.keep_checkpoints,
                                         config_hash=offline_config_hash(self.config),
@@ -522,6 +525,7 @@ class OfflineTrainer(OptimizerViews):
         lora_lib.load_text_lora_tensors(self.text_modules, loaded.tensors, path)
         self.optim.load(loaded.tensors, loaded.state, path)
         ckpt.restore_rng(loaded.state["rng"], {"objective": self.generator})
+        restore_objective_state(self.objective, loaded.state.get("objective"), path)
         self.step, self.nfe, self.seconds = int(loaded.state["step"]), int(loaded.state["nfe"]), float(loaded.state["seconds"])
         logger.info("resumed offline run from %s at step %d", path, self.step)
 

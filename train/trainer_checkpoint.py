@@ -18,6 +18,7 @@ from flowalign import checkpoint as ckpt
 from flowalign import lora as lora_lib
 from flowalign.config import config_hash
 from flowalign.errors import CheckpointError
+from flowalign.objectives.base import objective_state, restore_objective_state
 from flowalign.train.lora_export import checkpoint_export
 
 logger = logging.getLogger("flowalign.train.trainer")
@@ -42,6 +43,9 @@ def trainer_state(trainer) -> tuple[dict, dict]:
         "train_seconds": trainer.train_seconds(),  # the report's train time covers every session of a resumed run
         **optim_state,
     }
+    saved = objective_state(trainer.objective)
+    if saved is not None:  # a plugin objective's own state (an adaptive coefficient, a running baseline)
+        state["objective"] = saved
     if torch.cuda.is_available() and trainer.device.type == "cuda":  # the CUDA generator of each process's own device
         state["cuda_rngs"] = trainer._gather(torch.cuda.get_rng_state(trainer.device)[None])
     return tensors, state
@@ -84,6 +88,7 @@ def restore_trainer_checkpoint(trainer, path: Path) -> None:
         torch.set_rng_state(state["torch_rngs"][rank].to(torch.uint8).clone())
     if "cuda_rngs" in state and torch.cuda.is_available() and trainer.device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda_rngs"][rank].to(torch.uint8).clone(), trainer.device)
+    restore_objective_state(trainer.objective, state.get("objective"), path)
     trainer.iteration = int(state["iteration"])
     trainer._all_dropped_in_row = int(state.get("all_dropped_in_row", 0))  # absent from checkpoints before it
     trainer.train_seconds_before = float(state.get("train_seconds", 0.0))

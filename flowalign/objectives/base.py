@@ -86,6 +86,13 @@ class Objective(Protocol):
         trained_by: what runs the objective (one name, or a tuple of them: awm runs in both
             trainers), :data:`ONLINE_TRAINER` when absent; ``flowalign train`` refuses, on load, an
             objective it does not run (gdro / diffusion_dpo: :data:`OFFLINE_TRAINER`).
+        dense_method: ``"dense_grpo"`` or ``"tp_grpo"`` to receive per-step advantages (``StepBatch.advantages``
+            then holds each row's step's own; the ``dense:`` section applies); absent for outcome advantages.
+
+    Optional methods: an objective that keeps state across iterations (an adaptive KL coefficient, a running
+    baseline, an annealed weight) defines ``state_dict() -> dict`` (JSON values and tensors) and
+    ``load_state_dict(state)``; every checkpoint saves process 0's state (keep it equal on every process, e.g.
+    computed from gathered values) and ``--resume`` restores it, so the run continues as if never stopped.
 
     Construction: ``flowalign train`` builds the class with ``objective.kwargs`` plus ``clip_range`` /
     ``kl_beta`` when the recipe sets them and ``adv_clip`` when the constructor takes it;
@@ -135,6 +142,39 @@ def register_objective(name: str):
         return cls
 
     return wrap
+
+
+def objective_state(objective: Any) -> Optional[dict]:
+    """``objective.state_dict()`` for a checkpoint, or None for an objective without state (see :class:`Objective`)."""
+    if not callable(getattr(objective, "state_dict", None)):
+        return None
+    state = objective.state_dict()
+    if not isinstance(state, Mapping):
+        raise ConfigError(f"objective {getattr(objective, 'name', type(objective).__name__)!r}: state_dict() must return a dict, "
+                          f"got {type(state).__name__}")
+    return dict(state)
+
+
+def restore_objective_state(objective: Any, saved: Optional[Mapping], path: Any) -> None:
+    """Give ``objective`` the state a checkpoint saved (``load_state_dict``).
+
+    Raises:
+        CheckpointError: the objective keeps state but the checkpoint at ``path`` holds none (written before
+            it kept any, or by another objective), or the other way round: resuming would silently restart it.
+    """
+    from flowalign.errors import CheckpointError
+
+    name = getattr(objective, "name", type(objective).__name__)
+    loads = callable(getattr(objective, "load_state_dict", None))
+    if saved is None and not loads:
+        return
+    if saved is None:
+        raise CheckpointError(f"checkpoint {path} holds no state of objective {name!r}, which keeps some (load_state_dict): "
+                              "resuming would restart it; resume a checkpoint written with it, or start a new output_dir")
+    if not loads:
+        raise CheckpointError(f"checkpoint {path} holds objective state that objective {name!r} cannot load (no "
+                              "load_state_dict): was it written by another version of the objective?")
+    objective.load_state_dict(dict(saved))
 
 
 def checked_loss(result: Any, name: str) -> tuple[Tensor, dict[str, float]]:
