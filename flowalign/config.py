@@ -26,7 +26,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import logging
 
@@ -893,6 +893,47 @@ def save_config(config: FlowalignConfig, path: Union[str, Path]) -> Path:
     from flowalign.files import write_text_atomic
 
     return write_text_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def inert_settings(config: "FlowalignConfig") -> list[str]:
+    """Keys the recipe sets away from their defaults that nothing reads under its other choices, one line each
+    (``flowalign train`` and ``flowalign config`` warn with them): the ``dense:`` section under an objective of
+    outcome advantages, ``dense.balance`` under dense_grpo, the EMA's keys without ``train.ema``, the old policy's
+    without ``train.old_policy_rate``, the guided drift's without ``sampling.drift_reward``, ``objective.clip_range``
+    under nft. Resume-safe: a warning, never a refusal (a recipe written for one objective and switched with ``--set``
+    keeps working)."""
+
+    def changed(section: Any, default: Any, prefix: str, names: Optional[Sequence[str]] = None) -> list[str]:
+        return [f"{prefix}.{f.name}" for f in dataclasses.fields(section)
+                if (names is None or f.name in names) and getattr(section, f.name) != getattr(default, f.name)]
+
+    found: list[str] = []
+    name = config.objective.name
+    method = dense_method(name)
+    if method is None:
+        keys = changed(config.dense, DenseConfig(), "dense")
+        if keys:
+            found.append(f"{', '.join(keys)}: objective {name!r} trains on outcome advantages; only per-step objectives "
+                         "(dense_grpo, tp_grpo, a class with dense_method) read the dense: section")
+    elif method == "dense_grpo" and config.dense.balance:
+        found.append("dense.balance: TP-GRPO's balancing of turning points; dense_grpo does not read it")
+    t, default_train = config.train, TrainConfig()
+    if not t.ema:
+        keys = changed(t, default_train, "train", ("ema_decay", "ema_every", "ema_schedule", "ema_power"))
+        if keys:
+            found.append(f"{', '.join(keys)}: train.ema is false, so no EMA is kept")
+    if t.old_policy_rate == 0:
+        keys = changed(t, default_train, "train", ("old_policy_max", "old_policy_flat"))
+        if keys:
+            found.append(f"{', '.join(keys)}: train.old_policy_rate is 0, so the rollouts come from the current policy")
+    if config.sampling.drift_reward is None:
+        drift = [f.name for f in dataclasses.fields(config.sampling) if f.name.startswith("drift_") and f.name != "drift_reward"]
+        keys = changed(config.sampling, SamplingConfig(), "sampling", drift)
+        if keys:
+            found.append(f"{', '.join(keys)}: sampling.drift_reward is null, so the rollouts are not guided")
+    if name == "nft" and config.objective.clip_range is not None:
+        found.append("objective.clip_range: nft has no ratio to clip (its trust region is objective.kwargs.beta)")
+    return found
 
 
 def dense_method(objective: str) -> Optional[str]:

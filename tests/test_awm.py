@@ -317,3 +317,27 @@ def test_more_forward_draws_than_the_sigma_grid_holds_is_refused_at_setup():
     assert build_objective(load_config("toy_awm", ["sampling.num_steps=7"])).forward_process
     # uniform sampling draws from the grid's range, any number of times
     assert build_objective(load_config("toy_awm", ["sampling.num_steps=6", "objective.kwargs.sigma_sampling=uniform"])).forward_process
+
+
+def test_a_subclass_of_awm_gets_awms_checks(tmp_path, monkeypatch):
+    """The offline trainer checked `objective == "awm"`: a user's subclass of AWM trained on a store drawn by another
+    model (AWM's old policy) with a warning calling it sampler-independent, and took online-only kwargs."""
+    import sys
+    import uuid
+
+    from flowalign.errors import ConfigError
+    from flowalign.objectives import OBJECTIVES
+    from flowalign.objectives.awm import is_awm
+    from flowalign.train.offline_trainer import _check_objective_kwargs
+
+    name = f"fa_awm_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text("from flowalign.objectives.awm import AdvantageWeightedMatching\n\n\n"
+                                         "class MyAWM(AdvantageWeightedMatching):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert is_awm("awm") and is_awm(f"{name}:MyAWM") and not is_awm("gdro") and not is_awm("no.such:Thing")
+        with pytest.raises(ConfigError, match="online AWM's sigma draws"):
+            _check_objective_kwargs(f"{name}:MyAWM", {"num_timesteps": 2})
+    finally:
+        sys.modules.pop(name, None)
+        OBJECTIVES.pop(f"{name}:MyAWM", None)

@@ -406,3 +406,35 @@ def test_a_null_kwargs_over_a_base_is_refused_not_silently_inherited(tmp_path):
     (tmp_path / "c.yaml").write_text("base: toy_grpo\nsampling: {noise_schedule: constant, noise_kwargs: null}\n")
     with pytest.raises(ConfigError, match="noise_kwargs"):
         C.load_config(tmp_path / "c.yaml")
+
+
+def test_settings_nothing_reads_under_the_recipes_other_choices_are_named():
+    """Keys that validate and then change nothing (the dense: section under grpo, the EMA's keys without train.ema, the
+    drift's without a drift reward, ...) ran silently: a user tuning them saw no difference and no word."""
+    from flowalign.config import inert_settings
+
+    assert inert_settings(C.load_config(None, [])) == []
+    found = inert_settings(C.load_config(None, ["dense.estimator=tweedie", "dense.credit=min", "train.ema_decay=0.5",
+                                                "train.old_policy_max=0.9", "sampling.drift_scale=3"]))
+    assert found == [
+        "dense.estimator, dense.credit: objective 'grpo' trains on outcome advantages; only per-step objectives (dense_grpo, "
+        "tp_grpo, a class with dense_method) read the dense: section",
+        "train.ema_decay: train.ema is false, so no EMA is kept",
+        "train.old_policy_max: train.old_policy_rate is 0, so the rollouts come from the current policy",
+        "sampling.drift_scale: sampling.drift_reward is null, so the rollouts are not guided",
+    ]
+    assert inert_settings(C.load_config(None, ["objective.name=tp_grpo", "dense.estimator=tweedie", "dense.balance=true"])) == []
+    assert inert_settings(C.load_config(None, ["objective.name=dense_grpo", "dense.balance=true"])) == [
+        "dense.balance: TP-GRPO's balancing of turning points; dense_grpo does not read it"]
+    assert inert_settings(C.load_config(None, ["train.ema=true", "train.ema_decay=0.5"])) == []
+    assert inert_settings(C.load_config("toy_nft", ["objective.clip_range=0.5"])) == [
+        "objective.clip_range: nft has no ratio to clip (its trust region is objective.kwargs.beta)"]
+
+
+def test_flowalign_config_warns_of_inert_settings_and_refuses_online_awm_sigma_range(capsys):
+    from flowalign.train import cli
+
+    assert cli.main(["config", "--set", "dense.credit=min"]) == 0
+    assert "flowalign config: warning: set but without effect: dense.credit: objective 'grpo'" in capsys.readouterr().err
+    assert cli.main(["config", "--config", "toy_awm", "--set", "objective.kwargs.sigma_range=[0.5, 0.6]"]) == 2
+    assert "objective.kwargs.sigma_range is offline AWM's sigma draw" in capsys.readouterr().err

@@ -964,3 +964,9 @@ def test_a_shared_noise_table_is_refused_under_other_calibration_settings_and_sa
     reused.cleanup()
     assert json.loads((tmp_path / "c" / "noise_table.json").read_text())["levels"] == levels
     assert reused.schedule.levels(4).tolist() == pytest.approx(levels)
+
+
+def test_setup_warns_of_settings_without_effect(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="flowalign.train.trainer"):
+        _trainer(tmp_path, "dense.credit=min").cleanup()
+    assert "set but without effect: dense.credit: objective 'grpo' trains on outcome advantages" in caplog.text

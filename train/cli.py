@@ -207,6 +207,10 @@ def run_config(args: argparse.Namespace) -> int:
             from flowalign.train.trainer_setup import build_objective
 
             build_objective(config)  # what `flowalign train` refuses before loading a model: the objective's arguments
+            from flowalign.config import inert_settings
+
+            for line in inert_settings(config):  # and what it warns of
+                sys.stderr.write(f"flowalign config: warning: set but without effect: {line}\n")
         for reward in getattr(config, "rewards", None) or []:  # and the rewards' names and arguments
             if reward.name in available_rewards() or (("." in reward.name or ":" in reward.name) and _importable(reward.name)):
                 check_reward_spec(reward.name, **reward.kwargs)

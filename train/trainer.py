@@ -55,7 +55,7 @@ from torch import Tensor
 
 from flowalign import lora as lora_lib
 from flowalign.advantages import groups_with_spread, kept_multi_reward_advantages
-from flowalign.config import FlowalignConfig, save_config, to_dict
+from flowalign.config import FlowalignConfig, inert_settings, save_config, to_dict
 from flowalign.objectives.base import checked_loss
 from flowalign.train import final_outputs, trainer_checkpoint, trainer_setup
 from flowalign.train import forward_process as fp
@@ -256,6 +256,9 @@ class Trainer(OptimizerViews):
         trainer_setup.check_reward_prompts(cfg, self.rewards, drift_reward, data)
         parts = trainer_setup.build_objective(cfg)
         self.objective, self.dense, self.forward_process, self.schedule = parts.objective, parts.dense, parts.forward_process, parts.schedule
+        if self.accelerator.is_main_process:
+            for line in inert_settings(cfg):
+                logger.warning("set but without effect: %s", line)
         self._draws: Optional[fp.ForwardDraws] = None  # forward-process objectives' re-noising draws of an iteration
         model = trainer_setup.build_model(cfg, self.adapter, self.device, self.accelerator, self._gather, self._train_guidance())
         self.adapter, self.text_modules, self.conditioning, self.optim = model.adapter, model.text_modules, model.conditioning, model.optim

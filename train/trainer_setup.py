@@ -215,6 +215,11 @@ def build_objective(config: FlowalignConfig) -> ObjectiveParts:
                           f"{', '.join(f'objective.{key}=null' for key in refused)}")
     if takes_keyword(ocfg.name, "adv_clip"):  # always set (default 5); an objective of the user's may not take it
         chosen["adv_clip"] = ocfg.adv_clip
+    from flowalign.objectives.awm import is_awm
+
+    if "sigma_range" in ocfg.kwargs and is_awm(ocfg.name):  # as flowalign offline refuses online AWM's keys
+        raise ConfigError("objective.kwargs.sigma_range is offline AWM's sigma draw; online AWM re-noises at the sampler's sigmas "
+                          "(objective.kwargs.sigma_sampling, num_timesteps): remove it")
     objective = get_objective(ocfg.name, **chosen, **ocfg.kwargs)
     if getattr(objective, "needs_ema", False) and not config.train.ema:
         raise ConfigError(f"objective {ocfg.name!r} with ema_beta > 0 penalises the distance to the EMA of the LoRA: set train.ema=true "

@@ -50,6 +50,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from flowalign.errors import ConfigError
 from flowalign.advantages import nonzero_mask
 from flowalign.objectives.base import OFFLINE_TRAINER, ONLINE_TRAINER, OfflineBatch, VelocityFn, register_objective
 from flowalign.objectives.diffusion_dpo import check_sigma_range, noised_and_target, sample_group_noise, sample_sigmas
@@ -109,6 +110,18 @@ def offline_group_advantages(rewards: Tensor, eps: float = 1e-4) -> Tensor:
     tied = r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)
     centred = torch.where(tied, torch.zeros_like(centred), centred)
     return centred / (r.std(dim=1, unbiased=False, keepdim=True) + eps)
+
+
+def is_awm(name: str) -> bool:
+    """True when objective ``name`` (registered, entry point or dotted path) is AWM or a subclass of it: the checks
+    that AWM's old policy and its sigma draws need follow the class, not the name."""
+    from flowalign.objectives import OBJECTIVES, resolve_objective
+
+    try:
+        cls = OBJECTIVES[resolve_objective(name)]
+    except ConfigError:
+        return False
+    return isinstance(cls, type) and issubclass(cls, AdvantageWeightedMatching)
 
 
 @register_objective("awm")
