@@ -412,3 +412,26 @@ def test_tqdm_disable_in_the_environment_silences_the_bars_of_a_batch_job(tmp_pa
     quiet = subprocess.run(command, capture_output=True, text=True, env={**env, "TQDM_DISABLE": "1"}, timeout=300)
     assert shown.returncode == quiet.returncode == 0, (shown.stderr[-500:], quiet.stderr[-500:])
     assert "eval: " in shown.stderr and "eval: " not in quiet.stderr and "\r" not in quiet.stderr
+
+
+def test_bars_redraw_rarely_when_stderr_is_a_file(tmp_path):
+    """`nohup flowalign train > log 2>&1`: tqdm redrew every bar ten times a second into the log, one fragment each."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
+    env["OMP_NUM_THREADS"] = "1"
+    code = ("import os, sys, time\n"
+            "from flowalign.train import cli\n"
+            "seen = {}\n"
+            "cli._dispatch = lambda args: seen.setdefault('value', os.environ.get('TQDM_MININTERVAL')) and 0\n"
+            "cli.main(['config'])\n"
+            "print(seen['value'], os.environ.get('TQDM_MININTERVAL'))\n")
+    with open(tmp_path / "err.log", "w") as err:
+        out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=err, env=env, text=True, check=True).stdout
+    assert out.split() == [cli.OFF_TERMINAL_BAR_INTERVAL, "None"]  # set while the command ran, removed after
+    env["TQDM_MININTERVAL"] = "5"  # the user's own setting stays
+    with open(tmp_path / "err.log", "w") as err:
+        out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=err, env=env, text=True, check=True).stdout
+    assert out.split() == ["5", "5"]

@@ -412,6 +412,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     previous = _terminate_as_interrupt()
+    quiet_bars = _calm_bars_off_terminal()
     try:
         return _dispatch(args)
     except _Terminated:  # SIGTERM (a scheduler, a launcher) outside a training loop's graceful stop, which handles its own
@@ -423,6 +424,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if quiet_bars:
+            os.environ.pop("TQDM_MININTERVAL", None)
+
+
+# seconds between progress-bar redraws when stderr is a file or a pipe (nohup, a scheduler's log): every redraw there is
+# a line fragment kept forever, ten a second by default
+OFF_TERMINAL_BAR_INTERVAL = "30"
+
+
+def _calm_bars_off_terminal() -> bool:
+    """Set ``TQDM_MININTERVAL`` to :data:`OFF_TERMINAL_BAR_INTERVAL` while the command runs when stderr is not a terminal
+    and the user set none; True when it did (the caller removes it). The bars still open, advance and close (so a log
+    shows each phase and its rate); ``TQDM_DISABLE=1`` or ``--no-progress`` / ``progress: false`` hide them."""
+    if "TQDM_MININTERVAL" in os.environ:
+        return False
+    try:
+        on_terminal = sys.stderr.isatty()
+    except (AttributeError, ValueError):  # a closed or replaced stream
+        on_terminal = False
+    if on_terminal:
+        return False
+    os.environ["TQDM_MININTERVAL"] = OFF_TERMINAL_BAR_INTERVAL
+    return True
 
 
 class _Terminated(KeyboardInterrupt):
