@@ -58,7 +58,7 @@ DRIFT_MODES = ("normalized", "tilted")  # flowalign.sde.DRIFT_MODES
 DRIFT_GRADIENTS = ("auto", "autograd", "spsa")  # flowalign.guidance.GRADIENT_METHODS
 DTYPES = ("float32", "bfloat16", "float16")
 LOG_BACKENDS = ("tensorboard", "wandb", "csv")
-EMA_SCHEDULES = ("constant", "power")  # flowalign.lora: LoraEMA, power_ema_decay
+EMA_SCHEDULES = ("constant", "power", "warmup")  # flowalign.lora: LoraEMA, power_ema_decay, warmup_ema_decay
 
 
 def _check(condition: bool, message: str) -> None:
@@ -304,7 +304,8 @@ class TrainConfig:
         default="constant",
         metadata={"help": "constant: decay train.ema_decay at every EMA update (every train.ema_every optimizer steps); power: EDM2's power-function average, decay "
                           "(1 - 1/t)^(ema_power + 1) at EMA update t = 1, 2, ..., which weights update i's LoRA about "
-                          "in proportion to i^ema_power (0 = the plain mean of every update's weights; larger = more recent)."})
+                          "in proportion to i^ema_power (0 = the plain mean of every update's weights; larger = more recent); "
+                          "warmup: Flow-GRPO's, decay min((1 + s) / (10 + s), ema_decay) at 0-based optimizer step s."})
     ema_power: float = field(default=0.0, metadata={"help": "The power-function EMA's exponent gamma >= 0 (train.ema_schedule: power)."})
     old_policy_rate: float = field(
         default=0.0,

@@ -72,11 +72,15 @@ def turning_points(R: Tensor, balance: bool = False) -> tuple[Tensor, Tensor]:
     A turning point's reward becomes the aggregated long-term reward R_K - R_{k-1}; other steps keep
     r_k. The replacement always has the sign of r_k (it is r_k + (R_K - R_k), both of that sign).
 
-    ``balance=True`` (the authors' balanced bonus, as their launch scripts run it: ``use_balanced_bonus``
-    with ``use_delta_global``): over the whole batch, if there are P > 0 positive and N > 0 negative
-    replacements, keep the min(P, N) of each sign whose row has the largest overall change
-    |R_K - R_0| (ties, such as two turning points of one row: the earlier row-major position wins);
-    the others revert to ordinary steps. A replacement's sign is always its row's trend sign(R_K - R_0).
+    ``balance=True`` (the authors' balanced bonus, ``use_balanced_bonus`` with ``use_delta_global``): over
+    the rows given, if there are P > 0 positive and N > 0 negative replacements, keep the min(P, N) of each
+    sign whose row has the largest overall change |R_K - R_0| (ties, such as two turning points of one row:
+    the earlier row-major position wins); the others revert to ordinary steps. A replacement's sign is
+    always its row's trend sign(R_K - R_0). The authors' code balances each sampling batch on its own (9
+    images on one GPU in their launch scripts); the trainer passes the whole iteration's rows, every
+    process's (:func:`flowalign.step_rewards.dense_step_advantages`), which keeps at least as many
+    replacements (the sum over batches of min(P_b, N_b) is at most min(sum P, sum N)) and favours the rows of
+    largest change batch-wide.
 
     Returns:
         ``(mask[B, K] bool, rewards[B, K] fp32)``.

@@ -246,6 +246,20 @@ def power_ema_decay(step: int, gamma: float) -> float:
     return (1.0 - 1.0 / step) ** (gamma + 1.0)
 
 
+def warmup_ema_decay(step: int, max_decay: float) -> float:
+    """Flow-GRPO's EMA decay (``flow_grpo/ema.py``, ``EMAModuleWrapper.get_current_decay``) at 0-based optimizer step
+    ``step``::
+
+        decay(step) = min((1 + step) / (10 + step), max_decay)
+
+    so early averages follow the weights closely (step 0: 0.1, step 10: 0.55) and the decay reaches ``max_decay`` 0.9
+    at step 80. Worked example, max 0.9: steps 0, 1, 8 give 0.1, 2/11, 0.5.
+    """
+    if step < 0 or not 0.0 <= max_decay < 1.0:
+        raise ValueError(f"warmup_ema_decay needs step >= 0 and 0 <= max_decay < 1; got step={step}, max_decay={max_decay}")
+    return min((1.0 + step) / (10.0 + step), max_decay)
+
+
 class LoraEMA:
     """Exponential moving average of the LoRA weights: ``ema <- decay·ema + (1 - decay)·theta``.
 

@@ -398,9 +398,12 @@ class WindowSchedule:
 
     ``mode``:
       * ``"fixed"``: the window starts at step ``start`` at every iteration.
-      * ``"sliding"`` (MixGRPO, arXiv 2507.21802): the start advances by ``stride`` every
+      * ``"sliding"`` (after MixGRPO, arXiv 2507.21802): the start advances by ``stride`` every
         ``shift_every`` iterations and wraps around: ``(start + (iteration // shift_every)·stride)
-        mod (K - size + 1)``.
+        mod (K - size + 1)``. MixGRPO's own code (``grpo_states.py``, its FLUX launch script) differs:
+        it moves every 25 iterations (``shift_every=25``), lets the window shrink at the end
+        (``range(cur, min(cur + size, K - 2))``) before rolling back, and never puts noise on the last
+        two steps; here the window keeps its size and may reach the last step.
       * ``"random"`` (TreeGRPO-style): the start is drawn uniformly from ``0 .. K - size`` at each
         call with ``generator``.
     """

@@ -344,7 +344,8 @@ def dense_step_advantages(adapter, traj, cond, reward, cfg, gather: Optional[Cal
     ``gather(R, group_ids) -> (R_all, group_ids_all, own_rows)`` (the trainer's, on several processes) gives
     every process's rows, with group ids distinct across processes, and the slice of this process's rows:
     advantages are then computed over the whole batch (``objective.adv_std="global"`` normalises over it,
-    and TP-GRPO's ``dense.balance`` balances over it), so they do not depend on the process count.
+    and TP-GRPO's ``dense.balance`` balances over it, where the authors' code balances each 9-image sampling batch
+    on its own: :func:`flowalign.dense.turning_points`), so they do not depend on the process count.
     ``progress(done, total)``: the step-reward estimate's rows (:func:`estimate_step_rewards`), for a bar.
 
     Samples whose R has a NaN (a reward dropped under ``on_error="drop"``) get zero advantages and are

@@ -214,6 +214,26 @@ def test_power_ema_with_gamma_zero_holds_the_mean_of_every_steps_weights():
     assert torch.allclose(constant.ema.shadow[0], 0.5 * torch.ones(3) + 0.5 * a2.detach())
 
 
+def test_warmup_ema_follows_flow_grpos_decay_every_nth_step():
+    """train.ema_schedule: warmup is flow_grpo/ema.py's min((1 + step) / (10 + step), decay), stepped every ema_every
+    optimizer steps; the shadow is unrolled by hand from the weights after each step."""
+    from flowalign.lora import warmup_ema_decay
+
+    assert [warmup_ema_decay(s, 0.9) for s in (0, 1, 8, 80, 500)] == pytest.approx([0.1, 2 / 11, 0.5, 0.9, 0.9])
+    opt, a, b = _optim(ema=True, ema_schedule="warmup", ema_decay=0.9, ema_every=2)
+    shadow = torch.cat([a.detach(), b.detach()]).clone()
+    for iteration in range(6):
+        opt.set_lr(iteration)
+        assert opt.backward((a * torch.arange(1.0, 4.0)).sum() + b.square().sum(), "here")
+        opt.step(opt.new_stats())
+        if (iteration + 1) % 2 == 0:  # 0-based steps 1, 3, 5 update: decays 2/11, 4/13, 6/15
+            decay = (1 + iteration) / (10 + iteration)
+            shadow = decay * shadow + (1 - decay) * torch.cat([a.detach(), b.detach()])
+    assert torch.allclose(torch.cat(opt.ema.shadow), shadow, atol=1e-6)
+    with pytest.raises(ValueError, match="step >= 0"):
+        warmup_ema_decay(-1, 0.9)
+
+
 def test_power_ema_config_is_validated():
     with pytest.raises(Exception, match="train.ema_schedule"):
         TrainConfig(ema_schedule="karras")

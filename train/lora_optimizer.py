@@ -162,8 +162,14 @@ class LoraOptimizer:
         self.skipped_steps_in_row = 0
         every = getattr(self.cfg, "ema_every", 1)
         if self.ema is not None and self.steps_taken % every == 0:
-            power = self.cfg.ema_schedule == "power"  # its t counts the EMA's own updates (the first one copies the weights)
-            self.ema.update(lora_lib.power_ema_decay(self.steps_taken // every, self.cfg.ema_power) if power else None)
+            schedule = self.cfg.ema_schedule
+            if schedule == "power":  # its t counts the EMA's own updates (the first one copies the weights)
+                decay = lora_lib.power_ema_decay(self.steps_taken // every, self.cfg.ema_power)
+            elif schedule == "warmup":  # Flow-GRPO's: from the 0-based optimizer step, as its EMAModuleWrapper.step gets it
+                decay = lora_lib.warmup_ema_decay(self.steps_taken - 1, self.cfg.ema_decay)
+            else:
+                decay = None
+            self.ema.update(decay)
         stats["steps"] += 1
         stats["grad_norm"].append(norm)
 

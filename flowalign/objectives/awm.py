@@ -23,10 +23,13 @@ At ``v_θ = v_old`` (one optimizer step per iteration: ``ρ = 1``) the gradient 
 ``mean_i Â_i·w(s_i)·φ'(e_i)·∇e_i``: flow matching towards the sample's own target, weighted by its
 advantage (a better-than-group sample pulls, a worse one pushes). The generalised Huber weighting
 (``p < 1``) shrinks the pull of rows whose error is already large, as DiffusionNFT's adaptive
-weighting does. The last term is the official recipe's penalty to the EMA of the trained LoRA
-(``v_ema``: the policy with ``train.ema``'s averaged weights, ``train.ema_decay``; the trainer fills
-``ForwardBatch.v_ema`` when ``ema_beta > 0``): a trust region around the recent policies rather than
-around the base model.
+weighting does. The last term is a penalty to an EMA of the trained LoRA (``v_ema``: the policy with
+``train.ema``'s averaged weights, ``train.ema_decay``; the trainer fills ``ForwardBatch.v_ema`` when
+``ema_beta > 0``): a trust region around the recent policies rather than around the base model. It is
+*not* the official recipe's KL-EMA: their presets (``config/dgx_awm.py``) set ``ema_beta = 1`` against a
+separate copy soft-updated once per epoch, ``ema <- d·ema + (1 - d)·θ`` with ``d = min(0.3, 0.001·step)``
+(so it stays close to the current policy), apart from the evaluation EMA (decay 0.99). Here the penalty
+shares the EMA that is evaluated and saved; ``train.ema_decay`` near 0.3 comes closest.
 
 **Offline** (``flowalign offline``, an :class:`~flowalign.objectives.base.OfflineBatch` of ``P``
 groups of ``k`` stored samples of one prompt each): the store's samples were drawn by the base

@@ -133,6 +133,9 @@ class DiffusionDPO:
     ``policy`` / ``reference`` are called once on all flattened rows ``p * k + j`` of ``batch.x0``
     (the trainer binds the conditioning of ``batch.cond_index`` repeated ``k`` times), so with
     ``k > 2`` and ``"best_worst"`` some rows are evaluated and not used: prefer ``k = 2`` groups.
+
+    ``beta`` defaults to 2500, the official recipe's ``beta_dpo = 5000`` in this module's convention (module
+    docstring); GDRO's 6 (its own default) is a far weaker preference scale here.
     """
 
     needs_reference = True
@@ -140,7 +143,7 @@ class DiffusionDPO:
 
     def __init__(
         self,
-        beta: float = 6.0,
+        beta: float = 2500.0,
         pairs: str = "best_worst",
         sigma_range: tuple[float, float] = (0.0, 1.0),
         generator: Optional[torch.Generator] = None,
