@@ -112,7 +112,7 @@ class SamplingConfig:
     eval_num_steps: int = field(default=40, metadata={"help": "Denoising steps for evaluation samples (ODE)."})
     guidance_scale: float = field(default=4.5, metadata={"help": "Classifier-free guidance scale while sampling (1 = off)."})
     kernel: str = field(default="flow_sde", metadata={"help": f"Transition kernel, one of {KERNELS} (flowalign.sde.step)."})
-    noise_schedule: str = field(default="constant", metadata={"help": "Noise-level schedule name for flowalign.sde.make_schedule (constant, window, table)."})
+    noise_schedule: str = field(default="constant", metadata={"help": "Noise-level schedule for flowalign.sde.make_schedule: constant, window, table, or a schedule of your own (an entry point of group flowalign.noise_schedules, or a dotted path pkg.module:Class built with noise_kwargs, with levels(num_steps, iteration, generator))."})
     noise_kwargs: dict = field(default_factory=lambda: {"a": 0.7}, metadata={"help": "Keyword arguments of the noise schedule, e.g. {a: 0.7}."})
     group_size: int = field(default=4, metadata={"help": "Samples drawn per prompt (G); advantages are normalised within a group."})
     share_initial_noise: bool = field(default=False, metadata={"help": "All samples of a group start from the same x_T."})
@@ -172,6 +172,9 @@ class SamplingConfig:
         try:
             levels = make_schedule(self.noise_schedule, **self.noise_kwargs).levels(self.num_steps, 0, torch.Generator().manual_seed(0))
             levels = torch.as_tensor(levels, dtype=torch.float64)
+            if levels.shape != (self.num_steps,) or not bool(torch.isfinite(levels).all()) or bool((levels < 0).any()):
+                raise ValueError(f"levels(num_steps={self.num_steps}) must be {self.num_steps} finite numbers >= 0, got "
+                                 f"{levels.tolist() if levels.numel() <= 16 else tuple(levels.shape)}")
             if self.kernel == "cps" and bool((levels > 1).any()):  # the kernel's own check fires only at the first step
                 raise ValueError(f"kernel 'cps' takes noise levels in [0, 1] (a fraction of a right angle), got up to "
                                  f"{float(levels.max()):g}")
@@ -475,12 +478,14 @@ def _check_some_step_is_stochastic(sampling: SamplingConfig) -> None:
     paid for and nothing trained. (Sliding and random windows move; the trainer warns on an iteration without one.)"""
     import torch
 
-    from flowalign.sde import WindowSchedule, is_stochastic, make_schedule
+    from flowalign.sde import ConstantSchedule, TableSchedule, WindowSchedule, is_stochastic, make_schedule
 
     if not isinstance(sampling.noise_kwargs, dict):
         return
     schedule = make_schedule(sampling.noise_schedule, **sampling.noise_kwargs)
     if isinstance(schedule, WindowSchedule) and schedule.mode != "fixed":
+        return
+    if not isinstance(schedule, (ConstantSchedule, TableSchedule, WindowSchedule)):  # a plugin's may move with the iteration
         return
     levels = schedule.levels(sampling.num_steps, 0, torch.Generator().manual_seed(0))
     sigmas = torch.linspace(1.0, 0.0, sampling.num_steps + 1)  # the model's shifted sigmas differ, but fall to 0 alike

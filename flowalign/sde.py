@@ -479,13 +479,33 @@ def table(levels: Sequence[float] | Tensor) -> TableSchedule:
 
 
 SCHEDULES = {"constant": constant, "window": window, "table": table}
+SCHEDULE_ENTRY_POINT_GROUP = "flowalign.noise_schedules"  # [project.entry-points."flowalign.noise_schedules"]
 
 
 def make_schedule(name: str, **kwargs):
-    """Build a schedule from a config: ``make_schedule("window", a=0.7, size=2, mode="sliding")``."""
-    if name not in SCHEDULES:
-        raise ConfigError(f"unknown noise schedule {name!r}; available: {sorted(SCHEDULES)}")
+    """Build a schedule from a config: ``make_schedule("window", a=0.7, size=2, mode="sliding")``.
+
+    ``name`` is a built-in (:data:`SCHEDULES`), an entry point of group :data:`SCHEDULE_ENTRY_POINT_GROUP` or a
+    dotted path ``"pkg.mod:Class"``: a class or function called with ``kwargs`` whose result has
+    ``levels(num_steps, iteration=0, generator=None) -> Tensor[num_steps]`` (a progressive or shrinking
+    window, a decaying level); the recipe's checks then call it as they call the built-ins'. Such a schedule
+    must be a function of ``(num_steps, iteration, generator)`` alone: a resumed run calls it afresh.
+    """
+    factory = SCHEDULES.get(name)
+    if factory is None:
+        from flowalign.plugins import find_plugin
+
+        factory = find_plugin(name, SCHEDULE_ENTRY_POINT_GROUP, "noise schedule") if isinstance(name, str) else None
+        if factory is None:
+            raise ConfigError(f"unknown noise schedule {name!r}; available: {sorted(SCHEDULES)}, an entry point of group "
+                              f"{SCHEDULE_ENTRY_POINT_GROUP!r} or a dotted path 'pkg.module:Class'")
+        if not callable(factory):
+            raise ConfigError(f"noise schedule {name!r} is a {type(factory).__name__}, not a class or function")
     try:
-        return SCHEDULES[name](**kwargs)
+        schedule = factory(**kwargs)
     except TypeError as err:
         raise ConfigError(f"bad arguments {kwargs} for noise schedule {name!r}: {err}") from None
+    if not callable(getattr(schedule, "levels", None)):
+        raise ConfigError(f"noise schedule {name!r} built a {type(schedule).__name__} without a levels(num_steps, iteration, "
+                          "generator) method")
+    return schedule

@@ -336,3 +336,44 @@ def test_log_prob_takes_a_per_sample_std_per_sample_and_refuses_a_negative_or_na
     for bad in (torch.tensor([0.5, -0.1]), torch.tensor([0.5, float("nan")]), -1.0):
         with pytest.raises(ValueError, match="std must be >= 0 and not NaN"):
             sde.log_prob(x, mu, bad)
+
+
+def test_a_noise_schedule_of_the_users_is_named_by_dotted_path(tmp_path, monkeypatch):
+    """sampling.noise_schedule took the three built-ins only: a progressive or shrinking window (MixGRPO's end of
+    schedule, a decaying level) needed an edit of flowalign."""
+    import sys
+    import uuid
+
+    from flowalign.config import load_config
+    from flowalign.errors import ConfigError
+    from flowalign.sde import make_schedule
+
+    name = f"fa_sched_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        "import torch\n\n\n"
+        "class Shrinking:\n"
+        "    # noise a on the first `size - iteration` steps (at least one)\n"
+        "    def __init__(self, a, size):\n        self.a, self.size = a, size\n\n"
+        "    def levels(self, num_steps, iteration=0, generator=None):\n"
+        "        out = torch.zeros(num_steps)\n        out[:max(1, self.size - iteration)] = self.a\n        return out\n\n\n"
+        "def bad(a):\n    return torch.ones(3) * a\n\n\n"
+        "class Negative(Shrinking):\n    def levels(self, num_steps, iteration=0, generator=None):\n"
+        "        return -super().levels(num_steps, iteration, generator)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        schedule = make_schedule(f"{name}:Shrinking", a=0.7, size=3)
+        assert schedule.levels(4, 0).tolist() == pytest.approx([0.7, 0.7, 0.7, 0.0])
+        assert schedule.levels(4, 5).tolist() == pytest.approx([0.7, 0.0, 0.0, 0.0])
+        cfg = load_config(None, [f"sampling.noise_schedule={name}:Shrinking", "sampling.noise_kwargs={a: 0.7, size: 2}"])
+        assert cfg.sampling.noise_schedule == f"{name}:Shrinking"
+        with pytest.raises(ConfigError, match="without a levels"):
+            make_schedule(f"{name}:bad", a=0.5)
+        with pytest.raises(ConfigError, match="bad arguments"):
+            make_schedule(f"{name}:Shrinking", a=0.5)
+        with pytest.raises(ConfigError, match="must be 10 finite numbers >= 0"):
+            load_config(None, [f"sampling.noise_schedule={name}:Negative", "sampling.noise_kwargs={a: 0.7, size: 2}",
+                               "sampling.num_steps=10"])
+        with pytest.raises(ConfigError, match="unknown noise schedule 'nope'"):
+            make_schedule("nope", a=0.5)
+    finally:
+        sys.modules.pop(name, None)

@@ -970,3 +970,22 @@ def test_setup_warns_of_settings_without_effect(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="flowalign.train.trainer"):
         _trainer(tmp_path, "dense.credit=min").cleanup()
     assert "set but without effect: dense.credit: objective 'grpo' trains on outcome advantages" in caplog.text
+
+
+def test_a_noise_schedule_of_the_users_drives_the_rollouts(tmp_path, monkeypatch):
+    import sys
+    import uuid
+
+    name = f"fa_sched_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        "import torch\n\n\nclass FirstSteps:\n    def __init__(self, a, size):\n        self.a, self.size = a, size\n\n"
+        "    def levels(self, num_steps, iteration=0, generator=None):\n"
+        "        out = torch.zeros(num_steps)\n        out[:self.size] = self.a\n        return out\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        trainer = _trainer(tmp_path / "run", f"sampling.noise_schedule={name}:FirstSteps", "sampling.noise_kwargs={a: 0.7, size: 2}")
+        batch = trainer.collect()
+        trainer.cleanup()
+        assert batch.traj.stochastic_mask.tolist() == [True, True, False, False, False, False]
+    finally:
+        sys.modules.pop(name, None)
