@@ -150,6 +150,8 @@ class Trajectory:
             step_index=move(torch.full((n,), k, dtype=torch.long)),
             log_prob_reduce=log_prob_reduce or self.log_prob_reduce,
             log_prob_form=log_prob_form or self.log_prob_form,
+            sample_index=move(rows.clone()),
+            group_id=move(self.group_ids[rows.to(self.group_ids.device)].long()),
         )
 
     def to(self, device: torch.device | str) -> "Trajectory":

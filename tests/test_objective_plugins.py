@@ -55,6 +55,21 @@ REINFORCE_SOURCE = """
             self.calls, self.weight = state["calls"], state["weight"]
 
 
+    class TrajectoryReinforce(Reinforce):
+        # the same loss over a micro-batch's whole trajectories: checks it got every trained step of each sample
+        update_unit = "trajectory"
+
+        def loss(self, batch, policy, reference):
+            steps = batch.step_index.unique()
+            counts = torch.bincount(batch.sample_index)
+            if len(steps) < 2 or not bool((counts[counts > 0] == len(steps)).all()):
+                raise RuntimeError(f"not whole trajectories: steps {steps.tolist()}, rows per sample {counts.tolist()}")
+            if batch.group_id is None or batch.group_id.shape != batch.sample_index.shape:
+                raise RuntimeError("no group ids")
+            loss, metrics = super().loss(batch, policy, reference)
+            return loss, {**metrics, "mine/steps": float(len(steps)), "mine/rows": float(len(batch.x))}
+
+
     class NotAnObjective:
         pass
 
@@ -252,3 +267,39 @@ def test_an_objective_with_state_resumes_with_it(tmp_path, plugin_module):
     with pytest.raises(CheckpointError, match="holds no state of objective .* resuming would restart it"):
         restore_objective_state(get_objective(name), None, tmp_path / "ckpt")
     restore_objective_state(get_objective(f"{plugin_module}:Reinforce"), None, tmp_path / "ckpt")  # stateless: nothing to do
+
+
+def test_a_trajectory_objective_gets_every_trained_step_of_its_samples_at_once(tmp_path, plugin_module):
+    """Every micro-batch held one denoising step, so a loss over a whole trajectory (GSPO's sequence-level ratio) could
+    not be written without forking the trainer. With update_unit = "trajectory" the same REINFORCE loss over the
+    whole trajectories gives the update of the per-step plan (one optimizer step over the same rows)."""
+    import torch
+    from safetensors.torch import load_file
+
+    common = ["objective.clip_range=null", "objective.kl_beta=null", "train.iterations=1", "train.micro_batch_size=4",
+              "train.grad_accum=3"]
+    assert cli.main(_train(tmp_path / "step", f"objective.name={plugin_module}:Reinforce", *common)) == 0
+    assert cli.main(_train(tmp_path / "traj", f"objective.name={plugin_module}:TrajectoryReinforce", *common)) == 0
+    with open(tmp_path / "traj" / "metrics.csv", newline="") as fh:
+        row = next(csv.DictReader(fh))
+    steps = int(float(row["mine/steps"]))
+    assert steps >= 2 and float(row["mine/rows"]) == 4 * steps and float(row["optim/steps"]) == 1.0
+    per_step = load_file(str(tmp_path / "step" / "pytorch_lora_weights.safetensors"))
+    whole = load_file(str(tmp_path / "traj" / "pytorch_lora_weights.safetensors"))
+    assert per_step.keys() == whole.keys()
+    assert all(torch.allclose(per_step[k], whole[k], atol=1e-6) for k in per_step)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in whole.items() if "lora_B" in k)  # it trained
+
+
+def test_update_unit_is_checked(tmp_path, plugin_module):
+    from flowalign.objectives.base import StepBatch, concat_step_batches
+
+    with pytest.raises(ValueError, match="at least one"):
+        concat_step_batches([])
+    import torch
+
+    one = StepBatch(*(torch.zeros(2) for _ in range(7)))
+    other = StepBatch(*(torch.zeros(2) for _ in range(7)), kernel="cps")
+    with pytest.raises(ValueError, match="different kernels"):
+        concat_step_batches([one, other])
+    assert concat_step_batches([one, one]).x.shape == (4,) and concat_step_batches([one, one]).sample_index is None

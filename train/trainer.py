@@ -56,7 +56,7 @@ from torch import Tensor
 from flowalign import lora as lora_lib
 from flowalign.advantages import groups_with_spread, kept_multi_reward_advantages
 from flowalign.config import FlowalignConfig, inert_settings, save_config, to_dict
-from flowalign.objectives.base import checked_loss
+from flowalign.objectives.base import checked_loss, concat_step_batches
 from flowalign.train import final_outputs, trainer_checkpoint, trainer_setup
 from flowalign.train import forward_process as fp
 from flowalign.train import runtime
@@ -203,6 +203,9 @@ class Trainer(OptimizerViews):
         trainer.cleanup()
     """
 
+    _trajectory_unit = False  # the objective's update_unit is "trajectory" (set by setup)
+    _plan_steps: tuple = ()  # the trained steps of the current update (its plan's)
+
     def __init__(self, config: FlowalignConfig, resume: Union[bool, str, Path] = False, overwrite: bool = False, adapter=None):
         self.config = config
         self.resume = resume
@@ -256,6 +259,7 @@ class Trainer(OptimizerViews):
         trainer_setup.check_reward_prompts(cfg, self.rewards, drift_reward, data)
         parts = trainer_setup.build_objective(cfg)
         self.objective, self.dense, self.forward_process, self.schedule = parts.objective, parts.dense, parts.forward_process, parts.schedule
+        self._trajectory_unit = getattr(self.objective, "update_unit", "step") == "trajectory"
         if self.accelerator.is_main_process:
             for line in inert_settings(cfg):
                 logger.warning("set but without effect: %s", line)
@@ -598,12 +602,21 @@ class Trainer(OptimizerViews):
 
     def _plan(self, batch: Batch) -> list["PlanItem"]:
         """Micro-batches ``PlanItem(rows, step)`` of one inner epoch: shuffled samples, chunk-major
-        (forward-process objectives: ``(sample indices, draw j)`` for j < objective.num_timesteps)."""
+        (forward-process objectives: ``(sample indices, draw j)`` for j < objective.num_timesteps; an objective with
+        ``update_unit = "trajectory"``: ``(sample indices, None)``, every trained step of those samples at once)."""
         kept = torch.nonzero(batch.keep).flatten()
         order = kept[torch.randperm(kept.numel(), generator=self.generator)]
         size = self.config.train.micro_batch_size
         steps = list(range(self.objective.num_timesteps)) if self.forward_process else self._trained_steps(batch.traj)
+        self._plan_steps = steps
+        if self._trajectory_unit:
+            return [PlanItem(order[i:i + size], None) for i in range(0, order.numel(), size)] if steps else []
         return [PlanItem(order[i:i + size], k) for i in range(0, order.numel(), size) for k in steps]
+
+    def _row_samples(self, index: Tensor, k: Optional[int]) -> Tensor:
+        """Which sample each row of micro-batch ``(index, k)`` is: ``index``, or for a trajectory item (``k`` None)
+        ``index`` once per trained step, step-major (the rows :meth:`_make_batch` builds)."""
+        return index if k is not None else index.repeat(len(self._plan_steps))
 
     def velocity_fns(self, cond, reference_cond=None):
         """``policy(x, sigma)`` (LoRA on, with grad) and ``reference`` (LoRA off, no grad; None when
@@ -641,7 +654,7 @@ class Trainer(OptimizerViews):
                     index, k = plan[i]
                     # this micro-batch's share of the rows of its accumulation group over all processes
                     step_metrics = self._micro_step(batch, index, k, scale=index.numel() / float(sizes[:, group_start:group_end].sum()))
-                    if "policy/clip_frac" in step_metrics and not self.forward_process:  # which steps clip: a low-noise
+                    if "policy/clip_frac" in step_metrics and not self.forward_process and k is not None:  # which steps clip: a low-noise
                         # step whose ratio moves with float rounding alone shows here first (flowalign.sde.log_prob)
                         step_metrics[f"policy/clip_frac/step_{k:02d}"] = step_metrics["policy/clip_frac"]
                     for key, value in step_metrics.items():  # weighted by rows: a short last chunk counts for its rows
@@ -675,10 +688,13 @@ class Trainer(OptimizerViews):
                 fp.old_velocities(batch.traj, batch.advantages, self._draws, plan,
                                   lambda index: self.velocity_fns(batch.cond_rows(index))[0], self.device)
 
-    def _make_batch(self, batch: Batch, index: Tensor, k: int, for_loss: bool = True):
-        """The objective's rows for micro-batch ``(index, k)``: a StepBatch of step k, or a ForwardBatch of draw k
-        (with ``v_ema``, the velocity of the LoRA's EMA weights, when the objective ``needs_ema`` and the rows
-        are ``for_loss``; a diagnostic needs no extra forward)."""
+    def _make_batch(self, batch: Batch, index: Tensor, k: Optional[int], for_loss: bool = True):
+        """The objective's rows for micro-batch ``(index, k)``: a StepBatch of step k (``k`` None: of every trained
+        step, step-major), or a ForwardBatch of draw k (with ``v_ema``, the velocity of the LoRA's EMA weights, when
+        the objective ``needs_ema`` and the rows are ``for_loss``; a diagnostic needs no extra forward)."""
+        if k is None:
+            reduce, form = self.config.sampling.log_prob_reduce, self.config.sampling.log_prob_form
+            return concat_step_batches([make_step_batch(batch, index, step, reduce, self.device, form) for step in self._plan_steps])
         if self.forward_process:
             rows = fp.make_forward_batch(batch.traj, batch.advantages, self._draws, index, k, self.device)
             if for_loss and getattr(self.objective, "needs_ema", False):
@@ -702,8 +718,9 @@ class Trainer(OptimizerViews):
         (forward-process objectives: mean ||v_theta - v_ref||^2 at their noised rows)."""
         from flowalign.objectives.grpo import kl_in_form, mean_kl, transition_mean
 
-        policy, reference = velocity_fns(self.adapter, self.conditioning.policy(batch, index, requires_grad=False), self._train_guidance(),
-                                         True, self.conditioning.reference(batch, index))
+        samples = self._row_samples(index, k)
+        policy, reference = velocity_fns(self.adapter, self.conditioning.policy(batch, samples, requires_grad=False), self._train_guidance(),
+                                         True, self.conditioning.reference(batch, samples))
         rows = self._make_batch(batch, index, k, for_loss=False)
         if self.forward_process:
             return fp.reference_gap(rows, policy, reference)
@@ -714,13 +731,15 @@ class Trainer(OptimizerViews):
     def _micro_step(self, batch: Batch, index: Tensor, k: int, scale: float) -> dict:
         """Forward + backward of one micro-batch; a non-finite loss is skipped (and counted)."""
         rows = self._make_batch(batch, index, k)
+        samples = self._row_samples(index, k)
         needs_reference = getattr(self.objective, "needs_reference", False)
         with lora_lib.lora_dropout_active(*self.lora_modules.values()):  # lora.dropout acts in this forward only
-            policy, reference = self.velocity_fns(self.conditioning.policy(batch, index),
-                                                  self.conditioning.reference(batch, index) if needs_reference else None)
+            policy, reference = self.velocity_fns(self.conditioning.policy(batch, samples),
+                                                  self.conditioning.reference(batch, samples) if needs_reference else None)
             loss, metrics = checked_loss(self.objective.loss(rows, policy, reference), self.config.objective.name)
         metrics = {"loss/total": float(loss.detach()), **metrics}  # an objective of the user's need not report its loss
-        return metrics if self.optim.backward(loss * scale, f"at step {k}") else {}
+        where = f"at step {k}" if k is not None else f"at steps {self._plan_steps}"
+        return metrics if self.optim.backward(loss * scale, where) else {}
 
     # ================================================================= logging / eval
 

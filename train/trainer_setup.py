@@ -221,6 +221,12 @@ def build_objective(config: FlowalignConfig) -> ObjectiveParts:
         raise ConfigError("objective.kwargs.sigma_range is offline AWM's sigma draw; online AWM re-noises at the sampler's sigmas "
                           "(objective.kwargs.sigma_sampling, num_timesteps): remove it")
     objective = get_objective(ocfg.name, **chosen, **ocfg.kwargs)
+    unit = getattr(objective, "update_unit", "step")
+    if unit not in ("step", "trajectory"):
+        raise ConfigError(f"objective {ocfg.name!r}: update_unit must be 'step' or 'trajectory', got {unit!r}")
+    if unit == "trajectory" and getattr(objective, "forward_process", False):
+        raise ConfigError(f"objective {ocfg.name!r}: update_unit 'trajectory' gathers a sample's recorded transitions; a "
+                          "forward-process objective (forward_process = True) trains on fresh re-noisings instead")
     if getattr(objective, "needs_ema", False) and not config.train.ema:
         raise ConfigError(f"objective {ocfg.name!r} with ema_beta > 0 penalises the distance to the EMA of the LoRA: set train.ema=true "
                           "(train.ema_decay sets how fast it follows)")

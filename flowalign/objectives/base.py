@@ -42,6 +42,14 @@ class StepBatch:
         step_index: ``[B]`` long, index k of the step (for logging / per-step weights), optional.
         log_prob_reduce: ``"mean"`` or ``"sum"`` over latent dims, as the sampler recorded it.
         log_prob_form: ``"gaussian"`` or ``"squared_error"``, as the sampler recorded it.
+        sample_index: ``[B]`` long, which sample of the iteration's batch each row is (optional).
+        group_id: ``[B]`` long, the row's group (prompt): rows of one id were drawn for the same prompt (optional).
+
+    An objective whose class sets ``update_unit = "trajectory"`` gets, per micro-batch, every trained step of
+    each of its samples in one ``StepBatch`` (rows ordered step-major: all samples at the first trained step,
+    then the next...; ``step_index``, ``sample_index`` and ``group_id`` say which is which), for losses over a
+    whole trajectory, such as a sequence-level importance ratio (GSPO) or a per-trajectory constraint.
+    ``train.micro_batch_size`` then counts samples, each bringing its trained steps.
     """
 
     x: Tensor
@@ -55,6 +63,31 @@ class StepBatch:
     step_index: Optional[Tensor] = None
     log_prob_reduce: str = "mean"
     log_prob_form: str = "gaussian"
+    sample_index: Optional[Tensor] = None
+    group_id: Optional[Tensor] = None
+
+
+def concat_step_batches(batches: "list[StepBatch]") -> StepBatch:
+    """One :class:`StepBatch` holding the rows of ``batches`` in order (the trajectory unit of an update: a
+    micro-batch's samples at each trained step). Every batch must share ``kernel``, ``log_prob_reduce`` and
+    ``log_prob_form``; an optional field is kept only when every batch has it."""
+    import torch
+
+    if not batches:
+        raise ValueError("concat_step_batches needs at least one StepBatch")
+    first = batches[0]
+    for b in batches[1:]:
+        if (b.kernel, b.log_prob_reduce, b.log_prob_form) != (first.kernel, first.log_prob_reduce, first.log_prob_form):
+            raise ValueError("step batches of different kernels or log-prob forms cannot be joined")
+
+    def cat(name: str) -> Optional[Tensor]:
+        values = [getattr(b, name) for b in batches]
+        return None if any(v is None for v in values) else torch.cat(values)
+
+    return StepBatch(x=cat("x"), x_next=cat("x_next"), sigma=cat("sigma"), sigma_next=cat("sigma_next"),
+                     noise_level=cat("noise_level"), old_log_prob=cat("old_log_prob"), advantages=cat("advantages"),
+                     kernel=first.kernel, step_index=cat("step_index"), log_prob_reduce=first.log_prob_reduce,
+                     log_prob_form=first.log_prob_form, sample_index=cat("sample_index"), group_id=cat("group_id"))
 
 
 @dataclass
@@ -86,6 +119,8 @@ class Objective(Protocol):
         trained_by: what runs the objective (one name, or a tuple of them: awm runs in both
             trainers), :data:`ONLINE_TRAINER` when absent; ``flowalign train`` refuses, on load, an
             objective it does not run (gdro / diffusion_dpo: :data:`OFFLINE_TRAINER`).
+        update_unit: ``"trajectory"`` for one ``StepBatch`` per micro-batch holding every trained step of its
+            samples (:class:`StepBatch`); absent (``"step"``): one step of a micro-batch's samples per call.
         dense_method: ``"dense_grpo"`` or ``"tp_grpo"`` to receive per-step advantages (``StepBatch.advantages``
             then holds each row's step's own; the ``dense:`` section applies); absent for outcome advantages.
 
