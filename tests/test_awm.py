@@ -181,6 +181,30 @@ def test_ema_penalty_in_the_trainer_reads_the_ema_weights(tmp_path):
     assert not torch.allclose(rows.v_ema, velocity_fns(trainer.adapter, cond, 1.0, False)[0](fp.noised(rows), rows.sigma).detach())
 
 
+def test_the_official_kl_ema_is_a_fast_copy_of_its_own(tmp_path):
+    """ema_target: kl_ema keeps the official recipe's penalty target: a copy of the LoRA soft-updated after each
+    iteration with d = min(kl_ema_decay, kl_ema_rate * optimizer steps), apart from train.ema (off here), and saved in
+    checkpoints. The shadow is unrolled by hand from the weights after each iteration."""
+    base = AWM_FAST + [f"train.output_dir={tmp_path}", "train.grad_accum=2", "train.lr=1e-2", "train.checkpoint_every=1",
+                       "objective.kwargs={num_timesteps: 2, weighting: t, ema_beta: 1.0, ema_target: kl_ema, "
+                       "kl_ema_decay: 0.3, kl_ema_rate: 0.1}"]
+    trainer = Trainer(load_config(None, base)).setup()  # no train.ema needed
+    assert trainer.optim.ema is None and trainer.optim.kl_ema is not None
+    shadow = [p.detach().float().clone() for p in trainer.params]
+    for _ in range(3):
+        metrics = trainer.run_iteration()
+        trainer.iteration += 1
+        decay = min(0.3, 0.1 * trainer.optim.steps_taken)
+        assert metrics["kl_ema/decay"] == pytest.approx(decay) and "awm/ema_gap" in metrics
+        shadow = [decay * s + (1 - decay) * p.detach().float() for s, p in zip(shadow, trainer.params)]
+        assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(trainer.optim.kl_ema.shadow, shadow))
+    tensors, _ = trainer.optim.state()
+    assert set(tensors) == {"kl_ema"}
+    trainer.cleanup()
+    with pytest.raises(ConfigError, match="ema_target"):
+        Trainer(load_config(None, AWM_FAST + [f"train.output_dir={tmp_path / 'x'}", "objective.kwargs={ema_beta: 1.0, ema_target: nope}"])).setup()
+
+
 def test_awm_training_raises_brightness(tmp_path, lora_brightness_gain):
     """The objective improves its reward on the tiny pipeline: paired ODE samples (same noise) with the
     LoRA on vs off are brighter, by many standard errors (measured: +0.0016, per-sample std 0.0004)."""

@@ -326,3 +326,24 @@ def test_the_power_ema_counts_its_own_updates_under_ema_every():
         if (iteration + 1) % 3 == 0:
             seen.append(a.detach().clone())
             assert torch.allclose(opt.ema.shadow[0], torch.stack(seen).mean(0), atol=1e-6), iteration  # gamma 0: the plain mean
+
+
+def test_kl_ema_copy_round_trips_through_a_checkpoint_and_is_required_by_it():
+    def optim():
+        torch.manual_seed(0)
+        a = torch.nn.Parameter(torch.ones(3))
+        cfg = TrainConfig(lr=0.1, weight_decay=0.0, max_grad_norm=0.0)
+        return LoraOptimizer([{"params": [a], "lr_ratio": 1.0}], cfg, SimpleNamespace(num_processes=1), "cpu",
+                             gather=lambda t: t, kl_ema=(None, 0.5)), a
+
+    opt, a = optim()
+    opt.backward(a.sum(), "here")
+    opt.step(opt.new_stats())
+    assert opt.update_kl_ema() == 0.5  # rate None: the constant decay
+    assert torch.allclose(opt.kl_ema.shadow[0], 0.5 * torch.ones(3) + 0.5 * a.detach())
+    tensors, state = opt.state()
+    fresh, _ = optim()
+    fresh.load(tensors, state, "ckpt")
+    assert torch.equal(fresh.kl_ema.shadow[0], opt.kl_ema.shadow[0])
+    with pytest.raises(CheckpointError, match="no KL-EMA weights"):
+        optim()[0].load({}, state, "ckpt")

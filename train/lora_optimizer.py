@@ -54,7 +54,8 @@ class LoraOptimizer:
     """
 
     def __init__(self, groups: list[dict], train_cfg, accelerator, device_type: str, gather: Callable[[Tensor], Tensor],
-                 prefix: str = "train.", unit: str = "iteration", model_dtype: Optional[torch.dtype] = None):
+                 prefix: str = "train.", unit: str = "iteration", model_dtype: Optional[torch.dtype] = None,
+                 kl_ema: Optional[tuple[Optional[float], float]] = None):
         self.cfg = train_cfg
         self.prefix, self.unit = prefix, unit
         self.accelerator = accelerator
@@ -65,6 +66,9 @@ class LoraOptimizer:
         self.ema = lora_lib.LoraEMA(self.params, train_cfg.ema_decay) if train_cfg.ema else None
         # DiffusionNFT's old policy: rollouts (and v_old) use these weights; None = on-policy
         self.old_policy = lora_lib.LoraEMA(self.params, 0.5) if train_cfg.old_policy_rate > 0 else None  # each update passes its decay
+        # an objective's own penalty target (AWM's KL-EMA: ``(rate, max)``), soft-updated after each iteration
+        self.kl_ema_schedule = kl_ema
+        self.kl_ema = lora_lib.LoraEMA(self.params, 0.5) if kl_ema is not None else None
         self.steps_taken = 0  # optimizer steps applied so far (the old policy's schedule reads it)
         # fp16 gradients of small losses underflow: dynamic loss scaling (bf16 has fp32's range and needs none), under fp16
         # autocast and for a model whose weights are fp16 (model.dtype: float16), whose activations' gradients are fp16 too
@@ -173,6 +177,16 @@ class LoraOptimizer:
         stats["steps"] += 1
         stats["grad_norm"].append(norm)
 
+    def update_kl_ema(self) -> Optional[float]:
+        """``kl_ema <- d·kl_ema + (1 - d)·θ`` with ``d = min(max, rate·steps_taken)`` (``rate`` None: ``d = max``), after an
+        iteration's update (AWM's official KL-EMA, soft-updated once per epoch); returns ``d``, or None without one."""
+        if self.kl_ema is None:
+            return None
+        rate, max_decay = self.kl_ema_schedule
+        decay = max_decay if rate is None else min(max_decay, rate * self.steps_taken)
+        self.kl_ema.update(decay)
+        return decay
+
     def update_old_policy(self) -> Optional[float]:
         """``old <- d·old + (1 - d)·θ`` with ``d = soft_update_decay(steps_taken, ...)`` (call after an
         iteration's update); returns ``d``, or None when sampling is on-policy."""
@@ -242,6 +256,8 @@ class LoraOptimizer:
         tensors = {"ema": self.ema.state_dict()} if self.ema is not None else {}
         if self.old_policy is not None:
             tensors["old_policy"] = self.old_policy.state_dict()
+        if self.kl_ema is not None:
+            tensors["kl_ema"] = self.kl_ema.state_dict()
         state = {"optimizer": self.optimizer.state_dict(), "nonfinite_in_row": self.nonfinite_in_row,
                  "skipped_steps_in_row": self.skipped_steps_in_row, "steps_taken": self.steps_taken,
                  "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
@@ -257,6 +273,10 @@ class LoraOptimizer:
             if "old_policy" not in tensors:
                 raise CheckpointError(f"checkpoint {path} has no old-policy weights but {self.prefix}old_policy_rate is on")
             self.old_policy.load_state_dict(tensors["old_policy"])
+        if self.kl_ema is not None:
+            if "kl_ema" not in tensors:
+                raise CheckpointError(f"checkpoint {path} has no KL-EMA weights but the objective penalises the distance to one")
+            self.kl_ema.load_state_dict(tensors["kl_ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
         self.skipped_steps_in_row = int(state.get("skipped_steps_in_row", 0))

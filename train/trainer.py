@@ -264,7 +264,8 @@ class Trainer(OptimizerViews):
             for line in inert_settings(cfg):
                 logger.warning("set but without effect: %s", line)
         self._draws: Optional[fp.ForwardDraws] = None  # forward-process objectives' re-noising draws of an iteration
-        model = trainer_setup.build_model(cfg, self.adapter, self.device, self.accelerator, self._gather, self._train_guidance())
+        model = trainer_setup.build_model(cfg, self.adapter, self.device, self.accelerator, self._gather, self._train_guidance(),
+                                          kl_ema=getattr(self.objective, "kl_ema", None))
         self.adapter, self.text_modules, self.conditioning, self.optim = model.adapter, model.text_modules, model.conditioning, model.optim
         trainer_setup.warn_about_log_prob_sum(cfg, self.adapter, self.accelerator)
         if self.accelerator.process_index > 0:  # the LoRA init above drew the same numbers everywhere; from here on
@@ -670,6 +671,9 @@ class Trainer(OptimizerViews):
         decay = self.optim.update_old_policy()  # the next iteration's sampler
         if decay is not None:
             metrics["old_policy/decay"] = decay
+        kl_decay = self.optim.update_kl_ema()  # the objective's own penalty target (AWM's KL-EMA)
+        if kl_decay is not None:
+            metrics["kl_ema/decay"] = kl_decay
         metrics["time/update"] = time.perf_counter() - t0
         return metrics
 
@@ -705,8 +709,8 @@ class Trainer(OptimizerViews):
     @torch.no_grad()
     def _ema_velocity(self, batch: Batch, index: Tensor, rows) -> Tensor:
         """The velocity at the rows' ``x_s`` with every LoRA (text encoders included: the prompts are re-encoded)
-        holding its EMA weights (``train.ema``), training's CFG."""
-        with self.optim.ema.applied():
+        holding its EMA weights (the objective's own KL-EMA copy when it keeps one, else ``train.ema``'s), training's CFG."""
+        with (self.optim.kl_ema if self.optim.kl_ema is not None else self.optim.ema).applied():
             cond = self.conditioning.policy(batch, index, requires_grad=False)
             return velocity_fns(self.adapter, cond, self._train_guidance(), False)[0](fp.noised(rows), rows.sigma)
 

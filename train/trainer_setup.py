@@ -227,7 +227,7 @@ def build_objective(config: FlowalignConfig) -> ObjectiveParts:
     if unit == "trajectory" and getattr(objective, "forward_process", False):
         raise ConfigError(f"objective {ocfg.name!r}: update_unit 'trajectory' gathers a sample's recorded transitions; a "
                           "forward-process objective (forward_process = True) trains on fresh re-noisings instead")
-    if getattr(objective, "needs_ema", False) and not config.train.ema:
+    if getattr(objective, "needs_ema", False) and not config.train.ema and getattr(objective, "kl_ema", None) is None:
         raise ConfigError(f"objective {ocfg.name!r} with ema_beta > 0 penalises the distance to the EMA of the LoRA: set train.ema=true "
                           "(train.ema_decay sets how fast it follows)")
     if getattr(objective, "forward_process", False) and getattr(objective, "sigma_sampling", "grid") == "grid":
@@ -277,7 +277,7 @@ class ModelParts:
 
 
 def build_model(config: FlowalignConfig, adapter, device: torch.device, accelerator,
-                gather: Callable[[Tensor], Tensor], train_guidance: float) -> ModelParts:
+                gather: Callable[[Tensor], Tensor], train_guidance: float, kl_ema=None) -> ModelParts:
     """Load the pipeline (unless ``adapter`` is given), add LoRA, wrap for mixed precision and
     build the optimizer over the LoRA parameters.
 
@@ -308,5 +308,6 @@ def build_model(config: FlowalignConfig, adapter, device: torch.device, accelera
     groups = [{"params": transformer_params, "lr_ratio": 1.0}]
     if text_params:
         groups.append({"params": text_params, "lr_ratio": (lcfg.text_encoder_lr or config.train.lr) / config.train.lr})
-    optim = LoraOptimizer(groups, config.train, accelerator, device.type, gather, model_dtype=next(module.parameters()).dtype)
+    optim = LoraOptimizer(groups, config.train, accelerator, device.type, gather, model_dtype=next(module.parameters()).dtype,
+                          kl_ema=kl_ema)
     return ModelParts(adapter=adapter, text_modules=text_modules, conditioning=conditioning, optim=optim)

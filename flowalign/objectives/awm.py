@@ -23,13 +23,13 @@ At ``v_θ = v_old`` (one optimizer step per iteration: ``ρ = 1``) the gradient 
 ``mean_i Â_i·w(s_i)·φ'(e_i)·∇e_i``: flow matching towards the sample's own target, weighted by its
 advantage (a better-than-group sample pulls, a worse one pushes). The generalised Huber weighting
 (``p < 1``) shrinks the pull of rows whose error is already large, as DiffusionNFT's adaptive
-weighting does. The last term is a penalty to an EMA of the trained LoRA (``v_ema``: the policy with
-``train.ema``'s averaged weights, ``train.ema_decay``; the trainer fills ``ForwardBatch.v_ema`` when
-``ema_beta > 0``): a trust region around the recent policies rather than around the base model. It is
-*not* the official recipe's KL-EMA: their presets (``config/dgx_awm.py``) set ``ema_beta = 1`` against a
-separate copy soft-updated once per epoch, ``ema <- d·ema + (1 - d)·θ`` with ``d = min(0.3, 0.001·step)``
-(so it stays close to the current policy), apart from the evaluation EMA (decay 0.99). Here the penalty
-shares the EMA that is evaluated and saved; ``train.ema_decay`` near 0.3 comes closest.
+weighting does. The last term is a penalty to an EMA of the trained LoRA (``v_ema``; the trainer fills
+``ForwardBatch.v_ema`` when ``ema_beta > 0``): a trust region around the recent policies rather than
+around the base model. ``ema_target="kl_ema"`` is the official recipe's KL-EMA (their presets,
+``config/dgx_awm.py``: ``ema_beta = 1``, ``kl_ema_decay = 0.3``, linear): a copy of its own, soft-updated
+after each iteration, ``ema <- d·ema + (1 - d)·θ`` with ``d = min(0.3, 0.001·step)``, so it stays close to
+the current policy, apart from the evaluation EMA. ``ema_target="train_ema"`` (the default) instead reads
+``train.ema``'s averaged weights, the ones evaluated and saved.
 
 **Offline** (``flowalign offline``, an :class:`~flowalign.objectives.base.OfflineBatch` of ``P``
 groups of ``k`` stored samples of one prompt each): the store's samples were drawn by the base
@@ -141,7 +141,11 @@ class AdvantageWeightedMatching:
         clip_range: PPO clip ``ε`` on the ratio (official: 1, i.e. barely clipped; with one optimizer
             step per iteration ``ρ = 1`` and the clip never acts).
         kl_beta: weight of ``mean ‖v_θ - v_ref‖²`` to the reference (LoRA off); official 0.003.
-        ema_beta: online only: weight of ``mean ‖v_θ - v_ema‖²`` to the EMA of the trained LoRA (needs ``train.ema``).
+        ema_beta: online only: weight of ``mean ‖v_θ - v_ema‖²`` to an EMA of the trained LoRA.
+        ema_target: which EMA: ``"train_ema"`` (``train.ema``'s, the one evaluated and saved; needs ``train.ema``) or
+            ``"kl_ema"``, the official recipe's own copy, ``ema <- d·ema + (1 - d)·θ`` after each iteration with
+            ``d = min(kl_ema_decay, kl_ema_rate · optimizer steps)`` (``kl_ema_rate`` None: ``d = kl_ema_decay``).
+        kl_ema_decay, kl_ema_rate: that copy's schedule (official: 0.3 and 0.001, "linear").
         adv_clip: ``c`` of the advantage clip.
         sigma_range: offline only: ``s ~ U(sigma_range)`` per row and step (online, the trainer draws the sigmas).
         adv_eps: offline only: ``eps`` of the within-group advantage normalisation.
@@ -155,7 +159,7 @@ class AdvantageWeightedMatching:
     def __init__(self, num_timesteps: int = 2, sigma_sampling: str = "grid", weighting: str = "ghuber", ghuber_power: float = 0.25,
                  advantage_max: float = 1.0, clip_range: float = 1.0, kl_beta: float = 0.0, adv_clip: float = 5.0,
                  sigma_range: tuple[float, float] = (0.0, 1.0), adv_eps: float = 1e-4, generator: Optional[torch.Generator] = None,
-                 ema_beta: float = 0.0):
+                 ema_beta: float = 0.0, ema_target: str = "train_ema", kl_ema_decay: float = 0.3, kl_ema_rate: Optional[float] = 0.001):
         if num_timesteps < 1 or adv_clip <= 0 or advantage_max <= 0 or clip_range <= 0 or kl_beta < 0 or adv_eps <= 0 or ema_beta < 0:
             raise ValueError(f"need num_timesteps >= 1, adv_clip > 0, advantage_max > 0, clip_range > 0, kl_beta >= 0, adv_eps > 0, "
                              f"ema_beta >= 0; got {num_timesteps}, {adv_clip}, {advantage_max}, {clip_range}, {kl_beta}, {adv_eps}, {ema_beta}")
@@ -166,6 +170,13 @@ class AdvantageWeightedMatching:
             raise ValueError(f"weighting={weighting!r}; choose one of {WEIGHTINGS}")
         if not 0.0 < ghuber_power <= 1.0:
             raise ValueError(f"ghuber_power must be in (0, 1], got {ghuber_power}")
+        if ema_target not in ("train_ema", "kl_ema"):
+            raise ValueError(f"ema_target={ema_target!r}; choose 'train_ema' or 'kl_ema'")
+        if not 0.0 <= kl_ema_decay < 1.0 or (kl_ema_rate is not None and kl_ema_rate < 0):
+            raise ValueError(f"need 0 <= kl_ema_decay < 1 and kl_ema_rate >= 0 (or None); got {kl_ema_decay}, {kl_ema_rate}")
+        self.ema_target = ema_target
+        self.kl_ema_decay = float(kl_ema_decay)
+        self.kl_ema_rate = None if kl_ema_rate is None else float(kl_ema_rate)
         self.num_timesteps = int(num_timesteps)
         self.sigma_sampling = sigma_sampling
         self.weighting = weighting
@@ -188,6 +199,12 @@ class AdvantageWeightedMatching:
     def needs_ema(self) -> bool:
         """Whether the trainer must fill ``ForwardBatch.v_ema`` (the EMA penalty, ``ema_beta > 0``)."""
         return self.ema_beta > 0
+
+    @property
+    def kl_ema(self) -> Optional[tuple[Optional[float], float]]:
+        """``(rate, max decay)`` of the penalty's own EMA copy the trainer keeps (``ema_target="kl_ema"``), else None
+        (the penalty reads ``train.ema``'s EMA)."""
+        return (self.kl_ema_rate, self.kl_ema_decay) if self.needs_ema and self.ema_target == "kl_ema" else None
 
     def loss(self, batch: Union[ForwardBatch, OfflineBatch], policy: VelocityFn,
              reference: Optional[VelocityFn] = None) -> tuple[Tensor, dict[str, float]]:
