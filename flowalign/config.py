@@ -301,7 +301,7 @@ class TrainConfig:
     adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the LoRA gradient norm to this value (0 = no clipping)."})
     ema: bool = field(default=False, metadata={"help": "Keep an exponential moving average of the LoRA weights (saved and used for eval)."})
-    ema_decay: float = field(default=0.9, metadata={"help": "EMA decay per EMA update, i.e. every train.ema_every optimizer steps (train.ema_schedule: constant)."})
+    ema_decay: float = field(default=0.9, metadata={"help": "EMA decay per EMA update, i.e. every train.ema_every optimizer steps (train.ema_schedule: constant), or the warm-up's cap (warmup); power does not read it."})
     ema_every: int = field(default=1, metadata={"help": "Update the EMA every n-th optimizer step (Flow-GRPO's EMAModuleWrapper update_step_interval: 8)."})
     ema_schedule: str = field(
         default="constant",
@@ -928,6 +928,10 @@ def inert_settings(config: "FlowalignConfig") -> list[str]:
         keys = changed(t, default_train, "train", ("ema_decay", "ema_every", "ema_schedule", "ema_power"))
         if keys:
             found.append(f"{', '.join(keys)}: train.ema is false, so no EMA is kept")
+    elif t.ema_schedule == "power" and t.ema_decay != default_train.ema_decay:
+        found.append("train.ema_decay: the power-function EMA (train.ema_schedule: power) sets its own decay from train.ema_power")
+    elif t.ema_schedule != "power" and t.ema_power != default_train.ema_power:
+        found.append(f"train.ema_power: read by train.ema_schedule: power only, not {t.ema_schedule}")
     if t.old_policy_rate == 0:
         keys = changed(t, default_train, "train", ("old_policy_max", "old_policy_flat"))
         if keys:

@@ -554,18 +554,35 @@ def load_noise_table(path: Union[str, Path]) -> tuple[Tensor, dict[str, Any]]:
     return torch.tensor(values, dtype=torch.float32), dict(doc.get("meta") or {})
 
 
-def calibration_meta(cfg) -> dict[str, Any]:
+def calibration_meta(cfg, initial_levels: Optional[Sequence[float]] = None) -> dict[str, Any]:
     """The settings a calibrated noise table depends on, as its file's ``meta`` records them: the ``dense``
-    calibration keys, the sampler (kernel, steps, guidance, the initial level ``a``) and the model."""
+    calibration keys, the sampler (kernel, steps, guidance, the levels calibration starts from: ``initial_levels``,
+    default ``[a] * K``), the rewards (names, weights, kwargs) and the model."""
     d, s = _dense_config(cfg), cfg.sampling
     kwargs = s.noise_kwargs if isinstance(getattr(s, "noise_kwargs", None), Mapping) else {}
-    return {"initial_level": float(kwargs.get("a", 0.7)), "rounds": d.calibration_rounds, "samples": d.calibration_samples,
-            "eps1": d.eps1, "eps2": d.eps2, "max_level": d.max_level, "kernel": s.kernel, "estimator": d.estimator,
-            "stride": d.stride, "num_steps": s.num_steps, "guidance_scale": getattr(s, "guidance_scale", None),
+    a = float(kwargs.get("a", 0.7))
+    start = [a] * s.num_steps if initial_levels is None else [float(x) for x in initial_levels]
+    rewards = [[getattr(r, "key", getattr(r, "name", None)), float(getattr(r, "weight", 1.0)), dict(getattr(r, "kwargs", {}) or {})]
+               for r in (getattr(cfg, "rewards", None) or [])]
+    return {"initial_level": a, "initial_levels": [round(x, 6) for x in start], "rounds": d.calibration_rounds,
+            "samples": d.calibration_samples, "eps1": d.eps1, "eps2": d.eps2, "max_level": d.max_level, "kernel": s.kernel,
+            "estimator": d.estimator, "stride": d.stride, "num_steps": s.num_steps,
+            "guidance_scale": getattr(s, "guidance_scale", None), "rewards": rewards,
             "model": getattr(getattr(cfg, "model", None), "pretrained", None)}
 
 
-def check_calibrated_table(path: Union[str, Path], cfg) -> None:
+def schedule_start_levels(cfg) -> list[float]:
+    """The levels a run's calibration starts from: ``sampling.noise_schedule``'s at iteration 0 (its random draws, if any,
+    from ``train.seed``), as :func:`flowalign.train.dense_setup.calibrated_schedule` starts."""
+    from flowalign import sde
+
+    s = cfg.sampling
+    schedule = sde.make_schedule(s.noise_schedule, **s.noise_kwargs)
+    seed = int(getattr(getattr(cfg, "train", None), "seed", 0))
+    return [float(x) for x in schedule.levels(s.num_steps, 0, torch.Generator().manual_seed(seed))]
+
+
+def check_calibrated_table(path: Union[str, Path], cfg, initial_levels: Optional[Sequence[float]] = None) -> None:
     """ConfigError when ``dense.calibration_rounds > 0`` asks for a calibration and the existing table ``path`` was
     calibrated under other settings (its ``meta``, :func:`calibration_meta`; keys an older file lacks are not
     compared): the run would use the old table and ignore the settings asked for. A table without calibration
@@ -574,7 +591,7 @@ def check_calibrated_table(path: Union[str, Path], cfg) -> None:
     if not d.calibration_rounds or not Path(path).is_file():
         return
     _, meta = load_noise_table(path)
-    now = calibration_meta(cfg)
+    now = calibration_meta(cfg, initial_levels)
     changed = [f"{key} {meta[key]!r} -> {now[key]!r}" for key in now if key in meta and meta[key] != now[key]]
     if changed:
         raise ConfigError(f"dense.noise_table_file {path} was calibrated under other settings ({', '.join(changed)}); "
@@ -649,5 +666,5 @@ def prepare_noise_schedule(
         on_error=_dropped_sample_policy(cfg),
     )
     if d.noise_table_file:
-        save_noise_table(d.noise_table_file, levels, calibration_meta(cfg))
+        save_noise_table(d.noise_table_file, levels, calibration_meta(cfg, [a] * s.num_steps))
     return sde.table(levels), levels

@@ -675,6 +675,7 @@ def call_reward_batched(reward: Callable, images: Tensor, prompts: Sequence[str]
         return out
     if batch_size < 1:
         raise ConfigError(f"reward batch_size must be >= 1 or None, got {batch_size}")
+    metadata = check_reward_inputs(images, prompts, metadata, name=name or reward_name(reward))  # as one call checks them
     parts: list[CheckedRewardOutput] = []
     for start in range(0, batch, batch_size):
         stop = min(start + batch_size, batch)

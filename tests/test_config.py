@@ -438,3 +438,13 @@ def test_flowalign_config_warns_of_inert_settings_and_refuses_online_awm_sigma_r
     assert "flowalign config: warning: set but without effect: dense.credit: objective 'grpo'" in capsys.readouterr().err
     assert cli.main(["config", "--config", "toy_awm", "--set", "objective.kwargs.sigma_range=[0.5, 0.6]"]) == 2
     assert "objective.kwargs.sigma_range is offline AWM's sigma draw" in capsys.readouterr().err
+
+
+def test_ema_keys_the_chosen_schedule_does_not_read_are_named():
+    from flowalign.config import inert_settings
+
+    assert inert_settings(C.load_config(None, ["train.ema=true", "train.ema_schedule=power", "train.ema_decay=0.5"])) == [
+        "train.ema_decay: the power-function EMA (train.ema_schedule: power) sets its own decay from train.ema_power"]
+    assert inert_settings(C.load_config(None, ["train.ema=true", "train.ema_schedule=warmup", "train.ema_power=1.0"])) == [
+        "train.ema_power: read by train.ema_schedule: power only, not warmup"]
+    assert inert_settings(C.load_config(None, ["train.ema=true", "train.ema_schedule=warmup", "train.ema_decay=0.5"])) == []

@@ -268,6 +268,11 @@ def test_an_objective_with_state_resumes_with_it(tmp_path, plugin_module):
         restore_objective_state(get_objective(name), None, tmp_path / "ckpt")
     restore_objective_state(get_objective(f"{plugin_module}:Reinforce"), None, tmp_path / "ckpt")  # stateless: nothing to do
 
+    class ModuleObjective(torch.nn.Module):  # load_state_dict without any state: a checkpoint of before resumes
+        name = "module"
+
+    restore_objective_state(ModuleObjective(), None, tmp_path / "ckpt")
+
 
 def test_a_trajectory_objective_gets_every_trained_step_of_its_samples_at_once(tmp_path, plugin_module):
     """Every micro-batch held one denoising step, so a loss over a whole trajectory (GSPO's sequence-level ratio) could

@@ -415,3 +415,30 @@ def test_a_partial_model_or_lora_section_keeps_the_commands_own_defaults(tmp_pat
     from flowalign.config import FlowalignConfig, ModelConfig
 
     assert build_dataclass(FlowalignConfig, {"model": {"dtype": "bfloat16"}}).model == ModelConfig(dtype="bfloat16")
+
+
+def test_a_resumed_dpo_run_keeps_the_beta_it_began_with(tiny_store, tmp_path, caplog):
+    """Diffusion-DPO's default beta moved from 6 to 2500; the hash covers objective_kwargs as written, so a run begun
+    before (no beta in its recipe) resumed at 400 times its preference scale without a word."""
+    import logging
+    from types import SimpleNamespace
+
+    from flowalign.objectives.diffusion_dpo import DiffusionDPO
+    from flowalign.train.offline_trainer import OfflineTrainer
+
+    run = tmp_path / "run"
+    assert cli.main(["offline", "--config", str(_offline_yaml(tmp_path, tiny_store, run)), "--set", "objective=diffusion_dpo",
+                     "--set", "max_steps=1", "--set", "progress=false"]) == 0
+    state = json.loads((run / "checkpoints" / "iter_000001" / "state.json").read_text())
+    assert state["objective_beta"] == 2500.0  # recorded from now on
+
+    def resumed(state, kwargs=None):
+        fake = SimpleNamespace(config=SimpleNamespace(objective_kwargs=kwargs or {}, objective="diffusion_dpo"), objective=DiffusionDPO())
+        OfflineTrainer._keep_the_runs_beta(fake, state, run / "checkpoints" / "iter_000001")
+        return fake.objective.beta
+
+    with caplog.at_level(logging.WARNING, logger="flowalign.train.offline_trainer"):
+        assert resumed({}) == 6.0  # a checkpoint from before: the old default
+    assert "began with diffusion_dpo's default beta 6, which is now 2500: it continues with 6" in caplog.text
+    assert resumed({"objective_beta": 2500.0}) == 2500.0
+    assert resumed({}, {"beta": 100.0}) == 2500.0  # a beta the recipe sets is the hash's to check (the fake builds the default)

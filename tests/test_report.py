@@ -582,3 +582,24 @@ def test_category_bars_legend_covers_no_bar_and_no_gain_label(tmp_path, monkeypa
     plots.category_bars(rows, tmp_path / "bars.png", target_points=15)
     assert seen["others"] and not any(seen["legend"].overlaps(box) for box in seen["others"])
     assert seen["figure"].contains(seen["legend"].x1 - 1, seen["legend"].y0 + 1)  # and it is still on the figure
+
+
+def test_the_report_journal_key_leaves_out_the_rewards_batch_size(tmp_path):
+    """rewards[].batch_size only chunks the reward's calls: a run killed in its report and resumed with another value
+    sampled the whole report again."""
+    from types import SimpleNamespace
+
+    from flowalign.config import load_config
+    from flowalign.prompts import load_prompts
+    from flowalign.train.final_outputs import report_journals
+
+    (tmp_path / "p.txt").write_text("a red circle\n")
+
+    def key(*extra):
+        trainer = SimpleNamespace(config=load_config(None, ["model.pretrained=tiny-sd3", *extra]), run_dir=tmp_path,
+                                  heldout_records=load_prompts(tmp_path / "p.txt"), device="cpu", lora_modules={}, ema=None,
+                                  accelerator=SimpleNamespace(process_index=0, num_processes=1))
+        return report_journals(trainer, "brightness")[0].key
+
+    assert key("rewards.0.batch_size=16") == key()
+    assert "batch_size" not in str(key()) and key("rewards.0.kwargs={x: 1}") != key()  # what scores still counts

@@ -764,3 +764,12 @@ def test_call_reward_batched_joins_chunks_as_one_call():
     with pytest.raises(RewardError, match="non-finite scores for 1 of 3 prompts"):  # each chunk under the policy
         call_reward_batched(reward, images, prompts, metadata, on_error="raise", batch_size=3)
     assert join_details([{"a": [1], "b": 1}, {"a": [2, 3], "b": 2}], [1, 2]) == {"a": [1, 2, 3]}  # differing constants: left out
+
+
+def test_call_reward_batched_checks_the_counts_before_it_chunks():
+    from flowalign.rewards import call_reward_batched
+
+    reward = lambda images, prompts, metadata: images.mean(dim=(1, 2, 3))  # noqa: E731
+    for batch_size in (None, 2):
+        with pytest.raises(RewardError, match="3 prompts for 4 images"):
+            call_reward_batched(reward, torch.rand(4, 3, 4, 4), ["a", "b", "c"], batch_size=batch_size)

@@ -379,6 +379,15 @@ def test_prepare_noise_schedule_calibrates_saves_and_reuses(adapter, reward, tmp
         sr.prepare_noise_schedule(adapter, PROMPTS, None, cfg)
     cfg.dense = sr.DenseConfig(noise_table_file=str(table_file), calibration_rounds=0)
     assert torch.equal(sr.prepare_noise_schedule(adapter, PROMPTS, None, cfg)[1], levels)
+    # another reward, or another starting level, is another calibration too
+    cfg.dense = sr.DenseConfig(noise_table_file=str(table_file), calibration_rounds=1, calibration_samples=3, eps1=0, eps2=0.1)
+    cfg.rewards = [SimpleNamespace(name="color_fraction", weight=1.0, on_error="raise", kwargs={})]
+    with pytest.raises(ConfigError, match=r"rewards \[\['brightness'"):
+        sr.prepare_noise_schedule(adapter, PROMPTS, None, cfg)
+    cfg.rewards = [SimpleNamespace(name="brightness", weight=1.0, on_error="raise")]
+    with pytest.raises(ConfigError, match=r"initial_levels \[0.5, 0.5\] -> \[0.5, 0.0\]"):
+        sr.check_calibrated_table(table_file, cfg, [0.5, 0.0])
+    sr.check_calibrated_table(table_file, cfg)  # the same settings: accepted
     # a named table that does not exist, without calibration, is an error; no dense settings -> the sampling schedule
     cfg.dense = sr.DenseConfig(noise_table_file=str(tmp_path / "none.json"))
     with pytest.raises(ConfigError, match="does not exist"):

@@ -25,7 +25,7 @@ def calibrated_schedule(trainer: "Trainer", resumed: bool):
     split and every process ends with the same table.
     """
     from flowalign import sde
-    from flowalign.step_rewards import calibrate_noise_table_for, load_noise_table
+    from flowalign.step_rewards import calibrate_noise_table_for, load_noise_table, schedule_start_levels
 
     cfg = trainer.config
     d, s = cfg.dense, cfg.sampling
@@ -43,7 +43,7 @@ def calibrated_schedule(trainer: "Trainer", resumed: bool):
         levels = calibrate_noise_table_for(
             trainer.adapter, [r.prompt for r in picked], trainer.mixed_reward(),
             rounds=d.calibration_rounds, samples=len(picked),
-            initial_levels=trainer.schedule.levels(s.num_steps, 0, torch.Generator().manual_seed(cfg.train.seed)),
+            initial_levels=torch.tensor(schedule_start_levels(cfg)),
             eps1=d.eps1, eps2=d.eps2, max_level=d.max_level, kernel=s.kernel, guidance_scale=s.guidance_scale,
             estimator=d.estimator, stride=d.stride, max_batch=d.max_batch, micro_batch_size=s.micro_batch_size,
             generator=torch.Generator().manual_seed(cfg.train.seed + 2 + acc.process_index * PROCESS_SEED_STRIDE),
@@ -75,9 +75,9 @@ def save_run_noise_table(run_dir: Path, levels: Tensor, cfg: FlowalignConfig) ->
     """Write a calibrated table to ``<run>/noise_table.json`` (and ``dense.noise_table_file`` when set)."""
     from flowalign.step_rewards import save_noise_table
 
-    from flowalign.step_rewards import calibration_meta
+    from flowalign.step_rewards import calibration_meta, schedule_start_levels
 
-    meta = calibration_meta(cfg)
+    meta = calibration_meta(cfg, schedule_start_levels(cfg))
     save_noise_table(run_dir / "noise_table.json", levels, meta)
     if cfg.dense.noise_table_file and not Path(cfg.dense.noise_table_file).is_file():  # a table reused from it stays as it is
         save_noise_table(cfg.dense.noise_table_file, levels, meta)

@@ -82,7 +82,8 @@ def report_journals(trainer, reward_key: str) -> tuple:
     from flowalign.train.model import model_files_signature
 
     cfg = trainer.config
-    reward = [dataclasses.asdict(r) for r in cfg.rewards if r.key == reward_key]
+    # the entry as it scores: batch_size only chunks the calls (left out, so journals of before it still match)
+    reward = [{k: v for k, v in dataclasses.asdict(r).items() if k != "batch_size"} for r in cfg.rewards if r.key == reward_key]
     model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in MODEL_MEMORY_KNOBS}
     key = {"model": model, "model_files": model_files_signature(cfg.model.pretrained, cfg.model.revision),
            "device_type": torch.device(trainer.device).type, "mixed_precision": cfg.train.mixed_precision,

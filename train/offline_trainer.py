@@ -497,6 +497,8 @@ class OfflineTrainer(OptimizerViews):
         saved = objective_state(self.objective)
         if saved is not None:  # a plugin objective's own state
             state["objective"] = saved
+        if isinstance(getattr(self.objective, "beta", None), (int, float)):  # what the run trains with, defaults included
+            state["objective_beta"] = float(self.objective.beta)
         try:
             path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, tensors, state, keep=self.config.keep_checkpoints,
                                         config_hash=offline_config_hash(self.config),
@@ -527,8 +529,25 @@ class OfflineTrainer(OptimizerViews):
         self.optim.load(loaded.tensors, loaded.state, path)
         ckpt.restore_rng(loaded.state["rng"], {"objective": self.generator})
         restore_objective_state(self.objective, loaded.state.get("objective"), path)
+        self._keep_the_runs_beta(loaded.state, path)
         self.step, self.nfe, self.seconds = int(loaded.state["step"]), int(loaded.state["nfe"]), float(loaded.state["seconds"])
         logger.info("resumed offline run from %s at step %d", path, self.step)
+
+    def _keep_the_runs_beta(self, state: dict, path: Path) -> None:
+        """A resumed run keeps the ``beta`` it began with when the recipe leaves it to the objective's default and that
+        default has moved since (Diffusion-DPO's, 6 -> 2500 on 2026-12-07; checkpoints from before it record no beta):
+        the config hash covers ``objective_kwargs`` as written, not the defaults they fall back on."""
+        from flowalign.objectives.diffusion_dpo import DiffusionDPO
+
+        if "beta" in self.config.objective_kwargs or not isinstance(getattr(self.objective, "beta", None), (int, float)):
+            return
+        began = state.get("objective_beta")
+        if began is None and isinstance(self.objective, DiffusionDPO):
+            began = 6.0  # the default before the checkpoints recorded it
+        if began is not None and float(began) != float(self.objective.beta):
+            logger.warning("%s began with %s's default beta %g, which is now %g: it continues with %g (set objective_kwargs.beta "
+                           "to choose)", path.parent.parent, self.config.objective, began, self.objective.beta, began)
+            self.objective.beta = float(began)
 
     def _changed_settings(self) -> str:
         """``" (changed: a, b)"``: the hashed keys in which this config differs from the run's ``offline_config.yaml``."""

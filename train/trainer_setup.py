@@ -235,9 +235,10 @@ def build_objective(config: FlowalignConfig) -> ObjectiveParts:
     dense = dense_method(ocfg.name) is not None
     table_file = config.dense.noise_table_file if dense else None
     if table_file and (Path(table_file).is_file() or config.dense.calibration_rounds == 0):
-        from flowalign.step_rewards import check_calibrated_table, noise_schedule_for
+        from flowalign.step_rewards import check_calibrated_table, noise_schedule_for, schedule_start_levels
 
-        check_calibrated_table(table_file, config)
+        if config.dense.calibration_rounds:
+            check_calibrated_table(table_file, config, schedule_start_levels(config))
         schedule = noise_schedule_for(config.sampling, config.dense)
     else:
         schedule = sde.make_schedule(config.sampling.noise_schedule, **config.sampling.noise_kwargs)

@@ -203,6 +203,8 @@ def restore_objective_state(objective: Any, saved: Optional[Mapping], path: Any)
     loads = callable(getattr(objective, "load_state_dict", None))
     if saved is None and not loads:
         return
+    if saved is None and not objective_state(objective):  # load_state_dict, but nothing to load (a parameterless nn.Module)
+        return
     if saved is None:
         raise CheckpointError(f"checkpoint {path} holds no state of objective {name!r}, which keeps some (load_state_dict): "
                               "resuming would restart it; resume a checkpoint written with it, or start a new output_dir")
