@@ -335,7 +335,8 @@ class TrainConfig:
         default=1,
         metadata={"help": "With objective.kl_beta = 0, log the diagnostic kl/ref (a policy and a reference forward of the first "
                           "micro-batch's rows at every trained step, before the update: what the objective's KL term would "
-                          "average) every N iterations, starting with the first (0 = never). It changes no weights."},
+                          "average) on the metrics.csv rows N, 2N, ... (0 = never): row 1 would measure the untrained LoRA, "
+                          "always 0, and a 50-iteration run with N = 10 now ends on a measurement. It changes no weights."},
     )
     report_target_points: Optional[float] = field(
         default=None,
@@ -348,8 +349,8 @@ class TrainConfig:
                           "correct when its details['binary'] is 1, or, for a reward without verdicts, when its score is >= 0.5; "
                           "null = the first of rewards."},
     )
-    eval_prompts: Optional[str] = field(default=None, metadata={"help": "Held-out prompt file for evaluation; null = the first training prompts."})
-    eval_num_prompts: int = field(default=8, metadata={"help": "Prompts in an eval grid."})
+    eval_prompts: Optional[str] = field(default=None, metadata={"help": "Held-out prompt file for evaluation; null = the training prompts."})
+    eval_num_prompts: int = field(default=8, metadata={"help": "Prompts in an eval grid: distinct prompts of train.eval_prompts (else the training prompts), spread over their tags."})
     final_eval_samples: int = field(
         default=512,
         metadata={"help": "Samples of the held-out report at the end of training (base vs aligned on train.eval_prompts, "

@@ -45,6 +45,16 @@ def _save_figure(fig, out_png: PathLike) -> Path:
     return out_png
 
 
+def reward_curve_keys(data: dict) -> list[str]:
+    """The columns :func:`reward_curve` draws by default: every ``reward/.../mean`` and ``eval/.../mean``, without
+    ``reward/mean`` when it is a single reward's own line (one reward of weight 1: the same values, drawn once)."""
+    keys = [k for k in data if k.endswith("/mean") and k.split("/")[0] in ("reward", "eval")]
+    components = [k for k in keys if k.startswith("reward/") and k != "reward/mean"]
+    if "reward/mean" in keys and len(components) == 1 and np.allclose(data["reward/mean"], data[components[0]], equal_nan=True):
+        keys.remove("reward/mean")
+    return keys
+
+
 def reward_curve(metrics_csv: PathLike, out_png: PathLike, keys: Optional[Sequence[str]] = None) -> Path:
     """Plot reward columns of ``metrics.csv`` against ``iteration`` and write ``out_png``.
 
@@ -60,7 +70,7 @@ def reward_curve(metrics_csv: PathLike, out_png: PathLike, keys: Optional[Sequen
     if "iteration" not in data:
         raise ValueError(f"{metrics_csv} has no 'iteration' column (columns: {sorted(data)})")
     if keys is None:
-        keys = [k for k in data if k.endswith("/mean") and k.split("/")[0] in ("reward", "eval")]
+        keys = reward_curve_keys(data)
     if not keys:
         raise ValueError(f"{metrics_csv} has no reward columns to plot (columns: {sorted(data)})")
     x = np.asarray(data["iteration"])
@@ -76,6 +86,7 @@ def reward_curve(metrics_csv: PathLike, out_png: PathLike, keys: Optional[Sequen
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("iteration")
     ax.set_ylabel("reward")
+    ax.set_title("reward/*: training rollouts; eval/*: the eval grid (ODE)\nbands: ±1 std over the iteration's samples", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save_figure(fig, out_png)

@@ -47,6 +47,25 @@ class PromptRecord:
     line: int = 0
 
 
+def spread_records(records: Sequence[PromptRecord], n: int) -> list[PromptRecord]:
+    """Up to ``n`` distinct prompts of ``records`` spread over their tags (``metadata["tag"]``): one of each tag in the
+    order tags first appear, then a second of each, ... (each tag's prompts in file order). An eval grid of the first
+    ``n`` lines showed one category (the shipped held-out file starts with 64 lines of two prompts of two objects)."""
+    by_tag: dict[Any, list[PromptRecord]] = {}
+    seen: set[str] = set()
+    for record in records:
+        if record.prompt not in seen:
+            seen.add(record.prompt)
+            by_tag.setdefault(record.metadata.get("tag"), []).append(record)
+    out: list[PromptRecord] = []
+    queues = [list(group) for group in by_tag.values()]
+    while len(out) < n and any(queues):
+        for queue in queues:
+            if queue and len(out) < n:
+                out.append(queue.pop(0))
+    return out
+
+
 def prompts_digest(records: Sequence[Any]) -> str:
     """sha256 of the prompts in order, each with its metadata (``{"prompt": ..., **metadata}`` as canonical JSON):
     what a run or a rollout store trained on, so a resume notices an edited prompt file."""

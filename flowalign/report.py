@@ -26,6 +26,7 @@ import collections
 import json
 import logging
 import math
+import os
 import shlex
 import sys
 import time
@@ -356,6 +357,45 @@ def _target_caveat(met: bool, delta_low: float, delta_high: float, target_points
     return ""
 
 
+def run_environment() -> dict[str, Any]:
+    """What a report records of where it was made: flowalign's version (and git commit, for a source checkout), torch,
+    diffusers and python versions, the device, the UTC time."""
+    import datetime
+    import platform
+    import subprocess
+
+    import diffusers
+    import torch
+
+    import flowalign
+
+    commit = None
+    package = Path(flowalign.__file__).resolve().parent
+    try:  # a source checkout of flowalign itself (not a project repository that happens to hold an installed copy)
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=package, capture_output=True, text=True, timeout=5)
+        lines = out.stdout.split()
+        if out.returncode == 0 and len(lines) == 2 and Path(lines[0]).resolve() == package.parent:
+            commit = lines[1]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    return {"flowalign": flowalign.__version__, "git_commit": commit, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "python": platform.python_version(), "device": device,
+            "written_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")}
+
+
+def _noise_note(config_dict: Mapping[str, Any], run_dir: Path) -> str:
+    """The rollouts' noise: the run's calibrated table when it saved one (DenseGRPO), else the configured schedule."""
+    table = run_dir / "noise_table.json"
+    if table.is_file():
+        try:
+            levels = json.loads(table.read_text(encoding="utf-8"))["levels"]
+            return f"table `noise_table.json` [{', '.join(f'{x:.3g}' for x in levels)}]"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return f"{_get(config_dict, 'sampling.noise_schedule', '?')} {_get(config_dict, 'sampling.noise_kwargs', '')}"
+
+
 def write_report(
     run_dir: PathLike,
     *,
@@ -385,7 +425,12 @@ def write_report(
     base, aligned = align_tags(base, aligned)  # as compare counted them
     category_bars(comparison.rows, run_dir / "heldout_accuracy.png", target_points=target_gain_points, overall=ALL)
     if command is None:
-        command = config_dict.get("command") or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+        program = Path(sys.argv[0]).name
+        cli = sys.modules.get("flowalign.train.cli")
+        if cli is not None and Path(sys.argv[0]).resolve() == Path(cli.__file__).resolve():
+            program = "flowalign"  # python -m flowalign.train.cli: the command it stands for
+        command = config_dict.get("command") or shlex.join([program, *sys.argv[1:]])
+    environment = run_environment()
     if metrics_csv is None and (run_dir / "metrics.csv").is_file():
         metrics_csv = run_dir / "metrics.csv"
     curve = summarize_metrics(metrics_csv) if metrics_csv is not None and Path(metrics_csv).is_file() else []
@@ -405,19 +450,24 @@ def write_report(
         f"- **model**: `{_get(config_dict, 'model.pretrained', settings.get('model', '?'))}` ({_get(config_dict, 'model.dtype', '?')})",
         f"- **method**: `{_get(config_dict, 'objective.name', '?')}`, kernel `{kernel}`"
         + ("" if kernel == "ode"  # the ODE draws no noise: its schedule is moot
-           else f" (noise {_get(config_dict, 'sampling.noise_schedule', '?')} {_get(config_dict, 'sampling.noise_kwargs', '')})") + ", "
+           else f" (noise {_noise_note(config_dict, run_dir)})") + ", "
         f"{_get(config_dict, 'sampling.num_steps', '?')} steps, group size {_get(config_dict, 'sampling.group_size', '?')}"
         + (f" (dynamic sampling from {oversample:g}x the prompts)" if oversample != 1.0 else "")
         + (f" (sampled until full: up to {rounds} windows of prompts)" if rounds != 1 else "") + _drift_note(config_dict) + ", "
         f"LoRA rank {_get(config_dict, 'lora.rank', '?')}" + (" (transformer and text encoders)" if _get(config_dict, "lora.train_text_encoder", False) is True else "")
         + f", {_get(config_dict, 'train.iterations', '?')} iterations, "
         f"lr {_get(config_dict, 'train.lr', '?')}, seed {_get(config_dict, 'train.seed', '?')}" + _ema_note(config_dict),
-        "- **rewards**: " + ", ".join(f"`{r.get('name')}`" + (f" as `{r['label']}`" if r.get("label") else "") + f" × {r.get('weight', 1.0)}"
+        "- **rewards**: " + ", ".join(f"`{r.get('name')}`" + (f" {r['kwargs']}" if r.get("kwargs") else "")
+                                      + (f" as `{r['label']}`" if r.get("label") else "") + f" × {r.get('weight', 1.0)}"
                                       for r in config_dict.get("rewards", []) if isinstance(r, Mapping)) + _verdict_note(config_dict),
         f"- **evaluation**: {aligned.num_samples} samples ({_per_prompt_note(aligned)}, "
-        f"{settings.get('num_prompts', '?')} prompts from `{settings.get('prompts_file', _get(config_dict, 'train.eval_prompts', '?'))}`), "
+        + (f"{settings['num_prompts']} lines, " if "num_prompts" in settings else "") + f"{len(set(aligned.prompts))} distinct prompts, of "
+        f"`{settings.get('prompts_file', _get(config_dict, 'train.eval_prompts', '?'))}`), "
         f"ODE {settings.get('num_steps', '?')} steps, guidance {settings.get('guidance_scale', '?')}, seeds {aligned.seeds[0]}…{aligned.seeds[-1]}; "
         f"the same prompts and initial noise for base and aligned",
+        f"- **software**: flowalign {environment['flowalign']}" + (f" ({environment['git_commit'][:12]})" if environment.get("git_commit") else "")
+        + f", torch {environment['torch']}, diffusers {environment['diffusers']}, python {environment['python']}; "
+        f"{environment['device']}; written {environment['written_utc']} UTC",
         "",
         "## Result",
         "",
@@ -469,7 +519,7 @@ def write_report(
         "command": command, "config": dict(config_dict), "timings": dict(timings), "target_gain_points": target_gain_points,
         "accuracy_base": base.accuracy, "accuracy_aligned": aligned.accuracy, "gain_points": gain, "target_met": met,
         "category_mean_base": mean_base, "category_mean_aligned": mean_aligned,
-        "comparison": comparison.to_dict(), "training_curve": curve, "eval_settings": settings,
+        "comparison": comparison.to_dict(), "training_curve": curve, "eval_settings": settings, "environment": environment,
     }
     if failures is not None:
         summary["failures"] = failures

@@ -298,3 +298,17 @@ def test_repository_asset_paths_work_from_any_folder(tmp_path, monkeypatch):
     (tmp_path / "assets" / "prompts").mkdir(parents=True)
     (tmp_path / "assets" / "prompts" / "shapes_heldout.jsonl").write_text('{"prompt": "a red square"}\n')
     assert [r.prompt for r in load_prompts("assets/prompts/shapes_heldout.jsonl")] == ["a red square"]  # the user's own file wins
+
+
+def test_spread_records_takes_distinct_prompts_round_robin_over_tags():
+    """The eval grid took the first 8 lines: on the shipped held-out file, 2 prompts of one category."""
+    from flowalign.prompts import spread_records
+
+    records = [PromptRecord(p, {"tag": t}) for p, t in [("a", "x"), ("a", "x"), ("b", "x"), ("c", "y"), ("d", "z"), ("e", "y")]]
+    assert [r.prompt for r in spread_records(records, 4)] == ["a", "c", "d", "b"]
+    assert [r.prompt for r in spread_records(records, 10)] == ["a", "c", "d", "b", "e"]
+    untagged = [PromptRecord(p) for p in "ppqr"]
+    assert [r.prompt for r in spread_records(untagged, 3)] == ["p", "q", "r"]
+    shipped = load_prompts(Path(__file__).resolve().parents[1] / "assets" / "prompts" / "shapes_heldout.jsonl")
+    grid = spread_records(shipped, 8)
+    assert len({r.prompt for r in grid}) == 8 and len({r.metadata["tag"] for r in grid}) == 5

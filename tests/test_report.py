@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -215,11 +216,11 @@ def test_the_evaluation_line_counts_samples_per_prompt_as_drawn(tmp_path):
     base = _result([1, 0, 0, 0, 0, 0, 0, 0, 1, 0], [0.5] * 10)
     aligned = _result([1, 1, 1, 0, 1, 1, 0, 0, 1, 1], [0.5] * 10)
     text = write_report(tmp_path, base=base, aligned=aligned, config_dict=CONFIG, timings={}).read_text()
-    assert "10 samples (2 per prompt, 5 prompts" in text  # record_index i % 5: every prompt twice
+    assert "10 samples (2 per prompt, 5 lines, 5 distinct prompts" in text  # record_index i % 5: every prompt twice
     for r in (base, aligned):
         r.record_index = [0, 1, 2, 3, 4, 0, 1, 2, 0, 1]  # uneven: 3, 3, 2, 1, 1
     text = write_report(tmp_path / "uneven", base=base, aligned=aligned, config_dict=CONFIG, timings={}).read_text()
-    assert "10 samples (1–3 per prompt, 5 prompts" in text
+    assert "10 samples (1–3 per prompt, 5 lines, 5 distinct prompts" in text
 
 
 def test_before_after_grid_size_and_nearest_upscaled_cells(tmp_path):
@@ -603,3 +604,35 @@ def test_the_report_journal_key_leaves_out_the_rewards_batch_size(tmp_path):
 
     assert key("rewards.0.batch_size=16") == key()
     assert "batch_size" not in str(key()) and key("rewards.0.kwargs={x: 1}") != key()  # what scores still counts
+
+
+def test_the_report_says_what_ran_where(tmp_path, monkeypatch):
+    """A run's report named no versions, device or time; a DenseGRPO report gave the configured constant noise while the
+    rollouts used the calibrated table; the reward's kwargs (what "score" means) were left out; 320 lines of 86
+    prompts read "320 prompts"; `python -m flowalign.train.cli` gave a command `cli.py train` that cannot be run."""
+    import flowalign
+    from flowalign.step_rewards import save_noise_table
+
+    base = _result([1, 0, 0, 0, 0, 0, 0, 0, 1, 0], [0.5] * 10)
+    base.settings = {"num_prompts": 10, "prompts_file": "p.jsonl"}
+    mixed = dict(CONFIG, rewards=[{"name": "shapes", "weight": 1.0, "kwargs": {"score": "mix", "partial_weight": 0.5}}])
+    from flowalign.train import cli
+
+    monkeypatch.setattr(sys, "argv", [cli.__file__, "train", "--set", "train.seed=1"])  # python -m flowalign.train.cli
+    save_noise_table(tmp_path / "noise_table.json", [0.71, 0.73])
+    text = write_report(tmp_path, base=base, aligned=base, config_dict=mixed, timings={}).read_text()
+    assert "- **command**: `flowalign train --set train.seed=1`" in text
+    assert "(noise table `noise_table.json` [0.71, 0.73])" in text and "noise constant" not in text
+    assert "`shapes` {'score': 'mix', 'partial_weight': 0.5} × 1.0" in text
+    assert "10 lines, 5 distinct prompts, of `p.jsonl`" in text
+    assert f"- **software**: flowalign {flowalign.__version__}" in text and "torch " in text and " UTC" in text
+    env = json.loads((tmp_path / "report.json").read_text())["environment"]
+    assert env["flowalign"] == flowalign.__version__ and env["device"]
+
+
+def test_train_prints_the_held_out_result_last(tmp_path):
+    from flowalign.train.cli import _heldout_line
+
+    assert _heldout_line(tmp_path) == ""
+    (tmp_path / "report.json").write_text(json.dumps({"accuracy_base": 0.289, "accuracy_aligned": 0.363}))
+    assert _heldout_line(tmp_path) == f"; held-out accuracy 28.9% -> 36.3% (+7.4 points), {tmp_path / 'report.md'}"

@@ -307,6 +307,12 @@ def test_plots(tmp_path):
     path.write_text("iteration,reward/mean,reward/std,loss/total\n1,0.1,0.01,0\n2,0.2,0.02,0\n3,0.4,0.01,0\n")
     png = reward_curve(path, tmp_path / "curve.png")
     assert Image.open(png).size == (600, 400)
+    from flowalign.plots import reward_curve_keys
+
+    one = {"iteration": [1, 2], "reward/mean": [0.1, 0.2], "reward/shapes/mean": [0.1, 0.2], "eval/shapes/mean": [float("nan"), 0.3]}
+    assert reward_curve_keys(one) == ["reward/shapes/mean", "eval/shapes/mean"]  # the mix line was drawn twice
+    two = dict(one, **{"reward/mean": [0.3, 0.4], "reward/clip/mean": [0.5, 0.6]})
+    assert reward_curve_keys(two) == ["reward/mean", "reward/shapes/mean", "eval/shapes/mean", "reward/clip/mean"]
     images = torch.zeros(5, 3, 8, 10)
     images[2, 0] = 1.0  # third image pure red
     grid = Image.open(image_grid(images, tmp_path / "grid.png", nrow=2, pad=2, upscale=1))
@@ -408,7 +414,8 @@ def test_final_heldout_report_is_written_with_phase_times(tmp_path):
 
 
 def test_ref_kl_every_only_thins_the_diagnostic(tmp_path):
-    """train.ref_kl_every = 2 logs kl/ref on iterations 0 and 2 only, and trains the same weights as every iteration."""
+    """train.ref_kl_every = 2 logs kl/ref on metrics rows 2, 4, ... only (row 1, before any update, is always 0), and trains
+    the same weights as every iteration."""
     runs = {}
     for every in (1, 2):
         trainer = _trainer(tmp_path / f"every_{every}", f"train.ref_kl_every={every}", "train.prompts_per_iter=2",
@@ -419,7 +426,7 @@ def test_ref_kl_every_only_thins_the_diagnostic(tmp_path):
             trainer.iteration += 1
         runs[every] = (logged, {k: v.detach().clone() for k, v in lora_lib.get_lora_state_dict(trainer.adapter.trainable_module).items()})
         trainer.cleanup()
-    assert runs[1][0] == [True, True, True] and runs[2][0] == [True, False, True]
+    assert runs[1][0] == [True, True, True] and runs[2][0] == [False, True, False]
     assert runs[1][1].keys() == runs[2][1].keys() and runs[1][1]
     for key, value in runs[1][1].items():
         assert torch.equal(value, runs[2][1][key]), key

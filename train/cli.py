@@ -301,9 +301,20 @@ def run_train(args: argparse.Namespace) -> int:
     if not trainer.accelerator.is_main_process:
         return 0
     summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("reward/mean", "kl/ref", "frac_zero_std_groups"))
-    print(f"done: {config.train.iterations} iterations{'; ' + summary if summary else ''}; "
-          f"LoRA in {Path(config.train.output_dir) / 'pytorch_lora_weights.safetensors'}")
+    print(f"done: {config.train.iterations} iterations{'; last batch ' + summary if summary else ''}; "
+          f"LoRA in {Path(config.train.output_dir) / 'pytorch_lora_weights.safetensors'}{_heldout_line(Path(config.train.output_dir))}")
     return 0
+
+
+def _heldout_line(run_dir: Path) -> str:
+    """``"; held-out accuracy 28.9% -> 36.3% (+7.4 points), report.md"`` from the run's report.json, or "" without one."""
+    try:
+        report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+        base, aligned = float(report["accuracy_base"]), float(report["accuracy_aligned"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return (f"; held-out accuracy {100 * base:.1f}% -> {100 * aligned:.1f}% ({100 * (aligned - base):+.1f} points), "
+            f"{run_dir / 'report.md'}")
 
 
 def _single_process(command: str) -> Optional[int]:

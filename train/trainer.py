@@ -641,7 +641,7 @@ class Trainer(OptimizerViews):
             if self.forward_process and epoch == 0:
                 self._prepare_forward_draws(batch, plan, optimizer_steps=self.config.train.inner_epochs * math.ceil(num_slots / accum))
             every = self.config.train.ref_kl_every
-            if epoch == 0 and plan and not getattr(self.objective, "needs_reference", False) and every > 0 and self.iteration % every == 0:
+            if epoch == 0 and plan and not getattr(self.objective, "needs_reference", False) and every > 0 and (self.iteration + 1) % every == 0:
                 # the first micro-batch's rows at every trained step (the plan is chunk-major): the quantity the
                 # objective's own kl/ref averages when kl_beta > 0, on fewer rows
                 first = [item for item in plan if torch.equal(item.rows, plan[0].rows)]

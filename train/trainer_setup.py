@@ -92,7 +92,7 @@ def build_prompt_data(config: FlowalignConfig, accelerator) -> PromptData:
         ConfigError: ``prompts_per_iter`` not divisible by the processes, or the held-out report
             asking for more samples than its sampling allows; PromptFileError for a bad file.
     """
-    from flowalign.prompts import PromptRecord, PromptSampler, load_prompts
+    from flowalign.prompts import PromptRecord, PromptSampler, load_prompts, spread_records
 
     cfg = config.train
     world = accelerator.num_processes
@@ -114,7 +114,7 @@ def build_prompt_data(config: FlowalignConfig, accelerator) -> PromptData:
         raise ConfigError(f"train.final_eval_samples={cfg.final_eval_samples} is below the {len(eval_records)} prompts of "
                           f"train.eval_prompts ({cfg.eval_prompts}): the held-out report evaluates every prompt at least once; "
                           f"set it to 0 (no report) or >= {len(eval_records)}")
-    return PromptData(sampler=sampler, eval_records=eval_records[: cfg.eval_num_prompts],
+    return PromptData(sampler=sampler, eval_records=spread_records(eval_records, cfg.eval_num_prompts),
                       heldout_records=eval_records if cfg.eval_prompts else None)
 
 
