@@ -414,7 +414,9 @@ def read_lora_file(path: Union[str, Path]) -> tuple[Path, dict[str, tuple], dict
         hint = f"; the folder holds {', '.join(others)}: pass that file itself" if others else ""
         if (given / "manifest.json").is_file():  # a checkpoint from before checkpoints held the diffusers file
             hint = ("; this checkpoint predates checkpoints carrying it (its lora.safetensors is resume state, without "
-                    "diffusers' key prefixes): resume the run (flowalign train --resume) to write one")
+                    "diffusers' key prefixes): the run's own pytorch_lora_weights.safetensors holds its end, and "
+                    "`flowalign train --resume` from this checkpoint writes the file into the checkpoints that follow it "
+                    "(not into this one)")
         from flowalign.files import relative_to_cwd
 
         raise LoraMismatchError(f"LoRA file not found: {file}{relative_to_cwd(file)}{hint}")

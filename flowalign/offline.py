@@ -121,6 +121,23 @@ def _read_manifest(path: Path, repair: bool) -> list[dict]:
     return lines
 
 
+# settings keys added after stores existed, with the value every store before them had (train/generate.py's model block):
+# a store written before them is the same store
+LATER_SETTINGS = {"model": {"adapter": None, "adapter_kwargs": {}}}
+
+
+def _with_later_defaults(meta: Any) -> Any:
+    """``store.json`` content with :data:`LATER_SETTINGS` keys it predates filled in at their defaults."""
+    settings = meta.get("settings") if isinstance(meta, dict) else None
+    if not isinstance(settings, dict):
+        return meta
+    for section, defaults in LATER_SETTINGS.items():
+        if isinstance(settings.get(section), dict):
+            for key, value in defaults.items():
+                settings[section].setdefault(key, value)
+    return meta
+
+
 class RolloutWriter:
     """Append shards to a store folder; resumes a store written by an earlier (killed) run.
 
@@ -138,7 +155,7 @@ class RolloutWriter:
         manifest = self.root / MANIFEST_FILE
         no_shard_yet = not manifest.exists() or not manifest.read_text(encoding="utf-8").strip()
         if meta_path.exists():
-            old = json.loads(meta_path.read_text(encoding="utf-8"))
+            old = _with_later_defaults(json.loads(meta_path.read_text(encoding="utf-8")))
             if old != meta:
                 keys = sorted(k for k in set(old.get("settings", {})) | set(meta["settings"]) if old.get("settings", {}).get(k) != meta["settings"].get(k))
                 if not no_shard_yet:

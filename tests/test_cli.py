@@ -435,3 +435,15 @@ def test_bars_redraw_rarely_when_stderr_is_a_file(tmp_path):
     with open(tmp_path / "err.log", "w") as err:
         out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=err, env=env, text=True, check=True).stdout
     assert out.split() == ["5", "5"]
+
+
+def test_overwrite_takes_a_run_folder_holding_the_reports_journals(tmp_path):
+    """A run killed in its held-out report leaves report_partial/ (eval_partial/ in the versions of 2026-12-07 before
+    it): --overwrite refused the folder as one holding files a run does not write."""
+    from flowalign.train.run_dir import RUN_ENTRIES, foreign_entries
+
+    for name in ("config.yaml", "report_partial", "eval_partial"):
+        (tmp_path / name).mkdir() if name.endswith("partial") else (tmp_path / name).write_text("train: {}\n")
+    assert foreign_entries(tmp_path, RUN_ENTRIES) == []
+    (tmp_path / "notes.txt").write_text("mine")
+    assert foreign_entries(tmp_path, RUN_ENTRIES) == ["notes.txt"]

@@ -388,7 +388,8 @@ def test_steps_whose_groups_all_tie_are_counted_and_named(tiny_store, tmp_path, 
     with caplog.at_level(logging.WARNING, logger="flowalign.train.offline_trainer"):
         assert cli.main(["offline", "--config", str(_offline_yaml(tmp_path, store, run)), "--set", "progress=false"]) == 0
     assert "done: 2 steps (1 without signal, not applied)" in capsys.readouterr().out
-    assert "1 of the 2 steps run had no signal" in caplog.text and "tied rewards 'brightness'" in caplog.text
+    assert "1 of the 2 steps run had an all-zero gradient and were not applied: 1 with every group of the batch tied on " \
+           "'brightness'" in caplog.text and ", 0 with a loss saturated" in caplog.text
     import csv
 
     rows = list(csv.DictReader((run / "metrics.csv").open()))
@@ -442,3 +443,38 @@ def test_a_resumed_dpo_run_keeps_the_beta_it_began_with(tiny_store, tmp_path, ca
     assert "began with diffusion_dpo's default beta 6, which is now 2500: it continues with 6" in caplog.text
     assert resumed({"objective_beta": 2500.0}) == 2500.0
     assert resumed({}, {"beta": 100.0}) == 2500.0  # a beta the recipe sets is the hash's to check (the fake builds the default)
+
+
+def test_runs_and_stores_from_before_model_adapter_still_resume(tiny_store, tmp_path, capsys):
+    """Offline runs and rollout stores written before model.adapter / adapter_kwargs existed: `offline --resume` blamed
+    the user's settings (the hash now covered the two keys at their defaults) and `generate` called the store another
+    model's."""
+    import shutil
+
+    from flowalign import checkpoint as ckpt
+    from flowalign.train.offline_trainer import load_offline_config, offline_config_hash
+
+    run = tmp_path / "run"
+    assert cli.main(["offline", "--config", str(_offline_yaml(tmp_path, tiny_store, run)), "--set", "max_steps=1",
+                     "--set", "progress=false"]) == 0
+    capsys.readouterr()
+    # what the older version wrote: the manifest's hash without the two keys (re-signed, as that version signed it)
+    config = load_offline_config(run / "offline_config.yaml")
+    legacy = offline_config_hash(config, legacy=True)
+    assert legacy != offline_config_hash(config)
+    manifest_path = run / "checkpoints" / "iter_000001" / ckpt.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["config_hash"] = legacy
+    manifest_path.write_text(json.dumps(manifest))
+    assert cli.main(["offline", "--resume", str(run), "--set", "max_steps=2", "--set", "progress=false"]) == 0
+    assert "done: 2 steps" in capsys.readouterr().out
+
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    meta = json.loads((store / "store.json").read_text())
+    for key in ("adapter", "adapter_kwargs"):
+        meta["settings"]["model"].pop(key)
+    (store / "store.json").write_text(json.dumps(meta))
+    gen = tmp_path / "gen.yaml"
+    gen.write_text((tiny_store.parent / "gen.yaml").read_text().replace(str(tiny_store), str(store)))
+    assert cli.main(["generate", "--config", str(gen)]) == 0, capsys.readouterr().err

@@ -153,16 +153,23 @@ _HASH_EXCLUDE = ("epochs", "max_steps", "output_dir", "checkpoint_every", "keep_
                  "progress", "max_nonfinite_steps")
 
 
-def _hashed_settings(cfg: OfflineConfig) -> dict:
+# model keys added after offline runs existed, with the value every run before them had: the legacy hash leaves them out
+_LATER_MODEL_KEYS = {"adapter": None, "adapter_kwargs": {}}
+
+
+def _hashed_settings(cfg: OfflineConfig, legacy: bool = False) -> dict:
     data = {key: value for key, value in to_dict(cfg).items() if key not in _HASH_EXCLUDE}
-    data["model"] = {key: value for key, value in data["model"].items() if key not in MODEL_MEMORY_KNOBS}
+    data["model"] = {key: value for key, value in data["model"].items() if key not in MODEL_MEMORY_KNOBS
+                     and not (legacy and key in _LATER_MODEL_KEYS and value == _LATER_MODEL_KEYS[key])}
     return data
 
 
-def offline_config_hash(cfg: OfflineConfig) -> str:
+def offline_config_hash(cfg: OfflineConfig, legacy: bool = False) -> str:
     """sha256 (16 hex digits) of the settings that define an offline run's steps: a checkpoint carries it and
-    ``--resume`` refuses one written under other settings (objective, its kwargs, lr, seed, store, LoRA...)."""
-    return hashlib.sha256(json.dumps(_hashed_settings(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    ``--resume`` refuses one written under other settings (objective, its kwargs, lr, seed, store, LoRA...).
+    ``legacy``: the hash an offline run written before ``model.adapter`` / ``adapter_kwargs`` existed carries (those
+    keys at their defaults left out), which a resume accepts too."""
+    return hashlib.sha256(json.dumps(_hashed_settings(cfg, legacy), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def prepare_offline_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
@@ -477,10 +484,13 @@ class OfflineTrainer(OptimizerViews):
             raise nothing_stepped(f"{self.step} steps", columns="loss and grad_norm")
         self.unapplied_steps = int(sum(m.get("optim/skipped_zero", 0.0) for m in history))
         if self.unapplied_steps:
-            logger.warning("%d of the %d steps run had no signal (an all-zero gradient: with %s, every group of the batch had "
-                           "tied rewards %r) and were not applied; a denser reward (a verifier's '<name>/partial'), a larger "
-                           "k or more groups_per_batch give more steps a ranking", self.unapplied_steps, len(history),
-                           cfg.objective, self.reward)
+            zero = [m for m in history if m.get("optim/skipped_zero", 0.0) > 0]
+            tied = sum(1 for m in zero if m.get("gdro/frac_tied_groups", 0.0) >= 1.0 or m.get("dpo/num_pairs", 1.0) == 0)
+            logger.warning("%d of the %d steps run had an all-zero gradient and were not applied: %d with every group of the batch "
+                           "tied on %r (a denser reward, such as a verifier's '<name>/partial', a larger k or more groups_per_batch "
+                           "give more steps a ranking), %d with a loss saturated at its optimum (%s: a margin far past the "
+                           "sigmoid's range; a smaller objective_kwargs.beta)", self.unapplied_steps, len(history), tied,
+                           self.reward, self.unapplied_steps - tied, cfg.objective)
         return history
 
     # ------------------------------------------------------------------ save / resume
@@ -511,8 +521,14 @@ class OfflineTrainer(OptimizerViews):
     def _load(self, path: Path) -> None:
         from flowalign.errors import CheckpointError
 
+        expected = offline_config_hash(self.config)
+        try:  # a run from before model.adapter existed carries the legacy hash of the same settings
+            if json.loads((path / ckpt.MANIFEST).read_text(encoding="utf-8")).get("config_hash") == offline_config_hash(self.config, legacy=True):
+                expected = offline_config_hash(self.config, legacy=True)
+        except (OSError, ValueError, AttributeError):
+            pass  # a damaged manifest: load_checkpoint names what is wrong
         try:
-            loaded = ckpt.load_checkpoint(path, expected_config_hash=offline_config_hash(self.config))
+            loaded = ckpt.load_checkpoint(path, expected_config_hash=expected)
         except CheckpointError as exc:
             raise CheckpointError(f"{exc}{self._changed_settings()}; resume with the run's settings or start a new output_dir") from None
         saved_store = loaded.state.get("store_fingerprint")  # absent from checkpoints before it

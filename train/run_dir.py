@@ -20,6 +20,8 @@ RUN_ENTRIES = frozenset({
     "config.yaml", "checkpoints", "logs", "samples", "metrics.csv", "reward_curve.png", "before_after.png",
     "heldout_accuracy.png", "report.md", "report.json", "eval_base.json", "eval_aligned.json",
     "pytorch_lora_weights.safetensors", "noise_table.json",
+    "report_partial",  # the held-out report's journals while it samples (flowalign.train.final_outputs)
+    "eval_partial",  # the same, as runs of 2026-12-07 before report_partial wrote it
 })
 # what an offline run writes
 OFFLINE_RUN_ENTRIES = frozenset({
