@@ -917,7 +917,7 @@ def evaluate(
     partial_t = torch.tensor(part.partial, dtype=torch.float32) if part.partial is not None and n else None  # [N]
     verdicts_t = torch.tensor(part.verdicts, dtype=torch.float32) if part.verdicts is not None and n else None  # [N]
     settings = {
-        "reward": reward_name(reward), "num_samples": n, "samples_per_prompt": samples_per_prompt, "num_prompts": len(prompts_all),
+        "reward": reward_name(reward), "reward_version": getattr(reward, "version", None), "num_samples": n, "samples_per_prompt": samples_per_prompt, "num_prompts": len(prompts_all),
         "num_steps": num_steps, "guidance_scale": float(guidance_scale), "seed": int(seed), "threshold": threshold,
         "correct_when": "details['binary'] == 1" if verdicts_t is not None else f"score >= {threshold}",
         "lora": None if lora is None else str(lora), "sampler": "ode", "resumed_samples": part.resumed,

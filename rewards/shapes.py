@@ -400,6 +400,11 @@ def _caption_tag(prompt: str) -> str:
 
 @register_reward("shapes")
 class ShapesReward(Reward):
+    # what evaluations, comparisons and checkpoints record of the scoring rules (Reward.version): "2" since 2026-12-06,
+    # when touching shapes of one colour were split at the neck, the soft fill divided by the object's own colour
+    # strength and the size limit became one side (bench/README.md); evaluations before it record none
+    version = "2"
+
     """Rule-based GenEval-style verifier for the toy world's captions (binary score by default).
 
     The spec comes from ``metadata[i]["include"]`` (and ``"exclude"``, ``"tag"``) when present,

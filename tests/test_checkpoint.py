@@ -273,3 +273,19 @@ def test_safetensors_files_are_byte_identical_across_processes_and_readable_by_o
     with safe_open(str(paths[0]), "pt") as fh:
         assert fh.metadata()["epsilon"] == "7"
     assert all(p.stat().st_mode & 0o777 == 0o644 for p in paths)
+
+
+def test_resuming_across_a_reward_version_warns(caplog):
+    import logging
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from flowalign.rewards import load_reward
+    from flowalign.train.trainer_checkpoint import warn_changed_rewards
+
+    trainer = SimpleNamespace(rewards={"shapes": load_reward("shapes"), "brightness": load_reward("brightness")})
+    with caplog.at_level(logging.WARNING, logger="flowalign.train.trainer"):
+        warn_changed_rewards(trainer, {"shapes": "2", "brightness": None}, Path("ckpt"))
+        assert caplog.text == ""
+        warn_changed_rewards(trainer, None, Path("ckpt"))  # a checkpoint from before versions were recorded
+    assert "trained with reward 'shapes' at no recorded version" in caplog.text and "brightness" not in caplog.text

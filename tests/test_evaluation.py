@@ -1031,3 +1031,18 @@ def test_min_accuracy_gates_the_exit_status_after_everything_is_written(capsys, 
     capsys.readouterr()
     assert cli.main(base + ["--min-accuracy", "1.5"]) == 2
     assert "--min-accuracy must be a fraction in [0, 1], got 1.5" in capsys.readouterr().err
+
+
+def test_a_comparison_across_reward_versions_is_flagged():
+    """The shapes verifier's fix changed its verdicts; `eval --compare` of an evaluation from before it read +6 points
+    for the same LoRA, prompts and seeds, without a word."""
+    from flowalign.rewards import load_reward
+    from flowalign.train.eval_cli import reward_version_note
+
+    assert load_reward("shapes").version == "2"
+    now = {"reward": "shapes", "reward_version": "2"}
+    assert reward_version_note({"reward": "shapes", "reward_version": "2"}, now) == ""
+    assert "records no version of reward 'shapes'" in reward_version_note({"reward": "shapes"}, now)
+    assert "scored with version '1' of reward 'shapes', this evaluation with '2'" in reward_version_note(
+        {"reward": "shapes", "reward_version": "1"}, now)
+    assert reward_version_note({"reward": "brightness"}, {"reward": "brightness", "reward_version": None}) == ""

@@ -270,10 +270,27 @@ def compare_reference(reference, result, reference_name: str):
     check_reference(reference, reference_name, num_steps=result.settings.get("num_steps"), guidance_scale=result.settings.get("guidance_scale"),
                     reward=result.settings.get("reward"), reward_kwargs=result.settings.get("reward_kwargs"),
                     correct_when=result.settings.get("correct_when"))
+    mixed = reward_version_note(reference.settings, result.settings)
+    if mixed:
+        logger.warning("--compare %s: %s", reference_name, mixed)
     try:
         return compare(reference, result)
     except ValueError as exc:
         raise ConfigError(f"--compare {reference_name}: {exc}") from None
+
+
+def reward_version_note(reference: dict, current: dict) -> str:
+    """A warning when the reference evaluation scored with another version of the reward (``Reward.version``, recorded
+    in the settings), or recorded none while this one has a version: the deltas would then mix two reward functions
+    (the same LoRA, prompts and seeds read +6 points across the shapes verifier's fix). "" when they agree."""
+    theirs, ours = reference.get("reward_version"), current.get("reward_version")
+    if ours is None or theirs == ours:
+        return ""
+    if theirs is None:
+        return (f"the reference records no version of reward {current.get('reward')!r} (written before versions were "
+                f"recorded); this evaluation's is {ours!r}: if its rules changed in between, the deltas mix two reward functions")
+    return (f"the reference was scored with version {theirs!r} of reward {current.get('reward')!r}, this evaluation with "
+            f"{ours!r}: the deltas mix two reward functions; evaluate the reference again")
 
 
 def comparison_markdown(reference, result, reference_name: str, comparison=None, figure: Optional[str] = None) -> str:
@@ -294,7 +311,11 @@ def comparison_markdown(reference, result, reference_name: str, comparison=None,
     lines = [f"## Against {reference_name}", "",
              f"Accuracy {100 * overall['base'].accuracy:.1f}% → {100 * overall['aligned'].accuracy:.1f}% "
              f"({100 * overall['delta']:+.1f} points, 95% CI [{100 * overall['delta_low']:+.1f}, {100 * overall['delta_high']:+.1f}]); "
-             "base columns are the reference, aligned columns this evaluation.", "", comparison.table(), ""]
+             "base columns are the reference, aligned columns this evaluation.", ""]
+    mixed = reward_version_note(reference.settings, result.settings)
+    if mixed:
+        lines += [f"**Warning**: {mixed}", ""]
+    lines += [comparison.table(), ""]
     if figure is not None:
         lines += [f"![accuracy per category, reference vs this evaluation]({figure})", ""]
     lines += failure_section(failure_tables(reference, result))

@@ -43,6 +43,7 @@ def trainer_state(trainer) -> tuple[dict, dict]:
         "train_seconds": trainer.train_seconds(),  # the report's train time covers every session of a resumed run
         **optim_state,
     }
+    state["reward_versions"] = {key: getattr(reward, "version", None) for key, reward in trainer.rewards.items()}
     saved = objective_state(trainer.objective)
     if saved is not None:  # a plugin objective's own state (an adaptive coefficient, a running baseline)
         state["objective"] = saved
@@ -68,6 +69,18 @@ def save_trainer_checkpoint(trainer) -> Optional[Path]:
     return path
 
 
+def warn_changed_rewards(trainer, saved: Optional[dict], path: Path) -> None:
+    """Warn when a reward's scoring rules (``Reward.version``) differ from those the checkpoint's run trained with (or
+    the checkpoint records none, being older, for a reward that has a version): the resumed run mixes two rewards."""
+    for key, reward in trainer.rewards.items():
+        ours = getattr(reward, "version", None)
+        theirs = None if saved is None else saved.get(key)
+        if ours is not None and theirs != ours:
+            was = "no recorded version (written before versions were)" if theirs is None else f"version {theirs!r}"
+            logger.warning("checkpoint %s trained with reward %r at %s; it is %r now: if its rules changed, the resumed run's "
+                           "rewards (and its report) mix two reward functions", path, key, was, ours)
+
+
 def restore_trainer_checkpoint(trainer, path: Path) -> None:
     """Load checkpoint ``path`` into a set-up trainer (refused when its config hash differs, or when
     it was written by another number of processes)."""
@@ -89,6 +102,7 @@ def restore_trainer_checkpoint(trainer, path: Path) -> None:
     if "cuda_rngs" in state and torch.cuda.is_available() and trainer.device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda_rngs"][rank].to(torch.uint8).clone(), trainer.device)
     restore_objective_state(trainer.objective, state.get("objective"), path)
+    warn_changed_rewards(trainer, state.get("reward_versions"), path)
     trainer.iteration = int(state["iteration"])
     trainer._all_dropped_in_row = int(state.get("all_dropped_in_row", 0))  # absent from checkpoints before it
     trainer.train_seconds_before = float(state.get("train_seconds", 0.0))
