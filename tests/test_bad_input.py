@@ -159,7 +159,7 @@ def test_lora_paths_are_read_before_a_model_loads(tmp_path, capsys):
     assert eval_cli.main(["--lora", str(checkpoint), "--model", str(tmp_path / "no_such_model")]) == 2  # the LoRA is read first
     assert "pass that file itself" in capsys.readouterr().err
     (checkpoint / "manifest.json").write_text("{}")  # a checkpoint from before checkpoints carried the diffusers file
-    with pytest.raises(LoraMismatchError, match=r"this checkpoint predates .* resume the run \(flowalign train --resume\)"):
+    with pytest.raises(LoraMismatchError, match=r"this checkpoint predates .* writes the file into the checkpoints that follow it \(not into this one\)"):
         read_lora_file(checkpoint)
 
 

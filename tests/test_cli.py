@@ -407,7 +407,7 @@ def test_tqdm_disable_in_the_environment_silences_the_bars_of_a_batch_job(tmp_pa
     prompts.write_text("a red square\n")
     command = [sys.executable, "-m", "flowalign.train.cli", "eval", "--model", "tiny-sd3", "--prompts", str(prompts), "--reward",
                "brightness", "--num-samples", "2", "--steps", "1", "--guidance", "1"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DELAY": "0"}  # a file: bars of short phases show only when asked
     shown = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     quiet = subprocess.run(command, capture_output=True, text=True, env={**env, "TQDM_DISABLE": "1"}, timeout=300)
     assert shown.returncode == quiet.returncode == 0, (shown.stderr[-500:], quiet.stderr[-500:])
@@ -415,7 +415,8 @@ def test_tqdm_disable_in_the_environment_silences_the_bars_of_a_batch_job(tmp_pa
 
 
 def test_bars_redraw_rarely_when_stderr_is_a_file(tmp_path):
-    """`nohup flowalign train > log 2>&1`: tqdm redrew every bar ten times a second into the log, one fragment each."""
+    """`nohup flowalign train > log 2>&1`: tqdm redrew every bar ten times a second into the log, and a short phase's
+    0% frame and erasure prefixed the next log line."""
     import os
     import subprocess
     import sys
@@ -425,16 +426,17 @@ def test_bars_redraw_rarely_when_stderr_is_a_file(tmp_path):
     code = ("import os, sys, time\n"
             "from flowalign.train import cli\n"
             "seen = {}\n"
-            "cli._dispatch = lambda args: seen.setdefault('value', os.environ.get('TQDM_MININTERVAL')) and 0\n"
+            "cli._dispatch = lambda args: seen.setdefault('value', (os.environ.get('TQDM_MININTERVAL'), os.environ.get('TQDM_DELAY'))) and 0\n"
             "cli.main(['config'])\n"
-            "print(seen['value'], os.environ.get('TQDM_MININTERVAL'))\n")
+            "print(*seen['value'], os.environ.get('TQDM_MININTERVAL'), os.environ.get('TQDM_DELAY'))\n")
     with open(tmp_path / "err.log", "w") as err:
         out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=err, env=env, text=True, check=True).stdout
-    assert out.split() == [cli.OFF_TERMINAL_BAR_INTERVAL, "None"]  # set while the command ran, removed after
+    interval = cli.OFF_TERMINAL_BAR_INTERVAL
+    assert out.split() == [interval, interval, "None", "None"]  # set while the command ran, removed after
     env["TQDM_MININTERVAL"] = "5"  # the user's own setting stays
     with open(tmp_path / "err.log", "w") as err:
         out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=err, env=env, text=True, check=True).stdout
-    assert out.split() == ["5", "5"]
+    assert out.split() == ["5", interval, "5", "None"]
 
 
 def test_overwrite_takes_a_run_folder_holding_the_reports_journals(tmp_path):

@@ -435,8 +435,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-        if quiet_bars:
-            os.environ.pop("TQDM_MININTERVAL", None)
+        for name in quiet_bars:
+            os.environ.pop(name, None)
 
 
 # seconds between progress-bar redraws when stderr is a file or a pipe (nohup, a scheduler's log): every redraw there is
@@ -444,20 +444,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 OFF_TERMINAL_BAR_INTERVAL = "30"
 
 
-def _calm_bars_off_terminal() -> bool:
-    """Set ``TQDM_MININTERVAL`` to :data:`OFF_TERMINAL_BAR_INTERVAL` while the command runs when stderr is not a terminal
-    and the user set none; True when it did (the caller removes it). The bars still open, advance and close (so a log
-    shows each phase and its rate); ``TQDM_DISABLE=1`` or ``--no-progress`` / ``progress: false`` hide them."""
-    if "TQDM_MININTERVAL" in os.environ:
-        return False
+def _calm_bars_off_terminal() -> list[str]:
+    """When stderr is not a terminal, set ``TQDM_DELAY`` and ``TQDM_MININTERVAL`` to :data:`OFF_TERMINAL_BAR_INTERVAL`
+    (those the user did not set) while the command runs; returns the names it set (the caller removes them). A phase
+    shorter than that draws no bar at all (in a file its 0% frame and erasure prefixed the next log line), a longer one
+    redraws at most that often; ``TQDM_DISABLE=1`` or ``--no-progress`` / ``progress: false`` hide them all."""
     try:
         on_terminal = sys.stderr.isatty()
     except (AttributeError, ValueError):  # a closed or replaced stream
         on_terminal = False
     if on_terminal:
-        return False
-    os.environ["TQDM_MININTERVAL"] = OFF_TERMINAL_BAR_INTERVAL
-    return True
+        return []
+    names = [name for name in ("TQDM_MININTERVAL", "TQDM_DELAY") if name not in os.environ]
+    for name in names:
+        os.environ[name] = OFF_TERMINAL_BAR_INTERVAL
+    return names
 
 
 class _Terminated(KeyboardInterrupt):
