@@ -161,3 +161,16 @@ def test_a_resumed_run_reports_the_train_time_of_every_session(tmp_path):
         assert resumed.timings["train"] > before  # the first session's seconds and the third iteration's
     finally:
         resumed.cleanup()
+
+
+def test_update_norm_is_how_far_the_iteration_moved_the_lora(tmp_path):
+    import torch
+
+    trainer = _trainer(tmp_path)
+    before = [p.detach().clone() for p in trainer.optim.params]
+    metrics = trainer.run_iteration()
+    moved = sum(float((p.detach() - b).square().sum()) for p, b in zip(trainer.optim.params, before)) ** 0.5
+    assert metrics["optim/update_norm"] == pytest.approx(moved, rel=1e-6) and moved > 0
+    assert metrics["optim/lora_norm"] == pytest.approx(sum(float(p.detach().square().sum()) for p in trainer.optim.params) ** 0.5,
+                                                       rel=1e-6)
+    assert torch.is_tensor(trainer.optim.params[0])

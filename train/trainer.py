@@ -633,6 +633,7 @@ class Trainer(OptimizerViews):
         counts: dict[str, int] = {}
         accum, stats = self.config.train.grad_accum, self.optim.new_stats()
         self.optim.set_lr(self.iteration)
+        before = [p.detach().float().clone() for p in self.optim.params]  # for optim/update_norm (LoRA weights: small)
         for epoch in range(self.config.train.inner_epochs):
             plan = self._plan(batch)
             # rows of every process's micro-batches: the same number of optimizer steps everywhere (runtime.py)
@@ -674,6 +675,10 @@ class Trainer(OptimizerViews):
         kl_decay = self.optim.update_kl_ema()  # the objective's own penalty target (AWM's KL-EMA)
         if kl_decay is not None:
             metrics["kl_ema/decay"] = kl_decay
+        with torch.no_grad():  # how far this iteration moved the LoRA: the PPO ratios stay 1 with one optimizer step
+            metrics["optim/update_norm"] = float(sum(float((p.detach().float() - b).square().sum()) for p, b in
+                                                     zip(self.optim.params, before)) ** 0.5)
+            metrics["optim/lora_norm"] = float(sum(float(p.detach().float().square().sum()) for p in self.optim.params) ** 0.5)
         metrics["time/update"] = time.perf_counter() - t0
         return metrics
 
