@@ -295,6 +295,29 @@ def zero_variance_fraction(rewards: Tensor, group_ids: Tensor) -> float:
     return float((g_max == g_min).float().mean())
 
 
+def flat_group_ends(rewards: Tensor, group_ids: Tensor) -> tuple[float, float]:
+    """``(at max, at min)``: the fractions of groups whose rewards are all equal *and* equal to the batch's highest
+    (saturated: every sample as good as any) or lowest reward (every sample as bad as any). Together with
+    :func:`zero_variance_fraction` they tell a flat batch of solved prompts from one of hopeless ones. NaN (dropped)
+    rewards are left out; ``(0, 0)`` for an empty batch."""
+    rewards = torch.as_tensor(rewards).detach().cpu().double()
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards must be [B], got shape {tuple(rewards.shape)}")
+    keep = ~torch.isnan(rewards)
+    if not bool(keep.any()):
+        return 0.0, 0.0
+    ids = torch.as_tensor(group_ids).cpu()
+    groups = ids.unique()
+    top, bottom = float(rewards[keep].max()), float(rewards[keep].min())
+    at_max = at_min = 0
+    for g in groups.tolist():
+        values = rewards[(ids == g) & keep]
+        if values.numel() and float(values.max()) == float(values.min()):
+            at_max += float(values[0]) == top
+            at_min += float(values[0]) == bottom
+    return at_max / groups.numel(), at_min / groups.numel()
+
+
 def mean_group_std(rewards: Tensor, group_ids: Tensor) -> float:
     """Mean over groups of the population std of each group's rewards (NaN = dropped, left out; a group with
     one kept sample has std 0; a group with none is skipped; NaN when no group has a kept sample).

@@ -186,3 +186,16 @@ def test_kept_multi_reward_advantages_weigh_a_reward_missing_from_weights_by_one
     adv = kept_multi_reward_advantages({"x": x, "y": y}, g, {"x": 2.0}, eps=0.0)
     # kept rows 0, 1: x -> [-1, 1] (weight 2), y -> [1, -1] (weight 1, not named)
     assert torch.allclose(adv, torch.tensor([-1.0, 1.0, 0.0]))
+
+
+def test_flat_group_ends_tell_solved_from_hopeless_groups():
+    from flowalign.advantages import flat_group_ends
+
+    nan = float("nan")
+    rewards = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.5, 1.0, 0.5, 0.5, nan, 0.0])
+    groups = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+    # group 0 flat at the top (1), group 1 flat at the bottom (0), group 2 spread, group 3 flat in between, group 4: one
+    # kept sample at 0 (flat, at the bottom)
+    assert flat_group_ends(rewards, groups) == (1 / 5, 2 / 5)
+    assert flat_group_ends(torch.full((4,), nan), torch.tensor([0, 0, 1, 1])) == (0.0, 0.0)
+    assert flat_group_ends(torch.tensor([0.3, 0.3]), torch.tensor([7, 7])) == (1.0, 1.0)  # one group: both ends

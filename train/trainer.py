@@ -518,7 +518,7 @@ class Trainer(OptimizerViews):
         zero advantages are masked out, and with ``train.oversample > 1`` (or more than one sampling round:
         ``group_ids`` numbered round after round, ``groups_per_round`` of them per process and round) those past
         the first ``prompts_per_iter`` groups with a kept sample over all processes, in the order drawn."""
-        from flowalign.advantages import first_informative_groups, mean_group_std, nonzero_mask, zero_variance_fraction
+        from flowalign.advantages import first_informative_groups, flat_group_ends, mean_group_std, nonzero_mask, zero_variance_fraction
 
         ocfg = self.config.objective
         group_ids = group_ids.cpu()
@@ -580,6 +580,8 @@ class Trainer(OptimizerViews):
                                self.iteration + 1)
         metrics.update({  # over every process's samples (the main process logs them)
             "frac_zero_std_groups": zero_variance_fraction(self._gather(fill_dropped(rewards, group_ids)), all_ids),
+            **dict(zip(("frac_zero_std_groups/at_max", "frac_zero_std_groups/at_min"),
+                       flat_group_ends(self._gather(rewards.float()), all_ids))),
             "reward/group_std_mean": mean_group_std(self._gather(rewards.float()), all_ids),  # the spread GRPO learns from
             "samples/kept_frac": float(trained.float().mean()),
             # over the trained rows (dropped, flat-group and oversampled-out rows have no advantage to speak of)
