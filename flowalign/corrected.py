@@ -188,6 +188,7 @@ class QualityTap(Reward):
         super().__init__(getattr(reward, "device", None))
         self.reward, self.quality, self.on_error = reward, quality, on_error
         self.name = reward_name(reward)
+        self.version = getattr(reward, "version", None)  # the target's scoring rules, as evaluations record them
         self.qualities: list[Tensor] = []
 
     def score(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:

@@ -210,12 +210,13 @@ def _drift_note(config_dict: Mapping) -> str:
 
 
 def _per_prompt_note(result) -> str:
-    """"2 per prompt", or "1–2 per prompt" when the samples cycle over the prompt lines unevenly (512 over 320)."""
+    """"2 per line", or "1–2 per line" when the samples cycle over the prompt file's lines unevenly (512 over 320); a
+    prompt on several lines gets more (the report's per-prompt table counts those)."""
     counts = collections.Counter(result.record_index).values() if result.record_index else []
     if not counts:
-        return f"{result.settings.get('samples_per_prompt', '?')} per prompt"
+        return f"{result.settings.get('samples_per_prompt', '?')} per line"
     low, high = min(counts), max(counts)
-    return f"{low} per prompt" if low == high else f"{low}–{high} per prompt"
+    return f"{low} per line" if low == high else f"{low}–{high} per line"
 
 
 def summarize_metrics(metrics_csv: PathLike, window: float = 0.1) -> list[dict[str, Any]]:
@@ -376,12 +377,21 @@ def run_environment() -> dict[str, Any]:
         lines = out.stdout.split()
         if out.returncode == 0 and len(lines) == 2 and Path(lines[0]).resolve() == package.parent:
             commit = lines[1]
+            changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=package.parent,
+                                     capture_output=True, text=True, timeout=10)
+            if changed.returncode != 0 or changed.stdout.strip():  # edits since that commit ran too
+                commit += "-dirty"
     except (OSError, subprocess.SubprocessError):
         pass
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
     return {"flowalign": flowalign.__version__, "git_commit": commit, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "python": platform.python_version(), "device": device,
             "written_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")}
+
+
+def _short_commit(commit: str) -> str:
+    """The first 12 hex digits of a commit, keeping a ``-dirty`` mark."""
+    return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
 
 
 def _noise_note(config_dict: Mapping[str, Any], run_dir: Path) -> str:
@@ -465,7 +475,7 @@ def write_report(
         f"`{settings.get('prompts_file', _get(config_dict, 'train.eval_prompts', '?'))}`), "
         f"ODE {settings.get('num_steps', '?')} steps, guidance {settings.get('guidance_scale', '?')}, seeds {aligned.seeds[0]}…{aligned.seeds[-1]}; "
         f"the same prompts and initial noise for base and aligned",
-        f"- **software**: flowalign {environment['flowalign']}" + (f" ({environment['git_commit'][:12]})" if environment.get("git_commit") else "")
+        f"- **software**: flowalign {environment['flowalign']}" + (f" ({_short_commit(environment['git_commit'])})" if environment.get("git_commit") else "")
         + f", torch {environment['torch']}, diffusers {environment['diffusers']}, python {environment['python']}; "
         f"{environment['device']}; written {environment['written_utc']} UTC",
         "",

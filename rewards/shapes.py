@@ -400,10 +400,6 @@ def _caption_tag(prompt: str) -> str:
 
 @register_reward("shapes")
 class ShapesReward(Reward):
-    # what evaluations, comparisons and checkpoints record of the scoring rules (Reward.version): "2" since 2026-12-06,
-    # when touching shapes of one colour were split at the neck, the soft fill divided by the object's own colour
-    # strength and the size limit became one side (bench/README.md); evaluations before it record none
-    version = "2"
 
     """Rule-based GenEval-style verifier for the toy world's captions (binary score by default).
 
@@ -427,6 +423,11 @@ class ShapesReward(Reward):
         graded: a count constraint earns ``found / count`` of its share of the partial fraction
             (two of "three green triangles" scores 2/3 of it) instead of all or nothing.
     """
+
+    # what evaluations, comparisons and checkpoints record of the scoring rules (Reward.version): "2" since 2026-12-06,
+    # when touching shapes of one colour were split at the neck, the soft fill divided by the object's own colour
+    # strength and the size limit became one side (bench/README.md); evaluations before it record none
+    version = "2"
 
     differentiable = False
 

@@ -289,3 +289,30 @@ def test_resuming_across_a_reward_version_warns(caplog):
         assert caplog.text == ""
         warn_changed_rewards(trainer, None, Path("ckpt"))  # a checkpoint from before versions were recorded
     assert "trained with reward 'shapes' at no recorded version" in caplog.text and "brightness" not in caplog.text
+
+
+def test_a_resumed_run_keeps_the_eval_grid_it_began_with(caplog):
+    """The eval grid's prompts changed (the first N lines -> prompts spread over the tags): a run resumed across the
+    change measured eval/* on other prompts after the resume."""
+    import logging
+    from types import SimpleNamespace
+
+    from flowalign.prompts import PromptRecord, spread_records
+    from flowalign.train.trainer_checkpoint import keep_eval_grid
+
+    pool = [PromptRecord(p, {"tag": t}) for p, t in [("a", "x"), ("a", "x"), ("b", "x"), ("c", "y"), ("d", "z")]]
+
+    def trainer():
+        return SimpleNamespace(heldout_records=pool, sampler=SimpleNamespace(records=[]), eval_records=spread_records(pool, 3))
+
+    t = trainer()
+    assert [r.prompt for r in t.eval_records] == ["a", "c", "d"]
+    keep_eval_grid(t, None)  # a checkpoint from before it recorded them: the grid then was the first 3 lines
+    assert [r.prompt for r in t.eval_records] == ["a", "a", "b"]
+    t = trainer()
+    keep_eval_grid(t, ["d", "b", "a"])
+    assert [r.prompt for r in t.eval_records] == ["d", "b", "a"] and t.eval_records[0] is pool[4]
+    t = trainer()
+    with caplog.at_level(logging.WARNING, logger="flowalign.train.trainer"):
+        keep_eval_grid(t, ["gone", "a", "b"])
+    assert [r.prompt for r in t.eval_records] == ["a", "c", "d"] and "no longer all in the eval prompts" in caplog.text

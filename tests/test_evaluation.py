@@ -1046,3 +1046,19 @@ def test_a_comparison_across_reward_versions_is_flagged():
     assert "scored with version '1' of reward 'shapes', this evaluation with '2'" in reward_version_note(
         {"reward": "shapes", "reward_version": "1"}, now)
     assert reward_version_note({"reward": "brightness"}, {"reward": "brightness", "reward_version": None}) == ""
+
+
+def test_reward_versions_reach_the_journal_key_and_the_corrected_tap():
+    """A resumed evaluation read back batches scored under another version of the reward; --corrected-by's wrapper
+    recorded no version, so a comparison called it one written before versions existed."""
+    from flowalign.corrected import QualityTap
+    from flowalign.report import _short_commit
+    from flowalign.rewards import load_reward
+    from flowalign.train.eval_cli import EvalOptions, journal_key
+
+    options = EvalOptions(model="tiny-sd3", steps=2, guidance=1.0)
+    plain = journal_key(options, [], {}, "cpu")
+    assert "reward_version" not in plain  # a reward without a version: the key of before
+    assert journal_key(options, [], {}, "cpu", "2") == {**plain, "reward_version": "2"}
+    assert QualityTap(load_reward("shapes"), load_reward("brightness")).version == "2"
+    assert _short_commit("0123456789abcdef-dirty") == "0123456789ab-dirty" and _short_commit("0123456789abcdef") == "0123456789ab"

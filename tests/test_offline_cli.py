@@ -394,6 +394,11 @@ def test_steps_whose_groups_all_tie_are_counted_and_named(tiny_store, tmp_path, 
 
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert sorted(float(r["optim/skipped_zero"]) for r in rows) == [0.0, 1.0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flowalign.train.offline_trainer"):  # AWM reports no tie count
+        assert cli.main(["offline", "--config", str(_offline_yaml(tmp_path, store, tmp_path / "awm")), "--set", "objective=awm",
+                         "--set", "progress=false"]) == 0
+    assert "0 with every group of the batch tied" in caplog.text and "1 of an objective that reports neither" in caplog.text
     assert sorted(float(r["optim/steps"]) for r in rows) == [0.0, 1.0]
 
 

@@ -216,11 +216,11 @@ def test_the_evaluation_line_counts_samples_per_prompt_as_drawn(tmp_path):
     base = _result([1, 0, 0, 0, 0, 0, 0, 0, 1, 0], [0.5] * 10)
     aligned = _result([1, 1, 1, 0, 1, 1, 0, 0, 1, 1], [0.5] * 10)
     text = write_report(tmp_path, base=base, aligned=aligned, config_dict=CONFIG, timings={}).read_text()
-    assert "10 samples (2 per prompt, 5 lines, 5 distinct prompts" in text  # record_index i % 5: every prompt twice
+    assert "10 samples (2 per line, 5 lines, 5 distinct prompts" in text  # record_index i % 5: every prompt twice
     for r in (base, aligned):
         r.record_index = [0, 1, 2, 3, 4, 0, 1, 2, 0, 1]  # uneven: 3, 3, 2, 1, 1
     text = write_report(tmp_path / "uneven", base=base, aligned=aligned, config_dict=CONFIG, timings={}).read_text()
-    assert "10 samples (1–3 per prompt, 5 lines, 5 distinct prompts" in text
+    assert "10 samples (1–3 per line, 5 lines, 5 distinct prompts" in text
 
 
 def test_before_after_grid_size_and_nearest_upscaled_cells(tmp_path):

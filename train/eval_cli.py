@@ -158,12 +158,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
-def journal_key(options: EvalOptions, sampled: list, reward_kwargs: dict, device) -> dict:
+def journal_key(options: EvalOptions, sampled: list, reward_kwargs: dict, device, reward_version: Optional[str] = None) -> dict:
     """What decides every sample's outcome, for :class:`flowalign.eval_journal.EvalJournal`: a partial evaluation
     under any other value is refused. ``--batch-size`` and ``--on-error`` are not in it (a rerun after running out
     of memory, or a failing reward, may change them): ``evaluate`` reads back only batches of the same sample indices,
     and scores again a batch with dropped samples when failures now raise. The model is named by its path and its
-    files (:func:`flowalign.train.model.model_files_signature`), the LoRA and the sampled records by sha256."""
+    files (:func:`flowalign.train.model.model_files_signature`), the LoRA and the sampled records by sha256; a reward
+    that declares a ``version`` of its rules by it too (batches scored under other rules are not read back)."""
     from flowalign.checkpoint import sha256_file
     from flowalign.prompts import prompts_digest
     from flowalign.train.model import model_files_signature
@@ -179,6 +180,7 @@ def journal_key(options: EvalOptions, sampled: list, reward_kwargs: dict, device
         "num_samples": len(sampled), "seed": options.seed, "steps": options.steps, "guidance": options.guidance,
         "reward": options.reward, "reward_kwargs": reward_kwargs,
         "corrected_by": options.corrected_by, "corrected_reference": options.corrected_reference,
+        **({"reward_version": reward_version} if reward_version is not None else {}),
     }
 
 
@@ -487,7 +489,7 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
     if options.out is not None:  # every scored batch goes to out/eval_partial at once: a killed evaluation resumes from it
         from flowalign.eval_journal import EvalJournal
 
-        key = journal_key(options, [records[i] for i in indices], reward_kwargs, device)
+        key = journal_key(options, [records[i] for i in indices], reward_kwargs, device, getattr(reward, "version", None))
         journal = EvalJournal(Path(options.out) / JOURNAL_FOLDER, key, share=shard or (0, 1), restart=options.restart)
     result = evaluate(
         adapter, records, tap if tap is not None else reward, num_samples=num_samples, samples_per_prompt=spp, num_steps=options.steps,

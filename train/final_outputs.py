@@ -89,6 +89,9 @@ def report_journals(trainer, reward_key: str) -> tuple:
            "device_type": torch.device(trainer.device).type, "mixed_precision": cfg.train.mixed_precision,
            "prompts_sha256": prompts_digest(trainer.heldout_records), "reward": reward,
            "steps": cfg.sampling.eval_num_steps, "guidance": cfg.sampling.guidance_scale}
+    version = getattr(trainer.rewards.get(reward_key), "version", None) if isinstance(getattr(trainer, "rewards", None), dict) else None
+    if version is not None:  # batches scored under other rules of the reward are not read back
+        key["reward_version"] = version
     digest = hashlib.sha256()
     states = sorted(lora_states(trainer.lora_modules, trainer.ema).items())
     update_with_tensors(digest, ((f"{component}.{name}", tensor) for component, state in states for name, tensor in sorted(state.items())))

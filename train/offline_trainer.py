@@ -486,11 +486,14 @@ class OfflineTrainer(OptimizerViews):
         if self.unapplied_steps:
             zero = [m for m in history if m.get("optim/skipped_zero", 0.0) > 0]
             tied = sum(1 for m in zero if m.get("gdro/frac_tied_groups", 0.0) >= 1.0 or m.get("dpo/num_pairs", 1.0) == 0)
+            ranked = sum(1 for m in zero if "gdro/frac_tied_groups" in m or "dpo/num_pairs" in m) - tied  # a ranking, yet 0
             logger.warning("%d of the %d steps run had an all-zero gradient and were not applied: %d with every group of the batch "
                            "tied on %r (a denser reward, such as a verifier's '<name>/partial', a larger k or more groups_per_batch "
-                           "give more steps a ranking), %d with a loss saturated at its optimum (%s: a margin far past the "
-                           "sigmoid's range; a smaller objective_kwargs.beta)", self.unapplied_steps, len(history), tied,
-                           self.reward, self.unapplied_steps - tied, cfg.objective)
+                           "give more steps a ranking), %d with a loss saturated at its optimum (%s: a preference margin far past "
+                           "the sigmoid's range; a smaller objective_kwargs.beta)%s", self.unapplied_steps, len(history), tied,
+                           self.reward, ranked, cfg.objective,
+                           "" if tied + ranked == len(zero) else f", {len(zero) - tied - ranked} of an objective that reports "
+                           "neither (all-equal rewards in every group give every advantage 0)")
         return history
 
     # ------------------------------------------------------------------ save / resume

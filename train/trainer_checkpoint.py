@@ -44,6 +44,7 @@ def trainer_state(trainer) -> tuple[dict, dict]:
         **optim_state,
     }
     state["reward_versions"] = {key: getattr(reward, "version", None) for key, reward in trainer.rewards.items()}
+    state["eval_prompts"] = [record.prompt for record in trainer.eval_records]  # the eval grid a resume keeps
     saved = objective_state(trainer.objective)
     if saved is not None:  # a plugin objective's own state (an adaptive coefficient, a running baseline)
         state["objective"] = saved
@@ -67,6 +68,26 @@ def save_trainer_checkpoint(trainer) -> Optional[Path]:
             raise ckpt.write_error(root, trainer.iteration, exc) from exc
     trainer.accelerator.wait_for_everyone()
     return path
+
+
+def keep_eval_grid(trainer, saved: Optional[list]) -> None:
+    """Give a resumed run the eval grid it began with, so ``eval/*`` and ``samples/`` measure the same prompts before and
+    after the resume: the checkpoint's prompts (``saved``), or for a checkpoint from before it recorded them the first
+    ``train.eval_num_prompts`` lines the grid then took. Prompts no longer in the eval file keep the new grid."""
+    pool = trainer.heldout_records if trainer.heldout_records else trainer.sampler.records
+    n = len(trainer.eval_records)
+    wanted = list(saved) if saved is not None else [record.prompt for record in pool[:n]]
+    if wanted == [record.prompt for record in trainer.eval_records]:
+        return
+    by_prompt = {}
+    for record in pool:
+        by_prompt.setdefault(record.prompt, record)
+    if all(prompt in by_prompt for prompt in wanted):
+        trainer.eval_records = [by_prompt[prompt] for prompt in wanted]
+        logger.info("resumed run: its eval grid keeps the %d prompts it began with", len(wanted))
+    else:
+        logger.warning("resumed run: its eval grid's prompts are no longer all in the eval prompts; eval/* from here on "
+                       "measures another grid")
 
 
 def warn_changed_rewards(trainer, saved: Optional[dict], path: Path) -> None:
@@ -103,6 +124,7 @@ def restore_trainer_checkpoint(trainer, path: Path) -> None:
         torch.cuda.set_rng_state(state["cuda_rngs"][rank].to(torch.uint8).clone(), trainer.device)
     restore_objective_state(trainer.objective, state.get("objective"), path)
     warn_changed_rewards(trainer, state.get("reward_versions"), path)
+    keep_eval_grid(trainer, state.get("eval_prompts"))
     trainer.iteration = int(state["iteration"])
     trainer._all_dropped_in_row = int(state.get("all_dropped_in_row", 0))  # absent from checkpoints before it
     trainer.train_seconds_before = float(state.get("train_seconds", 0.0))

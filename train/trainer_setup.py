@@ -70,7 +70,7 @@ class PromptData:
 
     Attributes:
         sampler: ``PromptSampler`` over the training prompts, this process's shard of each iteration.
-        eval_records: the first ``train.eval_num_prompts`` eval prompts (in-training grids).
+        eval_records: ``train.eval_num_prompts`` distinct eval prompts spread over their tags (in-training grids; a resumed run keeps its own).
         heldout_records: every prompt of ``train.eval_prompts`` (the held-out report), or None.
     """
 
