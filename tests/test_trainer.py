@@ -42,6 +42,25 @@ def _trainer(tmp_path, *overrides, **kwargs) -> Trainer:
     return Trainer(_config(tmp_path, *overrides), **kwargs).setup()
 
 
+def _record_bars(trainer) -> list:
+    """Make ``trainer`` open recording bars (the test config hides real ones); returns the list they land in."""
+    bars = []
+
+    class Bar:
+        def __init__(self, desc, total, unit):
+            self.desc, self.total, self.unit, self.n, self.closed = desc, total, unit, 0, False
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            self.closed = True
+
+    trainer._bar = Bar
+    return bars
+
+
 def _paired_brightness(adapter, seed: int = 123) -> torch.Tensor:
     """Brightness of rollouts from fixed noise with the LoRA on minus the same rollouts with it off."""
     prompts = ["a red square", "a blue circle", "a green triangle", "a yellow star"]
@@ -337,20 +356,7 @@ def test_dense_objective_trains_on_per_step_advantages_with_a_calibrated_table(t
     # one DenseGRPO calibration round moves every level of the constant 0.7 by exactly +-eps2 = 0.01
     assert len(levels) == 4 and all(abs(abs(level - 0.7) - 0.01) < 1e-6 for level in levels)
     assert torch.allclose(trainer.schedule.levels(4), torch.tensor(levels))
-    bars = []
-
-    class Bar:  # the phases' bars as the trainer opens them (the test config hides real ones)
-        def __init__(self, desc, total, unit):
-            self.desc, self.total, self.n, self.closed = desc, total, 0, False
-            bars.append(self)
-
-        def update(self, n):
-            self.n += n
-
-        def close(self):
-            self.closed = True
-
-    trainer._bar = Bar
+    bars = _record_bars(trainer)
     batch = trainer.collect()
     step_bar = next(bar for bar in bars if bar.desc == "step rewards")  # the phase had no bar of its own
     assert step_bar.n == step_bar.total == 8 * 4 * 2 and step_bar.closed  # Tweedie: 8 samples x 4 steps, a transformer row and a scored one each
@@ -920,20 +926,7 @@ def test_reward_batch_size_scores_in_chunks_with_the_same_scores_and_a_bar_over_
     def scores(run, *overrides):
         trainer = _trainer(tmp_path / run, *overrides)
         trainer.rewards = {key: scoring for key in trainer.rewards}
-        bars = []
-
-        class Bar:
-            def __init__(self, desc, total, unit):
-                self.desc, self.total, self.unit, self.n, self.closed = desc, total, unit, 0, False
-                bars.append(self)
-
-            def update(self, n):
-                self.n += n
-
-            def close(self):
-                self.closed = True
-
-        trainer._bar = Bar
+        bars = _record_bars(trainer)
         seen.clear()
         batch = trainer.collect()
         trainer.cleanup()
