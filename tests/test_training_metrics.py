@@ -174,3 +174,25 @@ def test_update_norm_is_how_far_the_iteration_moved_the_lora(tmp_path):
     assert metrics["optim/lora_norm"] == pytest.approx(sum(float(p.detach().square().sum()) for p in trainer.optim.params) ** 0.5,
                                                        rel=1e-6)
     assert torch.is_tensor(trainer.optim.params[0])
+
+
+def test_noise_metrics_say_where_the_rollouts_explored():
+    import torch
+
+    from flowalign.train.trainer import noise_metrics
+
+    levels = torch.tensor([0.0, 0.7, 0.9, 0.0, 0.5])
+    mask = torch.tensor([False, True, True, False, False])  # the last step's level put no noise (e.g. CPS's sigma_next = 0)
+    assert noise_metrics(levels, mask) == {"sampling/noisy_steps": 2.0, "sampling/first_noisy_step": 1.0,
+                                           "sampling/last_noisy_step": 2.0, "sampling/noise_level_mean": pytest.approx(0.8)}
+    assert noise_metrics(levels, torch.zeros(5, dtype=torch.bool))["sampling/first_noisy_step"] == -1.0
+
+
+def test_a_sliding_window_shows_in_the_logged_noise_metrics(tmp_path):
+    trainer = _trainer(tmp_path, ["sampling.noise_schedule=window", "sampling.noise_kwargs={a: 0.7, size: 2, mode: sliding}"])
+    starts = []
+    for _ in range(3):
+        metrics = trainer.run_iteration()
+        trainer.iteration += 1
+        starts.append((metrics["sampling/first_noisy_step"], metrics["sampling/noisy_steps"]))
+    assert starts == [(0.0, 2.0), (1.0, 2.0), (0.0, 2.0)]  # 3 steps: the window of 2 starts at 0 or 1, then wraps

@@ -167,6 +167,19 @@ class PlanItem(NamedTuple):
     step: Optional[int]
 
 
+def noise_metrics(noise_levels: Tensor, stochastic_mask: Tensor) -> dict[str, float]:
+    """Where this iteration's rollouts explored: ``sampling/noisy_steps`` (how many steps injected noise),
+    ``sampling/first_noisy_step`` / ``last_noisy_step`` (0-based; -1 when none did) and ``sampling/noise_level_mean`` over
+    those steps (0 when none). A sliding or random window, or a calibrated table, shows here iteration by iteration."""
+    mask = torch.as_tensor(stochastic_mask).bool().cpu()
+    steps = torch.nonzero(mask).flatten()
+    levels = torch.as_tensor(noise_levels).float().cpu()
+    return {"sampling/noisy_steps": float(steps.numel()),
+            "sampling/first_noisy_step": float(steps[0]) if steps.numel() else -1.0,
+            "sampling/last_noisy_step": float(steps[-1]) if steps.numel() else -1.0,
+            "sampling/noise_level_mean": float(levels[mask].mean()) if steps.numel() else 0.0}
+
+
 def make_step_batch(batch: Batch, index: Tensor, k: int, log_prob_reduce: str, device: torch.device, log_prob_form: str = "gaussian"):
     """The transitions ``x_k -> x_{k+1}`` of samples ``index`` as a ``StepBatch`` on ``device``
     (:meth:`flowalign.trajectory.Trajectory.step_batch` with the batch's advantages)."""
@@ -414,6 +427,7 @@ class Trainer(OptimizerViews):
         traj.advantages = advantages
         metrics.update(adv_metrics)
         metrics.update({**timing, "nfe": self._sum_over_processes(traj.nfe)})
+        metrics.update(noise_metrics(traj.noise_levels, traj.stochastic_mask))
         if cfg.max_sampling_rounds > 1:
             metrics["samples/sampling_rounds"] = float(len(rounds))
         if not self.config.objective.cfg_in_training and cond.uncond is not None:
