@@ -303,19 +303,13 @@ def flat_group_ends(rewards: Tensor, group_ids: Tensor) -> tuple[float, float]:
     rewards = torch.as_tensor(rewards).detach().cpu().double()
     if rewards.ndim != 1:
         raise ValueError(f"rewards must be [B], got shape {tuple(rewards.shape)}")
+    idx, G = _group_index(torch.as_tensor(group_ids).cpu(), rewards.shape[0], rewards.device)
     keep = ~torch.isnan(rewards)
     if not bool(keep.any()):
         return 0.0, 0.0
-    ids = torch.as_tensor(group_ids).cpu()
-    groups = ids.unique()
-    top, bottom = float(rewards[keep].max()), float(rewards[keep].min())
-    at_max = at_min = 0
-    for g in groups.tolist():
-        values = rewards[(ids == g) & keep]
-        if values.numel() and float(values.max()) == float(values.min()):
-            at_max += float(values[0]) == top
-            at_min += float(values[0]) == bottom
-    return at_max / groups.numel(), at_min / groups.numel()
+    hi, lo = _group_extremes(rewards[keep], idx[keep], G)  # a group without a kept row: -inf / inf, never flat
+    flat = hi == lo
+    return float((flat & (hi == rewards[keep].max())).sum()) / G, float((flat & (lo == rewards[keep].min())).sum()) / G
 
 
 def mean_group_std(rewards: Tensor, group_ids: Tensor) -> float:

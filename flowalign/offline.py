@@ -121,8 +121,8 @@ def _read_manifest(path: Path, repair: bool) -> list[dict]:
     return lines
 
 
-# settings keys added after stores existed, with the value every store before them had (train/generate.py's model block):
-# a store written before them is the same store
+# settings keys added after stores and offline runs existed, with the value every one before them had (the model block of
+# train/generate.py's store settings and of an offline recipe): a store, or an offline run's hash, from before them is the same
 LATER_SETTINGS = {"model": {"adapter": None, "adapter_kwargs": {}}}
 
 

@@ -676,11 +676,11 @@ def call_reward_batched(reward: Callable, images: Tensor, prompts: Sequence[str]
     if batch_size < 1:
         raise ConfigError(f"reward batch_size must be >= 1 or None, got {batch_size}")
     metadata = check_reward_inputs(images, prompts, metadata, name=name or reward_name(reward))  # as one call checks them
+    prompts = list(prompts)
     parts: list[CheckedRewardOutput] = []
     for start in range(0, batch, batch_size):
         stop = min(start + batch_size, batch)
-        chunk_metadata = None if metadata is None else list(metadata)[start:stop]
-        parts.append(call_reward(reward, images[start:stop], list(prompts)[start:stop], chunk_metadata, on_error=on_error, name=name))
+        parts.append(call_reward(reward, images[start:stop], prompts[start:stop], metadata[start:stop], on_error=on_error, name=name))
         if progress is not None:
             progress(stop - start)
     device = parts[0].scores.device

@@ -227,8 +227,14 @@ def _resume_folder(resume) -> Optional[Path]:
     bare ``--resume``."""
     if not isinstance(resume, str):
         return None
-    folder = Path(resume)
-    return folder.parent.parent if (folder / "manifest.json").is_file() else folder
+    return Path(resume).parent.parent if _is_checkpoint(resume) else Path(resume)
+
+
+def _is_checkpoint(resume) -> bool:
+    """``--resume DIR`` names a checkpoint folder (``<run>/checkpoints/iter_N``, holding its manifest)."""
+    from flowalign.checkpoint import MANIFEST
+
+    return isinstance(resume, str) and (Path(resume) / MANIFEST).is_file()
 
 
 def _train_config(args: argparse.Namespace):
@@ -379,8 +385,8 @@ def run_offline(args: argparse.Namespace) -> int:
         return _error("offline", CONTRADICTORY_FLAGS)
     try:
         config = _offline_config(args)
-        checkpoint = isinstance(args.resume, str) and (Path(args.resume) / "manifest.json").is_file()
-        trainer = OfflineTrainer(config, resume=args.resume if checkpoint else bool(args.resume), overwrite=args.overwrite).setup()
+        resume = args.resume if _is_checkpoint(args.resume) else bool(args.resume)
+        trainer = OfflineTrainer(config, resume=resume, overwrite=args.overwrite).setup()
     except (FlowalignError, *_write_errors()) as exc:  # bad input, or an output folder that cannot be written
         return _error("offline", exc)
     try:

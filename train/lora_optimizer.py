@@ -183,7 +183,7 @@ class LoraOptimizer:
         if self.kl_ema is None:
             return None
         rate, max_decay = self.kl_ema_schedule
-        decay = max_decay if rate is None else min(max_decay, rate * self.steps_taken)
+        decay = max_decay if rate is None else lora_lib.soft_update_decay(self.steps_taken, rate, max_decay)
         self.kl_ema.update(decay)
         return decay
 

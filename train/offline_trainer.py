@@ -42,7 +42,7 @@ from flowalign.files import write_text_atomic
 from flowalign.lr_schedule import LR_SCHEDULES
 from flowalign.objectives.awm import is_awm
 from flowalign.objectives.base import OfflineBatch, checked_loss, objective_state, restore_objective_state
-from flowalign.offline import RolloutStore
+from flowalign.offline import LATER_SETTINGS, RolloutStore
 from flowalign.train.graceful_stop import GracefulStop
 from flowalign.train.lora_export import checkpoint_export, save_lora_file, trained_modules
 from flowalign.train.lora_optimizer import LoraOptimizer, OptimizerViews, nothing_stepped
@@ -153,14 +153,10 @@ _HASH_EXCLUDE = ("epochs", "max_steps", "output_dir", "checkpoint_every", "keep_
                  "progress", "max_nonfinite_steps")
 
 
-# model keys added after offline runs existed, with the value every run before them had: the legacy hash leaves them out
-_LATER_MODEL_KEYS = {"adapter": None, "adapter_kwargs": {}}
-
-
 def _hashed_settings(cfg: OfflineConfig, legacy: bool = False) -> dict:
     data = {key: value for key, value in to_dict(cfg).items() if key not in _HASH_EXCLUDE}
     data["model"] = {key: value for key, value in data["model"].items() if key not in MODEL_MEMORY_KNOBS
-                     and not (legacy and key in _LATER_MODEL_KEYS and value == _LATER_MODEL_KEYS[key])}
+                     and not (legacy and key in LATER_SETTINGS["model"] and value == LATER_SETTINGS["model"][key])}
     return data
 
 
