@@ -70,6 +70,27 @@ def _choice(name: str, value: Any, choices: tuple) -> None:
     _check(value in choices, f"{name}={value!r} is not one of {list(choices)}")
 
 
+def check_kernel(name: str, value: Any) -> None:
+    """ConfigError unless ``value`` is a built-in transition kernel or one of the user's (entry point of group
+    ``flowalign.kernels``, dotted path) that imports."""
+    from flowalign.sde import kernel_plugin
+
+    _check(isinstance(value, str), f"{name} must be a kernel name, got {value!r}")
+    if value in KERNELS:
+        return
+    if ":" not in value and "." not in value:
+        from flowalign.plugins import load_entry_point
+        from flowalign.sde import KERNEL_ENTRY_POINT_GROUP
+
+        if load_entry_point(KERNEL_ENTRY_POINT_GROUP, value, "transition kernel") is None:
+            raise ConfigError(f"{name}={value!r} is not one of {list(KERNELS)} (nor an entry point of group {KERNEL_ENTRY_POINT_GROUP!r}; "
+                              "a kernel of your own may also be a dotted path 'pkg.module:fn')")
+    try:
+        kernel_plugin(value)
+    except ConfigError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
 @dataclass
 class ModelConfig:
     """Which pipeline to align."""
@@ -111,7 +132,7 @@ class SamplingConfig:
     num_steps: int = field(default=10, metadata={"help": "Denoising steps per training rollout (K)."})
     eval_num_steps: int = field(default=40, metadata={"help": "Denoising steps for evaluation samples (ODE)."})
     guidance_scale: float = field(default=4.5, metadata={"help": "Classifier-free guidance scale while sampling (1 = off)."})
-    kernel: str = field(default="flow_sde", metadata={"help": f"Transition kernel, one of {KERNELS} (flowalign.sde.step)."})
+    kernel: str = field(default="flow_sde", metadata={"help": f"Transition kernel, one of {KERNELS} (flowalign.sde.step), or a kernel of your own: an entry point of group flowalign.kernels or a dotted path pkg.module:fn, a function (x, v, s, s_next, level) -> (mean, std)."})
     noise_schedule: str = field(default="constant", metadata={"help": "Noise-level schedule for flowalign.sde.make_schedule: constant, window, table, or a schedule of your own (an entry point of group flowalign.noise_schedules, or a dotted path pkg.module:Class built with noise_kwargs, with levels(num_steps, iteration, generator))."})
     noise_kwargs: dict = field(default_factory=lambda: {"a": 0.7}, metadata={"help": "Keyword arguments of the noise schedule, e.g. {a: 0.7}."})
     group_size: int = field(default=4, metadata={"help": "Samples drawn per prompt (G); advantages are normalised within a group."})
@@ -145,7 +166,7 @@ class SamplingConfig:
         _check(self.eval_num_steps <= MAX_STEPS, f"sampling.eval_num_steps must be <= {MAX_STEPS}, got {self.eval_num_steps}")
         _check(self.eval_num_steps >= 1, f"sampling.eval_num_steps must be >= 1, got {self.eval_num_steps}")
         _check(self.guidance_scale >= 1.0, f"sampling.guidance_scale must be >= 1 (1 = no CFG), got {self.guidance_scale}")
-        _choice("sampling.kernel", self.kernel, KERNELS)
+        check_kernel("sampling.kernel", self.kernel)
         _check(self.group_size >= 2, f"sampling.group_size must be >= 2 for group-normalised advantages, got {self.group_size}")
         _choice("sampling.log_prob_reduce", self.log_prob_reduce, ("mean", "sum"))
         _choice("sampling.log_prob_form", self.log_prob_form, LOG_PROB_FORMS)
@@ -165,7 +186,7 @@ class SamplingConfig:
         step, an unknown mode, a NaN level) is a config error before anything runs, not a crash mid-run."""
         import torch
 
-        from flowalign.sde import make_schedule
+        from flowalign.sde import make_schedule, max_level
 
         if not isinstance(self.noise_kwargs, dict):
             return  # the type check names it
@@ -175,8 +196,10 @@ class SamplingConfig:
             if levels.shape != (self.num_steps,) or not bool(torch.isfinite(levels).all()) or bool((levels < 0).any()):
                 raise ValueError(f"levels(num_steps={self.num_steps}) must be {self.num_steps} finite numbers >= 0, got "
                                  f"{levels.tolist() if levels.numel() <= 16 else tuple(levels.shape)}")
-            if self.kernel == "cps" and bool((levels > 1).any()):  # the kernel's own check fires only at the first step
-                raise ValueError(f"kernel 'cps' takes noise levels in [0, 1] (a fraction of a right angle), got up to "
+            bound = max_level(self.kernel)
+            if bound is not None and bool((levels > bound).any()):  # the kernel's own check fires only at the first step
+                what = " (a fraction of a right angle)" if self.kernel == "cps" else ""
+                raise ValueError(f"kernel {self.kernel!r} takes noise levels in [0, {bound:g}]{what}, got up to "
                                  f"{float(levels.max()):g}")
         except ConfigError as exc:
             raise ConfigError(f"sampling.noise_schedule: {exc}") from None

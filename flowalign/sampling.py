@@ -219,7 +219,8 @@ def rollout(
         prompts: ``P`` prompts; sample ``p·G + j`` is the ``j``-th of prompt ``p``.
         group_size: ``G`` samples per prompt.
         num_steps: ``K`` denoising steps; sigmas come from ``adapter.sigmas(K)``.
-        kernel: ``"ode"``, ``"flow_sde"``, ``"dance_sde"`` or ``"cps"`` (``flowalign.sde``).
+        kernel: ``"ode"``, ``"flow_sde"``, ``"dance_sde"``, ``"cps"`` (``flowalign.sde``) or a kernel of your own
+            (``flowalign.sde.kernel_plugin``).
         schedule: noise schedule (``flowalign.sde.make_schedule(...)``), a float (constant level)
             or None (level 0: deterministic).
         guidance_scale: CFG scale (> 1 enables CFG, as in diffusers).
@@ -248,8 +249,7 @@ def rollout(
     num_prompts, batch = len(prompts), len(prompts) * group_size
     if group_size < 1 or num_prompts < 1:
         raise ValueError(f"need at least one prompt and group_size >= 1, got {num_prompts} prompts, group_size={group_size}")
-    if kernel not in sde.KERNELS:
-        raise ValueError(f"kernel={kernel!r}; choose one of {sde.KERNELS}")
+    sde.kernel_plugin(kernel)  # ValueError for a name that is neither a built-in nor a kernel of the user's
     sample_metadata = _expand_metadata(metadata, num_prompts, group_size)
 
     sigmas = adapter.sigmas(num_steps).to(torch.float32).cpu()  # [K+1]

@@ -14,6 +14,8 @@ Kernels (:func:`step`):
 * ``"flow_sde"``: Flow-GRPO (arXiv 2505.05470, Eq. 9-12), noise level ``a``.
 * ``"dance_sde"``: DanceGRPO (arXiv 2505.07818, Eq. 6), noise level ``eta``.
 * ``"cps"``: coefficient-preserving sampling (arXiv 2509.05952, Eq. 10), noise level ``a`` in [0, 1].
+* a kernel of your own: an entry point of group ``flowalign.kernels`` or a dotted path ``"pkg.mod:fn"``
+  (see :func:`kernel_plugin`), a function ``(x, v, s, s_next, level) -> (mean, std)`` like the four above.
 
 Boundary steps (decided once, here):
 
@@ -31,9 +33,10 @@ Boundary steps (decided once, here):
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -41,6 +44,8 @@ from torch import Tensor
 from flowalign.errors import ConfigError
 
 KERNELS = ("ode", "flow_sde", "dance_sde", "cps")
+KERNEL_ENTRY_POINT_GROUP = "flowalign.kernels"  # [project.entry-points."flowalign.kernels"]
+MAX_LEVELS = {"cps": 1.0}  # built-in kernels whose noise level is bounded (CPS: a fraction of a right angle)
 ScalarOrBatch = Union[float, Tensor]
 
 
@@ -88,8 +93,7 @@ def _check_finite(**values: ScalarOrBatch) -> None:
 
 
 def _check_inputs(kind: str, sigma: Tensor, sigma_next: Tensor, noise_level: Tensor) -> None:
-    if kind not in KERNELS:
-        raise ValueError(f"kind={kind!r} is not a transition kernel; choose one of {KERNELS}")
+    kernel_plugin(kind)  # ValueError (a ConfigError) for a name that is neither a built-in nor a plugin
     _check_finite(sigma=sigma, sigma_next=sigma_next, noise_level=noise_level)
     if bool(((sigma > 1) | (sigma_next < 0)).any()):
         raise ValueError(f"sigmas must lie in [0, 1], got sigma={sigma.flatten().tolist()}, sigma_next={sigma_next.flatten().tolist()}")
@@ -102,6 +106,9 @@ def _check_inputs(kind: str, sigma: Tensor, sigma_next: Tensor, noise_level: Ten
         raise ValueError(f"noise_level must be >= 0, got {noise_level.flatten().tolist()}")
     if kind == "cps" and bool((noise_level > 1).any()):
         raise ValueError(f"cps noise_level is an angle fraction in [0, 1], got {noise_level.flatten().tolist()}")
+    bound = max_level(kind)
+    if bound is not None and bool((noise_level > bound).any()):
+        raise ValueError(f"kernel {kind!r} takes noise levels in [0, {bound:g}], got {noise_level.flatten().tolist()}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,6 +174,83 @@ def cps_kernel(x: Tensor, v: Tensor, s: Tensor, s_next: Tensor, a: Tensor) -> tu
 
 
 # --------------------------------------------------------------------------------------------
+# kernels of your own
+# --------------------------------------------------------------------------------------------
+
+
+def kernel_plugin(kind: str) -> Optional[Callable]:
+    """The function of a transition kernel named ``kind``; None for the built-ins (:data:`KERNELS`).
+
+    A kernel of your own is named in a recipe (``sampling.kernel``, ``flowalign generate``'s ``kernel``) by
+    an entry point of group :data:`KERNEL_ENTRY_POINT_GROUP` or a dotted path ``"pkg.module:fn"``. It is a
+    function (or a callable object) with the signature of the built-in kernels::
+
+        def my_kernel(x, v, s, s_next, level):       # fp32 tensors
+            ...                                       # x, v: [B, *latent]; s, s_next, level: 0-d or [B, 1, ..., 1]
+            return mean, std                          # mean: [B, *latent]; std >= 0, broadcastable to [B, 1, ..., 1]
+
+    The step draws ``x' = mean + std·noise``; :func:`log_prob` is the Gaussian density of ``x'`` under the
+    policy's recomputed ``mean``, as for the built-ins. ``std`` must depend on the sigmas and the level
+    only, never on ``x`` or ``v`` (a step's trainability is decided before the model runs, by
+    :func:`is_stochastic`); a row with ``std == 0`` is deterministic and untrained, and a level of 0 is
+    expected to give ``std == 0`` (the noise schedules' "ODE step"). An optional ``max_level`` attribute
+    (a float) bounds the level, as CPS's angle fraction is bounded by 1; recipes are checked against it.
+    """
+    if kind in KERNELS:
+        return None
+    return _load_kernel(kind)
+
+
+@functools.lru_cache(maxsize=64)
+def _load_kernel(kind: str) -> Callable:
+    from flowalign.plugins import find_plugin
+
+    found = find_plugin(kind, KERNEL_ENTRY_POINT_GROUP, "transition kernel") if isinstance(kind, str) else None
+    if found is None:
+        raise ConfigError(f"kind={kind!r} is not a transition kernel; choose one of {KERNELS}, an entry point of group "
+                          f"{KERNEL_ENTRY_POINT_GROUP!r} or a dotted path 'pkg.module:fn'")
+    if not callable(found):
+        raise ConfigError(f"transition kernel {kind!r} is a {type(found).__name__}, not a function (x, v, s, s_next, level) -> (mean, std)")
+    bound = getattr(found, "max_level", None)
+    if bound is not None and not (isinstance(bound, (int, float)) and not isinstance(bound, bool) and bound > 0 and math.isfinite(bound)):
+        raise ConfigError(f"transition kernel {kind!r}: max_level must be a finite number > 0 or absent, got {bound!r}")
+    return found
+
+
+def max_level(kind: str) -> Optional[float]:
+    """The largest noise level kernel ``kind`` takes (1 for CPS, a plugin's ``max_level``), or None when unbounded."""
+    fn = kernel_plugin(kind)
+    if fn is None:
+        return MAX_LEVELS.get(kind)
+    bound = getattr(fn, "max_level", None)
+    return None if bound is None else float(bound)
+
+
+def _plugin_mean_std(kind: str, fn: Callable, x: Tensor, v: Tensor, s: Tensor, s_next: Tensor, level: Tensor) -> tuple[Tensor, Tensor]:
+    """A plugin kernel's ``(mean, std)``, checked: mean of ``x``'s shape, finite std >= 0 of one value per row."""
+    try:
+        out = fn(x, v, s, s_next, level)
+        mean, std = out
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ValueError(f"transition kernel {kind!r} must return (mean, std) from (x, v, s, s_next, level): {type(exc).__name__}: {exc}") from exc
+    mean = torch.as_tensor(mean)
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device)
+    if mean.shape != x.shape:
+        raise ValueError(f"transition kernel {kind!r} returned a mean of shape {tuple(mean.shape)}; it must have x's shape {tuple(x.shape)}")
+    column = (x.shape[0],) + (1,) * (x.ndim - 1)
+    try:
+        std = torch.broadcast_to(std, column)
+    except RuntimeError:
+        raise ValueError(f"transition kernel {kind!r} returned a std of shape {tuple(std.shape)}; it must be one value per sample, "
+                         f"broadcastable to {column} (the noise scale may depend on the sigmas and the level only)") from None
+    if not bool(torch.isfinite(std).all()) or bool((std < 0).any()):
+        raise ValueError(f"transition kernel {kind!r} returned std {std.flatten().tolist()}: it must be finite and >= 0")
+    return mean.float(), std
+
+
+# --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
 
@@ -185,7 +269,7 @@ def step(
     """One transition x_sigma -> x_sigma_next with kernel ``kind`` (see module docstring).
 
     Args:
-        kind: ``"ode"``, ``"flow_sde"``, ``"dance_sde"`` or ``"cps"``.
+        kind: ``"ode"``, ``"flow_sde"``, ``"dance_sde"``, ``"cps"`` or a kernel of your own (:func:`kernel_plugin`).
         x: ``[B, *latent]`` latent at ``sigma`` (images ``[B, C, H, W]``, videos ``[B, C, F, H, W]``).
         v: velocity prediction, same shape as ``x``.
         sigma, sigma_next: floats or ``[B]`` tensors, ``0 <= sigma_next < sigma <= 1``.
@@ -216,6 +300,10 @@ def step(
         raise ValueError(f"drift must have the shape of x {tuple(x.shape)}, got {tuple(drift.shape)}")
 
     x32, v32 = x.float(), v.float()
+    plugin = kernel_plugin(kind)
+    if plugin is not None:
+        mean, std = _plugin_mean_std(kind, plugin, x32, v32, s, s_next, level)
+        return _draw(mean, std, x, noise, generator, drift)
     if kind == "ode":
         mean, std = ode_kernel(x32, v, s, s_next)  # v uncast: diffusers' Euler step multiplies in v's dtype
     elif kind == "flow_sde":
@@ -230,7 +318,13 @@ def step(
         # ODE step (and diffusers') bit for bit, not the same sum rounded in fp32
         mean = torch.where(std == 0, ode_kernel(x32, v, s, s_next)[0], mean)
 
-    if kind == "ode" or not bool((std > 0).any()):
+    return _draw(mean, std, x, noise, generator, drift)
+
+
+def _draw(mean: Tensor, std: Tensor, x: Tensor, noise: Optional[Tensor], generator: Optional[torch.Generator],
+          drift: Optional[Tensor]) -> SDEStep:
+    """``x' = mean + std·noise (+ drift on the stochastic rows)`` cast to ``x``'s dtype; no draw when every row is deterministic."""
+    if not bool((std > 0).any()):
         prev = mean  # deterministic: no draw, so the caller's RNG stream is not consumed
     else:
         if noise is None:
@@ -356,14 +450,22 @@ def is_stochastic(kind: str, sigma: ScalarOrBatch, sigma_next: ScalarOrBatch, no
 
     False for ``kind == "ode"``, for ``noise_level == 0``, and for CPS steps with ``sigma_next == 0``
     (std = s'·sin(a·pi/2) = 0). Flow-SDE and Dance-SDE steps with a positive level are always
-    stochastic, the first and last step included.
+    stochastic, the first and last step included. A kernel of your own is asked for its std at these sigmas and
+    levels (on zero latents): a step is stochastic where that std is > 0.
     """
-    if kind not in KERNELS:
-        raise ValueError(f"kind={kind!r} is not a transition kernel; choose one of {KERNELS}")
+    plugin = kernel_plugin(kind)
     _check_finite(sigma=sigma, sigma_next=sigma_next, noise_level=noise_level)
     s = torch.as_tensor(sigma, dtype=torch.float32)
     s_next = torch.as_tensor(sigma_next, dtype=torch.float32)
     level = torch.as_tensor(noise_level, dtype=torch.float32)
+    if plugin is not None:  # ask the kernel: its std depends on the sigmas and the level only
+        shape = torch.broadcast_shapes(s.shape, s_next.shape, level.shape)
+        flat = [t.broadcast_to(shape).reshape(-1, 1) for t in (s, s_next, level)]
+        rows = flat[0].shape[0]
+        if rows == 0:
+            return torch.zeros(shape, dtype=torch.bool)
+        _, std = _plugin_mean_std(kind, plugin, torch.zeros(rows, 1), torch.zeros(rows, 1), *flat)
+        return ((std.reshape(shape) > 0) & (s > s_next)).reshape(shape)
     if kind == "ode":
         return torch.zeros(torch.broadcast_shapes(s.shape, s_next.shape, level.shape), dtype=torch.bool)
     out = (level > 0) & (s > s_next)

@@ -502,8 +502,11 @@ def calibrate_noise_table_for(
     if gather is not None:
         local = gains_fn
         gains_fn = lambda levels: gather(local(levels))  # noqa: E731
-    if kernel == "cps":  # a CPS level is an angle fraction: above 1 the rollout refuses it
-        max_level = 1.0 if max_level is None else min(max_level, 1.0)
+    from flowalign import sde
+
+    bound = sde.max_level(kernel)  # a CPS level is an angle fraction: above 1 the rollout refuses it (a plugin's max_level too)
+    if bound is not None:
+        max_level = bound if max_level is None else min(max_level, bound)
     one_round, started, done = gains_fn, time.perf_counter(), itertools.count(1)
 
     def gains_fn(levels: Tensor) -> Tensor:  # each round says how far calibration is (SD3.5's recipe runs 20 of 96 rollouts)

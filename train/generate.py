@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from flowalign import sde
-from flowalign.config import KERNELS, MODEL_MEMORY_KNOBS, ModelConfig, RewardConfig, apply_overrides, build_dataclass, to_dict
+from flowalign.config import KERNELS, MODEL_MEMORY_KNOBS, ModelConfig, RewardConfig, apply_overrides, build_dataclass, check_kernel, to_dict
 from flowalign.errors import ConfigError
 from flowalign.offline import SampleFn, ScoreFn, fill_store
 
@@ -46,7 +46,7 @@ class GenerateConfig:
     samples_per_prompt: int = field(default=6, metadata={"help": "Samples per prompt (G); GDRO groups use k <= G of them."})
     num_steps: int = field(default=20, metadata={"help": "Denoising steps."})
     guidance_scale: float = field(default=4.5, metadata={"help": "CFG scale (1 = off)."})
-    kernel: str = field(default="ode", metadata={"help": f"Transition kernel, one of {KERNELS}."})
+    kernel: str = field(default="ode", metadata={"help": f"Transition kernel, one of {KERNELS}, or a kernel of your own (entry point of group flowalign.kernels, dotted path pkg.module:fn)."})
     noise_level: float = field(default=0.0, metadata={"help": "Noise level of a stochastic kernel (ignored by ode)."})
     seed: int = field(default=0, metadata={"help": "Base seed; sample j of prompt i uses seed + i * G + j."})
     batch_size: int = field(default=16, metadata={"help": "Samples per transformer call."})
@@ -60,10 +60,12 @@ class GenerateConfig:
         _check(self.samples_per_prompt >= 2, f"samples_per_prompt must be >= 2 (groups need two samples), got {self.samples_per_prompt}")
         _check(self.num_steps >= 1, f"num_steps must be >= 1, got {self.num_steps}")
         _check(self.guidance_scale >= 1.0, f"guidance_scale must be >= 1, got {self.guidance_scale}")
-        _check(self.kernel in KERNELS, f"kernel={self.kernel!r} is not one of {list(KERNELS)}")
+        check_kernel("kernel", self.kernel)
         _check(self.noise_level >= 0, f"noise_level must be >= 0, got {self.noise_level}")  # NaN fails too
-        _check(self.kernel != "cps" or self.noise_level <= 1,
-               f"kernel 'cps' takes noise_level in [0, 1] (a fraction of a right angle), got {self.noise_level}")
+        bound = sde.max_level(self.kernel)
+        if bound is not None and not self.noise_level <= bound:
+            what = " (a fraction of a right angle)" if self.kernel == "cps" else ""
+            raise ConfigError(f"kernel {self.kernel!r} takes noise_level in [0, {bound:g}]{what}, got {self.noise_level}")
         _check(self.batch_size >= 1 and self.prompts_per_shard >= 1, f"batch_size and prompts_per_shard must be >= 1, got {self.batch_size}, {self.prompts_per_shard}")
         _check(self.num_prompts is None or self.num_prompts >= 1, f"num_prompts must be null or >= 1, got {self.num_prompts}")
         _check(self.image_format in ("none", "png", "tensor"), f"image_format={self.image_format!r} is not one of ['none', 'png', 'tensor']")
