@@ -133,6 +133,8 @@ class SamplingConfig:
     eval_num_steps: int = field(default=40, metadata={"help": "Denoising steps for evaluation samples (ODE)."})
     guidance_scale: float = field(default=4.5, metadata={"help": "Classifier-free guidance scale while sampling (1 = off)."})
     kernel: str = field(default="flow_sde", metadata={"help": f"Transition kernel, one of {KERNELS} (flowalign.sde.step), or a kernel of your own: an entry point of group flowalign.kernels or a dotted path pkg.module:fn, a function (x, v, s, s_next, level) -> (mean, std)."})
+    rollout: str = field(default="default", metadata={"help": "What rolls a batch out: default (flowalign.sampling.rollout), or a rollout of your own (a tree / branch sampler: an entry point of group flowalign.rollouts or a dotted path pkg.module:fn with flowalign.sampling.rollout's signature)."})
+    rollout_kwargs: dict = field(default_factory=dict, metadata={"help": "Extra keyword arguments of a rollout of your own (its branching steps and widths, say); none for the default."})
     noise_schedule: str = field(default="constant", metadata={"help": "Noise-level schedule for flowalign.sde.make_schedule: constant, window, table, or a schedule of your own (an entry point of group flowalign.noise_schedules, or a dotted path pkg.module:Class built with noise_kwargs, with levels(num_steps, iteration, generator))."})
     noise_kwargs: dict = field(default_factory=lambda: {"a": 0.7}, metadata={"help": "Keyword arguments of the noise schedule, e.g. {a: 0.7}."})
     group_size: int = field(default=4, metadata={"help": "Samples drawn per prompt (G); advantages are normalised within a group."})
@@ -180,6 +182,23 @@ class SamplingConfig:
         _check(self.drift_reward is None or self.kernel != "ode",
                "sampling.drift_reward steers stochastic steps only, and sampling.kernel is 'ode': choose an SDE kernel or drop drift_reward")
         self._check_noise_schedule()
+        self._check_rollout()
+
+    def _check_rollout(self) -> None:
+        """The rollout function imports, and ``rollout_kwargs`` are keywords it can take beside the engine's own."""
+        from flowalign.sampling import _ROLLOUT_PARAMETERS, resolve_rollout
+
+        try:
+            resolve_rollout(self.rollout)
+        except ConfigError as exc:
+            raise ConfigError(f"sampling.rollout: {exc}") from None
+        if not isinstance(self.rollout_kwargs, dict):
+            return  # the type check names it
+        _check(self.rollout == "default" or not set(self.rollout_kwargs) & set(_ROLLOUT_PARAMETERS),
+               f"sampling.rollout_kwargs {sorted(set(self.rollout_kwargs) & set(_ROLLOUT_PARAMETERS))} are the engine's own arguments, "
+               "which the recipe's sampling section sets; give them there")
+        _check(self.rollout != "default" or not self.rollout_kwargs,
+               f"sampling.rollout_kwargs={self.rollout_kwargs} is for a rollout of your own; the default rollout takes none")
 
     def _check_noise_schedule(self) -> None:
         """Build the noise schedule and its levels for ``num_steps`` now: a bad window (past the last
@@ -988,7 +1007,7 @@ _HASH_EXCLUDE = {("train", "iterations"), ("train", "output_dir"), ("train", "ch
 # fields left out of the hash while at these values (their defaults), so runs from before they existed resume
 _HASH_OMIT_AT = {("sampling", "log_prob_form"): "gaussian", ("model", "adapter"): None, ("model", "adapter_kwargs"): {}, ("sampling", "noise_seeding"): "process", ("objective", "reward_mix"): "reward", ("train", "ema_every"): 1, ("train", "mixed_precision"): "no",
                  ("train", "lr_schedule"): "constant", ("train", "lr_warmup"): 0, ("train", "lr_min_ratio"): 0.0,
-                 ("train", "max_sampling_rounds"): 1}
+                 ("train", "max_sampling_rounds"): 1, ("sampling", "rollout"): "default", ("sampling", "rollout_kwargs"): {}}
 
 
 def describe_config(config: Any) -> str:

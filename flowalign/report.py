@@ -394,6 +394,15 @@ def _short_commit(commit: str) -> str:
     return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
 
 
+def _rollout_note(config_dict: Mapping) -> str:
+    """`` rolled out by `pkg:fn` {kwargs}`` for a rollout of the user's own (a tree sampler); empty for the default."""
+    name = _get(config_dict, "sampling.rollout", "default")
+    if name == "default":
+        return ""
+    kwargs = _get(config_dict, "sampling.rollout_kwargs", {})
+    return f" rolled out by `{name}`" + (f" {kwargs}" if kwargs else "")
+
+
 def _noise_note(config_dict: Mapping[str, Any], run_dir: Path) -> str:
     """The rollouts' noise: the run's calibrated table when it saved one (DenseGRPO), else the configured schedule."""
     table = run_dir / "noise_table.json"
@@ -462,6 +471,7 @@ def write_report(
         + ("" if kernel == "ode"  # the ODE draws no noise: its schedule is moot
            else f" (noise {_noise_note(config_dict, run_dir)})") + ", "
         f"{_get(config_dict, 'sampling.num_steps', '?')} steps, group size {_get(config_dict, 'sampling.group_size', '?')}"
+        + _rollout_note(config_dict)
         + (f" (dynamic sampling from {oversample:g}x the prompts)" if oversample != 1.0 else "")
         + (f" (sampled until full: up to {rounds} windows of prompts)" if rounds != 1 else "") + _drift_note(config_dict) + ", "
         f"LoRA rank {_get(config_dict, 'lora.rank', '?')}" + (" (transformer and text encoders)" if _get(config_dict, "lora.train_text_encoder", False) is True else "")

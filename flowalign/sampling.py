@@ -31,7 +31,7 @@ from flowalign.trajectory import Trajectory
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["rollout", "sample_ode", "integrate", "Integration"]
+__all__ = ["rollout", "sample_ode", "integrate", "Integration", "resolve_rollout", "check_rollout"]
 
 Schedule = Any  # an object with .levels(num_steps, iteration=0, generator=None) -> Tensor[K]
 
@@ -344,3 +344,76 @@ def sample_ode(
         micro_batch_size=micro_batch_size,
     )
     return _decode(adapter, run.final, micro_batch_size) if decode else run.final
+
+
+# --------------------------------------------------------------------------------------------
+# rollouts of your own (trees, branches: sampling.rollout)
+# --------------------------------------------------------------------------------------------
+
+ROLLOUT_ENTRY_POINT_GROUP = "flowalign.rollouts"  # [project.entry-points."flowalign.rollouts"]
+_ROLLOUT_PARAMETERS = ("group_size", "num_steps", "kernel", "schedule", "guidance_scale", "generator", "share_initial_noise",
+                       "log_prob_reduce", "log_prob_form", "record_x0", "decode", "iteration", "metadata", "initial_noise",
+                       "micro_batch_size", "cond", "drift", "on_step")
+
+
+def resolve_rollout(name: str) -> Callable[..., Trajectory]:
+    """The function ``sampling.rollout`` names: :func:`rollout` for ``"default"``, else a rollout of your own.
+
+    A rollout of your own (a tree or branch sampler: BranchGRPO, TreeGRPO) is an entry point of group
+    :data:`ROLLOUT_ENTRY_POINT_GROUP` or a dotted path ``"pkg.module:fn"``: a function with :func:`rollout`'s
+    signature (``fn(adapter, prompts, *, group_size, num_steps, kernel, schedule, ..., **rollout_kwargs)``, the
+    recipe's ``sampling.rollout_kwargs`` passed as extra keywords) that returns a :class:`Trajectory` laid out as
+    :func:`rollout`'s is: ``B = P·G`` rows, prompt ``p``'s ``G`` samples (a tree's leaves) in rows ``p·G .. p·G + G - 1``
+    with ``group_ids = p``, each row the full path ``latents[:, 0..K]`` of its sample (a prefix shared by several
+    leaves repeated in each), ``log_probs`` / ``stds`` of every step of that path and one ``[K]`` stochastic mask
+    (:func:`check_rollout`). :func:`integrate` continues a batch from any step, which is what a branch needs.
+    Advantages along a tree come from the objective's ``advantages`` method (``flowalign.objectives.base.Objective``),
+    which may read what the rollout recorded in each sample's ``metadata``.
+    """
+    if name == "default":
+        return rollout
+    from flowalign.errors import ConfigError
+    from flowalign.plugins import find_plugin
+
+    found = find_plugin(name, ROLLOUT_ENTRY_POINT_GROUP, "rollout") if isinstance(name, str) else None
+    if found is None:
+        raise ConfigError(f"unknown rollout {name!r}: 'default', an entry point of group {ROLLOUT_ENTRY_POINT_GROUP!r} or a dotted "
+                          "path 'pkg.module:fn' with flowalign.sampling.rollout's signature")
+    if not callable(found):
+        raise ConfigError(f"rollout {name!r} is a {type(found).__name__}, not a function with flowalign.sampling.rollout's signature")
+    return found
+
+
+def check_rollout(traj: Any, *, name: str, num_prompts: int, group_size: int, num_steps: int) -> Trajectory:
+    """``traj`` when a rollout of your own returned what the trainer reads (:func:`resolve_rollout`), else a
+    ConfigError naming the rollout and the first field that is off."""
+    from flowalign.errors import ConfigError
+
+    where = f"rollout {name!r}"
+    if not isinstance(traj, Trajectory):
+        raise ConfigError(f"{where} returned a {type(traj).__name__}, not a flowalign.trajectory.Trajectory")
+    batch, k = num_prompts * group_size, num_steps
+    expected_ids = torch.arange(num_prompts).repeat_interleave(group_size)
+    checks = [
+        ("latents", tuple(traj.latents.shape[:2]), (batch, k + 1)),
+        ("log_probs", tuple(traj.log_probs.shape), (batch, k)),
+        ("stds", tuple(traj.stds.shape), (batch, k)),
+        ("sigmas", tuple(traj.sigmas.shape), (k + 1,)),
+        ("noise_levels", tuple(traj.noise_levels.shape), (k,)),
+        ("stochastic_mask", tuple(traj.stochastic_mask.shape), (k,)),
+        ("prompts", len(traj.prompts), batch),
+    ]
+    if traj.images is not None:
+        checks.append(("images", int(traj.images.shape[0]), batch))
+    for field_name, got, want in checks:
+        if got != want:
+            raise ConfigError(f"{where}: {field_name} has shape {got}, expected {want} ({num_prompts} prompts x group_size "
+                             f"{group_size}, {num_steps} steps)")
+    if traj.stochastic_mask.dtype != torch.bool:
+        raise ConfigError(f"{where}: stochastic_mask must be a bool tensor, got {traj.stochastic_mask.dtype}")
+    if not torch.equal(traj.group_ids.cpu().long(), expected_ids):
+        raise ConfigError(f"{where}: group_ids must be {expected_ids.tolist()[:16]}{'...' if batch > 16 else ''} (prompt p's samples in "
+                         f"rows p*G .. p*G + G - 1), got {traj.group_ids.tolist()[:16]}")
+    if not bool(torch.isfinite(traj.log_probs).all()):
+        raise ConfigError(f"{where}: log_probs are not all finite")
+    return traj

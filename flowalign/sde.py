@@ -234,19 +234,19 @@ def _plugin_mean_std(kind: str, fn: Callable, x: Tensor, v: Tensor, s: Tensor, s
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise
-        raise ValueError(f"transition kernel {kind!r} must return (mean, std) from (x, v, s, s_next, level): {type(exc).__name__}: {exc}") from exc
+        raise ConfigError(f"transition kernel {kind!r} must return (mean, std) from (x, v, s, s_next, level): {type(exc).__name__}: {exc}") from exc
     mean = torch.as_tensor(mean)
     std = torch.as_tensor(std, dtype=torch.float32, device=x.device)
     if mean.shape != x.shape:
-        raise ValueError(f"transition kernel {kind!r} returned a mean of shape {tuple(mean.shape)}; it must have x's shape {tuple(x.shape)}")
+        raise ConfigError(f"transition kernel {kind!r} returned a mean of shape {tuple(mean.shape)}; it must have x's shape {tuple(x.shape)}")
     column = (x.shape[0],) + (1,) * (x.ndim - 1)
     try:
         std = torch.broadcast_to(std, column)
     except RuntimeError:
-        raise ValueError(f"transition kernel {kind!r} returned a std of shape {tuple(std.shape)}; it must be one value per sample, "
+        raise ConfigError(f"transition kernel {kind!r} returned a std of shape {tuple(std.shape)}; it must be one value per sample, "
                          f"broadcastable to {column} (the noise scale may depend on the sigmas and the level only)") from None
     if not bool(torch.isfinite(std).all()) or bool((std < 0).any()):
-        raise ValueError(f"transition kernel {kind!r} returned std {std.flatten().tolist()}: it must be finite and >= 0")
+        raise ConfigError(f"transition kernel {kind!r} returned std {std.flatten().tolist()}: it must be finite and >= 0")
     return mean.float(), std
 
 

@@ -125,6 +125,8 @@ def rollout_groups(adapter, records: Sequence[Any], cond, sampling_cfg, schedule
     depend on the number of processes. ``cond`` is the records' encoding (one row per record).
     ``drift`` is the process-reward guidance (:class:`flowalign.guidance.RewardDrift`) or None; ``on_step(k)``
     is called after each denoising step of each batch rolled out (``num_steps`` calls, or that per group).
+    ``sampling.rollout`` names the function that rolls a batch out (:func:`flowalign.sampling.resolve_rollout`: the
+    default engine, or a tree / branch sampler of your own, called with ``sampling.rollout_kwargs`` too).
     ``levels`` (``[K]``) replaces the schedule's noise levels (a later sampling round of the same iteration
     reuses the first's, so that the rounds' trajectories concatenate).
     """
@@ -134,15 +136,23 @@ def rollout_groups(adapter, records: Sequence[Any], cond, sampling_cfg, schedule
     kwargs = dict(group_size=s.group_size, num_steps=s.num_steps, kernel=s.kernel, guidance_scale=s.guidance_scale,
                   share_initial_noise=s.share_initial_noise, log_prob_reduce=s.log_prob_reduce, log_prob_form=s.log_prob_form, record_x0=False,
                   iteration=iteration, micro_batch_size=s.micro_batch_size, drift=drift, on_step=on_step)
+    roll = sampling.resolve_rollout(s.rollout)
+    if roll is not sampling.rollout:  # a rollout of your own (a tree sampler): its kwargs, and a check of what it returns
+        plugin, extra = roll, dict(s.rollout_kwargs)
+
+        def roll(adapter, prompts, **kw):
+            traj = plugin(adapter, prompts, **kw, **extra)
+            return sampling.check_rollout(traj, name=s.rollout, num_prompts=len(prompts), group_size=s.group_size, num_steps=s.num_steps)
+
     if s.noise_seeding == "process":
-        return sampling.rollout(adapter, [r.prompt for r in records], schedule=schedule if levels is None else sde.table(levels),
-                                generator=generator, cond=cond, metadata=[dict(r.metadata) for r in records], **kwargs)
+        return roll(adapter, [r.prompt for r in records], schedule=schedule if levels is None else sde.table(levels),
+                    generator=generator, cond=cond, metadata=[dict(r.metadata) for r in records], **kwargs)
     if levels is None:
         levels = schedule.levels(s.num_steps, iteration=iteration, generator=iteration_generator(seed, iteration))
     levels = sde.table(levels)
     return cat_trajectories([
-        sampling.rollout(adapter, [r.prompt], schedule=levels, cond=cond.select([j]), metadata=[dict(r.metadata)],
-                         generator=group_generator(seed, iteration, first_group + j), **kwargs)
+        roll(adapter, [r.prompt], schedule=levels, cond=cond.select([j]), metadata=[dict(r.metadata)],
+             generator=group_generator(seed, iteration, first_group + j), **kwargs)
         for j, r in enumerate(records)
     ])
 

@@ -56,6 +56,7 @@ from torch import Tensor
 from flowalign import lora as lora_lib
 from flowalign.advantages import groups_with_spread, kept_multi_reward_advantages
 from flowalign.config import FlowalignConfig, inert_settings, save_config, to_dict
+from flowalign.errors import ConfigError
 from flowalign.objectives.base import checked_loss, concat_step_batches
 from flowalign.train import final_outputs, trainer_checkpoint, trainer_setup
 from flowalign.train import forward_process as fp
@@ -564,6 +565,8 @@ class Trainer(OptimizerViews):
             if self.accelerator.num_processes > 1:  # the dense/* diagnostics over every process's samples
                 metrics = runtime.combine_process_metrics(metrics, sum_keys=("dense/nfe", "dense/dropped"))
                 metrics["dense/nfe_per_sample"] = metrics["dense/nfe"] / (traj.batch_size * self.accelerator.num_processes)
+        elif getattr(self.objective, "advantages", None) is not None:  # the objective's own estimator (a tree's backup)
+            adv = self._objective_advantages(rewards, group_ids, keep, traj, components)
         else:
             # one reward (the weighted sum), or each reward on its own scale (objective.reward_mix: advantage)
             if ocfg.reward_mix == "advantage" and components:
@@ -602,6 +605,26 @@ class Trainer(OptimizerViews):
             "advantages/abs_mean": float(self._gather(adv.abs().float())[trained].mean()) if bool(trained.any()) else float("nan"),
         })
         return adv, keep, metrics
+
+    def _objective_advantages(self, rewards: Tensor, group_ids: Tensor, keep: Tensor, traj, components: Optional[dict]) -> Tensor:
+        """The objective's ``advantages(rewards=, group_ids=, keep=, traj=, components=)``: ``[B]`` or ``[B, K]`` for this
+        process's rows (a group's rows are all on one process), checked, 0 on the rows whose reward was dropped."""
+        name = self.config.objective.name
+        adv = self.objective.advantages(rewards=rewards, group_ids=group_ids, keep=keep, traj=traj, components=components)
+        if not isinstance(adv, Tensor) or not adv.is_floating_point():
+            raise ConfigError(f"objective {name!r}: advantages() must return a floating tensor, got {type(adv).__name__}")
+        adv = adv.detach().float().cpu()
+        batch, steps = traj.batch_size, traj.num_steps
+        if adv.shape not in ((batch,), (batch, steps)):
+            raise ConfigError(f"objective {name!r}: advantages() returned shape {list(adv.shape)}; expected [B]=[{batch}] or "
+                             f"[B, K]=[{batch}, {steps}]")
+        if adv.ndim == 2 and self.forward_process:
+            raise ConfigError(f"objective {name!r}: a forward-process objective weighs whole samples; advantages() must return [B], "
+                             f"got [B, K]={list(adv.shape)}")
+        rows = keep if adv.ndim == 1 else keep[:, None].expand_as(adv)
+        if not bool(torch.isfinite(adv[rows]).all()):
+            raise ConfigError(f"objective {name!r}: advantages() returned non-finite values on samples whose reward was kept")
+        return torch.where(rows, adv, torch.zeros(()))
 
     # ================================================================= update
 

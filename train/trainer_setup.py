@@ -233,6 +233,13 @@ def build_objective(config: FlowalignConfig) -> ObjectiveParts:
     if getattr(objective, "forward_process", False) and getattr(objective, "sigma_sampling", "grid") == "grid":
         check_forward_grid(objective, config)
     dense = dense_method(ocfg.name) is not None
+    if getattr(objective, "advantages", None) is not None:
+        if not callable(objective.advantages):
+            raise ConfigError(f"objective {ocfg.name!r}: advantages must be a method (rewards, group_ids, keep, traj, components) -> "
+                              f"[B] or [B, K], got a {type(objective.advantages).__name__}")
+        if dense:
+            raise ConfigError(f"objective {ocfg.name!r} has both an advantages method and dense_method {dense_method(ocfg.name)!r}: "
+                              "the dense: section computes per-step advantages itself; keep one of the two")
     table_file = config.dense.noise_table_file if dense else None
     if table_file and (Path(table_file).is_file() or config.dense.calibration_rounds == 0):
         from flowalign.step_rewards import check_calibrated_table, noise_schedule_for, schedule_start_levels

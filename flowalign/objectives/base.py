@@ -128,6 +128,11 @@ class Objective(Protocol):
     baseline, an annealed weight) defines ``state_dict() -> dict`` (JSON values and tensors) and
     ``load_state_dict(state)``; every checkpoint saves process 0's state (keep it equal on every process, e.g.
     computed from gathered values) and ``--resume`` restores it, so the run continues as if never stopped.
+    An objective with an estimator of its own (a tree's leaf-to-root backup, BranchGRPO's depth-wise normalisation)
+    defines ``advantages(rewards=, group_ids=, keep=, traj=, components=) -> [B] or [B, K]``: the trainer calls it
+    instead of the group normalisation with this process's rows (every group lies whole on one process; ``rewards``
+    is NaN where ``keep`` is False, ``components`` each reward's scores by name, ``traj`` the rollout with its
+    ``metadata``); a ``[B, K]`` result gives each trained step its own advantage, as ``dense_method`` does.
 
     Construction: ``flowalign train`` builds the class with ``objective.kwargs`` plus ``clip_range`` /
     ``kl_beta`` when the recipe sets them and ``adv_clip`` when the constructor takes it;
