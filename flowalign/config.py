@@ -986,7 +986,19 @@ def inert_settings(config: "FlowalignConfig") -> list[str]:
             found.append(f"{', '.join(keys)}: sampling.drift_reward is null, so the rollouts are not guided")
     if name == "nft" and config.objective.clip_range is not None:
         found.append("objective.clip_range: nft has no ratio to clip (its trust region is objective.kwargs.beta)")
+    if method is None and getattr(_objective_class(name), "advantages", None) is not None:
+        keys = changed(config.objective, ObjectiveConfig(), "objective", ("adv_std", "adv_eps", "reward_mix"))
+        if keys:
+            found.append(f"{', '.join(keys)}: objective {name!r} computes its own advantages (its advantages method), not the "
+                         "group normalisation these keys set")
     return found
+
+
+def _objective_class(name: str) -> Any:
+    """The registered class of objective ``name`` (None when it is not registered)."""
+    from flowalign.objectives import OBJECTIVES
+
+    return OBJECTIVES.get(name)
 
 
 def dense_method(objective: str) -> Optional[str]:

@@ -14,7 +14,8 @@ both ends are flowalign:
 The wire format is safe to parse (no pickle). A request is one safetensors file: tensor ``images``
 (``[B, 3, H, W]`` or ``[B, T, 3, H, W]``, uint8 by default, or float32 in [0, 1] with
 ``dtype: float32``), and in its string metadata ``prompts`` and ``metadata`` as JSON. The answer is
-JSON ``{"scores": [B numbers or null], "details": {...}}``, or ``{"error": "..."}`` with HTTP 500 (the
+JSON ``{"scores": [B numbers or null], "details": {...}, "version": "..."}`` (the served reward's ``Reward.version``,
+absent when it has none; the client keeps it as its own ``version``), or ``{"error": "..."}`` with HTTP 500 (the
 reward failed) or 400 / 411 / 413 (a malformed, unsized or oversized request).
 uint8 is what reward models read anyway (and 4x smaller); a score computed from uint8 images equals
 the local reward's score on the same images rounded to 1/255.
@@ -195,6 +196,7 @@ class RemoteReward(Reward):
             raise ConfigError(f"remote reward max_batch must be a positive int, got {max_batch!r}")
         self.url, self.timeout, self.retries, self.retry_wait, self.dtype = url.rstrip("/"), float(timeout), retries, float(retry_wait), dtype
         self.max_batch = max_batch
+        self.version: Optional[str] = None  # the served reward's Reward.version, as its server answers it (check, score)
         handlers = [urllib.request.ProxyHandler({})] if _is_loopback(self.url) else []
         self._opener = urllib.request.build_opener(*handlers)
 
@@ -242,7 +244,7 @@ class RemoteReward(Reward):
         timeout = min(self.timeout, CHECK_TIMEOUT)
         try:
             with self._opener.open(request, timeout=timeout) as answer:
-                answer.read()
+                self._note_version(answer.read())
         except urllib.error.HTTPError as exc:
             message = _error_of(exc)
             if exc.code == 422:
@@ -251,7 +253,7 @@ class RemoteReward(Reward):
                 raise ConfigError(f"reward server {self.url} answered HTTP {exc.code} to its prompt check: {message or exc.reason}") from None
             try:  # an older server: it answers, which is what can be checked
                 with self._opener.open(self.url + "/health", timeout=timeout) as answer:
-                    answer.read()
+                    self._note_version(answer.read())
             except (urllib.error.URLError, ConnectionError, http.client.HTTPException, TimeoutError) as exc:
                 raise ConfigError(f"reward server {self.url} does not answer GET /health: {getattr(exc, 'reason', exc)}") from None
         except (urllib.error.URLError, ConnectionError, http.client.HTTPException, TimeoutError) as exc:
@@ -259,8 +261,21 @@ class RemoteReward(Reward):
             raise ConfigError(f"reward server {self.url} is unreachable ({reason}): start it first, e.g. `flowalign reward serve "
                               f"NAME --port {urllib.parse.urlsplit(self.url).port or 80}`, or fix the remote reward's url") from None
 
+    def _note_version(self, answer: Any) -> None:
+        """Keep the served reward's ``version`` from a server's JSON answer (bytes or parsed); a server of before it sent
+        one (or a reward without one) leaves it None."""
+        if isinstance(answer, (bytes, bytearray)):
+            try:
+                answer = json.loads(answer)
+            except ValueError:
+                return
+        version = answer.get("version") if isinstance(answer, dict) else None
+        if version is None or isinstance(version, str):
+            self.version = version
+
     def _score_chunk(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> tuple[Tensor, dict]:
         answer = self._post(encode_request(images, prompts, metadata, self.dtype))
+        self._note_version(answer)
         scores = answer.get("scores") if isinstance(answer, dict) else None
         if not _is_numbers(scores):
             raise RemoteScoringError(f"reward server {self.url} answered without a list of scores: {str(answer)[:200]}")
@@ -298,6 +313,8 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 8765, max_pending: 
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     lock = threading.Lock()
     pending = threading.BoundedSemaphore(max_pending)
+    version = getattr(reward, "version", None)  # the scoring rules' version (Reward.version), sent with every answer
+    versioned = {} if version is None else {"version": str(version)}  # no key for a reward without one (as before)
 
     class Handler(BaseHTTPRequestHandler):
         timeout = read_timeout  # seconds a client may take to send its request (a stalled one frees its thread and its slot)
@@ -330,7 +347,7 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 8765, max_pending: 
             return b"".join(parts)
 
         def do_GET(self):  # noqa: N802 (http.server's naming)
-            self._answer(200, {"ok": True}) if self.path == "/health" else self._answer(404, {"error": f"no {self.path}"})
+            self._answer(200, {"ok": True, **versioned}) if self.path == "/health" else self._answer(404, {"error": f"no {self.path}"})
 
         def _check(self, body: bytes) -> None:
             """``POST /check``: the served reward's ``check_prompts`` on JSON ``{"prompts", "metadata"}`` (422 with its
@@ -348,7 +365,7 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 8765, max_pending: 
                     check_reward_prompts(reward, records, name=getattr(reward, "name", None))
             except ConfigError as exc:
                 return self._answer(422, {"error": str(exc)})
-            self._answer(200, {"ok": True})
+            self._answer(200, {"ok": True, **versioned})
 
         def do_POST(self):  # noqa: N802
             if self.path not in ("/score", "/check"):
@@ -376,7 +393,7 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 8765, max_pending: 
                 try:
                     with lock:
                         out = reward(pixels_as_float(images), prompts, metadata)
-                    answer = {"scores": _jsonable(out.scores.float()), "details": _jsonable(dict(out.details or {}))}
+                    answer = {"scores": _jsonable(out.scores.float()), "details": _jsonable(dict(out.details or {})), **versioned}
                 except Exception as exc:  # noqa: BLE001 (the client hands it to the run's on_error)
                     logger.exception("scoring failed")
                     return self._answer(500, {"error": f"{type(exc).__name__}: {exc}"})

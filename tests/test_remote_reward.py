@@ -427,3 +427,39 @@ def test_flowalign_eval_scores_with_a_served_reward(server, tmp_path, capsys):
     assert cli.main([*common, "--reward", "remote", "--reward-kwargs", json.dumps({"url": server, "dtype": "float32"}),
                      "--compare", str(tmp_path / "r")]) == 2
     assert "reward_kwargs" in capsys.readouterr().err
+
+
+def test_the_served_rewards_version_reaches_the_client(tmp_path):
+    """The remote reward recorded no Reward.version, so an evaluation or a checkpoint scored by a served `shapes` could
+    not tell its scoring rules from another version's (eval --compare, resume warnings)."""
+    from flowalign.rewards.base import check_reward_prompts
+    from flowalign.rewards.shapes import ShapesReward
+
+    srv = remote.make_server(load_reward("shapes"), port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        served = load_reward("remote", url=url)
+        assert served.version is None  # nothing asked yet
+        check_reward_prompts(served, ["a red square"], name="remote")
+        assert served.version == ShapesReward.version == "2"
+        other = load_reward("remote", url=url)
+        call_reward(other, torch.zeros(1, 3, 32, 32), ["a red square"], [{}])  # a score answer carries it too
+        assert other.version == "2"
+        with urllib.request.urlopen(url + "/health") as answer:
+            assert json.loads(answer.read()) == {"ok": True, "version": "2"}
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    # a served reward without a version, and a server of before this change, leave it None
+    unversioned = remote.make_server(Flaky(), port=0)
+    threading.Thread(target=unversioned.serve_forever, daemon=True).start()
+    try:
+        client = load_reward("remote", url=f"http://127.0.0.1:{unversioned.server_address[1]}")
+        check_reward_prompts(client, ["a"], name="remote")
+        assert client.version is None
+        client._note_version(b'{"scores": [0.5]}')
+        assert client.version is None
+    finally:
+        unversioned.shutdown()
+        unversioned.server_close()

@@ -199,3 +199,12 @@ def test_the_report_names_a_rollout_of_your_own():
     assert _rollout_note({}) == ""  # a run from before sampling.rollout existed
     assert _rollout_note({"sampling": {"rollout": "pkg.trees:two_level", "rollout_kwargs": {"split": 2}}}) == \
         " rolled out by `pkg.trees:two_level` {'split': 2}"
+
+
+def test_group_normalisation_keys_under_an_advantages_method_are_named_inert(tree):
+    from flowalign.config import inert_settings
+
+    cfg = load_config(None, [f"objective.name={tree}:TreeBackup", "objective.adv_std=global", "objective.clip_range=null",
+                             "objective.kl_beta=null"])
+    assert any(line.startswith("objective.adv_std: objective") and "its own advantages" in line for line in inert_settings(cfg))
+    assert not any("its own advantages" in line for line in inert_settings(load_config(None, ["objective.adv_std=global"])))
