@@ -186,10 +186,10 @@ class SamplingConfig:
 
     def _check_rollout(self) -> None:
         """The rollout function imports, and ``rollout_kwargs`` are keywords it can take beside the engine's own."""
-        from flowalign.sampling import _ROLLOUT_PARAMETERS, resolve_rollout
+        from flowalign.sampling import _ROLLOUT_PARAMETERS, check_rollout_signature, resolve_rollout
 
         try:
-            resolve_rollout(self.rollout)
+            fn = resolve_rollout(self.rollout)
         except ConfigError as exc:
             raise ConfigError(f"sampling.rollout: {exc}") from None
         if not isinstance(self.rollout_kwargs, dict):
@@ -199,6 +199,12 @@ class SamplingConfig:
                "which the recipe's sampling section sets; give them there")
         _check(self.rollout != "default" or not self.rollout_kwargs,
                f"sampling.rollout_kwargs={self.rollout_kwargs} is for a rollout of your own; the default rollout takes none")
+        if self.rollout != "default":
+            explicit = [key for key, on in (("drift", self.drift_reward is not None), ("share_initial_noise", self.share_initial_noise)) if on]
+            try:
+                check_rollout_signature(fn, self.rollout, self.rollout_kwargs, explicit)
+            except ConfigError as exc:
+                raise ConfigError(f"sampling.rollout: {exc}") from None
 
     def _check_noise_schedule(self) -> None:
         """Build the noise schedule and its levels for ``num_steps`` now: a bad window (past the last
@@ -987,7 +993,10 @@ def inert_settings(config: "FlowalignConfig") -> list[str]:
     if name == "nft" and config.objective.clip_range is not None:
         found.append("objective.clip_range: nft has no ratio to clip (its trust region is objective.kwargs.beta)")
     if method is None and getattr(_objective_class(name), "advantages", None) is not None:
-        keys = changed(config.objective, ObjectiveConfig(), "objective", ("adv_std", "adv_eps", "reward_mix"))
+        from flowalign.objectives import takes_keyword
+
+        keys = changed(config.objective, ObjectiveConfig(), "objective",
+                       ("adv_std", "adv_eps", "reward_mix") + (() if takes_keyword(name, "adv_clip") else ("adv_clip",)))
         if keys:
             found.append(f"{', '.join(keys)}: objective {name!r} computes its own advantages (its advantages method), not the "
                          "group normalisation these keys set")

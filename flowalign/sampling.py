@@ -31,7 +31,7 @@ from flowalign.trajectory import Trajectory
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["rollout", "sample_ode", "integrate", "Integration", "resolve_rollout", "check_rollout"]
+__all__ = ["rollout", "sample_ode", "integrate", "Integration", "resolve_rollout", "check_rollout", "check_rollout_signature"]
 
 Schedule = Any  # an object with .levels(num_steps, iteration=0, generator=None) -> Tensor[K]
 
@@ -366,7 +366,10 @@ def resolve_rollout(name: str) -> Callable[..., Trajectory]:
     :func:`rollout`'s is: ``B = P·G`` rows, prompt ``p``'s ``G`` samples (a tree's leaves) in rows ``p·G .. p·G + G - 1``
     with ``group_ids = p``, each row the full path ``latents[:, 0..K]`` of its sample (a prefix shared by several
     leaves repeated in each), ``log_probs`` / ``stds`` of every step of that path and one ``[K]`` stochastic mask
-    (:func:`check_rollout`). :func:`integrate` continues a batch from any step, which is what a branch needs.
+    (:func:`check_rollout`), recorded with the kernel, guidance and log-prob reduce / form it was given. Its signature
+    must take every keyword the trainer passes (:func:`check_rollout_signature`, at load), and name ``drift`` /
+    ``share_initial_noise`` itself when the recipe sets them. DenseGRPO's noise calibration still rolls out with the
+    default engine. :func:`integrate` continues a batch from any step, which is what a branch needs.
     Advantages along a tree come from the objective's ``advantages`` method (``flowalign.objectives.base.Objective``),
     which may read what the rollout recorded in each sample's ``metadata``.
     """
@@ -384,14 +387,44 @@ def resolve_rollout(name: str) -> Callable[..., Trajectory]:
     return found
 
 
-def check_rollout(traj: Any, *, name: str, num_prompts: int, group_size: int, num_steps: int) -> Trajectory:
+def check_rollout_signature(fn: Callable, name: str, rollout_kwargs: dict, explicit: Sequence[str] = ()) -> None:
+    """ConfigError, at load, when rollout ``fn`` cannot take every keyword the trainer passes (the engine's
+    :data:`_ROLLOUT_PARAMETERS` and ``rollout_kwargs``), or takes one of ``explicit`` (settings that change the samples,
+    such as ``drift`` under ``sampling.drift_reward``) only through ``**kwargs``, where it would be dropped unread."""
+    import inspect
+
+    from flowalign.errors import ConfigError
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return  # a builtin or C callable: nothing to read
+    named = {p.name for p in params.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    if not open_ended:
+        missing = [k for k in (*_ROLLOUT_PARAMETERS, *rollout_kwargs) if k not in named]
+        if missing:
+            raise ConfigError(f"rollout {name!r} does not take the keyword(s) {missing}, which the trainer passes"
+                              + (" (sampling.rollout_kwargs)" if set(missing) & set(rollout_kwargs) else "")
+                              + ": add them to its signature, or a **kwargs it may ignore")
+    unread = [k for k in explicit if k not in named]
+    if unread:
+        raise ConfigError(f"rollout {name!r} takes {unread} only through **kwargs, and the recipe sets them (they change the samples): "
+                          "name them in its signature to show it honours them, or leave those settings at their defaults")
+
+
+def check_rollout(traj: Any, *, name: str, num_prompts: int, group_size: int, num_steps: int, sampling_config: Any = None) -> Trajectory:
     """``traj`` when a rollout of your own returned what the trainer reads (:func:`resolve_rollout`), else a
-    ConfigError naming the rollout and the first field that is off."""
+    ConfigError naming the rollout and the first field that is off. With ``sampling_config`` its kernel, guidance
+    and log-prob reduce / form must be the recipe's (the update recomputes the log-probs that way) and its
+    stochastic mask must be what the kernel says of its sigmas and levels."""
     from flowalign.errors import ConfigError
 
     where = f"rollout {name!r}"
     if not isinstance(traj, Trajectory):
         raise ConfigError(f"{where} returned a {type(traj).__name__}, not a flowalign.trajectory.Trajectory")
+    if traj.images is None:
+        raise ConfigError(f"{where} returned no images: the rewards score the decoded samples (adapter.decode of the final latents)")
     batch, k = num_prompts * group_size, num_steps
     expected_ids = torch.arange(num_prompts).repeat_interleave(group_size)
     checks = [
@@ -416,4 +449,17 @@ def check_rollout(traj: Any, *, name: str, num_prompts: int, group_size: int, nu
                          f"rows p*G .. p*G + G - 1), got {traj.group_ids.tolist()[:16]}")
     if not bool(torch.isfinite(traj.log_probs).all()):
         raise ConfigError(f"{where}: log_probs are not all finite")
+    if sampling_config is not None:
+        s = sampling_config
+        for field_name, got, want in (("kernel", traj.kernel, s.kernel), ("guidance_scale", float(traj.guidance_scale), float(s.guidance_scale)),
+                                      ("log_prob_reduce", traj.log_prob_reduce, s.log_prob_reduce),
+                                      ("log_prob_form", traj.log_prob_form, s.log_prob_form)):
+            if got != want:
+                raise ConfigError(f"{where} recorded {field_name}={got!r} where the recipe's sampling.{field_name} is {want!r}: the update "
+                                  "recomputes each step's log-prob with the recipe's settings, so every ratio would start away from 1 "
+                                  "(pass the keyword it was given on to the Trajectory)")
+        mask = sde.is_stochastic(traj.kernel, traj.sigmas[:-1].cpu(), traj.sigmas[1:].cpu(), traj.noise_levels.cpu())
+        if not torch.equal(traj.stochastic_mask.cpu(), mask):
+            raise ConfigError(f"{where}: stochastic_mask {traj.stochastic_mask.tolist()} is not what kernel {traj.kernel!r} gives its sigmas "
+                              f"and noise_levels ({mask.tolist()}: flowalign.sde.is_stochastic)")
     return traj

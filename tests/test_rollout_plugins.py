@@ -101,6 +101,38 @@ TREE_SOURCE = """
 
     def no_trajectory(adapter, prompts, **kw):
         return {"latents": None}
+
+
+    def forgot_kernel(adapter, prompts, **kw):
+        traj = two_level(adapter, prompts, **kw)
+        traj.kernel = "dance_sde"
+        return traj
+
+
+    def summed(adapter, prompts, **kw):
+        return two_level(adapter, prompts, **{**kw, "log_prob_reduce": "sum"})
+
+
+    def no_images(adapter, prompts, **kw):
+        traj = two_level(adapter, prompts, **kw)
+        traj.images = None
+        return traj
+
+
+    def wrong_mask(adapter, prompts, **kw):
+        traj = two_level(adapter, prompts, **kw)
+        traj.stochastic_mask = ~traj.stochastic_mask
+        return traj
+
+
+    def strict(adapter, prompts, *, group_size, num_steps, kernel, split=1):
+        raise AssertionError("never called: the recipe check refuses it")
+
+
+    def complete(adapter, prompts, *, group_size=None, num_steps=None, kernel=None, schedule=None, guidance_scale=None, generator=None,
+                 share_initial_noise=None, log_prob_reduce=None, log_prob_form=None, record_x0=None, decode=None, iteration=None,
+                 metadata=None, initial_noise=None, micro_batch_size=None, cond=None, drift=None, on_step=None, split=1):
+        raise AssertionError("never called")
 """
 
 
@@ -159,6 +191,10 @@ def test_a_tree_rollout_and_its_backup_advantages_train_out_of_tree(tmp_path, tr
     ("wrong_rows", r"latents has shape \(7, 4\), expected \(8, 4\)"),
     ("shuffled_groups", r"group_ids must be \[0, 0, 0, 0, 1, 1, 1, 1\]"),
     ("no_trajectory", "returned a dict, not a flowalign.trajectory.Trajectory"),
+    ("forgot_kernel", "recorded kernel='dance_sde' where the recipe's sampling.kernel is 'flow_sde'"),
+    ("summed", "recorded log_prob_reduce='sum' where the recipe's sampling.log_prob_reduce is 'mean'"),
+    ("no_images", "returned no images"),
+    ("wrong_mask", r"stochastic_mask \[False, False, False\] is not what kernel 'flow_sde' gives"),
 ])
 def test_a_rollout_that_breaks_the_layout_is_named(tmp_path, tree, capsys, fn, message):
     assert cli.main(_train(tmp_path / "run", f"sampling.rollout={tree}:{fn}", f"objective.name={tree}:TreeBackup")) == 1
@@ -181,6 +217,18 @@ def test_rollout_settings_are_checked_at_load(tree):
     with pytest.raises(ConfigError, match="the default rollout takes none"):
         load_config(None, ["sampling.rollout_kwargs={split: 1}"])
     assert load_config(None, [f"sampling.rollout={tree}:two_level", "sampling.rollout_kwargs={split: 1}"]).sampling.rollout_kwargs == {"split": 1}
+    # a signature that cannot take what the trainer passes fails at load, not after the model loads
+    with pytest.raises(ConfigError, match=r"rollout '.*:strict' does not take the keyword\(s\) \['schedule', 'guidance_scale'"):
+        load_config(None, [f"sampling.rollout={tree}:strict"])
+    assert load_config(None, [f"sampling.rollout={tree}:complete", "sampling.rollout_kwargs={split: 2}"])
+    with pytest.raises(ConfigError, match=r"does not take the keyword\(s\) \['splt'\], which the trainer passes \(sampling.rollout_kwargs\)"):
+        load_config(None, [f"sampling.rollout={tree}:complete", "sampling.rollout_kwargs={splt: 2}"])
+    # settings that change the samples must be named by a rollout that only swallows **kwargs
+    with pytest.raises(ConfigError, match=r"takes \['drift'\] only through \*\*kwargs"):
+        load_config(None, [f"sampling.rollout={tree}:two_level", "sampling.drift_reward=brightness"])
+    with pytest.raises(ConfigError, match=r"takes \['share_initial_noise'\] only through \*\*kwargs"):
+        load_config(None, [f"sampling.rollout={tree}:two_level", "sampling.share_initial_noise=true"])
+    assert load_config(None, [f"sampling.rollout={tree}:complete", "sampling.drift_reward=brightness", "sampling.share_initial_noise=true"])
     assert sampling.resolve_rollout("default") is sampling.rollout
 
 

@@ -142,7 +142,8 @@ def rollout_groups(adapter, records: Sequence[Any], cond, sampling_cfg, schedule
 
         def roll(adapter, prompts, **kw):
             traj = plugin(adapter, prompts, **kw, **extra)
-            return sampling.check_rollout(traj, name=s.rollout, num_prompts=len(prompts), group_size=s.group_size, num_steps=s.num_steps)
+            return sampling.check_rollout(traj, name=s.rollout, num_prompts=len(prompts), group_size=s.group_size, num_steps=s.num_steps,
+                                          sampling_config=s)
 
     if s.noise_seeding == "process":
         return roll(adapter, [r.prompt for r in records], schedule=schedule if levels is None else sde.table(levels),
