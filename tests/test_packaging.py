@@ -109,7 +109,8 @@ def test_the_sdist_carries_what_its_tests_and_docs_need(tmp_path):
     (sdist,) = tmp_path.glob("flowalign_rl-*.tar.gz")
     names = {name.split("/", 1)[1] for name in tarfile.open(sdist).getnames() if "/" in name}
     for needed in ("DESIGN.md", "Makefile", ".ci/run", "bench/heldout_curve.py", "bench/README.md", "tests/test_bench_heldout_plot.py",
-                   "assets/toy/model_index.json", "train/configs/toy_grpo.yaml"):
+                   "assets/toy/model_index.json", "train/configs/toy_grpo.yaml", "examples/branching/branching.py",
+                   "examples/branching/toy_tree_grpo.yaml"):
         assert needed in names, needed
     assert not any("__pycache__" in name for name in names)
 

@@ -1,0 +1,104 @@
+"""The tree-rollout example (examples/branching): its subtree advantages against a hand-worked tree, its rollout's
+shared prefixes and cost, and a training run through `flowalign train` with the plugin named in a recipe."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowalign.config import load_config
+from flowalign.objectives import OBJECTIVES
+from flowalign.pipelines import load_adapter
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "branching"
+
+
+@pytest.fixture
+def branching(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    import branching as module
+
+    yield module
+    sys.modules.pop("branching", None)
+    for key in [k for k in OBJECTIVES if k.startswith("branching:")]:
+        OBJECTIVES.pop(key)
+
+
+def test_step_depths_count_the_branch_steps_at_or_before_each_step(branching):
+    assert branching.step_depths([0, 1, 2], 5).tolist() == [1, 2, 3, 3, 3]
+    assert branching.step_depths([2], 4).tolist() == [0, 0, 1, 1]
+
+
+def test_subtree_advantages_on_a_hand_worked_tree(branching):
+    # group 0: one root, branches before steps 0 and 1 (4 leaves), rewards 1, 0, 0, 0;
+    # group 1: the same tree, rewards 1, 1, 0, 1
+    rewards = torch.tensor([1.0, 0, 0, 0, 1, 1, 0, 1])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    paths = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1]] * 2)  # root, copy at step 0, copy at step 1
+    depths = branching.step_depths([0, 1], 3)  # [1, 2, 2]
+    adv = branching.subtree_advantages(rewards, groups, paths, depths, eps=1e-4)
+    # group 0, depth 1: nodes {leaves 0, 1} = 0.5 and {2, 3} = 0: mean 0.25, sample std sqrt(0.125)
+    d1 = 0.25 / (math.sqrt(0.125) + 1e-4)
+    # depth 2: the leaves 1, 0, 0, 0: mean 0.25, sample std 0.5
+    hi, lo = 0.75 / (0.5 + 1e-4), -0.25 / (0.5 + 1e-4)
+    expected0 = [[d1, hi, hi], [d1, lo, lo], [-d1, lo, lo], [-d1, lo, lo]]
+    # group 1, depth 1: nodes 1 and 0.5: mean 0.75, sample std sqrt(0.125); depth 2: leaves 1, 1, 0, 1 (mean 0.75, std 0.5)
+    e1 = 0.25 / (math.sqrt(0.125) + 1e-4)
+    up, down = 0.25 / (0.5 + 1e-4), -0.75 / (0.5 + 1e-4)
+    expected1 = [[e1, up, up], [e1, up, up], [-e1, down, down], [-e1, up, up]]
+    assert torch.allclose(adv, torch.tensor(expected0 + expected1), atol=1e-5)
+    # a step every leaf of the group shares (before its first branch, one root) carries nothing
+    shared = branching.subtree_advantages(rewards[:4], groups[:4], paths[:4], branching.step_depths([1], 3))
+    assert shared[:, 0].abs().max() == 0 and shared[:, 1].abs().max() > 0
+
+
+def test_the_tree_rollout_shares_prefixes_and_costs_less(pipe, branching):
+    from flowalign import sampling, sde
+
+    adapter = load_adapter(pipe, max_sequence_length=32)
+    kw = dict(group_size=8, num_steps=4, kernel="flow_sde", schedule=sde.window(0.7, 0, 3), guidance_scale=1.0)
+    traj = branching.tree_rollout(adapter, ["a red square", "two blue circles"], generator=torch.Generator().manual_seed(0),
+                                  branch_steps=[0, 1, 2], width=2, **kw)
+    cfg = load_config(None, ["sampling.num_steps=4", "sampling.group_size=8", "sampling.guidance_scale=1.0",
+                             "sampling.rollout=branching:tree_rollout", "sampling.rollout_kwargs={branch_steps: [0, 1, 2]}"])
+    sampling.check_rollout(traj, name="tree", num_prompts=2, group_size=8, num_steps=4, sampling_config=cfg.sampling)
+    lat = traj.latents  # [16, 5, ...]
+    for k, block in ((1, 4), (2, 2), (3, 1)):  # after step k-1 the leaves of one node (block of rows) are equal
+        rows = lat[:, k].reshape(16 // block, block, -1)
+        assert torch.equal(rows, rows[:, :1].expand_as(rows)), k
+        if block > 1:
+            assert not torch.equal(lat[0, k], lat[block, k])  # the next node differs
+    assert torch.equal(lat[0::8, 0], lat[7::8, 0]) and not torch.equal(lat[0, 0], lat[8, 0])  # one root per prompt
+    assert not torch.equal(lat[0, 4], lat[1, 4])
+    # transformer rows: the root's 2 copies take step 0, 4 step 1, 8 steps 2 and 3: 2 prompts x 22 against 2 x 8 x 4 = 64
+    assert traj.nfe == 2 * (2 + 4 + 8 + 8)
+    assert [m["tree_path"] for m in traj.metadata[:3]] == [[0, 0, 0], [0, 0, 1], [0, 1, 0]]
+    # each row's log-probs are its own path's: a shared step's log-prob is the same for every leaf below it
+    for k, block in ((0, 4), (1, 2)):  # step 0 is taken by 2 copies per prompt (4 leaves each), step 1 by 4 (2 each)
+        lp = traj.log_probs[:, k].reshape(16 // block, block)
+        assert torch.equal(lp, lp[:, :1].expand_as(lp)) and lp[:, 0].unique().numel() == 16 // block, k
+    assert traj.log_probs[:, 2].unique().numel() == 16  # step 2: every leaf's own copy
+
+
+def test_the_example_recipe_loads_and_a_short_run_trains_on_subtree_advantages(tmp_path, branching):
+    from flowalign.train import cli
+
+    cfg = load_config(str(EXAMPLE / "toy_tree_grpo.yaml"), [])
+    assert cfg.sampling.rollout == "branching:tree_rollout" and cfg.objective.kwargs == {"branch_steps": [0, 1, 2]}
+    recipe = Path(__file__).resolve().parents[1] / "train" / "configs" / "tiny_grpo.yaml"
+    args = ["train", "--config", str(recipe)]
+    for item in ["sampling.num_steps=4", "sampling.group_size=4", "train.prompts_per_iter=2", "train.micro_batch_size=8",
+                 "lora.rank=2", "lora.alpha=4", "train.progress=false", "train.log_with=[csv]", "train.eval_every=-1",
+                 "train.iterations=2", "sampling.noise_kwargs={a: 0.7}", "sampling.rollout=branching:tree_rollout",
+                 "sampling.rollout_kwargs={branch_steps: [1, 2]}", "objective.name=branching:TreeGRPO",
+                 "objective.kwargs={branch_steps: [1, 2]}", f"train.output_dir={tmp_path / 'run'}"]:
+        args += ["--set", item]
+    assert cli.main(args) == 0
+    text = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    header, rows = text[0].split(","), [line.split(",") for line in text[1:]]
+    nfe = [float(r[header.index("nfe")]) for r in rows]
+    assert nfe == [2 * (1 + 2 + 4 + 4)] * 2  # one root per prompt: step 0 once, copied before step 1 (2) and step 2 (4)
+    assert all(float(r[header.index("advantages/abs_mean")]) > 0 for r in rows)
