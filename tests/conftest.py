@@ -93,3 +93,31 @@ def resumed_lora_matches():
 def toy_smoke() -> dict:
     """``ToyBuildConfig`` sizes of a toy build that finishes in about a second (smoke tests of the build)."""
     return dict(n_scenes=64, vae_steps=2, vae_batch=8, dit_steps=3, dit_batch=8, dit_layers=1, eval_samples=0)
+
+
+
+@pytest.fixture
+def write_plugin(tmp_path, monkeypatch):
+    """``write(source, prefix) -> name``: ``source`` (dedented) as a module of a fresh name on ``sys.path``, the way
+    a user's package holds a reward, objective, kernel or rollout named by dotted path; the modules and the
+    objectives they registered are forgotten after the test."""
+    import sys
+    import textwrap
+    import uuid
+
+    from flowalign.objectives import OBJECTIVES
+
+    names = []
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def write(source: str, prefix: str = "fa_plugin") -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+        names.append(name)
+        return name
+
+    yield write
+    for name in names:
+        sys.modules.pop(name, None)
+        for key in [k for k in OBJECTIVES if k.startswith(name)]:
+            OBJECTIVES.pop(key)

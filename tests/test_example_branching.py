@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_run import train_argv
 
 from flowalign.config import load_config
 from flowalign.objectives import OBJECTIVES
@@ -88,14 +89,11 @@ def test_the_example_recipe_loads_and_a_short_run_trains_on_subtree_advantages(t
 
     cfg = load_config(str(EXAMPLE / "toy_tree_grpo.yaml"), [])
     assert cfg.sampling.rollout == "branching:tree_rollout" and cfg.objective.kwargs == {"branch_steps": [0, 1, 2]}
-    recipe = Path(__file__).resolve().parents[1] / "train" / "configs" / "tiny_grpo.yaml"
-    args = ["train", "--config", str(recipe)]
-    for item in ["sampling.num_steps=4", "sampling.group_size=4", "train.prompts_per_iter=2", "train.micro_batch_size=8",
-                 "lora.rank=2", "lora.alpha=4", "train.progress=false", "train.log_with=[csv]", "train.eval_every=-1",
-                 "train.iterations=2", "sampling.noise_kwargs={a: 0.7}", "sampling.rollout=branching:tree_rollout",
-                 "sampling.rollout_kwargs={branch_steps: [1, 2]}", "objective.name=branching:TreeGRPO",
-                 "objective.kwargs={branch_steps: [1, 2]}", f"train.output_dir={tmp_path / 'run'}"]:
-        args += ["--set", item]
+    args = train_argv(tmp_path / "run", [
+        "sampling.num_steps=4", "sampling.group_size=4", "train.prompts_per_iter=2", "train.micro_batch_size=8", "lora.rank=2",
+        "lora.alpha=4", "train.progress=false", "train.log_with=[csv]", "train.eval_every=-1", "train.iterations=2",
+        "sampling.noise_kwargs={a: 0.7}", "sampling.rollout=branching:tree_rollout", "sampling.rollout_kwargs={branch_steps: [1, 2]}",
+        "objective.name=branching:TreeGRPO", "objective.kwargs={branch_steps: [1, 2]}"])
     assert cli.main(args) == 0
     text = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     header, rows = text[0].split(","), [line.split(",") for line in text[1:]]

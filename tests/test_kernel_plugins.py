@@ -4,13 +4,10 @@ all follow it."""
 from __future__ import annotations
 
 import math
-import sys
-import textwrap
-import uuid
-from pathlib import Path
 
 import pytest
 import torch
+from tiny_run import train_argv
 
 from flowalign import sde
 from flowalign.config import load_config
@@ -64,12 +61,8 @@ KERNEL_SOURCE = """
 
 
 @pytest.fixture
-def kernels(tmp_path, monkeypatch):
-    name = f"fa_kernel_{uuid.uuid4().hex[:10]}"
-    (tmp_path / f"{name}.py").write_text(textwrap.dedent(KERNEL_SOURCE))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield name
-    sys.modules.pop(name, None)
+def kernels(write_plugin):
+    return write_plugin(KERNEL_SOURCE, "fa_kernel")
 
 
 def test_a_kernel_of_your_own_steps_draws_and_masks_as_its_formula_says(kernels):
@@ -161,16 +154,12 @@ def test_an_entry_point_kernel_is_selectable_by_its_name(tmp_path, kernels):
     assert torch.allclose(sde.step(ep_name, x, x, 0.5, 0.3, 1.0, noise=torch.zeros(2, 3)).std.flatten(), torch.full((2,), math.sqrt(0.2)))
 
 
-TINY_RECIPE = Path(__file__).resolve().parents[1] / "train" / "configs" / "tiny_grpo.yaml"
 SETTINGS = ["sampling.num_steps=3", "sampling.group_size=2", "train.prompts_per_iter=2", "train.micro_batch_size=4",
             "lora.rank=2", "lora.alpha=4", "train.progress=false", "train.log_with=[]", "train.eval_every=-1", "train.iterations=2"]
 
 
 def _train(run, *extra):
-    args = ["train", "--config", str(TINY_RECIPE)]
-    for item in SETTINGS + [f"train.output_dir={run}", *extra]:
-        args += ["--set", item]
-    return args
+    return train_argv(run, SETTINGS, *extra)
 
 
 def test_training_with_a_plugin_copy_of_flow_sde_writes_the_built_ins_lora(tmp_path, kernels):

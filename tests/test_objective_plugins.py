@@ -3,12 +3,9 @@ no edit of the library, a run that used one resumes with it, and the trainer log
 from __future__ import annotations
 
 import csv
-import sys
-import textwrap
-import uuid
-from pathlib import Path
 
 import pytest
+from tiny_run import TINY_RECIPE, train_argv
 
 from flowalign.config import load_config
 from flowalign.errors import ConfigError
@@ -94,24 +91,13 @@ SETTINGS = ["sampling.num_steps=3", "sampling.guidance_scale=1.0", "sampling.gro
 
 
 @pytest.fixture
-def plugin_module(tmp_path, monkeypatch):
-    name = f"fa_obj_{uuid.uuid4().hex[:10]}"
-    (tmp_path / f"{name}.py").write_text(textwrap.dedent(REINFORCE_SOURCE))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield name
-    sys.modules.pop(name, None)
-    for key in [k for k in OBJECTIVES if k.startswith(name)]:
-        OBJECTIVES.pop(key)
-
-
-TINY_RECIPE = Path(__file__).resolve().parents[1] / "train" / "configs" / "tiny_grpo.yaml"
+def plugin_module(write_plugin):
+    """The module name of REINFORCE_SOURCE, written as a user's package."""
+    return write_plugin(REINFORCE_SOURCE, "fa_obj")
 
 
 def _train(run, *extra):
-    args = ["train", "--config", str(TINY_RECIPE)]
-    for item in SETTINGS + [f"train.output_dir={run}", *extra]:
-        args += ["--set", item]
-    return args
+    return train_argv(run, SETTINGS, *extra)
 
 
 def test_a_dotted_path_objective_trains_logs_its_loss_and_resumes(tmp_path, plugin_module):
@@ -192,22 +178,16 @@ SUBCLASS_SOURCE = """
 """
 
 
-def test_a_subclass_of_dense_grpo_trains_on_per_step_advantages(tmp_path, monkeypatch):
+def test_a_subclass_of_dense_grpo_trains_on_per_step_advantages(tmp_path, write_plugin):
     from flowalign.train.trainer import Trainer
 
-    name = f"fa_dense_{uuid.uuid4().hex[:10]}"
-    (tmp_path / f"{name}.py").write_text(textwrap.dedent(SUBCLASS_SOURCE))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    try:
-        overrides = SETTINGS + [f"objective.name={name}:MyDense", "dense.estimator=tweedie", f"train.output_dir={tmp_path / 'run'}"]
-        trainer = Trainer(load_config(TINY_RECIPE, overrides)).setup()
-        assert trainer.dense
-        batch = trainer.collect()
-        assert batch.advantages.shape == (4, 3)  # [B, K]: DenseGRPO's per-step advantages
-        trainer.cleanup()
-    finally:
-        sys.modules.pop(name, None)
-        OBJECTIVES.pop(f"{name}:MyDense", None)
+    name = write_plugin(SUBCLASS_SOURCE, "fa_dense")
+    overrides = SETTINGS + [f"objective.name={name}:MyDense", "dense.estimator=tweedie", f"train.output_dir={tmp_path / 'run'}"]
+    trainer = Trainer(load_config(str(TINY_RECIPE), overrides)).setup()
+    assert trainer.dense
+    batch = trainer.collect()
+    assert batch.advantages.shape == (4, 3)  # [B, K]: DenseGRPO's per-step advantages
+    trainer.cleanup()
 
 
 @pytest.mark.parametrize("name, kwargs, message", [

@@ -4,17 +4,14 @@ sampler with a leaf-to-root backup (BranchGRPO / TreeGRPO's shape) can be writte
 from __future__ import annotations
 
 import sys
-import textwrap
-import uuid
-from pathlib import Path
 
 import pytest
 import torch
+from tiny_run import train_argv
 
 from flowalign import sampling
 from flowalign.config import load_config
 from flowalign.errors import ConfigError
-from flowalign.objectives import OBJECTIVES
 from flowalign.train import cli
 
 TREE_SOURCE = """
@@ -137,27 +134,17 @@ TREE_SOURCE = """
 
 
 @pytest.fixture
-def tree(tmp_path, monkeypatch):
-    name = f"fa_tree_{uuid.uuid4().hex[:10]}"
-    (tmp_path / f"{name}.py").write_text(textwrap.dedent(TREE_SOURCE))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield name
-    sys.modules.pop(name, None)
-    for key in [k for k in OBJECTIVES if k.startswith(name)]:
-        OBJECTIVES.pop(key)
+def tree(write_plugin):
+    return write_plugin(TREE_SOURCE, "fa_tree")
 
 
-TINY_RECIPE = Path(__file__).resolve().parents[1] / "train" / "configs" / "tiny_grpo.yaml"
 SETTINGS = ["sampling.num_steps=3", "sampling.group_size=4", "train.prompts_per_iter=2", "train.micro_batch_size=8",
             "lora.rank=2", "lora.alpha=4", "train.progress=false", "train.log_with=[]", "train.eval_every=-1",
             "train.iterations=1", "objective.clip_range=null", "objective.kl_beta=null"]
 
 
 def _train(run, *extra):
-    args = ["train", "--config", str(TINY_RECIPE)]
-    for item in SETTINGS + [f"train.output_dir={run}", *extra]:
-        args += ["--set", item]
-    return args
+    return train_argv(run, SETTINGS, *extra)
 
 
 def test_a_tree_rollout_and_its_backup_advantages_train_out_of_tree(tmp_path, tree):
