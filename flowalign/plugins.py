@@ -44,6 +44,17 @@ def find_plugin(name: str, group: str, kind: str) -> Any:
     return found
 
 
+def require_callable_plugin(name: Any, group: str, kind: str, unknown: str, expected: str) -> Any:
+    """:func:`find_plugin` for a callable (a kernel, a schedule factory, a rollout): ConfigError ``unknown`` when ``name``
+    is not a string or names nothing, and "``kind`` ``name`` is a T, not ``expected``" when it is not callable."""
+    found = find_plugin(name, group, kind) if isinstance(name, str) else None
+    if found is None:
+        raise ConfigError(unknown)
+    if not callable(found):
+        raise ConfigError(f"{kind} {name!r} is a {type(found).__name__}, not {expected}")
+    return found
+
+
 def import_object(path: str, kind: str) -> Any:
     """Import ``"pkg.mod:Attr.sub"`` or ``"pkg.mod.Attr"``; ConfigError naming the path (and ``kind``) otherwise."""
     if ":" in path:

@@ -375,16 +375,12 @@ def resolve_rollout(name: str) -> Callable[..., Trajectory]:
     """
     if name == "default":
         return rollout
-    from flowalign.errors import ConfigError
-    from flowalign.plugins import find_plugin
+    from flowalign.plugins import require_callable_plugin
 
-    found = find_plugin(name, ROLLOUT_ENTRY_POINT_GROUP, "rollout") if isinstance(name, str) else None
-    if found is None:
-        raise ConfigError(f"unknown rollout {name!r}: 'default', an entry point of group {ROLLOUT_ENTRY_POINT_GROUP!r} or a dotted "
-                          "path 'pkg.module:fn' with flowalign.sampling.rollout's signature")
-    if not callable(found):
-        raise ConfigError(f"rollout {name!r} is a {type(found).__name__}, not a function with flowalign.sampling.rollout's signature")
-    return found
+    return require_callable_plugin(name, ROLLOUT_ENTRY_POINT_GROUP, "rollout",
+                                   f"unknown rollout {name!r}: 'default', an entry point of group {ROLLOUT_ENTRY_POINT_GROUP!r} or a "
+                                   "dotted path 'pkg.module:fn' with flowalign.sampling.rollout's signature",
+                                   "a function with flowalign.sampling.rollout's signature")
 
 
 def check_rollout_signature(fn: Callable, name: str, rollout_kwargs: dict, explicit: Sequence[str] = ()) -> None:

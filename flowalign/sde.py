@@ -203,14 +203,12 @@ def kernel_plugin(kind: str) -> Optional[Callable]:
 
 @functools.lru_cache(maxsize=64)
 def _load_kernel(kind: str) -> Callable:
-    from flowalign.plugins import find_plugin
+    from flowalign.plugins import require_callable_plugin
 
-    found = find_plugin(kind, KERNEL_ENTRY_POINT_GROUP, "transition kernel") if isinstance(kind, str) else None
-    if found is None:
-        raise ConfigError(f"kind={kind!r} is not a transition kernel; choose one of {KERNELS}, an entry point of group "
-                          f"{KERNEL_ENTRY_POINT_GROUP!r} or a dotted path 'pkg.module:fn'")
-    if not callable(found):
-        raise ConfigError(f"transition kernel {kind!r} is a {type(found).__name__}, not a function (x, v, s, s_next, level) -> (mean, std)")
+    found = require_callable_plugin(kind, KERNEL_ENTRY_POINT_GROUP, "transition kernel",
+                                    f"kind={kind!r} is not a transition kernel; choose one of {KERNELS}, an entry point of group "
+                                    f"{KERNEL_ENTRY_POINT_GROUP!r} or a dotted path 'pkg.module:fn'",
+                                    "a function (x, v, s, s_next, level) -> (mean, std)")
     bound = getattr(found, "max_level", None)
     if bound is not None and not (isinstance(bound, (int, float)) and not isinstance(bound, bool) and bound > 0 and math.isfinite(bound)):
         raise ConfigError(f"transition kernel {kind!r}: max_level must be a finite number > 0 or absent, got {bound!r}")
@@ -595,14 +593,11 @@ def make_schedule(name: str, **kwargs):
     """
     factory = SCHEDULES.get(name)
     if factory is None:
-        from flowalign.plugins import find_plugin
+        from flowalign.plugins import require_callable_plugin
 
-        factory = find_plugin(name, SCHEDULE_ENTRY_POINT_GROUP, "noise schedule") if isinstance(name, str) else None
-        if factory is None:
-            raise ConfigError(f"unknown noise schedule {name!r}; available: {sorted(SCHEDULES)}, an entry point of group "
-                              f"{SCHEDULE_ENTRY_POINT_GROUP!r} or a dotted path 'pkg.module:Class'")
-        if not callable(factory):
-            raise ConfigError(f"noise schedule {name!r} is a {type(factory).__name__}, not a class or function")
+        factory = require_callable_plugin(name, SCHEDULE_ENTRY_POINT_GROUP, "noise schedule",
+                                          f"unknown noise schedule {name!r}; available: {sorted(SCHEDULES)}, an entry point of group "
+                                          f"{SCHEDULE_ENTRY_POINT_GROUP!r} or a dotted path 'pkg.module:Class'", "a class or function")
     try:
         schedule = factory(**kwargs)
     except TypeError as err:

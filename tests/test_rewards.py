@@ -36,20 +36,9 @@ def _images(batch=3, size=8, seed=0):
 
 
 @pytest.fixture
-def temp_module(tmp_path, monkeypatch):
+def temp_module(write_plugin):
     """Write a uniquely named module into a folder on sys.path; return its name."""
-    monkeypatch.syspath_prepend(str(tmp_path))
-    created = []
-
-    def make(source: str) -> str:
-        name = f"fa_tmp_{uuid.uuid4().hex[:10]}"
-        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
-        created.append(name)
-        return name
-
-    yield make
-    for name in created:
-        sys.modules.pop(name, None)
+    return lambda source: write_plugin(source, "fa_tmp")
 
 
 CONST_SOURCE = """
