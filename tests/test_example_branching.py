@@ -56,6 +56,27 @@ def test_subtree_advantages_on_a_hand_worked_tree(branching):
     assert shared[:, 0].abs().max() == 0 and shared[:, 1].abs().max() > 0
 
 
+def test_each_shared_transition_can_be_trained_once(branching):
+    # one group, a root copied before steps 0 and 1 (4 leaves): step 0 is taken by 2 nodes, steps 1-2 by the 4 leaves
+    paths = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1]])
+    first = branching.first_leaf_of_each_node(paths, torch.zeros(4, dtype=torch.long), branching.step_depths([0, 1], 3))
+    assert first.tolist() == [[True, True, True], [False, True, True], [True, True, True], [False, True, True]]
+    two_groups = branching.first_leaf_of_each_node(torch.cat([paths, paths]), torch.tensor([0] * 4 + [1] * 4),
+                                                   branching.step_depths([1], 3))
+    assert two_groups[:, 0].tolist() == [True, False, False, False] * 2  # the root's step, once per group
+    with pytest.raises(ValueError, match="edges must be"):
+        branching.TreeGRPO(edges="twice")
+    # through the objective: the per-leaf advantages, with the repeats of a shared step zeroed
+    from types import SimpleNamespace
+
+    traj = SimpleNamespace(num_steps=3, metadata=[{"tree_root": 0, "tree_path": p[1:]} for p in paths.tolist()])
+    rewards, groups, keep = torch.tensor([1.0, 0, 0, 0]), torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.bool)
+    per_leaf = branching.TreeGRPO(branch_steps=[0, 1]).advantages(rewards, groups, keep, traj)
+    once = branching.TreeGRPO(branch_steps=[0, 1], edges="once").advantages(rewards, groups, keep, traj)
+    assert torch.equal(per_leaf, branching.subtree_advantages(rewards, groups, paths, branching.step_depths([0, 1], 3)))
+    assert torch.equal(once, per_leaf * first) and once[1, 0] == 0 and once[0, 0] == per_leaf[1, 0] != 0
+
+
 def test_the_tree_rollout_shares_prefixes_and_costs_less(pipe, branching):
     from flowalign import sampling, sde
 

@@ -130,14 +130,33 @@ def subtree_advantages(rewards: Tensor, group_ids: Tensor, paths: Tensor, depths
     return out.float()
 
 
+def first_leaf_of_each_node(paths: Tensor, group_ids: Tensor, depths: Tensor) -> Tensor:
+    """``[B, K]`` bool: True where a row is the first leaf (in row order) of the node that takes that step, so that
+    masking the others trains each shared transition once (``paths`` as in :func:`subtree_advantages`)."""
+    out = torch.zeros(paths.shape[0], depths.shape[0], dtype=torch.bool)
+    for d in depths.unique().tolist():
+        seen = set()
+        first = torch.zeros(paths.shape[0], dtype=torch.bool)
+        for i in range(paths.shape[0]):
+            key = (int(group_ids[i]), *paths[i, :1 + d].tolist())
+            first[i] = key not in seen
+            seen.add(key)
+        out[:, depths == d] = first[:, None]
+    return out
+
+
 class TreeGRPO(FlowGRPO):
     """Flow-GRPO's clipped loss on per-step advantages from :func:`subtree_advantages` (a ``tree_rollout`` run):
     ``objective: {name: "branching:TreeGRPO", kwargs: {branch_steps: [0, 1, 2]}}`` with the rollout's own
-    ``branch_steps``. ``adv_eps`` is the normalisation's epsilon; ``objective.adv_clip`` still clamps in the loss."""
+    ``branch_steps``. ``adv_eps`` is the normalisation's epsilon; ``objective.adv_clip`` still clamps in the loss.
+    ``edges``: ``"per_leaf"`` trains a shared transition once per leaf below it (its rows repeat it); ``"once"`` keeps
+    the advantage on the node's first leaf only (:func:`first_leaf_of_each_node`), as TreeGRPO trains each edge once."""
 
-    def __init__(self, branch_steps: Sequence[int] = (0,), adv_eps: float = 1e-4, **grpo_kwargs):
+    def __init__(self, branch_steps: Sequence[int] = (0,), adv_eps: float = 1e-4, edges: str = "per_leaf", **grpo_kwargs):
         super().__init__(**grpo_kwargs)
-        self.branch_steps, self.adv_eps = list(branch_steps), adv_eps
+        if edges not in ("per_leaf", "once"):
+            raise ValueError(f"edges must be 'per_leaf' or 'once', got {edges!r}")
+        self.branch_steps, self.adv_eps, self.edges = list(branch_steps), adv_eps, edges
 
     def advantages(self, rewards: Tensor, group_ids: Tensor, keep: Tensor, traj: Trajectory, components=None) -> Tensor:
         """``[B, K]``: each leaf's path's nodes, normalised per depth over the group (dropped leaves count as their
@@ -151,4 +170,8 @@ class TreeGRPO(FlowGRPO):
             kept = rows & keep
             filled[rows & ~keep] = filled[kept].mean() if bool(kept.any()) else 0.0
         paths = torch.tensor([[m["tree_root"], *m["tree_path"]] for m in traj.metadata], dtype=torch.long)
-        return subtree_advantages(filled, group_ids, paths, step_depths(self.branch_steps, traj.num_steps), self.adv_eps)
+        depths = step_depths(self.branch_steps, traj.num_steps)
+        adv = subtree_advantages(filled, group_ids, paths, depths, self.adv_eps)
+        if self.edges == "once":
+            adv = adv * first_leaf_of_each_node(paths, group_ids, depths)
+        return adv
