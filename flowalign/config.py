@@ -203,6 +203,8 @@ class SamplingConfig:
             explicit = [key for key, on in (("drift", self.drift_reward is not None), ("share_initial_noise", self.share_initial_noise)) if on]
             try:
                 check_rollout_signature(fn, self.rollout, self.rollout_kwargs, explicit)
+                if callable(getattr(fn, "validate", None)):  # the rollout's own checks of its kwargs against these settings
+                    fn.validate(self)
             except ConfigError as exc:
                 raise ConfigError(f"sampling.rollout: {exc}") from None
 

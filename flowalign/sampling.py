@@ -368,7 +368,9 @@ def resolve_rollout(name: str) -> Callable[..., Trajectory]:
     leaves repeated in each), ``log_probs`` / ``stds`` of every step of that path and one ``[K]`` stochastic mask
     (:func:`check_rollout`), recorded with the kernel, guidance and log-prob reduce / form it was given. Its signature
     must take every keyword the trainer passes (:func:`check_rollout_signature`, at load), and name ``drift`` /
-    ``share_initial_noise`` itself when the recipe sets them. DenseGRPO's noise calibration still rolls out with the
+    ``share_initial_noise`` itself when the recipe sets them. A ``validate(sampling_config)`` attribute on the function,
+    when present, is called at load too (the recipe's ``SamplingConfig``; raise ``ConfigError`` for ``rollout_kwargs``
+    that cannot work, such as a branch on a step without noise). DenseGRPO's noise calibration still rolls out with the
     default engine. :func:`integrate` continues a batch from any step, which is what a branch needs.
     Advantages along a tree come from the objective's ``advantages`` method (``flowalign.objectives.base.Objective``),
     which may read what the rollout recorded in each sample's ``metadata``.

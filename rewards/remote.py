@@ -196,7 +196,8 @@ class RemoteReward(Reward):
             raise ConfigError(f"remote reward max_batch must be a positive int, got {max_batch!r}")
         self.url, self.timeout, self.retries, self.retry_wait, self.dtype = url.rstrip("/"), float(timeout), retries, float(retry_wait), dtype
         self.max_batch = max_batch
-        self.version: Optional[str] = None  # the served reward's Reward.version, as its server answers it (check, score)
+        self._version: Optional[str] = None  # the served reward's Reward.version (see the version property)
+        self._version_known = False
         handlers = [urllib.request.ProxyHandler({})] if _is_loopback(self.url) else []
         self._opener = urllib.request.build_opener(*handlers)
 
@@ -261,6 +262,19 @@ class RemoteReward(Reward):
             raise ConfigError(f"reward server {self.url} is unreachable ({reason}): start it first, e.g. `flowalign reward serve "
                               f"NAME --port {urllib.parse.urlsplit(self.url).port or 80}`, or fix the remote reward's url") from None
 
+    @property
+    def version(self) -> Optional[str]:
+        """The served reward's ``Reward.version``: from the server's latest answer, else asked once (``GET /health``)
+        the first time it is read, so that a resume or an evaluation journal has it before anything is scored. None
+        for a server of before versions were sent, a reward without one, or a server that does not answer now."""
+        if not self._version_known:
+            try:
+                with self._opener.open(self.url + "/health", timeout=min(self.timeout, CHECK_TIMEOUT)) as answer:
+                    self._note_version(answer.read())
+            except (urllib.error.URLError, ConnectionError, http.client.HTTPException, TimeoutError, ValueError):
+                pass  # asked again next time; scoring will say what is wrong with the server
+        return self._version
+
     def _note_version(self, answer: Any) -> None:
         """Keep the served reward's ``version`` from a server's JSON answer (bytes or parsed); a server of before it sent
         one (or a reward without one) leaves it None."""
@@ -269,9 +283,11 @@ class RemoteReward(Reward):
                 answer = json.loads(answer)
             except ValueError:
                 return
-        version = answer.get("version") if isinstance(answer, dict) else None
+        if not isinstance(answer, dict):
+            return
+        version = answer.get("version")
         if version is None or isinstance(version, str):
-            self.version = version
+            self._version, self._version_known = version, True
 
     def _score_chunk(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> tuple[Tensor, dict]:
         answer = self._post(encode_request(images, prompts, metadata, self.dtype))

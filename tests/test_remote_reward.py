@@ -440,12 +440,12 @@ def test_the_served_rewards_version_reaches_the_client(tmp_path):
     try:
         url = f"http://127.0.0.1:{srv.server_address[1]}"
         served = load_reward("remote", url=url)
-        assert served.version is None  # nothing asked yet
+        assert served.version == ShapesReward.version == "2"  # asked at the first read: before anything is scored
         check_reward_prompts(served, ["a red square"], name="remote")
-        assert served.version == ShapesReward.version == "2"
+        assert served.version == "2"
         other = load_reward("remote", url=url)
         call_reward(other, torch.zeros(1, 3, 32, 32), ["a red square"], [{}])  # a score answer carries it too
-        assert other.version == "2"
+        assert other._version_known and other.version == "2"
         with urllib.request.urlopen(url + "/health") as answer:
             assert json.loads(answer.read()) == {"ok": True, "version": "2"}
     finally:
@@ -463,3 +463,31 @@ def test_the_served_rewards_version_reaches_the_client(tmp_path):
     finally:
         unversioned.shutdown()
         unversioned.server_close()
+    # a server that is down now: None, asked again at the next read
+    down = load_reward("remote", url=url, timeout=2.0)
+    assert down.version is None and not down._version_known
+
+
+def test_a_resumed_eval_journal_keeps_the_served_rewards_version_under_drop(tmp_path):
+    """The journal key read the remote reward's version before anything was scored: None under on_error drop (no
+    prompt check), the version after a raise run's check, so a drop rerun of a raise run's journal was refused."""
+    from flowalign.train import cli
+
+    class Versioned(Flaky):
+        version = "7"
+
+    srv = remote.make_server(Versioned(), port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        (tmp_path / "p.txt").write_text("a red circle\nboom square\n")
+        common = ["eval", "--model", "tiny-sd3", "--prompts", str(tmp_path / "p.txt"), "--steps", "2", "--guidance", "1.0",
+                  "--num-samples", "2", "--batch-size", "1", "--no-progress", "--reward", "remote",
+                  "--reward-kwargs", json.dumps({"url": url, "retries": 0}), "--out", str(tmp_path / "e")]
+        assert cli.main([*common, "--on-error", "raise"]) != 0  # the "boom" prompt fails its batch, after the first is journaled
+        assert list((tmp_path / "e").rglob("*.safetensors"))
+        assert cli.main([*common, "--on-error", "drop"]) == 0  # resumes that journal: the same reward version
+        assert json.loads((tmp_path / "e" / "eval.json").read_text())["settings"]["reward_version"] == "7"
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -8,18 +8,20 @@ Rollout (:func:`tree_rollout`). Each prompt starts ``group_size / width**L`` roo
 before each step in ``branch_steps`` every node is copied ``width`` times, and the copies take that step (and the
 ones after it) with noise of their own. A leaf is one finished sample; row ``i`` of the trajectory is leaf ``i``'s
 whole path, its shared prefix repeated, and ``metadata[i]["tree_path"]`` says which copy it descends from at each
-branch step. A branch step should be stochastic (inside the noise window), or its copies stay equal. The shared
+branch step. A branch step must be stochastic (inside the noise window), or its copies would stay equal: the recipe
+check (:func:`validate`, which ``sampling.rollout`` calls at load) refuses it, with the tree's shape. The shared
 prefixes are computed once: with branch steps 0, 1, 2 of 10, width 2 and 8 leaves, the transformer runs
 2 + 4 + 8·8 = 70 rows per root instead of 80 (the root's copies take step 0).
 
-Advantages (:func:`subtree_advantages`, :class:`TreeGRPO`). A node's value is the mean reward of the leaves below
-it. At depth ``d`` (after ``d`` branch steps) the group's nodes are normalised together, ``(v - mean_d) / (std_d +
+Advantages (:func:`subtree_advantages`, :class:`TreeGRPO`, which reads the branch steps from each sample's
+``metadata["tree_branch_steps"]``, so the recipe states them once). A node's value is the mean reward of the kept
+leaves below it (a dropped reward neither raises nor lowers it). At depth ``d`` (after ``d`` branch steps) the group's nodes are normalised together, ``(v - mean_d) / (std_d +
 eps)`` over the distinct nodes (not over their repeated leaves), and each step's transition gets the value of the node
 that took it: step ``k`` is taken by the depth ``d(k) = #{b in branch_steps: b <= k}`` ancestor of each leaf. A step
 every leaf of a group shares (before the first branch, one root per prompt) gets 0 and is not trained. Departures
 from the papers, on purpose for a short example: node values are plain means (BranchGRPO fuses them with a softmax
-over path log-probs; TreeGRPO weighs its backup by the old policy's edge probabilities), and a shared transition is
-trained once per leaf below it (with its node's advantage), not once per edge.
+over path log-probs; TreeGRPO weighs its backup by the old policy's edge probabilities), and by default a shared
+transition is trained once per leaf below it (with its node's advantage); ``TreeGRPO(edges="once")`` trains it once.
 
 Run it on the toy (from the repository root)::
 
@@ -33,6 +35,7 @@ import torch
 from torch import Tensor
 
 from flowalign import sde
+from flowalign.errors import ConfigError
 from flowalign.objectives.grpo import FlowGRPO
 from flowalign.sampling import integrate, noise_levels
 from flowalign.trajectory import Trajectory
@@ -48,15 +51,10 @@ def tree_rollout(adapter, prompts: Sequence[str], *, group_size: int, num_steps:
     (module docstring), with :func:`flowalign.sampling.rollout`'s signature and layout. Settings it does not honour
     (``share_initial_noise``, ``drift``) reach it only through ``engine_options``, so a recipe that sets them is
     refused at load."""
-    branch_steps = sorted(int(b) for b in branch_steps)
+    branch_steps = check_tree(branch_steps, width, group_size, num_steps)
     levels_count = len(branch_steps)
-    if width < 2 or len(set(branch_steps)) != levels_count or not all(0 <= b < num_steps for b in branch_steps):
-        raise ValueError(f"tree_rollout: width must be >= 2 and branch_steps distinct steps in [0, {num_steps}), got "
-                         f"width={width}, branch_steps={list(branch_steps)}")
-    if group_size % width**levels_count:
-        raise ValueError(f"tree_rollout: group_size {group_size} is not a multiple of width**len(branch_steps) = {width**levels_count}")
     if record_x0 or initial_noise is not None:
-        raise ValueError("tree_rollout records no x0-predictions and draws its own roots")
+        raise ConfigError("tree_rollout records no x0-predictions and draws its own roots")
     num_prompts, roots = len(prompts), group_size // width**levels_count
     sigmas = adapter.sigmas(num_steps).to(torch.float32).cpu()
     levels = noise_levels(schedule, num_steps, iteration, generator)
@@ -65,14 +63,15 @@ def tree_rollout(adapter, prompts: Sequence[str], *, group_size: int, num_steps:
     x = adapter.initial_noise(num_prompts * roots, generator)
     node_cond = cond.repeat_interleave(roots) if roots > 1 else cond
     options = dict(kernel=kernel, guidance_scale=guidance_scale, generator=generator, log_prob_reduce=log_prob_reduce,
-                   log_prob_form=log_prob_form, record_x0=False, micro_batch_size=micro_batch_size, on_step=on_step)
+                   log_prob_form=log_prob_form, record_x0=False, micro_batch_size=micro_batch_size)
     # segments between branch points: [0, b0), [b0, b1), ..., [bL-1, K); copies are made at the start of each but the first
     bounds = [0, *[b for b in branch_steps if b > 0], num_steps]
     segments, nfe, copies = [], 0, 0
     for start, end in zip(bounds[:-1], bounds[1:]):
         if start in branch_steps:
             x, node_cond, copies = x.repeat_interleave(width, dim=0), node_cond.repeat_interleave(width), copies + 1
-        run = integrate(adapter, x, node_cond, sigmas[start:end + 1], levels=levels[start:end], **options)
+        step_done = None if on_step is None else (lambda k, first=start: on_step(first + k))  # the rollout's step index
+        run = integrate(adapter, x, node_cond, sigmas[start:end + 1], levels=levels[start:end], on_step=step_done, **options)
         segments.append((run, copies))
         x, nfe = run.final, nfe + run.nfe
     # every segment's records, repeated out to the leaves below each node
@@ -87,7 +86,8 @@ def tree_rollout(adapter, prompts: Sequence[str], *, group_size: int, num_steps:
     for i in range(leaves):
         leaf = i % group_size
         path = [(leaf // width ** (levels_count - 1 - d)) % width for d in range(levels_count)]
-        sample_metadata.append({**dict(per_prompt[i // group_size]), "tree_path": path, "tree_root": leaf // width**levels_count})
+        sample_metadata.append({**dict(per_prompt[i // group_size]), "tree_path": path, "tree_root": leaf // width**levels_count,
+                                "tree_branch_steps": list(branch_steps)})
     images = adapter.decode(x) if decode else None
     return Trajectory(
         prompts=[p for p in prompts for _ in range(group_size)], group_ids=torch.arange(num_prompts).repeat_interleave(group_size),
@@ -97,13 +97,50 @@ def tree_rollout(adapter, prompts: Sequence[str], *, group_size: int, num_steps:
         log_prob_form=log_prob_form)
 
 
+def check_tree(branch_steps: Sequence[int], width: int, group_size: int, num_steps: int) -> list[int]:
+    """``branch_steps`` sorted, or a ConfigError: distinct steps in ``[0, num_steps)``, ``width >= 2``, and
+    ``group_size`` a multiple of ``width ** len(branch_steps)`` (the leaves of whole trees)."""
+    try:
+        steps = sorted(int(b) for b in branch_steps)
+    except (TypeError, ValueError):
+        raise ConfigError(f"tree: branch_steps must be a list of step indices, got {branch_steps!r}") from None
+    if not isinstance(width, int) or width < 2:
+        raise ConfigError(f"tree: width must be an int >= 2, got {width!r}")
+    if len(set(steps)) != len(steps) or not all(0 <= b < num_steps for b in steps):
+        raise ConfigError(f"tree: branch_steps must be distinct steps in [0, {num_steps}), got {list(branch_steps)}")
+    if group_size % width ** len(steps):
+        raise ConfigError(f"tree: group_size {group_size} is not a multiple of width**len(branch_steps) = {width ** len(steps)}")
+    return steps
+
+
+def validate(sampling_config) -> None:
+    """Checks at load (``sampling.rollout`` calls a rollout's ``validate(sampling_config)`` when it has one): the tree's
+    shape (:func:`check_tree`), and that every branch step is stochastic at iteration 0 (a deterministic step would copy
+    a node into equal children, wasting their compute and giving their subtrees one value)."""
+    s = sampling_config
+    kwargs = dict(s.rollout_kwargs)
+    steps = check_tree(kwargs.get("branch_steps", (0,)), kwargs.get("width", 2), s.group_size, s.num_steps)
+    levels = sde.make_schedule(s.noise_schedule, **s.noise_kwargs).levels(s.num_steps, 0, torch.Generator().manual_seed(0))
+    sigmas = torch.linspace(1.0, 0.0, s.num_steps + 1)  # the model's shifted sigmas differ, but are positive alike
+    noisy = sde.is_stochastic(s.kernel, sigmas[:-1], sigmas[1:], torch.as_tensor(levels, dtype=torch.float32))
+    quiet = [b for b in steps if not bool(noisy[b])]
+    if quiet:
+        raise ConfigError(f"tree: branch steps {quiet} draw no noise under sampling.noise_schedule={s.noise_schedule!r} "
+                          f"{s.noise_kwargs}: their copies would stay equal; branch on the noisy steps "
+                          f"{torch.nonzero(noisy).flatten().tolist()}")
+
+
+tree_rollout.validate = validate
+
+
 def step_depths(branch_steps: Sequence[int], num_steps: int) -> Tensor:
     """``[K]`` long: the depth of the node that takes each step, the number of branch steps at or before it."""
     branch = torch.as_tensor(sorted(branch_steps), dtype=torch.long)
     return (branch[None, :] <= torch.arange(num_steps)[:, None]).sum(dim=1)
 
 
-def subtree_advantages(rewards: Tensor, group_ids: Tensor, paths: Tensor, depths: Tensor, eps: float = 1e-4) -> Tensor:
+def subtree_advantages(rewards: Tensor, group_ids: Tensor, paths: Tensor, depths: Tensor, eps: float = 1e-4,
+                       keep: Optional[Tensor] = None) -> Tensor:
     """Depth-wise normalised subtree values ``[B, K]`` (module docstring).
 
     Args:
@@ -113,65 +150,73 @@ def subtree_advantages(rewards: Tensor, group_ids: Tensor, paths: Tensor, depths
             (``[B, 1 + L]``: root, then the path), so that two leaves share their depth-``d`` node when the first
             ``1 + d`` entries agree.
         depths: ``[K]`` the node depth that takes each step (:func:`step_depths`).
+        keep: ``[B]`` bool, the leaves whose reward counts (default: all). A node's value is the mean of its kept
+            leaves; a node without one takes no part in its depth's normalisation and gets 0.
     """
     rewards = rewards.double()
+    keep = torch.ones_like(rewards, dtype=torch.bool) if keep is None else keep.bool()
     out = torch.zeros(rewards.shape[0], depths.shape[0], dtype=torch.float64)
     for d in depths.unique().tolist():
         value = torch.zeros_like(rewards)
         for g in group_ids.unique():
             rows = torch.nonzero(group_ids == g).flatten()
             keys = [tuple(paths[i, :1 + d].tolist()) for i in rows.tolist()]
-            nodes = sorted(set(keys))
-            node_value = torch.stack([rewards[rows[[k == n for k in keys]]].mean() for n in nodes])
-            centred = node_value - node_value.mean()
-            normed = centred / (node_value.std(unbiased=True) + eps) if len(nodes) > 1 else torch.zeros_like(centred)
-            value[rows] = normed[[nodes.index(k) for k in keys]]
+            members = {n: [r for r, k in zip(rows.tolist(), keys) if k == n and bool(keep[r])] for n in sorted(set(keys))}
+            scored = [n for n, leaves in members.items() if leaves]
+            if len(scored) < 2:
+                continue  # one node (or none) with a kept leaf: nothing to compare at this depth
+            node_value = torch.stack([rewards[members[n]].mean() for n in scored])
+            normed = (node_value - node_value.mean()) / (node_value.std(unbiased=True) + eps)
+            for n, v in zip(scored, normed):
+                value[[r for r, k in zip(rows.tolist(), keys) if k == n]] = v
         out[:, depths == d] = value[:, None]
     return out.float()
 
 
-def first_leaf_of_each_node(paths: Tensor, group_ids: Tensor, depths: Tensor) -> Tensor:
-    """``[B, K]`` bool: True where a row is the first leaf (in row order) of the node that takes that step, so that
-    masking the others trains each shared transition once (``paths`` as in :func:`subtree_advantages`)."""
+def first_leaf_of_each_node(paths: Tensor, group_ids: Tensor, depths: Tensor, keep: Optional[Tensor] = None) -> Tensor:
+    """``[B, K]`` bool: True where a row is the first kept leaf (in row order) of the node that takes that step, so
+    that masking the others trains each shared transition once (``paths`` as in :func:`subtree_advantages`; ``keep``
+    ``[B]``, default all: a dropped leaf's row is left out of the update, so its node is trained through another)."""
+    keep = torch.ones(paths.shape[0], dtype=torch.bool) if keep is None else keep.bool()
     out = torch.zeros(paths.shape[0], depths.shape[0], dtype=torch.bool)
     for d in depths.unique().tolist():
         seen = set()
         first = torch.zeros(paths.shape[0], dtype=torch.bool)
         for i in range(paths.shape[0]):
             key = (int(group_ids[i]), *paths[i, :1 + d].tolist())
-            first[i] = key not in seen
-            seen.add(key)
+            first[i] = bool(keep[i]) and key not in seen
+            if bool(keep[i]):
+                seen.add(key)
         out[:, depths == d] = first[:, None]
     return out
 
 
 class TreeGRPO(FlowGRPO):
     """Flow-GRPO's clipped loss on per-step advantages from :func:`subtree_advantages` (a ``tree_rollout`` run):
-    ``objective: {name: "branching:TreeGRPO", kwargs: {branch_steps: [0, 1, 2]}}`` with the rollout's own
-    ``branch_steps``. ``adv_eps`` is the normalisation's epsilon; ``objective.adv_clip`` still clamps in the loss.
-    ``edges``: ``"per_leaf"`` trains a shared transition once per leaf below it (its rows repeat it); ``"once"`` keeps
-    the advantage on the node's first leaf only (:func:`first_leaf_of_each_node`), as TreeGRPO trains each edge once."""
+    ``objective: {name: "branching:TreeGRPO"}``. The branch steps are the rollout's, read from each sample's
+    ``metadata["tree_branch_steps"]``. ``adv_eps`` is the normalisation's epsilon; ``objective.adv_clip`` still clamps
+    in the loss. ``edges``: ``"per_leaf"`` trains a shared transition once per leaf below it (its rows repeat it);
+    ``"once"`` keeps the advantage on the node's first kept leaf only (:func:`first_leaf_of_each_node`), as TreeGRPO
+    trains each edge once."""
 
-    def __init__(self, branch_steps: Sequence[int] = (0,), adv_eps: float = 1e-4, edges: str = "per_leaf", **grpo_kwargs):
+    def __init__(self, adv_eps: float = 1e-4, edges: str = "per_leaf", **grpo_kwargs):
         super().__init__(**grpo_kwargs)
         if edges not in ("per_leaf", "once"):
             raise ValueError(f"edges must be 'per_leaf' or 'once', got {edges!r}")
-        self.branch_steps, self.adv_eps, self.edges = list(branch_steps), adv_eps, edges
+        self.adv_eps, self.edges = adv_eps, edges
 
     def advantages(self, rewards: Tensor, group_ids: Tensor, keep: Tensor, traj: Trajectory, components=None) -> Tensor:
-        """``[B, K]``: each leaf's path's nodes, normalised per depth over the group (dropped leaves count as their
-        group's mean, so they neither raise nor lower a node)."""
-        if any(len(m.get("tree_path", ())) != len(self.branch_steps) for m in traj.metadata):
-            raise ValueError(f"TreeGRPO(branch_steps={self.branch_steps}) needs tree_rollout's tree_path of as many steps in each "
-                             "sample's metadata: set sampling.rollout_kwargs.branch_steps to the same list")
-        filled = rewards.clone().float()
-        for g in group_ids.unique():
-            rows = group_ids == g
-            kept = rows & keep
-            filled[rows & ~keep] = filled[kept].mean() if bool(kept.any()) else 0.0
+        """``[B, K]``: each leaf's path's nodes, normalised per depth over the group; a node's value is the mean of
+        its kept leaves (a dropped reward neither raises nor lowers it)."""
+        shapes = {tuple(m.get("tree_branch_steps", ())) for m in traj.metadata}
+        if len(shapes) != 1 or not next(iter(shapes)) or any("tree_path" not in m for m in traj.metadata):
+            raise ConfigError("TreeGRPO trains on tree_rollout's samples: set sampling.rollout to branching:tree_rollout "
+                              f"(their metadata hold {sorted(shapes)} as branch steps)")
+        branch_steps = list(next(iter(shapes)))
         paths = torch.tensor([[m["tree_root"], *m["tree_path"]] for m in traj.metadata], dtype=torch.long)
-        depths = step_depths(self.branch_steps, traj.num_steps)
-        adv = subtree_advantages(filled, group_ids, paths, depths, self.adv_eps)
+        depths = step_depths(branch_steps, traj.num_steps)
+        kept = keep & torch.isfinite(rewards)
+        adv = subtree_advantages(torch.where(kept, rewards, torch.zeros(())), group_ids, paths, depths, self.adv_eps, keep=kept)
         if self.edges == "once":
-            adv = adv * first_leaf_of_each_node(paths, group_ids, depths)
+            adv = adv * first_leaf_of_each_node(paths, group_ids, depths, keep=kept)
         return adv
