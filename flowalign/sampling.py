@@ -433,9 +433,8 @@ def check_rollout(traj: Any, *, name: str, num_prompts: int, group_size: int, nu
         ("noise_levels", tuple(traj.noise_levels.shape), (k,)),
         ("stochastic_mask", tuple(traj.stochastic_mask.shape), (k,)),
         ("prompts", len(traj.prompts), batch),
+        ("images", int(traj.images.shape[0]), batch),
     ]
-    if traj.images is not None:
-        checks.append(("images", int(traj.images.shape[0]), batch))
     for field_name, got, want in checks:
         if got != want:
             raise ConfigError(f"{where}: {field_name} has shape {got}, expected {want} ({num_prompts} prompts x group_size "
