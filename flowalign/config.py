@@ -75,20 +75,16 @@ def check_kernel(name: str, value: Any) -> None:
     ``flowalign.kernels``, dotted path) that imports."""
     from flowalign.sde import kernel_plugin
 
-    _check(isinstance(value, str), f"{name} must be a kernel name, got {value!r}")
-    if value in KERNELS:
-        return
-    if ":" not in value and "." not in value:
-        from flowalign.plugins import load_entry_point
-        from flowalign.sde import KERNEL_ENTRY_POINT_GROUP
+    from flowalign.sde import KERNEL_ENTRY_POINT_GROUP
 
-        if load_entry_point(KERNEL_ENTRY_POINT_GROUP, value, "transition kernel") is None:
-            raise ConfigError(f"{name}={value!r} is not one of {list(KERNELS)} (nor an entry point of group {KERNEL_ENTRY_POINT_GROUP!r}; "
-                              "a kernel of your own may also be a dotted path 'pkg.module:fn')")
+    _check(isinstance(value, str), f"{name} must be a kernel name, got {value!r}")
     try:
         kernel_plugin(value)
     except ConfigError as exc:
-        raise ConfigError(f"{name}: {exc}") from None
+        if ":" in value or "." in value or not str(exc).startswith(f"kind={value!r} is not"):  # a path, or a plugin that failed
+            raise ConfigError(f"{name}: {exc}") from None
+        raise ConfigError(f"{name}={value!r} is not one of {list(KERNELS)} (nor an entry point of group {KERNEL_ENTRY_POINT_GROUP!r}; "
+                          "a kernel of your own may also be a dotted path 'pkg.module:fn')") from None
 
 
 @dataclass

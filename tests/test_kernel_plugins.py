@@ -147,7 +147,9 @@ def test_an_entry_point_kernel_is_selectable_by_its_name(tmp_path, kernels):
     dist_info.mkdir()
     (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {kernels}\nVersion: 0.1\n")
     ep_name = f"{kernels}_naive"
-    (dist_info / "entry_points.txt").write_text(f"[flowalign.kernels]\n{ep_name} = {kernels}:naive\n")
+    (dist_info / "entry_points.txt").write_text(f"[flowalign.kernels]\n{ep_name} = {kernels}:naive\n{ep_name}_broken = {kernels}:missing\n")
+    with pytest.raises(ConfigError, match=rf"sampling.kernel: loading transition kernel entry point '{ep_name}_broken'"):
+        load_config(None, [f"sampling.kernel={ep_name}_broken"])  # why it failed, not "is not one of"
     cfg = load_config(None, [f"sampling.kernel={ep_name}"])
     assert cfg.sampling.kernel == ep_name and sde.max_level(ep_name) == 2.0
     x = torch.ones(2, 3)
