@@ -104,9 +104,7 @@ def _check_inputs(kind: str, sigma: Tensor, sigma_next: Tensor, noise_level: Ten
         )
     if bool((noise_level < 0).any()):
         raise ValueError(f"noise_level must be >= 0, got {noise_level.flatten().tolist()}")
-    if kind == "cps" and bool((noise_level > 1).any()):
-        raise ValueError(f"cps noise_level is an angle fraction in [0, 1], got {noise_level.flatten().tolist()}")
-    bound = max_level(kind)
+    bound = max_level(kind)  # CPS's level is an angle fraction in [0, 1]; a kernel of your own may set its max_level
     if bound is not None and bool((noise_level > bound).any()):
         raise ValueError(f"kernel {kind!r} takes noise levels in [0, {bound:g}], got {noise_level.flatten().tolist()}")
 
@@ -463,7 +461,7 @@ def is_stochastic(kind: str, sigma: ScalarOrBatch, sigma_next: ScalarOrBatch, no
         if rows == 0:
             return torch.zeros(shape, dtype=torch.bool)
         _, std = _plugin_mean_std(kind, plugin, torch.zeros(rows, 1), torch.zeros(rows, 1), *flat)
-        return ((std.reshape(shape) > 0) & (s > s_next)).reshape(shape)
+        return (std.reshape(shape) > 0) & (s > s_next)
     if kind == "ode":
         return torch.zeros(torch.broadcast_shapes(s.shape, s_next.shape, level.shape), dtype=torch.bool)
     out = (level > 0) & (s > s_next)
