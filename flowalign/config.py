@@ -180,6 +180,19 @@ class SamplingConfig:
         self._check_noise_schedule()
         self._check_rollout()
 
+    def noise_at_start(self):
+        """``(levels [K], stochastic [K] bool)`` of iteration 0: the schedule's noise levels, and which steps the kernel
+        makes stochastic under them. Sigmas fall linearly from 1 to 0 here (the model's shifted sigmas differ, but are
+        positive, and reach 0, where the real ones do), which is what stochasticity depends on."""
+        import torch
+
+        from flowalign.sde import is_stochastic, make_schedule
+
+        levels = make_schedule(self.noise_schedule, **self.noise_kwargs).levels(self.num_steps, 0, torch.Generator().manual_seed(0))
+        levels = torch.as_tensor(levels, dtype=torch.float32)
+        sigmas = torch.linspace(1.0, 0.0, self.num_steps + 1)
+        return levels, is_stochastic(self.kernel, sigmas[:-1], sigmas[1:], levels)
+
     def _check_rollout(self) -> None:
         """The rollout function imports, and ``rollout_kwargs`` are keywords it can take beside the engine's own."""
         from flowalign.sampling import _ROLLOUT_PARAMETERS, check_rollout_signature, resolve_rollout
@@ -523,9 +536,7 @@ def _check_some_step_is_stochastic(sampling: SamplingConfig) -> None:
     """ConfigError when a schedule that is the same every iteration (constant, table, fixed window) puts no noise
     on any step that can carry it: a zero level, or CPS's last step (sigma_next = 0, so std = 0). Rollouts would be
     paid for and nothing trained. (Sliding and random windows move; the trainer warns on an iteration without one.)"""
-    import torch
-
-    from flowalign.sde import ConstantSchedule, TableSchedule, WindowSchedule, is_stochastic, make_schedule
+    from flowalign.sde import ConstantSchedule, TableSchedule, WindowSchedule, make_schedule
 
     if not isinstance(sampling.noise_kwargs, dict):
         return
@@ -534,9 +545,8 @@ def _check_some_step_is_stochastic(sampling: SamplingConfig) -> None:
         return
     if not isinstance(schedule, (ConstantSchedule, TableSchedule, WindowSchedule)):  # a plugin's may move with the iteration
         return
-    levels = schedule.levels(sampling.num_steps, 0, torch.Generator().manual_seed(0))
-    sigmas = torch.linspace(1.0, 0.0, sampling.num_steps + 1)  # the model's shifted sigmas differ, but fall to 0 alike
-    if not bool(is_stochastic(sampling.kernel, sigmas[:-1], sigmas[1:], levels).any()):
+    levels, noisy = sampling.noise_at_start()
+    if not bool(noisy.any()):
         where = " (CPS's last step has no noise: std = sigma_next * sin(a*pi/2) = 0)" if sampling.kernel == "cps" and bool((levels > 0).any()) else ""
         raise ConfigError(f"sampling.noise_schedule={sampling.noise_schedule!r} with noise_kwargs={sampling.noise_kwargs} leaves no "
                           f"stochastic step of the {sampling.num_steps} for kernel {sampling.kernel!r}{where}: nothing could be trained")

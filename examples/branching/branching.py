@@ -15,13 +15,14 @@ prefixes are computed once: with branch steps 0, 1, 2 of 10, width 2 and 8 leave
 
 Advantages (:func:`subtree_advantages`, :class:`TreeGRPO`, which reads the branch steps from each sample's
 ``metadata["tree_branch_steps"]``, so the recipe states them once). A node's value is the mean reward of the kept
-leaves below it (a dropped reward neither raises nor lowers it). At depth ``d`` (after ``d`` branch steps) the group's nodes are normalised together, ``(v - mean_d) / (std_d +
-eps)`` over the distinct nodes (not over their repeated leaves), and each step's transition gets the value of the node
-that took it: step ``k`` is taken by the depth ``d(k) = #{b in branch_steps: b <= k}`` ancestor of each leaf. A step
-every leaf of a group shares (before the first branch, one root per prompt) gets 0 and is not trained. Departures
-from the papers, on purpose for a short example: node values are plain means (BranchGRPO fuses them with a softmax
-over path log-probs; TreeGRPO weighs its backup by the old policy's edge probabilities), and by default a shared
-transition is trained once per leaf below it (with its node's advantage); ``TreeGRPO(edges="once")`` trains it once.
+leaves below it (a dropped reward neither raises nor lowers it). At depth ``d`` (after ``d`` branch steps) the group's
+nodes are normalised together, ``(v - mean_d) / (std_d + eps)`` over the distinct nodes (not over their repeated
+leaves), and each step's transition gets the value of the node that took it: step ``k`` is taken by the depth
+``d(k) = #{b in branch_steps: b <= k}`` ancestor of each leaf. A step every leaf of a group shares (before the first
+branch, one root per prompt) gets 0 and is not trained. Departures from the papers, on purpose for a short example:
+node values are plain means (BranchGRPO fuses them with a softmax over path log-probs; TreeGRPO weighs its backup
+by the old policy's edge probabilities), and by default a shared transition is trained once per leaf below it (with
+its node's advantage); ``TreeGRPO(edges="once")`` trains it once.
 
 Run it on the toy (from the repository root)::
 
@@ -77,10 +78,13 @@ def tree_rollout(adapter, prompts: Sequence[str], *, group_size: int, num_steps:
     # every segment's records, repeated out to the leaves below each node
     leaves = num_prompts * group_size
     expand = [width ** (levels_count - made) for _, made in segments]
-    latents = torch.cat([segments[0][0].latents[:, :1].repeat_interleave(expand[0], dim=0)]
-                        + [run.latents[:, 1:].repeat_interleave(n, dim=0) for (run, _), n in zip(segments, expand)], dim=1)
-    log_probs = torch.cat([run.log_probs.repeat_interleave(n, dim=0) for (run, _), n in zip(segments, expand)], dim=1)
-    stds = torch.cat([run.stds.repeat_interleave(n, dim=0) for (run, _), n in zip(segments, expand)], dim=1)
+
+    def to_leaves(records: str, first: int = 0) -> list[Tensor]:  # each segment's [nodes, steps, ...] records, per leaf
+        return [getattr(run, records)[:, first:].repeat_interleave(n, dim=0) for (run, _), n in zip(segments, expand)]
+
+    x_start = segments[0][0].latents[:, :1].repeat_interleave(expand[0], dim=0)
+    latents = torch.cat([x_start, *to_leaves("latents", first=1)], dim=1)  # each segment's first latent ends the one before
+    log_probs, stds = torch.cat(to_leaves("log_probs"), dim=1), torch.cat(to_leaves("stds"), dim=1)
     per_prompt = list(metadata) if metadata is not None else [{}] * num_prompts
     sample_metadata = []
     for i in range(leaves):
@@ -120,9 +124,7 @@ def validate(sampling_config) -> None:
     s = sampling_config
     kwargs = dict(s.rollout_kwargs)
     steps = check_tree(kwargs.get("branch_steps", (0,)), kwargs.get("width", 2), s.group_size, s.num_steps)
-    levels = sde.make_schedule(s.noise_schedule, **s.noise_kwargs).levels(s.num_steps, 0, torch.Generator().manual_seed(0))
-    sigmas = torch.linspace(1.0, 0.0, s.num_steps + 1)  # the model's shifted sigmas differ, but are positive alike
-    noisy = sde.is_stochastic(s.kernel, sigmas[:-1], sigmas[1:], torch.as_tensor(levels, dtype=torch.float32))
+    _, noisy = s.noise_at_start()
     quiet = [b for b in steps if not bool(noisy[b])]
     if quiet:
         raise ConfigError(f"tree: branch steps {quiet} draw no noise under sampling.noise_schedule={s.noise_schedule!r} "
