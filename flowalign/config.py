@@ -1021,9 +1021,7 @@ def _objective_class(name: str) -> Any:
 def dense_method(objective: str) -> Optional[str]:
     """``"dense_grpo"`` / ``"tp_grpo"`` when ``objective`` trains on per-step advantages (its class's ``dense_method``:
     those two, and an objective of the user's that subclasses either), else None."""
-    from flowalign.objectives import OBJECTIVES
-
-    return getattr(OBJECTIVES.get(objective), "dense_method", None)
+    return getattr(_objective_class(objective), "dense_method", None)
 # model keys that change no sample, only memory (left out of config hashes and rollout-store settings)
 MODEL_MEMORY_KNOBS = ("t5_cache_size",)
 # fields that do not change what a run computes (so resuming with them changed is the same run)
