@@ -180,16 +180,17 @@ class SamplingConfig:
         self._check_noise_schedule()
         self._check_rollout()
 
-    def noise_at_start(self):
-        """``(levels [K], stochastic [K] bool)`` of iteration 0: the schedule's noise levels, and which steps the kernel
-        makes stochastic under them. Sigmas fall linearly from 1 to 0 here (the model's shifted sigmas differ, but are
-        positive, and reach 0, where the real ones do), which is what stochasticity depends on."""
+    def noise_at(self, iteration: int = 0, seed: int = 0):
+        """``(levels [K], stochastic [K] bool)`` at ``iteration``: the schedule's noise levels (a random window drawn with
+        ``torch.Generator().manual_seed(seed)``), and which steps the kernel makes stochastic under them. Sigmas fall
+        linearly from 1 to 0 here (the model's shifted sigmas differ, but are positive, and reach 0, where the real ones
+        do), which is what stochasticity depends on."""
         import torch
 
         from flowalign.sde import is_stochastic, make_schedule
 
-        levels = make_schedule(self.noise_schedule, **self.noise_kwargs).levels(self.num_steps, 0, torch.Generator().manual_seed(0))
-        levels = torch.as_tensor(levels, dtype=torch.float32)
+        schedule = make_schedule(self.noise_schedule, **self.noise_kwargs)
+        levels = torch.as_tensor(schedule.levels(self.num_steps, iteration, torch.Generator().manual_seed(seed)), dtype=torch.float32)
         sigmas = torch.linspace(1.0, 0.0, self.num_steps + 1)
         return levels, is_stochastic(self.kernel, sigmas[:-1], sigmas[1:], levels)
 
@@ -545,7 +546,7 @@ def _check_some_step_is_stochastic(sampling: SamplingConfig) -> None:
         return
     if not isinstance(schedule, (ConstantSchedule, TableSchedule, WindowSchedule)):  # a plugin's may move with the iteration
         return
-    levels, noisy = sampling.noise_at_start()
+    levels, noisy = sampling.noise_at()
     if not bool(noisy.any()):
         where = " (CPS's last step has no noise: std = sigma_next * sin(a*pi/2) = 0)" if sampling.kernel == "cps" and bool((levels > 0).any()) else ""
         raise ConfigError(f"sampling.noise_schedule={sampling.noise_schedule!r} with noise_kwargs={sampling.noise_kwargs} leaves no "

@@ -116,6 +116,31 @@ def test_the_tree_settings_are_checked_at_load(branching):
     assert load_config(None, [*base, "sampling.rollout_kwargs={branch_steps: [2, 0], width: 2}"])
 
 
+def test_a_moving_window_that_leaves_a_branch_step_is_refused_at_load(branching):
+    base = ["sampling.rollout=branching:tree_rollout", "sampling.num_steps=4", "sampling.group_size=4",
+            "sampling.noise_schedule=window"]
+    # sliding by one step every 10 iterations: steps 0 and 1 are noisy at iteration 0, step 0 is quiet from iteration 10
+    with pytest.raises(ConfigError, match=r"branch steps \[0\] draw no noise .* at iteration 10 \(the window moves"):
+        load_config(None, [*base, "sampling.noise_kwargs={a: 0.7, start: 0, size: 2, mode: sliding, shift_every: 10}",
+                           "sampling.rollout_kwargs={branch_steps: [0, 1]}"])
+    # a random window of 3 of the 4 steps covers steps 1 and 2 wherever it starts, but not step 0 or 3
+    random_window = "sampling.noise_kwargs={a: 0.7, size: 3, mode: random}"
+    assert load_config(None, [*base, random_window, "sampling.rollout_kwargs={branch_steps: [1, 2]}"])
+    with pytest.raises(ConfigError, match=r"branch steps \[0\] draw no noise .* at iteration \d+ \(the window moves"):
+        load_config(None, [*base, random_window, "sampling.rollout_kwargs={branch_steps: [0, 2]}"])
+
+
+def test_the_rollout_refuses_a_branch_on_a_quiet_step_of_its_iteration(pipe, branching):
+    from flowalign import sde
+
+    adapter = load_adapter(pipe, max_sequence_length=32)
+    sliding = sde.make_schedule("window", a=0.7, start=0, size=2, mode="sliding")
+    kw = dict(group_size=2, num_steps=4, kernel="flow_sde", schedule=sliding, guidance_scale=1.0, branch_steps=[0], width=2)
+    assert branching.tree_rollout(adapter, ["a red square"], generator=torch.Generator().manual_seed(0), iteration=0, **kw).latents.shape[0] == 2
+    with pytest.raises(ConfigError, match=r"branch steps \[0\] draw no noise at iteration 1 \(levels \[0.0, 0.7"):
+        branching.tree_rollout(adapter, ["a red square"], generator=torch.Generator().manual_seed(0), iteration=1, **kw)
+
+
 def test_the_tree_rollout_shares_prefixes_and_costs_less(pipe, branching):
     from flowalign import sampling, sde
 

@@ -9,7 +9,8 @@ before each step in ``branch_steps`` every node is copied ``width`` times, and t
 ones after it) with noise of their own. A leaf is one finished sample; row ``i`` of the trajectory is leaf ``i``'s
 whole path, its shared prefix repeated, and ``metadata[i]["tree_path"]`` says which copy it descends from at each
 branch step. A branch step must be stochastic (inside the noise window), or its copies would stay equal: the recipe
-check (:func:`validate`, which ``sampling.rollout`` calls at load) refuses it, with the tree's shape. The shared
+check (:func:`validate`, which ``sampling.rollout`` calls at load) refuses it, with the tree's shape, at every iteration of
+a moving (sliding or random) window, and the rollout checks each iteration's levels again. The shared
 prefixes are computed once: with branch steps 0, 1, 2 of 10, width 2 and 8 leaves, the transformer runs
 2 + 4 + 8·8 = 70 rows per root instead of 80 (the root's copies take step 0).
 
@@ -59,6 +60,11 @@ def tree_rollout(adapter, prompts: Sequence[str], *, group_size: int, num_steps:
     num_prompts, roots = len(prompts), group_size // width**levels_count
     sigmas = adapter.sigmas(num_steps).to(torch.float32).cpu()
     levels = noise_levels(schedule, num_steps, iteration, generator)
+    stochastic = sde.is_stochastic(kernel, sigmas[:-1], sigmas[1:], levels)
+    quiet = [b for b in branch_steps if not bool(stochastic[b])]
+    if quiet:  # validate() looked at the schedule at load; a schedule of one's own can still move its noise
+        raise ConfigError(f"tree: branch steps {quiet} draw no noise at iteration {iteration} (levels {[round(float(v), 4) for v in levels]}): "
+                          "their copies would stay equal")
     if cond is None:
         cond = adapter.encode(list(prompts), do_classifier_free_guidance=guidance_scale > 1.0)
     x = adapter.initial_noise(num_prompts * roots, generator)
@@ -96,7 +102,7 @@ def tree_rollout(adapter, prompts: Sequence[str], *, group_size: int, num_steps:
     return Trajectory(
         prompts=[p for p in prompts for _ in range(group_size)], group_ids=torch.arange(num_prompts).repeat_interleave(group_size),
         sigmas=sigmas, latents=latents, log_probs=log_probs, stds=stds, noise_levels=levels,
-        stochastic_mask=sde.is_stochastic(kernel, sigmas[:-1], sigmas[1:], levels), images=images, kernel=kernel,
+        stochastic_mask=stochastic, images=images, kernel=kernel,
         guidance_scale=float(guidance_scale), metadata=sample_metadata, nfe=nfe, log_prob_reduce=log_prob_reduce,
         log_prob_form=log_prob_form)
 
@@ -117,19 +123,28 @@ def check_tree(branch_steps: Sequence[int], width: int, group_size: int, num_ste
     return steps
 
 
+#: iterations (and random-window seeds) :func:`validate` looks at: a sliding window cycles through its positions well
+#: within them unless it moves slower than every 100 iterations, and 1024 seeds draw every start of a random one
+VALIDATED_ITERATIONS = 1024
+
+
 def validate(sampling_config) -> None:
     """Checks at load (``sampling.rollout`` calls a rollout's ``validate(sampling_config)`` when it has one): the tree's
-    shape (:func:`check_tree`), and that every branch step is stochastic at iteration 0 (a deterministic step would copy
-    a node into equal children, wasting their compute and giving their subtrees one value)."""
+    shape (:func:`check_tree`), and that every branch step is stochastic at every iteration (a deterministic step would
+    copy a node into equal children, wasting their compute and giving their subtrees one value). A schedule that moves
+    (a sliding or random window) is checked over its first :data:`VALIDATED_ITERATIONS` iterations, a random one with
+    as many seeds; :func:`tree_rollout` checks each iteration's levels again."""
     s = sampling_config
     kwargs = dict(s.rollout_kwargs)
     steps = check_tree(kwargs.get("branch_steps", (0,)), kwargs.get("width", 2), s.group_size, s.num_steps)
-    _, noisy = s.noise_at_start()
-    quiet = [b for b in steps if not bool(noisy[b])]
-    if quiet:
-        raise ConfigError(f"tree: branch steps {quiet} draw no noise under sampling.noise_schedule={s.noise_schedule!r} "
-                          f"{s.noise_kwargs}: their copies would stay equal; branch on the noisy steps "
-                          f"{torch.nonzero(noisy).flatten().tolist()}")
+    for iteration in range(VALIDATED_ITERATIONS):
+        _, noisy = s.noise_at(iteration, seed=iteration)
+        quiet = [b for b in steps if not bool(noisy[b])]
+        if quiet:
+            when = "" if iteration == 0 else f" at iteration {iteration} (the window moves; branch on steps every window covers, or fix it)"
+            raise ConfigError(f"tree: branch steps {quiet} draw no noise under sampling.noise_schedule={s.noise_schedule!r} "
+                              f"{s.noise_kwargs}{when}: their copies would stay equal; branch on the noisy steps "
+                              f"{torch.nonzero(noisy).flatten().tolist()}")
 
 
 tree_rollout.validate = validate
