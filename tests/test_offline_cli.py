@@ -207,6 +207,8 @@ def test_offline_trains_then_refuses_resumes_and_overwrites(tiny_store, tmp_path
         (["--set", "objective_kwargs.tau=-1"], "tau must be > 0"),
         (["--resume"], "no valid checkpoint under"),
         (["--resume", "--overwrite"], "--resume continues the run in the output folder and --overwrite replaces it"),
+        (["--set", "device=cpux"], "device='cpux' is not a torch device"),
+        (["--set", "device=cuda:7"], "device='cuda:7': torch sees"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_store, tmp_path, capsys, extra, message):

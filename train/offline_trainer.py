@@ -284,7 +284,10 @@ class OfflineTrainer(OptimizerViews):
         from flowalign.errors import CheckpointError
         from flowalign.objectives import get_objective, takes_keyword
 
+        from flowalign.train.runtime import check_device
+
         cfg = self.config
+        check_device(cfg.device, "device")  # a typo or a missing accelerator: one line, before anything loads
         latest = None
         if self.resume:
             from flowalign.train.run_dir import never_checkpointed, refuse_other_kind
