@@ -248,15 +248,15 @@ def test_bad_arguments_are_named():
 def test_group_reward_norm_is_scale_free():
     torch.manual_seed(8)
     x0 = torch.randn(3, 4, 8)
-    rewards = torch.randn(3, 4) * 0.01
+    rewards = torch.randn(3, 4)
     policy, reference = LinearVelocity(8, 1), LinearVelocity(8, 2)
     sigma, noise = torch.rand(3, 1).expand(3, 4), torch.randn(3, 4, 8)
     objective = GDRO(reward_norm="group")
     small, _ = objective.loss(OfflineBatch(x0, rewards), policy, reference, sigma=sigma, noise=noise)
     large, _ = objective.loss(OfflineBatch(x0, rewards * 100 + 3), policy, reference, sigma=sigma, noise=noise)
-    assert small.item() == pytest.approx(large.item(), rel=1e-5)
-    plain, _ = GDRO().loss(OfflineBatch(x0, rewards), policy, reference, sigma=sigma, noise=noise)
-    plain_large, _ = GDRO().loss(OfflineBatch(x0, rewards * 100), policy, reference, sigma=sigma, noise=noise)
+    assert small.item() == pytest.approx(large.item(), rel=1e-3)  # up to reward_norm_eps (1e-4) against stds near 1
+    plain, _ = GDRO().loss(OfflineBatch(x0, rewards * 0.01), policy, reference, sigma=sigma, noise=noise)
+    plain_large, _ = GDRO().loss(OfflineBatch(x0, rewards), policy, reference, sigma=sigma, noise=noise)
     assert plain.item() != pytest.approx(plain_large.item(), rel=1e-3)  # the paper's form depends on the scale
 
 
@@ -394,6 +394,26 @@ def test_group_reward_norm_uses_the_population_std_by_hand():
     sigma, noise = torch.rand(1, 1).expand(1, 3), torch.randn(1, 3, 6)
     policy, reference = LinearVelocity(6, 1), LinearVelocity(6, 2)
     scores = implicit_rewards(_row_errors(x0, sigma, noise, policy), _row_errors(x0, sigma, noise, reference), 6.0)
-    targets = torch.tensor([[-1.0, 0.0, 1.0]]) / math.sqrt(2 / 3)
+    targets = torch.tensor([[-1.0, 0.0, 1.0]]) / (math.sqrt(2 / 3) + 1e-4)
     loss, _ = GDRO(tau=0.5, gamma=0.0, reward_norm="group").loss(OfflineBatch(x0, rewards), policy, reference, sigma=sigma, noise=noise)
     assert loss.item() == pytest.approx(gdro_listwise_loss(scores, targets, 0.5).item(), rel=1e-5)
+
+
+def test_group_reward_norm_keeps_a_near_tie_a_near_tie():
+    """Rewards [0.5, 0.500001, 0.5] (float noise of one reward) were z-scored by std.clamp_min(1e-8) into the same
+    targets as [0, 1, 0]: a full-confidence ranking of noise. With std + eps the targets are about 0.005 apart."""
+    torch.manual_seed(6)
+    x0, sigma, noise = torch.randn(1, 3, 6), torch.rand(1, 1).expand(1, 3), torch.randn(1, 3, 6)
+    policy, reference = LinearVelocity(6, 1), LinearVelocity(6, 2)
+    scores = implicit_rewards(_row_errors(x0, sigma, noise, policy), _row_errors(x0, sigma, noise, reference), 6.0)
+    near = torch.tensor([[0.5, 0.500001, 0.5]], dtype=torch.float64)
+    std = math.sqrt(2 / 9) * 1e-6  # population std of [0, 1e-6, 0]
+    by_hand = ((near - near.mean()) / (std + 1e-4)).float()  # about [-0.0047, 0.0094, -0.0047]
+    assert by_hand.abs().max() < 0.01
+    objective = GDRO(tau=0.05, gamma=0.0, reward_norm="group")
+    loss, _ = objective.loss(OfflineBatch(x0, near.float()), policy, reference, sigma=sigma, noise=noise)
+    assert loss.item() == pytest.approx(gdro_listwise_loss(scores, by_hand, 0.05).item(), rel=1e-3)
+    ranked, _ = objective.loss(OfflineBatch(x0, torch.tensor([[0.0, 1.0, 0.0]])), policy, reference, sigma=sigma, noise=noise)
+    assert abs(ranked.item() - loss.item()) > 0.1
+    with pytest.raises(ValueError, match="reward_norm_eps must be > 0"):
+        GDRO(reward_norm_eps=0.0)

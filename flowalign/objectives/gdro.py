@@ -103,7 +103,9 @@ class GDRO:
 
     ``reward_norm="group"`` (an extension, not in the paper) z-scores the explicit rewards within
     each group before the ``/τ`` softmax, so ``τ`` means the same for rewards of any scale (the
-    paper's form, ``"none"``, suits rewards in [0, 1] with real spread, e.g. verifiers).
+    paper's form, ``"none"``, suits rewards in [0, 1] with real spread, e.g. verifiers):
+    ``(r - mean) / (std + reward_norm_eps)`` with the population std, as the online group advantages are
+    normalised, so a near-tie (float noise of a reward) stays a near-tie instead of a full-confidence ranking.
     """
 
     needs_reference = True
@@ -118,10 +120,13 @@ class GDRO:
         per_sample_sigma: bool = False,
         per_sample_noise: bool = False,
         reward_norm: str = "none",
+        reward_norm_eps: float = 1e-4,
         generator: Optional[torch.Generator] = None,
     ):
         if reward_norm not in ("none", "group"):
             raise ValueError(f"reward_norm must be 'none' or 'group', got {reward_norm!r}")
+        if not reward_norm_eps > 0:
+            raise ValueError(f"reward_norm_eps must be > 0, got {reward_norm_eps}")
         if beta <= 0:
             raise ValueError(f"beta must be > 0, got {beta}")
         if tau <= 0:
@@ -132,7 +137,7 @@ class GDRO:
         self.sigma_range = check_sigma_range(sigma_range)
         self.per_sample_sigma = per_sample_sigma
         self.per_sample_noise = per_sample_noise
-        self.reward_norm = reward_norm
+        self.reward_norm, self.reward_norm_eps = reward_norm, float(reward_norm_eps)
         self.generator = generator
 
     def _tie_order(self, rewards: Tensor) -> Tensor:
@@ -173,7 +178,7 @@ class GDRO:
         targets = rewards
         if self.reward_norm == "group":
             std = rewards.std(dim=1, keepdim=True, unbiased=False)
-            targets = (rewards - rewards.mean(dim=1, keepdim=True)) / std.clamp_min(1e-8)  # tied groups -> all 0
+            targets = (rewards - rewards.mean(dim=1, keepdim=True)) / (std + self.reward_norm_eps)  # tied groups -> all 0
         # ties are ranked in a fresh random order each step (the stable sort would always rank them in
         # member order, and argmax always pick member 0 as the top: tied samples would get unequal pushes)
         perm = self._tie_order(rewards)  # [P, k]: member j of the shuffled group is member perm[:, j]
