@@ -19,8 +19,11 @@ Durability: each shard is written to a temp file, fsynced and renamed; its PNG f
 only then is its manifest line appended (and fsynced). A killed run therefore leaves at most a
 temp file, an unlisted shard or a torn last manifest line, which :class:`RolloutWriter` cleans
 up; rerunning regenerates exactly the missing shards (seeds depend only on the prompt index and
-member, not on the run). Loading verifies every shard's sha256 and shapes and raises
-:class:`RolloutStoreError` naming the shard: nothing is skipped silently. No pickle anywhere.
+member, not on the run), and draws again a listed shard that is missing or whose sha256 differs (a
+corrupt file is kept as ``<shard>.corrupt``). Reading verifies every shard's sha256 and shapes
+(:meth:`RolloutStore.verify`, which an offline run calls at setup) and raises
+:class:`RolloutStoreError` naming the shard; a damaged ``store.json`` or manifest line is named the
+same way: nothing is skipped silently. No pickle anywhere.
 """
 from __future__ import annotations
 
@@ -78,12 +81,43 @@ def sample_seed(base_seed: int, prompt_index: int, member: int, samples_per_prom
     return base_seed + prompt_index * samples_per_prompt + member
 
 
-def _is_shard_entry(entry: Any) -> bool:
-    """A manifest line as the writer writes it; its shard is named by its index, so it cannot point outside ``shards/``."""
-    return (isinstance(entry, dict) and type(entry.get("index")) is int and entry["index"] >= 0
+def _shard_entry_problem(entry: Any) -> Optional[str]:
+    """What makes ``entry`` not a manifest line as the writer writes it (None when it is one). Its shard is named by
+    its index, so it cannot point outside ``shards/``; its ``num_samples`` records each carry their row, prompt index,
+    member and rewards (a number, or null for a sample whose reward was dropped)."""
+    if not (isinstance(entry, dict) and type(entry.get("index")) is int and entry["index"] >= 0
             and entry.get("shard") == shard_name(entry["index"]) and isinstance(entry.get("sha256"), str)
             and type(entry.get("num_samples")) is int and isinstance(entry.get("samples"), list)
-            and isinstance(entry.get("latent_shape"), list) and all(type(d) is int for d in entry["latent_shape"]))
+            and isinstance(entry.get("latent_shape"), list) and all(type(d) is int for d in entry["latent_shape"])):
+        return ("not a shard entry (index, shard = shard-NNNNN.safetensors of that index, sha256, num_samples, "
+                "latent_shape, samples)")
+    samples = entry["samples"]
+    if len(samples) != entry["num_samples"]:
+        return f"{len(samples)} sample records, num_samples says {entry['num_samples']}"
+    for number, record in enumerate(samples):
+        if not isinstance(record, dict):
+            return f"sample record {number} is not an object"
+        bad = [key for key in ("row", "prompt_index", "member") if type(record.get(key)) is not int or record[key] < 0]
+        if bad:
+            return f"sample record {number} has no valid {', '.join(bad)} (an int >= 0)"
+        rewards = record.get("rewards")
+        if not isinstance(rewards, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) or v is None
+                                                     for v in rewards.values()):
+            return f"sample record {number}: rewards must map each reward's name to a number or null, got {rewards!r}"
+    if sorted(record["row"] for record in samples) != list(range(len(samples))):
+        return f"sample rows {sorted(record['row'] for record in samples)} are not 0..{len(samples) - 1}"
+    return None
+
+
+def _read_store_json(path: Path) -> dict:
+    """``store.json``'s content, or a RolloutStoreError naming what is wrong with it."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RolloutStoreError(f"{path}: not valid JSON ({exc}): a damaged or hand-edited store") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("settings"), dict):
+        raise RolloutStoreError(f"{path}: no 'settings' object: a damaged or hand-edited store")
+    return meta
 
 
 def _read_manifest(path: Path, repair: bool) -> list[dict]:
@@ -112,9 +146,9 @@ def _read_manifest(path: Path, repair: bool) -> list[dict]:
                     raise RolloutStoreError(f"{path}: the last line is incomplete (generation was interrupted); rerun the same "
                                             "`flowalign generate` to repair and finish the store")
                 raise RolloutStoreError(f"{path}: line {number} is not valid JSON (corrupt manifest)")
-            if not _is_shard_entry(entry):
-                raise RolloutStoreError(f"{path}: line {number} is not a shard entry (index, shard = shard-NNNNN.safetensors of "
-                                        "that index, sha256, num_samples, latent_shape, samples): corrupt or hand-edited manifest")
+            problem = _shard_entry_problem(entry)
+            if problem is not None:
+                raise RolloutStoreError(f"{path}: line {number}: {problem}: corrupt or hand-edited manifest")
             lines.append(entry)
             good_end = end
         offset = end
@@ -155,7 +189,7 @@ class RolloutWriter:
         manifest = self.root / MANIFEST_FILE
         no_shard_yet = not manifest.exists() or not manifest.read_text(encoding="utf-8").strip()
         if meta_path.exists():
-            old = _with_later_defaults(json.loads(meta_path.read_text(encoding="utf-8")))
+            old = _with_later_defaults(_read_store_json(meta_path))
             if old != meta:
                 keys = sorted(k for k in set(old.get("settings", {})) | set(meta["settings"]) if old.get("settings", {}).get(k) != meta["settings"].get(k))
                 if not no_shard_yet:
@@ -178,14 +212,31 @@ class RolloutWriter:
                 leftover.rmdir()
             else:
                 leftover.unlink()
-        self.entries = {}
+        self.entries, damaged = {}, []
         for entry in _read_manifest(self.root / MANIFEST_FILE, repair=True):
             path = self.root / "shards" / entry["shard"]
             if entry["index"] in self.entries:
                 raise RolloutStoreError(f"{self.root}: shard {entry['shard']} is listed twice in the manifest", entry["shard"])
             if not path.exists() or sha256_file(path) != entry["sha256"]:
-                raise RolloutStoreError(f"{path}: listed in the manifest but missing or its sha256 differs (corrupt shard)", entry["shard"])
+                damaged.append(entry)
+                continue
             self.entries[entry["index"]] = entry
+        if damaged:
+            self._unlist(damaged)
+
+    def _unlist(self, damaged: list[dict]) -> None:
+        """Take missing or corrupt shards out of the manifest, so that this run draws them again (their seeds depend only
+        on their place in the store, and the settings, the model's fingerprint included, are the store's). A corrupt
+        file is kept beside as ``<shard>.corrupt`` (and its PNG folder as ``<folder>.corrupt``) for inspection."""
+        for entry in damaged:
+            path = self.root / "shards" / entry["shard"]
+            logger.warning("rollout store: %s is %s: drawing it again", path, "corrupt (its sha256 differs from the manifest)"
+                           if path.exists() else "missing")
+            for old in (path, self.root / "images" / Path(entry["shard"]).stem):
+                if old.exists():
+                    os.replace(old, old.with_name(old.name + ".corrupt"))
+        keep = sorted(self.entries.values(), key=lambda e: e["index"])
+        write_text_atomic(self.root / MANIFEST_FILE, "".join(json.dumps(e, sort_keys=True) + "\n" for e in keep))
 
     @property
     def completed(self) -> set[int]:
@@ -292,7 +343,7 @@ class RolloutStore:
         meta_path = self.root / META_FILE
         if not meta_path.exists():
             raise RolloutStoreError(f"{self.root}: not a rollout store (no {META_FILE})")
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = _read_store_json(meta_path)
         if meta.get("version") != STORE_VERSION:
             raise RolloutStoreError(f"{meta_path}: store version {meta.get('version')!r}, this flowalign reads {STORE_VERSION}")
         self.settings: dict[str, Any] = meta["settings"]
@@ -303,6 +354,14 @@ class RolloutStore:
                 raise RolloutStoreError(f"{self.root}: shard {entry['shard']} is listed twice in the manifest", entry["shard"])
             seen.add(entry["index"])
         self.entries = sorted(entries, key=lambda e: e["index"])
+        per_prompt = self.settings.get("samples_per_prompt")
+        for entry in self.entries:  # every prompt of a shard has its whole group (members 0..G-1 once each)
+            for prompt_index, samples in _by_prompt(entry).items():
+                members = [record["member"] for record in samples]
+                if type(per_prompt) is int and members != list(range(per_prompt)):
+                    raise RolloutStoreError(f"{self.root / MANIFEST_FILE}: prompt {prompt_index} of {entry['shard']} has members "
+                                            f"{members}, the store's samples_per_prompt is {per_prompt}: corrupt or hand-edited manifest",
+                                            entry["shard"])
         shapes = {tuple(e["latent_shape"]) for e in self.entries}
         if len(shapes) > 1:
             raise RolloutStoreError(f"{self.root}: shards have different latent shapes {sorted(shapes)}")
@@ -403,6 +462,13 @@ class RolloutStore:
         if unscored:
             logger.warning("%s: left out %d group(s) with a sample whose reward was dropped when generating", self.root, unscored)
         return refs
+
+    def verify(self) -> None:
+        """Check every shard's sha256 and shapes now (RolloutStoreError naming the first bad one), so that a run finds a
+        damaged store before it trains rather than when an epoch reaches the shard; later reads of an unchanged shard
+        are not checked again."""
+        for entry in self.entries:
+            self._verified_path(entry)
 
     def _verified_path(self, entry: dict) -> Path:
         """The shard's path, its sha256 and shapes checked the first time this store reads it (and again whenever its
@@ -587,7 +653,7 @@ def fill_store(
     prompt_digest = prompts_digest(specs)
     legacy_digest = hashlib.sha256(json.dumps([s["prompt"] for s in specs]).encode()).hexdigest()  # stores before 2026-12-06
     store_json = Path(root) / "store.json"
-    if store_json.is_file() and json.loads(store_json.read_text(encoding="utf-8")).get("settings", {}).get("prompts_sha256") == legacy_digest:
+    if store_json.is_file() and _read_store_json(store_json)["settings"].get("prompts_sha256") == legacy_digest:
         logger.warning("%s: a store from before the prompts' constraints were hashed: resuming it checks the prompt texts only", root)
         prompt_digest = legacy_digest
     full_settings = {

@@ -3,6 +3,7 @@ torn manifest / temp leftovers / unlisted shards are repaired, corruption is rep
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -161,13 +162,61 @@ def test_corrupt_shard_is_reported_by_name(tmp_path):
     with pytest.raises(RolloutStoreError, match="shard-00003") as info:
         list(RolloutStore(root).groups())
     assert info.value.shard == "shard-00003.safetensors"
-    # resuming refuses too, rather than silently regenerating or skipping
     with pytest.raises(RolloutStoreError, match="shard-00003"):
-        _fill(root)
+        RolloutStore(root).verify()  # what an offline run checks at setup
     # a missing shard is named as well
     path.unlink()
     with pytest.raises(RolloutStoreError, match="shard-00003"):
         list(store.groups())
+
+
+def test_generate_draws_a_corrupt_or_missing_shard_again_and_keeps_the_corrupt_file(tmp_path, caplog):
+    """It refused the store ("corrupt shard"), so one flipped bit cost the whole folder: the seeds depend only on a
+    sample's place and the settings are the store's, so the shard is drawn again, the same as before."""
+    root = tmp_path / "s"
+    records, latents = _contents(_fill(root))
+    before = records, {key: value.clone() for key, value in latents.items()}  # not a view of the file about to be damaged
+    shard = root / "shards" / "shard-00003.safetensors"
+    good = shard.read_bytes()
+    data = bytearray(good)
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (root / "shards" / "shard-00001.safetensors").unlink()
+    with caplog.at_level(logging.WARNING, logger="flowalign.offline"):
+        store = _fill(root)
+    assert "shard-00003.safetensors is corrupt" in caplog.text and "shard-00001.safetensors is missing" in caplog.text
+    assert shard.read_bytes() == good and (root / "shards" / "shard-00003.safetensors.corrupt").read_bytes() == bytes(data)
+    store.verify()
+    records, latents = _contents(store)
+    assert records == before[0] and all(torch.equal(latents[key], before[1][key]) for key in latents)
+    assert sorted(e["index"] for e in store.entries) == list(range(6))
+
+
+def _edit_manifest(root, edit):
+    lines = [json.loads(line) for line in (root / "manifest.jsonl").read_text().splitlines()]
+    edit(lines)
+    (root / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda root: (root / "store.json").write_text(""), r"store.json: not valid JSON"),
+    (lambda root: (root / "store.json").write_text('{"version": 1}'), r"store.json: no 'settings' object"),
+    (lambda root: _edit_manifest(root, lambda lines: lines[0]["samples"].pop()), r"line 1: 5 sample records, num_samples says 6"),
+    (lambda root: _edit_manifest(root, lambda lines: lines[1]["samples"][2].pop("rewards")), r"line 2: sample record 2: rewards must map"),
+    (lambda root: _edit_manifest(root, lambda lines: lines[0]["samples"][1]["rewards"].update(bright="0.43")),
+     r"line 1: sample record 1: rewards must map .*'0.43'"),
+    (lambda root: _edit_manifest(root, lambda lines: lines[0]["samples"][1].update(member="1")), r"line 1: sample record 1 has no valid member"),
+    (lambda root: _edit_manifest(root, lambda lines: lines[0]["samples"][1].update(row=0)), r"line 1: sample rows \[0, 0, 2, 3, 4, 5\]"),
+    (lambda root: _edit_manifest(root, lambda lines: lines[0]["samples"][1].update(member=2)), r"prompt 0 of shard-00000.safetensors has members \[0, 2, 2\]"),
+])
+def test_a_damaged_or_hand_edited_store_is_a_store_error_naming_the_file(tmp_path, damage, message):
+    """They were a JSONDecodeError, a KeyError or a ValueError from deep in a run, and a reward stored as a string was
+    left out as 'dropped when generating'."""
+    root = tmp_path / "s"
+    _fill(root)
+    damage(root)
+    with pytest.raises(RolloutStoreError, match=message):
+        RolloutStore(root)
 
 
 def test_wrong_shape_is_reported(tmp_path):
@@ -415,6 +464,51 @@ def test_offline_trainer_resume_continues_bit_exactly(tiny_store, tmp_path):
     assert reads == [2]  # the last step's 2 groups: the 3 steps done (over 2 epochs) are not read again
     a, b = get_lora_state_dict(full.adapter.trainable_module), get_lora_state_dict(resumed.adapter.trainable_module)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_shard_damaged_before_or_during_an_offline_run_loses_no_step(tiny_store, tmp_path):
+    """A damaged shard was found only when an epoch reached it, after steps had trained, and nothing was checkpointed
+    (checkpoint_every 0). Setup now checks every shard; one damaged mid-run checkpoints the steps done, and after the
+    store is repaired the resumed run ends where an uninterrupted one does."""
+    import shutil
+
+    from flowalign.lora import get_lora_state_dict
+    from flowalign.train.offline_trainer import OfflineTrainer
+
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    shards = sorted((store / "shards").glob("*.safetensors"))
+    good = {path: path.read_bytes() for path in shards}
+    _flip_last_byte(shards[1])
+    with pytest.raises(RolloutStoreError, match=r"shard-00001.*rerun the `flowalign generate` that wrote the store"):
+        _offline_trainer(store, tmp_path / "refused", lr=1e-3, epochs=2)
+    shards[1].write_bytes(good[shards[1]])
+
+    full = _offline_trainer(store, tmp_path / "full", lr=1e-3, epochs=2)
+    full.train()
+
+    def damage_after_the_first_step(trainer, metrics):
+        if trainer.step == 1:
+            for path in shards:
+                _flip_last_byte(path)
+
+    part = _offline_trainer(store, tmp_path / "part", lr=1e-3, epochs=2)
+    with pytest.raises(RolloutStoreError, match="sha256 differs"):
+        part.train(callback=damage_after_the_first_step)
+    assert [p.name for p in (tmp_path / "part" / "checkpoints").iterdir()] == ["iter_000001"]
+    for path in shards:  # the repair: what `flowalign generate` draws again
+        path.write_bytes(good[path])
+    resumed = OfflineTrainer(part.config, resume=True).setup()
+    assert resumed.step == 1
+    resumed.train()
+    a, b = get_lora_state_dict(full.adapter.trainable_module), get_lora_state_dict(resumed.adapter.trainable_module)
+    assert resumed.step == full.step == 4 and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow

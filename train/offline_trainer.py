@@ -37,7 +37,7 @@ from torch import Tensor
 from flowalign import checkpoint as ckpt
 from flowalign import lora as lora_lib
 from flowalign.config import LOG_BACKENDS, MODEL_MEMORY_KNOBS, LoraConfig, ModelConfig, apply_overrides, build_dataclass, to_dict
-from flowalign.errors import ConfigError
+from flowalign.errors import ConfigError, RolloutStoreError
 from flowalign.files import write_text_atomic
 from flowalign.lr_schedule import LR_SCHEDULES
 from flowalign.objectives.awm import is_awm
@@ -233,6 +233,11 @@ class OfflineTrainer(OptimizerViews):
             logger.warning("rollout store %s is incomplete (rerun `flowalign generate` to finish it)", cfg.store)
         if not self.store.entries:
             raise ConfigError(f"store {cfg.store} holds no samples yet (run `flowalign generate` first)")
+        try:
+            self.store.verify()  # every shard's sha256, before the model loads (an epoch would find a bad one mid-run)
+        except RolloutStoreError as exc:
+            raise RolloutStoreError(f"{exc}; rerun the `flowalign generate` that wrote the store: it draws damaged shards again",
+                                    exc.shard) from None
         per_prompt = int(self.store.settings["samples_per_prompt"])
         self.k = cfg.k or per_prompt
         if self.k > per_prompt:
@@ -474,6 +479,13 @@ class OfflineTrainer(OptimizerViews):
                         path = self.save_checkpoint() if self.step > self._saved_step else ckpt.find_latest(self.run_dir / "checkpoints")
                         raise stop.stopped(stop.signum, self.step, self.total_steps, path,
                                            resume=f"flowalign offline --resume {shlex.quote(str(self.run_dir))}")
+        except RolloutStoreError:  # a shard damaged since setup checked it: keep the steps done
+            if self.step > self._saved_step:
+                path = self.save_checkpoint()
+                logger.error("the store failed at step %d; the steps done are checkpointed in %s: repair the store (rerun its "
+                             "`flowalign generate`) and continue with `flowalign offline --resume %s`", self.step, path,
+                             shlex.quote(str(self.run_dir)))
+            raise
         finally:
             if bar is not None:
                 bar.close()
