@@ -73,12 +73,20 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
 
-def sample_seed(base_seed: int, prompt_index: int, member: int, samples_per_prompt: int) -> int:
-    """Seed of sample ``member`` of prompt ``prompt_index``: ``base + prompt_index * G + member``.
+#: seeds of one base seed's store: ``base * SEED_STRIDE + prompt_index * G + member`` (stores of base seeds 0 and 1
+#: share no sample unless one holds 2**32 samples)
+SEED_STRIDE = 2**32
 
-    Depends only on the sample's place in the store, so a resumed run redraws the same samples.
+
+def sample_seed(base_seed: int, prompt_index: int, member: int, samples_per_prompt: int, stride: int = SEED_STRIDE) -> int:
+    """Seed of sample ``member`` of prompt ``prompt_index``: ``(base * stride + prompt_index * G + member) mod 2**63``.
+
+    Depends only on the sample's place in the store, so a resumed run redraws the same samples, and stores of
+    different base seeds draw different samples. Stores written before ``stride`` existed used ``stride = 1``
+    (``base + prompt_index * G + member``: base seeds 0 and 1 shared all but one sample per G), which
+    :func:`fill_store` keeps when it finishes one of them.
     """
-    return base_seed + prompt_index * samples_per_prompt + member
+    return (base_seed * stride + prompt_index * samples_per_prompt + member) % 2**63
 
 
 def _shard_entry_problem(entry: Any) -> Optional[str]:
@@ -656,11 +664,15 @@ def fill_store(
     if store_json.is_file() and _read_store_json(store_json)["settings"].get("prompts_sha256") == legacy_digest:
         logger.warning("%s: a store from before the prompts' constraints were hashed: resuming it checks the prompt texts only", root)
         prompt_digest = legacy_digest
+    stride = SEED_STRIDE
+    if store_json.is_file() and "seed_stride" not in _read_store_json(store_json)["settings"]:
+        stride = 1  # a store from before the stride: finished with the seeds it began with
     full_settings = {
         **(settings or {}),
         "samples_per_prompt": samples_per_prompt,
         "prompts_per_shard": prompts_per_shard,
         "base_seed": base_seed,
+        **({"seed_stride": stride} if stride != 1 else {}),
         "num_prompts": len(specs),
         "prompts_sha256": prompt_digest,
         "image_format": image_format,
@@ -685,7 +697,7 @@ def fill_store(
             members = [j for _ in chunk for j in range(samples_per_prompt)]
             texts = [specs[p]["prompt"] for p in prompt_ids]
             meta = [{k: v for k, v in specs[p].items() if k != "prompt"} for p in prompt_ids]
-            seeds = [sample_seed(base_seed, p, j, samples_per_prompt) for p, j in zip(prompt_ids, members)]
+            seeds = [sample_seed(base_seed, p, j, samples_per_prompt, stride) for p, j in zip(prompt_ids, members)]
             latents, images = sample_fn(texts, seeds)
             scores = score_fn(images, texts, meta) if images is not None else score_fn(latents, texts, meta)
             records = []

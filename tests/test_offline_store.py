@@ -231,6 +231,25 @@ def test_wrong_shape_is_reported(tmp_path):
         list(RolloutStore(root).groups())
 
 
+def test_stores_of_different_base_seeds_share_no_sample_and_older_stores_keep_their_seeds(tmp_path):
+    """Seeds were base + prompt_index * G + member: the stores of seeds 0 and 1 shared all but one sample per group."""
+    assert sample_seed(7, 5, 1, 3) == 7 * 2**32 + 5 * 3 + 1 and sample_seed(7, 5, 1, 3, stride=1) == 7 + 16
+    seeds = {base: {r["seed"] for r in fill_store(tmp_path / f"s{base}", PROMPTS, G, sample_fn, score_fn, base_seed=base,
+                                                  prompts_per_shard=2).records()} for base in (0, 1)}
+    assert len(seeds[0]) == len(seeds[1]) == 36 and not seeds[0] & seeds[1]
+    # a store begun before the stride (its store.json has no seed_stride) is finished with the seeds it began with
+    root = tmp_path / "old"
+    _fill(root)
+    meta = json.loads((root / "store.json").read_text())
+    assert meta["settings"].pop("seed_stride") == 2**32
+    (root / "store.json").write_text(json.dumps(meta))
+    _edit_manifest(root, lambda lines: lines.pop())  # shard 5 (prompts 10, 11) left to draw
+    (root / "shards" / "shard-00005.safetensors").unlink()
+    store = _fill(root)
+    redrawn = sorted(r["seed"] for r in store.records() if r["prompt_index"] >= 10)
+    assert redrawn == [7 + p * G + j for p in (10, 11) for j in range(G)]
+
+
 def test_settings_mismatch_and_no_pickle(tmp_path):
     root = tmp_path / "s"
     _fill(root, image_format="tensor")
