@@ -180,6 +180,26 @@ def _with_later_defaults(meta: Any) -> Any:
     return meta
 
 
+#: settings that name files whose content other settings pin (``prompts_sha256``; ``model_hash``, the weights' fingerprint
+#: with the LoRA's): the same store when only their spelling or place differs
+DESCRIPTIVE_SETTINGS = (("prompts_file",), ("lora",), ("model", "pretrained"))
+
+
+def _store_identity(meta: dict) -> dict:
+    """``store.json`` content without :data:`DESCRIPTIVE_SETTINGS` when the content they name is pinned."""
+    settings = meta.get("settings")
+    if not isinstance(settings, dict) or not settings.get("prompts_sha256") or settings.get("model_hash") in (None, "custom-sample-fn"):
+        return meta
+    settings = json.loads(json.dumps(settings))
+    for path in DESCRIPTIVE_SETTINGS:
+        parent = settings
+        for key in path[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if isinstance(parent, dict):
+            parent.pop(path[-1], None)
+    return {**meta, "settings": settings}
+
+
 class RolloutWriter:
     """Append shards to a store folder; resumes a store written by an earlier (killed) run.
 
@@ -198,6 +218,10 @@ class RolloutWriter:
         no_shard_yet = not manifest.exists() or not manifest.read_text(encoding="utf-8").strip()
         if meta_path.exists():
             old = _with_later_defaults(_read_store_json(meta_path))
+            if old != meta and _store_identity(old) == _store_identity(meta):  # the same files, named otherwise
+                logger.info("%s: the same prompts and model as the store's, named otherwise (%s); store.json keeps its names",
+                            self.root, ", ".join(".".join(p) for p in DESCRIPTIVE_SETTINGS))
+                meta = old
             if old != meta:
                 keys = sorted(k for k in set(old.get("settings", {})) | set(meta["settings"]) if old.get("settings", {}).get(k) != meta["settings"].get(k))
                 if not no_shard_yet:

@@ -275,6 +275,43 @@ def test_generate_rerun_with_another_t5_cache_size_is_the_same_store(tiny_store,
     assert cli.main(["generate", "--config", str(gen), "--set", "model.t5_cache_size=0"]) == 0, capsys.readouterr().err
 
 
+def test_the_same_files_named_otherwise_finish_a_store_and_resume_a_run(tiny_store, tmp_path, monkeypatch, capsys):
+    """An interrupted `generate` finished with `./p.jsonl` instead of the absolute path was refused ("differs in
+    ['prompts_file']; use a new folder"), and `offline --resume` after the store moved was refused ("changed: store"):
+    the prompts' digest, the weights' fingerprint and the store's fingerprint already pin what they name."""
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    lines = (store / "manifest.jsonl").read_text().splitlines(keepends=True)
+    (store / "manifest.jsonl").write_text(lines[0])  # interrupted after its first shard
+    monkeypatch.chdir(tiny_store.parent)
+    assert cli.main(["generate", "--config", "gen.yaml", "--set", "prompts=./p.jsonl", "--set", f"output_dir={store}",
+                     "--set", "progress=false"]) == 0, capsys.readouterr().err
+    assert (store / "manifest.jsonl").read_text().splitlines(keepends=True) == lines  # the same samples, finished
+    assert json.loads((store / "store.json").read_text())["settings"]["prompts_file"] == str(tiny_store.parent / "p.jsonl")
+    # other prompts are still another store
+    (tmp_path / "q.jsonl").write_text('{"prompt": "a red circle", "tag": "single"}\n')
+    (store / "manifest.jsonl").write_text(lines[0])
+    assert cli.main(["generate", "--config", "gen.yaml", "--set", f"prompts={tmp_path / 'q.jsonl'}", "--set", f"output_dir={store}"]) == 2
+    assert "differs in ['num_prompts', 'prompts_file', 'prompts_sha256']" in _one_error_line(capsys, "generate")
+    (store / "manifest.jsonl").write_text("".join(lines))
+
+    run = tmp_path / "run"
+    assert cli.main(["offline", "--config", str(_offline_yaml(tmp_path, store, run)), "--set", "max_steps=1", "--set", "progress=false"]) == 0
+    moved = tmp_path / "moved"
+    store.rename(moved)
+    assert cli.main(["offline", "--resume", str(run), "--set", f"store={moved}", "--set", "max_steps=2", "--set", "progress=false"]) == 0
+    assert "done: 2 steps" in capsys.readouterr().out
+    # another content under the new path is refused by the store's fingerprint
+    shutil.copytree(moved, tmp_path / "other")
+    meta = json.loads((tmp_path / "other" / "store.json").read_text())
+    meta["settings"]["base_seed"] = 5
+    (tmp_path / "other" / "store.json").write_text(json.dumps(meta))
+    assert cli.main(["offline", "--resume", str(run), "--set", f"store={tmp_path / 'other'}", "--set", "max_steps=3"]) == 2
+    assert "was trained on another content of store" in _one_error_line(capsys)
+
+
 def test_generate_scores_in_reward_batches_into_the_same_store(tiny_store, tmp_path, capsys):
     """rewards[].batch_size chunks the scoring calls; the stored rewards are the whole batch's, and a finished store
     reruns under another batch size (the chunking is not a setting of the store)."""

@@ -153,19 +153,27 @@ _HASH_EXCLUDE = ("epochs", "max_steps", "output_dir", "checkpoint_every", "keep_
                  "progress", "max_nonfinite_steps")
 
 
-def _hashed_settings(cfg: OfflineConfig, legacy: bool = False) -> dict:
-    data = {key: value for key, value in to_dict(cfg).items() if key not in _HASH_EXCLUDE}
+def _hashed_settings(cfg: OfflineConfig, legacy: bool = False, with_store: bool = False) -> dict:
+    data = {key: value for key, value in to_dict(cfg).items() if key not in _HASH_EXCLUDE
+            and (key != "store" or with_store or legacy)}
     data["model"] = {key: value for key, value in data["model"].items() if key not in MODEL_MEMORY_KNOBS
                      and not (legacy and key in LATER_SETTINGS["model"] and value == LATER_SETTINGS["model"][key])}
     return data
 
 
-def offline_config_hash(cfg: OfflineConfig, legacy: bool = False) -> str:
+def offline_config_hash(cfg: OfflineConfig, legacy: bool = False, with_store: bool = False) -> str:
     """sha256 (16 hex digits) of the settings that define an offline run's steps: a checkpoint carries it and
-    ``--resume`` refuses one written under other settings (objective, its kwargs, lr, seed, store, LoRA...).
-    ``legacy``: the hash an offline run written before ``model.adapter`` / ``adapter_kwargs`` existed carries (those
-    keys at their defaults left out), which a resume accepts too."""
-    return hashlib.sha256(json.dumps(_hashed_settings(cfg, legacy), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    ``--resume`` refuses one written under other settings (objective, its kwargs, lr, seed, LoRA...). The store's
+    path is not one of them: the checkpoint keeps the store's fingerprint (its settings and shard checksums), so a
+    store moved or named otherwise resumes and another content is refused. ``with_store``: the hash of a run written
+    before that (the path hashed too); ``legacy``: the hash of one written before ``model.adapter`` /
+    ``adapter_kwargs`` existed (those keys at their defaults left out, the path hashed). A resume accepts both."""
+    return hashlib.sha256(json.dumps(_hashed_settings(cfg, legacy, with_store), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def accepted_config_hashes(cfg: OfflineConfig) -> list[str]:
+    """The config hashes a checkpoint of ``cfg``'s run may carry: today's, then the older forms'."""
+    return [offline_config_hash(cfg), offline_config_hash(cfg, with_store=True), offline_config_hash(cfg, legacy=True)]
 
 
 def prepare_offline_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
@@ -536,9 +544,10 @@ class OfflineTrainer(OptimizerViews):
         from flowalign.errors import CheckpointError
 
         expected = offline_config_hash(self.config)
-        try:  # a run from before model.adapter existed carries the legacy hash of the same settings
-            if json.loads((path / ckpt.MANIFEST).read_text(encoding="utf-8")).get("config_hash") == offline_config_hash(self.config, legacy=True):
-                expected = offline_config_hash(self.config, legacy=True)
+        try:  # a run written before the store's path left the hash, or before model.adapter existed: an older form
+            saved_hash = json.loads((path / ckpt.MANIFEST).read_text(encoding="utf-8")).get("config_hash")
+            if saved_hash in accepted_config_hashes(self.config):
+                expected = saved_hash
         except (OSError, ValueError, AttributeError):
             pass  # a damaged manifest: load_checkpoint names what is wrong
         try:
