@@ -211,7 +211,9 @@ def aggregate(tags: Sequence[str], scores: Tensor, partial: Optional[Tensor], th
             ci_low=low, ci_high=high, mean_score=float(s.mean()) if count else math.nan, dropped=int((~kept).sum()),
         )
         if partial is not None:
-            stats.mean_partial, stats.partial_low, stats.partial_high = mean_interval(partial[index][kept], z)
+            judged = partial[index][kept]
+            judged = judged[~torch.isnan(judged)]  # a sample the reward could not judge has no partial: left out, not NaN for all
+            stats.mean_partial, stats.partial_low, stats.partial_high = mean_interval(judged, z)
         out[name] = stats
     return out
 

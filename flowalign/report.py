@@ -446,8 +446,10 @@ def write_report(
     if command is None:
         program = Path(sys.argv[0]).name
         cli = sys.modules.get("flowalign.train.cli")
-        if cli is not None and Path(sys.argv[0]).resolve() == Path(cli.__file__).resolve():
-            program = "flowalign"  # python -m flowalign.train.cli: the command it stands for
+        main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        if (cli is not None and Path(sys.argv[0]).resolve() == Path(cli.__file__).resolve()) or \
+                getattr(main_spec, "name", None) == "flowalign.train.cli":
+            program = "flowalign"  # python -m flowalign.train.cli (torchrun, accelerate launch): the command it stands for
         command = config_dict.get("command") or shlex.join([program, *sys.argv[1:]])
     environment = run_environment()
     if metrics_csv is None and (run_dir / "metrics.csv").is_file():

@@ -138,6 +138,10 @@ def test_aggregate_counts_by_hand_and_skips_dropped():
     assert (stats["all"].count, stats["all"].correct) == (5, 3)
     assert (stats["all"].ci_low, stats["all"].ci_high) == pytest.approx(wilson_interval(3, 5))
     assert stats["a"].mean_score == pytest.approx(1.0) and stats["all"].mean_score == pytest.approx(3 / 5)  # dropped: not a 0
+    # a sample the reward scored but could not judge (partial NaN, as the protocol allows) leaves its partial out only
+    unjudged = aggregate(tags, scores, torch.tensor([0.9, 0.1, 0.5, float("nan"), 0.6, 0.2]))
+    assert unjudged["a"].mean_partial == pytest.approx(0.9) and unjudged["a"].count == 2
+    assert unjudged["all"].mean_partial == pytest.approx((0.9 + 0.1 + 0.6 + 0.2) / 4)
     # a score exactly at the threshold counts as correct (>=), one just below does not
     assert correct_mask(torch.tensor([0.5, 0.4999, float("nan")]), None, threshold=0.5).tolist() == [True, False, False]
 

@@ -622,6 +622,16 @@ def test_the_report_says_what_ran_where(tmp_path, monkeypatch):
     save_noise_table(tmp_path / "noise_table.json", [0.71, 0.73])
     text = write_report(tmp_path, base=base, aligned=base, config_dict=mixed, timings={}).read_text()
     assert "- **command**: `flowalign train --set train.seed=1`" in text
+    # under `python -m` (torchrun, accelerate launch) the module runs as __main__ and flowalign.train.cli is not imported
+    import importlib.util
+    import types
+
+    as_main = types.ModuleType("__main__")
+    as_main.__spec__ = importlib.util.find_spec("flowalign.train.cli")
+    monkeypatch.setitem(sys.modules, "__main__", as_main)
+    monkeypatch.delitem(sys.modules, "flowalign.train.cli")
+    monkeypatch.setattr(sys, "argv", ["/somewhere/flowalign/train/cli.py", "train"])
+    assert "- **command**: `flowalign train`" in write_report(tmp_path, base=base, aligned=base, config_dict=mixed, timings={}).read_text()
     assert "(noise table `noise_table.json` [0.71, 0.73])" in text and "noise constant" not in text
     assert "`shapes` {'score': 'mix', 'partial_weight': 0.5} × 1.0" in text
     assert "10 lines, 5 distinct prompts, of `p.jsonl`" in text
