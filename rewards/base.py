@@ -885,13 +885,14 @@ class MultiReward(Reward):
         return RewardOutput(scores=self.combine(components), details=details)
 
     def combine(self, per_component: Mapping[str, Tensor]) -> Tensor:
-        """``sum_i w_i x_i`` over components (rewards, or their normalised advantages)."""
+        """``sum_i w_i x_i`` over components (rewards, or their normalised advantages). A weight-0 component counts
+        for nothing, its NaN (a sample it dropped) included: it is logged, not mixed."""
         missing = set(self.weights) - set(per_component)
         if missing:
             raise ConfigError(f"MultiReward.combine: missing components {sorted(missing)}")
         total = None
         for key, weight in self.weights.items():
-            term = weight * per_component[key]
+            term = weight * per_component[key] if weight != 0 else torch.zeros_like(per_component[key])
             total = term if total is None else total + term
         return total
 

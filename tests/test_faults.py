@@ -98,6 +98,26 @@ def test_failing_reward_under_drop_drops_those_samples_and_trains_on_the_rest(tm
     assert metrics["optim/steps"] == 1.0 and torch.isfinite(torch.tensor(metrics["loss/total"]))
 
 
+@pytest.mark.parametrize("mix", ["reward", "advantage"])
+def test_a_weight_0_reward_that_drops_samples_is_logged_and_trains_nothing_away(tmp_path, mix):
+    """A weight-0 reward "counts for nothing" (README), yet its dropped samples left the update (kept_frac 0.5) and
+    MultiReward's sum was NaN for them (0 * NaN). Now the run trains as it does without it, step for step."""
+    from flowalign.rewards import MultiReward
+
+    brightness = "{name: brightness, weight: 1.0}"
+    alone = _trainer(tmp_path / "alone", f"rewards=[{brightness}]", f"objective.reward_mix={mix}")
+    monitored = _trainer(tmp_path / "monitored", f"rewards=[{brightness}, {{name: test_faulty, kwargs: {{mode: nan}}, weight: 0.0, "
+                         "on_error: drop}]", f"objective.reward_mix={mix}")
+    a, b = alone.run_iteration(), monitored.run_iteration()
+    assert b["reward/test_faulty/dropped"] > 0 and b["samples/kept_frac"] == a["samples/kept_frac"] == 1.0
+    assert all(torch.equal(x, y) for x, y in zip(_lora(alone).values(), _lora(monitored).values()))
+    combined = MultiReward.from_config([{"name": "brightness"}, {"name": "test_faulty", "kwargs": {"mode": "nan"}, "weight": 0.0,
+                                        "on_error": "drop"}])
+    images = torch.rand(4, 3, 8, 8)
+    out = combined.score(images, ["a circle", "a square", "a circle", "a square"], [{}] * 4)
+    assert torch.isfinite(out.scores).all() and torch.equal(out.scores, out.details["components"]["brightness"])
+
+
 def test_reward_with_wrong_length_under_drop_drops_the_whole_batch_and_skips_the_update(tmp_path):
     trainer = _trainer(tmp_path, "rewards=[{name: test_faulty, kwargs: {mode: short}, on_error: drop}]")
     before = _lora(trainer)

@@ -480,6 +480,10 @@ class Trainer(OptimizerViews):
                 out = call_reward_batched(reward, traj.images, traj.prompts, traj.metadata or None, on_error=rcfg.on_error,
                                           name=rcfg.key, batch_size=rcfg.batch_size, progress=bar.update if bar is not None else None)
             scores = out.scores.detach().float().cpu()
+            components[rcfg.key] = scores
+            dropped[rcfg.key] = out.num_dropped
+            if rcfg.weight == 0:  # logged only: it counts for nothing, so a sample it drops still trains
+                continue
             keep &= out.keep.cpu()
             was_finite = torch.isfinite(total)  # not where an earlier reward dropped the sample
             total += rcfg.weight * scores  # NaN where dropped
@@ -489,8 +493,6 @@ class Trainer(OptimizerViews):
 
                 raise RewardError(f"the weighted reward sum overflows float32 at reward {rcfg.key!r} (weight {rcfg.weight}, scores up "
                                   f"to {float(scores[overflow].abs().max()):.3g}); rescale the reward or its weight", reward=rcfg.key)
-            components[rcfg.key] = scores
-            dropped[rcfg.key] = out.num_dropped
         if bar is not None:
             bar.close()
         return total, keep, components, dropped
@@ -570,7 +572,8 @@ class Trainer(OptimizerViews):
         else:
             # one reward (the weighted sum), or each reward on its own scale (objective.reward_mix: advantage)
             if ocfg.reward_mix == "advantage" and components:
-                values, weights = components, {r.key: r.weight for r in self.config.rewards}
+                weights = {r.key: r.weight for r in self.config.rewards if r.weight != 0}  # a weight-0 reward is logged only
+                values = {key: components[key] for key in weights}
             else:
                 values, weights = {"total": rewards}, {"total": 1.0}
             ids, mine = group_ids, slice(None)
