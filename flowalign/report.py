@@ -587,6 +587,7 @@ def heldout_report(
     gather: Optional[Callable[[Any], list]] = None,
     journals: Optional[tuple[Any, Any]] = None,
     on_error: str = "raise",
+    reward_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> Optional[Path]:
     """Evaluate base and aligned on the held-out ``records``, draw ``before_after.png``, write the report.
 
@@ -597,7 +598,9 @@ def heldout_report(
     reused; it must have the same settings. ``num_samples`` / ``samples_per_prompt`` default to
     whole passes over the prompts reaching 512 samples. Eval wall times are added to ``timings``.
     ``target_gain_points``: see :func:`write_report`. ``on_error``: the reward's failure policy (``"drop"``: a sample
-    whose reward fails or is NaN is left out and counted in each category's ``dropped``).
+    whose reward fails or is NaN is left out and counted in each category's ``dropped``). ``reward_kwargs``: the
+    reward's keyword arguments (the recipe's ``rewards[i].kwargs``), recorded in ``eval_*.json``'s settings as
+    ``flowalign eval`` records them, so that ``eval --compare`` refuses a reference scored with other ones.
 
     Several processes split the samples: every process calls this with ``shard=(index, count)``
     and ``gather`` (see :func:`flowalign.evaluation.evaluate`), each samples its share of both
@@ -630,6 +633,9 @@ def heldout_report(
     timings["aligned eval"] = time.perf_counter() - start
     if shard is not None and int(shard[0]) != 0:
         return None
+    if reward_kwargs is not None:
+        for result in (base, aligned):
+            result.settings.setdefault("reward_kwargs", dict(reward_kwargs))
     if set(columns) <= set(base.images):
         write_before_after(run_dir / "before_after.png", base, aligned, columns)
     else:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import math
 
@@ -415,6 +416,24 @@ def test_cli_compare_sets_an_evaluation_against_an_earlier_one(capsys, tmp_path,
     assert not (tmp_path / "other").exists()
     (tmp_path / "bad.json").write_text("{}")
     assert "is not a flowalign eval.json" in _one_line_error(capsys, [*common, "--compare", str(tmp_path / "bad.json")])
+
+
+def test_compare_refuses_a_reference_scored_with_other_reward_kwargs_and_warns_when_it_names_none(caplog):
+    """The run report's eval_base.json recorded no reward kwargs, so `eval --compare` against it (the report scores
+    `shapes` with score: mix, a plain eval with the verdict) was accepted and printed a score change for the same model."""
+    from types import SimpleNamespace
+
+    from flowalign.train.eval_cli import check_reference
+
+    reference = SimpleNamespace(settings={"reward": "shapes", "reward_kwargs": {"score": "mix", "partial_weight": 0.5}},
+                                num_samples=8, seeds=[0])
+    with pytest.raises(ConfigError, match=r"reward_kwargs=\{'score': 'mix', 'partial_weight': 0.5\}, this evaluation with reward_kwargs=\{\}"):
+        check_reference(reference, "run/eval_base.json", reward="shapes", reward_kwargs={})
+    check_reference(reference, "run/eval_base.json", reward="shapes", reward_kwargs={"score": "mix", "partial_weight": 0.5})
+    older = SimpleNamespace(settings={"reward": "shapes"}, num_samples=8, seeds=[0])
+    with caplog.at_level(logging.WARNING, logger="flowalign.train.eval_cli"):
+        check_reference(older, "old/eval.json", reward="shapes", reward_kwargs={})
+    assert "--compare old/eval.json records no reward kwargs" in caplog.text
 
 
 def test_comparison_markdown_hand_worked():

@@ -401,6 +401,7 @@ def test_final_heldout_report_is_written_with_phase_times(tmp_path):
     aligned = json.loads((run / "eval_aligned.json").read_text())
     assert base["settings"]["num_samples"] == aligned["settings"]["num_samples"] == 8
     assert base["settings"]["reward"] == aligned["settings"]["reward"]  # the first reward of the mix
+    assert base["settings"]["reward_kwargs"] == aligned["settings"]["reward_kwargs"] == {}  # what `eval --compare` checks
     # 2 columns per tag, each a base and an aligned cell of the 32 px tiny images upscaled 4x
     h, w = trainer.adapter.height, trainer.adapter.width
     assert Image.open(run / "before_after.png").size == grid_size(4, h, w)

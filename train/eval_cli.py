@@ -238,6 +238,9 @@ def check_reference(reference, reference_name: str, **asked) -> None:
     for key, value in asked.items():
         if value is not None and had[key] is not None and had[key] != value:
             raise ConfigError(f"--compare {reference_name}: it was sampled with {key}={had[key]}, this evaluation with {key}={value}")
+    if asked.get("reward_kwargs") is not None and had["reward_kwargs"] is None:
+        logger.warning("--compare %s records no reward kwargs (written before they were recorded): check that it was scored "
+                       "with %s %s, as this evaluation is", reference_name, asked.get("reward"), asked["reward_kwargs"])
 
 
 def check_reference_prompts(reference, reference_name: str, prompts: list, samples_per_prompt: Optional[int]) -> None:
