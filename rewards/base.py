@@ -389,7 +389,10 @@ def _build(obj: Any, name: str, kwargs: dict[str, Any]) -> Reward:
         except Exception as exc:  # a bad setting the reward's constructor refuses: one line naming the reward
             raise ConfigError(f"reward {name!r} could not be built with {kwargs}: {type(exc).__name__}: {exc}") from exc
         if isinstance(built, Reward):
-            if built.name == Reward.name:
+            # a name the class (or the instance) gives itself stays; one inherited (a subclass of a registered reward,
+            # which register_reward named) would pass the plugin off as its parent in metrics and eval.json
+            own = "name" in getattr(built, "__dict__", {}) or "name" in vars(type(built))
+            if built.name == Reward.name or not own:
                 built.name = name
             return built
         if callable(built):

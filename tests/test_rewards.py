@@ -125,6 +125,23 @@ def test_dotted_paths_both_forms(temp_module):
     assert isinstance(load_reward("flowalign.rewards.builtin.Brightness"), Brightness)
 
 
+def test_a_subclass_of_a_registered_reward_is_named_by_its_spec_not_its_parent(temp_module):
+    """A plugin deriving from Brightness inherited the name register_reward gave its parent: its metrics and eval.json
+    called it `brightness`, and `eval --compare` took it for one."""
+    module = temp_module("""
+        from flowalign.rewards.builtin import Brightness
+
+        class Lenient(Brightness):
+            pass
+
+        class Named(Brightness):
+            name = "named_by_itself"
+    """)
+    assert load_reward(f"{module}:Lenient").name == f"{module}:Lenient"
+    assert load_reward(f"{module}:Named").name == "named_by_itself"
+    assert load_reward("brightness").name == load_reward("flowalign.rewards.builtin:Brightness").name == "brightness"
+
+
 def test_plain_function_and_factory_are_wrapped(temp_module):
     module = temp_module(CONST_SOURCE)
     x = _images(3)
