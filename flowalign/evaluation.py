@@ -378,9 +378,11 @@ class Comparison:
     "delta_partial": difference of mean partial scores, "delta_score": mean of the paired score
     differences (aligned − base, same prompt and noise; samples either dropped are left out),
     "delta_score_low"/"delta_score_high": its 95% normal interval}``. The score rows are what a
-    continuous reward (no verdict, scores below the 0.5 threshold) moves."""
+    continuous reward (no verdict, scores below the 0.5 threshold) moves. Every row counts the samples both
+    evaluations scored: ``one_sided`` samples that one of them dropped are left out of both sides."""
 
     rows: dict[str, dict[str, Any]]
+    one_sided: int = 0
 
     @property
     def delta(self) -> float:
@@ -436,6 +438,7 @@ def compare(base: EvalResult, aligned: EvalResult, z: float = Z95, check_noise: 
         raise ValueError(f"base and aligned evaluations drew different initial noise (first at sample {bad}); "
                          "were they run on different devices or latent shapes?")
     base, aligned = align_tags(base, aligned)
+    base, aligned, one_sided = jointly_scored(base, aligned)
     rows = {}
     differences = aligned.scores.double() - base.scores.double()  # [N] paired: NaN where either was dropped
     for name in aligned.categories:
@@ -448,7 +451,26 @@ def compare(base: EvalResult, aligned: EvalResult, z: float = Z95, check_noise: 
         rows[name] = {"base": b, "aligned": a, "delta": a.accuracy - b.accuracy, "delta_low": low, "delta_high": high,
                       "delta_partial": a.mean_partial - b.mean_partial, "delta_score": score_delta, "delta_score_low": score_low,
                       "delta_score_high": score_high}
-    return Comparison(rows=rows)
+    return Comparison(rows=rows, one_sided=one_sided)
+
+
+def jointly_scored(base: EvalResult, aligned: EvalResult) -> tuple[EvalResult, EvalResult, int]:
+    """``base`` and ``aligned`` (same samples) with a sample one of them dropped dropped in both, recounted, and how
+    many such samples there were: accuracies, partials and their deltas then compare the same samples (a category
+    one run dropped whole would otherwise leave the other run's "all" row only)."""
+    both = ~torch.isnan(base.scores) & ~torch.isnan(aligned.scores)
+    one_sided = int((~both).sum()) - int((torch.isnan(base.scores) & torch.isnan(aligned.scores)).sum())
+    if not one_sided:
+        return base, aligned, 0
+
+    def restricted(result: EvalResult) -> EvalResult:
+        nan = torch.tensor(float("nan"))
+        scores = torch.where(both, result.scores, nan)
+        partial = None if result.partial is None else torch.where(both, result.partial, nan)
+        categories = aggregate(result.tags, scores, partial, result.settings.get("threshold", 0.5), verdicts=result.verdicts)
+        return dataclasses.replace(result, scores=scores, partial=partial, categories=categories)
+
+    return restricted(base), restricted(aligned), one_sided
 
 
 def align_tags(base: EvalResult, aligned: EvalResult) -> tuple[EvalResult, EvalResult]:

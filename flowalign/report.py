@@ -459,8 +459,11 @@ def write_report(
     overall = comparison.rows[ALL]
     gain = 100 * overall["delta"]
     met = None if target_gain_points is None else meets_target(gain, target_gain_points)
-    both = common_categories(base.categories, aligned.categories)  # a category all dropped in one run: out of both means
-    mean_base, mean_aligned = category_mean(base.categories, both), category_mean(aligned.categories, both)
+    # the jointly scored samples' categories (compare() leaves out a sample one run dropped); one all dropped: out of both
+    paired_base = {name: row["base"] for name, row in comparison.rows.items()}
+    paired_aligned = {name: row["aligned"] for name, row in comparison.rows.items()}
+    both = common_categories(paired_base, paired_aligned)
+    mean_base, mean_aligned = category_mean(paired_base, both), category_mean(paired_aligned, both)
     settings = aligned.settings
     kernel = _get(config_dict, "sampling.kernel", "?")
     oversample = _get(config_dict, "train.oversample", 1.0)
@@ -493,12 +496,14 @@ def write_report(
         "",
         "## Result",
         "",
-        f"Held-out accuracy **{_pct(base.accuracy)} → {_pct(aligned.accuracy)}** "
+        f"Held-out accuracy **{_pct(overall['base'].accuracy)} → {_pct(overall['aligned'].accuracy)}** "
         f"(**{_pts(overall['delta'])} points**, 95% CI {_pts_ci(overall['delta_low'], overall['delta_high'])})"
         + ("." if target_gain_points is None else f"; target ≥ +{target_gain_points:g} points: **{'met' if met else 'NOT met'}**"
            + _target_caveat(met, overall["delta_low"], overall["delta_high"], target_gain_points) + ".")
         + f" Mean score {_num(overall['base'].mean_score)} → {_num(overall['aligned'].mean_score)} "
-          f"({_signed(overall['delta_score'])}, 95% CI {_num_ci(overall['delta_score_low'], overall['delta_score_high'])}).",
+          f"({_signed(overall['delta_score'])}, 95% CI {_num_ci(overall['delta_score_low'], overall['delta_score_high'])})."
+        + (f" {comparison.one_sided} samples scored in one evaluation only (the other dropped them) are left out of both."
+           if comparison.one_sided else ""),
         "",
         comparison.table(),
         "",
@@ -539,16 +544,17 @@ def write_report(
     aligned.to_json(run_dir / "eval_aligned.json")
     summary = {
         "command": command, "config": dict(config_dict), "timings": dict(timings), "target_gain_points": target_gain_points,
-        "accuracy_base": base.accuracy, "accuracy_aligned": aligned.accuracy, "gain_points": gain, "target_met": met,
+        "accuracy_base": overall["base"].accuracy, "accuracy_aligned": overall["aligned"].accuracy, "gain_points": gain, "target_met": met,
         "category_mean_base": mean_base, "category_mean_aligned": mean_aligned,
-        "comparison": comparison.to_dict(), "training_curve": curve, "eval_settings": settings, "environment": environment,
+        "comparison": comparison.to_dict(), "one_sided_samples": comparison.one_sided, "training_curve": curve, "eval_settings": settings, "environment": environment,
     }
     if failures is not None:
         summary["failures"] = failures
     summary["prompts"] = prompts
     write_text_atomic(run_dir / "report.json", json.dumps(_clean(summary), indent=1, allow_nan=False) + "\n")
     path = write_text_atomic(run_dir / "report.md", "\n".join(lines))
-    logger.info("wrote %s: held-out accuracy %.1f%% -> %.1f%% (%+.1f points)", path, 100 * base.accuracy, 100 * aligned.accuracy, gain)
+    logger.info("wrote %s: held-out accuracy %.1f%% -> %.1f%% (%+.1f points)", path, 100 * overall["base"].accuracy,
+                100 * overall["aligned"].accuracy, gain)
     return path
 
 

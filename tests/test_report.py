@@ -485,7 +485,8 @@ def test_category_bars_label_both_counts_a_dropped_gain_and_an_unreachable_targe
     aligned = _result([1, 1, 1, 1, float("nan"), float("nan"), float("nan"), float("nan"), 1, 0], [0.5] * 10)  # counting dropped
     rows = compare(base, aligned).rows
     values = category_bar_values(rows)
-    assert [count_label(b, a) for b, a in zip(values["base_count"], values["count"])] == ["n=4", "n=4/0", "n=2", "n=10/6"]
+    # compared on the jointly scored samples: the counting samples the aligned run dropped leave the base side too
+    assert [count_label(b, a) for b, a in zip(values["base_count"], values["count"])] == ["n=4", "n=0", "n=2", "n=6"]
     texts, lines = [], []
     real_text, real_hlines = matplotlib.axes.Axes.text, matplotlib.axes.Axes.hlines
     monkeypatch.setattr(matplotlib.axes.Axes, "text", lambda self, x, y, s, *a, **k: texts.append(s) or real_text(self, x, y, s, *a, **k))
@@ -500,7 +501,8 @@ def test_a_model_whose_every_sample_was_dropped_reads_as_a_dash_not_nan(tmp_path
     aligned = _result([float("nan")] * 10, [float("nan")] * 10)  # every score dropped (on_error: drop)
     text = write_report(tmp_path, base=base, aligned=aligned, config_dict=CONFIG, timings={}, target_gain_points=15).read_text()
     assert "nan" not in text.lower().replace("nanmean", "")
-    assert "Held-out accuracy **20.0% → –** (**– points**, 95% CI –)" in text and "**NOT met**" in text
+    assert "Held-out accuracy **– → –** (**– points**, 95% CI –)" in text and "**NOT met**" in text  # no sample both scored
+    assert "10 samples scored in one evaluation only" in text
 
 
 def test_a_failed_report_write_leaves_the_previous_report_whole(tmp_path, monkeypatch):
@@ -604,6 +606,28 @@ def test_the_report_journal_key_leaves_out_the_rewards_batch_size(tmp_path):
 
     assert key("rewards.0.batch_size=16") == key()
     assert "batch_size" not in str(key()) and key("rewards.0.kwargs={x: 1}") != key()  # what scores still counts
+
+
+def test_the_headline_and_target_compare_the_samples_both_runs_scored(tmp_path):
+    """With drops, the headline set the base's accuracy over every sample against the aligned one's over the samples
+    it kept: an aligned model equal to the base on every shared sample, its other samples all dropped, read
+    "+X points, target met". Now both sides count the jointly scored samples, and the report says how many were not."""
+    nan = float("nan")
+    correct = [1, 0, 0, 1, 0, 0, 1, 0, 0, 1]  # TAGS: 10 samples
+    base = _result(correct, [0.5] * 10)
+    kept = [tag == TAGS[0] for tag in TAGS]  # the aligned run dropped every sample but the first category's
+    aligned = _result([c if k else nan for c, k in zip(correct, kept)], [0.5] * 10)
+    text = write_report(tmp_path, base=base, aligned=aligned, config_dict=CONFIG, timings={}, target_gain_points=15).read_text()
+    shared = sum(kept)
+    accuracy = 100 * sum(c for c, k in zip(correct, kept) if k) / shared  # the same on both sides, by hand
+    assert f"Held-out accuracy **{accuracy:.1f}% → {accuracy:.1f}%** (**+0.0 points**" in text and "**NOT met**" in text
+    assert f"{10 - shared} samples scored in one evaluation only (the other dropped them) are left out of both." in text
+    summary = json.loads((tmp_path / "report.json").read_text())
+    assert summary["gain_points"] == 0.0 and summary["target_met"] is False and summary["one_sided_samples"] == 10 - shared
+    assert summary["accuracy_base"] == summary["accuracy_aligned"] == pytest.approx(accuracy / 100)
+    # nothing dropped: the comparison is the evaluations' own, and says nothing of one-sided samples
+    plain = write_report(tmp_path / "plain", base=base, aligned=base, config_dict=CONFIG, timings={}).read_text()
+    assert "scored in one evaluation only" not in plain and f"**{100 * base.accuracy:.1f}% → {100 * base.accuracy:.1f}%**" in plain
 
 
 def test_the_report_says_what_ran_where(tmp_path, monkeypatch):

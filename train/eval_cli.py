@@ -316,7 +316,9 @@ def comparison_markdown(reference, result, reference_name: str, comparison=None,
     lines = [f"## Against {reference_name}", "",
              f"Accuracy {100 * overall['base'].accuracy:.1f}% → {100 * overall['aligned'].accuracy:.1f}% "
              f"({100 * overall['delta']:+.1f} points, 95% CI [{100 * overall['delta_low']:+.1f}, {100 * overall['delta_high']:+.1f}]); "
-             "base columns are the reference, aligned columns this evaluation.", ""]
+             "base columns are the reference, aligned columns this evaluation."
+             + (f" {comparison.one_sided} samples scored in one evaluation only (the other dropped them) are left out of both."
+                if comparison.one_sided else ""), ""]
     mixed = reward_version_note(reference.settings, result.settings)
     if mixed:
         lines += [f"**Warning**: {mixed}", ""]
