@@ -351,7 +351,7 @@ class TrainConfig:
     iterations: int = field(default=100, metadata={"help": "Rollout + update iterations."})
     inner_epochs: int = field(default=1, metadata={"help": "Passes over each iteration's samples."})
     micro_batch_size: int = field(default=4, metadata={"help": "Samples per forward pass of the update, per process (each micro-batch is one trained step of these samples)."})
-    grad_accum: int = field(default=1, metadata={"help": "Micro-batches (of one process) whose gradients are summed per optimizer step (a remainder at the end of an epoch is stepped too); the optimizer steps per iteration therefore depend on the process count unless one step takes the whole iteration."})
+    grad_accum: Optional[int] = field(default=1, metadata={"help": "Micro-batches (of one process) whose gradients are summed per optimizer step (a remainder at the end of an epoch is stepped too); the optimizer steps per iteration therefore depend on the process count unless one step takes the whole iteration. null = every micro-batch of the pass: one optimizer step per inner epoch, whatever micro_batch_size (then a memory knob only) and the process count."})
     lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate (the peak, under a schedule)."})
     lr_schedule: str = field(default="constant", metadata={"help": "Learning-rate schedule over iterations: constant, linear or cosine (flowalign.lr_schedule)."})
     lr_warmup: int = field(default=0, metadata={"help": "Iterations of linear warmup before the schedule (0 = none)."})
@@ -441,7 +441,8 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("prompts_per_iter", "iterations", "inner_epochs", "micro_batch_size", "grad_accum", "keep_checkpoints", "max_nonfinite_steps", "eval_num_prompts"):
             value = getattr(self, name)
-            _check(value >= 1, f"train.{name} must be >= 1, got {value}")
+            _check((name == "grad_accum" and value is None) or value >= 1, f"train.{name} must be >= 1, got {value}"
+                   + (" (null: one optimizer step per pass)" if name == "grad_accum" else ""))
         _check(self.keep_eval_grids >= 0, f"train.keep_eval_grids must be >= 0 (0 = keep every grid), got {self.keep_eval_grids}")
         _check(self.oversample >= 1.0, f"train.oversample must be >= 1 (1 = no oversampling), got {self.oversample}")
         _check(1 <= self.max_sampling_rounds <= MAX_SAMPLING_ROUNDS,

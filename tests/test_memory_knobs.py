@@ -63,6 +63,28 @@ def test_update_micro_batching_gives_the_same_gradient(tmp_path):
     assert torch.allclose(whole, split, rtol=1e-5, atol=1e-9)
     uneven, _ = _update_gradient(_trainer(tmp_path / "c", "train.micro_batch_size=3", "train.grad_accum=9"), batch)  # 3 + 3 + 2 rows
     assert torch.allclose(whole, uneven, rtol=1e-5, atol=1e-9)
+    # grad_accum null: one optimizer step per pass whatever the micro-batch, so micro_batch_size is a memory knob only
+    for size in (2, 3, 8):
+        auto, _ = _update_gradient(_trainer(tmp_path / f"auto{size}", f"train.micro_batch_size={size}", "train.grad_accum=null"), batch)
+        assert torch.allclose(whole, auto, rtol=1e-5, atol=1e-9)
+
+
+def test_a_lowered_micro_batch_under_a_fixed_grad_accum_warns_of_its_extra_optimizer_steps(tmp_path, caplog):
+    """Lowering train.micro_batch_size for memory multiplied the micro-batches under the recipe's grad_accum: 4 optimizer
+    steps per iteration instead of 1, most of their rows outside Flow-GRPO's 1e-4 clip, without a word."""
+    import logging
+
+    batch = _trainer(tmp_path / "a").collect()
+    with caplog.at_level(logging.WARNING, logger="flowalign.train.trainer"):
+        metrics = _trainer(tmp_path / "b", "train.micro_batch_size=2").update(batch)  # 4 chunks x 3 steps / grad_accum 3
+    assert metrics["optim/steps"] == 4.0
+    assert caplog.text.count("each update pass takes 4 optimizer steps (12 micro-batches of train.micro_batch_size=2, grad_accum=3)") == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flowalign.train.trainer"):
+        metrics = _trainer(tmp_path / "c", "train.micro_batch_size=2", "train.grad_accum=null").update(batch)
+    assert metrics["optim/steps"] == 1.0 and "optimizer steps" not in caplog.text
+    with pytest.raises(Exception, match=r"train.grad_accum must be >= 1, got 0 \(null: one optimizer step per pass\)"):
+        load_config(None, ["train.grad_accum=0"])
 
 
 @register_reward("test_linear_model_reward")

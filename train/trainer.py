@@ -229,6 +229,7 @@ class Trainer(OptimizerViews):
         self.iteration = 0
         self._all_dropped_in_row = 0  # iterations in a row whose every reward was dropped (_check_all_dropped)
         self._untrained_iterations = 0  # iterations of this session with no row to train (flat or dropped groups)
+        self._warned_steps_per_pass = False  # one warning per session (_warn_steps_per_pass)
         self.run_log: Optional[RunLogger] = None  # main process only
         self._lock = None  # the run folder's lock (train/run_lock.py), taken by setup
         self.text_modules: dict = {}  # text encoders with LoRA (lora.train_text_encoder), filled by setup
@@ -667,13 +668,26 @@ class Trainer(OptimizerViews):
         default ``cond``) bound, CFG as configured for training."""
         return velocity_fns(self.adapter, cond, self._train_guidance(), getattr(self.objective, "needs_reference", False), reference_cond)
 
+    def _warn_steps_per_pass(self, steps: int, micro_batches: int, accum: int) -> None:
+        """Warn once when a pass takes several optimizer steps under a PPO clip so tight that only the first is on-policy
+        (Flow-GRPO's 1e-4: after one step most ratios leave it and their rows stop training): usually a lowered
+        ``train.micro_batch_size`` (for memory) that multiplied the micro-batches under a fixed ``grad_accum``."""
+        clip = getattr(self.objective, "clip_range", None)
+        if steps <= 1 or self._warned_steps_per_pass or not isinstance(clip, (int, float)) or clip >= 1e-3:
+            return
+        self._warned_steps_per_pass = True
+        logger.warning("each update pass takes %d optimizer steps (%d micro-batches of train.micro_batch_size=%d, grad_accum=%d) "
+                       "under clip_range %g: the rows of every step after the first are mostly clipped. For one step per pass "
+                       "set train.grad_accum=null (micro_batch_size is then a memory knob only); see policy/clip_frac",
+                       steps, micro_batches, self.config.train.micro_batch_size, accum, clip)
+
     def update(self, batch: Batch) -> dict:
         """``inner_epochs`` passes of micro-batches with gradient accumulation; return the metrics: each
         micro-batch metric averaged over the rows of every micro-batch (of every process), and the optimizer's."""
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
-        accum, stats = self.config.train.grad_accum, self.optim.new_stats()
+        stats = self.optim.new_stats()
         self.optim.set_lr(self.iteration)
         before = [p.detach().float().clone() for p in self.optim.params]  # for optim/update_norm (LoRA weights: small)
         for epoch in range(self.config.train.inner_epochs):
@@ -681,6 +695,8 @@ class Trainer(OptimizerViews):
             # rows of every process's micro-batches: the same number of optimizer steps everywhere (runtime.py)
             sizes = runtime.slot_sizes([index.numel() for index, _ in plan], self.accelerator)  # [world, S]
             num_slots = sizes.shape[1]
+            accum = self.config.train.grad_accum or max(1, num_slots)  # null: every micro-batch of the pass in one step
+            self._warn_steps_per_pass(math.ceil(num_slots / accum), num_slots, accum)
             if self.forward_process and epoch == 0:
                 self._prepare_forward_draws(batch, plan, optimizer_steps=self.config.train.inner_epochs * math.ceil(num_slots / accum))
             every = self.config.train.ref_kl_every
