@@ -512,6 +512,12 @@ class FlowalignConfig:
             raise ConfigError(f"sampling.kernel='ode' draws no noise, so no step of objective {self.objective.name!r} can be trained; "
                               "use flow_sde, dance_sde or cps, or a forward-process objective (nft, awm)")
         table_decides = dense_method(self.objective.name) is not None and bool(self.dense.noise_table_file)  # replaces the schedule
+        moving = self.sampling.noise_schedule == "window" and isinstance(self.sampling.noise_kwargs, dict) \
+            and self.sampling.noise_kwargs.get("mode", "fixed") != "fixed"
+        if dense_method(self.objective.name) is not None and (table_decides or self.dense.calibration_rounds > 0) and moving:
+            raise ConfigError(f"a {self.sampling.noise_kwargs['mode']} noise window with a noise table (dense.noise_table_file or "
+                              "dense.calibration_rounds): the table replaces sampling.noise_schedule at every iteration, so the window "
+                              "would not move (a calibration starts from its iteration-0 position); use a fixed window or a constant level")
         if self.sampling.kernel != "ode" and not _trains_on_forward_process(self.objective.name) and not table_decides:
             _check_some_step_is_stochastic(self.sampling)
         if self.train.old_policy_rate > 0 and not _trains_on_forward_process(self.objective.name):

@@ -393,12 +393,16 @@ def calibrate_noise(
 
     ``gains_fn(levels[K]) -> gains[N, K]`` samples N calibration rollouts with the given per-step
     levels and returns their step gains (e.g. :func:`step_gains` of :func:`ode_completion_rewards`).
+    A step whose initial level is 0 (outside a noise window) stays 0: its ODE step's gains are exactly 0, which
+    the rule reads as balanced, so it would climb by ``eps2`` every round and the window would end as noise on
+    every step. The paper starts from one level at every step, where this does not arise.
     """
     if rounds < 0:
         raise ValueError(f"rounds must be >= 0, got {rounds}")
     levels = torch.as_tensor(initial_levels, dtype=torch.float32).flatten().clone()
+    explored = levels > 0  # [K] the steps the schedule puts noise on
     for i in range(rounds):
-        levels = calibrate_noise_table(levels, gains_fn(levels.clone()), eps1, eps2, max_level)
+        levels = calibrate_noise_table(levels, gains_fn(levels.clone()), eps1, eps2, max_level) * explored
         logger.debug("noise calibration round %d: %s", i + 1, [round(x, 4) for x in levels.tolist()])
     return levels
 

@@ -487,7 +487,8 @@ def calibrate_noise_table_for(
     ``gather`` (several processes): each process rolls out its own ``samples`` (0 allowed) and
     ``gather(gains) -> every process's gains`` joins them each round, so every process moves the same table.
     Under ``kernel="cps"`` the levels are capped at 1 (and at ``max_level`` when lower): a step whose gains stay
-    balanced, such as CPS's deterministic last step (all gains 0), climbs by ``eps2`` every round.
+    balanced, such as CPS's deterministic last step (all gains 0), climbs by ``eps2`` every round. A step that starts
+    at level 0 (outside a noise window) stays 0 (:func:`flowalign.dense.calibrate_noise`).
     """
     levels = torch.as_tensor(initial_levels, dtype=torch.float32).flatten()
     if levels.numel() < 1 or bool((levels < 0).any()):

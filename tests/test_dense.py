@@ -394,6 +394,30 @@ def test_the_calibration_shards_cover_every_sample_once():
         calibration_shard(4, 2, 2)
 
 
+def test_calibration_leaves_the_steps_outside_the_window_noise_free():
+    """A window's noise-free steps have gains of exactly 0 (an ODE step moves along the completion it is scored by),
+    which the balance rule counts as balanced: each climbed by eps2 a round, so a 2-of-6 window ended as a table of
+    noise on every step."""
+    def gains_fn(levels):  # balanced (10 vs 10) where there is noise, 0 where there is none
+        gains = torch.cat([torch.ones(10, 6), -torch.ones(10, 6)])
+        return gains * (levels > 0)
+
+    table = dense.calibrate_noise(gains_fn, torch.tensor([0.0, 0.0, 0.0, 0.0, 0.7, 0.7]), rounds=3, eps2=0.01)
+    assert table.tolist() == pytest.approx([0.0, 0.0, 0.0, 0.0, 0.73, 0.73])
+    # one round of the paper's rule itself still raises a balanced step from 0 (the driver keeps the window)
+    assert dense.calibrate_noise_table(torch.tensor([0.0]), torch.zeros(4, 1)).item() == pytest.approx(0.01)
+
+
+def test_a_noise_table_with_a_moving_window_is_refused():
+    from flowalign.config import load_config
+    from flowalign.errors import ConfigError
+
+    sliding = ["objective.name=dense_grpo", "sampling.noise_schedule=window", "sampling.noise_kwargs={a: 0.7, size: 2, mode: sliding}"]
+    with pytest.raises(ConfigError, match="a sliding noise window with a noise table .* the window would not move"):
+        load_config(None, [*sliding, "dense.calibration_rounds=2"])
+    assert load_config(None, [*sliding[:2], "sampling.noise_kwargs={a: 0.7, size: 2}", "dense.calibration_rounds=2"])
+
+
 def test_a_level_decremented_to_zero_is_zero_not_float_round_off():
     """0.7 - 70 x 0.01 in fp32 steps is 3.7e-7: a step left stochastic with a vanishing std."""
     gains = torch.ones(8, 1)  # never balanced: -eps2 each round
