@@ -1,4 +1,5 @@
 """Tests for the Flow-GRPO objective: ratio, REINFORCE gradient, clipping, KL, registry."""
+import dataclasses
 import math
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from flowalign import sde
 from flowalign.errors import ConfigError
 from flowalign.objectives import OBJECTIVES, StepBatch, available_objectives, get_objective
-from flowalign.objectives.grpo import FlowGRPO, clipped_policy_loss, mean_kl
+from flowalign.objectives.grpo import FlowGRPO, clipped_policy_loss, mean_kl, transition_mean
 
 D = 6
 
@@ -159,6 +160,25 @@ def test_mean_kl_rows_and_deterministic_rows():
     std = torch.tensor([[2.0], [0.0]])
     kl = mean_kl(mean, ref, std)
     assert kl.tolist() == pytest.approx([(1 / 8 + 4 / 8) / 2, 0.0])
+
+
+def test_the_kl_is_reduced_over_latent_dims_as_the_log_probs_are():
+    """Under log_prob_reduce=sum the ratio term sums over the D latent dims, but the KL was always a mean: kl_beta
+    weighed D times less against it (65k times at SD3.5's 512 px)."""
+    mean = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    ref = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    std = torch.tensor([[2.0], [0.0]])
+    assert mean_kl(mean, ref, std, reduce="sum").tolist() == pytest.approx([1 / 8 + 4 / 8, 0.0])
+    with pytest.raises(ValueError, match="reduce"):
+        mean_kl(mean, ref, std, reduce="max")
+    lin, policy = _linear_policy(0)
+    _, reference = _linear_policy(3)
+    batch = _batch(policy)
+    summed = dataclasses.replace(batch, old_log_prob=sde.log_prob(batch.x_next, *transition_mean(batch, policy), reduce="sum").detach(),
+                                 log_prob_reduce="sum")
+    by_mean = FlowGRPO(kl_beta=0.5).loss(batch, policy, reference)[1]["kl/ref"]
+    by_sum = FlowGRPO(kl_beta=0.5).loss(summed, policy, reference)[1]["kl/ref"]
+    assert by_sum == pytest.approx(D * by_mean, rel=1e-5)
 
 
 def test_mean_kl_takes_a_b_std_per_sample_even_when_the_last_dim_is_b():

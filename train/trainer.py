@@ -793,7 +793,8 @@ class Trainer(OptimizerViews):
             return fp.reference_gap(rows, policy, reference)
         mean, std = transition_mean(rows, policy)
         mean_ref, _ = transition_mean(rows, reference)
-        return float(kl_in_form(mean_kl(mean, mean_ref, std), rows, getattr(self.objective, "kl_form", "transition")).mean())
+        return float(kl_in_form(mean_kl(mean, mean_ref, std, reduce=rows.log_prob_reduce), rows,
+                                getattr(self.objective, "kl_form", "transition")).mean())
 
     def _micro_step(self, batch: Batch, index: Tensor, k: int, scale: float) -> dict:
         """Forward + backward of one micro-batch; a non-finite loss is skipped (and counted)."""

@@ -73,7 +73,7 @@ def kl_in_form(kl: Tensor, batch: StepBatch, kl_form: str) -> Tensor:
     return kl
 
 
-def mean_kl(mean: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
+def mean_kl(mean: Tensor, mean_ref: Tensor, std: Tensor, reduce: str = "mean") -> Tensor:
     """KL between two Gaussian transitions with the same std, averaged over latent dims (Flow-GRPO
     arXiv 2505.05470 Eq. 6: KL(N(mu, s²) || N(mu_ref, s²)) = (mu - mu_ref)² / (2 s²)).
 
@@ -81,11 +81,16 @@ def mean_kl(mean: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
         mean, mean_ref: ``[B, *latent]`` kernel means under the policy and the reference.
         std: broadcastable to ``mean`` (``[B, 1, ..., 1]`` from :func:`flowalign.sde.step`); a ``[B]`` tensor
             is taken per sample (:func:`flowalign.sde.per_sample_std`).
+        reduce: ``"mean"`` over latent dims (Flow-GRPO's, beside its mean-reduced log-probs) or ``"sum"`` (the
+            transition's whole KL, beside sum-reduced log-probs: the penalty keeps its weight against the ratio term,
+            where a mean would make ``kl_beta`` D times weaker).
 
     Returns:
-        ``[B]`` per-row KL, mean over latent dims; 0 for rows with ``std == 0`` (deterministic steps
+        ``[B]`` per-row KL, reduced over latent dims; 0 for rows with ``std == 0`` (deterministic steps
         carry no density and are never trained).
     """
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
     if mean.shape != mean_ref.shape:
         raise ValueError(f"mean {tuple(mean.shape)} and mean_ref {tuple(mean_ref.shape)} must match")
     std = sde.per_sample_std(std, mean)
@@ -93,7 +98,8 @@ def mean_kl(mean: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
     safe = torch.where(live, std, torch.ones_like(std))
     kl = (mean.float() - mean_ref.float()) ** 2 / (2 * safe**2)  # [B, *latent]
     kl = torch.where(live, kl, torch.zeros_like(kl))
-    return kl.mean(dim=tuple(range(1, kl.ndim)))
+    dims = tuple(range(1, kl.ndim))
+    return kl.mean(dim=dims) if reduce == "mean" else kl.sum(dim=dims)
 
 
 def transition_mean(batch: StepBatch, velocity: VelocityFn) -> tuple[Tensor, Tensor]:
@@ -154,7 +160,7 @@ class FlowGRPO:
                 raise ValueError("kl_beta > 0 needs a reference velocity function")
             with torch.no_grad():
                 mean_ref, _ = transition_mean(batch, reference)
-            kl = kl_in_form(mean_kl(mean, mean_ref, std), batch, self.kl_form).mean()
+            kl = kl_in_form(mean_kl(mean, mean_ref, std, reduce=batch.log_prob_reduce), batch, self.kl_form).mean()
             loss = loss + self.kl_beta * kl
             metrics["kl/ref"] = float(kl.detach())
         metrics["loss/total"] = float(loss.detach())
