@@ -359,7 +359,10 @@ def test_dense_objective_trains_on_per_step_advantages_with_a_calibrated_table(t
     bars = _record_bars(trainer)
     batch = trainer.collect()
     step_bar = next(bar for bar in bars if bar.desc == "step rewards")  # the phase had no bar of its own
-    assert step_bar.n == step_bar.total == 8 * 4 * 2 and step_bar.closed  # Tweedie: 8 samples x 4 steps, a transformer row and a scored one each
+    # Tweedie: 8 samples x 4 steps, one scored row each; the x0-predictions are the rollout's own (they cost a second
+    # transformer pass over every rollout row, recomputed, until the rollouts recorded them)
+    assert step_bar.n == step_bar.total == 8 * 4 and step_bar.closed
+    assert batch.metrics["dense/nfe"] == 0 and batch.traj.x0_preds is not None and batch.traj.x0_preds.shape[:2] == (8, 4)
     assert batch.advantages.shape == (8, 4)
     index = torch.tensor([1, 5])
     step = make_step_batch(batch, index, 2, "mean", trainer.device)

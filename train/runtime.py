@@ -116,7 +116,7 @@ def draw_order(rank: Tensor) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def rollout_groups(adapter, records: Sequence[Any], cond, sampling_cfg, schedule, generator: torch.Generator, iteration: int,
-                   seed: int, first_group: int, drift=None, on_step=None, levels=None):
+                   seed: int, first_group: int, drift=None, on_step=None, levels=None, record_x0: bool = False):
     """Roll out one process's prompt ``records`` (``group_size`` samples each) with ``sampling_cfg``'s settings.
 
     ``sampling.noise_seeding: process`` draws every noise from this process's ``generator``; ``group``
@@ -128,13 +128,14 @@ def rollout_groups(adapter, records: Sequence[Any], cond, sampling_cfg, schedule
     ``sampling.rollout`` names the function that rolls a batch out (:func:`flowalign.sampling.resolve_rollout`: the
     default engine, or a tree / branch sampler of your own, called with ``sampling.rollout_kwargs`` too).
     ``levels`` (``[K]``) replaces the schedule's noise levels (a later sampling round of the same iteration
-    reuses the first's, so that the rounds' trajectories concatenate).
+    reuses the first's, so that the rounds' trajectories concatenate). ``record_x0`` keeps each step's x0-prediction
+    (``Trajectory.x0_preds``: what DenseGRPO's ``tweedie`` estimator scores, then without a model call).
     """
     from flowalign import sampling, sde
 
     s = sampling_cfg
     kwargs = dict(group_size=s.group_size, num_steps=s.num_steps, kernel=s.kernel, guidance_scale=s.guidance_scale,
-                  share_initial_noise=s.share_initial_noise, log_prob_reduce=s.log_prob_reduce, log_prob_form=s.log_prob_form, record_x0=False,
+                  share_initial_noise=s.share_initial_noise, log_prob_reduce=s.log_prob_reduce, log_prob_form=s.log_prob_form, record_x0=record_x0,
                   iteration=iteration, micro_batch_size=s.micro_batch_size, drift=drift, on_step=on_step)
     roll = sampling.resolve_rollout(s.rollout)
     if roll is not sampling.rollout:  # a rollout of your own (a tree sampler): its kwargs, and a check of what it returns

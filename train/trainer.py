@@ -447,7 +447,10 @@ class Trainer(OptimizerViews):
             cond = self.adapter.encode([r.prompt for r in records], do_classifier_free_guidance=s.guidance_scale > 1.0)
             traj = runtime.rollout_groups(self.adapter, records, cond, s, self.schedule, self.generator, self.iteration,
                                           self.config.train.seed, first_group=first_group, drift=self.drift, levels=levels,
-                                          on_step=None if bar is None else lambda k: bar.update(1))
+                                          on_step=None if bar is None else lambda k: bar.update(1),
+                                          # the tweedie step rewards read the rollout's own x0-predictions: no second pass
+                                          record_x0=bool(self.dense) and self.config.dense.estimator == "tweedie"
+                                          and s.rollout == "default")
         if bar is not None:
             bar.close()
         return traj, cond
