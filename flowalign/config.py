@@ -354,7 +354,7 @@ class TrainConfig:
     grad_accum: Optional[int] = field(default=1, metadata={"help": "Micro-batches (of one process) whose gradients are summed per optimizer step (a remainder at the end of an epoch is stepped too); the optimizer steps per iteration therefore depend on the process count unless one step takes the whole iteration. null = every micro-batch of the pass: one optimizer step per inner epoch, whatever micro_batch_size (then a memory knob only) and the process count."})
     lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate (the peak, under a schedule)."})
     lr_schedule: str = field(default="constant", metadata={"help": "Learning-rate schedule over iterations: constant, linear or cosine (flowalign.lr_schedule)."})
-    lr_warmup: int = field(default=0, metadata={"help": "Iterations of linear warmup before the schedule (0 = none)."})
+    lr_warmup: int = field(default=0, metadata={"help": "Iterations of linear warmup before the schedule, each below the full rate: (i + 1) / (lr_warmup + 1) at iteration i (0 = none)."})
     lr_min_ratio: float = field(default=0.0, metadata={"help": "Floor of a linear or cosine decay, as a fraction of train.lr (reached on the last iteration)."})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"help": "AdamW betas."})

@@ -8,7 +8,8 @@ With ``W`` warmup iterations, ``T`` iterations in all, ``m`` the floor (``min_ra
 progress after warmup ``p = (i - W) / max(T - W - 1, 1)`` (0 at the first decayed iteration,
 1 at the last):
 
-* warmup (``i < W``, any schedule): ``(i + 1) / W``, linear up to 1 at iteration ``W - 1``;
+* warmup (``i < W``, any schedule): ``(i + 1) / (W + 1)``: ``W`` iterations below the full rate, linear up to it
+  at iteration ``W`` (where the schedule's own part starts at 1);
 * ``constant``: ``1``;
 * ``linear``: ``1 - (1 - m) · p``;
 * ``cosine``: ``m + (1 - m) · (1 + cos(pi · p)) / 2``.
@@ -43,7 +44,7 @@ def lr_multiplier(name: str, iteration: int, total: int, warmup: int = 0, min_ra
     if not 0.0 <= min_ratio <= 1.0:
         raise ValueError(f"min_ratio must be in [0, 1], got {min_ratio}")
     if iteration < warmup:
-        return (iteration + 1) / warmup
+        return (iteration + 1) / (warmup + 1)
     if name == "constant":
         return 1.0
     progress = (iteration - warmup) / max(total - warmup - 1, 1)

@@ -14,9 +14,10 @@ from flowalign.lr_schedule import lr_multiplier
 def test_hand_worked_values():
     # cosine over 5 iterations: p = i / 4, (1 + cos(pi p)) / 2
     assert [lr_multiplier("cosine", i, 5) for i in range(5)] == pytest.approx([1.0, (1 + math.sqrt(0.5)) / 2, 0.5, (1 - math.sqrt(0.5)) / 2, 0.0])
-    # 2 warmup iterations of 6, then linear to 0.1 over p = (i - 2) / 3
-    assert [lr_multiplier("linear", i, 6, warmup=2, min_ratio=0.1) for i in range(6)] == pytest.approx([0.5, 1.0, 1.0, 0.7, 0.4, 0.1])
-    assert [lr_multiplier("constant", i, 4, warmup=1) for i in range(4)] == [1.0, 1.0, 1.0, 1.0]
+    # 2 warmup iterations of 6 (1/3, 2/3 of the rate: two below it), then linear from 1 to 0.1 over p = (i - 2) / 3
+    assert [lr_multiplier("linear", i, 6, warmup=2, min_ratio=0.1) for i in range(6)] == pytest.approx([1 / 3, 2 / 3, 1.0, 0.7, 0.4, 0.1])
+    # one warmup iteration is one at half the rate (it was (i + 1) / W = 1: no warmup at all)
+    assert [lr_multiplier("constant", i, 4, warmup=1) for i in range(4)] == [0.5, 1.0, 1.0, 1.0]
     assert lr_multiplier("cosine", 0, 1) == 1.0  # a one-iteration run is not decayed to nothing
 
 

@@ -658,13 +658,13 @@ def test_generation_shows_a_progress_bar_over_the_samples_left(tmp_path, capsys)
 
 def test_offline_lr_schedule_follows_the_hand_worked_cosine(tiny_store, tmp_path):
     # 4 prompt groups / 2 per step x 2 epochs = 4 steps; warmup 1, then cosine from 1 down to the floor 0.1:
-    # step 0: (0+1)/1 = 1; steps 1-3: p = 0, 1/2, 1 -> 0.1 + 0.9 (1 + cos(pi p)) / 2 = 1, 0.55, 0.1
+    # step 0: (0+1)/(1+1) = 0.5; steps 1-3: p = 0, 1/2, 1 -> 0.1 + 0.9 (1 + cos(pi p)) / 2 = 1, 0.55, 0.1
     trainer = _offline_trainer(tiny_store, tmp_path / "run", lr=1e-3, epochs=2, lr_schedule="cosine", lr_warmup=1, lr_min_ratio=0.1)
     assert trainer.total_steps == 4
     assert trainer.params == [p for group in trainer.optimizer.param_groups for p in group["params"]]
     assert trainer.params and all(p.requires_grad for p in trainer.params)
     history = trainer.train()
-    assert [h["optim/lr"] for h in history] == pytest.approx([1e-3, 1e-3, 5.5e-4, 1e-4])
+    assert [h["optim/lr"] for h in history] == pytest.approx([5e-4, 1e-3, 5.5e-4, 1e-4])
     assert [h["optim/steps"] for h in history] == [1.0] * 4
 
 

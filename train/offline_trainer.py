@@ -76,7 +76,7 @@ class OfflineConfig:
     max_steps: Optional[int] = field(default=None, metadata={"help": "Stop after this many optimizer steps (null = all epochs)."})
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
     lr_schedule: str = field(default="constant", metadata={"help": "Learning-rate schedule over the run's steps: constant, linear or cosine (flowalign.lr_schedule)."})
-    lr_warmup: int = field(default=0, metadata={"help": "Steps of linear warmup before the schedule (0 = none; Diffusion-DPO warms up)."})
+    lr_warmup: int = field(default=0, metadata={"help": "Steps of linear warmup before the schedule, each below the full rate: (i + 1) / (lr_warmup + 1) at step i (0 = none; Diffusion-DPO warms up)."})
     lr_min_ratio: float = field(default=0.0, metadata={"help": "Floor of a linear or cosine decay, as a fraction of lr (reached on the last step)."})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the LoRA gradient norm (0 = off)."})
