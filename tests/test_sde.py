@@ -377,3 +377,24 @@ def test_a_noise_schedule_of_the_users_is_named_by_dotted_path(tmp_path, monkeyp
             make_schedule("nope", a=0.5)
     finally:
         sys.modules.pop(name, None)
+
+
+def test_cps_does_not_keep_the_marginal_under_a_models_conditional_mean_velocity():
+    """cps_kernel's docstring said x' keeps the marginal when v is exact. With the Bayes-optimal (conditional mean)
+    velocity of 1-D Gaussian data, Flow-SDE ends on the data's std and CPS well below it, as the docstring now says."""
+    mu, s0 = 2.0, 0.5  # data x0 ~ N(2, 0.5²); x_t = (1 - t) x0 + t eps
+
+    def v_exact(x, t):  # E[eps - x0 | x_t = x], in closed form for Gaussian data
+        var = (1 - t) ** 2 * s0**2 + t**2
+        d = x - (1 - t) * mu
+        return (t / var) * d - (mu + ((1 - t) * s0**2 / var) * d)
+
+    sigmas = torch.linspace(1, 0, 101)
+    final = {}
+    for kind in ("flow_sde", "cps"):
+        x, g = torch.randn(20_000, 1, generator=torch.Generator().manual_seed(0)), torch.Generator().manual_seed(1)
+        for k in range(100):
+            s, s_next = float(sigmas[k]), float(sigmas[k + 1])
+            x = sde.step(kind, x, v_exact(x, s), s, s_next, 0.7, generator=g).prev_sample
+        final[kind] = float(x.std())
+    assert abs(final["flow_sde"] - s0) < 0.02 and final["cps"] < 0.45, final
