@@ -399,6 +399,7 @@ class RolloutStore:
             raise RolloutStoreError(f"{self.root}: shards have different latent shapes {sorted(shapes)}")
         self.latent_shape = shapes.pop() if shapes else None
         self._verified: dict[str, tuple[int, ...]] = {}  # shard name -> its stat when its sha256 was last checked
+        self._warned_unused: set = set()  # (k, reward) whose unused remainder was named (_group_refs)
 
     def __len__(self) -> int:
         return sum(e["num_samples"] for e in self.entries)
@@ -478,14 +479,14 @@ class RolloutStore:
 
     def _group_refs(self, k: Optional[int] = None, reward: Optional[str] = None) -> list["_GroupRef"]:
         """Every group :meth:`groups` yields, from the manifest alone (no shard is read), in store order."""
-        refs, unscored = [], 0
+        refs, unscored, unused = [], 0, 0
         for entry in self.entries:
             for prompt_index, samples in _by_prompt(entry).items():
                 size = len(samples) if k is None else k
                 if size > len(samples):
                     raise ValueError(f"groups(k={k}) but prompt {prompt_index} has only {len(samples)} samples in {entry['shard']}")
-                if k is not None and len(samples) % k:
-                    logger.warning("prompt %d: %d samples, k=%d: the last %d are not used", prompt_index, len(samples), k, len(samples) % k)
+                if k is not None:
+                    unused += len(samples) % k
                 for chunk in _chunks(samples, k):
                     if not _scored(chunk, reward):
                         unscored += 1
@@ -493,6 +494,11 @@ class RolloutStore:
                     refs.append(_GroupRef(entry, prompt_index, chunk))
         if unscored:
             logger.warning("%s: left out %d group(s) with a sample whose reward was dropped when generating", self.root, unscored)
+        if unused and (k, reward) not in self._warned_unused:  # once per store and k, not once per prompt and epoch
+            self._warned_unused.add((k, reward))
+            per_prompt = int(self.settings.get("samples_per_prompt", 0))
+            logger.warning("%s: k=%d does not divide the %d samples per prompt: the last %d of each prompt (%d in all) are not used",
+                           self.root, k, per_prompt, per_prompt % k, unused)
         return refs
 
     def verify(self) -> None:

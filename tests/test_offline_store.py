@@ -231,6 +231,15 @@ def test_wrong_shape_is_reported(tmp_path):
         list(RolloutStore(root).groups())
 
 
+def test_a_k_that_does_not_divide_the_group_is_named_once_not_per_prompt_and_epoch(tmp_path, caplog):
+    store = _fill(tmp_path / "s")  # 12 prompts x 3 samples
+    with caplog.at_level(logging.WARNING, logger="flowalign.offline"):
+        for _ in range(2):  # two epochs
+            assert len(list(store.groups(k=2))) == 12
+    assert caplog.text.count("does not divide") == 1
+    assert "k=2 does not divide the 3 samples per prompt: the last 1 of each prompt (12 in all) are not used" in caplog.text
+
+
 def test_stores_of_different_base_seeds_share_no_sample_and_older_stores_keep_their_seeds(tmp_path):
     """Seeds were base + prompt_index * G + member: the stores of seeds 0 and 1 shared all but one sample per group."""
     assert sample_seed(7, 5, 1, 3) == 7 * 2**32 + 5 * 3 + 1 and sample_seed(7, 5, 1, 3, stride=1) == 7 + 16
