@@ -146,10 +146,13 @@ def detect_with_masks(image: np.ndarray, min_area: int = 10, max_side: int = 20,
     """:func:`detect`'s objects, each with its boolean pixel ``"mask"``, and the per-pixel labels of
     :func:`segment` (colour index, -1 background, -2 unexplained) they were found in.
 
-    A component that is no clean shape is tried as touching objects of one colour (:func:`split_touching`):
-    its parts replace it when every part is a clean shape of at least ``min_area`` pixels (two discs whose
-    edges meet are two discs, as GenEval's instance detector sees them; two squares side by side make a
-    rectangle, which no split can tell from one)."""
+    Every component is tried as touching objects of one colour (:func:`split_touching`): its parts replace it when
+    it has necks and every part is a clean shape of at least ``min_area`` pixels (two discs whose edges meet are two
+    discs, as GenEval's instance detector sees them; two squares side by side make a rectangle, which no split can
+    tell from one). A component that reads as one clean shape whole is split only into parts of like size
+    (:data:`SPLIT_ALIKE`): four discs in a 2x2 block are four circles, not one, while a soft-edged triangle whose tip
+    erosion cuts off stays a triangle. Three discs in a pyramid do not fall apart under erosion and still read as
+    one triangle."""
     labels, alpha = segment_with_alpha(image)
     names = list(PALETTE)
     objects = []
@@ -160,14 +163,24 @@ def detect_with_masks(image: np.ndarray, min_area: int = 10, max_side: int = 20,
             if int(blob.sum()) < min_area:
                 continue
             whole = _describe(blob, blob, k, color, labels, alpha, max_side, min_clean)
-            if whole["shape"] == "other":
-                parts = [_describe(part, blob, k, color, labels, alpha, max_side, min_clean) for part in split_touching(blob)]
-                if len(parts) > 1 and all(p["shape"] != "other" and p["area"] >= min_area for p in parts):
+            split = split_touching(blob)
+            if len(split) > 1:
+                parts = [_describe(part, blob, k, color, labels, alpha, max_side, min_clean) for part in split]
+                areas = [p["area"] for p in parts]
+                # a blob that reads as one shape whole splits only into parts of like size (a 2x2 block of discs reads
+                # as one "circle"); a soft-edged triangle's tip can fall off under erosion, and is no second object
+                alike = whole["shape"] == "other" or min(areas) >= SPLIT_ALIKE * max(areas)
+                if alike and all(p["shape"] != "other" and p["area"] >= min_area for p in parts):
                     objects.extend(parts)
                     continue
             objects.append(whole)
     objects.sort(key=lambda o: -o["area"])
     return objects, labels
+
+
+#: a component that reads as one clean shape is taken as touching objects only when its parts' areas are at least this
+#: fraction of the largest part's (touching copies of one object are alike; a shape's own lobe is not)
+SPLIT_ALIKE = 0.6
 
 
 def split_touching(mask: np.ndarray, max_erosion: int = 2) -> list[np.ndarray]:

@@ -478,3 +478,19 @@ def test_touching_discs_and_triangles_of_one_colour_are_separate_objects():
     one = np.zeros((12, 12), bool)
     one[2:10, 2:10] = True  # no neck: never split
     assert len(split_touching(one)) == 1
+
+
+def test_a_block_of_touching_discs_that_reads_as_one_circle_is_four_circles():
+    """Only a component classified "other" was tried as touching objects, so four touching discs in a 2x2 block, whose
+    union reads as one big circle, passed "a blue circle" and failed "four blue circles". A shape that reads clean
+    whole is now split too, into parts of like size only; a lone shape is left whole."""
+    reward = ShapesReward()
+    for size in (8.0, 10.0):
+        block = S.render([{"shape": "circle", "color": "blue", "size": size, "center": (x, y)}
+                          for x in (16 - size / 2, 16 + size / 2) for y in (16 - size / 2, 16 + size / 2)])
+        assert [o["shape"] for o in detect(block.astype(np.float32))] == ["circle"] * 4, size
+        assert reward(_images(block[None]), ["four blue circles"]).scores.tolist() == [1.0]
+    for shape in ("circle", "square", "triangle"):
+        for size in (7.0, 10.0, 13.0):
+            lone = S.render([{"shape": shape, "color": "red", "size": size, "center": (16.0, 16.0)}])
+            assert [o["shape"] for o in detect(lone.astype(np.float32))] == [shape], (shape, size)
