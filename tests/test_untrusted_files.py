@@ -27,7 +27,7 @@ def test_a_store_manifest_cannot_name_a_shard_outside_its_folder(tmp_path, shard
     the store, and /dev/zero hung the checksum. A shard is now named by its index or refused."""
     save_file({"latents": torch.zeros(1, 2)}, str(tmp_path / "outside.safetensors"))
     entry = {"index": 0, "shard": shard, "sha256": "0" * 64, "num_samples": 1, "latent_shape": [2], "samples": [{}]}
-    with pytest.raises(RolloutStoreError, match="line 1 is not a shard entry"):
+    with pytest.raises(RolloutStoreError, match="line 1: not a shard entry"):
         _store_with(tmp_path, entry)
 
 
