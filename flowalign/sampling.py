@@ -267,10 +267,10 @@ def rollout(
             initial_noise = adapter.initial_noise(num_prompts, generator).repeat_interleave(group_size, dim=0)
         else:
             initial_noise = adapter.initial_noise(batch, generator)
-    elif initial_noise.shape[0] != batch:
-        raise ValueError(f"initial_noise has {initial_noise.shape[0]} rows, expected P*G = {batch}")
     elif share_initial_noise:
         raise ValueError("pass share_initial_noise=True or initial_noise, not both (the given noise replaces the shared draw)")
+    else:
+        check_initial_noise(adapter, initial_noise, batch)
 
     run = integrate(
         adapter,
@@ -311,6 +311,21 @@ def rollout(
     )
 
 
+def check_initial_noise(adapter, noise: Tensor, batch: int) -> None:
+    """ValueError unless ``noise`` is a finite floating ``[batch, *latent_shape]`` tensor (the adapter's
+    ``latent_shape`` when it has one): latents of another size ran and decoded to images of another size, integer
+    ones truncated every step to integers, and NaN ones gave NaN log-probs, all without a word."""
+    if not isinstance(noise, Tensor) or not noise.is_floating_point():
+        raise ValueError(f"initial_noise must be a floating tensor, got {getattr(noise, 'dtype', type(noise).__name__)}")
+    if noise.shape[0] != batch:
+        raise ValueError(f"initial_noise has {noise.shape[0]} rows, expected P*G = {batch}")
+    shape = getattr(adapter, "latent_shape", None)
+    if shape is not None and tuple(noise.shape[1:]) != tuple(shape):
+        raise ValueError(f"initial_noise has latents {tuple(noise.shape[1:])}, the model's are {tuple(shape)}")
+    if not bool(torch.isfinite(noise).all()):
+        raise ValueError("initial_noise holds NaN or inf")
+
+
 @torch.no_grad()
 def sample_ode(
     adapter,
@@ -327,12 +342,14 @@ def sample_ode(
     """Noise-free (Euler ODE) samples for evaluation: ``[P·G, 3, H, W]`` images in [0, 1]
     (or the final latents when ``decode=False``). Keeps only the current state in memory."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if group_size < 1 or not prompts:
+        raise ValueError(f"need at least one prompt and group_size >= 1, got {len(prompts)} prompts, group_size={group_size}")
     batch = len(prompts) * group_size
+    if initial_noise is not None:
+        check_initial_noise(adapter, initial_noise, batch)
     cond = adapter.encode(prompts, do_classifier_free_guidance=guidance_scale > 1.0)
     cond = cond.repeat_interleave(group_size) if group_size > 1 else cond
     x = adapter.initial_noise(batch, generator) if initial_noise is None else initial_noise
-    if x.shape[0] != batch:
-        raise ValueError(f"initial_noise has {x.shape[0]} rows, expected {len(prompts)} prompts x group_size {group_size} = {batch}")
     run = integrate(
         adapter,
         x,

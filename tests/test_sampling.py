@@ -1,5 +1,6 @@
 """Rollout engine (flowalign/sampling.py) on the tiny SD3 pipeline."""
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -178,11 +179,24 @@ def test_trajectory_select_takes_indices_or_a_bool_mask():
 def test_initial_noise_of_the_wrong_size_or_beside_shared_noise_is_refused(adapter):
     """sample_ode took initial noise of any row count; rollout silently ignored share_initial_noise beside it."""
     noise = adapter.initial_noise(3, _gen(0))
-    with pytest.raises(ValueError, match="initial_noise has 3 rows, expected 2 prompts x group_size 2 = 4"):
+    with pytest.raises(ValueError, match=r"initial_noise has 3 rows, expected P\*G = 4"):
         sample_ode(adapter, PROMPTS[:2], num_steps=2, group_size=2, initial_noise=noise, decode=False)
     with pytest.raises(ValueError, match="not both"):
         rollout(adapter, PROMPTS[:1], group_size=3, num_steps=2, kernel="flow_sde", schedule=0.7, generator=_gen(1),
                 initial_noise=noise, share_initial_noise=True)
+    # latents of another size decoded to images of another size, integer ones were truncated every step, NaN ones gave
+    # NaN log-probs: each silently
+    c, h, w = adapter.latent_shape
+    bad = {"latents (4, 4, 4), the model's are": torch.randn(3, c, 4, 4), "must be a floating tensor": torch.zeros(3, c, h, w, dtype=torch.long),
+           "holds NaN or inf": torch.full((3, c, h, w), float("nan"))}
+    for message, noise in bad.items():
+        with pytest.raises(ValueError, match=re.escape(message) if "latents" not in message else r"latents \(\d+, 4, 4\)"):
+            rollout(adapter, PROMPTS[:1], group_size=3, num_steps=2, kernel="flow_sde", schedule=0.7, generator=_gen(1), initial_noise=noise)
+        with pytest.raises(ValueError):
+            sample_ode(adapter, PROMPTS[:1], num_steps=2, group_size=3, initial_noise=noise, decode=False)
+    for prompts, group_size in (([], 1), (PROMPTS[:1], -1)):  # an IndexError and a "negative dimension" deep inside
+        with pytest.raises(ValueError, match="need at least one prompt and group_size >= 1"):
+            sample_ode(adapter, prompts, num_steps=2, group_size=group_size, decode=False)
 
 
 def test_on_step_reports_every_denoising_step_and_changes_nothing(adapter):
