@@ -75,15 +75,19 @@ class Trajectory:
         """Denoising steps K (``sigmas`` holds K + 1 values)."""
         return self.sigmas.shape[0] - 1
 
-    def select(self, index: Tensor | list[int]) -> "Trajectory":
-        """Return the sub-batch of samples ``index`` (row indices, or a ``[B]`` bool mask; tensors with a
-        batch axis are indexed)."""
+    def _rows(self, index) -> Tensor:
+        """``index`` as long row indices: row indices as they are, a ``[B]`` bool mask as the rows it marks."""
         index = torch.as_tensor(index)
         if index.dtype == torch.bool:
             if index.shape != (self.batch_size,):
                 raise ValueError(f"a bool mask must be [{self.batch_size}] (one entry per sample), got {tuple(index.shape)}")
             index = index.nonzero().flatten()
-        index = index.long()
+        return index.long()
+
+    def select(self, index: Tensor | list[int]) -> "Trajectory":
+        """Return the sub-batch of samples ``index`` (row indices, or a ``[B]`` bool mask; tensors with a
+        batch axis are indexed)."""
+        index = self._rows(index)
         idx = index.tolist()
         out = {}
         for f in fields(self):
@@ -113,7 +117,7 @@ class Trajectory:
             k: step index in ``[0, K)``; see :meth:`trainable_steps`.
             advantages: ``[B]`` per-sample or ``[B, K]`` per-step advantages of all B samples (default:
                 ``self.advantages``).
-            index: ``[n]`` rows to take (a long tensor or list), default every sample.
+            index: ``[n]`` rows to take (a long tensor or list) or a ``[B]`` bool mask, default every sample.
             log_prob_reduce: how the sampler reduced the recorded log-probs (default: ``self.log_prob_reduce``).
             log_prob_form: the recorded log-probs' form (default: ``self.log_prob_form``).
             device: where the batch's tensors go (default: where they are).
@@ -133,7 +137,7 @@ class Trajectory:
         if adv.shape[0] != self.batch_size or adv.ndim not in (1, 2) or (adv.ndim == 2 and adv.shape[1] != self.num_steps):
             raise ValueError(f"advantages must be [B]={self.batch_size} or [B, K]=[{self.batch_size}, {self.num_steps}], "
                              f"got {tuple(adv.shape)}")
-        rows = torch.arange(self.batch_size) if index is None else torch.as_tensor(index, dtype=torch.long)
+        rows = torch.arange(self.batch_size) if index is None else self._rows(index)  # a bool mask was cast to rows 0 / 1
         n = rows.numel()
         move = (lambda t: t.to(device)) if device is not None else (lambda t: t)
         r = rows.to(self.latents.device)

@@ -174,6 +174,13 @@ def test_trajectory_select_takes_indices_or_a_bool_mask():
         assert sub.latents[:, 0, 0].tolist() == [2.0, 3.0] and sub.sigmas.shape == (K + 1,)
     with pytest.raises(ValueError, match=r"bool mask must be \[4\]"):
         traj.select(torch.tensor([True, False]))
+    # step_batch cast a bool mask to rows 0 / 1 (rows [0, 0, 1, 1] with their advantages): it takes the marked rows too
+    adv = torch.tensor([1.0, -1.0, 2.0, -2.0])
+    for index in (torch.tensor([False, False, True, True]), [2, 3]):
+        step = traj.step_batch(0, adv, index=index)
+        assert step.x[:, 0].tolist() == [2.0, 3.0] and step.advantages.tolist() == [2.0, -2.0]
+    with pytest.raises(ValueError, match=r"bool mask must be \[4\]"):
+        traj.step_batch(0, adv, index=torch.tensor([True, False]))
 
 
 def test_initial_noise_of_the_wrong_size_or_beside_shared_noise_is_refused(adapter):
