@@ -188,3 +188,57 @@ def test_a_garbled_wandb_id_file_gives_a_new_run_with_a_warning(tmp_path, fake_w
     with caplog.at_level("WARNING"):
         RunLogger(tmp_path, ["wandb"], resumed_at=3).close()
     assert fake_wandb.inits[0]["id"] != "../../etc" and "no wandb run id" in caplog.text
+
+
+def _rows(path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_a_run_resumed_to_an_earlier_end_keeps_only_its_own_rows(tmp_path):
+    """Killed after logging iteration 3 but before its checkpoint, then resumed with iterations=2 (the checkpoint of 2 is
+    the end): row 3 of the abandoned run stayed in metrics.csv (and the reward curve), and the final evaluation, which
+    added its eval/* to "the last row" only, replaced row 2 with a row of its own, losing row 2's training metrics."""
+    from tiny_run import train_argv
+
+    from flowalign.train import cli
+
+    run = tmp_path / "run"
+    settings = ["train.iterations=3", "train.checkpoint_every=1", "train.eval_every=-1", "train.log_with=[]", "train.progress=false"]
+    assert cli.main(train_argv(run, settings)) == 0
+    before = _rows(run / "metrics.csv")
+    assert [r["iteration"] for r in before] == ["1", "2", "3"]
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / "iter_000003")  # as if killed before writing it
+    (run / "samples").mkdir(exist_ok=True)
+    (run / "samples" / "iter_000003.png").write_bytes(b"a grid of the abandoned iteration")
+    (run / ".pytorch_lora_weights.4242.tmp").mkdir()  # a killed final write's temporary copy
+    (run / ".pytorch_lora_weights.4242.tmp" / "x").write_bytes(b"x")
+    (run / ".report.4242.tmp.md").write_text("half a report")
+    assert cli.main(["train", "--resume", str(run), "--set", "train.iterations=2", "--set", "train.eval_every=0"]) == 0
+    after = _rows(run / "metrics.csv")
+    assert [r["iteration"] for r in after] == ["1", "2"]
+    assert after[1]["reward/mean"] == before[1]["reward/mean"] and after[1]["eval/brightness/mean"] != ""  # row 2 kept, eval added
+    assert not (run / "samples" / "iter_000003.png").exists()
+    assert not any(p.name.startswith((".pytorch_lora_weights.", ".report.")) for p in run.iterdir())
+
+
+def test_a_folder_holding_only_a_killed_first_write_is_empty(tmp_path):
+    """A run killed while writing its first file (config.yaml) left `.config.<n>.tmp.yaml`: a fresh start and --overwrite
+    then refused the folder ("holds no flowalign run") and --resume found no checkpoint; it had to be deleted by hand."""
+    from tiny_run import train_argv
+
+    from flowalign.train import cli
+    from flowalign.train.run_dir import is_empty
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".config.77.tmp.yaml").write_text("train: {")
+    (run / ".DS_Store").write_bytes(b"")
+    assert is_empty(run)
+    (run / "notes.txt").write_text("mine")
+    assert not is_empty(run)
+    (run / "notes.txt").unlink()
+    assert cli.main(train_argv(run, ["train.iterations=1", "train.eval_every=-1", "train.log_with=[]", "train.progress=false"])) == 0
+    assert not (run / ".config.77.tmp.yaml").exists() and (run / "config.yaml").is_file()

@@ -359,6 +359,9 @@ class OfflineTrainer(OptimizerViews):
             from flowalign.train.run_dir import OFFLINE_RUN_ENTRIES, clear_run_dir
 
             clear_run_dir(self.run_dir, OFFLINE_RUN_ENTRIES)  # an offline run's own files only
+        from flowalign.train.run_dir import remove_interrupted_writes
+
+        remove_interrupted_writes(self.run_dir)  # a killed run's temporary files (each write picks fresh names)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.run_dir / "offline_config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))  # as config.yaml
         self.run_log = RunLogger(self.run_dir, cfg.log_with, to_dict(cfg), key="step", resumed_at=self.step if latest is not None else None)

@@ -51,8 +51,28 @@ def foreign_entries(run_dir: Path, known: frozenset = RUN_ENTRIES) -> list[str]:
 
 
 def is_empty(run_dir: Path) -> bool:
-    """``run_dir`` is missing or holds nothing but the run lock (which the starting run itself took)."""
-    return not run_dir.exists() or all(p.name == LOCK_NAME for p in run_dir.iterdir())
+    """``run_dir`` is missing or holds nothing but the run lock (which the starting run itself took), temporary files of
+    an interrupted write (a run killed while writing its first file) and system files."""
+    return not run_dir.exists() or all(p.name == LOCK_NAME or _is_temporary(p.name) or _SYSTEM_FILES.fullmatch(p.name)
+                                       for p in run_dir.iterdir())
+
+
+def remove_interrupted_writes(run_dir: Path) -> list[str]:
+    """Delete the temporary files and folders of atomic writes a killed run left in ``run_dir`` (top level, by the exact
+    names flowalign writes; the caller holds the run lock, so no other run is writing them); returns their names."""
+    import shutil
+
+    removed = []
+    for path in sorted(run_dir.iterdir()) if run_dir.is_dir() else []:
+        if _is_temporary(path.name):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path.name)
+    if removed:
+        logger.info("%s: removed %d unfinished write(s) of an interrupted run: %s", run_dir, len(removed), ", ".join(removed))
+    return removed
 
 
 def clear_run_dir(run_dir: Path, known: frozenset = RUN_ENTRIES) -> None:

@@ -32,11 +32,32 @@ def write_metrics_row(path: Path, metrics: dict, step: int, key: str = "iteratio
     row = {**metrics, key: step}
     if path.is_file() and _append_row(path, row, step, key):
         return
-    rows: list[dict] = []
-    if path.is_file():
-        with open(path, newline="", encoding="utf-8") as fh:
-            rows = [r for r in csv.DictReader(fh) if _whole(r, key) and int(float(r[key])) < step]
-    rows.append(row)
+    _rewrite(path, [*_rows_before(path, step, key), row], key)
+
+
+def trim_metrics(path: Path, last_step: int, key: str = "iteration") -> int:
+    """Drop the rows of ``metrics.csv`` past ``last_step`` (a resumed run's checkpoint: rows a stopped run logged after
+    it belong to steps the resumed run replays, or, resumed to an earlier end, never runs); returns how many went."""
+    if not path.is_file():
+        return 0
+    with open(path, newline="", encoding="utf-8") as fh:
+        total = sum(1 for _ in csv.DictReader(fh))
+    kept = _rows_before(path, last_step + 1, key)
+    if len(kept) < total:
+        _rewrite(path, kept, key)
+    return total - len(kept)
+
+
+def _rows_before(path: Path, step: int, key: str) -> list[dict]:
+    """The whole rows of the CSV at ``path`` (if any) whose ``key`` is below ``step``."""
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as fh:
+        return [r for r in csv.DictReader(fh) if _whole(r, key) and int(float(r[key])) < step]
+
+
+def _rewrite(path: Path, rows: list[dict], key: str) -> None:
+    """Write ``rows`` as the whole CSV at ``path``, beside it and then renamed (a crash leaves the previous file)."""
     fields = [key] + sorted({k for r in rows for k in r} - {key})
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -136,6 +157,10 @@ class RunLogger:
         self.path = run_dir / "metrics.csv"
         self.key = key
         self.trackers: list = []
+        if resumed_at is not None:
+            dropped = trim_metrics(self.path, resumed_at, key)
+            if dropped:
+                logger.info("%s: dropped %d row(s) logged after step %d, where this run resumes", self.path, dropped, resumed_at)
         log_dir = run_dir / "logs"
         if "tensorboard" in log_with:
             from torch.utils.tensorboard import SummaryWriter
@@ -163,13 +188,13 @@ class RunLogger:
         self.log_scalars(metrics, step)
 
     def add_to_last_row(self, metrics: dict, step: int) -> None:
-        """Add ``metrics`` to the CSV row of ``step`` when it is the file's last row (else write a row of them),
-        and send them to the trackers: a final evaluation after the last iteration's row was written."""
+        """Add ``metrics`` to the CSV row of ``step`` (else write a row of them), and send them to the trackers: a
+        final evaluation after the last iteration's row was written. Rows after ``step`` go (the run ends there)."""
         row: dict = {}
         if self.path.is_file():
             with open(self.path, newline="", encoding="utf-8") as fh:
-                rows = [r for r in csv.DictReader(fh) if _whole(r, self.key)]
-            if rows and int(float(rows[-1][self.key])) == step:
+                rows = [r for r in csv.DictReader(fh) if _whole(r, self.key) and int(float(r[self.key])) == step]
+            if rows:
                 row = {k: v for k, v in rows[-1].items() if k != self.key and v != ""}
         try:
             write_metrics_row(self.path, {**row, **metrics}, step, key=self.key)

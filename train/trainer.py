@@ -65,7 +65,7 @@ from flowalign.train.dense_setup import calibrated_schedule, save_run_noise_tabl
 from flowalign.train.graceful_stop import GracefulStop, stop_everywhere
 from flowalign.train.lora_export import trained_modules
 from flowalign.train.lora_optimizer import OptimizerViews, nothing_stepped
-from flowalign.train.run_dir import clear_run_dir, find_resume_checkpoint, prepare_run_dir, refuse_past_the_end
+from flowalign.train.run_dir import clear_run_dir, find_resume_checkpoint, prepare_run_dir, refuse_past_the_end, remove_interrupted_writes
 from flowalign.train.run_log import RunLogger, check_trackers
 from flowalign.train.run_lock import setup_lock
 
@@ -301,6 +301,9 @@ class Trainer(OptimizerViews):
         if self.accelerator.is_main_process:
             if clear:
                 clear_run_dir(self.run_dir)  # the run's own files only (prepare_run_dir refused a folder holding others)
+            remove_interrupted_writes(self.run_dir)  # a killed run's temporary files (each write picks fresh names)
+            if resume_path is not None:
+                self._remove_grids_after(self.iteration)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir)
             if noise_table is not None:
@@ -670,6 +673,14 @@ class Trainer(OptimizerViews):
         the objective needs no reference) with ``cond`` (and ``reference_cond`` for the reference;
         default ``cond``) bound, CFG as configured for training."""
         return velocity_fns(self.adapter, cond, self._train_guidance(), getattr(self.objective, "needs_reference", False), reference_cond)
+
+    def _remove_grids_after(self, iteration: int) -> None:
+        """Delete ``samples/iter_N.png`` grids past ``iteration`` (a resume's checkpoint): the run they showed stopped, and
+        this one replays those iterations or, resumed to an earlier end, never reaches them."""
+        for grid in (self.run_dir / "samples").glob("iter_*.png"):
+            number = grid.stem[len("iter_"):]
+            if number.isdigit() and int(number) > iteration:
+                grid.unlink()
 
     def _warn_steps_per_pass(self, steps: int, micro_batches: int, accum: int) -> None:
         """Warn once when a pass takes several optimizer steps under a PPO clip so tight that only the first is on-policy
