@@ -380,7 +380,7 @@ class TrainConfig:
     old_policy_max: float = field(default=0.5, metadata={"help": "Upper bound of the old policy's decay d, in [0, 1)."})
     old_policy_flat: int = field(default=0, metadata={"help": "Optimizer steps during which d = 0 (the old policy is the trained one)."})
     seed: int = field(default=0, metadata={"help": "Seed of every random draw (prompts, noise, shuffles)."})
-    output_dir: str = field(default="runs/toy_grpo", metadata={"help": "Run directory: config.yaml, metrics.csv, checkpoints/, the final LoRA."})
+    output_dir: str = field(default="runs/toy_grpo", metadata={"help": "Run directory: config.yaml, metrics.csv, checkpoints/, the final LoRA. A recipe file that does not set it writes to runs/<its file name>."})
     checkpoint_every: int = field(default=10, metadata={"help": "Write a checkpoint every N iterations and after the last one (0 = only after the last one)."})
     keep_checkpoints: int = field(default=2, metadata={"help": "Keep the last K checkpoints."})
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": f"Trackers besides metrics.csv (always written), from {LOG_BACKENDS}; 'csv' names that file and adds nothing."})
@@ -942,12 +942,30 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
     data: dict = {}
     if path is not None:
         data = read_recipe(path, "train")
+        _own_output_dir(data, path)
         model = data.get("model")
         if not (isinstance(model, dict) and "pretrained" in model) and not any(o.startswith("model.pretrained=") for o in overrides or []):
             logger.warning("%s sets no model.pretrained: the built-in default %r is a random test pipeline. A recipe is a whole "
                            "file (start from `flowalign config > mine.yaml`), or starts from a shipped one with `base: toy_grpo`",
                            path, ModelConfig().pretrained)
     return config_from_dict(apply_overrides(data, list(overrides or [])))
+
+
+def _own_output_dir(data: dict, path: Union[str, Path]) -> None:
+    """A recipe file that sets no ``train.output_dir`` itself writes to ``runs/<its file name>``, not to its base's
+    folder or the default's (``runs/toy_grpo``: `base: toy_grpo` and a recipe without base both ran into the main
+    job's folder, and were refused there as a different run, or replaced it under --overwrite)."""
+    resolved = resolve_recipe(path)
+    try:
+        own = load_yaml(resolved.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # read_recipe read it a moment ago: nothing to decide here
+        return
+    train = own.get("train") if isinstance(own, dict) else None
+    if isinstance(train, dict) and "output_dir" in train:
+        return
+    section = data.setdefault("train", {})
+    if isinstance(section, dict):
+        section["output_dir"] = f"runs/{resolved.stem}"
 
 
 def to_dict(config: Any) -> dict:

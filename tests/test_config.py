@@ -448,3 +448,22 @@ def test_ema_keys_the_chosen_schedule_does_not_read_are_named():
     assert inert_settings(C.load_config(None, ["train.ema=true", "train.ema_schedule=warmup", "train.ema_power=1.0"])) == [
         "train.ema_power: read by train.ema_schedule: power only, not warmup"]
     assert inert_settings(C.load_config(None, ["train.ema=true", "train.ema_schedule=warmup", "train.ema_decay=0.5"])) == []
+
+
+def test_a_recipe_that_sets_no_output_dir_writes_to_runs_named_after_it(tmp_path):
+    """`base: toy_grpo` (and a recipe without base) inherited runs/toy_grpo: following the README's own custom-recipe
+    steps ran into the main job's folder, refused there as a different run (or replacing it under --overwrite)."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: toy_grpo\ntrain:\n  lr: 1.0e-3\n")
+    assert C.load_config(mine).train.output_dir == "runs/mine"
+    assert C.load_config(mine, ["train.output_dir=runs/else"]).train.output_dir == "runs/else"
+    whole = tmp_path / "whole.yaml"
+    whole.write_text("model:\n  pretrained: tiny-sd3\n")
+    assert C.load_config(whole).train.output_dir == "runs/whole"
+    own = tmp_path / "own.yaml"
+    own.write_text("base: toy_grpo\ntrain:\n  output_dir: runs/somewhere\n")
+    assert C.load_config(own).train.output_dir == "runs/somewhere"
+    assert C.load_config("toy_grpo").train.output_dir == "runs/toy_grpo" == C.load_config(None).train.output_dir
+    child = tmp_path / "child.yaml"  # a base that set it: the file's own name still wins
+    child.write_text("base: own.yaml\n")
+    assert C.load_config(child).train.output_dir == "runs/child"

@@ -149,7 +149,8 @@ def prepare_run_dir(run_dir: Path, config: FlowalignConfig, resume: bool, overwr
     if not overwrite:
         same = previous is not None and config_hash(previous) == config_hash(config)
         what = "a run of the same config" if same else "a different run"
-        raise ConfigError(f"train.output_dir {run_dir} already holds {what}; pass --resume to continue it or --overwrite to replace it")
+        raise ConfigError(f"train.output_dir {run_dir} already holds {what}; pass --resume to continue it, --overwrite to replace it, "
+                          "or --set train.output_dir=<another folder> to keep it")
     refuse_foreign(run_dir)  # --overwrite deletes a run's files only, and only from a folder holding nothing else
     return True
 
