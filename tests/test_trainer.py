@@ -993,3 +993,11 @@ def test_a_noise_schedule_of_the_users_drives_the_rollouts(tmp_path, monkeypatch
         assert batch.traj.stochastic_mask.tolist() == [True, True, False, False, False, False]
     finally:
         sys.modules.pop(name, None)
+
+
+def test_train_before_setup_says_so(tmp_path):
+    """`Trainer(config, adapter=...)` then `.train()`, as the README's adapter line reads, failed with an AttributeError
+    on 'sampler'."""
+    with pytest.raises(RuntimeError, match=r"train\(\) before setup\(\): call trainer.setup\(\), then train\(\), then cleanup\(\)"):
+        Trainer(_config(tmp_path)).train()
+    assert not (tmp_path / "config.yaml").exists()

@@ -338,6 +338,9 @@ class Trainer(OptimizerViews):
             TrainingStopped: a SIGINT / SIGTERM asked to stop (train/graceful_stop.py): the
                 iteration under way finished and was checkpointed; ``--resume`` continues it.
         """
+        if not hasattr(self, "sampler"):  # an AttributeError on 'sampler' said nothing of the order
+            raise RuntimeError("Trainer.train() before setup(): call trainer.setup(), then train(), then cleanup() "
+                               "(or flowalign.train.trainer.train(config))")
         cfg = self.config.train
         metrics: dict = {}
         self._train_start = time.perf_counter()
