@@ -127,10 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = actions.add_parser("serve", help="serve a reward over HTTP (client: rewards: [{name: remote, kwargs: {url: ...}}])")
     serve.add_argument("name", help="a reward name, an entry point or package.module:Class")
     serve.add_argument("--kwargs", default="{}", help="the reward's keyword arguments as a JSON object")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    serve.add_argument("--port", type=int, default=8765, help="port to listen on (0: a free one, printed)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface, for a trainer elsewhere)")
+    serve.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765; 0: a free one, printed)")
     serve.add_argument("--max-pending", type=int, default=4,
-                       help="request bodies held at once, each up to 1 GiB (more requests wait unread)")
+                       help="request bodies held at once, each up to 1 GiB (default 4; more requests wait unread)")
     return parser
 
 
@@ -146,7 +147,7 @@ def run_reward(args: argparse.Namespace) -> int:
         width = max(len(name) for name, _ in rows)
         sys.stdout.write("".join(f"{name:<{width}}  {summary}\n" for name, summary in rows))
         sys.stdout.write("\nAny importable 'package.module:Class' (or a function) is a reward too, without registering it; "
-                         "`flowalign config --set 'rewards=[{name: ...}]'` checks that it loads.\n")
+                         "`flowalign config --set 'rewards=[{name: ...}]'` warns when it cannot load it (train refuses it).\n")
         return 0
     from flowalign.rewards.remote import check_max_pending, make_server, serve, server_url
     from flowalign.train.eval_cli import json_object_arg

@@ -126,7 +126,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help=f"ODE sampling steps (default: the model's recommended count: 10 for the toy, as the toy recipes' "
                              f"sampling.eval_num_steps, which the trainer's report uses; else {FALLBACK_STEPS})")
     parser.add_argument("--guidance", type=float, default=None,
-                        help=f"CFG scale, 1 = off (default: the model's recommended scale: 4.5 for the toy; else {FALLBACK_GUIDANCE})")
+                        help=f"CFG scale, 1 = off (default: the scale the model folder recommends, 4.5 for the toy; {FALLBACK_GUIDANCE} for a model that names none)")
     parser.add_argument("--seed", type=int, default=d.seed, help="sample i starts from the noise of seed + i (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per transformer call (default: %(default)s)")
     parser.add_argument("--out", default=None, help="folder for eval.json and eval.md (default: print only)")
