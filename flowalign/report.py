@@ -447,9 +447,10 @@ def write_report(
         program = Path(sys.argv[0]).name
         cli = sys.modules.get("flowalign.train.cli")
         main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-        if (cli is not None and Path(sys.argv[0]).resolve() == Path(cli.__file__).resolve()) or \
+        if (cli is not None and (Path(sys.argv[0]).resolve() == Path(cli.__file__).resolve() or sys.argv[0] == "-c")) or \
                 getattr(main_spec, "name", None) == "flowalign.train.cli":
-            program = "flowalign"  # python -m flowalign.train.cli (torchrun, accelerate launch): the command it stands for
+            # python -m flowalign.train.cli (torchrun, accelerate launch), or python -c "...cli import main...": the command
+            program = "flowalign"
         command = config_dict.get("command") or shlex.join([program, *sys.argv[1:]])
     environment = run_environment()
     if metrics_csv is None and (run_dir / "metrics.csv").is_file():

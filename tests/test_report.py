@@ -656,6 +656,11 @@ def test_the_report_says_what_ran_where(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "flowalign.train.cli")
     monkeypatch.setattr(sys, "argv", ["/somewhere/flowalign/train/cli.py", "train"])
     assert "- **command**: `flowalign train`" in write_report(tmp_path, base=base, aligned=base, config_dict=mixed, timings={}).read_text()
+    # python -c "from flowalign.train.cli import main; main()" train ... (bench/toy_alignment.py): argv[0] is "-c"
+    monkeypatch.setitem(sys.modules, "flowalign.train.cli", cli)
+    monkeypatch.setattr(sys, "argv", ["-c", "train", "--set", "train.seed=3"])
+    assert "- **command**: `flowalign train --set train.seed=3`" in write_report(tmp_path, base=base, aligned=base, config_dict=mixed,
+                                                                                timings={}).read_text()
     assert "(noise table `noise_table.json` [0.71, 0.73])" in text and "noise constant" not in text
     assert "`shapes` {'score': 'mix', 'partial_weight': 0.5} × 1.0" in text
     assert "10 lines, 5 distinct prompts, of `p.jsonl`" in text
