@@ -288,7 +288,7 @@ def test_output_dir_guard(tmp_path):
     cfg = _config(tmp_path / "run")
     assert prepare_run_dir(tmp_path / "run", cfg, resume=False, overwrite=False) is False  # missing dir: fine
     save_config(cfg, tmp_path / "run")
-    with pytest.raises(ConfigError, match="already holds a run of the same config; pass --resume .* or --overwrite"):
+    with pytest.raises(ConfigError, match="already holds a run of the same config; pass --resume .* --overwrite .* or --set train.output_dir="):
         prepare_run_dir(tmp_path / "run", cfg, resume=False, overwrite=False)
     other = _config(tmp_path / "run", "train.lr=1e-5")
     with pytest.raises(ConfigError, match="already holds a different run"):
