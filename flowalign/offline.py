@@ -690,12 +690,13 @@ def fill_store(
     # the whole specs: a resume after the prompt file's constraints (include, tag, ...) changed is another store
     prompt_digest = prompts_digest(specs)
     legacy_digest = hashlib.sha256(json.dumps([s["prompt"] for s in specs]).encode()).hexdigest()  # stores before 2026-12-06
-    store_json = Path(root) / "store.json"
-    if store_json.is_file() and _read_store_json(store_json)["settings"].get("prompts_sha256") == legacy_digest:
+    store_json = Path(root) / META_FILE
+    begun = _read_store_json(store_json)["settings"] if store_json.is_file() else None  # a store to finish: its settings
+    if begun is not None and begun.get("prompts_sha256") == legacy_digest:
         logger.warning("%s: a store from before the prompts' constraints were hashed: resuming it checks the prompt texts only", root)
         prompt_digest = legacy_digest
     stride = SEED_STRIDE
-    if store_json.is_file() and "seed_stride" not in _read_store_json(store_json)["settings"]:
+    if begun is not None and "seed_stride" not in begun:
         stride = 1  # a store from before the stride: finished with the seeds it began with
     full_settings = {
         **(settings or {}),
