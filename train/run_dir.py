@@ -60,15 +60,10 @@ def is_empty(run_dir: Path) -> bool:
 def remove_interrupted_writes(run_dir: Path) -> list[str]:
     """Delete the temporary files and folders of atomic writes a killed run left in ``run_dir`` (top level, by the exact
     names flowalign writes; the caller holds the run lock, so no other run is writing them); returns their names."""
-    import shutil
-
     removed = []
     for path in sorted(run_dir.iterdir()) if run_dir.is_dir() else []:
         if _is_temporary(path.name):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+            _delete(path)
             removed.append(path.name)
     if removed:
         logger.info("%s: removed %d unfinished write(s) of an interrupted run: %s", run_dir, len(removed), ", ".join(removed))
@@ -78,14 +73,19 @@ def remove_interrupted_writes(run_dir: Path) -> list[str]:
 def clear_run_dir(run_dir: Path, known: frozenset = RUN_ENTRIES) -> None:
     """Delete what a run wrote into ``run_dir`` (``known`` names and interrupted temporary files), never
     anything else: ``--overwrite`` used to delete the whole folder."""
-    import shutil
-
     for path in list(run_dir.iterdir()) if run_dir.is_dir() else []:
         if path.name in known or _is_temporary(path.name):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+            _delete(path)
+
+
+def _delete(path: Path) -> None:
+    """Remove a file, a link or a folder tree (a link itself, never what it points to)."""
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def refuse_foreign(run_dir: Path, known: frozenset = RUN_ENTRIES, key: str = "train.output_dir", what: str = "a run") -> None:

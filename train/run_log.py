@@ -41,11 +41,11 @@ def trim_metrics(path: Path, last_step: int, key: str = "iteration") -> int:
     if not path.is_file():
         return 0
     with open(path, newline="", encoding="utf-8") as fh:
-        total = sum(1 for _ in csv.DictReader(fh))
-    kept = _rows_before(path, last_step + 1, key)
-    if len(kept) < total:
+        rows = list(csv.DictReader(fh))
+    kept = _before(rows, last_step + 1, key)
+    if len(kept) < len(rows):
         _rewrite(path, kept, key)
-    return total - len(kept)
+    return len(rows) - len(kept)
 
 
 def _rows_before(path: Path, step: int, key: str) -> list[dict]:
@@ -53,7 +53,12 @@ def _rows_before(path: Path, step: int, key: str) -> list[dict]:
     if not path.is_file():
         return []
     with open(path, newline="", encoding="utf-8") as fh:
-        return [r for r in csv.DictReader(fh) if _whole(r, key) and int(float(r[key])) < step]
+        return _before(csv.DictReader(fh), step, key)
+
+
+def _before(rows, step: int, key: str) -> list[dict]:
+    """The whole ``rows`` whose ``key`` is below ``step`` (a torn row is dropped)."""
+    return [r for r in rows if _whole(r, key) and int(float(r[key])) < step]
 
 
 def _rewrite(path: Path, rows: list[dict], key: str) -> None:

@@ -128,11 +128,17 @@ def prune_eval_grids(folder: Path, keep: int, current: Optional[int] = None) -> 
     ``current`` (the iteration just evaluated) only grids up to it count: a run resumed from an earlier checkpoint leaves
     the abandoned run's later grids alone (its own overwrite them as it gets there) instead of keeping those as the last."""
     grids = sorted(path for path in folder.glob("iter_*.png")
-                   if current is None or not path.stem[5:].isdigit() or int(path.stem[5:]) <= current)
+                   if current is None or grid_iteration(path) is None or grid_iteration(path) <= current)
     doomed = grids[1:-keep] if keep > 0 else []
     for path in doomed:
         path.unlink(missing_ok=True)
     return doomed
+
+
+def grid_iteration(path: Path) -> Optional[int]:
+    """The iteration of an eval grid ``iter_N.png`` (None for another name)."""
+    number = path.stem[len("iter_"):] if path.stem.startswith("iter_") else ""
+    return int(number) if number.isdigit() else None
 
 
 def pace(elapsed_s: float, done: int, left: int) -> str:
@@ -681,8 +687,7 @@ class Trainer(OptimizerViews):
         """Delete ``samples/iter_N.png`` grids past ``iteration`` (a resume's checkpoint): the run they showed stopped, and
         this one replays those iterations or, resumed to an earlier end, never reaches them."""
         for grid in (self.run_dir / "samples").glob("iter_*.png"):
-            number = grid.stem[len("iter_"):]
-            if number.isdigit() and int(number) > iteration:
+            if (grid_iteration(grid) or 0) > iteration:
                 grid.unlink()
 
     def _warn_steps_per_pass(self, steps: int, micro_batches: int, accum: int) -> None:
