@@ -287,6 +287,8 @@ class LoraConfig:
     train_text_encoder: bool = field(default=False, metadata={"help": "Also train LoRA on the adapter's text encoders (SD3: the CLIP pair); the LoRA file then holds text_encoder. / text_encoder_2. keys as well."})
     text_encoder_target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Text-encoder module names to adapt; null = the adapter's defaults (CLIP: q/k/v/out_proj)."})
     text_encoder_lr: Optional[float] = field(default=None, metadata={"help": "Learning rate of the text-encoder LoRA (diffusers' --text_encoder_lr); null = the run's lr (train.lr; lr in an offline recipe). Follows its lr schedule."})
+    init_from: Optional[str] = field(default=None, metadata={"help": "Start the LoRA from this diffusers LoRA file (a previous run's pytorch_lora_weights.safetensors or its folder; same rank, alpha and targets or fewer), e.g. a second round of offline GDRO / DPO on a store generated with it; null = a fresh LoRA (no update). A resume reads its start from the checkpoint, not this file."})
+    reference: str = field(default="base", metadata={"help": "The reference policy of KL terms and of offline ratios: 'base' (every LoRA off) or 'init' (the LoRA of lora.init_from, as iterative DPO / GDRO rounds take the previous round's model)."})
 
     def __post_init__(self):
         _check(self.rank >= 1, f"lora.rank must be >= 1, got {self.rank}")
@@ -299,6 +301,10 @@ class LoraConfig:
         for key in ("text_encoder_target_modules", "text_encoder_lr"):
             _check(self.train_text_encoder or getattr(self, key) is None, f"lora.{key} is set but lora.train_text_encoder is false")
         _check(self.text_encoder_lr is None or self.text_encoder_lr > 0, f"lora.text_encoder_lr must be null or > 0, got {self.text_encoder_lr}")
+        _choice("lora.reference", self.reference, ("base", "init"))
+        _check(self.init_from is None or (isinstance(self.init_from, str) and self.init_from.strip() != ""),
+               f"lora.init_from must be null or a path, got {self.init_from!r}")
+        _check(self.reference == "base" or self.init_from is not None, "lora.reference=init needs lora.init_from (the LoRA the run starts from)")
 
 
 @dataclass
@@ -1060,7 +1066,10 @@ _HASH_EXCLUDE = {("train", "iterations"), ("train", "output_dir"), ("train", "ch
 # fields left out of the hash while at these values (their defaults), so runs from before they existed resume
 _HASH_OMIT_AT = {("sampling", "log_prob_form"): "gaussian", ("model", "adapter"): None, ("model", "adapter_kwargs"): {}, ("sampling", "noise_seeding"): "process", ("objective", "reward_mix"): "reward", ("train", "ema_every"): 1, ("train", "mixed_precision"): "no",
                  ("train", "lr_schedule"): "constant", ("train", "lr_warmup"): 0, ("train", "lr_min_ratio"): 0.0,
-                 ("train", "max_sampling_rounds"): 1, ("sampling", "rollout"): "default", ("sampling", "rollout_kwargs"): {}}
+                 ("train", "max_sampling_rounds"): 1, ("sampling", "rollout"): "default", ("sampling", "rollout_kwargs"): {},
+                 ("lora", "init_from"): None, ("lora", "reference"): "base"}
+# lora keys added after runs were checkpointed: left out of both trainers' config hashes at these values
+LORA_OMIT_AT = {key: value for (section, key), value in _HASH_OMIT_AT.items() if section == "lora"}
 
 
 def describe_config(config: Any) -> str:

@@ -536,3 +536,146 @@ def _lora_in_fp32(components: Mapping[str, nn.Module], file: Path, adapters: set
                 param.data = source.to(device=param.device, dtype=torch.float32)
             elif param.dtype in (torch.float16, torch.bfloat16):
                 param.data = param.data.float()
+
+
+def _component_of(key: str, components: Sequence[str]) -> Optional[str]:
+    """The component whose ``<name>.`` prefixes ``key`` (the longest: ``text_encoder_2.`` before ``text_encoder.``)."""
+    found = [name for name in components if key.startswith(name + ".")]
+    return max(found, key=len) if found else None
+
+
+def _header_value(header: Mapping[str, str], component: str, field: str):
+    """``<component>.<field>`` of a diffusers LoRA file's ``lora_adapter_metadata`` header, or None."""
+    import json
+
+    try:
+        meta = json.loads(header.get("lora_adapter_metadata") or "{}")
+    except ValueError:
+        return None
+    return meta.get(f"{component}.{field}") if isinstance(meta, dict) else None
+
+
+def load_initial_lora(modules: Mapping[str, nn.Module], path: Union[str, Path], rank: int, alpha: float) -> dict[str, int]:
+    """Start the LoRA of ``modules`` (``{"transformer": ..., "text_encoder": ...}``, as :func:`add_lora` /
+    :func:`add_text_lora` built them) from a diffusers LoRA file (``lora.init_from``: a previous run's
+    ``pytorch_lora_weights.safetensors`` or its folder), so that the policy starts as that LoRA's model.
+
+    The file must fit the LoRA it is copied into: every key a LoRA layer of that component (the same
+    ``target_modules`` or fewer), at rank ``rank``, and trained with ``alpha`` (the header's
+    ``<component>.lora_alpha``; a file without it was, for diffusers, trained with alpha = r). Layers the file
+    does not hold keep their fresh init (B = 0: no update). Returns ``{component: keys loaded}``.
+
+    Raises:
+        LoraMismatchError: the file is missing or unreadable, holds LoRA for a component that ``modules``
+            lacks (e.g. text encoders without ``lora.train_text_encoder``) or for layers the LoRA does not
+            adapt, at another rank or alpha, or holds nothing for ``modules``.
+    """
+    from safetensors.torch import load_file
+
+    file, shapes, header = read_lora_file(path)
+    by_component: dict[str, dict[str, str]] = {}
+    strays = []
+    for key in shapes:
+        component = _component_of(key, LORA_COMPONENTS)
+        if component is None:
+            strays.append(key)
+        else:
+            by_component.setdefault(component, {})[_peft_form(key[len(component) + 1:])] = key
+    if strays:
+        raise LoraMismatchError(f"lora.init_from={file}: keys outside {list(LORA_COMPONENTS)} (another tool's format?): "
+                                + ", ".join(sorted(strays)[:5]))
+    extra = sorted(set(by_component) - set(modules))
+    if extra:
+        hint = " (set lora.train_text_encoder=true)" if any(name.startswith("text_encoder") for name in extra) else ""
+        raise LoraMismatchError(f"lora.init_from={file} holds LoRA for {', '.join(extra)}, which this run does not train{hint}: "
+                                "starting without it would not start from that file's model")
+    if not by_component:
+        raise LoraMismatchError(f"lora.init_from={file} holds no LoRA tensors")
+    tensors = load_file(str(file))
+    loaded = {}
+    for component, keys in by_component.items():
+        module = modules[component]
+        state = get_lora_state_dict(module)
+        unknown = sorted(k for k in keys if k not in state)
+        if unknown:
+            targets = _header_value(header, component, "target_modules")
+            raise LoraMismatchError(
+                f"lora.init_from={file}: {len(unknown)} {component} LoRA layers this run does not adapt ("
+                + ", ".join(unknown[:3]) + (" ..." if len(unknown) > 3 else "") + ")"
+                + (f"; the file was trained with target_modules={targets}: set lora.target_modules (or "
+                   "lora.text_encoder_target_modules) to them" if targets else "; set lora.target_modules to the file's"))
+        file_ranks = {tuple(shapes[keys[k]])[0] for k in keys if k.endswith("lora_A.weight")}
+        if file_ranks and file_ranks != {rank}:
+            raise LoraMismatchError(f"lora.init_from={file}: its {component} LoRA has rank {sorted(file_ranks)}, this run "
+                                    f"lora.rank={rank}; set lora.rank to the file's")
+        bad = sorted(k for k in keys if tuple(shapes[keys[k]]) != tuple(state[k].shape))
+        if bad:
+            raise LoraMismatchError(f"lora.init_from={file}: {component} tensors of another shape: "
+                                    + ", ".join(f"{k} {list(shapes[keys[k]])} (here {list(state[k].shape)})" for k in bad[:3]))
+        file_alpha = _header_value(header, component, "lora_alpha")
+        file_alpha = float(file_alpha if file_alpha is not None else rank)  # diffusers' reading of a header without it
+        if abs(file_alpha - float(alpha)) > 1e-6 * max(1.0, abs(alpha)):
+            raise LoraMismatchError(f"lora.init_from={file}: its {component} LoRA was trained with alpha {file_alpha:g}, this "
+                                    f"run lora.alpha={alpha:g} (the update is scaled by alpha / r); set lora.alpha={file_alpha:g}")
+        state.update({k: tensors[key].float() for k, key in keys.items()})
+        set_lora_state_dict(module, state)
+        loaded[component] = len(keys)
+    logger.info("LoRA starts from %s (%s)", file, ", ".join(f"{c}: {n} tensors" for c, n in loaded.items()))
+    return loaded
+
+
+class LoraSnapshot:
+    """A frozen copy of the LoRA weights of some modules (``lora.reference: init``: the reference policy is the
+    LoRA a run started from, not the base model).
+
+    :meth:`applied` gives each snapshot module its copied weights inside a ``with`` block by rebinding the
+    parameters' ``.data`` (no in-place write), so a reference forward run between the policy's forward and its
+    backward leaves the tensors autograd saved untouched.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module]):
+        self.modules = dict(modules)
+        self.copies = {name: [p.detach().clone() for p in lora_parameters(m)] for name, m in self.modules.items()}
+
+    @contextlib.contextmanager
+    def applied(self, *modules: nn.Module) -> Iterator[None]:
+        """Within the block ``modules`` (default: all) run with the snapshot's LoRA weights."""
+        chosen = [name for name, m in self.modules.items() if not modules or any(m is x for x in modules)]
+        pairs = [(p, c) for name in chosen for p, c in zip(lora_parameters(self.modules[name]), self.copies[name])]
+        kept = [p.data for p, _ in pairs]
+        try:
+            for p, c in pairs:
+                p.data = c
+            yield
+        finally:
+            for (p, _), data in zip(pairs, kept):
+                p.data = data
+
+    def state(self) -> dict[str, dict[str, Tensor]]:
+        """Checkpoint tensor groups ``{"lora_init_<component>": LoRA state}`` (keys as :func:`get_lora_state_dict`'s)."""
+        out = {}
+        for name, module in self.modules.items():
+            with self.applied(module):
+                out[f"lora_init_{name}"] = get_lora_state_dict(module)
+        return out
+
+    def load_state(self, tensors: Mapping[str, Mapping[str, Tensor]], path) -> None:
+        """Restore :meth:`state`'s groups (a resume of a ``lora.reference: init`` run reads the start from the checkpoint).
+
+        Raises:
+            CheckpointError: the checkpoint holds no copy for one of the modules.
+        """
+        from flowalign.errors import CheckpointError
+
+        for name, module in self.modules.items():
+            group = tensors.get(f"lora_init_{name}")
+            if group is None:
+                raise CheckpointError(f"checkpoint {path} holds no starting LoRA for {name} (lora_init_{name}) but lora.reference is init")
+            with self.applied(module):
+                set_lora_state_dict(module, dict(group))
+
+
+def reference_weights(snapshot: Optional[LoraSnapshot], *modules: nn.Module):
+    """The context in which ``modules`` run as the reference policy: their LoRA off (the base model), or with
+    ``snapshot``'s weights (``lora.reference: init``)."""
+    return snapshot.applied(*modules) if snapshot is not None else lora_disabled(*modules)

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from flowalign import checkpoint as ckpt
 from flowalign import lora as lora_lib
-from flowalign.config import LOG_BACKENDS, MODEL_MEMORY_KNOBS, LoraConfig, ModelConfig, apply_overrides, build_dataclass, to_dict
+from flowalign.config import LOG_BACKENDS, LORA_OMIT_AT, MODEL_MEMORY_KNOBS, LoraConfig, ModelConfig, apply_overrides, build_dataclass, to_dict
 from flowalign.errors import ConfigError, RolloutStoreError
 from flowalign.files import write_text_atomic
 from flowalign.lr_schedule import LR_SCHEDULES
@@ -158,6 +158,7 @@ def _hashed_settings(cfg: OfflineConfig, legacy: bool = False, with_store: bool 
             and (key != "store" or with_store or legacy)}
     data["model"] = {key: value for key, value in data["model"].items() if key not in MODEL_MEMORY_KNOBS
                      and not (legacy and key in LATER_SETTINGS["model"] and value == LATER_SETTINGS["model"][key])}
+    data["lora"] = {key: value for key, value in data["lora"].items() if not (key in LORA_OMIT_AT and value == LORA_OMIT_AT[key])}
     return data
 
 
@@ -230,6 +231,7 @@ class OfflineTrainer(OptimizerViews):
         self._saved_step = -1
         self.unapplied_steps = 0  # steps of the last train() call with an all-zero gradient (tied groups), not applied
         self.text_modules: dict = {}  # text encoders with LoRA (lora.train_text_encoder), filled by setup
+        self.reference_lora: Optional[lora_lib.LoraSnapshot] = None  # lora.reference: init, filled by setup
         self.run_log: Optional[RunLogger] = None  # metrics.csv + trackers, opened by setup
         self._lock = None  # the run folder's lock, taken by setup
 
@@ -264,6 +266,11 @@ class OfflineTrainer(OptimizerViews):
         mismatch is refused; GDRO and Diffusion-DPO are sampler-independent, so they only warn."""
         settings = self.store.settings
         stored = settings.get("model_hash")
+        lcfg = self.config.lora
+        if settings.get("lora") and lcfg.reference != "init":
+            logger.warning("store %s was generated with the LoRA %s, and this run's reference is the base model (lora.reference: "
+                           "base)%s; for a next round on that LoRA's samples set lora.init_from to it and lora.reference=init",
+                           self.config.store, settings["lora"], "" if lcfg.init_from else ", starting from a fresh LoRA")
         if not stored or stored == "custom-sample-fn" or settings.get("lora"):
             return  # nothing comparable recorded
         from flowalign.train.generate import model_fingerprint
@@ -318,6 +325,10 @@ class OfflineTrainer(OptimizerViews):
         clear = prepare_offline_dir(self.run_dir, latest is not None, self.overwrite or self.resume)
         check_trackers(cfg.log_with, key="log_with")
         self._check_store()
+        if cfg.lora.init_from is not None and latest is None:  # a missing or unreadable file: before the model loads
+            from flowalign.train.model import resolve_path
+
+            lora_lib.read_lora_file(resolve_path(cfg.lora.init_from))
         if latest is not None:
             from flowalign.train.run_dir import refuse_past_the_end
 
@@ -343,7 +354,11 @@ class OfflineTrainer(OptimizerViews):
         targets = cfg.lora.target_modules or self.adapter.lora_target_modules
         transformer_params = lora_lib.add_lora(module, cfg.lora.rank, cfg.lora.alpha, targets, cfg.lora.init, cfg.lora.dropout)
         self.text_modules, text_params = lora_lib.add_text_lora(self.adapter, cfg.lora) if cfg.lora.train_text_encoder else ({}, [])
-        self.conditioning = UpdateConditioning(self.adapter, self.text_modules, classifier_free=cfg.guidance_scale > 1.0, device=self.device)
+        from flowalign.train.trainer_setup import start_lora
+
+        self.reference_lora = start_lora(cfg.lora, {"transformer": module, **self.text_modules}, resuming=latest is not None)
+        self.conditioning = UpdateConditioning(self.adapter, self.text_modules, classifier_free=cfg.guidance_scale > 1.0, device=self.device,
+                                               reference_lora=self.reference_lora)
         groups = [{"params": transformer_params, "lr_ratio": 1.0}]
         if text_params:
             groups.append({"params": text_params, "lr_ratio": (cfg.lora.text_encoder_lr or cfg.lr) / cfg.lr})
@@ -382,7 +397,8 @@ class OfflineTrainer(OptimizerViews):
     # ------------------------------------------------------------------ one step
 
     def velocity_fns(self, prompts: list[str]) -> tuple[Callable, Callable]:
-        """Policy (LoRA on) and reference (LoRA off) velocities for rows ``p*k + j``; counts NFE.
+        """Policy (LoRA on) and reference (LoRA off, or the starting LoRA under ``lora.reference: init``) velocities for
+        rows ``p*k + j``; counts NFE.
 
         With ``lora.train_text_encoder`` the policy's prompts are encoded with gradient through the
         text encoders' LoRA and the reference's with every LoRA off."""
@@ -410,7 +426,7 @@ class OfflineTrainer(OptimizerViews):
             if c is None:
                 raise ValueError(f"reference called on {x.shape[0]} rows, conditioning has {cond.batch_size}")
             self.nfe += factor * x.shape[0]
-            with torch.no_grad(), lora_lib.lora_disabled(module):
+            with torch.no_grad(), lora_lib.reference_weights(self.reference_lora, module):
                 return self.adapter.velocity(x, sigma, reference_cond, guidance_scale=w)
 
         return policy, reference
@@ -525,6 +541,8 @@ class OfflineTrainer(OptimizerViews):
         ``pytorch_lora_weights.safetensors`` the run would save now (:mod:`flowalign.train.lora_export`)."""
         tensors = {"lora": lora_lib.get_lora_state_dict(self.adapter.trainable_module)}
         tensors.update(lora_lib.text_lora_tensors(self.text_modules))
+        if self.reference_lora is not None:  # lora.reference: init: the start, so a resume needs no lora.init_from file
+            tensors.update(self.reference_lora.state())
         optim_tensors, optim_state = self.optim.state()
         tensors.update(optim_tensors)
         state = {"step": self.step, "nfe": self.nfe, "seconds": self.seconds, **optim_state, "schedule_steps": self.optim.cfg.iterations,
@@ -568,6 +586,8 @@ class OfflineTrainer(OptimizerViews):
                               f"this config's run has {total}: resume with the same epochs and max_steps")
         lora_lib.set_lora_state_dict(self.adapter.trainable_module, loaded.tensors["lora"])
         lora_lib.load_text_lora_tensors(self.text_modules, loaded.tensors, path)
+        if self.reference_lora is not None:
+            self.reference_lora.load_state(loaded.tensors, path)
         self.optim.load(loaded.tensors, loaded.state, path)
         ckpt.restore_rng(loaded.state["rng"], {"objective": self.generator})
         restore_objective_state(self.objective, loaded.state.get("objective"), path)

@@ -194,11 +194,12 @@ def make_step_batch(batch: Batch, index: Tensor, k: int, log_prob_reduce: str, d
                                  log_prob_form=log_prob_form)
 
 
-def velocity_fns(adapter, cond, guidance_scale: float, with_reference: bool, reference_cond=None):
+def velocity_fns(adapter, cond, guidance_scale: float, with_reference: bool, reference_cond=None,
+                 reference_lora: Optional[lora_lib.LoraSnapshot] = None):
     """``(policy, reference)`` velocity functions over ``adapter`` with ``cond`` bound; the reference
-    runs the same module with its LoRA disabled (None unless ``with_reference``) on
-    ``reference_cond``: the prompts encoded with the text encoders' LoRA off, when they carry one
-    (default: ``cond``)."""
+    runs the same module with its LoRA disabled, or with ``reference_lora``'s weights (``lora.reference:
+    init``) (None unless ``with_reference``) on ``reference_cond``: the prompts encoded as the reference,
+    when the text encoders carry LoRA (default: ``cond``)."""
     module = adapter.trainable_module
     reference_cond = cond if reference_cond is None else reference_cond
 
@@ -206,7 +207,7 @@ def velocity_fns(adapter, cond, guidance_scale: float, with_reference: bool, ref
         return adapter.velocity(x, sigma, cond, guidance_scale=guidance_scale)
 
     def reference(x: Tensor, sigma: Tensor) -> Tensor:
-        with torch.no_grad(), lora_lib.lora_disabled(module):
+        with torch.no_grad(), lora_lib.reference_weights(reference_lora, module):
             return adapter.velocity(x, sigma, reference_cond, guidance_scale=guidance_scale)
 
     return policy, (reference if with_reference else None)
@@ -239,6 +240,7 @@ class Trainer(OptimizerViews):
         self.run_log: Optional[RunLogger] = None  # main process only
         self._lock = None  # the run folder's lock (train/run_lock.py), taken by setup
         self.text_modules: dict = {}  # text encoders with LoRA (lora.train_text_encoder), filled by setup
+        self.reference_lora: Optional[lora_lib.LoraSnapshot] = None  # lora.reference: init, filled by setup
         self.timings: dict[str, float] = {}  # wall seconds per phase of this session (setup, calibration, train, ...)
         self.train_seconds_before = 0.0  # training wall seconds of earlier sessions up to the resumed checkpoint
         self._train_start: Optional[float] = None  # perf_counter() when this session's training loop began
@@ -278,6 +280,8 @@ class Trainer(OptimizerViews):
         self.rewards = trainer_setup.build_rewards(cfg, self.device)
         drift_reward = trainer_setup.build_drift_reward(cfg, self.device)
         trainer_setup.check_reward_prompts(cfg, self.rewards, drift_reward, data)
+        if cfg.lora.init_from is not None and resume_path is None:  # a missing or unreadable file: before the model loads
+            lora_lib.read_lora_file(trainer_setup.resolve_path(cfg.lora.init_from))
         parts = trainer_setup.build_objective(cfg)
         self.objective, self.dense, self.forward_process, self.schedule = parts.objective, parts.dense, parts.forward_process, parts.schedule
         self._trajectory_unit = getattr(self.objective, "update_unit", "step") == "trajectory"
@@ -286,8 +290,9 @@ class Trainer(OptimizerViews):
                 logger.warning("set but without effect: %s", line)
         self._draws: Optional[fp.ForwardDraws] = None  # forward-process objectives' re-noising draws of an iteration
         model = trainer_setup.build_model(cfg, self.adapter, self.device, self.accelerator, self._gather, self._train_guidance(),
-                                          kl_ema=getattr(self.objective, "kl_ema", None))
+                                          kl_ema=getattr(self.objective, "kl_ema", None), resuming=resume_path is not None)
         self.adapter, self.text_modules, self.conditioning, self.optim = model.adapter, model.text_modules, model.conditioning, model.optim
+        self.reference_lora = model.reference_lora  # lora.reference: init (restored from the checkpoint on a resume)
         trainer_setup.warn_about_log_prob_sum(cfg, self.adapter, self.accelerator)
         if self.accelerator.process_index > 0:  # the LoRA init above drew the same numbers everywhere; from here on
             # (LoRA dropout masks) each process draws its own (process 0 keeps the seed's stream: 1-process runs unchanged)
@@ -678,10 +683,11 @@ class Trainer(OptimizerViews):
         return index if k is not None else index.repeat(len(self._plan_steps))
 
     def velocity_fns(self, cond, reference_cond=None):
-        """``policy(x, sigma)`` (LoRA on, with grad) and ``reference`` (LoRA off, no grad; None when
+        """``policy(x, sigma)`` (LoRA on, with grad) and ``reference`` (LoRA off or the starting LoRA, no grad; None when
         the objective needs no reference) with ``cond`` (and ``reference_cond`` for the reference;
         default ``cond``) bound, CFG as configured for training."""
-        return velocity_fns(self.adapter, cond, self._train_guidance(), getattr(self.objective, "needs_reference", False), reference_cond)
+        return velocity_fns(self.adapter, cond, self._train_guidance(), getattr(self.objective, "needs_reference", False), reference_cond,
+                            self.reference_lora)
 
     def _remove_grids_after(self, iteration: int) -> None:
         """Delete ``samples/iter_N.png`` grids past ``iteration`` (a resume's checkpoint): the run they showed stopped, and
@@ -801,7 +807,7 @@ class Trainer(OptimizerViews):
 
     @torch.no_grad()
     def _reference_kl(self, batch: Batch, index: Tensor, k: int) -> float:
-        """Diagnostic KL to the reference (LoRA off) on one micro-batch, for objectives that do not
+        """Diagnostic KL to the reference (LoRA off, or the starting LoRA) on one micro-batch, for objectives that do not
         compute it (kl_beta = 0): mean over rows of (mean_theta - mean_ref)^2 / (2 std^2), times
         |sigma - sigma_next| under the objective's ``kl_form: per_time``, as its own penalty would weigh it
         (forward-process objectives: mean ||v_theta - v_ref||^2 at their noised rows)."""
@@ -809,7 +815,7 @@ class Trainer(OptimizerViews):
 
         samples = self._row_samples(index, k)
         policy, reference = velocity_fns(self.adapter, self.conditioning.policy(batch, samples, requires_grad=False), self._train_guidance(),
-                                         True, self.conditioning.reference(batch, samples))
+                                         True, self.conditioning.reference(batch, samples), self.reference_lora)
         rows = self._make_batch(batch, index, k, for_loss=False)
         if self.forward_process:
             return fp.reference_gap(rows, policy, reference)

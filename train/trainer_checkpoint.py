@@ -28,6 +28,8 @@ def trainer_state(trainer) -> tuple[dict, dict]:
     """(tensor groups, JSON state) of everything needed to continue bit-exactly."""
     tensors = {"lora": lora_lib.get_lora_state_dict(trainer.adapter.trainable_module)}
     tensors.update(lora_lib.text_lora_tensors(trainer.text_modules))
+    if trainer.reference_lora is not None:  # lora.reference: init: the start, so a resume needs no lora.init_from file
+        tensors.update(trainer.reference_lora.state())
     optim_tensors, optim_state = trainer.optim.state()  # "ema"; "optimizer", "nonfinite_in_row", "grad_scaler"
     tensors.update(optim_tensors)
     state = {
@@ -113,6 +115,8 @@ def restore_trainer_checkpoint(trainer, path: Path) -> None:
                               "resume with the same number of processes")
     lora_lib.set_lora_state_dict(trainer.adapter.trainable_module, loaded.tensors["lora"])
     lora_lib.load_text_lora_tensors(trainer.text_modules, loaded.tensors, path)
+    if trainer.reference_lora is not None:
+        trainer.reference_lora.load_state(loaded.tensors, path)
     trainer.optim.load(loaded.tensors, state, path)
     trainer.sampler.load_state_dict(state["sampler"])
     ckpt.restore_rng(state["rng"])

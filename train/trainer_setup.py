@@ -276,18 +276,32 @@ class ModelParts:
         text_modules: ``{component: text encoder}`` with LoRA (``lora.train_text_encoder``), or empty.
         conditioning: the update's policy / reference conditioning (re-encoded through trained text encoders).
         optim: the LoRA optimizer step (one parameter group per learning rate).
+        reference_lora: the starting LoRA's weights under ``lora.reference: init`` (the reference policy), else None.
     """
 
     adapter: Any
     text_modules: dict
     conditioning: UpdateConditioning
     optim: LoraOptimizer
+    reference_lora: Optional[lora_lib.LoraSnapshot] = None
+
+
+def start_lora(lcfg, modules: dict, resuming: bool) -> Optional[lora_lib.LoraSnapshot]:
+    """``lora.init_from``: copy that file's LoRA into ``modules`` (``{"transformer": ..., text encoders}``), except on a
+    resume, whose checkpoint holds the weights; return the reference snapshot under ``lora.reference: init`` (a resume
+    restores its weights from the checkpoint), else None. Both trainers call it before their optimizer copies the
+    weights (EMA, old policy)."""
+    if lcfg.init_from is None:
+        return None
+    if not resuming:
+        lora_lib.load_initial_lora(modules, resolve_path(lcfg.init_from), lcfg.rank, lcfg.alpha)
+    return lora_lib.LoraSnapshot(modules) if lcfg.reference == "init" else None
 
 
 def build_model(config: FlowalignConfig, adapter, device: torch.device, accelerator,
-                gather: Callable[[Tensor], Tensor], train_guidance: float, kl_ema=None) -> ModelParts:
-    """Load the pipeline (unless ``adapter`` is given), add LoRA, wrap for mixed precision and
-    build the optimizer over the LoRA parameters.
+                gather: Callable[[Tensor], Tensor], train_guidance: float, kl_ema=None, resuming: bool = False) -> ModelParts:
+    """Load the pipeline (unless ``adapter`` is given), add LoRA (from ``lora.init_from`` unless ``resuming``), wrap
+    for mixed precision and build the optimizer over the LoRA parameters.
 
     Raises:
         ConfigError: gradient checkpointing asked of a module without it; LoraMismatchError for
@@ -300,6 +314,7 @@ def build_model(config: FlowalignConfig, adapter, device: torch.device, accelera
     transformer_params = lora_lib.add_lora(module, lcfg.rank, lcfg.alpha, lcfg.target_modules or adapter.lora_target_modules,
                                            lcfg.init, lcfg.dropout)
     text_modules, text_params = lora_lib.add_text_lora(adapter, lcfg) if lcfg.train_text_encoder else ({}, [])
+    reference_lora = start_lora(lcfg, {"transformer": module, **text_modules}, resuming)
     cache = getattr(adapter, "t5_cache", None)
     # + the negative prompt; sample-until-full may draw max_sampling_rounds windows
     needed = prompts_drawn_per_process(config.train, accelerator.num_processes) * config.train.max_sampling_rounds + 1
@@ -311,11 +326,11 @@ def build_model(config: FlowalignConfig, adapter, device: torch.device, accelera
             raise ConfigError(f"train.gradient_checkpointing=true but {type(module).__name__} does not support gradient checkpointing")
         module.enable_gradient_checkpointing()
     adapter = runtime.autocast_adapter(adapter, config.train.mixed_precision)
-    conditioning = UpdateConditioning(adapter, text_modules, train_guidance > 1.0, device)
+    conditioning = UpdateConditioning(adapter, text_modules, train_guidance > 1.0, device, reference_lora)
     # one parameter group per learning rate; "lr_ratio" scales train.lr's schedule (LoraOptimizer.set_lr)
     groups = [{"params": transformer_params, "lr_ratio": 1.0}]
     if text_params:
         groups.append({"params": text_params, "lr_ratio": (lcfg.text_encoder_lr or config.train.lr) / config.train.lr})
     optim = LoraOptimizer(groups, config.train, accelerator, device.type, gather, model_dtype=next(module.parameters()).dtype,
                           kl_ema=kl_ema)
-    return ModelParts(adapter=adapter, text_modules=text_modules, conditioning=conditioning, optim=optim)
+    return ModelParts(adapter=adapter, text_modules=text_modules, conditioning=conditioning, optim=optim, reference_lora=reference_lora)

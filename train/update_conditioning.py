@@ -5,7 +5,8 @@ shares it. With ``lora.train_text_encoder`` the encoding changes with every opti
 
 - the policy re-encodes each micro-batch's prompts through the current encoders (with gradient,
   so their LoRA learns); T5, never adapted, comes from the adapter's cache;
-- the reference encodes with every LoRA off. The base encoders never change, so one batch's
+- the reference encodes with every LoRA off (under ``lora.reference: init``, with the LoRA the run
+  started from). Neither changes, so one batch's
   distinct prompts are encoded once and kept until a batch with other prompts comes: the
   micro-batches of one iteration (every trained step, every inner epoch) gather their rows from
   that one encoding.
@@ -32,14 +33,17 @@ class UpdateConditioning:
         text_modules: ``{name: text encoder}`` carrying trained LoRA; empty when none.
         classifier_free: whether training applies classifier-free guidance (encode the negative prompt too).
         device: where the gathered rows go.
+        reference_lora: the reference's LoRA weights (``lora.reference: init``); None: every LoRA off.
     """
 
-    def __init__(self, adapter, text_modules: dict, classifier_free: bool, device: torch.device):
+    def __init__(self, adapter, text_modules: dict, classifier_free: bool, device: torch.device,
+                 reference_lora: Optional[lora_lib.LoraSnapshot] = None):
         self.adapter = adapter
         self.text_modules = text_modules
+        self.reference_lora = reference_lora
         self.classifier_free = classifier_free
         self.device = device
-        self._reference = None  # (the last batch's distinct prompts encoded with every LoRA off, {prompt: row})
+        self._reference = None  # (the last batch's distinct prompts encoded as the reference, {prompt: row})
 
     def policy(self, batch, index: Tensor, requires_grad: bool = True):
         """The rollouts' own rows (no gradient), or the prompts re-encoded by the current text
@@ -55,18 +59,18 @@ class UpdateConditioning:
         return self._gather(*self._encode_distinct(prompts, requires_grad), prompts)
 
     def reference(self, batch, index: Tensor) -> Optional[object]:
-        """The prompts encoded with every LoRA off, or None without trained text encoders (the
+        """The prompts encoded as the reference (every LoRA off, or the starting LoRA), or None without trained text encoders (the
         reference then shares the policy's conditioning)."""
         if not self.text_modules:
             return None
         return self.reference_rows(batch.traj.prompts, [batch.traj.prompts[i] for i in index.tolist()])
 
     def reference_rows(self, batch_prompts: list[str], prompts: list[str]):
-        """One row per entry of ``prompts`` encoded with every LoRA off. The distinct prompts of
+        """One row per entry of ``prompts`` encoded as the reference (every LoRA off, or the starting LoRA). The distinct prompts of
         ``batch_prompts`` (which must hold every one of ``prompts``) are encoded once and kept until
         a call with other ``batch_prompts``."""
         if self._reference is None or list(self._reference[1]) != list(dict.fromkeys(batch_prompts)):
-            with lora_lib.lora_disabled(*self.text_modules.values()):
+            with lora_lib.reference_weights(self.reference_lora, *self.text_modules.values()):
                 self._reference = self._encode_distinct(batch_prompts, requires_grad=False)
         return self._gather(*self._reference, prompts)
 

@@ -43,7 +43,9 @@ nor pushes, and does not dilute the step either; a batch with no such row gives 
 keeps the graph). The ratio clip bounds
 how far each stored sample's likelihood moves from the base model's, and ``kl_beta`` reuses the
 same reference velocity. (A store generated with a LoRA, ``flowalign generate``'s ``lora:``, was not
-drawn by the base: its ratio is then to the base all the same, as GDRO's implicit reward is.)
+drawn by the base: train it with ``lora.init_from`` set to that LoRA and ``lora.reference: init``, which
+makes that LoRA's model the reference and so the old policy; with the base as reference the ratio is to
+the base, as GDRO's implicit reward then is.)
 ``ema_beta`` is online only: the offline trainer keeps no EMA.
 """
 from __future__ import annotations
