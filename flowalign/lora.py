@@ -513,7 +513,8 @@ def _adapter_names(components: Mapping[str, nn.Module]) -> set[str]:
     return {name for module in components.values() for name in (getattr(module, "peft_config", None) or {})}
 
 
-_ADAPTER_SEGMENT = re.compile(r"\.(lora_[A-Za-z_]+)\.([^.]+)\.(weight|bias)$")  # <layer>.lora_A.<adapter>.weight
+# <layer>.lora_A.<adapter>.weight; an embedding's <layer>.lora_embedding_A.<adapter> (a ParameterDict entry: no suffix)
+_ADAPTER_SEGMENT = re.compile(r"\.(lora_[A-Za-z_]+)\.([^.]+)(?:\.(weight|bias))?$")
 
 
 def _lora_in_fp32(components: Mapping[str, nn.Module], file: Path, adapters: set[str]) -> None:
@@ -531,7 +532,8 @@ def _lora_in_fp32(components: Mapping[str, nn.Module], file: Path, adapters: set
             found = _ADAPTER_SEGMENT.search(name)
             if found is None or found.group(2) not in adapters:
                 continue
-            source = by_key.get(f"{prefix}.{name[:found.start()]}.{found.group(1)}.{found.group(3)}")
+            suffix = f".{found.group(3)}" if found.group(3) else ""
+            source = by_key.get(f"{prefix}.{name[:found.start()]}.{found.group(1)}{suffix}")
             if source is not None and source.shape == param.shape:
                 param.data = source.to(device=param.device, dtype=torch.float32)
             elif param.dtype in (torch.float16, torch.bfloat16):

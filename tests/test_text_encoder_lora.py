@@ -264,3 +264,33 @@ def test_bad_text_encoder_settings_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"text_encoder_target_modules=\['fc1', 'fc2'\] names none of \['q_proj', 'k_proj', "
                                           r"'v_proj', 'out_proj'\]: diffusers could not load the run's LoRA file"):
         _trainer(tmp_path / "c", "lora.text_encoder_target_modules=[fc1, fc2]")
+
+
+def test_a_token_embedding_lora_loads_into_a_bf16_pipeline_in_fp32_as_trained(tmp_path):
+    """peft names an embedding's LoRA ``...token_embedding.lora_embedding_A.<adapter>`` (no ``.weight``); the loader's
+    fp32 pass missed it, so a bf16 pipeline ran the embedding LoRA rounded to bf16 while the Linear ones were exact."""
+    from flowalign import lora as lora_lib
+    from flowalign.pipelines import load_adapter
+    from flowalign.pipelines.testing import tiny_sd3_pipeline
+    from flowalign.train.lora_export import save_lora_file
+
+    prompts = ["a red square", "two blue circles"]
+    trained = tiny_sd3_pipeline(seed=0).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(10)
+    for name in ("text_encoder", "text_encoder_2"):
+        params = lora_lib.add_lora(getattr(trained, name), 4, 8.0, ["q_proj", "token_embedding"])
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+    assert any("lora_embedding_A" in n for n, _ in trained.text_encoder.named_parameters())
+    lora_lib.add_lora(trained.transformer, 4, 8.0, ["attn.to_q"])
+    adapter = load_adapter(trained, max_sequence_length=32)
+    save_lora_file(adapter, {"transformer": trained.transformer, "text_encoder": trained.text_encoder,
+                             "text_encoder_2": trained.text_encoder_2}, tmp_path)
+    fresh = tiny_sd3_pipeline(seed=0).to(torch.bfloat16)
+    lora_lib.load_lora_into_pipeline(fresh, tmp_path)
+    loaded = {n: p.dtype for n, p in fresh.text_encoder.named_parameters() if "lora_" in n}
+    assert any("lora_embedding" in n for n in loaded) and set(loaded.values()) == {torch.float32}
+    ours, theirs = adapter.encode(prompts), load_adapter(fresh, max_sequence_length=32).encode(prompts)
+    for key in ("encoder_hidden_states", "pooled_projections"):
+        assert torch.equal(ours.cond[key], theirs.cond[key]), key
