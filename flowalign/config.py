@@ -97,6 +97,7 @@ class ModelConfig:
     )
     dtype: str = field(default="float32", metadata={"help": f"Weights dtype of the frozen pipeline, one of {DTYPES}. LoRA weights stay fp32."})
     revision: Optional[str] = field(default=None, metadata={"help": "Hub revision of `pretrained` (ignored for folders and builtins)."})
+    variant: Optional[str] = field(default=None, metadata={"help": "diffusers weight-file variant of `pretrained` (e.g. 'fp16': files named *.fp16.safetensors), for a folder or hub id that ships only such files; null = the plain files. Ignored for builtins."})
     resolution: Optional[int] = field(default=None, metadata={"help": "Square image side in pixels for rollouts; null = the pipeline's default."})
     adapter: Optional[str] = field(
         default=None,
@@ -118,6 +119,8 @@ class ModelConfig:
         _check(bool(self.pretrained), "model.pretrained must be a path, hub id or builtin name, got ''")
         _check(self.resolution is None or self.resolution >= 8, f"model.resolution must be null or >= 8, got {self.resolution}")
         _check(self.t5_cache_size >= 0, f"model.t5_cache_size must be >= 0, got {self.t5_cache_size}")
+        _check(self.variant is None or (isinstance(self.variant, str) and bool(self.variant.strip()) and "/" not in self.variant),
+               f"model.variant must be null or a variant name such as 'fp16', got {self.variant!r}")
         _choice("model.dtype", self.dtype, DTYPES)
 
 
@@ -1067,7 +1070,7 @@ _HASH_EXCLUDE = {("train", "iterations"), ("train", "output_dir"), ("train", "ch
 _HASH_OMIT_AT = {("sampling", "log_prob_form"): "gaussian", ("model", "adapter"): None, ("model", "adapter_kwargs"): {}, ("sampling", "noise_seeding"): "process", ("objective", "reward_mix"): "reward", ("train", "ema_every"): 1, ("train", "mixed_precision"): "no",
                  ("train", "lr_schedule"): "constant", ("train", "lr_warmup"): 0, ("train", "lr_min_ratio"): 0.0,
                  ("train", "max_sampling_rounds"): 1, ("sampling", "rollout"): "default", ("sampling", "rollout_kwargs"): {},
-                 ("lora", "init_from"): None, ("lora", "reference"): "base"}
+                 ("lora", "init_from"): None, ("lora", "reference"): "base", ("model", "variant"): None}
 # lora keys added after runs were checkpointed: left out of both trainers' config hashes at these values
 LORA_OMIT_AT = {key: value for (section, key), value in _HASH_OMIT_AT.items() if section == "lora"}
 

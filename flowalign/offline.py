@@ -165,7 +165,7 @@ def _read_manifest(path: Path, repair: bool) -> list[dict]:
 
 # settings keys added after stores and offline runs existed, with the value every one before them had (the model block of
 # train/generate.py's store settings and of an offline recipe): a store, or an offline run's hash, from before them is the same
-LATER_SETTINGS = {"model": {"adapter": None, "adapter_kwargs": {}}}
+LATER_SETTINGS = {"model": {"adapter": None, "adapter_kwargs": {}, "variant": None}}
 
 
 def _with_later_defaults(meta: Any) -> Any:

@@ -71,7 +71,8 @@ def resolve_adapter(name: str) -> str:
     return name
 
 
-# components a family can run without, passed as None when a folder lacks them (SD3 / SD3.5 without T5)
+# components a family can run without, passed as None when a folder lacks them (SD3 / SD3.5 without T5); a family's
+# droppable components go together (a T5 encoder without its tokenizer cannot encode)
 DROPPABLE_COMPONENTS = {"StableDiffusion3Pipeline": ("text_encoder_3", "tokenizer_3")}
 
 
@@ -81,7 +82,8 @@ def folder_load_kwargs(path: Union[str, Path], family: Optional[str] = None) -> 
 
     * an unknown ``_class_name`` is refused at once (a large model is not loaded only to be refused);
     * a droppable component (SD3's T5: ``text_encoder_3``, ``tokenizer_3``) that the index leaves out
-      or null, or whose folder is missing, is passed as None, with a warning;
+      or null, or whose folder is missing, is passed as None, with a warning, and so are its partners (a
+      T5 encoder whose tokenizer is missing would fail at the first prompt);
     * any other component the index names but the folder lacks is a ``ConfigError`` naming it.
 
     With ``family`` (an adapter chosen by name, ``model.adapter``) a pipeline class no family claims is accepted.
@@ -123,7 +125,14 @@ def folder_load_kwargs(path: Union[str, Path], family: Optional[str] = None) -> 
     if missing:
         raise ConfigError(f"{str(path)!r} lacks the component folder(s) {missing} that its model_index.json names")
     if dropped:
-        logger.warning("%s: no %s in the folder; loading the pipeline without them", path, " / ".join(dropped))
+        partners = [name for name in droppable if name not in dropped]
+        for name in partners:
+            kwargs[name] = None
+        if partners:
+            logger.warning("%s: no %s in the folder, and %s cannot run without it; loading the pipeline without %s", path,
+                           " / ".join(dropped), " / ".join(partners), " / ".join(droppable))
+        else:
+            logger.warning("%s: no %s in the folder; loading the pipeline without them", path, " / ".join(dropped))
     return kwargs
 
 

@@ -49,3 +49,50 @@ def test_a_hub_id_that_cannot_be_loaded_is_one_config_error(monkeypatch):
 def test_neither_a_folder_nor_a_hub_id_is_refused(name):
     with pytest.raises(ConfigError, match="is not a local diffusers folder, a hub id"):
         model.build_adapter(ModelConfig(pretrained=name), torch.device("cpu"))
+
+
+def test_a_folder_of_variant_files_loads_with_model_variant_and_without_it_names_the_variant(tmp_path):
+    """``save_pretrained(variant="fp16")`` writes ``*.fp16.safetensors`` only (as some hub snapshots ship): without
+    ``model.variant`` diffusers finds no weights file, which was an OSError (exit 1); now it is a ConfigError naming
+    the variant, and ``model.variant=fp16`` loads the same weights."""
+    pipe = tiny_sd3_pipeline(seed=0)
+    pipe.save_pretrained(tmp_path / "m", variant="fp16")
+    assert not list((tmp_path / "m").glob("*/model.safetensors")) and list((tmp_path / "m").glob("*/*.fp16.safetensors"))
+    with pytest.raises(ConfigError, match=r"the folder does not load .*weight files are of variant 'fp16': set model.variant=fp16") as info:
+        model.build_adapter(ModelConfig(pretrained=str(tmp_path / "m")), torch.device("cpu"))
+    assert "\n" not in str(info.value)
+    adapter = model.build_adapter(ModelConfig(pretrained=str(tmp_path / "m"), variant="fp16"), torch.device("cpu"))
+    theirs, ours = dict(adapter.pipeline.transformer.state_dict()), pipe.transformer.state_dict()
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+
+
+def test_a_hub_id_gets_the_variant_too(monkeypatch):
+    seen = {}
+
+    def from_pretrained(source, **kwargs):
+        seen.update(kwargs)
+        return tiny_sd3_pipeline(seed=0)
+
+    from diffusers import DiffusionPipeline
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", staticmethod(from_pretrained))
+    model.build_adapter(ModelConfig(pretrained="owner/model", variant="fp16"), torch.device("cpu"))
+    assert seen["variant"] == "fp16"
+    seen.clear()
+    model.build_adapter(ModelConfig(pretrained="owner/model"), torch.device("cpu"))
+    assert "variant" not in seen  # diffusers' own default
+
+
+def test_eval_takes_variant_and_names_the_flag(tmp_path, capsys):
+    from flowalign.train import cli
+
+    tiny_sd3_pipeline(seed=0).save_pretrained(tmp_path / "m", variant="fp16")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    base = ["eval", "--model", str(tmp_path / "m"), "--prompts", str(prompts), "--reward", "brightness", "--num-samples", "1", "--steps", "2"]
+    assert cli.main(base) == 2
+    assert "set --variant fp16" in capsys.readouterr().err
+    assert cli.main(base + ["--variant", "fp16", "--out", str(tmp_path / "e")]) == 0
+    import json
+
+    assert json.loads((tmp_path / "e" / "eval.json").read_text())["settings"]["variant"] == "fp16"

@@ -188,9 +188,14 @@ def test_folders_without_t5_load_and_broken_folders_name_what_is_wrong(tmp_path,
     for name in ("text_encoder_3", "tokenizer_3"):
         shutil.rmtree(tmp_path / "no_t5_dirs" / name)
     type(pipe)(**no_t5).save_pretrained(tmp_path / "saved_none")
-    for folder in ("no_t5_dirs", "saved_none"):
+    # a partial download holding the T5 encoder but not its tokenizer (or the other way): the pair goes together,
+    # where the encoder alone failed at the first prompt ('NoneType' object is not callable)
+    for kept in ("text_encoder_3", "tokenizer_3"):
+        shutil.copytree(tmp_path / "full", tmp_path / f"only_{kept}")
+        shutil.rmtree(tmp_path / f"only_{kept}" / ({"text_encoder_3", "tokenizer_3"} - {kept}).pop())
+    for folder in ("no_t5_dirs", "saved_none", "only_text_encoder_3", "only_tokenizer_3"):
         for adapter in (load_adapter(tmp_path / folder), build_adapter(ModelConfig(pretrained=str(tmp_path / folder)), torch.device("cpu"))):
-            assert adapter.pipeline.text_encoder_3 is None, folder
+            assert adapter.pipeline.text_encoder_3 is None and adapter.pipeline.tokenizer_3 is None, folder
             got = adapter.encode(["a red square"], do_classifier_free_guidance=False)
             torch.testing.assert_close(got.cond["encoder_hidden_states"], expected.cond["encoder_hidden_states"])
     # a missing VAE is named; a pipeline class without an adapter is refused before anything loads

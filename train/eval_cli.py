@@ -95,6 +95,7 @@ class EvalOptions:
     out: Optional[str] = None  # folder for eval.json / eval.md (nothing written when None)
     device: str = "cpu"
     dtype: str = "float32"
+    variant: Optional[str] = None
     resolution: Optional[int] = None
     adapter: Optional[str] = None  # a registered family, an entry point or a dotted path (default: by the pipeline's class)
     adapter_kwargs: Optional[str] = None  # the adapter's own settings as a JSON object (model.adapter_kwargs of a recipe)
@@ -132,6 +133,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--out", default=None, help="folder for eval.json and eval.md (default: print only)")
     parser.add_argument("--device", default=d.device, help="torch device (default: %(default)s)")
     parser.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"], help="pipeline dtype (default: %(default)s)")
+    parser.add_argument("--variant", default=None, help="diffusers weight-file variant of --model, e.g. fp16 for a folder of *.fp16.safetensors "
+                        "files (default: the plain files)")
     parser.add_argument("--resolution", type=int, default=None, help="square image side in pixels (default: the pipeline's)")
     parser.add_argument("--adapter", default=None, help="the adapter: a registered family, an entry point of group 'flowalign.adapters' "
                                                         "or a dotted path 'package.module:Class' (default: chosen by the pipeline's class)")
@@ -178,7 +181,7 @@ def journal_key(options: EvalOptions, sampled: list, reward_kwargs: dict, device
         "adapter": options.adapter, "adapter_kwargs": json_object_arg(options.adapter_kwargs, "--adapter-kwargs"),
         "device_type": getattr(device, "type", str(device)), "lora_sha256": lora_sha, "prompts_sha256": prompts_digest(sampled),
         "num_samples": len(sampled), "seed": options.seed, "steps": options.steps, "guidance": options.guidance,
-        "reward": options.reward, "reward_kwargs": reward_kwargs,
+        "reward": options.reward, "reward_kwargs": reward_kwargs, **({"variant": options.variant} if options.variant else {}),
         "corrected_by": options.corrected_by, "corrected_reference": options.corrected_reference,
         **({"reward_version": reward_version} if reward_version is not None else {}),
     }
@@ -478,10 +481,12 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
 
     accelerator, device = _launch(options)
     try:
-        adapter = build_adapter(ModelConfig(pretrained=options.model, dtype=options.dtype, resolution=options.resolution, adapter=options.adapter,
+        adapter = build_adapter(ModelConfig(pretrained=options.model, dtype=options.dtype, variant=options.variant,
+                                            resolution=options.resolution, adapter=options.adapter,
                                             adapter_kwargs=json_object_arg(options.adapter_kwargs, "--adapter-kwargs")), device)
     except ConfigError as exc:  # the trainer's wording names the recipe key; here it is the flag
         raise ConfigError(str(exc).replace("model.pretrained=", "--model ").replace("model.resolution=", "--resolution ")
+                          .replace("model.variant=", "--variant ").replace("model.variant", "--variant")
                           .replace("model.adapter_kwargs", "--adapter-kwargs")) from None
     from flowalign.train.runtime import to_device
 
@@ -503,6 +508,7 @@ def run_eval(args: Union[argparse.Namespace, EvalOptions, dict]):
         journal=journal, extra_details=("quality",) if tap is not None else (),
     )
     result.settings.update({"model": options.model, "prompts_file": str(options.prompts), "device": options.device, "dtype": options.dtype,
+                            **({"variant": options.variant} if options.variant else {}),
                             "reward_kwargs": reward_kwargs,
                             "processes": 1 if accelerator is None else accelerator.num_processes})
     if accelerator is not None:

@@ -149,6 +149,20 @@ def check_adapter_kwargs(family, pipeline_class: str, adapter_kwargs: dict) -> N
                           f"it takes {', '.join(accepted) or 'nothing'}")
 
 
+def _variant_hint(path: Path, variant: Optional[str]) -> str:
+    """``"; ..."`` naming the weight-file variants the folder's components hold (``model.fp16.safetensors``: ``fp16``)
+    when they are not the one asked for, else ``""``."""
+    found = set()
+    for file in path.glob("*/*.safetensors"):
+        parts = file.name.split(".")
+        if len(parts) == 3:  # <stem>.<variant>.safetensors (a shard: <stem>-00001-of-00002.<variant>.safetensors)
+            found.add(parts[1])
+    named = sorted(found - {variant})
+    if not named:
+        return ""
+    return f"; its weight files are of variant {', '.join(repr(v) for v in named)}: set model.variant={named[0]}"
+
+
 def build_adapter(model_cfg, device: torch.device):
     """The pipeline named by ``model.pretrained`` wrapped in its adapter, frozen, on ``device``."""
     from flowalign.pipelines import load_adapter, resolve_adapter
@@ -169,14 +183,20 @@ def build_adapter(model_cfg, device: torch.device):
         path = resolve_path(source)
         from diffusers import DiffusionPipeline
 
+        variant = {"variant": model_cfg.variant} if model_cfg.variant else {}
         if path.is_dir():
             from flowalign.pipelines import folder_load_kwargs
 
-            pipeline = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, revision=model_cfg.revision,
-                                                         **folder_load_kwargs(path, family), **dtype_kwarg(dtype))
+            load_kwargs = folder_load_kwargs(path, family)
+            try:
+                pipeline = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, revision=model_cfg.revision,
+                                                             **load_kwargs, **variant, **dtype_kwarg(dtype))
+            except OSError as exc:  # no weights file of the expected name in a component folder: a variant folder, a partial copy
+                raise ConfigError(f"model.pretrained={source!r}: the folder does not load ({' '.join(str(exc).split())[:300]})"
+                                  f"{_variant_hint(path, model_cfg.variant)}") from None
         elif HUB_ID.fullmatch(source):  # e.g. stabilityai/stable-diffusion-3.5-medium: the hub cache, downloading if allowed
             try:
-                pipeline = DiffusionPipeline.from_pretrained(source, revision=model_cfg.revision, **dtype_kwarg(dtype))
+                pipeline = DiffusionPipeline.from_pretrained(source, revision=model_cfg.revision, **variant, **dtype_kwarg(dtype))
             except (OSError, ValueError) as exc:  # not cached and offline (HF_HUB_OFFLINE=1), gated, no such repo...
                 import os
 

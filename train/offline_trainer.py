@@ -159,6 +159,8 @@ def _hashed_settings(cfg: OfflineConfig, legacy: bool = False, with_store: bool 
     data["model"] = {key: value for key, value in data["model"].items() if key not in MODEL_MEMORY_KNOBS
                      and not (legacy and key in LATER_SETTINGS["model"] and value == LATER_SETTINGS["model"][key])}
     data["lora"] = {key: value for key, value in data["lora"].items() if not (key in LORA_OMIT_AT and value == LORA_OMIT_AT[key])}
+    if data["model"].get("variant", "") is None:  # added after runs were checkpointed: left out at its default
+        data["model"].pop("variant")
     return data
 
 
