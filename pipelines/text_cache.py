@@ -12,8 +12,9 @@ writes it; only the T5 call is replaced by a lookup. Rows are computed without g
 trainable parameters), for the missing prompts only, one prompt per call (so a row's bits never
 depend on which prompts it was first encoded with, and a resumed run reproduces an uninterrupted
 one), with ``num_images_per_prompt=1``, and repeated per image as the original does. Each row is
-keyed by ``(prompt, max_sequence_length, device)``; the least recently used rows are dropped
-beyond ``max_prompts``.
+keyed by ``(prompt, max_sequence_length, device, dtype)`` and by the dtype and device of the encoder's
+weights (diffusers' SD3 never passes ``dtype``: a row's dtype is T5's, so after ``pipe.to(torch.bfloat16)``
+the fp32 rows are not served); the least recently used rows are dropped beyond ``max_prompts``.
 
 The cache trusts that the encoder's weights do not change. Call :meth:`clear` after changing
 them (loading other weights into ``text_encoder_3``).
@@ -36,12 +37,14 @@ class FrozenEncoderCache:
             ``(prompt, num_images_per_prompt, max_sequence_length, device, dtype) -> [B * n, L, D]``
             (``"_get_t5_prompt_embeds"`` in SD3 and FLUX).
         max_prompts: rows kept (0 turns the cache off). A T5-XXL row at 256 tokens is 2 MiB in bf16.
+        encoder: the pipeline attribute holding the encoder, whose weights' dtype and device are part of each key.
     """
 
-    def __init__(self, method: str = "_get_t5_prompt_embeds", max_prompts: int = 64):
+    def __init__(self, method: str = "_get_t5_prompt_embeds", max_prompts: int = 64, encoder: str = "text_encoder_3"):
         if max_prompts < 0:
             raise ValueError(f"max_prompts must be >= 0, got {max_prompts}")
         self.method = method
+        self.encoder = encoder
         self.max_prompts = int(max_prompts)
         self._rows: "OrderedDict[tuple, Tensor]" = OrderedDict()
         self.hits = 0
@@ -66,7 +69,7 @@ class FrozenEncoderCache:
 
         def cached(prompt=None, num_images_per_prompt: int = 1, max_sequence_length: int = 256,
                    device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
-            return self._lookup(original, prompt, num_images_per_prompt, max_sequence_length, device, dtype)
+            return self._lookup(original, prompt, num_images_per_prompt, max_sequence_length, device, dtype, _weights_key(pipeline, self.encoder))
 
         setattr(pipeline, self.method, cached)
         try:
@@ -77,9 +80,10 @@ class FrozenEncoderCache:
             else:
                 delattr(pipeline, self.method)
 
-    def _lookup(self, original, prompt, num_images_per_prompt, max_sequence_length, device, dtype) -> Tensor:
+    def _lookup(self, original, prompt, num_images_per_prompt, max_sequence_length, device, dtype, weights: tuple = ()) -> Tensor:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        keys = [(p, int(max_sequence_length), str(device), str(dtype)) for p in prompts]  # dtype: a row in another one is another row
+        # dtype / device, asked for or the weights': a row in another one is another row
+        keys = [(p, int(max_sequence_length), str(device), str(dtype), *weights) for p in prompts]
         missing = [k for k in dict.fromkeys(keys) if k not in self._rows]
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
@@ -95,3 +99,10 @@ class FrozenEncoderCache:
         if num_images_per_prompt > 1:
             out = out.repeat_interleave(num_images_per_prompt, dim=0)
         return out
+
+
+def _weights_key(pipeline: Any, encoder: str) -> tuple:
+    """``(dtype, device)`` of the first parameter of ``pipeline.<encoder>`` as text, or ``()`` without one."""
+    module = getattr(pipeline, encoder, None)
+    first = next(iter(module.parameters()), None) if isinstance(module, torch.nn.Module) else None
+    return () if first is None else (str(first.dtype), str(first.device))

@@ -137,7 +137,8 @@ def test_model_config_sets_the_cache_and_refuses_negative_sizes():
 
 
 def test_a_row_cached_in_one_dtype_is_not_served_in_another():
-    """The key held (prompt, length, device): a row encoded in fp32 was served to a bf16 call."""
+    """The key held (prompt, length, device): a row encoded in fp32 was served to a bf16 call (a caller passing dtype;
+    diffusers passes none, see the next test)."""
     calls = []
 
     def encoder(prompt=None, num_images_per_prompt=1, max_sequence_length=8, device=None, dtype=None):
@@ -149,3 +150,16 @@ def test_a_row_cached_in_one_dtype_is_not_served_in_another():
     b = cache._lookup(encoder, ["x"], 1, 8, "cpu", torch.bfloat16)
     assert (a.dtype, b.dtype) == (torch.float32, torch.bfloat16) and calls == [torch.float32, torch.bfloat16]
     assert cache._lookup(encoder, ["x"], 1, 8, "cpu", torch.bfloat16).dtype == torch.bfloat16 and len(calls) == 2
+
+
+def test_after_the_pipeline_moves_to_bf16_its_rows_are_bf16(pipe):
+    """diffusers' SD3 never passes ``dtype`` to ``_get_t5_prompt_embeds`` (a row's dtype is T5's), so the key's dtype
+    was always None and ``pipe.to(torch.bfloat16)`` was served the fp32 rows: sampling then failed on a dtype mismatch."""
+    adapter = load_adapter(pipe, max_sequence_length=T5_TOKENS)
+    first = adapter.encode(PROMPTS)
+    assert first.cond["encoder_hidden_states"].dtype == torch.float32
+    pipe.to(torch.bfloat16)
+    moved = adapter.encode(PROMPTS)
+    expected = _reference(pipe, PROMPTS)[0]
+    assert moved.cond["encoder_hidden_states"].dtype == torch.bfloat16 == expected.dtype
+    torch.testing.assert_close(moved.cond["encoder_hidden_states"], expected, rtol=0, atol=2e-2)  # bf16 batch vs one prompt per call
