@@ -138,13 +138,24 @@ def capture_rng(generators: Optional[dict[str, torch.Generator]] = None) -> dict
     return state
 
 
+def host_rng_state() -> dict:
+    """This process's python and numpy RNG states (a multi-process checkpoint keeps each process's: rewards and plugins
+    may draw from them, and processes other than the first are seeded apart)."""
+    return {"python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def restore_host_rng(state: dict) -> None:
+    """Restore :func:`host_rng_state`'s output (after a JSON round trip through a checkpoint)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(int(v) for v in internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+
+
 def restore_rng(state: dict, generators: Optional[dict[str, torch.Generator]] = None) -> None:
     """Restore what :func:`capture_rng` captured (after a JSON round trip through a checkpoint)."""
     torch.set_rng_state(state["torch"].to(torch.uint8).clone())
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    restore_host_rng(state)
     if "cuda" in state and torch.cuda.is_available():
         # the devices this machine has (a run resumed on fewer visible GPUs than it was saved with: set_rng_state_all
         # raised IndexError for the missing ones; each process's own device is restored by its trainer)

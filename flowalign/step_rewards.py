@@ -420,15 +420,20 @@ def rollout_gains_fn(
     generator: Optional[torch.Generator] = None,
     metadata: Optional[Sequence[Mapping]] = None,
     on_error: str = "raise",
+    sample_generator: Optional[Callable[[int, int], torch.Generator]] = None,
 ) -> Callable[[Tensor], Tensor]:
     """``gains_fn(levels[K]) -> gains[samples, K]`` for :func:`dense.calibrate_noise`.
 
     Each call draws ``samples`` rollouts (prompt ``i % len(prompts)`` for sample i) with the noise
     table ``levels`` (``sde.table``), scores them, estimates ``R`` with
     :func:`estimate_step_rewards` and returns the step gains. Prompts are encoded once.
+    The rollouts draw from ``generator`` in one batch; with ``sample_generator(call, i)`` (``call``: 0, 1, ... for
+    each call of ``gains_fn``) sample ``i`` is rolled out on its own from that generator, so a sample does not depend
+    on which others it is drawn with (a multi-process run's ``sampling.noise_seeding: group``).
     """
     from flowalign import sampling, sde
     from flowalign.rewards import call_reward
+    from flowalign.trajectory import cat_trajectories
 
     prompts = list(prompts)
     if not prompts or samples < 1:
@@ -438,11 +443,20 @@ def rollout_gains_fn(
     cond = adapter.encode(batch_prompts, do_classifier_free_guidance=guidance_scale > 1.0)
     reward = _as_reward(reward)
 
+    calls = itertools.count()
+
     def gains_fn(levels: Tensor) -> Tensor:
         levels = torch.as_tensor(levels, dtype=torch.float32).flatten()
-        traj = sampling.rollout(adapter, batch_prompts, num_steps=levels.numel(), kernel=kernel, schedule=sde.table(levels),
-                                guidance_scale=guidance_scale, generator=generator, metadata=batch_meta, cond=cond,
-                                micro_batch_size=micro_batch_size, record_x0=estimator == "tweedie")
+        settings = dict(num_steps=levels.numel(), kernel=kernel, schedule=sde.table(levels), guidance_scale=guidance_scale,
+                        micro_batch_size=micro_batch_size, record_x0=estimator == "tweedie")
+        if sample_generator is None:
+            traj = sampling.rollout(adapter, batch_prompts, generator=generator, metadata=batch_meta, cond=cond, **settings)
+        else:
+            call = next(calls)
+            traj = cat_trajectories([
+                sampling.rollout(adapter, [prompt], generator=sample_generator(call, i), cond=cond.select([i]),
+                                 metadata=[batch_meta[i]] if batch_meta else None, **settings)
+                for i, prompt in enumerate(batch_prompts)])
         with torch.no_grad():
             traj.rewards = call_reward(reward, traj.images, traj.prompts, traj.metadata, on_error=on_error).scores.float().cpu()
         R, _ = estimate_step_rewards(adapter, traj, cond, reward, estimator=estimator, stride=stride,
@@ -475,6 +489,7 @@ def calibrate_noise_table_for(
     gains_fn: Optional[Callable[[Tensor], Tensor]] = None,
     on_error: Optional[str] = None,
     gather: Optional[Callable[[Tensor], Tensor]] = None,
+    sample_generator: Optional[Callable[[int, int], torch.Generator]] = None,
 ) -> Tensor:
     """DenseGRPO's reward-aware noise calibration on a pipeline (arXiv 2601.20218) -> ``levels[K]``.
 
@@ -485,7 +500,9 @@ def calibrate_noise_table_for(
     ``on_error`` (default: the reward's own ``on_error``, else ``"raise"``) is the dropped-sample policy:
     under ``"drop"`` a sample whose reward fails is left out of that round's gains, as in training.
     ``gather`` (several processes): each process rolls out its own ``samples`` (0 allowed) and
-    ``gather(gains) -> every process's gains`` joins them each round, so every process moves the same table.
+    ``gather(gains) -> every process's gains`` joins them each round, so every process moves the same table;
+    ``sample_generator(round, i)`` seeds each of this process's samples on its own (:func:`rollout_gains_fn`), so the
+    table does not depend on the number of processes either.
     Under ``kernel="cps"`` the levels are capped at 1 (and at ``max_level`` when lower): a step whose gains stay
     balanced, such as CPS's deterministic last step (all gains 0), climbs by ``eps2`` every round. A step that starts
     at level 0 (outside a noise window) stays 0 (:func:`flowalign.dense.calibrate_noise`).
@@ -499,7 +516,7 @@ def calibrate_noise_table_for(
         gains_fn = rollout_gains_fn(adapter, prompts, reward, samples=samples, kernel=kernel, guidance_scale=guidance_scale,
                                     estimator=estimator, stride=stride, max_batch=max_batch, micro_batch_size=micro_batch_size,
                                     generator=generator, metadata=metadata,
-                                    on_error=on_error or getattr(reward, "on_error", "raise"))
+                                    on_error=on_error or getattr(reward, "on_error", "raise"), sample_generator=sample_generator)
     if gather is not None:
         local = gains_fn
         gains_fn = lambda levels: gather(local(levels))  # noqa: E731

@@ -7,7 +7,7 @@ depends on the rank of a latent).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -164,3 +164,34 @@ class Trajectory:
             self,
             **{f.name: getattr(self, f.name).to(device) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)},
         )
+
+
+def cat_trajectories(trajs: Sequence[Any]) -> Any:
+    """Concatenate ``Trajectory`` objects of the same sigmas/levels along the sample axis.
+
+    Group ids are renumbered so that the groups of ``trajs[i]`` follow those of ``trajs[i-1]``;
+    per-sample tensors are concatenated, shared ones (``sigmas``, ``noise_levels``,
+    ``stochastic_mask``) taken from the first, ``nfe`` summed.
+    """
+    first = trajs[0]
+    shared = {"sigmas", "noise_levels", "stochastic_mask", "kernel", "guidance_scale", "log_prob_reduce", "log_prob_form"}
+    values: dict = {}
+    offset, group_ids = 0, []
+    for t in trajs:
+        group_ids.append(t.group_ids + offset)
+        offset += int(t.group_ids.max()) + 1
+    for f in fields(first):
+        items = [getattr(t, f.name) for t in trajs]
+        if f.name in shared:
+            values[f.name] = items[0]
+        elif f.name == "group_ids":
+            values[f.name] = torch.cat(group_ids)
+        elif f.name == "nfe":
+            values[f.name] = sum(items)
+        elif f.name in ("prompts", "metadata"):
+            values[f.name] = [x for item in items for x in (item or [])]
+        elif all(isinstance(x, Tensor) for x in items):
+            values[f.name] = torch.cat(items)
+        else:
+            values[f.name] = None
+    return type(first)(**values)

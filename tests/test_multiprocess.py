@@ -273,52 +273,68 @@ def test_a_step_every_process_skipped_is_skipped_everywhere(tmp_path):
 CALIBRATION_SCRIPT = '''
 import sys
 import torch
+from flowalign import dense
 from flowalign.config import load_config
 from flowalign.train import dense_setup
 from flowalign.train.trainer import Trainer
 
-seen = []
+local, rounds = [], []
 gather = dense_setup.gather_rows
-def recording_gather(acc, rows):
-    out = gather(acc, rows)
-    seen.append((rows.shape[0], out.shape[0], out))
-    return out
+def recording_gather(acc, rows):  # several processes: this process's rows
+    local.append(rows.shape[0])
+    return gather(acc, rows)
 dense_setup.gather_rows = recording_gather
+calibrate = dense.calibrate_noise
+def recording_calibrate(gains_fn, *args, **kwargs):  # every process's rows, as the table sees them
+    def recorded(levels):
+        out = gains_fn(levels)
+        rounds.append(out)
+        return out
+    return calibrate(recorded, *args, **kwargs)
+dense.calibrate_noise = recording_calibrate
 
 cfg = load_config(sys.argv[1], sys.argv[2:])
 trainer = Trainer(cfg).setup()
 acc = trainer.accelerator
 levels = trainer.schedule.levels(cfg.sampling.num_steps)
-every_gains = torch.cat([out for _, _, out in seen])
+every_gains = torch.cat(rounds)
 total = acc.gather(every_gains.sum().reshape(1)).tolist()
 # one file per process: two processes printing to one pipe can interleave their lines
 with open(f"result_{acc.process_index}.txt", "w") as fh:
-    fh.write(f"RESULT rank={acc.process_index} local={[n for n, _, _ in seen]} gathered={[m for _, m, _ in seen]} "
+    fh.write(f"RESULT rank={acc.process_index} local={local or [r.shape[0] for r in rounds]} gathered={[r.shape[0] for r in rounds]} "
              f"levels={[round(x, 6) for x in levels.tolist()]} gains_sum_everywhere={total}\\n")
 trainer.cleanup()
 '''
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
-def test_dense_calibration_splits_its_rollouts_over_the_processes_and_both_get_the_same_table(tmp_path):
+def test_dense_calibration_splits_its_rollouts_over_the_processes_and_gets_one_processs_table(tmp_path):
     """5 calibration samples on 2 processes: process 0 rolls out 3 and process 1 2 per round (they used to roll out all 5
-    each), both see all 5 rows of step gains and end with the same table."""
+    each), both see all 5 rows of step gains and end with the same table, which is the one a single process
+    calibrates: under noise_seeding: group each sample has its own stream (they were drawn per process, so the table
+    moved with the process count: [0.69, 0.69, 0.71] on 1 and [0.71, 0.69, 0.67] on 2 in an audit's case)."""
     script = tmp_path / "calibrate.py"
     script.write_text(CALIBRATION_SCRIPT)
-    settings = SETTINGS + ["objective.name=dense_grpo", "dense.estimator=tweedie", "dense.calibration_rounds=2",
-                           "dense.calibration_samples=5", "dense.eps1=100", "sampling.num_steps=3", f"train.output_dir={tmp_path / 'run'}"]
-    done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(script), str(TINY_RECIPE), *settings],
-                          capture_output=True, text=True, env=ENV, timeout=240, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = [(tmp_path / f"result_{rank}.txt").read_text().strip() for rank in (0, 1)]
-    fields = [dict(item.split("=", 1) for item in line.split(" ", 1)[1].replace(", ", ",").split()) for line in results]
-    assert fields[0]["local"] == "[3,3]" and fields[1]["local"] == "[2,2]"
-    assert fields[0]["gathered"] == fields[1]["gathered"] == "[5,5]"
-    assert fields[0]["levels"] == fields[1]["levels"]
-    # eps1=100: every step's counts are "balanced", so each of the 2 rounds raises every level by eps2 = 0.01 from 0.7
-    assert fields[0]["levels"] == "[0.72,0.72,0.72]"
-    sums = fields[0]["gains_sum_everywhere"].strip("[]").split(",")
+    settings = SETTINGS + ["objective.name=dense_grpo", "dense.estimator=tweedie", "dense.calibration_rounds=3",
+                           "dense.calibration_samples=5", "dense.eps1=1", "sampling.num_steps=3"]
+    fields = {}
+    for world in (2, 1):
+        where = tmp_path / f"world{world}"
+        where.mkdir()
+        launch = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2"] if world == 2 else [sys.executable]
+        done = subprocess.run([*launch, str(script), str(TINY_RECIPE), *settings, f"train.output_dir={where / 'run'}"],
+                              capture_output=True, text=True, env=ENV, timeout=240, cwd=where)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results = [(where / f"result_{rank}.txt").read_text().strip() for rank in range(world)]
+        fields[world] = [dict(item.split("=", 1) for item in line.split(" ", 1)[1].replace(", ", ",").split()) for line in results]
+    two, one = fields[2], fields[1][0]
+    assert two[0]["local"] == "[3,3,3]" and two[1]["local"] == "[2,2,2]" and one["local"] == "[5,5,5]"
+    assert two[0]["gathered"] == two[1]["gathered"] == one["gathered"] == "[5,5,5]"
+    assert two[0]["levels"] == two[1]["levels"] == one["levels"]
+    assert len(set(one["levels"].strip("[]").split(","))) > 1  # eps1=1 moved the steps apart: the table says something
+    sums = two[0]["gains_sum_everywhere"].strip("[]").split(",")
     assert sums[0] == sums[1]  # the gathered gains are the same rows on both processes
+    assert abs(float(sums[0]) - float(one["gains_sum_everywhere"].strip("[]"))) < 1e-5  # and the one process's rows
 
 
 FAILING_REWARD = '''
@@ -434,3 +450,55 @@ def test_flowalign_eval_splits_its_samples_over_a_launch(tmp_path):
     assert len(quality) == 7 and len(set(quality)) > 1  # per sample, in sample order (not all alike)
     assert split["corrected"]["quality_scores"] == pytest.approx(quality, rel=1e-5, abs=1e-6)
     assert split["corrected"]["categories"]["all"]["count"] == 7
+
+
+JITTER_REWARD = """import random
+
+import numpy as np
+import torch
+
+
+def jittered_brightness(images, prompts, metadata):  # a reward drawing from python's and numpy's global RNGs (augmentations)
+    jitter = [0.05 * np.random.rand() + 0.05 * random.random() for _ in prompts]
+    return images.mean(dim=(1, 2, 3)) + torch.tensor(jitter)
+"""
+RESUME_DRIVER = '''
+import gc
+import os
+import shutil
+import sys
+
+import torch.distributed as dist
+
+from flowalign.train import cli
+
+destroy = dist.destroy_process_group
+dist.destroy_process_group = lambda *args, **kwargs: None  # the three runs share the first one's process group
+full, split, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+assert cli.main(["train", *args, "--set", f"train.output_dir={full}"]) == 0
+if os.environ["RANK"] == "0":  # the same run killed after iteration 2: its last checkpoint gone
+    shutil.copytree(full, split)
+    shutil.rmtree(f"{split}/checkpoints/iter_000003")
+dist.barrier()
+assert cli.main(["train", "--resume", f"{split}/checkpoints/iter_000002"]) == 0
+destroy()
+gc.collect()
+'''
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
+def test_a_two_process_resume_restores_each_processs_python_and_numpy_rngs(tmp_path):
+    """The checkpoint kept process 0's python / numpy RNG state and restored it on every process, so after a resume
+    process 1 drew process 0's numbers: a reward drawing from them trained another LoRA (0.043 apart in an audit)."""
+    (tmp_path / "jitter.py").write_text(JITTER_REWARD)
+    (tmp_path / "driver.py").write_text(RESUME_DRIVER)
+    args = _args(tmp_path / "unused", ["train.iterations=3", "rewards=[{name: 'jitter:jittered_brightness'}]"])[1:-2]
+    done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "driver.py", str(tmp_path / "full"),
+                           str(tmp_path / "split"), *args], capture_output=True, text=True, env=ENV, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    full = load_file(str(tmp_path / "full" / "pytorch_lora_weights.safetensors"))
+    resumed = load_file(str(tmp_path / "split" / "pytorch_lora_weights.safetensors"))
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+    rows = [(tmp_path / run / "metrics.csv").read_text().splitlines()[-1].split(",") for run in ("full", "split")]
+    header = (tmp_path / "full" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert rows[0][header.index("reward/mean")] == rows[1][header.index("reward/mean")]

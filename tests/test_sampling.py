@@ -227,3 +227,27 @@ def test_training_shows_a_rollout_bar(tmp_path, capsys):
                      "--set", "train.progress=true", "--set", f"train.output_dir={tmp_path}"]) == 0
     err = capsys.readouterr().err
     assert "[1/1] rollout" in err and "step/s" in err and "[1/1] update" in err
+
+
+@pytest.mark.parametrize("seeding", ["process", "group"])
+def test_a_random_window_is_one_draw_per_iteration_whatever_the_processes_generators(adapter, seeding):
+    """Under noise_seeding: process the window was drawn inside each process's rollout from its own generator, so two
+    processes explored different steps in one iteration (an audit saw [0, 1] on one and [2, 3] on the other), and only
+    the first's was logged. It now comes from the iteration's shared stream, as under group."""
+    from flowalign.config import SamplingConfig
+    from flowalign.prompts import PromptRecord
+    from flowalign.train.runtime import rollout_groups
+
+    cfg = SamplingConfig(num_steps=6, group_size=2, kernel="flow_sde", noise_schedule="window",
+                         noise_kwargs={"a": 0.7, "size": 2, "mode": "random"}, noise_seeding=seeding)
+    records = [PromptRecord(prompt=PROMPTS[0])]
+    cond = adapter.encode([PROMPTS[0]])
+    masks = {}
+    for iteration in range(4):
+        for process in (0, 1):  # the two processes' own generators, seeded apart as the trainer seeds them
+            traj = rollout_groups(adapter, records, cond, cfg, sde.make_schedule("window", **cfg.noise_kwargs),
+                                  torch.Generator().manual_seed(1000 * process + 7),
+                                  iteration=iteration, seed=0, first_group=process)
+            masks[iteration, process] = traj.stochastic_mask.tolist()
+        assert masks[iteration, 0] == masks[iteration, 1] and sum(masks[iteration, 0]) == 2
+    assert len({tuple(m) for m in masks.values()}) > 1  # the window does move between iterations

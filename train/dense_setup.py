@@ -38,7 +38,12 @@ def calibrated_schedule(trainer: "Trainer", resumed: bool):
     records = trainer.sampler.records[: max(1, min(len(trainer.sampler.records), d.calibration_samples))]
     acc = trainer.accelerator
     # this process's share of every round's samples (all of them on one process); sample i is prompt i mod len(records)
-    picked = [records[i % len(records)] for i in calibration_shard(d.calibration_samples, acc.process_index, acc.num_processes)]
+    shard = calibration_shard(d.calibration_samples, acc.process_index, acc.num_processes)
+    picked = [records[i % len(records)] for i in shard]
+    # noise_seeding: group: each sample from its own (seed, round, global index) stream, so the table is the same on any
+    # number of processes; process: one batch from this process's stream
+    sample_generator = ((lambda round_index, i: runtime.calibration_generator(cfg.train.seed, round_index, shard[i]))
+                        if s.noise_seeding == "group" else None)
     with runtime.rewards_on_device(trainer.rewards.values(), trainer.device, cfg.train.offload_rewards):
         levels = calibrate_noise_table_for(
             trainer.adapter, [r.prompt for r in picked], trainer.mixed_reward(),
@@ -48,7 +53,7 @@ def calibrated_schedule(trainer: "Trainer", resumed: bool):
             estimator=d.estimator, stride=d.stride, max_batch=d.max_batch, micro_batch_size=s.micro_batch_size,
             generator=torch.Generator().manual_seed(cfg.train.seed + 2 + acc.process_index * PROCESS_SEED_STRIDE),
             metadata=[dict(r.metadata) for r in picked],
-            gather=(lambda rows: gather_rows(acc, rows)) if acc.num_processes > 1 else None,
+            gather=(lambda rows: gather_rows(acc, rows)) if acc.num_processes > 1 else None, sample_generator=sample_generator,
         )
     return sde.table(levels), levels
 

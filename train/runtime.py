@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import contextlib
 from contextlib import nullcontext
-from dataclasses import fields
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from flowalign.trajectory import cat_trajectories  # noqa: F401 - re-exported: runtime's callers and plugins import it here
+
 SEED_MOD = 2**63 - 1
 GROUP_STREAM = 7_919  # offsets keep these streams apart from the per-process ones
 LEVEL_STREAM = 104_729
 FORWARD_STREAM = 1_299_709
+CALIBRATION_STREAM = 15_485_863
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -59,40 +61,16 @@ def forward_generator(seed: int, iteration: int, group_index: int) -> torch.Gene
     return torch.Generator().manual_seed(value)
 
 
+def calibration_generator(seed: int, round_index: int, sample_index: int) -> torch.Generator:
+    """CPU generator of DenseGRPO calibration sample ``sample_index`` (its global index) in round ``round_index``, under
+    ``sampling.noise_seeding: group``: the calibrated table does not depend on how the samples are split over processes."""
+    value = ((seed * 1_000_003 + round_index) * 1_000_003 + sample_index + CALIBRATION_STREAM) % SEED_MOD
+    return torch.Generator().manual_seed(value)
+
+
 def iteration_generator(seed: int, iteration: int) -> torch.Generator:
     """CPU generator shared by every process for the draws of ``iteration`` that all must agree on."""
     return torch.Generator().manual_seed(((seed * 1_000_003 + iteration) * 7 + LEVEL_STREAM) % SEED_MOD)
-
-
-def cat_trajectories(trajs: Sequence[Any]) -> Any:
-    """Concatenate ``Trajectory`` objects of the same sigmas/levels along the sample axis.
-
-    Group ids are renumbered so that the groups of ``trajs[i]`` follow those of ``trajs[i-1]``;
-    per-sample tensors are concatenated, shared ones (``sigmas``, ``noise_levels``,
-    ``stochastic_mask``) taken from the first, ``nfe`` summed.
-    """
-    first = trajs[0]
-    shared = {"sigmas", "noise_levels", "stochastic_mask", "kernel", "guidance_scale", "log_prob_reduce", "log_prob_form"}
-    values: dict = {}
-    offset, group_ids = 0, []
-    for t in trajs:
-        group_ids.append(t.group_ids + offset)
-        offset += int(t.group_ids.max()) + 1
-    for f in fields(first):
-        items = [getattr(t, f.name) for t in trajs]
-        if f.name in shared:
-            values[f.name] = items[0]
-        elif f.name == "group_ids":
-            values[f.name] = torch.cat(group_ids)
-        elif f.name == "nfe":
-            values[f.name] = sum(items)
-        elif f.name in ("prompts", "metadata"):
-            values[f.name] = [x for item in items for x in (item or [])]
-        elif all(isinstance(x, Tensor) for x in items):
-            values[f.name] = torch.cat(items)
-        else:
-            values[f.name] = None
-    return type(first)(**values)
 
 
 def global_group_index(local, groups_per_round: int, process_index: int, num_processes: int):
@@ -119,10 +97,10 @@ def rollout_groups(adapter, records: Sequence[Any], cond, sampling_cfg, schedule
                    seed: int, first_group: int, drift=None, on_step=None, levels=None, record_x0: bool = False):
     """Roll out one process's prompt ``records`` (``group_size`` samples each) with ``sampling_cfg``'s settings.
 
-    ``sampling.noise_seeding: process`` draws every noise from this process's ``generator``; ``group``
-    rolls each group out from its own stream (:func:`group_generator` at global index ``first_group + j``)
-    with the iteration's noise levels drawn from :func:`iteration_generator`, so the samples do not
-    depend on the number of processes. ``cond`` is the records' encoding (one row per record).
+    The iteration's noise levels (a random window's start) are drawn from :func:`iteration_generator`, so every process
+    explores the same steps. ``sampling.noise_seeding: process`` draws every noise from this process's ``generator``;
+    ``group`` rolls each group out from its own stream (:func:`group_generator` at global index ``first_group + j``),
+    so the samples do not depend on the number of processes. ``cond`` is the records' encoding (one row per record).
     ``drift`` is the process-reward guidance (:class:`flowalign.guidance.RewardDrift`) or None; ``on_step(k)``
     is called after each denoising step of each batch rolled out (``num_steps`` calls, or that per group).
     ``sampling.rollout`` names the function that rolls a batch out (:func:`flowalign.sampling.resolve_rollout`: the
@@ -146,12 +124,12 @@ def rollout_groups(adapter, records: Sequence[Any], cond, sampling_cfg, schedule
             return sampling.check_rollout(traj, name=s.rollout, num_prompts=len(prompts), group_size=s.group_size, num_steps=s.num_steps,
                                           sampling_config=s)
 
-    if s.noise_seeding == "process":
-        return roll(adapter, [r.prompt for r in records], schedule=schedule if levels is None else sde.table(levels),
-                    generator=generator, cond=cond, metadata=[dict(r.metadata) for r in records], **kwargs)
-    if levels is None:
+    if levels is None:  # one draw per iteration, the same on every process (a random window), whatever noise_seeding says
         levels = schedule.levels(s.num_steps, iteration=iteration, generator=iteration_generator(seed, iteration))
     levels = sde.table(levels)
+    if s.noise_seeding == "process":
+        return roll(adapter, [r.prompt for r in records], schedule=levels, generator=generator, cond=cond,
+                    metadata=[dict(r.metadata) for r in records], **kwargs)
     return cat_trajectories([
         roll(adapter, [r.prompt], schedule=levels, cond=cond.select([j]), metadata=[dict(r.metadata)],
              generator=group_generator(seed, iteration, first_group + j), **kwargs)

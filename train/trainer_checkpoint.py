@@ -2,7 +2,7 @@
 
 A checkpoint holds the LoRA (transformer and text encoders), the optimizer's moments, EMA and
 loss scaler (:class:`~flowalign.train.lora_optimizer.LoraOptimizer`), every process's generator
-and global torch (and CUDA) RNG, process 0's python / numpy RNGs, the prompt sampler's position
+and global torch (and CUDA) RNG, every process's python / numpy RNGs, the prompt sampler's position
 and the iteration, so a resumed run continues bit-exactly (``tests/test_trainer.py``, ``tests/test_resume_kill.py``). Files are written
 atomically by :func:`flowalign.checkpoint.save_checkpoint` and refused on a config mismatch.
 """
@@ -45,6 +45,10 @@ def trainer_state(trainer) -> tuple[dict, dict]:
         "train_seconds": trainer.train_seconds(),  # the report's train time covers every session of a resumed run
         **optim_state,
     }
+    if trainer.accelerator.num_processes > 1:  # every process's python / numpy RNG ("rng" holds process 0's)
+        from accelerate.utils import gather_object
+
+        state["host_rngs"] = gather_object([ckpt.host_rng_state()])
     state["reward_versions"] = {key: getattr(reward, "version", None) for key, reward in trainer.rewards.items()}
     state["eval_prompts"] = [record.prompt for record in trainer.eval_records]  # the eval grid a resume keeps
     saved = objective_state(trainer.objective)
@@ -124,6 +128,8 @@ def restore_trainer_checkpoint(trainer, path: Path) -> None:
     trainer.generator.set_state(generators[rank].to(torch.uint8).clone())  # a row view is refused
     if "torch_rngs" in state:  # checkpoints from before it restore process 0's global RNG everywhere
         torch.set_rng_state(state["torch_rngs"][rank].to(torch.uint8).clone())
+    if "host_rngs" in state:  # checkpoints from before it restore process 0's python / numpy RNG everywhere
+        ckpt.restore_host_rng(state["host_rngs"][rank])
     if "cuda_rngs" in state and torch.cuda.is_available() and trainer.device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda_rngs"][rank].to(torch.uint8).clone(), trainer.device)
     restore_objective_state(trainer.objective, state.get("objective"), path)
