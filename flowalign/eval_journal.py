@@ -12,9 +12,11 @@ decides a sample's outcome: model, LoRA, prompts, seeds, steps, guidance, reward
 metadata, so a journal written under other settings is never mixed with a new evaluation: it is
 refused, naming the settings that differ (``on_mismatch="refuse"``, ``flowalign eval``), or
 discarded with a warning (``"discard"``, the trainer's report). ``restart=True`` deletes that
-process's files first. Every process of a sharded evaluation writes and reads only its own share's
-files. The batch size is not part of the key: ``evaluate`` reads a batch back only for the same
-sample indices.
+process's files first. Every process of a sharded evaluation writes its own share's files and reads
+every share's (:meth:`EvalJournal.load`), so an evaluation killed on 8 processes resumes on 4, or on one:
+``evaluate`` takes a journaled sample back by its index, and a batch is taken back when all of its samples
+are journaled (with another layout they come from other batches, so they match a fresh run's up to the
+float rounding of the batch they were drawn in). The batch size is not part of the key either.
 """
 from __future__ import annotations
 
@@ -106,11 +108,13 @@ class EvalJournal:
         self.restart = restart
         self.on_mismatch = on_mismatch
 
-    def _files(self) -> list[Path]:
-        return sorted(self.folder.glob(f"{self.prefix}*.safetensors")) if self.folder.is_dir() else []
+    def _files(self, every_share: bool = False) -> list[Path]:
+        pattern = "share*of*_rows*.safetensors" if every_share else f"{self.prefix}*.safetensors"
+        return sorted(self.folder.glob(pattern)) if self.folder.is_dir() else []
 
     def load(self) -> dict[int, EvalBatch]:
-        """``{first sample index: EvalBatch}`` of this share's journaled batches (none after ``restart``).
+        """``{first sample index: EvalBatch}`` of the journaled batches of every share, this process's and those of a
+        launch with another process count (none after ``restart``, which deletes this share's files).
 
         Raises:
             ConfigError: (``on_mismatch="refuse"``) a batch file was written under another key, or cannot be read.
@@ -122,7 +126,7 @@ class EvalJournal:
             self.restart = False
             return {}
         done: dict[int, EvalBatch] = {}
-        for path in self._files():
+        for path in self._files(every_share=True):
             problem = None
             try:
                 with safe_open(str(path), framework="pt") as fh:
@@ -143,13 +147,13 @@ class EvalJournal:
                 if self.on_mismatch == "refuse":
                     raise ConfigError(f"{problem[0]}; {problem[1]}")
                 logger.warning("%s: discarded, the evaluation starts over", problem[0])
-                self._discard()
+                self._discard(every_share=True)
                 return {}
             done[batch.rows[0]] = batch
         return done
 
-    def _discard(self) -> None:
-        for path in self._files():
+    def _discard(self, every_share: bool = False) -> None:
+        for path in self._files(every_share):
             path.unlink(missing_ok=True)
 
     def save(self, batch: EvalBatch) -> Path:

@@ -774,13 +774,36 @@ def _score_batch(adapter, reward, rows: list[int], prompts: list[str], metadata:
                      images={i: images[j].detach().float().cpu() for j, i in enumerate(rows) if i in keep})
 
 
-def _usable(batch: EvalBatch, rows: list[int], keep: set, on_error: str) -> bool:
-    """Whether a journaled batch stands for the batch of sample indices ``rows`` now: the same rows (another batch size
-    cuts them otherwise), the images now kept, and no dropped sample when failures now raise (a batch scored under
-    ``on_error="drop"`` without drops is the same under ``"raise"``; one with drops is scored again, and raises)."""
-    if batch.rows != rows or any(i in keep and i not in batch.images for i in rows):
-        return False
-    return on_error != "raise" or not any(math.isnan(v) for v in batch.scores)
+def _journaled(done: dict[int, EvalBatch], rows: list[int], keep: set, on_error: str,
+               extra_details: Sequence[str]) -> Optional[EvalBatch]:
+    """The journaled outcomes of the batch of sample indices ``rows``, or None to score it again.
+
+    ``done`` maps a sample index to a journaled batch holding it (:meth:`EvalJournal.load`'s batches by each of their
+    rows). Every row must be journaled, with its image when it is now kept, the details now kept, and not dropped
+    when failures now raise (a sample scored under ``on_error="drop"`` without a drop is the same under ``"raise"``;
+    one dropped is scored again, and raises). Rows of one journaled batch come back as they were; rows of several
+    (a launch with another process count or batch size) are joined into one batch."""
+    sources = [done.get(i) for i in rows]
+    if any(b is None for b in sources):
+        return None
+    picks = [(b, b.rows.index(i)) for b, i in zip(sources, rows)]
+    if any(i in keep and i not in b.images for (b, _), i in zip(picks, rows)):
+        return None
+    if on_error == "raise" and any(math.isnan(b.scores[j]) for b, j in picks):
+        return None
+    if any(name not in b.extra for b, _ in picks for name in extra_details):
+        return None
+    if len({id(b) for b, _ in picks}) == 1 and sources[0].rows == rows:
+        return sources[0]
+
+    def column(name: str) -> Optional[list]:
+        values = [getattr(b, name) for b, _ in picks]
+        return None if any(v is None for v in values) else [v[j] for v, (_, j) in zip(values, picks)]
+
+    return EvalBatch(rows=list(rows), scores=column("scores"), fingerprints=column("fingerprints"), tags=column("tags"),
+                     partial=column("partial"), verdicts=column("verdicts"), failures=column("failures"),
+                     extra={name: [b.extra[name][j] for b, j in picks] for name in extra_details},
+                     images={i: b.images[i] for (b, _), i in zip(picks, rows) if i in b.images})
 
 
 def _check_resumed(batch: EvalBatch, noise: Tensor, journal: EvalJournal) -> None:
@@ -872,7 +895,8 @@ def evaluate(
     start = time.perf_counter()
     split = shard is not None and int(shard[1]) > 1
     try:
-        done, refused = (journal.load() if journal is not None else {}), None
+        loaded, refused = (journal.load() if journal is not None else {}), None
+        done = {i: batch for batch in loaded.values() for i in batch.rows}  # by sample index
     except ConfigError as exc:
         if not split:
             raise
@@ -890,8 +914,8 @@ def evaluate(
         for lo in range(0, len(my_rows), batch_size):
             rows = my_rows[lo:lo + batch_size]
             noise = torch.cat([adapter.initial_noise(1, torch.Generator().manual_seed(seeds[i])) for i in rows])  # [b, *latent]
-            batch = done.get(rows[0])
-            if batch is not None and _usable(batch, rows, keep_set, on_error):
+            batch = _journaled(done, rows, keep_set, on_error, extra_details)
+            if batch is not None:
                 _check_resumed(batch, noise, journal)
                 resumed += len(rows)
             else:

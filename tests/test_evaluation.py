@@ -751,10 +751,12 @@ def test_a_killed_evaluation_resumes_from_its_journal_with_the_uninterrupted_res
     assert 0 < whole.categories["all"].correct < 10  # a mixed outcome, so a wrong row would show
     back = EvalResult.from_json(json.loads(resumed.to_json()))
     assert back.extra["quality"].tolist() == resumed.extra["quality"].tolist()
-    # a batch cut differently (another batch size) is sampled again, not misread
+    # batches cut differently (another batch size) are joined from the journaled samples, each row its own
     other = CountingVerifier(threshold)
-    evaluate(adapter, RECORDS, other, journal=EvalJournal(tmp_path / "j", key), **{**_journal_kw(), "batch_size": 2})
-    assert other.scored == 10
+    recut = evaluate(adapter, RECORDS, other, journal=EvalJournal(tmp_path / "j", key), **{**_journal_kw(), "batch_size": 2})
+    assert other.scored == 0 and recut.settings["resumed_samples"] == 10
+    assert recut.scores.tolist() == whole.scores.tolist() and recut.failures == whole.failures and recut.tags == whole.tags
+    assert recut.extra["quality"].tolist() == whole.extra["quality"].tolist() and torch.equal(recut.images[7], whole.images[7])
 
 
 def test_a_journal_of_other_settings_is_refused_and_restart_discards_it(adapter, tmp_path, threshold):
@@ -773,8 +775,11 @@ def test_a_journal_of_other_settings_is_refused_and_restart_discards_it(adapter,
     path.write_bytes(path.read_bytes()[:40])
     with pytest.raises(ConfigError, match="share0of1_rows0000003.safetensors is not a readable evaluation batch"):
         EvalJournal(tmp_path / "j", {"steps": 2}).load()
-    # another process's share is not this one's
-    assert EvalJournal(tmp_path / "j", {"steps": 2}, share=(1, 2)).load() == {}
+    # a launch with another process count reads every share's files (the truncated one is still named)
+    with pytest.raises(ConfigError, match="share0of1_rows0000003.safetensors is not a readable evaluation batch"):
+        EvalJournal(tmp_path / "j", {"steps": 2}, share=(1, 2)).load()
+    path.unlink()
+    assert sorted(EvalJournal(tmp_path / "j", {"steps": 2}, share=(1, 2)).load()) == [0, 6, 9]
 
 
 def test_a_journaled_batch_drawn_from_other_noise_is_refused(adapter, tmp_path, threshold):
@@ -838,7 +843,7 @@ def test_eval_cli_resumes_a_killed_evaluation_and_removes_its_journal_when_done(
     assert main([*argv, "--restart", "--out", str(tmp_path / "again")]) == 0
     assert calls == [4, 4, 2]  # --restart: every batch sampled again
     # the usual reruns after a crash change --on-error or --batch-size: neither is refused
-    for flags, expect, resumed in ((["--on-error", "drop"], [2], 8), (["--batch-size", "2"], [2, 2, 2, 2, 2], 0)):
+    for flags, expect, resumed in ((["--on-error", "drop"], [2], 8), (["--batch-size", "2"], [2], 8)):
         calls.clear()
         monkeypatch.setenv("KILL_AT_CALL", "2")
         with pytest.raises(_Killed):
@@ -846,7 +851,7 @@ def test_eval_cli_resumes_a_killed_evaluation_and_removes_its_journal_when_done(
         monkeypatch.delenv("KILL_AT_CALL")
         calls.clear()
         assert main([*argv, *flags, "--out", str(tmp_path / flags[0])]) == 0
-        assert calls == expect  # --batch-size 2: no journaled batch holds the same samples, so all are sampled again
+        assert calls == expect  # --batch-size 2: the 8 journaled samples joined into batches of 2, samples 8 and 9 sampled
         done = json.loads((tmp_path / flags[0] / "eval.json").read_text())
         assert done["settings"]["resumed_samples"] == resumed
         assert done["samples"]["score"] == pytest.approx(whole["samples"]["score"], abs=1e-6)  # another batch size: float rounding
@@ -855,7 +860,8 @@ def test_eval_cli_resumes_a_killed_evaluation_and_removes_its_journal_when_done(
 def test_a_journal_resumes_under_another_on_error_and_batch_size_where_the_samples_are_the_same(adapter, tmp_path, threshold):
     """A journal written under on_error="drop" is read back under "drop"; under "raise" its batches with a dropped
     sample are scored again (and raise), the others are read back. Another batch size reads back nothing (no batch
-    holds the same sample indices) but is not refused. A batch whose kept images are not journaled is sampled again."""
+    holds the same sample indices) joins the journaled samples into its batches. A batch whose kept images are not
+    journaled is sampled again."""
     from flowalign.eval_journal import EvalJournal
     from flowalign.errors import RewardError
 
@@ -879,8 +885,9 @@ def test_a_journal_resumes_under_another_on_error_and_batch_size_where_the_sampl
                     **{**kw, "keep_images": [5]})  # batch (4, 5) was journaled without images
     assert kept.settings["resumed_samples"] == 6 and sorted(kept.images) == [5]
     other = evaluate(adapter, RECORDS, PickyVerifier(cut), on_error="drop", journal=EvalJournal(tmp_path / "j", {}),
-                     **{**kw, "batch_size": 4})
-    assert other.settings["resumed_samples"] == 0 and other.failures == dropped.failures
+                     **{**kw, "batch_size": 4})  # every sample is journaled: joined into batches of 4
+    assert other.settings["resumed_samples"] == 8 and other.failures == dropped.failures
+    assert other.scores.tolist()[:3] == dropped.scores.tolist()[:3]
 
 
 def test_resumed_samples_counts_every_processes_share(adapter, tmp_path, threshold):
@@ -908,6 +915,29 @@ def test_resumed_samples_counts_every_processes_share(adapter, tmp_path, thresho
 
 def _stop(part):
     raise _Share(part)
+
+
+def test_an_evaluation_killed_on_two_processes_resumes_on_one(adapter, tmp_path, threshold):
+    """Each process journals its own share (every other sample); a rerun with one process used to read only
+    share0of1 files and sampled everything again. It now takes back every journaled sample, scores only the rest,
+    and returns what one uninterrupted evaluation returns."""
+    from flowalign.eval_journal import EvalJournal
+
+    kw = _journal_kw()
+    whole = evaluate(adapter, RECORDS, CountingVerifier(threshold), **kw)
+    for k, kill_after in ((0, 3), (1, 5)):  # share 0 journals rows 0, 2, 4 then dies; share 1 rows 1, 3, 5, 7, 9 (all)
+        with pytest.raises((_Killed, _Share)):
+            evaluate(adapter, RECORDS, CountingVerifier(threshold, kill_after=kill_after), shard=(k, 2), gather=_stop,
+                     journal=EvalJournal(tmp_path / "j", {}, share=(k, 2)), **kw)
+    one = CountingVerifier(threshold)
+    resumed = evaluate(adapter, RECORDS, one, journal=EvalJournal(tmp_path / "j", {}), **kw)
+    # batches of 3: (0, 1, 2) and (3, 4, 5) are all journaled; (6, 7, 8) lacks 6 and 8, and 9 alone is journaled
+    assert one.scored == 3 and resumed.settings["resumed_samples"] == 7
+    # the samples of other batches than a one-process run's agree with it up to the batch's float rounding
+    assert resumed.verdicts.tolist() == whole.verdicts.tolist() and resumed.failures == whole.failures
+    assert resumed.scores.tolist() == pytest.approx(whole.scores.tolist(), abs=1e-6)
+    assert resumed.extra["quality"].tolist() == pytest.approx(whole.extra["quality"].tolist(), abs=1e-6)
+    assert sorted(resumed.images) == [1, 7] and torch.allclose(resumed.images[1], whole.images[1], atol=1e-6)
 
 
 def test_the_model_signature_names_files_by_content_and_hub_blobs_by_their_hash(tmp_path):
@@ -955,7 +985,7 @@ def test_a_journal_only_one_process_refuses_fails_every_process_at_the_gather(ad
             evaluate(adapter, RECORDS, GradedVerifier(threshold), shard=(k, 2), gather=gather_as(k),
                      journal=EvalJournal(tmp_path / "j", {}, share=(k, 2)), **kw)
         parts.append(caught.value.part)
-    assert gathered == [(0, []), (1, [1, 3, 5, 7])]  # process 0 reached the gather without sampling
+    assert gathered == [(0, []), (1, [])]  # every process reads every share's files: both reached the gather without sampling
     for k in range(2):
         with pytest.raises(ConfigError, match="share0of2_rows0000000.safetensors is not a readable evaluation batch"):
             evaluate(adapter, RECORDS, GradedVerifier(threshold), shard=(k, 2), gather=lambda part: parts,
