@@ -360,7 +360,7 @@ def _target_caveat(met: bool, delta_low: float, delta_high: float, target_points
 
 def run_environment() -> dict[str, Any]:
     """What a report records of where it was made: flowalign's version (and git commit, for a source checkout), torch,
-    diffusers and python versions, the device, the UTC time."""
+    diffusers and python versions, the device, the number of processes of the launch (``WORLD_SIZE``), the UTC time."""
     import datetime
     import platform
     import subprocess
@@ -384,8 +384,12 @@ def run_environment() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         pass
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    try:  # torchrun / accelerate launch set it: a multi-process run's LoRA depends on it (noise_seeding: process)
+        processes = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        processes = 1
     return {"flowalign": flowalign.__version__, "git_commit": commit, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "python": platform.python_version(), "device": device,
+            "python": platform.python_version(), "device": device, "processes": processes,
             "written_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")}
 
 
@@ -493,7 +497,8 @@ def write_report(
         f"the same prompts and initial noise for base and aligned",
         f"- **software**: flowalign {environment['flowalign']}" + (f" ({_short_commit(environment['git_commit'])})" if environment.get("git_commit") else "")
         + f", torch {environment['torch']}, diffusers {environment['diffusers']}, python {environment['python']}; "
-        f"{environment['device']}; written {environment['written_utc']} UTC",
+        f"{environment['device']}" + (f" × {environment['processes']} processes" if environment.get("processes", 1) > 1 else "")
+        + f"; written {environment['written_utc']} UTC",
         "",
         "## Result",
         "",

@@ -667,6 +667,11 @@ def test_the_report_says_what_ran_where(tmp_path, monkeypatch):
     assert f"- **software**: flowalign {flowalign.__version__}" in text and "torch " in text and " UTC" in text
     env = json.loads((tmp_path / "report.json").read_text())["environment"]
     assert env["flowalign"] == flowalign.__version__ and env["device"]
+    # a launch on several processes says so (with noise_seeding: process its LoRA depends on the count)
+    assert env["processes"] == 1 and " processes;" not in text
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    text = write_report(tmp_path, base=base, aligned=base, config_dict=mixed, timings={}).read_text()
+    assert " × 8 processes; written" in text and json.loads((tmp_path / "report.json").read_text())["environment"]["processes"] == 8
 
 
 def test_train_prints_the_held_out_result_last(tmp_path):
