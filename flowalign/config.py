@@ -22,6 +22,7 @@ import difflib
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -481,6 +482,10 @@ class TrainConfig:
             _choice("train.log_with[]", backend, LOG_BACKENDS)
         _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _check(bool(self.output_dir), "train.output_dir must not be empty")
+        for name in ("prompts", "eval_prompts"):  # an empty shell variable (--set train.prompts=$P) is not "null"
+            value = getattr(self, name)
+            _check(value is None or value.strip() != "", f"train.{name} is empty; give a prompt file, or null for "
+                                                         f"{'the builtin demo prompts' if name == 'prompts' else 'the training prompts'}")
 
 
 @dataclass
@@ -635,6 +640,8 @@ def _coerce(value: Any, tp: Any, key: str, base: Any = None) -> Any:
             raise ConfigError(f"{key} must be true or false, got {value!r}")
         return value
     if tp is int:
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():  # 1e3, 1000.0
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key} must be an integer, got {type(value).__name__} {value!r}")
         return value
@@ -772,7 +779,7 @@ def apply_overrides(data: dict, overrides: list[str], schema: Optional[type] = N
             value = text
         else:
             try:
-                value = yaml.safe_load(raw) if text else ""
+                value = load_yaml(raw) if text else ""
             except yaml.YAMLError as exc:
                 raise ConfigError(f"override {item!r}: value is not valid YAML ({_yaml_problem(exc)})") from None
         _set_dotted(data, key, value, defaults)
@@ -836,9 +843,40 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+_INT_TAG, _FLOAT_TAG, _TIMESTAMP_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp"
+# YAML 1.2's core schema for numbers, where PyYAML follows YAML 1.1: 1e-3 is a number (1.1: the text "1e-3"), 0123 is 123
+# (1.1: octal 83), 1:30 and 1_000 are text (1.1: 90 and 1000), and a date is text (1.1: a datetime.date, which no
+# setting takes and which a checkpoint's config hash could not write)
+_YAML12_INT = re.compile(r"^[-+]?[0-9]+$|^0o[0-7]+$|^0x[0-9a-fA-F]+$")
+_YAML12_FLOAT = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$")
+
+
+class _ConfigLoader(_StrictLoader):
+    """:class:`_StrictLoader` reading numbers as YAML 1.2 does and dates as text (see ``_YAML12_INT``)."""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT_TAG, _FLOAT_TAG, _TIMESTAMP_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_ConfigLoader.add_implicit_resolver(_INT_TAG, _YAML12_INT, list("-+0123456789"))  # before the float: "12" is an int
+_ConfigLoader.add_implicit_resolver(_FLOAT_TAG, _YAML12_FLOAT, list("-+0123456789."))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    text = loader.construct_scalar(node)
+    if _YAML12_INT.match(text) is None:  # an explicit !!int of another form: YAML 1.1's reading
+        return yaml.SafeLoader.construct_yaml_int(loader, node)
+    return int(text, 0) if text[:2] in ("0o", "0x") else int(text, 10)
+
+
+_ConfigLoader.add_constructor(_INT_TAG, _construct_int)
+
+
 def load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` that refuses duplicate keys (a recipe's second ``lr:`` would silently win)."""
-    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    """Read a recipe or a ``--set`` value: ``yaml.safe_load``, except that a key given twice in one mapping is refused
+    (a recipe's second ``lr:`` would silently win) and numbers and dates read as YAML 1.2 reads them (``1e-3`` a number,
+    ``0123`` 123, ``2024-06-01`` text), the same in typed settings and in free-form ``*kwargs`` mappings."""
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def packaged_recipe_dir() -> Path:
@@ -849,25 +887,29 @@ def packaged_recipe_dir() -> Path:
 
 
 def resolve_recipe(path: Union[str, Path], relative_to: Optional[Path] = None) -> Path:
-    """The recipe file ``path`` names: the path itself (relative to ``relative_to`` first, when given) or,
-    when there is none, the shipped one: ``train/configs/X.yaml`` and ``train/accelerate/X.yaml`` from any
-    folder (an installed flowalign has no ``train/`` beside the user), and a bare name ``X`` or ``X.yaml``
-    (``toy_dense_grpo``). Returns ``path`` unchanged when nothing matches (the caller reports it missing)."""
+    """The recipe file ``path`` names: the path itself (a relative one: relative to ``relative_to`` when given, as a
+    ``base:`` is to its recipe's folder, else to the current folder) or, when there is none, the shipped one:
+    ``train/configs/X.yaml`` and ``train/accelerate/X.yaml`` from any folder (an installed flowalign has no ``train/``
+    beside the user), and a bare name ``X`` or ``X.yaml`` (``toy_dense_grpo``). Returns ``path`` unchanged when
+    nothing matches (the caller reports it missing). A ``base:`` never depends on the current folder: the same recipe
+    loads the same from anywhere, and a file there cannot shadow a shipped recipe."""
     path = Path(path)
-    if relative_to is not None and not path.is_absolute() and (relative_to / path).is_file():
-        return relative_to / path
-    if path.is_file():
+    if relative_to is not None and not path.is_absolute():
+        if (relative_to / path).is_file():
+            return relative_to / path
+    elif path.is_file():
         return path
     shipped = packaged_recipe_dir()
     parts = path.parts
     if len(parts) == 3 and parts[0] == "train" and parts[1] in ("configs", "accelerate"):
         candidate = shipped.parent / parts[1] / parts[2]
-        return candidate if candidate.is_file() else path
+        if candidate.is_file():
+            return candidate
     if len(parts) == 1:
         for candidate in (shipped / parts[0], shipped / f"{parts[0]}.yaml"):
             if candidate.is_file():
                 return candidate
-    return path
+    return relative_to / path if relative_to is not None and not path.is_absolute() else path
 
 
 def read_recipe(path: Union[str, Path], what: str = "train", _chain: tuple = ()) -> dict[str, Any]:
@@ -882,7 +924,10 @@ def read_recipe(path: Union[str, Path], what: str = "train", _chain: tuple = ())
             ``base`` that is missing or names a recipe of its own chain.
     """
     label = "config file" if what == "train" else f"{what} config"
-    resolved = resolve_recipe(path, relative_to=_chain[-1].parent if _chain else None)
+    resolved = resolve_recipe(path)  # a base arrives resolved (against its recipe's folder, below)
+    if resolved.is_dir():
+        raise ConfigError(f"{label} {path} is a folder, not a recipe file (a run folder's recipe is its config.yaml; "
+                          "`--resume DIR` reads it)")
     if not resolved.is_file():
         from flowalign.files import relative_to_cwd
 
@@ -972,9 +1017,10 @@ def _own_output_dir(data: dict, path: Union[str, Path]) -> None:
     train = own.get("train") if isinstance(own, dict) else None
     if isinstance(train, dict) and "output_dir" in train:
         return
-    section = data.setdefault("train", {})
-    if isinstance(section, dict):
-        section["output_dir"] = f"runs/{resolved.stem}"
+    if data.get("train") is None:  # absent, or "train:" with only comments under it
+        data["train"] = {}
+    if isinstance(data["train"], dict):
+        data["train"]["output_dir"] = f"runs/{resolved.stem}"
 
 
 def to_dict(config: Any) -> dict:

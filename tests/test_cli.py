@@ -449,3 +449,18 @@ def test_overwrite_takes_a_run_folder_holding_the_reports_journals(tmp_path):
     assert foreign_entries(tmp_path, RUN_ENTRIES) == []
     (tmp_path / "notes.txt").write_text("mine")
     assert foreign_entries(tmp_path, RUN_ENTRIES) == ["notes.txt"]
+
+
+def test_resume_from_a_checkpoint_named_from_inside_its_checkpoints_folder(tmp_path, monkeypatch):
+    """`cd runs/x/checkpoints && flowalign train --resume iter_000001` took '.' for the run folder (Path('iter_000001')
+    .parent.parent), found no config.yaml there and fell back to the toy recipe: refused for its config hash."""
+    from tests.tiny_run import train_argv
+
+    run = tmp_path / "run"
+    settings = ["train.iterations=1", "train.prompts_per_iter=2", "sampling.group_size=2", "train.micro_batch_size=4",
+                "train.eval_every=-1", "train.checkpoint_every=1", "train.log_with=[]"]
+    assert cli.main(train_argv(run, settings)) == 0
+    monkeypatch.chdir(run / "checkpoints")
+    assert cli.main(["train", "--resume", "iter_000001", "--set", "train.iterations=2"]) == 0
+    assert (run / "checkpoints" / "iter_000002").is_dir() and not (run / "checkpoints" / "runs").exists()
+    assert len((run / "metrics.csv").read_text().splitlines()) == 3

@@ -189,7 +189,8 @@ def test_objective_keys_in_objective_kwargs_and_a_bad_adam_eps_are_config_errors
 def test_a_section_with_every_key_commented_out_holds_the_defaults(tmp_path):
     path = _write(tmp_path, "train:\n  # lr: 1.0e-3\nsampling:\n  num_steps: 4\n")
     cfg = C.load_config(path)
-    assert cfg.train == C.TrainConfig() and cfg.sampling.num_steps == 4
+    # the defaults, but its own folder (a recipe that sets no output_dir writes to runs/<its name>)
+    assert cfg.train == dataclasses.replace(C.TrainConfig(), output_dir=f"runs/{path.stem}") and cfg.sampling.num_steps == 4
     assert C.load_config(path, ["train.lr=2.0e-3"]).train.lr == 2e-3  # --set into it works too
 
 
@@ -467,3 +468,64 @@ def test_a_recipe_that_sets_no_output_dir_writes_to_runs_named_after_it(tmp_path
     child = tmp_path / "child.yaml"  # a base that set it: the file's own name still wins
     child.write_text("base: own.yaml\n")
     assert C.load_config(child).train.output_dir == "runs/child"
+
+
+# ---------------------------------------------------------------------------------------------
+# audit C (session 45): YAML readings, empty prompt paths, bases, resume paths
+
+
+def test_numbers_and_dates_read_alike_in_typed_keys_and_kwargs_mappings(tmp_path):
+    """YAML 1.1 read ``1e-3`` as text in a kwargs mapping (typed floats converted it), ``0123`` as octal 83, ``1:30`` as
+    90, and ``2024-06-01`` as a datetime.date that passed every check and crashed the first checkpoint's config hash."""
+    cfg = C.load_config(C.packaged_recipe_dir() / "toy_nft.yaml",
+                        ["objective.kwargs.beta=1e-3", "sampling.noise_kwargs.a=7e-1", "rewards.0.kwargs.partial_weight=5e-1",
+                         "rewards.0.kwargs.version=2024-06-01", "train.seed=0123", "train.iterations=1e3"])
+    assert cfg.objective.kwargs["beta"] == 0.001 and cfg.sampling.noise_kwargs["a"] == 0.7
+    assert cfg.rewards[0].kwargs == {**cfg.rewards[0].kwargs, "partial_weight": 0.5, "version": "2024-06-01"}
+    assert cfg.train.seed == 123 and cfg.train.iterations == 1000 and isinstance(cfg.train.iterations, int)
+    assert len(C.config_hash(cfg)) == 16 and "2024-06-01" in C.describe_config(cfg)
+    with pytest.raises(ConfigError, match=r"train.iterations must be an integer, got str '1:30'"):
+        C.load_config(None, ["train.iterations=1:30"])
+    with pytest.raises(ConfigError, match="train.group_size|must be an integer"):
+        C.load_config(None, ["train.iterations=2.5"])
+    recipe = tmp_path / "dated.yaml"
+    recipe.write_text("base: toy_grpo\nrewards:\n  - name: shapes\n    kwargs: {version: 2024-06-01, partial_weight: 5e-1}\n")
+    assert C.load_config(recipe).rewards[0].kwargs == {"version": "2024-06-01", "partial_weight": 0.5}
+
+
+def test_a_set_mapping_with_a_key_twice_is_refused_as_a_recipe_is():
+    with pytest.raises(ConfigError, match="duplicate key 'a'"):
+        C.load_config(None, ["sampling.noise_kwargs={a: 0.5, a: 0.9}"])
+
+
+@pytest.mark.parametrize("key", ["prompts", "eval_prompts"])
+def test_an_empty_prompt_path_is_refused_not_read_as_null(key):
+    with pytest.raises(ConfigError, match=f"train.{key} is empty"):
+        C.load_config(None, [f"train.{key}="])
+
+
+def test_a_base_is_found_next_to_its_recipe_never_in_the_current_folder(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mine.yaml").write_text("base: parent.yaml\ntrain: {lr: 7.0e-4}\n")
+    (tmp_path / "parent.yaml").write_text("base: toy_grpo\ntrain: {lr: 9.0e-4}\n")  # in the current folder only
+    (tmp_path / "toy_grpo").write_text("model: {pretrained: tiny-sd3}\n")  # would shadow the shipped recipe
+    (tmp_path / "sub" / "shipped.yaml").write_text("base: toy_grpo\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="base 'parent.yaml' is neither a file next to it nor a shipped recipe"):
+        C.load_config("sub/mine.yaml")
+    assert C.load_config("sub/shipped.yaml").model.pretrained == "toy"  # the shipped toy_grpo, not ./toy_grpo
+    (tmp_path / "sub" / "parent.yaml").write_text("base: toy_grpo\ntrain: {lr: 9.0e-4}\n")
+    for where in (tmp_path, tmp_path / "sub", Path("/")):  # the same recipe from anywhere
+        monkeypatch.chdir(where)
+        assert C.load_config(tmp_path / "sub" / "mine.yaml").train.lr == 7.0e-4
+
+
+def test_a_recipe_with_an_empty_train_section_writes_to_its_own_folder(tmp_path):
+    recipe = tmp_path / "emptytrain.yaml"
+    recipe.write_text("model: {pretrained: tiny-sd3}\ntrain:\n  # nothing yet\n")
+    assert C.load_config(recipe).train.output_dir == "runs/emptytrain"
+
+
+def test_a_folder_given_as_a_recipe_is_named_as_a_folder(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder, not a recipe file"):
+        C.load_config(tmp_path)

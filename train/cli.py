@@ -228,7 +228,12 @@ def _resume_folder(resume) -> Optional[Path]:
     bare ``--resume``."""
     if not isinstance(resume, str):
         return None
-    return Path(resume).parent.parent if _is_checkpoint(resume) else Path(resume)
+    if not _is_checkpoint(resume):
+        return Path(resume)
+    folder = Path(resume)
+    if len(folder.parts) < 3 or ".." in folder.parts:  # iter_000001 from inside checkpoints/: its run is not "."'s parent
+        folder = Path(os.path.abspath(folder))
+    return folder.parent.parent
 
 
 def _is_checkpoint(resume) -> bool:
