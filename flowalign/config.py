@@ -847,8 +847,9 @@ _INT_TAG, _FLOAT_TAG, _TIMESTAMP_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,20
 # YAML 1.2's core schema for numbers, where PyYAML follows YAML 1.1: 1e-3 is a number (1.1: the text "1e-3"), 0123 is 123
 # (1.1: octal 83), 1:30 and 1_000 are text (1.1: 90 and 1000), and a date is text (1.1: a datetime.date, which no
 # setting takes and which a checkpoint's config hash could not write)
-_YAML12_INT = re.compile(r"^[-+]?[0-9]+$|^0o[0-7]+$|^0x[0-9a-fA-F]+$")
-_YAML12_FLOAT = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$")
+# (digits may be grouped with "_" as YAML 1.1 and Python allow: 1_000 is 1000)
+_YAML12_INT = re.compile(r"^[-+]?[0-9][0-9_]*$|^0o[0-7_]+$|^0x[0-9a-fA-F_]+$|^0b[01_]+$")
+_YAML12_FLOAT = re.compile(r"^[-+]?(\.[0-9][0-9_]*|[0-9][0-9_]*(\.[0-9_]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$")
 
 
 class _ConfigLoader(_StrictLoader):
@@ -866,16 +867,31 @@ def _construct_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
     text = loader.construct_scalar(node)
     if _YAML12_INT.match(text) is None:  # an explicit !!int of another form: YAML 1.1's reading
         return yaml.SafeLoader.construct_yaml_int(loader, node)
-    return int(text, 0) if text[:2] in ("0o", "0x") else int(text, 10)
+    digits = text.replace("_", "")
+    return int(digits, 0) if digits[:2] in ("0o", "0x", "0b") else int(digits, 10)
 
 
 _ConfigLoader.add_constructor(_INT_TAG, _construct_int)
 
 
+class _ConfigDumper(yaml.SafeDumper):
+    """``yaml.safe_dump`` quoting every string that :func:`load_yaml` would read as something else (``"1e-4"``, a
+    folder or revision named like a number), so that a run's ``config.yaml`` reads back as it was written."""
+
+
+_ConfigDumper.yaml_implicit_resolvers = _ConfigLoader.yaml_implicit_resolvers
+
+
+def dump_yaml(data: Any) -> str:
+    """``data`` as YAML that :func:`load_yaml` reads back equal (keys in their order)."""
+    return yaml.dump(data, Dumper=_ConfigDumper, sort_keys=False)
+
+
 def load_yaml(text: str) -> Any:
     """Read a recipe or a ``--set`` value: ``yaml.safe_load``, except that a key given twice in one mapping is refused
     (a recipe's second ``lr:`` would silently win) and numbers and dates read as YAML 1.2 reads them (``1e-3`` a number,
-    ``0123`` 123, ``2024-06-01`` text), the same in typed settings and in free-form ``*kwargs`` mappings."""
+    ``0123`` 123, ``2024-06-01`` text; ``1_000`` is 1000, as in YAML 1.1), the same in typed settings and in free-form
+    ``*kwargs`` mappings."""
     return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
@@ -1036,7 +1052,7 @@ def save_config(config: FlowalignConfig, path: Union[str, Path]) -> Path:
         path = path / "config.yaml"
     from flowalign.files import write_text_atomic
 
-    return write_text_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))
+    return write_text_atomic(path, dump_yaml(to_dict(config)))
 
 
 def inert_settings(config: "FlowalignConfig") -> list[str]:

@@ -12,7 +12,7 @@ decides a sample's outcome: model, LoRA, prompts, seeds, steps, guidance, reward
 metadata, so a journal written under other settings is never mixed with a new evaluation: it is
 refused, naming the settings that differ (``on_mismatch="refuse"``, ``flowalign eval``), or
 discarded with a warning (``"discard"``, the trainer's report). ``restart=True`` deletes that
-process's files first. Every process of a sharded evaluation writes its own share's files and reads
+process's files first, and those of launches with another process count. Every process of a sharded evaluation writes its own share's files and reads
 every share's (:meth:`EvalJournal.load`), so an evaluation killed on 8 processes resumes on 4, or on one:
 ``evaluate`` takes a journaled sample back by its index, and a batch is taken back when all of its samples
 are journaled (with another layout they come from other batches, so they match a fresh run's up to the
@@ -121,8 +121,12 @@ class EvalJournal:
         """
         from safetensors import safe_open
 
-        if self.restart:
-            self._discard()
+        if self.restart:  # this share's files and every other launch layout's (those of this launch's other
+            # processes are theirs to delete: one of them may already be writing)
+            count = self.prefix.split("of", 1)[1].split("_", 1)[0]
+            for path in self._files(every_share=True):
+                if path.name.startswith(self.prefix) or not path.name.split("of", 1)[1].startswith(f"{count}_"):
+                    path.unlink(missing_ok=True)
             self.restart = False
             return {}
         done: dict[int, EvalBatch] = {}

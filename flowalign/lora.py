@@ -614,6 +614,11 @@ def load_initial_lora(modules: Mapping[str, nn.Module], path: Union[str, Path], 
         if bad:
             raise LoraMismatchError(f"lora.init_from={file}: {component} tensors of another shape: "
                                     + ", ".join(f"{k} {list(shapes[keys[k]])} (here {list(state[k].shape)})" for k in bad[:3]))
+        unsupported = {field: value for field in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "lora_bias")
+                       if (value := _header_value(header, component, field)) not in (None, False, {}, "none")}
+        if unsupported:
+            raise LoraMismatchError(f"lora.init_from={file}: its {component} LoRA was trained with {unsupported}, which change how its "
+                                    "weights act and which flowalign's LoRA does not use: it cannot start from that file")
         file_alpha = _header_value(header, component, "lora_alpha")
         file_alpha = float(file_alpha if file_alpha is not None else rank)  # diffusers' reading of a header without it
         if abs(file_alpha - float(alpha)) > 1e-6 * max(1.0, abs(alpha)):
@@ -641,17 +646,24 @@ class LoraSnapshot:
 
     @contextlib.contextmanager
     def applied(self, *modules: nn.Module) -> Iterator[None]:
-        """Within the block ``modules`` (default: all) run with the snapshot's LoRA weights."""
+        """Within the block ``modules`` (default: all) run with the snapshot's LoRA weights, LoRA dropout off (a
+        reference is a fixed function of its weights, also inside an update's :func:`lora_dropout_active`)."""
         chosen = [name for name, m in self.modules.items() if not modules or any(m is x for x in modules)]
         pairs = [(p, c) for name in chosen for p, c in zip(lora_parameters(self.modules[name]), self.copies[name])]
         kept = [p.data for p, _ in pairs]
+        dropouts = [d for name in chosen for d in _lora_dropouts(self.modules[name])]
+        modes = [d.training for d in dropouts]
         try:
             for p, c in pairs:
                 p.data = c
+            for d in dropouts:
+                d.train(False)
             yield
         finally:
             for (p, _), data in zip(pairs, kept):
                 p.data = data
+            for d, mode in zip(dropouts, modes):
+                d.train(mode)
 
     def state(self) -> dict[str, dict[str, Tensor]]:
         """Checkpoint tensor groups ``{"lora_init_<component>": LoRA state}`` (keys as :func:`get_lora_state_dict`'s)."""

@@ -529,3 +529,15 @@ def test_a_recipe_with_an_empty_train_section_writes_to_its_own_folder(tmp_path)
 def test_a_folder_given_as_a_recipe_is_named_as_a_folder(tmp_path):
     with pytest.raises(ConfigError, match="is a folder, not a recipe file"):
         C.load_config(tmp_path)
+
+
+def test_a_saved_config_reads_back_whatever_its_text_keys_hold(tmp_path):
+    """config.yaml was written by yaml.safe_dump (YAML 1.1), which leaves 1e-4 unquoted; read as YAML 1.2 it came back a
+    number, so `--set train.output_dir=1e-4` trained and its --resume was refused. Digit groups (1_000) still read."""
+    cfg = C.load_config(None, ["train.output_dir=1e-4", "model.revision=8e10", "objective.kwargs={tag: '0123', n: 1_000}",
+                               "train.iterations=1_000"])
+    assert cfg.train.output_dir == "1e-4" and cfg.model.revision == "8e10" and cfg.train.iterations == 1000
+    assert cfg.objective.kwargs == {"tag": "0123", "n": 1000}
+    path = C.save_config(cfg, tmp_path / "config.yaml")
+    assert C.load_config(path) == cfg
+    assert C.load_yaml(C.dump_yaml({"a": "2024-06-01", "b": "yes", "c": 1e-5, "d": "1:30"})) == {"a": "2024-06-01", "b": "yes", "c": 1e-5, "d": "1:30"}

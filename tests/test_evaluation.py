@@ -938,6 +938,18 @@ def test_an_evaluation_killed_on_two_processes_resumes_on_one(adapter, tmp_path,
     assert resumed.scores.tolist() == pytest.approx(whole.scores.tolist(), abs=1e-6)
     assert resumed.extra["quality"].tolist() == pytest.approx(whole.extra["quality"].tolist(), abs=1e-6)
     assert sorted(resumed.images) == [1, 7] and torch.allclose(resumed.images[1], whole.images[1], atol=1e-6)
+    # --restart on one process clears the two-process launch's files too (they were left, and refused every resume after)
+    for k in range(2):
+        with pytest.raises((_Killed, _Share)):
+            evaluate(adapter, RECORDS, CountingVerifier(threshold, kill_after=3), shard=(k, 2), gather=_stop,
+                     journal=EvalJournal(tmp_path / "k", {"steps": 1}, share=(k, 2)), **kw)
+    with pytest.raises(_Killed):
+        evaluate(adapter, RECORDS, CountingVerifier(threshold, kill_after=3), journal=EvalJournal(tmp_path / "k", {"steps": 2}, restart=True),
+                 **kw)
+    assert sorted(p.name[:9] for p in (tmp_path / "k").iterdir()) == ["share0of1"]
+    again = CountingVerifier(threshold)
+    evaluate(adapter, RECORDS, again, journal=EvalJournal(tmp_path / "k", {"steps": 2}), **kw)
+    assert again.scored == 7  # the restarted run's first batch came back
 
 
 def test_the_model_signature_names_files_by_content_and_hub_blobs_by_their_hash(tmp_path):

@@ -8,7 +8,8 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from flowalign import lora as lora_lib
 from flowalign.config import LoraConfig, load_config
@@ -242,3 +243,51 @@ def test_a_store_drawn_with_a_lora_names_the_settings_of_a_next_round(store_and_
         warned[name] = [r.getMessage() for r in caplog.records if "was generated with the LoRA" in r.getMessage()]
     assert len(warned["fresh"]) == 1 and "starting from a fresh LoRA" in warned["fresh"][0] and "lora.reference=init" in warned["fresh"][0]
     assert warned["next_round"] == []
+    # another LoRA as the start and reference: AWM, whose old policy is the LoRA that drew the store, refuses it
+    other = tmp_path / "other.safetensors"
+    tensors = load_file(str(start))
+    save_file({k: v * 2 for k, v in tensors.items()}, str(other), metadata=dict(safe_open(str(start), "pt").metadata()))
+    argv = ["offline", "--config", str(_offline_yaml(tmp_path, tmp_path / "store", tmp_path / "awm")), "--set", "objective=awm",
+            "--set", f"lora.init_from={other}", "--set", "lora.reference=init"]
+    assert cli.main(argv) == 2
+    assert cli.main(argv[:-4] + ["--set", f"lora.init_from={start}", "--set", "lora.reference=init", "--set", "max_steps=1"]) == 0
+
+
+def test_the_start_as_reference_ignores_lora_dropout(transformer):
+    """The update runs inside lora_dropout_active; the reference swapped in there ran the starting LoRA with dropout, so
+    two reference calls on the same input differed (0.10 in an audit's case). It is now a fixed function of its weights."""
+    lora_lib.add_lora(transformer, 4, 8.0, TARGETS, dropout=0.5)
+    with torch.no_grad():
+        for p in lora_lib.lora_parameters(transformer):
+            p.copy_(torch.randn_like(p))
+    snapshot = lora_lib.LoraSnapshot({"transformer": transformer})
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    kw = dict(encoder_hidden_states=torch.randn(1, 5, 64), pooled_projections=torch.randn(1, 64), timestep=torch.tensor([500.0]))
+    with torch.no_grad():
+        with lora_lib.reference_weights(snapshot, transformer):
+            outside = transformer(hidden_states=x, **kw).sample
+        with lora_lib.lora_dropout_active(transformer):
+            with lora_lib.reference_weights(snapshot, transformer):
+                inside = [transformer(hidden_states=x, **kw).sample for _ in range(2)]
+            policy = [transformer(hidden_states=x, **kw).sample for _ in range(2)]
+    assert torch.equal(inside[0], outside) and torch.equal(inside[1], outside)
+    assert not torch.equal(policy[0], policy[1])  # the policy's dropout is still on after the block
+
+
+def test_a_file_trained_with_rslora_or_patterns_is_refused(transformer, tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder, _ = _lora_file(transformer, tmp_path)
+    with safe_open(str(folder / lora_lib.LORA_WEIGHT_NAME), "pt") as fh:
+        header = dict(fh.metadata())
+    meta = json.loads(header["lora_adapter_metadata"])
+    lora_lib.add_lora(transformer, 4, 8.0, TARGETS)
+    for extra in ({"transformer.use_rslora": True}, {"transformer.rank_pattern": {"attn.to_q": 2}}):
+        path = tmp_path / "other.safetensors"
+        save_file(load_file(str(folder / lora_lib.LORA_WEIGHT_NAME)), str(path),
+                  metadata={**header, "lora_adapter_metadata": json.dumps({**meta, **extra})})
+        with pytest.raises(LoraMismatchError, match="which change how its weights act"):
+            lora_lib.load_initial_lora({"transformer": transformer}, path, rank=4, alpha=8.0)

@@ -31,12 +31,11 @@ from types import SimpleNamespace
 from typing import Any, Callable, Optional, Union
 
 import torch
-import yaml
 from torch import Tensor
 
 from flowalign import checkpoint as ckpt
 from flowalign import lora as lora_lib
-from flowalign.config import LOG_BACKENDS, LORA_OMIT_AT, MODEL_MEMORY_KNOBS, LoraConfig, ModelConfig, apply_overrides, build_dataclass, to_dict
+from flowalign.config import LOG_BACKENDS, LORA_OMIT_AT, dump_yaml, MODEL_MEMORY_KNOBS, LoraConfig, ModelConfig, apply_overrides, build_dataclass, to_dict
 from flowalign.errors import ConfigError, RolloutStoreError
 from flowalign.files import write_text_atomic
 from flowalign.lr_schedule import LR_SCHEDULES
@@ -104,6 +103,24 @@ class OfflineConfig:
         for backend in self.log_with:
             _check(backend in LOG_BACKENDS, f"log_with entry {backend!r} is not one of {list(LOG_BACKENDS)}")
         _check_objective_kwargs(self.objective, self.objective_kwargs)
+
+
+def _same_lora_file(stored: str, init_from: Optional[str]) -> bool:
+    """Whether the LoRA a store was drawn with (its recorded path) holds the bytes of ``init_from``; True when the
+    recorded file is gone (nothing to compare: the store keeps only the combined fingerprint)."""
+    from flowalign.checkpoint import sha256_file
+    from flowalign.lora import LORA_WEIGHT_NAME
+    from flowalign.train.model import resolve_path
+
+    def file_of(path) -> Path:
+        path = resolve_path(path)
+        return path / LORA_WEIGHT_NAME if path.is_dir() else path
+
+    stored_file = file_of(stored)
+    if init_from is None or not stored_file.is_file():
+        return True
+    init_file = file_of(init_from)
+    return init_file.is_file() and sha256_file(stored_file) == sha256_file(init_file)
 
 
 def _check_offline_objective(name: str) -> None:
@@ -273,6 +290,12 @@ class OfflineTrainer(OptimizerViews):
             logger.warning("store %s was generated with the LoRA %s, and this run's reference is the base model (lora.reference: "
                            "base)%s; for a next round on that LoRA's samples set lora.init_from to it and lora.reference=init",
                            self.config.store, settings["lora"], "" if lcfg.init_from else ", starting from a fresh LoRA")
+        elif settings.get("lora") and not _same_lora_file(settings["lora"], lcfg.init_from):
+            message = (f"store {self.config.store} was generated with the LoRA {settings['lora']}, whose file differs from "
+                       f"lora.init_from={lcfg.init_from}, this run's reference")
+            if is_awm(self.config.objective):
+                raise ConfigError(message + ": offline AWM takes the LoRA that drew the store as its old policy; start from that file")
+            logger.warning("%s; %s is sampler-independent, so training goes on", message, self.config.objective)
         if not stored or stored == "custom-sample-fn" or settings.get("lora"):
             return  # nothing comparable recorded
         from flowalign.train.generate import model_fingerprint
@@ -380,7 +403,7 @@ class OfflineTrainer(OptimizerViews):
 
         remove_interrupted_writes(self.run_dir)  # a killed run's temporary files (each write picks fresh names)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.run_dir / "offline_config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))  # as config.yaml
+        write_text_atomic(self.run_dir / "offline_config.yaml", dump_yaml(to_dict(cfg)))  # as config.yaml
         self.run_log = RunLogger(self.run_dir, cfg.log_with, to_dict(cfg), key="step", resumed_at=self.step if latest is not None else None)
         return self
 
