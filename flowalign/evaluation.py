@@ -731,13 +731,15 @@ def noise_fingerprints(noise: Tensor) -> list[float]:
 
 
 def _score_batch(adapter, reward, rows: list[int], prompts: list[str], metadata: list[dict], noise: Tensor, *, num_steps: int,
-                 guidance_scale: float, on_error: str, keep: set, extra_details: Sequence[str]) -> EvalBatch:
-    """Sample the ODE from ``noise`` (``[b, *latent]``) for the sample indices ``rows`` and score the images."""
-    from flowalign.rewards import call_reward
+                 guidance_scale: float, on_error: str, keep: set, extra_details: Sequence[str],
+                 reward_batch_size: Optional[int] = None) -> EvalBatch:
+    """Sample the ODE from ``noise`` (``[b, *latent]``) for the sample indices ``rows`` and score the images (in chunks
+    of ``reward_batch_size``, the reward's own ``batch_size``)."""
+    from flowalign.rewards import call_reward_batched
     from flowalign.sampling import sample_ode
 
     images = sample_ode(adapter, prompts, num_steps=num_steps, guidance_scale=guidance_scale, initial_noise=noise)  # [b, 3, H, W]
-    out = call_reward(reward, images, prompts, metadata, on_error=on_error)
+    out = call_reward_batched(reward, images, prompts, metadata, on_error=on_error, batch_size=reward_batch_size)
     scores = out.scores.detach().float().cpu()  # [b]
     # a batch whose every sample was dropped has no details: NaN / "dropped" rows, so one bad batch
     # does not switch the whole evaluation to the score threshold
@@ -834,6 +836,7 @@ def evaluate(
     gather: Optional[Callable[[Any], list]] = None,
     journal: Optional[EvalJournal] = None,
     extra_details: Sequence[str] = (),
+    reward_batch_size: Optional[int] = None,
 ) -> EvalResult:
     """Sample, score and aggregate a prompt set (see the module docstring for the sampling rule).
 
@@ -848,6 +851,8 @@ def evaluate(
         num_steps, guidance_scale: the Euler ODE sampler's steps and CFG scale.
         seed: sample ``i`` starts from the noise of ``torch.Generator().manual_seed(seed + i)``.
         batch_size: samples per transformer call (does not change any sample).
+        reward_batch_size: images per reward call at most (a run's ``rewards[].batch_size``: a reward model's memory);
+            None: each batch in one call.
         lora: a LoRA file or folder loaded for this evaluation only (removed afterwards).
         threshold: a sample is correct when ``score >= threshold`` (a reward that gives ``details["binary"]``:
             when that verdict is 1).
@@ -922,7 +927,7 @@ def evaluate(
                 prompts = [prompts_all[index[i]] for i in rows]
                 metadata = [dict(metadata_all[index[i]]) for i in rows]
                 batch = _score_batch(adapter, reward, rows, prompts, metadata, noise, num_steps=num_steps, guidance_scale=guidance_scale,
-                                     on_error=on_error, keep=keep_set, extra_details=extra_details)
+                                     on_error=on_error, keep=keep_set, extra_details=extra_details, reward_batch_size=reward_batch_size)
                 if journal is not None:
                     journal.save(batch)
             scores += batch.scores

@@ -600,6 +600,7 @@ def heldout_report(
     journals: Optional[tuple[Any, Any]] = None,
     on_error: str = "raise",
     reward_kwargs: Optional[Mapping[str, Any]] = None,
+    reward_batch_size: Optional[int] = None,
 ) -> Optional[Path]:
     """Evaluate base and aligned on the held-out ``records``, draw ``before_after.png``, write the report.
 
@@ -613,6 +614,7 @@ def heldout_report(
     whose reward fails or is NaN is left out and counted in each category's ``dropped``). ``reward_kwargs``: the
     reward's keyword arguments (the recipe's ``rewards[i].kwargs``), recorded in ``eval_*.json``'s settings as
     ``flowalign eval`` records them, so that ``eval --compare`` refuses a reference scored with other ones.
+    ``reward_batch_size``: images per reward call at most (the recipe's ``rewards[i].batch_size``).
 
     Several processes split the samples: every process calls this with ``shard=(index, count)``
     and ``gather`` (see :func:`flowalign.evaluation.evaluate`), each samples its share of both
@@ -632,7 +634,8 @@ def heldout_report(
     samples_per_prompt = 1 if samples_per_prompt is None else samples_per_prompt
     columns = pick_samples(records, num_samples, samples_per_prompt, per_category=2)
     kw = dict(num_samples=num_samples, samples_per_prompt=samples_per_prompt, num_steps=num_steps, guidance_scale=guidance_scale,
-              seed=seed, batch_size=batch_size, keep_images=columns, progress=progress, shard=shard, gather=gather, on_error=on_error)
+              seed=seed, batch_size=batch_size, keep_images=columns, progress=progress, shard=shard, gather=gather, on_error=on_error,
+              reward_batch_size=reward_batch_size)
     timings = dict(timings)
     if base is None:
         start = time.perf_counter()

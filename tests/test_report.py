@@ -680,3 +680,29 @@ def test_train_prints_the_held_out_result_last(tmp_path):
     assert _heldout_line(tmp_path) == ""
     (tmp_path / "report.json").write_text(json.dumps({"accuracy_base": 0.289, "accuracy_aligned": 0.363}))
     assert _heldout_line(tmp_path) == f"; held-out accuracy 28.9% -> 36.3% (+7.4 points), {tmp_path / 'report.md'}"
+
+
+def test_the_report_and_the_eval_grid_score_in_the_rewards_own_batch_size(tmp_path, write_plugin):
+    """`rewards[].batch_size` bounds what a reward model sees at once; training chunked by it, but the held-out report
+    scored a whole sampling batch in one call, so a run that trained fine failed at its end (and the eval grid fell back
+    to one sample at a time, dropping none only by luck)."""
+    from flowalign.train import cli
+    from tests.tiny_run import train_argv
+
+    module = write_plugin('''
+        import torch
+
+        def limited(images, prompts, metadata):
+            if len(prompts) > 4:
+                raise RuntimeError(f"CUDA out of memory (simulated) for a batch of {len(prompts)}")
+            return images.mean(dim=(1, 2, 3))
+    ''')
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("a red circle\na blue square\na green triangle\n")
+    settings = ["train.iterations=1", "train.prompts_per_iter=2", "sampling.group_size=2", "train.micro_batch_size=4",
+                "train.eval_every=1", f"train.eval_prompts={heldout}", "train.final_eval_samples=12", "sampling.micro_batch_size=12",
+                f"rewards=[{{name: '{module}:limited', batch_size: 4}}]", "train.log_with=[]"]
+    assert cli.main(train_argv(tmp_path / "run", settings)) == 0
+    assert (tmp_path / "run" / "report.md").is_file()
+    base = json.loads((tmp_path / "run" / "eval_base.json").read_text())
+    assert len(base["samples"]["score"]) == 12 and all(s == s for s in base["samples"]["score"])  # none dropped (NaN)

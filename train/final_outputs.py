@@ -146,6 +146,7 @@ def write_heldout_report(trainer) -> Optional[Path]:
         target_gain_points=cfg.train.report_target_points,
         shard=(trainer.accelerator.process_index, trainer.accelerator.num_processes), gather=runtime.gather_shares,
         journals=report_journals(trainer, name), on_error=entry.on_error, reward_kwargs=dict(entry.kwargs or {}),
+        reward_batch_size=entry.batch_size,
     )
     trainer.timings["held-out eval"] = time.perf_counter() - start  # base + aligned (each in report.md)
     if path is not None:  # the main process, report written: heldout_report removed both journals, here their folder

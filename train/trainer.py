@@ -912,7 +912,7 @@ class Trainer(OptimizerViews):
         """ODE samples of the eval prompts (EMA weights when enabled): an image grid and eval rewards."""
         from flowalign import sampling
         from flowalign.plots import image_grid
-        from flowalign.rewards import call_reward
+        from flowalign.rewards import call_reward_batched
 
         s = self.config.sampling
         prompts = [r.prompt for r in self.eval_records]
@@ -923,7 +923,8 @@ class Trainer(OptimizerViews):
         metrics = {}
         for rcfg in self.config.rewards:
             with runtime.reward_device(self.rewards[rcfg.key], self.device, self.config.train.offload_rewards):
-                out = call_reward(self.rewards[rcfg.key], images, prompts, [dict(r.metadata) for r in self.eval_records], on_error="drop")
+                out = call_reward_batched(self.rewards[rcfg.key], images, prompts, [dict(r.metadata) for r in self.eval_records],
+                                          on_error="drop", batch_size=rcfg.batch_size)
             metrics[f"eval/{rcfg.key}/mean"] = float(out.scores.float().nanmean())
         if self.accelerator.is_main_process:
             name = tag or f"iter_{self.iteration:06d}"
