@@ -689,17 +689,26 @@ def call_reward_batched(reward: Callable, images: Tensor, prompts: Sequence[str]
     device = parts[0].scores.device
     sizes = [len(part.keep) for part in parts]
     return CheckedRewardOutput(scores=torch.cat([part.scores.to(device) for part in parts]),
-                               details=join_details([part.details for part in parts], sizes),
+                               details=join_details([part.details for part in parts], sizes,
+                                                    missing=[not bool(part.keep.any()) for part in parts]),
                                keep=torch.cat([part.keep for part in parts]), num_dropped=sum(part.num_dropped for part in parts))
 
 
-def join_details(parts: Sequence[Mapping[str, Any]], sizes: Sequence[int]) -> dict[str, Any]:
+def join_details(parts: Sequence[Mapping[str, Any]], sizes: Sequence[int], missing: Optional[Sequence[bool]] = None) -> dict[str, Any]:
     """The details of consecutive chunks of ``sizes[i]`` samples as one batch's.
 
     Per key present in every chunk: tensors with one row per sample are concatenated, lists / tuples of one item per
     sample chained, mappings joined key by key, and any other value kept when every chunk has the same (a reward's
-    constant, such as a mixture's weights). A key that fits none of these is left out.
+    constant, such as a mixture's weights). A key that fits none of these is left out. A chunk marked in ``missing``
+    (every sample of it dropped: no details) takes NaN rows (tensors) or None items (lists) in the keys the others
+    give, as one call fills its failed samples, so one failed chunk does not take a key from the whole batch.
     """
+    missing = list(missing) if missing is not None else [False] * len(parts)
+    if all(missing):
+        return {}
+    if any(missing):
+        present = [part for part, gone in zip(parts, missing) if not gone]
+        parts = [_filler(present[0], n) if gone else part for part, n, gone in zip(parts, sizes, missing)]
     out: dict[str, Any] = {}
     for key in [k for k in parts[0] if all(k in part for part in parts)]:
         values = [part[key] for part in parts]
@@ -711,6 +720,22 @@ def join_details(parts: Sequence[Mapping[str, Any]], sizes: Sequence[int]) -> di
             out[key] = join_details(values, sizes)
         elif not any(isinstance(v, Tensor) for v in values) and all(_same(v, values[0]) for v in values[1:]):
             out[key] = values[0]
+    return out
+
+
+def _filler(like: Mapping[str, Any], n: int) -> dict[str, Any]:
+    """Details of ``n`` dropped samples shaped as ``like``'s: NaN rows for per-sample tensors, None for list items,
+    the same for constants (left to :func:`join_details`' rules)."""
+    out: dict[str, Any] = {}
+    for key, value in like.items():
+        if isinstance(value, Tensor) and value.dim() >= 1:
+            out[key] = torch.full((n, *value.shape[1:]), float("nan"), dtype=torch.float32, device=value.device)
+        elif isinstance(value, (list, tuple)):
+            out[key] = [None] * n
+        elif isinstance(value, Mapping):
+            out[key] = _filler(value, n)
+        else:
+            out[key] = value
     return out
 
 

@@ -779,3 +779,25 @@ def test_call_reward_batched_checks_the_counts_before_it_chunks():
     for batch_size in (None, 2):
         with pytest.raises(RewardError, match="3 prompts for 4 images"):
             call_reward_batched(reward, torch.rand(4, 3, 4, 4), ["a", "b", "c"], batch_size=batch_size)
+
+
+def test_a_chunk_whose_every_sample_failed_keeps_the_batchs_detail_keys():
+    """join_details kept only keys every chunk had, and a chunk whose samples all failed has none: under batch_size 2
+    the verifier's binary / partial / tag / failure vanished for the whole batch (a store then lost shapes/partial)."""
+    from flowalign.rewards import call_reward_batched
+    from flowalign.rewards.shapes import ShapesReward
+
+    class Flaky(ShapesReward):
+        def score(self, images, prompts, metadata):
+            if any("blue" in p for p in prompts):
+                raise RuntimeError("flaky")
+            return super().score(images, prompts, metadata)
+
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red circle", "a green square", "a blue circle", "a blue square"]
+    whole = call_reward_batched(Flaky(), images, prompts, on_error="drop")
+    chunked = call_reward_batched(Flaky(), images, prompts, on_error="drop", batch_size=2)
+    assert {"binary", "partial", "tag", "failure"} <= set(chunked.details) & set(whole.details)
+    for key in ("binary", "partial"):
+        torch.testing.assert_close(torch.as_tensor(chunked.details[key]).float(), torch.as_tensor(whole.details[key]).float(), equal_nan=True)
+    assert chunked.keep.tolist() == whole.keep.tolist() == [True, True, False, False]
