@@ -30,6 +30,9 @@ def load_entry_point(group: str, name: str, kind: str) -> Any:
         if ep.name == name:
             try:
                 return ep.load()
+            except SystemExit as exc:  # a module that parses sys.argv or exits at import: not flowalign's exit
+                raise ConfigError(f"loading {kind} entry point {name!r} = {ep.value!r} failed: importing it called exit({exc.code!r}) "
+                                  "(a module that parses the command line or exits when imported)") from None
             except Exception as exc:
                 raise ConfigError(f"loading {kind} entry point {name!r} = {ep.value!r} failed: {type(exc).__name__}: {exc}") from exc
     return None
@@ -74,6 +77,9 @@ def import_object(path: str, kind: str) -> Any:
             if exc.name is not None and (module_name == exc.name or module_name.startswith(exc.name + ".")):
                 continue
             raise ConfigError(f"importing {kind} {path!r} failed: {exc}") from exc
+        except SystemExit as exc:  # a module that parses sys.argv or exits at import: not flowalign's exit
+            raise ConfigError(f"importing {kind} {path!r} failed: importing it called exit({exc.code!r}) (a module that parses "
+                              "the command line or exits when imported)") from None
         except Exception as exc:
             raise ConfigError(f"importing {kind} {path!r} failed: {type(exc).__name__}: {exc}") from exc
         obj: Any = module

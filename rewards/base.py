@@ -28,6 +28,7 @@ import difflib
 import importlib
 import importlib.metadata
 import importlib.util
+import copy
 import inspect
 import logging
 import math
@@ -188,12 +189,16 @@ class FunctionReward(Reward):
     """
 
     def __init__(self, fn: Callable, name: Optional[str] = None, differentiable: bool = False,
-                 device: Optional[torch.device | str] = None, **kwargs: Any):
+                 device: Optional[torch.device | str] = None, fn_kwargs: Optional[Mapping[str, Any]] = None, **kwargs: Any):
         super().__init__(device)
         self.fn = fn
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
         self.differentiable = differentiable
-        self.kwargs = kwargs
+        # fn_kwargs: the function's own keyword arguments, whatever their names (a function taking name= or device=
+        # gets the config's value, not the wrapper); **kwargs: the same, for callers that name no clashing one
+        self.kwargs = {**kwargs, **dict(fn_kwargs or {})}
+        if getattr(fn, "version", None) is not None:  # the scoring rules' version, recorded by checkpoints and evaluations
+            self.version = fn.version
 
     def score(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
         return as_reward_output(self.fn(images, prompts, metadata, **self.kwargs))
@@ -265,6 +270,9 @@ def describe_rewards() -> list[tuple[str, str]]:
     for name in available_rewards():
         try:
             obj = _resolve(name)
+            if not (isinstance(obj, Reward) or callable(obj)):
+                rows.append((name, f"(not a reward: {type(obj).__name__}, neither a Reward nor callable)"))
+                continue
             doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
             rows.append((name, doc[0] if doc else ""))
         except (Exception, SystemExit) as exc:  # noqa: BLE001 (listing must survive any plugin, even one calling exit)
@@ -374,7 +382,10 @@ def check_reward_spec(spec: str, **kwargs: Any) -> None:
     name = spec.strip()
     if not name:
         raise _unknown_reward(spec)
-    _check_arguments(_resolve(name), name, kwargs)
+    obj = _resolve(name)
+    if not (isinstance(obj, Reward) or callable(obj)):  # what _build refuses: said when the recipe loads
+        raise ConfigError(f"reward {name!r} resolved to {type(obj).__name__}, which is neither a Reward nor callable")
+    _check_arguments(obj, name, kwargs)
 
 
 def _build(obj: Any, name: str, kwargs: dict[str, Any]) -> Reward:
@@ -399,7 +410,7 @@ def _build(obj: Any, name: str, kwargs: dict[str, Any]) -> Reward:
             return FunctionReward(built, name=name, differentiable=bool(getattr(built, "differentiable", False)))
         raise ConfigError(f"reward {name!r}: {obj!r} returned {type(built).__name__}, not a Reward")
     if callable(obj):
-        return FunctionReward(obj, name=name, differentiable=bool(getattr(obj, "differentiable", False)), **kwargs)
+        return FunctionReward(obj, name=name, differentiable=bool(getattr(obj, "differentiable", False)), fn_kwargs=kwargs)
     raise ConfigError(f"reward {name!r} resolved to {type(obj).__name__}, which is neither a Reward nor callable")
 
 
@@ -473,7 +484,9 @@ def check_reward_inputs(images: Tensor, prompts: Sequence[str], metadata: Option
         raise RewardError(f"reward {name!r}: {len(metadata)} metadata entries for {batch} images", reward=name)
     if not all(isinstance(m, Mapping) for m in metadata):
         raise RewardError(f"reward {name!r}: metadata must be a list of dicts", reward=name)
-    return [dict(m) for m in metadata]
+    # deep copies: a reward that edits a record's nested spec (pops "include") must not change the prompt set's record,
+    # which later iterations and the other rewards read
+    return [copy.deepcopy(dict(m)) for m in metadata]
 
 
 class _MalformedOutput(RewardError):
@@ -522,6 +535,10 @@ def _checked_output(value: Any, batch: int, name: Optional[str] = None) -> Rewar
         raise _MalformedOutput(f"returned scores of shape {list(scores.shape)} for {batch} prompts (expected [{batch}])")
     if not scores.is_floating_point():
         scores = scores.float()
+    finite = scores.detach()[torch.isfinite(scores.detach())]
+    if finite.numel() and float(finite.abs().max()) > torch.finfo(torch.float32).max:  # would read as inf: "non-finite"
+        raise _MalformedOutput(f"returned finite scores up to {float(finite.abs().max()):.3g}, beyond float32's range "
+                               f"({torch.finfo(torch.float32).max:.3g}), in which rewards are kept: rescale them")
     _warn_float32_merges(scores.detach(), name)
     _check_details(out.details, batch)
     return RewardOutput(scores=scores.to(torch.float32), details=out.details)

@@ -922,3 +922,19 @@ def test_a_shard_rewritten_with_its_size_and_mtime_restored_is_checked_again(tmp
     assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
     with pytest.raises(RolloutStoreError, match="sha256 differs"):
         list(store.batches(3, 12, reward="bright", shuffle=False))
+
+
+def test_generate_checks_prompts_only_for_rewards_that_raise_as_train_does():
+    """`generate` refused prompts outside the verifier's grammar under on_error: drop, which `train` accepts (such
+    samples are meant to be dropped); under raise both refuse them before any model samples."""
+    from flowalign.config import RewardConfig
+    from flowalign.errors import ConfigError
+    from flowalign.prompts import PromptRecord
+    from flowalign.train.generate import reward_score_fn
+
+    records = [PromptRecord(prompt="a photo of a cat"), PromptRecord(prompt="a red circle")]
+    score = reward_score_fn([RewardConfig(name="shapes", on_error="drop")], records=records)
+    out = score(torch.rand(2, 3, 32, 32), [r.prompt for r in records], [{}, {}])
+    assert torch.isnan(out["shapes"][0]) and not torch.isnan(out["shapes"][1])
+    with pytest.raises(ConfigError, match="outside the shapes caption grammar"):
+        reward_score_fn([RewardConfig(name="shapes", on_error="raise")], records=records)

@@ -801,3 +801,57 @@ def test_a_chunk_whose_every_sample_failed_keeps_the_batchs_detail_keys():
     for key in ("binary", "partial"):
         torch.testing.assert_close(torch.as_tensor(chunked.details[key]).float(), torch.as_tensor(whole.details[key]).float(), equal_nan=True)
     assert chunked.keep.tolist() == whole.keep.tolist() == [True, True, False, False]
+
+
+def test_a_functions_kwargs_reach_it_whatever_their_names_and_its_version_is_recorded(write_plugin):
+    """FunctionReward took name / fn from the kwargs (TypeError: multiple values) and kept device / differentiable for
+    itself, so a function with a `device` argument ran with its default; its `version` was not carried over."""
+    from flowalign.rewards import call_reward, load_reward
+
+    module = write_plugin('''
+        import torch
+
+        def scorer(images, prompts, metadata, name="default", device="cpu", fn=1):
+            return torch.full((len(prompts),), float(len(name) + 10 * fn)), {"device": [device] * len(prompts)}
+
+        scorer.version = "7"
+    ''')
+    reward = load_reward(f"{module}:scorer", name="custom", device="cuda:7", fn=2)
+    out = call_reward(reward, torch.rand(2, 3, 8, 8), ["a", "b"])
+    assert out.scores.tolist() == [26.0, 26.0] and out.details["device"] == ["cuda:7", "cuda:7"]
+    assert reward.version == "7" and reward.name == f"{module}:scorer"
+
+
+def test_a_plugin_that_exits_at_import_or_is_not_callable_is_one_config_error(write_plugin):
+    """A reward module calling sys.exit at import (a top-level argparse) ended `flowalign train` silently with its exit
+    code; a non-callable attribute passed `flowalign config` and `reward list` described int's docstring."""
+    from flowalign.rewards import check_reward_spec, load_reward
+
+    exits = write_plugin("import sys\nsys.exit(3)\n")
+    with pytest.raises(ConfigError, match=r"importing it called exit\(3\)"):
+        load_reward(f"{exits}:f")
+    plain = write_plugin("NOT_CALLABLE = 3\n")
+    with pytest.raises(ConfigError, match="resolved to int, which is neither a Reward nor callable"):
+        check_reward_spec(f"{plain}:NOT_CALLABLE")
+
+
+def test_a_reward_editing_a_records_nested_spec_leaves_the_record_alone():
+    from flowalign.rewards import call_reward
+
+    def greedy(images, prompts, metadata):
+        metadata[0]["include"].pop()
+        return torch.zeros(len(prompts))
+
+    records = [{"include": [{"shape": "circle"}]}]
+    call_reward(greedy, torch.rand(1, 3, 8, 8), ["a circle"], records)
+    assert records == [{"include": [{"shape": "circle"}]}]
+
+
+def test_float64_scores_beyond_float32s_range_are_named_not_dropped_as_non_finite():
+    from flowalign.rewards import call_reward
+
+    def logit_sum(images, prompts, metadata):
+        return torch.full((len(prompts),), 1e39, dtype=torch.float64)
+
+    with pytest.raises(RewardError, match="beyond float32's range"):
+        call_reward(logit_sum, torch.rand(2, 3, 8, 8), ["a", "b"], on_error="raise")

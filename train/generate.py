@@ -162,7 +162,8 @@ def reward_score_fn(rewards: list[RewardConfig], device: str = "cpu", records: O
     A reward that reports a per-sample ``details["partial"]`` (the shapes verifier's fraction of
     constraints met) also gets ``"<name>/partial"``: a denser ranking signal for GDRO groups whose
     binary scores tie (select it with the offline recipe's ``reward:``). ``records`` (the prompts to be scored) are
-    checked by each reward's ``check_prompts`` here, before any model samples them.
+    checked by each reward with ``on_error: raise``'s ``check_prompts`` here, before any model samples them (under
+    ``drop`` such samples are meant to be dropped, as in training).
     """
     from flowalign.rewards import call_reward_batched, load_reward
     from flowalign.rewards.base import check_reward_prompts
@@ -171,7 +172,8 @@ def reward_score_fn(rewards: list[RewardConfig], device: str = "cpu", records: O
     # on the device the images are scored on (a reward model left on the CPU got CUDA images); plain callables have no .to
     loaded = [(cfg, to_device(load_reward(cfg.name, **cfg.kwargs), device)) for cfg in rewards]
     for cfg, reward in loaded if records else ():
-        check_reward_prompts(reward, records, name=cfg.key)
+        if cfg.on_error == "raise":  # under drop such samples are meant to be dropped, as in training
+            check_reward_prompts(reward, records, name=cfg.key)
 
     def score(images: Tensor, prompts: list[str], metadata: list[dict]) -> dict[str, Tensor]:
         out = {}
