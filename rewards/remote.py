@@ -314,7 +314,8 @@ def check_max_pending(max_pending: int) -> None:
         raise ConfigError(f"max_pending must be an int of at least 1, got {max_pending!r}")
 
 
-def make_server(reward, host: str = "127.0.0.1", port: int = 8765, max_pending: int = 4, read_timeout: float = 300.0) -> ThreadingHTTPServer:
+def make_server(reward, host: str = "127.0.0.1", port: int = 8765, max_pending: int = 4, read_timeout: float = 300.0,
+                device: Optional[str] = None) -> ThreadingHTTPServer:
     """An HTTP server scoring ``POST /score`` requests with ``reward`` (``serve_forever()`` runs it;
     port 0 picks a free one: ``server.server_address``). ``GET /health`` answers ``{"ok": true}``; ``POST /check``
     runs the reward's ``check_prompts`` (what :meth:`RemoteReward.check_prompts` asks before a run loads its model). Requests
@@ -324,8 +325,11 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 8765, max_pending: 
     a request's size (at most 1 GiB each) however many processes send; a further request waits, unread, for a
     slot (its client's ``timeout`` counts the wait). A client gets ``read_timeout`` seconds in all to send its
     body once it holds a slot, so a stalled or trickling one cannot keep it (it gets HTTP 408). ``host`` may be
-    an IPv6 address (``::1``, ``::``, with or without brackets)."""
+    an IPv6 address (``::1``, ``::``, with or without brackets). ``device``: where the reward scores (its ``to(device)``,
+    as the trainer moves a reward, and the images sent there); None: where it was built."""
     check_max_pending(max_pending)
+    if device is not None and callable(getattr(reward, "to", None)):
+        reward.to(torch.device(device))
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     lock = threading.Lock()
     pending = threading.BoundedSemaphore(max_pending)
@@ -408,7 +412,8 @@ def make_server(reward, host: str = "127.0.0.1", port: int = 8765, max_pending: 
                 del body
                 try:
                     with lock:
-                        out = reward(pixels_as_float(images), prompts, metadata)
+                        pixels = pixels_as_float(images)
+                        out = reward(pixels if device is None else pixels.to(device), prompts, metadata)
                     answer = {"scores": _jsonable(out.scores.float()), "details": _jsonable(dict(out.details or {})), **versioned}
                 except Exception as exc:  # noqa: BLE001 (the client hands it to the run's on_error)
                     logger.exception("scoring failed")

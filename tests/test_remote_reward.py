@@ -491,3 +491,33 @@ def test_a_resumed_eval_journal_keeps_the_served_rewards_version_under_drop(tmp_
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_a_served_reward_is_moved_to_the_servers_device_and_gets_its_images_there(capsys):
+    """`reward serve` never called the reward's to(device): a served VLM or detector scored on the CPU."""
+    class Placed(Reward):
+        def __init__(self):
+            super().__init__()
+            self.moves, self.seen = [], []
+
+        def to(self, device):
+            self.moves.append(str(device))
+            return self
+
+        def score(self, images, prompts, metadata):
+            self.seen.append(str(images.device))
+            return RewardOutput(scores=images.flatten(1).mean(1))
+
+    reward = Placed()
+    srv = remote.make_server(reward, port=0, device="cpu")
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        load_reward("remote", url=f"http://127.0.0.1:{srv.server_address[1]}")(torch.rand(2, 3, 4, 4), ["a", "b"])
+    finally:
+        srv.shutdown(), srv.server_close()
+    assert reward.moves == ["cpu"] and reward.seen == ["cpu"]
+    if not torch.cuda.is_available():  # a GPU asked of a machine without one: one line, before the model loads
+        from flowalign.train import cli
+
+        assert cli.main(["reward", "serve", "brightness", "--port", "0", "--device", "cuda"]) == 2
+        assert "--device" in capsys.readouterr().err

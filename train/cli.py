@@ -7,7 +7,7 @@
     flowalign config [--for train|offline|generate] [--config F] [--set key=value ...]
                               (the resolved recipe, every key with its help)
     flowalign reward list     (every reward a recipe can name, with its summary)
-    flowalign reward serve NAME [--kwargs JSON] [--host H] [--port P] [--max-pending N]
+    flowalign reward serve NAME [--kwargs JSON] [--host H] [--port P] [--max-pending N] [--device D]
                               (score requests of the ``remote`` reward with NAME: flowalign.rewards.remote)
 
 ``flowalign train`` with no ``--config`` runs the default recipe ``train/configs/toy_grpo.yaml``.
@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface, for a trainer elsewhere)")
     serve.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765; 0: a free one, printed)")
+    serve.add_argument("--device", default=None, help="where the reward scores: its models moved there, as training moves a "
+                                                     "reward (default: cuda when this machine has a GPU, else cpu)")
     serve.add_argument("--max-pending", type=int, default=4,
                        help="request bodies held at once, each up to 1 GiB (default 4; more requests wait unread)")
     return parser
@@ -157,7 +159,13 @@ def run_reward(args: argparse.Namespace) -> int:
         if not 0 <= args.port <= 65535:
             raise ConfigError(f"--port must be in 0..65535 (0: a free one), got {args.port}")
         kwargs = json_object_arg(args.kwargs, "--kwargs")
-        server = make_server(load_reward(args.name, **kwargs), args.host, args.port, args.max_pending)
+        import torch
+
+        from flowalign.train.runtime import check_device
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        check_device(device, "--device")  # a typo or a missing accelerator: one line, before the reward model loads
+        server = make_server(load_reward(args.name, **kwargs), args.host, args.port, args.max_pending, device=device)
     except OSError as exc:  # the address: in use, not this machine's, not resolvable
         return _error("reward serve", ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"))
     except (FlowalignError, TypeError) as exc:
