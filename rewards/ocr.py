@@ -38,6 +38,7 @@ from __future__ import annotations
 import os
 import re
 import unicodedata
+from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
@@ -159,6 +160,7 @@ class OCRReward(Reward):
         if threads < 1:
             raise ConfigError(f"ocr reward num_threads must be >= 1, got {num_threads}")
         # the global key reaches all three models' sessions (rapidocr ignores a count over the CPU count)
+        _check_engine_kwargs(dict(engine_kwargs or {}))
         settings = {"text_score": self.min_confidence, "use_cls": False, "print_verbose": False,
                     "intra_op_num_threads": min(threads, os.cpu_count() or 1), **dict(engine_kwargs or {})}
         self.engine = RapidOCR(**settings)
@@ -199,3 +201,34 @@ class OCRReward(Reward):
                             details={"read": reads, "target": targets,
                                      "distance": torch.tensor(distances, dtype=torch.float32, device=self.device),
                                      "binary": torch.tensor(exact, dtype=torch.float32, device=self.device)})
+
+
+def _rapidocr_keys() -> Optional[set[str]]:
+    """The keyword arguments ``RapidOCR(**kwargs)`` applies, read from its shipped ``config.yaml`` (``Global`` keys as
+    they are, ``det_<key>``, ``cls_`` / ``rec_`` keys as its ``UpdateParameters`` maps them); None when that file does
+    not read as expected (another rapidocr version: nothing is checked)."""
+    try:
+        import yaml
+        from rapidocr_onnxruntime import main as rapidocr_main
+
+        config = yaml.safe_load(Path(rapidocr_main.DEFAULT_CFG_PATH).read_text(encoding="utf-8"))
+        keys = set(config["Global"]) | {f"det_{k}" for k in config["Det"]} | {"det_donot_use_dilation"}
+        for section, prefix in (("Cls", "cls_"), ("Rec", "rec_")):  # UpdateParameters strips the prefix of these only
+            keys |= {k if k.startswith(prefix) else prefix + k for k in config[section]
+                     if k.startswith(prefix) or k in ("model_path", "use_cuda", "use_dml", "label_list")}
+        return keys
+    except Exception:  # noqa: BLE001 - a layout this check does not know: leave the engine's arguments unchecked
+        return None
+
+
+def _check_engine_kwargs(engine_kwargs: Mapping[str, Any]) -> None:
+    """ConfigError for ``engine_kwargs`` keys that rapidocr would silently ignore (it adds unknown keys to its config
+    unread: ``det_box_thres`` for ``det_box_thresh`` changed nothing)."""
+    known = _rapidocr_keys()
+    unknown = sorted(set(engine_kwargs) - known) if known is not None else []
+    if unknown:
+        import difflib
+
+        hints = [f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, sorted(known), n=1)) else repr(k)
+                 for k in unknown]
+        raise ConfigError(f"ocr reward engine_kwargs: rapidocr does not use {', '.join(hints)}; it takes {sorted(known)}")

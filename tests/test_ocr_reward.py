@@ -172,3 +172,14 @@ def test_bench_script_prints_speed_and_the_blur_curve(tmp_path):
     assert result["by_blur_radius"][8.0]["mean_score"] == 0.0  # blurred away: nothing read
     assert result["typo"]["scores"] == pytest.approx(result["typo"]["expected_if_read_as_drawn"])
     assert set(result["seconds_per_image"]) == {1, 2} and (tmp_path / "ocr.json").is_file()
+
+
+def test_engine_kwargs_rapidocr_would_ignore_are_refused_with_the_near_key():
+    """rapidocr adds unknown keys to its config unread, so `det_box_thres` (for det_box_thresh) changed nothing."""
+    from flowalign.errors import ConfigError
+    from flowalign.rewards import load_reward
+
+    with pytest.raises(ConfigError, match=r"'det_box_thres' \(did you mean 'det_box_thresh'\?\).*'totally_bogus'"):
+        load_reward("ocr", engine_kwargs={"det_box_thres": 0.3, "totally_bogus": 1})
+    reward = load_reward("ocr", engine_kwargs={"det_box_thresh": 0.3, "rec_batch_num": 2})
+    assert reward.engine.text_det.postprocess_op.box_thresh == 0.3  # a known key reaches the detector
