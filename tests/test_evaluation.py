@@ -804,7 +804,7 @@ def test_eval_cli_resumes_a_killed_evaluation_and_removes_its_journal_when_done(
     calls = []
     import flowalign.rewards as rewards_mod
 
-    real = rewards_mod.call_reward
+    real = rewards_mod.call_reward_batched  # what evaluation scores through (the reward's own batch_size)
 
     def counting(reward, images, prompts, *a, **k):
         if len(calls) == int(os.environ.get("KILL_AT_CALL", "-1")):
@@ -812,7 +812,7 @@ def test_eval_cli_resumes_a_killed_evaluation_and_removes_its_journal_when_done(
         calls.append(len(prompts))
         return real(reward, images, prompts, *a, **k)
 
-    monkeypatch.setattr(rewards_mod, "call_reward", counting)
+    monkeypatch.setattr(rewards_mod, "call_reward_batched", counting)
     argv = ["--model", "tiny-sd3", "--prompts", str(prompts), "--reward", "brightness", "--num-samples", "10", "--steps", "1",
             "--guidance", "1", "--batch-size", "4", "--no-progress"]
     assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
