@@ -64,6 +64,11 @@ def add_lora(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=True if init == "default" else init,
         target_modules=list(target_modules),
     )
+    if ADAPTER_NAME in (getattr(module, "peft_config", None) or {}):
+        raise LoraMismatchError(f"{type(module).__name__} already carries flowalign's LoRA (adapter {ADAPTER_NAME!r}): a second run "
+                                "on the same loaded model needs remove_lora(module) first (flowalign.lora), or a freshly loaded model")
+    grads = [p.requires_grad for p in module.parameters()]
+    peft_loaded = getattr(module, "_hf_peft_config_loaded", None)
     module.requires_grad_(False)
     try:
         from diffusers.loaders.peft import PeftAdapterMixin
@@ -74,8 +79,16 @@ def add_lora(
             from peft import inject_adapter_in_model
 
             inject_adapter_in_model(peft_config, module, adapter_name=ADAPTER_NAME)
-    except ValueError as exc:
-        if "not found in the base model" in str(exc) or "Target modules" in str(exc):
+    except Exception as exc:
+        # the module as it was: diffusers marks it as carrying a peft config before the injection fails, and a
+        # second add_adapter (the right targets, in a notebook) then failed on the missing config
+        for p, flag in zip(module.parameters(), grads):
+            p.requires_grad_(flag)
+        if peft_loaded is None:
+            module.__dict__.pop("_hf_peft_config_loaded", None)
+        else:
+            module._hf_peft_config_loaded = peft_loaded
+        if isinstance(exc, ValueError) and ("not found in the base model" in str(exc) or "Target modules" in str(exc)):
             raise LoraMismatchError(f"no module matches lora target_modules={list(target_modules)}: {exc}") from None
         raise
     params = lora_parameters(module)
@@ -86,6 +99,24 @@ def add_lora(
     logger.info("LoRA r=%d alpha=%s on %d layers, %d trainable parameters", rank, alpha, len(_tuner_layers(module)),
                 sum(p.numel() for p in params))
     return params
+
+
+def remove_lora(module: nn.Module) -> None:
+    """Take flowalign's LoRA (adapter ``"default"``) off ``module`` again, so that another run can add its own to the same
+    loaded model (a sweep). Its LoRA weights are gone; the base weights were never changed."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    config = getattr(module, "peft_config", None) or {}
+    if ADAPTER_NAME not in config:
+        return
+    from diffusers.loaders.peft import PeftAdapterMixin
+
+    if isinstance(module, PeftAdapterMixin):
+        module.delete_adapters(ADAPTER_NAME)
+        return
+    for layer in [m for m in module.modules() if isinstance(m, BaseTunerLayer)]:
+        layer.delete_adapter(ADAPTER_NAME)
+    config.pop(ADAPTER_NAME, None)
 
 
 def add_text_lora(adapter, cfg) -> tuple[dict[str, nn.Module], list[nn.Parameter]]:

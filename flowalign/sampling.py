@@ -371,6 +371,8 @@ ROLLOUT_ENTRY_POINT_GROUP = "flowalign.rollouts"  # [project.entry-points."flowa
 _ROLLOUT_PARAMETERS = ("group_size", "num_steps", "kernel", "schedule", "guidance_scale", "generator", "share_initial_noise",
                        "log_prob_reduce", "log_prob_form", "record_x0", "decode", "iteration", "metadata", "initial_noise",
                        "micro_batch_size", "cond", "drift", "on_step")
+# the keywords the trainer passes a rollout (train/runtime.py rollout_groups): the engine's, but decode and initial_noise
+_TRAINER_ROLLOUT_KEYWORDS = tuple(k for k in _ROLLOUT_PARAMETERS if k not in ("decode", "initial_noise"))
 
 
 def resolve_rollout(name: str) -> Callable[..., Trajectory]:
@@ -403,8 +405,9 @@ def resolve_rollout(name: str) -> Callable[..., Trajectory]:
 
 
 def check_rollout_signature(fn: Callable, name: str, rollout_kwargs: dict, explicit: Sequence[str] = ()) -> None:
-    """ConfigError, at load, when rollout ``fn`` cannot take every keyword the trainer passes (the engine's
-    :data:`_ROLLOUT_PARAMETERS` and ``rollout_kwargs``), or takes one of ``explicit`` (settings that change the samples,
+    """ConfigError, at load, when rollout ``fn`` cannot take every keyword the trainer passes
+    (:data:`_TRAINER_ROLLOUT_KEYWORDS` and ``rollout_kwargs``), requires one the trainer does not pass (a parameter
+    without a default, past ``adapter, prompts``), or takes one of ``explicit`` (settings that change the samples,
     such as ``drift`` under ``sampling.drift_reward``) only through ``**kwargs``, where it would be dropped unread."""
     import inspect
 
@@ -416,8 +419,16 @@ def check_rollout_signature(fn: Callable, name: str, rollout_kwargs: dict, expli
         return  # a builtin or C callable: nothing to read
     named = {p.name for p in params.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     open_ended = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    passed = (*_TRAINER_ROLLOUT_KEYWORDS, *rollout_kwargs)
+    listed = list(params.values())
+    positional = [p for p in listed if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:2]  # adapter, prompts
+    required = [p.name for p in listed if p not in positional and p.default is p.empty
+                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in passed]
+    if required:
+        raise ConfigError(f"rollout {name!r} requires the keyword(s) {required}, which the trainer does not pass (it passes "
+                          f"{sorted(passed)}): give them defaults, or set them in sampling.rollout_kwargs")
     if not open_ended:
-        missing = [k for k in (*_ROLLOUT_PARAMETERS, *rollout_kwargs) if k not in named]
+        missing = [k for k in passed if k not in named]
         if missing:
             raise ConfigError(f"rollout {name!r} does not take the keyword(s) {missing}, which the trainer passes"
                               + (" (sampling.rollout_kwargs)" if set(missing) & set(rollout_kwargs) else "")

@@ -171,10 +171,23 @@ def cat_trajectories(trajs: Sequence[Any]) -> Any:
 
     Group ids are renumbered so that the groups of ``trajs[i]`` follow those of ``trajs[i-1]``;
     per-sample tensors are concatenated, shared ones (``sigmas``, ``noise_levels``,
-    ``stochastic_mask``) taken from the first, ``nfe`` summed.
+    ``stochastic_mask``, kernel, guidance, log-prob settings) taken from the first, ``nfe`` summed.
+
+    Raises:
+        ValueError: no trajectories, or trajectories whose shared fields differ (two rollouts with other random
+            noise windows: the joined batch would train one on the other's steps).
     """
+    if not trajs:
+        raise ValueError("cat_trajectories needs at least one trajectory")
     first = trajs[0]
     shared = {"sigmas", "noise_levels", "stochastic_mask", "kernel", "guidance_scale", "log_prob_reduce", "log_prob_form"}
+    for t in trajs[1:]:
+        for name in sorted(shared):
+            a, b = getattr(first, name, None), getattr(t, name, None)
+            same = (torch.equal(a.cpu(), b.cpu()) if a.shape == b.shape else False) if isinstance(a, Tensor) and isinstance(b, Tensor) else a == b
+            if not same:
+                raise ValueError(f"cat_trajectories: the trajectories differ in {name} ({_brief(a)} vs {_brief(b)}); only rollouts "
+                                 "of the same sigmas, noise levels, kernel, guidance and log-prob settings join into one batch")
     values: dict = {}
     offset, group_ids = 0, []
     for t in trajs:
@@ -195,3 +208,10 @@ def cat_trajectories(trajs: Sequence[Any]) -> Any:
         else:
             values[f.name] = None
     return type(first)(**values)
+
+
+def _brief(value: Any) -> str:
+    """A shared field's value for a message: a short tensor as its list."""
+    if isinstance(value, Tensor):
+        return str([round(float(v), 4) for v in value.flatten()[:8].tolist()]) + ("..." if value.numel() > 8 else "")
+    return repr(value)

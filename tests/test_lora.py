@@ -531,3 +531,24 @@ def test_a_lora_loaded_into_a_bf16_pipeline_acts_as_it_did_in_training(tmp_path)
     lora.load_lora_into_pipeline(fresh, tmp_path)
     assert all(p.dtype == torch.float32 for n, p in fresh.transformer.named_parameters() if "lora_" in n)
     assert torch.equal(_latents(fresh).float(), expected)
+
+
+def test_a_failed_add_leaves_the_module_as_it_was_and_remove_lora_makes_room_for_another_run():
+    """A failed add_lora left diffusers' peft flag set, so the retry with the right targets failed on a missing config; a
+    second run on the same loaded model failed with peft's 'Adapter with name default already exists'."""
+    pipe = tiny_sd3_pipeline(seed=0)
+    module = pipe.transformer
+    with pytest.raises(LoraMismatchError, match="no module matches"):
+        lora.add_lora(module, 2, 4, ["nonexistent_layer"])
+    assert all(p.requires_grad for p in module.parameters())  # as it was before the failed add
+    assert len(lora.add_lora(module, 2, 4, ["attn.to_q"])) == 4
+    with pytest.raises(LoraMismatchError, match=r"already carries flowalign's LoRA .* remove_lora"):
+        lora.add_lora(module, 2, 4, ["attn.to_q"])
+    lora.remove_lora(module)
+    assert not any("lora_" in n for n, _ in module.named_parameters())
+    assert len(lora.add_lora(module, 2, 4, ["attn.to_q"])) == 4
+    text = pipe.text_encoder
+    lora.add_lora(text, 2, 4, ["q_proj"])
+    lora.remove_lora(text)
+    assert not any("lora_" in n for n, _ in text.named_parameters())
+    assert len(lora.add_lora(text, 2, 4, ["q_proj"])) > 0

@@ -243,3 +243,19 @@ def test_group_normalisation_keys_under_an_advantages_method_are_named_inert(tre
                              "objective.kl_beta=null"])
     assert any(line.startswith("objective.adv_std: objective") and "its own advantages" in line for line in inert_settings(cfg))
     assert not any("its own advantages" in line for line in inert_settings(load_config(None, ["objective.adv_std=global"])))
+
+
+def test_the_signature_check_asks_only_for_what_the_trainer_passes(write_plugin):
+    """The check asked for `decode` and `initial_noise` ("which the trainer passes"), which the trainer never passes: a
+    rollout written to that message (keyword-only, no default) passed the load and failed at the first iteration."""
+    keywords = ", ".join(k for k in sampling._ROLLOUT_PARAMETERS if k not in ("decode", "initial_noise"))
+    module = write_plugin(f'''
+        def lean(adapter, prompts, *, {keywords}):
+            raise NotImplementedError
+
+        def demanding(adapter, prompts, *, {keywords}, decode, initial_noise):
+            raise NotImplementedError
+    ''')
+    assert load_config(None, [f"sampling.rollout={module}:lean"]).sampling.rollout == f"{module}:lean"
+    with pytest.raises(ConfigError, match=r"requires the keyword\(s\) \['decode', 'initial_noise'\], which the trainer does not pass"):
+        load_config(None, [f"sampling.rollout={module}:demanding"])

@@ -251,3 +251,20 @@ def test_a_random_window_is_one_draw_per_iteration_whatever_the_processes_genera
             masks[iteration, process] = traj.stochastic_mask.tolist()
         assert masks[iteration, 0] == masks[iteration, 1] and sum(masks[iteration, 0]) == 2
     assert len({tuple(m) for m in masks.values()}) > 1  # the window does move between iterations
+
+
+def test_rollouts_of_other_noise_windows_do_not_join(adapter):
+    """cat_trajectories took the first rollout's levels for both: the second batch trained on steps where it drew no
+    noise (ratio 0.77 on-policy in an audit's case). Rollouts of other shared settings are now refused."""
+    from flowalign.trajectory import cat_trajectories
+
+    sched = sde.window(0.7, size=1, mode="sliding")
+    a = rollout(adapter, PROMPTS[:1], num_steps=3, kernel="flow_sde", schedule=sched, generator=_gen(0), iteration=0, decode=False)
+    b = rollout(adapter, PROMPTS[:1], num_steps=3, kernel="flow_sde", schedule=sched, generator=_gen(1), iteration=1, decode=False)
+    same = rollout(adapter, PROMPTS[1:], num_steps=3, kernel="flow_sde", schedule=sched, generator=_gen(2), iteration=0, decode=False)
+    with pytest.raises(ValueError, match="differ in noise_levels"):
+        cat_trajectories([a, b])
+    joined = cat_trajectories([a, same])
+    assert joined.latents.shape[0] == 2 and joined.group_ids.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="at least one"):
+        cat_trajectories([])
