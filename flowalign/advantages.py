@@ -11,6 +11,7 @@ recognisably "nothing to learn" and :func:`nonzero_mask` drops it.
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
@@ -46,8 +47,10 @@ def _normalise_columns(values: Tensor, group_ids: Tensor, std: str, eps: float, 
     """Group-normalise every column of ``values[B, M]`` independently -> ``[B, M]``."""
     if std not in STD_MODES:
         raise ValueError(f"std={std!r}; choose one of {STD_MODES}")
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    if not eps >= 0 or math.isinf(eps):  # NaN fails the comparison: it silently meant no normalisation
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    if clip is not None and not clip > 0:  # a negative clip gave every sample -clip; NaN made every advantage NaN
+        raise ValueError(f"clip must be None or > 0, got {clip}")
     finite = torch.isfinite(values)
     if not bool(finite.all()):
         raise ValueError(f"rewards hold {int((~finite).sum())} non-finite value(s) of {values.numel()}: a NaN marks a dropped "

@@ -17,6 +17,7 @@ Callables used by the estimators (the trainer binds prompts / conditioning by sa
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -368,8 +369,10 @@ def calibrate_noise_table(
     gains = torch.as_tensor(gains, dtype=torch.float32)
     if gains.ndim != 2 or gains.shape[1] != levels.shape[0]:
         raise ValueError(f"gains must be [N, K={levels.shape[0]}], got shape {tuple(gains.shape)}")
-    if eps1 < 0 or eps2 <= 0:
-        raise ValueError(f"need eps1 >= 0 and eps2 > 0, got eps1={eps1}, eps2={eps2}")
+    if not (eps1 >= 0 and eps2 > 0 and math.isfinite(eps1) and math.isfinite(eps2)):
+        raise ValueError(f"need finite eps1 >= 0 and eps2 > 0, got eps1={eps1}, eps2={eps2}")
+    if max_level is not None and not max_level >= 0:  # a negative cap made every level negative
+        raise ValueError(f"max_level must be None or >= 0, got {max_level}")
     n_pos = (gains > 0).sum(dim=0)  # [K]
     n_neg = (gains < 0).sum(dim=0)  # [K]
     balanced = (n_pos - n_neg).abs() <= eps1  # [K]

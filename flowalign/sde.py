@@ -340,10 +340,11 @@ DRIFT_MODES = ("normalized", "tilted")
 
 
 def per_sample_std(std: Tensor | float, x: Tensor) -> Tensor:
-    """``std`` as fp32 on ``x``'s device, broadcastable to ``x``: a ``[B]`` tensor (one std per sample, as
-    ``SDEStep.std.flatten()`` gives) becomes ``[B, 1, ..., 1]`` instead of broadcasting over ``x``'s last dim."""
+    """``std`` as fp32 on ``x``'s device, broadcastable to ``x``: one std per sample given as ``[B]`` (as
+    ``SDEStep.std.flatten()`` gives) or with fewer trailing unit dims than ``x`` (``[B, 1]``, as ``traj.stds[:, k:k+1]``
+    gives) becomes ``[B, 1, ..., 1]`` instead of broadcasting over ``x``'s last dims."""
     std32 = torch.as_tensor(std, dtype=torch.float32, device=x.device)
-    if std32.dim() == 1 and x.dim() > 1 and std32.shape[0] == x.shape[0]:
+    if 1 <= std32.dim() < x.dim() and std32.shape[0] == x.shape[0] and std32.numel() == x.shape[0]:
         std32 = std32.reshape(-1, *([1] * (x.dim() - 1)))
     return std32
 

@@ -199,3 +199,13 @@ def test_flat_group_ends_tell_solved_from_hopeless_groups():
     assert flat_group_ends(rewards, groups) == (1 / 5, 2 / 5)
     assert flat_group_ends(torch.full((4,), nan), torch.tensor([0, 0, 1, 1])) == (0.0, 0.0)
     assert flat_group_ends(torch.tensor([0.3, 0.3]), torch.tensor([7, 7])) == (1.0, 1.0)  # one group: both ends
+
+
+@pytest.mark.parametrize("kwargs, message", [({"clip": -1.0}, "clip must be None or > 0"), ({"clip": float("nan")}, "clip must be"),
+                                             ({"eps": float("nan")}, "eps must be a finite number"), ({"eps": float("inf")}, "eps must be")])
+def test_nonsensical_clip_or_eps_is_refused(kwargs, message):
+    """clip=-1 gave every sample the advantage -1, clip=NaN made all NaN, eps=NaN silently dropped the normalisation."""
+    from flowalign.advantages import group_advantages
+
+    with pytest.raises(ValueError, match=message):
+        group_advantages(torch.tensor([0.0, 1.0, 0.0, 2.0]), torch.tensor([0, 0, 1, 1]), **kwargs)

@@ -214,3 +214,24 @@ def test_registry_and_errors():
         FlowGRPO(clip_range=0.0)
     with pytest.raises(ValueError, match=r"\[B\]"):
         clipped_policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), 0.1)
+
+
+def test_nan_hyper_parameters_are_refused_on_direct_construction():
+    """The range checks (x <= 0) are False for NaN: FlowGRPO(clip_range=nan) and a NaN kl_beta were accepted and every
+    loss came out NaN with policy/clip_frac 0; calibrate_noise_table(max_level=-1) gave a table of negative levels."""
+    import math
+
+    from flowalign.dense import calibrate_noise_table
+    from flowalign.objectives.diffusion_dpo import DiffusionDPO
+    from flowalign.objectives.grpo import FlowGRPO, clipped_policy_loss
+
+    for kwargs in ({"clip_range": math.nan}, {"kl_beta": math.nan}, {"adv_clip": math.inf}):
+        with pytest.raises(ValueError, match="finite"):
+            FlowGRPO(**kwargs)
+    with pytest.raises(ValueError, match="finite"):
+        DiffusionDPO(beta=math.nan)
+    z = torch.zeros(2)
+    with pytest.raises(ValueError, match="clip_range must be a finite number > 0"):
+        clipped_policy_loss(z, z, z, math.nan)
+    with pytest.raises(ValueError, match="max_level must be None or >= 0"):
+        calibrate_noise_table(torch.tensor([0.7]), torch.tensor([[1.0], [-1.0]]), max_level=-1.0)

@@ -398,3 +398,14 @@ def test_cps_does_not_keep_the_marginal_under_a_models_conditional_mean_velocity
             x = sde.step(kind, x, v_exact(x, s), s, s_next, 0.7, generator=g).prev_sample
         final[kind] = float(x.std())
     assert abs(final["flow_sde"] - s0) < 0.02 and final["cps"] < 0.45, final
+
+
+def test_a_per_sample_std_given_as_b_by_1_is_per_sample():
+    """traj.stds[:, k:k+1] is [B, 1]; it was lined up against the latent's last two dims (1.46 off for B = 16, a size
+    error for B = 3) instead of being taken per sample like a [B] std."""
+    from flowalign.sde import log_prob
+
+    for batch in (16, 3):
+        x_next, mean = torch.randn(batch, 4, 16, 16), torch.randn(batch, 4, 16, 16)
+        std = torch.rand(batch) + 0.5
+        assert torch.allclose(log_prob(x_next, mean, std[:, None]), log_prob(x_next, mean, std))

@@ -1001,3 +1001,20 @@ def test_train_before_setup_says_so(tmp_path):
     with pytest.raises(RuntimeError, match=r"train\(\) before setup\(\): call trainer.setup\(\), then train\(\), then cleanup\(\)"):
         Trainer(_config(tmp_path)).train()
     assert not (tmp_path / "config.yaml").exists()
+
+
+def test_setup_validates_a_config_edited_after_it_was_built(tmp_path):
+    """A FlowalignConfig is checked when built; edits afterwards (cfg.objective.name = "gdro", a negative lr) reached the
+    first update and failed there ('StepBatch' object has no attribute 'x0', torch's Invalid learning rate)."""
+    from flowalign.config import load_config
+    from flowalign.errors import ConfigError
+    from flowalign.train.trainer import Trainer
+    from tests.tiny_run import TINY_RECIPE
+
+    for field, value, message in (("objective.name", "gdro", "gdro"), ("train.lr", -1.0, "train.lr")):
+        cfg = load_config(TINY_RECIPE, [f"train.output_dir={tmp_path / field}"])
+        section, key = field.split(".")
+        setattr(getattr(cfg, section), key, value)
+        with pytest.raises(ConfigError, match=message):
+            Trainer(cfg).setup()
+        assert not (tmp_path / field).exists()  # refused before anything is written

@@ -331,7 +331,7 @@ class OfflineTrainer(OptimizerViews):
 
         from flowalign.train.runtime import check_device
 
-        cfg = self.config
+        self.config = cfg = build_dataclass(OfflineConfig, to_dict(self.config))  # validated again: edited after it was built?
         check_device(cfg.device, "device")  # a typo or a missing accelerator: one line, before anything loads
         latest = None
         if self.resume:

@@ -258,7 +258,11 @@ class Trainer(OptimizerViews):
 
     def _setup(self) -> "Trainer":
         start = time.perf_counter()
-        cfg = self.config
+        from flowalign.config import config_from_dict
+
+        # validated again: a config built in code and edited afterwards (cfg.objective.name = ...) skipped the checks that
+        # run when it is built, and failed deep in the first update, or with torch's words
+        self.config = cfg = config_from_dict(to_dict(self.config))
         resume_path = find_resume_checkpoint(self.resume, self.run_dir) if self.resume else None
         if resume_path is not None:
             refuse_past_the_end(resume_path, cfg.train.iterations)

@@ -57,7 +57,7 @@ from torch import Tensor
 
 from flowalign.errors import ConfigError
 from flowalign.advantages import nonzero_mask
-from flowalign.objectives.base import OFFLINE_TRAINER, ONLINE_TRAINER, OfflineBatch, VelocityFn, register_objective
+from flowalign.objectives.base import OFFLINE_TRAINER, ONLINE_TRAINER, OfflineBatch, VelocityFn, register_objective, require_finite
 from flowalign.objectives.diffusion_dpo import check_sigma_range, noised_and_target, sample_group_noise, sample_sigmas
 from flowalign.objectives.nft import SIGMA_SAMPLING, ForwardBatch, add_reference_penalty, forward_rows, velocity_gap
 
@@ -162,6 +162,7 @@ class AdvantageWeightedMatching:
                  advantage_max: float = 1.0, clip_range: float = 1.0, kl_beta: float = 0.0, adv_clip: float = 5.0,
                  sigma_range: tuple[float, float] = (0.0, 1.0), adv_eps: float = 1e-4, generator: Optional[torch.Generator] = None,
                  ema_beta: float = 0.0, ema_target: str = "train_ema", kl_ema_decay: float = 0.3, kl_ema_rate: Optional[float] = 0.001):
+        require_finite(type(self).__name__, {k: v for k, v in locals().items() if k != "self"})
         if num_timesteps < 1 or adv_clip <= 0 or advantage_max <= 0 or clip_range <= 0 or kl_beta < 0 or adv_eps <= 0 or ema_beta < 0:
             raise ValueError(f"need num_timesteps >= 1, adv_clip > 0, advantage_max > 0, clip_range > 0, kl_beta >= 0, adv_eps > 0, "
                              f"ema_beta >= 0; got {num_timesteps}, {adv_clip}, {advantage_max}, {clip_range}, {kl_beta}, {adv_eps}, {ema_beta}")

@@ -244,3 +244,13 @@ def checked_loss(result: Any, name: str) -> tuple[Tensor, dict[str, float]]:
             raise ConfigError(f"objective {name!r}: metric {key!r} must map a name to a number, got {type(value).__name__}")
         checked[key] = float(value)
     return loss.reshape(()), checked
+
+
+def require_finite(owner: str, values: Mapping[str, Any]) -> None:
+    """ValueError naming the numeric hyper-parameters of ``values`` that are NaN or infinite (``x <= 0`` is False for
+    NaN, so a NaN clip range or KL weight passed the range checks and made every loss NaN behind a clip_frac of 0)."""
+    import math
+
+    bad = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v)}
+    if bad:
+        raise ValueError(f"{owner}: {bad} must be finite numbers")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flowalign.objectives.base import OFFLINE_TRAINER, OfflineBatch, VelocityFn, register_objective
+from flowalign.objectives.base import OFFLINE_TRAINER, OfflineBatch, VelocityFn, register_objective, require_finite
 
 __all__ = [
     "sample_sigmas",
@@ -148,6 +148,7 @@ class DiffusionDPO:
         sigma_range: tuple[float, float] = (0.0, 1.0),
         generator: Optional[torch.Generator] = None,
     ):
+        require_finite(type(self).__name__, {k: v for k, v in locals().items() if k != "self"})
         if beta <= 0:
             raise ValueError(f"beta must be > 0, got {beta}")
         if pairs not in ("best_worst", "all"):

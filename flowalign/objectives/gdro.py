@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from flowalign.objectives.base import OFFLINE_TRAINER, OfflineBatch, VelocityFn, register_objective
+from flowalign.objectives.base import OFFLINE_TRAINER, OfflineBatch, VelocityFn, register_objective, require_finite
 from flowalign.objectives.diffusion_dpo import check_sigma_range, noised_and_target, random_tie_order, sample_group_noise, sample_sigmas, velocity_errors
 
 __all__ = ["implicit_rewards", "plackett_luce_targets", "gdro_listwise_loss", "GDRO"]
@@ -123,6 +123,7 @@ class GDRO:
         reward_norm_eps: float = 1e-4,
         generator: Optional[torch.Generator] = None,
     ):
+        require_finite(type(self).__name__, {k: v for k, v in locals().items() if k != "self"})
         if reward_norm not in ("none", "group"):
             raise ValueError(f"reward_norm must be 'none' or 'group', got {reward_norm!r}")
         if not reward_norm_eps > 0:

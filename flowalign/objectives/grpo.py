@@ -8,13 +8,14 @@ and an optional KL to the reference model (LoRA disabled) is taken on the transi
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from flowalign import sde
-from flowalign.objectives.base import StepBatch, VelocityFn, register_objective
+from flowalign.objectives.base import StepBatch, VelocityFn, register_objective, require_finite
 
 
 def clipped_policy_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float) -> tuple[Tensor, dict[str, float]]:
@@ -35,8 +36,8 @@ def clipped_policy_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tens
         [1-eps, 1+eps]), ``policy/approx_kl`` (the k3 estimator mean((ratio - 1) - logratio)) and
         ``policy/ratio_mean``.
     """
-    if clip_range <= 0:
-        raise ValueError(f"clip_range must be > 0, got {clip_range}")
+    if not (clip_range > 0 and math.isfinite(clip_range)):  # NaN fails every comparison: its loss was NaN with clip_frac 0
+        raise ValueError(f"clip_range must be a finite number > 0, got {clip_range}")
     if not (log_prob.shape == old_log_prob.shape == advantages.shape) or log_prob.ndim != 1:
         raise ValueError(
             f"log_prob, old_log_prob and advantages must all be [B]; got {tuple(log_prob.shape)}, "
@@ -129,6 +130,7 @@ class FlowGRPO:
     name = "grpo"
 
     def __init__(self, clip_range: float = 1e-4, kl_beta: float = 0.0, adv_clip: float = 5.0, kl_form: str = "transition"):
+        require_finite(type(self).__name__, {k: v for k, v in locals().items() if k != "self"})
         if clip_range <= 0 or kl_beta < 0 or adv_clip <= 0:
             raise ValueError(f"need clip_range > 0, kl_beta >= 0, adv_clip > 0; got {clip_range}, {kl_beta}, {adv_clip}")
         if kl_form not in ("transition", "per_time"):

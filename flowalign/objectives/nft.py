@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from flowalign.objectives.base import VelocityFn, register_objective
+from flowalign.objectives.base import VelocityFn, register_objective, require_finite
 from flowalign.objectives.diffusion_dpo import noised_and_target
 
 __all__ = ["ForwardBatch", "optimality_probability", "nft_loss", "forward_rows", "velocity_gap", "add_reference_penalty", "draw_forward_sigmas",
@@ -196,6 +196,7 @@ class DiffusionNFT:
 
     def __init__(self, beta: float = 1.0, num_timesteps: int = 2, sigma_sampling: str = "grid", adaptive_weight: bool = True,
                  kl_beta: float = 0.0, adv_clip: float = 5.0, clip_range: float = 1e-4):
+        require_finite(type(self).__name__, {k: v for k, v in locals().items() if k != "self"})
         if beta <= 0 or kl_beta < 0 or adv_clip <= 0 or num_timesteps < 1:
             raise ValueError(f"need beta > 0, kl_beta >= 0, adv_clip > 0, num_timesteps >= 1; got {beta}, {kl_beta}, {adv_clip}, {num_timesteps}")
         if sigma_sampling not in SIGMA_SAMPLING:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from flowalign import sde
-from flowalign.objectives.base import VelocityFn, register_objective
+from flowalign.objectives.base import VelocityFn, register_objective, require_finite
 
 __all__ = ["PairBatch", "prdp_loss", "PRDP", "run_online_prdp"]
 
@@ -142,6 +142,7 @@ class PRDP:
     trained_by = "flowalign.objectives.prdp.run_online_prdp"  # pairs of recorded trajectories: its own loop, no CLI recipe
 
     def __init__(self, beta: float = 1.0, clip_range: Optional[float] = 1e-4, per_step: bool = True):
+        require_finite(type(self).__name__, {k: v for k, v in locals().items() if k != "self"})
         if beta <= 0:
             raise ValueError(f"beta must be > 0, got {beta}")
         if clip_range is not None and clip_range <= 0:

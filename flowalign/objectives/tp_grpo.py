@@ -12,7 +12,7 @@ The paper samples with the coefficient-preserving kernel (CPS, noise 0.7) and a 
 """
 from __future__ import annotations
 
-from flowalign.objectives.base import register_objective
+from flowalign.objectives.base import register_objective, require_finite
 from flowalign.objectives.grpo import FlowGRPO
 
 
@@ -40,4 +40,5 @@ class TPGRPO(FlowGRPO):
     advantage_fn = "flowalign.dense:tp_advantages"
 
     def __init__(self, clip_range: float = 1e-5, kl_beta: float = 0.0, adv_clip: float = 5.0, kl_form: str = "transition"):
+        require_finite(type(self).__name__, {k: v for k, v in locals().items() if k != "self"})
         super().__init__(clip_range=clip_range, kl_beta=kl_beta, adv_clip=adv_clip, kl_form=kl_form)
