@@ -15,7 +15,7 @@ from flowalign import lora as lora_lib
 from flowalign.config import LoraConfig, load_config
 from flowalign.errors import ConfigError, LoraMismatchError
 from flowalign.train import cli
-from tests.tiny_run import TINY_RECIPE, train_argv
+from tests.tiny_run import TINY_RECIPE, generate_tiny_store, train_argv
 
 TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
 
@@ -174,12 +174,7 @@ def test_a_reference_init_run_resumes_exactly_without_its_init_file(tmp_path, re
 @pytest.fixture(scope="module")
 def store_and_start(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_init_offline")
-    prompts = root / "p.jsonl"
-    prompts.write_text('{"prompt": "a red circle", "tag": "single"}\n{"prompt": "two blue squares", "tag": "counting"}\n')
-    gen = root / "gen.yaml"
-    gen.write_text(f"model: {{pretrained: tiny-sd3}}\nrewards: [{{name: brightness}}]\nprompts: {prompts}\nsamples_per_prompt: 3\n"
-                   f"num_steps: 2\nguidance_scale: 1.0\nprompts_per_shard: 1\noutput_dir: {root / 'store'}\n")
-    assert cli.main(["generate", "--config", str(gen)]) == 0
+    generate_tiny_store(root)
     first = root / "first"
     assert cli.main(["offline", "--config", str(_offline_yaml(root, root / "store", first)), "--set", "lr=1e-2"]) == 0
     return root / "store", first / lora_lib.LORA_WEIGHT_NAME
@@ -229,12 +224,7 @@ def test_the_new_keys_at_their_defaults_keep_older_runs_hashes_so_they_resume():
 
 def test_a_store_drawn_with_a_lora_names_the_settings_of_a_next_round(store_and_start, tmp_path, caplog):
     _, start = store_and_start
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "a red circle", "tag": "single"}\n')
-    gen = tmp_path / "gen.yaml"
-    gen.write_text(f"model: {{pretrained: tiny-sd3}}\nlora: {start}\nrewards: [{{name: brightness}}]\nprompts: {prompts}\n"
-                   f"samples_per_prompt: 3\nnum_steps: 2\nguidance_scale: 1.0\noutput_dir: {tmp_path / 'store'}\n")
-    assert cli.main(["generate", "--config", str(gen)]) == 0
+    generate_tiny_store(tmp_path, '{"prompt": "a red circle", "tag": "single"}\n', lora=start)
     warned = {}
     for name, extra in (("fresh", []), ("next_round", ["--set", f"lora.init_from={start}", "--set", "lora.reference=init"])):
         caplog.clear()

@@ -95,14 +95,9 @@ def test_offline_recipes_load_and_fit_together():
 
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("offline_cli")
-    prompts = root / "p.jsonl"
-    prompts.write_text('{"prompt": "a red circle", "tag": "single"}\n{"prompt": "two blue squares", "tag": "counting"}\n')
-    gen = root / "gen.yaml"
-    gen.write_text(f"model: {{pretrained: tiny-sd3}}\nrewards: [{{name: brightness}}]\nprompts: {prompts}\nsamples_per_prompt: 3\n"
-                   f"num_steps: 2\nguidance_scale: 1.0\nprompts_per_shard: 1\noutput_dir: {root / 'store'}\n")
-    assert cli.main(["generate", "--config", str(gen)]) == 0
-    return root / "store"
+    from tests.tiny_run import generate_tiny_store
+
+    return generate_tiny_store(tmp_path_factory.mktemp("offline_cli"))
 
 
 def _offline_yaml(tmp_path, store, run) -> Path:
