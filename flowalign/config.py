@@ -845,15 +845,14 @@ class _StrictLoader(yaml.SafeLoader):
 
 _INT_TAG, _FLOAT_TAG, _TIMESTAMP_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp"
 # YAML 1.2's core schema for numbers, where PyYAML follows YAML 1.1: 1e-3 is a number (1.1: the text "1e-3"), 0123 is 123
-# (1.1: octal 83), 1:30 and 1_000 are text (1.1: 90 and 1000), and a date is text (1.1: a datetime.date, which no
-# setting takes and which a checkpoint's config hash could not write)
-# (digits may be grouped with "_" as YAML 1.1 and Python allow: 1_000 is 1000)
+# (1.1: octal 83), 1:30 is text (1.1: 90), and a date is text (1.1: a datetime.date, which no setting takes and which a
+# checkpoint's config hash could not write); digits may be grouped with "_" as YAML 1.1 and Python allow (1_000 is 1000)
 _YAML12_INT = re.compile(r"^[-+]?[0-9][0-9_]*$|^0o[0-7_]+$|^0x[0-9a-fA-F_]+$|^0b[01_]+$")
 _YAML12_FLOAT = re.compile(r"^[-+]?(\.[0-9][0-9_]*|[0-9][0-9_]*(\.[0-9_]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$")
 
 
 class _ConfigLoader(_StrictLoader):
-    """:class:`_StrictLoader` reading numbers as YAML 1.2 does and dates as text (see ``_YAML12_INT``)."""
+    """:class:`_StrictLoader` reading numbers as YAML 1.2 does and dates as text (the comment above ``_YAML12_INT``)."""
 
 
 _ConfigLoader.yaml_implicit_resolvers = {

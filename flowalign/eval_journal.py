@@ -105,6 +105,7 @@ class EvalJournal:
         self.folder = Path(folder)
         self.key = json.loads(json.dumps({"journal_version": JOURNAL_VERSION, **key}, sort_keys=True))  # as it reads back
         self.prefix = f"share{int(share[0])}of{int(share[1])}_rows"
+        self.layout = f"of{int(share[1])}_rows"  # this launch's process count, in every one of its processes' file names
         self.restart = restart
         self.on_mismatch = on_mismatch
 
@@ -114,7 +115,8 @@ class EvalJournal:
 
     def load(self) -> dict[int, EvalBatch]:
         """``{first sample index: EvalBatch}`` of the journaled batches of every share, this process's and those of a
-        launch with another process count (none after ``restart``, which deletes this share's files).
+        launch with another process count (none after ``restart``, which deletes this share's files and those of
+        other launch layouts).
 
         Raises:
             ConfigError: (``on_mismatch="refuse"``) a batch file was written under another key, or cannot be read.
@@ -123,9 +125,8 @@ class EvalJournal:
 
         if self.restart:  # this share's files and every other launch layout's (those of this launch's other
             # processes are theirs to delete: one of them may already be writing)
-            count = self.prefix.split("of", 1)[1].split("_", 1)[0]
             for path in self._files(every_share=True):
-                if path.name.startswith(self.prefix) or not path.name.split("of", 1)[1].startswith(f"{count}_"):
+                if path.name.startswith(self.prefix) or self.layout not in path.name:
                     path.unlink(missing_ok=True)
             self.restart = False
             return {}

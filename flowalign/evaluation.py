@@ -868,8 +868,9 @@ def evaluate(
         gather: with ``shard``: takes this process's share and returns every process's shares, e.g.
             ``lambda part: accelerate.utils.gather_object([part])`` (called once, by every process).
         journal: a :class:`flowalign.eval_journal.EvalJournal`: every scored batch is written to it at
-            once, and batches it already holds (same key, same sample indices, the images now kept, and
-            no dropped sample when ``on_error="raise"``) are read back instead of sampled again, after
+            once, and a batch whose samples it already holds (same key; every sample of the batch journaled, by any
+            process count or batch size, with the images now kept, and none dropped when ``on_error="raise"``;
+            :func:`_journaled`) is read back instead of sampled again, after
             checking their initial noise, so a killed evaluation resumes where it stopped with the same
             result (``settings["resumed_samples"]``: how many, over every process). The caller removes it
             once the result is saved.

@@ -104,8 +104,6 @@ def add_lora(
 def remove_lora(module: nn.Module) -> None:
     """Take flowalign's LoRA (adapter ``"default"``) off ``module`` again, so that another run can add its own to the same
     loaded model (a sweep). Its LoRA weights are gone; the base weights were never changed."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     config = getattr(module, "peft_config", None) or {}
     if ADAPTER_NAME not in config:
         return
@@ -114,7 +112,7 @@ def remove_lora(module: nn.Module) -> None:
     if isinstance(module, PeftAdapterMixin):
         module.delete_adapters(ADAPTER_NAME)
         return
-    for layer in [m for m in module.modules() if isinstance(m, BaseTunerLayer)]:
+    for layer in _tuner_layers(module):
         layer.delete_adapter(ADAPTER_NAME)
     config.pop(ADAPTER_NAME, None)
 

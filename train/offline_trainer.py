@@ -35,7 +35,7 @@ from torch import Tensor
 
 from flowalign import checkpoint as ckpt
 from flowalign import lora as lora_lib
-from flowalign.config import LOG_BACKENDS, LORA_OMIT_AT, dump_yaml, MODEL_MEMORY_KNOBS, LoraConfig, ModelConfig, apply_overrides, build_dataclass, to_dict
+from flowalign.config import LOG_BACKENDS, LORA_OMIT_AT, MODEL_MEMORY_KNOBS, LoraConfig, ModelConfig, apply_overrides, build_dataclass, dump_yaml, to_dict
 from flowalign.errors import ConfigError, RolloutStoreError
 from flowalign.files import write_text_atomic
 from flowalign.lr_schedule import LR_SCHEDULES
@@ -350,10 +350,9 @@ class OfflineTrainer(OptimizerViews):
         clear = prepare_offline_dir(self.run_dir, latest is not None, self.overwrite or self.resume)
         check_trackers(cfg.log_with, key="log_with")
         self._check_store()
-        if cfg.lora.init_from is not None and latest is None:  # a missing or unreadable file: before the model loads
-            from flowalign.train.model import resolve_path
+        from flowalign.train.trainer_setup import check_lora_start, start_lora
 
-            lora_lib.read_lora_file(resolve_path(cfg.lora.init_from))
+        check_lora_start(cfg.lora, resuming=latest is not None)
         if latest is not None:
             from flowalign.train.run_dir import refuse_past_the_end
 
@@ -379,8 +378,6 @@ class OfflineTrainer(OptimizerViews):
         targets = cfg.lora.target_modules or self.adapter.lora_target_modules
         transformer_params = lora_lib.add_lora(module, cfg.lora.rank, cfg.lora.alpha, targets, cfg.lora.init, cfg.lora.dropout)
         self.text_modules, text_params = lora_lib.add_text_lora(self.adapter, cfg.lora) if cfg.lora.train_text_encoder else ({}, [])
-        from flowalign.train.trainer_setup import start_lora
-
         self.reference_lora = start_lora(cfg.lora, {"transformer": module, **self.text_modules}, resuming=latest is not None)
         self.conditioning = UpdateConditioning(self.adapter, self.text_modules, classifier_free=cfg.guidance_scale > 1.0, device=self.device,
                                                reference_lora=self.reference_lora)

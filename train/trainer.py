@@ -284,8 +284,7 @@ class Trainer(OptimizerViews):
         self.rewards = trainer_setup.build_rewards(cfg, self.device)
         drift_reward = trainer_setup.build_drift_reward(cfg, self.device)
         trainer_setup.check_reward_prompts(cfg, self.rewards, drift_reward, data)
-        if cfg.lora.init_from is not None and resume_path is None:  # a missing or unreadable file: before the model loads
-            lora_lib.read_lora_file(trainer_setup.resolve_path(cfg.lora.init_from))
+        trainer_setup.check_lora_start(cfg.lora, resuming=resume_path is not None)
         parts = trainer_setup.build_objective(cfg)
         self.objective, self.dense, self.forward_process, self.schedule = parts.objective, parts.dense, parts.forward_process, parts.schedule
         self._trajectory_unit = getattr(self.objective, "update_unit", "step") == "trajectory"

@@ -286,6 +286,13 @@ class ModelParts:
     reference_lora: Optional[lora_lib.LoraSnapshot] = None
 
 
+def check_lora_start(lcfg, resuming: bool) -> None:
+    """``lora.init_from`` missing or unreadable: one error before the model loads (a resume reads the start from its
+    checkpoint, so the file need not exist then)."""
+    if lcfg.init_from is not None and not resuming:
+        lora_lib.read_lora_file(resolve_path(lcfg.init_from))
+
+
 def start_lora(lcfg, modules: dict, resuming: bool) -> Optional[lora_lib.LoraSnapshot]:
     """``lora.init_from``: copy that file's LoRA into ``modules`` (``{"transformer": ..., text encoders}``), except on a
     resume, whose checkpoint holds the weights; return the reference snapshot under ``lora.reference: init`` (a resume
