@@ -47,7 +47,7 @@ def _normalise_columns(values: Tensor, group_ids: Tensor, std: str, eps: float, 
     """Group-normalise every column of ``values[B, M]`` independently -> ``[B, M]``."""
     if std not in STD_MODES:
         raise ValueError(f"std={std!r}; choose one of {STD_MODES}")
-    if not eps >= 0 or math.isinf(eps):  # NaN fails the comparison: it silently meant no normalisation
+    if not (eps >= 0 and math.isfinite(eps)):  # NaN fails every comparison: it silently meant no normalisation
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     if clip is not None and not clip > 0:  # a negative clip gave every sample -clip; NaN made every advantage NaN
         raise ValueError(f"clip must be None or > 0, got {clip}")

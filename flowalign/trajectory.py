@@ -184,8 +184,7 @@ def cat_trajectories(trajs: Sequence[Any]) -> Any:
     for t in trajs[1:]:
         for name in sorted(shared):
             a, b = getattr(first, name, None), getattr(t, name, None)
-            same = (torch.equal(a.cpu(), b.cpu()) if a.shape == b.shape else False) if isinstance(a, Tensor) and isinstance(b, Tensor) else a == b
-            if not same:
+            if not _same_field(a, b):
                 raise ValueError(f"cat_trajectories: the trajectories differ in {name} ({_brief(a)} vs {_brief(b)}); only rollouts "
                                  "of the same sigmas, noise levels, kernel, guidance and log-prob settings join into one batch")
     values: dict = {}
@@ -208,6 +207,13 @@ def cat_trajectories(trajs: Sequence[Any]) -> Any:
         else:
             values[f.name] = None
     return type(first)(**values)
+
+
+def _same_field(a: Any, b: Any) -> bool:
+    """Whether two trajectories' shared field holds the same: equal tensors (shape and values), else ``==``."""
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
+    return a == b
 
 
 def _brief(value: Any) -> str:
